@@ -1,0 +1,136 @@
+//! The demo: starts a local memcached on a free loopback port, talks to it, stops it.
+//!
+//! Run with `scripts/demo` (installs memcached if needed) or `cargo run --example demo`.
+//! Set `MEMCACHED_BIN` to use another memcached binary, or `MCSTORE_SERVER=host:port` to use a
+//! server that is already running.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mcstore::{CasResult, Client, SetOptions};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_memcached() -> Result<(Server, String), Box<dyn std::error::Error>> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "0",
+        "-m",
+        "64",
+    ]);
+    if std::env::var("USER").as_deref() == Ok("root") || is_root() {
+        cmd.args(["-u", "root"]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            format!("cannot start {bin:?} ({e}); install memcached or set MEMCACHED_BIN")
+        })?;
+    Ok((Server(child), format!("127.0.0.1:{port}")))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (_server, addr) = match std::env::var("MCSTORE_SERVER") {
+        Ok(addr) => (None, addr),
+        Err(_) => {
+            let (s, a) = start_memcached()?;
+            (Some(s), a)
+        }
+    };
+    let mut client = Client::builder()
+        .server(&addr)
+        .io_timeout(Duration::from_millis(500))
+        .build()?;
+    // The server needs a moment to listen: retry the first call briefly.
+    let started = Instant::now();
+    let version = loop {
+        match client.version() {
+            Ok(v) => break v,
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    println!("connected to {addr}: memcached {}", version[0].1);
+
+    client.set(
+        b"greeting",
+        b"hello from mcstore",
+        SetOptions::default().ttl(60),
+    )?;
+    let item = client.get(b"greeting")?.expect("just stored");
+    println!("get greeting -> {:?}", String::from_utf8_lossy(&item.value));
+
+    client.set(b"visits", b"41", SetOptions::default())?;
+    println!("incr visits -> {:?}", client.incr(b"visits", 1)?);
+
+    let item = client.gets(b"greeting")?.expect("present");
+    let cas = item.cas.expect("gets returns a cas unique");
+    println!(
+        "cas with fresh unique -> {:?}",
+        client.cas(b"greeting", b"updated", cas, SetOptions::default())?
+    );
+    let stale = client.cas(b"greeting", b"lost race", cas, SetOptions::default())?;
+    assert_eq!(stale, CasResult::Exists);
+    println!("cas with stale unique -> {stale:?}");
+
+    let mut p = client.pipeline();
+    for i in 0..10_000u32 {
+        p.set(
+            format!("item:{i}").as_bytes(),
+            &i.to_be_bytes(),
+            SetOptions::default(),
+        )?;
+    }
+    let report = p.finish()?;
+    println!(
+        "pipelined {} noreply sets, {} errors",
+        report.commands, report.errors
+    );
+
+    let keys: Vec<String> = (0..10_000).map(|i| format!("item:{}", i * 2)).collect();
+    let mut hits = 0;
+    client.get_multi(&keys, |_key, _item| hits += 1)?;
+    println!("get_multi of {} keys -> {hits} hits", keys.len());
+
+    match client.get(b"bad key") {
+        Err(e) => println!("invalid key -> error: {e}"),
+        Ok(_) => unreachable!("keys with spaces are rejected"),
+    }
+    let stats = client.stats(None)?;
+    println!(
+        "server stats: curr_items={} get_hits={} get_misses={}",
+        stats[0].get("curr_items").unwrap_or("?"),
+        stats[0].get("get_hits").unwrap_or("?"),
+        stats[0].get("get_misses").unwrap_or("?"),
+    );
+    Ok(())
+}

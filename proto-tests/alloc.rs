@@ -1,0 +1,122 @@
+//! Heap allocations per call on the hot path, counted by a global allocator in this test
+//! binary only (harness = false: one thread, nothing else allocating while armed).
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use mcstore::SetOptions;
+use support::Memcached;
+
+struct Counting;
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const CALLS: usize = 1000;
+
+/// Runs `f` CALLS times after a warm-up, returning the allocations counted while armed.
+fn count(mut f: impl FnMut()) -> usize {
+    for _ in 0..50 {
+        f();
+    }
+    ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    for _ in 0..CALLS {
+        f();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+fn main() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let value = vec![b'v'; 100];
+    let mut buf = Vec::with_capacity(4096);
+    c.set(b"hit", &value, SetOptions::default()).unwrap();
+    c.set(b"n", b"0", SetOptions::default()).unwrap();
+
+    let mut results = Vec::new();
+    let mut run = |name: &'static str, n: usize| results.push((name, n));
+
+    run(
+        "negative control (Vec::with_capacity(16))",
+        count(|| {
+            black_box(Vec::<u8>::with_capacity(16));
+        }),
+    );
+    run(
+        "get_into (hit)",
+        count(|| assert!(c.get_into(b"hit", &mut buf).unwrap().is_some())),
+    );
+    run(
+        "get_into (miss)",
+        count(|| assert!(c.get_into(b"miss", &mut buf).unwrap().is_none())),
+    );
+    run(
+        "set",
+        count(|| c.set(b"k", &value, SetOptions::default()).unwrap()),
+    );
+    run(
+        "delete",
+        count(|| {
+            c.delete(b"k").unwrap();
+        }),
+    );
+    run(
+        "incr",
+        count(|| assert!(c.incr(b"n", 1).unwrap().is_some())),
+    );
+    run("touch", count(|| assert!(c.touch(b"hit", 0).unwrap())));
+
+    let mut failed = 0;
+    for (name, n) in &results {
+        let per_call = *n as f64 / CALLS as f64;
+        println!("alloc: {name}: {n} allocations in {CALLS} calls ({per_call:.3} per call)");
+    }
+    if results[0].1 < CALLS {
+        println!("FAILED: the negative control was not counted");
+        failed += 1;
+    }
+    for (name, n) in &results[1..] {
+        if *n != 0 {
+            println!("FAILED: {name} allocated");
+            failed += 1;
+        }
+    }
+    let passed = results.len() - failed;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

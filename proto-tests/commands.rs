@@ -1,0 +1,505 @@
+//! Every command against a real memcached.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mcstore::{
+    CasResult, Client, Error, ItemInfo, KeyError, ServerErrorKind, SetOptions, StoreMode,
+};
+use support::{wait_for, Memcached};
+
+fn opts() -> SetOptions {
+    SetOptions::default()
+}
+
+/// An absolute expiration time in the past: memcached treats values above 30 days as Unix
+/// time, and one before its start as already expired (protocol.txt, "Expiration times").
+const PAST: u32 = 60 * 60 * 24 * 30 + 1;
+
+#[test]
+fn set_get_with_flags() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"k", b"hello", opts().flags(0xdead_beef)).unwrap();
+    let item = c.get(b"k").unwrap().unwrap();
+    assert_eq!(item.value, b"hello");
+    assert_eq!(item.flags, 0xdead_beef);
+    assert_eq!(item.cas, None);
+    assert_eq!(c.get(b"missing").unwrap(), None);
+}
+
+#[test]
+fn get_into_reuses_the_callers_buffer() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"k", b"value-1", opts().flags(7)).unwrap();
+    let mut buf = b"stale".to_vec();
+    let info = c.get_into(b"k", &mut buf).unwrap();
+    assert_eq!(
+        info,
+        Some(ItemInfo {
+            flags: 7,
+            cas: None
+        })
+    );
+    assert_eq!(buf, b"value-1");
+    assert_eq!(c.get_into(b"nope", &mut buf).unwrap(), None);
+    assert!(buf.is_empty());
+    let info = c.gets_into(b"k", &mut buf).unwrap().unwrap();
+    assert!(info.cas.is_some());
+}
+
+#[test]
+fn zero_byte_and_binary_values() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"empty", b"", opts()).unwrap();
+    assert_eq!(c.get(b"empty").unwrap().unwrap().value, b"");
+    let all: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    c.set(b"bin", &all, opts()).unwrap();
+    assert_eq!(c.get(b"bin").unwrap().unwrap().value, all);
+    // A value that looks like the end of a reply must come back whole (length-delimited).
+    let tricky = b"\r\nEND\r\nVALUE x 0 1\r\ny\r\nEND\r\n";
+    c.set(b"tricky", tricky, opts()).unwrap();
+    assert_eq!(c.get(b"tricky").unwrap().unwrap().value, tricky);
+    let mut got = Vec::new();
+    c.get_multi(&[&b"tricky"[..], b"empty"], |k, item| {
+        got.push((k.to_vec(), item.value.to_vec()))
+    })
+    .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            (b"tricky".to_vec(), tricky.to_vec()),
+            (b"empty".to_vec(), vec![])
+        ]
+    );
+}
+
+#[test]
+fn one_mebibyte_value() {
+    // A 1 MiB value plus item overhead needs an item size above the 1 MiB default.
+    let mc = Memcached::with_args(&["-I", "2m"]);
+    let mut c = Client::builder()
+        .server(mc.addr())
+        .max_value_size(2 << 20)
+        .build()
+        .unwrap();
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    c.set(b"big", &big, opts()).unwrap();
+    assert_eq!(c.get(b"big").unwrap().unwrap().value, big);
+    let mut buf = Vec::new();
+    c.get_into(b"big", &mut buf).unwrap().unwrap();
+    assert_eq!(buf, big);
+}
+
+#[test]
+fn value_over_server_item_size_is_a_typed_error_and_the_client_goes_on() {
+    let mc = Memcached::start(); // default item size 1 MiB
+    let mut c = Client::builder()
+        .server(mc.addr())
+        .max_value_size(4 << 20)
+        .build()
+        .unwrap();
+    let too_big = vec![b'x'; 1536 * 1024];
+    match c.set(b"big", &too_big, opts()) {
+        Err(Error::Server {
+            kind: ServerErrorKind::Server,
+            message,
+        }) => assert!(message.contains("too large"), "{message}"),
+        other => panic!("expected SERVER_ERROR, got {other:?}"),
+    }
+    c.set(b"after", b"ok", opts()).unwrap();
+    assert_eq!(c.get(b"after").unwrap().unwrap().value, b"ok");
+    assert_eq!(c.get(b"big").unwrap(), None);
+}
+
+#[test]
+fn value_over_client_maximum_is_rejected_before_sending() {
+    let mc = Memcached::start();
+    let mut c = Client::builder()
+        .server(mc.addr())
+        .max_value_size(1024)
+        .build()
+        .unwrap();
+    match c.set(b"k", &[0u8; 1025], opts()) {
+        Err(Error::ValueTooLarge {
+            len: 1025,
+            max: 1024,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    c.set(b"k", &[0u8; 1024], opts()).unwrap();
+    // A stored value above the client's read limit is refused on the way in, too.
+    let mut big = mc.client();
+    big.set(b"big", &[1u8; 4096], opts()).unwrap();
+    match c.get(b"big") {
+        Err(Error::Parse { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.get(b"k").unwrap().unwrap().value.len(), 1024);
+}
+
+#[test]
+fn invalid_keys_are_rejected_with_the_rule_named() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let long = [b'k'; 251];
+    let cases: &[(&[u8], KeyError)] = &[
+        (b"", KeyError::Empty),
+        (&long, KeyError::TooLong(251)),
+        (
+            b"a b",
+            KeyError::BadByte {
+                byte: b' ',
+                offset: 1,
+            },
+        ),
+        (
+            b"a\r\nflush_all",
+            KeyError::BadByte {
+                byte: b'\r',
+                offset: 1,
+            },
+        ),
+        (b"\x00", KeyError::BadByte { byte: 0, offset: 0 }),
+        (
+            b"del\x7f",
+            KeyError::BadByte {
+                byte: 0x7f,
+                offset: 3,
+            },
+        ),
+    ];
+    c.set(b"victim", b"still here", opts()).unwrap();
+    for (key, want) in cases {
+        for result in [
+            c.get(key).map(drop),
+            c.set(key, b"v", opts()),
+            c.delete(key).map(drop),
+            c.incr(key, 1).map(drop),
+            c.touch(key, 1).map(drop),
+            c.get_multi(&[&b"ok"[..], key], |_, _| {}),
+        ] {
+            match result {
+                Err(Error::InvalidKey(e)) => assert_eq!(e, *want),
+                other => panic!("{}: {other:?}", key.escape_ascii()),
+            }
+        }
+    }
+    assert!(Error::InvalidKey(KeyError::TooLong(251))
+        .to_string()
+        .contains("250"));
+    // Nothing was injected.
+    assert_eq!(c.get(b"victim").unwrap().unwrap().value, b"still here");
+    c.set(&[b'k'; 250], b"max", opts()).unwrap();
+    assert_eq!(c.get(&[b'k'; 250]).unwrap().unwrap().value, b"max");
+}
+
+#[test]
+fn add_replace_append_prepend() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    assert!(!c.replace(b"k", b"x", opts()).unwrap());
+    assert!(!c.append(b"k", b"x").unwrap());
+    assert!(!c.prepend(b"k", b"x").unwrap());
+    assert!(c.add(b"k", b"mid", opts().flags(3)).unwrap());
+    assert!(!c.add(b"k", b"again", opts()).unwrap());
+    assert!(c.append(b"k", b">").unwrap());
+    assert!(c.prepend(b"k", b"<").unwrap());
+    let item = c.get(b"k").unwrap().unwrap();
+    assert_eq!((item.value.as_slice(), item.flags), (&b"<mid>"[..], 3));
+    assert!(c.replace(b"k", b"new", opts()).unwrap());
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"new");
+    assert!(c.store(StoreMode::Set, b"k2", b"v", opts()).unwrap());
+}
+
+#[test]
+fn cas_conflict_is_a_value() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"k", b"v1", opts()).unwrap();
+    let first = c.gets(b"k").unwrap().unwrap();
+    let unique = first.cas.expect("gets returns cas");
+    assert_eq!(
+        c.cas(b"k", b"v2", unique, opts()).unwrap(),
+        CasResult::Stored
+    );
+    assert_eq!(
+        c.cas(b"k", b"v3", unique, opts()).unwrap(),
+        CasResult::Exists
+    );
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v2");
+    assert_eq!(
+        c.cas(b"gone", b"v", unique, opts()).unwrap(),
+        CasResult::NotFound
+    );
+    let mut seen = Vec::new();
+    c.gets_multi(&[b"k"], |_, item| seen.push(item.cas))
+        .unwrap();
+    assert!(matches!(seen.as_slice(), [Some(u)] if *u != unique));
+}
+
+#[test]
+fn delete() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"k", b"v", opts()).unwrap();
+    assert!(c.delete(b"k").unwrap());
+    assert!(!c.delete(b"k").unwrap());
+    assert_eq!(c.get(b"k").unwrap(), None);
+}
+
+#[test]
+fn incr_decr_wrap_floor_and_non_numbers() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    assert_eq!(c.incr(b"n", 1).unwrap(), None);
+    c.set(b"n", b"10", opts()).unwrap();
+    assert_eq!(c.incr(b"n", 5).unwrap(), Some(15));
+    assert_eq!(c.decr(b"n", 20).unwrap(), Some(0), "decr stops at 0");
+    c.set(b"n", u64::MAX.to_string().as_bytes(), opts())
+        .unwrap();
+    assert_eq!(c.incr(b"n", 1).unwrap(), Some(0), "incr wraps at 2^64");
+    assert_eq!(c.incr(b"n", u64::MAX).unwrap(), Some(u64::MAX));
+    c.set(b"s", b"not a number", opts()).unwrap();
+    match c.incr(b"s", 1) {
+        Err(Error::Server {
+            kind: ServerErrorKind::Client,
+            message,
+        }) => assert!(message.contains("non-numeric"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // The stream is still in step.
+    assert_eq!(c.decr(b"n", 1).unwrap(), Some(u64::MAX - 1));
+}
+
+#[test]
+fn touch_and_expiry() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    assert!(!c.touch(b"k", 100).unwrap());
+    c.set(b"k", b"v", opts()).unwrap();
+    assert!(c.touch(b"k", 100).unwrap());
+    assert!(c.touch(b"k", PAST).unwrap());
+    assert_eq!(c.get(b"k").unwrap(), None, "touched into the past");
+    c.set(b"past", b"v", opts().ttl(PAST)).unwrap();
+    assert_eq!(c.get(b"past").unwrap(), None, "stored already expired");
+    // A relative TTL really expires: wait on the condition, bounded.
+    c.set(b"short", b"v", opts().ttl(1)).unwrap();
+    let start = Instant::now();
+    wait_for("a 1 s TTL to expire", || c.get(b"short").unwrap().is_none());
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn gat_and_gats() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    assert_eq!(c.gat(b"k", 100).unwrap(), None);
+    c.set(b"k", b"v", opts().flags(9)).unwrap();
+    let item = c.gat(b"k", 100).unwrap().unwrap();
+    assert_eq!(
+        (item.value.as_slice(), item.flags, item.cas),
+        (&b"v"[..], 9, None)
+    );
+    let item = c.gats(b"k", PAST).unwrap().unwrap();
+    assert!(item.cas.is_some());
+    assert_eq!(
+        c.get(b"k").unwrap(),
+        None,
+        "gats moved the expiry into the past"
+    );
+}
+
+#[test]
+fn flush_all_now_and_delayed() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"a", b"1", opts()).unwrap();
+    c.flush_all(None).unwrap();
+    assert_eq!(c.get(b"a").unwrap(), None);
+    c.set(b"b", b"2", opts()).unwrap();
+    c.flush_all(Some(2)).unwrap();
+    assert!(
+        c.get(b"b").unwrap().is_some(),
+        "a delayed flush has not happened yet"
+    );
+    wait_for("the delayed flush", || c.get(b"b").unwrap().is_none());
+}
+
+#[test]
+fn version_verbosity_stats() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let v = c.version().unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].0, mc.addr());
+    assert!(v[0].1.starts_with("1."), "{v:?}");
+    c.verbosity(1).unwrap();
+    c.verbosity(0).unwrap();
+    c.set(b"k", b"v", opts()).unwrap();
+    let general = c.stats(None).unwrap();
+    assert_eq!(general[0].get("curr_items"), Some("1"));
+    assert!(general[0].get("pid").is_some());
+    let settings = c.stats(Some("settings")).unwrap();
+    assert_eq!(settings[0].get("maxbytes"), Some("67108864"));
+    let items = c.stats(Some("items")).unwrap();
+    assert!(items[0].stats.iter().any(|(n, _)| n.ends_with(":number")));
+    let slabs = c.stats(Some("slabs")).unwrap();
+    assert!(slabs[0].get("active_slabs").is_some());
+    let conns = c.stats(Some("conns")).unwrap();
+    assert!(!conns[0].stats.is_empty());
+    assert!(c.stats(Some("reset")).unwrap()[0].stats.is_empty());
+    assert_eq!(c.stats(None).unwrap()[0].get("get_hits"), Some("0"));
+    assert!(matches!(
+        c.stats(Some("x\r\nflush_all")),
+        Err(Error::Config(_))
+    ));
+    match c.stats(Some("nonsense")) {
+        Err(Error::Server { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v");
+}
+
+#[test]
+fn quit_then_reconnect() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.set(b"k", b"v", opts()).unwrap();
+    c.quit().unwrap();
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v");
+}
+
+#[test]
+fn multi_get_of_ten_thousand_keys_with_hits_and_misses() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let keys: Vec<String> = (0..10_000).map(|i| format!("key:{i}")).collect();
+    let mut p = c.pipeline();
+    for (i, k) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            p.set(
+                k.as_bytes(),
+                format!("value-{i}").as_bytes(),
+                opts().flags(i as u32),
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(p.finish().unwrap().errors, 0);
+    let conns_before = c.stats(None).unwrap()[0]
+        .get("total_connections")
+        .map(str::to_owned);
+    let mut hits = Vec::new();
+    c.get_multi(&keys, |k, item| {
+        hits.push((
+            String::from_utf8(k.to_vec()).unwrap(),
+            item.value.to_vec(),
+            item.flags,
+        ))
+    })
+    .unwrap();
+    let want: Vec<_> = (0..10_000)
+        .filter(|i| i % 3 != 0)
+        .map(|i| {
+            (
+                format!("key:{i}"),
+                format!("value-{i}").into_bytes(),
+                i as u32,
+            )
+        })
+        .collect();
+    assert_eq!(hits.len(), want.len());
+    assert_eq!(hits, want);
+    // Same connection throughout (that all lines are written before any reply is read is
+    // shown by hostile.rs, whose fake server answers only once it has every line).
+    let stats = c.stats(None).unwrap();
+    assert_eq!(
+        stats[0].get("total_connections").map(str::to_owned),
+        conns_before
+    );
+    assert_eq!(stats[0].get("get_hits"), Some(&*want.len().to_string()));
+    assert_eq!(
+        stats[0].get("get_misses"),
+        Some(&*(10_000 - want.len()).to_string())
+    );
+}
+
+#[test]
+fn hundred_thousand_pipelined_noreply_sets_all_land() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let mut p = c.pipeline();
+    for i in 0..100_000u32 {
+        p.set(format!("p{i}").as_bytes(), &i.to_le_bytes(), opts())
+            .unwrap();
+    }
+    let report = p.finish().unwrap();
+    assert_eq!((report.commands, report.errors), (100_000, 0));
+    let stats = c.stats(None).unwrap();
+    assert_eq!(stats[0].get("curr_items"), Some("100000"));
+    assert_eq!(stats[0].get("cmd_set"), Some("100000"));
+    let keys: Vec<String> = (0..100_000).map(|i| format!("p{i}")).collect();
+    let mut n = 0u32;
+    c.get_multi(&keys, |k, item| {
+        let i: u32 = std::str::from_utf8(&k[1..]).unwrap().parse().unwrap();
+        assert_eq!(item.value, i.to_le_bytes());
+        n += 1;
+    })
+    .unwrap();
+    assert_eq!(n, 100_000);
+}
+
+#[test]
+fn noreply_forms() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    c.store_noreply(StoreMode::Set, b"k", b"v", opts()).unwrap();
+    c.store_noreply(StoreMode::Append, b"k", b"w", opts())
+        .unwrap();
+    let mut p = c.pipeline();
+    p.set(b"n", b"5", opts()).unwrap();
+    p.incr(b"n", 10, false).unwrap();
+    p.incr(b"n", 1, true).unwrap();
+    p.touch(b"n", 1000).unwrap();
+    p.store(StoreMode::Add, b"n", b"ignored", opts()).unwrap();
+    p.set(b"big", &vec![7u8; 200_000], opts()).unwrap();
+    p.delete(b"gone").unwrap();
+    let report = p.finish().unwrap();
+    assert_eq!((report.commands, report.errors), (7, 0));
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"vw");
+    assert_eq!(c.get(b"n").unwrap().unwrap().value, b"14");
+    assert_eq!(c.get(b"big").unwrap().unwrap().value.len(), 200_000);
+    c.delete_noreply(b"k").unwrap();
+    assert_eq!(c.get(b"k").unwrap(), None);
+}
+
+#[test]
+fn unix_socket_server() {
+    let mc = Memcached::start_unix();
+    let mut c = mc.client();
+    c.set(b"k", b"over a unix socket", opts()).unwrap();
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"over a unix socket");
+    let mut n = 0;
+    c.get_multi(&[b"k", b"x"], |_, _| n += 1).unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn builder_rejects_bad_configuration() {
+    assert!(matches!(Client::builder().build(), Err(Error::NoServers)));
+    assert!(matches!(
+        Client::builder().server("host:notaport").build(),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        Client::builder()
+            .server("127.0.0.1:1")
+            .io_timeout(Duration::ZERO)
+            .build(),
+        Err(Error::Config(_))
+    ));
+}

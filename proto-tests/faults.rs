@@ -1,0 +1,105 @@
+//! Dead and frozen servers, and recovery, against a real memcached.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mcstore::{Client, Error, SetOptions};
+use support::Memcached;
+
+const IO_TIMEOUT: Duration = Duration::from_millis(300);
+/// Generous: these machines are small and shared.
+const MARGIN: Duration = Duration::from_millis(1500);
+
+fn client(mc: &Memcached) -> Client {
+    Client::builder()
+        .server(mc.addr())
+        .io_timeout(IO_TIMEOUT)
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn frozen_server_times_out_then_recovers() {
+    let mc = Memcached::start();
+    let mut c = client(&mc);
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    mc.freeze();
+    for op in ["get", "set", "get_multi", "reconnect+get"] {
+        let start = Instant::now();
+        let r = match op {
+            "get" | "reconnect+get" => c.get(b"k").map(drop),
+            "set" => c.set(b"k", b"v2", SetOptions::default()),
+            _ => c.get_multi(&[b"k", b"j"], |_, _| {}),
+        };
+        let took = start.elapsed();
+        eprintln!("frozen server: {op} failed after {took:?} (io timeout {IO_TIMEOUT:?})");
+        match r {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("{op}: expected a timeout, got {other:?}"),
+        }
+        assert!(took >= IO_TIMEOUT, "{op} gave up early: {took:?}");
+        assert!(took < IO_TIMEOUT + MARGIN, "{op} took {took:?}");
+    }
+    mc.resume();
+    // The same client works again: the timed-out connection was dropped, not reused. The
+    // timed-out set was in the frozen server's socket buffer and may or may not have landed.
+    let v = c.get(b"k").unwrap().unwrap().value;
+    assert!(v == b"v" || v == b"v2", "{v:?}");
+    c.set(b"k", b"v3", SetOptions::default()).unwrap();
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v3");
+}
+
+#[test]
+fn killed_server_gives_io_errors_then_the_same_client_reconnects() {
+    let mut mc = Memcached::start();
+    let mut c = client(&mc);
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    mc.kill();
+    // First call finds the old connection closed; later ones find the port refusing.
+    for _ in 0..3 {
+        let start = Instant::now();
+        match c.get(b"k") {
+            Err(Error::Io { .. }) => {}
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        assert!(start.elapsed() < IO_TIMEOUT + MARGIN);
+    }
+    assert!(matches!(
+        c.set(b"k", b"v", SetOptions::default()),
+        Err(Error::Io { .. })
+    ));
+    mc.restart();
+    c.set(b"k", b"back", SetOptions::default()).unwrap();
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"back");
+}
+
+#[test]
+fn server_restart_between_calls_is_survived_with_one_error_at_most() {
+    let mut mc = Memcached::start();
+    let mut c = client(&mc);
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    mc.restart();
+    // The old connection is dead; the call that finds out fails, the next one reconnects.
+    let first = c.get(b"k");
+    assert!(
+        matches!(first, Ok(None) | Err(Error::Io { .. })),
+        "{first:?}"
+    );
+    assert_eq!(c.get(b"k").unwrap(), None, "a restarted memcached is empty");
+}
+
+#[test]
+fn unreachable_server_fails_fast() {
+    // A port nothing listens on: connection refused, not a hang.
+    let port = support::free_port();
+    let mut c = Client::builder()
+        .server(format!("127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    assert!(matches!(c.get(b"k"), Err(Error::Io { .. })));
+    assert!(start.elapsed() < Duration::from_millis(500) + MARGIN);
+}

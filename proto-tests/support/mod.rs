@@ -1,0 +1,356 @@
+//! Test support: real memcached processes on free loopback ports, and a hostile fake server.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mcstore::Client;
+
+/// How long a memcached may take to start answering before a test gives up.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+fn memcached_bin() -> String {
+    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
+    match Command::new(&bin).arg("-V").output() {
+        Ok(out) if out.status.success() => bin,
+        _ => panic!(
+            "memcached not found (tried {bin:?}). Install it (Debian: `apt-get install -y memcached`) \
+             or point MEMCACHED_BIN at a memcached 1.6 binary."
+        ),
+    }
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A free loopback TCP port (bound then released; memcached retries are handled by `start`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where a test server listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// A real memcached child process; killed on drop.
+pub struct Memcached {
+    child: Option<Child>,
+    pub listen: Listen,
+    extra: Vec<String>,
+    _dir: Option<TempDir>,
+}
+
+impl Memcached {
+    /// A memcached on a free loopback port with 64 MiB of memory.
+    pub fn start() -> Memcached {
+        Self::with_args(&[])
+    }
+
+    /// Same, with extra command-line arguments (e.g. `["-I", "2m"]`).
+    pub fn with_args(extra: &[&str]) -> Memcached {
+        for _ in 0..5 {
+            let mut m = Memcached {
+                child: None,
+                listen: Listen::Tcp(free_port()),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                _dir: None,
+            };
+            if m.spawn() {
+                return m;
+            }
+        }
+        panic!("memcached did not start on any of 5 free ports");
+    }
+
+    /// A memcached listening on a Unix socket in a fresh temporary directory.
+    pub fn start_unix() -> Memcached {
+        let dir = TempDir::new("mcsock");
+        let path = dir.path.join("memcached.sock");
+        let mut m = Memcached {
+            child: None,
+            listen: Listen::Unix(path),
+            extra: Vec::new(),
+            _dir: Some(dir),
+        };
+        assert!(m.spawn(), "memcached did not start on a Unix socket");
+        m
+    }
+
+    /// The address to give the client.
+    pub fn addr(&self) -> String {
+        match &self.listen {
+            Listen::Tcp(p) => format!("127.0.0.1:{p}"),
+            Listen::Unix(p) => p.display().to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// A client for this server with test-friendly timeouts.
+    pub fn client(&self) -> Client {
+        Client::builder()
+            .server(self.addr())
+            .io_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    }
+
+    fn spawn(&mut self) -> bool {
+        let mut cmd = Command::new(memcached_bin());
+        match &self.listen {
+            Listen::Tcp(port) => {
+                cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"]);
+            }
+            Listen::Unix(path) => {
+                cmd.arg("-s").arg(path);
+            }
+        }
+        cmd.args(["-m", "64", "-t", "2"]);
+        if running_as_root() {
+            cmd.args(["-u", "root"]);
+        }
+        cmd.args(&self.extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("spawn memcached");
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Polls until the server answers `version`, or it exits (port taken), or time runs out.
+    fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < READY_WITHIN {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                eprintln!("memcached exited early: {status}");
+                self.child = None;
+                return false;
+            }
+            if self.answers() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("memcached did not answer within {READY_WITHIN:?}");
+    }
+
+    /// True if the server answers a `version` request right now.
+    pub fn answers(&self) -> bool {
+        fn ask<S: Read + Write>(mut s: S) -> bool {
+            if s.write_all(b"version\r\n").is_err() {
+                return false;
+            }
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("VERSION ")
+        }
+        match &self.listen {
+            Listen::Tcp(p) => TcpStream::connect(("127.0.0.1", *p))
+                .and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    Ok(s)
+                })
+                .map(ask)
+                .unwrap_or(false),
+            Listen::Unix(p) => std::os::unix::net::UnixStream::connect(p)
+                .and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    Ok(s)
+                })
+                .map(ask)
+                .unwrap_or(false),
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    fn proc_state(&self) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // The state is the first field after the parenthesised command name.
+        stat.rsplit_once(')')?.1.trim_start().chars().next()
+    }
+
+    /// SIGSTOP: the process keeps its sockets but stops answering. Returns once it is stopped.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+        wait_for("memcached to stop", || self.proc_state() == Some('T'));
+    }
+
+    /// SIGCONT, then waits until it answers again.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+        wait_for("memcached to answer after SIGCONT", || self.answers());
+    }
+
+    /// Kills the process and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port or socket, with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Listen::Unix(p) = &self.listen {
+            let _ = std::fs::remove_file(p);
+        }
+        let start = Instant::now();
+        while !self.spawn() {
+            assert!(start.elapsed() < READY_WITHIN, "memcached did not restart");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_ref() {
+            // A frozen process must be woken to die promptly on some kernels; SIGKILL works
+            // regardless, but continue it anyway so nothing lingers stopped.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// Polls `cond` every 5 ms for up to 20 s; panics naming `what` if it never holds.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < READY_WITHIN,
+            "timed out waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A deliberately hostile fake server: for each connection it reads one request line and
+/// calls `respond` with the socket, which may send anything (malformed, truncated, endless
+/// bytes) or nothing. Stops accepting on drop.
+pub struct Hostile {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Hostile {
+    pub fn start<F>(respond: F) -> Hostile
+    where
+        F: Fn(&[u8], &mut TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let respond = Arc::new(respond);
+        let (stop2, conns2) = (stop.clone(), connections.clone());
+        let thread = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                conns2.fetch_add(1, Ordering::SeqCst);
+                let respond = respond.clone();
+                let stop3 = stop2.clone();
+                thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut line = Vec::new();
+                        match reader.read_until(b'\n', &mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if stop3.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        respond(&line, &mut conn);
+                    }
+                });
+            }
+        });
+        Hostile {
+            port,
+            stop,
+            thread: Some(thread),
+            connections,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The `mio` driver: one `Poll`, one connection per server, reused buffers, deadlines.
+//!
+//! Readiness is edge-triggered, so each connection remembers whether it may be readable or
+//! writable (`readable`/`writable`), set by any `poll` that reports it and cleared when a call
+//! would block. A short read (fewer bytes than the space offered) also clears `readable`: the
+//! kernel queue was emptied, and any later arrival raises a new edge. That saves the `EAGAIN`
+//! read most drivers pay before waiting, so a get costs three syscalls: write, `epoll_wait`,
+//! read.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+
+use super::buf::ReadBuf;
+use super::ServerAddr;
+use crate::error::{Error, Result};
+use crate::proto::{ParseError, Status};
+
+/// Values up to this size are copied behind the command line (one contiguous write); larger
+/// ones are written straight from the caller's slice with `write_vectored`.
+pub(crate) const COPY_VALUE_MAX: usize = 4096;
+
+const INITIAL_READ_BUF: usize = 16 * 1024;
+const INITIAL_WRITE_BUF: usize = 16 * 1024;
+
+/// Timeouts and buffer limits of a driver.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DriverConfig {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) io_timeout: Duration,
+    /// Largest reply unit the read buffer may have to hold.
+    pub(crate) max_unit: usize,
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Stream::Tcp(s) => s.take_error(),
+            Stream::Unix(s) => s.take_error(),
+        }
+    }
+
+    /// `Ok(true)` once a non-blocking connect has completed.
+    fn is_connected(&self) -> io::Result<bool> {
+        let r = match self {
+            Stream::Tcp(s) => s.peer_addr().map(drop),
+            Stream::Unix(s) => s.peer_addr().map(drop),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc_einprogress()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// EINPROGRESS on Linux; the only platform this crate is tested on. mio documents that
+/// `peer_addr` may report it while a connect is in flight.
+const fn libc_einprogress() -> i32 {
+    115
+}
+
+/// One server's connection state.
+struct Conn {
+    addr: ServerAddr,
+    /// As shown in errors.
+    label: String,
+    stream: Option<Stream>,
+    rbuf: ReadBuf,
+    wbuf: Vec<u8>,
+    readable: bool,
+    writable: bool,
+    /// The peer closed its side (or the socket has an error): keep reading until EOF, since
+    /// that edge was already reported and will not come again.
+    closed: bool,
+}
+
+/// A deadline for one operation, with the time it started (for error reports).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Op {
+    start: Instant,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Op {
+    fn new(timeout: Duration) -> Op {
+        let start = Instant::now();
+        Op {
+            start,
+            deadline: start + timeout,
+            timeout,
+        }
+    }
+
+    /// The same operation with a fresh deadline (for each flush of a long pipeline).
+    pub(crate) fn renew(op: Op) -> Op {
+        Op::new(op.timeout)
+    }
+}
+
+/// When [`Driver::exchange`] may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// When the reply closure reports the last reply.
+    Done,
+    /// As soon as the request is written (replies that arrive meanwhile are still parsed).
+    Written,
+}
+
+/// Owns the sockets of one client.
+pub(crate) struct Driver {
+    poll: Poll,
+    events: Events,
+    conns: Vec<Conn>,
+    cfg: DriverConfig,
+}
+
+impl Driver {
+    pub(crate) fn new(servers: &[ServerAddr], cfg: DriverConfig) -> Result<Driver> {
+        let poll = Poll::new().map_err(|source| Error::Io {
+            server: "(poll)".into(),
+            source,
+        })?;
+        let conns = servers
+            .iter()
+            .map(|addr| Conn {
+                label: addr.to_string(),
+                addr: addr.clone(),
+                stream: None,
+                rbuf: ReadBuf::new(INITIAL_READ_BUF, cfg.max_unit),
+                wbuf: Vec::with_capacity(INITIAL_WRITE_BUF),
+                readable: false,
+                writable: false,
+                closed: false,
+            })
+            .collect();
+        Ok(Driver {
+            poll,
+            events: Events::with_capacity(64),
+            conns,
+            cfg,
+        })
+    }
+
+    pub(crate) fn label(&self, i: usize) -> &str {
+        &self.conns[i].label
+    }
+
+    /// Starts an operation on server `i`: connects if needed and returns the I/O deadline.
+    /// The write buffer is cleared for the caller to encode into (see [`wbuf`](Self::wbuf)).
+    pub(crate) fn begin(&mut self, i: usize) -> Result<Op> {
+        let conn = &mut self.conns[i];
+        if conn.stream.is_some() && !conn.rbuf.is_empty() {
+            // Bytes nobody asked for (e.g. an error answering an earlier noreply command):
+            // the framing is in doubt, so start over on a fresh connection.
+            self.disconnect(i);
+        }
+        if self.conns[i].stream.is_none() {
+            self.connect(i)?;
+        }
+        self.conns[i].wbuf.clear();
+        Ok(Op::new(self.cfg.io_timeout))
+    }
+
+    /// The write buffer of server `i`, to encode a request into after [`begin`](Self::begin).
+    pub(crate) fn wbuf(&mut self, i: usize) -> &mut Vec<u8> {
+        &mut self.conns[i].wbuf
+    }
+
+    /// True if server `i` has an open connection.
+    pub(crate) fn is_connected(&self, i: usize) -> bool {
+        self.conns[i].stream.is_some()
+    }
+
+    /// Drops the connection to server `i`; the next operation reconnects.
+    pub(crate) fn disconnect(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if let Some(mut stream) = conn.stream.take() {
+            let _ = self.poll.registry().deregister(stream.source());
+        }
+        conn.rbuf.clear();
+        conn.wbuf.clear();
+        conn.readable = false;
+        conn.writable = false;
+        conn.closed = false;
+    }
+
+    /// Sends the write buffer of server `i`, then `value` and `trailer` if given, while parsing
+    /// whatever arrives with `on_reply`. `on_reply` gets the unconsumed bytes and returns
+    /// `Complete((consumed, last))` for each reply unit, or `Partial`. Returns when the last reply
+    /// was parsed (`Until::Done`), or when everything is written (`Until::Written`).
+    ///
+    /// Reading while writing is what keeps a long pipeline from deadlocking when both socket
+    /// buffers fill up. Any error, including a parse error from `on_reply`, leaves the
+    /// connection closed.
+    pub(crate) fn exchange<F>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        value: Option<(&[u8], &[u8])>,
+        until: Until,
+        mut on_reply: F,
+    ) -> Result<()>
+    where
+        F: FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        let (value, trailer) = value.unwrap_or((&[], &[]));
+        let total = self.conns[i].wbuf.len() + value.len() + trailer.len();
+        let mut written = 0;
+        loop {
+            if written == total && until == Until::Written {
+                return Ok(());
+            }
+            if written < total && self.conns[i].writable {
+                written += self.write_some(i, written, value, trailer)?;
+                continue;
+            }
+            // Parse everything already buffered.
+            loop {
+                let conn = &mut self.conns[i];
+                match on_reply(conn.rbuf.data()) {
+                    Ok(Status::Complete((n, last))) => {
+                        conn.rbuf.consume(n);
+                        if last {
+                            if written < total {
+                                // Answered before the request was fully sent: out of step.
+                                self.disconnect(i);
+                            }
+                            return Ok(());
+                        }
+                    }
+                    Ok(Status::Partial) => break,
+                    Err(error) => {
+                        self.disconnect(i);
+                        return Err(Error::Parse {
+                            server: self.conns[i].label.clone(),
+                            error,
+                        });
+                    }
+                }
+            }
+            if self.conns[i].readable {
+                self.read_some(i)?;
+                continue;
+            }
+            self.wait(i, op, if written < total { "write" } else { "read" })?;
+        }
+    }
+
+    /// One `write`/`writev` of what remains from `offset` of (wbuf, value, trailer).
+    fn write_some(
+        &mut self,
+        i: usize,
+        offset: usize,
+        value: &[u8],
+        trailer: &[u8],
+    ) -> Result<usize> {
+        let conn = &mut self.conns[i];
+        let head = &conn.wbuf[..];
+        let mut skip = offset;
+        let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+        let mut n = 0;
+        for part in [head, value, trailer] {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slices[n] = IoSlice::new(&part[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        let want: usize = slices[..n].iter().map(|s| s.len()).sum();
+        let stream = conn.stream.as_mut().expect("connected by begin()");
+        let result = if n == 1 {
+            // Plain write for one piece: cheaper for the kernel than writev.
+            match stream {
+                Stream::Tcp(s) => s.write(&slices[0]),
+                Stream::Unix(s) => s.write(&slices[0]),
+            }
+        } else {
+            stream.write_vectored(&slices[..n])
+        };
+        match result {
+            Ok(0) => Err(self.io_error(i, io::ErrorKind::WriteZero.into())),
+            Ok(w) => {
+                if w < want {
+                    conn.writable = false;
+                }
+                Ok(w)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.writable = false;
+                Ok(0)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(self.io_error(i, e)),
+        }
+    }
+
+    /// One `read` into the read buffer.
+    fn read_some(&mut self, i: usize) -> Result<()> {
+        let conn = &mut self.conns[i];
+        let Some(spare) = conn.rbuf.spare() else {
+            return Err(self.io_error(
+                i,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply unit exceeds the read limit",
+                ),
+            ));
+        };
+        let room = spare.len();
+        let stream = conn.stream.as_mut().expect("connected by begin()");
+        match stream.read(spare) {
+            Ok(0) => Err(self.io_error(
+                i,
+                io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
+            )),
+            Ok(n) => {
+                conn.rbuf.filled(n);
+                if n < room && !conn.closed {
+                    conn.readable = false;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.readable = false;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(self.io_error(i, e)),
+        }
+    }
+
+    /// Waits for readiness on any connection until `op`'s deadline.
+    fn wait(&mut self, i: usize, op: &Op, during: &'static str) -> Result<()> {
+        let now = Instant::now();
+        if now >= op.deadline {
+            self.disconnect(i);
+            return Err(Error::Timeout {
+                server: self.conns[i].label.clone(),
+                during,
+                elapsed: now - op.start,
+            });
+        }
+        match self.poll.poll(&mut self.events, Some(op.deadline - now)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(self.io_error(i, e)),
+        }
+        for ev in self.events.iter() {
+            if let Some(c) = self.conns.get_mut(ev.token().0) {
+                if ev.is_read_closed() || ev.is_error() {
+                    c.closed = true;
+                }
+                if ev.is_readable() || c.closed {
+                    c.readable = true;
+                }
+                if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                    c.writable = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn io_error(&mut self, i: usize, source: io::Error) -> Error {
+        self.disconnect(i);
+        Error::Io {
+            server: self.conns[i].label.clone(),
+            source,
+        }
+    }
+
+    /// Opens a non-blocking connection to server `i`, bounded by the connect timeout.
+    fn connect(&mut self, i: usize) -> Result<()> {
+        let op = Op::new(self.cfg.connect_timeout);
+        match self.conns[i].addr.clone() {
+            ServerAddr::Unix(path) => {
+                let stream = UnixStream::connect(&path).map_err(|e| self.io_error(i, e))?;
+                self.finish_connect(i, Stream::Unix(stream), &op)
+            }
+            ServerAddr::Tcp { host, port } => {
+                let addrs: Vec<SocketAddr> = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| self.io_error(i, e))?
+                    .collect();
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+                for sa in addrs {
+                    match TcpStream::connect(sa) {
+                        Ok(s) => match self.finish_connect(i, Stream::Tcp(s), &op) {
+                            Ok(()) => return Ok(()),
+                            Err(e @ Error::Timeout { .. }) => return Err(e),
+                            Err(Error::Io { source, .. }) => last = source,
+                            Err(e) => return Err(e),
+                        },
+                        Err(e) => last = e,
+                    }
+                }
+                Err(self.io_error(i, last))
+            }
+        }
+    }
+
+    fn finish_connect(&mut self, i: usize, mut stream: Stream, op: &Op) -> Result<()> {
+        self.poll
+            .registry()
+            .register(
+                stream.source(),
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(|e| self.io_error(i, e))?;
+        let conn = &mut self.conns[i];
+        conn.stream = Some(stream);
+        conn.readable = false;
+        conn.writable = false;
+        conn.closed = false;
+        loop {
+            let conn = &mut self.conns[i];
+            if conn.writable {
+                let stream = conn.stream.as_ref().expect("just set");
+                if let Some(e) = stream.take_error().ok().flatten() {
+                    return Err(self.io_error(i, e));
+                }
+                match stream.is_connected() {
+                    Ok(true) => break,
+                    Ok(false) => conn.writable = false,
+                    Err(e) => return Err(self.io_error(i, e)),
+                }
+            }
+            self.wait(i, op, "connect")?;
+        }
+        if let Some(Stream::Tcp(s)) = &self.conns[i].stream {
+            // Requests are small and latency-bound: never let Nagle hold one back.
+            if let Err(e) = s.set_nodelay(true) {
+                return Err(self.io_error(i, e));
+            }
+        }
+        self.conns[i].rbuf.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! The connection layer: server addresses and the `mio` driver that owns the sockets.
+//!
+//! The driver knows bytes, sockets and deadlines, not what a command means: the client hands it
+//! an encoded request and a closure that parses replies, and the driver moves bytes both ways
+//! until the closure says the reply is complete.
+
+mod buf;
+pub(crate) mod driver;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// memcached's default port.
+pub const DEFAULT_PORT: u16 = 11211;
+
+/// Where a server listens: a TCP host and port, or a Unix socket path (`memcached -s PATH`).
+///
+/// Parsed from `host:port`, `host` (port 11211), `[v6addr]:port`, or a path starting with `/`
+/// (optionally written `unix:/path`). Hostnames are kept as written: they are resolved at each
+/// connect, and later used as written for key distribution.
+///
+/// ```
+/// use mcstore::ServerAddr;
+/// let a: ServerAddr = "127.0.0.1:11311".parse().unwrap();
+/// assert_eq!(a, ServerAddr::Tcp { host: "127.0.0.1".into(), port: 11311 });
+/// let b: ServerAddr = "localhost".parse().unwrap();
+/// assert_eq!(b, ServerAddr::Tcp { host: "localhost".into(), port: 11211 });
+/// let c: ServerAddr = "/run/memcached.sock".parse().unwrap();
+/// assert_eq!(c, ServerAddr::Unix("/run/memcached.sock".into()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerAddr {
+    /// A TCP server.
+    Tcp {
+        /// Hostname or IP address, as configured (IPv6 without brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A Unix domain socket.
+    Unix(PathBuf),
+}
+
+impl FromStr for ServerAddr {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::Config(format!("server address {s:?}: {why}"));
+        if let Some(path) = s.strip_prefix("unix:").or(s.starts_with('/').then_some(s)) {
+            if !path.starts_with('/') {
+                return Err(bad("a Unix socket path must be absolute"));
+            }
+            return Ok(ServerAddr::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (host, Some(p)),
+                None if after.is_empty() => (host, None),
+                None => return Err(bad("expected ':port' after ']'")),
+            }
+        } else {
+            match s.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(bad("empty or invalid host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| bad("invalid port"))?,
+            None => DEFAULT_PORT,
+        };
+        Ok(ServerAddr::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            ServerAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            ServerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for (input, shown) in [
+            ("127.0.0.1:1", "127.0.0.1:1"),
+            ("localhost", "localhost:11211"),
+            ("[::1]:99", "[::1]:99"),
+            ("[::1]", "[::1]:11211"),
+            ("/tmp/m.sock", "unix:/tmp/m.sock"),
+            ("unix:/tmp/m.sock", "unix:/tmp/m.sock"),
+        ] {
+            let a: ServerAddr = input.parse().unwrap();
+            assert_eq!(a.to_string(), shown);
+        }
+        for bad in [
+            "", ":11211", "h:0", "h:x", "h:70000", "[::1", "[::1]x", "unix:rel", "a b:1",
+        ] {
+            assert!(bad.parse::<ServerAddr>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The crate's error type.
+
+use std::io;
+use std::time::Duration;
+
+use crate::proto::{KeyError, ParseError};
+
+/// A `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which kind of error line (text) the server answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerErrorKind {
+    /// `ERROR`: the server did not know the command.
+    UnknownCommand,
+    /// `CLIENT_ERROR <msg>`: the server rejected the request (e.g. incr on a non-number).
+    Client,
+    /// `SERVER_ERROR <msg>`: the server could not carry out the request (e.g. the value is
+    /// larger than its item size limit, or it is out of memory).
+    Server,
+}
+
+/// Everything that can go wrong in a call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket error, including a connection refused or closed by the server.
+    #[error("I/O error talking to {server}: {source}")]
+    Io {
+        /// The server as configured.
+        server: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The call did not complete within its deadline (connect or I/O timeout).
+    #[error("timed out after {elapsed:?} waiting for {server} ({during})")]
+    Timeout {
+        /// The server as configured.
+        server: String,
+        /// What the client was waiting for: "connect", "write" or "read".
+        during: &'static str,
+        /// How long the call had been running when it gave up.
+        elapsed: Duration,
+    },
+    /// The server sent bytes that are not a valid reply to the request.
+    #[error("malformed reply from {server}: {error}")]
+    Parse {
+        /// The server as configured.
+        server: String,
+        /// What was wrong with it.
+        error: ParseError,
+    },
+    /// A key was rejected before anything was sent.
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    /// A value is larger than the client's configured maximum; nothing was sent.
+    #[error("value of {len} bytes exceeds the configured maximum of {max} bytes")]
+    ValueTooLarge {
+        /// The value's length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The server answered with an error line.
+    #[error("server error ({kind:?}): {message}")]
+    Server {
+        /// The kind of error line.
+        kind: ServerErrorKind,
+        /// The server's message (empty for `ERROR`).
+        message: String,
+    },
+    /// The client has no server to send the request to.
+    #[error("no servers configured or available")]
+    NoServers,
+    /// The configuration given to the builder is not usable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// True for errors that say nothing about the request itself but about reaching the
+    /// server (I/O, timeout, malformed reply): the kind a cache-through caller may treat as a miss.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. } | Error::Timeout { .. } | Error::Parse { .. } | Error::NoServers
+        )
+    }
+}

@@ -1,0 +1,40 @@
+//! mcstore: a from-scratch memcached client and, on top of it, a cache-through storage layer.
+//!
+//! # Layout
+//!
+//! Data flows down on a request and up on a reply, once; nothing below knows about anything above.
+//!
+//! - [`proto`]: pure protocol code. Encoders append to a caller-owned buffer; parsers take the
+//!   bytes that have arrived and answer `Partial` or `Complete(consumed, response)`, borrowing
+//!   from the input. No sockets, no clock, no allocation per frame.
+//! - `conn`: the `mio` driver (internal). One `Poll` per client, reused read/write buffers, connect and I/O
+//!   deadlines, reconnect after any error whose framing is in doubt.
+//! - [`client`]: the public blocking API ([`Client`], [`ClientBuilder`]): key validation, command
+//!   routing, error mapping.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use mcstore::{Client, SetOptions};
+//! # fn main() -> Result<(), mcstore::Error> {
+//! let mut client = Client::builder().server("127.0.0.1:11211").build()?;
+//! client.set(b"greeting", b"hello", SetOptions::default().ttl(60))?;
+//! let item = client.get(b"greeting")?.expect("just stored");
+//! assert_eq!(item.value, b"hello");
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+pub mod client;
+mod conn;
+mod error;
+pub mod proto;
+
+pub use client::{
+    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport,
+    ServerStats, SetOptions, StoreMode,
+};
+pub use conn::{ServerAddr, DEFAULT_PORT};
+pub use error::{Error, Result, ServerErrorKind};
+pub use proto::{Key, KeyError};

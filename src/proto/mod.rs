@@ -1,0 +1,240 @@
+//! Pure protocol code: bytes in, bytes out.
+//!
+//! Nothing here touches a socket, reads a clock or allocates per frame. Encoders append to a
+//! caller-owned `Vec<u8>` (which only grows the first times it is used) and cannot fail: every
+//! input was validated when its type was built ([`Key::new`]). Parsers take whatever bytes have
+//! arrived and return [`Status::Partial`] ("call again with more") or
+//! [`Status::Complete`]`((consumed, response))`, where the response borrows from the input.
+//! Incomplete input is not an error.
+//!
+//! The same parse functions are what the fuzz targets call.
+
+pub mod text;
+
+use std::fmt;
+
+/// The longest key memcached accepts (protocol.txt, "Keys").
+pub const MAX_KEY_LEN: usize = 250;
+
+/// The result of feeding bytes to a parser: complete, or in need of more input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status<T> {
+    /// A whole reply was parsed.
+    Complete(T),
+    /// The input ends before the reply does: call again with more bytes.
+    Partial,
+}
+
+impl<T> Status<T> {
+    /// True if the reply was complete.
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Status::Complete(_))
+    }
+
+    /// Converts to an `Option`, `None` for `Partial`.
+    pub fn complete(self) -> Option<T> {
+        match self {
+            Status::Complete(t) => Some(t),
+            Status::Partial => None,
+        }
+    }
+}
+
+/// Why a server reply could not be parsed. Small and `Copy`: the caller adds context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// A reply line is longer than any valid reply line can be.
+    #[error("reply line longer than {0} bytes")]
+    LineTooLong(usize),
+    /// A line ended with a bare `\n` instead of `\r\n`.
+    #[error("reply line not terminated by \\r\\n")]
+    BadLineEnding,
+    /// The first word of the line is not a reply this protocol knows.
+    #[error("unknown reply")]
+    UnknownReply,
+    /// A reply line has the wrong number or shape of fields.
+    #[error("malformed reply line")]
+    BadFormat,
+    /// A number sent by the server is not a decimal that fits its field.
+    #[error("invalid number in reply")]
+    BadNumber,
+    /// The server claims a value longer than the configured maximum.
+    #[error("server claims a {0}-byte value, above the configured maximum")]
+    ValueTooLarge(u64),
+    /// A data block is not followed by `\r\n` where its length says it ends.
+    #[error("data block not terminated by \\r\\n")]
+    BadDataTerminator,
+    /// A reply that is valid on its own arrived where it cannot answer the request sent.
+    #[error("reply does not match the request")]
+    Unexpected,
+}
+
+/// Limits the parser enforces before reserving anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest value (data block) accepted from the server.
+    pub max_value: usize,
+}
+
+impl Default for Limits {
+    /// memcached's default item size limit, 1 MiB.
+    fn default() -> Self {
+        Limits {
+            max_value: 1024 * 1024,
+        }
+    }
+}
+
+/// Why a key was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Keys must have at least one byte.
+    #[error("invalid key: empty")]
+    Empty,
+    /// Keys may be at most 250 bytes long.
+    #[error("invalid key: {0} bytes long, the maximum is 250")]
+    TooLong(usize),
+    /// Keys may not contain whitespace or control bytes (<= 0x20 or 0x7f): such a byte would
+    /// end the key on the wire and let the rest be read as another command.
+    #[error("invalid key: byte 0x{byte:02x} at offset {offset} (whitespace and control bytes are not allowed)")]
+    BadByte {
+        /// The offending byte.
+        byte: u8,
+        /// Where it is in the key.
+        offset: usize,
+    },
+}
+
+/// A key valid for the text protocol: 1 to 250 bytes, none of them whitespace or control.
+///
+/// Borrowed, so building one allocates nothing.
+///
+/// ```
+/// use mcstore::{Key, KeyError};
+/// assert!(Key::new(b"user:42").is_ok());
+/// assert_eq!(Key::new(b""), Err(KeyError::Empty));
+/// assert_eq!(Key::new(b"a b"), Err(KeyError::BadByte { byte: b' ', offset: 1 }));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key<'a>(&'a [u8]);
+
+impl<'a> Key<'a> {
+    /// Validates `bytes` as a key (protocol.txt, "Keys": at most 250 characters, no control
+    /// characters or whitespace).
+    pub fn new(bytes: &'a [u8]) -> Result<Key<'a>, KeyError> {
+        if bytes.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if bytes.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong(bytes.len()));
+        }
+        if let Some(offset) = bytes.iter().position(|&b| b <= b' ' || b == 0x7f) {
+            return Err(KeyError::BadByte {
+                byte: bytes[offset],
+                offset,
+            });
+        }
+        Ok(Key(bytes))
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.0
+    }
+}
+
+impl fmt::Debug for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Valid keys are printable ASCII or high bytes; show them escaped either way.
+        write!(f, "Key(\"{}\")", self.0.escape_ascii())
+    }
+}
+
+/// Appends the decimal form of `n` to `out` without going through `fmt`.
+pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// Parses an unsigned decimal with no sign, no spaces and at most `max` as its value.
+/// Digit count is capped by the type, and the arithmetic is checked.
+pub(crate) fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_rules() {
+        assert!(Key::new(&[b'k'; 250]).is_ok());
+        assert_eq!(Key::new(&[b'k'; 251]), Err(KeyError::TooLong(251)));
+        assert_eq!(Key::new(b""), Err(KeyError::Empty));
+        for bad in [0u8, b'\t', b'\r', b'\n', b' ', 0x7f, 0x1f] {
+            let k = [b'a', bad, b'b'];
+            assert_eq!(
+                Key::new(&k),
+                Err(KeyError::BadByte {
+                    byte: bad,
+                    offset: 1
+                })
+            );
+        }
+        // Bytes above 0x7f are not control bytes; memcached accepts them.
+        assert!(Key::new("ключ".as_bytes()).is_ok());
+        let msg = KeyError::BadByte {
+            byte: b' ',
+            offset: 3,
+        }
+        .to_string();
+        assert!(msg.contains("0x20") && msg.contains("offset 3"), "{msg}");
+    }
+
+    #[test]
+    fn decimal_round_trip() {
+        for n in [
+            0u64,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12345,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut v = Vec::new();
+            put_u64(&mut v, n);
+            assert_eq!(v, n.to_string().as_bytes());
+            assert_eq!(parse_u64(&v), Some(n));
+        }
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"000000000000000000001"), None);
+        assert_eq!(parse_u64(b""), None);
+        assert_eq!(parse_u64(b"-1"), None);
+        assert_eq!(parse_u64(b"+1"), None);
+        assert_eq!(parse_u64(b"1 "), None);
+    }
+}

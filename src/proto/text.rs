@@ -1,0 +1,919 @@
+//! The classic text protocol (`../shared/reference/protocol.txt`).
+//!
+//! Requests are encoded into a caller-owned buffer. A storage command's data block is *not*
+//! copied by [`encode_storage`]: it writes the command line only, and the caller sends the value
+//! followed by [`DATA_TRAILER`] (the driver does this with one vectored write for large values).
+//!
+//! Replies are parsed one unit at a time by [`parse_reply`]: a `VALUE` block, an `END`, a `STAT`
+//! line, a status line. A retrieval reply is a sequence of [`Response::Value`] units closed by
+//! [`Response::End`]; a `stats` reply is [`Response::Stat`] units closed by `End`.
+//!
+//! ```
+//! use mcstore::proto::{Limits, Status, text::{parse_reply, Response}};
+//! let input = b"VALUE k 5 3\r\nabc\r\nEND\r\n";
+//! let Status::Complete((used, reply)) = parse_reply(input, &Limits::default()).unwrap() else {
+//!     panic!("complete input")
+//! };
+//! assert_eq!(reply, Response::Value { key: b"k", flags: 5, cas: None, data: b"abc" });
+//! assert_eq!(parse_reply(&input[used..], &Limits::default()).unwrap(), Status::Complete((5, Response::End)));
+//! ```
+
+use super::{parse_u64, put_u64, Key, Limits, ParseError, Status};
+
+/// Longest reply line accepted (without its `\r\n`). The longest valid one is a `VALUE` line:
+/// `VALUE ` + 250-byte key + flags + length + cas, about 320 bytes; `STAT` lines of
+/// `stats settings` are shorter still. Anything longer is garbage, rejected before it is buffered.
+pub const MAX_LINE: usize = 2048;
+
+/// What follows a data block on the wire.
+pub const DATA_TRAILER: &[u8] = b"\r\n";
+
+/// The retrieval commands (protocol.txt, "Retrieval command" and "Get And Touch").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retrieval {
+    /// `get <key>*`
+    Get,
+    /// `gets <key>*`: values come with their CAS unique.
+    Gets,
+    /// `gat <exptime> <key>*`: get and touch.
+    Gat(u32),
+    /// `gats <exptime> <key>*`: get and touch, with CAS unique.
+    Gats(u32),
+}
+
+/// The storage commands (protocol.txt, "Storage commands").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Store unconditionally.
+    Set,
+    /// Store only if the key is absent.
+    Add,
+    /// Store only if the key is present.
+    Replace,
+    /// Append to an existing value (flags and exptime are ignored by the server).
+    Append,
+    /// Prepend to an existing value (flags and exptime are ignored by the server).
+    Prepend,
+    /// Store only if the item's CAS unique still equals this one.
+    Cas(u64),
+}
+
+impl Storage {
+    fn name(self) -> &'static [u8] {
+        match self {
+            Storage::Set => b"set ",
+            Storage::Add => b"add ",
+            Storage::Replace => b"replace ",
+            Storage::Append => b"append ",
+            Storage::Prepend => b"prepend ",
+            Storage::Cas(_) => b"cas ",
+        }
+    }
+}
+
+fn end_line(out: &mut Vec<u8>, noreply: bool) {
+    if noreply {
+        out.extend_from_slice(b" noreply");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Starts a retrieval command line; follow with [`push_key`] for each key, then
+/// [`finish_line`].
+pub fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
+    match cmd {
+        Retrieval::Get => out.extend_from_slice(b"get"),
+        Retrieval::Gets => out.extend_from_slice(b"gets"),
+        Retrieval::Gat(exptime) => {
+            out.extend_from_slice(b"gat ");
+            put_u64(out, exptime.into());
+        }
+        Retrieval::Gats(exptime) => {
+            out.extend_from_slice(b"gats ");
+            put_u64(out, exptime.into());
+        }
+    }
+}
+
+/// Appends one key to a retrieval command line started by [`begin_retrieval`].
+pub fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
+    out.push(b' ');
+    out.extend_from_slice(key.as_bytes());
+}
+
+/// Ends a command line built piecewise.
+pub fn finish_line(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Encodes a single-key retrieval command.
+///
+/// ```
+/// use mcstore::{Key, proto::text::{encode_retrieval, Retrieval}};
+/// let mut out = Vec::new();
+/// encode_retrieval(&mut out, Retrieval::Gat(30), Key::new(b"k").unwrap());
+/// assert_eq!(out, b"gat 30 k\r\n");
+/// ```
+pub fn encode_retrieval(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) {
+    begin_retrieval(out, cmd);
+    push_key(out, key);
+    finish_line(out);
+}
+
+/// Encodes the command line of a storage command for a value of `len` bytes. The caller sends
+/// the value and then [`DATA_TRAILER`].
+///
+/// ```
+/// use mcstore::{Key, proto::text::{encode_storage, Storage}};
+/// let mut out = Vec::new();
+/// encode_storage(&mut out, Storage::Cas(77), Key::new(b"k").unwrap(), 3, 60, 5, true);
+/// assert_eq!(out, b"cas k 3 60 5 77 noreply\r\n");
+/// ```
+pub fn encode_storage(
+    out: &mut Vec<u8>,
+    cmd: Storage,
+    key: Key<'_>,
+    flags: u32,
+    exptime: u32,
+    len: usize,
+    noreply: bool,
+) {
+    out.extend_from_slice(cmd.name());
+    out.extend_from_slice(key.as_bytes());
+    out.push(b' ');
+    put_u64(out, flags.into());
+    out.push(b' ');
+    put_u64(out, exptime.into());
+    out.push(b' ');
+    put_u64(out, len as u64);
+    if let Storage::Cas(unique) = cmd {
+        out.push(b' ');
+        put_u64(out, unique);
+    }
+    end_line(out, noreply);
+}
+
+/// Encodes `delete <key> [noreply]`.
+pub fn encode_delete(out: &mut Vec<u8>, key: Key<'_>, noreply: bool) {
+    out.extend_from_slice(b"delete ");
+    out.extend_from_slice(key.as_bytes());
+    end_line(out, noreply);
+}
+
+/// Encodes `incr` (or `decr` when `decr` is true) `<key> <delta> [noreply]`.
+pub fn encode_arith(out: &mut Vec<u8>, decr: bool, key: Key<'_>, delta: u64, noreply: bool) {
+    out.extend_from_slice(if decr { b"decr " } else { b"incr " });
+    out.extend_from_slice(key.as_bytes());
+    out.push(b' ');
+    put_u64(out, delta);
+    end_line(out, noreply);
+}
+
+/// Encodes `touch <key> <exptime> [noreply]`.
+pub fn encode_touch(out: &mut Vec<u8>, key: Key<'_>, exptime: u32, noreply: bool) {
+    out.extend_from_slice(b"touch ");
+    out.extend_from_slice(key.as_bytes());
+    out.push(b' ');
+    put_u64(out, exptime.into());
+    end_line(out, noreply);
+}
+
+/// Encodes `flush_all [delay] [noreply]`.
+pub fn encode_flush_all(out: &mut Vec<u8>, delay: Option<u32>, noreply: bool) {
+    out.extend_from_slice(b"flush_all");
+    if let Some(delay) = delay {
+        out.push(b' ');
+        put_u64(out, delay.into());
+    }
+    end_line(out, noreply);
+}
+
+/// Encodes `version`.
+pub fn encode_version(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"version\r\n");
+}
+
+/// Encodes `verbosity <level> [noreply]`.
+pub fn encode_verbosity(out: &mut Vec<u8>, level: u32, noreply: bool) {
+    out.extend_from_slice(b"verbosity ");
+    put_u64(out, level.into());
+    end_line(out, noreply);
+}
+
+/// Checks a `stats` argument: printable words separated by single spaces, so that it cannot
+/// end the line or carry a second command.
+pub fn valid_stats_arg(arg: &[u8]) -> bool {
+    !arg.is_empty()
+        && arg.len() <= MAX_LINE
+        && arg.iter().all(|&b| b > b' ' && b != 0x7f || b == b' ')
+        && !arg.starts_with(b" ")
+        && !arg.ends_with(b" ")
+        && !arg.windows(2).any(|w| w == b"  ")
+}
+
+/// Encodes `stats` or `stats <arg>` (e.g. `items`, `slabs`, `settings`, `sizes`, `conns`,
+/// `reset`, `detail dump`). `arg` must pass [`valid_stats_arg`]; the client checks it.
+pub fn encode_stats(out: &mut Vec<u8>, arg: Option<&[u8]>) {
+    out.extend_from_slice(b"stats");
+    if let Some(arg) = arg {
+        debug_assert!(valid_stats_arg(arg));
+        out.push(b' ');
+        out.extend_from_slice(arg);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Encodes `quit`: the server closes the connection without a reply.
+pub fn encode_quit(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"quit\r\n");
+}
+
+/// One unit of a server reply. Borrows from the parsed input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response<'a> {
+    /// `VALUE <key> <flags> <bytes> [<cas unique>]` and its data block.
+    Value {
+        /// The item's key.
+        key: &'a [u8],
+        /// The item's flags (32 bits since memcached 1.2.1).
+        flags: u32,
+        /// The CAS unique, present for `gets` and `gats`.
+        cas: Option<u64>,
+        /// The data block; binary-safe, it may contain `\r\n`.
+        data: &'a [u8],
+    },
+    /// `END`: closes a retrieval or stats reply.
+    End,
+    /// `STORED`
+    Stored,
+    /// `NOT_STORED`: an add/replace/append/prepend condition was not met.
+    NotStored,
+    /// `EXISTS`: a cas lost against a newer write.
+    Exists,
+    /// `NOT_FOUND`
+    NotFound,
+    /// `DELETED`
+    Deleted,
+    /// `TOUCHED`
+    Touched,
+    /// `OK` (flush_all, verbosity, stats detail on/off).
+    Ok,
+    /// `RESET` (stats reset).
+    Reset,
+    /// The new value after incr/decr.
+    Number(u64),
+    /// `VERSION <version>`
+    Version(&'a [u8]),
+    /// `STAT <name> <value>`. The lines of `stats cachedump` (`ITEM <key> <rest>`) and
+    /// `stats detail dump` (`PREFIX <prefix> <rest>`) come the same way: second word as the
+    /// name, the rest as the value.
+    Stat {
+        /// The statistic's name.
+        name: &'a [u8],
+        /// Its value, as sent (may contain spaces).
+        value: &'a [u8],
+    },
+    /// `ERROR [<msg>]`: the server did not know the command.
+    Error(&'a [u8]),
+    /// `CLIENT_ERROR <msg>`
+    ClientError(&'a [u8]),
+    /// `SERVER_ERROR <msg>`
+    ServerError(&'a [u8]),
+}
+
+impl Response<'_> {
+    /// Encodes the reply the way memcached sends it. Used by tests, the hostile fake server and
+    /// the fuzz targets to produce valid input.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let simple: &[u8] = match *self {
+            Response::Value {
+                key,
+                flags,
+                cas,
+                data,
+            } => {
+                out.extend_from_slice(b"VALUE ");
+                out.extend_from_slice(key);
+                out.push(b' ');
+                put_u64(out, flags.into());
+                out.push(b' ');
+                put_u64(out, data.len() as u64);
+                if let Some(cas) = cas {
+                    out.push(b' ');
+                    put_u64(out, cas);
+                }
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"\r\n");
+                return;
+            }
+            Response::Number(n) => {
+                put_u64(out, n);
+                out.extend_from_slice(b"\r\n");
+                return;
+            }
+            Response::Version(v) => return line2(out, b"VERSION", v),
+            Response::Stat { name, value } => {
+                out.extend_from_slice(b"STAT ");
+                return line2(out, name, value);
+            }
+            Response::Error(b"") => b"ERROR",
+            Response::Error(m) => return line2(out, b"ERROR", m),
+            Response::ClientError(m) => return line2(out, b"CLIENT_ERROR", m),
+            Response::ServerError(m) => return line2(out, b"SERVER_ERROR", m),
+            Response::End => b"END",
+            Response::Stored => b"STORED",
+            Response::NotStored => b"NOT_STORED",
+            Response::Exists => b"EXISTS",
+            Response::NotFound => b"NOT_FOUND",
+            Response::Deleted => b"DELETED",
+            Response::Touched => b"TOUCHED",
+            Response::Ok => b"OK",
+            Response::Reset => b"RESET",
+        };
+        out.extend_from_slice(simple);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// True for `ERROR`, `CLIENT_ERROR` and `SERVER_ERROR`.
+    pub fn is_error(&self) -> bool {
+        matches!(
+            self,
+            Response::Error(_) | Response::ClientError(_) | Response::ServerError(_)
+        )
+    }
+}
+
+fn line2(out: &mut Vec<u8>, word: &[u8], rest: &[u8]) {
+    out.extend_from_slice(word);
+    out.push(b' ');
+    out.extend_from_slice(rest);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Finds the first line of `buf`: `Ok(Some((line_without_crlf, bytes_with_crlf)))`, `Ok(None)`
+/// if no full line has arrived yet.
+fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
+    let window = &buf[..buf.len().min(MAX_LINE + 2)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(nl) => {
+            if nl == 0 || buf[nl - 1] != b'\r' {
+                return Err(ParseError::BadLineEnding);
+            }
+            Ok(Some((&buf[..nl - 1], nl + 1)))
+        }
+        None if window.len() > MAX_LINE + 1 => Err(ParseError::LineTooLong(MAX_LINE)),
+        None => Ok(None),
+    }
+}
+
+/// Splits `line` at its first space: `(word, rest)`; `rest` is empty when there is no space.
+fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &[]),
+    }
+}
+
+/// Parses one reply unit from the start of `buf`.
+///
+/// Returns `Partial` when `buf` ends before the unit does, and `Complete((consumed, reply))`
+/// otherwise. A `VALUE` header claiming more than `limits.max_value` bytes is an error as soon
+/// as its line has arrived, before the caller buffers any of the data. The data block is
+/// located by its length, never by searching for `\r\n` (protocol.txt, "Protocol": the data may
+/// contain it).
+pub fn parse_reply<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Result<Status<(usize, Response<'a>)>, ParseError> {
+    let Some((line, line_len)) = take_line(buf)? else {
+        return Ok(Status::Partial);
+    };
+    let (word, rest) = split_word(line);
+    let exact = |r: Response<'a>| {
+        if rest.is_empty() && !line.ends_with(b" ") {
+            Ok(r)
+        } else {
+            Err(ParseError::BadFormat)
+        }
+    };
+    let reply = match word {
+        b"VALUE" => return parse_value(buf, rest, line_len, limits),
+        b"END" => exact(Response::End)?,
+        b"STORED" => exact(Response::Stored)?,
+        b"NOT_STORED" => exact(Response::NotStored)?,
+        b"EXISTS" => exact(Response::Exists)?,
+        b"NOT_FOUND" => exact(Response::NotFound)?,
+        b"DELETED" => exact(Response::Deleted)?,
+        b"TOUCHED" => exact(Response::Touched)?,
+        b"OK" => exact(Response::Ok)?,
+        b"RESET" => exact(Response::Reset)?,
+        b"ERROR" => Response::Error(rest),
+        b"CLIENT_ERROR" => Response::ClientError(rest),
+        b"SERVER_ERROR" => Response::ServerError(rest),
+        b"VERSION" => Response::Version(rest),
+        b"STAT" | b"ITEM" | b"PREFIX" => {
+            let (name, value) = split_word(rest);
+            if name.is_empty() {
+                return Err(ParseError::BadFormat);
+            }
+            Response::Stat { name, value }
+        }
+        w if w.first().is_some_and(u8::is_ascii_digit) => {
+            // incr/decr reply. The server may pad a shrunken number with spaces
+            // (protocol.txt, "Increment/Decrement"), so trailing spaces are tolerated.
+            if rest.iter().any(|&b| b != b' ') {
+                return Err(ParseError::BadFormat);
+            }
+            Response::Number(parse_u64(w).ok_or(ParseError::BadNumber)?)
+        }
+        _ => return Err(ParseError::UnknownReply),
+    };
+    Ok(Status::Complete((line_len, reply)))
+}
+
+fn parse_value<'a>(
+    buf: &'a [u8],
+    fields: &'a [u8],
+    line_len: usize,
+    limits: &Limits,
+) -> Result<Status<(usize, Response<'a>)>, ParseError> {
+    let mut it = fields.split(|&b| b == b' ');
+    let (Some(key), Some(flags), Some(len)) = (it.next(), it.next(), it.next()) else {
+        return Err(ParseError::BadFormat);
+    };
+    let cas = it.next();
+    if it.next().is_some() || key.is_empty() {
+        return Err(ParseError::BadFormat);
+    }
+    let flags = parse_u64(flags)
+        .and_then(|f| u32::try_from(f).ok())
+        .ok_or(ParseError::BadNumber)?;
+    let len = parse_u64(len).ok_or(ParseError::BadNumber)?;
+    if len > limits.max_value as u64 {
+        return Err(ParseError::ValueTooLarge(len));
+    }
+    let cas = match cas {
+        Some(c) => Some(parse_u64(c).ok_or(ParseError::BadNumber)?),
+        None => None,
+    };
+    // len <= max_value (a usize), so this cannot overflow for any sane limit; check anyway.
+    let data_end = line_len
+        .checked_add(len as usize)
+        .ok_or(ParseError::ValueTooLarge(len))?;
+    let total = data_end
+        .checked_add(2)
+        .ok_or(ParseError::ValueTooLarge(len))?;
+    if buf.len() < total {
+        return Ok(Status::Partial);
+    }
+    if &buf[data_end..total] != DATA_TRAILER {
+        return Err(ParseError::BadDataTerminator);
+    }
+    Ok(Status::Complete((
+        total,
+        Response::Value {
+            key,
+            flags,
+            cas,
+            data: &buf[line_len..data_end],
+        },
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lim() -> Limits {
+        Limits { max_value: 4096 }
+    }
+
+    fn one(input: &[u8]) -> Result<Status<(usize, Response<'_>)>, ParseError> {
+        parse_reply(input, &lim())
+    }
+
+    #[test]
+    fn every_reply_table() {
+        use Response as R;
+        let table: &[(&[u8], R<'_>)] = &[
+            (b"END\r\n", R::End),
+            (b"STORED\r\n", R::Stored),
+            (b"NOT_STORED\r\n", R::NotStored),
+            (b"EXISTS\r\n", R::Exists),
+            (b"NOT_FOUND\r\n", R::NotFound),
+            (b"DELETED\r\n", R::Deleted),
+            (b"TOUCHED\r\n", R::Touched),
+            (b"OK\r\n", R::Ok),
+            (b"RESET\r\n", R::Reset),
+            (b"ERROR\r\n", R::Error(b"")),
+            (b"ERROR too long\r\n", R::Error(b"too long")),
+            (
+                b"CLIENT_ERROR bad data chunk\r\n",
+                R::ClientError(b"bad data chunk"),
+            ),
+            (
+                b"SERVER_ERROR object too large for cache\r\n",
+                R::ServerError(b"object too large for cache"),
+            ),
+            (b"VERSION 1.6.18\r\n", R::Version(b"1.6.18")),
+            (b"42\r\n", R::Number(42)),
+            (b"0\r\n", R::Number(0)),
+            (b"18446744073709551615\r\n", R::Number(u64::MAX)),
+            (b"9  \r\n", R::Number(9)),
+            (
+                b"STAT pid 1234\r\n",
+                R::Stat {
+                    name: b"pid",
+                    value: b"1234",
+                },
+            ),
+            (
+                b"STAT evictions on\r\n",
+                R::Stat {
+                    name: b"evictions",
+                    value: b"on",
+                },
+            ),
+            (
+                b"STAT rusage_user 0.123 extra\r\n",
+                R::Stat {
+                    name: b"rusage_user",
+                    value: b"0.123 extra",
+                },
+            ),
+            (
+                b"ITEM foo [5 b; 0 s]\r\n",
+                R::Stat {
+                    name: b"foo",
+                    value: b"[5 b; 0 s]",
+                },
+            ),
+            (
+                b"VALUE k 0 3\r\nabc\r\n",
+                R::Value {
+                    key: b"k",
+                    flags: 0,
+                    cas: None,
+                    data: b"abc",
+                },
+            ),
+            (
+                b"VALUE k 4294967295 0 18446744073709551615\r\n\r\n",
+                R::Value {
+                    key: b"k",
+                    flags: u32::MAX,
+                    cas: Some(u64::MAX),
+                    data: b"",
+                },
+            ),
+            (
+                b"VALUE k 1 7 7\r\n\r\nEND\r\n\r\n",
+                R::Value {
+                    key: b"k",
+                    flags: 1,
+                    cas: Some(7),
+                    data: b"\r\nEND\r\n",
+                },
+            ),
+        ];
+        for (input, want) in table {
+            assert_eq!(
+                one(input),
+                Ok(Status::Complete((input.len(), *want))),
+                "{}",
+                input.escape_ascii()
+            );
+            // Round trip: the server-side encoder gives back the same bytes.
+            let mut enc = Vec::new();
+            want.encode(&mut enc);
+            // Padded numbers and ITEM lines have no distinct encoding of their own.
+            if !input.starts_with(b"9 ") && !input.starts_with(b"ITEM") {
+                assert_eq!(&enc[..], &input[..], "{}", input.escape_ascii());
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        use ParseError as E;
+        let table: &[(&[u8], E)] = &[
+            (b"BOGUS\r\n", E::UnknownReply),
+            (b"\r\n", E::UnknownReply),
+            (b"stored\r\n", E::UnknownReply),
+            (b"END\n", E::BadLineEnding),
+            (b"\n", E::BadLineEnding),
+            (b"END \r\n", E::BadFormat),
+            (b"STORED x\r\n", E::BadFormat),
+            (b"VALUE k 0\r\n", E::BadFormat),
+            (b"VALUE k 0 1 2 3\r\n", E::BadFormat),
+            (b"VALUE  0 1\r\n", E::BadFormat),
+            (b"VALUE k -1 1\r\n", E::BadNumber),
+            (b"VALUE k 4294967296 1\r\n", E::BadNumber),
+            (b"VALUE k 0 1x\r\n", E::BadNumber),
+            (b"VALUE k 0 1 x\r\n", E::BadNumber),
+            (b"VALUE k 0 99999999999999999999999\r\n", E::BadNumber),
+            (b"VALUE k 0 4097\r\n", E::ValueTooLarge(4097)),
+            (b"VALUE k 0 4294967295\r\n", E::ValueTooLarge(4294967295)),
+            (b"VALUE k 0 3\r\nabcXY", E::BadDataTerminator),
+            (b"VALUE k 0 3\r\nabcd\r\n", E::BadDataTerminator),
+            (b"18446744073709551616\r\n", E::BadNumber),
+            (b"12a\r\n", E::BadNumber),
+            (b"12 a\r\n", E::BadFormat),
+            (b"STAT\r\n", E::BadFormat),
+        ];
+        for (input, want) in table {
+            assert_eq!(one(input), Err(*want), "{}", input.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn long_garbage_is_rejected_without_a_newline() {
+        let junk = vec![b'x'; MAX_LINE + 2];
+        assert_eq!(one(&junk), Err(ParseError::LineTooLong(MAX_LINE)));
+        // Just under the cap it is still "need more".
+        assert_eq!(one(&junk[..MAX_LINE + 1]), Ok(Status::Partial));
+    }
+
+    #[test]
+    fn every_strict_prefix_is_partial() {
+        let replies: &[&[u8]] = &[
+            b"END\r\n",
+            b"VALUE key 3 10 99\r\n0123\r\n6789\r\n",
+            b"STAT pid 1\r\n",
+            b"SERVER_ERROR out of memory\r\n",
+            b"12345\r\n",
+            b"VERSION 1.6.18\r\n",
+            b"VALUE k 0 0\r\n\r\n",
+        ];
+        for r in replies {
+            for cut in 0..r.len() {
+                assert_eq!(
+                    one(&r[..cut]),
+                    Ok(Status::Partial),
+                    "{:?}",
+                    &r[..cut].escape_ascii()
+                );
+            }
+            assert!(one(r).unwrap().is_complete());
+        }
+    }
+
+    /// Parses a whole stream, feeding it in two pieces split at `cut` the way a driver would
+    /// (keep unconsumed bytes, append more, parse again).
+    fn parse_stream(input: &[u8], cut: usize) -> Result<Vec<String>, ParseError> {
+        let mut out = Vec::new();
+        let mut buf = input[..cut].to_vec();
+        let mut rest = &input[cut..];
+        loop {
+            match parse_reply(&buf, &lim())? {
+                Status::Complete((n, r)) => {
+                    out.push(format!("{r:?}"));
+                    buf.drain(..n);
+                }
+                Status::Partial if rest.is_empty() => {
+                    assert!(buf.is_empty(), "trailing bytes");
+                    return Ok(out);
+                }
+                Status::Partial => {
+                    buf.extend_from_slice(rest);
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn splitting_anywhere_gives_the_same_result() {
+        let stream: &[u8] =
+            b"VALUE a 1 3 5\r\nx\r\n\r\nVALUE bb 2 0 6\r\n\r\nSTAT x y z\r\nEND\r\nSTORED\r\n77\r\n";
+        let whole = parse_stream(stream, stream.len()).unwrap();
+        assert_eq!(whole.len(), 6);
+        for cut in 0..=stream.len() {
+            assert_eq!(parse_stream(stream, cut).unwrap(), whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn encoders() {
+        let k = Key::new(b"key").unwrap();
+        let mut o = Vec::new();
+        let mut check = |f: &dyn Fn(&mut Vec<u8>), want: &[u8]| {
+            o.clear();
+            f(&mut o);
+            assert_eq!(
+                o.escape_ascii().to_string(),
+                want.escape_ascii().to_string()
+            );
+        };
+        check(&|o| encode_retrieval(o, Retrieval::Get, k), b"get key\r\n");
+        check(
+            &|o| encode_retrieval(o, Retrieval::Gets, k),
+            b"gets key\r\n",
+        );
+        check(
+            &|o| encode_retrieval(o, Retrieval::Gats(0), k),
+            b"gats 0 key\r\n",
+        );
+        check(
+            &|o| {
+                begin_retrieval(o, Retrieval::Get);
+                push_key(o, k);
+                push_key(o, Key::new(b"k2").unwrap());
+                finish_line(o);
+            },
+            b"get key k2\r\n",
+        );
+        check(
+            &|o| encode_storage(o, Storage::Set, k, 0, 0, 0, false),
+            b"set key 0 0 0\r\n",
+        );
+        check(
+            &|o| encode_storage(o, Storage::Add, k, u32::MAX, 1, 10, false),
+            b"add key 4294967295 1 10\r\n",
+        );
+        check(
+            &|o| encode_storage(o, Storage::Replace, k, 1, 2, 3, true),
+            b"replace key 1 2 3 noreply\r\n",
+        );
+        check(
+            &|o| encode_storage(o, Storage::Append, k, 0, 0, 1, false),
+            b"append key 0 0 1\r\n",
+        );
+        check(
+            &|o| encode_storage(o, Storage::Prepend, k, 0, 0, 1, false),
+            b"prepend key 0 0 1\r\n",
+        );
+        check(&|o| encode_delete(o, k, false), b"delete key\r\n");
+        check(&|o| encode_delete(o, k, true), b"delete key noreply\r\n");
+        check(
+            &|o| encode_arith(o, false, k, u64::MAX, false),
+            b"incr key 18446744073709551615\r\n",
+        );
+        check(
+            &|o| encode_arith(o, true, k, 1, true),
+            b"decr key 1 noreply\r\n",
+        );
+        check(&|o| encode_touch(o, k, 100, false), b"touch key 100\r\n");
+        check(&|o| encode_flush_all(o, None, false), b"flush_all\r\n");
+        check(
+            &|o| encode_flush_all(o, Some(5), true),
+            b"flush_all 5 noreply\r\n",
+        );
+        check(&|o| encode_version(o), b"version\r\n");
+        check(&|o| encode_verbosity(o, 1, false), b"verbosity 1\r\n");
+        check(&|o| encode_stats(o, None), b"stats\r\n");
+        check(&|o| encode_stats(o, Some(b"slabs")), b"stats slabs\r\n");
+        check(
+            &|o| encode_stats(o, Some(b"detail dump")),
+            b"stats detail dump\r\n",
+        );
+        check(&|o| encode_quit(o), b"quit\r\n");
+    }
+
+    #[test]
+    fn stats_args() {
+        assert!(valid_stats_arg(b"items"));
+        assert!(valid_stats_arg(b"cachedump 1 10"));
+        for bad in [
+            &b""[..],
+            b" items",
+            b"items ",
+            b"a  b",
+            b"items\r\nflush_all",
+            b"a\tb",
+        ] {
+            assert!(!valid_stats_arg(bad), "{}", bad.escape_ascii());
+        }
+    }
+
+    fn key_strategy() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(prop_oneof![0x21u8..0x7f, 0x80u8..=0xff], 1..=250)
+    }
+
+    fn reply_strategy() -> impl Strategy<Value = OwnedReply> {
+        let word = prop::collection::vec(0x21u8..0x7f, 1..20);
+        let text = prop::collection::vec(0x20u8..0x7f, 0..60);
+        prop_oneof![
+            (
+                key_strategy(),
+                any::<u32>(),
+                proptest::option::of(any::<u64>()),
+                prop::collection::vec(any::<u8>(), 0..600)
+            )
+                .prop_map(|(k, f, c, d)| OwnedReply::Value(k, f, c, d)),
+            any::<u64>().prop_map(OwnedReply::Number),
+            (word.clone(), text.clone()).prop_map(|(n, v)| OwnedReply::Stat(n, v)),
+            word.clone().prop_map(OwnedReply::Version),
+            text.clone().prop_map(OwnedReply::ClientError),
+            text.prop_map(OwnedReply::ServerError),
+            prop::sample::select(vec![
+                OwnedReply::End,
+                OwnedReply::Stored,
+                OwnedReply::NotStored,
+                OwnedReply::Exists,
+                OwnedReply::NotFound,
+                OwnedReply::Deleted,
+                OwnedReply::Touched,
+                OwnedReply::Ok,
+                OwnedReply::Reset,
+            ]),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum OwnedReply {
+        Value(Vec<u8>, u32, Option<u64>, Vec<u8>),
+        Number(u64),
+        Stat(Vec<u8>, Vec<u8>),
+        Version(Vec<u8>),
+        ClientError(Vec<u8>),
+        ServerError(Vec<u8>),
+        End,
+        Stored,
+        NotStored,
+        Exists,
+        NotFound,
+        Deleted,
+        Touched,
+        Ok,
+        Reset,
+    }
+
+    impl OwnedReply {
+        fn borrow(&self) -> Response<'_> {
+            match self {
+                OwnedReply::Value(k, f, c, d) => Response::Value {
+                    key: k,
+                    flags: *f,
+                    cas: *c,
+                    data: d,
+                },
+                OwnedReply::Number(n) => Response::Number(*n),
+                OwnedReply::Stat(n, v) => Response::Stat { name: n, value: v },
+                OwnedReply::Version(v) => Response::Version(v),
+                OwnedReply::ClientError(m) => Response::ClientError(m),
+                OwnedReply::ServerError(m) => Response::ServerError(m),
+                OwnedReply::End => Response::End,
+                OwnedReply::Stored => Response::Stored,
+                OwnedReply::NotStored => Response::NotStored,
+                OwnedReply::Exists => Response::Exists,
+                OwnedReply::NotFound => Response::NotFound,
+                OwnedReply::Deleted => Response::Deleted,
+                OwnedReply::Touched => Response::Touched,
+                OwnedReply::Ok => Response::Ok,
+                OwnedReply::Reset => Response::Reset,
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(replies in prop::collection::vec(reply_strategy(), 1..8), cut in any::<prop::sample::Index>()) {
+            let mut wire = Vec::new();
+            for r in &replies {
+                r.borrow().encode(&mut wire);
+            }
+            // Parse the whole stream back, in order.
+            let mut at = 0;
+            for r in &replies {
+                match parse_reply(&wire[at..], &lim()).unwrap() {
+                    Status::Complete((n, got)) => {
+                        prop_assert_eq!(got, r.borrow());
+                        at += n;
+                    }
+                    Status::Partial => prop_assert!(false, "partial on complete input"),
+                }
+            }
+            prop_assert_eq!(at, wire.len());
+            // A split anywhere parses to the same units.
+            let cut = cut.index(wire.len() + 1);
+            let split = parse_stream(&wire, cut).unwrap();
+            let whole = parse_stream(&wire, wire.len()).unwrap();
+            prop_assert_eq!(split, whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(input in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Status::Complete((n, _))) = parse_reply(&input, &lim()) {
+                prop_assert!(n > 0 && n <= input.len());
+            }
+        }
+
+        #[test]
+        fn storage_line_is_one_line(key in key_strategy(), flags in any::<u32>(), exp in any::<u32>(), len in 0usize..1<<20, cas in any::<u64>(), noreply in any::<bool>()) {
+            let mut out = Vec::new();
+            encode_storage(&mut out, Storage::Cas(cas), Key::new(&key).unwrap(), flags, exp, len, noreply);
+            prop_assert!(out.ends_with(b"\r\n"));
+            prop_assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+            let line = std::str::from_utf8(&out[..out.len() - 2]).ok();
+            if let Some(line) = line {
+                let words: Vec<&str> = line.split(' ').collect();
+                prop_assert_eq!(words[2], flags.to_string());
+                prop_assert_eq!(words[4], len.to_string());
+                prop_assert_eq!(words[5], cas.to_string());
+            }
+        }
+    }
+}
