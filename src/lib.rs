@@ -38,3 +38,8 @@ pub use client::{
 pub use conn::{ServerAddr, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
