@@ -30,6 +30,7 @@ pub mod client;
 mod conn;
 mod error;
 pub mod proto;
+pub mod ring;
 
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport,

@@ -1,0 +1,391 @@
+//! Key distribution: which server a key goes to, as libmemcached decides it.
+//!
+//! [`HashFn`] is libmemcached's key hash (one-at-a-time by default). A [`Continuum`] maps a
+//! hash to a server under one of three [`Distribution`]s. Building a continuum allocates;
+//! [`Continuum::pick`] is a hash and a binary search and allocates nothing. Reference:
+//! `../shared/reference/ketama-and-hashing.md`.
+
+mod hash;
+mod ketama;
+
+use std::io::{self, BufRead, Write};
+
+pub use hash::HashFn;
+
+/// How keys are spread over servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Distribution {
+    /// `hash % server_count` (libmemcached's default). Adding or removing a server moves most
+    /// keys; an ejected server's keys are not moved (libmemcached only rebuilds consistent
+    /// distributions), so they fail fast while it is out.
+    #[default]
+    Modula,
+    /// Consistent hashing (`MEMCACHED_BEHAVIOR_KETAMA` / `DISTRIBUTION_CONSISTENT_KETAMA`): 100
+    /// points per server, hashed with the key hash. If any server has a weight above 1, the
+    /// continuum is the weighted MD5 one (as libmemcached does), keys keep the key hash.
+    Ketama,
+    /// `MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED`: MD5-weighted continuum (160 points per server on
+    /// average); the key hash defaults to MD5 unless set explicitly.
+    KetamaWeighted,
+}
+
+impl Distribution {
+    /// `modula`, `ketama` or `ketama_weighted`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Distribution::Modula => "modula",
+            Distribution::Ketama => "ketama",
+            Distribution::KetamaWeighted => "ketama_weighted",
+        }
+    }
+
+    /// Parses [`name`](Self::name) (`consistent` is accepted for `ketama`).
+    pub fn from_name(name: &str) -> Option<Distribution> {
+        match name.to_ascii_lowercase().replace('-', "_").as_str() {
+            "modula" => Some(Distribution::Modula),
+            "ketama" | "consistent" => Some(Distribution::Ketama),
+            "ketama_weighted" | "weighted" => Some(Distribution::KetamaWeighted),
+            _ => None,
+        }
+    }
+}
+
+/// A server as the continuum sees it: the host string exactly as configured (never a resolved
+/// address), the port (0 for a Unix socket, whose host is its path) and the weight.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RingServer {
+    /// Hostname or address as written in the configuration.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Weight (0 counts as 1).
+    pub weight: u32,
+}
+
+/// The key-to-server map of a client.
+///
+/// ```
+/// use mcstore::ring::{Continuum, Distribution, HashFn, RingServer};
+/// let servers: Vec<RingServer> = ["10.0.1.1", "10.0.1.2"]
+///     .iter()
+///     .map(|h| RingServer { host: h.to_string(), port: 11211, weight: 1 })
+///     .chain([RingServer { host: "10.0.1.3".into(), port: 11212, weight: 1 }])
+///     .collect();
+/// let ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &servers);
+/// // The reference's table 5.4, verified against libmemcached itself.
+/// assert_eq!(ring.pick(b"foo"), Some(0));
+/// assert_eq!(ring.pick(b"hello"), Some(2));
+/// assert_eq!(ring.pick(b"user:1000"), Some(1));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Continuum {
+    dist: Distribution,
+    key_hash: HashFn,
+    servers: Vec<RingServer>,
+    live: Vec<bool>,
+    /// Sorted (point, server index); empty for modula.
+    points: Vec<(u32, u32)>,
+}
+
+impl Continuum {
+    /// A continuum over all `servers` (all live).
+    pub fn new(dist: Distribution, key_hash: HashFn, servers: &[RingServer]) -> Continuum {
+        let mut c = Continuum {
+            dist,
+            key_hash,
+            servers: servers.to_vec(),
+            live: vec![true; servers.len()],
+            points: Vec::new(),
+        };
+        c.rebuild();
+        c
+    }
+
+    /// The key hash in use.
+    pub fn key_hash(&self) -> HashFn {
+        self.key_hash
+    }
+
+    /// The distribution in use.
+    pub fn distribution(&self) -> Distribution {
+        self.dist
+    }
+
+    /// The servers, in configuration order (indexes returned by [`pick`](Self::pick)).
+    pub fn servers(&self) -> &[RingServer] {
+        &self.servers
+    }
+
+    /// True when the continuum uses MD5-weighted points.
+    pub fn is_weighted(&self) -> bool {
+        match self.dist {
+            Distribution::Modula => false,
+            Distribution::KetamaWeighted => true,
+            Distribution::Ketama => self.servers.iter().any(|s| s.weight > 1),
+        }
+    }
+
+    /// Marks server `i` as in or out of the continuum and rebuilds it if that changed. Only
+    /// consistent distributions move keys away from a server that is out; modula keeps
+    /// sending them to it (callers fail them fast), as libmemcached does.
+    pub fn set_live(&mut self, i: usize, live: bool) {
+        if self.live[i] != live {
+            self.live[i] = live;
+            self.rebuild();
+        }
+    }
+
+    /// True if server `i` is in the continuum.
+    pub fn is_live(&self, i: usize) -> bool {
+        self.live[i]
+    }
+
+    fn rebuild(&mut self) {
+        self.points = match self.dist {
+            Distribution::Modula => Vec::new(),
+            _ => ketama::build(&self.servers, &self.live, self.is_weighted(), self.key_hash),
+        };
+    }
+
+    /// The server index for `key`, `None` when no server is live. Allocates nothing.
+    pub fn pick(&self, key: &[u8]) -> Option<usize> {
+        match self.servers.len() {
+            0 => None,
+            // libmemcached does not hash at all with one server.
+            1 => Some(0),
+            n => match self.dist {
+                Distribution::Modula => Some((self.key_hash.hash(key) % n as u32) as usize),
+                _ => self.pick_hash(self.key_hash.hash(key)),
+            },
+        }
+    }
+
+    /// The server owning hash `h` on the continuum: the first point >= h, wrapping around.
+    pub fn pick_hash(&self, h: u32) -> Option<usize> {
+        if self.points.is_empty() {
+            return match self.dist {
+                Distribution::Modula if !self.servers.is_empty() => {
+                    Some((h % self.servers.len() as u32) as usize)
+                }
+                _ => None,
+            };
+        }
+        let i = self.points.partition_point(|p| p.0 < h);
+        let i = if i == self.points.len() { 0 } else { i };
+        Some(self.points[i].1 as usize)
+    }
+}
+
+/// Reads keys (one per line, raw bytes, `\n` or `\r\n` ended) and writes `key<TAB>server` for
+/// each, where `server` is `labels[pick(key)]`: the mapping in a form other clients' tools can
+/// be compared with. Returns the number of keys mapped.
+pub fn write_mapping(
+    ring: &Continuum,
+    labels: &[String],
+    input: impl BufRead,
+    mut out: impl Write,
+) -> io::Result<usize> {
+    let mut n = 0;
+    for line in input.split(b'\n') {
+        let mut key = line?;
+        if key.last() == Some(&b'\r') {
+            key.pop();
+        }
+        let server = ring.pick(&key).map(|i| labels[i].as_str()).unwrap_or("-");
+        out.write_all(&key)?;
+        out.write_all(b"\t")?;
+        out.write_all(server.as_bytes())?;
+        out.write_all(b"\n")?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pool_a() -> Vec<RingServer> {
+        vec![
+            RingServer {
+                host: "10.0.1.1".into(),
+                port: 11211,
+                weight: 1,
+            },
+            RingServer {
+                host: "10.0.1.2".into(),
+                port: 11211,
+                weight: 1,
+            },
+            RingServer {
+                host: "10.0.1.3".into(),
+                port: 11212,
+                weight: 1,
+            },
+        ]
+    }
+
+    const KEYS: [&str; 6] = [
+        "foo",
+        "bar",
+        "hello",
+        "user:1000",
+        "session:abc",
+        "VDEAAAAA",
+    ];
+
+    fn picks(ring: &Continuum) -> Vec<usize> {
+        KEYS.iter()
+            .map(|k| ring.pick(k.as_bytes()).unwrap())
+            .collect()
+    }
+
+    /// Section 5.4: placements produced by libmemcached itself.
+    #[test]
+    fn reference_placements() {
+        let a = pool_a();
+        assert_eq!(
+            picks(&Continuum::new(
+                Distribution::Modula,
+                HashFn::OneAtATime,
+                &a
+            )),
+            [0, 1, 0, 2, 0, 2]
+        );
+        assert_eq!(
+            picks(&Continuum::new(
+                Distribution::Ketama,
+                HashFn::OneAtATime,
+                &a
+            )),
+            [0, 0, 2, 1, 2, 2]
+        );
+        assert_eq!(
+            picks(&Continuum::new(Distribution::Ketama, HashFn::Md5, &a)),
+            [1, 1, 2, 1, 1, 1]
+        );
+        assert_eq!(
+            picks(&Continuum::new(
+                Distribution::KetamaWeighted,
+                HashFn::Md5,
+                &a
+            )),
+            [0, 2, 1, 1, 1, 1]
+        );
+        let b: Vec<RingServer> = [600, 300, 200]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| RingServer {
+                host: format!("10.0.1.{}", i + 1),
+                port: 11211,
+                weight: w,
+            })
+            .collect();
+        assert_eq!(
+            picks(&Continuum::new(
+                Distribution::KetamaWeighted,
+                HashFn::Md5,
+                &b
+            )),
+            [0, 0, 1, 1, 0, 2]
+        );
+    }
+
+    #[test]
+    fn one_server_is_always_zero_and_none_is_none() {
+        let one = &pool_a()[..1];
+        for d in [
+            Distribution::Modula,
+            Distribution::Ketama,
+            Distribution::KetamaWeighted,
+        ] {
+            assert_eq!(
+                Continuum::new(d, HashFn::Md5, one).pick(b"anything"),
+                Some(0)
+            );
+            assert_eq!(Continuum::new(d, HashFn::Md5, &[]).pick(b"anything"), None);
+        }
+    }
+
+    #[test]
+    fn ejecting_moves_only_that_servers_keys_under_ketama() {
+        let mut ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &pool_a());
+        let before: Vec<usize> = (0..2000)
+            .map(|i| ring.pick(format!("k{i}").as_bytes()).unwrap())
+            .collect();
+        ring.set_live(1, false);
+        for (i, &b) in before.iter().enumerate() {
+            let now = ring.pick(format!("k{i}").as_bytes()).unwrap();
+            assert_ne!(now, 1);
+            if b != 1 {
+                assert_eq!(now, b, "a key of a live server moved");
+            }
+        }
+        ring.set_live(1, true);
+        let again: Vec<usize> = (0..2000)
+            .map(|i| ring.pick(format!("k{i}").as_bytes()).unwrap())
+            .collect();
+        assert_eq!(again, before);
+    }
+
+    #[test]
+    fn mapping_output() {
+        let ring = Continuum::new(Distribution::Modula, HashFn::OneAtATime, &pool_a());
+        let labels: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
+        let mut out = Vec::new();
+        let n = write_mapping(&ring, &labels, &b"foo\r\nbar\n\xff\n"[..], &mut out).unwrap();
+        assert_eq!(n, 3);
+        let want_last = format!("\u{fffd}\t{}", labels[ring.pick(b"\xff").unwrap()]);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("foo\ta:1\nbar\tb:1\n"), "{text}");
+        assert!(text.trim_end().ends_with(&want_last), "{text}");
+    }
+
+    fn servers(n: usize) -> Vec<RingServer> {
+        (0..n)
+            .map(|i| RingServer {
+                host: format!("cache-{i}.example"),
+                port: 11211 + (i % 2) as u16,
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn moved_fraction(dist: Distribution, n: usize, remove: bool) -> f64 {
+        let all = servers(n + 1);
+        let (small, big) = (
+            Continuum::new(dist, HashFn::OneAtATime, &all[..n]),
+            Continuum::new(dist, HashFn::OneAtATime, &all),
+        );
+        let (from, to) = if remove {
+            (&big, &small)
+        } else {
+            (&small, &big)
+        };
+        let keys = 20_000;
+        let moved = (0..keys)
+            .filter(|i| {
+                let k = format!("key-{i}");
+                from.pick(k.as_bytes()) != to.pick(k.as_bytes())
+            })
+            .count();
+        moved as f64 / keys as f64
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        /// Adding or removing one of N servers moves about 1/N of the keys under ketama, and
+        /// most of them under modula.
+        #[test]
+        fn consistent_hashing_moves_about_one_nth(n in 2usize..12, remove in any::<bool>()) {
+            let expect = 1.0 / (n + 1) as f64;
+            let k = moved_fraction(Distribution::Ketama, n, remove);
+            prop_assert!(k > expect * 0.4 && k < expect * 1.8, "ketama moved {k:.3}, expected about {expect:.3}");
+            let w = moved_fraction(Distribution::KetamaWeighted, n, remove);
+            prop_assert!(w > expect * 0.4 && w < expect * 1.8, "weighted moved {w:.3}, expected about {expect:.3}");
+            let m = moved_fraction(Distribution::Modula, n, remove);
+            prop_assert!(m > 0.5, "modula moved only {m:.3}");
+        }
+    }
+}
