@@ -36,7 +36,7 @@ pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport,
     ServerStats, SetOptions, StoreMode,
 };
-pub use conn::{ServerAddr, DEFAULT_PORT};
+pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
 

@@ -103,6 +103,8 @@ struct Conn {
     /// The peer closed its side (or the socket has an error): keep reading until EOF, since
     /// that edge was already reported and will not come again.
     closed: bool,
+    /// Connections opened so far.
+    connects: u64,
 }
 
 /// A deadline for one operation, with the time it started (for error reports).
@@ -138,6 +140,31 @@ pub(crate) enum Until {
     Written,
 }
 
+/// One server's part of an [`Driver::exchange_many`]: its request is the server's write
+/// buffer followed by `value` (value, trailer), if any.
+pub(crate) struct Batch<'v> {
+    pub(crate) server: usize,
+    value: Option<(&'v [u8], &'v [u8])>,
+    written: usize,
+    total: usize,
+    done: bool,
+    /// Set when this server failed; its connection has been closed.
+    pub(crate) error: Option<Error>,
+}
+
+impl<'v> Batch<'v> {
+    pub(crate) fn new(server: usize, value: Option<(&'v [u8], &'v [u8])>) -> Batch<'v> {
+        Batch {
+            server,
+            value,
+            written: 0,
+            total: 0,
+            done: false,
+            error: None,
+        }
+    }
+}
+
 /// Owns the sockets of one client.
 pub(crate) struct Driver {
     poll: Poll,
@@ -163,6 +190,7 @@ impl Driver {
                 readable: false,
                 writable: false,
                 closed: false,
+                connects: 0,
             })
             .collect();
         Ok(Driver {
@@ -217,13 +245,7 @@ impl Driver {
     }
 
     /// Sends the write buffer of server `i`, then `value` and `trailer` if given, while parsing
-    /// whatever arrives with `on_reply`. `on_reply` gets the unconsumed bytes and returns
-    /// `Complete((consumed, last))` for each reply unit, or `Partial`. Returns when the last reply
-    /// was parsed (`Until::Done`), or when everything is written (`Until::Written`).
-    ///
-    /// Reading while writing is what keeps a long pipeline from deadlocking when both socket
-    /// buffers fill up. Any error, including a parse error from `on_reply`, leaves the
-    /// connection closed.
+    /// whatever arrives with `on_reply` (see [`exchange_many`](Self::exchange_many)).
     pub(crate) fn exchange<F>(
         &mut self,
         i: usize,
@@ -235,47 +257,141 @@ impl Driver {
     where
         F: FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     {
-        let (value, trailer) = value.unwrap_or((&[], &[]));
-        let total = self.conns[i].wbuf.len() + value.len() + trailer.len();
-        let mut written = 0;
+        let mut batch = [Batch::new(i, value)];
+        self.exchange_many(&mut batch, op, until, |_, buf| on_reply(buf));
+        let [b] = batch;
+        match b.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Drives several servers at once from one `poll`: writes each batch's request (its
+    /// server's write buffer, then the batch's value and trailer), and parses each server's
+    /// replies with `on_reply(server, bytes)` as they arrive. `on_reply` returns
+    /// `Complete((consumed, last))` per reply unit, or `Partial`. Returns when every batch is
+    /// done (`Until::Done`: its last reply parsed; `Until::Written`: its request written) or
+    /// has failed; failures are left in [`Batch::error`], and a failed server's connection is
+    /// closed. One deadline covers all servers, so a frozen server delays the others' results
+    /// by at most one I/O timeout.
+    ///
+    /// Reading while writing is what keeps a long pipeline from deadlocking when both socket
+    /// buffers fill up.
+    pub(crate) fn exchange_many<F>(
+        &mut self,
+        batches: &mut [Batch<'_>],
+        op: &Op,
+        until: Until,
+        mut on_reply: F,
+    ) where
+        F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        for b in batches.iter_mut() {
+            let (value, trailer) = b.value.unwrap_or((&[], &[]));
+            b.total = self.conns[b.server].wbuf.len() + value.len() + trailer.len();
+            if self.conns[b.server].stream.is_none() && b.error.is_none() {
+                b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
+            }
+        }
         loop {
-            if written == total && until == Until::Written {
-                return Ok(());
-            }
-            if written < total && self.conns[i].writable {
-                written += self.write_some(i, written, value, trailer)?;
-                continue;
-            }
-            // Parse everything already buffered.
-            loop {
-                let conn = &mut self.conns[i];
-                match on_reply(conn.rbuf.data()) {
-                    Ok(Status::Complete((n, last))) => {
-                        conn.rbuf.consume(n);
-                        if last {
-                            if written < total {
-                                // Answered before the request was fully sent: out of step.
-                                self.disconnect(i);
-                            }
-                            return Ok(());
-                        }
-                    }
-                    Ok(Status::Partial) => break,
-                    Err(error) => {
-                        self.disconnect(i);
-                        return Err(Error::Parse {
-                            server: self.conns[i].label.clone(),
-                            error,
-                        });
-                    }
+            let mut pending = 0;
+            let mut progressed = false;
+            for b in batches.iter_mut() {
+                if b.done || b.error.is_some() {
+                    continue;
+                }
+                match self.step(b, until, &mut on_reply) {
+                    Ok(p) => progressed |= p,
+                    Err(e) => b.error = Some(e),
+                }
+                if !b.done && b.error.is_none() {
+                    pending += 1;
                 }
             }
-            if self.conns[i].readable {
-                self.read_some(i)?;
+            if pending == 0 {
+                return;
+            }
+            if progressed {
                 continue;
             }
-            self.wait(i, op, if written < total { "write" } else { "read" })?;
+            let writing = batches
+                .iter()
+                .any(|b| !b.done && b.error.is_none() && b.written < b.total);
+            match self.poll_until(op.deadline) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let elapsed = op.start.elapsed();
+                    for b in batches.iter_mut() {
+                        if !b.done && b.error.is_none() {
+                            self.disconnect(b.server);
+                            b.error = Some(Error::Timeout {
+                                server: self.conns[b.server].label.clone(),
+                                during: if writing { "write" } else { "read" },
+                                elapsed,
+                            });
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    for b in batches.iter_mut() {
+                        if !b.done && b.error.is_none() {
+                            b.error = Some(self.io_error(b.server, io::Error::new(e.kind(), e.to_string())));
+                        }
+                    }
+                    return;
+                }
+            }
         }
+    }
+
+    /// Moves one batch forward without blocking: write, parse what is buffered, read.
+    /// Returns whether anything happened.
+    fn step<F>(&mut self, b: &mut Batch<'_>, until: Until, on_reply: &mut F) -> Result<bool>
+    where
+        F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        let i = b.server;
+        let mut progressed = false;
+        if b.written < b.total && self.conns[i].writable {
+            let (value, trailer) = b.value.unwrap_or((&[], &[]));
+            let n = self.write_some(i, b.written, value, trailer)?;
+            b.written += n;
+            progressed = n > 0;
+        }
+        if until == Until::Written && b.written == b.total {
+            b.done = true;
+            return Ok(true);
+        }
+        loop {
+            let conn = &mut self.conns[i];
+            match on_reply(i, conn.rbuf.data()) {
+                Ok(Status::Complete((n, last))) => {
+                    conn.rbuf.consume(n);
+                    progressed = true;
+                    if last {
+                        b.done = true;
+                        if b.written < b.total {
+                            // Answered before the request was fully sent: out of step.
+                            self.disconnect(i);
+                        }
+                        return Ok(true);
+                    }
+                }
+                Ok(Status::Partial) => break,
+                Err(error) => {
+                    self.disconnect(i);
+                    return Err(Error::Parse {
+                        server: self.conns[i].label.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+        if self.conns[i].readable {
+            progressed |= self.read_some(i)?;
+        }
+        Ok(progressed)
     }
 
     /// One `write`/`writev` of what remains from `offset` of (wbuf, value, trailer).
@@ -328,8 +444,8 @@ impl Driver {
         }
     }
 
-    /// One `read` into the read buffer.
-    fn read_some(&mut self, i: usize) -> Result<()> {
+    /// One `read` into the read buffer; `Ok(true)` if bytes arrived.
+    fn read_some(&mut self, i: usize) -> Result<bool> {
         let conn = &mut self.conns[i];
         let Some(spare) = conn.rbuf.spare() else {
             return Err(self.io_error(
@@ -352,32 +468,28 @@ impl Driver {
                 if n < room && !conn.closed {
                     conn.readable = false;
                 }
-                Ok(())
+                Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 conn.readable = false;
-                Ok(())
+                Ok(false)
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
             Err(e) => Err(self.io_error(i, e)),
         }
     }
 
-    /// Waits for readiness on any connection until `op`'s deadline.
-    fn wait(&mut self, i: usize, op: &Op, during: &'static str) -> Result<()> {
+    /// Waits for readiness on any connection until `deadline`, recording it per connection.
+    /// `Ok(false)` if the deadline has passed.
+    fn poll_until(&mut self, deadline: Instant) -> io::Result<bool> {
         let now = Instant::now();
-        if now >= op.deadline {
-            self.disconnect(i);
-            return Err(Error::Timeout {
-                server: self.conns[i].label.clone(),
-                during,
-                elapsed: now - op.start,
-            });
+        if now >= deadline {
+            return Ok(false);
         }
-        match self.poll.poll(&mut self.events, Some(op.deadline - now)) {
+        match self.poll.poll(&mut self.events, Some(deadline - now)) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
-            Err(e) => return Err(self.io_error(i, e)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
         }
         for ev in self.events.iter() {
             if let Some(c) = self.conns.get_mut(ev.token().0) {
@@ -392,7 +504,7 @@ impl Driver {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn io_error(&mut self, i: usize, source: io::Error) -> Error {
@@ -460,7 +572,18 @@ impl Driver {
                     Err(e) => return Err(self.io_error(i, e)),
                 }
             }
-            self.wait(i, op, "connect")?;
+            match self.poll_until(op.deadline) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.disconnect(i);
+                    return Err(Error::Timeout {
+                        server: self.conns[i].label.clone(),
+                        during: "connect",
+                        elapsed: op.start.elapsed(),
+                    });
+                }
+                Err(e) => return Err(self.io_error(i, e)),
+            }
         }
         if let Some(Stream::Tcp(s)) = &self.conns[i].stream {
             // Requests are small and latency-bound: never let Nagle hold one back.
@@ -469,6 +592,17 @@ impl Driver {
             }
         }
         self.conns[i].rbuf.clear();
+        self.conns[i].connects += 1;
         Ok(())
+    }
+
+    /// How many connections to server `i` have been opened.
+    pub(crate) fn connects(&self, i: usize) -> u64 {
+        self.conns[i].connects
+    }
+
+    /// Number of servers.
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
     }
 }

@@ -86,6 +86,81 @@ impl FromStr for ServerAddr {
     }
 }
 
+/// A server in the configuration: its address and its weight (used by weighted ketama).
+///
+/// Parsed from `host:port:weight`, `host:port`, `host`, `[v6]:port:weight`, or a Unix socket
+/// path (weight 1).
+///
+/// ```
+/// use mcstore::{ServerAddr, ServerSpec};
+/// let s: ServerSpec = "cache-a:11311:3".parse().unwrap();
+/// assert_eq!(s, ServerSpec::tcp("cache-a", 11311).weight(3));
+/// let t: ServerSpec = "10.0.0.1:11211".parse().unwrap();
+/// assert_eq!(t.weight, 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerSpec {
+    /// Where the server listens.
+    pub addr: ServerAddr,
+    /// Its weight (0 is treated as 1, as libmemcached does).
+    pub weight: u32,
+}
+
+impl ServerSpec {
+    /// A TCP server with weight 1.
+    pub fn tcp(host: impl Into<String>, port: u16) -> ServerSpec {
+        ServerSpec {
+            addr: ServerAddr::Tcp {
+                host: host.into(),
+                port,
+            },
+            weight: 1,
+        }
+    }
+
+    /// A Unix socket server with weight 1.
+    pub fn unix(path: impl Into<PathBuf>) -> ServerSpec {
+        ServerSpec {
+            addr: ServerAddr::Unix(path.into()),
+            weight: 1,
+        }
+    }
+
+    /// Sets the weight.
+    pub fn weight(mut self, weight: u32) -> ServerSpec {
+        self.weight = weight;
+        self
+    }
+}
+
+impl FromStr for ServerSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let unix = s.starts_with('/') || s.starts_with("unix:");
+        // host:port:weight or [v6]:port:weight: the weight is a third field.
+        let fields = if s.starts_with('[') {
+            s.rsplit_once(']').map_or(0, |(_, r)| r.matches(':').count()) + 1
+        } else {
+            s.matches(':').count() + 1
+        };
+        if !unix && fields == 3 {
+            let (addr, weight) = s.rsplit_once(':').expect("three fields");
+            let weight = weight
+                .parse::<u32>()
+                .map_err(|_| Error::Config(format!("server {s:?}: invalid weight")))?;
+            return Ok(ServerSpec {
+                addr: addr.parse()?,
+                weight,
+            });
+        }
+        Ok(ServerSpec {
+            addr: s.parse()?,
+            weight: 1,
+        })
+    }
+}
+
 impl fmt::Display for ServerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

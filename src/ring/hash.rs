@@ -9,6 +9,7 @@ use md5::{Digest, Md5};
 
 /// A key hash function, numbered as libmemcached's `memcached_hash_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[allow(non_camel_case_types)] // libmemcached's names: Fnv1a_32 reads better than Fnv1a32
 pub enum HashFn {
     /// Jenkins one-at-a-time (libmemcached's default).
     #[default]
