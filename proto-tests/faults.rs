@@ -15,6 +15,8 @@ fn client(mc: &Memcached) -> Client {
     Client::builder()
         .server(mc.addr())
         .io_timeout(IO_TIMEOUT)
+        // These tests are about each call's error; ejection is tested in multi_server.rs.
+        .server_failure_limit(1000)
         .connect_timeout(Duration::from_millis(500))
         .build()
         .unwrap()

@@ -15,6 +15,8 @@ fn client(h: &Hostile) -> Client {
     Client::builder()
         .server(h.addr())
         .io_timeout(IO_TIMEOUT)
+        // These tests are about each call's error; ejection is tested in multi_server.rs.
+        .server_failure_limit(1000)
         .max_value_size(64 * 1024)
         .build()
         .unwrap()

@@ -9,14 +9,42 @@
 //! reply, an error line answering a command with a data block, any `SERVER_ERROR`), the
 //! connection is closed and the next call opens a new one: the same `Client` recovers on its
 //! own once the server is reachable again.
+//!
+//! # Many servers
+//!
+//! Keys are spread over the configured servers as libmemcached spreads them (see
+//! [`crate::ring`]). Multi-key calls ([`Client::get_multi`], [`Client::set_multi`],
+//! [`Client::delete_multi`], pipelines) group keys by server, write every server's batch
+//! first, then serve all sockets from one `poll` as replies arrive: the wall time is one round
+//! trip, not one per server.
+//!
+//! # Failure handling
+//!
+//! libmemcached's model. Every call has a connect timeout and an I/O timeout. After
+//! `server_failure_limit` consecutive failures (I/O error, timeout, malformed reply) a server
+//! is *ejected* for `retry_timeout`: calls for its keys fail at once with
+//! [`Error::ServerDown`] or, with `remove_failed_servers` on and a consistent distribution,
+//! its keys go to the rest of the continuum. When the retry timeout has passed, the server is
+//! back in the continuum; its next call decides: a success rejoins it for good, a failure
+//! ejects it again. A dead or frozen server never delays calls for keys on other servers, and
+//! delays a multi-key call by at most one I/O timeout; the multi-key call still delivers the
+//! healthy servers' results and reports the failed servers in its error.
 
-use std::time::Duration;
+mod builder;
+mod health;
+mod multi;
+mod pipeline;
 
-use crate::conn::driver::{Driver, DriverConfig, Op, Until, COPY_VALUE_MAX};
-use crate::conn::ServerAddr;
+pub use builder::ClientBuilder;
+pub use health::ServerCounters;
+pub use pipeline::{Pipeline, PipelineReport};
+
+use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER, MAX_LINE};
+use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
 use crate::proto::{Key, Limits, ParseError, Status};
+use crate::ring::Continuum;
+use health::Health;
 
 /// An item read from the cache, with its value copied out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +150,10 @@ pub enum CasResult {
 pub struct ServerStats {
     /// The server as configured.
     pub server: String,
-    /// `(name, value)` pairs.
+    /// `(name, value)` pairs (empty if the server failed).
     pub stats: Vec<(String, String)>,
+    /// Why this server's statistics are missing, if it failed.
+    pub error: Option<String>,
 }
 
 impl ServerStats {
@@ -133,112 +163,6 @@ impl ServerStats {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Builds a [`Client`].
-///
-/// ```
-/// use std::time::Duration;
-/// use mcstore::Client;
-/// let client = Client::builder()
-///     .server("127.0.0.1:11211")
-///     .connect_timeout(Duration::from_millis(200))
-///     .io_timeout(Duration::from_millis(100))
-///     .max_value_size(4 << 20)
-///     .build()
-///     .unwrap(); // connects lazily, on the first call
-/// ```
-#[derive(Debug, Clone)]
-pub struct ClientBuilder {
-    servers: Vec<String>,
-    connect_timeout: Duration,
-    io_timeout: Duration,
-    max_value_size: usize,
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        ClientBuilder {
-            servers: Vec::new(),
-            connect_timeout: Duration::from_millis(1000),
-            io_timeout: Duration::from_millis(1000),
-            max_value_size: 1024 * 1024,
-        }
-    }
-}
-
-impl ClientBuilder {
-    /// Adds a server: `host:port`, `host` (port 11211), `[v6]:port`, or a Unix socket path
-    /// (`/path` or `unix:/path`).
-    pub fn server(mut self, addr: impl Into<String>) -> Self {
-        self.servers.push(addr.into());
-        self
-    }
-
-    /// Adds several servers (see [`server`](Self::server)).
-    pub fn servers<I, S>(mut self, addrs: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.servers.extend(addrs.into_iter().map(Into::into));
-        self
-    }
-
-    /// How long opening a connection may take (default 1 s).
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// How long one call may wait for the network once connected (default 1 s). A call that
-    /// runs out fails with [`Error::Timeout`], never with a silent miss.
-    pub fn io_timeout(mut self, t: Duration) -> Self {
-        self.io_timeout = t;
-        self
-    }
-
-    /// The largest value the client will send or accept (default 1 MiB, memcached's default
-    /// item size). A reply claiming more is rejected before anything is buffered.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
-    }
-
-    /// Validates the configuration and builds the client. Nothing is connected yet.
-    pub fn build(self) -> Result<Client> {
-        let servers = self
-            .servers
-            .iter()
-            .map(|s| s.parse::<ServerAddr>())
-            .collect::<Result<Vec<_>>>()?;
-        match servers.len() {
-            0 => return Err(Error::NoServers),
-            1 => {}
-            n => {
-                return Err(Error::Config(format!(
-                    "{n} servers given: key distribution over several servers is not \
-                     implemented yet; configure one server"
-                )))
-            }
-        }
-        if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
-            return Err(Error::Config("timeouts must be above zero".into()));
-        }
-        let max_value = self.max_value_size.min(isize::MAX as usize / 2);
-        let driver = Driver::new(
-            &servers,
-            DriverConfig {
-                connect_timeout: self.connect_timeout,
-                io_timeout: self.io_timeout,
-                max_unit: max_value + MAX_LINE + 4,
-            },
-        )?;
-        Ok(Client {
-            driver,
-            limits: Limits { max_value },
-        })
     }
 }
 
@@ -261,6 +185,13 @@ impl ClientBuilder {
 pub struct Client {
     driver: Driver,
     limits: Limits,
+    ring: Continuum,
+    labels: Vec<String>,
+    health: Health,
+    namespace: Vec<u8>,
+    hash_with_namespace: bool,
+    /// Scratch space for a namespaced key, reused.
+    keybuf: Vec<u8>,
 }
 
 /// What a reply closure decided about one reply unit.
@@ -282,19 +213,100 @@ fn server_error(resp: &Response<'_>) -> Option<Error> {
     })
 }
 
+/// Writes `namespace + key` into `buf` and validates it as a wire key.
+fn wire_key<'b>(namespace: &[u8], user: Key<'b>, buf: &'b mut Vec<u8>) -> Result<Key<'b>> {
+    if namespace.is_empty() {
+        return Ok(user);
+    }
+    buf.clear();
+    buf.extend_from_slice(namespace);
+    buf.extend_from_slice(user.as_bytes());
+    Ok(Key::new(buf)?)
+}
+
 impl Client {
     /// Starts building a client.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
 
-    /// The server a key goes to. One server for now; the list shape leaves room for more.
-    fn pick(&self, _key: Key<'_>) -> usize {
-        0
+    /// The servers, as configured, in configuration order.
+    pub fn servers(&self) -> &[String] {
+        &self.labels
     }
 
-    fn servers(&self) -> std::ops::Range<usize> {
-        0..1
+    /// The key distribution in use.
+    pub fn continuum(&self) -> &Continuum {
+        &self.ring
+    }
+
+    /// Each server's counters, in configuration order.
+    pub fn server_counters(&self) -> Vec<(String, ServerCounters)> {
+        (0..self.labels.len())
+            .map(|i| {
+                let mut c = self.health.counters(i);
+                c.reconnects = self.driver.connects(i).saturating_sub(1);
+                (self.labels[i].clone(), c)
+            })
+            .collect()
+    }
+
+    /// The server `key` goes to right now (after ejections), as configured; the namespace
+    /// is taken into account as the client hashes it.
+    pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
+        let user = Key::new(key)?;
+        let mut kb = std::mem::take(&mut self.keybuf);
+        let r = wire_key(&self.namespace, user, &mut kb).and_then(|wire| {
+            let hashed = if self.hash_with_namespace { wire } else { user };
+            self.route(hashed.as_bytes())
+        });
+        self.keybuf = kb;
+        Ok(&self.labels[r?])
+    }
+
+    /// The server for a key: `Err` if there is none or it is ejected.
+    fn route(&mut self, hashed: &[u8]) -> Result<usize> {
+        self.health.maybe_rejoin(&mut self.ring);
+        let i = self.ring.pick(hashed).ok_or(Error::NoServers)?;
+        self.check_up(i)?;
+        Ok(i)
+    }
+
+    fn check_up(&self, i: usize) -> Result<()> {
+        self.health
+            .check(i)
+            .map_err(|retry_in| Error::ServerDown {
+                server: self.labels[i].clone(),
+                retry_in,
+            })
+    }
+
+    /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
+    /// chosen server and records the outcome in that server's health.
+    fn keyed<T>(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let user = Key::new(key)?;
+        let mut kb = std::mem::take(&mut self.keybuf);
+        let r = self.keyed_in(user, &mut kb, f);
+        self.keybuf = kb;
+        r
+    }
+
+    fn keyed_in<T>(
+        &mut self,
+        user: Key<'_>,
+        kb: &mut Vec<u8>,
+        f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let wire = wire_key(&self.namespace, user, kb)?;
+        let hashed = if self.hash_with_namespace { wire } else { user };
+        let i = self.route(hashed.as_bytes())?;
+        let r = f(self, i, wire);
+        self.health.record(i, &r, &mut self.ring);
+        r
     }
 
     fn check_value(&self, value: &[u8]) -> Result<()> {
@@ -309,7 +321,8 @@ impl Client {
 
     /// Sends the request already encoded in server `i`'s write buffer (plus `value`) and feeds
     /// each reply unit to `on` until it returns `Done`. `has_data` marks commands with a data
-    /// block: an error line answering one of those closes the connection.
+    /// block: an error line answering one of those closes the connection, as does any
+    /// `SERVER_ERROR` (the server may close after one; protocol.txt, "Error strings").
     fn exchange<T>(
         &mut self,
         i: usize,
@@ -321,7 +334,7 @@ impl Client {
         let limits = self.limits;
         let mut out = None;
         let mut failed = None;
-        let result = self.driver.exchange(
+        self.driver.exchange(
             i,
             op,
             value.map(|v| (v, DATA_TRAILER)),
@@ -343,8 +356,7 @@ impl Client {
                     }
                 }
             },
-        );
-        result?;
+        )?;
         if let Some((e, close)) = failed {
             if close {
                 self.driver.disconnect(i);
@@ -357,7 +369,7 @@ impl Client {
     fn unexpected(&mut self, i: usize) -> Error {
         self.driver.disconnect(i);
         Error::Parse {
-            server: self.driver.label(i).to_owned(),
+            server: self.labels[i].clone(),
             error: ParseError::Unexpected,
         }
     }
@@ -381,29 +393,35 @@ impl Client {
         key: &[u8],
         mut sink: impl FnMut(&[u8]),
     ) -> Result<Option<ItemInfo>> {
-        let key = Key::new(key)?;
-        let i = self.pick(key);
-        let op = self.driver.begin(i)?;
-        text::encode_retrieval(self.driver.wbuf(i), cmd, key);
-        let mut found = None;
-        let ok = self.exchange(i, &op, None, false, |resp| match resp {
-            Response::Value {
-                key: k,
-                flags,
-                cas,
-                data,
-            } if k == key.as_bytes() && found.is_none() => {
-                sink(data);
-                found = Some(ItemInfo { flags, cas });
-                Step::More
+        self.keyed(key, |c, i, key| {
+            let op = c.driver.begin(i)?;
+            text::encode_retrieval(c.driver.wbuf(i), cmd, key);
+            let mut found = None;
+            let ok = c.exchange(i, &op, None, false, |resp| match resp {
+                Response::Value {
+                    key: k,
+                    flags,
+                    cas,
+                    data,
+                } if k == key.as_bytes() && found.is_none() => {
+                    sink(data);
+                    found = Some(ItemInfo { flags, cas });
+                    Step::More
+                }
+                Response::End => Step::Done(true),
+                _ => Step::Done(false),
+            })?;
+            if !ok {
+                return Err(c.unexpected(i));
             }
-            Response::End => Step::Done(true),
-            _ => Step::Done(false),
-        })?;
-        if !ok {
-            return Err(self.unexpected(i));
-        }
-        Ok(found)
+            let counters = c.health.counters_mut(i);
+            if found.is_some() {
+                counters.hits += 1;
+            } else {
+                counters.misses += 1;
+            }
+            Ok(found)
+        })
     }
 
     /// Gets a value, copying it into a new `Vec`. `None` on a miss.
@@ -445,94 +463,6 @@ impl Client {
         self.retrieve(Retrieval::Gets, key, |d| buf.extend_from_slice(d))
     }
 
-    /// Gets many keys in one pipelined request, calling `found(key, item)` for each hit as it
-    /// arrives (borrowing from the read buffer: no copy, no allocation per item). Misses are
-    /// simply not reported. All keys are validated before anything is sent.
-    ///
-    /// Keys are sent in `get` lines of at most 100 keys each, all written before any reply is
-    /// read (memcached caps the length of a command line).
-    pub fn get_multi<K: AsRef<[u8]>>(
-        &mut self,
-        keys: &[K],
-        found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        self.retrieve_multi(Retrieval::Get, keys, found)
-    }
-
-    /// [`get_multi`](Self::get_multi) with CAS uniques.
-    pub fn gets_multi<K: AsRef<[u8]>>(
-        &mut self,
-        keys: &[K],
-        found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        self.retrieve_multi(Retrieval::Gets, keys, found)
-    }
-
-    fn retrieve_multi<K: AsRef<[u8]>>(
-        &mut self,
-        cmd: Retrieval,
-        keys: &[K],
-        mut found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        const KEYS_PER_LINE: usize = 100;
-        for k in keys {
-            Key::new(k.as_ref())?;
-        }
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let i = 0;
-        let op = self.driver.begin(i)?;
-        let wbuf = self.driver.wbuf(i);
-        for chunk in keys.chunks(KEYS_PER_LINE) {
-            text::begin_retrieval(wbuf, cmd);
-            for k in chunk {
-                text::push_key(wbuf, Key::new(k.as_ref())?);
-            }
-            text::finish_line(wbuf);
-        }
-        let lines = keys.len().div_ceil(KEYS_PER_LINE);
-        let mut ends = 0;
-        // Replies come in request order: each returned key must be a later requested key.
-        let mut next = 0;
-        let ok = self.exchange(i, &op, None, false, |resp| match resp {
-            Response::Value {
-                key,
-                flags,
-                cas,
-                data,
-            } => {
-                match keys[next..].iter().position(|k| k.as_ref() == key) {
-                    Some(p) => next += p + 1,
-                    None => return Step::Done(false),
-                }
-                found(
-                    key,
-                    ItemRef {
-                        value: data,
-                        flags,
-                        cas,
-                    },
-                );
-                Step::More
-            }
-            Response::End => {
-                ends += 1;
-                next = (ends * KEYS_PER_LINE).min(keys.len());
-                if ends == lines {
-                    Step::Done(true)
-                } else {
-                    Step::More
-                }
-            }
-            _ => Step::Done(false),
-        })?;
-        if !ok {
-            return Err(self.unexpected(i));
-        }
-        Ok(())
-    }
-
     /// Runs a storage command and returns the server's verdict.
     fn store_raw(
         &mut self,
@@ -541,29 +471,33 @@ impl Client {
         value: &[u8],
         opts: SetOptions,
     ) -> Result<Response<'static>> {
-        let key = Key::new(key)?;
         self.check_value(value)?;
-        let i = self.pick(key);
-        let op = self.driver.begin(i)?;
-        let wbuf = self.driver.wbuf(i);
-        text::encode_storage(wbuf, cmd, key, opts.flags, opts.ttl, value.len(), false);
-        let separate = if value.len() <= COPY_VALUE_MAX {
-            wbuf.extend_from_slice(value);
-            wbuf.extend_from_slice(DATA_TRAILER);
-            None
-        } else {
-            Some(value)
-        };
-        let r = self.exchange(i, &op, separate, true, |resp| {
-            Step::Done(match resp {
-                Response::Stored => Some(Response::Stored),
-                Response::NotStored => Some(Response::NotStored),
-                Response::Exists => Some(Response::Exists),
-                Response::NotFound => Some(Response::NotFound),
-                _ => None,
-            })
-        })?;
-        r.ok_or_else(|| self.unexpected(i))
+        self.keyed(key, |c, i, key| {
+            let op = c.driver.begin(i)?;
+            let wbuf = c.driver.wbuf(i);
+            text::encode_storage(wbuf, cmd, key, opts.flags, opts.ttl, value.len(), false);
+            let separate = if value.len() <= COPY_VALUE_MAX {
+                wbuf.extend_from_slice(value);
+                wbuf.extend_from_slice(DATA_TRAILER);
+                None
+            } else {
+                Some(value)
+            };
+            let r = c.exchange(i, &op, separate, true, |resp| {
+                Step::Done(match resp {
+                    Response::Stored => Some(Response::Stored),
+                    Response::NotStored => Some(Response::NotStored),
+                    Response::Exists => Some(Response::Exists),
+                    Response::NotFound => Some(Response::NotFound),
+                    _ => None,
+                })
+            })?;
+            match (cmd, r) {
+                (Storage::Cas(_), Some(r)) => Ok(r),
+                (_, Some(r @ (Response::Stored | Response::NotStored))) => Ok(r),
+                _ => Err(c.unexpected(i)),
+            }
+        })
     }
 
     /// Runs `set`, `add`, `replace`, `append` or `prepend`. `Ok(true)` if stored, `Ok(false)`
@@ -575,11 +509,7 @@ impl Client {
         value: &[u8],
         opts: SetOptions,
     ) -> Result<bool> {
-        match self.store_raw(mode.wire(), key, value, opts)? {
-            Response::Stored => Ok(true),
-            Response::NotStored => Ok(false),
-            _ => Err(self.unexpected(0)),
-        }
+        Ok(self.store_raw(mode.wire(), key, value, opts)? == Response::Stored)
     }
 
     /// Stores a value unconditionally.
@@ -622,36 +552,35 @@ impl Client {
         cas: u64,
         opts: SetOptions,
     ) -> Result<CasResult> {
-        match self.store_raw(Storage::Cas(cas), key, value, opts)? {
-            Response::Stored => Ok(CasResult::Stored),
-            Response::Exists => Ok(CasResult::Exists),
-            Response::NotFound => Ok(CasResult::NotFound),
-            _ => Err(self.unexpected(0)),
-        }
+        Ok(match self.store_raw(Storage::Cas(cas), key, value, opts)? {
+            Response::Stored => CasResult::Stored,
+            Response::Exists => CasResult::Exists,
+            _ => CasResult::NotFound,
+        })
     }
 
     /// Deletes a key; `false` if it did not exist.
     pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
-        let key = Key::new(key)?;
-        let i = self.pick(key);
-        let op = self.driver.begin(i)?;
-        text::encode_delete(self.driver.wbuf(i), key, false);
-        self.simple(i, &op, None, |r| match r {
-            Response::Deleted => Some(true),
-            Response::NotFound => Some(false),
-            _ => None,
+        self.keyed(key, |c, i, key| {
+            let op = c.driver.begin(i)?;
+            text::encode_delete(c.driver.wbuf(i), key, false);
+            c.simple(i, &op, None, |r| match r {
+                Response::Deleted => Some(true),
+                Response::NotFound => Some(false),
+                _ => None,
+            })
         })
     }
 
     fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        let key = Key::new(key)?;
-        let i = self.pick(key);
-        let op = self.driver.begin(i)?;
-        text::encode_arith(self.driver.wbuf(i), decr, key, delta, false);
-        self.simple(i, &op, None, |r| match *r {
-            Response::Number(n) => Some(Some(n)),
-            Response::NotFound => Some(None),
-            _ => None,
+        self.keyed(key, |c, i, key| {
+            let op = c.driver.begin(i)?;
+            text::encode_arith(c.driver.wbuf(i), decr, key, delta, false);
+            c.simple(i, &op, None, |r| match *r {
+                Response::Number(n) => Some(Some(n)),
+                Response::NotFound => Some(None),
+                _ => None,
+            })
         })
     }
 
@@ -668,25 +597,61 @@ impl Client {
 
     /// Sets a new expiration on an item; `false` if it does not exist.
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
-        let key = Key::new(key)?;
-        let i = self.pick(key);
-        let op = self.driver.begin(i)?;
-        text::encode_touch(self.driver.wbuf(i), key, ttl, false);
-        self.simple(i, &op, None, |r| match r {
-            Response::Touched => Some(true),
-            Response::NotFound => Some(false),
-            _ => None,
+        self.keyed(key, |c, i, key| {
+            let op = c.driver.begin(i)?;
+            text::encode_touch(c.driver.wbuf(i), key, ttl, false);
+            c.simple(i, &op, None, |r| match r {
+                Response::Touched => Some(true),
+                Response::NotFound => Some(false),
+                _ => None,
+            })
         })
+    }
+
+    /// Runs `f` on every server in turn (skipping ejected ones, which count as failed),
+    /// recording health. Returns each server's result.
+    fn each_server<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Self, usize) -> Result<T>,
+    ) -> Vec<(usize, Result<T>)> {
+        self.health.maybe_rejoin(&mut self.ring);
+        (0..self.labels.len())
+            .map(|i| {
+                let r = self.check_up(i).and_then(|()| f(self, i));
+                if !matches!(r, Err(Error::ServerDown { .. })) {
+                    self.health.record(i, &r, &mut self.ring);
+                }
+                (i, r)
+            })
+            .collect()
+    }
+
+    /// Combines per-server results: all values if every server succeeded, otherwise the one
+    /// error, or [`Error::Partial`] listing each failed server.
+    fn all_or_errors<T>(&self, results: Vec<(usize, Result<T>)>) -> Result<Vec<(usize, T)>> {
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for (i, r) in results {
+            match r {
+                Ok(t) => ok.push((i, t)),
+                Err(e) => failed.push((self.labels[i].clone(), e)),
+            }
+        }
+        match failed.len() {
+            0 => Ok(ok),
+            1 => Err(failed.pop().expect("one").1),
+            _ => Err(Error::Partial { failed }),
+        }
     }
 
     /// Runs a command with an `OK` reply on every server.
     fn on_all_ok(&mut self, encode: impl Fn(&mut Vec<u8>)) -> Result<()> {
-        for i in self.servers() {
-            let op = self.driver.begin(i)?;
-            encode(self.driver.wbuf(i));
-            self.simple(i, &op, None, |r| matches!(r, Response::Ok).then_some(()))?;
-        }
-        Ok(())
+        let results = self.each_server(|c, i| {
+            let op = c.driver.begin(i)?;
+            encode(c.driver.wbuf(i));
+            c.simple(i, &op, None, |r| matches!(r, Response::Ok).then_some(()))
+        });
+        self.all_or_errors(results).map(drop)
     }
 
     /// Invalidates every item on every server, now or after `delay` seconds.
@@ -694,41 +659,43 @@ impl Client {
         self.on_all_ok(|w| text::encode_flush_all(w, delay, false))
     }
 
-    /// Sets the servers' logging verbosity.
+    /// Sets every server's logging verbosity.
     pub fn verbosity(&mut self, level: u32) -> Result<()> {
         self.on_all_ok(|w| text::encode_verbosity(w, level, false))
     }
 
     /// Each server's version string: `(server, version)`.
     pub fn version(&mut self) -> Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        for i in self.servers() {
-            let op = self.driver.begin(i)?;
-            text::encode_version(self.driver.wbuf(i));
-            let v = self.simple(i, &op, None, |r| match r {
+        let results = self.each_server(|c, i| {
+            let op = c.driver.begin(i)?;
+            text::encode_version(c.driver.wbuf(i));
+            c.simple(i, &op, None, |r| match r {
                 Response::Version(v) => Some(String::from_utf8_lossy(v).into_owned()),
                 _ => None,
-            })?;
-            out.push((self.driver.label(i).to_owned(), v));
-        }
-        Ok(out)
+            })
+        });
+        Ok(self
+            .all_or_errors(results)?
+            .into_iter()
+            .map(|(i, v)| (self.labels[i].clone(), v))
+            .collect())
     }
 
     /// Each server's statistics: `stats` with no argument, or `stats <arg>` (`items`, `slabs`,
     /// `settings`, `sizes`, `conns`, `detail dump`, `cachedump <id> <n>`, ...). Arguments that
-    /// answer with a single status line (`reset`, `detail on`) give an empty list.
+    /// answer with a single status line (`reset`, `detail on`) give an empty list. A server
+    /// that fails has its [`ServerStats::error`] set; the call fails only if all of them do.
     pub fn stats(&mut self, arg: Option<&str>) -> Result<Vec<ServerStats>> {
         if let Some(a) = arg {
             if !text::valid_stats_arg(a.as_bytes()) {
                 return Err(Error::Config(format!("invalid stats argument {a:?}")));
             }
         }
-        let mut out = Vec::new();
-        for i in self.servers() {
-            let op = self.driver.begin(i)?;
-            text::encode_stats(self.driver.wbuf(i), arg.map(str::as_bytes));
+        let results = self.each_server(|c, i| {
+            let op = c.driver.begin(i)?;
+            text::encode_stats(c.driver.wbuf(i), arg.map(str::as_bytes));
             let mut stats = Vec::new();
-            let ok = self.exchange(i, &op, None, false, |resp| match resp {
+            let ok = c.exchange(i, &op, None, false, |resp| match resp {
                 Response::Stat { name, value } => {
                     stats.push((
                         String::from_utf8_lossy(name).into_owned(),
@@ -740,44 +707,52 @@ impl Client {
                 _ => Step::Done(false),
             })?;
             if !ok {
-                return Err(self.unexpected(i));
+                return Err(c.unexpected(i));
             }
-            out.push(ServerStats {
-                server: self.driver.label(i).to_owned(),
-                stats,
-            });
+            Ok(stats)
+        });
+        if results.iter().all(|(_, r)| r.is_err()) {
+            return self.all_or_errors(results).map(|_| Vec::new());
         }
-        Ok(out)
+        Ok(results
+            .into_iter()
+            .map(|(i, r)| {
+                let server = self.labels[i].clone();
+                match r {
+                    Ok(stats) => ServerStats {
+                        server,
+                        stats,
+                        error: None,
+                    },
+                    Err(e) => ServerStats {
+                        server,
+                        stats: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
+                }
+            })
+            .collect())
     }
 
-    /// Asks each server to close the connection (`quit`) and closes it. The next call reconnects.
+    /// Asks each connected server to close the connection (`quit`) and closes it. The next
+    /// call reconnects.
     pub fn quit(&mut self) -> Result<()> {
-        for i in self.servers() {
+        let mut first_error = None;
+        for i in 0..self.labels.len() {
             if !self.driver.is_connected(i) {
                 continue;
             }
-            let op = self.driver.begin(i)?;
-            text::encode_quit(self.driver.wbuf(i));
-            let sent = self
-                .driver
-                .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial));
+            let sent = self.driver.begin(i).and_then(|op| {
+                text::encode_quit(self.driver.wbuf(i));
+                self.driver
+                    .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
+            });
             self.driver.disconnect(i);
-            sent?;
+            if let Err(e) = sent {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
-    }
-
-    /// Starts a pipeline of noreply writes: they are buffered and sent in large writes without
-    /// waiting for replies, and [`Pipeline::finish`] waits once for the server to have processed
-    /// them all.
-    pub fn pipeline(&mut self) -> Pipeline<'_> {
-        Pipeline {
-            client: self,
-            op: None,
-            commands: 0,
-            errors: 0,
-            first_error: None,
-        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Runs a storage command with `noreply`: returns once the request is written. The server
@@ -800,183 +775,5 @@ impl Client {
         let mut p = self.pipeline();
         p.delete(key)?;
         p.send()
-    }
-}
-
-/// What a [`Pipeline`] reports when finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PipelineReport {
-    /// Commands sent.
-    pub commands: usize,
-    /// Error lines the server sent for them (noreply suppresses only success replies).
-    pub errors: usize,
-    /// The first error, if any.
-    pub first_error: Option<String>,
-}
-
-/// A batch of noreply commands, written in large chunks, with one wait at the end.
-///
-/// ```no_run
-/// # fn main() -> mcstore::Result<()> {
-/// # let mut client = mcstore::Client::builder().server("127.0.0.1:11211").build()?;
-/// let mut p = client.pipeline();
-/// for i in 0..10_000u32 {
-///     p.set(format!("k{i}").as_bytes(), b"v", Default::default())?;
-/// }
-/// let report = p.finish()?;          // one round trip
-/// assert_eq!(report.errors, 0);
-/// # Ok(()) }
-/// ```
-pub struct Pipeline<'c> {
-    client: &'c mut Client,
-    op: Option<Op>,
-    commands: usize,
-    errors: usize,
-    first_error: Option<String>,
-}
-
-/// Flush the pipeline's buffer once it holds this much.
-const PIPELINE_FLUSH: usize = 64 * 1024;
-
-impl Pipeline<'_> {
-    fn wbuf(&mut self, key: Key<'_>) -> Result<&mut Vec<u8>> {
-        let i = self.client.pick(key);
-        if self.op.is_none() {
-            self.op = Some(self.client.driver.begin(i)?);
-        }
-        Ok(self.client.driver.wbuf(i))
-    }
-
-    /// Queues a noreply storage command.
-    pub fn store(
-        &mut self,
-        mode: StoreMode,
-        key: &[u8],
-        value: &[u8],
-        opts: SetOptions,
-    ) -> Result<&mut Self> {
-        let key = Key::new(key)?;
-        self.client.check_value(value)?;
-        if value.len() > PIPELINE_FLUSH {
-            // Large values go out on their own, without a copy.
-            self.flush()?;
-            let w = self.wbuf(key)?;
-            text::encode_storage(w, mode.wire(), key, opts.flags, opts.ttl, value.len(), true);
-            self.commands += 1;
-            return self.flush_with(Some(value)).map(|()| self);
-        }
-        let w = self.wbuf(key)?;
-        text::encode_storage(w, mode.wire(), key, opts.flags, opts.ttl, value.len(), true);
-        w.extend_from_slice(value);
-        w.extend_from_slice(DATA_TRAILER);
-        self.queued()
-    }
-
-    /// Queues a noreply `set`.
-    pub fn set(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<&mut Self> {
-        self.store(StoreMode::Set, key, value, opts)
-    }
-
-    /// Queues a noreply `delete`.
-    pub fn delete(&mut self, key: &[u8]) -> Result<&mut Self> {
-        let key = Key::new(key)?;
-        text::encode_delete(self.wbuf(key)?, key, true);
-        self.queued()
-    }
-
-    /// Queues a noreply `incr` (or `decr`).
-    pub fn incr(&mut self, key: &[u8], delta: u64, decr: bool) -> Result<&mut Self> {
-        let key = Key::new(key)?;
-        text::encode_arith(self.wbuf(key)?, decr, key, delta, true);
-        self.queued()
-    }
-
-    /// Queues a noreply `touch`.
-    pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<&mut Self> {
-        let key = Key::new(key)?;
-        text::encode_touch(self.wbuf(key)?, key, ttl, true);
-        self.queued()
-    }
-
-    fn queued(&mut self) -> Result<&mut Self> {
-        self.commands += 1;
-        if self.client.driver.wbuf(0).len() >= PIPELINE_FLUSH {
-            self.flush()?;
-        }
-        Ok(self)
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        self.flush_with(None)
-    }
-
-    /// Writes what is buffered (and `value`, then the data trailer), counting any error lines
-    /// that arrive meanwhile.
-    fn flush_with(&mut self, value: Option<&[u8]>) -> Result<()> {
-        let Some(op) = self.op else { return Ok(()) };
-        // Each flush gets a fresh I/O deadline: a long pipeline is many writes.
-        let op = Op::renew(op);
-        let (errors, first) = (&mut self.errors, &mut self.first_error);
-        let limits = self.client.limits;
-        self.client.driver.exchange(
-            0,
-            &op,
-            value.map(|v| (v, DATA_TRAILER)),
-            Until::Written,
-            |buf| count_errors(buf, &limits, errors, first, false),
-        )?;
-        self.client.driver.wbuf(0).clear();
-        Ok(())
-    }
-
-    /// Writes what is buffered without waiting for the server.
-    pub fn send(mut self) -> Result<()> {
-        self.flush()
-    }
-
-    /// Sends everything, then waits until the server has processed it all (one `version`
-    /// round trip at the end), and reports the error lines it sent.
-    pub fn finish(mut self) -> Result<PipelineReport> {
-        if let Some(op) = self.op {
-            text::encode_version(self.client.driver.wbuf(0));
-            let op = Op::renew(op);
-            let (errors, first) = (&mut self.errors, &mut self.first_error);
-            let limits = self.client.limits;
-            self.client
-                .driver
-                .exchange(0, &op, None, Until::Done, |buf| {
-                    count_errors(buf, &limits, errors, first, true)
-                })?;
-        }
-        Ok(PipelineReport {
-            commands: self.commands,
-            errors: self.errors,
-            first_error: self.first_error,
-        })
-    }
-}
-
-/// Reply handler for noreply traffic: error lines are counted, `VERSION` ends the pipeline
-/// (when `until_version`), anything else means the stream is out of step.
-fn count_errors(
-    buf: &[u8],
-    limits: &Limits,
-    errors: &mut usize,
-    first: &mut Option<String>,
-    until_version: bool,
-) -> Result<Status<(usize, bool)>, ParseError> {
-    match text::parse_reply(buf, limits)? {
-        Status::Partial => Ok(Status::Partial),
-        Status::Complete((n, Response::Version(_))) if until_version => {
-            Ok(Status::Complete((n, true)))
-        }
-        Status::Complete((n, r)) => match server_error(&r) {
-            Some(e) => {
-                *errors += 1;
-                first.get_or_insert_with(|| e.to_string());
-                Ok(Status::Complete((n, false)))
-            }
-            None => Err(ParseError::Unexpected),
-        },
     }
 }

@@ -74,6 +74,22 @@ pub enum Error {
     /// The client has no server to send the request to.
     #[error("no servers configured or available")]
     NoServers,
+    /// The key's server was ejected after repeated failures and has not reached its retry
+    /// time; nothing was sent.
+    #[error("server {server} is marked down after repeated failures (retry in {retry_in:?})")]
+    ServerDown {
+        /// The server as configured.
+        server: String,
+        /// Time left before it is tried again.
+        retry_in: Duration,
+    },
+    /// A multi-server call failed on several servers (listed); what the others returned was
+    /// delivered.
+    #[error("{} servers failed; first: {}", failed.len(), failed.first().map(|(s, e)| format!("{s}: {e}")).unwrap_or_default())]
+    Partial {
+        /// Each failed server with its error.
+        failed: Vec<(String, Error)>,
+    },
     /// The configuration given to the builder is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -85,7 +101,12 @@ impl Error {
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            Error::Io { .. } | Error::Timeout { .. } | Error::Parse { .. } | Error::NoServers
+            Error::Io { .. }
+                | Error::Timeout { .. }
+                | Error::Parse { .. }
+                | Error::NoServers
+                | Error::ServerDown { .. }
+                | Error::Partial { .. }
         )
     }
 }

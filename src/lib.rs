@@ -34,7 +34,7 @@ pub mod ring;
 
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport,
-    ServerStats, SetOptions, StoreMode,
+    ServerCounters, ServerStats, SetOptions, StoreMode,
 };
 pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};

@@ -112,7 +112,6 @@ struct Conn {
 pub(crate) struct Op {
     start: Instant,
     deadline: Instant,
-    timeout: Duration,
 }
 
 impl Op {
@@ -121,13 +120,7 @@ impl Op {
         Op {
             start,
             deadline: start + timeout,
-            timeout,
         }
-    }
-
-    /// The same operation with a fresh deadline (for each flush of a long pipeline).
-    pub(crate) fn renew(op: Op) -> Op {
-        Op::new(op.timeout)
     }
 }
 
@@ -201,10 +194,6 @@ impl Driver {
         })
     }
 
-    pub(crate) fn label(&self, i: usize) -> &str {
-        &self.conns[i].label
-    }
-
     /// Starts an operation on server `i`: connects if needed and returns the I/O deadline.
     /// The write buffer is cleared for the caller to encode into (see [`wbuf`](Self::wbuf)).
     pub(crate) fn begin(&mut self, i: usize) -> Result<Op> {
@@ -219,6 +208,11 @@ impl Driver {
         }
         self.conns[i].wbuf.clear();
         Ok(Op::new(self.cfg.io_timeout))
+    }
+
+    /// A fresh I/O deadline, for an operation spanning several servers.
+    pub(crate) fn new_op(&self) -> Op {
+        Op::new(self.cfg.io_timeout)
     }
 
     /// The write buffer of server `i`, to encode a request into after [`begin`](Self::begin).
@@ -601,8 +595,4 @@ impl Driver {
         self.conns[i].connects
     }
 
-    /// Number of servers.
-    pub(crate) fn len(&self) -> usize {
-        self.conns.len()
-    }
 }

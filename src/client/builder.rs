@@ -1,0 +1,232 @@
+//! [`ClientBuilder`]: servers, distribution, timeouts, failure policy, namespace.
+
+use std::time::Duration;
+
+use super::health::{FailurePolicy, Health};
+use super::Client;
+use crate::conn::driver::{Driver, DriverConfig};
+use crate::conn::{ServerAddr, ServerSpec};
+use crate::error::{Error, Result};
+use crate::proto::text::MAX_LINE;
+use crate::proto::{Key, Limits, MAX_KEY_LEN};
+use crate::ring::{Continuum, Distribution, HashFn, RingServer};
+
+/// Builds a [`Client`].
+///
+/// Defaults follow libmemcached: modula distribution with the one-at-a-time hash, a server
+/// ejected after 5 consecutive failures and retried after 2 s, failed servers' keys not
+/// redistributed.
+///
+/// ```
+/// use std::time::Duration;
+/// use mcstore::{Client, ring::Distribution};
+/// let client = Client::builder()
+///     .servers(["127.0.0.1:11211", "127.0.0.1:11212:2"])  // host:port[:weight]
+///     .distribution(Distribution::Ketama)
+///     .connect_timeout(Duration::from_millis(200))
+///     .io_timeout(Duration::from_millis(100))
+///     .server_failure_limit(2)
+///     .retry_timeout(Duration::from_secs(1))
+///     .remove_failed_servers(true)
+///     .namespace("app1:")
+///     .build()
+///     .unwrap(); // connects lazily, on the first call
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    servers: Vec<std::result::Result<ServerSpec, String>>,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    max_value_size: usize,
+    distribution: Distribution,
+    hash: Option<HashFn>,
+    failure_limit: u32,
+    retry_timeout: Duration,
+    remove_failed: bool,
+    namespace: Vec<u8>,
+    hash_with_namespace: bool,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            servers: Vec::new(),
+            connect_timeout: Duration::from_millis(1000),
+            io_timeout: Duration::from_millis(1000),
+            max_value_size: 1024 * 1024,
+            distribution: Distribution::Modula,
+            hash: None,
+            failure_limit: 5,
+            retry_timeout: Duration::from_secs(2),
+            remove_failed: false,
+            namespace: Vec::new(),
+            hash_with_namespace: false,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds a server: `host:port[:weight]`, `host` (port 11211), `[v6]:port[:weight]`, or a
+    /// Unix socket path (`/path` or `unix:/path`). The order matters: it is the server order
+    /// libmemcached uses for distribution.
+    pub fn server(mut self, spec: impl AsRef<str>) -> Self {
+        let s = spec.as_ref();
+        self.servers.push(s.parse().map_err(|_| s.to_string()));
+        self
+    }
+
+    /// Adds several servers (see [`server`](Self::server)).
+    pub fn servers<I, S>(mut self, specs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for s in specs {
+            self = self.server(s);
+        }
+        self
+    }
+
+    /// Adds a server in typed form.
+    pub fn add_server(mut self, spec: ServerSpec) -> Self {
+        self.servers.push(Ok(spec));
+        self
+    }
+
+    /// How keys are spread over servers (default: modula, as libmemcached).
+    pub fn distribution(mut self, d: Distribution) -> Self {
+        self.distribution = d;
+        self
+    }
+
+    /// The key hash (default: one-at-a-time; MD5 for [`Distribution::KetamaWeighted`]).
+    pub fn hash(mut self, h: HashFn) -> Self {
+        self.hash = Some(h);
+        self
+    }
+
+    /// How long opening a connection may take (default 1 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// How long one call may wait for the network once connected (default 1 s). A call that
+    /// runs out fails with [`Error::Timeout`], never with a silent miss.
+    pub fn io_timeout(mut self, t: Duration) -> Self {
+        self.io_timeout = t;
+        self
+    }
+
+    /// The largest value the client will send or accept (default 1 MiB, memcached's default
+    /// item size). A reply claiming more is rejected before anything is buffered.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// Consecutive failures (I/O errors, timeouts, malformed replies) after which a server is
+    /// ejected for [`retry_timeout`](Self::retry_timeout) (default 5). While ejected, calls
+    /// for its keys fail at once with [`Error::ServerDown`], or go to the other servers if
+    /// [`remove_failed_servers`](Self::remove_failed_servers) is on.
+    pub fn server_failure_limit(mut self, n: u32) -> Self {
+        self.failure_limit = n.max(1);
+        self
+    }
+
+    /// How long an ejected server stays out before it is tried again (default 2 s). On its
+    /// first call back it rejoins if that call succeeds, and is ejected again if it fails.
+    pub fn retry_timeout(mut self, t: Duration) -> Self {
+        self.retry_timeout = t;
+        self
+    }
+
+    /// Whether an ejected server's keys move to the rest of the continuum while it is out
+    /// (default off: they fail fast). Only consistent distributions move keys; under modula
+    /// they always fail fast, as in libmemcached.
+    pub fn remove_failed_servers(mut self, on: bool) -> Self {
+        self.remove_failed = on;
+        self
+    }
+
+    /// A prefix sent in front of every key (libmemcached's `MEMCACHED_CALLBACK_PREFIX_KEY`).
+    /// Keys passed to and returned by the client are without it.
+    pub fn namespace(mut self, prefix: impl Into<Vec<u8>>) -> Self {
+        self.namespace = prefix.into();
+        self
+    }
+
+    /// Whether the namespace is hashed with the key (`MEMCACHED_BEHAVIOR_HASH_WITH_PREFIX_KEY`,
+    /// default off: only the bare key is hashed, so namespaces do not change placement).
+    pub fn hash_with_namespace(mut self, on: bool) -> Self {
+        self.hash_with_namespace = on;
+        self
+    }
+
+    /// Validates the configuration and builds the client. Nothing is connected yet.
+    pub fn build(self) -> Result<Client> {
+        let specs = self
+            .servers
+            .into_iter()
+            .map(|s| s.map_err(|bad| Error::Config(format!("invalid server {bad:?}"))))
+            .collect::<Result<Vec<_>>>()?;
+        if specs.is_empty() {
+            return Err(Error::NoServers);
+        }
+        if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
+            return Err(Error::Config("timeouts must be above zero".into()));
+        }
+        if !self.namespace.is_empty() {
+            Key::new(&self.namespace)
+                .map_err(|e| Error::Config(format!("invalid namespace: {e}")))?;
+            if self.namespace.len() >= MAX_KEY_LEN {
+                return Err(Error::Config("namespace leaves no room for keys".into()));
+            }
+        }
+        let max_value = self.max_value_size.min(isize::MAX as usize / 2);
+        let addrs: Vec<ServerAddr> = specs.iter().map(|s| s.addr.clone()).collect();
+        let driver = Driver::new(
+            &addrs,
+            DriverConfig {
+                connect_timeout: self.connect_timeout,
+                io_timeout: self.io_timeout,
+                max_unit: max_value + MAX_LINE + 4,
+            },
+        )?;
+        let ring_servers: Vec<RingServer> = specs
+            .iter()
+            .map(|s| match &s.addr {
+                ServerAddr::Tcp { host, port } => RingServer {
+                    host: host.clone(),
+                    port: *port,
+                    weight: s.weight,
+                },
+                ServerAddr::Unix(path) => RingServer {
+                    host: path.display().to_string(),
+                    port: 0,
+                    weight: s.weight,
+                },
+            })
+            .collect();
+        let hash = self.hash.unwrap_or(match self.distribution {
+            Distribution::KetamaWeighted => HashFn::Md5,
+            _ => HashFn::OneAtATime,
+        });
+        let ring = Continuum::new(self.distribution, hash, &ring_servers);
+        let policy = FailurePolicy {
+            failure_limit: self.failure_limit,
+            retry_timeout: self.retry_timeout,
+            remove_failed: self.remove_failed,
+        };
+        Ok(Client {
+            labels: addrs.iter().map(ToString::to_string).collect(),
+            health: Health::new(addrs.len(), policy),
+            driver,
+            limits: Limits { max_value },
+            ring,
+            keybuf: Vec::with_capacity(MAX_KEY_LEN),
+            namespace: self.namespace,
+            hash_with_namespace: self.hash_with_namespace,
+        })
+    }
+}

@@ -1,0 +1,368 @@
+//! Multi-key calls: keys grouped by server, every server's batch written first, all sockets
+//! served from one poll.
+
+use super::{server_error, wire_key, Client, ItemRef, SetOptions};
+use crate::conn::driver::{Batch, Until};
+use crate::error::{Error, Result};
+use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
+use crate::proto::{Key, ParseError, Status};
+
+/// memcached reads a command line into a bounded buffer; long multi-gets are split into lines
+/// of this many keys, all written before any reply is read.
+const KEYS_PER_LINE: usize = 100;
+
+/// Marks a key whose server is ejected (or that has no server).
+const NO_SERVER: u32 = u32::MAX;
+
+/// One server's share of a multi-key call.
+#[derive(Default)]
+struct Share {
+    /// Keys routed to this server.
+    keys: usize,
+    /// Keys in the get line being built.
+    in_line: usize,
+    /// Replies (lines, for gets) expected and seen.
+    expected: usize,
+    seen: usize,
+    /// Position in the caller's key list of the next key a reply may be for.
+    cursor: usize,
+    /// Hits (gets) or successes (stores, deletes).
+    hits: usize,
+    /// Set when the server failed.
+    error: Option<Error>,
+}
+
+/// A multi-key call being planned: each key's server and each server's share.
+struct Plan {
+    server_of: Vec<u32>,
+    shares: Vec<Share>,
+}
+
+impl Client {
+    /// Validates every key and picks its server. Ejected servers fail their share at once.
+    fn plan<'k>(&mut self, n: usize, key_at: impl Fn(usize) -> &'k [u8]) -> Result<Plan> {
+        let mut kb = std::mem::take(&mut self.keybuf);
+        let r = self.plan_in(n, key_at, &mut kb);
+        self.keybuf = kb;
+        r
+    }
+
+    fn plan_in<'k>(
+        &mut self,
+        n: usize,
+        key_at: impl Fn(usize) -> &'k [u8],
+        kb: &mut Vec<u8>,
+    ) -> Result<Plan> {
+        // Validate everything before touching any connection.
+        for j in 0..n {
+            wire_key(&self.namespace, Key::new(key_at(j))?, kb)?;
+        }
+        self.health.maybe_rejoin(&mut self.ring);
+        let mut plan = Plan {
+            server_of: Vec::with_capacity(n),
+            shares: (0..self.labels.len()).map(|_| Share::default()).collect(),
+        };
+        for j in 0..n {
+            let user = Key::new(key_at(j))?;
+            let wire = wire_key(&self.namespace, user, kb)?;
+            let hashed = if self.hash_with_namespace { wire } else { user };
+            let i = self.ring.pick(hashed.as_bytes()).ok_or(Error::NoServers)?;
+            let share = &mut plan.shares[i];
+            if share.error.is_none() {
+                if let Err(e) = self.check_up(i) {
+                    share.error = Some(e);
+                }
+            }
+            if share.error.is_some() {
+                plan.server_of.push(NO_SERVER);
+                share.keys += 1;
+                continue;
+            }
+            if share.keys == 0 {
+                // First key for this server: connect and start its request.
+                if let Err(e) = self.driver.begin(i) {
+                    share.error = Some(e);
+                    share.keys += 1;
+                    plan.server_of.push(NO_SERVER);
+                    continue;
+                }
+            }
+            share.keys += 1;
+            plan.server_of.push(i as u32);
+        }
+        Ok(plan)
+    }
+
+    /// Runs the planned request on every server that has one, then records health and
+    /// combines errors: the one failed server's error, or [`Error::Partial`].
+    fn run_plan(
+        &mut self,
+        plan: &mut Plan,
+        mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    ) -> Result<()> {
+        let mut batches: Vec<Batch<'_>> = plan
+            .shares
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.keys > 0 && s.error.is_none())
+            .map(|(i, _)| Batch::new(i, None))
+            .collect();
+        let op = self.driver.new_op();
+        self.driver
+            .exchange_many(&mut batches, &op, Until::Done, |i, buf| on_reply(plan, i, buf));
+        for b in batches {
+            let share = &mut plan.shares[b.server];
+            if let Some(e) = b.error {
+                share.error = Some(e);
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, share) in plan.shares.iter_mut().enumerate() {
+            if share.keys == 0 {
+                continue;
+            }
+            match share.error.take() {
+                Some(e @ Error::ServerDown { .. }) => failed.push((self.labels[i].clone(), e)),
+                Some(e) => {
+                    let r: Result<()> = Err(e);
+                    self.health.record(i, &r, &mut self.ring);
+                    failed.push((self.labels[i].clone(), r.unwrap_err()));
+                }
+                None => self.health.record(i, &Ok(()), &mut self.ring),
+            }
+        }
+        match failed.len() {
+            0 => Ok(()),
+            1 => Err(failed.pop().expect("one").1),
+            _ => Err(Error::Partial { failed }),
+        }
+    }
+
+    /// Gets many keys in one pipelined request per server, calling `found(key, item)` for each
+    /// hit as it arrives (borrowing from the read buffer: no copy per item). Misses are not
+    /// reported. All keys are validated before anything is sent.
+    ///
+    /// Keys are grouped by server; every server's request is written before any reply is read,
+    /// and replies are parsed as they arrive from any server. If servers fail, the hits of the
+    /// others are still delivered, and the error is the failed server's (or
+    /// [`Error::Partial`] listing each failed server).
+    pub fn get_multi<K: AsRef<[u8]>>(
+        &mut self,
+        keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        self.retrieve_multi(Retrieval::Get, keys, found)
+    }
+
+    /// [`get_multi`](Self::get_multi) with CAS uniques.
+    pub fn gets_multi<K: AsRef<[u8]>>(
+        &mut self,
+        keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        self.retrieve_multi(Retrieval::Gets, keys, found)
+    }
+
+    fn retrieve_multi<K: AsRef<[u8]>>(
+        &mut self,
+        cmd: Retrieval,
+        keys: &[K],
+        mut found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        // Encode: each server's keys in lines of KEYS_PER_LINE.
+        let mut kb = std::mem::take(&mut self.keybuf);
+        for (j, k) in keys.iter().enumerate() {
+            let i = plan.server_of[j];
+            if i == NO_SERVER {
+                continue;
+            }
+            let (i, share) = (i as usize, &mut plan.shares[i as usize]);
+            let wbuf = self.driver.wbuf(i);
+            if share.in_line == 0 {
+                text::begin_retrieval(wbuf, cmd);
+            }
+            let user = Key::new(k.as_ref())?;
+            text::push_key(wbuf, wire_key(&self.namespace, user, &mut kb)?);
+            share.in_line += 1;
+            if share.in_line == KEYS_PER_LINE {
+                text::finish_line(wbuf);
+                share.in_line = 0;
+                share.expected += 1;
+            }
+        }
+        self.keybuf = kb;
+        for (i, share) in plan.shares.iter_mut().enumerate() {
+            if share.in_line > 0 {
+                text::finish_line(self.driver.wbuf(i));
+                share.expected += 1;
+            }
+        }
+        let limits = self.limits;
+        let ns = std::mem::take(&mut self.namespace);
+        let mut closed = Vec::new();
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
+            let (n, resp) = match text::parse_reply(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            let share = &mut plan.shares[i];
+            match resp {
+                Response::Value {
+                    key,
+                    flags,
+                    cas,
+                    data,
+                } => {
+                    let user = key.strip_prefix(&ns[..]).ok_or(ParseError::Unexpected)?;
+                    // Replies come in request order: the key must be a later key of ours.
+                    loop {
+                        let j = share.cursor;
+                        if j >= keys.len() {
+                            return Err(ParseError::Unexpected);
+                        }
+                        share.cursor += 1;
+                        if plan.server_of[j] == i as u32 && keys[j].as_ref() == user {
+                            break;
+                        }
+                    }
+                    share.hits += 1;
+                    found(
+                        user,
+                        ItemRef {
+                            value: data,
+                            flags,
+                            cas,
+                        },
+                    );
+                    Ok(Status::Complete((n, false)))
+                }
+                Response::End => {
+                    share.seen += 1;
+                    Ok(Status::Complete((n, share.seen == share.expected)))
+                }
+                ref r if r.is_error() => {
+                    // The rest of this server's reply is in doubt.
+                    share.error = server_error(r);
+                    closed.push(i);
+                    Ok(Status::Complete((n, true)))
+                }
+                _ => Err(ParseError::Unexpected),
+            }
+        });
+        self.namespace = ns;
+        for (i, share) in plan.shares.iter().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                let c = self.health.counters_mut(i);
+                c.hits += share.hits as u64;
+                c.misses += (share.keys - share.hits) as u64;
+            }
+        }
+        for i in closed {
+            self.driver.disconnect(i);
+        }
+        result
+    }
+
+    /// Runs one storage or delete command per key, pipelined per server, counting the replies
+    /// `success` accepts.
+    fn multi_simple(
+        &mut self,
+        plan: &mut Plan,
+        success: impl Fn(&Response<'_>) -> Option<bool>,
+    ) -> Result<usize> {
+        for share in plan.shares.iter_mut() {
+            share.expected = share.keys;
+        }
+        let limits = self.limits;
+        let mut closed = Vec::new();
+        let result = self.run_plan(plan, |plan, i, buf| {
+            let (n, resp) = match text::parse_reply(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            let share = &mut plan.shares[i];
+            if let Some(e) = server_error(&resp) {
+                // The rest of this server's batch is in doubt.
+                share.error = Some(e);
+                closed.push(i);
+                return Ok(Status::Complete((n, true)));
+            }
+            match success(&resp) {
+                Some(ok) => {
+                    share.hits += usize::from(ok);
+                    share.seen += 1;
+                    Ok(Status::Complete((n, share.seen == share.expected)))
+                }
+                None => Err(ParseError::Unexpected),
+            }
+        });
+        for i in closed {
+            self.driver.disconnect(i);
+        }
+        result?;
+        Ok(plan.shares.iter().map(|s| s.hits).sum())
+    }
+
+    /// Stores many items with one pipelined request per server; returns how many were stored.
+    /// Errors as in [`get_multi`](Self::get_multi): items on healthy servers are stored even
+    /// when another server fails.
+    pub fn set_multi<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        items: &[(K, V)],
+        opts: SetOptions,
+    ) -> Result<usize> {
+        for (_, v) in items {
+            self.check_value(v.as_ref())?;
+        }
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
+        let mut kb = std::mem::take(&mut self.keybuf);
+        for (j, (k, v)) in items.iter().enumerate() {
+            let i = plan.server_of[j];
+            if i == NO_SERVER {
+                continue;
+            }
+            let wbuf = self.driver.wbuf(i as usize);
+            let key = wire_key(&self.namespace, Key::new(k.as_ref())?, &mut kb)?;
+            let v = v.as_ref();
+            text::encode_storage(wbuf, Storage::Set, key, opts.flags, opts.ttl, v.len(), false);
+            wbuf.extend_from_slice(v);
+            wbuf.extend_from_slice(DATA_TRAILER);
+        }
+        self.keybuf = kb;
+        self.multi_simple(&mut plan, |r| match r {
+            Response::Stored => Some(true),
+            Response::NotStored => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Deletes many keys with one pipelined request per server; returns how many existed.
+    pub fn delete_multi<K: AsRef<[u8]>>(&mut self, keys: &[K]) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        let mut kb = std::mem::take(&mut self.keybuf);
+        for (j, k) in keys.iter().enumerate() {
+            let i = plan.server_of[j];
+            if i == NO_SERVER {
+                continue;
+            }
+            let key = wire_key(&self.namespace, Key::new(k.as_ref())?, &mut kb)?;
+            text::encode_delete(self.driver.wbuf(i as usize), key, false);
+        }
+        self.keybuf = kb;
+        self.multi_simple(&mut plan, |r| match r {
+            Response::Deleted => Some(true),
+            Response::NotFound => Some(false),
+            _ => None,
+        })
+    }
+}
