@@ -99,6 +99,49 @@ fn main() {
     );
     run("touch", count(|| assert!(c.touch(b"hit", 0).unwrap())));
 
+    // Three servers, ketama: routing adds no allocation either.
+    let three: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let mut multi = mcstore::Client::builder()
+        .servers(three.iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .namespace("ns:")
+        .build()
+        .unwrap();
+    let ring = multi.continuum().clone();
+    let keys: Vec<String> = (0..64).map(|i| format!("key-{i}")).collect();
+    for k in &keys {
+        multi
+            .set(k.as_bytes(), &value, SetOptions::default())
+            .unwrap();
+    }
+    let mut next = 0;
+    run(
+        "Continuum::pick (ketama, 3 servers)",
+        count(|| {
+            next = (next + 1) % keys.len();
+            black_box(ring.pick(keys[next].as_bytes()));
+        }),
+    );
+    run(
+        "get_into (hit, 3 servers, ketama, namespace)",
+        count(|| {
+            next = (next + 1) % keys.len();
+            assert!(multi
+                .get_into(keys[next].as_bytes(), &mut buf)
+                .unwrap()
+                .is_some());
+        }),
+    );
+    run(
+        "set (3 servers, ketama, namespace)",
+        count(|| {
+            next = (next + 1) % keys.len();
+            multi
+                .set(keys[next].as_bytes(), &value, SetOptions::default())
+                .unwrap();
+        }),
+    );
+
     let mut failed = 0;
     for (name, n) in &results {
         let per_call = *n as f64 / CALLS as f64;

@@ -149,6 +149,9 @@ fn compare(
     mismatches
 }
 
+/// (name, distribution, explicit key hash, servers, binary keys)
+type Run<'a> = (String, Distribution, Option<HashFn>, &'a [RingServer], bool);
+
 fn ips(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("10.0.1.{i}")).collect()
 }
@@ -173,7 +176,7 @@ fn same_server_as_libmemcached_for_every_configuration() {
             ] {
                 let equal = pool(&hosts, &ports, &[1]);
                 let unequal = pool(&hosts, &ports, &[1, 3, 2, 5, 1, 7, 4, 2, 9, 6]);
-                let runs: Vec<(String, Distribution, Option<HashFn>, &[RingServer], bool)> = vec![
+                let runs: Vec<Run<'_>> = vec![
                     ("modula".into(), Modula, None, &equal, true),
                     ("ketama".into(), Ketama, None, &equal, true),
                     (

@@ -273,12 +273,10 @@ impl Client {
     }
 
     fn check_up(&self, i: usize) -> Result<()> {
-        self.health
-            .check(i)
-            .map_err(|retry_in| Error::ServerDown {
-                server: self.labels[i].clone(),
-                retry_in,
-            })
+        self.health.check(i).map_err(|retry_in| Error::ServerDown {
+            server: self.labels[i].clone(),
+            retry_in,
+        })
     }
 
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the

@@ -109,7 +109,9 @@ impl Client {
             .collect();
         let op = self.driver.new_op();
         self.driver
-            .exchange_many(&mut batches, &op, Until::Done, |i, buf| on_reply(plan, i, buf));
+            .exchange_many(&mut batches, &op, Until::Done, |i, buf| {
+                on_reply(plan, i, buf)
+            });
         for b in batches {
             let share = &mut plan.shares[b.server];
             if let Some(e) = b.error {
@@ -124,9 +126,9 @@ impl Client {
             match share.error.take() {
                 Some(e @ Error::ServerDown { .. }) => failed.push((self.labels[i].clone(), e)),
                 Some(e) => {
-                    let r: Result<()> = Err(e);
-                    self.health.record(i, &r, &mut self.ring);
-                    failed.push((self.labels[i].clone(), r.unwrap_err()));
+                    self.health.counters_mut(i).requests += 1;
+                    self.health.record_error(i, &e, &mut self.ring);
+                    failed.push((self.labels[i].clone(), e));
                 }
                 None => self.health.record(i, &Ok(()), &mut self.ring),
             }
@@ -331,7 +333,15 @@ impl Client {
             let wbuf = self.driver.wbuf(i as usize);
             let key = wire_key(&self.namespace, Key::new(k.as_ref())?, &mut kb)?;
             let v = v.as_ref();
-            text::encode_storage(wbuf, Storage::Set, key, opts.flags, opts.ttl, v.len(), false);
+            text::encode_storage(
+                wbuf,
+                Storage::Set,
+                key,
+                opts.flags,
+                opts.ttl,
+                v.len(),
+                false,
+            );
             wbuf.extend_from_slice(v);
             wbuf.extend_from_slice(DATA_TRAILER);
         }

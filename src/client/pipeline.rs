@@ -64,11 +64,7 @@ impl Client {
 
 impl Pipeline<'_> {
     /// Routes `key` and appends its command (encoded by `encode`) to its server's buffer.
-    fn queue(
-        &mut self,
-        key: &[u8],
-        encode: impl FnOnce(&mut Vec<u8>, Key<'_>),
-    ) -> Result<usize> {
+    fn queue(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) -> Result<usize> {
         let c = &mut *self.client;
         let user = Key::new(key)?;
         let mut kb = std::mem::take(&mut c.keybuf);

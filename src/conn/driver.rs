@@ -330,7 +330,9 @@ impl Driver {
                 Err(e) => {
                     for b in batches.iter_mut() {
                         if !b.done && b.error.is_none() {
-                            b.error = Some(self.io_error(b.server, io::Error::new(e.kind(), e.to_string())));
+                            b.error = Some(
+                                self.io_error(b.server, io::Error::new(e.kind(), e.to_string())),
+                            );
                         }
                     }
                     return;
@@ -594,5 +596,4 @@ impl Driver {
     pub(crate) fn connects(&self, i: usize) -> u64 {
         self.conns[i].connects
     }
-
 }

@@ -140,7 +140,9 @@ impl FromStr for ServerSpec {
         let unix = s.starts_with('/') || s.starts_with("unix:");
         // host:port:weight or [v6]:port:weight: the weight is a third field.
         let fields = if s.starts_with('[') {
-            s.rsplit_once(']').map_or(0, |(_, r)| r.matches(':').count()) + 1
+            s.rsplit_once(']')
+                .map_or(0, |(_, r)| r.matches(':').count())
+                + 1
         } else {
             s.matches(':').count() + 1
         };
