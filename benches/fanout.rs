@@ -15,7 +15,7 @@ use support::Memcached;
 fn fanout(c: &mut Criterion) {
     let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
     let keys: Vec<String> = (0..1000).map(|i| format!("bench:key:{i}")).collect();
-    let value = vec![b'x'; 100];
+    let value = [b'x'; 100];
     let items: Vec<(&str, &[u8])> = keys.iter().map(|k| (k.as_str(), &value[..])).collect();
 
     let mut one = Client::builder().server(servers[0].addr()).build().unwrap();
