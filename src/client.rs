@@ -34,10 +34,12 @@ mod builder;
 mod health;
 mod multi;
 mod pipeline;
+mod pool;
 
 pub use builder::ClientBuilder;
 pub use health::ServerCounters;
 pub use pipeline::{Pipeline, PipelineReport};
+pub use pool::{Pool, PooledClient};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};

@@ -93,6 +93,30 @@ pub enum Error {
     /// The configuration given to the builder is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// No client could be checked out of a [`Pool`](crate::Pool) in time.
+    #[error("no client free in the pool after {0:?}")]
+    PoolTimeout(Duration),
+    /// Storage: the collection or resource does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Storage: a collection or resource name that cannot be stored safely (e.g. it could
+    /// escape the storage root).
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// Storage: a file-system or other back-end error.
+    #[error("storage error ({context}): {source}")]
+    Storage {
+        /// What was being done, and on what.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {

@@ -31,10 +31,11 @@ mod conn;
 mod error;
 pub mod proto;
 pub mod ring;
+pub mod storage;
 
 pub use client::{
-    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport,
-    ServerCounters, ServerStats, SetOptions, StoreMode,
+    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport, Pool,
+    PooledClient, ServerCounters, ServerStats, SetOptions, StoreMode,
 };
 pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};

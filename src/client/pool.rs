@@ -1,0 +1,170 @@
+//! A fixed set of clients shared by many threads.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Client, ClientBuilder};
+use crate::error::{Error, Result};
+
+/// A pool of [`Client`]s for many threads. `Clone` is cheap (shared).
+///
+/// A checked-out client is returned on drop. One dropped while its thread panics, or
+/// [`discard`](PooledClient::discard)ed, is replaced by a freshly built client rather than
+/// returned, since its state is unknown. Each client keeps its own connections and server
+/// health (ejections are per client).
+///
+/// ```no_run
+/// use mcstore::{Client, Pool, SetOptions};
+/// # fn main() -> mcstore::Result<()> {
+/// let pool = Pool::new(Client::builder().server("127.0.0.1:11211"), 8)?;
+/// std::thread::scope(|s| {
+///     for t in 0..16 {
+///         let pool = pool.clone();
+///         s.spawn(move || {
+///             let mut c = pool.get().unwrap();   // waits for a free client, bounded
+///             c.set(format!("k{t}").as_bytes(), b"v", SetOptions::default()).unwrap();
+///         });
+///     }
+/// });
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    builder: Option<ClientBuilder>,
+    idle: Mutex<Vec<Client>>,
+    freed: Condvar,
+    size: usize,
+    checkout_timeout: Duration,
+}
+
+impl Pool {
+    /// A pool of `size` clients built from `builder` (none connects until used). Checkouts
+    /// wait up to 5 s for a free client.
+    pub fn new(builder: ClientBuilder, size: usize) -> Result<Pool> {
+        Pool::with_checkout_timeout(builder, size, Duration::from_secs(5))
+    }
+
+    /// Like [`new`](Self::new), with the time a checkout may wait for a free client.
+    pub fn with_checkout_timeout(
+        builder: ClientBuilder,
+        size: usize,
+        checkout_timeout: Duration,
+    ) -> Result<Pool> {
+        let size = size.max(1);
+        let clients = (0..size)
+            .map(|_| builder.clone().build())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                builder: Some(builder),
+                idle: Mutex::new(clients),
+                freed: Condvar::new(),
+                size,
+                checkout_timeout,
+            }),
+        })
+    }
+
+    /// How many clients the pool holds.
+    pub fn size(&self) -> usize {
+        self.inner.size
+    }
+
+    /// Checks a client out, waiting up to the checkout timeout for one to be free.
+    pub fn get(&self) -> Result<PooledClient<'_>> {
+        let deadline = Instant::now() + self.inner.checkout_timeout;
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(c) = idle.pop() {
+                return Ok(PooledClient {
+                    client: Some(c),
+                    pool: self,
+                    discard: false,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::PoolTimeout(self.inner.checkout_timeout));
+            }
+            idle = self
+                .inner
+                .freed
+                .wait_timeout(idle, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn put_back(&self, client: Client) {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.push(client);
+        drop(idle);
+        self.inner.freed.notify_one();
+    }
+}
+
+impl From<Client> for Pool {
+    /// A pool of one client (calls from several threads take turns).
+    fn from(client: Client) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                builder: None,
+                idle: Mutex::new(vec![client]),
+                freed: Condvar::new(),
+                size: 1,
+                checkout_timeout: Duration::from_secs(5),
+            }),
+        }
+    }
+}
+
+/// A client checked out of a [`Pool`]; dereferences to [`Client`], goes back on drop.
+pub struct PooledClient<'p> {
+    client: Option<Client>,
+    pool: &'p Pool,
+    discard: bool,
+}
+
+impl PooledClient<'_> {
+    /// Drops this client instead of returning it; the pool builds a fresh one.
+    pub fn discard(mut self) {
+        self.discard = true;
+    }
+}
+
+impl Deref for PooledClient<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PooledClient<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PooledClient<'_> {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if !self.discard && !std::thread::panicking() {
+            self.pool.put_back(client);
+            return;
+        }
+        // Replace it; a builder that built once builds again (it validated then). A pool made
+        // from one client has no builder: keep that client, which reconnects on its own.
+        let fresh = match &self.pool.inner.builder {
+            Some(b) => b.clone().build().unwrap_or(client),
+            None => client,
+        };
+        self.pool.put_back(fresh);
+    }
+}

@@ -1,0 +1,388 @@
+//! The file-system storage: the embedded default master.
+//!
+//! Layout: `root/<collection>/<resource>~c` (content) and `~m` (metadata), side by side, with
+//! each name percent-encoded (see [`FsStorage`]). Writes go to a temporary file in the same
+//! folder, which is fsynced, renamed over the target, and the folder fsynced: a crash at any
+//! point leaves the old or the new file, never a torn one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::memory::not_found;
+use super::{
+    ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage,
+};
+use crate::error::{Error, Result};
+
+const CONTENT: &str = "~c";
+const META: &str = "~m";
+const TEMP: &str = "~t";
+/// Longest encoded name, so that name + suffix fits in a 255-byte file name.
+const MAX_ENCODED: usize = 240;
+
+/// Stores collections as folders under a root directory.
+///
+/// **Names are encoded, not rejected**, except those that could be read as a path (`/`, `\`,
+/// NUL, `.`, `..`, which [`validate_name`](super::validate_name) rejects): every byte other
+/// than `a-z`, `0-9`, `_`, `-` and a non-leading `.` is written as `%xx` (lowercase hex). So the
+/// mapping is injective, file names never start with a dot, and names that differ only by
+/// case (`A` is `%41`) cannot collide on a case-insensitive file system. A name whose encoding
+/// is longer than 240 bytes is rejected.
+///
+/// ```
+/// use mcstore::storage::{FsStorage, Storage};
+/// let dir = std::env::temp_dir().join(format!("mcstore-doc-{}", std::process::id()));
+/// let s = FsStorage::open(&dir).unwrap();
+/// s.create_container("Photos").unwrap();
+/// let info = s.info("Photos", Some("Cat.JPG")).unwrap();
+/// assert_eq!(info.key, "%50hotos/%43at.%4a%50%47");
+/// s.put_content(&info, b"jpeg bytes".as_slice().into()).unwrap();
+/// assert!(s.exists(&info).unwrap());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub struct FsStorage {
+    root: PathBuf,
+    temp_counter: AtomicU64,
+}
+
+/// Percent-encodes a validated name (see [`FsStorage`]).
+pub(crate) fn encode_name(name: &str) -> Result<String> {
+    let mut out = String::with_capacity(name.len());
+    for (i, &b) in name.as_bytes().iter().enumerate() {
+        let plain = b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || b == b'_'
+            || b == b'-'
+            || (b == b'.' && i > 0);
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(char::from_digit(u32::from(b >> 4), 16).expect("hex"));
+            out.push(char::from_digit(u32::from(b & 15), 16).expect("hex"));
+        }
+    }
+    if out.len() > MAX_ENCODED {
+        return Err(Error::InvalidName {
+            name: name.to_string(),
+            reason: "too long once encoded as a file name",
+        });
+    }
+    Ok(out)
+}
+
+/// Inverse of [`encode_name`]; `None` for file names this storage did not write.
+pub(crate) fn decode_name(encoded: &str) -> Option<String> {
+    let b = encoded.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = encoded.get(i + 1..i + 3)?;
+            if hex.bytes().any(|c| c.is_ascii_uppercase()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let name = String::from_utf8(out).ok()?;
+    // Only canonical encodings are ours.
+    (encode_name(&name).ok()? == encoded).then_some(name)
+}
+
+fn io_err(context: impl Into<String>, source: io::Error) -> Error {
+    Error::Storage {
+        context: context.into(),
+        source,
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(format!("fsync {}", dir.display()), e))
+}
+
+impl FsStorage {
+    /// Opens (creating if needed) a storage rooted at `root`.
+    pub fn open(root: impl AsRef<Path>) -> Result<FsStorage> {
+        let root = root.as_ref().to_path_buf();
+        fs::create_dir_all(&root).map_err(|e| io_err(format!("create {}", root.display()), e))?;
+        Ok(FsStorage {
+            root,
+            temp_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn collection_dir(&self, collection: &str) -> Result<PathBuf> {
+        validate_name(collection)?;
+        Ok(self.root.join(encode_name(collection)?))
+    }
+
+    fn existing_collection(&self, collection: &str) -> Result<PathBuf> {
+        let dir = self.collection_dir(collection)?;
+        if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(not_found(collection, None))
+        }
+    }
+
+    /// The file of a resource's content (`meta = false`) or metadata.
+    fn file(&self, info: &ResourceInfo, meta: bool) -> Result<(PathBuf, String)> {
+        let name = info.resource_name()?;
+        validate_name(name)?;
+        let dir = self.collection_dir(&info.collection)?;
+        let enc = encode_name(name)?;
+        let file = format!("{enc}{}", if meta { META } else { CONTENT });
+        Ok((dir.join(file), enc))
+    }
+
+    fn get(&self, info: &ResourceInfo, meta: bool) -> Result<Bytes> {
+        let (path, _) = self.file(info, meta)?;
+        match fs::read(&path) {
+            Ok(v) => Ok(Bytes::from(v)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(
+                &info.collection,
+                info.resource.as_deref(),
+            )),
+            Err(e) => Err(io_err(format!("read {}", path.display()), e)),
+        }
+    }
+
+    /// Atomic, durable replace: temp file, fsync, rename, fsync the folder.
+    fn put(&self, info: &ResourceInfo, data: Content<'_>, meta: bool) -> Result<()> {
+        let (path, enc) = self.file(info, meta)?;
+        let dir = self.existing_collection(&info.collection)?;
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{enc}{TEMP}{}-{n}", std::process::id()));
+        let written = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            match data {
+                Content::Bytes(b) => f.write_all(b)?,
+                Content::Reader(r) => {
+                    io::copy(r, &mut f)?;
+                }
+            }
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(format!("write {}", path.display()), e));
+        }
+        sync_dir(&dir)
+    }
+
+    fn remove(&self, info: &ResourceInfo, meta: bool) -> Result<()> {
+        let (path, _) = self.file(info, meta)?;
+        let dir = self.existing_collection(&info.collection)?;
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(
+                &info.collection,
+                info.resource.as_deref(),
+            )),
+            Err(e) => Err(io_err(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    fn sync_file(path: &Path) -> Result<()> {
+        match File::open(path) {
+            Ok(f) => f
+                .sync_all()
+                .map_err(|e| io_err(format!("fsync {}", path.display()), e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("open {}", path.display()), e)),
+        }
+    }
+}
+
+impl Storage for FsStorage {
+    fn create_container(&self, collection: &str) -> Result<()> {
+        let dir = self.collection_dir(collection)?;
+        match fs::create_dir(&dir) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+            Err(e) => Err(io_err(format!("create {}", dir.display()), e)),
+        }
+    }
+
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        let c = encode_name({
+            validate_name(collection)?;
+            collection
+        })?;
+        let key = match resource {
+            Some(r) => {
+                validate_name(r)?;
+                format!("{c}/{}", encode_name(r)?)
+            }
+            None => c,
+        };
+        Ok(ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key,
+        })
+    }
+
+    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, false)
+    }
+
+    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, true)
+    }
+
+    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
+        self.put(info, content, false)
+    }
+
+    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
+        self.put(info, data, true)
+    }
+
+    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, false)
+    }
+
+    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, true)
+    }
+
+    fn exists(&self, info: &ResourceInfo) -> Result<bool> {
+        match &info.resource {
+            None => Ok(self.collection_dir(&info.collection)?.is_dir()),
+            Some(_) => {
+                let (content, _) = self.file(info, false)?;
+                let (meta, _) = self.file(info, true)?;
+                Ok(content.is_file() || meta.is_file())
+            }
+        }
+    }
+
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
+        self.ils(collection, ext)?.collect()
+    }
+
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
+        let dir = self.existing_collection(collection)?;
+        let entries =
+            fs::read_dir(&dir).map_err(|e| io_err(format!("list {}", dir.display()), e))?;
+        let collection = collection.to_string();
+        let ext = ext.map(str::to_string);
+        Ok(Box::new(entries.filter_map(move |entry| {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => return Some(Err(io_err(format!("list {}", dir.display()), e))),
+            };
+            let file = entry.file_name();
+            let file = file.to_str()?;
+            // One entry per resource: its content file, or its metadata file when it has no
+            // content. Temporary files and anything else are skipped.
+            let enc = if let Some(enc) = file.strip_suffix(CONTENT) {
+                enc
+            } else {
+                let enc = file.strip_suffix(META)?;
+                if dir.join(format!("{enc}{CONTENT}")).exists() {
+                    return None;
+                }
+                enc
+            };
+            let name = decode_name(enc)?;
+            if !ext_matches(&name, ext.as_deref()) {
+                return None;
+            }
+            let info = ResourceInfo {
+                key: format!("{}/{enc}", encode_name(&collection).ok()?),
+                collection: collection.clone(),
+                resource: Some(name.clone()),
+            };
+            Some(Ok((name, info)))
+        })))
+    }
+
+    fn persist(&self, paths: &[&str]) -> Result<()> {
+        if paths.is_empty() {
+            let entries = fs::read_dir(&self.root)
+                .map_err(|e| io_err(format!("list {}", self.root.display()), e))?;
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    sync_dir(&e.path())?;
+                }
+            }
+            return sync_dir(&self.root);
+        }
+        for p in paths {
+            let (c, r) = split_path(p)?;
+            let info = self.info(c, r)?;
+            let dir = self.existing_collection(c)?;
+            if r.is_some() {
+                Self::sync_file(&self.file(&info, false)?.0)?;
+                Self::sync_file(&self.file(&info, true)?.0)?;
+            }
+            sync_dir(&dir)?;
+        }
+        sync_dir(&self.root)
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        // Every write is durable when it returns; nothing is held open.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn encoding_examples() {
+        assert_eq!(encode_name("abc-1_2.txt").unwrap(), "abc-1_2.txt");
+        assert_eq!(encode_name("A").unwrap(), "%41");
+        assert_eq!(encode_name(".hidden").unwrap(), "%2ehidden");
+        assert_eq!(encode_name("a b~c").unwrap(), "a%20b%7ec");
+        assert_eq!(encode_name("é").unwrap(), "%c3%a9");
+        assert!(encode_name(&"é".repeat(50)).is_err());
+        assert_eq!(decode_name("%41"), Some("A".into()));
+        assert_eq!(decode_name("%4A"), None, "only canonical encodings");
+        assert_eq!(decode_name("A"), None);
+        assert_eq!(decode_name("%zz"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_is_injective_and_safe(name in "\\PC{1,60}") {
+            prop_assume!(validate_name(&name).is_ok());
+            if let Ok(enc) = encode_name(&name) {
+                prop_assert!(enc.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.%".contains(&b)));
+                prop_assert!(!enc.starts_with('.'));
+                prop_assert!(!enc.contains('~'));
+                prop_assert_eq!(decode_name(&enc), Some(name.clone()));
+                // Case-insensitive file systems: distinct names never fold together.
+                let upper = name.to_uppercase();
+                if upper != name {
+                    if let Ok(e2) = encode_name(&upper) {
+                        prop_assert_ne!(e2.to_lowercase(), enc.to_lowercase());
+                    }
+                }
+            }
+        }
+    }
+}

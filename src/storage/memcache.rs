@@ -1,0 +1,803 @@
+//! `MemcacheStorage`: a memcached cluster in front of any other storage (or alone).
+//!
+//! # How it stays correct
+//!
+//! - **Reads**: cache first. On a miss the reader puts a short-lived *filling* marker with
+//!   `add`, reads the marker's CAS unique with `gets`, reads the master, and stores the value
+//!   with `cas` against that unique. Readers that find a marker wait (bounded) for the value
+//!   instead of all reading the master; after the wait they read the master without filling.
+//! - **Writes and removes**: the master first, then the cache entry is *deleted* (not
+//!   overwritten: two writers racing could leave the older value in the cache). A delete
+//!   removes any filling marker, so a reader that read the master before the write fails its
+//!   `cas` and cannot put the old value back.
+//! - **Cache failures**: every call still succeeds from the master; the error is counted. A
+//!   delete that failed is remembered (up to a bound) and the key is not read from the cache
+//!   until a replayed delete succeeds; past the bound, the cache is bypassed until a
+//!   `flush_all` succeeds. So a server that was frozen during a write cannot serve the old
+//!   content afterwards.
+//! - Content larger than the cache's item size is marked *too large* in the cache and served
+//!   from the master, without error.
+//! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
+//!
+//! Without a master (standalone), content lives only in memcached (and may be evicted), and
+//! collection membership is kept under one key per collection, updated with `gets`/`cas`
+//! retries so concurrent puts lose no member.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::memory::not_found;
+use super::{ext_matches, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use crate::client::{CasResult, Client, Pool, SetOptions};
+use crate::error::{Error, Result};
+use crate::proto::Key;
+
+/// Flags of cache entries that are not content.
+const FLAG_VALUE: u32 = 0;
+const FLAG_FILLING: u32 = 0x4d43_0001;
+const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
+
+/// How long a filling marker lives if its reader dies before filling.
+const FILLING_TTL: u32 = 10;
+/// Failed invalidations remembered before the whole cache is distrusted.
+const MAX_PENDING: usize = 10_000;
+/// Minimum time between replays of failed invalidations.
+const REPLAY_EVERY: Duration = Duration::from_millis(100);
+/// Poll interval while waiting for another reader's fill.
+const FILL_POLL: Duration = Duration::from_millis(2);
+
+/// Makes the cache key of a resource (or collection) from its names. The storage appends
+/// `:c` for content and `:m` for metadata, so the result must leave room for 2 bytes.
+///
+/// ```
+/// use mcstore::storage::KeyGenerator;
+/// let k = KeyGenerator::default().key("posts", Some("hello world.txt"));
+/// assert!(k.starts_with("mcs:posts:") && k.len() == 4 + 5 + 1 + 64);
+/// let custom = KeyGenerator::new(|c, r| format!("app:{c}:{}", r.unwrap_or("")));
+/// assert_eq!(custom.key("a", Some("b")), "app:a:b");
+/// ```
+#[derive(Clone)]
+pub struct KeyGenerator(Arc<KeyFn>);
+
+type KeyFn = dyn Fn(&str, Option<&str>) -> String + Send + Sync;
+
+impl KeyGenerator {
+    /// A custom generator.
+    pub fn new(f: impl Fn(&str, Option<&str>) -> String + Send + Sync + 'static) -> Self {
+        KeyGenerator(Arc::new(f))
+    }
+
+    /// The key for `collection` / `resource`.
+    pub fn key(&self, collection: &str, resource: Option<&str>) -> String {
+        (self.0)(collection, resource)
+    }
+}
+
+impl Default for KeyGenerator {
+    /// `mcs:<collection, sanitised, at most 40 bytes>:<hex SHA-256 of the names>`: always a
+    /// valid memcached key, whatever the names contain, and distinct for distinct names.
+    fn default() -> Self {
+        KeyGenerator::new(|collection, resource| {
+            let mut h = Sha256::new();
+            h.update(collection.as_bytes());
+            h.update([0]);
+            if let Some(r) = resource {
+                h.update(r.as_bytes());
+                h.update([1]);
+            }
+            let mut key = String::from("mcs:");
+            key.extend(collection.chars().take(40).map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            }));
+            key.push(':');
+            for b in h.finalize() {
+                let _ = write!(key, "{b:02x}");
+            }
+            key
+        })
+    }
+}
+
+/// What the cache did, for monitoring and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageCounters {
+    /// Reads served from the cache.
+    pub hits: u64,
+    /// Reads that missed the cache.
+    pub misses: u64,
+    /// Cache calls that failed (absorbed: the master served or took the call).
+    pub cache_errors: u64,
+    /// Reads that went to the master.
+    pub master_reads: u64,
+    /// Values stored in the cache by readers after a miss.
+    pub fills: u64,
+    /// Reads that found another reader filling and waited for it.
+    pub fill_waits: u64,
+    /// Reads that skipped the cache because an invalidation of their key is pending.
+    pub bypassed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    cache_errors: AtomicU64,
+    master_reads: AtomicU64,
+    fills: AtomicU64,
+    fill_waits: AtomicU64,
+    bypassed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Default)]
+struct Pending {
+    keys: HashSet<String>,
+    /// More failures than we could remember: distrust the whole cache until a flush.
+    overflow: bool,
+    last_replay: Option<Instant>,
+}
+
+/// Options for a [`MemcacheStorage`].
+pub struct MemcacheStorageBuilder {
+    pool: Pool,
+    master: Option<Arc<dyn Storage>>,
+    keys: KeyGenerator,
+    ttl: u32,
+    max_item_size: usize,
+    fill_wait: Duration,
+}
+
+impl MemcacheStorageBuilder {
+    /// The key generator (default: [`KeyGenerator::default`]).
+    pub fn key_generator(mut self, keys: KeyGenerator) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// Expiration of cached entries in seconds (default 0: until evicted or invalidated).
+    pub fn ttl(mut self, ttl: u32) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
+    /// default `-I 1m`); larger content is served from the master.
+    pub fn max_item_size(mut self, bytes: usize) -> Self {
+        self.max_item_size = bytes;
+        self
+    }
+
+    /// How long a reader waits for another reader's fill before reading the master itself
+    /// (default 200 ms).
+    pub fn fill_wait(mut self, wait: Duration) -> Self {
+        self.fill_wait = wait;
+        self
+    }
+
+    /// Builds the storage.
+    pub fn build(self) -> MemcacheStorage {
+        MemcacheStorage {
+            pool: self.pool,
+            master: self.master,
+            keys: self.keys,
+            ttl: self.ttl,
+            max_item_size: self.max_item_size,
+            fill_wait: self.fill_wait,
+            counters: Counters::default(),
+            pending: Mutex::new(Pending::default()),
+        }
+    }
+}
+
+/// A cache-through proxy storage (see the module documentation for the rules it keeps).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use mcstore::{Client, Pool};
+/// use mcstore::storage::{FsStorage, MemcacheStorage, Storage};
+/// # fn main() -> mcstore::Result<()> {
+/// let master = Arc::new(FsStorage::open("./data")?);
+/// let pool = Pool::new(Client::builder().server("127.0.0.1:11211"), 8)?;
+/// let store = MemcacheStorage::new(pool, Some(master));
+/// store.create_container("posts")?;
+/// let info = store.info("posts", Some("hello.txt"))?;
+/// store.put_content(&info, "hello".into())?;
+/// assert_eq!(&store.get_content(&info)?[..], b"hello");   // cache miss, filled
+/// assert_eq!(&store.get_content(&info)?[..], b"hello");   // cache hit
+/// # Ok(()) }
+/// ```
+pub struct MemcacheStorage {
+    pool: Pool,
+    master: Option<Arc<dyn Storage>>,
+    keys: KeyGenerator,
+    ttl: u32,
+    max_item_size: usize,
+    fill_wait: Duration,
+    counters: Counters,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Content,
+    Meta,
+}
+
+impl Part {
+    fn suffix(self) -> &'static str {
+        match self {
+            Part::Content => ":c",
+            Part::Meta => ":m",
+        }
+    }
+}
+
+/// The result of looking a key up in the cache.
+enum Lookup {
+    Hit(Bytes),
+    /// Not cached; if we own the fill, the CAS unique of our filling marker.
+    Miss(Option<u64>),
+    /// Do not fill (too large, or another reader did not finish in time).
+    Master,
+}
+
+impl MemcacheStorage {
+    /// A proxy in front of `master` (or standalone with `None`), using the cache through
+    /// `pool` (a [`Pool`], or a single [`Client`] via `.into()`).
+    pub fn new(pool: impl Into<Pool>, master: Option<Arc<dyn Storage>>) -> MemcacheStorage {
+        MemcacheStorage::builder(pool, master).build()
+    }
+
+    /// Like [`new`](Self::new), with options.
+    pub fn builder(pool: impl Into<Pool>, master: Option<Arc<dyn Storage>>) -> MemcacheStorageBuilder {
+        MemcacheStorageBuilder {
+            pool: pool.into(),
+            master,
+            keys: KeyGenerator::default(),
+            ttl: 0,
+            max_item_size: 1024 * 1024 - 1024,
+            fill_wait: Duration::from_millis(200),
+        }
+    }
+
+    /// What the cache has done so far.
+    pub fn counters(&self) -> StorageCounters {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StorageCounters {
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            cache_errors: l(&c.cache_errors),
+            master_reads: l(&c.master_reads),
+            fills: l(&c.fills),
+            fill_waits: l(&c.fill_waits),
+            bypassed: l(&c.bypassed),
+        }
+    }
+
+    /// Invalidations that failed and await a successful replay.
+    pub fn pending_invalidations(&self) -> usize {
+        let p = self.lock_pending();
+        p.keys.len() + usize::from(p.overflow)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_key(&self, info: &ResourceInfo, part: Part) -> Result<String> {
+        let key = format!("{}{}", info.key, part.suffix());
+        Key::new(key.as_bytes())?;
+        Ok(key)
+    }
+
+    fn members_key(&self, collection: &str) -> Result<String> {
+        let key = format!("{}:members", self.keys.key(collection, None));
+        Key::new(key.as_bytes())?;
+        Ok(key)
+    }
+
+    fn cache_failed(&self, _e: &Error) {
+        bump(&self.counters.cache_errors);
+    }
+
+    /// Remembers a failed invalidation.
+    fn remember(&self, key: String) {
+        let mut p = self.lock_pending();
+        if p.keys.len() >= MAX_PENDING {
+            p.overflow = true;
+            p.keys.clear();
+        } else if !p.overflow {
+            p.keys.insert(key);
+        }
+    }
+
+    /// True if `key` must not be read from the cache (an invalidation is pending).
+    fn distrusted(&self, key: &str) -> bool {
+        let p = self.lock_pending();
+        p.overflow || p.keys.contains(key)
+    }
+
+    /// Replays failed invalidations, at most every [`REPLAY_EVERY`].
+    fn replay(&self, c: &mut Client) {
+        let (keys, overflow) = {
+            let mut p = self.lock_pending();
+            if p.keys.is_empty() && !p.overflow {
+                return;
+            }
+            let now = Instant::now();
+            if p.last_replay.is_some_and(|t| now - t < REPLAY_EVERY) {
+                return;
+            }
+            p.last_replay = Some(now);
+            (p.keys.iter().cloned().collect::<Vec<_>>(), p.overflow)
+        };
+        if overflow {
+            match c.flush_all(None) {
+                Ok(()) => {
+                    let mut p = self.lock_pending();
+                    p.overflow = false;
+                    p.keys.clear();
+                }
+                Err(e) => self.cache_failed(&e),
+            }
+            return;
+        }
+        for key in keys {
+            match c.delete(key.as_bytes()) {
+                Ok(_) => {
+                    self.lock_pending().keys.remove(&key);
+                }
+                Err(e) => self.cache_failed(&e),
+            }
+        }
+    }
+
+    fn master(&self) -> Option<&dyn Storage> {
+        self.master.as_deref()
+    }
+
+    /// The master's own info for the same names.
+    fn master_info(&self, m: &dyn Storage, info: &ResourceInfo) -> Result<ResourceInfo> {
+        m.info(&info.collection, info.resource.as_deref())
+    }
+
+    fn master_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        bump(&self.counters.master_reads);
+        let mi = self.master_info(m, info)?;
+        match part {
+            Part::Content => m.get_content(&mi),
+            Part::Meta => m.get_meta_data(&mi),
+        }
+    }
+
+    fn checkout(&self) -> Option<crate::client::PooledClient<'_>> {
+        match self.pool.get() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.cache_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Looks `key` up; on a miss, tries to become its filler.
+    fn lookup(&self, c: &mut Client, key: &str) -> Result<Lookup> {
+        let k = key.as_bytes();
+        for _ in 0..2 {
+            match c.gets(k)? {
+                Some(item) => return self.found(c, key, item.flags, item.value, item.cas),
+                None => {
+                    let marker = SetOptions::default().flags(FLAG_FILLING).ttl(FILLING_TTL);
+                    if c.add(k, b"", marker)? {
+                        // Ours: learn its CAS unique (a writer may have replaced it already).
+                        return match c.gets(k)? {
+                            Some(item) if item.flags == FLAG_FILLING => {
+                                Ok(Lookup::Miss(item.cas))
+                            }
+                            Some(item) => self.found(c, key, item.flags, item.value, item.cas),
+                            None => Ok(Lookup::Miss(None)),
+                        };
+                    }
+                    // Someone else added it first: look again.
+                }
+            }
+        }
+        Ok(Lookup::Miss(None))
+    }
+
+    fn found(
+        &self,
+        c: &mut Client,
+        key: &str,
+        flags: u32,
+        value: Vec<u8>,
+        _cas: Option<u64>,
+    ) -> Result<Lookup> {
+        match flags {
+            FLAG_VALUE => Ok(Lookup::Hit(Bytes::from(value))),
+            FLAG_TOO_LARGE => Ok(Lookup::Master),
+            FLAG_FILLING => {
+                // Another reader is filling: wait for it, bounded.
+                bump(&self.counters.fill_waits);
+                let deadline = Instant::now() + self.fill_wait;
+                while Instant::now() < deadline {
+                    std::thread::sleep(FILL_POLL);
+                    match c.get(key.as_bytes())? {
+                        Some(item) if item.flags == FLAG_VALUE => {
+                            return Ok(Lookup::Hit(Bytes::from(item.value)))
+                        }
+                        Some(item) if item.flags == FLAG_FILLING => continue,
+                        _ => return Ok(Lookup::Master),
+                    }
+                }
+                Ok(Lookup::Master)
+            }
+            // Not written by us: treat as absent, and do not overwrite it.
+            _ => Ok(Lookup::Master),
+        }
+    }
+
+    /// Stores `value` in place of our filling marker, unless a writer got there first.
+    fn fill(&self, c: &mut Client, key: &str, cas: u64, value: &[u8]) {
+        let (data, flags): (&[u8], u32) = if value.len() <= self.max_item_size {
+            (value, FLAG_VALUE)
+        } else {
+            (b"", FLAG_TOO_LARGE)
+        };
+        let opts = SetOptions::default().flags(flags).ttl(self.ttl);
+        match c.cas(key.as_bytes(), data, cas, opts) {
+            Ok(CasResult::Stored) if flags == FLAG_VALUE => bump(&self.counters.fills),
+            Ok(_) => {}
+            Err(e) => self.cache_failed(&e),
+        }
+    }
+
+    fn cached_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        let key = self.cache_key(info, part)?;
+        let Some(mut c) = self.checkout() else {
+            return self.master_get(m, info, part);
+        };
+        self.replay(&mut c);
+        if self.distrusted(&key) {
+            bump(&self.counters.bypassed);
+            return self.master_get(m, info, part);
+        }
+        let lookup = match self.lookup(&mut c, &key) {
+            Ok(l) => l,
+            Err(e) => {
+                self.cache_failed(&e);
+                return self.master_get(m, info, part);
+            }
+        };
+        match lookup {
+            Lookup::Hit(v) => {
+                bump(&self.counters.hits);
+                Ok(v)
+            }
+            Lookup::Master => {
+                bump(&self.counters.misses);
+                self.master_get(m, info, part)
+            }
+            Lookup::Miss(filler) => {
+                bump(&self.counters.misses);
+                let value = self.master_get(m, info, part);
+                if let Some(cas) = filler {
+                    match &value {
+                        Ok(v) => self.fill(&mut c, &key, cas, v),
+                        // Gone from the master: drop our marker so nobody waits for it.
+                        Err(_) => {
+                            if let Err(e) = c.delete(key.as_bytes()) {
+                                self.cache_failed(&e);
+                            }
+                        }
+                    }
+                }
+                value
+            }
+        }
+    }
+
+    /// Deletes the cache entries of a resource after a master write; failures are remembered.
+    fn invalidate(&self, keys: &[String]) {
+        let Some(mut c) = self.checkout() else {
+            for k in keys {
+                self.remember(k.clone());
+            }
+            return;
+        };
+        self.replay(&mut c);
+        for k in keys {
+            if let Err(e) = c.delete(k.as_bytes()) {
+                self.cache_failed(&e);
+                self.remember(k.clone());
+            }
+        }
+    }
+
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        match self.master() {
+            Some(m) => self.cached_get(m, info, part),
+            None => self.standalone_get(info, part),
+        }
+    }
+
+    fn put(&self, info: &ResourceInfo, data: Content<'_>, part: Part) -> Result<()> {
+        let key = self.cache_key(info, part)?;
+        match self.master() {
+            Some(m) => {
+                let mi = self.master_info(m, info)?;
+                match part {
+                    Part::Content => m.put_content(&mi, data)?,
+                    Part::Meta => m.put_meta_data(&mi, data)?,
+                }
+                self.invalidate(&[key]);
+                Ok(())
+            }
+            None => self.standalone_put(info, data, &key),
+        }
+    }
+
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        let key = self.cache_key(info, part)?;
+        match self.master() {
+            Some(m) => {
+                let mi = self.master_info(m, info)?;
+                let r = match part {
+                    Part::Content => m.remove_content(&mi),
+                    Part::Meta => m.remove_meta_data(&mi),
+                };
+                // Invalidate even if the master had nothing: the cache might.
+                self.invalidate(&[key]);
+                r
+            }
+            None => self.standalone_remove(info, part, &key),
+        }
+    }
+
+    // Standalone mode: memcached is the only store.
+
+    fn client(&self) -> Result<crate::client::PooledClient<'_>> {
+        self.pool.get()
+    }
+
+    fn standalone_get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        let key = self.cache_key(info, part)?;
+        let mut c = self.client()?;
+        match c.get(key.as_bytes())? {
+            Some(item) if item.flags == FLAG_VALUE => {
+                bump(&self.counters.hits);
+                Ok(Bytes::from(item.value))
+            }
+            _ => {
+                bump(&self.counters.misses);
+                Err(not_found(&info.collection, info.resource.as_deref()))
+            }
+        }
+    }
+
+    fn standalone_put(&self, info: &ResourceInfo, data: Content<'_>, key: &str) -> Result<()> {
+        let name = info.resource_name()?.to_string();
+        let data = data.into_bytes()?;
+        let mut c = self.client()?;
+        let members = self.members_key(&info.collection)?;
+        if c.get(members.as_bytes())?.is_none() {
+            return Err(not_found(&info.collection, None));
+        }
+        c.set(key.as_bytes(), &data, SetOptions::default().ttl(self.ttl))?;
+        self.update_members(&mut c, &info.collection, |names| {
+            names.insert(name.clone())
+        })
+    }
+
+    fn standalone_remove(&self, info: &ResourceInfo, part: Part, key: &str) -> Result<()> {
+        let name = info.resource_name()?.to_string();
+        let mut c = self.client()?;
+        if !c.delete(key.as_bytes())? {
+            return Err(not_found(&info.collection, Some(&name)));
+        }
+        let other = match part {
+            Part::Content => Part::Meta,
+            Part::Meta => Part::Content,
+        };
+        let other_key = self.cache_key(info, other)?;
+        if c.get(other_key.as_bytes())?.is_none() {
+            self.update_members(&mut c, &info.collection, |names| names.remove(&name))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the member set with `gets`, changes it, and writes it back with `cas`, retrying
+    /// when another writer got in between.
+    fn update_members(
+        &self,
+        c: &mut Client,
+        collection: &str,
+        change: impl Fn(&mut std::collections::BTreeSet<String>) -> bool,
+    ) -> Result<()> {
+        let key = self.members_key(collection)?;
+        for attempt in 0..1000u32 {
+            let Some(item) = c.gets(key.as_bytes())? else {
+                return Err(not_found(collection, None));
+            };
+            let mut names = decode_members(&item.value);
+            if !change(&mut names) {
+                return Ok(());
+            }
+            let value = encode_members(&names);
+            match c.cas(key.as_bytes(), &value, item.cas.unwrap_or(0), SetOptions::default())? {
+                CasResult::Stored => return Ok(()),
+                CasResult::NotFound => return Err(not_found(collection, None)),
+                CasResult::Exists => {
+                    // Contended: back off a little, growing.
+                    std::thread::sleep(Duration::from_micros(50 * u64::from(attempt.min(40))));
+                }
+            }
+        }
+        Err(Error::Storage {
+            context: format!("updating the members of {collection}"),
+            source: std::io::Error::other("too much contention"),
+        })
+    }
+
+    fn standalone_members(&self, collection: &str) -> Result<Vec<String>> {
+        let key = self.members_key(collection)?;
+        let mut c = self.client()?;
+        match c.get(key.as_bytes())? {
+            Some(item) => Ok(decode_members(&item.value).into_iter().collect()),
+            None => Err(not_found(collection, None)),
+        }
+    }
+}
+
+/// Member names, NUL-separated (names cannot contain NUL).
+fn encode_members(names: &std::collections::BTreeSet<String>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for n in names {
+        v.extend_from_slice(n.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+fn decode_members(v: &[u8]) -> std::collections::BTreeSet<String> {
+    v.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+impl Storage for MemcacheStorage {
+    fn create_container(&self, collection: &str) -> Result<()> {
+        validate_name(collection)?;
+        match self.master() {
+            Some(m) => m.create_container(collection),
+            None => {
+                let key = self.members_key(collection)?;
+                self.client()?.add(key.as_bytes(), b"", SetOptions::default())?;
+                Ok(())
+            }
+        }
+    }
+
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        validate_name(collection)?;
+        if let Some(r) = resource {
+            validate_name(r)?;
+        }
+        if let Some(m) = self.master() {
+            m.info(collection, resource)?; // the master's own rules (e.g. encoded length)
+        }
+        let key = self.keys.key(collection, resource);
+        let info = ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key,
+        };
+        self.cache_key(&info, Part::Content)?;
+        Ok(info)
+    }
+
+    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, Part::Content)
+    }
+
+    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, Part::Meta)
+    }
+
+    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
+        self.put(info, content, Part::Content)
+    }
+
+    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
+        self.put(info, data, Part::Meta)
+    }
+
+    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, Part::Content)
+    }
+
+    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, Part::Meta)
+    }
+
+    fn exists(&self, info: &ResourceInfo) -> Result<bool> {
+        match self.master() {
+            // Only the master knows: the cache may hold what the master no longer has.
+            Some(m) => m.exists(&self.master_info(m, info)?),
+            None => match &info.resource {
+                None => Ok(self.standalone_members(&info.collection).is_ok()),
+                Some(_) => {
+                    let mut c = self.client()?;
+                    for part in [Part::Content, Part::Meta] {
+                        let key = self.cache_key(info, part)?;
+                        if c.get(key.as_bytes())?.is_some() {
+                            return Ok(true);
+                        }
+                    }
+                    Ok(false)
+                }
+            },
+        }
+    }
+
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
+        self.ils(collection, ext)?.collect()
+    }
+
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
+        validate_name(collection)?;
+        let names: Box<dyn Iterator<Item = Result<String>>> = match self.master() {
+            Some(m) => Box::new(m.ils(collection, ext)?.map(|r| r.map(|(n, _)| n))),
+            None => Box::new(
+                self.standalone_members(collection)?
+                    .into_iter()
+                    .filter(move |n| ext_matches(n, ext))
+                    .map(Ok)
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ),
+        };
+        let collection = collection.to_string();
+        Ok(Box::new(names.map(move |n| {
+            let n = n?;
+            let key = self.keys.key(&collection, Some(&n));
+            Ok((
+                n.clone(),
+                ResourceInfo {
+                    collection: collection.clone(),
+                    resource: Some(n),
+                    key,
+                },
+            ))
+        })))
+    }
+
+    fn persist(&self, paths: &[&str]) -> Result<()> {
+        match self.master() {
+            Some(m) => m.persist(paths),
+            None => Ok(()),
+        }
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        match self.master() {
+            Some(m) => m.shutdown(),
+            None => Ok(()),
+        }
+    }
+}

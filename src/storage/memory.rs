@@ -1,0 +1,196 @@
+//! An in-process storage: the oracle in tests.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use bytes::Bytes;
+
+use super::{
+    ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage,
+};
+use crate::error::{Error, Result};
+
+#[derive(Default, Clone)]
+struct Entry {
+    content: Option<Bytes>,
+    meta: Option<Bytes>,
+}
+
+/// Collections held in memory, behind one lock.
+///
+/// ```
+/// use mcstore::storage::{MemoryStorage, Storage};
+/// let s = MemoryStorage::new();
+/// s.create_container("posts").unwrap();
+/// let info = s.info("posts", Some("hello.txt")).unwrap();
+/// s.put_content(&info, "hi".into()).unwrap();
+/// assert_eq!(&s.get_content(&info).unwrap()[..], b"hi");
+/// ```
+#[derive(Default)]
+pub struct MemoryStorage {
+    collections: RwLock<BTreeMap<String, BTreeMap<String, Entry>>>,
+}
+
+impl MemoryStorage {
+    /// An empty storage.
+    pub fn new() -> MemoryStorage {
+        MemoryStorage::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<String, Entry>>> {
+        self.collections.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<String, Entry>>> {
+        self.collections.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, info: &ResourceInfo, meta: bool) -> Result<Bytes> {
+        let name = info.resource_name()?;
+        let cols = self.read();
+        let entry = cols
+            .get(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?
+            .get(name);
+        let value = entry.and_then(|e| if meta { e.meta.clone() } else { e.content.clone() });
+        value.ok_or_else(|| not_found(&info.collection, Some(name)))
+    }
+
+    fn put(&self, info: &ResourceInfo, data: Content<'_>, meta: bool) -> Result<()> {
+        let name = info.resource_name()?;
+        let data = data.into_bytes()?;
+        let mut cols = self.write();
+        let col = cols
+            .get_mut(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?;
+        let entry = col.entry(name.to_string()).or_default();
+        if meta {
+            entry.meta = Some(data);
+        } else {
+            entry.content = Some(data);
+        }
+        Ok(())
+    }
+
+    fn remove(&self, info: &ResourceInfo, meta: bool) -> Result<()> {
+        let name = info.resource_name()?;
+        let mut cols = self.write();
+        let col = cols
+            .get_mut(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?;
+        let entry = col
+            .get_mut(name)
+            .ok_or_else(|| not_found(&info.collection, Some(name)))?;
+        let slot = if meta { &mut entry.meta } else { &mut entry.content };
+        if slot.take().is_none() {
+            return Err(not_found(&info.collection, Some(name)));
+        }
+        if entry.content.is_none() && entry.meta.is_none() {
+            col.remove(name);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn not_found(collection: &str, resource: Option<&str>) -> Error {
+    Error::NotFound(match resource {
+        Some(r) => format!("{collection}/{r}"),
+        None => format!("collection {collection}"),
+    })
+}
+
+impl Storage for MemoryStorage {
+    fn create_container(&self, collection: &str) -> Result<()> {
+        validate_name(collection)?;
+        self.write().entry(collection.to_string()).or_default();
+        Ok(())
+    }
+
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        validate_name(collection)?;
+        if let Some(r) = resource {
+            validate_name(r)?;
+        }
+        Ok(ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key: match resource {
+                Some(r) => format!("{collection}/{r}"),
+                None => collection.to_string(),
+            },
+        })
+    }
+
+    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, false)
+    }
+
+    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, true)
+    }
+
+    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
+        self.put(info, content, false)
+    }
+
+    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
+        self.put(info, data, true)
+    }
+
+    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, false)
+    }
+
+    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, true)
+    }
+
+    fn exists(&self, info: &ResourceInfo) -> Result<bool> {
+        let cols = self.read();
+        let Some(col) = cols.get(&info.collection) else {
+            return Ok(false);
+        };
+        Ok(match &info.resource {
+            None => true,
+            Some(r) => col.contains_key(r),
+        })
+    }
+
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
+        self.ils(collection, ext)?.collect()
+    }
+
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
+        validate_name(collection)?;
+        let cols = self.read();
+        let col = cols
+            .get(collection)
+            .ok_or_else(|| not_found(collection, None))?;
+        // A snapshot: the lock is not held while the caller iterates.
+        let names: Vec<String> = col
+            .keys()
+            .filter(|n| ext_matches(n, ext))
+            .cloned()
+            .collect();
+        let collection = collection.to_string();
+        Ok(Box::new(names.into_iter().map(move |n| {
+            let info = ResourceInfo {
+                collection: collection.clone(),
+                resource: Some(n.clone()),
+                key: format!("{collection}/{n}"),
+            };
+            Ok((n, info))
+        })))
+    }
+
+    fn persist(&self, paths: &[&str]) -> Result<()> {
+        for p in paths {
+            split_path(p)?;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! Storage: collections of resources, each with content (media bytes) and metadata (an entry
+//! document).
+//!
+//! - [`FsStorage`]: the durable, embedded default master (atomic writes, safe names).
+//! - [`MemoryStorage`]: in-process, the oracle in tests.
+//! - [`MemcacheStorage`]: a cache-through proxy putting a memcached cluster in front of any
+//!   other storage (or standing alone).
+//!
+//! Names: a collection or resource name is any non-empty UTF-8 string up to 200 bytes that
+//! cannot be read as a path: no `/`, `\`, NUL, and not `.` or `..`. Such names are rejected
+//! with [`Error::InvalidName`]; every other name is accepted and each storage maps it safely
+//! (the file storage percent-encodes it).
+//!
+//! A resource exists when it has content or metadata. `ls` and `ils` filter by extension:
+//! `ext = Some("txt")` keeps names ending in `.txt`.
+
+mod fs;
+mod memcache;
+mod memory;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use bytes::Bytes;
+
+pub use fs::FsStorage;
+pub use memcache::{KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters};
+pub use memory::MemoryStorage;
+
+use crate::error::{Error, Result};
+
+/// Where a resource (or, with `resource: None`, a collection) lives, as returned by
+/// [`Storage::info`]. `key` is specific to the storage that made it: a relative path for the
+/// file storage, a memcached key for the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceInfo {
+    /// The collection's name.
+    pub collection: String,
+    /// The resource's name; `None` for the collection itself.
+    pub resource: Option<String>,
+    /// The storage-specific key.
+    pub key: String,
+}
+
+impl ResourceInfo {
+    fn resource_name(&self) -> Result<&str> {
+        self.resource.as_deref().ok_or_else(|| Error::InvalidName {
+            name: self.collection.clone(),
+            reason: "this call needs a resource, not a collection",
+        })
+    }
+}
+
+/// Content to store: bytes in memory, or a reader that yields the full content.
+pub enum Content<'a> {
+    /// The whole content.
+    Bytes(&'a [u8]),
+    /// A reader, read to its end.
+    Reader(&'a mut (dyn Read + Send)),
+}
+
+impl<'a> From<&'a [u8]> for Content<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Content::Bytes(b)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Content<'a> {
+    fn from(b: &'a Vec<u8>) -> Self {
+        Content::Bytes(b)
+    }
+}
+
+impl<'a> From<&'a str> for Content<'a> {
+    fn from(s: &'a str) -> Self {
+        Content::Bytes(s.as_bytes())
+    }
+}
+
+impl Content<'_> {
+    /// Reads everything into memory.
+    pub fn into_bytes(self) -> Result<Bytes> {
+        match self {
+            Content::Bytes(b) => Ok(Bytes::copy_from_slice(b)),
+            Content::Reader(r) => {
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).map_err(|source| Error::Storage {
+                    context: "reading content to store".into(),
+                    source,
+                })?;
+                Ok(Bytes::from(v))
+            }
+        }
+    }
+}
+
+/// A streaming listing, as [`Storage::ils`] returns it.
+pub type ResourceIter<'a> = Box<dyn Iterator<Item = Result<(String, ResourceInfo)>> + 'a>;
+
+/// Collections of resources with content and metadata. One storage is shared by many threads.
+pub trait Storage: Send + Sync {
+    /// Creates a collection (no error if it exists).
+    fn create_container(&self, collection: &str) -> Result<()>;
+    /// Where a resource, or with `None` the collection, lives. Validates the names; does not
+    /// check existence.
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo>;
+    /// The resource's content; [`Error::NotFound`] if it has none.
+    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes>;
+    /// The resource's metadata; [`Error::NotFound`] if it has none.
+    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes>;
+    /// Stores the content (the collection must exist).
+    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()>;
+    /// Stores the metadata (the collection must exist).
+    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()>;
+    /// Removes the content; [`Error::NotFound`] if there was none.
+    fn remove_content(&self, info: &ResourceInfo) -> Result<()>;
+    /// Removes the metadata; [`Error::NotFound`] if there was none.
+    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()>;
+    /// True if the resource has content or metadata (for a collection: if it exists).
+    fn exists(&self, info: &ResourceInfo) -> Result<bool>;
+    /// The resources of a collection, by name, optionally only those ending in `.ext`.
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>>;
+    /// Like [`ls`](Self::ls), streaming (for large collections), in no particular order.
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>>;
+    /// Makes sure the named resources (`"collection/resource"`, or whole collections as
+    /// `"collection"`; all if empty) are durable.
+    fn persist(&self, paths: &[&str]) -> Result<()>;
+    /// Releases what the storage holds; later calls may fail.
+    fn shutdown(&self) -> Result<()>;
+}
+
+/// Longest accepted name, in bytes (before any encoding).
+pub const MAX_NAME_LEN: usize = 200;
+
+/// Checks a collection or resource name (see the module docs).
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("longer than 200 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are path components");
+    }
+    if name.contains('/') || name.contains('\\') {
+        return bad("contains a path separator");
+    }
+    if name.contains('\0') {
+        return bad("contains NUL");
+    }
+    Ok(())
+}
+
+/// True if `name` passes the `ext` filter of `ls`/`ils`.
+fn ext_matches(name: &str, ext: Option<&str>) -> bool {
+    match ext {
+        None => true,
+        Some(ext) => {
+            let ext = ext.trim_start_matches('.');
+            name.len() > ext.len() + 1
+                && name.ends_with(ext)
+                && name.as_bytes()[name.len() - ext.len() - 1] == b'.'
+        }
+    }
+}
+
+/// Splits a `persist` path into collection and optional resource.
+fn split_path(path: &str) -> Result<(&str, Option<&str>)> {
+    let (c, r) = match path.split_once('/') {
+        Some((c, r)) => (c, Some(r)),
+        None => (path, None),
+    };
+    validate_name(c)?;
+    if let Some(r) = r {
+        validate_name(r)?;
+    }
+    Ok((c, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "A", "file.txt", "..a", "a..", "ünïcödé", "with space", "~tilde", "%41"] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "nul\0", &"x".repeat(201)] {
+            assert!(matches!(validate_name(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ext_filter() {
+        assert!(ext_matches("a.txt", Some("txt")));
+        assert!(ext_matches("a.txt", Some(".txt")));
+        assert!(!ext_matches("atxt", Some("txt")));
+        assert!(!ext_matches(".txt", Some("txt")));
+        assert!(!ext_matches("a.txt", Some("xt")));
+        assert!(ext_matches("anything", None));
+    }
+}
