@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::memory::not_found;
-use super::{
-    ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage,
-};
+use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
 use crate::error::{Error, Result};
 
 const CONTENT: &str = "~c";
@@ -156,10 +154,9 @@ impl FsStorage {
         let (path, _) = self.file(info, meta)?;
         match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(
-                &info.collection,
-                info.resource.as_deref(),
-            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(not_found(&info.collection, info.resource.as_deref()))
+            }
             Err(e) => Err(io_err(format!("read {}", path.display()), e)),
         }
     }
@@ -193,10 +190,9 @@ impl FsStorage {
         let dir = self.existing_collection(&info.collection)?;
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(
-                &info.collection,
-                info.resource.as_deref(),
-            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(not_found(&info.collection, info.resource.as_deref()))
+            }
             Err(e) => Err(io_err(format!("remove {}", path.display()), e)),
         }
     }

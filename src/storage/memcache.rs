@@ -33,7 +33,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::memory::not_found;
-use super::{ext_matches, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
 use crate::client::{CasResult, Client, Pool, SetOptions};
 use crate::error::{Error, Result};
 use crate::proto::Key;
@@ -262,7 +262,10 @@ impl MemcacheStorage {
     }
 
     /// Like [`new`](Self::new), with options.
-    pub fn builder(pool: impl Into<Pool>, master: Option<Arc<dyn Storage>>) -> MemcacheStorageBuilder {
+    pub fn builder(
+        pool: impl Into<Pool>,
+        master: Option<Arc<dyn Storage>>,
+    ) -> MemcacheStorageBuilder {
         MemcacheStorageBuilder {
             pool: pool.into(),
             master,
@@ -405,9 +408,7 @@ impl MemcacheStorage {
                     if c.add(k, b"", marker)? {
                         // Ours: learn its CAS unique (a writer may have replaced it already).
                         return match c.gets(k)? {
-                            Some(item) if item.flags == FLAG_FILLING => {
-                                Ok(Lookup::Miss(item.cas))
-                            }
+                            Some(item) if item.flags == FLAG_FILLING => Ok(Lookup::Miss(item.cas)),
                             Some(item) => self.found(c, key, item.flags, item.value, item.cas),
                             None => Ok(Lookup::Miss(None)),
                         };
@@ -598,9 +599,7 @@ impl MemcacheStorage {
             return Err(not_found(&info.collection, None));
         }
         c.set(key.as_bytes(), &data, SetOptions::default().ttl(self.ttl))?;
-        self.update_members(&mut c, &info.collection, |names| {
-            names.insert(name.clone())
-        })
+        self.update_members(&mut c, &info.collection, |names| names.insert(name.clone()))
     }
 
     fn standalone_remove(&self, info: &ResourceInfo, part: Part, key: &str) -> Result<()> {
@@ -638,7 +637,12 @@ impl MemcacheStorage {
                 return Ok(());
             }
             let value = encode_members(&names);
-            match c.cas(key.as_bytes(), &value, item.cas.unwrap_or(0), SetOptions::default())? {
+            match c.cas(
+                key.as_bytes(),
+                &value,
+                item.cas.unwrap_or(0),
+                SetOptions::default(),
+            )? {
                 CasResult::Stored => return Ok(()),
                 CasResult::NotFound => return Err(not_found(collection, None)),
                 CasResult::Exists => {
@@ -687,7 +691,8 @@ impl Storage for MemcacheStorage {
             Some(m) => m.create_container(collection),
             None => {
                 let key = self.members_key(collection)?;
-                self.client()?.add(key.as_bytes(), b"", SetOptions::default())?;
+                self.client()?
+                    .add(key.as_bytes(), b"", SetOptions::default())?;
                 Ok(())
             }
         }
@@ -790,7 +795,13 @@ impl Storage for MemcacheStorage {
     fn persist(&self, paths: &[&str]) -> Result<()> {
         match self.master() {
             Some(m) => m.persist(paths),
-            None => Ok(()),
+            None => {
+                // Nothing to make durable in memcached; still check the paths.
+                for p in paths {
+                    split_path(p)?;
+                }
+                Ok(())
+            }
         }
     }
 

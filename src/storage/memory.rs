@@ -5,9 +5,7 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
-use super::{
-    ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage,
-};
+use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
 use crate::error::{Error, Result};
 
 #[derive(Default, Clone)]
@@ -52,7 +50,13 @@ impl MemoryStorage {
             .get(&info.collection)
             .ok_or_else(|| not_found(&info.collection, None))?
             .get(name);
-        let value = entry.and_then(|e| if meta { e.meta.clone() } else { e.content.clone() });
+        let value = entry.and_then(|e| {
+            if meta {
+                e.meta.clone()
+            } else {
+                e.content.clone()
+            }
+        });
         value.ok_or_else(|| not_found(&info.collection, Some(name)))
     }
 
@@ -81,7 +85,11 @@ impl MemoryStorage {
         let entry = col
             .get_mut(name)
             .ok_or_else(|| not_found(&info.collection, Some(name)))?;
-        let slot = if meta { &mut entry.meta } else { &mut entry.content };
+        let slot = if meta {
+            &mut entry.meta
+        } else {
+            &mut entry.content
+        };
         if slot.take().is_none() {
             return Err(not_found(&info.collection, Some(name)));
         }

@@ -190,11 +190,34 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "A", "file.txt", "..a", "a..", "ünïcödé", "with space", "~tilde", "%41"] {
+        for ok in [
+            "a",
+            "A",
+            "file.txt",
+            "..a",
+            "a..",
+            "ünïcödé",
+            "with space",
+            "~tilde",
+            "%41",
+        ] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "nul\0", &"x".repeat(201)] {
-            assert!(matches!(validate_name(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "a\\b",
+            "nul\0",
+            &"x".repeat(201),
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(Error::InvalidName { .. })),
+                "{bad:?}"
+            );
         }
     }
 
