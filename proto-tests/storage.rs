@@ -610,3 +610,64 @@ fn fs_crash_leaves_old_or_new_never_torn() {
     }
     println!("crash test: 5 SIGKILLs mid-write, {checked} files checked, all complete versions");
 }
+
+#[test]
+fn pool_shared_by_sixteen_threads() {
+    let mc = Memcached::start();
+    let p = Pool::new(Client::builder().server(mc.addr()), 4).unwrap();
+    thread::scope(|scope| {
+        for t in 0..16 {
+            let p = p.clone();
+            scope.spawn(move || {
+                for i in 0..300 {
+                    let key = format!("t{t}:k{i}");
+                    let mut c = p.get().unwrap();
+                    c.set(key.as_bytes(), key.as_bytes(), Default::default())
+                        .unwrap();
+                    drop(c);
+                    let mut c = p.get().unwrap();
+                    assert_eq!(
+                        c.get(key.as_bytes()).unwrap().unwrap().value,
+                        key.as_bytes()
+                    );
+                }
+            });
+        }
+    });
+    let mut c = p.get().unwrap();
+    let stats = c.stats(None).unwrap();
+    assert_eq!(stats[0].get("curr_items"), Some("4800"));
+    // No more than the pool's 4 clients ever connected.
+    let conns: usize = stats[0].get("total_connections").unwrap().parse().unwrap();
+    assert!(conns <= 4 + 2, "{conns} connections");
+}
+
+#[test]
+fn pool_checkout_timeout_discard_and_panics() {
+    let mc = Memcached::start();
+    let p = Pool::with_checkout_timeout(
+        Client::builder().server(mc.addr()),
+        1,
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    let held = p.get().unwrap();
+    let start = Instant::now();
+    assert!(matches!(p.get(), Err(Error::PoolTimeout(_))));
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    held.discard(); // replaced by a fresh client
+    p.get()
+        .unwrap()
+        .set(b"k", b"v", Default::default())
+        .unwrap();
+    // A thread that panics while holding a client does not take it away from the pool.
+    let p2 = p.clone();
+    let r = thread::spawn(move || {
+        let _c = p2.get().unwrap();
+        panic!("boom");
+    })
+    .join();
+    assert!(r.is_err());
+    assert_eq!(p.get().unwrap().get(b"k").unwrap().unwrap().value, b"v");
+    assert_eq!(p.size(), 1);
+}

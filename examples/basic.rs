@@ -1,6 +1,7 @@
-//! The demo: starts a local memcached on a free loopback port, talks to it, stops it.
+//! A tour of the client API: starts a local memcached on a free loopback port, talks to it,
+//! stops it. (The main demo is `mcstore demo`, see the README.)
 //!
-//! Run with `scripts/demo` (installs memcached if needed) or `cargo run --example demo`.
+//! Run with `cargo run --example basic`.
 //! Set `MEMCACHED_BIN` to use another memcached binary, or `MCSTORE_SERVER=host:port` to use a
 //! server that is already running.
 

@@ -1,0 +1,258 @@
+//! The `mcstore` binary against a real memcached.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use support::{Memcached, TempDir};
+
+fn mcstore(servers: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+        .args(["--servers", servers])
+        .args(args)
+        .env_remove("MEMCACHED_SERVERS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails_with(o: &Output, needle: &str) {
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+#[test]
+fn memcached_commands() {
+    let mc = Memcached::start();
+    let s = &mc.addr();
+    ok(&mcstore(s, &["set", "k", "hello"], b""));
+    assert_eq!(ok(&mcstore(s, &["get", "k"], b"")), "hello");
+    ok(&mcstore(s, &["set", "bin"], b"\x00\xffraw\r\n"));
+    assert_eq!(mcstore(s, &["get", "bin"], b"").stdout, b"\x00\xffraw\r\n");
+    fails_with(&mcstore(s, &["add", "k", "x"], b""), "not stored");
+    ok(&mcstore(
+        s,
+        &["add", "new", "x", "--ttl", "100", "--flags", "3"],
+        b"",
+    ));
+    ok(&mcstore(s, &["set", "n", "41"], b""));
+    assert_eq!(ok(&mcstore(s, &["incr", "n"], b"")), "42\n");
+    assert_eq!(ok(&mcstore(s, &["decr", "n", "2"], b"")), "40\n");
+    fails_with(&mcstore(s, &["incr", "missing"], b""), "not found");
+    ok(&mcstore(s, &["touch", "k", "100"], b""));
+    ok(&mcstore(s, &["delete", "k"], b""));
+    let o = mcstore(s, &["get", "k"], b"");
+    assert!(!o.status.success() && o.stdout.is_empty());
+    assert!(ok(&mcstore(s, &["version"], b"")).starts_with(&format!("{s}\t1.")));
+    assert!(ok(&mcstore(s, &["stats"], b"")).contains("\tcurr_items: "));
+    assert!(ok(&mcstore(s, &["stats", "settings"], b"")).contains("\tmaxbytes: 67108864"));
+    ok(&mcstore(s, &["flush"], b""));
+    fails_with(&mcstore(s, &["get", "new"], b""), "not found: new");
+    fails_with(&mcstore(s, &["set", "bad key", "v"], b""), "invalid key");
+    fails_with(
+        &mcstore(s, &["--protocol", "binary", "get", "k"], b""),
+        "only --protocol text",
+    );
+    // A dead server: one clear error line.
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    fails_with(&mcstore(&dead, &["get", "k"], b""), "I/O error");
+}
+
+#[test]
+fn ring_maps_raw_keys() {
+    let servers = "10.0.1.1:11211,10.0.1.2:11211,10.0.1.3:11212";
+    let o = mcstore(
+        servers,
+        &["ring", "--distribution", "ketama"],
+        b"foo\nbar\nhello\nuser:1000\n\xff\xfe\n",
+    );
+    let out = ok(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    // The reference's table 5.4 (libmemcached's own placements).
+    assert_eq!(
+        &lines[..4],
+        [
+            "foo\t10.0.1.1:11211",
+            "bar\t10.0.1.1:11211",
+            "hello\t10.0.1.3:11212",
+            "user:1000\t10.0.1.2:11211"
+        ]
+    );
+    assert_eq!(lines.len(), 5);
+    let o = mcstore(servers, &["ring"], b"foo\nbar\n");
+    assert_eq!(ok(&o), "foo\t10.0.1.1:11211\nbar\t10.0.1.2:11211\n");
+    let o = mcstore(
+        servers,
+        &["ring", "--distribution", "ketama_weighted", "--hash", "md5"],
+        b"foo\nbar\n",
+    );
+    assert_eq!(ok(&o), "foo\t10.0.1.1:11211\nbar\t10.0.1.3:11212\n");
+    // Usage errors are clap's (exit status 2, with a hint line).
+    let o = mcstore(servers, &["ring", "--hash", "sha1"], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown hash"));
+}
+
+#[test]
+fn store_commands_and_traversal() {
+    let mc = Memcached::start();
+    let s = &mc.addr();
+    let outer = TempDir::new("mcstore-cli");
+    let root = outer.path.join("data");
+    let root = root.to_str().unwrap();
+    ok(&mcstore(
+        s,
+        &["store", "--root", root, "put", "posts", "hello.txt"],
+        b"hello world",
+    ));
+    ok(&mcstore(
+        s,
+        &[
+            "store",
+            "--root",
+            root,
+            "put",
+            "posts",
+            "hello.txt",
+            "--meta",
+        ],
+        b"<entry/>",
+    ));
+    assert_eq!(
+        ok(&mcstore(
+            s,
+            &["store", "--root", root, "get", "posts", "hello.txt"],
+            b""
+        )),
+        "hello world"
+    );
+    assert_eq!(
+        ok(&mcstore(
+            s,
+            &[
+                "store",
+                "--root",
+                root,
+                "get",
+                "posts",
+                "hello.txt",
+                "--meta"
+            ],
+            b""
+        )),
+        "<entry/>"
+    );
+    assert_eq!(
+        ok(&mcstore(s, &["store", "--root", root, "ls", "posts"], b"")),
+        "hello.txt\n"
+    );
+    assert_eq!(
+        ok(&mcstore(
+            s,
+            &["store", "--root", root, "ls", "posts", "--ext", "xml"],
+            b""
+        )),
+        ""
+    );
+    ok(&mcstore(
+        s,
+        &["store", "--root", root, "exists", "posts", "hello.txt"],
+        b"",
+    ));
+    assert!(ok(&mcstore(
+        s,
+        &["store", "--root", root, "info", "posts", "hello.txt"],
+        b""
+    ))
+    .contains("cache key\tmcs:posts:"));
+    ok(&mcstore(
+        s,
+        &["store", "--root", root, "rm", "posts", "hello.txt"],
+        b"",
+    ));
+    ok(&mcstore(
+        s,
+        &[
+            "store",
+            "--root",
+            root,
+            "rm",
+            "posts",
+            "hello.txt",
+            "--meta",
+        ],
+        b"",
+    ));
+    assert!(!mcstore(
+        s,
+        &["store", "--root", root, "exists", "posts", "hello.txt"],
+        b""
+    )
+    .status
+    .success());
+    fails_with(
+        &mcstore(
+            s,
+            &["store", "--root", root, "get", "posts", "hello.txt"],
+            b"",
+        ),
+        "not found",
+    );
+    // Traversal: a clear error, nothing created outside the root.
+    for (c, n) in [
+        ("c", "../../x"),
+        ("..", "x"),
+        ("c", "/etc/passwd"),
+        ("../c", "x"),
+        ("c", "a/../../b"),
+    ] {
+        fails_with(
+            &mcstore(s, &["store", "--root", root, "put", c, n], b"evil"),
+            "invalid name",
+        );
+    }
+    let outside: Vec<_> = std::fs::read_dir(&outer.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(outside, ["data"]);
+    // With the cache down, the store still works from the master.
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    ok(&mcstore(
+        &dead,
+        &["store", "--root", root, "put", "posts", "offline.txt"],
+        b"still works",
+    ));
+    assert_eq!(
+        ok(&mcstore(
+            &dead,
+            &["store", "--root", root, "get", "posts", "offline.txt"],
+            b""
+        )),
+        "still works"
+    );
+}
+
+#[test]
+fn demo_runs_against_a_given_server() {
+    let mc = Memcached::start();
+    let out = ok(&mcstore(&mc.addr(), &["demo", "--resources", "50"], b""));
+    assert!(out.contains("hits 150 / misses 50"), "{out}");
+    assert!(out.contains("all content verified"), "{out}");
+}
