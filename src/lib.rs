@@ -29,6 +29,8 @@
 pub mod client;
 mod conn;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 pub mod ring;
 pub mod storage;
