@@ -1,0 +1,644 @@
+//! `mcstore`: a memcached command-line client (like libmemcached's memcat, memcp, memrm,
+//! memstat), a key-to-server mapper, a storage front end, and the demo.
+
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod bench;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use mcstore::ring::{Distribution, HashFn};
+use mcstore::storage::{Content, FsStorage, MemcacheStorage, Storage};
+use mcstore::{Client, ClientBuilder, Pool, SetOptions, StoreMode};
+
+#[derive(Parser)]
+#[command(
+    name = "mcstore",
+    version,
+    about = "memcached client and cache-through storage"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Servers, comma-separated: host:port[:weight] or a Unix socket path.
+    #[arg(long, short = 's', env = "MEMCACHED_SERVERS", global = true)]
+    servers: Option<String>,
+    /// Wire protocol.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    protocol: Protocol,
+    /// Key distribution: modula, ketama or ketama_weighted.
+    #[arg(long, default_value = "modula", value_parser = parse_distribution, global = true)]
+    distribution: Distribution,
+    /// Key hash (one_at_a_time, md5, crc, fnv1_64, fnv1a_64, fnv1_32, fnv1a_32, hsieh,
+    /// murmur, jenkins, murmur3); default: libmemcached's choice for the distribution.
+    #[arg(long, value_parser = parse_hash, global = true)]
+    hash: Option<HashFn>,
+    /// I/O timeout in milliseconds.
+    #[arg(long, default_value_t = 1000, global = true)]
+    timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Protocol {
+    Text,
+    Binary,
+    Meta,
+}
+
+fn parse_distribution(s: &str) -> Result<Distribution, String> {
+    Distribution::from_name(s).ok_or_else(|| format!("unknown distribution {s:?}"))
+}
+
+fn parse_hash(s: &str) -> Result<HashFn, String> {
+    HashFn::from_name(s).ok_or_else(|| format!("unknown hash {s:?}"))
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print values, raw, to stdout (exit 1 if any key is missing).
+    Get { keys: Vec<String> },
+    /// Store a value (from stdin if VALUE is omitted).
+    Set(StoreArgs),
+    /// Store a value only if the key is absent.
+    Add(StoreArgs),
+    /// Delete keys (exit 1 if any did not exist).
+    Delete { keys: Vec<String> },
+    /// Increment a counter and print the new value.
+    Incr {
+        key: String,
+        #[arg(default_value_t = 1)]
+        delta: u64,
+    },
+    /// Decrement a counter and print the new value.
+    Decr {
+        key: String,
+        #[arg(default_value_t = 1)]
+        delta: u64,
+    },
+    /// Set a key's expiration.
+    Touch { key: String, ttl: u32 },
+    /// Invalidate every item on every server.
+    Flush {
+        #[arg(long)]
+        delay: Option<u32>,
+    },
+    /// Print server statistics (optionally `stats ARG`, e.g. items, slabs, settings).
+    Stats { arg: Option<String> },
+    /// Print each server's version.
+    Version,
+    /// Read keys from stdin (one per line, raw bytes) and print `key<TAB>server`.
+    Ring,
+    /// Resources in a cache-through storage (memcached in front of a folder).
+    Store {
+        /// Master storage folder.
+        #[arg(long, default_value = "./mcstore-data")]
+        root: PathBuf,
+        #[command(subcommand)]
+        op: StoreOp,
+    },
+    /// Run a fixed benchmark workload and print one RESULT line (see scripts/bench-compare).
+    Bench {
+        /// get, get_miss, set, set_noreply, mget100 or large_get.
+        #[arg(short = 'w', long)]
+        workload: String,
+        /// Binary protocol.
+        #[arg(short = 'b')]
+        binary: bool,
+        /// Operations (default per workload).
+        #[arg(short = 'n')]
+        ops: Option<usize>,
+        /// Distinct keys.
+        #[arg(short = 'k')]
+        keyspace: Option<usize>,
+        /// Value size in bytes.
+        #[arg(short = 'v')]
+        value_bytes: Option<usize>,
+    },
+    /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
+    Demo {
+        /// Resources to store and read.
+        #[arg(long, default_value_t = 300)]
+        resources: usize,
+    },
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    key: String,
+    value: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    ttl: u32,
+    #[arg(long, default_value_t = 0)]
+    flags: u32,
+}
+
+#[derive(Subcommand)]
+enum StoreOp {
+    /// Store a resource's content (or metadata with --meta) from FILE, or stdin.
+    Put {
+        collection: String,
+        name: String,
+        file: Option<PathBuf>,
+        #[arg(long)]
+        meta: bool,
+    },
+    /// Print a resource's content (or metadata) to stdout.
+    Get {
+        collection: String,
+        name: String,
+        #[arg(long)]
+        meta: bool,
+    },
+    /// List a collection (optionally only names ending in .EXT).
+    Ls {
+        collection: String,
+        #[arg(long)]
+        ext: Option<String>,
+    },
+    /// Remove a resource's content (or metadata).
+    Rm {
+        collection: String,
+        name: String,
+        #[arg(long)]
+        meta: bool,
+    },
+    /// Exit 0 if the resource exists, 1 if not.
+    Exists { collection: String, name: String },
+    /// Print where a resource (or collection) lives.
+    Info {
+        collection: String,
+        name: Option<String>,
+    },
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// A failure that has already been explained, or a plain "no" (missing key): exit 1.
+#[derive(Debug)]
+struct Quiet;
+
+impl std::fmt::Display for Quiet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("")
+    }
+}
+
+impl std::error::Error for Quiet {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Quiet>() => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("mcstore: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
+    match g.protocol {
+        Protocol::Text => {}
+        Protocol::Binary | Protocol::Meta => {
+            return Err("only --protocol text is implemented so far".into())
+        }
+    }
+    let servers = g.servers.as_deref().unwrap_or(default_servers);
+    let mut b = Client::builder()
+        .servers(servers.split(',').map(str::trim).filter(|s| !s.is_empty()))
+        .distribution(g.distribution)
+        .io_timeout(Duration::from_millis(g.timeout_ms))
+        .connect_timeout(Duration::from_millis(g.timeout_ms))
+        .max_value_size(64 << 20);
+    if let Some(h) = g.hash {
+        b = b.hash(h);
+    }
+    Ok(b)
+}
+
+fn client(g: &Global) -> Res<Client> {
+    Ok(builder(g, "127.0.0.1:11211")?.build()?)
+}
+
+fn read_stdin() -> Res<Vec<u8>> {
+    let mut v = Vec::new();
+    io::stdin().lock().read_to_end(&mut v)?;
+    Ok(v)
+}
+
+fn run(cli: Cli) -> Res<()> {
+    let g = &cli.global;
+    let mut out = io::stdout().lock();
+    match cli.command {
+        Cmd::Get { keys } => {
+            let mut c = client(g)?;
+            let mut missing = false;
+            for k in keys {
+                match c.get(k.as_bytes())? {
+                    Some(item) => out.write_all(&item.value)?,
+                    None => {
+                        eprintln!("mcstore: not found: {k}");
+                        missing = true;
+                    }
+                }
+            }
+            if missing {
+                return Err(Quiet.into());
+            }
+        }
+        Cmd::Set(a) => store(g, StoreMode::Set, a)?,
+        Cmd::Add(a) => store(g, StoreMode::Add, a)?,
+        Cmd::Delete { keys } => {
+            let mut c = client(g)?;
+            let mut missing = false;
+            for k in keys {
+                if !c.delete(k.as_bytes())? {
+                    eprintln!("mcstore: not found: {k}");
+                    missing = true;
+                }
+            }
+            if missing {
+                return Err(Quiet.into());
+            }
+        }
+        Cmd::Incr { key, delta } => arith(g, &key, delta, false)?,
+        Cmd::Decr { key, delta } => arith(g, &key, delta, true)?,
+        Cmd::Touch { key, ttl } => {
+            if !client(g)?.touch(key.as_bytes(), ttl)? {
+                return Err(format!("not found: {key}").into());
+            }
+        }
+        Cmd::Flush { delay } => client(g)?.flush_all(delay)?,
+        Cmd::Stats { arg } => {
+            for s in client(g)?.stats(arg.as_deref())? {
+                writeln!(out, "Server: {}", s.server)?;
+                if let Some(e) = &s.error {
+                    writeln!(out, "\terror: {e}")?;
+                }
+                for (name, value) in &s.stats {
+                    writeln!(out, "\t{name}: {value}")?;
+                }
+            }
+        }
+        Cmd::Version => {
+            for (server, v) in client(g)?.version()? {
+                writeln!(out, "{server}\t{v}")?;
+            }
+        }
+        Cmd::Ring => {
+            let c = client(g)?;
+            mcstore::ring::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
+        }
+        Cmd::Store { root, op } => store_op(g, &root, op, &mut out)?,
+        Cmd::Demo { resources } => demo(g, resources)?,
+        Cmd::Bench {
+            workload,
+            binary,
+            ops,
+            keyspace,
+            value_bytes,
+        } => {
+            if binary {
+                return Err("the binary protocol is not implemented yet".into());
+            }
+            let mut c = client(g)?;
+            let dist = if c.servers().len() == 1 {
+                "single"
+            } else {
+                g.distribution.name()
+            };
+            let spec = bench::Spec {
+                workload,
+                ops,
+                keyspace,
+                value_bytes,
+            };
+            bench::run(&mut c, &spec, "text", dist)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
+    let value = match a.value {
+        Some(v) => v.into_bytes(),
+        None => read_stdin()?,
+    };
+    let opts = SetOptions::default().ttl(a.ttl).flags(a.flags);
+    if !client(g)?.store(mode, a.key.as_bytes(), &value, opts)? {
+        return Err(format!("not stored: {}", a.key).into());
+    }
+    Ok(())
+}
+
+fn arith(g: &Global, key: &str, delta: u64, decr: bool) -> Res<()> {
+    let mut c = client(g)?;
+    let r = if decr {
+        c.decr(key.as_bytes(), delta)?
+    } else {
+        c.incr(key.as_bytes(), delta)?
+    };
+    match r {
+        Some(n) => {
+            println!("{n}");
+            Ok(())
+        }
+        None => Err(format!("not found: {key}").into()),
+    }
+}
+
+/// The storage behind `store`: the cache (short timeouts: a dead cache must not slow the CLI
+/// much) in front of a file storage at `root`.
+fn open_store(g: &Global, root: &std::path::Path) -> Res<MemcacheStorage> {
+    let master: Arc<dyn Storage> = Arc::new(FsStorage::open(root)?);
+    let b = builder(g, "127.0.0.1:11211")?
+        .io_timeout(Duration::from_millis(g.timeout_ms.min(200)))
+        .connect_timeout(Duration::from_millis(g.timeout_ms.min(200)));
+    Ok(MemcacheStorage::new(b.build()?, Some(master)))
+}
+
+fn store_op(g: &Global, root: &std::path::Path, op: StoreOp, out: &mut impl Write) -> Res<()> {
+    let s = open_store(g, root)?;
+    match op {
+        StoreOp::Put {
+            collection,
+            name,
+            file,
+            meta,
+        } => {
+            let info = s.info(&collection, Some(&name))?;
+            s.create_container(&collection)?;
+            let mut input: Box<dyn Read + Send> = match file {
+                Some(p) if p.as_os_str() != "-" => {
+                    Box::new(std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?)
+                }
+                _ => Box::new(io::stdin()),
+            };
+            let content = Content::Reader(&mut input);
+            if meta {
+                s.put_meta_data(&info, content)?;
+            } else {
+                s.put_content(&info, content)?;
+            }
+        }
+        StoreOp::Get {
+            collection,
+            name,
+            meta,
+        } => {
+            let info = s.info(&collection, Some(&name))?;
+            let data = if meta {
+                s.get_meta_data(&info)?
+            } else {
+                s.get_content(&info)?
+            };
+            out.write_all(&data)?;
+        }
+        StoreOp::Ls { collection, ext } => {
+            for (name, _) in s.ls(&collection, ext.as_deref())? {
+                writeln!(out, "{name}")?;
+            }
+        }
+        StoreOp::Rm {
+            collection,
+            name,
+            meta,
+        } => {
+            let info = s.info(&collection, Some(&name))?;
+            if meta {
+                s.remove_meta_data(&info)?;
+            } else {
+                s.remove_content(&info)?;
+            }
+        }
+        StoreOp::Exists { collection, name } => {
+            if !s.exists(&s.info(&collection, Some(&name))?)? {
+                return Err(Quiet.into());
+            }
+        }
+        StoreOp::Info { collection, name } => {
+            let info = s.info(&collection, name.as_deref())?;
+            let fs = FsStorage::open(root)?.info(&collection, name.as_deref())?;
+            writeln!(out, "collection\t{}", info.collection)?;
+            if let Some(r) = &info.resource {
+                writeln!(out, "resource\t{r}")?;
+            }
+            writeln!(out, "cache key\t{}", info.key)?;
+            writeln!(out, "path\t{}", root.join(&fs.key).display())?;
+        }
+    }
+    Ok(())
+}
+
+/// A memcached child process for the demo, killed on drop.
+struct LocalMemcached(Child);
+
+impl Drop for LocalMemcached {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_memcached() -> Option<(LocalMemcached, String)> {
+    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
+    let port = TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "0",
+        "-m",
+        "64",
+    ]);
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if is_root {
+        cmd.args(["-u", "root"]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let child = LocalMemcached(child);
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = Client::builder()
+        .server(&addr)
+        .io_timeout(Duration::from_millis(200))
+        .build()
+        .ok()?;
+    let start = Instant::now();
+    while c.version().is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some((child, addr))
+}
+
+fn demo(g: &Global, n: usize) -> Res<()> {
+    let mut _local = None;
+    let servers = match &g.servers {
+        Some(s) => s.clone(),
+        None => match start_memcached() {
+            Some((child, addr)) => {
+                println!("started a local memcached on {addr}");
+                _local = Some(child);
+                addr
+            }
+            None => {
+                println!(
+                    "memcached is not installed (Debian: apt-get install -y memcached, or set \
+                     MEMCACHED_BIN); running master-only"
+                );
+                String::new()
+            }
+        },
+    };
+    let dir = std::env::temp_dir().join(format!("mcstore-demo-{}", std::process::id()));
+    let fs = Arc::new(FsStorage::open(&dir)?);
+    let master: Arc<dyn Storage> = fs.clone();
+    let cache = if servers.is_empty() {
+        None
+    } else {
+        let g2 = Global {
+            servers: Some(servers.clone()),
+            ..*g
+        };
+        let pool = Pool::new(builder(&g2, "")?, 4)?;
+        Some(MemcacheStorage::new(pool, Some(master.clone())))
+    };
+    let store: &dyn Storage = match &cache {
+        Some(c) => c,
+        None => master.as_ref(),
+    };
+    println!("master: file storage in {}", dir.display());
+    println!(
+        "cache:  {}",
+        if servers.is_empty() { "none" } else { &servers }
+    );
+
+    store.create_container("articles")?;
+    let mut contents = Vec::with_capacity(n);
+    let write_start = Instant::now();
+    for i in 0..n {
+        let name = format!("article-{i:04}.html");
+        let body = format!(
+            "<h1>Article {i}</h1>{}",
+            "lorem ipsum ".repeat(100 + (i * 37) % 1500)
+        );
+        let info = store.info("articles", Some(&name))?;
+        store.put_content(&info, body.as_str().into())?;
+        store.put_meta_data(
+            &info,
+            format!("<entry><title>Article {i}</title></entry>")
+                .as_str()
+                .into(),
+        )?;
+        contents.push((info, body));
+    }
+    println!(
+        "stored {n} resources (content + metadata) in {:.0?}",
+        write_start.elapsed()
+    );
+
+    let mut cached = Histogram::<u64>::new(3)?;
+    let mut uncached = Histogram::<u64>::new(3)?;
+    let mut direct = Histogram::<u64>::new(3)?;
+    let passes = 4;
+    for pass in 0..passes {
+        for (info, body) in &contents {
+            let before = cache.as_ref().map(|c| c.counters().hits);
+            let t = Instant::now();
+            let got = store.get_content(info)?;
+            let us = t.elapsed().as_micros() as u64;
+            if got != body.as_bytes() {
+                return Err(format!("read back the wrong content for {:?}", info.resource).into());
+            }
+            let hit = matches!((before, cache.as_ref().map(|c| c.counters().hits)), (Some(a), Some(b)) if b > a);
+            if hit {
+                cached.record(us.max(1))?;
+            } else {
+                uncached.record(us.max(1))?;
+            }
+        }
+        if pass == 0 {
+            println!("pass 1 (cold): every read missed the cache and filled it");
+        }
+    }
+    // The master on its own, for comparison.
+    for (info, _) in &contents {
+        let mi = fs.info(&info.collection, info.resource.as_deref())?;
+        let t = Instant::now();
+        fs.get_content(&mi)?;
+        direct.record((t.elapsed().as_micros() as u64).max(1))?;
+    }
+    let reads = (n * passes) as u64;
+    println!("read {reads} times ({passes} passes over {n} resources), all content verified");
+    if let Some(c) = &cache {
+        let k = c.counters();
+        println!(
+            "cache: hits {} / misses {} (hit ratio {:.1}%), master reads {} (saved {}), fills {}, cache errors {}",
+            k.hits,
+            k.misses,
+            100.0 * k.hits as f64 / reads as f64,
+            k.master_reads,
+            reads - k.master_reads,
+            k.fills,
+            k.cache_errors
+        );
+    }
+    let show = |name: &str, h: &Histogram<u64>| {
+        if h.is_empty() {
+            println!("{name:<28} (none)");
+        } else {
+            println!(
+                "{name:<28} n={:<6} p50={:>6} us  p99={:>6} us",
+                h.len(),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99)
+            );
+        }
+    };
+    show("reads served by the cache", &cached);
+    show("reads served by the master", &uncached);
+    show("master alone (file reads)", &direct);
+    println!(
+        "(a local file read from the page cache beats any network round trip; the cache pays \
+         off when the master is remote or slow)"
+    );
+    if cache.is_some() {
+        println!(
+            "servers used: {}",
+            servers.split(',').collect::<Vec<_>>().join(", ")
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
