@@ -269,9 +269,11 @@ impl Client {
     /// The server for a key: `Err` if there is none or it is ejected.
     fn route(&mut self, hashed: &[u8]) -> Result<usize> {
         self.health.maybe_rejoin(&mut self.ring);
-        let i = self.ring.pick(hashed).ok_or(Error::NoServers)?;
-        self.check_up(i)?;
-        Ok(i)
+        match self.ring.pick(hashed) {
+            Some(i) if self.health.check(i).is_ok() => Ok(i),
+            Some(i) => Err(self.check_up(i).expect_err("ejected")),
+            None => Err(Error::NoServers),
+        }
     }
 
     fn check_up(&self, i: usize) -> Result<()> {

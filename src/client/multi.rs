@@ -63,32 +63,33 @@ impl Client {
             shares: (0..self.labels.len()).map(|_| Share::default()).collect(),
         };
         for j in 0..n {
-            let user = Key::new(key_at(j))?;
-            let wire = wire_key(&self.namespace, user, kb)?;
-            let hashed = if self.hash_with_namespace { wire } else { user };
-            let i = self.ring.pick(hashed.as_bytes()).ok_or(Error::NoServers)?;
+            let user = key_at(j);
+            let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
+                kb.clear();
+                kb.extend_from_slice(&self.namespace);
+                kb.extend_from_slice(user);
+                kb
+            } else {
+                user
+            };
+            let Some(i) = self.ring.pick(hashed) else {
+                return Err(Error::NoServers);
+            };
             let share = &mut plan.shares[i];
-            if share.error.is_none() {
+            if share.keys == 0 {
+                // First key for this server: is it up? Then connect and start its request.
                 if let Err(e) = self.check_up(i) {
                     share.error = Some(e);
-                }
-            }
-            if share.error.is_some() {
-                plan.server_of.push(NO_SERVER);
-                share.keys += 1;
-                continue;
-            }
-            if share.keys == 0 {
-                // First key for this server: connect and start its request.
-                if let Err(e) = self.driver.begin(i) {
+                } else if let Err(e) = self.driver.begin(i) {
                     share.error = Some(e);
-                    share.keys += 1;
-                    plan.server_of.push(NO_SERVER);
-                    continue;
                 }
             }
             share.keys += 1;
-            plan.server_of.push(i as u32);
+            plan.server_of.push(if share.error.is_some() {
+                NO_SERVER
+            } else {
+                i as u32
+            });
         }
         Ok(plan)
     }
@@ -176,7 +177,6 @@ impl Client {
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         // Encode: each server's keys in lines of KEYS_PER_LINE.
-        let mut kb = std::mem::take(&mut self.keybuf);
         for (j, k) in keys.iter().enumerate() {
             let i = plan.server_of[j];
             if i == NO_SERVER {
@@ -187,8 +187,8 @@ impl Client {
             if share.in_line == 0 {
                 text::begin_retrieval(wbuf, cmd);
             }
-            let user = Key::new(k.as_ref())?;
-            text::push_key(wbuf, wire_key(&self.namespace, user, &mut kb)?);
+            // Validated by plan().
+            text::push_prefixed_key(wbuf, &self.namespace, Key::trusted(k.as_ref()));
             share.in_line += 1;
             if share.in_line == KEYS_PER_LINE {
                 text::finish_line(wbuf);
@@ -196,7 +196,6 @@ impl Client {
                 share.expected += 1;
             }
         }
-        self.keybuf = kb;
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.in_line > 0 {
                 text::finish_line(self.driver.wbuf(i));
@@ -331,7 +330,7 @@ impl Client {
                 continue;
             }
             let wbuf = self.driver.wbuf(i as usize);
-            let key = wire_key(&self.namespace, Key::new(k.as_ref())?, &mut kb)?;
+            let key = wire_key(&self.namespace, Key::trusted(k.as_ref()), &mut kb)?;
             let v = v.as_ref();
             text::encode_storage(
                 wbuf,
@@ -365,7 +364,7 @@ impl Client {
             if i == NO_SERVER {
                 continue;
             }
-            let key = wire_key(&self.namespace, Key::new(k.as_ref())?, &mut kb)?;
+            let key = wire_key(&self.namespace, Key::trusted(k.as_ref()), &mut kb)?;
             text::encode_delete(self.driver.wbuf(i as usize), key, false);
         }
         self.keybuf = kb;

@@ -130,13 +130,19 @@ impl<'a> Key<'a> {
         if bytes.len() > MAX_KEY_LEN {
             return Err(KeyError::TooLong(bytes.len()));
         }
-        if let Some(offset) = bytes.iter().position(|&b| b <= b' ' || b == 0x7f) {
+        if let Some(offset) = find_control(bytes) {
             return Err(KeyError::BadByte {
                 byte: bytes[offset],
                 offset,
             });
         }
         Ok(Key(bytes))
+    }
+
+    /// A key already validated by [`Key::new`] (e.g. earlier in the same multi-key call).
+    pub(crate) fn trusted(bytes: &'a [u8]) -> Key<'a> {
+        debug_assert!(Key::new(bytes).is_ok());
+        Key(bytes)
     }
 
     /// The key's bytes.
@@ -150,6 +156,59 @@ impl fmt::Debug for Key<'_> {
         // Valid keys are printable ASCII or high bytes; show them escaped either way.
         write!(f, "Key(\"{}\")", self.0.escape_ascii())
     }
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// Bit 7 of each byte of the result is set for the first byte of `x` that is zero (and maybe
+/// for later ones: the lowest set bit is exact). Eight bytes per step instead of one.
+#[inline]
+fn zero_bytes(x: u64) -> u64 {
+    x.wrapping_sub(LO) & !x & HI
+}
+
+/// The first byte of `b` that may not appear in a key (<= 0x20 or 0x7f).
+#[inline]
+fn find_control(b: &[u8]) -> Option<usize> {
+    let mut chunks = b.chunks_exact(8);
+    for (i, c) in (&mut chunks).enumerate() {
+        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        // Bytes below 0x21 (the subtraction borrows; high bytes are excluded by `!x`), or 0x7f.
+        let below = x.wrapping_sub(LO * 0x21) & !x & HI;
+        if below | zero_bytes(x ^ (LO * 0x7f)) != 0 {
+            return c
+                .iter()
+                .position(|&v| v <= b' ' || v == 0x7f)
+                .map(|p| i * 8 + p);
+        }
+    }
+    let base = b.len() - chunks.remainder().len();
+    chunks
+        .remainder()
+        .iter()
+        .position(|&v| v <= b' ' || v == 0x7f)
+        .map(|p| base + p)
+}
+
+/// The position of the first `needle` in `haystack`, eight bytes per step.
+#[inline]
+pub(crate) fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
+    let pattern = LO * u64::from(needle);
+    let mut chunks = haystack.chunks_exact(8);
+    for (i, c) in (&mut chunks).enumerate() {
+        let x = u64::from_le_bytes(c.try_into().expect("8 bytes")) ^ pattern;
+        let m = zero_bytes(x);
+        if m != 0 {
+            return Some(i * 8 + (m.trailing_zeros() / 8) as usize);
+        }
+    }
+    let base = haystack.len() - chunks.remainder().len();
+    chunks
+        .remainder()
+        .iter()
+        .position(|&v| v == needle)
+        .map(|p| base + p)
 }
 
 /// Appends the decimal form of `n` to `out` without going through `fmt`.
@@ -210,6 +269,14 @@ mod tests {
         }
         .to_string();
         assert!(msg.contains("0x20") && msg.contains("offset 3"), "{msg}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_scans_match_the_plain_ones(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), needle in proptest::prelude::any::<u8>()) {
+            proptest::prop_assert_eq!(find_byte(&v, needle), v.iter().position(|&b| b == needle));
+            proptest::prop_assert_eq!(find_control(&v), v.iter().position(|&b| b <= b' ' || b == 0x7f));
+        }
     }
 
     #[test]

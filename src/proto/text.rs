@@ -101,6 +101,14 @@ pub fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
     out.extend_from_slice(key.as_bytes());
 }
 
+/// Appends `prefix` + `key` as one key (a client namespace). The caller has checked that the
+/// prefix is valid key bytes and that the whole fits in 250 bytes.
+pub fn push_prefixed_key(out: &mut Vec<u8>, prefix: &[u8], key: Key<'_>) {
+    out.push(b' ');
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(key.as_bytes());
+}
+
 /// Ends a command line built piecewise.
 pub fn finish_line(out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
@@ -355,7 +363,7 @@ fn line2(out: &mut Vec<u8>, word: &[u8], rest: &[u8]) {
 /// if no full line has arrived yet.
 fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
     let window = &buf[..buf.len().min(MAX_LINE + 2)];
-    match window.iter().position(|&b| b == b'\n') {
+    match super::find_byte(window, b'\n') {
         Some(nl) => {
             if nl == 0 || buf[nl - 1] != b'\r' {
                 return Err(ParseError::BadLineEnding);
@@ -369,7 +377,7 @@ fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
 
 /// Splits `line` at its first space: `(word, rest)`; `rest` is empty when there is no space.
 fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
-    match line.iter().position(|&b| b == b' ') {
+    match super::find_byte(line, b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, &[]),
     }
