@@ -9,6 +9,7 @@
 //!
 //! The same parse functions are what the fuzz targets call.
 
+pub mod binary;
 pub mod text;
 
 use std::fmt;
@@ -68,6 +69,9 @@ pub enum ParseError {
     /// A reply that is valid on its own arrived where it cannot answer the request sent.
     #[error("reply does not match the request")]
     Unexpected,
+    /// A binary response does not start with the response magic byte 0x81.
+    #[error("binary response with a bad magic byte")]
+    BadMagic,
 }
 
 /// Limits the parser enforces before reserving anything.
