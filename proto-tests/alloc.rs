@@ -142,6 +142,37 @@ fn main() {
         }),
     );
 
+    // The binary protocol, same operations.
+    let mut bin = mc.client_with(mcstore::Protocol::Binary);
+    bin.set(b"hit", &value, SetOptions::default()).unwrap();
+    bin.set(b"n", b"0", SetOptions::default()).unwrap();
+    run(
+        "binary get_into (hit)",
+        count(|| assert!(bin.get_into(b"hit", &mut buf).unwrap().is_some())),
+    );
+    run(
+        "binary get_into (miss)",
+        count(|| assert!(bin.get_into(b"miss", &mut buf).unwrap().is_none())),
+    );
+    run(
+        "binary set",
+        count(|| bin.set(b"k", &value, SetOptions::default()).unwrap()),
+    );
+    run(
+        "binary delete",
+        count(|| {
+            bin.delete(b"k").unwrap();
+        }),
+    );
+    run(
+        "binary incr",
+        count(|| assert!(bin.incr(b"n", 1).unwrap().is_some())),
+    );
+    run(
+        "binary touch",
+        count(|| assert!(bin.touch(b"hit", 0).unwrap())),
+    );
+
     let mut failed = 0;
     for (name, n) in &results {
         let per_call = *n as f64 / CALLS as f64;

@@ -4,15 +4,16 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use mcstore::{Client, Error, SetOptions};
+use mcstore::{Client, Error, Protocol, SetOptions};
 use support::Memcached;
 
 const IO_TIMEOUT: Duration = Duration::from_millis(300);
 /// Generous: these machines are small and shared.
 const MARGIN: Duration = Duration::from_millis(1500);
 
-fn client(mc: &Memcached) -> Client {
+fn client(mc: &Memcached, p: Protocol) -> Client {
     Client::builder()
+        .protocol(p)
         .server(mc.addr())
         .io_timeout(IO_TIMEOUT)
         // These tests are about each call's error; ejection is tested in multi_server.rs.
@@ -22,10 +23,9 @@ fn client(mc: &Memcached) -> Client {
         .unwrap()
 }
 
-#[test]
-fn frozen_server_times_out_then_recovers() {
+fn frozen_server_times_out_then_recovers(p: Protocol) {
     let mc = Memcached::start();
-    let mut c = client(&mc);
+    let mut c = client(&mc, p);
     c.set(b"k", b"v", SetOptions::default()).unwrap();
     mc.freeze();
     for op in ["get", "set", "get_multi", "reconnect+get"] {
@@ -53,10 +53,9 @@ fn frozen_server_times_out_then_recovers() {
     assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v3");
 }
 
-#[test]
-fn killed_server_gives_io_errors_then_the_same_client_reconnects() {
+fn killed_server_gives_io_errors_then_the_same_client_reconnects(p: Protocol) {
     let mut mc = Memcached::start();
-    let mut c = client(&mc);
+    let mut c = client(&mc, p);
     c.set(b"k", b"v", SetOptions::default()).unwrap();
     mc.kill();
     // First call finds the old connection closed; later ones find the port refusing.
@@ -77,10 +76,9 @@ fn killed_server_gives_io_errors_then_the_same_client_reconnects() {
     assert_eq!(c.get(b"k").unwrap().unwrap().value, b"back");
 }
 
-#[test]
-fn server_restart_between_calls_is_survived_with_one_error_at_most() {
+fn server_restart_between_calls_is_survived_with_one_error_at_most(p: Protocol) {
     let mut mc = Memcached::start();
-    let mut c = client(&mc);
+    let mut c = client(&mc, p);
     c.set(b"k", b"v", SetOptions::default()).unwrap();
     mc.restart();
     // The old connection is dead; the call that finds out fails, the next one reconnects.
@@ -92,11 +90,11 @@ fn server_restart_between_calls_is_survived_with_one_error_at_most() {
     assert_eq!(c.get(b"k").unwrap(), None, "a restarted memcached is empty");
 }
 
-#[test]
-fn unreachable_server_fails_fast() {
+fn unreachable_server_fails_fast(p: Protocol) {
     // A port nothing listens on: connection refused, not a hang.
     let port = support::free_port();
     let mut c = Client::builder()
+        .protocol(p)
         .server(format!("127.0.0.1:{port}"))
         .connect_timeout(Duration::from_millis(500))
         .build()
@@ -105,3 +103,21 @@ fn unreachable_server_fails_fast() {
     assert!(matches!(c.get(b"k"), Err(Error::Io { .. })));
     assert!(start.elapsed() < Duration::from_millis(500) + MARGIN);
 }
+
+macro_rules! for_each_protocol {
+    ($($t:ident),* $(,)?) => {
+        mod text {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
+        }
+        mod binary {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
+        }
+    };
+}
+
+for_each_protocol!(
+    frozen_server_times_out_then_recovers,
+    killed_server_gives_io_errors_then_the_same_client_reconnects,
+    server_restart_between_calls_is_survived_with_one_error_at_most,
+    unreachable_server_fails_fast
+);

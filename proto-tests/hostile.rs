@@ -216,3 +216,145 @@ fn pipeline_counts_error_lines() {
     assert_eq!((report.commands, report.errors), (10, 10));
     assert!(report.first_error.unwrap().contains("out of memory"));
 }
+
+/// The hostile server for the binary protocol: it reads whole request packets and answers each
+/// with what `respond` returns.
+fn binary_hostile(
+    respond: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let respond = std::sync::Arc::new(respond);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let respond = respond.clone();
+            std::thread::spawn(move || loop {
+                let mut header = [0u8; 24];
+                if conn.read_exact(&mut header).is_err() {
+                    return;
+                }
+                let body = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+                let mut rest = vec![0u8; body];
+                if conn.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                let mut packet = header.to_vec();
+                packet.extend_from_slice(&rest);
+                let out = respond(&packet);
+                if conn.write_all(&out).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn binary_client(addr: std::net::SocketAddr) -> Client {
+    Client::builder()
+        .protocol(mcstore::Protocol::Binary)
+        .server(addr.to_string())
+        .io_timeout(IO_TIMEOUT)
+        .server_failure_limit(1000)
+        .max_value_size(64 * 1024)
+        .build()
+        .unwrap()
+}
+
+/// A well-formed reply to `req` (opaque echoed), with the given status, extras and value.
+fn reply(req: &[u8], status: u16, extras: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    mcstore::proto::binary::Packet {
+        opcode: mcstore::proto::binary::Opcode(req[1]),
+        status,
+        opaque: u32::from_be_bytes(req[12..16].try_into().unwrap()),
+        cas: 1,
+        extras,
+        key: b"",
+        value,
+    }
+    .encode(&mut out);
+    out
+}
+
+#[test]
+fn binary_malformed_headers_are_clean_errors() {
+    type Case = (&'static str, fn(&[u8]) -> Vec<u8>);
+    let cases: &[Case] = &[
+        ("wrong magic", |req| {
+            let mut r = reply(req, 0, &[0, 0, 0, 0], b"v");
+            r[0] = 0x80;
+            r
+        }),
+        ("body shorter than key + extras", |req| {
+            let mut r = reply(req, 0, &[0, 0, 0, 0], b"");
+            r[2..4].copy_from_slice(&10u16.to_be_bytes());
+            r
+        }),
+        ("4 GiB claimed", |req| {
+            let mut r = reply(req, 0, &[], b"");
+            r[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+            r
+        }),
+        ("wrong opaque", |req| {
+            let mut r = reply(req, 0, &[0, 0, 0, 0], b"v");
+            r[12..16].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+            r
+        }),
+        ("text instead of binary", |_| {
+            b"VALUE k 0 1\r\nv\r\nEND\r\n".to_vec()
+        }),
+    ];
+    for (name, respond) in cases {
+        let addr = binary_hostile(*respond);
+        let mut c = binary_client(addr);
+        let start = Instant::now();
+        match c.get(b"k") {
+            Err(Error::Parse { .. }) => {}
+            other => panic!("{name}: expected a parse error, got {other:?}"),
+        }
+        assert!(
+            start.elapsed() < IO_TIMEOUT,
+            "{name}: refused without waiting"
+        );
+        // The wrong-opaque reply was never handed to anyone: a multi-get sees the same.
+        if *name == "wrong opaque" {
+            assert!(matches!(
+                c.get_multi(&[b"a", b"b"], |_, _| panic!("mismatched reply delivered")),
+                Err(Error::Parse { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn binary_truncated_and_silent_servers() {
+    // Closes mid-value.
+    let addr = binary_hostile(|req| {
+        let mut r = reply(req, 0, &[0, 0, 0, 0], &[b'v'; 100]);
+        r.truncate(60);
+        r
+    });
+    // The fake answers then the connection stays open with the value incomplete: a timeout.
+    let mut c = binary_client(addr);
+    assert!(matches!(c.get(b"k"), Err(Error::Timeout { .. })));
+    // Never answers.
+    let addr = binary_hostile(|_| Vec::new());
+    let mut c = binary_client(addr);
+    let start = Instant::now();
+    assert!(matches!(
+        c.set(b"k", b"v", Default::default()),
+        Err(Error::Timeout { .. })
+    ));
+    assert!(start.elapsed() < IO_TIMEOUT + Duration::from_millis(1500));
+    // A reply of the wrong kind for a storage command (a value where none belongs) is fine
+    // to ignore only if the status says success; an unknown status is a typed server error.
+    let addr = binary_hostile(|req| reply(req, 0x0099, &[], b"strange"));
+    let mut c = binary_client(addr);
+    match c.set(b"k", b"v", Default::default()) {
+        Err(Error::Server { message, .. }) => assert_eq!(message, "strange"),
+        other => panic!("{other:?}"),
+    }
+}

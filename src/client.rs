@@ -30,22 +30,25 @@
 //! delays a multi-key call by at most one I/O timeout; the multi-key call still delivers the
 //! healthy servers' results and reports the failed servers in its error.
 
+mod binary_proto;
 mod builder;
 mod health;
 mod multi;
 mod pipeline;
 mod pool;
 
-pub use builder::ClientBuilder;
+pub use builder::{ClientBuilder, Protocol};
 pub use health::ServerCounters;
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
+use crate::proto::binary::{self, Opcode};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
 use crate::proto::{Key, Limits, ParseError, Status};
 use crate::ring::Continuum;
+use binary_proto::Stored;
 use health::Health;
 
 /// An item read from the cache, with its value copied out.
@@ -194,6 +197,12 @@ pub struct Client {
     hash_with_namespace: bool,
     /// Scratch space for a namespaced key, reused.
     keybuf: Vec<u8>,
+    protocol: Protocol,
+    sasl: Option<(String, String)>,
+    /// Per server: the connection count at which SASL last succeeded.
+    authenticated: Vec<u64>,
+    /// Next binary opaque.
+    opaque: u32,
 }
 
 /// What a reply closure decided about one reply unit.
@@ -396,26 +405,17 @@ impl Client {
         mut sink: impl FnMut(&[u8]),
     ) -> Result<Option<ItemInfo>> {
         self.keyed(key, |c, i, key| {
-            let op = c.driver.begin(i)?;
-            text::encode_retrieval(c.driver.wbuf(i), cmd, key);
-            let mut found = None;
-            let ok = c.exchange(i, &op, None, false, |resp| match resp {
-                Response::Value {
-                    key: k,
-                    flags,
-                    cas,
-                    data,
-                } if k == key.as_bytes() && found.is_none() => {
-                    sink(data);
-                    found = Some(ItemInfo { flags, cas });
-                    Step::More
-                }
-                Response::End => Step::Done(true),
-                _ => Step::Done(false),
-            })?;
-            if !ok {
-                return Err(c.unexpected(i));
-            }
+            let found = if c.protocol == Protocol::Binary {
+                let (with_cas, touch) = match cmd {
+                    Retrieval::Get => (false, None),
+                    Retrieval::Gets => (true, None),
+                    Retrieval::Gat(t) => (false, Some(t)),
+                    Retrieval::Gats(t) => (true, Some(t)),
+                };
+                c.bin_retrieve(i, with_cas, touch, key, &mut sink)?
+            } else {
+                c.text_retrieve(i, cmd, key, &mut sink)?
+            };
             let counters = c.health.counters_mut(i);
             if found.is_some() {
                 counters.hits += 1;
@@ -424,6 +424,36 @@ impl Client {
             }
             Ok(found)
         })
+    }
+
+    fn text_retrieve(
+        &mut self,
+        i: usize,
+        cmd: Retrieval,
+        key: Key<'_>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<ItemInfo>> {
+        let op = self.start(i)?;
+        text::encode_retrieval(self.driver.wbuf(i), cmd, key);
+        let mut found = None;
+        let ok = self.exchange(i, &op, None, false, |resp| match resp {
+            Response::Value {
+                key: k,
+                flags,
+                cas,
+                data,
+            } if k == key.as_bytes() && found.is_none() => {
+                sink(data);
+                found = Some(ItemInfo { flags, cas });
+                Step::More
+            }
+            Response::End => Step::Done(true),
+            _ => Step::Done(false),
+        })?;
+        if !ok {
+            return Err(self.unexpected(i));
+        }
+        Ok(found)
     }
 
     /// Gets a value, copying it into a new `Vec`. `None` on a miss.
@@ -475,7 +505,25 @@ impl Client {
     ) -> Result<Response<'static>> {
         self.check_value(value)?;
         self.keyed(key, |c, i, key| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                let (code, unique) = match cmd {
+                    Storage::Set => (Opcode::SET, 0),
+                    Storage::Add => (Opcode::ADD, 0),
+                    Storage::Replace => (Opcode::REPLACE, 0),
+                    Storage::Append => (Opcode::APPEND, 0),
+                    Storage::Prepend => (Opcode::PREPEND, 0),
+                    Storage::Cas(u) => (Opcode::SET, u),
+                };
+                return Ok(
+                    match (c.bin_store(i, code, key, value, opts, unique)?, cmd) {
+                        (Stored::Stored, _) => Response::Stored,
+                        (Stored::Exists, Storage::Cas(_)) => Response::Exists,
+                        (Stored::NotFound, Storage::Cas(_)) => Response::NotFound,
+                        _ => Response::NotStored,
+                    },
+                );
+            }
+            let op = c.start(i)?;
             let wbuf = c.driver.wbuf(i);
             text::encode_storage(wbuf, cmd, key, opts.flags, opts.ttl, value.len(), false);
             let separate = if value.len() <= COPY_VALUE_MAX {
@@ -564,7 +612,10 @@ impl Client {
     /// Deletes a key; `false` if it did not exist.
     pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
         self.keyed(key, |c, i, key| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                return c.bin_keyed_bool(i, Opcode::DELETE, key, None);
+            }
+            let op = c.start(i)?;
             text::encode_delete(c.driver.wbuf(i), key, false);
             c.simple(i, &op, None, |r| match r {
                 Response::Deleted => Some(true),
@@ -576,7 +627,10 @@ impl Client {
 
     fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.keyed(key, |c, i, key| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                return c.bin_arith(i, decr, key, delta);
+            }
+            let op = c.start(i)?;
             text::encode_arith(c.driver.wbuf(i), decr, key, delta, false);
             c.simple(i, &op, None, |r| match *r {
                 Response::Number(n) => Some(Some(n)),
@@ -600,7 +654,10 @@ impl Client {
     /// Sets a new expiration on an item; `false` if it does not exist.
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
         self.keyed(key, |c, i, key| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                return c.bin_keyed_bool(i, Opcode::TOUCH, key, Some(ttl));
+            }
+            let op = c.start(i)?;
             text::encode_touch(c.driver.wbuf(i), key, ttl, false);
             c.simple(i, &op, None, |r| match r {
                 Response::Touched => Some(true),
@@ -649,7 +706,7 @@ impl Client {
     /// Runs a command with an `OK` reply on every server.
     fn on_all_ok(&mut self, encode: impl Fn(&mut Vec<u8>)) -> Result<()> {
         let results = self.each_server(|c, i| {
-            let op = c.driver.begin(i)?;
+            let op = c.start(i)?;
             encode(c.driver.wbuf(i));
             c.simple(i, &op, None, |r| matches!(r, Response::Ok).then_some(()))
         });
@@ -658,18 +715,33 @@ impl Client {
 
     /// Invalidates every item on every server, now or after `delay` seconds.
     pub fn flush_all(&mut self, delay: Option<u32>) -> Result<()> {
+        if self.protocol == Protocol::Binary {
+            let results = self.each_server(|c, i| c.bin_flush(i, delay));
+            return self.all_or_errors(results).map(drop);
+        }
         self.on_all_ok(|w| text::encode_flush_all(w, delay, false))
     }
 
-    /// Sets every server's logging verbosity.
+    /// Sets every server's logging verbosity. Text protocol only: memcached does not implement
+    /// the binary Verbosity command, and sending it desynchronises the connection.
     pub fn verbosity(&mut self, level: u32) -> Result<()> {
+        if self.protocol == Protocol::Binary {
+            return Err(Error::Config(
+                "verbosity is not available over the binary protocol (memcached does not \
+                 implement it)"
+                    .into(),
+            ));
+        }
         self.on_all_ok(|w| text::encode_verbosity(w, level, false))
     }
 
     /// Each server's version string: `(server, version)`.
     pub fn version(&mut self) -> Result<Vec<(String, String)>> {
         let results = self.each_server(|c, i| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                return c.bin_version(i);
+            }
+            let op = c.start(i)?;
             text::encode_version(c.driver.wbuf(i));
             c.simple(i, &op, None, |r| match r {
                 Response::Version(v) => Some(String::from_utf8_lossy(v).into_owned()),
@@ -694,7 +766,10 @@ impl Client {
             }
         }
         let results = self.each_server(|c, i| {
-            let op = c.driver.begin(i)?;
+            if c.protocol == Protocol::Binary {
+                return c.bin_stats(i, arg);
+            }
+            let op = c.start(i)?;
             text::encode_stats(c.driver.wbuf(i), arg.map(str::as_bytes));
             let mut stats = Vec::new();
             let ok = c.exchange(i, &op, None, false, |resp| match resp {
@@ -744,8 +819,13 @@ impl Client {
             if !self.driver.is_connected(i) {
                 continue;
             }
+            let binary = self.protocol == Protocol::Binary;
             let sent = self.driver.begin(i).and_then(|op| {
-                text::encode_quit(self.driver.wbuf(i));
+                if binary {
+                    binary::encode_simple(self.driver.wbuf(i), Opcode::QUITQ, None, &[], 0, 0);
+                } else {
+                    text::encode_quit(self.driver.wbuf(i));
+                }
                 self.driver
                     .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
             });

@@ -71,6 +71,14 @@ pub enum Error {
         /// The server's message (empty for `ERROR`).
         message: String,
     },
+    /// SASL authentication failed (binary protocol).
+    #[error("authentication failed on {server}: {message}")]
+    Auth {
+        /// The server as configured.
+        server: String,
+        /// The server's message.
+        message: String,
+    },
     /// The client has no server to send the request to.
     #[error("no servers configured or available")]
     NoServers,

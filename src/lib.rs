@@ -37,7 +37,7 @@ pub mod storage;
 
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport, Pool,
-    PooledClient, ServerCounters, ServerStats, SetOptions, StoreMode,
+    PooledClient, Protocol, ServerCounters, ServerStats, SetOptions, StoreMode,
 };
 pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};

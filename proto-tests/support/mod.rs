@@ -111,7 +111,13 @@ impl Memcached {
 
     /// A client for this server with test-friendly timeouts.
     pub fn client(&self) -> Client {
+        self.client_with(mcstore::Protocol::Text)
+    }
+
+    /// Same, speaking protocol `p`.
+    pub fn client_with(&self, p: mcstore::Protocol) -> Client {
         Client::builder()
+            .protocol(p)
             .server(self.addr())
             .io_timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(5))

@@ -45,6 +45,18 @@ pub struct ClientBuilder {
     remove_failed: bool,
     namespace: Vec<u8>,
     hash_with_namespace: bool,
+    protocol: Protocol,
+    sasl: Option<(String, String)>,
+}
+
+/// The wire protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// The classic text protocol.
+    #[default]
+    Text,
+    /// The binary protocol (deprecated by memcached 1.6, still served; the only one with SASL).
+    Binary,
 }
 
 impl Default for ClientBuilder {
@@ -61,6 +73,8 @@ impl Default for ClientBuilder {
             remove_failed: false,
             namespace: Vec::new(),
             hash_with_namespace: false,
+            protocol: Protocol::Text,
+            sasl: None,
         }
     }
 }
@@ -163,6 +177,19 @@ impl ClientBuilder {
         self
     }
 
+    /// The wire protocol (default [`Protocol::Text`]).
+    pub fn protocol(mut self, p: Protocol) -> Self {
+        self.protocol = p;
+        self
+    }
+
+    /// SASL PLAIN credentials, sent on every new connection before its first command
+    /// (binary protocol only: memcached speaks SASL nowhere else).
+    pub fn sasl(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.sasl = Some((user.into(), password.into()));
+        self
+    }
+
     /// Validates the configuration and builds the client. Nothing is connected yet.
     pub fn build(self) -> Result<Client> {
         let specs = self
@@ -182,6 +209,11 @@ impl ClientBuilder {
             if self.namespace.len() >= MAX_KEY_LEN {
                 return Err(Error::Config("namespace leaves no room for keys".into()));
             }
+        }
+        if self.sasl.is_some() && self.protocol != Protocol::Binary {
+            return Err(Error::Config(
+                "SASL needs the binary protocol (.protocol(Protocol::Binary))".into(),
+            ));
         }
         let max_value = self.max_value_size.min(isize::MAX as usize / 2);
         let addrs: Vec<ServerAddr> = specs.iter().map(|s| s.addr.clone()).collect();
@@ -227,6 +259,10 @@ impl ClientBuilder {
             keybuf: Vec::with_capacity(MAX_KEY_LEN),
             namespace: self.namespace,
             hash_with_namespace: self.hash_with_namespace,
+            protocol: self.protocol,
+            sasl: self.sasl,
+            authenticated: vec![0; addrs.len()],
+            opaque: 0,
         })
     }
 }

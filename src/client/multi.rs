@@ -1,9 +1,11 @@
 //! Multi-key calls: keys grouped by server, every server's batch written first, all sockets
 //! served from one poll.
 
-use super::{server_error, wire_key, Client, ItemRef, SetOptions};
+use super::binary_proto::{closes_connection, status_to_error};
+use super::{server_error, wire_key, Client, ItemRef, Protocol, SetOptions};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
+use crate::proto::binary::{self, Opcode};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
 use crate::proto::{Key, ParseError, Status};
 
@@ -80,7 +82,7 @@ impl Client {
                 // First key for this server: is it up? Then connect and start its request.
                 if let Err(e) = self.check_up(i) {
                     share.error = Some(e);
-                } else if let Err(e) = self.driver.begin(i) {
+                } else if let Err(e) = self.start(i) {
                     share.error = Some(e);
                 }
             }
@@ -174,6 +176,9 @@ impl Client {
     ) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
+        }
+        if self.protocol == Protocol::Binary {
+            return self.bin_retrieve_multi(cmd == Retrieval::Gets, keys, found);
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         // Encode: each server's keys in lines of KEYS_PER_LINE.
@@ -323,6 +328,31 @@ impl Client {
             return Ok(0);
         }
         let mut plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
+        if self.protocol == Protocol::Binary {
+            for (j, (k, v)) in items.iter().enumerate() {
+                let i = plan.server_of[j];
+                if i != NO_SERVER {
+                    let v = v.as_ref();
+                    self.encode_bin_keyed(i as usize, k.as_ref(), |w, key| {
+                        binary::encode_store(
+                            w,
+                            Opcode::SETQ,
+                            key,
+                            opts.flags,
+                            opts.ttl,
+                            v.len(),
+                            j as u32,
+                            0,
+                        );
+                        w.extend_from_slice(v);
+                    });
+                }
+            }
+            return self.bin_multi_quiet(
+                &mut plan,
+                &[binary::STATUS_NOT_STORED, binary::STATUS_EXISTS],
+            );
+        }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, (k, v)) in items.iter().enumerate() {
             let i = plan.server_of[j];
@@ -358,6 +388,17 @@ impl Client {
             return Ok(0);
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        if self.protocol == Protocol::Binary {
+            for (j, k) in keys.iter().enumerate() {
+                let i = plan.server_of[j];
+                if i != NO_SERVER {
+                    self.encode_bin_keyed(i as usize, k.as_ref(), |w, key| {
+                        binary::encode_simple(w, Opcode::DELETEQ, Some(key), &[], j as u32, 0);
+                    });
+                }
+            }
+            return self.bin_multi_quiet(&mut plan, &[binary::STATUS_NOT_FOUND]);
+        }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, k) in keys.iter().enumerate() {
             let i = plan.server_of[j];
@@ -373,5 +414,143 @@ impl Client {
             Response::NotFound => Some(false),
             _ => None,
         })
+    }
+}
+
+/// Opaque of the No-op that closes a binary batch (key indexes never reach it).
+const NOOP_OPAQUE: u32 = u32::MAX;
+
+impl Client {
+    /// Encodes one binary keyed request for the (validated) user key `k` with the namespace.
+    fn encode_bin_keyed(&mut self, i: usize, k: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) {
+        let mut kb = std::mem::take(&mut self.keybuf);
+        let key = wire_key(&self.namespace, Key::trusted(k), &mut kb).expect("validated by plan()");
+        encode(self.driver.wbuf(i), key);
+        self.keybuf = kb;
+    }
+
+    /// Ends every server's batch with a No-op.
+    fn bin_close_batches(&mut self, plan: &Plan) {
+        for (i, share) in plan.shares.iter().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                binary::encode_simple(self.driver.wbuf(i), Opcode::NOOP, None, &[], NOOP_OPAQUE, 0);
+            }
+        }
+    }
+
+    /// Binary multi-get: GetKQ per key (opaque = the key's index), one No-op per server;
+    /// misses send nothing; hits are matched by opaque and key (reference, section 6).
+    fn bin_retrieve_multi<K: AsRef<[u8]>>(
+        &mut self,
+        with_cas: bool,
+        keys: &[K],
+        mut found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        for (j, k) in keys.iter().enumerate() {
+            let i = plan.server_of[j];
+            if i != NO_SERVER {
+                let w = self.driver.wbuf(i as usize);
+                binary::encode_prefixed(
+                    w,
+                    Opcode::GETKQ,
+                    &self.namespace,
+                    Key::trusted(k.as_ref()),
+                    &[],
+                    j as u32,
+                );
+            }
+        }
+        self.bin_close_batches(&plan);
+        let limits = self.limits;
+        let ns = std::mem::take(&mut self.namespace);
+        let labels = self.labels.clone();
+        let mut closed = Vec::new();
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
+            let (n, p) = match binary::parse_response(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
+                return Ok(Status::Complete((n, true)));
+            }
+            let j = p.opaque as usize;
+            if j >= keys.len() || plan.server_of[j] != i as u32 {
+                return Err(ParseError::Unexpected);
+            }
+            let share = &mut plan.shares[i];
+            if p.status != binary::STATUS_OK {
+                if closes_connection(p.status) {
+                    closed.push(i);
+                }
+                share.error = Some(status_to_error(&labels[i], p.status, p.value));
+                return Ok(Status::Complete((n, false)));
+            }
+            let user = p.key.strip_prefix(&ns[..]).ok_or(ParseError::Unexpected)?;
+            if user != keys[j].as_ref() {
+                return Err(ParseError::Unexpected);
+            }
+            share.hits += 1;
+            found(
+                user,
+                ItemRef {
+                    value: p.value,
+                    flags: p.flags().unwrap_or(0),
+                    cas: with_cas.then_some(p.cas),
+                },
+            );
+            Ok(Status::Complete((n, false)))
+        });
+        self.namespace = ns;
+        for (i, share) in plan.shares.iter().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                let c = self.health.counters_mut(i);
+                c.hits += share.hits as u64;
+                c.misses += (share.keys - share.hits) as u64;
+            }
+        }
+        for i in closed {
+            self.driver.disconnect(i);
+        }
+        result
+    }
+
+    /// Runs quiet binary writes (opaque = item index) closed by a No-op per server: only
+    /// failures come back. Statuses in `misses` count as "not done" (not stored, not found);
+    /// any other failure is an error for that server. Returns how many succeeded.
+    fn bin_multi_quiet(&mut self, plan: &mut Plan, misses: &[u16]) -> Result<usize> {
+        self.bin_close_batches(plan);
+        let limits = self.limits;
+        let labels = self.labels.clone();
+        let n_items = plan.server_of.len();
+        let mut closed = Vec::new();
+        let result = self.run_plan(plan, |plan, i, buf| {
+            let (n, p) = match binary::parse_response(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
+                return Ok(Status::Complete((n, true)));
+            }
+            let j = p.opaque as usize;
+            if j >= n_items || plan.server_of[j] != i as u32 {
+                return Err(ParseError::Unexpected);
+            }
+            let share = &mut plan.shares[i];
+            if misses.contains(&p.status) {
+                share.seen += 1;
+            } else if p.status != binary::STATUS_OK {
+                if closes_connection(p.status) {
+                    closed.push(i);
+                }
+                share.error = Some(status_to_error(&labels[i], p.status, p.value));
+            }
+            Ok(Status::Complete((n, false)))
+        });
+        for i in closed {
+            self.driver.disconnect(i);
+        }
+        result?;
+        Ok(plan.shares.iter().map(|s| s.keys - s.seen).sum())
     }
 }

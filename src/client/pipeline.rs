@@ -1,9 +1,11 @@
 //! Pipelines of noreply commands: buffered per server, written in large chunks, one wait at
 //! the end.
 
-use super::{server_error, wire_key, Client, SetOptions, StoreMode};
+use super::binary_proto::status_to_error;
+use super::{server_error, wire_key, Client, Protocol, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
+use crate::proto::binary::{self, Opcode};
 use crate::proto::text::{self, Response, DATA_TRAILER};
 use crate::proto::{Key, Limits, ParseError, Status};
 
@@ -79,7 +81,7 @@ impl Pipeline<'_> {
                 )));
             }
             if !self.started[i] {
-                c.driver.begin(i).inspect_err(|e| {
+                c.start(i).inspect_err(|e| {
                     c.health.record_error(i, e, &mut c.ring);
                 })?;
                 self.started[i] = true;
@@ -91,6 +93,10 @@ impl Pipeline<'_> {
         let i = r?;
         self.commands += 1;
         Ok(i)
+    }
+
+    fn is_binary(&self) -> bool {
+        self.client.protocol == Protocol::Binary
     }
 
     fn maybe_flush(&mut self, i: usize) -> Result<()> {
@@ -110,11 +116,27 @@ impl Pipeline<'_> {
     ) -> Result<&mut Self> {
         self.client.check_value(value)?;
         let large = value.len() > PIPELINE_FLUSH;
+        let binary = self.is_binary();
+        let opaque = self.commands as u32;
         let i = self.queue(key, |w, k| {
-            text::encode_storage(w, mode.wire(), k, opts.flags, opts.ttl, value.len(), true);
-            if !large {
-                w.extend_from_slice(value);
-                w.extend_from_slice(DATA_TRAILER);
+            if binary {
+                let op = match mode {
+                    StoreMode::Set => Opcode::SETQ,
+                    StoreMode::Add => Opcode::ADDQ,
+                    StoreMode::Replace => Opcode::REPLACEQ,
+                    StoreMode::Append => Opcode::APPENDQ,
+                    StoreMode::Prepend => Opcode::PREPENDQ,
+                };
+                binary::encode_store(w, op, k, opts.flags, opts.ttl, value.len(), opaque, 0);
+                if !large {
+                    w.extend_from_slice(value);
+                }
+            } else {
+                text::encode_storage(w, mode.wire(), k, opts.flags, opts.ttl, value.len(), true);
+                if !large {
+                    w.extend_from_slice(value);
+                    w.extend_from_slice(DATA_TRAILER);
+                }
             }
         })?;
         if large {
@@ -133,21 +155,48 @@ impl Pipeline<'_> {
 
     /// Queues a noreply `delete`.
     pub fn delete(&mut self, key: &[u8]) -> Result<&mut Self> {
-        let i = self.queue(key, |w, k| text::encode_delete(w, k, true))?;
+        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let i = self.queue(key, |w, k| {
+            if binary {
+                binary::encode_simple(w, Opcode::DELETEQ, Some(k), &[], opaque, 0);
+            } else {
+                text::encode_delete(w, k, true);
+            }
+        })?;
         self.maybe_flush(i)?;
         Ok(self)
     }
 
     /// Queues a noreply `incr` (or `decr`).
     pub fn incr(&mut self, key: &[u8], delta: u64, decr: bool) -> Result<&mut Self> {
-        let i = self.queue(key, |w, k| text::encode_arith(w, decr, k, delta, true))?;
+        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let i = self.queue(key, |w, k| {
+            if binary {
+                let op = if decr {
+                    Opcode::DECREMENTQ
+                } else {
+                    Opcode::INCREMENTQ
+                };
+                binary::encode_arith(w, op, k, delta, 0, u32::MAX, opaque);
+            } else {
+                text::encode_arith(w, decr, k, delta, true);
+            }
+        })?;
         self.maybe_flush(i)?;
         Ok(self)
     }
 
     /// Queues a noreply `touch`.
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<&mut Self> {
-        let i = self.queue(key, |w, k| text::encode_touch(w, k, ttl, true))?;
+        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let i = self.queue(key, |w, k| {
+            if binary {
+                // Touch has no quiet form: its success reply is read and ignored.
+                binary::encode_with_exptime(w, Opcode::TOUCH, Some(k), ttl, opaque);
+            } else {
+                text::encode_touch(w, k, ttl, true);
+            }
+        })?;
         self.maybe_flush(i)?;
         Ok(self)
     }
@@ -159,13 +208,13 @@ impl Pipeline<'_> {
         let op = c.driver.new_op();
         let limits = c.limits;
         let (errors, first) = (&mut self.errors, &mut self.first_error);
-        let r = c.driver.exchange(
-            i,
-            &op,
-            value.map(|v| (v, DATA_TRAILER)),
-            Until::Written,
-            |buf| count_errors(buf, &limits, errors, first, false),
-        );
+        let binary = c.protocol == Protocol::Binary;
+        let trailer = if binary { &b""[..] } else { DATA_TRAILER };
+        let r = c
+            .driver
+            .exchange(i, &op, value.map(|v| (v, trailer)), Until::Written, |buf| {
+                count_errors(buf, &limits, errors, first, false, binary)
+            });
         c.driver.wbuf(i).clear();
         if let Err(e) = r {
             c.health.record_error(i, &e, &mut c.ring);
@@ -191,9 +240,14 @@ impl Pipeline<'_> {
     pub fn finish(mut self) -> Result<PipelineReport> {
         let c = &mut *self.client;
         let mut batches = Vec::new();
+        let binary = c.protocol == Protocol::Binary;
         for i in 0..self.started.len() {
             if self.started[i] && self.failed[i].is_none() {
-                text::encode_version(c.driver.wbuf(i));
+                if binary {
+                    binary::encode_simple(c.driver.wbuf(i), Opcode::NOOP, None, &[], u32::MAX, 0);
+                } else {
+                    text::encode_version(c.driver.wbuf(i));
+                }
                 batches.push(Batch::new(i, None));
             }
         }
@@ -202,7 +256,7 @@ impl Pipeline<'_> {
         let (errors, first) = (&mut self.errors, &mut self.first_error);
         c.driver
             .exchange_many(&mut batches, &op, Until::Done, |_, buf| {
-                count_errors(buf, &limits, errors, first, true)
+                count_errors(buf, &limits, errors, first, true, binary)
             });
         let mut failed = Vec::new();
         for b in batches {
@@ -253,15 +307,40 @@ fn clone_error(e: &Error) -> Error {
     }
 }
 
-/// Reply handler for noreply traffic: error lines are counted, `VERSION` ends the pipeline
-/// (when `until_version`), anything else means the stream is out of step.
+/// Reply handler for noreply traffic: error lines are counted, `VERSION` (binary: the No-op)
+/// ends the pipeline (when `until_end`), anything else means the stream is out of step. In
+/// binary, quiet commands report unmet conditions (not found, not stored, exists), which text
+/// noreply suppresses: those are not counted as errors either.
 fn count_errors(
     buf: &[u8],
     limits: &Limits,
     errors: &mut usize,
     first: &mut Option<String>,
-    until_version: bool,
+    until_end: bool,
+    binary: bool,
 ) -> Result<Status<(usize, bool)>, ParseError> {
+    if binary {
+        return match binary::parse_response(buf, limits)? {
+            Status::Partial => Ok(Status::Partial),
+            Status::Complete((n, p)) if p.opcode == Opcode::NOOP && until_end => {
+                Ok(Status::Complete((n, true)))
+            }
+            Status::Complete((n, p)) => {
+                let unmet = [
+                    binary::STATUS_OK,
+                    binary::STATUS_NOT_FOUND,
+                    binary::STATUS_NOT_STORED,
+                    binary::STATUS_EXISTS,
+                ];
+                if !unmet.contains(&p.status) {
+                    *errors += 1;
+                    first.get_or_insert_with(|| status_to_error("", p.status, p.value).to_string());
+                }
+                Ok(Status::Complete((n, false)))
+            }
+        };
+    }
+    let until_version = until_end;
     match text::parse_reply(buf, limits)? {
         Status::Partial => Ok(Status::Partial),
         Status::Complete((n, Response::Version(_))) if until_version => {
