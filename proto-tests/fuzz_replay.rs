@@ -36,3 +36,13 @@ fn roundtrip() {
 fn server_spec() {
     assert!(replay("server_spec", mcstore::fuzzing::server_spec) > 0);
 }
+
+#[test]
+fn binary_reply() {
+    assert!(replay("binary_reply", mcstore::fuzzing::binary_reply) > 0);
+}
+
+#[test]
+fn reply_stream() {
+    assert!(replay("reply_stream", mcstore::fuzzing::reply_stream) > 0);
+}

@@ -165,3 +165,94 @@ pub fn server_spec(data: &[u8]) {
         ),
     }
 }
+
+/// Arbitrary bytes as a binary response stream: header validation, bounds, stability under
+/// appended bytes, borrowed slices inside the input, the value limit.
+pub fn binary_reply(data: &[u8]) {
+    use crate::proto::binary::{parse_response, HEADER_LEN};
+    for max_value in [16usize, 1 << 20] {
+        let limits = Limits { max_value };
+        let mut rest = data;
+        while !rest.is_empty() {
+            match parse_response(rest, &limits) {
+                Ok(Status::Complete((n, p))) => {
+                    assert!(n >= HEADER_LEN && n <= rest.len());
+                    for part in [p.extras, p.key, p.value] {
+                        assert!(within(&rest[..n], part));
+                    }
+                    assert_eq!(HEADER_LEN + p.extras.len() + p.key.len() + p.value.len(), n);
+                    assert!(p.value.len() <= max_value + 4 + 250 + 16);
+                    let mut more = rest[..n].to_vec();
+                    more.extend_from_slice(&[0x81; 30]);
+                    assert_eq!(parse_response(&more, &limits), Ok(Status::Complete((n, p))));
+                    rest = &rest[n..];
+                }
+                Ok(Status::Partial) => break,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// A pipelined binary connection, sans I/O: the input picks how many Get requests are in
+/// flight (opaques 0..n), a reply stream, and the sizes of the reads that deliver it. The
+/// stream goes through the driver's real read buffer (`ReadBuf`: compaction, growth, its cap)
+/// and the parser, and each reply is matched to the oldest outstanding request by opaque, the
+/// rule the client applies. Checks: a reply is never given to a request with another opaque
+/// (the connection would be dropped instead), every request ends with a result or the stream
+/// ends in a clean error or a partial reply, and the buffer never grows past its cap.
+pub fn reply_stream(data: &[u8]) {
+    use crate::conn::buf_for_fuzzing::ReadBuf;
+    use crate::proto::binary::parse_response;
+    if data.len() < 2 {
+        return;
+    }
+    let in_flight = u32::from(data[0] % 16) + 1;
+    let n_sizes = (data[1] % 8) as usize + 1;
+    if data.len() < 2 + n_sizes {
+        return;
+    }
+    let sizes: Vec<usize> = data[2..2 + n_sizes]
+        .iter()
+        .map(|&b| b as usize % 64 + 1)
+        .collect();
+    let stream = &data[2 + n_sizes..];
+    let limits = Limits { max_value: 256 };
+    let cap = limits.max_value + 4 + 250 + 16 + 24;
+    let mut buf = ReadBuf::new(32, cap);
+    let mut fed = 0;
+    let mut next = 0u32; // the opaque the next reply must carry
+    let mut k = 0;
+    'outer: loop {
+        // Parse everything buffered.
+        loop {
+            match parse_response(buf.data(), &limits) {
+                Ok(Status::Complete((n, p))) => {
+                    if next >= in_flight || p.opaque != next {
+                        break 'outer; // framing error: the client drops the connection
+                    }
+                    next += 1;
+                    buf.consume(n);
+                }
+                Ok(Status::Partial) => break,
+                Err(_) => break 'outer,
+            }
+        }
+        if fed == stream.len() || next == in_flight {
+            break;
+        }
+        let Some(spare) = buf.spare() else {
+            // Only a reply above the parser's limit could fill the buffer; the parser refuses
+            // those from the header, so this must not happen.
+            panic!("read buffer full of one unit the parser accepted");
+        };
+        let take = sizes[k % sizes.len()]
+            .min(spare.len())
+            .min(stream.len() - fed);
+        k += 1;
+        spare[..take].copy_from_slice(&stream[fed..fed + take]);
+        buf.filled(take);
+        fed += take;
+    }
+    assert!(next <= in_flight);
+}

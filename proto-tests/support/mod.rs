@@ -59,6 +59,8 @@ pub struct Memcached {
     pub listen: Listen,
     extra: Vec<String>,
     _dir: Option<TempDir>,
+    /// SASL config folder (memcached -S): the server then answers only binary requests.
+    sasl_conf: Option<PathBuf>,
 }
 
 impl Memcached {
@@ -75,6 +77,7 @@ impl Memcached {
                 listen: Listen::Tcp(free_port()),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 _dir: None,
+                sasl_conf: None,
             };
             if m.spawn() {
                 return m;
@@ -92,8 +95,46 @@ impl Memcached {
             listen: Listen::Unix(path),
             extra: Vec::new(),
             _dir: Some(dir),
+            sasl_conf: None,
         };
         assert!(m.spawn(), "memcached did not start on a Unix socket");
+        m
+    }
+
+    /// A memcached with SASL on (`-S`), knowing one user: `user`/`password` in a fresh sasldb.
+    /// Needs `saslpasswd2` (Debian: sasl2-bin).
+    pub fn start_sasl(user: &str, password: &str) -> Memcached {
+        let dir = TempDir::new("mcsasl");
+        let db = dir.path.join("sasldb2");
+        let mut child = Command::new("saslpasswd2")
+            .args(["-a", "memcached", "-c", "-p", "-f"])
+            .arg(&db)
+            .arg(user)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("saslpasswd2 not found ({e}): apt-get install -y sasl2-bin")
+            });
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "saslpasswd2 failed");
+        std::fs::write(
+            dir.path.join("memcached.conf"),
+            format!("mech_list: plain\nsasldb_path: {}\n", db.display()),
+        )
+        .unwrap();
+        let mut m = Memcached {
+            child: None,
+            listen: Listen::Tcp(free_port()),
+            extra: vec!["-S".into()],
+            sasl_conf: Some(dir.path.clone()),
+            _dir: Some(dir),
+        };
+        assert!(m.spawn(), "memcached -S did not start");
         m
     }
 
@@ -140,6 +181,9 @@ impl Memcached {
             cmd.args(["-u", "root"]);
         }
         cmd.args(&self.extra);
+        if let Some(conf) = &self.sasl_conf {
+            cmd.env("SASL_CONF_PATH", conf);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -167,6 +211,21 @@ impl Memcached {
 
     /// True if the server answers a `version` request right now.
     pub fn answers(&self) -> bool {
+        if self.sasl_conf.is_some() {
+            // Text gets no reply with -S; binary Version is allowed before authentication.
+            let Listen::Tcp(p) = self.listen else {
+                return false;
+            };
+            let Ok(mut s) = TcpStream::connect(("127.0.0.1", p)) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut req = [0u8; 24];
+            req[0] = 0x80;
+            req[1] = 0x0b;
+            let mut resp = [0u8; 24];
+            return s.write_all(&req).is_ok() && s.read_exact(&mut resp).is_ok() && resp[0] == 0x81;
+        }
         fn ask<S: Read + Write>(mut s: S) -> bool {
             if s.write_all(b"version\r\n").is_err() {
                 return false;

@@ -7,6 +7,11 @@
 mod buf;
 pub(crate) mod driver;
 
+/// The read buffer, for the `reply_stream` fuzz body.
+pub(crate) mod buf_for_fuzzing {
+    pub(crate) use super::buf::ReadBuf;
+}
+
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
