@@ -48,7 +48,7 @@ use crate::proto::binary::{self, Opcode};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
 use crate::proto::{Key, Limits, ParseError, Status};
 use crate::ring::Continuum;
-use binary_proto::Stored;
+use binary_proto::StoreOutcome;
 use health::Health;
 
 /// An item read from the cache, with its value copied out.
@@ -516,9 +516,9 @@ impl Client {
                 };
                 return Ok(
                     match (c.bin_store(i, code, key, value, opts, unique)?, cmd) {
-                        (Stored::Stored, _) => Response::Stored,
-                        (Stored::Exists, Storage::Cas(_)) => Response::Exists,
-                        (Stored::NotFound, Storage::Cas(_)) => Response::NotFound,
+                        (StoreOutcome::Stored, _) => Response::Stored,
+                        (StoreOutcome::Exists, Storage::Cas(_)) => Response::Exists,
+                        (StoreOutcome::NotFound, Storage::Cas(_)) => Response::NotFound,
                         _ => Response::NotStored,
                     },
                 );

@@ -8,7 +8,7 @@ use crate::proto::binary::{self, Opcode, Packet, StatusKind};
 use crate::proto::{Key, ParseError, Status};
 
 /// What a binary storage call answered.
-pub(super) enum Stored {
+pub(super) enum StoreOutcome {
     Stored,
     NotStored,
     Exists,
@@ -208,7 +208,7 @@ impl Client {
         value: &[u8],
         opts: SetOptions,
         cas: u64,
-    ) -> Result<Stored> {
+    ) -> Result<StoreOutcome> {
         let op = self.start(i)?;
         let opaque = self.next_opaque();
         let w = self.driver.wbuf(i);
@@ -235,10 +235,10 @@ impl Client {
         ];
         let (status, msg) = self.bin_call(i, &op, separate, opaque, &unmet, |_| {})?;
         Ok(match status {
-            binary::STATUS_OK => Stored::Stored,
-            binary::STATUS_NOT_STORED => Stored::NotStored,
-            binary::STATUS_EXISTS => Stored::Exists,
-            binary::STATUS_NOT_FOUND => Stored::NotFound,
+            binary::STATUS_OK => StoreOutcome::Stored,
+            binary::STATUS_NOT_STORED => StoreOutcome::NotStored,
+            binary::STATUS_EXISTS => StoreOutcome::Exists,
+            binary::STATUS_NOT_FOUND => StoreOutcome::NotFound,
             s => return Err(self.status_error(i, s, &msg)),
         })
     }

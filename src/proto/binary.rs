@@ -412,6 +412,9 @@ mod tests {
         Limits { max_value: 1 << 20 }
     }
 
+    /// (wire bytes, opcode, status, opaque, cas, extras, key, value)
+    type Dump<'a> = (Vec<u8>, Opcode, u16, u32, u64, &'a [u8], &'a [u8], &'a [u8]);
+
     /// Requests and responses captured from memcached 1.6.18 (reference, section 8).
     #[test]
     fn reference_dumps() {
@@ -444,7 +447,7 @@ mod tests {
             hex("80 0b 0000 00 00 0000 00000000 00000000 0000000000000000")
         );
 
-        let cases: Vec<(Vec<u8>, Opcode, u16, u32, u64, &[u8], &[u8], &[u8])> = vec![
+        let cases: Vec<Dump<'_>> = vec![
             (hex("81 01 0000 00 00 0000 00000000 11223344 0000000000000007"), Opcode::SET, 0, 0x11223344, 7, b"", b"", b""),
             (hex("81 00 0000 04 00 0000 00000009 cafebabe 0000000000000007 deadbeef 576f726c64"), Opcode::GET, 0, 0xcafebabe, 7, &[0xde, 0xad, 0xbe, 0xef], b"", b"World"),
             (hex("81 00 0000 00 00 0001 00000009 00000000 0000000000000000 4e6f7420666f756e64"), Opcode::GET, 1, 0, 0, b"", b"", b"Not found"),
