@@ -65,9 +65,15 @@ fn memcached_commands() {
     ok(&mcstore(s, &["flush"], b""));
     fails_with(&mcstore(s, &["get", "new"], b""), "not found: new");
     fails_with(&mcstore(s, &["set", "bad key", "v"], b""), "invalid key");
-    fails_with(
-        &mcstore(s, &["--protocol", "binary", "get", "k"], b""),
-        "only --protocol text",
+    // The binary protocol through the CLI.
+    ok(&mcstore(
+        s,
+        &["--protocol", "binary", "set", "b", "binval"],
+        b"",
+    ));
+    assert_eq!(
+        ok(&mcstore(s, &["--protocol", "binary", "get", "b"], b"")),
+        "binval"
     );
     // A dead server: one clear error line.
     let dead = format!("127.0.0.1:{}", support::free_port());

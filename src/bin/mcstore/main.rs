@@ -29,7 +29,7 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Global {
     /// Servers, comma-separated: host:port[:weight] or a Unix socket path.
     #[arg(long, short = 's', env = "MEMCACHED_SERVERS", global = true)]
@@ -37,6 +37,17 @@ struct Global {
     /// Wire protocol.
     #[arg(long, value_enum, default_value = "text", global = true)]
     protocol: Protocol,
+    /// SASL PLAIN user (binary protocol), with --password or MEMCACHED_PASSWORD.
+    #[arg(long, env = "MEMCACHED_USER", global = true)]
+    user: Option<String>,
+    /// SASL PLAIN password.
+    #[arg(
+        long,
+        env = "MEMCACHED_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    password: Option<String>,
     /// Key distribution: modula, ketama or ketama_weighted.
     #[arg(long, default_value = "modula", value_parser = parse_distribution, global = true)]
     distribution: Distribution,
@@ -49,11 +60,10 @@ struct Global {
     timeout_ms: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Protocol {
     Text,
     Binary,
-    Meta,
 }
 
 fn parse_distribution(s: &str) -> Result<Distribution, String> {
@@ -209,14 +219,12 @@ fn main() -> ExitCode {
 }
 
 fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
-    match g.protocol {
-        Protocol::Text => {}
-        Protocol::Binary | Protocol::Meta => {
-            return Err("only --protocol text is implemented so far".into())
-        }
-    }
     let servers = g.servers.as_deref().unwrap_or(default_servers);
     let mut b = Client::builder()
+        .protocol(match g.protocol {
+            Protocol::Text => mcstore::Protocol::Text,
+            Protocol::Binary => mcstore::Protocol::Binary,
+        })
         .servers(servers.split(',').map(str::trim).filter(|s| !s.is_empty()))
         .distribution(g.distribution)
         .io_timeout(Duration::from_millis(g.timeout_ms))
@@ -224,6 +232,9 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
         .max_value_size(64 << 20);
     if let Some(h) = g.hash {
         b = b.hash(h);
+    }
+    if let Some(user) = &g.user {
+        b = b.sasl(user.clone(), g.password.clone().unwrap_or_default());
     }
     Ok(b)
 }
@@ -310,10 +321,12 @@ fn run(cli: Cli) -> Res<()> {
             keyspace,
             value_bytes,
         } => {
-            if binary {
-                return Err("the binary protocol is not implemented yet".into());
-            }
-            let mut c = client(g)?;
+            let proto = if binary { Protocol::Binary } else { g.protocol };
+            let g2 = Global {
+                protocol: proto,
+                ..g.clone()
+            };
+            let mut c = client(&g2)?;
             let dist = if c.servers().len() == 1 {
                 "single"
             } else {
@@ -325,7 +338,12 @@ fn run(cli: Cli) -> Res<()> {
                 keyspace,
                 value_bytes,
             };
-            bench::run(&mut c, &spec, "text", dist)?;
+            let name = if proto == Protocol::Binary {
+                "binary"
+            } else {
+                "text"
+            };
+            bench::run(&mut c, &spec, name, dist)?;
         }
     }
     out.flush()?;
@@ -529,7 +547,7 @@ fn demo(g: &Global, n: usize) -> Res<()> {
     } else {
         let g2 = Global {
             servers: Some(servers.clone()),
-            ..*g
+            ..g.clone()
         };
         let pool = Pool::new(builder(&g2, "")?, 4)?;
         Some(MemcacheStorage::new(pool, Some(master.clone())))
