@@ -11,7 +11,7 @@
 //! use mcstore::proto::{Limits, Status, binary::{self, Opcode, parse_response}};
 //! // A Get hit as memcached 1.6.18 sends it (reference, section 8.2).
 //! let hit = b"\x81\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x09\xca\xfe\xba\xbe\
-//!             \x00\x00\x00\x00\x00\x00\x00\x07\xde\xad\xbe\xef World";
+//!             \x00\x00\x00\x00\x00\x00\x00\x07\xde\xad\xbe\xefWorld";
 //! let Status::Complete((n, p)) = parse_response(&hit[..], &Limits::default()).unwrap() else { panic!() };
 //! assert_eq!((n, p.opcode, p.status, p.opaque, p.cas), (33, Opcode::GET, binary::STATUS_OK, 0xcafebabe, 7));
 //! assert_eq!((p.flags(), p.value), (Some(0xdeadbeef), &b"World"[..]));
