@@ -6,15 +6,16 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mcstore::ring::Distribution;
-use mcstore::{Client, ClientBuilder, Error, SetOptions};
+use mcstore::{Client, ClientBuilder, Error, Protocol, SetOptions};
 use support::{wait_for, Memcached};
 
 fn three() -> Vec<Memcached> {
     (0..3).map(|_| Memcached::start()).collect()
 }
 
-fn builder(servers: &[Memcached]) -> ClientBuilder {
+fn builder(servers: &[Memcached], p: Protocol) -> ClientBuilder {
     Client::builder()
+        .protocol(p)
         .servers(servers.iter().map(Memcached::addr))
         .io_timeout(Duration::from_millis(300))
         .connect_timeout(Duration::from_millis(300))
@@ -33,8 +34,7 @@ fn curr_items(mc: &Memcached) -> usize {
         .unwrap()
 }
 
-#[test]
-fn keys_land_where_the_continuum_says() {
+fn keys_land_where_the_continuum_says(p: Protocol) {
     for (dist, weights) in [
         (Distribution::Modula, [1, 1, 1]),
         (Distribution::Ketama, [1, 1, 1]),
@@ -47,6 +47,7 @@ fn keys_land_where_the_continuum_says() {
             .map(|(m, w)| format!("{}:{w}", m.addr()))
             .collect();
         let mut c = Client::builder()
+            .protocol(p)
             .servers(&specs)
             .distribution(dist)
             .build()
@@ -78,10 +79,9 @@ fn keys_land_where_the_continuum_says() {
     }
 }
 
-#[test]
-fn multi_get_over_three_servers_and_counters() {
+fn multi_get_over_three_servers_and_counters(p: Protocol) {
     let servers = three();
-    let mut c = builder(&servers)
+    let mut c = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .build()
         .unwrap();
@@ -129,10 +129,9 @@ fn split(c: &mut Client, victim: &str, keys: &[String]) -> (Vec<String>, Vec<Str
         .partition(|k| c.server_for_key(k.as_bytes()).unwrap() == victim)
 }
 
-#[test]
-fn killed_server_fails_fast_after_ejection_others_unaffected() {
+fn killed_server_fails_fast_after_ejection_others_unaffected(p: Protocol) {
     let mut servers = three();
-    let mut c = builder(&servers)
+    let mut c = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .server_failure_limit(2)
         .retry_timeout(Duration::from_secs(60))
@@ -174,10 +173,9 @@ fn killed_server_fails_fast_after_ejection_others_unaffected() {
     assert_eq!(counters[1].1.errors, 2);
 }
 
-#[test]
-fn killed_server_keys_move_when_remove_failed_servers_is_on() {
+fn killed_server_keys_move_when_remove_failed_servers_is_on(p: Protocol) {
     let mut servers = three();
-    let mut c = builder(&servers)
+    let mut c = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .server_failure_limit(1)
         .retry_timeout(Duration::from_secs(60))
@@ -212,10 +210,9 @@ fn killed_server_keys_move_when_remove_failed_servers_is_on() {
     assert_eq!(n, dead_keys.len());
 }
 
-#[test]
-fn frozen_server_delays_only_its_own_keys_by_one_timeout() {
+fn frozen_server_delays_only_its_own_keys_by_one_timeout(p: Protocol) {
     let servers = three();
-    let mut c = builder(&servers)
+    let mut c = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .server_failure_limit(100)
         .build()
@@ -258,11 +255,10 @@ fn frozen_server_delays_only_its_own_keys_by_one_timeout() {
     assert!(c.get(frozen_keys[0].as_bytes()).unwrap().is_some());
 }
 
-#[test]
-fn restarted_server_rejoins_after_the_retry_timeout() {
+fn restarted_server_rejoins_after_the_retry_timeout(p: Protocol) {
     let mut servers = three();
     let retry = Duration::from_millis(500);
-    let mut c = builder(&servers)
+    let mut c = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .server_failure_limit(1)
         .retry_timeout(retry)
@@ -291,19 +287,18 @@ fn restarted_server_rejoins_after_the_retry_timeout() {
     assert!(counters[1].1.reconnects >= 1);
 }
 
-#[test]
-fn namespace_is_sent_and_hashed_as_configured() {
+fn namespace_is_sent_and_hashed_as_configured(p: Protocol) {
     let servers = three();
-    let mut plain = builder(&servers)
+    let mut plain = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .build()
         .unwrap();
-    let mut ns = builder(&servers)
+    let mut ns = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .namespace("app:")
         .build()
         .unwrap();
-    let mut ns_hashed = builder(&servers)
+    let mut ns_hashed = builder(&servers, p)
         .distribution(Distribution::Ketama)
         .namespace("app:")
         .hash_with_namespace(true)
@@ -341,3 +336,24 @@ fn namespace_is_sent_and_hashed_as_configured() {
         Err(Error::InvalidKey(mcstore::KeyError::TooLong(251)))
     ));
 }
+
+macro_rules! for_each_protocol {
+    ($($t:ident),* $(,)?) => {
+        mod text {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
+        }
+        mod binary {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
+        }
+    };
+}
+
+for_each_protocol!(
+    keys_land_where_the_continuum_says,
+    multi_get_over_three_servers_and_counters,
+    killed_server_fails_fast_after_ejection_others_unaffected,
+    killed_server_keys_move_when_remove_failed_servers_is_on,
+    frozen_server_delays_only_its_own_keys_by_one_timeout,
+    restarted_server_rejoins_after_the_retry_timeout,
+    namespace_is_sent_and_hashed_as_configured
+);
