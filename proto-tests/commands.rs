@@ -498,18 +498,6 @@ fn builder_rejects_bad_configuration(p: Protocol) {
     ));
 }
 
-/// Every test above, once per protocol.
-macro_rules! for_each_protocol {
-    ($($t:ident),* $(,)?) => {
-        mod text {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
-        }
-        mod binary {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
-        }
-    };
-}
-
 for_each_protocol!(
     set_get_with_flags,
     get_into_reuses_the_callers_buffer,

@@ -104,17 +104,6 @@ fn unreachable_server_fails_fast(p: Protocol) {
     assert!(start.elapsed() < Duration::from_millis(500) + MARGIN);
 }
 
-macro_rules! for_each_protocol {
-    ($($t:ident),* $(,)?) => {
-        mod text {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
-        }
-        mod binary {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
-        }
-    };
-}
-
 for_each_protocol!(
     frozen_server_times_out_then_recovers,
     killed_server_gives_io_errors_then_the_same_client_reconnects,

@@ -337,17 +337,6 @@ fn namespace_is_sent_and_hashed_as_configured(p: Protocol) {
     ));
 }
 
-macro_rules! for_each_protocol {
-    ($($t:ident),* $(,)?) => {
-        mod text {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
-        }
-        mod binary {
-            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
-        }
-    };
-}
-
 for_each_protocol!(
     keys_land_where_the_continuum_says,
     multi_get_over_three_servers_and_counters,

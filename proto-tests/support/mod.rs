@@ -419,3 +419,17 @@ impl Drop for Hostile {
         }
     }
 }
+
+/// Generates `mod text` and `mod binary` with one `#[test]` per listed function, each calling
+/// `f(Protocol)`: one suite, both protocols.
+#[macro_export]
+macro_rules! for_each_protocol {
+    ($($t:ident),* $(,)?) => {
+        mod text {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Text) } )*
+        }
+        mod binary {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
+        }
+    };
+}

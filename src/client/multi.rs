@@ -38,6 +38,8 @@ struct Share {
 struct Plan {
     server_of: Vec<u32>,
     shares: Vec<Share>,
+    /// A retrieval: count each healthy server's hits and misses.
+    retrieval: bool,
 }
 
 impl Client {
@@ -63,6 +65,7 @@ impl Client {
         let mut plan = Plan {
             server_of: Vec::with_capacity(n),
             shares: (0..self.labels.len()).map(|_| Share::default()).collect(),
+            retrieval: false,
         };
         for j in 0..n {
             let user = key_at(j);
@@ -133,7 +136,14 @@ impl Client {
                     self.health.record_error(i, &e, &mut self.ring);
                     failed.push((self.labels[i].clone(), e));
                 }
-                None => self.health.record(i, &Ok(()), &mut self.ring),
+                None => {
+                    self.health.record(i, &Ok(()), &mut self.ring);
+                    if plan.retrieval {
+                        let c = self.health.counters_mut(i);
+                        c.hits += share.hits as u64;
+                        c.misses += (share.keys - share.hits) as u64;
+                    }
+                }
             }
         }
         match failed.len() {
@@ -181,6 +191,7 @@ impl Client {
             return self.bin_retrieve_multi(cmd == Retrieval::Gets, keys, found);
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        plan.retrieval = true;
         // Encode: each server's keys in lines of KEYS_PER_LINE.
         for (j, k) in keys.iter().enumerate() {
             let i = plan.server_of[j];
@@ -260,17 +271,15 @@ impl Client {
             }
         });
         self.namespace = ns;
-        for (i, share) in plan.shares.iter().enumerate() {
-            if share.keys > 0 && share.error.is_none() {
-                let c = self.health.counters_mut(i);
-                c.hits += share.hits as u64;
-                c.misses += (share.keys - share.hits) as u64;
-            }
-        }
-        for i in closed {
+        self.disconnect_all(closed);
+        result
+    }
+
+    /// Closes the connections of servers whose batch answer went out of step.
+    fn disconnect_all(&mut self, servers: Vec<usize>) {
+        for i in servers {
             self.driver.disconnect(i);
         }
-        result
     }
 
     /// Runs one storage or delete command per key, pipelined per server, counting the replies
@@ -306,9 +315,7 @@ impl Client {
                 None => Err(ParseError::Unexpected),
             }
         });
-        for i in closed {
-            self.driver.disconnect(i);
-        }
+        self.disconnect_all(closed);
         result?;
         Ok(plan.shares.iter().map(|s| s.hits).sum())
     }
@@ -447,6 +454,7 @@ impl Client {
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        plan.retrieval = true;
         for (j, k) in keys.iter().enumerate() {
             let i = plan.server_of[j];
             if i != NO_SERVER {
@@ -502,16 +510,7 @@ impl Client {
             Ok(Status::Complete((n, false)))
         });
         self.namespace = ns;
-        for (i, share) in plan.shares.iter().enumerate() {
-            if share.keys > 0 && share.error.is_none() {
-                let c = self.health.counters_mut(i);
-                c.hits += share.hits as u64;
-                c.misses += (share.keys - share.hits) as u64;
-            }
-        }
-        for i in closed {
-            self.driver.disconnect(i);
-        }
+        self.disconnect_all(closed);
         result
     }
 
@@ -547,9 +546,7 @@ impl Client {
             }
             Ok(Status::Complete((n, false)))
         });
-        for i in closed {
-            self.driver.disconnect(i);
-        }
+        self.disconnect_all(closed);
         result?;
         Ok(plan.shares.iter().map(|s| s.keys - s.seen).sum())
     }
