@@ -54,10 +54,10 @@ impl FromStr for ServerAddr {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = |why: &str| Error::Config(format!("server address {s:?}: {why}"));
-        if let Some(path) = s.strip_prefix("unix:").or(s.starts_with('/').then_some(s)) {
-            if !path.starts_with('/') {
-                return Err(bad("a Unix socket path must be absolute"));
-            }
+        // `unix:` names a socket only when a path follows: a host called "unix" stays a host
+        // ("unix:11211" is host unix, port 11211), so every address prints back to itself.
+        let unix = s.strip_prefix("unix:").filter(|p| p.starts_with('/'));
+        if let Some(path) = unix.or(s.starts_with('/').then_some(s)) {
             return Ok(ServerAddr::Unix(PathBuf::from(path)));
         }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
@@ -142,7 +142,7 @@ impl FromStr for ServerSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let unix = s.starts_with('/') || s.starts_with("unix:");
+        let unix = s.starts_with('/') || s.starts_with("unix:/");
         // host:port:weight or [v6]:port:weight: the weight is a third field.
         let fields = if s.starts_with('[') {
             s.rsplit_once(']')
@@ -191,6 +191,9 @@ mod tests {
             ("[::1]", "[::1]:11211"),
             ("/tmp/m.sock", "unix:/tmp/m.sock"),
             ("unix:/tmp/m.sock", "unix:/tmp/m.sock"),
+            // Found by the server_spec fuzz target: a host named "unix".
+            ("unix", "unix:11211"),
+            ("unix:11211", "unix:11211"),
         ] {
             let a: ServerAddr = input.parse().unwrap();
             assert_eq!(a.to_string(), shown);
