@@ -74,7 +74,7 @@ impl FromStr for ServerAddr {
             }
         };
         // Brackets only delimit an IPv6 address; inside a host they would not print back.
-        if host.is_empty() || host.contains(char::is_whitespace) || host.contains(['[', ']']) {
+        if host.is_empty() || host.contains(char::is_whitespace) || host.contains(['[', ']', '/']) {
             return Err(bad("empty or invalid host"));
         }
         let port = match port {
