@@ -427,6 +427,38 @@ impl Client {
 /// Opaque of the No-op that closes a binary batch (key indexes never reach it).
 const NOOP_OPAQUE: u32 = u32::MAX;
 
+/// One packet of a binary batch read from server `i`.
+enum BatchPacket<'a> {
+    /// More bytes are needed.
+    Partial,
+    /// The batch's closing No-op, of this many bytes.
+    End(usize),
+    /// (bytes, item index from the opaque, packet) for an item that was sent to server `i`.
+    Item(usize, usize, crate::proto::binary::Packet<'a>),
+}
+
+/// Parses the next packet of a batch and checks that its opaque names an item sent to this
+/// server: a reply for anything else is a framing error, never handed to a caller.
+fn batch_packet<'a>(
+    buf: &'a [u8],
+    limits: &crate::proto::Limits,
+    server_of: &[u32],
+    i: usize,
+) -> Result<BatchPacket<'a>, ParseError> {
+    let (n, p) = match binary::parse_response(buf, limits)? {
+        Status::Complete(c) => c,
+        Status::Partial => return Ok(BatchPacket::Partial),
+    };
+    if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
+        return Ok(BatchPacket::End(n));
+    }
+    let j = p.opaque as usize;
+    if j >= server_of.len() || server_of[j] != i as u32 {
+        return Err(ParseError::Unexpected);
+    }
+    Ok(BatchPacket::Item(n, j, p))
+}
+
 impl Client {
     /// Encodes one binary keyed request for the (validated) user key `k` with the namespace.
     fn encode_bin_keyed(&mut self, i: usize, k: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) {
@@ -475,17 +507,11 @@ impl Client {
         let labels = self.labels.clone();
         let mut closed = Vec::new();
         let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let (n, p) = match binary::parse_response(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
+            let (n, j, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
+                BatchPacket::Partial => return Ok(Status::Partial),
+                BatchPacket::End(n) => return Ok(Status::Complete((n, true))),
+                BatchPacket::Item(n, j, p) => (n, j, p),
             };
-            if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
-                return Ok(Status::Complete((n, true)));
-            }
-            let j = p.opaque as usize;
-            if j >= keys.len() || plan.server_of[j] != i as u32 {
-                return Err(ParseError::Unexpected);
-            }
             let share = &mut plan.shares[i];
             if p.status != binary::STATUS_OK {
                 if closes_connection(p.status) {
@@ -521,20 +547,13 @@ impl Client {
         self.bin_close_batches(plan);
         let limits = self.limits;
         let labels = self.labels.clone();
-        let n_items = plan.server_of.len();
         let mut closed = Vec::new();
         let result = self.run_plan(plan, |plan, i, buf| {
-            let (n, p) = match binary::parse_response(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
+            let (n, _item, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
+                BatchPacket::Partial => return Ok(Status::Partial),
+                BatchPacket::End(n) => return Ok(Status::Complete((n, true))),
+                BatchPacket::Item(n, j, p) => (n, j, p),
             };
-            if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
-                return Ok(Status::Complete((n, true)));
-            }
-            let j = p.opaque as usize;
-            if j >= n_items || plan.server_of[j] != i as u32 {
-                return Err(ParseError::Unexpected);
-            }
             let share = &mut plan.shares[i];
             if misses.contains(&p.status) {
                 share.seen += 1;
