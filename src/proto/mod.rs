@@ -10,6 +10,7 @@
 //! The same parse functions are what the fuzz targets call.
 
 pub mod binary;
+pub mod meta;
 pub mod text;
 
 use std::fmt;
@@ -100,6 +101,10 @@ pub enum KeyError {
     /// Keys may be at most 250 bytes long.
     #[error("invalid key: {0} bytes long, the maximum is 250")]
     TooLong(usize),
+    /// A binary key (one with whitespace or control bytes), which the meta protocol sends
+    /// base64-encoded, may be at most 186 bytes: its 248-byte encoding must fit in 250.
+    #[error("invalid key: a binary key (sent base64-encoded) may be at most 186 bytes, this one has {0}")]
+    BinaryTooLong(usize),
     /// Keys may not contain whitespace or control bytes (<= 0x20 or 0x7f): such a byte would
     /// end the key on the wire and let the rest be read as another command.
     #[error("invalid key: byte 0x{byte:02x} at offset {offset} (whitespace and control bytes are not allowed)")]
@@ -122,7 +127,11 @@ pub enum KeyError {
 /// assert_eq!(Key::new(b"a b"), Err(KeyError::BadByte { byte: b' ', offset: 1 }));
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Key<'a>(&'a [u8]);
+pub struct Key<'a> {
+    bytes: &'a [u8],
+    /// The bytes are the base64 form of a binary key (meta protocol `b` flag).
+    base64: bool,
+}
 
 impl<'a> Key<'a> {
     /// Validates `bytes` as a key (protocol.txt, "Keys": at most 250 characters, no control
@@ -140,25 +149,47 @@ impl<'a> Key<'a> {
                 offset,
             });
         }
-        Ok(Key(bytes))
+        Ok(Key {
+            bytes,
+            base64: false,
+        })
     }
 
     /// A key already validated by [`Key::new`] (e.g. earlier in the same multi-key call).
     pub(crate) fn trusted(bytes: &'a [u8]) -> Key<'a> {
         debug_assert!(Key::new(bytes).is_ok());
-        Key(bytes)
+        Key {
+            bytes,
+            base64: false,
+        }
     }
 
-    /// The key's bytes.
+    /// A base64 token standing for a binary key (built by [`meta::binary_key`]).
+    pub(crate) fn base64_token(token: &'a [u8]) -> Key<'a> {
+        debug_assert!(Key::new(token).is_ok());
+        Key {
+            bytes: token,
+            base64: true,
+        }
+    }
+
+    /// The key's bytes as they go on the wire (the base64 token for a binary key).
     pub fn as_bytes(&self) -> &'a [u8] {
-        self.0
+        self.bytes
+    }
+
+    /// True if this is the base64 form of a binary key, which only the meta protocol can
+    /// send (with its `b` flag).
+    pub fn is_base64(&self) -> bool {
+        self.base64
     }
 }
 
 impl fmt::Debug for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Valid keys are printable ASCII or high bytes; show them escaped either way.
-        write!(f, "Key(\"{}\")", self.0.escape_ascii())
+        let b64 = if self.base64 { " base64" } else { "" };
+        write!(f, "Key(\"{}\"{b64})", self.bytes.escape_ascii())
     }
 }
 

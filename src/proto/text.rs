@@ -361,7 +361,7 @@ fn line2(out: &mut Vec<u8>, word: &[u8], rest: &[u8]) {
 
 /// Finds the first line of `buf`: `Ok(Some((line_without_crlf, bytes_with_crlf)))`, `Ok(None)`
 /// if no full line has arrived yet.
-fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
+pub(crate) fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
     let window = &buf[..buf.len().min(MAX_LINE + 2)];
     match super::find_byte(window, b'\n') {
         Some(nl) => {
@@ -376,7 +376,7 @@ fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
 }
 
 /// Splits `line` at its first space: `(word, rest)`; `rest` is empty when there is no space.
-fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
     match super::find_byte(line, b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, &[]),
