@@ -33,22 +33,26 @@
 mod binary_proto;
 mod builder;
 mod health;
+mod meta_proto;
 mod multi;
 mod pipeline;
 mod pool;
 
 pub use builder::{ClientBuilder, Protocol};
 pub use health::ServerCounters;
+pub use meta_proto::{
+    Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult, SetOutcome,
+};
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::binary::{self, Opcode};
+use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
-use crate::proto::{Key, Limits, ParseError, Status};
+use crate::proto::{Key, KeyError, Limits, ParseError, Status};
 use crate::ring::Continuum;
-use binary_proto::StoreOutcome;
 use health::Health;
 
 /// An item read from the cache, with its value copied out.
@@ -113,9 +117,10 @@ impl SetOptions {
 }
 
 /// The storage commands, for [`Client::store`] and the noreply/pipelined forms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum StoreMode {
     /// Store unconditionally.
+    #[default]
     Set,
     /// Store only if absent.
     Add,
@@ -211,6 +216,32 @@ enum Step<T> {
     Done(T),
 }
 
+/// A line-based protocol (text or meta): its reply parser and its error lines.
+trait Lines {
+    type Reply<'a>;
+    fn parse<'a>(
+        buf: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, Self::Reply<'a>)>, ParseError>;
+    /// The error an error line stands for, and whether it is a `SERVER_ERROR`.
+    fn error(reply: &Self::Reply<'_>) -> Option<(Error, bool)>;
+}
+
+struct TextLines;
+
+impl Lines for TextLines {
+    type Reply<'a> = Response<'a>;
+    fn parse<'a>(
+        buf: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, Response<'a>)>, ParseError> {
+        text::parse_reply(buf, limits)
+    }
+    fn error(r: &Response<'_>) -> Option<(Error, bool)> {
+        server_error(r).map(|e| (e, matches!(r, Response::ServerError(_))))
+    }
+}
+
 fn server_error(resp: &Response<'_>) -> Option<Error> {
     let (kind, msg) = match *resp {
         Response::Error(m) => (ServerErrorKind::UnknownCommand, m),
@@ -224,15 +255,45 @@ fn server_error(resp: &Response<'_>) -> Option<Error> {
     })
 }
 
-/// Writes `namespace + key` into `buf` and validates it as a wire key.
-fn wire_key<'b>(namespace: &[u8], user: Key<'b>, buf: &'b mut Vec<u8>) -> Result<Key<'b>> {
-    if namespace.is_empty() {
-        return Ok(user);
+/// The wire form of a user key: `namespace + key`, validated for the protocol, and the raw
+/// namespaced bytes (what is hashed with `hash_with_namespace`). Over meta, a key that is not
+/// a valid text key is sent base64-encoded with the `b` flag (notes §6), so it may hold any
+/// bytes, up to 186 of them with the namespace.
+fn wire_key<'b>(
+    namespace: &[u8],
+    user: &'b [u8],
+    meta: bool,
+    buf: &'b mut Vec<u8>,
+) -> Result<(Key<'b>, &'b [u8])> {
+    let text = Key::new(user);
+    if !meta {
+        text?;
     }
     buf.clear();
-    buf.extend_from_slice(namespace);
-    buf.extend_from_slice(user.as_bytes());
-    Ok(Key::new(buf)?)
+    if !namespace.is_empty() {
+        buf.extend_from_slice(namespace);
+        buf.extend_from_slice(user);
+    }
+    let raw_len = buf.len();
+    let raw = if namespace.is_empty() { user } else { &buf[..] };
+    match Key::new(raw) {
+        Ok(_) => {}
+        Err(KeyError::BadByte { .. }) if meta => {
+            if raw.len() > MAX_BINARY_KEY_LEN {
+                return Err(KeyError::BinaryTooLong(raw.len()).into());
+            }
+            let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
+            tmp[..raw.len()].copy_from_slice(raw);
+            let n = raw.len();
+            meta::encode_base64(buf, &tmp[..n]);
+            let (raw, token) = buf.split_at(raw_len);
+            let raw = if namespace.is_empty() { user } else { raw };
+            return Ok((Key::base64_token(token), raw));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let raw = if namespace.is_empty() { user } else { &buf[..] };
+    Ok((Key::trusted(raw), raw))
 }
 
 impl Client {
@@ -265,11 +326,11 @@ impl Client {
     /// The server `key` goes to right now (after ejections), as configured; the namespace
     /// is taken into account as the client hashes it.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
-        let user = Key::new(key)?;
         let mut kb = std::mem::take(&mut self.keybuf);
-        let r = wire_key(&self.namespace, user, &mut kb).and_then(|wire| {
-            let hashed = if self.hash_with_namespace { wire } else { user };
-            self.route(hashed.as_bytes())
+        let meta = self.protocol == Protocol::Meta;
+        let r = wire_key(&self.namespace, key, meta, &mut kb).and_then(|(_, raw)| {
+            let hashed = if self.hash_with_namespace { raw } else { key };
+            self.route(hashed)
         });
         self.keybuf = kb;
         Ok(&self.labels[r?])
@@ -299,22 +360,22 @@ impl Client {
         key: &[u8],
         f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
     ) -> Result<T> {
-        let user = Key::new(key)?;
         let mut kb = std::mem::take(&mut self.keybuf);
-        let r = self.keyed_in(user, &mut kb, f);
+        let r = self.keyed_in(key, &mut kb, f);
         self.keybuf = kb;
         r
     }
 
     fn keyed_in<T>(
         &mut self,
-        user: Key<'_>,
+        user: &[u8],
         kb: &mut Vec<u8>,
         f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
     ) -> Result<T> {
-        let wire = wire_key(&self.namespace, user, kb)?;
-        let hashed = if self.hash_with_namespace { wire } else { user };
-        let i = self.route(hashed.as_bytes())?;
+        let meta = self.protocol == Protocol::Meta;
+        let (wire, raw) = wire_key(&self.namespace, user, meta, kb)?;
+        let hashed = if self.hash_with_namespace { raw } else { user };
+        let i = self.route(hashed)?;
         let r = f(self, i, wire);
         self.health.record(i, &r, &mut self.ring);
         r
@@ -331,16 +392,32 @@ impl Client {
     }
 
     /// Sends the request already encoded in server `i`'s write buffer (plus `value`) and feeds
-    /// each reply unit to `on` until it returns `Done`. `has_data` marks commands with a data
-    /// block: an error line answering one of those closes the connection, as does any
-    /// `SERVER_ERROR` (the server may close after one; protocol.txt, "Error strings").
+    /// each text reply unit to `on` until it returns `Done` (see [`exchange_lines`]).
+    ///
+    /// [`exchange_lines`]: Self::exchange_lines
     fn exchange<T>(
         &mut self,
         i: usize,
         op: &Op,
         value: Option<&[u8]>,
         has_data: bool,
-        mut on: impl FnMut(Response<'_>) -> Step<T>,
+        on: impl FnMut(Response<'_>) -> Step<T>,
+    ) -> Result<T> {
+        self.exchange_lines::<TextLines, T>(i, op, value, has_data, on)
+    }
+
+    /// Sends the request already encoded in server `i`'s write buffer (plus `value` and the
+    /// data trailer) and feeds each reply unit of protocol `L` to `on` until it returns `Done`.
+    /// `has_data` marks commands with a data block: an error line answering one of those
+    /// closes the connection, as does any `SERVER_ERROR` (the server may close after one;
+    /// protocol.txt, "Error strings").
+    fn exchange_lines<L: Lines, T>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        value: Option<&[u8]>,
+        has_data: bool,
+        mut on: impl FnMut(L::Reply<'_>) -> Step<T>,
     ) -> Result<T> {
         let limits = self.limits;
         let mut out = None;
@@ -351,12 +428,12 @@ impl Client {
             value.map(|v| (v, DATA_TRAILER)),
             Until::Done,
             |buf| {
-                let (n, resp) = match text::parse_reply(buf, &limits)? {
+                let (n, resp) = match L::parse(buf, &limits)? {
                     Status::Complete(c) => c,
                     Status::Partial => return Ok(Status::Partial),
                 };
-                if let Some(e) = server_error(&resp) {
-                    failed = Some((e, has_data || matches!(resp, Response::ServerError(_))));
+                if let Some((e, server_side)) = L::error(&resp) {
+                    failed = Some((e, has_data || server_side));
                     return Ok(Status::Complete((n, true)));
                 }
                 match on(resp) {
@@ -413,6 +490,14 @@ impl Client {
                     Retrieval::Gats(t) => (true, Some(t)),
                 };
                 c.bin_retrieve(i, with_cas, touch, key, &mut sink)?
+            } else if c.protocol == Protocol::Meta {
+                let (with_cas, touch) = match cmd {
+                    Retrieval::Get => (false, None),
+                    Retrieval::Gets => (true, None),
+                    Retrieval::Gat(t) => (false, Some(t)),
+                    Retrieval::Gats(t) => (true, Some(t)),
+                };
+                c.meta_retrieve(i, with_cas, touch, key, &mut sink)?
             } else {
                 c.text_retrieve(i, cmd, key, &mut sink)?
             };
@@ -505,6 +590,18 @@ impl Client {
     ) -> Result<Response<'static>> {
         self.check_value(value)?;
         self.keyed(key, |c, i, key| {
+            if c.protocol == Protocol::Meta {
+                let (mode, cas) = match cmd {
+                    Storage::Set => (StoreMode::Set, None),
+                    Storage::Add => (StoreMode::Add, None),
+                    Storage::Replace => (StoreMode::Replace, None),
+                    Storage::Append => (StoreMode::Append, None),
+                    Storage::Prepend => (StoreMode::Prepend, None),
+                    Storage::Cas(u) => (StoreMode::Set, Some(u)),
+                };
+                let outcome = c.meta_store(i, mode, cas, key, value, opts)?;
+                return Ok(outcome.response(cmd));
+            }
             if c.protocol == Protocol::Binary {
                 let (code, unique) = match cmd {
                     Storage::Set => (Opcode::SET, 0),
@@ -514,14 +611,9 @@ impl Client {
                     Storage::Prepend => (Opcode::PREPEND, 0),
                     Storage::Cas(u) => (Opcode::SET, u),
                 };
-                return Ok(
-                    match (c.bin_store(i, code, key, value, opts, unique)?, cmd) {
-                        (StoreOutcome::Stored, _) => Response::Stored,
-                        (StoreOutcome::Exists, Storage::Cas(_)) => Response::Exists,
-                        (StoreOutcome::NotFound, Storage::Cas(_)) => Response::NotFound,
-                        _ => Response::NotStored,
-                    },
-                );
+                return Ok(c
+                    .bin_store(i, code, key, value, opts, unique)?
+                    .response(cmd));
             }
             let op = c.start(i)?;
             let wbuf = c.driver.wbuf(i);
@@ -615,6 +707,9 @@ impl Client {
             if c.protocol == Protocol::Binary {
                 return c.bin_keyed_bool(i, Opcode::DELETE, key, None);
             }
+            if c.protocol == Protocol::Meta {
+                return c.meta_delete(i, key, &Default::default());
+            }
             let op = c.start(i)?;
             text::encode_delete(c.driver.wbuf(i), key, false);
             c.simple(i, &op, None, |r| match r {
@@ -629,6 +724,9 @@ impl Client {
         self.keyed(key, |c, i, key| {
             if c.protocol == Protocol::Binary {
                 return c.bin_arith(i, decr, key, delta);
+            }
+            if c.protocol == Protocol::Meta {
+                return c.meta_arith(i, decr, key, delta);
             }
             let op = c.start(i)?;
             text::encode_arith(c.driver.wbuf(i), decr, key, delta, false);
@@ -656,6 +754,9 @@ impl Client {
         self.keyed(key, |c, i, key| {
             if c.protocol == Protocol::Binary {
                 return c.bin_keyed_bool(i, Opcode::TOUCH, key, Some(ttl));
+            }
+            if c.protocol == Protocol::Meta {
+                return c.meta_touch(i, key, ttl);
             }
             let op = c.start(i)?;
             text::encode_touch(c.driver.wbuf(i), key, ttl, false);

@@ -36,8 +36,9 @@ pub mod ring;
 pub mod storage;
 
 pub use client::{
-    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Pipeline, PipelineReport, Pool,
-    PooledClient, Protocol, ServerCounters, ServerStats, SetOptions, StoreMode,
+    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Lease, MetaGetOptions, MetaItemInfo,
+    MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, Protocol,
+    ServerCounters, ServerStats, SetOptions, SetOutcome, StoreMode,
 };
 pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, Result, ServerErrorKind};

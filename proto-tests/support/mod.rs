@@ -431,5 +431,8 @@ macro_rules! for_each_protocol {
         mod binary {
             $( #[test] fn $t() { super::$t(mcstore::Protocol::Binary) } )*
         }
+        mod meta {
+            $( #[test] fn $t() { super::$t(mcstore::Protocol::Meta) } )*
+        }
     };
 }

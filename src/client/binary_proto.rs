@@ -5,14 +5,27 @@ use super::{Client, ItemInfo, Protocol, SetOptions, Step};
 use crate::conn::driver::{Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::binary::{self, Opcode, Packet, StatusKind};
+use crate::proto::text::{Response, Storage};
 use crate::proto::{Key, ParseError, Status};
 
-/// What a binary storage call answered.
+/// What a binary or meta storage call answered.
 pub(super) enum StoreOutcome {
     Stored,
     NotStored,
     Exists,
     NotFound,
+}
+
+impl StoreOutcome {
+    /// The text reply with the same meaning for `cmd` (what `store_raw` returns).
+    pub(super) fn response(self, cmd: Storage) -> Response<'static> {
+        match (self, cmd) {
+            (StoreOutcome::Stored, _) => Response::Stored,
+            (StoreOutcome::Exists, Storage::Cas(_)) => Response::Exists,
+            (StoreOutcome::NotFound, Storage::Cas(_)) => Response::NotFound,
+            _ => Response::NotStored,
+        }
+    }
 }
 
 impl Client {

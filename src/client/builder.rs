@@ -57,6 +57,11 @@ pub enum Protocol {
     Text,
     /// The binary protocol (deprecated by memcached 1.6, still served; the only one with SASL).
     Binary,
+    /// The meta protocol (memcached 1.6.10 and later): everything the others do, binary keys
+    /// (sent base64-encoded, up to 186 bytes), and leases ([`Client::meta_get`]).
+    ///
+    /// [`Client::meta_get`]: crate::Client::meta_get
+    Meta,
 }
 
 impl Default for ClientBuilder {

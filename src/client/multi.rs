@@ -2,10 +2,12 @@
 //! served from one poll.
 
 use super::binary_proto::{closes_connection, status_to_error};
+use super::meta_proto::meta_error;
 use super::{server_error, wire_key, Client, ItemRef, Protocol, SetOptions};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::binary::{self, Opcode};
+use crate::proto::meta::{self, Code, Reply};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
 use crate::proto::{Key, ParseError, Status};
 
@@ -58,8 +60,9 @@ impl Client {
         kb: &mut Vec<u8>,
     ) -> Result<Plan> {
         // Validate everything before touching any connection.
+        let meta = self.protocol == Protocol::Meta;
         for j in 0..n {
-            wire_key(&self.namespace, Key::new(key_at(j))?, kb)?;
+            wire_key(&self.namespace, key_at(j), meta, kb)?;
         }
         self.health.maybe_rejoin(&mut self.ring);
         let mut plan = Plan {
@@ -189,6 +192,9 @@ impl Client {
         }
         if self.protocol == Protocol::Binary {
             return self.bin_retrieve_multi(cmd == Retrieval::Gets, keys, found);
+        }
+        if self.protocol == Protocol::Meta {
+            return self.meta_retrieve_multi(cmd == Retrieval::Gets, keys, found);
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         plan.retrieval = true;
@@ -340,7 +346,7 @@ impl Client {
                 let i = plan.server_of[j];
                 if i != NO_SERVER {
                     let v = v.as_ref();
-                    self.encode_bin_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
                         binary::encode_store(
                             w,
                             Opcode::SETQ,
@@ -360,6 +366,27 @@ impl Client {
                 &[binary::STATUS_NOT_STORED, binary::STATUS_EXISTS],
             );
         }
+        if self.protocol == Protocol::Meta {
+            for (j, (k, v)) in items.iter().enumerate() {
+                let i = plan.server_of[j];
+                if i != NO_SERVER {
+                    let v = v.as_ref();
+                    let f = meta::SetFlags {
+                        ttl: opts.ttl,
+                        client_flags: opts.flags,
+                        quiet: true,
+                        opaque: Some(j as u32),
+                        ..meta::SetFlags::default()
+                    };
+                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                        meta::encode_set(w, key, v.len(), &f);
+                        w.extend_from_slice(v);
+                        w.extend_from_slice(DATA_TRAILER);
+                    });
+                }
+            }
+            return self.meta_multi_quiet(&mut plan, &[Code::NotStored, Code::Exists]);
+        }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, (k, v)) in items.iter().enumerate() {
             let i = plan.server_of[j];
@@ -367,7 +394,7 @@ impl Client {
                 continue;
             }
             let wbuf = self.driver.wbuf(i as usize);
-            let key = wire_key(&self.namespace, Key::trusted(k.as_ref()), &mut kb)?;
+            let (key, _) = wire_key(&self.namespace, k.as_ref(), false, &mut kb)?;
             let v = v.as_ref();
             text::encode_storage(
                 wbuf,
@@ -399,12 +426,28 @@ impl Client {
             for (j, k) in keys.iter().enumerate() {
                 let i = plan.server_of[j];
                 if i != NO_SERVER {
-                    self.encode_bin_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
                         binary::encode_simple(w, Opcode::DELETEQ, Some(key), &[], j as u32, 0);
                     });
                 }
             }
             return self.bin_multi_quiet(&mut plan, &[binary::STATUS_NOT_FOUND]);
+        }
+        if self.protocol == Protocol::Meta {
+            for (j, k) in keys.iter().enumerate() {
+                let i = plan.server_of[j];
+                if i != NO_SERVER {
+                    let f = meta::DeleteFlags {
+                        quiet: true,
+                        opaque: Some(j as u32),
+                        ..meta::DeleteFlags::default()
+                    };
+                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                        meta::encode_delete(w, key, &f);
+                    });
+                }
+            }
+            return self.meta_multi_quiet(&mut plan, &[Code::NotFound]);
         }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, k) in keys.iter().enumerate() {
@@ -412,7 +455,7 @@ impl Client {
             if i == NO_SERVER {
                 continue;
             }
-            let key = wire_key(&self.namespace, Key::trusted(k.as_ref()), &mut kb)?;
+            let (key, _) = wire_key(&self.namespace, k.as_ref(), false, &mut kb)?;
             text::encode_delete(self.driver.wbuf(i as usize), key, false);
         }
         self.keybuf = kb;
@@ -460,10 +503,12 @@ fn batch_packet<'a>(
 }
 
 impl Client {
-    /// Encodes one binary keyed request for the (validated) user key `k` with the namespace.
-    fn encode_bin_keyed(&mut self, i: usize, k: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) {
+    /// Encodes one keyed request (binary or meta) for the (validated) user key `k` with the
+    /// namespace.
+    fn encode_keyed(&mut self, i: usize, k: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) {
         let mut kb = std::mem::take(&mut self.keybuf);
-        let key = wire_key(&self.namespace, Key::trusted(k), &mut kb).expect("validated by plan()");
+        let meta = self.protocol == Protocol::Meta;
+        let (key, _) = wire_key(&self.namespace, k, meta, &mut kb).expect("validated by plan()");
         encode(self.driver.wbuf(i), key);
         self.keybuf = kb;
     }
@@ -564,6 +609,129 @@ impl Client {
                 share.error = Some(status_to_error(&labels[i], p.status, p.value));
             }
             Ok(Status::Complete((n, false)))
+        });
+        self.disconnect_all(closed);
+        result?;
+        Ok(plan.shares.iter().map(|s| s.keys - s.seen).sum())
+    }
+}
+
+/// The item a reply of a meta batch from server `i` answers, from its opaque: it must name a
+/// request sent to this server, after the one the previous reply answered (the server answers
+/// in order). Anything else is a framing error.
+fn meta_item(
+    opaque: Option<u32>,
+    server_of: &[u32],
+    share: &mut Share,
+    i: usize,
+) -> Result<usize, ParseError> {
+    let j = opaque.ok_or(ParseError::Unexpected)? as usize;
+    if j >= server_of.len() || server_of[j] != i as u32 || j < share.cursor {
+        return Err(ParseError::Unexpected);
+    }
+    share.cursor = j + 1;
+    Ok(j)
+}
+
+impl Client {
+    /// Ends every server's meta batch with `mn`.
+    fn meta_close_batches(&mut self, plan: &Plan) {
+        for (i, share) in plan.shares.iter().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                meta::encode_noop(self.driver.wbuf(i));
+            }
+        }
+    }
+
+    /// Meta multi-get: `mg <key> v f [c] q O<index>` per key, `mn` per server; misses send
+    /// nothing (notes §5, "Batch pattern"); hits are matched by opaque.
+    fn meta_retrieve_multi<K: AsRef<[u8]>>(
+        &mut self,
+        with_cas: bool,
+        keys: &[K],
+        mut found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        plan.retrieval = true;
+        for (j, k) in keys.iter().enumerate() {
+            let i = plan.server_of[j];
+            if i != NO_SERVER {
+                let f = meta::GetFlags {
+                    value: true,
+                    client_flags: true,
+                    cas: with_cas,
+                    quiet: true,
+                    opaque: Some(j as u32),
+                    ..meta::GetFlags::default()
+                };
+                self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                    meta::encode_get(w, key, &f)
+                });
+            }
+        }
+        self.meta_close_batches(&plan);
+        let limits = self.limits;
+        let mut closed = Vec::new();
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
+            let (n, r) = match meta::parse_reply(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            let share = &mut plan.shares[i];
+            match r {
+                Reply::Meta(m) if m.code == Code::Noop => Ok(Status::Complete((n, true))),
+                Reply::Meta(m) if m.code == Code::Value => {
+                    let j = meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
+                    share.hits += 1;
+                    found(
+                        keys[j].as_ref(),
+                        ItemRef {
+                            value: m.data.unwrap_or_default(),
+                            flags: m.flags.client_flags.unwrap_or(0),
+                            cas: if with_cas { m.flags.cas } else { None },
+                        },
+                    );
+                    Ok(Status::Complete((n, false)))
+                }
+                r if r.is_error() => {
+                    share.error = meta_error(&r);
+                    closed.push(i);
+                    Ok(Status::Complete((n, true)))
+                }
+                _ => Err(ParseError::Unexpected),
+            }
+        });
+        self.disconnect_all(closed);
+        result
+    }
+
+    /// Runs quiet meta writes (`q O<index>`) closed by `mn` per server: only failures come
+    /// back. Codes in `misses` count as "not done"; an error line is an error for that
+    /// server (and the rest of its batch is in doubt). Returns how many succeeded.
+    fn meta_multi_quiet(&mut self, plan: &mut Plan, misses: &[Code]) -> Result<usize> {
+        self.meta_close_batches(plan);
+        let limits = self.limits;
+        let mut closed = Vec::new();
+        let result = self.run_plan(plan, |plan, i, buf| {
+            let (n, r) = match meta::parse_reply(buf, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            let share = &mut plan.shares[i];
+            match r {
+                Reply::Meta(m) if m.code == Code::Noop => Ok(Status::Complete((n, true))),
+                Reply::Meta(m) if misses.contains(&m.code) => {
+                    meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
+                    share.seen += 1;
+                    Ok(Status::Complete((n, false)))
+                }
+                r if r.is_error() => {
+                    share.error = meta_error(&r);
+                    closed.push(i);
+                    Ok(Status::Complete((n, true)))
+                }
+                _ => Err(ParseError::Unexpected),
+            }
         });
         self.disconnect_all(closed);
         result?;

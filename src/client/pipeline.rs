@@ -2,10 +2,12 @@
 //! the end.
 
 use super::binary_proto::status_to_error;
+use super::meta_proto::meta_error;
 use super::{server_error, wire_key, Client, Protocol, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::binary::{self, Opcode};
+use crate::proto::meta::{self, Code, Reply};
 use crate::proto::text::{self, Response, DATA_TRAILER};
 use crate::proto::{Key, Limits, ParseError, Status};
 
@@ -68,12 +70,12 @@ impl Pipeline<'_> {
     /// Routes `key` and appends its command (encoded by `encode`) to its server's buffer.
     fn queue(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) -> Result<usize> {
         let c = &mut *self.client;
-        let user = Key::new(key)?;
         let mut kb = std::mem::take(&mut c.keybuf);
+        let meta = c.protocol == Protocol::Meta;
         let r = (|| {
-            let wire = wire_key(&c.namespace, user, &mut kb)?;
-            let hashed = if c.hash_with_namespace { wire } else { user };
-            let i = c.route(hashed.as_bytes())?;
+            let (wire, raw) = wire_key(&c.namespace, key, meta, &mut kb)?;
+            let hashed = if c.hash_with_namespace { raw } else { key };
+            let i = c.route(hashed)?;
             if let Some(e) = &self.failed[i] {
                 return Err(Error::Config(format!(
                     "pipeline to {} already failed: {e}",
@@ -95,8 +97,8 @@ impl Pipeline<'_> {
         Ok(i)
     }
 
-    fn is_binary(&self) -> bool {
-        self.client.protocol == Protocol::Binary
+    fn protocol(&self) -> Protocol {
+        self.client.protocol
     }
 
     fn maybe_flush(&mut self, i: usize) -> Result<()> {
@@ -116,10 +118,23 @@ impl Pipeline<'_> {
     ) -> Result<&mut Self> {
         self.client.check_value(value)?;
         let large = value.len() > PIPELINE_FLUSH;
-        let binary = self.is_binary();
+        let protocol = self.protocol();
         let opaque = self.commands as u32;
         let i = self.queue(key, |w, k| {
-            if binary {
+            if protocol == Protocol::Meta {
+                let f = meta::SetFlags {
+                    mode: mode.meta(),
+                    ttl: opts.ttl,
+                    client_flags: opts.flags,
+                    quiet: true,
+                    ..meta::SetFlags::default()
+                };
+                meta::encode_set(w, k, value.len(), &f);
+                if !large {
+                    w.extend_from_slice(value);
+                    w.extend_from_slice(DATA_TRAILER);
+                }
+            } else if protocol == Protocol::Binary {
                 let op = match mode {
                     StoreMode::Set => Opcode::SETQ,
                     StoreMode::Add => Opcode::ADDQ,
@@ -155,9 +170,15 @@ impl Pipeline<'_> {
 
     /// Queues a noreply `delete`.
     pub fn delete(&mut self, key: &[u8]) -> Result<&mut Self> {
-        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let (protocol, opaque) = (self.protocol(), self.commands as u32);
         let i = self.queue(key, |w, k| {
-            if binary {
+            if protocol == Protocol::Meta {
+                let f = meta::DeleteFlags {
+                    quiet: true,
+                    ..meta::DeleteFlags::default()
+                };
+                meta::encode_delete(w, k, &f);
+            } else if protocol == Protocol::Binary {
                 binary::encode_simple(w, Opcode::DELETEQ, Some(k), &[], opaque, 0);
             } else {
                 text::encode_delete(w, k, true);
@@ -169,9 +190,17 @@ impl Pipeline<'_> {
 
     /// Queues a noreply `incr` (or `decr`).
     pub fn incr(&mut self, key: &[u8], delta: u64, decr: bool) -> Result<&mut Self> {
-        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let (protocol, opaque) = (self.protocol(), self.commands as u32);
         let i = self.queue(key, |w, k| {
-            if binary {
+            if protocol == Protocol::Meta {
+                let f = meta::ArithFlags {
+                    decr,
+                    delta,
+                    quiet: true,
+                    ..meta::ArithFlags::default()
+                };
+                meta::encode_arith(w, k, &f);
+            } else if protocol == Protocol::Binary {
                 let op = if decr {
                     Opcode::DECREMENTQ
                 } else {
@@ -188,9 +217,17 @@ impl Pipeline<'_> {
 
     /// Queues a noreply `touch`.
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<&mut Self> {
-        let (binary, opaque) = (self.is_binary(), self.commands as u32);
+        let (protocol, opaque) = (self.protocol(), self.commands as u32);
         let i = self.queue(key, |w, k| {
-            if binary {
+            if protocol == Protocol::Meta {
+                // A hit answers HD even with q (notes §5); count_errors skips it.
+                let f = meta::GetFlags {
+                    touch: Some(ttl),
+                    quiet: true,
+                    ..meta::GetFlags::default()
+                };
+                meta::encode_get(w, k, &f);
+            } else if protocol == Protocol::Binary {
                 // Touch has no quiet form: its success reply is read and ignored.
                 binary::encode_with_exptime(w, Opcode::TOUCH, Some(k), ttl, opaque);
             } else {
@@ -208,12 +245,16 @@ impl Pipeline<'_> {
         let op = c.driver.new_op();
         let limits = c.limits;
         let (errors, first) = (&mut self.errors, &mut self.first_error);
-        let binary = c.protocol == Protocol::Binary;
-        let trailer = if binary { &b""[..] } else { DATA_TRAILER };
+        let protocol = c.protocol;
+        let trailer = if protocol == Protocol::Binary {
+            &b""[..]
+        } else {
+            DATA_TRAILER
+        };
         let r = c
             .driver
             .exchange(i, &op, value.map(|v| (v, trailer)), Until::Written, |buf| {
-                count_errors(buf, &limits, errors, first, false, binary)
+                count_errors(buf, &limits, errors, first, false, protocol)
             });
         c.driver.wbuf(i).clear();
         if let Err(e) = r {
@@ -240,13 +281,16 @@ impl Pipeline<'_> {
     pub fn finish(mut self) -> Result<PipelineReport> {
         let c = &mut *self.client;
         let mut batches = Vec::new();
-        let binary = c.protocol == Protocol::Binary;
+        let protocol = c.protocol;
         for i in 0..self.started.len() {
             if self.started[i] && self.failed[i].is_none() {
-                if binary {
-                    binary::encode_simple(c.driver.wbuf(i), Opcode::NOOP, None, &[], u32::MAX, 0);
-                } else {
-                    text::encode_version(c.driver.wbuf(i));
+                let w = c.driver.wbuf(i);
+                match protocol {
+                    Protocol::Binary => {
+                        binary::encode_simple(w, Opcode::NOOP, None, &[], u32::MAX, 0)
+                    }
+                    Protocol::Meta => meta::encode_noop(w),
+                    Protocol::Text => text::encode_version(w),
                 }
                 batches.push(Batch::new(i, None));
             }
@@ -256,7 +300,7 @@ impl Pipeline<'_> {
         let (errors, first) = (&mut self.errors, &mut self.first_error);
         c.driver
             .exchange_many(&mut batches, &op, Until::Done, |_, buf| {
-                count_errors(buf, &limits, errors, first, true, binary)
+                count_errors(buf, &limits, errors, first, true, protocol)
             });
         let mut failed = Vec::new();
         for b in batches {
@@ -307,19 +351,41 @@ fn clone_error(e: &Error) -> Error {
     }
 }
 
-/// Reply handler for noreply traffic: error lines are counted, `VERSION` (binary: the No-op)
-/// ends the pipeline (when `until_end`), anything else means the stream is out of step. In
-/// binary, quiet commands report unmet conditions (not found, not stored, exists), which text
-/// noreply suppresses: those are not counted as errors either.
+/// Reply handler for noreply traffic: error lines are counted, `VERSION` (binary: the No-op,
+/// meta: `MN`) ends the pipeline (when `until_end`), anything else means the stream is out of
+/// step. In binary and meta, quiet commands report unmet conditions (not found, not stored,
+/// exists; and a meta touch's hit), which text noreply suppresses: those are not counted as
+/// errors either.
 fn count_errors(
     buf: &[u8],
     limits: &Limits,
     errors: &mut usize,
     first: &mut Option<String>,
     until_end: bool,
-    binary: bool,
+    protocol: Protocol,
 ) -> Result<Status<(usize, bool)>, ParseError> {
-    if binary {
+    if protocol == Protocol::Meta {
+        return match meta::parse_reply(buf, limits)? {
+            Status::Partial => Ok(Status::Partial),
+            Status::Complete((n, Reply::Meta(m))) if m.code == Code::Noop => {
+                if until_end {
+                    Ok(Status::Complete((n, true)))
+                } else {
+                    Err(ParseError::Unexpected)
+                }
+            }
+            Status::Complete((n, Reply::Meta(_))) => Ok(Status::Complete((n, false))),
+            Status::Complete((n, r)) => match meta_error(&r) {
+                Some(e) => {
+                    *errors += 1;
+                    first.get_or_insert_with(|| e.to_string());
+                    Ok(Status::Complete((n, false)))
+                }
+                None => Err(ParseError::Unexpected),
+            },
+        };
+    }
+    if protocol == Protocol::Binary {
         return match binary::parse_response(buf, limits)? {
             Status::Partial => Ok(Status::Partial),
             Status::Complete((n, p)) if p.opcode == Opcode::NOOP && until_end => {
