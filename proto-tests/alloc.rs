@@ -58,6 +58,10 @@ fn count(mut f: impl FnMut()) -> usize {
     ALLOCS.load(Ordering::SeqCst)
 }
 
+fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
+    results.push((name.to_string(), n));
+}
+
 fn main() {
     let mc = Memcached::start();
     let mut c = mc.client();
@@ -66,8 +70,8 @@ fn main() {
     c.set(b"hit", &value, SetOptions::default()).unwrap();
     c.set(b"n", b"0", SetOptions::default()).unwrap();
 
-    let mut results = Vec::new();
-    let mut run = |name: &'static str, n: usize| results.push((name, n));
+    let mut results: Vec<(String, usize)> = Vec::new();
+    let mut run = |name: &str, n: usize| results.push((name.to_string(), n));
 
     run(
         "negative control (Vec::with_capacity(16))",
@@ -142,35 +146,55 @@ fn main() {
         }),
     );
 
-    // The binary protocol, same operations.
-    let mut bin = mc.client_with(mcstore::Protocol::Binary);
-    bin.set(b"hit", &value, SetOptions::default()).unwrap();
-    bin.set(b"n", b"0", SetOptions::default()).unwrap();
-    run(
-        "binary get_into (hit)",
-        count(|| assert!(bin.get_into(b"hit", &mut buf).unwrap().is_some())),
+    // The binary and meta protocols, same operations.
+    for (p, name) in [
+        (mcstore::Protocol::Binary, "binary"),
+        (mcstore::Protocol::Meta, "meta"),
+    ] {
+        let mut pc = mc.client_with(p);
+        pc.set(b"hit", &value, SetOptions::default()).unwrap();
+        pc.set(b"n", b"0", SetOptions::default()).unwrap();
+        let mut run = |op: &str, n: usize| results.push((format!("{name} {op}"), n));
+        run(
+            "get_into (hit)",
+            count(|| assert!(pc.get_into(b"hit", &mut buf).unwrap().is_some())),
+        );
+        run(
+            "get_into (miss)",
+            count(|| assert!(pc.get_into(b"miss", &mut buf).unwrap().is_none())),
+        );
+        run(
+            "set",
+            count(|| pc.set(b"k", &value, SetOptions::default()).unwrap()),
+        );
+        run(
+            "delete",
+            count(|| {
+                pc.delete(b"k").unwrap();
+            }),
+        );
+        run(
+            "incr",
+            count(|| assert!(pc.incr(b"n", 1).unwrap().is_some())),
+        );
+        run("touch", count(|| assert!(pc.touch(b"hit", 0).unwrap())));
+    }
+    // Meta only: a binary key (base64-encoded on the way out) and a lease-style get.
+    let mut m = mc.client_with(mcstore::Protocol::Meta);
+    m.set(b"bin\x00key", &value, SetOptions::default()).unwrap();
+    run_owned(
+        &mut results,
+        "meta get_into (hit, binary key)",
+        count(|| assert!(m.get_into(b"bin\x00key", &mut buf).unwrap().is_some())),
     );
-    run(
-        "binary get_into (miss)",
-        count(|| assert!(bin.get_into(b"miss", &mut buf).unwrap().is_none())),
-    );
-    run(
-        "binary set",
-        count(|| bin.set(b"k", &value, SetOptions::default()).unwrap()),
-    );
-    run(
-        "binary delete",
-        count(|| {
-            bin.delete(b"k").unwrap();
-        }),
-    );
-    run(
-        "binary incr",
-        count(|| assert!(bin.incr(b"n", 1).unwrap().is_some())),
-    );
-    run(
-        "binary touch",
-        count(|| assert!(bin.touch(b"hit", 0).unwrap())),
+    let lease = mcstore::MetaGetOptions {
+        lease_ttl: Some(30),
+        ..Default::default()
+    };
+    run_owned(
+        &mut results,
+        "meta meta_get (hit, with lease)",
+        count(|| assert!(m.meta_get(b"hit", lease, &mut buf).unwrap().is_some())),
     );
 
     let mut failed = 0;

@@ -358,3 +358,130 @@ fn binary_truncated_and_silent_servers() {
         other => panic!("{other:?}"),
     }
 }
+
+fn meta_client(h: &Hostile) -> Client {
+    Client::builder()
+        .server(h.addr())
+        .protocol(mcstore::Protocol::Meta)
+        .io_timeout(IO_TIMEOUT)
+        .server_failure_limit(1000)
+        .max_value_size(64 * 1024)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn meta_malformed_and_wrong_replies() {
+    let cases: &[&[u8]] = &[
+        b"VA zz\r\nabc\r\n",
+        b"VA 3\r\nabcde\r\n",
+        b"VA 1 f-1\r\nx\r\n",
+        b"HD c1  f2\r\n",
+        b"HD W1\r\n",
+        b"XX\r\n",
+        b"VALUE k 0 1\r\nx\r\nEND\r\n",
+        b"MN\r\n",
+        b"NS\r\n",
+        b"EN\n",
+        b"\x00\xff\xfe\r\n",
+    ];
+    for reply in cases {
+        let h = replying(reply);
+        let mut c = meta_client(&h);
+        assert_parse_error(c.get(b"k"), &reply.escape_ascii().to_string());
+    }
+    // A value where none belongs, for each command; a non-number from ma.
+    let h = replying(b"VA 1\r\nx\r\n");
+    let mut c = meta_client(&h);
+    assert_parse_error(c.set(b"k", b"v", Default::default()), "set");
+    assert_parse_error(c.delete(b"k"), "delete");
+    assert_parse_error(c.incr(b"k", 1), "incr");
+    assert_parse_error(c.touch(b"k", 1), "touch");
+    assert_parse_error(c.invalidate(b"k", None), "invalidate");
+    // Error lines are typed server errors.
+    let h = replying(b"CLIENT_ERROR bad command line format\r\n");
+    match meta_client(&h).get(b"k") {
+        Err(Error::Server { message, .. }) => assert_eq!(message, "bad command line format"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn meta_huge_claimed_length_is_refused_before_buffering() {
+    let h = replying(b"VA 4294967295 f0\r\n");
+    let mut c = meta_client(&h);
+    let start = Instant::now();
+    match c.get(b"k") {
+        Err(Error::Parse { error, .. }) => {
+            assert_eq!(error, mcstore::proto::ParseError::ValueTooLarge(4294967295))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        start.elapsed() < IO_TIMEOUT,
+        "refused without waiting for data"
+    );
+}
+
+/// A meta fake that answers a multi-get batch (`mg ... q O<n>` lines then `mn`) with `answer`
+/// once it has seen the `mn`.
+fn meta_batch_server(answer: &'static [u8]) -> Hostile {
+    Hostile::start(move |req, s| {
+        if req.starts_with(b"mn") {
+            let _ = s.write_all(answer);
+        }
+    })
+}
+
+#[test]
+fn meta_multi_get_replies_must_match_requests() {
+    // Opaques name the key's index in the call; ours are 0 and 1.
+    let good = meta_batch_server(b"VA 1 f0 O1\r\nb\r\nMN\r\n");
+    let mut got = Vec::new();
+    meta_client(&good)
+        .get_multi(&[&b"a"[..], b"b"], |k, item| {
+            got.push((k.to_vec(), item.value.to_vec()))
+        })
+        .unwrap();
+    assert_eq!(got, vec![(b"b".to_vec(), b"b".to_vec())]);
+    for bad in [
+        &b"VA 1 f0 O7\r\nx\r\nMN\r\n"[..], // an opaque we never sent
+        b"VA 1 f0\r\nx\r\nMN\r\n",         // no opaque at all
+        b"VA 1 f0 O1\r\nx\r\nVA 1 f0 O0\r\ny\r\nMN\r\n", // out of order
+        b"VA 1 f0 O0\r\nx\r\nVA 1 f0 O0\r\ny\r\nMN\r\n", // the same key twice
+        b"HD O0\r\nMN\r\n",                // no value for a value request
+    ] {
+        let h = meta_batch_server(bad);
+        let mut called = 0;
+        let r = meta_client(&h).get_multi(&[&b"a"[..], b"b"], |_, _| called += 1);
+        assert_parse_error(r, &bad.escape_ascii().to_string());
+        assert!(called <= 1, "never a reply handed to the wrong key");
+    }
+    // The batch never ends: a timeout, not a hang.
+    let h = meta_batch_server(b"VA 1 f0 O0\r\nx\r\n");
+    assert!(matches!(
+        meta_client(&h).get_multi(&[&b"a"[..]], |_, _| {}),
+        Err(Error::Timeout { .. })
+    ));
+}
+
+#[test]
+fn meta_truncated_and_silent_servers() {
+    let h = Hostile::start(|_req, s| {
+        let _ = s.write_all(b"VA 100 f0\r\nonly part of it");
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    match meta_client(&h).get(b"k") {
+        Err(Error::Io { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof)
+        }
+        other => panic!("{other:?}"),
+    }
+    let h = Hostile::start(|_req, _s| {});
+    let start = Instant::now();
+    assert!(matches!(
+        meta_client(&h).set(b"k", b"v", Default::default()),
+        Err(Error::Timeout { .. })
+    ));
+    assert!(start.elapsed() < IO_TIMEOUT + Duration::from_millis(1500));
+}
