@@ -13,13 +13,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mcstore::storage::{Content, FsStorage, MemcacheStorage, MemoryStorage, Storage};
-use mcstore::{Client, Error, Pool};
+use mcstore::{Client, Error, Pool, Protocol};
 use support::{Memcached, TempDir};
 
 fn pool(mc: &Memcached) -> Pool {
+    pool_with(mc, Protocol::Text)
+}
+
+fn pool_with(mc: &Memcached, p: Protocol) -> Pool {
     Pool::new(
         Client::builder()
             .server(mc.addr())
+            .protocol(p)
             .io_timeout(Duration::from_millis(100))
             .connect_timeout(Duration::from_millis(100))
             .server_failure_limit(2)
@@ -48,6 +53,13 @@ fn subjects() -> Vec<Subject> {
     let over_fs = Arc::new(MemcacheStorage::new(pool(&mc1), Some(master)));
     let mc2 = Memcached::start();
     let standalone = Arc::new(MemcacheStorage::new(pool(&mc2), None));
+    let meta_dir = TempDir::new("mcstore-master-meta");
+    let meta_master: Arc<dyn Storage> = Arc::new(FsStorage::open(&meta_dir.path).unwrap());
+    let mc3 = Memcached::start();
+    let over_fs_meta = Arc::new(MemcacheStorage::new(
+        pool_with(&mc3, Protocol::Meta),
+        Some(meta_master),
+    ));
     vec![
         Subject {
             name: "fs",
@@ -66,6 +78,12 @@ fn subjects() -> Vec<Subject> {
             storage: over_fs,
             large_ok: true,
             _keep: vec![Box::new(master_dir), Box::new(mc1)],
+        },
+        Subject {
+            name: "memcache over fs, meta leases",
+            storage: over_fs_meta,
+            large_ok: true,
+            _keep: vec![Box::new(meta_dir), Box::new(mc3)],
         },
         Subject {
             name: "memcache standalone",
@@ -305,15 +323,73 @@ fn memcache_hits_and_large_content() {
     assert_eq!(c2.cache_errors, 0, "{c2:?}");
 }
 
-#[test]
-fn thirty_two_cold_readers_mostly_share_one_master_read() {
+/// A master whose content reads take 100 ms, as a slow database would: long enough that 32
+/// readers started together all ask the cache before the first fill lands.
+struct SlowMaster(MemoryStorage);
+
+impl Storage for SlowMaster {
+    fn create_container(&self, c: &str) -> mcstore::Result<()> {
+        self.0.create_container(c)
+    }
+    fn info(&self, c: &str, r: Option<&str>) -> mcstore::Result<mcstore::storage::ResourceInfo> {
+        self.0.info(c, r)
+    }
+    fn get_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bytes::Bytes> {
+        thread::sleep(Duration::from_millis(100));
+        self.0.get_content(i)
+    }
+    fn get_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bytes::Bytes> {
+        self.0.get_meta_data(i)
+    }
+    fn put_content(
+        &self,
+        i: &mcstore::storage::ResourceInfo,
+        d: Content<'_>,
+    ) -> mcstore::Result<()> {
+        self.0.put_content(i, d)
+    }
+    fn put_meta_data(
+        &self,
+        i: &mcstore::storage::ResourceInfo,
+        d: Content<'_>,
+    ) -> mcstore::Result<()> {
+        self.0.put_meta_data(i, d)
+    }
+    fn remove_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<()> {
+        self.0.remove_content(i)
+    }
+    fn remove_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<()> {
+        self.0.remove_meta_data(i)
+    }
+    fn exists(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bool> {
+        self.0.exists(i)
+    }
+    fn ls(
+        &self,
+        c: &str,
+        e: Option<&str>,
+    ) -> mcstore::Result<std::collections::BTreeMap<String, mcstore::storage::ResourceInfo>> {
+        self.0.ls(c, e)
+    }
+    fn ils(&self, c: &str, e: Option<&str>) -> mcstore::Result<mcstore::storage::ResourceIter<'_>> {
+        self.0.ils(c, e)
+    }
+    fn persist(&self, p: &[&str]) -> mcstore::Result<()> {
+        self.0.persist(p)
+    }
+    fn shutdown(&self) -> mcstore::Result<()> {
+        self.0.shutdown()
+    }
+}
+
+/// 32 threads read one cold resource at once; returns the storage's counters.
+fn cold_readers(p: Protocol, fill_wait: Duration) -> mcstore::storage::StorageCounters {
     let mc = Memcached::start();
-    let dir = TempDir::new("mcstore-cold");
-    let master = Arc::new(FsStorage::open(&dir.path).unwrap());
-    let p = Pool::new(Client::builder().server(mc.addr()), 32).unwrap();
+    let master = Arc::new(SlowMaster(MemoryStorage::new()));
+    let pool = Pool::new(Client::builder().server(mc.addr()).protocol(p), 32).unwrap();
     let s = Arc::new(
-        MemcacheStorage::builder(p, Some(master))
-            .fill_wait(Duration::from_secs(2))
+        MemcacheStorage::builder(pool, Some(master))
+            .fill_wait(fill_wait)
             .build(),
     );
     s.create_container("c").unwrap();
@@ -332,10 +408,24 @@ fn thirty_two_cold_readers_mostly_share_one_master_read() {
     });
     let c = s.counters();
     println!(
-        "32 concurrent cold readers: master reads = {}, fill waits = {}, hits = {}",
+        "32 concurrent cold readers, {p:?}, fill_wait {fill_wait:?}: master reads = {}, fill waits = {}, hits = {}",
         c.master_reads, c.fill_waits, c.hits
     );
+    c
+}
+
+#[test]
+fn thirty_two_cold_readers_share_one_master_read() {
+    // Meta: memcached's leases (mg N: one W, the others Z).
+    let c = cold_readers(Protocol::Meta, Duration::from_secs(2));
     assert_eq!(c.master_reads, 1, "{c:?}");
+    // Text: the add-a-filling-marker scheme.
+    let c = cold_readers(Protocol::Text, Duration::from_secs(2));
+    assert_eq!(c.master_reads, 1, "{c:?}");
+    // The baseline, leases on but nobody waits for the winner's fill: the losers all read
+    // the master (the number printed is the stampede leases prevent).
+    let c = cold_readers(Protocol::Meta, Duration::ZERO);
+    assert!(c.master_reads > 1, "{c:?}");
 }
 
 /// What a reader may see: the write sequence of one resource.
@@ -476,12 +566,11 @@ fn concurrent_random_operations_no_stale_reads() {
     }
 }
 
-#[test]
-fn memcached_killed_frozen_restarted_during_the_run() {
+fn killed_frozen_restarted(p: Protocol) {
     let mut mc = Memcached::start();
     let dir = TempDir::new("mcstore-faults");
     let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
-    let s = MemcacheStorage::new(pool(&mc), Some(master.clone()));
+    let s = MemcacheStorage::new(pool_with(&mc, p), Some(master.clone()));
     let mc_ref = &mut mc;
     let r = concurrent_run(&s, Duration::from_secs(5), move |stop| {
         let pause = |d: u64| {
@@ -505,7 +594,7 @@ fn memcached_killed_frozen_restarted_during_the_run() {
     });
     let c = s.counters();
     println!(
-        "faults: calls={} failed={} stale={} cache_errors={} bypassed={} master_reads={} hits={} pending={}",
+        "faults ({p:?}): calls={} failed={} stale={} cache_errors={} bypassed={} master_reads={} hits={} pending={}",
         r.calls, r.failed, r.stale, c.cache_errors, c.bypassed, c.master_reads, c.hits, s.pending_invalidations()
     );
     assert_eq!(r.failed, 0, "every storage call succeeded from the master");
@@ -521,6 +610,16 @@ fn memcached_killed_frozen_restarted_during_the_run() {
             (a, b) => panic!("r{i}: cache {a:?} vs master {b:?}"),
         }
     }
+}
+
+#[test]
+fn memcached_killed_frozen_restarted_during_the_run() {
+    killed_frozen_restarted(Protocol::Text);
+}
+
+#[test]
+fn memcached_killed_frozen_restarted_during_the_run_meta() {
+    killed_frozen_restarted(Protocol::Meta);
 }
 
 /// Resource contents in the crash test: a header naming the version and its length, a body,

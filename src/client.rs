@@ -307,6 +307,11 @@ impl Client {
         &self.labels
     }
 
+    /// The wire protocol this client speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
     /// The key distribution in use.
     pub fn continuum(&self) -> &Continuum {
         &self.ring

@@ -2,14 +2,20 @@
 //!
 //! # How it stays correct
 //!
-//! - **Reads**: cache first. On a miss the reader puts a short-lived *filling* marker with
-//!   `add`, reads the marker's CAS unique with `gets`, reads the master, and stores the value
-//!   with `cas` against that unique. Readers that find a marker wait (bounded) for the value
-//!   instead of all reading the master; after the wait they read the master without filling.
-//! - **Writes and removes**: the master first, then the cache entry is *deleted* (not
-//!   overwritten: two writers racing could leave the older value in the cache). A delete
-//!   removes any filling marker, so a reader that read the master before the write fails its
-//!   `cas` and cannot put the old value back.
+//! - **Reads**: cache first. On a miss one reader becomes the *filler*: it reads the master
+//!   and stores the value with a CAS taken before its master read. Readers that find a fill
+//!   in progress wait (bounded, [`MemcacheStorageBuilder::fill_wait`]) for the value instead
+//!   of all reading the master; after the wait they read the master without filling.
+//!   - Over the meta protocol this is memcached's own lease (`mg <key> N<ttl>`): the server
+//!     creates a placeholder and answers `W` to exactly one reader and `Z` to the others
+//!     (protocol.txt, "Meta Get"; notes §7). A stale item (`X`) is never served.
+//!   - Over text and binary, the reader puts a short-lived *filling* marker with `add` and
+//!     reads its CAS unique with `gets`.
+//! - **Writes and removes**: the master first, then the cache entry is invalidated (not
+//!   overwritten: two writers racing could leave the older value in the cache). Over meta it
+//!   is marked stale with `md <key> I` (its CAS moves on, and the next reader wins the right
+//!   to refresh it); otherwise it is deleted. Either way a filler that read the master before
+//!   the write fails its CAS and cannot put the old value back.
 //! - **Cache failures**: every call still succeeds from the master; the error is counted. A
 //!   delete that failed is remembered (up to a bound) and the key is not read from the cache
 //!   until a replayed delete succeeds; past the bound, the cache is bypassed until a
@@ -34,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use super::memory::not_found;
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
-use crate::client::{CasResult, Client, Pool, SetOptions};
+use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, Protocol, SetOptions};
 use crate::error::{Error, Result};
 use crate::proto::Key;
 
@@ -43,8 +49,11 @@ const FLAG_VALUE: u32 = 0;
 const FLAG_FILLING: u32 = 0x4d43_0001;
 const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
 
-/// How long a filling marker lives if its reader dies before filling.
+/// How long a filling marker (or a meta lease placeholder) lives if its reader dies before
+/// filling.
 const FILLING_TTL: u32 = 10;
+/// How long an item invalidated over meta stays (stale) for the next reader to refresh it.
+const STALE_TTL: u32 = 30;
 /// Failed invalidations remembered before the whole cache is distrusted.
 const MAX_PENDING: usize = 10_000;
 /// Minimum time between replays of failed invalidations.
@@ -399,6 +408,9 @@ impl MemcacheStorage {
 
     /// Looks `key` up; on a miss, tries to become its filler.
     fn lookup(&self, c: &mut Client, key: &str) -> Result<Lookup> {
+        if c.protocol() == Protocol::Meta {
+            return self.lookup_lease(c, key);
+        }
         let k = key.as_bytes();
         for _ in 0..2 {
             match c.gets(k)? {
@@ -418,6 +430,42 @@ impl MemcacheStorage {
             }
         }
         Ok(Lookup::Miss(None))
+    }
+
+    /// [`lookup`](Self::lookup) with memcached's leases: `N` makes the server vivify a
+    /// placeholder on a miss and give its lease (`W`) to one reader; the others (`Z`) poll
+    /// until the value is there, or give up after `fill_wait` and read the master. A stale
+    /// item (`X`, invalidated by a write) is waited on the same way, never served.
+    fn lookup_lease(&self, c: &mut Client, key: &str) -> Result<Lookup> {
+        let opts = MetaGetOptions {
+            lease_ttl: Some(FILLING_TTL),
+            ..MetaGetOptions::default()
+        };
+        let mut value = Vec::new();
+        let mut deadline = None;
+        loop {
+            match c.meta_get(key.as_bytes(), opts, &mut value)? {
+                // N always answers; a plain miss would be a server without leases.
+                None => return Ok(Lookup::Miss(None)),
+                Some(i) if i.lease == Lease::Won => return Ok(Lookup::Miss(Some(i.cas))),
+                Some(i) if i.lease == Lease::AlreadyWon || i.stale => {
+                    let until = *deadline.get_or_insert_with(|| {
+                        bump(&self.counters.fill_waits);
+                        Instant::now() + self.fill_wait
+                    });
+                    if Instant::now() >= until {
+                        return Ok(Lookup::Master);
+                    }
+                    std::thread::sleep(FILL_POLL);
+                }
+                Some(i) => {
+                    return Ok(match i.flags {
+                        FLAG_VALUE => Lookup::Hit(Bytes::from(value)),
+                        _ => Lookup::Master,
+                    })
+                }
+            }
+        }
     }
 
     fn found(
@@ -521,8 +569,14 @@ impl MemcacheStorage {
             return;
         };
         self.replay(&mut c);
+        let meta = c.protocol() == Protocol::Meta;
         for k in keys {
-            if let Err(e) = c.delete(k.as_bytes()) {
+            let r = if meta {
+                c.invalidate(k.as_bytes(), Some(STALE_TTL))
+            } else {
+                c.delete(k.as_bytes())
+            };
+            if let Err(e) = r {
                 self.cache_failed(&e);
                 self.remember(k.clone());
             }
