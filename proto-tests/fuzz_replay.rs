@@ -46,3 +46,8 @@ fn binary_reply() {
 fn reply_stream() {
     assert!(replay("reply_stream", mcstore::fuzzing::reply_stream) > 0);
 }
+
+#[test]
+fn meta_reply() {
+    assert!(replay("meta_reply", mcstore::fuzzing::meta_reply) > 0);
+}

@@ -256,3 +256,79 @@ pub fn reply_stream(data: &[u8]) {
     }
     assert!(next <= in_flight);
 }
+
+fn check_meta_borrows(input: &[u8], r: &crate::proto::meta::Reply<'_>) {
+    use crate::proto::meta::Reply;
+    let parts: Vec<&[u8]> = match r {
+        Reply::Meta(m) => [m.data, m.flags.key, m.flags.opaque]
+            .into_iter()
+            .flatten()
+            .collect(),
+        Reply::Debug(v) | Reply::Error(v) | Reply::ClientError(v) | Reply::ServerError(v) => {
+            vec![v]
+        }
+    };
+    for p in parts {
+        assert!(within(input, p), "meta reply borrows outside its input");
+    }
+}
+
+/// Arbitrary bytes as a meta reply stream: parse unit after unit under a small and a large
+/// value limit. Checks: consumed bytes are within the input and never zero; a complete parse
+/// does not change when more bytes follow; borrowed slices lie inside the input; a `VA`
+/// never exceeds the limit; a parsed reply encodes to bytes that parse back to it; a returned
+/// base64 key decodes (or is refused) without panicking; every prefix of a partial unit is
+/// partial.
+pub fn meta_reply(data: &[u8]) {
+    use crate::proto::meta::{self, parse_reply, Reply};
+    for max_value in [16usize, 1 << 20] {
+        let limits = Limits { max_value };
+        let mut rest = data;
+        let mut units = 0;
+        while !rest.is_empty() && units < 10_000 {
+            match parse_reply(rest, &limits) {
+                Ok(Status::Complete((n, r))) => {
+                    assert!(n > 0 && n <= rest.len(), "consumed {n} of {}", rest.len());
+                    check_meta_borrows(rest, &r);
+                    if let Reply::Meta(m) = &r {
+                        assert!(m.data.is_none_or(|d| d.len() <= max_value));
+                        if let (Some(k), true) = (m.flags.key, m.flags.base64_key) {
+                            let mut out = Vec::new();
+                            let _ = meta::decode_base64(&mut out, k);
+                        }
+                    }
+                    let mut more = rest[..n].to_vec();
+                    more.extend_from_slice(b"\r\nMN\r\nVA 1 O1\r\n");
+                    match parse_reply(&more, &limits) {
+                        Ok(Status::Complete((m, r2))) => {
+                            assert_eq!(m, n);
+                            assert_eq!(r2, r);
+                        }
+                        other => panic!("complete parse changed with more input: {other:?}"),
+                    }
+                    let mut wire = Vec::new();
+                    r.encode(&mut wire);
+                    match parse_reply(&wire, &limits) {
+                        Ok(Status::Complete((m, r3))) => {
+                            assert_eq!(m, wire.len());
+                            assert_eq!(r3, r, "re-encoded reply parses differently");
+                        }
+                        other => panic!("re-encoded reply does not parse: {other:?}"),
+                    }
+                    rest = &rest[n..];
+                    units += 1;
+                }
+                Ok(Status::Partial) => {
+                    for cut in [0, rest.len() / 2] {
+                        assert!(matches!(
+                            parse_reply(&rest[..cut], &limits),
+                            Ok(Status::Partial)
+                        ));
+                    }
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
