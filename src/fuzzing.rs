@@ -291,7 +291,7 @@ pub fn meta_reply(data: &[u8]) {
                     assert!(n > 0 && n <= rest.len(), "consumed {n} of {}", rest.len());
                     check_meta_borrows(rest, &r);
                     if let Reply::Meta(m) = &r {
-                        assert!(m.data.is_none_or(|d| d.len() <= max_value));
+                        assert!(m.data.map_or(0, <[u8]>::len) <= max_value);
                         if let (Some(k), true) = (m.flags.key, m.flags.base64_key) {
                             let mut out = Vec::new();
                             let _ = meta::decode_base64(&mut out, k);
