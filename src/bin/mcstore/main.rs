@@ -64,6 +64,7 @@ struct Global {
 enum Protocol {
     Text,
     Binary,
+    Meta,
 }
 
 fn parse_distribution(s: &str) -> Result<Distribution, String> {
@@ -224,6 +225,7 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
         .protocol(match g.protocol {
             Protocol::Text => mcstore::Protocol::Text,
             Protocol::Binary => mcstore::Protocol::Binary,
+            Protocol::Meta => mcstore::Protocol::Meta,
         })
         .servers(servers.split(',').map(str::trim).filter(|s| !s.is_empty()))
         .distribution(g.distribution)
@@ -338,10 +340,10 @@ fn run(cli: Cli) -> Res<()> {
                 keyspace,
                 value_bytes,
             };
-            let name = if proto == Protocol::Binary {
-                "binary"
-            } else {
-                "text"
+            let name = match proto {
+                Protocol::Binary => "binary",
+                Protocol::Meta => "meta",
+                Protocol::Text => "text",
             };
             bench::run(&mut c, &spec, name, dist)?;
         }
