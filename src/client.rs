@@ -176,7 +176,7 @@ impl ServerStats {
     }
 }
 
-/// A memcached client (text protocol).
+/// A memcached client (text, binary or meta protocol; see [`Protocol`]).
 ///
 /// ```no_run
 /// use mcstore::{Client, SetOptions, CasResult};
