@@ -51,7 +51,7 @@ use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::binary::{self, Opcode};
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
-use crate::proto::{Key, KeyError, Limits, ParseError, Status};
+use crate::proto::{Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
 use health::Health;
 
@@ -265,35 +265,34 @@ fn wire_key<'b>(
     meta: bool,
     buf: &'b mut Vec<u8>,
 ) -> Result<(Key<'b>, &'b [u8])> {
-    let text = Key::new(user);
-    if !meta {
-        text?;
+    // One validation of the user key: the namespace was validated when the client was built,
+    // so only the combined length is left to check.
+    let binary = match Key::new(user) {
+        Ok(k) if namespace.is_empty() => return Ok((k, user)),
+        Ok(_) => false,
+        Err(KeyError::BadByte { .. }) if meta => true,
+        Err(e) => return Err(e.into()),
+    };
+    let len = namespace.len() + user.len();
+    if binary && len > MAX_BINARY_KEY_LEN {
+        return Err(KeyError::BinaryTooLong(len).into());
+    }
+    if len > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(len).into());
     }
     buf.clear();
-    if !namespace.is_empty() {
-        buf.extend_from_slice(namespace);
-        buf.extend_from_slice(user);
+    buf.extend_from_slice(namespace);
+    buf.extend_from_slice(user);
+    if !binary {
+        return Ok((Key::trusted(buf), buf));
     }
+    // Over meta, a key with whitespace or control bytes goes base64 with the `b` flag.
     let raw_len = buf.len();
-    let raw = if namespace.is_empty() { user } else { &buf[..] };
-    match Key::new(raw) {
-        Ok(_) => {}
-        Err(KeyError::BadByte { .. }) if meta => {
-            if raw.len() > MAX_BINARY_KEY_LEN {
-                return Err(KeyError::BinaryTooLong(raw.len()).into());
-            }
-            let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
-            tmp[..raw.len()].copy_from_slice(raw);
-            let n = raw.len();
-            meta::encode_base64(buf, &tmp[..n]);
-            let (raw, token) = buf.split_at(raw_len);
-            let raw = if namespace.is_empty() { user } else { raw };
-            return Ok((Key::base64_token(token), raw));
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let raw = if namespace.is_empty() { user } else { &buf[..] };
-    Ok((Key::trusted(raw), raw))
+    let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
+    tmp[..raw_len].copy_from_slice(buf);
+    meta::encode_base64(buf, &tmp[..raw_len]);
+    let (raw, token) = buf.split_at(raw_len);
+    Ok((Key::base64_token(token), raw))
 }
 
 impl Client {

@@ -336,9 +336,10 @@ impl Driver {
     where
         F: FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     {
-        let mut batch = [Batch::new(i, value)];
-        self.exchange_many(&mut batch, op, until, |_, buf| on_reply(buf));
-        let [b] = batch;
+        let mut b = Batch::new(i, value);
+        self.exchange_many(std::slice::from_mut(&mut b), op, until, |_, buf| {
+            on_reply(buf)
+        });
         match b.error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -493,44 +494,53 @@ impl Driver {
                 return Err(timeout(self, "write"));
             }
         }
+        // The first read needs no clock: its timeout (left as the previous call set it, at
+        // most `io_timeout - PRECISE_TAIL`) ends before this operation's deadline, which was
+        // taken microseconds ago by `begin`/`new_op`. An empty buffer needs no parse.
+        let mut first_read = self.conns[i].rbuf.is_empty();
         loop {
             let conn = &mut self.conns[i];
-            match on_reply(i, conn.rbuf.data()) {
-                Ok(Status::Complete((n, last))) => {
-                    conn.rbuf.consume(n);
-                    if last {
-                        b.done = true;
-                        return Ok(true);
+            if !first_read {
+                match on_reply(i, conn.rbuf.data()) {
+                    Ok(Status::Complete((n, last))) => {
+                        conn.rbuf.consume(n);
+                        if last {
+                            b.done = true;
+                            return Ok(true);
+                        }
+                        continue;
                     }
-                    continue;
+                    Ok(Status::Partial) => {}
+                    Err(error) => {
+                        self.disconnect(i);
+                        return Err(Error::Parse {
+                            server: self.conns[i].label.clone(),
+                            error,
+                        });
+                    }
                 }
-                Ok(Status::Partial) => {}
-                Err(error) => {
-                    self.disconnect(i);
-                    return Err(Error::Parse {
-                        server: self.conns[i].label.clone(),
-                        error,
-                    });
+            }
+            if !first_read || conn.blocking.is_some_and(|t| t > first) {
+                let now = Instant::now();
+                if now >= op.deadline {
+                    return Err(timeout(self, "read"));
+                }
+                let target = (op.deadline - now).saturating_sub(PRECISE_TAIL);
+                if target < TIMEOUT_SLACK {
+                    return Ok(false);
+                }
+                let current = conn.blocking.expect("blocking");
+                // Keep the read timeout within the slack of its target; grow it back after a
+                // shrink so later calls do not wake up needlessly.
+                if current > target + TIMEOUT_SLACK || current < target / 2 {
+                    let stream = conn.stream.as_ref().expect("connected");
+                    if let Err(e) = stream.set_read_timeout(target) {
+                        return Err(self.io_error(i, e));
+                    }
+                    conn.blocking = Some(target);
                 }
             }
-            let now = Instant::now();
-            if now >= op.deadline {
-                return Err(timeout(self, "read"));
-            }
-            let target = (op.deadline - now).saturating_sub(PRECISE_TAIL);
-            if target < TIMEOUT_SLACK {
-                return Ok(false);
-            }
-            let current = conn.blocking.expect("blocking");
-            // Keep the read timeout within the slack of its target; grow it back after a
-            // shrink so later calls do not wake up needlessly.
-            if current > target + TIMEOUT_SLACK || current < target / 2 {
-                let stream = conn.stream.as_ref().expect("connected");
-                if let Err(e) = stream.set_read_timeout(target) {
-                    return Err(self.io_error(i, e));
-                }
-                conn.blocking = Some(target);
-            }
+            first_read = false;
             // WouldBlock here means the read timeout expired: the loop checks the deadline.
             self.read_some(i)?;
         }
@@ -601,6 +611,17 @@ impl Driver {
     ) -> Result<usize> {
         let conn = &mut self.conns[i];
         let head = &conn.wbuf[..];
+        if value.is_empty() && trailer.is_empty() {
+            // The common case (the whole request is in the buffer): one plain write.
+            let stream = conn.stream.as_mut().expect("connected by begin()");
+            let part = &head[offset..];
+            let want = part.len();
+            let result = match stream {
+                Stream::Tcp(s) => s.write(part),
+                Stream::Unix(s) => s.write(part),
+            };
+            return self.wrote(i, result, want);
+        }
         let mut skip = offset;
         let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
         let mut n = 0;
@@ -624,6 +645,12 @@ impl Driver {
         } else {
             stream.write_vectored(&slices[..n])
         };
+        self.wrote(i, result, want)
+    }
+
+    /// Accounts for one write of `want` bytes.
+    fn wrote(&mut self, i: usize, result: io::Result<usize>, want: usize) -> Result<usize> {
+        let conn = &mut self.conns[i];
         match result {
             Ok(0) => Err(self.io_error(i, io::ErrorKind::WriteZero.into())),
             Ok(w) => {

@@ -206,24 +206,34 @@ fn zero_bytes(x: u64) -> u64 {
 /// The first byte of `b` that may not appear in a key (<= 0x20 or 0x7f).
 #[inline]
 fn find_control(b: &[u8]) -> Option<usize> {
+    // Bytes below 0x21 (the subtraction borrows; high bytes are excluded by `!x`), or 0x7f.
+    let bad = |x: u64| x.wrapping_sub(LO * 0x21) & !x & HI | zero_bytes(x ^ (LO * 0x7f)) != 0;
+    let slow = |from: usize| {
+        b[from..]
+            .iter()
+            .position(|&v| v <= b' ' || v == 0x7f)
+            .map(|p| from + p)
+    };
     let mut chunks = b.chunks_exact(8);
     for (i, c) in (&mut chunks).enumerate() {
-        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        // Bytes below 0x21 (the subtraction borrows; high bytes are excluded by `!x`), or 0x7f.
-        let below = x.wrapping_sub(LO * 0x21) & !x & HI;
-        if below | zero_bytes(x ^ (LO * 0x7f)) != 0 {
-            return c
-                .iter()
-                .position(|&v| v <= b' ' || v == 0x7f)
-                .map(|p| i * 8 + p);
+        if bad(u64::from_le_bytes(c.try_into().expect("8 bytes"))) {
+            return slow(i * 8);
         }
     }
-    let base = b.len() - chunks.remainder().len();
-    chunks
-        .remainder()
-        .iter()
-        .position(|&v| v <= b' ' || v == 0x7f)
-        .map(|p| base + p)
+    let tail = chunks.remainder().len();
+    if tail == 0 {
+        return None;
+    }
+    if b.len() >= 8 {
+        // The last 8 bytes overlap checked ones: one word instead of a byte loop.
+        let last = u64::from_le_bytes(b[b.len() - 8..].try_into().expect("8 bytes"));
+        return if bad(last) {
+            slow(b.len() - tail)
+        } else {
+            None
+        };
+    }
+    slow(0)
 }
 
 /// The position of the first `needle` in `haystack`, eight bytes per step.
