@@ -486,21 +486,16 @@ impl Client {
         mut sink: impl FnMut(&[u8]),
     ) -> Result<Option<ItemInfo>> {
         self.keyed(key, |c, i, key| {
+            // Binary and meta say "with CAS" and "touch" as separate options.
+            let (with_cas, touch) = match cmd {
+                Retrieval::Get => (false, None),
+                Retrieval::Gets => (true, None),
+                Retrieval::Gat(t) => (false, Some(t)),
+                Retrieval::Gats(t) => (true, Some(t)),
+            };
             let found = if c.protocol == Protocol::Binary {
-                let (with_cas, touch) = match cmd {
-                    Retrieval::Get => (false, None),
-                    Retrieval::Gets => (true, None),
-                    Retrieval::Gat(t) => (false, Some(t)),
-                    Retrieval::Gats(t) => (true, Some(t)),
-                };
                 c.bin_retrieve(i, with_cas, touch, key, &mut sink)?
             } else if c.protocol == Protocol::Meta {
-                let (with_cas, touch) = match cmd {
-                    Retrieval::Get => (false, None),
-                    Retrieval::Gets => (true, None),
-                    Retrieval::Gat(t) => (false, Some(t)),
-                    Retrieval::Gats(t) => (true, Some(t)),
-                };
                 c.meta_retrieve(i, with_cas, touch, key, &mut sink)?
             } else {
                 c.text_retrieve(i, cmd, key, &mut sink)?

@@ -633,6 +633,39 @@ fn meta_item(
     Ok(j)
 }
 
+/// One reply unit of a meta batch from server `i`, after the parts every batch handles alike.
+enum MetaBatch<'a> {
+    /// What to tell the driver: more bytes needed, the closing `MN`, or an error line (the
+    /// share's error is set and the connection marked for closing).
+    Step(Status<(usize, bool)>),
+    /// A status reply of this many bytes, for the caller to match to its request.
+    Reply(usize, crate::proto::meta::Meta<'a>),
+}
+
+fn meta_batch_reply<'a>(
+    buf: &'a [u8],
+    limits: &crate::proto::Limits,
+    share: &mut Share,
+    closed: &mut Vec<usize>,
+    i: usize,
+) -> Result<MetaBatch<'a>, ParseError> {
+    let (n, r) = match meta::parse_reply(buf, limits)? {
+        Status::Complete(c) => c,
+        Status::Partial => return Ok(MetaBatch::Step(Status::Partial)),
+    };
+    match r {
+        Reply::Meta(m) if m.code == Code::Noop => Ok(MetaBatch::Step(Status::Complete((n, true)))),
+        Reply::Meta(m) => Ok(MetaBatch::Reply(n, m)),
+        r if r.is_error() => {
+            // The rest of this server's batch is in doubt.
+            share.error = meta_error(&r);
+            closed.push(i);
+            Ok(MetaBatch::Step(Status::Complete((n, true))))
+        }
+        _ => Err(ParseError::Unexpected),
+    }
+}
+
 impl Client {
     /// Ends every server's meta batch with `mn`.
     fn meta_close_batches(&mut self, plan: &Plan) {
@@ -673,33 +706,25 @@ impl Client {
         let limits = self.limits;
         let mut closed = Vec::new();
         let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let (n, r) = match meta::parse_reply(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
-            };
             let share = &mut plan.shares[i];
-            match r {
-                Reply::Meta(m) if m.code == Code::Noop => Ok(Status::Complete((n, true))),
-                Reply::Meta(m) if m.code == Code::Value => {
-                    let j = meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
-                    share.hits += 1;
-                    found(
-                        keys[j].as_ref(),
-                        ItemRef {
-                            value: m.data.unwrap_or_default(),
-                            flags: m.flags.client_flags.unwrap_or(0),
-                            cas: if with_cas { m.flags.cas } else { None },
-                        },
-                    );
-                    Ok(Status::Complete((n, false)))
-                }
-                r if r.is_error() => {
-                    share.error = meta_error(&r);
-                    closed.push(i);
-                    Ok(Status::Complete((n, true)))
-                }
-                _ => Err(ParseError::Unexpected),
+            let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
+                MetaBatch::Step(s) => return Ok(s),
+                MetaBatch::Reply(n, m) => (n, m),
+            };
+            if m.code != Code::Value {
+                return Err(ParseError::Unexpected);
             }
+            let j = meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
+            share.hits += 1;
+            found(
+                keys[j].as_ref(),
+                ItemRef {
+                    value: m.data.unwrap_or_default(),
+                    flags: m.flags.client_flags.unwrap_or(0),
+                    cas: if with_cas { m.flags.cas } else { None },
+                },
+            );
+            Ok(Status::Complete((n, false)))
         });
         self.disconnect_all(closed);
         result
@@ -713,25 +738,17 @@ impl Client {
         let limits = self.limits;
         let mut closed = Vec::new();
         let result = self.run_plan(plan, |plan, i, buf| {
-            let (n, r) = match meta::parse_reply(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
-            };
             let share = &mut plan.shares[i];
-            match r {
-                Reply::Meta(m) if m.code == Code::Noop => Ok(Status::Complete((n, true))),
-                Reply::Meta(m) if misses.contains(&m.code) => {
-                    meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
-                    share.seen += 1;
-                    Ok(Status::Complete((n, false)))
-                }
-                r if r.is_error() => {
-                    share.error = meta_error(&r);
-                    closed.push(i);
-                    Ok(Status::Complete((n, true)))
-                }
-                _ => Err(ParseError::Unexpected),
+            let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
+                MetaBatch::Step(s) => return Ok(s),
+                MetaBatch::Reply(n, m) => (n, m),
+            };
+            if !misses.contains(&m.code) {
+                return Err(ParseError::Unexpected);
             }
+            meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
+            share.seen += 1;
+            Ok(Status::Complete((n, false)))
         });
         self.disconnect_all(closed);
         result?;
