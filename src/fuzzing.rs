@@ -25,27 +25,36 @@ fn check_borrows(input: &[u8], r: &Response<'_>) {
     }
 }
 
-/// Arbitrary bytes as a text reply stream: parse unit after unit under a small and a large
-/// value limit. Checks: consumed bytes are within the input and never zero; a complete parse
-/// does not change when more bytes follow; borrowed slices lie inside the input; a `VALUE`
-/// never exceeds the limit.
-pub fn text_reply(data: &[u8]) {
+/// A reply parser driven unit by unit by [`reply_units`].
+trait ReplyParser {
+    type Reply<'a>: std::fmt::Debug;
+    /// Bytes appended after a complete unit; they must not change its parse.
+    const MORE: &'static [u8];
+    fn parse<'a>(
+        buf: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, Self::Reply<'a>)>, crate::proto::ParseError>;
+    /// The protocol's own checks of one complete unit parsed from the start of `input`.
+    fn check(input: &[u8], reply: &Self::Reply<'_>, limits: &Limits);
+}
+
+/// Arbitrary bytes as a reply stream: parse unit after unit under a small and a large value
+/// limit. Checks: consumed bytes are within the input and never zero; a complete parse does
+/// not change when more bytes follow; the protocol's checks hold; every prefix of a partial
+/// unit is partial.
+fn reply_units<P: ReplyParser>(data: &[u8]) {
     for max_value in [16usize, 1 << 20] {
         let limits = Limits { max_value };
         let mut rest = data;
         let mut units = 0;
         while !rest.is_empty() && units < 10_000 {
-            match parse_reply(rest, &limits) {
+            match P::parse(rest, &limits) {
                 Ok(Status::Complete((n, r))) => {
                     assert!(n > 0 && n <= rest.len(), "consumed {n} of {}", rest.len());
-                    check_borrows(rest, &r);
-                    if let Response::Value { data, .. } = r {
-                        assert!(data.len() <= max_value);
-                    }
-                    // Stable under appended bytes.
+                    P::check(rest, &r, &limits);
                     let mut more = rest[..n].to_vec();
-                    more.extend_from_slice(b"\r\nEND\r\nVALUE x 0 1\r\n");
-                    match parse_reply(&more, &limits) {
+                    more.extend_from_slice(P::MORE);
+                    match P::parse(&more, &limits) {
                         Ok(Status::Complete((m, r2))) => {
                             assert_eq!(m, n);
                             assert_eq!(format!("{r2:?}"), format!("{r:?}"));
@@ -56,10 +65,9 @@ pub fn text_reply(data: &[u8]) {
                     units += 1;
                 }
                 Ok(Status::Partial) => {
-                    // A partial parse stays partial for every prefix.
                     for cut in [0, rest.len() / 2] {
                         assert!(matches!(
-                            parse_reply(&rest[..cut], &limits),
+                            P::parse(&rest[..cut], &limits),
                             Ok(Status::Partial)
                         ));
                     }
@@ -69,6 +77,31 @@ pub fn text_reply(data: &[u8]) {
             }
         }
     }
+}
+
+struct TextParser;
+
+impl ReplyParser for TextParser {
+    type Reply<'a> = Response<'a>;
+    const MORE: &'static [u8] = b"\r\nEND\r\nVALUE x 0 1\r\n";
+    fn parse<'a>(
+        buf: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, Response<'a>)>, crate::proto::ParseError> {
+        parse_reply(buf, limits)
+    }
+    fn check(input: &[u8], r: &Response<'_>, limits: &Limits) {
+        check_borrows(input, r);
+        if let Response::Value { data, .. } = r {
+            assert!(data.len() <= limits.max_value);
+        }
+    }
+}
+
+/// Arbitrary bytes as a text reply stream ([`reply_units`]); borrowed slices lie inside the
+/// input and a `VALUE` never exceeds the limit.
+pub fn text_reply(data: &[u8]) {
+    reply_units::<TextParser>(data);
 }
 
 /// Structured round trip from raw bytes: derive a reply from the input, encode it the way the
@@ -273,62 +306,42 @@ fn check_meta_borrows(input: &[u8], r: &crate::proto::meta::Reply<'_>) {
     }
 }
 
-/// Arbitrary bytes as a meta reply stream: parse unit after unit under a small and a large
-/// value limit. Checks: consumed bytes are within the input and never zero; a complete parse
-/// does not change when more bytes follow; borrowed slices lie inside the input; a `VA`
-/// never exceeds the limit; a parsed reply encodes to bytes that parse back to it; a returned
-/// base64 key decodes (or is refused) without panicking; every prefix of a partial unit is
-/// partial.
-pub fn meta_reply(data: &[u8]) {
-    use crate::proto::meta::{self, parse_reply, Reply};
-    for max_value in [16usize, 1 << 20] {
-        let limits = Limits { max_value };
-        let mut rest = data;
-        let mut units = 0;
-        while !rest.is_empty() && units < 10_000 {
-            match parse_reply(rest, &limits) {
-                Ok(Status::Complete((n, r))) => {
-                    assert!(n > 0 && n <= rest.len(), "consumed {n} of {}", rest.len());
-                    check_meta_borrows(rest, &r);
-                    if let Reply::Meta(m) = &r {
-                        assert!(m.data.map_or(0, <[u8]>::len) <= max_value);
-                        if let (Some(k), true) = (m.flags.key, m.flags.base64_key) {
-                            let mut out = Vec::new();
-                            let _ = meta::decode_base64(&mut out, k);
-                        }
-                    }
-                    let mut more = rest[..n].to_vec();
-                    more.extend_from_slice(b"\r\nMN\r\nVA 1 O1\r\n");
-                    match parse_reply(&more, &limits) {
-                        Ok(Status::Complete((m, r2))) => {
-                            assert_eq!(m, n);
-                            assert_eq!(r2, r);
-                        }
-                        other => panic!("complete parse changed with more input: {other:?}"),
-                    }
-                    let mut wire = Vec::new();
-                    r.encode(&mut wire);
-                    match parse_reply(&wire, &limits) {
-                        Ok(Status::Complete((m, r3))) => {
-                            assert_eq!(m, wire.len());
-                            assert_eq!(r3, r, "re-encoded reply parses differently");
-                        }
-                        other => panic!("re-encoded reply does not parse: {other:?}"),
-                    }
-                    rest = &rest[n..];
-                    units += 1;
-                }
-                Ok(Status::Partial) => {
-                    for cut in [0, rest.len() / 2] {
-                        assert!(matches!(
-                            parse_reply(&rest[..cut], &limits),
-                            Ok(Status::Partial)
-                        ));
-                    }
-                    break;
-                }
-                Err(_) => break,
+struct MetaParser;
+
+impl ReplyParser for MetaParser {
+    type Reply<'a> = crate::proto::meta::Reply<'a>;
+    const MORE: &'static [u8] = b"\r\nMN\r\nVA 1 O1\r\n";
+    fn parse<'a>(
+        buf: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, Self::Reply<'a>)>, crate::proto::ParseError> {
+        crate::proto::meta::parse_reply(buf, limits)
+    }
+    fn check(input: &[u8], r: &Self::Reply<'_>, limits: &Limits) {
+        use crate::proto::meta::{self, Reply};
+        check_meta_borrows(input, r);
+        if let Reply::Meta(m) = r {
+            assert!(m.data.map_or(0, <[u8]>::len) <= limits.max_value);
+            if let (Some(k), true) = (m.flags.key, m.flags.base64_key) {
+                let mut out = Vec::new();
+                let _ = meta::decode_base64(&mut out, k);
             }
         }
+        let mut wire = Vec::new();
+        r.encode(&mut wire);
+        match meta::parse_reply(&wire, limits) {
+            Ok(Status::Complete((m, r3))) => {
+                assert_eq!(m, wire.len());
+                assert_eq!(&r3, r, "re-encoded reply parses differently");
+            }
+            other => panic!("re-encoded reply does not parse: {other:?}"),
+        }
     }
+}
+
+/// Arbitrary bytes as a meta reply stream ([`reply_units`]); borrowed slices lie inside the
+/// input; a `VA` never exceeds the limit; a parsed reply encodes to bytes that parse back to
+/// it; a returned base64 key decodes (or is refused) without panicking.
+pub fn meta_reply(data: &[u8]) {
+    reply_units::<MetaParser>(data);
 }

@@ -6,10 +6,11 @@
 //! with `mn` (see `multi.rs` and `pipeline.rs`).
 
 use super::binary_proto::StoreOutcome;
-use super::{Client, ItemInfo, Lines, Protocol, SetOptions, Step, StoreMode};
+use super::{server_error, Client, ItemInfo, Lines, Protocol, SetOptions, Step, StoreMode};
 use crate::conn::driver::{Op, COPY_VALUE_MAX};
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, Result};
 use crate::proto::meta::{self, ArithFlags, Code, DeleteFlags, GetFlags, Meta, Reply, SetFlags};
+use crate::proto::text::Response;
 use crate::proto::{parse_u64, Key, Limits, ParseError, Status};
 
 pub(super) struct MetaLines;
@@ -24,17 +25,14 @@ impl Lines for MetaLines {
     }
 }
 
-/// The error an error line stands for.
+/// The error an error line stands for: the classic error lines (protocol.txt, "Error
+/// strings"), mapped as the text protocol maps them.
 pub(super) fn meta_error(r: &Reply<'_>) -> Option<Error> {
-    let (kind, msg) = match *r {
-        Reply::Error(m) => (ServerErrorKind::UnknownCommand, m),
-        Reply::ClientError(m) => (ServerErrorKind::Client, m),
-        Reply::ServerError(m) => (ServerErrorKind::Server, m),
+    server_error(&match *r {
+        Reply::Error(m) => Response::Error(m),
+        Reply::ClientError(m) => Response::ClientError(m),
+        Reply::ServerError(m) => Response::ServerError(m),
         _ => return None,
-    };
-    Some(Error::Server {
-        kind,
-        message: String::from_utf8_lossy(msg).into_owned(),
     })
 }
 
