@@ -98,7 +98,7 @@ impl ReplyParser for TextParser {
     }
 }
 
-/// Arbitrary bytes as a text reply stream ([`reply_units`]); borrowed slices lie inside the
+/// Arbitrary bytes as a text reply stream (`reply_units`); borrowed slices lie inside the
 /// input and a `VALUE` never exceeds the limit.
 pub fn text_reply(data: &[u8]) {
     reply_units::<TextParser>(data);
@@ -339,7 +339,7 @@ impl ReplyParser for MetaParser {
     }
 }
 
-/// Arbitrary bytes as a meta reply stream ([`reply_units`]); borrowed slices lie inside the
+/// Arbitrary bytes as a meta reply stream (`reply_units`); borrowed slices lie inside the
 /// input; a `VA` never exceeds the limit; a parsed reply encodes to bytes that parse back to
 /// it; a returned base64 key decodes (or is refused) without panicking.
 pub fn meta_reply(data: &[u8]) {
