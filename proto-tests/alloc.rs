@@ -58,6 +58,25 @@ fn count(mut f: impl FnMut()) -> usize {
     ALLOCS.load(Ordering::SeqCst)
 }
 
+/// Allocations during CALLS pipelined sets, after enough sets to grow the write buffer to
+/// its flush size.
+fn pipelined_sets(c: &mut mcstore::Client, value: &[u8]) -> usize {
+    let mut p = c.pipeline();
+    let opts = SetOptions::default();
+    for _ in 0..2000 {
+        p.set(b"p", value, opts).unwrap();
+    }
+    ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    for _ in 0..CALLS {
+        p.set(b"p", value, opts).unwrap();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    let n = ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(p.finish().unwrap().errors, 0);
+    n
+}
+
 fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
     results.push((name.to_string(), n));
 }
@@ -103,6 +122,28 @@ fn main() {
     );
     run("touch", count(|| assert!(c.touch(b"hit", 0).unwrap())));
 
+    // Multi-key calls reuse the previous call's plan; pipelined noreply sets reuse the
+    // write buffer (warmed past one flush first, since it grows up to the flush size).
+    let hundred: Vec<String> = (0..100).map(|i| format!("m-{i}")).collect();
+    let items: Vec<(&str, &[u8])> = hundred.iter().map(|k| (k.as_str(), &value[..])).collect();
+    c.set_multi(&items, SetOptions::default()).unwrap();
+    run(
+        "get_multi (100 keys)",
+        count(|| {
+            let mut n = 0;
+            c.get_multi(&hundred, |_, _| n += 1).unwrap();
+            assert_eq!(n, 100);
+        }),
+    );
+    run(
+        "set_multi (100 items)",
+        count(|| assert_eq!(c.set_multi(&items, SetOptions::default()).unwrap(), 100)),
+    );
+    run(
+        "pipelined set (noreply), per set",
+        pipelined_sets(&mut c, &value),
+    );
+
     // Three servers, ketama: routing adds no allocation either.
     let three: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
     let mut multi = mcstore::Client::builder()
@@ -146,6 +187,20 @@ fn main() {
         }),
     );
 
+    let ns_keys = &keys[..];
+    run(
+        "get_multi (64 keys, 3 servers, ketama, namespace)",
+        count(|| {
+            let mut n = 0;
+            multi.get_multi(ns_keys, |_, _| n += 1).unwrap();
+            assert_eq!(n, 64);
+        }),
+    );
+    run(
+        "delete_multi (64 missing keys, 3 servers, ketama, namespace)",
+        count(|| assert_eq!(multi.delete_multi(&hundred).unwrap(), 0)),
+    );
+
     // The binary and meta protocols, same operations.
     for (p, name) in [
         (mcstore::Protocol::Binary, "binary"),
@@ -178,6 +233,22 @@ fn main() {
             count(|| assert!(pc.incr(b"n", 1).unwrap().is_some())),
         );
         run("touch", count(|| assert!(pc.touch(b"hit", 0).unwrap())));
+        run(
+            "get_multi (100 keys)",
+            count(|| {
+                let mut n = 0;
+                pc.get_multi(&hundred, |_, _| n += 1).unwrap();
+                assert_eq!(n, 100);
+            }),
+        );
+        run(
+            "set_multi (100 items)",
+            count(|| assert_eq!(pc.set_multi(&items, SetOptions::default()).unwrap(), 100)),
+        );
+        run(
+            "pipelined set (quiet), per set",
+            pipelined_sets(&mut pc, &value),
+        );
     }
     // Meta only: a binary key (base64-encoded on the way out) and a lease-style get.
     let mut m = mc.client_with(mcstore::Protocol::Meta);

@@ -196,7 +196,8 @@ pub struct Client {
     driver: Driver,
     limits: Limits,
     ring: Continuum,
-    labels: Vec<String>,
+    /// Shared, so a multi-key call can hold them while it runs without copying the strings.
+    labels: std::sync::Arc<[String]>,
     health: Health,
     namespace: Vec<u8>,
     hash_with_namespace: bool,
@@ -208,6 +209,8 @@ pub struct Client {
     authenticated: Vec<u64>,
     /// Next binary opaque.
     opaque: u32,
+    /// The vectors of the last multi-key call, reused by the next.
+    spare: multi::Spare,
 }
 
 /// What a reply closure decided about one reply unit.

@@ -267,6 +267,7 @@ impl ClientBuilder {
             protocol: self.protocol,
             sasl: self.sasl,
             authenticated: vec![0; addrs.len()],
+            spare: Default::default(),
             opaque: 0,
         })
     }

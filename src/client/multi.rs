@@ -37,11 +37,19 @@ struct Share {
 }
 
 /// A multi-key call being planned: each key's server and each server's share.
+#[derive(Default)]
 struct Plan {
     server_of: Vec<u32>,
     shares: Vec<Share>,
     /// A retrieval: count each healthy server's hits and misses.
     retrieval: bool,
+}
+
+/// What one multi-key call leaves for the next, so that a warm call allocates nothing.
+#[derive(Default)]
+pub(super) struct Spare {
+    plan: Plan,
+    batches: Vec<Batch<'static>>,
 }
 
 impl Client {
@@ -65,11 +73,12 @@ impl Client {
             wire_key(&self.namespace, key_at(j), meta, kb)?;
         }
         self.health.maybe_rejoin(&mut self.ring);
-        let mut plan = Plan {
-            server_of: Vec::with_capacity(n),
-            shares: (0..self.labels.len()).map(|_| Share::default()).collect(),
-            retrieval: false,
-        };
+        let mut plan = std::mem::take(&mut self.spare.plan);
+        plan.server_of.clear();
+        plan.server_of.reserve(n);
+        plan.shares.clear();
+        plan.shares.resize_with(self.labels.len(), Share::default);
+        plan.retrieval = false;
         for j in 0..n {
             let user = key_at(j);
             let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
@@ -109,24 +118,26 @@ impl Client {
         plan: &mut Plan,
         mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     ) -> Result<()> {
-        let mut batches: Vec<Batch<'_>> = plan
-            .shares
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.keys > 0 && s.error.is_none())
-            .map(|(i, _)| Batch::new(i, None))
-            .collect();
+        let mut batches = std::mem::take(&mut self.spare.batches);
+        batches.extend(
+            plan.shares
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.keys > 0 && s.error.is_none())
+                .map(|(i, _)| Batch::new(i, None)),
+        );
         let op = self.driver.new_op();
         self.driver
             .exchange_many(&mut batches, &op, Until::Done, |i, buf| {
                 on_reply(plan, i, buf)
             });
-        for b in batches {
+        for b in batches.drain(..) {
             let share = &mut plan.shares[b.server];
             if let Some(e) = b.error {
                 share.error = Some(e);
             }
         }
+        self.spare.batches = batches;
         let mut failed = Vec::new();
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys == 0 {
@@ -278,7 +289,13 @@ impl Client {
         });
         self.namespace = ns;
         self.disconnect_all(closed);
+        self.recycle(plan);
         result
+    }
+
+    /// Keeps a finished call's vectors for the next call.
+    fn recycle(&mut self, plan: Plan) {
+        self.spare.plan = plan;
     }
 
     /// Closes the connections of servers whose batch answer went out of step.
@@ -292,7 +309,7 @@ impl Client {
     /// `success` accepts.
     fn multi_simple(
         &mut self,
-        plan: &mut Plan,
+        mut plan: Plan,
         success: impl Fn(&Response<'_>) -> Option<bool>,
     ) -> Result<usize> {
         for share in plan.shares.iter_mut() {
@@ -300,7 +317,7 @@ impl Client {
         }
         let limits = self.limits;
         let mut closed = Vec::new();
-        let result = self.run_plan(plan, |plan, i, buf| {
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
             let (n, resp) = match text::parse_reply(buf, &limits)? {
                 Status::Complete(c) => c,
                 Status::Partial => return Ok(Status::Partial),
@@ -322,8 +339,9 @@ impl Client {
             }
         });
         self.disconnect_all(closed);
-        result?;
-        Ok(plan.shares.iter().map(|s| s.hits).sum())
+        let stored = plan.shares.iter().map(|s| s.hits).sum();
+        self.recycle(plan);
+        result.map(|()| stored)
     }
 
     /// Stores many items with one pipelined request per server; returns how many were stored.
@@ -340,7 +358,7 @@ impl Client {
         if items.is_empty() {
             return Ok(0);
         }
-        let mut plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
+        let plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
         if self.protocol == Protocol::Binary {
             for (j, (k, v)) in items.iter().enumerate() {
                 let i = plan.server_of[j];
@@ -361,10 +379,7 @@ impl Client {
                     });
                 }
             }
-            return self.bin_multi_quiet(
-                &mut plan,
-                &[binary::STATUS_NOT_STORED, binary::STATUS_EXISTS],
-            );
+            return self.bin_multi_quiet(plan, &[binary::STATUS_NOT_STORED, binary::STATUS_EXISTS]);
         }
         if self.protocol == Protocol::Meta {
             for (j, (k, v)) in items.iter().enumerate() {
@@ -385,7 +400,7 @@ impl Client {
                     });
                 }
             }
-            return self.meta_multi_quiet(&mut plan, &[Code::NotStored, Code::Exists]);
+            return self.meta_multi_quiet(plan, &[Code::NotStored, Code::Exists]);
         }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, (k, v)) in items.iter().enumerate() {
@@ -409,7 +424,7 @@ impl Client {
             wbuf.extend_from_slice(DATA_TRAILER);
         }
         self.keybuf = kb;
-        self.multi_simple(&mut plan, |r| match r {
+        self.multi_simple(plan, |r| match r {
             Response::Stored => Some(true),
             Response::NotStored => Some(false),
             _ => None,
@@ -421,7 +436,7 @@ impl Client {
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        let plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         if self.protocol == Protocol::Binary {
             for (j, k) in keys.iter().enumerate() {
                 let i = plan.server_of[j];
@@ -431,7 +446,7 @@ impl Client {
                     });
                 }
             }
-            return self.bin_multi_quiet(&mut plan, &[binary::STATUS_NOT_FOUND]);
+            return self.bin_multi_quiet(plan, &[binary::STATUS_NOT_FOUND]);
         }
         if self.protocol == Protocol::Meta {
             for (j, k) in keys.iter().enumerate() {
@@ -447,7 +462,7 @@ impl Client {
                     });
                 }
             }
-            return self.meta_multi_quiet(&mut plan, &[Code::NotFound]);
+            return self.meta_multi_quiet(plan, &[Code::NotFound]);
         }
         let mut kb = std::mem::take(&mut self.keybuf);
         for (j, k) in keys.iter().enumerate() {
@@ -459,7 +474,7 @@ impl Client {
             text::encode_delete(self.driver.wbuf(i as usize), key, false);
         }
         self.keybuf = kb;
-        self.multi_simple(&mut plan, |r| match r {
+        self.multi_simple(plan, |r| match r {
             Response::Deleted => Some(true),
             Response::NotFound => Some(false),
             _ => None,
@@ -549,7 +564,7 @@ impl Client {
         self.bin_close_batches(&plan);
         let limits = self.limits;
         let ns = std::mem::take(&mut self.namespace);
-        let labels = self.labels.clone();
+        let labels = std::sync::Arc::clone(&self.labels);
         let mut closed = Vec::new();
         let result = self.run_plan(&mut plan, |plan, i, buf| {
             let (n, j, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
@@ -582,18 +597,19 @@ impl Client {
         });
         self.namespace = ns;
         self.disconnect_all(closed);
+        self.recycle(plan);
         result
     }
 
     /// Runs quiet binary writes (opaque = item index) closed by a No-op per server: only
     /// failures come back. Statuses in `misses` count as "not done" (not stored, not found);
     /// any other failure is an error for that server. Returns how many succeeded.
-    fn bin_multi_quiet(&mut self, plan: &mut Plan, misses: &[u16]) -> Result<usize> {
-        self.bin_close_batches(plan);
+    fn bin_multi_quiet(&mut self, mut plan: Plan, misses: &[u16]) -> Result<usize> {
+        self.bin_close_batches(&plan);
         let limits = self.limits;
-        let labels = self.labels.clone();
+        let labels = std::sync::Arc::clone(&self.labels);
         let mut closed = Vec::new();
-        let result = self.run_plan(plan, |plan, i, buf| {
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
             let (n, _item, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
                 BatchPacket::Partial => return Ok(Status::Partial),
                 BatchPacket::End(n) => return Ok(Status::Complete((n, true))),
@@ -611,8 +627,9 @@ impl Client {
             Ok(Status::Complete((n, false)))
         });
         self.disconnect_all(closed);
-        result?;
-        Ok(plan.shares.iter().map(|s| s.keys - s.seen).sum())
+        let done = plan.shares.iter().map(|s| s.keys - s.seen).sum();
+        self.recycle(plan);
+        result.map(|()| done)
     }
 }
 
@@ -727,17 +744,18 @@ impl Client {
             Ok(Status::Complete((n, false)))
         });
         self.disconnect_all(closed);
+        self.recycle(plan);
         result
     }
 
     /// Runs quiet meta writes (`q O<index>`) closed by `mn` per server: only failures come
     /// back. Codes in `misses` count as "not done"; an error line is an error for that
     /// server (and the rest of its batch is in doubt). Returns how many succeeded.
-    fn meta_multi_quiet(&mut self, plan: &mut Plan, misses: &[Code]) -> Result<usize> {
-        self.meta_close_batches(plan);
+    fn meta_multi_quiet(&mut self, mut plan: Plan, misses: &[Code]) -> Result<usize> {
+        self.meta_close_batches(&plan);
         let limits = self.limits;
         let mut closed = Vec::new();
-        let result = self.run_plan(plan, |plan, i, buf| {
+        let result = self.run_plan(&mut plan, |plan, i, buf| {
             let share = &mut plan.shares[i];
             let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
                 MetaBatch::Step(s) => return Ok(s),
@@ -751,7 +769,8 @@ impl Client {
             Ok(Status::Complete((n, false)))
         });
         self.disconnect_all(closed);
-        result?;
-        Ok(plan.shares.iter().map(|s| s.keys - s.seen).sum())
+        let done = plan.shares.iter().map(|s| s.keys - s.seen).sum();
+        self.recycle(plan);
+        result.map(|()| done)
     }
 }
