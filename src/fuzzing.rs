@@ -88,7 +88,19 @@ impl ReplyParser for TextParser {
         buf: &'a [u8],
         limits: &Limits,
     ) -> Result<Status<(usize, Response<'a>)>, crate::proto::ParseError> {
-        parse_reply(buf, limits)
+        let general = parse_reply(buf, limits);
+        // The multi-get's expected-key reading must agree wherever it answers: try it with
+        // the key the input spells (split into a namespace and a key).
+        if let Some(fields) = buf.strip_prefix(b"VALUE ") {
+            let key = fields.split(|&b| b == b' ').next().unwrap_or_default();
+            if crate::proto::Key::new(key).is_ok() {
+                let (ns, key) = key.split_at(key.len() / 2);
+                if let Some(fast) = crate::proto::text::parse_value_of(buf, ns, key, limits) {
+                    assert_eq!(fast, general, "parse_value_of disagrees with parse_reply");
+                }
+            }
+        }
+        general
     }
     fn check(input: &[u8], r: &Response<'_>, limits: &Limits) {
         check_borrows(input, r);

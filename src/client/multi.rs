@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::proto::binary::{self, Opcode};
 use crate::proto::meta::{self, Code, Reply};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
-use crate::proto::{Key, ParseError, Status};
+use crate::proto::{Key, ParseError, Status, MAX_KEY_LEN};
 
 /// memcached reads a command line into a bounded buffer; long multi-gets are split into lines
 /// of this many keys, all written before any reply is read.
@@ -70,7 +70,12 @@ impl Client {
         // Validate everything before touching any connection.
         let meta = self.protocol == Protocol::Meta;
         for j in 0..n {
-            wire_key(&self.namespace, key_at(j), meta, kb)?;
+            let user = key_at(j);
+            // The common case without building the wire key; the rest (namespace too long,
+            // binary keys over meta, errors) as every call does.
+            if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
+                wire_key(&self.namespace, user, meta, kb)?;
+            }
         }
         self.health.maybe_rejoin(&mut self.ring);
         let mut plan = std::mem::take(&mut self.spare.plan);
@@ -239,11 +244,43 @@ impl Client {
         let ns = std::mem::take(&mut self.namespace);
         let mut closed = Vec::new();
         let result = self.run_plan(&mut plan, |plan, i, buf| {
+            let share = &mut plan.shares[i];
+            // Most often the reply is the hit of this server's next key: checked against it
+            // directly (see `parse_value_of`).
+            let mut next = share.cursor;
+            while next < keys.len() && plan.server_of[next] != i as u32 {
+                next += 1;
+            }
+            if let Some(key) = keys.get(next) {
+                let key = key.as_ref();
+                if let Some(r) = text::parse_value_of(buf, &ns, key, &limits) {
+                    let (n, resp) = match r? {
+                        Status::Complete(c) => c,
+                        Status::Partial => return Ok(Status::Partial),
+                    };
+                    let Response::Value {
+                        flags, cas, data, ..
+                    } = resp
+                    else {
+                        return Err(ParseError::Unexpected); // parse_value_of returns values only
+                    };
+                    share.cursor = next + 1;
+                    share.hits += 1;
+                    found(
+                        key,
+                        ItemRef {
+                            value: data,
+                            flags,
+                            cas,
+                        },
+                    );
+                    return Ok(Status::Complete((n, false)));
+                }
+            }
             let (n, resp) = match text::parse_reply(buf, &limits)? {
                 Status::Complete(c) => c,
                 Status::Partial => return Ok(Status::Partial),
             };
-            let share = &mut plan.shares[i];
             match resp {
                 Response::Value {
                     key,

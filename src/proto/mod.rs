@@ -256,6 +256,27 @@ pub(crate) fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
         .map(|p| base + p)
 }
 
+/// `a == b`, for the short slices keys are: word compares (the last one overlapping) where
+/// a call to `memcmp` would cost more than the compare itself.
+pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n < 8 {
+        return a == b;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let mut at = 0;
+    while at + 8 < n {
+        if word(a, at) != word(b, at) {
+            return false;
+        }
+        at += 8;
+    }
+    word(a, n - 8) == word(b, n - 8)
+}
+
 /// Appends the decimal form of `n` to `out` without going through `fmt`.
 pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut tmp = [0u8; 20];
@@ -290,6 +311,21 @@ pub(crate) fn parse_u64(digits: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_eq_is_eq() {
+        let base: Vec<u8> = (0..40u8).collect();
+        for n in 0..base.len() {
+            let a = &base[..n];
+            assert!(short_eq(a, a));
+            assert!(!short_eq(a, &base[..n + 1]));
+            for at in 0..n {
+                let mut b = a.to_vec();
+                b[at] ^= 0x20;
+                assert!(!short_eq(a, &b), "differs at {at} of {n}");
+            }
+        }
+    }
 
     #[test]
     fn key_rules() {

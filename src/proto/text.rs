@@ -18,7 +18,7 @@
 //! assert_eq!(parse_reply(&input[used..], &Limits::default()).unwrap(), Status::Complete((5, Response::End)));
 //! ```
 
-use super::{parse_u64, put_u64, Key, Limits, ParseError, Status};
+use super::{parse_u64, put_u64, short_eq, Key, Limits, ParseError, Status};
 
 /// Longest reply line accepted (without its `\r\n`). The longest valid one is a `VALUE` line:
 /// `VALUE ` + 250-byte key + flags + length + cas, about 320 bytes; `STAT` lines of
@@ -105,7 +105,9 @@ pub fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
 /// prefix is valid key bytes and that the whole fits in 250 bytes.
 pub fn push_prefixed_key(out: &mut Vec<u8>, prefix: &[u8], key: Key<'_>) {
     out.push(b' ');
-    out.extend_from_slice(prefix);
+    if !prefix.is_empty() {
+        out.extend_from_slice(prefix);
+    }
     out.extend_from_slice(key.as_bytes());
 }
 
@@ -397,6 +399,12 @@ pub fn parse_reply<'a>(
     let Some((line, line_len)) = take_line(buf)? else {
         return Ok(Status::Partial);
     };
+    if let Some(fields) = line.strip_prefix(b"VALUE ") {
+        // The per-item hot path of every get: the common shape in one forward pass.
+        if let Some(header) = value_header(fields) {
+            return value_data(buf, header, line_len, limits);
+        }
+    }
     let (word, rest) = split_word(line);
     let exact = |r: Response<'a>| {
         if rest.is_empty() && !line.ends_with(b" ") {
@@ -466,13 +474,153 @@ fn parse_value<'a>(
         .and_then(|f| u32::try_from(f).ok())
         .ok_or(ParseError::BadNumber)?;
     let len = parse_u64(len).ok_or(ParseError::BadNumber)?;
-    if len > limits.max_value as u64 {
-        return Err(ParseError::ValueTooLarge(len));
-    }
     let cas = match cas {
         Some(c) => Some(parse_u64(c).ok_or(ParseError::BadNumber)?),
         None => None,
     };
+    value_data(
+        buf,
+        ValueHeader {
+            key,
+            flags,
+            len,
+            cas,
+        },
+        line_len,
+        limits,
+    )
+}
+
+/// Parses the next reply unit if it is the `VALUE` block of the expected key (`prefix` +
+/// `key`, a valid key) in its common shape; `None` otherwise (another key, a miss's `END`, a
+/// line not all here yet, any unusual spelling), and the caller then calls [`parse_reply`].
+///
+/// A multi-get's replies come in request order, so the next hit is usually for the next key
+/// asked: comparing against it finds the key's end without scanning for it, and the line's
+/// end without a separate search. Whenever this returns `Some`, [`parse_reply`] returns the
+/// same (a valid key holds no space or line break, the rest is digits, spaces and `\r\n`).
+///
+/// ```
+/// use mcstore::proto::{Limits, Status, text::{parse_value_of, Response}};
+/// let input = b"VALUE ns:k 5 3\r\nabc\r\nEND\r\n";
+/// let r = parse_value_of(input, b"ns:", b"k", &Limits::default()).unwrap().unwrap();
+/// assert_eq!(r, Status::Complete((20, Response::Value { key: b"ns:k", flags: 5, cas: None, data: b"abc" })));
+/// assert!(parse_value_of(input, b"ns:", b"other", &Limits::default()).is_none());
+/// ```
+pub fn parse_value_of<'a>(
+    buf: &'a [u8],
+    prefix: &[u8],
+    key: &[u8],
+    limits: &Limits,
+) -> Option<Result<Status<(usize, Response<'a>)>, ParseError>> {
+    let end = 6 + prefix.len() + key.len();
+    // At least 8 bytes: "VALUE " and a key byte and its space.
+    let head = buf.get(..(end + 1).max(8))?;
+    let verb = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if verb & 0xffff_ffff_ffff != u64::from_le_bytes(*b"VALUE \0\0")
+        || head[end] != b' '
+        || !(prefix.is_empty() || short_eq(&head[6..6 + prefix.len()], prefix))
+        || !short_eq(&head[6 + prefix.len()..end], key)
+    {
+        return None;
+    }
+    let (flags, p) = digits(buf, end + 1)?;
+    if buf.get(p) != Some(&b' ') {
+        return None;
+    }
+    let (len, p) = digits(buf, p + 1)?;
+    let (cas, p) = match buf.get(p)? {
+        b' ' => {
+            let (c, p) = digits(buf, p + 1)?;
+            (Some(c), p)
+        }
+        _ => (None, p),
+    };
+    if buf.get(p..p + 2)? != b"\r\n" {
+        return None;
+    }
+    let header = ValueHeader {
+        key: &buf[6..end],
+        flags: u32::try_from(flags).ok()?,
+        len,
+        cas,
+    };
+    Some(value_data(buf, header, p + 2, limits))
+}
+
+/// The fields of a `VALUE` line.
+struct ValueHeader<'a> {
+    key: &'a [u8],
+    flags: u32,
+    len: u64,
+    cas: Option<u64>,
+}
+
+/// The fields of a well-formed `VALUE` line (`<key> <flags> <bytes>[ <cas>]`, single spaces,
+/// numbers of at most 19 digits), read in one pass; `None` for anything else, which
+/// [`parse_value`] then examines to name the error (or accept a 20-digit number). Both read
+/// the key the same way: everything up to the first space.
+fn value_header(fields: &[u8]) -> Option<ValueHeader<'_>> {
+    let k = super::find_byte(fields, b' ')?;
+    if k == 0 {
+        return None;
+    }
+    let (flags, p) = digits(fields, k + 1)?;
+    if fields.get(p) != Some(&b' ') {
+        return None;
+    }
+    let (len, p) = digits(fields, p + 1)?;
+    let cas = match fields.get(p) {
+        None => None,
+        Some(b' ') => match digits(fields, p + 1)? {
+            (c, end) if end == fields.len() => Some(c),
+            _ => return None,
+        },
+        Some(_) => return None,
+    };
+    Some(ValueHeader {
+        key: &fields[..k],
+        flags: u32::try_from(flags).ok()?,
+        len,
+        cas,
+    })
+}
+
+/// The decimal number of 1 to 19 digits at `from` (19 digits cannot overflow a u64), and
+/// where it ends.
+fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
+    let mut n = 0u64;
+    let mut p = from;
+    while let Some(&d) = b.get(p) {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        if p - from == 19 {
+            return None;
+        }
+        n = n * 10 + u64::from(d - b'0');
+        p += 1;
+    }
+    (p > from).then_some((n, p))
+}
+
+/// The data block after a `VALUE` line of `line_len` bytes: the size limit is checked before
+/// anything is buffered, and the block must end with `\r\n`.
+fn value_data<'a>(
+    buf: &'a [u8],
+    h: ValueHeader<'a>,
+    line_len: usize,
+    limits: &Limits,
+) -> Result<Status<(usize, Response<'a>)>, ParseError> {
+    let ValueHeader {
+        key,
+        flags,
+        len,
+        cas,
+    } = h;
+    if len > limits.max_value as u64 {
+        return Err(ParseError::ValueTooLarge(len));
+    }
     // len <= max_value (a usize), so this cannot overflow for any sane limit; check anyway.
     let data_end = line_len
         .checked_add(len as usize)
@@ -885,6 +1033,80 @@ mod tests {
     }
 
     proptest! {
+        // Most generated lines are malformed: enough cases for a few hundred accepted ones.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// The one-pass reading of a `VALUE` line agrees with the field-splitting one on
+        /// every line it accepts (and declines the rest, which the latter then judges).
+        #[test]
+        fn value_fast_path_agrees(
+            key in prop::collection::vec(prop::sample::select(b"kkkx\r0 ".to_vec()), 0..5),
+            numbers in prop::collection::vec(
+                prop_oneof![
+                    4 => prop::collection::vec(prop::sample::select(b"0123456789012345678901234567890123456789 x".to_vec()), 0..6),
+                    1 => prop::collection::vec(prop::sample::select(b"09".to_vec()), 18..22),
+                ],
+                2..5),
+            data_len in 0usize..8,
+        ) {
+            // Space-joined parts: mostly well-formed lines, with every way to go wrong nearby.
+            let mut fields = key;
+            for n in &numbers {
+                fields.push(b' ');
+                fields.extend_from_slice(n);
+            }
+            let mut wire = b"VALUE ".to_vec();
+            wire.extend_from_slice(&fields);
+            wire.extend_from_slice(b"\r\n");
+            let line_len = wire.len();
+            wire.extend(std::iter::repeat(b'd').take(data_len));
+            wire.extend_from_slice(b"\r\n");
+            let slow = parse_value(&wire, &fields, line_len, &lim());
+            if value_header(&fields).is_some() {
+                prop_assert_eq!(parse_reply(&wire, &lim()), slow);
+            } else {
+                prop_assert!(slow.is_err() || fields.iter().filter(|&&b| b.is_ascii_digit()).count() >= 20);
+            }
+        }
+    }
+
+    proptest! {
+        /// Whenever the expected-key reading answers, it answers as `parse_reply` does; and
+        /// it answers for every complete, well-formed hit of that key.
+        #[test]
+        fn value_of_agrees(
+            prefix in "[a-z:]{0,3}",
+            key in "[a-zA-Z0-9:_]{1,12}",
+            wire_key in prop_oneof!["[a-zA-Z0-9:_]{1,12}", Just(String::new())],
+            flags in any::<u32>(),
+            len in 0usize..6,
+            cas in prop::option::of(any::<u64>()),
+            tail in prop::collection::vec(prop::sample::select(b"0 \r\nx".to_vec()), 0..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            // The key on the wire: the expected one, or another.
+            let on_wire = if wire_key.is_empty() { format!("{prefix}{key}") } else { wire_key };
+            let mut wire = format!("VALUE {on_wire} {flags} {len}").into_bytes();
+            if let Some(c) = cas {
+                wire.extend_from_slice(format!(" {c}").as_bytes());
+            }
+            wire.extend_from_slice(&tail);
+            wire.extend_from_slice(b"\r\n");
+            wire.extend(std::iter::repeat(b'd').take(len));
+            wire.extend_from_slice(b"\r\nEND\r\n");
+            let wire = &wire[..cut.index(wire.len() + 1)];
+            let fast = parse_value_of(wire, prefix.as_bytes(), key.as_bytes(), &lim());
+            if let Some(r) = fast {
+                prop_assert_eq!(r, parse_reply(wire, &lim()));
+            } else if tail.is_empty()
+                && on_wire == format!("{prefix}{key}")
+                && cas.map_or(true, |c| c < 10u64.pow(19))
+            {
+                // Declined only while the header line is incomplete (or for a 20-digit cas).
+                prop_assert_eq!(parse_reply(wire, &lim()), Ok(Status::Partial));
+            }
+        }
+
         #[test]
         fn round_trip(replies in prop::collection::vec(reply_strategy(), 1..8), cut in any::<prop::sample::Index>()) {
             let mut wire = Vec::new();
