@@ -588,6 +588,7 @@ fn value_header(fields: &[u8]) -> Option<ValueHeader<'_>> {
 
 /// The decimal number of 1 to 19 digits at `from` (19 digits cannot overflow a u64), and
 /// where it ends.
+#[inline(always)]
 fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
     let mut n = 0u64;
     let mut p = from;
@@ -606,6 +607,7 @@ fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
 
 /// The data block after a `VALUE` line of `line_len` bytes: the size limit is checked before
 /// anything is buffered, and the block must end with `\r\n`.
+#[inline(always)]
 fn value_data<'a>(
     buf: &'a [u8],
     h: ValueHeader<'a>,
