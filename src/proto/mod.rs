@@ -136,6 +136,7 @@ pub struct Key<'a> {
 impl<'a> Key<'a> {
     /// Validates `bytes` as a key (protocol.txt, "Keys": at most 250 characters, no control
     /// characters or whitespace).
+    #[inline]
     pub fn new(bytes: &'a [u8]) -> Result<Key<'a>, KeyError> {
         if bytes.is_empty() {
             return Err(KeyError::Empty);
