@@ -171,6 +171,15 @@ fn killed_server_fails_fast_after_ejection_others_unaffected(p: Protocol) {
     let counters = c.server_counters();
     assert_eq!(counters[1].1.ejections, 1);
     assert_eq!(counters[1].1.errors, 2);
+    // A bad key anywhere fails the whole call before any server is asked anything.
+    let mut with_bad = keys.clone();
+    with_bad.push("k".repeat(251));
+    let before = format!("{:?}", c.server_counters());
+    assert!(matches!(
+        c.get_multi(&with_bad, |_, _| panic!("nothing is sent")),
+        Err(Error::InvalidKey(mcstore::KeyError::TooLong(251)))
+    ));
+    assert_eq!(format!("{:?}", c.server_counters()), before);
 }
 
 fn killed_server_keys_move_when_remove_failed_servers_is_on(p: Protocol) {

@@ -67,16 +67,7 @@ impl Client {
         key_at: impl Fn(usize) -> &'k [u8],
         kb: &mut Vec<u8>,
     ) -> Result<Plan> {
-        // Validate everything before touching any connection.
         let meta = self.protocol == Protocol::Meta;
-        for j in 0..n {
-            let user = key_at(j);
-            // The common case without building the wire key; the rest (namespace too long,
-            // binary keys over meta, errors) as every call does.
-            if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
-                wire_key(&self.namespace, user, meta, kb)?;
-            }
-        }
         self.health.maybe_rejoin(&mut self.ring);
         let mut plan = std::mem::take(&mut self.spare.plan);
         plan.server_of.clear();
@@ -84,8 +75,19 @@ impl Client {
         plan.shares.clear();
         plan.shares.resize_with(self.labels.len(), Share::default);
         plan.retrieval = false;
+        // One pass: validate each key and pick its server. No connection is touched until
+        // every key has passed.
+        let mut no_servers = false;
         for j in 0..n {
             let user = key_at(j);
+            // The common case without building the wire key; the rest (namespace too long,
+            // binary keys over meta, errors) as every call does.
+            if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
+                if let Err(e) = wire_key(&self.namespace, user, meta, kb) {
+                    self.spare.plan = plan;
+                    return Err(e);
+                }
+            }
             let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
                 kb.clear();
                 kb.extend_from_slice(&self.namespace);
@@ -94,24 +96,35 @@ impl Client {
             } else {
                 user
             };
-            let Some(i) = self.ring.pick(hashed) else {
-                return Err(Error::NoServers);
-            };
-            let share = &mut plan.shares[i];
-            if share.keys == 0 {
-                // First key for this server: is it up? Then connect and start its request.
-                if let Err(e) = self.check_up(i) {
-                    share.error = Some(e);
-                } else if let Err(e) = self.start(i) {
-                    share.error = Some(e);
+            match self.ring.pick(hashed) {
+                Some(i) => {
+                    plan.shares[i].keys += 1;
+                    plan.server_of.push(i as u32);
+                }
+                // Keep validating: a bad key is reported before a missing server.
+                None => no_servers = true,
+            }
+        }
+        if no_servers {
+            self.spare.plan = plan;
+            return Err(Error::NoServers);
+        }
+        // Each server with keys: is it up? Then connect and start its request.
+        let mut failed = false;
+        for i in 0..plan.shares.len() {
+            if plan.shares[i].keys > 0 {
+                if let Err(e) = self.check_up(i).and_then(|()| self.start(i).map(drop)) {
+                    plan.shares[i].error = Some(e);
+                    failed = true;
                 }
             }
-            share.keys += 1;
-            plan.server_of.push(if share.error.is_some() {
-                NO_SERVER
-            } else {
-                i as u32
-            });
+        }
+        if failed {
+            for s in plan.server_of.iter_mut() {
+                if plan.shares[*s as usize].error.is_some() {
+                    *s = NO_SERVER;
+                }
+            }
         }
         Ok(plan)
     }
