@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::proto::binary::{self, Opcode};
 use crate::proto::meta::{self, Code, Reply};
 use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
-use crate::proto::{Key, ParseError, Status, MAX_KEY_LEN};
+use crate::proto::{short_eq, Key, ParseError, Status, MAX_KEY_LEN};
 
 /// memcached reads a command line into a bounded buffer; long multi-gets are split into lines
 /// of this many keys, all written before any reply is read.
@@ -309,7 +309,7 @@ impl Client {
                             return Err(ParseError::Unexpected);
                         }
                         share.cursor += 1;
-                        if plan.server_of[j] == i as u32 && keys[j].as_ref() == user {
+                        if plan.server_of[j] == i as u32 && short_eq(keys[j].as_ref(), user) {
                             break;
                         }
                     }
@@ -631,7 +631,7 @@ impl Client {
                 return Ok(Status::Complete((n, false)));
             }
             let user = p.key.strip_prefix(&ns[..]).ok_or(ParseError::Unexpected)?;
-            if user != keys[j].as_ref() {
+            if !short_eq(user, keys[j].as_ref()) {
                 return Err(ParseError::Unexpected);
             }
             share.hits += 1;

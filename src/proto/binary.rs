@@ -280,15 +280,17 @@ fn header(
     opaque: u32,
     cas: u64,
 ) {
-    out.push(REQUEST);
-    out.push(op.0);
-    out.extend_from_slice(&(keylen as u16).to_be_bytes());
-    out.push(extlen as u8);
-    out.push(0); // data type: raw
-    out.extend_from_slice(&[0, 0]); // vbucket
-    out.extend_from_slice(&((extlen + keylen + value_len) as u32).to_be_bytes());
-    out.extend_from_slice(&opaque.to_be_bytes());
-    out.extend_from_slice(&cas.to_be_bytes());
+    // Built on the stack and appended at once: one capacity check instead of ten.
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = REQUEST;
+    h[1] = op.0;
+    h[2..4].copy_from_slice(&(keylen as u16).to_be_bytes());
+    h[4] = extlen as u8;
+    // h[5]: data type raw; h[6..8]: vbucket 0.
+    h[8..12].copy_from_slice(&((extlen + keylen + value_len) as u32).to_be_bytes());
+    h[12..16].copy_from_slice(&opaque.to_be_bytes());
+    h[16..24].copy_from_slice(&cas.to_be_bytes());
+    out.extend_from_slice(&h);
 }
 
 /// Encodes a request with no value: header, `extras`, key.
@@ -326,7 +328,9 @@ pub fn encode_prefixed(
         0,
     );
     out.extend_from_slice(extras);
-    out.extend_from_slice(prefix);
+    if !prefix.is_empty() {
+        out.extend_from_slice(prefix);
+    }
     out.extend_from_slice(key.as_bytes());
 }
 
