@@ -327,7 +327,17 @@ impl ReplyParser for MetaParser {
         buf: &'a [u8],
         limits: &Limits,
     ) -> Result<Status<(usize, Self::Reply<'a>)>, crate::proto::ParseError> {
-        crate::proto::meta::parse_reply(buf, limits)
+        use crate::proto::meta;
+        let general = meta::parse_reply(buf, limits);
+        // The multi-get's plain-hit reading must agree wherever it answers.
+        if let Some(fast) = meta::parse_hit(buf, limits) {
+            assert_eq!(
+                Some(fast),
+                meta::as_plain_hit(&general),
+                "parse_hit disagrees with parse_reply"
+            );
+        }
+        general
     }
     fn check(input: &[u8], r: &Self::Reply<'_>, limits: &Limits) {
         use crate::proto::meta::{self, Reply};

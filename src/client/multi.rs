@@ -43,6 +43,8 @@ struct Plan {
     shares: Vec<Share>,
     /// A retrieval: count each healthy server's hits and misses.
     retrieval: bool,
+    /// No namespace and every key a valid text key: each goes on the wire as given.
+    plain: bool,
 }
 
 /// What one multi-key call leaves for the next, so that a warm call allocates nothing.
@@ -75,6 +77,7 @@ impl Client {
         plan.shares.clear();
         plan.shares.resize_with(self.labels.len(), Share::default);
         plan.retrieval = false;
+        plan.plain = self.namespace.is_empty();
         // One pass: validate each key and pick its server. No connection is touched until
         // every key has passed.
         let mut no_servers = false;
@@ -87,6 +90,7 @@ impl Client {
                     self.spare.plan = plan;
                     return Err(e);
                 }
+                plan.plain = false; // a binary key over meta: base64 on the wire
             }
             let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
                 kb.clear();
@@ -414,7 +418,7 @@ impl Client {
                 let i = plan.server_of[j];
                 if i != NO_SERVER {
                     let v = v.as_ref();
-                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
                         binary::encode_store(
                             w,
                             Opcode::SETQ,
@@ -443,7 +447,7 @@ impl Client {
                         opaque: Some(j as u32),
                         ..meta::SetFlags::default()
                     };
-                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
                         meta::encode_set(w, key, v.len(), &f);
                         w.extend_from_slice(v);
                         w.extend_from_slice(DATA_TRAILER);
@@ -491,7 +495,7 @@ impl Client {
             for (j, k) in keys.iter().enumerate() {
                 let i = plan.server_of[j];
                 if i != NO_SERVER {
-                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
                         binary::encode_simple(w, Opcode::DELETEQ, Some(key), &[], j as u32, 0);
                     });
                 }
@@ -507,7 +511,7 @@ impl Client {
                         opaque: Some(j as u32),
                         ..meta::DeleteFlags::default()
                     };
-                    self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
                         meta::encode_delete(w, key, &f);
                     });
                 }
@@ -570,7 +574,18 @@ fn batch_packet<'a>(
 impl Client {
     /// Encodes one keyed request (binary or meta) for the (validated) user key `k` with the
     /// namespace.
-    fn encode_keyed(&mut self, i: usize, k: &[u8], encode: impl FnOnce(&mut Vec<u8>, Key<'_>)) {
+    fn encode_keyed(
+        &mut self,
+        plain: bool,
+        i: usize,
+        k: &[u8],
+        encode: impl FnOnce(&mut Vec<u8>, Key<'_>),
+    ) {
+        if plain {
+            // No namespace, and plan() found every key a valid text key.
+            encode(self.driver.wbuf(i), Key::trusted(k));
+            return;
+        }
         let mut kb = std::mem::take(&mut self.keybuf);
         let meta = self.protocol == Protocol::Meta;
         let (key, _) = wire_key(&self.namespace, k, meta, &mut kb).expect("validated by plan()");
@@ -764,7 +779,7 @@ impl Client {
                     opaque: Some(j as u32),
                     ..meta::GetFlags::default()
                 };
-                self.encode_keyed(i as usize, k.as_ref(), |w, key| {
+                self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
                     meta::encode_get(w, key, &f)
                 });
             }
@@ -774,21 +789,28 @@ impl Client {
         let mut closed = Vec::new();
         let result = self.run_plan(&mut plan, |plan, i, buf| {
             let share = &mut plan.shares[i];
-            let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
-                MetaBatch::Step(s) => return Ok(s),
-                MetaBatch::Reply(n, m) => (n, m),
+            // Most replies are plain hits: read without the general parser's flag table.
+            let (n, hit) = match meta::parse_hit(buf, &limits) {
+                Some(r) => match r? {
+                    Status::Complete(c) => c,
+                    Status::Partial => return Ok(Status::Partial),
+                },
+                None => {
+                    let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
+                        MetaBatch::Step(s) => return Ok(s),
+                        MetaBatch::Reply(n, m) => (n, m),
+                    };
+                    (n, m.hit().ok_or(ParseError::Unexpected)?)
+                }
             };
-            if m.code != Code::Value {
-                return Err(ParseError::Unexpected);
-            }
-            let j = meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
+            let j = meta_item(hit.opaque, &plan.server_of, share, i)?;
             share.hits += 1;
             found(
                 keys[j].as_ref(),
                 ItemRef {
-                    value: m.data.unwrap_or_default(),
-                    flags: m.flags.client_flags.unwrap_or(0),
-                    cas: if with_cas { m.flags.cas } else { None },
+                    value: hit.data,
+                    flags: hit.client_flags.unwrap_or(0),
+                    cas: if with_cas { hit.cas } else { None },
                 },
             );
             Ok(Status::Complete((n, false)))

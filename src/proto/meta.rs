@@ -28,7 +28,7 @@
 //! ```
 
 use super::text::{split_word, take_line};
-use super::{parse_u64, put_u64, Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
+use super::{digits, parse_u64, put_u64, Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
 
 pub use super::text::DATA_TRAILER;
 
@@ -620,6 +620,123 @@ fn parse_flags(mut rest: &[u8]) -> Result<ReturnFlags<'_>, ParseError> {
     Ok(f)
 }
 
+/// A `VA` reply carrying only the flags a multi-get asks for, read by [`parse_hit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit<'a> {
+    /// The data block.
+    pub data: &'a [u8],
+    /// `f<flags>`.
+    pub client_flags: Option<u32>,
+    /// `c<cas>`.
+    pub cas: Option<u64>,
+    /// `O<opaque>`, a decimal number.
+    pub opaque: Option<u32>,
+}
+
+/// Parses the next reply unit if it is a `VA` whose flags are only numeric `c`, `f` and `O`
+/// (what a multi-get asks for: `mg <key> v f [c] q O<n>`); `None` for anything else (other
+/// codes or flags, a line not all here yet, any unusual spelling), and the caller then calls
+/// [`parse_reply`]. Whenever this returns `Some`, [`parse_reply`] returns the same reply (with
+/// every other flag unset). It skips the general reply's line search, code match and flag
+/// table: the per-item hot path of a meta multi-get.
+///
+/// ```
+/// use mcstore::proto::{Limits, Status, meta::{parse_hit, Hit}};
+/// let r = parse_hit(b"VA 2 f5 O17\r\nhi\r\n", &Limits::default()).unwrap().unwrap();
+/// assert_eq!(r, Status::Complete((17, Hit { data: b"hi", client_flags: Some(5), cas: None, opaque: Some(17) })));
+/// assert!(parse_hit(b"VA 2 f5 W\r\nhi\r\n", &Limits::default()).is_none());
+/// ```
+pub fn parse_hit<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Option<Result<Status<(usize, Hit<'a>)>, ParseError>> {
+    if buf.get(..3)? != b"VA " {
+        return None;
+    }
+    let (len, mut p) = digits(buf, 3)?;
+    let (mut client_flags, mut cas, mut opaque) = (None, None, None);
+    loop {
+        match *buf.get(p)? {
+            b'\r' => break,
+            b' ' => {}
+            _ => return None,
+        }
+        let letter = *buf.get(p + 1)?;
+        let (n, end) = digits(buf, p + 2)?;
+        match letter {
+            b'f' => client_flags = Some(u32::try_from(n).ok()?),
+            b'c' => cas = Some(n),
+            b'O' => opaque = Some(u32::try_from(n).ok()?),
+            _ => return None,
+        }
+        p = end;
+        if p > super::text::MAX_LINE {
+            return None; // the general parser names this error
+        }
+    }
+    if *buf.get(p + 1)? != b'\n' {
+        return None;
+    }
+    let line_len = p + 2;
+    if len > limits.max_value as u64 {
+        return Some(Err(ParseError::ValueTooLarge(len)));
+    }
+    let data_end = line_len.checked_add(len as usize)?;
+    let total = data_end.checked_add(DATA_TRAILER.len())?;
+    if buf.len() < total {
+        return Some(Ok(Status::Partial));
+    }
+    if &buf[data_end..total] != DATA_TRAILER {
+        return Some(Err(ParseError::BadDataTerminator));
+    }
+    let hit = Hit {
+        data: &buf[line_len..data_end],
+        client_flags,
+        cas,
+        opaque,
+    };
+    Some(Ok(Status::Complete((total, hit))))
+}
+
+impl<'a> Meta<'a> {
+    /// This reply as a [`Hit`] if it is a `VA` (flags other than `c`, `f`, `O` ignored; an
+    /// opaque that is not a decimal u32 reads as none).
+    pub fn hit(&self) -> Option<Hit<'a>> {
+        Some(Hit {
+            data: self.data.filter(|_| self.code == Code::Value)?,
+            client_flags: self.flags.client_flags,
+            cas: self.flags.cas,
+            opaque: self.flags.opaque_u32(),
+        })
+    }
+}
+
+/// `parse_reply`'s result in [`parse_hit`]'s terms, or `None` where `parse_hit` must not
+/// answer (not a `VA`, other flags, an opaque that is not a u32): what the two are checked
+/// against each other with (tests, fuzzing).
+pub(crate) fn as_plain_hit<'a>(
+    r: &Result<Status<(usize, Reply<'a>)>, ParseError>,
+) -> Option<Result<Status<(usize, Hit<'a>)>, ParseError>> {
+    Some(match r {
+        Err(e) => Err(*e),
+        Ok(Status::Partial) => Ok(Status::Partial),
+        Ok(Status::Complete((n, Reply::Meta(m)))) => {
+            let f = m.flags;
+            let others = ReturnFlags {
+                cas: None,
+                client_flags: None,
+                opaque: None,
+                ..f
+            };
+            if others != ReturnFlags::default() || f.opaque.is_some() != f.opaque_u32().is_some() {
+                return None;
+            }
+            Ok(Status::Complete((*n, m.hit()?)))
+        }
+        Ok(Status::Complete(_)) => return None,
+    })
+}
+
 /// Parses one meta reply unit from the start of `buf`: `Partial` until it has all arrived,
 /// then `Complete((consumed, reply))`. A `VA` claiming more than `limits.max_value` bytes is
 /// refused from its header line, before any of the data is buffered; the data block is
@@ -1012,6 +1129,51 @@ mod tests {
     }
 
     proptest! {
+        // Most generated lines are not plain hits: enough cases for many that are.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whenever the hit reading answers, `parse_reply` says the same; and it answers for
+        /// every complete plain hit.
+        #[test]
+        fn parse_hit_agrees(
+            len in prop_oneof![3 => 0usize..6, 1 => Just(5000usize)],
+            tokens in prop::collection::vec(
+                (prop::sample::select(b"fffcOOtWk".to_vec()),
+                 prop_oneof![
+                     4 => "[0-9]{1,4}",
+                     1 => "[0-9]{19,21}",
+                     1 => "[0-9x-]{0,3}",
+                 ]),
+                0..4),
+            sep in prop::sample::select(vec![" ", " ", " ", "  "]),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut wire = format!("VA {len}").into_bytes();
+            for (letter, value) in &tokens {
+                wire.extend_from_slice(sep.as_bytes());
+                wire.push(*letter);
+                wire.extend_from_slice(value.as_bytes());
+            }
+            wire.extend_from_slice(b"\r\n");
+            wire.extend(std::iter::repeat(b'd').take(len));
+            wire.extend_from_slice(b"\r\nMN\r\n");
+            let wire = &wire[..cut.index(wire.len() + 1)];
+            let limits = Limits { max_value: 4096 };
+            if let Some(fast) = parse_hit(wire, &limits) {
+                prop_assert_eq!(Some(fast), as_plain_hit(&parse_reply(wire, &limits)));
+            } else if let Some(Ok(Status::Complete(_))) = as_plain_hit(&parse_reply(wire, &limits)) {
+                // Declined a complete plain hit: only one the fast path leaves to the general
+                // parser (a number of 20 digits or more, an `f`/`O` beyond u32 or empty that
+                // a later one of the same letter replaces).
+                let simple = tokens.iter().all(|(l, v)| {
+                    (1..=19).contains(&v.len())
+                        && v.bytes().all(|b| b.is_ascii_digit())
+                        && (*l == b'c' || v.parse::<u64>().is_ok_and(|n| n <= u64::from(u32::MAX)))
+                });
+                prop_assert!(!simple);
+            }
+        }
+
         #[test]
         fn reply_round_trip(
             (flags, k, o) in arb_flags(),

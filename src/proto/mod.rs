@@ -278,6 +278,25 @@ pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
     word(a, n - 8) == word(b, n - 8)
 }
 
+/// The decimal number of 1 to 19 digits at `from` (19 digits cannot overflow a u64), and
+/// where it ends.
+#[inline(always)]
+pub(crate) fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
+    let mut n = 0u64;
+    let mut p = from;
+    while let Some(&d) = b.get(p) {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        if p - from == 19 {
+            return None;
+        }
+        n = n * 10 + u64::from(d - b'0');
+        p += 1;
+    }
+    (p > from).then_some((n, p))
+}
+
 /// Appends the decimal form of `n` to `out` without going through `fmt`.
 pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut tmp = [0u8; 20];

@@ -18,7 +18,7 @@
 //! assert_eq!(parse_reply(&input[used..], &Limits::default()).unwrap(), Status::Complete((5, Response::End)));
 //! ```
 
-use super::{parse_u64, put_u64, short_eq, Key, Limits, ParseError, Status};
+use super::{digits, parse_u64, put_u64, short_eq, Key, Limits, ParseError, Status};
 
 /// Longest reply line accepted (without its `\r\n`). The longest valid one is a `VALUE` line:
 /// `VALUE ` + 250-byte key + flags + length + cas, about 320 bytes; `STAT` lines of
@@ -504,7 +504,7 @@ fn parse_value<'a>(
 /// use mcstore::proto::{Limits, Status, text::{parse_value_of, Response}};
 /// let input = b"VALUE ns:k 5 3\r\nabc\r\nEND\r\n";
 /// let r = parse_value_of(input, b"ns:", b"k", &Limits::default()).unwrap().unwrap();
-/// assert_eq!(r, Status::Complete((20, Response::Value { key: b"ns:k", flags: 5, cas: None, data: b"abc" })));
+/// assert_eq!(r, Status::Complete((21, Response::Value { key: b"ns:k", flags: 5, cas: None, data: b"abc" })));
 /// assert!(parse_value_of(input, b"ns:", b"other", &Limits::default()).is_none());
 /// ```
 pub fn parse_value_of<'a>(
@@ -584,25 +584,6 @@ fn value_header(fields: &[u8]) -> Option<ValueHeader<'_>> {
         len,
         cas,
     })
-}
-
-/// The decimal number of 1 to 19 digits at `from` (19 digits cannot overflow a u64), and
-/// where it ends.
-#[inline(always)]
-fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
-    let mut n = 0u64;
-    let mut p = from;
-    while let Some(&d) = b.get(p) {
-        if !d.is_ascii_digit() {
-            break;
-        }
-        if p - from == 19 {
-            return None;
-        }
-        n = n * 10 + u64::from(d - b'0');
-        p += 1;
-    }
-    (p > from).then_some((n, p))
 }
 
 /// The data block after a `VALUE` line of `line_len` bytes: the size limit is checked before
