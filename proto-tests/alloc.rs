@@ -77,27 +77,18 @@ fn pipelined_sets(c: &mut mcstore::Client, value: &[u8]) -> usize {
     n
 }
 
-fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
-    results.push((name.to_string(), n));
-}
-
-fn main() {
-    let mc = Memcached::start();
-    let mut c = mc.client();
-    let value = vec![b'v'; 100];
+/// The single-server checks, on one client (one protocol); names get `label` in front.
+fn one_server(
+    c: &mut mcstore::Client,
+    label: &str,
+    value: &[u8],
+    hundred: &[String],
+    results: &mut Vec<(String, usize)>,
+) {
     let mut buf = Vec::with_capacity(4096);
-    c.set(b"hit", &value, SetOptions::default()).unwrap();
+    c.set(b"hit", value, SetOptions::default()).unwrap();
     c.set(b"n", b"0", SetOptions::default()).unwrap();
-
-    let mut results: Vec<(String, usize)> = Vec::new();
-    let mut run = |name: &str, n: usize| results.push((name.to_string(), n));
-
-    run(
-        "negative control (Vec::with_capacity(16))",
-        count(|| {
-            black_box(Vec::<u8>::with_capacity(16));
-        }),
-    );
+    let mut run = |op: &str, n: usize| results.push((format!("{label}{op}"), n));
     run(
         "get_into (hit)",
         count(|| assert!(c.get_into(b"hit", &mut buf).unwrap().is_some())),
@@ -108,7 +99,7 @@ fn main() {
     );
     run(
         "set",
-        count(|| c.set(b"k", &value, SetOptions::default()).unwrap()),
+        count(|| c.set(b"k", value, SetOptions::default()).unwrap()),
     );
     run(
         "delete",
@@ -121,17 +112,15 @@ fn main() {
         count(|| assert!(c.incr(b"n", 1).unwrap().is_some())),
     );
     run("touch", count(|| assert!(c.touch(b"hit", 0).unwrap())));
-
-    // Multi-key calls reuse the previous call's plan; pipelined noreply sets reuse the
-    // write buffer (warmed past one flush first, since it grows up to the flush size).
-    let hundred: Vec<String> = (0..100).map(|i| format!("m-{i}")).collect();
-    let items: Vec<(&str, &[u8])> = hundred.iter().map(|k| (k.as_str(), &value[..])).collect();
+    // Multi-key calls reuse the previous call's plan; pipelined sets reuse the write buffer
+    // (warmed past one flush first, since it grows up to the flush size).
+    let items: Vec<(&str, &[u8])> = hundred.iter().map(|k| (k.as_str(), value)).collect();
     c.set_multi(&items, SetOptions::default()).unwrap();
     run(
         "get_multi (100 keys)",
         count(|| {
             let mut n = 0;
-            c.get_multi(&hundred, |_, _| n += 1).unwrap();
+            c.get_multi(hundred, |_, _| n += 1).unwrap();
             assert_eq!(n, 100);
         }),
     );
@@ -139,9 +128,27 @@ fn main() {
         "set_multi (100 items)",
         count(|| assert_eq!(c.set_multi(&items, SetOptions::default()).unwrap(), 100)),
     );
+    run("pipelined set, per set", pipelined_sets(c, value));
+}
+
+fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
+    results.push((name.to_string(), n));
+}
+
+fn main() {
+    let mc = Memcached::start();
+    let value = vec![b'v'; 100];
+    let mut buf = Vec::with_capacity(4096);
+    let hundred: Vec<String> = (0..100).map(|i| format!("m-{i}")).collect();
+
+    let mut results: Vec<(String, usize)> = Vec::new();
+    let mut run = |name: &str, n: usize| results.push((name.to_string(), n));
+
     run(
-        "pipelined set (noreply), per set",
-        pipelined_sets(&mut c, &value),
+        "negative control (Vec::with_capacity(16))",
+        count(|| {
+            black_box(Vec::<u8>::with_capacity(16));
+        }),
     );
 
     // Three servers, ketama: routing adds no allocation either.
@@ -201,53 +208,18 @@ fn main() {
         count(|| assert_eq!(multi.delete_multi(&hundred).unwrap(), 0)),
     );
 
-    // The binary and meta protocols, same operations.
-    for (p, name) in [
-        (mcstore::Protocol::Binary, "binary"),
-        (mcstore::Protocol::Meta, "meta"),
+    // Every protocol, one server: the same operations.
+    for (p, label) in [
+        (mcstore::Protocol::Text, ""),
+        (mcstore::Protocol::Binary, "binary "),
+        (mcstore::Protocol::Meta, "meta "),
     ] {
-        let mut pc = mc.client_with(p);
-        pc.set(b"hit", &value, SetOptions::default()).unwrap();
-        pc.set(b"n", b"0", SetOptions::default()).unwrap();
-        let mut run = |op: &str, n: usize| results.push((format!("{name} {op}"), n));
-        run(
-            "get_into (hit)",
-            count(|| assert!(pc.get_into(b"hit", &mut buf).unwrap().is_some())),
-        );
-        run(
-            "get_into (miss)",
-            count(|| assert!(pc.get_into(b"miss", &mut buf).unwrap().is_none())),
-        );
-        run(
-            "set",
-            count(|| pc.set(b"k", &value, SetOptions::default()).unwrap()),
-        );
-        run(
-            "delete",
-            count(|| {
-                pc.delete(b"k").unwrap();
-            }),
-        );
-        run(
-            "incr",
-            count(|| assert!(pc.incr(b"n", 1).unwrap().is_some())),
-        );
-        run("touch", count(|| assert!(pc.touch(b"hit", 0).unwrap())));
-        run(
-            "get_multi (100 keys)",
-            count(|| {
-                let mut n = 0;
-                pc.get_multi(&hundred, |_, _| n += 1).unwrap();
-                assert_eq!(n, 100);
-            }),
-        );
-        run(
-            "set_multi (100 items)",
-            count(|| assert_eq!(pc.set_multi(&items, SetOptions::default()).unwrap(), 100)),
-        );
-        run(
-            "pipelined set (quiet), per set",
-            pipelined_sets(&mut pc, &value),
+        one_server(
+            &mut mc.client_with(p),
+            label,
+            &value,
+            &hundred,
+            &mut results,
         );
     }
     // Meta only: a binary key (base64-encoded on the way out) and a lease-style get.
