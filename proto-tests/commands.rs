@@ -334,7 +334,11 @@ fn version_verbosity_stats(p: Protocol) {
         c.verbosity(0).unwrap();
     } else {
         // memcached does not implement binary Verbosity; refused without sending anything.
-        assert!(matches!(c.verbosity(1), Err(Error::Config(_))));
+        assert!(matches!(c.verbosity(1), Err(Error::Unsupported { .. })));
+        assert_eq!(
+            c.verbosity(1).unwrap_err().kind(),
+            mcstore::ErrorKind::Unsupported
+        );
     }
     c.set(b"k", b"v", opts()).unwrap();
     let general = c.stats(None).unwrap();

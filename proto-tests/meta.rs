@@ -322,12 +322,15 @@ fn meta_only_calls_are_refused_on_other_protocols() {
         let mut buf = Vec::new();
         assert!(matches!(
             c.meta_get(b"k", MetaGetOptions::default(), &mut buf),
-            Err(Error::Config(_))
+            Err(Error::Unsupported { .. })
         ));
-        assert!(matches!(c.invalidate(b"k", None), Err(Error::Config(_))));
+        assert!(matches!(
+            c.invalidate(b"k", None),
+            Err(Error::Unsupported { .. })
+        ));
         assert!(matches!(
             c.meta_set(b"k", b"v", MetaSetOptions::default()),
-            Err(Error::Config(_))
+            Err(Error::Unsupported { .. })
         ));
         // Binary keys stay refused where they cannot be sent safely.
         assert!(matches!(

@@ -30,27 +30,26 @@
 //! delays a multi-key call by at most one I/O timeout; the multi-key call still delivers the
 //! healthy servers' results and reports the failed servers in its error.
 
-mod binary_proto;
 mod builder;
 mod health;
-mod meta_proto;
+mod meta_api;
 mod multi;
 mod pipeline;
 mod pool;
+mod session;
 
-pub use builder::{ClientBuilder, Protocol};
+pub use crate::proto::{Protocol, SetOutcome, StoreMode};
+pub use builder::ClientBuilder;
 pub use health::ServerCounters;
-pub use meta_proto::{
-    Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult, SetOutcome,
-};
+pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::proto::binary::{self, Opcode};
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
-use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
+use crate::proto::text;
+use crate::proto::wire::{Capability, Cmd, Expect, GetOpts, Outcome, Refusal, StoreOpts};
 use crate::proto::{Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
 use health::Health;
@@ -116,34 +115,6 @@ impl SetOptions {
     }
 }
 
-/// The storage commands, for [`Client::store`] and the noreply/pipelined forms.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum StoreMode {
-    /// Store unconditionally.
-    #[default]
-    Set,
-    /// Store only if absent.
-    Add,
-    /// Store only if present.
-    Replace,
-    /// Append to the existing value (ttl and flags are ignored by the server).
-    Append,
-    /// Prepend to the existing value (ttl and flags are ignored by the server).
-    Prepend,
-}
-
-impl StoreMode {
-    fn wire(self) -> Storage {
-        match self {
-            StoreMode::Set => Storage::Set,
-            StoreMode::Add => Storage::Add,
-            StoreMode::Replace => Storage::Replace,
-            StoreMode::Append => Storage::Append,
-            StoreMode::Prepend => Storage::Prepend,
-        }
-    }
-}
-
 /// The outcome of a [`Client::cas`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CasResult {
@@ -199,7 +170,8 @@ pub struct Client {
     /// Shared, so a multi-key call can hold them while it runs without copying the strings.
     labels: std::sync::Arc<[String]>,
     health: Health,
-    namespace: Vec<u8>,
+    /// Shared, like the labels: a multi-key call holds it while the caller's callback runs.
+    namespace: std::sync::Arc<[u8]>,
     hash_with_namespace: bool,
     /// Scratch space for a namespaced key, reused.
     keybuf: Vec<u8>,
@@ -213,59 +185,14 @@ pub struct Client {
     spare: multi::Spare,
 }
 
-/// What a reply closure decided about one reply unit.
-enum Step<T> {
-    More,
-    Done(T),
-}
-
-/// A line-based protocol (text or meta): its reply parser and its error lines.
-trait Lines {
-    type Reply<'a>;
-    fn parse<'a>(
-        buf: &'a [u8],
-        limits: &Limits,
-    ) -> Result<Status<(usize, Self::Reply<'a>)>, ParseError>;
-    /// The error an error line stands for, and whether it is a `SERVER_ERROR`.
-    fn error(reply: &Self::Reply<'_>) -> Option<(Error, bool)>;
-}
-
-struct TextLines;
-
-impl Lines for TextLines {
-    type Reply<'a> = Response<'a>;
-    fn parse<'a>(
-        buf: &'a [u8],
-        limits: &Limits,
-    ) -> Result<Status<(usize, Response<'a>)>, ParseError> {
-        text::parse_reply(buf, limits)
-    }
-    fn error(r: &Response<'_>) -> Option<(Error, bool)> {
-        server_error(r).map(|e| (e, matches!(r, Response::ServerError(_))))
-    }
-}
-
-fn server_error(resp: &Response<'_>) -> Option<Error> {
-    let (kind, msg) = match *resp {
-        Response::Error(m) => (ServerErrorKind::UnknownCommand, m),
-        Response::ClientError(m) => (ServerErrorKind::Client, m),
-        Response::ServerError(m) => (ServerErrorKind::Server, m),
-        _ => return None,
-    };
-    Some(Error::Server {
-        kind,
-        message: String::from_utf8_lossy(msg).into_owned(),
-    })
-}
-
 /// The wire form of a user key: `namespace + key`, validated for the protocol, and the raw
-/// namespaced bytes (what is hashed with `hash_with_namespace`). Over meta, a key that is not
-/// a valid text key is sent base64-encoded with the `b` flag (notes §6), so it may hold any
-/// bytes, up to 186 of them with the namespace.
+/// namespaced bytes (what is hashed with `hash_with_namespace`). With `binary_keys` (meta), a
+/// key that is not a valid text key is sent base64-encoded with the `b` flag (notes §6), so it
+/// may hold any bytes, up to 186 of them with the namespace.
 fn wire_key<'b>(
     namespace: &[u8],
     user: &'b [u8],
-    meta: bool,
+    binary_keys: bool,
     buf: &'b mut Vec<u8>,
 ) -> Result<(Key<'b>, &'b [u8])> {
     // One validation of the user key: the namespace was validated when the client was built,
@@ -273,7 +200,7 @@ fn wire_key<'b>(
     let binary = match Key::new(user) {
         Ok(k) if namespace.is_empty() => return Ok((k, user)),
         Ok(_) => false,
-        Err(KeyError::BadByte { .. }) if meta => true,
+        Err(KeyError::BadByte { .. }) if binary_keys => true,
         Err(e) => return Err(e.into()),
     };
     let len = namespace.len() + user.len();
@@ -289,13 +216,36 @@ fn wire_key<'b>(
     if !binary {
         return Ok((Key::trusted(buf), buf));
     }
-    // Over meta, a key with whitespace or control bytes goes base64 with the `b` flag.
     let raw_len = buf.len();
     let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
     tmp[..raw_len].copy_from_slice(buf);
     meta::encode_base64(buf, &tmp[..raw_len]);
     let (raw, token) = buf.split_at(raw_len);
     Ok((Key::base64_token(token), raw))
+}
+
+/// The crate error for an error reply from server `server`.
+fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
+    let message = String::from_utf8_lossy(message).into_owned();
+    let kind = match refusal {
+        Refusal::Auth => {
+            return Error::Auth {
+                server: server.to_string(),
+                message,
+            }
+        }
+        Refusal::UnknownCommand => ServerErrorKind::UnknownCommand,
+        Refusal::Client => ServerErrorKind::Client,
+        Refusal::Server => ServerErrorKind::Server,
+    };
+    Error::Server { kind, message }
+}
+
+/// An error reply seen during an exchange, kept until the exchange has returned.
+struct Refused {
+    refusal: Refusal,
+    message: Vec<u8>,
+    close: bool,
 }
 
 impl Client {
@@ -312,6 +262,16 @@ impl Client {
     /// The wire protocol this client speaks.
     pub fn protocol(&self) -> Protocol {
         self.protocol
+    }
+
+    /// Whether this client can use memcached's leases and invalidation ([`meta_get`],
+    /// [`invalidate`], [`meta_set`]): the meta protocol can, text and binary cannot.
+    ///
+    /// [`meta_get`]: Self::meta_get
+    /// [`invalidate`]: Self::invalidate
+    /// [`meta_set`]: Self::meta_set
+    pub fn has_leases(&self) -> bool {
+        self.protocol.supports(Capability::Meta)
     }
 
     /// The key distribution in use.
@@ -332,10 +292,13 @@ impl Client {
 
     /// The server `key` goes to right now (after ejections), as configured; the namespace
     /// is taken into account as the client hashes it.
+    ///
+    /// # Errors
+    /// An invalid key, no server, or the key's server ejected.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
         let mut kb = std::mem::take(&mut self.keybuf);
-        let meta = self.protocol == Protocol::Meta;
-        let r = wire_key(&self.namespace, key, meta, &mut kb).and_then(|(_, raw)| {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let r = wire_key(&self.namespace, key, binary_keys, &mut kb).and_then(|(_, raw)| {
             let hashed = if self.hash_with_namespace { raw } else { key };
             self.route(hashed)
         });
@@ -360,6 +323,17 @@ impl Client {
         })
     }
 
+    /// `Err(Unsupported)` unless this client's protocol can express `cap`.
+    fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
+        if self.protocol.supports(cap) {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            operation,
+            protocol: self.protocol,
+        })
+    }
+
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
     /// chosen server and records the outcome in that server's health.
     fn keyed<T>(
@@ -379,8 +353,8 @@ impl Client {
         kb: &mut Vec<u8>,
         f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
     ) -> Result<T> {
-        let meta = self.protocol == Protocol::Meta;
-        let (wire, raw) = wire_key(&self.namespace, user, meta, kb)?;
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
         let hashed = if self.hash_with_namespace { raw } else { user };
         let i = self.route(hashed)?;
         let r = f(self, i, wire);
@@ -398,254 +372,202 @@ impl Client {
         Ok(())
     }
 
-    /// Sends the request already encoded in server `i`'s write buffer (plus `value`) and feeds
-    /// each text reply unit to `on` until it returns `Done` (see [`exchange_lines`]).
-    ///
-    /// [`exchange_lines`]: Self::exchange_lines
+    /// Runs one command on server `i`: connect (and authenticate) if needed, encode, send
+    /// (with `value` after the command), and fold the reply units with `on` until it returns
+    /// the result. See [`exchange`](Self::exchange).
+    fn call<T>(
+        &mut self,
+        i: usize,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let op = self.start(i)?;
+        self.exchange(i, &op, cmd, value, on)
+    }
+
+    /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
+    /// with `on`: `Some(result)` ends the exchange, `None` asks for more, and `Err` (a reply
+    /// that cannot answer this command) drops the connection. An error reply ends it with
+    /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
+    /// error answering a command with a data block, the connection is closed.
     fn exchange<T>(
         &mut self,
         i: usize,
         op: &Op,
+        cmd: &Cmd<'_>,
         value: Option<&[u8]>,
-        has_data: bool,
-        on: impl FnMut(Response<'_>) -> Step<T>,
+        mut on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
-        self.exchange_lines::<TextLines, T>(i, op, value, has_data, on)
-    }
-
-    /// Sends the request already encoded in server `i`'s write buffer (plus `value` and the
-    /// data trailer) and feeds each reply unit of protocol `L` to `on` until it returns `Done`.
-    /// `has_data` marks commands with a data block: an error line answering one of those
-    /// closes the connection, as does any `SERVER_ERROR` (the server may close after one;
-    /// protocol.txt, "Error strings").
-    fn exchange_lines<L: Lines, T>(
-        &mut self,
-        i: usize,
-        op: &Op,
-        value: Option<&[u8]>,
-        has_data: bool,
-        mut on: impl FnMut(L::Reply<'_>) -> Step<T>,
-    ) -> Result<T> {
+        let protocol = self.protocol;
+        let opaque = self.next_opaque();
+        let w = self.driver.wbuf(i);
+        protocol.encode(w, cmd, opaque, false);
+        let trailer = protocol.trailer();
+        let separate = match value {
+            // Large values go out straight from the caller's slice, without a copy.
+            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, trailer)),
+            Some(v) => {
+                w.extend_from_slice(v);
+                w.extend_from_slice(trailer);
+                None
+            }
+            None => None,
+        };
+        let expect = Expect::single(cmd.kind(), opaque);
         let limits = self.limits;
         let mut out = None;
-        let mut failed = None;
-        self.driver.exchange(
-            i,
-            op,
-            value.map(|v| (v, DATA_TRAILER)),
-            Until::Done,
-            |buf| {
-                let (n, resp) = match L::parse(buf, &limits)? {
-                    Status::Complete(c) => c,
-                    Status::Partial => return Ok(Status::Partial),
-                };
-                if let Some((e, server_side)) = L::error(&resp) {
-                    failed = Some((e, has_data || server_side));
-                    return Ok(Status::Complete((n, true)));
+        let mut refused_with = None;
+        self.driver.exchange(i, op, separate, Until::Done, |buf| {
+            let (n, unit) = match protocol.decode(buf, &expect, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            if let Outcome::Error {
+                refusal,
+                message,
+                closes,
+                ..
+            } = unit.outcome
+            {
+                refused_with = Some(Refused {
+                    refusal,
+                    message: message.to_vec(),
+                    close: closes || value.is_some(),
+                });
+                return Ok(Status::Complete((n, true)));
+            }
+            match on(unit.outcome, unit.last)? {
+                Some(t) => {
+                    out = Some(t);
+                    Ok(Status::Complete((n, true)))
                 }
-                match on(resp) {
-                    Step::More => Ok(Status::Complete((n, false))),
-                    Step::Done(t) => {
-                        out = Some(t);
-                        Ok(Status::Complete((n, true)))
-                    }
-                }
-            },
-        )?;
-        if let Some((e, close)) = failed {
-            if close {
+                // Nothing more will come for this command.
+                None if unit.last => Err(ParseError::Unexpected),
+                None => Ok(Status::Complete((n, false))),
+            }
+        })?;
+        if let Some(r) = refused_with {
+            if r.close {
                 self.driver.disconnect(i);
             }
-            return Err(e);
+            return Err(refused(&self.labels[i], r.refusal, &r.message));
         }
         Ok(out.expect("exchange returns Ok only after the last reply"))
     }
 
-    fn unexpected(&mut self, i: usize) -> Error {
-        self.driver.disconnect(i);
-        Error::Parse {
-            server: self.labels[i].clone(),
-            error: ParseError::Unexpected,
-        }
+    pub(super) fn next_opaque(&mut self) -> u32 {
+        self.opaque = self.opaque.wrapping_add(1) & 0x7fff_ffff;
+        self.opaque
     }
 
-    /// Runs a command with a one-line reply, mapping it with `map` (`None` = unexpected reply).
-    fn simple<T>(
-        &mut self,
-        i: usize,
-        op: &Op,
-        value: Option<&[u8]>,
-        map: impl Fn(&Response<'_>) -> Option<T>,
-    ) -> Result<T> {
-        let r = self.exchange(i, op, value, value.is_some(), |resp| Step::Done(map(&resp)))?;
-        r.ok_or_else(|| self.unexpected(i))
-    }
-
-    /// Reads one item with `get`, `gets`, `gat` or `gats`, handing its value to `sink`.
+    /// Reads one item, handing its value to `sink`.
     fn retrieve(
         &mut self,
-        cmd: Retrieval,
+        opts: GetOpts,
         key: &[u8],
         mut sink: impl FnMut(&[u8]),
     ) -> Result<Option<ItemInfo>> {
         self.keyed(key, |c, i, key| {
-            // Binary and meta say "with CAS" and "touch" as separate options.
-            let (with_cas, touch) = match cmd {
-                Retrieval::Get => (false, None),
-                Retrieval::Gets => (true, None),
-                Retrieval::Gat(t) => (false, Some(t)),
-                Retrieval::Gats(t) => (true, Some(t)),
-            };
-            let found = if c.protocol == Protocol::Binary {
-                c.bin_retrieve(i, with_cas, touch, key, &mut sink)?
-            } else if c.protocol == Protocol::Meta {
-                c.meta_retrieve(i, with_cas, touch, key, &mut sink)?
-            } else {
-                c.text_retrieve(i, cmd, key, &mut sink)?
-            };
-            let counters = c.health.counters_mut(i);
-            if found.is_some() {
-                counters.hits += 1;
-            } else {
-                counters.misses += 1;
-            }
+            let mut found = None;
+            let found = c.call(i, &Cmd::Get(key, opts), None, |o, last| match o {
+                // A text reply names its key: it must be ours, and come once.
+                Outcome::Hit(h)
+                    if found.is_none() && h.key.map_or(true, |k| k == key.as_bytes()) =>
+                {
+                    sink(h.data);
+                    found = Some(ItemInfo {
+                        flags: h.flags,
+                        cas: h.cas.filter(|_| opts.cas),
+                    });
+                    Ok(last.then_some(found))
+                }
+                Outcome::End | Outcome::Miss => Ok(Some(found)),
+                _ => Err(ParseError::Unexpected),
+            })?;
+            c.health.count_lookup(i, found.is_some());
             Ok(found)
         })
     }
 
-    fn text_retrieve(
-        &mut self,
-        i: usize,
-        cmd: Retrieval,
-        key: Key<'_>,
-        sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<Option<ItemInfo>> {
-        let op = self.start(i)?;
-        text::encode_retrieval(self.driver.wbuf(i), cmd, key);
-        let mut found = None;
-        let ok = self.exchange(i, &op, None, false, |resp| match resp {
-            Response::Value {
-                key: k,
-                flags,
-                cas,
-                data,
-            } if k == key.as_bytes() && found.is_none() => {
-                sink(data);
-                found = Some(ItemInfo { flags, cas });
-                Step::More
-            }
-            Response::End => Step::Done(true),
-            _ => Step::Done(false),
-        })?;
-        if !ok {
-            return Err(self.unexpected(i));
-        }
-        Ok(found)
-    }
-
     /// Gets a value, copying it into a new `Vec`. `None` on a miss.
+    ///
+    /// # Errors
+    /// An invalid key; the server unreachable, timing out, answering with an error or
+    /// malformed bytes ([`Error::kind`] tells which).
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Item>> {
-        self.get_item(Retrieval::Get, key)
+        self.get_item(GetOpts::default(), key)
     }
 
-    /// Gets a value with its CAS unique (for [`cas`](Self::cas)).
+    /// Gets a value with its CAS unique (for [`cas`](Self::cas)). Errors as [`get`](Self::get).
     pub fn gets(&mut self, key: &[u8]) -> Result<Option<Item>> {
-        self.get_item(Retrieval::Gets, key)
+        self.get_item(with_cas(None), key)
     }
 
-    /// Gets a value and sets its expiration to `ttl` (get-and-touch).
+    /// Gets a value and sets its expiration to `ttl` (get-and-touch). Errors as
+    /// [`get`](Self::get).
     pub fn gat(&mut self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        self.get_item(Retrieval::Gat(ttl), key)
+        let opts = GetOpts {
+            touch: Some(ttl),
+            ..GetOpts::default()
+        };
+        self.get_item(opts, key)
     }
 
     /// Like [`gat`](Self::gat), and returns the CAS unique.
     pub fn gats(&mut self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        self.get_item(Retrieval::Gats(ttl), key)
+        self.get_item(with_cas(Some(ttl)), key)
     }
 
-    fn get_item(&mut self, cmd: Retrieval, key: &[u8]) -> Result<Option<Item>> {
+    fn get_item(&mut self, opts: GetOpts, key: &[u8]) -> Result<Option<Item>> {
         let mut value = Vec::new();
-        let info = self.retrieve(cmd, key, |d| value.extend_from_slice(d))?;
+        let info = self.retrieve(opts, key, |d| value.extend_from_slice(d))?;
         Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
     }
 
     /// Gets a value into `buf` (cleared first), the hot path: once `buf` and the client's
-    /// buffers have grown to fit, this allocates nothing. `None` on a miss (then `buf` is empty).
+    /// buffers have grown to fit, this allocates nothing. `None` on a miss (then `buf` is
+    /// empty). Errors as [`get`](Self::get).
     pub fn get_into(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
         buf.clear();
-        self.retrieve(Retrieval::Get, key, |d| buf.extend_from_slice(d))
+        self.retrieve(GetOpts::default(), key, |d| buf.extend_from_slice(d))
     }
 
     /// Like [`get_into`](Self::get_into), with the CAS unique.
     pub fn gets_into(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
         buf.clear();
-        self.retrieve(Retrieval::Gets, key, |d| buf.extend_from_slice(d))
+        self.retrieve(with_cas(None), key, |d| buf.extend_from_slice(d))
     }
 
-    /// Runs a storage command and returns the server's verdict.
-    fn store_raw(
+    /// Runs a storage command; the outcome and, when the protocol returns it, the new CAS.
+    fn store_cmd(
         &mut self,
-        cmd: Storage,
         key: &[u8],
         value: &[u8],
-        opts: SetOptions,
-    ) -> Result<Response<'static>> {
+        opts: StoreOpts,
+    ) -> Result<(SetOutcome, Option<u64>)> {
         self.check_value(value)?;
         self.keyed(key, |c, i, key| {
-            if c.protocol == Protocol::Meta {
-                let (mode, cas) = match cmd {
-                    Storage::Set => (StoreMode::Set, None),
-                    Storage::Add => (StoreMode::Add, None),
-                    Storage::Replace => (StoreMode::Replace, None),
-                    Storage::Append => (StoreMode::Append, None),
-                    Storage::Prepend => (StoreMode::Prepend, None),
-                    Storage::Cas(u) => (StoreMode::Set, Some(u)),
-                };
-                let outcome = c.meta_store(i, mode, cas, key, value, opts)?;
-                return Ok(outcome.response(cmd));
-            }
-            if c.protocol == Protocol::Binary {
-                let (code, unique) = match cmd {
-                    Storage::Set => (Opcode::SET, 0),
-                    Storage::Add => (Opcode::ADD, 0),
-                    Storage::Replace => (Opcode::REPLACE, 0),
-                    Storage::Append => (Opcode::APPEND, 0),
-                    Storage::Prepend => (Opcode::PREPEND, 0),
-                    Storage::Cas(u) => (Opcode::SET, u),
-                };
-                return Ok(c
-                    .bin_store(i, code, key, value, opts, unique)?
-                    .response(cmd));
-            }
-            let op = c.start(i)?;
-            let wbuf = c.driver.wbuf(i);
-            text::encode_storage(wbuf, cmd, key, opts.flags, opts.ttl, value.len(), false);
-            let separate = if value.len() <= COPY_VALUE_MAX {
-                wbuf.extend_from_slice(value);
-                wbuf.extend_from_slice(DATA_TRAILER);
-                None
-            } else {
-                Some(value)
-            };
-            let r = c.exchange(i, &op, separate, true, |resp| {
-                Step::Done(match resp {
-                    Response::Stored => Some(Response::Stored),
-                    Response::NotStored => Some(Response::NotStored),
-                    Response::Exists => Some(Response::Exists),
-                    Response::NotFound => Some(Response::NotFound),
-                    _ => None,
-                })
-            })?;
-            match (cmd, r) {
-                (Storage::Cas(_), Some(r)) => Ok(r),
-                (_, Some(r @ (Response::Stored | Response::NotStored))) => Ok(r),
-                _ => Err(c.unexpected(i)),
-            }
+            let cmd = Cmd::Store(key, opts, value.len());
+            c.call(i, &cmd, Some(value), |o, _| match o {
+                // Without a CAS, "exists" and "not found" cannot answer a store.
+                Outcome::Store(s, cas, _)
+                    if opts.cas.is_some()
+                        || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
+                {
+                    Ok(Some((s, cas)))
+                }
+                _ => Err(ParseError::Unexpected),
+            })
         })
     }
 
     /// Runs `set`, `add`, `replace`, `append` or `prepend`. `Ok(true)` if stored, `Ok(false)`
     /// if the command's condition was not met (`NOT_STORED`).
+    ///
+    /// # Errors
+    /// An invalid key, a value above the configured maximum, or a server failure as for
+    /// [`get`](Self::get).
     pub fn store(
         &mut self,
         mode: StoreMode,
@@ -653,10 +575,11 @@ impl Client {
         value: &[u8],
         opts: SetOptions,
     ) -> Result<bool> {
-        Ok(self.store_raw(mode.wire(), key, value, opts)? == Response::Stored)
+        let (outcome, _) = self.store_cmd(key, value, store_opts(mode, opts))?;
+        Ok(outcome == SetOutcome::Stored)
     }
 
-    /// Stores a value unconditionally.
+    /// Stores a value unconditionally. Errors as [`store`](Self::store).
     pub fn set(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
         if self.store(StoreMode::Set, key, value, opts)? {
             Ok(())
@@ -689,6 +612,7 @@ impl Client {
     }
 
     /// Stores only if the item's CAS unique is still `cas` (from [`gets`](Self::gets)).
+    /// Errors as [`store`](Self::store).
     pub fn cas(
         &mut self,
         key: &[u8],
@@ -696,90 +620,78 @@ impl Client {
         cas: u64,
         opts: SetOptions,
     ) -> Result<CasResult> {
-        Ok(match self.store_raw(Storage::Cas(cas), key, value, opts)? {
-            Response::Stored => CasResult::Stored,
-            Response::Exists => CasResult::Exists,
-            _ => CasResult::NotFound,
+        let opts = StoreOpts {
+            cas: Some(cas),
+            ..store_opts(StoreMode::Set, opts)
+        };
+        Ok(match self.store_cmd(key, value, opts)?.0 {
+            SetOutcome::Stored => CasResult::Stored,
+            SetOutcome::Exists => CasResult::Exists,
+            SetOutcome::NotFound | SetOutcome::NotStored => CasResult::NotFound,
         })
     }
 
-    /// Deletes a key; `false` if it did not exist.
-    pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
+    /// Runs a command whose reply says "done" or "not found": `Ok(false)` for the latter.
+    fn keyed_bool(&mut self, key: &[u8], cmd: impl FnOnce(Key<'_>) -> Cmd<'_>) -> Result<bool> {
         self.keyed(key, |c, i, key| {
-            if c.protocol == Protocol::Binary {
-                return c.bin_keyed_bool(i, Opcode::DELETE, key, None);
-            }
-            if c.protocol == Protocol::Meta {
-                return c.meta_delete(i, key, &Default::default());
-            }
-            let op = c.start(i)?;
-            text::encode_delete(c.driver.wbuf(i), key, false);
-            c.simple(i, &op, None, |r| match r {
-                Response::Deleted => Some(true),
-                Response::NotFound => Some(false),
-                _ => None,
+            c.call(i, &cmd(key), None, |o, _| match o {
+                Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
+                Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
+                _ => Err(ParseError::Unexpected),
             })
         })
     }
 
+    /// Deletes a key; `false` if it did not exist. Errors as [`get`](Self::get).
+    pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
+        self.keyed_bool(key, Cmd::delete)
+    }
+
     fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.keyed(key, |c, i, key| {
-            if c.protocol == Protocol::Binary {
-                return c.bin_arith(i, decr, key, delta);
-            }
-            if c.protocol == Protocol::Meta {
-                return c.meta_arith(i, decr, key, delta);
-            }
-            let op = c.start(i)?;
-            text::encode_arith(c.driver.wbuf(i), decr, key, delta, false);
-            c.simple(i, &op, None, |r| match *r {
-                Response::Number(n) => Some(Some(n)),
-                Response::NotFound => Some(None),
-                _ => None,
+            let cmd = Cmd::Arith { key, decr, delta };
+            c.call(i, &cmd, None, |o, _| match o {
+                Outcome::Number(n) => Ok(Some(Some(n))),
+                Outcome::NotFound(_) => Ok(Some(None)),
+                _ => Err(ParseError::Unexpected),
             })
         })
     }
 
     /// Adds `delta` to a decimal value, wrapping at 2^64 as memcached does. `None` if the key
-    /// does not exist; a `CLIENT_ERROR` server error if the value is not a number.
+    /// does not exist.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get); a `CLIENT_ERROR` server error if the value is not a number.
     pub fn incr(&mut self, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.arith(false, key, delta)
     }
 
-    /// Subtracts `delta` from a decimal value, stopping at 0 as memcached does.
+    /// Subtracts `delta` from a decimal value, stopping at 0 as memcached does. Errors as
+    /// [`incr`](Self::incr).
     pub fn decr(&mut self, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.arith(true, key, delta)
     }
 
-    /// Sets a new expiration on an item; `false` if it does not exist.
+    /// Sets a new expiration on an item; `false` if it does not exist. Errors as
+    /// [`get`](Self::get).
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
-        self.keyed(key, |c, i, key| {
-            if c.protocol == Protocol::Binary {
-                return c.bin_keyed_bool(i, Opcode::TOUCH, key, Some(ttl));
-            }
-            if c.protocol == Protocol::Meta {
-                return c.meta_touch(i, key, ttl);
-            }
-            let op = c.start(i)?;
-            text::encode_touch(c.driver.wbuf(i), key, ttl, false);
-            c.simple(i, &op, None, |r| match r {
-                Response::Touched => Some(true),
-                Response::NotFound => Some(false),
-                _ => None,
-            })
-        })
+        self.keyed_bool(key, |key| Cmd::Touch(key, ttl))
     }
 
-    /// Runs `f` on every server in turn (skipping ejected ones, which count as failed),
-    /// recording health. Returns each server's result.
+    /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),
+    /// folding replies with `on` and recording health. Returns each server's result.
     fn each_server<T>(
         &mut self,
-        mut f: impl FnMut(&mut Self, usize) -> Result<T>,
+        cmd: &Cmd<'_>,
+        mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
     ) -> Vec<(usize, Result<T>)> {
         self.health.maybe_rejoin(&mut self.ring);
         (0..self.labels.len())
             .map(|i| {
-                let r = self.check_up(i).and_then(|()| f(self, i));
+                let r = self
+                    .check_up(i)
+                    .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
                 if !matches!(r, Err(Error::ServerDown { .. })) {
                     self.health.record(i, &r, &mut self.ring);
                 }
@@ -799,57 +711,43 @@ impl Client {
                 Err(e) => failed.push((self.labels[i].clone(), e)),
             }
         }
-        match failed.len() {
-            0 => Ok(ok),
-            1 => Err(failed.pop().expect("one").1),
-            _ => Err(Error::Partial { failed }),
-        }
+        combine(failed).map(|()| ok)
     }
 
     /// Runs a command with an `OK` reply on every server.
-    fn on_all_ok(&mut self, encode: impl Fn(&mut Vec<u8>)) -> Result<()> {
-        let results = self.each_server(|c, i| {
-            let op = c.start(i)?;
-            encode(c.driver.wbuf(i));
-            c.simple(i, &op, None, |r| matches!(r, Response::Ok).then_some(()))
+    fn on_all_ok(&mut self, cmd: &Cmd<'_>) -> Result<()> {
+        let results = self.each_server(cmd, |o| match o {
+            Outcome::Ok => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
         });
         self.all_or_errors(results).map(drop)
     }
 
     /// Invalidates every item on every server, now or after `delay` seconds.
+    ///
+    /// # Errors
+    /// The failed server's error, or [`Error::Partial`] naming each failed server.
     pub fn flush_all(&mut self, delay: Option<u32>) -> Result<()> {
-        if self.protocol == Protocol::Binary {
-            let results = self.each_server(|c, i| c.bin_flush(i, delay));
-            return self.all_or_errors(results).map(drop);
-        }
-        self.on_all_ok(|w| text::encode_flush_all(w, delay, false))
+        self.on_all_ok(&Cmd::FlushAll(delay))
     }
 
-    /// Sets every server's logging verbosity. Text protocol only: memcached does not implement
-    /// the binary Verbosity command, and sending it desynchronises the connection.
+    /// Sets every server's logging verbosity.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) over the binary protocol: memcached does not implement
+    /// the binary Verbosity command, and sending it desynchronises the connection. Otherwise
+    /// as [`flush_all`](Self::flush_all).
     pub fn verbosity(&mut self, level: u32) -> Result<()> {
-        if self.protocol == Protocol::Binary {
-            return Err(Error::Config(
-                "verbosity is not available over the binary protocol (memcached does not \
-                 implement it)"
-                    .into(),
-            ));
-        }
-        self.on_all_ok(|w| text::encode_verbosity(w, level, false))
+        self.require(Capability::Verbosity, "verbosity")?;
+        self.on_all_ok(&Cmd::Verbosity(level))
     }
 
-    /// Each server's version string: `(server, version)`.
+    /// Each server's version string: `(server, version)`. Errors as
+    /// [`flush_all`](Self::flush_all).
     pub fn version(&mut self) -> Result<Vec<(String, String)>> {
-        let results = self.each_server(|c, i| {
-            if c.protocol == Protocol::Binary {
-                return c.bin_version(i);
-            }
-            let op = c.start(i)?;
-            text::encode_version(c.driver.wbuf(i));
-            c.simple(i, &op, None, |r| match r {
-                Response::Version(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                _ => None,
-            })
+        let results = self.each_server(&Cmd::Version, |o| match o {
+            Outcome::Version(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+            _ => Err(ParseError::Unexpected),
         });
         Ok(self
             .all_or_errors(results)?
@@ -861,35 +759,28 @@ impl Client {
     /// Each server's statistics: `stats` with no argument, or `stats <arg>` (`items`, `slabs`,
     /// `settings`, `sizes`, `conns`, `detail dump`, `cachedump <id> <n>`, ...). Arguments that
     /// answer with a single status line (`reset`, `detail on`) give an empty list. A server
-    /// that fails has its [`ServerStats::error`] set; the call fails only if all of them do.
+    /// that fails has its [`ServerStats::error`] set.
+    ///
+    /// # Errors
+    /// An argument that is not a valid stats argument ([`ErrorKind::Config`](crate::ErrorKind::Config)); the servers'
+    /// errors if all of them fail.
     pub fn stats(&mut self, arg: Option<&str>) -> Result<Vec<ServerStats>> {
         if let Some(a) = arg {
             if !text::valid_stats_arg(a.as_bytes()) {
                 return Err(Error::Config(format!("invalid stats argument {a:?}")));
             }
         }
-        let results = self.each_server(|c, i| {
-            if c.protocol == Protocol::Binary {
-                return c.bin_stats(i, arg);
+        let mut stats = Vec::new();
+        let results = self.each_server(&Cmd::Stats(arg.map(str::as_bytes)), |o| match o {
+            Outcome::Stat(name, value) => {
+                stats.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+                Ok(None)
             }
-            let op = c.start(i)?;
-            text::encode_stats(c.driver.wbuf(i), arg.map(str::as_bytes));
-            let mut stats = Vec::new();
-            let ok = c.exchange(i, &op, None, false, |resp| match resp {
-                Response::Stat { name, value } => {
-                    stats.push((
-                        String::from_utf8_lossy(name).into_owned(),
-                        String::from_utf8_lossy(value).into_owned(),
-                    ));
-                    Step::More
-                }
-                Response::End | Response::Reset | Response::Ok => Step::Done(true),
-                _ => Step::Done(false),
-            })?;
-            if !ok {
-                return Err(c.unexpected(i));
-            }
-            Ok(stats)
+            Outcome::End | Outcome::Ok => Ok(Some(std::mem::take(&mut stats))),
+            _ => Err(ParseError::Unexpected),
         });
         if results.iter().all(|(_, r)| r.is_err()) {
             return self.all_or_errors(results).map(|_| Vec::new());
@@ -916,19 +807,18 @@ impl Client {
 
     /// Asks each connected server to close the connection (`quit`) and closes it. The next
     /// call reconnects.
+    ///
+    /// # Errors
+    /// The first server whose `quit` could not be written.
     pub fn quit(&mut self) -> Result<()> {
         let mut first_error = None;
+        let protocol = self.protocol;
         for i in 0..self.labels.len() {
             if !self.driver.is_connected(i) {
                 continue;
             }
-            let binary = self.protocol == Protocol::Binary;
             let sent = self.driver.begin(i).and_then(|op| {
-                if binary {
-                    binary::encode_simple(self.driver.wbuf(i), Opcode::QUITQ, None, &[], 0, 0);
-                } else {
-                    text::encode_quit(self.driver.wbuf(i));
-                }
+                protocol.encode(self.driver.wbuf(i), &Cmd::Quit, 0, false);
                 self.driver
                     .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
             });
@@ -943,6 +833,9 @@ impl Client {
     /// Runs a storage command with `noreply`: returns once the request is written. The server
     /// sends nothing back on success; an error it does send is seen by the next call on this
     /// connection (which then reconnects). Use a [`Pipeline`] to learn about errors.
+    ///
+    /// # Errors
+    /// An invalid key or value; the request could not be written.
     pub fn store_noreply(
         &mut self,
         mode: StoreMode,
@@ -960,5 +853,34 @@ impl Client {
         let mut p = self.pipeline();
         p.delete(key)?;
         p.send()
+    }
+}
+
+/// Retrieval options asking for the CAS unique.
+fn with_cas(touch: Option<u32>) -> GetOpts {
+    GetOpts {
+        cas: true,
+        touch,
+        ..GetOpts::default()
+    }
+}
+
+/// The command options of a storage call.
+fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
+    StoreOpts {
+        mode,
+        flags: opts.flags,
+        ttl: opts.ttl,
+        ..StoreOpts::default()
+    }
+}
+
+/// The result of work spread over servers: `Ok` if none failed, else the one failed server's
+/// error, or [`Error::Partial`] listing each.
+fn combine(mut failed: Vec<(String, Error)>) -> Result<()> {
+    match failed.len() {
+        0 => Ok(()),
+        1 => Err(failed.pop().expect("one").1),
+        _ => Err(Error::Partial { failed }),
     }
 }

@@ -1,9 +1,10 @@
 //! The crate's error type.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::proto::{KeyError, ParseError};
+use crate::proto::{KeyError, ParseError, Protocol};
 
 /// A `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,8 +22,8 @@ pub enum ServerErrorKind {
     Server,
 }
 
-/// Everything that can go wrong in a call.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong in a call. Cheap to clone: an I/O error is shared.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A socket error, including a connection refused or closed by the server.
@@ -32,7 +33,7 @@ pub enum Error {
         server: String,
         /// The underlying error.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// The call did not complete within its deadline (connect or I/O timeout).
     #[error("timed out after {elapsed:?} waiting for {server} ({during})")]
@@ -116,6 +117,15 @@ pub enum Error {
         /// Which rule it breaks.
         reason: &'static str,
     },
+    /// The client's protocol cannot express this operation (a meta-only call over text or
+    /// binary, verbosity over binary). Nothing was sent.
+    #[error("{operation} is not available over the {protocol:?} protocol")]
+    Unsupported {
+        /// The operation asked for.
+        operation: &'static str,
+        /// The protocol the client speaks.
+        protocol: Protocol,
+    },
     /// Storage: a file-system or other back-end error.
     #[error("storage error ({context}): {source}")]
     Storage {
@@ -123,11 +133,71 @@ pub enum Error {
         context: String,
         /// The underlying error.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
 }
 
+/// What kind of failure an [`Error`] is, to match on without its details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::Io`].
+    Io,
+    /// [`Error::Timeout`].
+    Timeout,
+    /// [`Error::Parse`].
+    Parse,
+    /// [`Error::InvalidKey`].
+    InvalidKey,
+    /// [`Error::ValueTooLarge`].
+    ValueTooLarge,
+    /// [`Error::Server`].
+    Server,
+    /// [`Error::Auth`].
+    Auth,
+    /// [`Error::NoServers`].
+    NoServers,
+    /// [`Error::ServerDown`].
+    ServerDown,
+    /// [`Error::Partial`].
+    Partial,
+    /// [`Error::Config`].
+    Config,
+    /// [`Error::Unsupported`].
+    Unsupported,
+    /// [`Error::PoolTimeout`].
+    PoolTimeout,
+    /// [`Error::NotFound`].
+    NotFound,
+    /// [`Error::InvalidName`].
+    InvalidName,
+    /// [`Error::Storage`].
+    Storage,
+}
+
 impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Parse { .. } => ErrorKind::Parse,
+            Error::InvalidKey(_) => ErrorKind::InvalidKey,
+            Error::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
+            Error::Server { .. } => ErrorKind::Server,
+            Error::Auth { .. } => ErrorKind::Auth,
+            Error::NoServers => ErrorKind::NoServers,
+            Error::ServerDown { .. } => ErrorKind::ServerDown,
+            Error::Partial { .. } => ErrorKind::Partial,
+            Error::Config(_) => ErrorKind::Config,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::PoolTimeout(_) => ErrorKind::PoolTimeout,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::InvalidName { .. } => ErrorKind::InvalidName,
+            Error::Storage { .. } => ErrorKind::Storage,
+        }
+    }
+
     /// True for errors that say nothing about the request itself but about reaching the
     /// server (I/O, timeout, malformed reply): the kind a cache-through caller may treat as a miss.
     pub fn is_transport(&self) -> bool {

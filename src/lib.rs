@@ -37,12 +37,13 @@ pub mod storage;
 
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Lease, MetaGetOptions, MetaItemInfo,
-    MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, Protocol,
-    ServerCounters, ServerStats, SetOptions, SetOutcome, StoreMode,
+    MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
+    ServerStats, SetOptions,
 };
 pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
-pub use error::{Error, Result, ServerErrorKind};
+pub use error::{Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
+pub use proto::{Protocol, SetOutcome, StoreMode};
 
 /// The README's examples, compiled as doc tests so they stay true.
 #[doc = include_str!("../README.md")]

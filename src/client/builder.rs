@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use super::health::{FailurePolicy, Health};
-use super::Client;
+use super::{Client, Protocol};
 use crate::conn::driver::{Driver, DriverConfig};
 use crate::conn::{ServerAddr, ServerSpec};
 use crate::error::{Error, Result};
 use crate::proto::text::MAX_LINE;
+use crate::proto::wire::Capability;
 use crate::proto::{Key, Limits, MAX_KEY_LEN};
 use crate::ring::{Continuum, Distribution, HashFn, RingServer};
 
@@ -47,21 +48,6 @@ pub struct ClientBuilder {
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,
-}
-
-/// The wire protocol a client speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Protocol {
-    /// The classic text protocol.
-    #[default]
-    Text,
-    /// The binary protocol (deprecated by memcached 1.6, still served; the only one with SASL).
-    Binary,
-    /// The meta protocol (memcached 1.6.10 and later): everything the others do, binary keys
-    /// (sent base64-encoded, up to 186 bytes), and leases ([`Client::meta_get`]).
-    ///
-    /// [`Client::meta_get`]: crate::Client::meta_get
-    Meta,
 }
 
 impl Default for ClientBuilder {
@@ -215,7 +201,7 @@ impl ClientBuilder {
                 return Err(Error::Config("namespace leaves no room for keys".into()));
             }
         }
-        if self.sasl.is_some() && self.protocol != Protocol::Binary {
+        if self.sasl.is_some() && !self.protocol.supports(Capability::Sasl) {
             return Err(Error::Config(
                 "SASL needs the binary protocol (.protocol(Protocol::Binary))".into(),
             ));
@@ -262,7 +248,7 @@ impl ClientBuilder {
             limits: Limits { max_value },
             ring,
             keybuf: Vec::with_capacity(MAX_KEY_LEN),
-            namespace: self.namespace,
+            namespace: self.namespace.into(),
             hash_with_namespace: self.hash_with_namespace,
             protocol: self.protocol,
             sasl: self.sasl,

@@ -97,6 +97,16 @@ impl Health {
         &mut self.servers[i].counters
     }
 
+    /// Counts a retrieval's hit or miss.
+    pub(crate) fn count_lookup(&mut self, i: usize, hit: bool) {
+        let c = &mut self.servers[i].counters;
+        if hit {
+            c.hits += 1;
+        } else {
+            c.misses += 1;
+        }
+    }
+
     pub(crate) fn counters(&self, i: usize) -> ServerCounters {
         self.servers[i].counters
     }

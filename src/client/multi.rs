@@ -1,19 +1,14 @@
 //! Multi-key calls: keys grouped by server, every server's batch written first, all sockets
-//! served from one poll.
+//! served from one poll. The protocol encodes the batch and decodes its replies; what is left
+//! here is the same for all three: which item a reply answers, and when a server is done.
 
-use super::binary_proto::{closes_connection, status_to_error};
-use super::meta_proto::meta_error;
-use super::{server_error, wire_key, Client, ItemRef, Protocol, SetOptions};
+use std::sync::Arc;
+
+use super::{combine, refused, store_opts, wire_key, Client, ItemRef, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
-use crate::proto::binary::{self, Opcode};
-use crate::proto::meta::{self, Code, Reply};
-use crate::proto::text::{self, Response, Retrieval, Storage, DATA_TRAILER};
-use crate::proto::{short_eq, Key, ParseError, Status, MAX_KEY_LEN};
-
-/// memcached reads a command line into a bounded buffer; long multi-gets are split into lines
-/// of this many keys, all written before any reply is read.
-const KEYS_PER_LINE: usize = 100;
+use crate::proto::wire::{Capability, Cmd, Expect, GetOpts, Hit, Kind, Outcome};
+use crate::proto::{short_eq, Key, ParseError, SetOutcome, Status, MAX_KEY_LEN};
 
 /// Marks a key whose server is ejected (or that has no server).
 const NO_SERVER: u32 = u32::MAX;
@@ -23,17 +18,28 @@ const NO_SERVER: u32 = u32::MAX;
 struct Share {
     /// Keys routed to this server.
     keys: usize,
-    /// Keys in the get line being built.
-    in_line: usize,
-    /// Replies (lines, for gets) expected and seen.
-    expected: usize,
-    seen: usize,
+    /// Items encoded so far.
+    encoded: usize,
+    /// End markers that close this server's reply, and how many arrived.
+    ends: usize,
+    ends_seen: usize,
+    /// Every item answers (else only misses and failures do), and how many did.
+    every_item_replies: bool,
+    replies: usize,
     /// Position in the caller's key list of the next key a reply may be for.
     cursor: usize,
-    /// Hits (gets) or successes (stores, deletes).
+    /// Hits (gets).
     hits: usize,
+    /// Items whose condition was not met (not stored, not found).
+    unmet: usize,
     /// Set when the server failed.
     error: Option<Error>,
+}
+
+impl Share {
+    fn finished(&self) -> bool {
+        self.ends_seen == self.ends && (!self.every_item_replies || self.replies == self.keys)
+    }
 }
 
 /// A multi-key call being planned: each key's server and each server's share.
@@ -45,6 +51,44 @@ struct Plan {
     retrieval: bool,
     /// No namespace and every key a valid text key: each goes on the wire as given.
     plain: bool,
+}
+
+impl Plan {
+    /// The caller's index of the item a reply from server `i` answers: named by its opaque
+    /// (binary, meta) or found by its key among this server's keys (text). Either way it must
+    /// come after the item the previous reply answered: servers answer in request order.
+    /// Anything else is a framing error, never handed to a caller.
+    fn item(
+        &mut self,
+        i: usize,
+        opaque: Option<u32>,
+        key: Option<&[u8]>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<usize, ParseError> {
+        let share = &mut self.shares[i];
+        let user = match key {
+            Some(k) => Some(k.strip_prefix(ns).ok_or(ParseError::Unexpected)?),
+            None => None,
+        };
+        let j = match opaque {
+            Some(j) => j as usize,
+            None => {
+                let user = user.ok_or(ParseError::Unexpected)?;
+                (share.cursor..keys.len())
+                    .find(|&j| self.server_of[j] == i as u32 && short_eq(keys.key(j), user))
+                    .ok_or(ParseError::Unexpected)?
+            }
+        };
+        if j < share.cursor || j >= keys.len() || self.server_of[j] != i as u32 {
+            return Err(ParseError::Unexpected);
+        }
+        if user.is_some_and(|u| !short_eq(u, keys.key(j))) {
+            return Err(ParseError::Unexpected);
+        }
+        share.cursor = j + 1;
+        Ok(j)
+    }
 }
 
 /// What one multi-key call leaves for the next, so that a warm call allocates nothing.
@@ -69,7 +113,7 @@ impl Client {
         key_at: impl Fn(usize) -> &'k [u8],
         kb: &mut Vec<u8>,
     ) -> Result<Plan> {
-        let meta = self.protocol == Protocol::Meta;
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
         self.health.maybe_rejoin(&mut self.ring);
         let mut plan = std::mem::take(&mut self.spare.plan);
         plan.server_of.clear();
@@ -86,7 +130,7 @@ impl Client {
             // The common case without building the wire key; the rest (namespace too long,
             // binary keys over meta, errors) as every call does.
             if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
-                if let Err(e) = wire_key(&self.namespace, user, meta, kb) {
+                if let Err(e) = wire_key(&self.namespace, user, binary_keys, kb) {
                     self.spare.plan = plan;
                     return Err(e);
                 }
@@ -131,6 +175,109 @@ impl Client {
             }
         }
         Ok(plan)
+    }
+
+    /// Encodes item `j` (user key `user`, then `value` if any) into its server's batch.
+    fn encode_item(
+        &mut self,
+        plan: &mut Plan,
+        j: usize,
+        user: &[u8],
+        value: Option<&[u8]>,
+        cmd: impl FnOnce(Key<'_>) -> Cmd<'_>,
+    ) {
+        let i = plan.server_of[j];
+        if i == NO_SERVER {
+            return;
+        }
+        let share = &mut plan.shares[i as usize];
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let key = if plan.plain {
+            // No namespace, and plan() found every key a valid text key.
+            Key::trusted(user)
+        } else {
+            wire_key(&self.namespace, user, binary_keys, &mut self.keybuf)
+                .expect("validated by plan()")
+                .0
+        };
+        let w = self.driver.wbuf(i as usize);
+        self.protocol
+            .encode_item(w, &cmd(key), j as u32, share.encoded);
+        if let Some(v) = value {
+            w.extend_from_slice(v);
+            w.extend_from_slice(self.protocol.trailer());
+        }
+        share.encoded += 1;
+    }
+
+    /// Closes every server's batch of `kind`, then runs the plan, handing each reply unit
+    /// that answers an item to `on_item(plan, server, outcome)`. End markers, error replies
+    /// and completion are handled here for all protocols.
+    fn run_batch(
+        &mut self,
+        plan: &mut Plan,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        mut on_item: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        let protocol = self.protocol;
+        for (i, share) in plan.shares.iter_mut().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                let shape = protocol.end_batch(self.driver.wbuf(i), kind, share.keys);
+                share.ends = shape.ends;
+                share.every_item_replies = shape.every_item_replies;
+            }
+        }
+        let limits = self.limits;
+        // Shared, not taken out: a panicking callback leaves the client as it was.
+        let ns = Arc::clone(&self.namespace);
+        let labels = Arc::clone(&self.labels);
+        let mut closed = Vec::new();
+        let result = self.run_plan(plan, |plan, i, buf| {
+            let share = &plan.shares[i];
+            // A multi-get's next hit is most often this server's next key.
+            let next = if kind == Kind::Get {
+                (share.cursor..keys.len())
+                    .find(|&j| plan.server_of[j] == i as u32)
+                    .map(|j| (&ns[..], keys.key(j)))
+            } else {
+                None
+            };
+            let expect = Expect {
+                next,
+                ..Expect::batch(kind)
+            };
+            let (n, unit) = match protocol.decode(buf, &expect, &limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            let share = &mut plan.shares[i];
+            match unit.outcome {
+                Outcome::End => share.ends_seen += 1,
+                Outcome::Error {
+                    refusal,
+                    message,
+                    closes,
+                    opaque,
+                } => {
+                    share.error = Some(refused(&labels[i], refusal, message));
+                    if closes || opaque.is_none() {
+                        // Not tied to an item: the rest of this server's reply is in doubt.
+                        closed.push(i);
+                        return Ok(Status::Complete((n, true)));
+                    }
+                }
+                outcome => {
+                    share.replies += 1;
+                    on_item(plan, i, outcome)?;
+                }
+            }
+            Ok(Status::Complete((n, plan.shares[i].finished())))
+        });
+        for i in closed {
+            self.driver.disconnect(i);
+        }
+        result
     }
 
     /// Runs the planned request on every server that has one, then records health and
@@ -182,11 +329,7 @@ impl Client {
                 }
             }
         }
-        match failed.len() {
-            0 => Ok(()),
-            1 => Err(failed.pop().expect("one").1),
-            _ => Err(Error::Partial { failed }),
-        }
+        combine(failed)
     }
 
     /// Gets many keys in one pipelined request per server, calling `found(key, item)` for each
@@ -195,14 +338,17 @@ impl Client {
     ///
     /// Keys are grouped by server; every server's request is written before any reply is read,
     /// and replies are parsed as they arrive from any server. If servers fail, the hits of the
-    /// others are still delivered, and the error is the failed server's (or
-    /// [`Error::Partial`] listing each failed server).
+    /// others are still delivered.
+    ///
+    /// # Errors
+    /// An invalid key (before anything is sent); the failed server's error, or
+    /// [`Error::Partial`] listing each failed server.
     pub fn get_multi<K: AsRef<[u8]>>(
         &mut self,
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        self.retrieve_multi(Retrieval::Get, keys, found)
+        self.retrieve_multi(false, keys, found)
     }
 
     /// [`get_multi`](Self::get_multi) with CAS uniques.
@@ -211,196 +357,90 @@ impl Client {
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        self.retrieve_multi(Retrieval::Gets, keys, found)
+        self.retrieve_multi(true, keys, found)
     }
 
     fn retrieve_multi<K: AsRef<[u8]>>(
         &mut self,
-        cmd: Retrieval,
+        with_cas: bool,
         keys: &[K],
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        if self.protocol == Protocol::Binary {
-            return self.bin_retrieve_multi(cmd == Retrieval::Gets, keys, found);
-        }
-        if self.protocol == Protocol::Meta {
-            return self.meta_retrieve_multi(cmd == Retrieval::Gets, keys, found);
-        }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         plan.retrieval = true;
-        // Encode: each server's keys in lines of KEYS_PER_LINE.
+        let opts = GetOpts {
+            cas: with_cas,
+            ..GetOpts::default()
+        };
         for (j, k) in keys.iter().enumerate() {
-            let i = plan.server_of[j];
-            if i == NO_SERVER {
-                continue;
-            }
-            let (i, share) = (i as usize, &mut plan.shares[i as usize]);
-            let wbuf = self.driver.wbuf(i);
-            if share.in_line == 0 {
-                text::begin_retrieval(wbuf, cmd);
-            }
-            // Validated by plan().
-            text::push_prefixed_key(wbuf, &self.namespace, Key::trusted(k.as_ref()));
-            share.in_line += 1;
-            if share.in_line == KEYS_PER_LINE {
-                text::finish_line(wbuf);
-                share.in_line = 0;
-                share.expected += 1;
-            }
+            self.encode_item(&mut plan, j, k.as_ref(), None, |key| Cmd::Get(key, opts));
         }
-        for (i, share) in plan.shares.iter_mut().enumerate() {
-            if share.in_line > 0 {
-                text::finish_line(self.driver.wbuf(i));
-                share.expected += 1;
-            }
-        }
-        let limits = self.limits;
-        let ns = std::mem::take(&mut self.namespace);
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let share = &mut plan.shares[i];
-            // Most often the reply is the hit of this server's next key: checked against it
-            // directly (see `parse_value_of`).
-            let mut next = share.cursor;
-            while next < keys.len() && plan.server_of[next] != i as u32 {
-                next += 1;
-            }
-            if let Some(key) = keys.get(next) {
-                let key = key.as_ref();
-                if let Some(r) = text::parse_value_of(buf, &ns, key, &limits) {
-                    let (n, resp) = match r? {
-                        Status::Complete(c) => c,
-                        Status::Partial => return Ok(Status::Partial),
-                    };
-                    let Response::Value {
-                        flags, cas, data, ..
-                    } = resp
-                    else {
-                        return Err(ParseError::Unexpected); // parse_value_of returns values only
-                    };
-                    share.cursor = next + 1;
-                    share.hits += 1;
-                    found(
-                        key,
-                        ItemRef {
-                            value: data,
-                            flags,
-                            cas,
-                        },
-                    );
-                    return Ok(Status::Complete((n, false)));
-                }
-            }
-            let (n, resp) = match text::parse_reply(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
+        let ns = Arc::clone(&self.namespace);
+        let result = self.run_batch(&mut plan, Kind::Get, keys, |plan, i, outcome| {
+            let Outcome::Hit(Hit {
+                key,
+                opaque,
+                flags,
+                cas,
+                data,
+                ..
+            }) = outcome
+            else {
+                return Err(ParseError::Unexpected);
             };
-            match resp {
-                Response::Value {
-                    key,
-                    flags,
-                    cas,
-                    data,
-                } => {
-                    let user = key.strip_prefix(&ns[..]).ok_or(ParseError::Unexpected)?;
-                    // Replies come in request order: the key must be a later key of ours.
-                    loop {
-                        let j = share.cursor;
-                        if j >= keys.len() {
-                            return Err(ParseError::Unexpected);
-                        }
-                        share.cursor += 1;
-                        if plan.server_of[j] == i as u32 && short_eq(keys[j].as_ref(), user) {
-                            break;
-                        }
-                    }
-                    share.hits += 1;
-                    found(
-                        user,
-                        ItemRef {
-                            value: data,
-                            flags,
-                            cas,
-                        },
-                    );
-                    Ok(Status::Complete((n, false)))
-                }
-                Response::End => {
-                    share.seen += 1;
-                    Ok(Status::Complete((n, share.seen == share.expected)))
-                }
-                ref r if r.is_error() => {
-                    // The rest of this server's reply is in doubt.
-                    share.error = server_error(r);
-                    closed.push(i);
-                    Ok(Status::Complete((n, true)))
-                }
-                _ => Err(ParseError::Unexpected),
-            }
+            let j = plan.item(i, opaque, key, &ns, keys)?;
+            plan.shares[i].hits += 1;
+            let item = ItemRef {
+                value: data,
+                flags,
+                cas: cas.filter(|_| with_cas),
+            };
+            found(keys[j].as_ref(), item);
+            Ok(())
         });
-        self.namespace = ns;
-        self.disconnect_all(closed);
-        self.recycle(plan);
+        self.spare.plan = plan;
         result
     }
 
-    /// Keeps a finished call's vectors for the next call.
-    fn recycle(&mut self, plan: Plan) {
-        self.spare.plan = plan;
-    }
-
-    /// Closes the connections of servers whose batch answer went out of step.
-    fn disconnect_all(&mut self, servers: Vec<usize>) {
-        for i in servers {
-            self.driver.disconnect(i);
-        }
-    }
-
-    /// Runs one storage or delete command per key, pipelined per server, counting the replies
-    /// `success` accepts.
-    fn multi_simple(
+    /// Runs a batch of stores or deletes (already encoded) and counts the items done: every
+    /// item but those whose condition was not met (`unmet` says which outcomes those are).
+    fn write_batch(
         &mut self,
         mut plan: Plan,
-        success: impl Fn(&Response<'_>) -> Option<bool>,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        unmet: impl Fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
-        for share in plan.shares.iter_mut() {
-            share.expected = share.keys;
-        }
-        let limits = self.limits;
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let (n, resp) = match text::parse_reply(buf, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
+        let ns = Arc::clone(&self.namespace);
+        let result = self.run_batch(&mut plan, kind, keys, |plan, i, outcome| {
+            let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
+            let opaque = match outcome {
+                Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+                _ => None,
             };
-            let share = &mut plan.shares[i];
-            if let Some(e) = server_error(&resp) {
-                // The rest of this server's batch is in doubt.
-                share.error = Some(e);
-                closed.push(i);
-                return Ok(Status::Complete((n, true)));
+            if opaque.is_some() {
+                plan.item(i, opaque, None, &ns, keys)?;
+            } else if !plan.shares[i].every_item_replies {
+                // A quiet batch answers only for items it names.
+                return Err(ParseError::Unexpected);
             }
-            match success(&resp) {
-                Some(ok) => {
-                    share.hits += usize::from(ok);
-                    share.seen += 1;
-                    Ok(Status::Complete((n, share.seen == share.expected)))
-                }
-                None => Err(ParseError::Unexpected),
-            }
+            plan.shares[i].unmet += usize::from(missed);
+            Ok(())
         });
-        self.disconnect_all(closed);
-        let stored = plan.shares.iter().map(|s| s.hits).sum();
-        self.recycle(plan);
-        result.map(|()| stored)
+        let done = plan.shares.iter().map(|s| s.keys - s.unmet).sum();
+        self.spare.plan = plan;
+        result.map(|()| done)
     }
 
     /// Stores many items with one pipelined request per server; returns how many were stored.
-    /// Errors as in [`get_multi`](Self::get_multi): items on healthy servers are stored even
-    /// when another server fails.
+    ///
+    /// # Errors
+    /// An invalid key or a value above the maximum (before anything is sent); then as
+    /// [`get_multi`](Self::get_multi): items on healthy servers are stored even when another
+    /// server fails.
     pub fn set_multi<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &mut self,
         items: &[(K, V)],
@@ -412,437 +452,62 @@ impl Client {
         if items.is_empty() {
             return Ok(0);
         }
-        let plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
-        if self.protocol == Protocol::Binary {
-            for (j, (k, v)) in items.iter().enumerate() {
-                let i = plan.server_of[j];
-                if i != NO_SERVER {
-                    let v = v.as_ref();
-                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
-                        binary::encode_store(
-                            w,
-                            Opcode::SETQ,
-                            key,
-                            opts.flags,
-                            opts.ttl,
-                            v.len(),
-                            j as u32,
-                            0,
-                        );
-                        w.extend_from_slice(v);
-                    });
-                }
-            }
-            return self.bin_multi_quiet(plan, &[binary::STATUS_NOT_STORED, binary::STATUS_EXISTS]);
-        }
-        if self.protocol == Protocol::Meta {
-            for (j, (k, v)) in items.iter().enumerate() {
-                let i = plan.server_of[j];
-                if i != NO_SERVER {
-                    let v = v.as_ref();
-                    let f = meta::SetFlags {
-                        ttl: opts.ttl,
-                        client_flags: opts.flags,
-                        quiet: true,
-                        opaque: Some(j as u32),
-                        ..meta::SetFlags::default()
-                    };
-                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
-                        meta::encode_set(w, key, v.len(), &f);
-                        w.extend_from_slice(v);
-                        w.extend_from_slice(DATA_TRAILER);
-                    });
-                }
-            }
-            return self.meta_multi_quiet(plan, &[Code::NotStored, Code::Exists]);
-        }
-        let mut kb = std::mem::take(&mut self.keybuf);
+        let mut plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
+        let store = store_opts(StoreMode::Set, opts);
         for (j, (k, v)) in items.iter().enumerate() {
-            let i = plan.server_of[j];
-            if i == NO_SERVER {
-                continue;
-            }
-            let wbuf = self.driver.wbuf(i as usize);
-            let (key, _) = wire_key(&self.namespace, k.as_ref(), false, &mut kb)?;
             let v = v.as_ref();
-            text::encode_storage(
-                wbuf,
-                Storage::Set,
-                key,
-                opts.flags,
-                opts.ttl,
-                v.len(),
-                false,
-            );
-            wbuf.extend_from_slice(v);
-            wbuf.extend_from_slice(DATA_TRAILER);
+            self.encode_item(&mut plan, j, k.as_ref(), Some(v), |key| {
+                Cmd::Store(key, store, v.len())
+            });
         }
-        self.keybuf = kb;
-        self.multi_simple(plan, |r| match r {
-            Response::Stored => Some(true),
-            Response::NotStored => Some(false),
+        self.write_batch(plan, Kind::Store, &ItemKeys(items), |o| match o {
+            Outcome::Store(SetOutcome::Stored, ..) => Some(false),
+            Outcome::Store(SetOutcome::NotStored | SetOutcome::Exists, ..) => Some(true),
             _ => None,
         })
     }
 
     /// Deletes many keys with one pipelined request per server; returns how many existed.
+    /// Errors as [`get_multi`](Self::get_multi).
     pub fn delete_multi<K: AsRef<[u8]>>(&mut self, keys: &[K]) -> Result<usize> {
         if keys.is_empty() {
             return Ok(0);
         }
-        let plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        if self.protocol == Protocol::Binary {
-            for (j, k) in keys.iter().enumerate() {
-                let i = plan.server_of[j];
-                if i != NO_SERVER {
-                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
-                        binary::encode_simple(w, Opcode::DELETEQ, Some(key), &[], j as u32, 0);
-                    });
-                }
-            }
-            return self.bin_multi_quiet(plan, &[binary::STATUS_NOT_FOUND]);
-        }
-        if self.protocol == Protocol::Meta {
-            for (j, k) in keys.iter().enumerate() {
-                let i = plan.server_of[j];
-                if i != NO_SERVER {
-                    let f = meta::DeleteFlags {
-                        quiet: true,
-                        opaque: Some(j as u32),
-                        ..meta::DeleteFlags::default()
-                    };
-                    self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
-                        meta::encode_delete(w, key, &f);
-                    });
-                }
-            }
-            return self.meta_multi_quiet(plan, &[Code::NotFound]);
-        }
-        let mut kb = std::mem::take(&mut self.keybuf);
+        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         for (j, k) in keys.iter().enumerate() {
-            let i = plan.server_of[j];
-            if i == NO_SERVER {
-                continue;
-            }
-            let (key, _) = wire_key(&self.namespace, k.as_ref(), false, &mut kb)?;
-            text::encode_delete(self.driver.wbuf(i as usize), key, false);
+            self.encode_item(&mut plan, j, k.as_ref(), None, Cmd::delete);
         }
-        self.keybuf = kb;
-        self.multi_simple(plan, |r| match r {
-            Response::Deleted => Some(true),
-            Response::NotFound => Some(false),
+        self.write_batch(plan, Kind::Delete, keys, |o| match o {
+            Outcome::Deleted(_) => Some(false),
+            Outcome::NotFound(_) => Some(true),
             _ => None,
         })
     }
 }
 
-/// Opaque of the No-op that closes a binary batch (key indexes never reach it).
-const NOOP_OPAQUE: u32 = u32::MAX;
-
-/// One packet of a binary batch read from server `i`.
-enum BatchPacket<'a> {
-    /// More bytes are needed.
-    Partial,
-    /// The batch's closing No-op, of this many bytes.
-    End(usize),
-    /// (bytes, item index from the opaque, packet) for an item that was sent to server `i`.
-    Item(usize, usize, crate::proto::binary::Packet<'a>),
+/// The keys of a multi-key call, by index: a key list or the keys of `(key, value)` items.
+trait Keys {
+    fn len(&self) -> usize;
+    fn key(&self, j: usize) -> &[u8];
 }
 
-/// Parses the next packet of a batch and checks that its opaque names an item sent to this
-/// server: a reply for anything else is a framing error, never handed to a caller.
-fn batch_packet<'a>(
-    buf: &'a [u8],
-    limits: &crate::proto::Limits,
-    server_of: &[u32],
-    i: usize,
-) -> Result<BatchPacket<'a>, ParseError> {
-    let (n, p) = match binary::parse_response(buf, limits)? {
-        Status::Complete(c) => c,
-        Status::Partial => return Ok(BatchPacket::Partial),
-    };
-    if p.opcode == Opcode::NOOP && p.opaque == NOOP_OPAQUE {
-        return Ok(BatchPacket::End(n));
+impl<K: AsRef<[u8]>> Keys for [K] {
+    fn len(&self) -> usize {
+        <[K]>::len(self)
     }
-    let j = p.opaque as usize;
-    if j >= server_of.len() || server_of[j] != i as u32 {
-        return Err(ParseError::Unexpected);
-    }
-    Ok(BatchPacket::Item(n, j, p))
-}
-
-impl Client {
-    /// Encodes one keyed request (binary or meta) for the (validated) user key `k` with the
-    /// namespace.
-    fn encode_keyed(
-        &mut self,
-        plain: bool,
-        i: usize,
-        k: &[u8],
-        encode: impl FnOnce(&mut Vec<u8>, Key<'_>),
-    ) {
-        if plain {
-            // No namespace, and plan() found every key a valid text key.
-            encode(self.driver.wbuf(i), Key::trusted(k));
-            return;
-        }
-        let mut kb = std::mem::take(&mut self.keybuf);
-        let meta = self.protocol == Protocol::Meta;
-        let (key, _) = wire_key(&self.namespace, k, meta, &mut kb).expect("validated by plan()");
-        encode(self.driver.wbuf(i), key);
-        self.keybuf = kb;
-    }
-
-    /// Ends every server's batch with a No-op.
-    fn bin_close_batches(&mut self, plan: &Plan) {
-        for (i, share) in plan.shares.iter().enumerate() {
-            if share.keys > 0 && share.error.is_none() {
-                binary::encode_simple(self.driver.wbuf(i), Opcode::NOOP, None, &[], NOOP_OPAQUE, 0);
-            }
-        }
-    }
-
-    /// Binary multi-get: GetKQ per key (opaque = the key's index), one No-op per server;
-    /// misses send nothing; hits are matched by opaque and key (reference, section 6).
-    fn bin_retrieve_multi<K: AsRef<[u8]>>(
-        &mut self,
-        with_cas: bool,
-        keys: &[K],
-        mut found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        plan.retrieval = true;
-        for (j, k) in keys.iter().enumerate() {
-            let i = plan.server_of[j];
-            if i != NO_SERVER {
-                let w = self.driver.wbuf(i as usize);
-                binary::encode_prefixed(
-                    w,
-                    Opcode::GETKQ,
-                    &self.namespace,
-                    Key::trusted(k.as_ref()),
-                    &[],
-                    j as u32,
-                );
-            }
-        }
-        self.bin_close_batches(&plan);
-        let limits = self.limits;
-        let ns = std::mem::take(&mut self.namespace);
-        let labels = std::sync::Arc::clone(&self.labels);
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let (n, j, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
-                BatchPacket::Partial => return Ok(Status::Partial),
-                BatchPacket::End(n) => return Ok(Status::Complete((n, true))),
-                BatchPacket::Item(n, j, p) => (n, j, p),
-            };
-            let share = &mut plan.shares[i];
-            if p.status != binary::STATUS_OK {
-                if closes_connection(p.status) {
-                    closed.push(i);
-                }
-                share.error = Some(status_to_error(&labels[i], p.status, p.value));
-                return Ok(Status::Complete((n, false)));
-            }
-            let user = p.key.strip_prefix(&ns[..]).ok_or(ParseError::Unexpected)?;
-            if !short_eq(user, keys[j].as_ref()) {
-                return Err(ParseError::Unexpected);
-            }
-            share.hits += 1;
-            found(
-                user,
-                ItemRef {
-                    value: p.value,
-                    flags: p.flags().unwrap_or(0),
-                    cas: with_cas.then_some(p.cas),
-                },
-            );
-            Ok(Status::Complete((n, false)))
-        });
-        self.namespace = ns;
-        self.disconnect_all(closed);
-        self.recycle(plan);
-        result
-    }
-
-    /// Runs quiet binary writes (opaque = item index) closed by a No-op per server: only
-    /// failures come back. Statuses in `misses` count as "not done" (not stored, not found);
-    /// any other failure is an error for that server. Returns how many succeeded.
-    fn bin_multi_quiet(&mut self, mut plan: Plan, misses: &[u16]) -> Result<usize> {
-        self.bin_close_batches(&plan);
-        let limits = self.limits;
-        let labels = std::sync::Arc::clone(&self.labels);
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let (n, _item, p) = match batch_packet(buf, &limits, &plan.server_of, i)? {
-                BatchPacket::Partial => return Ok(Status::Partial),
-                BatchPacket::End(n) => return Ok(Status::Complete((n, true))),
-                BatchPacket::Item(n, j, p) => (n, j, p),
-            };
-            let share = &mut plan.shares[i];
-            if misses.contains(&p.status) {
-                share.seen += 1;
-            } else if p.status != binary::STATUS_OK {
-                if closes_connection(p.status) {
-                    closed.push(i);
-                }
-                share.error = Some(status_to_error(&labels[i], p.status, p.value));
-            }
-            Ok(Status::Complete((n, false)))
-        });
-        self.disconnect_all(closed);
-        let done = plan.shares.iter().map(|s| s.keys - s.seen).sum();
-        self.recycle(plan);
-        result.map(|()| done)
+    fn key(&self, j: usize) -> &[u8] {
+        self[j].as_ref()
     }
 }
 
-/// The item a reply of a meta batch from server `i` answers, from its opaque: it must name a
-/// request sent to this server, after the one the previous reply answered (the server answers
-/// in order). Anything else is a framing error.
-fn meta_item(
-    opaque: Option<u32>,
-    server_of: &[u32],
-    share: &mut Share,
-    i: usize,
-) -> Result<usize, ParseError> {
-    let j = opaque.ok_or(ParseError::Unexpected)? as usize;
-    if j >= server_of.len() || server_of[j] != i as u32 || j < share.cursor {
-        return Err(ParseError::Unexpected);
+/// The keys of `(key, value)` items.
+struct ItemKeys<'a, K, V>(&'a [(K, V)]);
+
+impl<K: AsRef<[u8]>, V> Keys for ItemKeys<'_, K, V> {
+    fn len(&self) -> usize {
+        self.0.len()
     }
-    share.cursor = j + 1;
-    Ok(j)
-}
-
-/// One reply unit of a meta batch from server `i`, after the parts every batch handles alike.
-enum MetaBatch<'a> {
-    /// What to tell the driver: more bytes needed, the closing `MN`, or an error line (the
-    /// share's error is set and the connection marked for closing).
-    Step(Status<(usize, bool)>),
-    /// A status reply of this many bytes, for the caller to match to its request.
-    Reply(usize, crate::proto::meta::Meta<'a>),
-}
-
-fn meta_batch_reply<'a>(
-    buf: &'a [u8],
-    limits: &crate::proto::Limits,
-    share: &mut Share,
-    closed: &mut Vec<usize>,
-    i: usize,
-) -> Result<MetaBatch<'a>, ParseError> {
-    let (n, r) = match meta::parse_reply(buf, limits)? {
-        Status::Complete(c) => c,
-        Status::Partial => return Ok(MetaBatch::Step(Status::Partial)),
-    };
-    match r {
-        Reply::Meta(m) if m.code == Code::Noop => Ok(MetaBatch::Step(Status::Complete((n, true)))),
-        Reply::Meta(m) => Ok(MetaBatch::Reply(n, m)),
-        r if r.is_error() => {
-            // The rest of this server's batch is in doubt.
-            share.error = meta_error(&r);
-            closed.push(i);
-            Ok(MetaBatch::Step(Status::Complete((n, true))))
-        }
-        _ => Err(ParseError::Unexpected),
-    }
-}
-
-impl Client {
-    /// Ends every server's meta batch with `mn`.
-    fn meta_close_batches(&mut self, plan: &Plan) {
-        for (i, share) in plan.shares.iter().enumerate() {
-            if share.keys > 0 && share.error.is_none() {
-                meta::encode_noop(self.driver.wbuf(i));
-            }
-        }
-    }
-
-    /// Meta multi-get: `mg <key> v f [c] q O<index>` per key, `mn` per server; misses send
-    /// nothing (notes §5, "Batch pattern"); hits are matched by opaque.
-    fn meta_retrieve_multi<K: AsRef<[u8]>>(
-        &mut self,
-        with_cas: bool,
-        keys: &[K],
-        mut found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        plan.retrieval = true;
-        for (j, k) in keys.iter().enumerate() {
-            let i = plan.server_of[j];
-            if i != NO_SERVER {
-                let f = meta::GetFlags {
-                    value: true,
-                    client_flags: true,
-                    cas: with_cas,
-                    quiet: true,
-                    opaque: Some(j as u32),
-                    ..meta::GetFlags::default()
-                };
-                self.encode_keyed(plan.plain, i as usize, k.as_ref(), |w, key| {
-                    meta::encode_get(w, key, &f)
-                });
-            }
-        }
-        self.meta_close_batches(&plan);
-        let limits = self.limits;
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let share = &mut plan.shares[i];
-            // Most replies are plain hits: read without the general parser's flag table.
-            let (n, hit) = match meta::parse_hit(buf, &limits) {
-                Some(r) => match r? {
-                    Status::Complete(c) => c,
-                    Status::Partial => return Ok(Status::Partial),
-                },
-                None => {
-                    let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
-                        MetaBatch::Step(s) => return Ok(s),
-                        MetaBatch::Reply(n, m) => (n, m),
-                    };
-                    (n, m.hit().ok_or(ParseError::Unexpected)?)
-                }
-            };
-            let j = meta_item(hit.opaque, &plan.server_of, share, i)?;
-            share.hits += 1;
-            found(
-                keys[j].as_ref(),
-                ItemRef {
-                    value: hit.data,
-                    flags: hit.client_flags.unwrap_or(0),
-                    cas: if with_cas { hit.cas } else { None },
-                },
-            );
-            Ok(Status::Complete((n, false)))
-        });
-        self.disconnect_all(closed);
-        self.recycle(plan);
-        result
-    }
-
-    /// Runs quiet meta writes (`q O<index>`) closed by `mn` per server: only failures come
-    /// back. Codes in `misses` count as "not done"; an error line is an error for that
-    /// server (and the rest of its batch is in doubt). Returns how many succeeded.
-    fn meta_multi_quiet(&mut self, mut plan: Plan, misses: &[Code]) -> Result<usize> {
-        self.meta_close_batches(&plan);
-        let limits = self.limits;
-        let mut closed = Vec::new();
-        let result = self.run_plan(&mut plan, |plan, i, buf| {
-            let share = &mut plan.shares[i];
-            let (n, m) = match meta_batch_reply(buf, &limits, share, &mut closed, i)? {
-                MetaBatch::Step(s) => return Ok(s),
-                MetaBatch::Reply(n, m) => (n, m),
-            };
-            if !misses.contains(&m.code) {
-                return Err(ParseError::Unexpected);
-            }
-            meta_item(m.flags.opaque_u32(), &plan.server_of, share, i)?;
-            share.seen += 1;
-            Ok(Status::Complete((n, false)))
-        });
-        self.disconnect_all(closed);
-        let done = plan.shares.iter().map(|s| s.keys - s.seen).sum();
-        self.recycle(plan);
-        result.map(|()| done)
+    fn key(&self, j: usize) -> &[u8] {
+        self.0[j].0.as_ref()
     }
 }

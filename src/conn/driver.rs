@@ -255,7 +255,7 @@ impl Driver {
     pub(crate) fn new(servers: &[ServerAddr], cfg: DriverConfig) -> Result<Driver> {
         let poll = Poll::new().map_err(|source| Error::Io {
             server: "(poll)".into(),
-            source,
+            source: source.into(),
         })?;
         let conns = servers
             .iter()
@@ -747,7 +747,7 @@ impl Driver {
         self.disconnect(i);
         Error::Io {
             server: self.conns[i].label.clone(),
-            source,
+            source: source.into(),
         }
     }
 
@@ -765,18 +765,21 @@ impl Driver {
                     .map_err(|e| self.io_error(i, e))?
                     .collect();
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+                let mut last_error = None;
                 for sa in addrs {
                     match TcpStream::connect(sa) {
+                        // The next address is tried only after an I/O error.
                         Ok(s) => match self.finish_connect(i, Stream::Tcp(s), &op) {
-                            Ok(()) => return Ok(()),
-                            Err(e @ Error::Timeout { .. }) => return Err(e),
-                            Err(Error::Io { source, .. }) => last = source,
-                            Err(e) => return Err(e),
+                            Err(e @ Error::Io { .. }) => last_error = Some(e),
+                            r => return r,
                         },
                         Err(e) => last = e,
                     }
                 }
-                Err(self.io_error(i, last))
+                Err(match last_error {
+                    Some(e) => e,
+                    None => self.io_error(i, last),
+                })
             }
         }
     }

@@ -12,6 +12,9 @@
 pub mod binary;
 pub mod meta;
 pub mod text;
+pub(crate) mod wire;
+
+pub use wire::{Protocol, SetOutcome, StoreMode};
 
 use std::fmt;
 

@@ -100,7 +100,7 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
 fn io_err(context: impl Into<String>, source: io::Error) -> Error {
     Error::Storage {
         context: context.into(),
-        source,
+        source: source.into(),
     }
 }
 

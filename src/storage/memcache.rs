@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use super::memory::not_found;
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
-use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, Protocol, SetOptions};
+use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 use crate::error::{Error, Result};
 use crate::proto::Key;
 
@@ -408,7 +408,7 @@ impl MemcacheStorage {
 
     /// Looks `key` up; on a miss, tries to become its filler.
     fn lookup(&self, c: &mut Client, key: &str) -> Result<Lookup> {
-        if c.protocol() == Protocol::Meta {
+        if c.has_leases() {
             return self.lookup_lease(c, key);
         }
         let k = key.as_bytes();
@@ -569,9 +569,9 @@ impl MemcacheStorage {
             return;
         };
         self.replay(&mut c);
-        let meta = c.protocol() == Protocol::Meta;
+        let leases = c.has_leases();
         for k in keys {
-            let r = if meta {
+            let r = if leases {
                 c.invalidate(k.as_bytes(), Some(STALE_TTL))
             } else {
                 c.delete(k.as_bytes())
@@ -707,7 +707,7 @@ impl MemcacheStorage {
         }
         Err(Error::Storage {
             context: format!("updating the members of {collection}"),
-            source: std::io::Error::other("too much contention"),
+            source: std::io::Error::other("too much contention").into(),
         })
     }
 

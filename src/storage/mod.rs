@@ -86,7 +86,7 @@ impl Content<'_> {
                 let mut v = Vec::new();
                 r.read_to_end(&mut v).map_err(|source| Error::Storage {
                     context: "reading content to store".into(),
-                    source,
+                    source: source.into(),
                 })?;
                 Ok(Bytes::from(v))
             }

@@ -1,0 +1,207 @@
+//! The meta protocol behind [`Wire`]. Single commands go without `q` and read one reply;
+//! batch items carry `q` and `O<index>` and a batch ends with `mn` (notes §5). Commands the
+//! meta protocol lacks (flush_all, verbosity, version, stats, quit) go as text commands, which
+//! memcached serves on the same connection.
+
+use super::text::{error_line, Text};
+use super::{
+    unit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, StoreMode,
+    Wire,
+};
+use crate::proto::meta::{self as m, ArithFlags, Code, DeleteFlags, GetFlags, Reply, SetFlags};
+use crate::proto::{parse_u64, Limits, ParseError, Status};
+
+pub(crate) struct Meta;
+
+fn mode(mode: StoreMode) -> m::Mode {
+    match mode {
+        StoreMode::Set => m::Mode::Set,
+        StoreMode::Add => m::Mode::Add,
+        StoreMode::Replace => m::Mode::Replace,
+        StoreMode::Append => m::Mode::Append,
+        StoreMode::Prepend => m::Mode::Prepend,
+    }
+}
+
+/// Encodes `cmd`; `opaque` is sent as `O<opaque>` when given.
+fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
+    match *cmd {
+        Cmd::Get(key, o) => {
+            let f = GetFlags {
+                value: true,
+                client_flags: true,
+                cas: o.cas || o.details,
+                ttl: o.details,
+                last_access: o.details,
+                hit: o.details,
+                no_bump: o.no_bump,
+                touch: o.touch,
+                vivify: o.lease_ttl,
+                recache: o.recache_below,
+                quiet,
+                opaque,
+                ..GetFlags::default()
+            };
+            m::encode_get(out, key, &f);
+        }
+        Cmd::Store(key, o, len) => {
+            let f = SetFlags {
+                mode: mode(o.mode),
+                ttl: o.ttl,
+                client_flags: o.flags,
+                cas: o.cas,
+                invalidate: o.invalidate,
+                return_cas: o.return_cas,
+                quiet,
+                opaque,
+                ..SetFlags::default()
+            };
+            m::encode_set(out, key, len, &f);
+        }
+        Cmd::Delete(key) => {
+            let f = DeleteFlags {
+                quiet,
+                opaque,
+                ..DeleteFlags::default()
+            };
+            m::encode_delete(out, key, &f);
+        }
+        Cmd::Invalidate(key, ttl) => {
+            let f = DeleteFlags {
+                invalidate: true,
+                ttl,
+                quiet,
+                opaque,
+                ..DeleteFlags::default()
+            };
+            m::encode_delete(out, key, &f);
+        }
+        Cmd::Arith { key, decr, delta } => {
+            let f = ArithFlags {
+                decr,
+                delta,
+                value: !quiet,
+                quiet,
+                opaque,
+                ..ArithFlags::default()
+            };
+            m::encode_arith(out, key, &f);
+        }
+        // A hit answers HD even with q (notes §5).
+        Cmd::Touch(key, ttl) => {
+            let f = GetFlags {
+                touch: Some(ttl),
+                quiet,
+                opaque,
+                ..GetFlags::default()
+            };
+            m::encode_get(out, key, &f);
+        }
+        Cmd::Debug(key) => m::encode_debug(out, key),
+        Cmd::Sync => m::encode_noop(out),
+        Cmd::FlushAll(_) | Cmd::Verbosity(_) | Cmd::Version | Cmd::Stats(_) | Cmd::Quit => {
+            Text::encode(out, cmd, 0, quiet)
+        }
+        // Fronts check the capability first: never built for this protocol.
+        Cmd::Auth { .. } => {}
+    }
+}
+
+impl Wire for Meta {
+    const TRAILER: &'static [u8] = m::DATA_TRAILER;
+
+    fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
+        encode(out, cmd, None, quiet)
+    }
+
+    fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, _pos: usize) {
+        encode(out, cmd, Some(index), true)
+    }
+
+    fn end_batch(out: &mut Vec<u8>, _kind: Kind, _n: usize) -> BatchShape {
+        m::encode_noop(out);
+        BatchShape {
+            ends: 1,
+            every_item_replies: false,
+        }
+    }
+
+    #[inline]
+    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a> {
+        let kind = expect.kind;
+        if matches!(kind, Kind::Ok | Kind::Version | Kind::Stats) {
+            return Text::decode(buf, expect, limits);
+        }
+        if kind == Kind::Get && expect.opaque.is_none() {
+            // Most batch replies are plain hits: read without the general parser's flag table.
+            if let Some(r) = m::parse_hit(buf, limits) {
+                let (n, h) = match r? {
+                    Status::Complete(c) => c,
+                    Status::Partial => return Ok(Status::Partial),
+                };
+                let hit = Hit {
+                    opaque: h.opaque,
+                    flags: h.client_flags.unwrap_or(0),
+                    cas: h.cas,
+                    data: h.data,
+                    ..Hit::default()
+                };
+                return unit(n, Outcome::Hit(hit), true);
+            }
+        }
+        let (n, r) = match m::parse_reply(buf, limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        let r = match r {
+            Reply::Meta(r) => r,
+            Reply::Debug(line) => return unit(n, Outcome::Debug(line), true),
+            Reply::Error(msg) => {
+                return unit(n, error_line(Refusal::UnknownCommand, msg, false), true)
+            }
+            Reply::ClientError(msg) => {
+                return unit(n, error_line(Refusal::Client, msg, false), true)
+            }
+            Reply::ServerError(msg) => {
+                return unit(n, error_line(Refusal::Server, msg, true), true)
+            }
+        };
+        let f = r.flags;
+        let opaque = f.opaque_u32();
+        let outcome = match (r.code, r.data) {
+            (Code::Value, Some(d)) if kind == Kind::Arith => {
+                Outcome::Number(parse_u64(d).ok_or(ParseError::Unexpected)?)
+            }
+            (Code::Value, Some(data)) => Outcome::Hit(Hit {
+                key: None,
+                opaque,
+                flags: f.client_flags.unwrap_or(0),
+                cas: f.cas,
+                data,
+                ttl: f.ttl,
+                last_access: f.last_access,
+                hit_before: f.hit,
+                won: f.won,
+                already_won: f.already_won,
+                stale: f.stale,
+            }),
+            (Code::Value, None) => return Err(ParseError::Unexpected),
+            (Code::Done, _) => match kind {
+                Kind::Store => Outcome::Store(SetOutcome::Stored, f.cas, opaque),
+                Kind::Delete => Outcome::Deleted(opaque),
+                _ => Outcome::Touched,
+            },
+            (Code::Miss, _) => Outcome::Miss,
+            (Code::NotFound, _) if kind == Kind::Store => {
+                Outcome::Store(SetOutcome::NotFound, None, opaque)
+            }
+            (Code::NotFound, _) => Outcome::NotFound(opaque),
+            (Code::NotStored, _) => Outcome::Store(SetOutcome::NotStored, None, opaque),
+            (Code::Exists, _) => Outcome::Store(SetOutcome::Exists, None, opaque),
+            // `mn` is sent only to close a batch or pipeline.
+            (Code::Noop, _) if expect.opaque.is_none() => Outcome::End,
+            (Code::Noop, _) => return Err(ParseError::Unexpected),
+        };
+        unit(n, outcome, true)
+    }
+}

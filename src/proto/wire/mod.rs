@@ -1,0 +1,372 @@
+//! The command layer: every command of every protocol behind one interface.
+//!
+//! A front ([`Client`](crate::Client), multi-key calls, pipelines) describes what it wants as a
+//! [`Cmd`], has the protocol encode it, and reads the reply as protocol-neutral [`Outcome`]s.
+//! Each protocol is one module implementing [`Wire`]; [`Protocol`]'s methods here are the one
+//! place that picks the module. Like the rest of `proto`, this is pure: bytes in, bytes out.
+
+mod binary;
+mod meta;
+mod text;
+
+use super::{Key, Limits, ParseError, Status};
+
+/// The wire protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// The classic text protocol.
+    #[default]
+    Text,
+    /// The binary protocol (deprecated by memcached 1.6, still served; the only one with SASL).
+    Binary,
+    /// The meta protocol (memcached 1.6.10 and later): everything the others do, binary keys
+    /// (sent base64-encoded, up to 186 bytes), and leases ([`Client::meta_get`]).
+    ///
+    /// [`Client::meta_get`]: crate::Client::meta_get
+    Meta,
+}
+
+/// The storage commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Store unconditionally.
+    #[default]
+    Set,
+    /// Store only if absent.
+    Add,
+    /// Store only if present.
+    Replace,
+    /// Append to the existing value (ttl and flags are ignored by the server).
+    Append,
+    /// Prepend to the existing value (ttl and flags are ignored by the server).
+    Prepend,
+}
+
+/// What a storage command answered, in every protocol's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// Stored.
+    Stored,
+    /// The mode's condition failed (add of an existing key, replace/append/prepend of a
+    /// missing one).
+    NotStored,
+    /// The CAS did not match: someone wrote or invalidated the item since.
+    Exists,
+    /// A CAS was given and the item does not exist (any more).
+    NotFound,
+}
+
+/// What a protocol can express beyond the common commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Capability {
+    /// Leases, invalidation, item metadata, CAS-returning sets (meta only).
+    Meta,
+    /// `verbosity` (memcached does not implement the binary command).
+    Verbosity,
+    /// Keys with whitespace or control bytes, sent base64-encoded (meta only).
+    BinaryKeys,
+    /// SASL authentication (binary only).
+    Sasl,
+}
+
+/// Options of a retrieval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct GetOpts {
+    /// Return the CAS unique.
+    pub(crate) cas: bool,
+    /// Get-and-touch with this TTL.
+    pub(crate) touch: Option<u32>,
+    /// Meta only: TTL, last access, hit-before (and the value's CAS).
+    pub(crate) details: bool,
+    /// Meta only: `N<ttl>` (vivify on miss and win the lease).
+    pub(crate) lease_ttl: Option<u32>,
+    /// Meta only: `R<secs>` (win the recache lease below this TTL).
+    pub(crate) recache_below: Option<u32>,
+    /// Meta only: `u` (no LRU bump).
+    pub(crate) no_bump: bool,
+}
+
+/// Options of a storage command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StoreOpts {
+    pub(crate) mode: StoreMode,
+    pub(crate) flags: u32,
+    pub(crate) ttl: u32,
+    /// Store only if the CAS unique is still this one.
+    pub(crate) cas: Option<u64>,
+    /// Meta only: with `cas`, an older CAS still stores but leaves the item stale.
+    pub(crate) invalidate: bool,
+    /// Meta only: return the new CAS.
+    pub(crate) return_cas: bool,
+}
+
+/// One command, as a front describes it. Keys are wire keys (namespace applied, base64 for a
+/// binary key over meta).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cmd<'a> {
+    Get(Key<'a>, GetOpts),
+    /// A storage command for a value of `len` bytes (sent after the encoded header).
+    Store(Key<'a>, StoreOpts, usize),
+    Delete(Key<'a>),
+    /// Meta only: mark the item stale instead of deleting it; the stale item lives this many
+    /// seconds, if given.
+    Invalidate(Key<'a>, Option<u32>),
+    Arith {
+        key: Key<'a>,
+        decr: bool,
+        delta: u64,
+    },
+    Touch(Key<'a>, u32),
+    /// Meta only: the server's debug line for an item.
+    Debug(Key<'a>),
+    FlushAll(Option<u32>),
+    Verbosity(u32),
+    Version,
+    Stats(Option<&'a [u8]>),
+    /// Binary only: SASL authentication with `mechanism` and its data.
+    Auth {
+        mechanism: &'a [u8],
+        data: &'a [u8],
+    },
+    Quit,
+    /// Ends a batch or pipeline: its reply ([`Outcome::End`]) comes after every earlier one.
+    Sync,
+}
+
+/// What a command's replies are read as: the command kind (which some protocols need to tell
+/// what a reply means) and, for a single command, the opaque its reply must echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Expect<'e> {
+    pub(crate) kind: Kind,
+    /// Binary: the opaque of a single command's reply; `None` in batches, where the front
+    /// matches opaques to items.
+    pub(crate) opaque: Option<u32>,
+    /// A multi-get's next expected item (namespace, user key): the text protocol reads a hit
+    /// for it without the general parser.
+    pub(crate) next: Option<(&'e [u8], &'e [u8])>,
+}
+
+impl Expect<'_> {
+    pub(crate) fn single(kind: Kind, opaque: u32) -> Expect<'static> {
+        Expect {
+            kind,
+            opaque: Some(opaque),
+            next: None,
+        }
+    }
+
+    pub(crate) fn batch(kind: Kind) -> Expect<'static> {
+        Expect {
+            kind,
+            opaque: None,
+            next: None,
+        }
+    }
+}
+
+/// Command kinds, as [`Expect`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Get,
+    Store,
+    Delete,
+    Arith,
+    Touch,
+    Debug,
+    /// flush_all, verbosity, SASL: an `OK`.
+    Ok,
+    Version,
+    Stats,
+    /// A stream of quiet (noreply) commands closed by [`Cmd::Sync`].
+    Quiet,
+}
+
+impl Cmd<'_> {
+    /// `Cmd::Delete`, as a function generic over the key's lifetime (the variant is not).
+    pub(crate) fn delete(key: Key<'_>) -> Cmd<'_> {
+        Cmd::Delete(key)
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            Cmd::Get(..) => Kind::Get,
+            Cmd::Store(..) => Kind::Store,
+            Cmd::Delete(_) | Cmd::Invalidate(..) => Kind::Delete,
+            Cmd::Arith { .. } => Kind::Arith,
+            Cmd::Touch(..) => Kind::Touch,
+            Cmd::Debug(_) => Kind::Debug,
+            Cmd::FlushAll(_) | Cmd::Verbosity(_) | Cmd::Auth { .. } => Kind::Ok,
+            Cmd::Version => Kind::Version,
+            Cmd::Stats(_) => Kind::Stats,
+            Cmd::Quit | Cmd::Sync => Kind::Quiet,
+        }
+    }
+}
+
+/// An item in a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Hit<'a> {
+    /// The wire key, when the reply echoes it.
+    pub(crate) key: Option<&'a [u8]>,
+    /// The opaque, when the reply echoes one (binary always; meta when sent).
+    pub(crate) opaque: Option<u32>,
+    pub(crate) flags: u32,
+    pub(crate) cas: Option<u64>,
+    pub(crate) data: &'a [u8],
+    /// Meta's item metadata, when asked for.
+    pub(crate) ttl: Option<i64>,
+    pub(crate) last_access: Option<u64>,
+    pub(crate) hit_before: Option<bool>,
+    pub(crate) won: bool,
+    pub(crate) already_won: bool,
+    pub(crate) stale: bool,
+}
+
+/// Why the server refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `ERROR`, binary unknown command.
+    UnknownCommand,
+    /// `CLIENT_ERROR`, binary statuses blaming the request.
+    Client,
+    /// `SERVER_ERROR`, binary out of memory, too large, unknown statuses.
+    Server,
+    /// Binary authentication statuses.
+    Auth,
+}
+
+/// One reply unit, in every protocol's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome<'a> {
+    Hit(Hit<'a>),
+    /// A retrieval found nothing (meta `EN`, binary not found).
+    Miss,
+    /// The end of a retrieval, stats or batch reply (text `END`, binary No-op and empty stat,
+    /// meta `MN`, the text `VERSION` closing a pipeline).
+    End,
+    Store(SetOutcome, Option<u64>, Option<u32>),
+    Deleted(Option<u32>),
+    Touched,
+    /// A missing item, for commands other than retrievals (and its opaque, in batches).
+    NotFound(Option<u32>),
+    Number(u64),
+    Ok,
+    Version(&'a [u8]),
+    Stat(&'a [u8], &'a [u8]),
+    Debug(&'a [u8]),
+    /// An error reply. `closes`: the server closes after it, or the stream is out of step.
+    Error {
+        refusal: Refusal,
+        message: &'a [u8],
+        closes: bool,
+        /// The item it answers, when the reply names one (binary).
+        opaque: Option<u32>,
+    },
+}
+
+/// A reply unit and whether it completes a single command's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unit<'a> {
+    pub(crate) outcome: Outcome<'a>,
+    pub(crate) last: bool,
+}
+
+/// How a batch's replies end (see [`Wire::end_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchShape {
+    /// How many [`Outcome::End`] units close it.
+    pub(crate) ends: usize,
+    /// Every item answers (text stores and deletes); otherwise only misses and failures do.
+    pub(crate) every_item_replies: bool,
+}
+
+/// The result of decoding.
+pub(crate) type Decoded<'a> = Result<Status<(usize, Unit<'a>)>, ParseError>;
+
+/// One protocol: encoders for every command and batch, a decoder into [`Outcome`]s.
+pub(crate) trait Wire {
+    /// Appends `cmd` (quiet: no reply on success where the protocol can say so) to `out`.
+    /// A store's value follows, sent by the caller with [`Wire::TRAILER`] after it.
+    fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool);
+    /// Appends `cmd` as item `index` of a batch, the `pos`-th for this server.
+    fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
+        let _ = pos;
+        Self::encode(out, cmd, index, true);
+    }
+    /// Closes a batch of `n` items of `kind` for one server.
+    fn end_batch(out: &mut Vec<u8>, kind: Kind, n: usize) -> BatchShape;
+    /// Decodes the next reply unit of `buf`.
+    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a>;
+    /// What follows a value on the wire.
+    const TRAILER: &'static [u8];
+}
+
+/// Calls `$f::<W>` with the protocol's [`Wire`] implementation: the one dispatch point.
+macro_rules! dispatch {
+    ($p:expr, $w:ident => $e:expr) => {
+        match $p {
+            Protocol::Text => {
+                type $w = text::Text;
+                $e
+            }
+            Protocol::Binary => {
+                type $w = binary::Binary;
+                $e
+            }
+            Protocol::Meta => {
+                type $w = meta::Meta;
+                $e
+            }
+        }
+    };
+}
+
+impl Protocol {
+    /// Whether this protocol can express `cap`.
+    pub(crate) fn supports(self, cap: Capability) -> bool {
+        matches!(
+            (self, cap),
+            (Protocol::Meta, Capability::Meta | Capability::BinaryKeys)
+                | (Protocol::Text | Protocol::Meta, Capability::Verbosity)
+                | (Protocol::Binary, Capability::Sasl)
+        )
+    }
+
+    /// See [`Wire::encode`].
+    #[inline]
+    pub(crate) fn encode(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool) {
+        dispatch!(self, W => W::encode(out, cmd, opaque, quiet))
+    }
+
+    /// See [`Wire::encode_item`].
+    #[inline]
+    pub(crate) fn encode_item(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
+        dispatch!(self, W => W::encode_item(out, cmd, index, pos))
+    }
+
+    /// See [`Wire::end_batch`].
+    pub(crate) fn end_batch(self, out: &mut Vec<u8>, kind: Kind, n: usize) -> BatchShape {
+        dispatch!(self, W => W::end_batch(out, kind, n))
+    }
+
+    /// See [`Wire::decode`].
+    #[inline]
+    pub(crate) fn decode<'a>(
+        self,
+        buf: &'a [u8],
+        expect: &Expect<'_>,
+        limits: &Limits,
+    ) -> Decoded<'a> {
+        dispatch!(self, W => W::decode(buf, expect, limits))
+    }
+
+    /// See [`Wire::TRAILER`].
+    pub(crate) fn trailer(self) -> &'static [u8] {
+        dispatch!(self, W => W::TRAILER)
+    }
+}
+
+/// A complete unit.
+pub(crate) fn unit(n: usize, outcome: Outcome<'_>, last: bool) -> Decoded<'_> {
+    Ok(Status::Complete((n, Unit { outcome, last })))
+}
