@@ -49,7 +49,9 @@ use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text;
-use crate::proto::wire::{Capability, Cmd, Expect, GetOpts, Outcome, Refusal, StoreOpts};
+use crate::proto::wire::{
+    with_wire, Capability, Cmd, Expect, GetOpts, Outcome, Refusal, StoreOpts, Wire,
+};
 use crate::proto::{Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
 use health::Health;
@@ -397,19 +399,28 @@ impl Client {
         op: &Op,
         cmd: &Cmd<'_>,
         value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        with_wire!(self.protocol, W => self.exchange_with::<W, T>(i, op, cmd, value, on))
+    }
+
+    fn exchange_with<W: Wire, T>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
         mut on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
-        let protocol = self.protocol;
         let opaque = self.next_opaque();
         let w = self.driver.wbuf(i);
-        protocol.encode(w, cmd, opaque, false);
-        let trailer = protocol.trailer();
+        W::encode(w, cmd, opaque, false);
         let separate = match value {
             // Large values go out straight from the caller's slice, without a copy.
-            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, trailer)),
+            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, W::TRAILER)),
             Some(v) => {
                 w.extend_from_slice(v);
-                w.extend_from_slice(trailer);
+                w.extend_from_slice(W::TRAILER);
                 None
             }
             None => None,
@@ -419,7 +430,7 @@ impl Client {
         let mut out = None;
         let mut refused_with = None;
         self.driver.exchange(i, op, separate, Until::Done, |buf| {
-            let (n, unit) = match protocol.decode(buf, &expect, &limits)? {
+            let (n, unit) = match W::decode(buf, &expect, &limits)? {
                 Status::Complete(c) => c,
                 Status::Partial => return Ok(Status::Partial),
             };

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::{combine, refused, store_opts, wire_key, Client, ItemRef, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
-use crate::proto::wire::{Capability, Cmd, Expect, GetOpts, Hit, Kind, Outcome};
+use crate::proto::wire::{
+    with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Wire,
+};
 use crate::proto::{short_eq, Key, ParseError, SetOutcome, Status, MAX_KEY_LEN};
 
 /// Marks a key whose server is ejected (or that has no server).
@@ -28,6 +30,8 @@ struct Share {
     replies: usize,
     /// Position in the caller's key list of the next key a reply may be for.
     cursor: usize,
+    /// The first of this server's keys from `cursor` on (multi-gets).
+    next: usize,
     /// Hits (gets).
     hits: usize,
     /// Items whose condition was not met (not stored, not found).
@@ -54,41 +58,78 @@ struct Plan {
 }
 
 impl Plan {
-    /// The caller's index of the item a reply from server `i` answers: named by its opaque
-    /// (binary, meta) or found by its key among this server's keys (text). Either way it must
-    /// come after the item the previous reply answered: servers answer in request order.
-    /// Anything else is a framing error, never handed to a caller.
+    /// The caller's index of the item a reply from server `i` answers. It must be one of
+    /// this server's keys after the one the previous reply answered (servers answer in
+    /// request order); anything else is a framing error, never handed to a caller.
+    #[inline]
     fn item(
         &mut self,
         i: usize,
-        opaque: Option<u32>,
-        key: Option<&[u8]>,
+        by: By<'_>,
         ns: &[u8],
         keys: &(impl Keys + ?Sized),
     ) -> Result<usize, ParseError> {
         let share = &mut self.shares[i];
-        let user = match key {
-            Some(k) => Some(k.strip_prefix(ns).ok_or(ParseError::Unexpected)?),
-            None => None,
-        };
-        let j = match opaque {
-            Some(j) => j as usize,
-            None => {
-                let user = user.ok_or(ParseError::Unexpected)?;
+        let mine = |j: usize| j < keys.len() && self.server_of[j] == i as u32;
+        let user = |key| strip(key, ns);
+        let j = match by {
+            // The decoder matched the hit to the expected next key.
+            By::Next if mine(share.next) => share.next,
+            By::Next => return Err(ParseError::Unexpected),
+            By::Opaque(j, key) => {
+                let j = j as usize;
+                if j < share.cursor || !mine(j) {
+                    return Err(ParseError::Unexpected);
+                }
+                if let Some(key) = key {
+                    if !short_eq(user(key)?, keys.key(j)) {
+                        return Err(ParseError::Unexpected);
+                    }
+                }
+                j
+            }
+            By::Key(key) => {
+                let user = user(key)?;
                 (share.cursor..keys.len())
-                    .find(|&j| self.server_of[j] == i as u32 && short_eq(keys.key(j), user))
+                    .find(|&j| mine(j) && short_eq(keys.key(j), user))
                     .ok_or(ParseError::Unexpected)?
             }
         };
-        if j < share.cursor || j >= keys.len() || self.server_of[j] != i as u32 {
-            return Err(ParseError::Unexpected);
-        }
-        if user.is_some_and(|u| !short_eq(u, keys.key(j))) {
-            return Err(ParseError::Unexpected);
-        }
         share.cursor = j + 1;
         Ok(j)
     }
+}
+
+/// A reply's wire key without the namespace.
+fn strip<'k>(key: &'k [u8], ns: &[u8]) -> Result<&'k [u8], ParseError> {
+    key.strip_prefix(ns).ok_or(ParseError::Unexpected)
+}
+
+/// How a reply names the item it answers.
+enum By<'a> {
+    /// The decoder checked it against the share's next key.
+    Next,
+    /// By opaque (binary, meta), with the key if the reply echoes it.
+    Opaque(u32, Option<&'a [u8]>),
+    /// By key (text).
+    Key(&'a [u8]),
+}
+
+impl<'a> By<'a> {
+    #[inline]
+    fn of(opaque: Option<u32>, key: Option<&'a [u8]>) -> By<'a> {
+        match (opaque, key) {
+            (Some(o), key) => By::Opaque(o, key),
+            (None, Some(key)) => By::Key(key),
+            (None, None) => By::Next,
+        }
+    }
+}
+
+/// A reply unit answering an item of a batch.
+enum Reply<'a> {
+    Hit(BatchHit<'a>),
+    Other(Outcome<'a>),
 }
 
 /// What one multi-key call leaves for the next, so that a warm call allocates nothing.
@@ -218,12 +259,21 @@ impl Client {
         plan: &mut Plan,
         kind: Kind,
         keys: &(impl Keys + ?Sized),
-        mut on_item: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+        on_item: impl FnMut(&mut Plan, usize, Reply<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
-        let protocol = self.protocol;
+        with_wire!(self.protocol, W => self.run_batch_with::<W>(plan, kind, keys, on_item))
+    }
+
+    fn run_batch_with<W: Wire>(
+        &mut self,
+        plan: &mut Plan,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        mut on_item: impl FnMut(&mut Plan, usize, Reply<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys > 0 && share.error.is_none() {
-                let shape = protocol.end_batch(self.driver.wbuf(i), kind, share.keys);
+                let shape = W::end_batch(self.driver.wbuf(i), kind, share.keys);
                 share.ends = shape.ends;
                 share.every_item_replies = shape.every_item_replies;
             }
@@ -233,21 +283,27 @@ impl Client {
         let ns = Arc::clone(&self.namespace);
         let labels = Arc::clone(&self.labels);
         let mut closed = Vec::new();
+        let expect = Expect::batch(kind);
         let result = self.run_plan(plan, |plan, i, buf| {
-            let share = &plan.shares[i];
-            // A multi-get's next hit is most often this server's next key.
-            let next = if kind == Kind::Get {
-                (share.cursor..keys.len())
-                    .find(|&j| plan.server_of[j] == i as u32)
-                    .map(|j| (&ns[..], keys.key(j)))
-            } else {
-                None
-            };
-            let expect = Expect {
-                next,
-                ..Expect::batch(kind)
-            };
-            let (n, unit) = match protocol.decode(buf, &expect, &limits)? {
+            if kind == Kind::Get {
+                // A multi-get's next hit is most often this server's next key, in the
+                // common shape: read without the general decoder.
+                let share = &mut plan.shares[i];
+                let from = share.cursor;
+                let next = (from..keys.len()).find(|&j| plan.server_of[j] == i as u32);
+                share.next = next.unwrap_or(usize::MAX);
+                let next = next.map(|j| (&ns[..], keys.key(j)));
+                if let Some(r) = W::batch_hit(buf, next, &limits) {
+                    let (n, hit) = match r? {
+                        Status::Complete(c) => c,
+                        Status::Partial => return Ok(Status::Partial),
+                    };
+                    plan.shares[i].replies += 1;
+                    on_item(plan, i, Reply::Hit(hit))?;
+                    return Ok(Status::Complete((n, plan.shares[i].finished())));
+                }
+            }
+            let (n, unit) = match W::decode(buf, &expect, &limits)? {
                 Status::Complete(c) => c,
                 Status::Partial => return Ok(Status::Partial),
             };
@@ -267,9 +323,22 @@ impl Client {
                         return Ok(Status::Complete((n, true)));
                     }
                 }
+                Outcome::Hit(h) => {
+                    share.replies += 1;
+                    let hit = BatchHit {
+                        data: h.data,
+                        flags: h.flags,
+                        cas: h.cas,
+                        // Only the fast path may name the next key implicitly: a hit with
+                        // neither an opaque nor a key names no item here.
+                        opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
+                        key: h.key,
+                    };
+                    on_item(plan, i, Reply::Hit(hit))?;
+                }
                 outcome => {
                     share.replies += 1;
-                    on_item(plan, i, outcome)?;
+                    on_item(plan, i, Reply::Other(outcome))?;
                 }
             }
             Ok(Status::Complete((n, plan.shares[i].finished())))
@@ -379,19 +448,18 @@ impl Client {
             self.encode_item(&mut plan, j, k.as_ref(), None, |key| Cmd::Get(key, opts));
         }
         let ns = Arc::clone(&self.namespace);
-        let result = self.run_batch(&mut plan, Kind::Get, keys, |plan, i, outcome| {
-            let Outcome::Hit(Hit {
+        let result = self.run_batch(&mut plan, Kind::Get, keys, |plan, i, reply| {
+            let Reply::Hit(BatchHit {
                 key,
                 opaque,
                 flags,
                 cas,
                 data,
-                ..
-            }) = outcome
+            }) = reply
             else {
                 return Err(ParseError::Unexpected);
             };
-            let j = plan.item(i, opaque, key, &ns, keys)?;
+            let j = plan.item(i, By::of(opaque, key), &ns, keys)?;
             plan.shares[i].hits += 1;
             let item = ItemRef {
                 value: data,
@@ -415,14 +483,17 @@ impl Client {
         unmet: impl Fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
         let ns = Arc::clone(&self.namespace);
-        let result = self.run_batch(&mut plan, kind, keys, |plan, i, outcome| {
+        let result = self.run_batch(&mut plan, kind, keys, |plan, i, reply| {
+            let Reply::Other(outcome) = reply else {
+                return Err(ParseError::Unexpected);
+            };
             let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
             let opaque = match outcome {
                 Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
                 _ => None,
             };
-            if opaque.is_some() {
-                plan.item(i, opaque, None, &ns, keys)?;
+            if let Some(o) = opaque {
+                plan.item(i, By::Opaque(o, None), &ns, keys)?;
             } else if !plan.shares[i].every_item_replies {
                 // A quiet batch answers only for items it names.
                 return Err(ParseError::Unexpected);

@@ -2,8 +2,8 @@
 //! of quiet opcodes closed by a No-op.
 
 use super::{
-    unit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, StoreMode,
-    Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
+    StoreMode, Wire,
 };
 use crate::proto::binary::{self as bin, Opcode, Packet, StatusKind};
 use crate::proto::{Limits, ParseError, Status};
@@ -97,7 +97,33 @@ impl Wire for Binary {
     }
 
     #[inline]
-    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a> {
+    fn batch_hit<'a>(
+        buf: &'a [u8],
+        _next: Option<(&[u8], &[u8])>,
+        limits: &Limits,
+    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+        let (n, p) = match bin::parse_response(buf, limits) {
+            Ok(Status::Complete(c)) => c,
+            Ok(Status::Partial) => return Some(Ok(Status::Partial)),
+            Err(e) => return Some(Err(e)),
+        };
+        if p.status != bin::STATUS_OK || !matches!(p.opcode, Opcode::GETKQ | Opcode::GATKQ) {
+            return None;
+        }
+        Some(Ok(Status::Complete((
+            n,
+            BatchHit {
+                data: p.value,
+                flags: p.flags().unwrap_or(0),
+                cas: Some(p.cas),
+                opaque: Some(p.opaque),
+                key: Some(p.key),
+            },
+        ))))
+    }
+
+    #[inline]
+    fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         let (n, p) = match bin::parse_response(buf, limits)? {
             Status::Complete(c) => c,
             Status::Partial => return Ok(Status::Partial),

@@ -5,8 +5,8 @@
 
 use super::text::{error_line, Text};
 use super::{
-    unit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, StoreMode,
-    Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
+    StoreMode, Wire,
 };
 use crate::proto::meta::{self as m, ArithFlags, Code, DeleteFlags, GetFlags, Reply, SetFlags};
 use crate::proto::{parse_u64, Limits, ParseError, Status};
@@ -127,27 +127,34 @@ impl Wire for Meta {
     }
 
     #[inline]
-    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a> {
+    fn batch_hit<'a>(
+        buf: &'a [u8],
+        _next: Option<(&[u8], &[u8])>,
+        limits: &Limits,
+    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+        // Most batch replies are plain hits: read without the general parser's flag table.
+        Some(match m::parse_hit(buf, limits)? {
+            Ok(Status::Complete((n, h))) => Ok(Status::Complete((
+                n,
+                BatchHit {
+                    data: h.data,
+                    flags: h.client_flags.unwrap_or(0),
+                    cas: h.cas,
+                    // A hit without an opaque names no item: refused by the caller.
+                    opaque: Some(h.opaque.unwrap_or(u32::MAX)),
+                    key: None,
+                },
+            ))),
+            Ok(Status::Partial) => Ok(Status::Partial),
+            Err(e) => Err(e),
+        })
+    }
+
+    #[inline]
+    fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         let kind = expect.kind;
         if matches!(kind, Kind::Ok | Kind::Version | Kind::Stats) {
             return Text::decode(buf, expect, limits);
-        }
-        if kind == Kind::Get && expect.opaque.is_none() {
-            // Most batch replies are plain hits: read without the general parser's flag table.
-            if let Some(r) = m::parse_hit(buf, limits) {
-                let (n, h) = match r? {
-                    Status::Complete(c) => c,
-                    Status::Partial => return Ok(Status::Partial),
-                };
-                let hit = Hit {
-                    opaque: h.opaque,
-                    flags: h.client_flags.unwrap_or(0),
-                    cas: h.cas,
-                    data: h.data,
-                    ..Hit::default()
-                };
-                return unit(n, Outcome::Hit(hit), true);
-            }
         }
         let (n, r) = match m::parse_reply(buf, limits)? {
             Status::Complete(c) => c,

@@ -136,31 +136,23 @@ pub(crate) enum Cmd<'a> {
 /// What a command's replies are read as: the command kind (which some protocols need to tell
 /// what a reply means) and, for a single command, the opaque its reply must echo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Expect<'e> {
+pub(crate) struct Expect {
     pub(crate) kind: Kind,
     /// Binary: the opaque of a single command's reply; `None` in batches, where the front
     /// matches opaques to items.
     pub(crate) opaque: Option<u32>,
-    /// A multi-get's next expected item (namespace, user key): the text protocol reads a hit
-    /// for it without the general parser.
-    pub(crate) next: Option<(&'e [u8], &'e [u8])>,
 }
 
-impl Expect<'_> {
-    pub(crate) fn single(kind: Kind, opaque: u32) -> Expect<'static> {
+impl Expect {
+    pub(crate) fn single(kind: Kind, opaque: u32) -> Expect {
         Expect {
             kind,
             opaque: Some(opaque),
-            next: None,
         }
     }
 
-    pub(crate) fn batch(kind: Kind) -> Expect<'static> {
-        Expect {
-            kind,
-            opaque: None,
-            next: None,
-        }
+    pub(crate) fn batch(kind: Kind) -> Expect {
+        Expect { kind, opaque: None }
     }
 }
 
@@ -283,6 +275,20 @@ pub(crate) struct BatchShape {
 /// The result of decoding.
 pub(crate) type Decoded<'a> = Result<Status<(usize, Unit<'a>)>, ParseError>;
 
+/// A multi-get hit in its common shape, small enough to stay in registers: the per-item hot
+/// path (see [`Wire::batch_hit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchHit<'a> {
+    pub(crate) data: &'a [u8],
+    pub(crate) flags: u32,
+    pub(crate) cas: Option<u64>,
+    /// The item's opaque. With neither an opaque nor a key, the decoder checked that this is
+    /// the hit of the expected next key.
+    pub(crate) opaque: Option<u32>,
+    /// The wire key, when the reply echoes it (binary).
+    pub(crate) key: Option<&'a [u8]>,
+}
+
 /// One protocol: encoders for every command and batch, a decoder into [`Outcome`]s.
 pub(crate) trait Wire {
     /// Appends `cmd` (quiet: no reply on success where the protocol can say so) to `out`.
@@ -296,30 +302,41 @@ pub(crate) trait Wire {
     /// Closes a batch of `n` items of `kind` for one server.
     fn end_batch(out: &mut Vec<u8>, kind: Kind, n: usize) -> BatchShape;
     /// Decodes the next reply unit of `buf`.
-    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a>;
+    fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a>;
+    /// Reads the next reply unit of a multi-get if it is a hit in the common shape; `None`
+    /// for anything else, which [`Wire::decode`] then reads.
+    fn batch_hit<'a>(
+        buf: &'a [u8],
+        next: Option<(&[u8], &[u8])>,
+        limits: &Limits,
+    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>>;
     /// What follows a value on the wire.
     const TRAILER: &'static [u8];
 }
 
-/// Calls `$f::<W>` with the protocol's [`Wire`] implementation: the one dispatch point.
-macro_rules! dispatch {
+/// Evaluates `$e` with `$w` naming the protocol's [`Wire`] implementation: the one place
+/// that picks a protocol. Fronts use it once per call, so that their reply loops are compiled
+/// for each protocol and the decoder inlines into them.
+macro_rules! with_wire {
     ($p:expr, $w:ident => $e:expr) => {
         match $p {
-            Protocol::Text => {
-                type $w = text::Text;
+            $crate::proto::Protocol::Text => {
+                type $w = $crate::proto::wire::Text;
                 $e
             }
-            Protocol::Binary => {
-                type $w = binary::Binary;
+            $crate::proto::Protocol::Binary => {
+                type $w = $crate::proto::wire::Binary;
                 $e
             }
-            Protocol::Meta => {
-                type $w = meta::Meta;
+            $crate::proto::Protocol::Meta => {
+                type $w = $crate::proto::wire::Meta;
                 $e
             }
         }
     };
 }
+pub(crate) use with_wire;
+pub(crate) use {binary::Binary, meta::Meta, text::Text};
 
 impl Protocol {
     /// Whether this protocol can express `cap`.
@@ -335,34 +352,24 @@ impl Protocol {
     /// See [`Wire::encode`].
     #[inline]
     pub(crate) fn encode(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool) {
-        dispatch!(self, W => W::encode(out, cmd, opaque, quiet))
+        with_wire!(self, W => W::encode(out, cmd, opaque, quiet))
     }
 
     /// See [`Wire::encode_item`].
     #[inline]
     pub(crate) fn encode_item(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
-        dispatch!(self, W => W::encode_item(out, cmd, index, pos))
-    }
-
-    /// See [`Wire::end_batch`].
-    pub(crate) fn end_batch(self, out: &mut Vec<u8>, kind: Kind, n: usize) -> BatchShape {
-        dispatch!(self, W => W::end_batch(out, kind, n))
+        with_wire!(self, W => W::encode_item(out, cmd, index, pos))
     }
 
     /// See [`Wire::decode`].
     #[inline]
-    pub(crate) fn decode<'a>(
-        self,
-        buf: &'a [u8],
-        expect: &Expect<'_>,
-        limits: &Limits,
-    ) -> Decoded<'a> {
-        dispatch!(self, W => W::decode(buf, expect, limits))
+    pub(crate) fn decode<'a>(self, buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
+        with_wire!(self, W => W::decode(buf, expect, limits))
     }
 
     /// See [`Wire::TRAILER`].
     pub(crate) fn trailer(self) -> &'static [u8] {
-        dispatch!(self, W => W::TRAILER)
+        with_wire!(self, W => W::TRAILER)
     }
 }
 

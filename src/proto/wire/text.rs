@@ -1,8 +1,8 @@
 //! The text protocol behind [`Wire`].
 
 use super::{
-    unit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, StoreMode,
-    Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
+    StoreMode, Wire,
 };
 use crate::proto::text::{self, Response, Retrieval, Storage};
 use crate::proto::{Limits, ParseError, Status};
@@ -101,16 +101,37 @@ impl Wire for Text {
     }
 
     #[inline]
-    fn decode<'a>(buf: &'a [u8], expect: &Expect<'_>, limits: &Limits) -> Decoded<'a> {
-        if let Some((ns, key)) = expect.next {
-            // Most often the reply is the hit of the next key: checked against it directly.
-            if let Some(r) = text::parse_value_of(buf, ns, key, limits) {
-                return match r? {
-                    Status::Complete((n, r)) => from_response(n, r, expect.kind),
-                    Status::Partial => Ok(Status::Partial),
-                };
-            }
-        }
+    fn batch_hit<'a>(
+        buf: &'a [u8],
+        next: Option<(&[u8], &[u8])>,
+        limits: &Limits,
+    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+        // Replies come in request order: the hit is checked against the next key directly.
+        let (ns, key) = next?;
+        Some(match text::parse_value_of(buf, ns, key, limits)? {
+            Ok(Status::Complete((
+                n,
+                Response::Value {
+                    flags, cas, data, ..
+                },
+            ))) => Ok(Status::Complete((
+                n,
+                BatchHit {
+                    data,
+                    flags,
+                    cas,
+                    opaque: None,
+                    key: None,
+                },
+            ))),
+            Ok(Status::Complete(_)) => Err(ParseError::Unexpected), // values only
+            Ok(Status::Partial) => Ok(Status::Partial),
+            Err(e) => Err(e),
+        })
+    }
+
+    #[inline]
+    fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         match text::parse_reply(buf, limits)? {
             Status::Complete((n, r)) => from_response(n, r, expect.kind),
             Status::Partial => Ok(Status::Partial),
