@@ -28,7 +28,9 @@
 //! ```
 
 use super::text::{split_word, take_line};
-use super::{digits, parse_u64, put_u64, Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
+use super::{
+    digits, parse_u64, put_u64, Key, KeyError, Limits, ParseError, Status, StoreMode, MAX_KEY_LEN,
+};
 
 pub use super::text::DATA_TRAILER;
 
@@ -233,27 +235,11 @@ pub fn encode_get(out: &mut Vec<u8>, key: Key<'_>, f: &GetFlags) {
     end(out, key, f.opaque, f.quiet);
 }
 
-/// The `ms` modes (`M` flag).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Mode {
-    /// `MS`: store unconditionally (the default, not sent).
-    #[default]
-    Set,
-    /// `ME`: store only if absent ("add").
-    Add,
-    /// `MR`: store only if present ("replace").
-    Replace,
-    /// `MA`: append to the existing value.
-    Append,
-    /// `MP`: prepend to the existing value.
-    Prepend,
-}
-
 /// The flags of a meta set (`ms`, protocol.txt "Meta Set").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetFlags {
-    /// `M<mode>`.
-    pub mode: Mode,
+    /// `M<mode>` (set, the default, is not sent).
+    pub mode: StoreMode,
     /// `T<ttl>` (0, never expires, is not sent).
     pub ttl: u32,
     /// `F<flags>` (0 is not sent).
@@ -287,11 +273,11 @@ pub fn encode_set(out: &mut Vec<u8>, key: Key<'_>, len: usize, f: &SetFlags) {
     }
     opt_num(out, b'C', f.cas);
     let mode = match f.mode {
-        Mode::Set => None,
-        Mode::Add => Some(b'E'),
-        Mode::Replace => Some(b'R'),
-        Mode::Append => Some(b'A'),
-        Mode::Prepend => Some(b'P'),
+        StoreMode::Set => None,
+        StoreMode::Add => Some(b'E'),
+        StoreMode::Replace => Some(b'R'),
+        StoreMode::Append => Some(b'A'),
+        StoreMode::Prepend => Some(b'P'),
     };
     if let Some(m) = mode {
         out.extend_from_slice(&[b' ', b'M', m]);
@@ -851,7 +837,7 @@ mod tests {
         assert_eq!(o, b"mg foo\r\n");
         o.clear();
         let f = SetFlags {
-            mode: Mode::Add,
+            mode: StoreMode::Add,
             ttl: 60,
             client_flags: 5,
             cas: Some(9),
@@ -867,9 +853,9 @@ mod tests {
         encode_set(&mut o, key(b"k"), 0, &SetFlags::default());
         assert_eq!(o, b"ms k 0\r\n");
         for (m, w) in [
-            (Mode::Replace, "MR"),
-            (Mode::Append, "MA"),
-            (Mode::Prepend, "MP"),
+            (StoreMode::Replace, "MR"),
+            (StoreMode::Append, "MA"),
+            (StoreMode::Prepend, "MP"),
         ] {
             o.clear();
             encode_set(

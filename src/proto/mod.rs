@@ -36,6 +36,14 @@ impl<T> Status<T> {
         matches!(self, Status::Complete(_))
     }
 
+    /// Maps a complete result, keeping `Partial`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Status<U> {
+        match self {
+            Status::Complete(t) => Status::Complete(f(t)),
+            Status::Partial => Status::Partial,
+        }
+    }
+
     /// Converts to an `Option`, `None` for `Partial`.
     pub fn complete(self) -> Option<T> {
         match self {

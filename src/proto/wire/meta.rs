@@ -5,23 +5,12 @@
 
 use super::text::{error_line, Text};
 use super::{
-    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
-    StoreMode, Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, Wire,
 };
 use crate::proto::meta::{self as m, ArithFlags, Code, DeleteFlags, GetFlags, Reply, SetFlags};
 use crate::proto::{parse_u64, Limits, ParseError, Status};
 
 pub(crate) struct Meta;
-
-fn mode(mode: StoreMode) -> m::Mode {
-    match mode {
-        StoreMode::Set => m::Mode::Set,
-        StoreMode::Add => m::Mode::Add,
-        StoreMode::Replace => m::Mode::Replace,
-        StoreMode::Append => m::Mode::Append,
-        StoreMode::Prepend => m::Mode::Prepend,
-    }
-}
 
 /// Encodes `cmd`; `opaque` is sent as `O<opaque>` when given.
 fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
@@ -46,7 +35,7 @@ fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
         }
         Cmd::Store(key, o, len) => {
             let f = SetFlags {
-                mode: mode(o.mode),
+                mode: o.mode,
                 ttl: o.ttl,
                 client_flags: o.flags,
                 cas: o.cas,
@@ -133,21 +122,18 @@ impl Wire for Meta {
         limits: &Limits,
     ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
         // Most batch replies are plain hits: read without the general parser's flag table.
-        Some(match m::parse_hit(buf, limits)? {
-            Ok(Status::Complete((n, h))) => Ok(Status::Complete((
-                n,
-                BatchHit {
-                    data: h.data,
-                    flags: h.client_flags.unwrap_or(0),
-                    cas: h.cas,
-                    // A hit without an opaque names no item: refused by the caller.
-                    opaque: Some(h.opaque.unwrap_or(u32::MAX)),
-                    key: None,
-                },
-            ))),
-            Ok(Status::Partial) => Ok(Status::Partial),
-            Err(e) => Err(e),
-        })
+        let hit = |(n, h): (usize, m::Hit<'a>)| {
+            let hit = BatchHit {
+                data: h.data,
+                flags: h.client_flags.unwrap_or(0),
+                cas: h.cas,
+                // A hit without an opaque names no item: refused by the caller.
+                opaque: Some(h.opaque.unwrap_or(u32::MAX)),
+                key: None,
+            };
+            (n, hit)
+        };
+        Some(m::parse_hit(buf, limits)?.map(|s| s.map(hit)))
     }
 
     #[inline]

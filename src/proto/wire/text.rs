@@ -108,23 +108,23 @@ impl Wire for Text {
     ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
         // Replies come in request order: the hit is checked against the next key directly.
         let (ns, key) = next?;
-        Some(match text::parse_value_of(buf, ns, key, limits)? {
-            Ok(Status::Complete((
-                n,
-                Response::Value {
-                    flags, cas, data, ..
-                },
-            ))) => Ok(Status::Complete((
-                n,
-                BatchHit {
+        let hit = |(n, r): (usize, Response<'a>)| match r {
+            Response::Value {
+                flags, cas, data, ..
+            } => {
+                let hit = BatchHit {
                     data,
                     flags,
                     cas,
                     opaque: None,
                     key: None,
-                },
-            ))),
-            Ok(Status::Complete(_)) => Err(ParseError::Unexpected), // values only
+                };
+                Ok(Status::Complete((n, hit)))
+            }
+            _ => Err(ParseError::Unexpected), // parse_value_of returns values only
+        };
+        Some(match text::parse_value_of(buf, ns, key, limits)? {
+            Ok(Status::Complete(c)) => hit(c),
             Ok(Status::Partial) => Ok(Status::Partial),
             Err(e) => Err(e),
         })
