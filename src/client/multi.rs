@@ -47,12 +47,11 @@ impl Share {
 }
 
 /// A multi-key call being planned: each key's server and each server's share.
-#[derive(Default)]
 struct Plan {
     server_of: Vec<u32>,
     shares: Vec<Share>,
-    /// A retrieval: count each healthy server's hits and misses.
-    retrieval: bool,
+    /// The command of every item (a retrieval counts each healthy server's hits and misses).
+    kind: Kind,
     /// No namespace and every key a valid text key: each goes on the wire as given.
     plain: bool,
 }
@@ -61,8 +60,30 @@ impl Plan {
     /// The caller's index of the item a reply from server `i` answers. It must be one of
     /// this server's keys after the one the previous reply answered (servers answer in
     /// request order); anything else is a framing error, never handed to a caller.
-    #[inline]
+    #[inline(always)]
     fn item(
+        &mut self,
+        i: usize,
+        by: By<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<usize, ParseError> {
+        let share = &mut self.shares[i];
+        if let By::Next = by {
+            // The decoder matched the hit to the next key, which run_batch found among this
+            // server's keys.
+            if share.next >= keys.len() {
+                return Err(ParseError::Unexpected);
+            }
+            share.cursor = share.next + 1;
+            return Ok(share.next);
+        }
+        self.item_named(i, by, ns, keys)
+    }
+
+    /// [`item`](Self::item) for a reply that names its item.
+    #[inline]
+    fn item_named(
         &mut self,
         i: usize,
         by: By<'_>,
@@ -73,8 +94,6 @@ impl Plan {
         let mine = |j: usize| j < keys.len() && self.server_of[j] == i as u32;
         let user = |key| strip(key, ns);
         let j = match by {
-            // The decoder matched the hit to the expected next key.
-            By::Next if mine(share.next) => share.next,
             By::Next => return Err(ParseError::Unexpected),
             By::Opaque(j, key) => {
                 let j = j as usize;
@@ -101,6 +120,7 @@ impl Plan {
 }
 
 /// A reply's wire key without the namespace.
+#[inline]
 fn strip<'k>(key: &'k [u8], ns: &[u8]) -> Result<&'k [u8], ParseError> {
     key.strip_prefix(ns).ok_or(ParseError::Unexpected)
 }
@@ -126,10 +146,15 @@ impl<'a> By<'a> {
     }
 }
 
-/// A reply unit answering an item of a batch.
-enum Reply<'a> {
-    Hit(BatchHit<'a>),
-    Other(Outcome<'a>),
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            server_of: Vec::new(),
+            shares: Vec::new(),
+            kind: Kind::Get,
+            plain: false,
+        }
+    }
 }
 
 /// What one multi-key call leaves for the next, so that a warm call allocates nothing.
@@ -161,7 +186,6 @@ impl Client {
         plan.server_of.reserve(n);
         plan.shares.clear();
         plan.shares.resize_with(self.labels.len(), Share::default);
-        plan.retrieval = false;
         plan.plain = self.namespace.is_empty();
         // One pass: validate each key and pick its server. No connection is touched until
         // every key has passed.
@@ -219,7 +243,8 @@ impl Client {
     }
 
     /// Encodes item `j` (user key `user`, then `value` if any) into its server's batch.
-    fn encode_item(
+    #[inline(always)]
+    fn encode_item<W: Wire>(
         &mut self,
         plan: &mut Plan,
         j: usize,
@@ -242,35 +267,41 @@ impl Client {
                 .0
         };
         let w = self.driver.wbuf(i as usize);
-        self.protocol
-            .encode_item(w, &cmd(key), j as u32, share.encoded);
+        W::encode_item(w, &cmd(key), j as u32, share.encoded);
         if let Some(v) = value {
             w.extend_from_slice(v);
-            w.extend_from_slice(self.protocol.trailer());
+            w.extend_from_slice(W::TRAILER);
         }
         share.encoded += 1;
     }
 
-    /// Closes every server's batch of `kind`, then runs the plan, handing each reply unit
-    /// that answers an item to `on_item(plan, server, outcome)`. End markers, error replies
-    /// and completion are handled here for all protocols.
-    fn run_batch(
+    /// Encodes every planned item (`cmd` builds item `j`'s command from its wire key, and
+    /// `value(j)` follows it), closes every server's batch, then runs the plan,
+    /// handing each reply unit that answers an item to `on_hit` or `on_other`. End
+    /// markers, error replies and completion are handled here for all protocols.
+    fn batch<'v, W: Wire>(
         &mut self,
         plan: &mut Plan,
-        kind: Kind,
         keys: &(impl Keys + ?Sized),
-        on_item: impl FnMut(&mut Plan, usize, Reply<'_>) -> Result<(), ParseError>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_hit: impl FnMut(&mut Plan, usize, BatchHit<'_>) -> Result<(), ParseError>,
+        on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
-        with_wire!(self.protocol, W => self.run_batch_with::<W>(plan, kind, keys, on_item))
+        for j in 0..keys.len() {
+            self.encode_item::<W>(plan, j, keys.key(j), value(j), |key| cmd(j, key));
+        }
+        self.run_batch::<W>(plan, keys, on_hit, on_other)
     }
 
-    fn run_batch_with<W: Wire>(
+    fn run_batch<W: Wire>(
         &mut self,
         plan: &mut Plan,
-        kind: Kind,
         keys: &(impl Keys + ?Sized),
-        mut on_item: impl FnMut(&mut Plan, usize, Reply<'_>) -> Result<(), ParseError>,
+        mut on_hit: impl FnMut(&mut Plan, usize, BatchHit<'_>) -> Result<(), ParseError>,
+        mut on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
+        let kind = plan.kind;
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys > 0 && share.error.is_none() {
                 let shape = W::end_batch(self.driver.wbuf(i), kind, share.keys);
@@ -299,7 +330,7 @@ impl Client {
                         Status::Partial => return Ok(Status::Partial),
                     };
                     plan.shares[i].replies += 1;
-                    on_item(plan, i, Reply::Hit(hit))?;
+                    on_hit(plan, i, hit)?;
                     return Ok(Status::Complete((n, plan.shares[i].finished())));
                 }
             }
@@ -334,11 +365,11 @@ impl Client {
                         opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
                         key: h.key,
                     };
-                    on_item(plan, i, Reply::Hit(hit))?;
+                    on_hit(plan, i, hit)?;
                 }
                 outcome => {
                     share.replies += 1;
-                    on_item(plan, i, Reply::Other(outcome))?;
+                    on_other(plan, i, outcome)?;
                 }
             }
             Ok(Status::Complete((n, plan.shares[i].finished())))
@@ -390,7 +421,7 @@ impl Client {
                 }
                 None => {
                     self.health.record(i, &Ok(()), &mut self.ring);
-                    if plan.retrieval {
+                    if plan.kind == Kind::Get {
                         let c = self.health.counters_mut(i);
                         c.hits += share.hits as u64;
                         c.misses += (share.keys - share.hits) as u64;
@@ -439,26 +470,20 @@ impl Client {
             return Ok(());
         }
         let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        plan.retrieval = true;
+        plan.kind = Kind::Get;
         let opts = GetOpts {
             cas: with_cas,
             ..GetOpts::default()
         };
-        for (j, k) in keys.iter().enumerate() {
-            self.encode_item(&mut plan, j, k.as_ref(), None, |key| Cmd::Get(key, opts));
-        }
         let ns = Arc::clone(&self.namespace);
-        let result = self.run_batch(&mut plan, Kind::Get, keys, |plan, i, reply| {
-            let Reply::Hit(BatchHit {
+        let on_hit = |plan: &mut Plan, i: usize, hit: BatchHit<'_>| {
+            let BatchHit {
                 key,
                 opaque,
                 flags,
                 cas,
                 data,
-            }) = reply
-            else {
-                return Err(ParseError::Unexpected);
-            };
+            } = hit;
             let j = plan.item(i, By::of(opaque, key), &ns, keys)?;
             plan.shares[i].hits += 1;
             let item = ItemRef {
@@ -468,6 +493,16 @@ impl Client {
             };
             found(keys[j].as_ref(), item);
             Ok(())
+        };
+        let result = with_wire!(self.protocol, W => {
+            self.batch::<W>(
+                &mut plan,
+                keys,
+                |_| None,
+                |_, key| Cmd::Get(key, opts),
+                on_hit,
+                |_, _, _| Err(ParseError::Unexpected),
+            )
         });
         self.spare.plan = plan;
         result
@@ -475,18 +510,17 @@ impl Client {
 
     /// Runs a batch of stores or deletes (already encoded) and counts the items done: every
     /// item but those whose condition was not met (`unmet` says which outcomes those are).
-    fn write_batch(
+    fn write_batch<'v>(
         &mut self,
         mut plan: Plan,
         kind: Kind,
         keys: &(impl Keys + ?Sized),
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
         unmet: impl Fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
         let ns = Arc::clone(&self.namespace);
-        let result = self.run_batch(&mut plan, kind, keys, |plan, i, reply| {
-            let Reply::Other(outcome) = reply else {
-                return Err(ParseError::Unexpected);
-            };
+        let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
             let opaque = match outcome {
                 Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
@@ -500,6 +534,11 @@ impl Client {
             }
             plan.shares[i].unmet += usize::from(missed);
             Ok(())
+        };
+        let result = with_wire!(self.protocol, W => {
+            let no_hits = |_: &mut Plan, _, _: BatchHit<'_>| Err(ParseError::Unexpected);
+            plan.kind = kind;
+            self.batch::<W>(&mut plan, keys, value, cmd, no_hits, on_reply)
         });
         let done = plan.shares.iter().map(|s| s.keys - s.unmet).sum();
         self.spare.plan = plan;
@@ -523,19 +562,25 @@ impl Client {
         if items.is_empty() {
             return Ok(0);
         }
-        let mut plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
+        let plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
         let store = store_opts(StoreMode::Set, opts);
-        for (j, (k, v)) in items.iter().enumerate() {
-            let v = v.as_ref();
-            self.encode_item(&mut plan, j, k.as_ref(), Some(v), |key| {
-                Cmd::Store(key, store, v.len())
-            });
-        }
-        self.write_batch(plan, Kind::Store, &ItemKeys(items), |o| match o {
+        let value = |j: usize| Some(items[j].1.as_ref());
+        let len = |j: usize| items[j].1.as_ref().len();
+        let keys = ItemKeys(items);
+        #[rustfmt::skip]
+        let unmet = |o: &Outcome<'_>| match o {
             Outcome::Store(SetOutcome::Stored, ..) => Some(false),
             Outcome::Store(SetOutcome::NotStored | SetOutcome::Exists, ..) => Some(true),
             _ => None,
-        })
+        };
+        self.write_batch(
+            plan,
+            Kind::Store,
+            &keys,
+            value,
+            |j, k| Cmd::Store(k, store, len(j)),
+            unmet,
+        )
     }
 
     /// Deletes many keys with one pipelined request per server; returns how many existed.
@@ -544,15 +589,19 @@ impl Client {
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        for (j, k) in keys.iter().enumerate() {
-            self.encode_item(&mut plan, j, k.as_ref(), None, Cmd::delete);
-        }
-        self.write_batch(plan, Kind::Delete, keys, |o| match o {
-            Outcome::Deleted(_) => Some(false),
-            Outcome::NotFound(_) => Some(true),
-            _ => None,
-        })
+        let plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
+        self.write_batch(
+            plan,
+            Kind::Delete,
+            keys,
+            |_| None,
+            |_, k| Cmd::delete(k),
+            |o| match o {
+                Outcome::Deleted(_) => Some(false),
+                Outcome::NotFound(_) => Some(true),
+                _ => None,
+            },
+        )
     }
 }
 

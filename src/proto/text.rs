@@ -80,6 +80,7 @@ fn end_line(out: &mut Vec<u8>, noreply: bool) {
 
 /// Starts a retrieval command line; follow with [`push_key`] for each key, then
 /// [`finish_line`].
+#[inline]
 pub fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
     match cmd {
         Retrieval::Get => out.extend_from_slice(b"get"),
@@ -96,6 +97,7 @@ pub fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
 }
 
 /// Appends one key to a retrieval command line started by [`begin_retrieval`].
+#[inline]
 pub fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
     out.push(b' ');
     out.extend_from_slice(key.as_bytes());
@@ -112,6 +114,7 @@ pub fn push_prefixed_key(out: &mut Vec<u8>, prefix: &[u8], key: Key<'_>) {
 }
 
 /// Ends a command line built piecewise.
+#[inline]
 pub fn finish_line(out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }

@@ -34,6 +34,7 @@ fn quiet_if(op: Opcode, quiet: bool) -> Opcode {
 impl Wire for Binary {
     const TRAILER: &'static [u8] = b"";
 
+    #[inline(always)]
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool) {
         match *cmd {
             Cmd::Get(key, o) => {
@@ -96,7 +97,7 @@ impl Wire for Binary {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn batch_hit<'a>(
         buf: &'a [u8],
         _next: Option<(&[u8], &[u8])>,
@@ -122,7 +123,7 @@ impl Wire for Binary {
         ))))
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         let (n, p) = match bin::parse_response(buf, limits)? {
             Status::Complete(c) => c,
@@ -225,6 +226,7 @@ fn store_outcome(p: &Packet<'_>) -> SetOutcome {
 }
 
 /// A successful response, by the opcode it answers.
+#[inline(always)]
 fn ok<'a>(n: usize, p: &Packet<'a>) -> Decoded<'a> {
     let outcome = match p.opcode {
         op if is_get(op) => Outcome::Hit(Hit {

@@ -13,6 +13,7 @@ use crate::proto::{parse_u64, Limits, ParseError, Status};
 pub(crate) struct Meta;
 
 /// Encodes `cmd`; `opaque` is sent as `O<opaque>` when given.
+#[inline(always)]
 fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
     match *cmd {
         Cmd::Get(key, o) => {
@@ -99,10 +100,12 @@ fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
 impl Wire for Meta {
     const TRAILER: &'static [u8] = m::DATA_TRAILER;
 
+    #[inline(always)]
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
         encode(out, cmd, None, quiet)
     }
 
+    #[inline(always)]
     fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, _pos: usize) {
         encode(out, cmd, Some(index), true)
     }
@@ -115,7 +118,7 @@ impl Wire for Meta {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn batch_hit<'a>(
         buf: &'a [u8],
         _next: Option<(&[u8], &[u8])>,
@@ -136,7 +139,7 @@ impl Wire for Meta {
         Some(m::parse_hit(buf, limits)?.map(|s| s.map(hit)))
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         let kind = expect.kind;
         if matches!(kind, Kind::Ok | Kind::Version | Kind::Stats) {

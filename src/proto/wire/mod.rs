@@ -295,6 +295,7 @@ pub(crate) trait Wire {
     /// A store's value follows, sent by the caller with [`Wire::TRAILER`] after it.
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool);
     /// Appends `cmd` as item `index` of a batch, the `pos`-th for this server.
+    #[inline(always)]
     fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
         let _ = pos;
         Self::encode(out, cmd, index, true);
@@ -353,12 +354,6 @@ impl Protocol {
     #[inline]
     pub(crate) fn encode(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool) {
         with_wire!(self, W => W::encode(out, cmd, opaque, quiet))
-    }
-
-    /// See [`Wire::encode_item`].
-    #[inline]
-    pub(crate) fn encode_item(self, out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
-        with_wire!(self, W => W::encode_item(out, cmd, index, pos))
     }
 
     /// See [`Wire::decode`].

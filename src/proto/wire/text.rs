@@ -46,6 +46,7 @@ pub(super) fn error_line(refusal: Refusal, message: &[u8], closes: bool) -> Outc
 impl Wire for Text {
     const TRAILER: &'static [u8] = text::DATA_TRAILER;
 
+    #[inline(always)]
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
         match *cmd {
             Cmd::Get(key, o) => text::encode_retrieval(out, retrieval(o.cas, o.touch), key),
@@ -65,6 +66,7 @@ impl Wire for Text {
         }
     }
 
+    #[inline(always)]
     fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, _index: u32, pos: usize) {
         match *cmd {
             // Keys share a line, up to KEYS_PER_LINE of them.
@@ -100,7 +102,7 @@ impl Wire for Text {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn batch_hit<'a>(
         buf: &'a [u8],
         next: Option<(&[u8], &[u8])>,
@@ -130,7 +132,7 @@ impl Wire for Text {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
         match text::parse_reply(buf, limits)? {
             Status::Complete((n, r)) => from_response(n, r, expect.kind),
@@ -140,7 +142,7 @@ impl Wire for Text {
 }
 
 /// A text reply in neutral terms.
-#[inline]
+#[inline(always)]
 pub(super) fn from_response<'a>(n: usize, r: Response<'a>, kind: Kind) -> Decoded<'a> {
     let outcome = match r {
         Response::Value {
