@@ -4,7 +4,7 @@
 use super::{combine, refused, store_opts, wire_key, Client, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
-use crate::proto::wire::{Capability, Cmd, Expect, Kind, Outcome};
+use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
 use crate::proto::{Key, Limits, ParseError, Protocol, Status};
 
 /// Flush a server's buffer once it holds this much.
@@ -88,11 +88,14 @@ impl Pipeline<'_> {
                 self.started[i] = true;
             }
             let w = c.driver.wbuf(i);
-            c.protocol.encode(w, &cmd(wire), opaque, true);
-            if let Some(v) = value {
-                w.extend_from_slice(v);
-                w.extend_from_slice(c.protocol.trailer());
-            }
+            let cmd = cmd(wire);
+            with_wire!(c.protocol, W => {
+                W::encode(w, &cmd, opaque, true);
+                if let Some(v) = value {
+                    w.extend_from_slice(v);
+                    w.extend_from_slice(W::TRAILER);
+                }
+            });
             Ok(i)
         })();
         c.keybuf = kb;
