@@ -57,6 +57,26 @@ struct Plan {
 }
 
 impl Plan {
+    /// Hands a hit from server `i` to `on_hit` with the index of the item it answers.
+    #[inline(always)]
+    fn hit(
+        &mut self,
+        i: usize,
+        hit: BatchHit<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+        on_hit: &mut impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+    ) -> Result<(), ParseError> {
+        let j = self.item(i, By::of(hit.opaque, hit.key), ns, keys)?;
+        self.shares[i].hits += 1;
+        let item = ItemRef {
+            value: hit.data,
+            flags: hit.flags,
+            cas: hit.cas,
+        };
+        on_hit(j, item)
+    }
+
     /// The caller's index of the item a reply from server `i` answers. It must be one of
     /// this server's keys after the one the previous reply answered (servers answer in
     /// request order); anything else is a framing error, never handed to a caller.
@@ -82,7 +102,7 @@ impl Plan {
     }
 
     /// [`item`](Self::item) for a reply that names its item.
-    #[inline]
+    #[inline(always)]
     fn item_named(
         &mut self,
         i: usize,
@@ -277,7 +297,8 @@ impl Client {
 
     /// Encodes every planned item (`cmd` builds item `j`'s command from its wire key, and
     /// `value(j)` follows it), closes every server's batch, then runs the plan,
-    /// handing each reply unit that answers an item to `on_hit` or `on_other`. End
+    /// handing each hit to `on_hit(item index, item)` and each other reply unit that answers
+    /// an item to `on_other`. End
     /// markers, error replies and completion are handled here for all protocols.
     fn batch<'v, W: Wire>(
         &mut self,
@@ -285,7 +306,7 @@ impl Client {
         keys: &(impl Keys + ?Sized),
         value: impl Fn(usize) -> Option<&'v [u8]>,
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        on_hit: impl FnMut(&mut Plan, usize, BatchHit<'_>) -> Result<(), ParseError>,
+        on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
         on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
         for j in 0..keys.len() {
@@ -298,7 +319,7 @@ impl Client {
         &mut self,
         plan: &mut Plan,
         keys: &(impl Keys + ?Sized),
-        mut on_hit: impl FnMut(&mut Plan, usize, BatchHit<'_>) -> Result<(), ParseError>,
+        mut on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
         mut on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
         let kind = plan.kind;
@@ -319,18 +340,21 @@ impl Client {
             if kind == Kind::Get {
                 // A multi-get's next hit is most often this server's next key, in the
                 // common shape: read without the general decoder.
-                let share = &mut plan.shares[i];
-                let from = share.cursor;
-                let next = (from..keys.len()).find(|&j| plan.server_of[j] == i as u32);
-                share.next = next.unwrap_or(usize::MAX);
-                let next = next.map(|j| (&ns[..], keys.key(j)));
+                let mut next = None;
+                if W::MATCHES_BY_NEXT_KEY {
+                    let share = &mut plan.shares[i];
+                    let from = share.cursor;
+                    let j = (from..keys.len()).find(|&j| plan.server_of[j] == i as u32);
+                    share.next = j.unwrap_or(usize::MAX);
+                    next = j.map(|j| (&ns[..], keys.key(j)));
+                }
                 if let Some(r) = W::batch_hit(buf, next, &limits) {
                     let (n, hit) = match r? {
                         Status::Complete(c) => c,
                         Status::Partial => return Ok(Status::Partial),
                     };
                     plan.shares[i].replies += 1;
-                    on_hit(plan, i, hit)?;
+                    plan.hit(i, hit, &ns, keys, &mut on_hit)?;
                     return Ok(Status::Complete((n, plan.shares[i].finished())));
                 }
             }
@@ -365,7 +389,7 @@ impl Client {
                         opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
                         key: h.key,
                     };
-                    on_hit(plan, i, hit)?;
+                    plan.hit(i, hit, &ns, keys, &mut on_hit)?;
                 }
                 outcome => {
                     share.replies += 1;
@@ -475,22 +499,8 @@ impl Client {
             cas: with_cas,
             ..GetOpts::default()
         };
-        let ns = Arc::clone(&self.namespace);
-        let on_hit = |plan: &mut Plan, i: usize, hit: BatchHit<'_>| {
-            let BatchHit {
-                key,
-                opaque,
-                flags,
-                cas,
-                data,
-            } = hit;
-            let j = plan.item(i, By::of(opaque, key), &ns, keys)?;
-            plan.shares[i].hits += 1;
-            let item = ItemRef {
-                value: data,
-                flags,
-                cas: cas.filter(|_| with_cas),
-            };
+        let on_hit = |j: usize, mut item: ItemRef<'_>| {
+            item.cas = item.cas.filter(|_| with_cas);
             found(keys[j].as_ref(), item);
             Ok(())
         };
@@ -536,7 +546,7 @@ impl Client {
             Ok(())
         };
         let result = with_wire!(self.protocol, W => {
-            let no_hits = |_: &mut Plan, _, _: BatchHit<'_>| Err(ParseError::Unexpected);
+            let no_hits = |_, _: ItemRef<'_>| Err(ParseError::Unexpected);
             plan.kind = kind;
             self.batch::<W>(&mut plan, keys, value, cmd, no_hits, on_reply)
         });

@@ -221,6 +221,7 @@ impl Packet<'_> {
 const BODY_SLACK: usize = 4 + 250 + 16;
 
 /// Parses one response packet from the start of `buf`.
+#[inline]
 pub fn parse_response<'a>(
     buf: &'a [u8],
     limits: &Limits,

@@ -632,6 +632,7 @@ pub struct Hit<'a> {
 /// assert_eq!(r, Status::Complete((17, Hit { data: b"hi", client_flags: Some(5), cas: None, opaque: Some(17) })));
 /// assert!(parse_hit(b"VA 2 f5 W\r\nhi\r\n", &Limits::default()).is_none());
 /// ```
+#[inline]
 pub fn parse_hit<'a>(
     buf: &'a [u8],
     limits: &Limits,

@@ -313,6 +313,8 @@ pub(crate) trait Wire {
     ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>>;
     /// What follows a value on the wire.
     const TRAILER: &'static [u8];
+    /// [`Wire::batch_hit`] reads replies by the next expected key (it has no opaques).
+    const MATCHES_BY_NEXT_KEY: bool = false;
 }
 
 /// Evaluates `$e` with `$w` naming the protocol's [`Wire`] implementation: the one place

@@ -45,6 +45,7 @@ pub(super) fn error_line(refusal: Refusal, message: &[u8], closes: bool) -> Outc
 
 impl Wire for Text {
     const TRAILER: &'static [u8] = text::DATA_TRAILER;
+    const MATCHES_BY_NEXT_KEY: bool = true;
 
     #[inline(always)]
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
