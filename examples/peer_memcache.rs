@@ -3,34 +3,18 @@
 //!
 //! usage: cargo run --release --example peer_memcache -- -s host:port[,..] -w WORKLOAD [-b]
 //!        [-n OPS] [-k KEYS] [-v BYTES]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::time::Instant;
 
-#[repr(C)]
-#[derive(Default)]
-struct Timeval {
-    sec: i64,
-    usec: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Rusage {
-    utime: Timeval,
-    stime: Timeval,
-    rest: [i64; 14],
-}
-
-extern "C" {
-    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
-}
-
+/// (user, system) CPU seconds of this process so far.
 fn cpu() -> (f64, f64) {
-    let mut r = Rusage::default();
-    // SAFETY: RUSAGE_SELF into a struct laid out like Linux's `struct rusage`.
-    assert_eq!(unsafe { getrusage(0, &mut r) }, 0);
-    let t = |tv: &Timeval| tv.sec as f64 + tv.usec as f64 / 1e6;
-    (t(&r.utime), t(&r.stime))
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid, writable `struct rusage` for getrusage to fill.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) }, 0);
+    let t = |tv: &libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(&r.ru_utime), t(&r.ru_stime))
 }
 
 fn main() {

@@ -250,6 +250,17 @@ struct Refused {
     close: bool,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.labels)
+            .field("protocol", &self.protocol)
+            .field("namespace", &self.namespace.escape_ascii().to_string())
+            .field("max_value", &self.limits.max_value)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// Starts building a client.
     pub fn builder() -> ClientBuilder {

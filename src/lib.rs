@@ -25,6 +25,8 @@
 //! ```
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(missing_debug_implementations)]
 
 pub mod client;
 mod conn;

@@ -45,6 +45,16 @@ pub struct Pipeline<'c> {
     first_error: Option<String>,
 }
 
+impl std::fmt::Debug for Pipeline<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("client", &self.client)
+            .field("commands", &self.commands)
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// Starts a pipeline of noreply writes: they are buffered per server and sent in large
     /// writes without waiting for replies, and [`Pipeline::finish`] waits once for every server

@@ -42,6 +42,17 @@ struct Inner {
     checkout_timeout: Duration,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.inner.idle.lock().map_or(0, |v| v.len());
+        f.debug_struct("Pool")
+            .field("size", &self.inner.size)
+            .field("idle", &idle)
+            .field("checkout_timeout", &self.inner.checkout_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pool {
     /// A pool of `size` clients built from `builder` (none connects until used). Checkouts
     /// wait up to 5 s for a free client.
@@ -128,6 +139,14 @@ pub struct PooledClient<'p> {
     client: Option<Client>,
     pool: &'p Pool,
     discard: bool,
+}
+
+impl std::fmt::Debug for PooledClient<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledClient")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PooledClient<'_> {

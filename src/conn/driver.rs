@@ -89,54 +89,27 @@ impl Stream {
         }
     }
 
-    /// Runs `f` on a std view of the socket (for the options mio does not expose).
-    fn with_std<R>(&self, f: impl FnOnce(StdSocket<'_>) -> R) -> R {
-        use std::mem::ManuallyDrop;
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: the descriptor is open and owned by `self` for the whole call; the std
-        // value is never dropped (ManuallyDrop), so it never closes it.
+    /// A borrowed view of the socket, for the options mio does not expose.
+    fn sock(&self) -> socket2::SockRef<'_> {
         match self {
-            Stream::Tcp(s) => {
-                let std =
-                    ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(s.as_raw_fd()) });
-                f(StdSocket::Tcp(&std))
-            }
-            Stream::Unix(s) => {
-                let std = ManuallyDrop::new(unsafe {
-                    std::os::unix::net::UnixStream::from_raw_fd(s.as_raw_fd())
-                });
-                f(StdSocket::Unix(&std))
-            }
+            Stream::Tcp(s) => socket2::SockRef::from(s),
+            Stream::Unix(s) => socket2::SockRef::from(s),
         }
     }
 
     /// Switches between blocking mode (with `timeout` on reads and writes) and non-blocking.
     fn set_blocking(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.with_std(|s| match s {
-            StdSocket::Tcp(s) => {
-                s.set_nonblocking(timeout.is_none())?;
-                if timeout.is_some() {
-                    s.set_read_timeout(timeout)?;
-                    s.set_write_timeout(timeout)?;
-                }
-                Ok(())
-            }
-            StdSocket::Unix(s) => {
-                s.set_nonblocking(timeout.is_none())?;
-                if timeout.is_some() {
-                    s.set_read_timeout(timeout)?;
-                    s.set_write_timeout(timeout)?;
-                }
-                Ok(())
-            }
-        })
+        let sock = self.sock();
+        sock.set_nonblocking(timeout.is_none())?;
+        if timeout.is_some() {
+            sock.set_read_timeout(timeout)?;
+            sock.set_write_timeout(timeout)?;
+        }
+        Ok(())
     }
 
     fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
-        self.with_std(|s| match s {
-            StdSocket::Tcp(s) => s.set_read_timeout(Some(timeout)),
-            StdSocket::Unix(s) => s.set_read_timeout(Some(timeout)),
-        })
+        self.sock().set_read_timeout(Some(timeout))
     }
 
     fn take_error(&self) -> io::Result<Option<io::Error>> {
@@ -155,22 +128,11 @@ impl Stream {
         match r {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) if e.raw_os_error() == Some(libc_einprogress()) => Ok(false),
+            // mio documents that `peer_addr` may report this while a connect is in flight.
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
             Err(e) => Err(e),
         }
     }
-}
-
-/// A borrowed std socket, for setting options.
-enum StdSocket<'a> {
-    Tcp(&'a std::net::TcpStream),
-    Unix(&'a std::os::unix::net::UnixStream),
-}
-
-/// EINPROGRESS on Linux; the only platform this crate is tested on. mio documents that
-/// `peer_addr` may report it while a connect is in flight.
-const fn libc_einprogress() -> i32 {
-    115
 }
 
 /// One server's connection state.

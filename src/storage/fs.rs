@@ -43,6 +43,7 @@ const MAX_ENCODED: usize = 240;
 /// assert!(s.exists(&info).unwrap());
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// ```
+#[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
     temp_counter: AtomicU64,

@@ -74,6 +74,12 @@ const FILL_POLL: Duration = Duration::from_millis(2);
 #[derive(Clone)]
 pub struct KeyGenerator(Arc<KeyFn>);
 
+impl std::fmt::Debug for KeyGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyGenerator(..)")
+    }
+}
+
 type KeyFn = dyn Fn(&str, Option<&str>) -> String + Send + Sync;
 
 impl KeyGenerator {
@@ -169,6 +175,17 @@ pub struct MemcacheStorageBuilder {
     fill_wait: Duration,
 }
 
+impl std::fmt::Debug for MemcacheStorageBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcacheStorageBuilder")
+            .field("pool", &self.pool)
+            .field("has_master", &self.master.is_some())
+            .field("ttl", &self.ttl)
+            .field("max_item_size", &self.max_item_size)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MemcacheStorageBuilder {
     /// The key generator (default: [`KeyGenerator::default`]).
     pub fn key_generator(mut self, keys: KeyGenerator) -> Self {
@@ -261,6 +278,17 @@ enum Lookup {
     Miss(Option<u64>),
     /// Do not fill (too large, or another reader did not finish in time).
     Master,
+}
+
+impl std::fmt::Debug for MemcacheStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcacheStorage")
+            .field("pool", &self.pool)
+            .field("has_master", &self.master.is_some())
+            .field("ttl", &self.ttl)
+            .field("max_item_size", &self.max_item_size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemcacheStorage {

@@ -29,6 +29,15 @@ pub struct MemoryStorage {
     collections: RwLock<BTreeMap<String, BTreeMap<String, Entry>>>,
 }
 
+impl std::fmt::Debug for MemoryStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let collections = self.collections.read().map_or(0, |c| c.len());
+        f.debug_struct("MemoryStorage")
+            .field("collections", &collections)
+            .finish()
+    }
+}
+
 impl MemoryStorage {
     /// An empty storage.
     pub fn new() -> MemoryStorage {

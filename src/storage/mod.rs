@@ -59,6 +59,15 @@ pub enum Content<'a> {
     Reader(&'a mut (dyn Read + Send)),
 }
 
+impl std::fmt::Debug for Content<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Content::Bytes(b) => write!(f, "Content::Bytes({} bytes)", b.len()),
+            Content::Reader(_) => f.write_str("Content::Reader(..)"),
+        }
+    }
+}
+
 impl<'a> From<&'a [u8]> for Content<'a> {
     fn from(b: &'a [u8]) -> Self {
         Content::Bytes(b)

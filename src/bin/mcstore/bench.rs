@@ -25,34 +25,15 @@ const WORKLOADS: &[(&str, usize, usize, usize)] = &[
     ("large_get", 20_000, 100, 100 * 1024),
 ];
 
-#[repr(C)]
-#[derive(Default)]
-struct Timeval {
-    sec: i64,
-    usec: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Rusage {
-    utime: Timeval,
-    stime: Timeval,
-    rest: [i64; 14],
-}
-
-extern "C" {
-    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
-}
-
 /// (user, system) CPU seconds of this process so far.
 fn cpu_times() -> (f64, f64) {
-    let mut r = Rusage::default();
-    // SAFETY: getrusage(RUSAGE_SELF = 0) writes a `struct rusage`, which `Rusage` lays out
-    // as on Linux x86-64/aarch64 (two timevals, then 14 longs).
-    let rc = unsafe { getrusage(0, &mut r) };
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid, writable `struct rusage` for getrusage to fill.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
     assert_eq!(rc, 0, "getrusage failed");
-    let t = |tv: &Timeval| tv.sec as f64 + tv.usec as f64 / 1e6;
-    (t(&r.utime), t(&r.stime))
+    let t = |tv: &libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(&r.ru_utime), t(&r.ru_stime))
 }
 
 pub fn run(client: &mut Client, spec: &Spec, proto: &str, dist: &str) -> Result<(), String> {

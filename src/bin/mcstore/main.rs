@@ -1,5 +1,6 @@
 //! `mcstore`: a memcached command-line client (like libmemcached's memcat, memcp, memrm,
 //! memstat), a key-to-server mapper, a storage front end, and the demo.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
