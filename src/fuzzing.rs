@@ -114,6 +114,7 @@ impl ReplyParser for TextParser {
 /// input and a `VALUE` never exceeds the limit.
 pub fn text_reply(data: &[u8]) {
     reply_units::<TextParser>(data);
+    wire_units::<crate::proto::wire::Text>(data);
 }
 
 /// Structured round trip from raw bytes: derive a reply from the input, encode it the way the
@@ -211,9 +212,74 @@ pub fn server_spec(data: &[u8]) {
     }
 }
 
+/// Arbitrary bytes through the command layer of protocol `W`, as every kind of command would
+/// read them, single and batched. Checks: a unit consumes at least one byte and no more than
+/// the input; a complete unit's reading does not change when more bytes follow; borrowed
+/// slices lie inside the input; the value limit holds; and the multi-get fast path
+/// (`batch_hit`), wherever it answers, reads the same hit as the general decoder.
+fn wire_units<W: crate::proto::wire::Wire>(data: &[u8]) {
+    use crate::proto::wire::{Expect, Kind, Outcome};
+    let kinds = [
+        Kind::Get,
+        Kind::Store,
+        Kind::Delete,
+        Kind::Arith,
+        Kind::Touch,
+        Kind::Debug,
+        Kind::Ok,
+        Kind::Version,
+        Kind::Stats,
+        Kind::Quiet,
+    ];
+    for max_value in [16usize, 1 << 20] {
+        let limits = Limits { max_value };
+        for kind in kinds {
+            for expect in [Expect::single(kind, 1), Expect::batch(kind)] {
+                let mut rest = data;
+                for _ in 0..1000 {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (n, unit) = match W::decode(rest, &expect, &limits) {
+                        Ok(Status::Complete(c)) => c,
+                        Ok(Status::Partial) | Err(_) => break,
+                    };
+                    assert!(n > 0 && n <= rest.len(), "consumed {n} of {}", rest.len());
+                    let mut more = rest[..n].to_vec();
+                    more.extend_from_slice(b"\r\nEND\r\nMN\r\n\x81\x0a");
+                    match W::decode(&more, &expect, &limits) {
+                        Ok(Status::Complete((m, u2))) => {
+                            assert_eq!(m, n);
+                            assert_eq!(format!("{u2:?}"), format!("{unit:?}"));
+                        }
+                        other => panic!("complete decode changed with more input: {other:?}"),
+                    }
+                    if let Outcome::Hit(h) = unit.outcome {
+                        assert!(within(&rest[..n], h.data) && h.data.len() <= max_value);
+                        if kind == Kind::Get && expect.opaque.is_none() {
+                            let key = h.key.unwrap_or(b"");
+                            let (ns, key) = key.split_at(key.len() / 2);
+                            if let Some(fast) = W::batch_hit(rest, Some((ns, key)), &limits) {
+                                let (m, b) = match fast {
+                                    Ok(Status::Complete(c)) => c,
+                                    other => panic!("batch_hit disagrees: {other:?}"),
+                                };
+                                assert_eq!(m, n, "batch_hit consumed differently");
+                                assert_eq!((b.data, b.flags, b.cas), (h.data, h.flags, h.cas));
+                            }
+                        }
+                    }
+                    rest = &rest[n..];
+                }
+            }
+        }
+    }
+}
+
 /// Arbitrary bytes as a binary response stream: header validation, bounds, stability under
 /// appended bytes, borrowed slices inside the input, the value limit.
 pub fn binary_reply(data: &[u8]) {
+    wire_units::<crate::proto::wire::Binary>(data);
     use crate::proto::binary::{parse_response, HEADER_LEN};
     for max_value in [16usize, 1 << 20] {
         let limits = Limits { max_value };
@@ -366,4 +432,5 @@ impl ReplyParser for MetaParser {
 /// it; a returned base64 key decodes (or is refused) without panicking.
 pub fn meta_reply(data: &[u8]) {
     reply_units::<MetaParser>(data);
+    wire_units::<crate::proto::wire::Meta>(data);
 }
