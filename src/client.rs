@@ -38,7 +38,7 @@ mod pipeline;
 mod pool;
 mod session;
 
-pub use crate::proto::{Protocol, SetOutcome, StoreMode};
+pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
 pub use builder::ClientBuilder;
 pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
@@ -52,7 +52,7 @@ use crate::proto::text;
 use crate::proto::wire::{
     with_wire, Capability, Cmd, Expect, GetOpts, Outcome, Refusal, StoreOpts, Wire,
 };
-use crate::proto::{Key, KeyError, Limits, ParseError, Status, MAX_KEY_LEN};
+use crate::proto::{Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
 use health::Health;
 

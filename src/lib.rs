@@ -28,6 +28,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_debug_implementations)]
 
+mod addr;
 pub mod client;
 mod conn;
 mod error;
@@ -37,12 +38,12 @@ pub mod proto;
 pub mod ring;
 pub mod storage;
 
+pub use addr::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Lease, MetaGetOptions, MetaItemInfo,
     MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
     ServerStats, SetOptions,
 };
-pub use conn::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use error::{Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::health::{FailurePolicy, Health};
 use super::{Client, Protocol};
+use crate::addr::{ServerAddr, ServerSpec};
 use crate::conn::driver::{Driver, DriverConfig};
-use crate::conn::{ServerAddr, ServerSpec};
 use crate::error::{Error, Result};
 use crate::proto::text::MAX_LINE;
 use crate::proto::wire::Capability;

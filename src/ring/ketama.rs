@@ -12,7 +12,7 @@ const POINTS_PER_SERVER_KETAMA: u32 = 160;
 /// The string hashed for point `i` of a server: the port is left out when it is 11211
 /// (section 3.1).
 fn point_string(s: &RingServer, i: u32) -> String {
-    if s.port == crate::conn::DEFAULT_PORT {
+    if s.port == crate::addr::DEFAULT_PORT {
         format!("{}-{i}", s.host)
     } else {
         format!("{}:{}-{i}", s.host, s.port)

@@ -40,9 +40,9 @@ use sha2::{Digest, Sha256};
 
 use super::memory::not_found;
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 use crate::error::{Error, Result};
-use crate::proto::Key;
 
 /// Flags of cache entries that are not content.
 const FLAG_VALUE: u32 = 0;

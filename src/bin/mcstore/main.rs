@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod bench;
+mod mapping;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -313,7 +314,7 @@ fn run(cli: Cli) -> Res<()> {
         }
         Cmd::Ring => {
             let c = client(g)?;
-            mcstore::ring::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
+            mapping::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
         }
         Cmd::Store { root, op } => store_op(g, &root, op, &mut out)?,
         Cmd::Demo { resources } => demo(g, resources)?,
