@@ -89,31 +89,12 @@ impl Plan {
         keys: &(impl Keys + ?Sized),
     ) -> Result<usize, ParseError> {
         let share = &mut self.shares[i];
-        if let By::Next = by {
-            // The decoder matched the hit to the next key, which run_batch found among this
-            // server's keys.
-            if share.next >= keys.len() {
-                return Err(ParseError::Unexpected);
-            }
-            share.cursor = share.next + 1;
-            return Ok(share.next);
-        }
-        self.item_named(i, by, ns, keys)
-    }
-
-    /// [`item`](Self::item) for a reply that names its item.
-    #[inline(always)]
-    fn item_named(
-        &mut self,
-        i: usize,
-        by: By<'_>,
-        ns: &[u8],
-        keys: &(impl Keys + ?Sized),
-    ) -> Result<usize, ParseError> {
-        let share = &mut self.shares[i];
         let mine = |j: usize| j < keys.len() && self.server_of[j] == i as u32;
         let user = |key| strip(key, ns);
         let j = match by {
+            // The decoder matched the hit to the next key, which run_batch found among this
+            // server's keys.
+            By::Next if share.next < keys.len() => share.next,
             By::Next => return Err(ParseError::Unexpected),
             By::Opaque(j, key) => {
                 let j = j as usize;

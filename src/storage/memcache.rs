@@ -177,13 +177,29 @@ pub struct MemcacheStorageBuilder {
 
 impl std::fmt::Debug for MemcacheStorageBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemcacheStorageBuilder")
-            .field("pool", &self.pool)
-            .field("has_master", &self.master.is_some())
-            .field("ttl", &self.ttl)
-            .field("max_item_size", &self.max_item_size)
-            .finish_non_exhaustive()
+        fmt_settings(
+            f,
+            "MemcacheStorageBuilder",
+            &self.pool,
+            &self.master,
+            self.ttl,
+        )
     }
+}
+
+/// What both the proxy and its builder show: the pool, the master's presence, the TTL.
+fn fmt_settings(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    pool: &Pool,
+    master: &Option<Arc<dyn Storage>>,
+    ttl: u32,
+) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("pool", pool)
+        .field("has_master", &master.is_some())
+        .field("ttl", &ttl)
+        .finish_non_exhaustive()
 }
 
 impl MemcacheStorageBuilder {
@@ -282,12 +298,7 @@ enum Lookup {
 
 impl std::fmt::Debug for MemcacheStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemcacheStorage")
-            .field("pool", &self.pool)
-            .field("has_master", &self.master.is_some())
-            .field("ttl", &self.ttl)
-            .field("max_item_size", &self.max_item_size)
-            .finish_non_exhaustive()
+        fmt_settings(f, "MemcacheStorage", &self.pool, &self.master, self.ttl)
     }
 }
 

@@ -2,8 +2,8 @@
 //! of quiet opcodes closed by a No-op.
 
 use super::{
-    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
-    StoreMode, Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, HitRead, Kind, Outcome, Refusal,
+    SetOutcome, StoreMode, Wire,
 };
 use crate::proto::binary::{self as bin, Opcode, Packet, StatusKind};
 use crate::proto::{Limits, ParseError, Status};
@@ -91,18 +91,11 @@ impl Wire for Binary {
 
     fn end_batch(out: &mut Vec<u8>, _kind: Kind, _n: usize) -> BatchShape {
         Self::encode(out, &Cmd::Sync, SYNC_OPAQUE, false);
-        BatchShape {
-            ends: 1,
-            every_item_replies: false,
-        }
+        BatchShape::SYNCED
     }
 
     #[inline(always)]
-    fn batch_hit<'a>(
-        buf: &'a [u8],
-        _next: Option<(&[u8], &[u8])>,
-        limits: &Limits,
-    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+    fn batch_hit<'a>(buf: &'a [u8], _next: Option<(&[u8], &[u8])>, limits: &Limits) -> HitRead<'a> {
         let (n, p) = match bin::parse_response(buf, limits) {
             Ok(Status::Complete(c)) => c,
             Ok(Status::Partial) => return Some(Ok(Status::Partial)),

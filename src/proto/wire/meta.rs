@@ -5,7 +5,8 @@
 
 use super::text::{error_line, Text};
 use super::{
-    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome, Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, HitRead, Kind, Outcome, Refusal,
+    SetOutcome, Wire,
 };
 use crate::proto::meta::{self as m, ArithFlags, Code, DeleteFlags, GetFlags, Reply, SetFlags};
 use crate::proto::{parse_u64, Limits, ParseError, Status};
@@ -112,18 +113,11 @@ impl Wire for Meta {
 
     fn end_batch(out: &mut Vec<u8>, _kind: Kind, _n: usize) -> BatchShape {
         m::encode_noop(out);
-        BatchShape {
-            ends: 1,
-            every_item_replies: false,
-        }
+        BatchShape::SYNCED
     }
 
     #[inline(always)]
-    fn batch_hit<'a>(
-        buf: &'a [u8],
-        _next: Option<(&[u8], &[u8])>,
-        limits: &Limits,
-    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+    fn batch_hit<'a>(buf: &'a [u8], _next: Option<(&[u8], &[u8])>, limits: &Limits) -> HitRead<'a> {
         // Most batch replies are plain hits: read without the general parser's flag table.
         let hit = |(n, h): (usize, m::Hit<'a>)| {
             let hit = BatchHit {

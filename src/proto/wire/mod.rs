@@ -275,6 +275,17 @@ pub(crate) struct BatchShape {
 /// The result of decoding.
 pub(crate) type Decoded<'a> = Result<Status<(usize, Unit<'a>)>, ParseError>;
 
+impl BatchShape {
+    /// Closed by the reply to [`Cmd::Sync`]; only misses and failures answer before it.
+    pub(crate) const SYNCED: BatchShape = BatchShape {
+        ends: 1,
+        every_item_replies: false,
+    };
+}
+
+/// What [`Wire::batch_hit`] read: `None` when the next unit is not a hit in the common shape.
+pub(crate) type HitRead<'a> = Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>>;
+
 /// A multi-get hit in its common shape, small enough to stay in registers: the per-item hot
 /// path (see [`Wire::batch_hit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,11 +317,7 @@ pub(crate) trait Wire {
     fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a>;
     /// Reads the next reply unit of a multi-get if it is a hit in the common shape; `None`
     /// for anything else, which [`Wire::decode`] then reads.
-    fn batch_hit<'a>(
-        buf: &'a [u8],
-        next: Option<(&[u8], &[u8])>,
-        limits: &Limits,
-    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>>;
+    fn batch_hit<'a>(buf: &'a [u8], next: Option<(&[u8], &[u8])>, limits: &Limits) -> HitRead<'a>;
     /// What follows a value on the wire.
     const TRAILER: &'static [u8];
     /// [`Wire::batch_hit`] reads replies by the next expected key (it has no opaques).

@@ -1,8 +1,8 @@
 //! The text protocol behind [`Wire`].
 
 use super::{
-    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, Kind, Outcome, Refusal, SetOutcome,
-    StoreMode, Wire,
+    unit, BatchHit, BatchShape, Cmd, Decoded, Expect, Hit, HitRead, Kind, Outcome, Refusal,
+    SetOutcome, StoreMode, Wire,
 };
 use crate::proto::text::{self, Response, Retrieval, Storage};
 use crate::proto::{Limits, ParseError, Status};
@@ -104,11 +104,7 @@ impl Wire for Text {
     }
 
     #[inline(always)]
-    fn batch_hit<'a>(
-        buf: &'a [u8],
-        next: Option<(&[u8], &[u8])>,
-        limits: &Limits,
-    ) -> Option<Result<Status<(usize, BatchHit<'a>)>, ParseError>> {
+    fn batch_hit<'a>(buf: &'a [u8], next: Option<(&[u8], &[u8])>, limits: &Limits) -> HitRead<'a> {
         // Replies come in request order: the hit is checked against the next key directly.
         let (ns, key) = next?;
         let hit = |(n, r): (usize, Response<'a>)| match r {
