@@ -434,3 +434,59 @@ pub fn meta_reply(data: &[u8]) {
     reply_units::<MetaParser>(data);
     wire_units::<crate::proto::wire::Meta>(data);
 }
+
+/// Replays every fuzz corpus and regression input through the same bodies the fuzz targets
+/// call, on stable, without cargo-fuzz. A panicking input fails the test.
+#[cfg(test)]
+mod replay {
+    use std::path::Path;
+
+    fn replay(target: &str, body: fn(&[u8])) -> usize {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut n = 0;
+        for dir in ["corpus", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+                continue;
+            };
+            for e in entries {
+                let path = e.unwrap().path();
+                let data = std::fs::read(&path).unwrap();
+                let r = std::panic::catch_unwind(|| body(&data));
+                assert!(r.is_ok(), "{target}: {} panics", path.display());
+                n += 1;
+            }
+        }
+        println!("fuzz replay: {target}: {n} inputs");
+        n
+    }
+
+    #[test]
+    fn replay_text_reply() {
+        assert!(replay("text_reply", super::text_reply) > 0);
+    }
+
+    #[test]
+    fn replay_roundtrip() {
+        assert!(replay("roundtrip", super::roundtrip) > 0);
+    }
+
+    #[test]
+    fn replay_server_spec() {
+        assert!(replay("server_spec", super::server_spec) > 0);
+    }
+
+    #[test]
+    fn replay_binary_reply() {
+        assert!(replay("binary_reply", super::binary_reply) > 0);
+    }
+
+    #[test]
+    fn replay_reply_stream() {
+        assert!(replay("reply_stream", super::reply_stream) > 0);
+    }
+
+    #[test]
+    fn replay_meta_reply() {
+        assert!(replay("meta_reply", super::meta_reply) > 0);
+    }
+}

@@ -32,6 +32,7 @@ mod addr;
 pub mod client;
 mod conn;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proto;

@@ -8,6 +8,7 @@ mod buf;
 pub(crate) mod driver;
 
 /// The read buffer, for the `reply_stream` fuzz body.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod buf_for_fuzzing {
     pub(crate) use super::buf::ReadBuf;
 }

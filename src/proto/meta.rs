@@ -12,7 +12,8 @@
 //! and miss lines may carry flags too (`EN Oabc`, notes §3).
 //!
 //! Keys that are not valid text keys are sent base64-encoded with the `b` flag
-//! ([`binary_key`]); the server decodes them, so the item's key is the raw bytes (notes §6).
+//! (the client does this for meta; see [`MAX_BINARY_KEY_LEN`]); the server decodes them, so the
+//! item's key is the raw bytes (notes §6).
 //!
 //! ```
 //! use mcstore::proto::{Limits, Status, meta::{self, Code, GetFlags, Reply}};
@@ -28,9 +29,7 @@
 //! ```
 
 use super::text::{split_word, take_line};
-use super::{
-    digits, parse_u64, put_u64, Key, KeyError, Limits, ParseError, Status, StoreMode, MAX_KEY_LEN,
-};
+use super::{digits, parse_u64, put_u64, Key, Limits, ParseError, Status, StoreMode};
 
 pub use super::text::DATA_TRAILER;
 
@@ -44,7 +43,7 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 
 /// Appends the standard (RFC 4648, `+/`, padded) base64 form of `raw`, which is what
 /// memcached's `base64.c` decodes.
-pub fn encode_base64(out: &mut Vec<u8>, raw: &[u8]) {
+pub(crate) fn encode_base64(out: &mut Vec<u8>, raw: &[u8]) {
     let mut chunks = raw.chunks_exact(3);
     for c in &mut chunks {
         let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
@@ -74,6 +73,7 @@ pub fn encode_base64(out: &mut Vec<u8>, raw: &[u8]) {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 fn b64_value(c: u8) -> Option<u32> {
     Some(match c {
         b'A'..=b'Z' => c - b'A',
@@ -85,9 +85,10 @@ fn b64_value(c: u8) -> Option<u32> {
     } as u32)
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// Decodes a padded base64 token (as the server returns keys with `k` + `b`), appending the
 /// bytes to `out`. `None` (and `out` unchanged) if the token is not valid padded base64.
-pub fn decode_base64(out: &mut Vec<u8>, token: &[u8]) -> Option<()> {
+pub(crate) fn decode_base64(out: &mut Vec<u8>, token: &[u8]) -> Option<()> {
     if token.len() % 4 != 0 {
         return None;
     }
@@ -115,33 +116,6 @@ pub fn decode_base64(out: &mut Vec<u8>, token: &[u8]) -> Option<()> {
         out.extend_from_slice(&bytes[..3 - pad]);
     }
     Some(())
-}
-
-/// Builds the wire key for `raw`: the key itself if it is a valid text key, otherwise its
-/// base64 form (written into `buf`) marked for the `b` flag. Empty keys, text keys over 250
-/// bytes and binary keys over [`MAX_BINARY_KEY_LEN`] are refused.
-///
-/// ```
-/// use mcstore::proto::meta::binary_key;
-/// let mut buf = Vec::new();
-/// let k = binary_key(b"a b", &mut buf).unwrap();
-/// assert!(k.is_base64());
-/// assert_eq!(k.as_bytes(), b"YSBi");
-/// ```
-pub fn binary_key<'b>(raw: &'b [u8], buf: &'b mut Vec<u8>) -> Result<Key<'b>, KeyError> {
-    match Key::new(raw) {
-        Ok(k) => Ok(k),
-        Err(KeyError::BadByte { .. }) if raw.len() > MAX_BINARY_KEY_LEN => {
-            Err(KeyError::BinaryTooLong(raw.len()))
-        }
-        Err(KeyError::BadByte { .. }) => {
-            buf.clear();
-            encode_base64(buf, raw);
-            debug_assert!(buf.len() <= MAX_KEY_LEN);
-            Ok(Key::base64_token(buf))
-        }
-        Err(e) => Err(e),
-    }
 }
 
 fn flag(out: &mut Vec<u8>, f: u8) {
@@ -608,7 +582,7 @@ fn parse_flags(mut rest: &[u8]) -> Result<ReturnFlags<'_>, ParseError> {
 
 /// A `VA` reply carrying only the flags a multi-get asks for, read by [`parse_hit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hit<'a> {
+pub(crate) struct Hit<'a> {
     /// The data block.
     pub data: &'a [u8],
     /// `f<flags>`.
@@ -626,14 +600,14 @@ pub struct Hit<'a> {
 /// every other flag unset). It skips the general reply's line search, code match and flag
 /// table: the per-item hot path of a meta multi-get.
 ///
-/// ```
+/// ```text
 /// use mcstore::proto::{Limits, Status, meta::{parse_hit, Hit}};
 /// let r = parse_hit(b"VA 2 f5 O17\r\nhi\r\n", &Limits::default()).unwrap().unwrap();
 /// assert_eq!(r, Status::Complete((17, Hit { data: b"hi", client_flags: Some(5), cas: None, opaque: Some(17) })));
 /// assert!(parse_hit(b"VA 2 f5 W\r\nhi\r\n", &Limits::default()).is_none());
 /// ```
 #[inline]
-pub fn parse_hit<'a>(
+pub(crate) fn parse_hit<'a>(
     buf: &'a [u8],
     limits: &Limits,
 ) -> Option<Result<Status<(usize, Hit<'a>)>, ParseError>> {
@@ -685,10 +659,11 @@ pub fn parse_hit<'a>(
     Some(Ok(Status::Complete((total, hit))))
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 impl<'a> Meta<'a> {
     /// This reply as a [`Hit`] if it is a `VA` (flags other than `c`, `f`, `O` ignored; an
     /// opaque that is not a decimal u32 reads as none).
-    pub fn hit(&self) -> Option<Hit<'a>> {
+    pub(crate) fn hit(&self) -> Option<Hit<'a>> {
         Some(Hit {
             data: self.data.filter(|_| self.code == Code::Value)?,
             client_flags: self.flags.client_flags,
@@ -698,6 +673,7 @@ impl<'a> Meta<'a> {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// `parse_reply`'s result in [`parse_hit`]'s terms, or `None` where `parse_hit` must not
 /// answer (not a `VA`, other flags, an opaque that is not a u32): what the two are checked
 /// against each other with (tests, fuzzing).
@@ -795,6 +771,34 @@ pub fn parse_reply<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{KeyError, MAX_KEY_LEN};
+
+    /// Builds the wire key for `raw`: the key itself if it is a valid text key, otherwise its
+    /// base64 form (written into `buf`) marked for the `b` flag. Empty keys, text keys over 250
+    /// bytes and binary keys over [`MAX_BINARY_KEY_LEN`] are refused.
+    ///
+    /// ```text
+    /// use mcstore::proto::meta::binary_key;
+    /// let mut buf = Vec::new();
+    /// let k = binary_key(b"a b", &mut buf).unwrap();
+    /// assert!(k.is_base64());
+    /// assert_eq!(k.as_bytes(), b"YSBi");
+    /// ```
+    fn binary_key<'b>(raw: &'b [u8], buf: &'b mut Vec<u8>) -> Result<Key<'b>, KeyError> {
+        match Key::new(raw) {
+            Ok(k) => Ok(k),
+            Err(KeyError::BadByte { .. }) if raw.len() > MAX_BINARY_KEY_LEN => {
+                Err(KeyError::BinaryTooLong(raw.len()))
+            }
+            Err(KeyError::BadByte { .. }) => {
+                buf.clear();
+                encode_base64(buf, raw);
+                debug_assert!(buf.len() <= MAX_KEY_LEN);
+                Ok(Key::base64_token(buf))
+            }
+            Err(e) => Err(e),
+        }
+    }
     use proptest::prelude::*;
 
     fn key(k: &[u8]) -> Key<'_> {

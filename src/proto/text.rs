@@ -503,14 +503,14 @@ fn parse_value<'a>(
 /// end without a separate search. Whenever this returns `Some`, [`parse_reply`] returns the
 /// same (a valid key holds no space or line break, the rest is digits, spaces and `\r\n`).
 ///
-/// ```
+/// ```text
 /// use mcstore::proto::{Limits, Status, text::{parse_value_of, Response}};
 /// let input = b"VALUE ns:k 5 3\r\nabc\r\nEND\r\n";
 /// let r = parse_value_of(input, b"ns:", b"k", &Limits::default()).unwrap().unwrap();
 /// assert_eq!(r, Status::Complete((21, Response::Value { key: b"ns:k", flags: 5, cas: None, data: b"abc" })));
 /// assert!(parse_value_of(input, b"ns:", b"other", &Limits::default()).is_none());
 /// ```
-pub fn parse_value_of<'a>(
+pub(crate) fn parse_value_of<'a>(
     buf: &'a [u8],
     prefix: &[u8],
     key: &[u8],
