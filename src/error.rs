@@ -22,6 +22,28 @@ pub enum ServerErrorKind {
     Server,
 }
 
+/// What a call was waiting for when its deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum During {
+    /// Opening the connection.
+    Connect,
+    /// Writing the request.
+    Write,
+    /// Reading the reply.
+    Read,
+}
+
+impl std::fmt::Display for During {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            During::Connect => "connect",
+            During::Write => "write",
+            During::Read => "read",
+        })
+    }
+}
+
 /// Everything that can go wrong in a call. Cheap to clone: an I/O error is shared.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -41,7 +63,7 @@ pub enum Error {
         /// The server as configured.
         server: String,
         /// What the client was waiting for: "connect", "write" or "read".
-        during: &'static str,
+        during: During,
         /// How long the call had been running when it gave up.
         elapsed: Duration,
     },

@@ -45,7 +45,7 @@ pub use client::{
     MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
     ServerStats, SetOptions,
 };
-pub use error::{Error, ErrorKind, Result, ServerErrorKind};
+pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};
 

@@ -30,8 +30,9 @@ use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::buf::ReadBuf;
+use super::exchange::{Exchange, Failure};
 use super::ServerAddr;
-use crate::error::{Error, Result};
+use crate::error::{During, Error, Result};
 use crate::proto::{ParseError, Status};
 
 /// Values up to this size are copied behind the command line (one contiguous write); larger
@@ -185,9 +186,8 @@ pub(crate) enum Until {
 pub(crate) struct Batch<'v> {
     pub(crate) server: usize,
     value: Option<(&'v [u8], &'v [u8])>,
-    written: usize,
-    total: usize,
-    done: bool,
+    /// The request's progress and its replies' (sans I/O).
+    ex: Exchange<'v>,
     /// Set when this server failed; its connection has been closed.
     pub(crate) error: Option<Error>,
 }
@@ -197,9 +197,7 @@ impl<'v> Batch<'v> {
         Batch {
             server,
             value,
-            written: 0,
-            total: 0,
-            done: false,
+            ex: Exchange::new(0, value),
             error: None,
         }
     }
@@ -331,15 +329,18 @@ impl Driver {
         F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     {
         for b in batches.iter_mut() {
-            let (value, trailer) = b.value.unwrap_or((&[], &[]));
-            b.total = self.conns[b.server].wbuf.len() + value.len() + trailer.len();
+            b.ex = Exchange::new(self.conns[b.server].wbuf.len(), b.value);
             if self.conns[b.server].stream.is_none() && b.error.is_none() {
                 b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
             }
         }
         if let [b] = batches {
             let blocking_ok = self.cfg.io_timeout > 2 * PRECISE_TAIL;
-            if until == Until::Done && b.total <= BLOCKING_MAX && b.error.is_none() && blocking_ok {
+            if until == Until::Done
+                && b.ex.total() <= BLOCKING_MAX
+                && b.error.is_none()
+                && blocking_ok
+            {
                 match self.exchange_blocking(b, op, &mut on_reply) {
                     Ok(true) => return,
                     // Near the deadline: the poll loop below waits out the rest precisely.
@@ -366,14 +367,14 @@ impl Driver {
             let mut pending = 0;
             let mut progressed = false;
             for b in batches.iter_mut() {
-                if b.done || b.error.is_some() {
+                if b.ex.is_done() || b.error.is_some() {
                     continue;
                 }
-                match self.step(b, until, read_early, &mut on_reply) {
+                match self.step(b, op, until, read_early, &mut on_reply) {
                     Ok(p) => progressed |= p,
                     Err(e) => b.error = Some(e),
                 }
-                if !b.done && b.error.is_none() {
+                if !b.ex.is_done() && b.error.is_none() {
                     pending += 1;
                 }
             }
@@ -383,28 +384,22 @@ impl Driver {
             if progressed {
                 continue;
             }
-            let writing = batches
-                .iter()
-                .any(|b| !b.done && b.error.is_none() && b.written < b.total);
             match self.poll_until(op.deadline) {
                 Ok(true) => {}
                 Ok(false) => {
-                    let elapsed = op.start.elapsed();
+                    let now = Instant::now();
                     for b in batches.iter_mut() {
-                        if !b.done && b.error.is_none() {
-                            self.disconnect(b.server);
-                            b.error = Some(Error::Timeout {
-                                server: self.conns[b.server].label.clone(),
-                                during: if writing { "write" } else { "read" },
-                                elapsed,
-                            });
+                        if b.error.is_none() {
+                            if let Err(f) = b.ex.handle_timeout(now, op.deadline) {
+                                b.error = Some(self.failed(b.server, f, op));
+                            }
                         }
                     }
                     return;
                 }
                 Err(e) => {
                     for b in batches.iter_mut() {
-                        if !b.done && b.error.is_none() {
+                        if !b.ex.is_done() && b.error.is_none() {
                             b.error = Some(
                                 self.io_error(b.server, io::Error::new(e.kind(), e.to_string())),
                             );
@@ -446,52 +441,38 @@ impl Driver {
             }
             self.conns[i].blocking = Some(first);
         }
-        let timeout = |d: &mut Self, during| {
-            d.disconnect(i);
-            Error::Timeout {
-                server: d.conns[i].label.clone(),
-                during,
-                elapsed: op.start.elapsed(),
-            }
-        };
-        while b.written < b.total {
-            let (value, trailer) = b.value.unwrap_or((&[], &[]));
-            let n = self.write_some(i, b.written, value, trailer)?;
-            b.written += n;
-            if n == 0 && Instant::now() >= op.deadline {
-                return Err(timeout(self, "write"));
+        while !b.ex.is_written() {
+            let n = self.write_some(i, &b.ex)?;
+            b.ex.handle_written(n);
+            if n == 0 {
+                b.ex.handle_timeout(Instant::now(), op.deadline)
+                    .map_err(|f| self.failed(i, f, op))?;
             }
         }
         // The first read needs no clock: its timeout (left as the previous call set it, at
         // most `io_timeout - PRECISE_TAIL`) ends before this operation's deadline, which was
         // taken microseconds ago by `begin`/`new_op`. An empty buffer needs no parse.
         let mut first_read = self.conns[i].rbuf.is_empty();
+        let mut on_reply = |buf: &[u8]| on_reply(i, buf);
         loop {
-            let conn = &mut self.conns[i];
             if !first_read {
-                match on_reply(i, conn.rbuf.data()) {
-                    Ok(Status::Complete((n, last))) => {
-                        conn.rbuf.consume(n);
-                        if last {
-                            b.done = true;
-                            return Ok(true);
-                        }
-                        continue;
-                    }
-                    Ok(Status::Partial) => {}
-                    Err(error) => {
+                let conn = &mut self.conns[i];
+                match b.ex.handle_input(&mut conn.rbuf, &mut on_reply) {
+                    Ok(_) if b.ex.is_done() => return Ok(true),
+                    Ok(_) => {}
+                    // Cannot happen here (the request was written first); treated as in step.
+                    Err(Failure::OutOfStep) => {
                         self.disconnect(i);
-                        return Err(Error::Parse {
-                            server: self.conns[i].label.clone(),
-                            error,
-                        });
+                        return Ok(true);
                     }
+                    Err(f) => return Err(self.failed(i, f, op)),
                 }
             }
+            let conn = &mut self.conns[i];
             if !first_read || conn.blocking.is_some_and(|t| t > first) {
                 let now = Instant::now();
-                if now >= op.deadline {
-                    return Err(timeout(self, "read"));
+                if let Err(f) = b.ex.handle_timeout(now, op.deadline) {
+                    return Err(self.failed(i, f, op));
                 }
                 let target = (op.deadline - now).saturating_sub(PRECISE_TAIL);
                 if target < TIMEOUT_SLACK {
@@ -510,7 +491,7 @@ impl Driver {
             }
             first_read = false;
             // WouldBlock here means the read timeout expired: the loop checks the deadline.
-            self.read_some(i)?;
+            self.read_some(i, &b.ex, op)?;
         }
     }
 
@@ -519,6 +500,7 @@ impl Driver {
     fn step<F>(
         &mut self,
         b: &mut Batch<'_>,
+        op: &Op,
         until: Until,
         read_early: bool,
         on_reply: &mut F,
@@ -528,97 +510,57 @@ impl Driver {
     {
         let i = b.server;
         let mut progressed = false;
-        if b.written < b.total && self.conns[i].writable {
-            let (value, trailer) = b.value.unwrap_or((&[], &[]));
-            let n = self.write_some(i, b.written, value, trailer)?;
-            b.written += n;
+        if !b.ex.is_written() && self.conns[i].writable {
+            let n = self.write_some(i, &b.ex)?;
+            b.ex.handle_written(n);
             progressed = n > 0;
-            if b.written == b.total && until == Until::Done && read_early {
+            if b.ex.is_written() && until == Until::Done && read_early {
                 // Read before waiting: on loopback and fast networks the reply is usually
                 // there already, and a read that finds it saves the epoll_wait (a get then
                 // costs two syscalls). If it is not, the read says so and we wait.
                 self.conns[i].readable = true;
             }
         }
-        if until == Until::Written && b.written == b.total {
-            b.done = true;
+        if until == Until::Written && b.ex.is_written() {
+            b.ex.finish();
             return Ok(true);
         }
-        loop {
-            let conn = &mut self.conns[i];
-            match on_reply(i, conn.rbuf.data()) {
-                Ok(Status::Complete((n, last))) => {
-                    conn.rbuf.consume(n);
-                    progressed = true;
-                    if last {
-                        b.done = true;
-                        if b.written < b.total {
-                            // Answered before the request was fully sent: out of step.
-                            self.disconnect(i);
-                        }
-                        return Ok(true);
-                    }
-                }
-                Ok(Status::Partial) => break,
-                Err(error) => {
-                    self.disconnect(i);
-                    return Err(Error::Parse {
-                        server: self.conns[i].label.clone(),
-                        error,
-                    });
-                }
-            }
+        let conn = &mut self.conns[i];
+        match b
+            .ex
+            .handle_input(&mut conn.rbuf, &mut |buf| on_reply(i, buf))
+        {
+            Ok(p) => progressed |= p,
+            // The reply was read, but the stream is out of step: start over next time.
+            Err(Failure::OutOfStep) => self.disconnect(i),
+            Err(f) => return Err(self.failed(i, f, op)),
+        }
+        if b.ex.is_done() {
+            return Ok(true);
         }
         if self.conns[i].readable {
-            progressed |= self.read_some(i)?;
+            progressed |= self.read_some(i, &b.ex, op)?;
         }
         Ok(progressed)
     }
 
-    /// One `write`/`writev` of what remains from `offset` of (wbuf, value, trailer).
-    fn write_some(
-        &mut self,
-        i: usize,
-        offset: usize,
-        value: &[u8],
-        trailer: &[u8],
-    ) -> Result<usize> {
+    /// One `write`/`writev` of what remains of the exchange's request.
+    fn write_some(&mut self, i: usize, ex: &Exchange<'_>) -> Result<usize> {
         let conn = &mut self.conns[i];
-        let head = &conn.wbuf[..];
-        if value.is_empty() && trailer.is_empty() {
-            // The common case (the whole request is in the buffer): one plain write.
-            let stream = conn.stream.as_mut().expect("connected by begin()");
-            let part = &head[offset..];
-            let want = part.len();
-            let result = match stream {
-                Stream::Tcp(s) => s.write(part),
-                Stream::Unix(s) => s.write(part),
-            };
-            return self.wrote(i, result, want);
-        }
-        let mut skip = offset;
-        let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
-        let mut n = 0;
-        for part in [head, value, trailer] {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            slices[n] = IoSlice::new(&part[skip..]);
-            skip = 0;
-            n += 1;
-        }
-        let want: usize = slices[..n].iter().map(|s| s.len()).sum();
+        let (parts, n) = ex.poll_transmit(&conn.wbuf);
         let stream = conn.stream.as_mut().expect("connected by begin()");
         let result = if n == 1 {
-            // Plain write for one piece: cheaper for the kernel than writev.
+            // The common case (the whole request is in the buffer): one plain write, cheaper
+            // for the kernel than writev.
             match stream {
-                Stream::Tcp(s) => s.write(&slices[0]),
-                Stream::Unix(s) => s.write(&slices[0]),
+                Stream::Tcp(s) => s.write(parts[0]),
+                Stream::Unix(s) => s.write(parts[0]),
             }
         } else {
+            let slices = parts.map(IoSlice::new);
             stream.write_vectored(&slices[..n])
         };
+        let want = parts[..n].iter().map(|p| p.len()).sum();
         self.wrote(i, result, want)
     }
 
@@ -643,7 +585,7 @@ impl Driver {
     }
 
     /// One `read` into the read buffer; `Ok(true)` if bytes arrived.
-    fn read_some(&mut self, i: usize) -> Result<bool> {
+    fn read_some(&mut self, i: usize, ex: &Exchange<'_>, op: &Op) -> Result<bool> {
         let conn = &mut self.conns[i];
         let Some(spare) = conn.rbuf.spare() else {
             return Err(self.io_error(
@@ -657,10 +599,7 @@ impl Driver {
         let room = spare.len();
         let stream = conn.stream.as_mut().expect("connected by begin()");
         match stream.read(spare) {
-            Ok(0) => Err(self.io_error(
-                i,
-                io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
-            )),
+            Ok(0) => Err(self.failed(i, ex.handle_eof(), op)),
             Ok(n) => {
                 conn.rbuf.filled(n);
                 if n < room && !conn.closed {
@@ -703,6 +642,30 @@ impl Driver {
             }
         }
         Ok(true)
+    }
+
+    /// Closes server `i`'s connection after a failed exchange and says why.
+    fn failed(&mut self, i: usize, failure: Failure, op: &Op) -> Error {
+        let server = self.conns[i].label.clone();
+        let error = match failure {
+            Failure::Parse(error) => Error::Parse { server, error },
+            Failure::OutOfStep => Error::Parse {
+                server,
+                error: ParseError::Unexpected,
+            },
+            Failure::Closed => {
+                let e =
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection");
+                return self.io_error(i, e);
+            }
+            Failure::Timeout(during) => Error::Timeout {
+                server,
+                during,
+                elapsed: op.start.elapsed(),
+            },
+        };
+        self.disconnect(i);
+        error
     }
 
     fn io_error(&mut self, i: usize, source: io::Error) -> Error {
@@ -779,7 +742,7 @@ impl Driver {
                     self.disconnect(i);
                     return Err(Error::Timeout {
                         server: self.conns[i].label.clone(),
-                        during: "connect",
+                        during: During::Connect,
                         elapsed: op.start.elapsed(),
                     });
                 }

@@ -6,6 +6,7 @@
 
 mod buf;
 pub(crate) mod driver;
+mod exchange;
 
 /// The read buffer, for the `reply_stream` fuzz body.
 #[cfg(any(test, feature = "fuzzing"))]
