@@ -243,13 +243,6 @@ fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
     Error::Server { kind, message }
 }
 
-/// An error reply seen during an exchange, kept until the exchange has returned.
-struct Refused {
-    refusal: Refusal,
-    message: Vec<u8>,
-    close: bool,
-}
-
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
@@ -440,6 +433,7 @@ impl Client {
         let limits = self.limits;
         let mut out = None;
         let mut refused_with = None;
+        let label = &self.labels[i];
         self.driver.exchange(i, op, separate, Until::Done, |buf| {
             let (n, unit) = match W::decode(buf, &expect, &limits)? {
                 Status::Complete(c) => c,
@@ -452,11 +446,8 @@ impl Client {
                 ..
             } = unit.outcome
             {
-                refused_with = Some(Refused {
-                    refusal,
-                    message: message.to_vec(),
-                    close: closes || value.is_some(),
-                });
+                // After an error answering a data block, the block may be read as commands.
+                refused_with = Some((refused(label, refusal, message), closes || value.is_some()));
                 return Ok(Status::Complete((n, true)));
             }
             match on(unit.outcome, unit.last)? {
@@ -469,11 +460,11 @@ impl Client {
                 None => Ok(Status::Complete((n, false))),
             }
         })?;
-        if let Some(r) = refused_with {
-            if r.close {
+        if let Some((error, close)) = refused_with {
+            if close {
                 self.driver.disconnect(i);
             }
-            return Err(refused(&self.labels[i], r.refusal, &r.message));
+            return Err(error);
         }
         Ok(out.expect("exchange returns Ok only after the last reply"))
     }
