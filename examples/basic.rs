@@ -5,62 +5,20 @@
 //! Set `MEMCACHED_BIN` to use another memcached binary, or `MCSTORE_SERVER=host:port` to use a
 //! server that is already running.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mcstore::{CasResult, Client, SetOptions};
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_memcached() -> Result<(Server, String), Box<dyn std::error::Error>> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
-    let mut cmd = Command::new(&bin);
-    cmd.args([
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "0",
-        "-m",
-        "64",
-    ]);
-    if std::env::var("USER").as_deref() == Ok("root") || is_root() {
-        cmd.args(["-u", "root"]);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot start {bin:?} ({e}); install memcached or set MEMCACHED_BIN")
-        })?;
-    Ok((Server(child), format!("127.0.0.1:{port}")))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
+// The memcached launcher shared with the CLI demo and the tests.
+#[allow(dead_code)]
+#[path = "../proto-tests/support/launcher.rs"]
+mod launcher;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (_server, addr) = match std::env::var("MCSTORE_SERVER") {
         Ok(addr) => (None, addr),
         Err(_) => {
-            let (s, a) = start_memcached()?;
+            let (s, a) = launcher::start_tcp(64)?;
             (Some(s), a)
         }
     };

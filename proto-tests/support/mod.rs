@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use mcstore::Client;
 
-/// How long a memcached may take to start answering before a test gives up.
-const READY_WITHIN: Duration = Duration::from_secs(20);
+#[path = "launcher.rs"]
+mod launcher;
+use launcher::{memcached_command, READY_WITHIN};
 
-fn memcached_bin() -> String {
-    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
+/// Checks once that memcached can be run, with a clear message if not.
+fn check_memcached() {
+    let bin = launcher::memcached_bin();
     match Command::new(&bin).arg("-V").output() {
-        Ok(out) if out.status.success() => bin,
+        Ok(out) if out.status.success() => {}
         _ => panic!(
             "memcached not found (tried {bin:?}). Install it (Debian: `apt-get install -y memcached`) \
              or point MEMCACHED_BIN at a memcached 1.6 binary."
@@ -26,24 +28,9 @@ fn memcached_bin() -> String {
     }
 }
 
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A free loopback TCP port (bound then released; memcached retries are handled by `start`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    launcher::free_port().unwrap()
 }
 
 /// Where a test server listens.
@@ -167,26 +154,23 @@ impl Memcached {
     }
 
     fn spawn(&mut self) -> bool {
-        let mut cmd = Command::new(memcached_bin());
-        match &self.listen {
-            Listen::Tcp(port) => {
-                cmd.args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0"]);
+        check_memcached();
+        let port;
+        let listen: [&str; 4];
+        let listen: &[&str] = match &self.listen {
+            Listen::Tcp(p) => {
+                port = p.to_string();
+                listen = ["-l", "127.0.0.1", "-p", &port];
+                &listen
             }
-            Listen::Unix(path) => {
-                cmd.arg("-s").arg(path);
-            }
-        }
-        cmd.args(["-m", "64", "-t", "2"]);
-        if running_as_root() {
-            cmd.args(["-u", "root"]);
-        }
+            Listen::Unix(path) => &["-s", path.to_str().expect("a UTF-8 temp path")],
+        };
+        let mut cmd = memcached_command(listen, 64);
+        cmd.args(["-t", "2"]);
         cmd.args(&self.extra);
         if let Some(conf) = &self.sasl_conf {
             cmd.env("SASL_CONF_PATH", conf);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
         let child = cmd.spawn().expect("spawn memcached");
         self.child = Some(child);
         self.wait_ready()

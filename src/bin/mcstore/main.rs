@@ -3,13 +3,17 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod bench;
+// The memcached launcher shared with the tests and examples.
+#[allow(dead_code)]
+#[path = "../../../proto-tests/support/launcher.rs"]
+mod launcher;
 mod mapping;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -465,50 +469,9 @@ fn store_op(g: &Global, root: &std::path::Path, op: StoreOp, out: &mut impl Writ
     Ok(())
 }
 
-/// A memcached child process for the demo, killed on drop.
-struct LocalMemcached(Child);
-
-impl Drop for LocalMemcached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_memcached() -> Option<(LocalMemcached, String)> {
-    let bin = std::env::var("MEMCACHED_BIN").unwrap_or_else(|_| "memcached".into());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let mut cmd = Command::new(&bin);
-    cmd.args([
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "0",
-        "-m",
-        "64",
-    ]);
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if is_root {
-        cmd.args(["-u", "root"]);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let child = LocalMemcached(child);
-    let addr = format!("127.0.0.1:{port}");
+/// A memcached for the demo on a free loopback port, answering before it is used.
+fn start_memcached() -> Option<(launcher::Local, String)> {
+    let (local, addr) = launcher::start_tcp(64).ok()?;
     let mut c = Client::builder()
         .server(&addr)
         .io_timeout(Duration::from_millis(200))
@@ -516,12 +479,12 @@ fn start_memcached() -> Option<(LocalMemcached, String)> {
         .ok()?;
     let start = Instant::now();
     while c.version().is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
+        if start.elapsed() > launcher::READY_WITHIN {
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Some((child, addr))
+    Some((local, addr))
 }
 
 fn demo(g: &Global, n: usize) -> Res<()> {
