@@ -12,7 +12,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mcstore::storage::{Content, FsStorage, MemcacheStorage, MemoryStorage, Storage};
+use mcstore::storage::{Content, FsStorage, MemcacheStorage, MemoryStorage, Storage, StorageError};
 use mcstore::{Client, Error, Pool, Protocol};
 use support::{Memcached, TempDir};
 
@@ -94,8 +94,8 @@ fn subjects() -> Vec<Subject> {
     ]
 }
 
-fn is_not_found<T: std::fmt::Debug>(r: mcstore::Result<T>) -> bool {
-    matches!(r, Err(Error::NotFound(_)))
+fn is_not_found<T: std::fmt::Debug>(r: mcstore::storage::Result<T>) -> bool {
+    matches!(r, Err(StorageError::NotFound(_)))
 }
 
 fn conformance(name: &str, s: &dyn Storage, large_ok: bool) {
@@ -225,7 +225,7 @@ fn conformance(name: &str, s: &dyn Storage, large_ok: bool) {
     s.persist(&[]).unwrap();
     s.persist(&[col, "posts/empty"]).unwrap();
     assert!(
-        matches!(s.persist(&["../x"]), Err(Error::InvalidName { .. })),
+        matches!(s.persist(&["../x"]), Err(StorageError::InvalidName { .. })),
         "{name}"
     );
 
@@ -242,15 +242,21 @@ fn conformance(name: &str, s: &dyn Storage, large_ok: bool) {
         "",
     ] {
         assert!(
-            matches!(s.info(bad, None), Err(Error::InvalidName { .. })),
+            matches!(s.info(bad, None), Err(StorageError::InvalidName { .. })),
             "{name}: {bad:?}"
         );
         assert!(
-            matches!(s.info(col, Some(bad)), Err(Error::InvalidName { .. })),
+            matches!(
+                s.info(col, Some(bad)),
+                Err(StorageError::InvalidName { .. })
+            ),
             "{name}: {bad:?}"
         );
         assert!(
-            matches!(s.create_container(bad), Err(Error::InvalidName { .. })),
+            matches!(
+                s.create_container(bad),
+                Err(StorageError::InvalidName { .. })
+            ),
             "{name}: {bad:?}"
         );
     }
@@ -328,56 +334,71 @@ fn memcache_hits_and_large_content() {
 struct SlowMaster(MemoryStorage);
 
 impl Storage for SlowMaster {
-    fn create_container(&self, c: &str) -> mcstore::Result<()> {
+    fn create_container(&self, c: &str) -> mcstore::storage::Result<()> {
         self.0.create_container(c)
     }
-    fn info(&self, c: &str, r: Option<&str>) -> mcstore::Result<mcstore::storage::ResourceInfo> {
+    fn info(
+        &self,
+        c: &str,
+        r: Option<&str>,
+    ) -> mcstore::storage::Result<mcstore::storage::ResourceInfo> {
         self.0.info(c, r)
     }
-    fn get_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bytes::Bytes> {
+    fn get_content(
+        &self,
+        i: &mcstore::storage::ResourceInfo,
+    ) -> mcstore::storage::Result<bytes::Bytes> {
         thread::sleep(Duration::from_millis(100));
         self.0.get_content(i)
     }
-    fn get_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bytes::Bytes> {
+    fn get_meta_data(
+        &self,
+        i: &mcstore::storage::ResourceInfo,
+    ) -> mcstore::storage::Result<bytes::Bytes> {
         self.0.get_meta_data(i)
     }
     fn put_content(
         &self,
         i: &mcstore::storage::ResourceInfo,
         d: Content<'_>,
-    ) -> mcstore::Result<()> {
+    ) -> mcstore::storage::Result<()> {
         self.0.put_content(i, d)
     }
     fn put_meta_data(
         &self,
         i: &mcstore::storage::ResourceInfo,
         d: Content<'_>,
-    ) -> mcstore::Result<()> {
+    ) -> mcstore::storage::Result<()> {
         self.0.put_meta_data(i, d)
     }
-    fn remove_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<()> {
+    fn remove_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<()> {
         self.0.remove_content(i)
     }
-    fn remove_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<()> {
+    fn remove_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<()> {
         self.0.remove_meta_data(i)
     }
-    fn exists(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::Result<bool> {
+    fn exists(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<bool> {
         self.0.exists(i)
     }
     fn ls(
         &self,
         c: &str,
         e: Option<&str>,
-    ) -> mcstore::Result<std::collections::BTreeMap<String, mcstore::storage::ResourceInfo>> {
+    ) -> mcstore::storage::Result<std::collections::BTreeMap<String, mcstore::storage::ResourceInfo>>
+    {
         self.0.ls(c, e)
     }
-    fn ils(&self, c: &str, e: Option<&str>) -> mcstore::Result<mcstore::storage::ResourceIter<'_>> {
+    fn ils(
+        &self,
+        c: &str,
+        e: Option<&str>,
+    ) -> mcstore::storage::Result<mcstore::storage::ResourceIter<'_>> {
         self.0.ils(c, e)
     }
-    fn persist(&self, p: &[&str]) -> mcstore::Result<()> {
+    fn persist(&self, p: &[&str]) -> mcstore::storage::Result<()> {
         self.0.persist(p)
     }
-    fn shutdown(&self) -> mcstore::Result<()> {
+    fn shutdown(&self) -> mcstore::storage::Result<()> {
         self.0.shutdown()
     }
 }
@@ -506,7 +527,7 @@ fn concurrent_run(
                             let seq = *w;
                             o.started_remove.store(seq, Ordering::SeqCst);
                             match s.remove_content(info) {
-                                Ok(()) | Err(Error::NotFound(_)) => {}
+                                Ok(()) | Err(StorageError::NotFound(_)) => {}
                                 Err(_) => {
                                     failed.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -521,7 +542,7 @@ fn concurrent_run(
                                         stale.fetch_add(1, Ordering::Relaxed);
                                     }
                                 }
-                                Err(Error::NotFound(_)) => {
+                                Err(StorageError::NotFound(_)) => {
                                     // Only fine if a removal at least as new as `before` happened.
                                     if before != 0
                                         && o.started_remove.load(Ordering::SeqCst) < before
@@ -606,7 +627,7 @@ fn killed_frozen_restarted(p: Protocol) {
         let mi = master.info("conc", Some(&format!("r{i}"))).unwrap();
         match (s.get_content(&info), master.get_content(&mi)) {
             (Ok(a), Ok(b)) => assert_eq!(a, b, "r{i}"),
-            (Err(Error::NotFound(_)), Err(Error::NotFound(_))) => {}
+            (Err(StorageError::NotFound(_)), Err(StorageError::NotFound(_))) => {}
             (a, b) => panic!("r{i}: cache {a:?} vs master {b:?}"),
         }
     }

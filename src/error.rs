@@ -127,18 +127,6 @@ pub enum Error {
     /// No client could be checked out of a [`Pool`](crate::Pool) in time.
     #[error("no client free in the pool after {0:?}")]
     PoolTimeout(Duration),
-    /// Storage: the collection or resource does not exist.
-    #[error("not found: {0}")]
-    NotFound(String),
-    /// Storage: a collection or resource name that cannot be stored safely (e.g. it could
-    /// escape the storage root).
-    #[error("invalid name {name:?}: {reason}")]
-    InvalidName {
-        /// The name as given.
-        name: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
     /// The client's protocol cannot express this operation (a meta-only call over text or
     /// binary, verbosity over binary). Nothing was sent.
     #[error("{operation} is not available over the {protocol:?} protocol")]
@@ -147,15 +135,6 @@ pub enum Error {
         operation: &'static str,
         /// The protocol the client speaks.
         protocol: Protocol,
-    },
-    /// Storage: a file-system or other back-end error.
-    #[error("storage error ({context}): {source}")]
-    Storage {
-        /// What was being done, and on what.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: Arc<io::Error>,
     },
 }
 
@@ -189,12 +168,6 @@ pub enum ErrorKind {
     Unsupported,
     /// [`Error::PoolTimeout`].
     PoolTimeout,
-    /// [`Error::NotFound`].
-    NotFound,
-    /// [`Error::InvalidName`].
-    InvalidName,
-    /// [`Error::Storage`].
-    Storage,
 }
 
 impl Error {
@@ -214,9 +187,6 @@ impl Error {
             Error::Config(_) => ErrorKind::Config,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::PoolTimeout(_) => ErrorKind::PoolTimeout,
-            Error::NotFound(_) => ErrorKind::NotFound,
-            Error::InvalidName { .. } => ErrorKind::InvalidName,
-            Error::Storage { .. } => ErrorKind::Storage,
         }
     }
 

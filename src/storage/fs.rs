@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
-use crate::error::{Error, Result};
 
 const CONTENT: &str = "~c";
 const META: &str = "~m";
@@ -99,10 +99,7 @@ pub(crate) fn decode_name(encoded: &str) -> Option<String> {
 }
 
 fn io_err(context: impl Into<String>, source: io::Error) -> Error {
-    Error::Storage {
-        context: context.into(),
-        source: source.into(),
-    }
+    Error::io(context, source)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -38,11 +38,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::error::{Result, StorageError};
 use super::memory::not_found;
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
-use crate::error::{Error, Result};
 
 /// Flags of cache entries that are not content.
 const FLAG_VALUE: u32 = 0;
@@ -250,7 +250,7 @@ impl MemcacheStorageBuilder {
 /// use std::sync::Arc;
 /// use mcstore::{Client, Pool};
 /// use mcstore::storage::{FsStorage, MemcacheStorage, Storage};
-/// # fn main() -> mcstore::Result<()> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let master = Arc::new(FsStorage::open("./data")?);
 /// let pool = Pool::new(Client::builder().server("127.0.0.1:11211"), 8)?;
 /// let store = MemcacheStorage::new(pool, Some(master));
@@ -361,7 +361,7 @@ impl MemcacheStorage {
         Ok(key)
     }
 
-    fn cache_failed(&self, _e: &Error) {
+    fn cache_failed(&self, _e: &dyn std::error::Error) {
         bump(&self.counters.cache_errors);
     }
 
@@ -665,7 +665,7 @@ impl MemcacheStorage {
     // Standalone mode: memcached is the only store.
 
     fn client(&self) -> Result<crate::client::PooledClient<'_>> {
-        self.pool.get()
+        Ok(self.pool.get()?)
     }
 
     fn standalone_get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
@@ -744,10 +744,10 @@ impl MemcacheStorage {
                 }
             }
         }
-        Err(Error::Storage {
-            context: format!("updating the members of {collection}"),
-            source: std::io::Error::other("too much contention").into(),
-        })
+        Err(StorageError::io(
+            format!("updating the members of {collection}"),
+            std::io::Error::other("too much contention"),
+        ))
     }
 
     fn standalone_members(&self, collection: &str) -> Result<Vec<String>> {

@@ -5,8 +5,8 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
+use super::error::{Result, StorageError as Error};
 use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
-use crate::error::{Error, Result};
 
 #[derive(Default, Clone)]
 struct Entry {

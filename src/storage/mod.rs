@@ -27,7 +27,10 @@ pub use fs::FsStorage;
 pub use memcache::{KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters};
 pub use memory::MemoryStorage;
 
-use crate::error::{Error, Result};
+mod error;
+
+use error::StorageError as Error;
+pub use error::{Result, StorageError};
 
 /// Where a resource (or, with `resource: None`, a collection) lives, as returned by
 /// [`Storage::info`]. `key` is specific to the storage that made it: a relative path for the
@@ -93,10 +96,8 @@ impl Content<'_> {
             Content::Bytes(b) => Ok(Bytes::copy_from_slice(b)),
             Content::Reader(r) => {
                 let mut v = Vec::new();
-                r.read_to_end(&mut v).map_err(|source| Error::Storage {
-                    context: "reading content to store".into(),
-                    source: source.into(),
-                })?;
+                r.read_to_end(&mut v)
+                    .map_err(|e| Error::io("reading content to store", e))?;
                 Ok(Bytes::from(v))
             }
         }
