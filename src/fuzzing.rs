@@ -462,33 +462,22 @@ mod replay {
         n
     }
 
-    #[test]
-    fn replay_text_reply() {
-        assert!(replay("text_reply", super::text_reply) > 0);
+    /// One test per target, each replaying its corpus and regressions.
+    macro_rules! replays {
+        ($($target:ident),*) => {$(
+            #[test]
+            fn $target() {
+                assert!(replay(stringify!($target), super::$target) > 0);
+            }
+        )*};
     }
 
-    #[test]
-    fn replay_roundtrip() {
-        assert!(replay("roundtrip", super::roundtrip) > 0);
-    }
-
-    #[test]
-    fn replay_server_spec() {
-        assert!(replay("server_spec", super::server_spec) > 0);
-    }
-
-    #[test]
-    fn replay_binary_reply() {
-        assert!(replay("binary_reply", super::binary_reply) > 0);
-    }
-
-    #[test]
-    fn replay_reply_stream() {
-        assert!(replay("reply_stream", super::reply_stream) > 0);
-    }
-
-    #[test]
-    fn replay_meta_reply() {
-        assert!(replay("meta_reply", super::meta_reply) > 0);
-    }
+    replays!(
+        text_reply,
+        roundtrip,
+        server_spec,
+        binary_reply,
+        reply_stream,
+        meta_reply
+    );
 }
