@@ -12,7 +12,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mcstore::storage::{Content, FsStorage, MemcacheStorage, MemoryStorage, Storage, StorageError};
+use mcstore::storage::{
+    Content, FsStorage, MemcacheStorage, MemoryStorage, Part, Storage, StorageError,
+};
 use mcstore::{Client, Error, Pool, Protocol};
 use support::{Memcached, TempDir};
 
@@ -344,38 +346,30 @@ impl Storage for SlowMaster {
     ) -> mcstore::storage::Result<mcstore::storage::ResourceInfo> {
         self.0.info(c, r)
     }
-    fn get_content(
+    fn get(
         &self,
         i: &mcstore::storage::ResourceInfo,
+        part: Part,
     ) -> mcstore::storage::Result<bytes::Bytes> {
-        thread::sleep(Duration::from_millis(100));
-        self.0.get_content(i)
+        if part == Part::Content {
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.0.get(i, part)
     }
-    fn get_meta_data(
+    fn put(
         &self,
         i: &mcstore::storage::ResourceInfo,
-    ) -> mcstore::storage::Result<bytes::Bytes> {
-        self.0.get_meta_data(i)
-    }
-    fn put_content(
-        &self,
-        i: &mcstore::storage::ResourceInfo,
+        part: Part,
         d: Content<'_>,
     ) -> mcstore::storage::Result<()> {
-        self.0.put_content(i, d)
+        self.0.put(i, part, d)
     }
-    fn put_meta_data(
+    fn remove(
         &self,
         i: &mcstore::storage::ResourceInfo,
-        d: Content<'_>,
+        part: Part,
     ) -> mcstore::storage::Result<()> {
-        self.0.put_meta_data(i, d)
-    }
-    fn remove_content(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<()> {
-        self.0.remove_content(i)
-    }
-    fn remove_meta_data(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<()> {
-        self.0.remove_meta_data(i)
+        self.0.remove(i, part)
     }
     fn exists(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<bool> {
         self.0.exists(i)

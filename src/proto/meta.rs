@@ -515,14 +515,6 @@ impl Reply<'_> {
         }
         out.extend_from_slice(b"\r\n");
     }
-
-    /// True for `ERROR`, `CLIENT_ERROR` and `SERVER_ERROR`.
-    pub fn is_error(&self) -> bool {
-        matches!(
-            self,
-            Reply::Error(_) | Reply::ClientError(_) | Reply::ServerError(_)
-        )
-    }
 }
 
 fn num<T: TryFrom<u64>>(tok: &[u8]) -> Result<T, ParseError> {

@@ -347,14 +347,6 @@ impl Response<'_> {
         out.extend_from_slice(simple);
         out.extend_from_slice(b"\r\n");
     }
-
-    /// True for `ERROR`, `CLIENT_ERROR` and `SERVER_ERROR`.
-    pub fn is_error(&self) -> bool {
-        matches!(
-            self,
-            Response::Error(_) | Response::ClientError(_) | Response::ServerError(_)
-        )
-    }
 }
 
 fn line2(out: &mut Vec<u8>, word: &[u8], rest: &[u8]) {
@@ -953,42 +945,35 @@ mod tests {
                 prop::collection::vec(any::<u8>(), 0..600)
             )
                 .prop_map(|(k, f, c, d)| OwnedReply::Value(k, f, c, d)),
-            any::<u64>().prop_map(OwnedReply::Number),
+            any::<u64>().prop_map(|n| OwnedReply::Fixed(Response::Number(n))),
             (word.clone(), text.clone()).prop_map(|(n, v)| OwnedReply::Stat(n, v)),
             word.clone().prop_map(OwnedReply::Version),
             text.clone().prop_map(OwnedReply::ClientError),
             text.prop_map(OwnedReply::ServerError),
             prop::sample::select(vec![
-                OwnedReply::End,
-                OwnedReply::Stored,
-                OwnedReply::NotStored,
-                OwnedReply::Exists,
-                OwnedReply::NotFound,
-                OwnedReply::Deleted,
-                OwnedReply::Touched,
-                OwnedReply::Ok,
-                OwnedReply::Reset,
-            ]),
+                Response::End,
+                Response::Stored,
+                Response::NotStored,
+                Response::Exists,
+                Response::NotFound,
+                Response::Deleted,
+                Response::Touched,
+                Response::Ok,
+                Response::Reset,
+            ])
+            .prop_map(OwnedReply::Fixed),
         ]
     }
 
     #[derive(Debug, Clone)]
     enum OwnedReply {
         Value(Vec<u8>, u32, Option<u64>, Vec<u8>),
-        Number(u64),
         Stat(Vec<u8>, Vec<u8>),
         Version(Vec<u8>),
         ClientError(Vec<u8>),
         ServerError(Vec<u8>),
-        End,
-        Stored,
-        NotStored,
-        Exists,
-        NotFound,
-        Deleted,
-        Touched,
-        Ok,
-        Reset,
+        /// A reply without borrowed parts.
+        Fixed(Response<'static>),
     }
 
     impl OwnedReply {
@@ -1000,20 +985,11 @@ mod tests {
                     cas: *c,
                     data: d,
                 },
-                OwnedReply::Number(n) => Response::Number(*n),
                 OwnedReply::Stat(n, v) => Response::Stat { name: n, value: v },
                 OwnedReply::Version(v) => Response::Version(v),
                 OwnedReply::ClientError(m) => Response::ClientError(m),
                 OwnedReply::ServerError(m) => Response::ServerError(m),
-                OwnedReply::End => Response::End,
-                OwnedReply::Stored => Response::Stored,
-                OwnedReply::NotStored => Response::NotStored,
-                OwnedReply::Exists => Response::Exists,
-                OwnedReply::NotFound => Response::NotFound,
-                OwnedReply::Deleted => Response::Deleted,
-                OwnedReply::Touched => Response::Touched,
-                OwnedReply::Ok => Response::Ok,
-                OwnedReply::Reset => Response::Reset,
+                OwnedReply::Fixed(r) => *r,
             }
         }
     }

@@ -91,9 +91,9 @@ impl HashFn {
             HashFn::Md5 => md5_u32(key),
             HashFn::Crc => (crc32fast::hash(key) >> 16) & 0x7fff,
             HashFn::Fnv1_64 => fnv1_64(key),
-            HashFn::Fnv1a_64 => fnv1a_64(key),
+            HashFn::Fnv1a_64 => fnv1a_32(key, 0x8422_2325, 0x0000_01b3),
             HashFn::Fnv1_32 => fnv1_32(key),
-            HashFn::Fnv1a_32 => fnv1a_32(key),
+            HashFn::Fnv1a_32 => fnv1a_32(key, 0x811c_9dc5, 0x0100_0193),
             HashFn::Hsieh => hsieh(key),
             HashFn::Murmur => murmur(key),
             HashFn::Jenkins => jenkins(key),
@@ -142,32 +142,18 @@ fn fnv1_64(key: &[u8]) -> u32 {
     h as u32
 }
 
-fn fnv1a_64(key: &[u8]) -> u32 {
-    // libhashkit's quirk: the 64-bit constants truncated to 32 bits, 32-bit arithmetic.
-    let mut h: u32 = 0x8422_2325;
-    for &b in key {
-        h ^= sext32(b);
-        h = h.wrapping_mul(0x0000_01b3);
-    }
-    h
+/// 32-bit FNV-1a from `basis` with `prime`: libhashkit's "fnv1a_32", and its "fnv1a_64" (the
+/// 64-bit constants truncated to 32 bits, 32-bit arithmetic: its quirk, kept for placement).
+fn fnv1a_32(key: &[u8], basis: u32, prime: u32) -> u32 {
+    key.iter()
+        .fold(basis, |h, &b| (h ^ sext32(b)).wrapping_mul(prime))
 }
 
+/// 32-bit FNV-1 ("fnv1_32").
 fn fnv1_32(key: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for &b in key {
-        h = h.wrapping_mul(0x0100_0193);
-        h ^= sext32(b);
-    }
-    h
-}
-
-fn fnv1a_32(key: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for &b in key {
-        h ^= sext32(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
+    key.iter().fold(0x811c_9dc5, |h: u32, &b| {
+        h.wrapping_mul(0x0100_0193) ^ sext32(b)
+    })
 }
 
 fn le16(b: &[u8]) -> u32 {
@@ -301,43 +287,38 @@ fn jenkins(key: &[u8]) -> u32 {
     jenkins_final(a, b, c)
 }
 
+/// One line of lookup3's `mix()`: `x -= y; x ^= rot(y, k); y += z`.
+#[inline(always)]
+fn mix_step(x: &mut u32, y: &mut u32, z: u32, k: u32) {
+    *x = x.wrapping_sub(*y) ^ y.rotate_left(k);
+    *y = y.wrapping_add(z);
+}
+
+/// One line of lookup3's `final()`: `x ^= y; x -= rot(y, k)`.
+#[inline(always)]
+fn final_step(x: &mut u32, y: u32, k: u32) {
+    *x = (*x ^ y).wrapping_sub(y.rotate_left(k));
+}
+
 fn jenkins_mix(mut a: u32, mut b: u32, mut c: u32) -> (u32, u32, u32) {
-    a = a.wrapping_sub(c);
-    a ^= c.rotate_left(4);
-    c = c.wrapping_add(b);
-    b = b.wrapping_sub(a);
-    b ^= a.rotate_left(6);
-    a = a.wrapping_add(c);
-    c = c.wrapping_sub(b);
-    c ^= b.rotate_left(8);
-    b = b.wrapping_add(a);
-    a = a.wrapping_sub(c);
-    a ^= c.rotate_left(16);
-    c = c.wrapping_add(b);
-    b = b.wrapping_sub(a);
-    b ^= a.rotate_left(19);
-    a = a.wrapping_add(c);
-    c = c.wrapping_sub(b);
-    c ^= b.rotate_left(4);
-    b = b.wrapping_add(a);
+    mix_step(&mut a, &mut c, b, 4);
+    mix_step(&mut b, &mut a, c, 6);
+    mix_step(&mut c, &mut b, a, 8);
+    mix_step(&mut a, &mut c, b, 16);
+    mix_step(&mut b, &mut a, c, 19);
+    mix_step(&mut c, &mut b, a, 4);
     (a, b, c)
 }
 
 fn jenkins_final(mut a: u32, mut b: u32, mut c: u32) -> u32 {
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c.wrapping_sub(b.rotate_left(24))
+    final_step(&mut c, b, 14);
+    final_step(&mut a, c, 11);
+    final_step(&mut b, a, 25);
+    final_step(&mut c, b, 16);
+    final_step(&mut a, c, 4);
+    final_step(&mut b, a, 14);
+    final_step(&mut c, b, 24);
+    c
 }
 
 #[cfg(test)]

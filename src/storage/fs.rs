@@ -15,7 +15,9 @@ use bytes::Bytes;
 
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
-use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use super::{
+    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+};
 
 const CONTENT: &str = "~c";
 const META: &str = "~m";
@@ -138,18 +140,34 @@ impl FsStorage {
         }
     }
 
-    /// The file of a resource's content (`meta = false`) or metadata.
-    fn file(&self, info: &ResourceInfo, meta: bool) -> Result<(PathBuf, String)> {
+    /// The file of one half of a resource.
+    fn file(&self, info: &ResourceInfo, part: Part) -> Result<(PathBuf, String)> {
         let name = info.resource_name()?;
         validate_name(name)?;
         let dir = self.collection_dir(&info.collection)?;
         let enc = encode_name(name)?;
-        let file = format!("{enc}{}", if meta { META } else { CONTENT });
+        let suffix = match part {
+            Part::Content => CONTENT,
+            Part::Meta => META,
+        };
+        let file = format!("{enc}{suffix}");
         Ok((dir.join(file), enc))
     }
 
-    fn get(&self, info: &ResourceInfo, meta: bool) -> Result<Bytes> {
-        let (path, _) = self.file(info, meta)?;
+    fn sync_file(path: &Path) -> Result<()> {
+        match File::open(path) {
+            Ok(f) => f
+                .sync_all()
+                .map_err(|e| io_err(format!("fsync {}", path.display()), e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("open {}", path.display()), e)),
+        }
+    }
+}
+
+impl Storage for FsStorage {
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        let (path, _) = self.file(info, part)?;
         match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -160,8 +178,8 @@ impl FsStorage {
     }
 
     /// Atomic, durable replace: temp file, fsync, rename, fsync the folder.
-    fn put(&self, info: &ResourceInfo, data: Content<'_>, meta: bool) -> Result<()> {
-        let (path, enc) = self.file(info, meta)?;
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        let (path, enc) = self.file(info, part)?;
         let dir = self.existing_collection(&info.collection)?;
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{enc}{TEMP}{}-{n}", std::process::id()));
@@ -183,8 +201,8 @@ impl FsStorage {
         sync_dir(&dir)
     }
 
-    fn remove(&self, info: &ResourceInfo, meta: bool) -> Result<()> {
-        let (path, _) = self.file(info, meta)?;
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        let (path, _) = self.file(info, part)?;
         let dir = self.existing_collection(&info.collection)?;
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&dir),
@@ -195,18 +213,6 @@ impl FsStorage {
         }
     }
 
-    fn sync_file(path: &Path) -> Result<()> {
-        match File::open(path) {
-            Ok(f) => f
-                .sync_all()
-                .map_err(|e| io_err(format!("fsync {}", path.display()), e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(format!("open {}", path.display()), e)),
-        }
-    }
-}
-
-impl Storage for FsStorage {
     fn create_container(&self, collection: &str) -> Result<()> {
         let dir = self.collection_dir(collection)?;
         match fs::create_dir(&dir) {
@@ -235,36 +241,12 @@ impl Storage for FsStorage {
         })
     }
 
-    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, false)
-    }
-
-    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, true)
-    }
-
-    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
-        self.put(info, content, false)
-    }
-
-    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
-        self.put(info, data, true)
-    }
-
-    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, false)
-    }
-
-    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, true)
-    }
-
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
         match &info.resource {
             None => Ok(self.collection_dir(&info.collection)?.is_dir()),
             Some(_) => {
-                let (content, _) = self.file(info, false)?;
-                let (meta, _) = self.file(info, true)?;
+                let (content, _) = self.file(info, Part::Content)?;
+                let (meta, _) = self.file(info, Part::Meta)?;
                 Ok(content.is_file() || meta.is_file())
             }
         }
@@ -327,8 +309,8 @@ impl Storage for FsStorage {
             let info = self.info(c, r)?;
             let dir = self.existing_collection(c)?;
             if r.is_some() {
-                Self::sync_file(&self.file(&info, false)?.0)?;
-                Self::sync_file(&self.file(&info, true)?.0)?;
+                Self::sync_file(&self.file(&info, Part::Content)?.0)?;
+                Self::sync_file(&self.file(&info, Part::Meta)?.0)?;
             }
             sync_dir(&dir)?;
         }

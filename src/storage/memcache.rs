@@ -40,7 +40,9 @@ use sha2::{Digest, Sha256};
 
 use super::error::{Result, StorageError};
 use super::memory::not_found;
-use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use super::{
+    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 
@@ -272,18 +274,11 @@ pub struct MemcacheStorage {
     pending: Mutex<Pending>,
 }
 
-#[derive(Clone, Copy)]
-enum Part {
-    Content,
-    Meta,
-}
-
-impl Part {
-    fn suffix(self) -> &'static str {
-        match self {
-            Part::Content => ":c",
-            Part::Meta => ":m",
-        }
+/// The cache key's suffix for one half of a resource.
+fn suffix(part: Part) -> &'static str {
+    match part {
+        Part::Content => ":c",
+        Part::Meta => ":m",
     }
 }
 
@@ -350,7 +345,7 @@ impl MemcacheStorage {
     }
 
     fn cache_key(&self, info: &ResourceInfo, part: Part) -> Result<String> {
-        let key = format!("{}{}", info.key, part.suffix());
+        let key = format!("{}{}", info.key, suffix(part));
         Key::new(key.as_bytes())?;
         Ok(key)
     }
@@ -429,10 +424,7 @@ impl MemcacheStorage {
     fn master_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
         bump(&self.counters.master_reads);
         let mi = self.master_info(m, info)?;
-        match part {
-            Part::Content => m.get_content(&mi),
-            Part::Meta => m.get_meta_data(&mi),
-        }
+        m.get(&mi, part)
     }
 
     fn checkout(&self) -> Option<crate::client::PooledClient<'_>> {
@@ -622,46 +614,6 @@ impl MemcacheStorage {
         }
     }
 
-    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        match self.master() {
-            Some(m) => self.cached_get(m, info, part),
-            None => self.standalone_get(info, part),
-        }
-    }
-
-    fn put(&self, info: &ResourceInfo, data: Content<'_>, part: Part) -> Result<()> {
-        let key = self.cache_key(info, part)?;
-        match self.master() {
-            Some(m) => {
-                let mi = self.master_info(m, info)?;
-                match part {
-                    Part::Content => m.put_content(&mi, data)?,
-                    Part::Meta => m.put_meta_data(&mi, data)?,
-                }
-                self.invalidate(&[key]);
-                Ok(())
-            }
-            None => self.standalone_put(info, data, &key),
-        }
-    }
-
-    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let key = self.cache_key(info, part)?;
-        match self.master() {
-            Some(m) => {
-                let mi = self.master_info(m, info)?;
-                let r = match part {
-                    Part::Content => m.remove_content(&mi),
-                    Part::Meta => m.remove_meta_data(&mi),
-                };
-                // Invalidate even if the master had nothing: the cache might.
-                self.invalidate(&[key]);
-                r
-            }
-            None => self.standalone_remove(info, part, &key),
-        }
-    }
-
     // Standalone mode: memcached is the only store.
 
     fn client(&self) -> Result<crate::client::PooledClient<'_>> {
@@ -701,11 +653,7 @@ impl MemcacheStorage {
         if !c.delete(key.as_bytes())? {
             return Err(not_found(&info.collection, Some(&name)));
         }
-        let other = match part {
-            Part::Content => Part::Meta,
-            Part::Meta => Part::Content,
-        };
-        let other_key = self.cache_key(info, other)?;
+        let other_key = self.cache_key(info, part.other())?;
         if c.get(other_key.as_bytes())?.is_none() {
             self.update_members(&mut c, &info.collection, |names| names.remove(&name))?;
         }
@@ -778,6 +726,40 @@ fn decode_members(v: &[u8]) -> std::collections::BTreeSet<String> {
 }
 
 impl Storage for MemcacheStorage {
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        match self.master() {
+            Some(m) => self.cached_get(m, info, part),
+            None => self.standalone_get(info, part),
+        }
+    }
+
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        let key = self.cache_key(info, part)?;
+        match self.master() {
+            Some(m) => {
+                let mi = self.master_info(m, info)?;
+                m.put(&mi, part, data)?;
+                self.invalidate(&[key]);
+                Ok(())
+            }
+            None => self.standalone_put(info, data, &key),
+        }
+    }
+
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        let key = self.cache_key(info, part)?;
+        match self.master() {
+            Some(m) => {
+                let mi = self.master_info(m, info)?;
+                let r = m.remove(&mi, part);
+                // Invalidate even if the master had nothing: the cache might.
+                self.invalidate(&[key]);
+                r
+            }
+            None => self.standalone_remove(info, part, &key),
+        }
+    }
+
     fn create_container(&self, collection: &str) -> Result<()> {
         validate_name(collection)?;
         match self.master() {
@@ -807,30 +789,6 @@ impl Storage for MemcacheStorage {
         };
         self.cache_key(&info, Part::Content)?;
         Ok(info)
-    }
-
-    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, Part::Content)
-    }
-
-    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, Part::Meta)
-    }
-
-    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
-        self.put(info, content, Part::Content)
-    }
-
-    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
-        self.put(info, data, Part::Meta)
-    }
-
-    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, Part::Content)
-    }
-
-    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, Part::Meta)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {

@@ -6,12 +6,30 @@ use std::sync::RwLock;
 use bytes::Bytes;
 
 use super::error::{Result, StorageError as Error};
-use super::{ext_matches, split_path, validate_name, Content, ResourceInfo, ResourceIter, Storage};
+use super::{
+    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+};
 
 #[derive(Default, Clone)]
 struct Entry {
     content: Option<Bytes>,
     meta: Option<Bytes>,
+}
+
+impl Entry {
+    fn slot(&self, part: Part) -> &Option<Bytes> {
+        match part {
+            Part::Content => &self.content,
+            Part::Meta => &self.meta,
+        }
+    }
+
+    fn slot_mut(&mut self, part: Part) -> &mut Option<Bytes> {
+        match part {
+            Part::Content => &mut self.content,
+            Part::Meta => &mut self.meta,
+        }
+    }
 }
 
 /// Collections held in memory, behind one lock.
@@ -51,62 +69,6 @@ impl MemoryStorage {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, BTreeMap<String, Entry>>> {
         self.collections.write().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn get(&self, info: &ResourceInfo, meta: bool) -> Result<Bytes> {
-        let name = info.resource_name()?;
-        let cols = self.read();
-        let entry = cols
-            .get(&info.collection)
-            .ok_or_else(|| not_found(&info.collection, None))?
-            .get(name);
-        let value = entry.and_then(|e| {
-            if meta {
-                e.meta.clone()
-            } else {
-                e.content.clone()
-            }
-        });
-        value.ok_or_else(|| not_found(&info.collection, Some(name)))
-    }
-
-    fn put(&self, info: &ResourceInfo, data: Content<'_>, meta: bool) -> Result<()> {
-        let name = info.resource_name()?;
-        let data = data.into_bytes()?;
-        let mut cols = self.write();
-        let col = cols
-            .get_mut(&info.collection)
-            .ok_or_else(|| not_found(&info.collection, None))?;
-        let entry = col.entry(name.to_string()).or_default();
-        if meta {
-            entry.meta = Some(data);
-        } else {
-            entry.content = Some(data);
-        }
-        Ok(())
-    }
-
-    fn remove(&self, info: &ResourceInfo, meta: bool) -> Result<()> {
-        let name = info.resource_name()?;
-        let mut cols = self.write();
-        let col = cols
-            .get_mut(&info.collection)
-            .ok_or_else(|| not_found(&info.collection, None))?;
-        let entry = col
-            .get_mut(name)
-            .ok_or_else(|| not_found(&info.collection, Some(name)))?;
-        let slot = if meta {
-            &mut entry.meta
-        } else {
-            &mut entry.content
-        };
-        if slot.take().is_none() {
-            return Err(not_found(&info.collection, Some(name)));
-        }
-        if entry.content.is_none() && entry.meta.is_none() {
-            col.remove(name);
-        }
-        Ok(())
-    }
 }
 
 pub(crate) fn not_found(collection: &str, resource: Option<&str>) -> Error {
@@ -117,6 +79,47 @@ pub(crate) fn not_found(collection: &str, resource: Option<&str>) -> Error {
 }
 
 impl Storage for MemoryStorage {
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        let name = info.resource_name()?;
+        let cols = self.read();
+        let entry = cols
+            .get(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?
+            .get(name);
+        let value = entry.and_then(|e| e.slot(part).clone());
+        value.ok_or_else(|| not_found(&info.collection, Some(name)))
+    }
+
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        let name = info.resource_name()?;
+        let data = data.into_bytes()?;
+        let mut cols = self.write();
+        let col = cols
+            .get_mut(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?;
+        let entry = col.entry(name.to_string()).or_default();
+        *entry.slot_mut(part) = Some(data);
+        Ok(())
+    }
+
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        let name = info.resource_name()?;
+        let mut cols = self.write();
+        let col = cols
+            .get_mut(&info.collection)
+            .ok_or_else(|| not_found(&info.collection, None))?;
+        let entry = col
+            .get_mut(name)
+            .ok_or_else(|| not_found(&info.collection, Some(name)))?;
+        if entry.slot_mut(part).take().is_none() {
+            return Err(not_found(&info.collection, Some(name)));
+        }
+        if entry.content.is_none() && entry.meta.is_none() {
+            col.remove(name);
+        }
+        Ok(())
+    }
+
     fn create_container(&self, collection: &str) -> Result<()> {
         validate_name(collection)?;
         self.write().entry(collection.to_string()).or_default();
@@ -136,30 +139,6 @@ impl Storage for MemoryStorage {
                 None => collection.to_string(),
             },
         })
-    }
-
-    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, false)
-    }
-
-    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
-        self.get(info, true)
-    }
-
-    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
-        self.put(info, content, false)
-    }
-
-    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
-        self.put(info, data, true)
-    }
-
-    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, false)
-    }
-
-    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
-        self.remove(info, true)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {

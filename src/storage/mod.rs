@@ -104,6 +104,25 @@ impl Content<'_> {
     }
 }
 
+/// Which half of a resource a call reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The media bytes.
+    Content,
+    /// The metadata (entry document).
+    Meta,
+}
+
+impl Part {
+    /// The other half.
+    pub fn other(self) -> Part {
+        match self {
+            Part::Content => Part::Meta,
+            Part::Meta => Part::Content,
+        }
+    }
+}
+
 /// A streaming listing, as [`Storage::ils`] returns it.
 pub type ResourceIter<'a> = Box<dyn Iterator<Item = Result<(String, ResourceInfo)>> + 'a>;
 
@@ -114,18 +133,36 @@ pub trait Storage: Send + Sync {
     /// Where a resource, or with `None` the collection, lives. Validates the names; does not
     /// check existence.
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo>;
+    /// One half of a resource; [`Error::NotFound`] if it has none.
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes>;
+    /// Stores one half of a resource (the collection must exist).
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()>;
+    /// Removes one half of a resource; [`Error::NotFound`] if there was none.
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()>;
     /// The resource's content; [`Error::NotFound`] if it has none.
-    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes>;
+    fn get_content(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, Part::Content)
+    }
     /// The resource's metadata; [`Error::NotFound`] if it has none.
-    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes>;
+    fn get_meta_data(&self, info: &ResourceInfo) -> Result<Bytes> {
+        self.get(info, Part::Meta)
+    }
     /// Stores the content (the collection must exist).
-    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()>;
+    fn put_content(&self, info: &ResourceInfo, content: Content<'_>) -> Result<()> {
+        self.put(info, Part::Content, content)
+    }
     /// Stores the metadata (the collection must exist).
-    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()>;
+    fn put_meta_data(&self, info: &ResourceInfo, data: Content<'_>) -> Result<()> {
+        self.put(info, Part::Meta, data)
+    }
     /// Removes the content; [`Error::NotFound`] if there was none.
-    fn remove_content(&self, info: &ResourceInfo) -> Result<()>;
+    fn remove_content(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, Part::Content)
+    }
     /// Removes the metadata; [`Error::NotFound`] if there was none.
-    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()>;
+    fn remove_meta_data(&self, info: &ResourceInfo) -> Result<()> {
+        self.remove(info, Part::Meta)
+    }
     /// True if the resource has content or metadata (for a collection: if it exists).
     fn exists(&self, info: &ResourceInfo) -> Result<bool>;
     /// The resources of a collection, by name, optionally only those ending in `.ext`.

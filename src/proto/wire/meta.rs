@@ -49,18 +49,14 @@ fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
             };
             m::encode_set(out, key, len, &f);
         }
-        Cmd::Delete(key) => {
-            let f = DeleteFlags {
-                quiet,
-                opaque,
-                ..DeleteFlags::default()
+        Cmd::Delete(key) | Cmd::Invalidate(key, _) => {
+            let ttl = match cmd {
+                Cmd::Invalidate(_, ttl) => Some(*ttl),
+                _ => None,
             };
-            m::encode_delete(out, key, &f);
-        }
-        Cmd::Invalidate(key, ttl) => {
             let f = DeleteFlags {
-                invalidate: true,
-                ttl,
+                invalidate: ttl.is_some(),
+                ttl: ttl.flatten(),
                 quiet,
                 opaque,
                 ..DeleteFlags::default()
