@@ -34,6 +34,8 @@ mod builder;
 mod health;
 mod meta_api;
 mod multi;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;
@@ -226,6 +228,78 @@ fn wire_key<'b>(
     Ok((Key::base64_token(token), raw))
 }
 
+/// A delete's or touch's reply: whether the item existed.
+pub(crate) fn existed(o: Outcome<'_>) -> Result<Option<bool>, ParseError> {
+    match o {
+        Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
+        Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
+        _ => Err(ParseError::Unexpected),
+    }
+}
+
+/// An incr's or decr's reply: the new value, `None` if the item does not exist.
+pub(crate) fn arith_value(o: Outcome<'_>) -> Result<Option<Option<u64>>, ParseError> {
+    match o {
+        Outcome::Number(n) => Ok(Some(Some(n))),
+        Outcome::NotFound(_) => Ok(Some(None)),
+        _ => Err(ParseError::Unexpected),
+    }
+}
+
+/// Folds the reply units of one command, sans I/O: `on` turns outcomes into the call's
+/// result (`Some` ends the exchange, `None` asks for more); an error reply ends it with the
+/// matching error, and says whether the connection must be closed.
+pub(crate) struct SingleReader<'c, F, T> {
+    pub(crate) expect: Expect,
+    pub(crate) limits: Limits,
+    pub(crate) label: &'c str,
+    /// The command carried a data block.
+    pub(crate) data_block: bool,
+    pub(crate) on: F,
+    pub(crate) out: Option<T>,
+    /// An error reply: the error, and whether the connection is to be closed.
+    pub(crate) refused: Option<(Error, bool)>,
+}
+
+impl<F, T> SingleReader<'_, F, T>
+where
+    F: FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+{
+    /// Reads one reply unit from the start of `buf`: the bytes it took and whether it was
+    /// the last, or `Partial`. An error is a reply that cannot answer this command.
+    #[inline(always)]
+    pub(crate) fn read<W: Wire>(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let (n, unit) = match W::decode(buf, &self.expect, &self.limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        if let Outcome::Error {
+            refusal,
+            message,
+            closes,
+            ..
+        } = unit.outcome
+        {
+            // After an error answering a data block, the block may be read as commands.
+            let close = closes || self.data_block;
+            self.refused = Some((refused(self.label, refusal, message), close));
+            return Ok(Status::Complete((n, true)));
+        }
+        match (self.on)(unit.outcome, unit.last)? {
+            Some(t) => {
+                self.out = Some(t);
+                Ok(Status::Complete((n, true)))
+            }
+            // Nothing more will come for this command.
+            None if unit.last => Err(ParseError::Unexpected),
+            None => Ok(Status::Complete((n, false))),
+        }
+    }
+}
+
 /// The crate error for an error reply from server `server`.
 fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
     let message = String::from_utf8_lossy(message).into_owned();
@@ -414,7 +488,7 @@ impl Client {
         op: &Op,
         cmd: &Cmd<'_>,
         value: Option<&[u8]>,
-        mut on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
         let opaque = self.next_opaque();
         let w = self.driver.wbuf(i);
@@ -429,44 +503,26 @@ impl Client {
             }
             None => None,
         };
-        let expect = Expect::single(cmd.kind(), opaque);
-        let limits = self.limits;
-        let mut out = None;
-        let mut refused_with = None;
-        let label = &self.labels[i];
-        self.driver.exchange(i, op, separate, Until::Done, |buf| {
-            let (n, unit) = match W::decode(buf, &expect, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
-            };
-            if let Outcome::Error {
-                refusal,
-                message,
-                closes,
-                ..
-            } = unit.outcome
-            {
-                // After an error answering a data block, the block may be read as commands.
-                refused_with = Some((refused(label, refusal, message), closes || value.is_some()));
-                return Ok(Status::Complete((n, true)));
-            }
-            match on(unit.outcome, unit.last)? {
-                Some(t) => {
-                    out = Some(t);
-                    Ok(Status::Complete((n, true)))
-                }
-                // Nothing more will come for this command.
-                None if unit.last => Err(ParseError::Unexpected),
-                None => Ok(Status::Complete((n, false))),
-            }
-        })?;
-        if let Some((error, close)) = refused_with {
+        let mut reader = SingleReader {
+            expect: Expect::single(cmd.kind(), opaque),
+            limits: self.limits,
+            label: &self.labels[i],
+            data_block: value.is_some(),
+            on,
+            out: None,
+            refused: None,
+        };
+        self.driver
+            .exchange(i, op, separate, Until::Done, |buf| reader.read::<W>(buf))?;
+        if let Some((error, close)) = reader.refused {
             if close {
                 self.driver.disconnect(i);
             }
             return Err(error);
         }
-        Ok(out.expect("exchange returns Ok only after the last reply"))
+        Ok(reader
+            .out
+            .expect("exchange returns Ok only after the last reply"))
     }
 
     pub(super) fn next_opaque(&mut self) -> u32 {
@@ -647,11 +703,7 @@ impl Client {
     /// Runs a command whose reply says "done" or "not found": `Ok(false)` for the latter.
     fn keyed_bool(&mut self, key: &[u8], cmd: impl FnOnce(Key<'_>) -> Cmd<'_>) -> Result<bool> {
         self.keyed(key, |c, i, key| {
-            c.call(i, &cmd(key), None, |o, _| match o {
-                Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
-                Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
-                _ => Err(ParseError::Unexpected),
-            })
+            c.call(i, &cmd(key), None, |o, _| existed(o))
         })
     }
 
@@ -663,11 +715,7 @@ impl Client {
     fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.keyed(key, |c, i, key| {
             let cmd = Cmd::Arith { key, decr, delta };
-            c.call(i, &cmd, None, |o, _| match o {
-                Outcome::Number(n) => Ok(Some(Some(n))),
-                Outcome::NotFound(_) => Ok(Some(None)),
-                _ => Err(ParseError::Unexpected),
-            })
+            c.call(i, &cmd, None, |o, _| arith_value(o))
         })
     }
 

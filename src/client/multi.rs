@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::proto::wire::{
     with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Wire,
 };
-use crate::proto::{short_eq, Key, ParseError, SetOutcome, Status, MAX_KEY_LEN};
+use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KEY_LEN};
 
 /// Marks a key whose server is ejected (or that has no server).
 const NO_SERVER: u32 = u32::MAX;
@@ -75,6 +75,31 @@ impl Plan {
             cas: hit.cas,
         };
         on_hit(j, item)
+    }
+
+    /// Takes a store's or delete's reply from server `i`: `unmet` says whether the outcome
+    /// answers such an item and whether its condition was not met.
+    fn answer(
+        &mut self,
+        i: usize,
+        outcome: Outcome<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+        unmet: &impl Fn(&Outcome<'_>) -> Option<bool>,
+    ) -> Result<(), ParseError> {
+        let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
+        let opaque = match outcome {
+            Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+            _ => None,
+        };
+        if let Some(o) = opaque {
+            self.item(i, By::Opaque(o, None), ns, keys)?;
+        } else if !self.shares[i].every_item_replies {
+            // A quiet batch answers only for items it names.
+            return Err(ParseError::Unexpected);
+        }
+        self.shares[i].unmet += usize::from(missed);
+        Ok(())
     }
 
     /// The caller's index of the item a reply from server `i` answers. It must be one of
@@ -300,8 +325,8 @@ impl Client {
         &mut self,
         plan: &mut Plan,
         keys: &(impl Keys + ?Sized),
-        mut on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
-        mut on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+        on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+        on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
         let kind = plan.kind;
         for (i, share) in plan.shares.iter_mut().enumerate() {
@@ -311,75 +336,21 @@ impl Client {
                 share.every_item_replies = shape.every_item_replies;
             }
         }
-        let limits = self.limits;
         // Shared, not taken out: a panicking callback leaves the client as it was.
         let ns = Arc::clone(&self.namespace);
         let labels = Arc::clone(&self.labels);
-        let mut closed = Vec::new();
-        let expect = Expect::batch(kind);
-        let result = self.run_plan(plan, |plan, i, buf| {
-            if kind == Kind::Get {
-                // A multi-get's next hit is most often this server's next key, in the
-                // common shape: read without the general decoder.
-                let mut next = None;
-                if W::MATCHES_BY_NEXT_KEY {
-                    let share = &mut plan.shares[i];
-                    let from = share.cursor;
-                    let j = (from..keys.len()).find(|&j| plan.server_of[j] == i as u32);
-                    share.next = j.unwrap_or(usize::MAX);
-                    next = j.map(|j| (&ns[..], keys.key(j)));
-                }
-                if let Some(r) = W::batch_hit(buf, next, &limits) {
-                    let (n, hit) = match r? {
-                        Status::Complete(c) => c,
-                        Status::Partial => return Ok(Status::Partial),
-                    };
-                    plan.shares[i].replies += 1;
-                    plan.hit(i, hit, &ns, keys, &mut on_hit)?;
-                    return Ok(Status::Complete((n, plan.shares[i].finished())));
-                }
-            }
-            let (n, unit) = match W::decode(buf, &expect, &limits)? {
-                Status::Complete(c) => c,
-                Status::Partial => return Ok(Status::Partial),
-            };
-            let share = &mut plan.shares[i];
-            match unit.outcome {
-                Outcome::End => share.ends_seen += 1,
-                Outcome::Error {
-                    refusal,
-                    message,
-                    closes,
-                    opaque,
-                } => {
-                    share.error = Some(refused(&labels[i], refusal, message));
-                    if closes || opaque.is_none() {
-                        // Not tied to an item: the rest of this server's reply is in doubt.
-                        closed.push(i);
-                        return Ok(Status::Complete((n, true)));
-                    }
-                }
-                Outcome::Hit(h) => {
-                    share.replies += 1;
-                    let hit = BatchHit {
-                        data: h.data,
-                        flags: h.flags,
-                        cas: h.cas,
-                        // Only the fast path may name the next key implicitly: a hit with
-                        // neither an opaque nor a key names no item here.
-                        opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
-                        key: h.key,
-                    };
-                    plan.hit(i, hit, &ns, keys, &mut on_hit)?;
-                }
-                outcome => {
-                    share.replies += 1;
-                    on_other(plan, i, outcome)?;
-                }
-            }
-            Ok(Status::Complete((n, plan.shares[i].finished())))
-        });
-        for i in closed {
+        let mut reader = BatchReader {
+            keys,
+            ns: &ns,
+            labels: &labels,
+            limits: self.limits,
+            expect: Expect::batch(kind),
+            closed: Vec::new(),
+            on_hit,
+            on_other,
+        };
+        let result = self.run_plan(plan, |plan, i, buf| reader.read::<W>(plan, i, buf));
+        for &i in &reader.closed {
             self.driver.disconnect(i);
         }
         result
@@ -508,23 +479,11 @@ impl Client {
         keys: &(impl Keys + ?Sized),
         value: impl Fn(usize) -> Option<&'v [u8]>,
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        unmet: impl Fn(&Outcome<'_>) -> Option<bool>,
+        unmet: fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
         let ns = Arc::clone(&self.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
-            let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
-            let opaque = match outcome {
-                Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
-                _ => None,
-            };
-            if let Some(o) = opaque {
-                plan.item(i, By::Opaque(o, None), &ns, keys)?;
-            } else if !plan.shares[i].every_item_replies {
-                // A quiet batch answers only for items it names.
-                return Err(ParseError::Unexpected);
-            }
-            plan.shares[i].unmet += usize::from(missed);
-            Ok(())
+            plan.answer(i, outcome, &ns, keys, &unmet)
         };
         let result = with_wire!(self.protocol, W => {
             let no_hits = |_, _: ItemRef<'_>| Err(ParseError::Unexpected);
@@ -558,19 +517,13 @@ impl Client {
         let value = |j: usize| Some(items[j].1.as_ref());
         let len = |j: usize| items[j].1.as_ref().len();
         let keys = ItemKeys(items);
-        #[rustfmt::skip]
-        let unmet = |o: &Outcome<'_>| match o {
-            Outcome::Store(SetOutcome::Stored, ..) => Some(false),
-            Outcome::Store(SetOutcome::NotStored | SetOutcome::Exists, ..) => Some(true),
-            _ => None,
-        };
         self.write_batch(
             plan,
             Kind::Store,
             &keys,
             value,
             |j, k| Cmd::Store(k, store, len(j)),
-            unmet,
+            store_unmet,
         )
     }
 
@@ -587,12 +540,120 @@ impl Client {
             keys,
             |_| None,
             |_, k| Cmd::delete(k),
-            |o| match o {
-                Outcome::Deleted(_) => Some(false),
-                Outcome::NotFound(_) => Some(true),
-                _ => None,
-            },
+            delete_unmet,
         )
+    }
+}
+
+/// A multi-set's reply: `Some(unmet)` for a store outcome.
+fn store_unmet(o: &Outcome<'_>) -> Option<bool> {
+    match o {
+        Outcome::Store(SetOutcome::Stored, ..) => Some(false),
+        Outcome::Store(SetOutcome::NotStored | SetOutcome::Exists, ..) => Some(true),
+        _ => None,
+    }
+}
+
+/// A multi-delete's reply: `Some(unmet)` for a delete outcome.
+fn delete_unmet(o: &Outcome<'_>) -> Option<bool> {
+    match o {
+        Outcome::Deleted(_) => Some(false),
+        Outcome::NotFound(_) => Some(true),
+        _ => None,
+    }
+}
+
+/// Reads the replies to a planned batch one unit at a time, sans I/O: which item each
+/// answers, when a server's reply is complete, which servers failed and must be closed. The
+/// driver's loops hand it whatever has arrived; the stream fuzz target drives it in memory.
+struct BatchReader<'c, K: ?Sized, H, O> {
+    keys: &'c K,
+    ns: &'c [u8],
+    labels: &'c [String],
+    limits: Limits,
+    expect: Expect,
+    /// Servers whose reply is in doubt after an error: their connections are to be closed.
+    closed: Vec<usize>,
+    on_hit: H,
+    on_other: O,
+}
+
+impl<K, H, O> BatchReader<'_, K, H, O>
+where
+    K: Keys + ?Sized,
+    H: FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+    O: FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+{
+    /// Reads one reply unit of server `i` from the start of `buf`: the bytes it took and
+    /// whether the server's reply is now complete, or `Partial`. An error is a reply that
+    /// answers nothing asked (the connection is then dropped).
+    #[inline(always)]
+    fn read<W: Wire>(
+        &mut self,
+        plan: &mut Plan,
+        i: usize,
+        buf: &[u8],
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        if self.expect.kind == Kind::Get {
+            // A multi-get's next hit is most often this server's next key, in the
+            // common shape: read without the general decoder.
+            let mut next = None;
+            if W::MATCHES_BY_NEXT_KEY {
+                let share = &mut plan.shares[i];
+                let from = share.cursor;
+                let j = (from..self.keys.len()).find(|&j| plan.server_of[j] == i as u32);
+                share.next = j.unwrap_or(usize::MAX);
+                next = j.map(|j| (self.ns, self.keys.key(j)));
+            }
+            if let Some(r) = W::batch_hit(buf, next, &self.limits) {
+                let (n, hit) = match r? {
+                    Status::Complete(c) => c,
+                    Status::Partial => return Ok(Status::Partial),
+                };
+                plan.shares[i].replies += 1;
+                plan.hit(i, hit, self.ns, self.keys, &mut self.on_hit)?;
+                return Ok(Status::Complete((n, plan.shares[i].finished())));
+            }
+        }
+        let (n, unit) = match W::decode(buf, &self.expect, &self.limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        let share = &mut plan.shares[i];
+        match unit.outcome {
+            Outcome::End => share.ends_seen += 1,
+            Outcome::Error {
+                refusal,
+                message,
+                closes,
+                opaque,
+            } => {
+                share.error = Some(refused(&self.labels[i], refusal, message));
+                if closes || opaque.is_none() {
+                    // Not tied to an item: the rest of this server's reply is in doubt.
+                    self.closed.push(i);
+                    return Ok(Status::Complete((n, true)));
+                }
+            }
+            Outcome::Hit(h) => {
+                share.replies += 1;
+                let hit = BatchHit {
+                    data: h.data,
+                    flags: h.flags,
+                    cas: h.cas,
+                    // Only the fast path may name the next key implicitly: a hit with
+                    // neither an opaque nor a key names no item here.
+                    opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
+                    key: h.key,
+                };
+                plan.hit(i, hit, self.ns, self.keys, &mut self.on_hit)?;
+            }
+            outcome => {
+                share.replies += 1;
+                (self.on_other)(plan, i, outcome)?;
+            }
+        }
+        Ok(Status::Complete((n, plan.shares[i].finished())))
     }
 }
 
@@ -620,5 +681,108 @@ impl<K: AsRef<[u8]>, V> Keys for ItemKeys<'_, K, V> {
     }
     fn key(&self, j: usize) -> &[u8] {
         self.0[j].0.as_ref()
+    }
+}
+
+/// A batch on one server, planned without a client, for the stream fuzz body: it encodes
+/// the batch and reads replies with the client's own [`BatchReader`] and item matching.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod for_fuzzing {
+    use super::*;
+
+    /// A one-server batch of `kind` over the given keys.
+    pub(crate) struct OneServer {
+        plan: Plan,
+        labels: [String; 1],
+        closed: bool,
+    }
+
+    impl OneServer {
+        pub(crate) fn new(kind: Kind, keys: usize) -> OneServer {
+            let mut plan = Plan {
+                kind,
+                plain: true,
+                ..Plan::default()
+            };
+            plan.server_of = vec![0; keys];
+            plan.shares.push(Share {
+                keys,
+                ..Share::default()
+            });
+            OneServer {
+                plan,
+                labels: ["fuzz".to_string()],
+                closed: false,
+            }
+        }
+
+        /// Encodes every item (`cmd` builds it, `value` follows it) and closes the batch.
+        pub(crate) fn encode<W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            keys: &[Vec<u8>],
+            value: Option<&[u8]>,
+            cmd: impl Fn(Key<'_>) -> Cmd<'_>,
+        ) {
+            let share = &mut self.plan.shares[0];
+            for (j, k) in keys.iter().enumerate() {
+                let key = Key::new(k).expect("fuzz keys are valid");
+                W::encode_item(out, &cmd(key), j as u32, share.encoded);
+                if let Some(v) = value {
+                    out.extend_from_slice(v);
+                    out.extend_from_slice(W::TRAILER);
+                }
+                share.encoded += 1;
+            }
+            let shape = W::end_batch(out, self.plan.kind, keys.len());
+            share.ends = shape.ends;
+            share.every_item_replies = shape.every_item_replies;
+        }
+
+        /// Reads one reply unit as the client does: each hit's item index goes to `on_hit`.
+        pub(crate) fn read<W: Wire>(
+            &mut self,
+            keys: &[Vec<u8>],
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize),
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let unmet = match self.plan.kind {
+                Kind::Store => store_unmet,
+                _ => delete_unmet,
+            };
+            let mut reader = BatchReader {
+                keys,
+                ns: &[],
+                labels: &self.labels,
+                limits: Limits { max_value: 256 },
+                expect: Expect::batch(self.plan.kind),
+                closed: Vec::new(),
+                on_hit: |j: usize, _: ItemRef<'_>| -> Result<(), ParseError> {
+                    on_hit(j);
+                    Ok(())
+                },
+                on_other: |plan: &mut Plan, i: usize, o: Outcome<'_>| {
+                    plan.answer(i, o, &[], keys, &unmet)
+                },
+            };
+            let r = reader.read::<W>(&mut self.plan, 0, buf);
+            self.closed |= !reader.closed.is_empty();
+            r
+        }
+
+        /// The reply is complete: every end marker and (if every item answers) every reply.
+        pub(crate) fn finished(&self) -> bool {
+            self.plan.shares[0].finished()
+        }
+
+        /// An error reply answered the batch (the server's share failed).
+        pub(crate) fn refused(&self) -> bool {
+            self.plan.shares[0].error.is_some()
+        }
+
+        /// An error reply left the rest of the server's reply in doubt: the client closes it.
+        pub(crate) fn closed(&self) -> bool {
+            self.closed
+        }
     }
 }

@@ -8,10 +8,11 @@ mod buf;
 pub(crate) mod driver;
 mod exchange;
 
-/// The read buffer, for the `reply_stream` fuzz body.
+/// The connection's request/reply machine and read buffer, for the `conn_stream` fuzz body.
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod buf_for_fuzzing {
+pub(crate) mod exchange_for_fuzzing {
     pub(crate) use super::buf::ReadBuf;
+    pub(crate) use super::exchange::{Exchange, Failure};
 }
 
 pub(crate) use crate::addr::ServerAddr;
