@@ -486,7 +486,6 @@ impl Client {
             plan.answer(i, outcome, &ns, keys, &unmet)
         };
         let result = with_wire!(self.protocol, W => {
-            let no_hits = |_, _: ItemRef<'_>| Err(ParseError::Unexpected);
             plan.kind = kind;
             self.batch::<W>(&mut plan, keys, value, cmd, no_hits, on_reply)
         });
@@ -543,6 +542,11 @@ impl Client {
             delete_unmet,
         )
     }
+}
+
+/// A store or delete batch has no hits to take: a hit there answers nothing asked.
+fn no_hits(_: usize, _: ItemRef<'_>) -> Result<(), ParseError> {
+    Err(ParseError::Unexpected)
 }
 
 /// A multi-set's reply: `Some(unmet)` for a store outcome.
@@ -746,7 +750,8 @@ pub(crate) mod for_fuzzing {
             buf: &[u8],
             on_hit: &mut impl FnMut(usize),
         ) -> Result<Status<(usize, bool)>, ParseError> {
-            let unmet = match self.plan.kind {
+            let kind = self.plan.kind;
+            let unmet = match kind {
                 Kind::Store => store_unmet,
                 _ => delete_unmet,
             };
@@ -757,7 +762,10 @@ pub(crate) mod for_fuzzing {
                 limits: Limits { max_value: 256 },
                 expect: Expect::batch(self.plan.kind),
                 closed: Vec::new(),
-                on_hit: |j: usize, _: ItemRef<'_>| -> Result<(), ParseError> {
+                on_hit: |j: usize, item: ItemRef<'_>| -> Result<(), ParseError> {
+                    if kind != Kind::Get {
+                        return no_hits(j, item);
+                    }
                     on_hit(j);
                     Ok(())
                 },
