@@ -30,7 +30,7 @@ use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::buf::ReadBuf;
-use super::exchange::{Exchange, Failure};
+use super::exchange::{reusable, Exchange, Failure};
 use super::ServerAddr;
 use crate::error::{During, Error, Result};
 use crate::proto::{ParseError, Status};
@@ -244,9 +244,8 @@ impl Driver {
     /// The write buffer is cleared for the caller to encode into (see [`wbuf`](Self::wbuf)).
     pub(crate) fn begin(&mut self, i: usize) -> Result<Op> {
         let conn = &mut self.conns[i];
-        if conn.stream.is_some() && !conn.rbuf.is_empty() {
-            // Bytes nobody asked for (e.g. an error answering an earlier noreply command):
-            // the framing is in doubt, so start over on a fresh connection.
+        // Failures closed their connection already; here, bytes nobody asked for.
+        if conn.stream.is_some() && !reusable(&conn.rbuf, Ok(())) {
             self.disconnect(i);
         }
         if self.conns[i].stream.is_none() {

@@ -152,6 +152,14 @@ impl<'v> Exchange<'v> {
     }
 }
 
+/// Whether a connection can carry the next request, or must be replaced by a fresh one first:
+/// after a failure the framing is in doubt, and bytes still buffered were asked for by
+/// nobody (say an error answering an earlier noreply command), so they would be read as the
+/// next request's reply. Either way the connection is closed, never resynchronised.
+pub(crate) fn reusable(rbuf: &ReadBuf, last: Result<(), Failure>) -> bool {
+    last.is_ok() && rbuf.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +372,35 @@ mod tests {
         assert_eq!(ex.handle_eof(), Failure::Closed);
         drop(reader);
         assert!(seen.is_empty(), "a partial value is never delivered");
+    }
+
+    #[test]
+    fn reconnect_decisions() {
+        let head = request::<Text>(0);
+        let mut seen = Vec::new();
+        let mut reader = get_reader::<Text>(&mut seen, 0);
+        // A clean reply, consumed whole: the connection carries the next request.
+        let mut ex = Exchange::new(head.len(), None);
+        ex.handle_written(head.len());
+        let mut rbuf = ReadBuf::new(64, 1 << 20);
+        push(&mut rbuf, b"VALUE k 0 2\r\nhi\r\nEND\r\n");
+        assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(true));
+        assert!(reusable(&rbuf, Ok(())));
+        // Bytes after the last reply (an earlier noreply command's error): a fresh one.
+        let mut ex = Exchange::new(head.len(), None);
+        ex.handle_written(head.len());
+        push(&mut rbuf, b"END\r\nCLIENT_ERROR bad data chunk\r\n");
+        assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(true));
+        assert!(!reusable(&rbuf, Ok(())));
+        // After any failure, even with nothing buffered: a fresh one.
+        rbuf.clear();
+        for f in [
+            Failure::Closed,
+            Failure::OutOfStep,
+            Failure::Timeout(During::Read),
+            Failure::Parse(ParseError::Unexpected),
+        ] {
+            assert!(!reusable(&rbuf, Err(f)));
+        }
     }
 }
