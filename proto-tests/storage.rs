@@ -1,5 +1,5 @@
 //! One conformance suite run against every storage: FsStorage, MemoryStorage,
-//! MemcacheStorage over FsStorage, and MemcacheStorage standalone (real memcached). Plus the
+//! MemcacheStorage over FsStorage, and MemcacheOnlyStorage (real memcached). Plus the
 //! concurrency, fault, traversal and crash tests.
 
 mod support;
@@ -13,7 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mcstore::storage::{
-    Content, FsStorage, MemcacheStorage, MemoryStorage, Part, Storage, StorageError,
+    Content, FsStorage, MemcacheOnlyStorage, MemcacheStorage, MemoryStorage, Part, Storage,
+    StorageError,
 };
 use mcstore::{Client, Error, Pool, Protocol};
 use support::{Memcached, TempDir};
@@ -41,7 +42,7 @@ fn pool_with(mc: &Memcached, p: Protocol) -> Pool {
 struct Subject {
     name: &'static str,
     storage: Arc<dyn Storage>,
-    /// Content above memcached's item size can be stored (not in standalone mode).
+    /// Content above memcached's item size can be stored (not in memcached alone).
     large_ok: bool,
     _keep: Vec<Box<dyn std::any::Any>>,
 }
@@ -52,15 +53,15 @@ fn subjects() -> Vec<Subject> {
     let master_dir = TempDir::new("mcstore-master");
     let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&master_dir.path).unwrap());
     let mc1 = Memcached::start();
-    let over_fs = Arc::new(MemcacheStorage::new(pool(&mc1), Some(master)));
+    let over_fs = Arc::new(MemcacheStorage::new(pool(&mc1), master));
     let mc2 = Memcached::start();
-    let standalone = Arc::new(MemcacheStorage::new(pool(&mc2), None));
+    let standalone = Arc::new(MemcacheOnlyStorage::new(pool(&mc2)));
     let meta_dir = TempDir::new("mcstore-master-meta");
     let meta_master: Arc<dyn Storage> = Arc::new(FsStorage::open(&meta_dir.path).unwrap());
     let mc3 = Memcached::start();
     let over_fs_meta = Arc::new(MemcacheStorage::new(
         pool_with(&mc3, Protocol::Meta),
-        Some(meta_master),
+        meta_master,
     ));
     vec![
         Subject {
@@ -88,7 +89,7 @@ fn subjects() -> Vec<Subject> {
             _keep: vec![Box::new(meta_dir), Box::new(mc3)],
         },
         Subject {
-            name: "memcache standalone",
+            name: "memcache only",
             storage: standalone,
             large_ok: false,
             _keep: vec![Box::new(mc2)],
@@ -144,7 +145,7 @@ fn conformance(name: &str, s: &dyn Storage, large_ok: bool) {
     let large: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
     match s.put_content(&big, (&large).into()) {
         Ok(()) => {
-            assert!(large_ok || name.contains("standalone"));
+            assert!(large_ok || name == "memcache only");
             assert_eq!(s.get_content(&big).unwrap().len(), large.len(), "{name}");
             assert_eq!(&s.get_content(&big).unwrap()[..], &large[..], "{name}");
         }
@@ -297,7 +298,7 @@ fn memcache_hits_and_large_content() {
     let mc = Memcached::start();
     let dir = TempDir::new("mcstore-m");
     let master = Arc::new(FsStorage::open(&dir.path).unwrap());
-    let s = MemcacheStorage::new(pool(&mc), Some(master.clone()));
+    let s = MemcacheStorage::new(pool(&mc), master.clone());
     s.create_container("c").unwrap();
     let i = s.info("c", Some("r")).unwrap();
     s.put_content(&i, "v".into()).unwrap();
@@ -403,7 +404,7 @@ fn cold_readers(p: Protocol, fill_wait: Duration) -> mcstore::storage::StorageCo
     let master = Arc::new(SlowMaster(MemoryStorage::new()));
     let pool = Pool::new(Client::builder().server(mc.addr()).protocol(p), 32).unwrap();
     let s = Arc::new(
-        MemcacheStorage::builder(pool, Some(master))
+        MemcacheStorage::builder(pool, master)
             .fill_wait(fill_wait)
             .build(),
     );
@@ -585,7 +586,7 @@ fn killed_frozen_restarted(p: Protocol) {
     let mut mc = Memcached::start();
     let dir = TempDir::new("mcstore-faults");
     let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
-    let s = MemcacheStorage::new(pool_with(&mc, p), Some(master.clone()));
+    let s = MemcacheStorage::new(pool_with(&mc, p), master.clone());
     let mc_ref = &mut mc;
     let r = concurrent_run(&s, Duration::from_secs(5), move |stop| {
         let pause = |d: u64| {

@@ -1,4 +1,4 @@
-//! `MemcacheStorage`: a memcached cluster in front of any other storage (or alone).
+//! `MemcacheStorage`: a memcached cluster in front of any other storage.
 //!
 //! # How it stays correct
 //!
@@ -25,9 +25,7 @@
 //!   from the master, without error.
 //! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
 //!
-//! Without a master (standalone), content lives only in memcached (and may be evicted), and
-//! collection membership is kept under one key per collection, updated with `gets`/`cas`
-//! retries so concurrent puts lose no member.
+//! For memcached alone, without a master, see [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -38,16 +36,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::error::{Result, StorageError};
-use super::memory::not_found;
-use super::{
-    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
-};
+use super::error::Result;
+use super::{validate_name, Content, Part, ResourceInfo, ResourceIter, Storage};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 
 /// Flags of cache entries that are not content.
-const FLAG_VALUE: u32 = 0;
+pub(super) const FLAG_VALUE: u32 = 0;
 const FLAG_FILLING: u32 = 0x4d43_0001;
 const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
 
@@ -155,7 +150,7 @@ struct Counters {
     bypassed: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -170,7 +165,7 @@ struct Pending {
 /// Options for a [`MemcacheStorage`].
 pub struct MemcacheStorageBuilder {
     pool: Pool,
-    master: Option<Arc<dyn Storage>>,
+    master: Arc<dyn Storage>,
     keys: KeyGenerator,
     ttl: u32,
     max_item_size: usize,
@@ -179,27 +174,19 @@ pub struct MemcacheStorageBuilder {
 
 impl std::fmt::Debug for MemcacheStorageBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fmt_settings(
-            f,
-            "MemcacheStorageBuilder",
-            &self.pool,
-            &self.master,
-            self.ttl,
-        )
+        fmt_settings(f, "MemcacheStorageBuilder", &self.pool, self.ttl)
     }
 }
 
-/// What both the proxy and its builder show: the pool, the master's presence, the TTL.
-fn fmt_settings(
+/// What the storages over memcached and the builder show: the pool and the TTL.
+pub(super) fn fmt_settings(
     f: &mut std::fmt::Formatter<'_>,
     name: &str,
     pool: &Pool,
-    master: &Option<Arc<dyn Storage>>,
     ttl: u32,
 ) -> std::fmt::Result {
     f.debug_struct(name)
         .field("pool", pool)
-        .field("has_master", &master.is_some())
         .field("ttl", &ttl)
         .finish_non_exhaustive()
 }
@@ -255,7 +242,7 @@ impl MemcacheStorageBuilder {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let master = Arc::new(FsStorage::open("./data")?);
 /// let pool = Pool::new(Client::builder().server("127.0.0.1:11211"), 8)?;
-/// let store = MemcacheStorage::new(pool, Some(master));
+/// let store = MemcacheStorage::new(pool, master);
 /// store.create_container("posts")?;
 /// let info = store.info("posts", Some("hello.txt"))?;
 /// store.put_content(&info, "hello".into())?;
@@ -265,7 +252,7 @@ impl MemcacheStorageBuilder {
 /// ```
 pub struct MemcacheStorage {
     pool: Pool,
-    master: Option<Arc<dyn Storage>>,
+    master: Arc<dyn Storage>,
     keys: KeyGenerator,
     ttl: u32,
     max_item_size: usize,
@@ -274,12 +261,15 @@ pub struct MemcacheStorage {
     pending: Mutex<Pending>,
 }
 
-/// The cache key's suffix for one half of a resource.
-fn suffix(part: Part) -> &'static str {
-    match part {
+/// The cache key of one half of a resource: its info's key and `:c` or `:m`.
+pub(super) fn cache_key(info: &ResourceInfo, part: Part) -> Result<String> {
+    let suffix = match part {
         Part::Content => ":c",
         Part::Meta => ":m",
-    }
+    };
+    let key = format!("{}{suffix}", info.key);
+    Key::new(key.as_bytes())?;
+    Ok(key)
 }
 
 /// The result of looking a key up in the cache.
@@ -293,22 +283,20 @@ enum Lookup {
 
 impl std::fmt::Debug for MemcacheStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fmt_settings(f, "MemcacheStorage", &self.pool, &self.master, self.ttl)
+        fmt_settings(f, "MemcacheStorage", &self.pool, self.ttl)
     }
 }
 
 impl MemcacheStorage {
-    /// A proxy in front of `master` (or standalone with `None`), using the cache through
-    /// `pool` (a [`Pool`], or a single [`Client`] via `.into()`).
-    pub fn new(pool: impl Into<Pool>, master: Option<Arc<dyn Storage>>) -> MemcacheStorage {
+    /// A proxy in front of `master`, using the cache through `pool` (a [`Pool`], or a single
+    /// [`Client`] via `.into()`). For memcached alone, see
+    /// [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
+    pub fn new(pool: impl Into<Pool>, master: Arc<dyn Storage>) -> MemcacheStorage {
         MemcacheStorage::builder(pool, master).build()
     }
 
     /// Like [`new`](Self::new), with options.
-    pub fn builder(
-        pool: impl Into<Pool>,
-        master: Option<Arc<dyn Storage>>,
-    ) -> MemcacheStorageBuilder {
+    pub fn builder(pool: impl Into<Pool>, master: Arc<dyn Storage>) -> MemcacheStorageBuilder {
         MemcacheStorageBuilder {
             pool: pool.into(),
             master,
@@ -342,18 +330,6 @@ impl MemcacheStorage {
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn cache_key(&self, info: &ResourceInfo, part: Part) -> Result<String> {
-        let key = format!("{}{}", info.key, suffix(part));
-        Key::new(key.as_bytes())?;
-        Ok(key)
-    }
-
-    fn members_key(&self, collection: &str) -> Result<String> {
-        let key = format!("{}:members", self.keys.key(collection, None));
-        Key::new(key.as_bytes())?;
-        Ok(key)
     }
 
     fn cache_failed(&self, _e: &dyn std::error::Error) {
@@ -410,10 +386,6 @@ impl MemcacheStorage {
                 Err(e) => self.cache_failed(&e),
             }
         }
-    }
-
-    fn master(&self) -> Option<&dyn Storage> {
-        self.master.as_deref()
     }
 
     /// The master's own info for the same names.
@@ -547,7 +519,7 @@ impl MemcacheStorage {
     }
 
     fn cached_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        let key = self.cache_key(info, part)?;
+        let key = cache_key(info, part)?;
         let Some(mut c) = self.checkout() else {
             return self.master_get(m, info, part);
         };
@@ -613,164 +585,33 @@ impl MemcacheStorage {
             }
         }
     }
-
-    // Standalone mode: memcached is the only store.
-
-    fn client(&self) -> Result<crate::client::PooledClient<'_>> {
-        Ok(self.pool.get()?)
-    }
-
-    fn standalone_get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        let key = self.cache_key(info, part)?;
-        let mut c = self.client()?;
-        match c.get(key.as_bytes())? {
-            Some(item) if item.flags == FLAG_VALUE => {
-                bump(&self.counters.hits);
-                Ok(Bytes::from(item.value))
-            }
-            _ => {
-                bump(&self.counters.misses);
-                Err(not_found(&info.collection, info.resource.as_deref()))
-            }
-        }
-    }
-
-    fn standalone_put(&self, info: &ResourceInfo, data: Content<'_>, key: &str) -> Result<()> {
-        let name = info.resource_name()?.to_string();
-        let data = data.into_bytes()?;
-        let mut c = self.client()?;
-        let members = self.members_key(&info.collection)?;
-        if c.get(members.as_bytes())?.is_none() {
-            return Err(not_found(&info.collection, None));
-        }
-        c.set(key.as_bytes(), &data, SetOptions::default().ttl(self.ttl))?;
-        self.update_members(&mut c, &info.collection, |names| names.insert(name.clone()))
-    }
-
-    fn standalone_remove(&self, info: &ResourceInfo, part: Part, key: &str) -> Result<()> {
-        let name = info.resource_name()?.to_string();
-        let mut c = self.client()?;
-        if !c.delete(key.as_bytes())? {
-            return Err(not_found(&info.collection, Some(&name)));
-        }
-        let other_key = self.cache_key(info, part.other())?;
-        if c.get(other_key.as_bytes())?.is_none() {
-            self.update_members(&mut c, &info.collection, |names| names.remove(&name))?;
-        }
-        Ok(())
-    }
-
-    /// Reads the member set with `gets`, changes it, and writes it back with `cas`, retrying
-    /// when another writer got in between.
-    fn update_members(
-        &self,
-        c: &mut Client,
-        collection: &str,
-        change: impl Fn(&mut std::collections::BTreeSet<String>) -> bool,
-    ) -> Result<()> {
-        let key = self.members_key(collection)?;
-        for attempt in 0..1000u32 {
-            let Some(item) = c.gets(key.as_bytes())? else {
-                return Err(not_found(collection, None));
-            };
-            let mut names = decode_members(&item.value);
-            if !change(&mut names) {
-                return Ok(());
-            }
-            let value = encode_members(&names);
-            match c.cas(
-                key.as_bytes(),
-                &value,
-                item.cas.unwrap_or(0),
-                SetOptions::default(),
-            )? {
-                CasResult::Stored => return Ok(()),
-                CasResult::NotFound => return Err(not_found(collection, None)),
-                CasResult::Exists => {
-                    // Contended: back off a little, growing.
-                    std::thread::sleep(Duration::from_micros(50 * u64::from(attempt.min(40))));
-                }
-            }
-        }
-        Err(StorageError::io(
-            format!("updating the members of {collection}"),
-            std::io::Error::other("too much contention"),
-        ))
-    }
-
-    fn standalone_members(&self, collection: &str) -> Result<Vec<String>> {
-        let key = self.members_key(collection)?;
-        let mut c = self.client()?;
-        match c.get(key.as_bytes())? {
-            Some(item) => Ok(decode_members(&item.value).into_iter().collect()),
-            None => Err(not_found(collection, None)),
-        }
-    }
-}
-
-/// Member names, NUL-separated (names cannot contain NUL).
-fn encode_members(names: &std::collections::BTreeSet<String>) -> Vec<u8> {
-    let mut v = Vec::new();
-    for n in names {
-        v.extend_from_slice(n.as_bytes());
-        v.push(0);
-    }
-    v
-}
-
-fn decode_members(v: &[u8]) -> std::collections::BTreeSet<String> {
-    v.split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
 }
 
 impl Storage for MemcacheStorage {
     fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        match self.master() {
-            Some(m) => self.cached_get(m, info, part),
-            None => self.standalone_get(info, part),
-        }
+        self.cached_get(&*self.master, info, part)
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let key = self.cache_key(info, part)?;
-        match self.master() {
-            Some(m) => {
-                let mi = self.master_info(m, info)?;
-                m.put(&mi, part, data)?;
-                self.invalidate(&[key]);
-                Ok(())
-            }
-            None => self.standalone_put(info, data, &key),
-        }
+        let key = cache_key(info, part)?;
+        let mi = self.master_info(&*self.master, info)?;
+        self.master.put(&mi, part, data)?;
+        self.invalidate(&[key]);
+        Ok(())
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let key = self.cache_key(info, part)?;
-        match self.master() {
-            Some(m) => {
-                let mi = self.master_info(m, info)?;
-                let r = m.remove(&mi, part);
-                // Invalidate even if the master had nothing: the cache might.
-                self.invalidate(&[key]);
-                r
-            }
-            None => self.standalone_remove(info, part, &key),
-        }
+        let key = cache_key(info, part)?;
+        let mi = self.master_info(&*self.master, info)?;
+        let r = self.master.remove(&mi, part);
+        // Invalidate even if the master had nothing: the cache might.
+        self.invalidate(&[key]);
+        r
     }
 
     fn create_container(&self, collection: &str) -> Result<()> {
         validate_name(collection)?;
-        match self.master() {
-            Some(m) => m.create_container(collection),
-            None => {
-                let key = self.members_key(collection)?;
-                self.client()?
-                    .add(key.as_bytes(), b"", SetOptions::default())?;
-                Ok(())
-            }
-        }
+        self.master.create_container(collection)
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
@@ -778,37 +619,19 @@ impl Storage for MemcacheStorage {
         if let Some(r) = resource {
             validate_name(r)?;
         }
-        if let Some(m) = self.master() {
-            m.info(collection, resource)?; // the master's own rules (e.g. encoded length)
-        }
-        let key = self.keys.key(collection, resource);
+        self.master.info(collection, resource)?; // the master's own rules (encoded length)
         let info = ResourceInfo {
             collection: collection.to_string(),
             resource: resource.map(str::to_string),
-            key,
+            key: self.keys.key(collection, resource),
         };
-        self.cache_key(&info, Part::Content)?;
+        cache_key(&info, Part::Content)?;
         Ok(info)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
-        match self.master() {
-            // Only the master knows: the cache may hold what the master no longer has.
-            Some(m) => m.exists(&self.master_info(m, info)?),
-            None => match &info.resource {
-                None => Ok(self.standalone_members(&info.collection).is_ok()),
-                Some(_) => {
-                    let mut c = self.client()?;
-                    for part in [Part::Content, Part::Meta] {
-                        let key = self.cache_key(info, part)?;
-                        if c.get(key.as_bytes())?.is_some() {
-                            return Ok(true);
-                        }
-                    }
-                    Ok(false)
-                }
-            },
-        }
+        // Only the master knows: the cache may hold what the master no longer has.
+        self.master.exists(&self.master_info(&*self.master, info)?)
     }
 
     fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
@@ -817,49 +640,36 @@ impl Storage for MemcacheStorage {
 
     fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
         validate_name(collection)?;
-        let names: Box<dyn Iterator<Item = Result<String>>> = match self.master() {
-            Some(m) => Box::new(m.ils(collection, ext)?.map(|r| r.map(|(n, _)| n))),
-            None => Box::new(
-                self.standalone_members(collection)?
-                    .into_iter()
-                    .filter(move |n| ext_matches(n, ext))
-                    .map(Ok)
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            ),
-        };
-        let collection = collection.to_string();
-        Ok(Box::new(names.map(move |n| {
-            let n = n?;
-            let key = self.keys.key(&collection, Some(&n));
-            Ok((
-                n.clone(),
-                ResourceInfo {
-                    collection: collection.clone(),
-                    resource: Some(n),
-                    key,
-                },
-            ))
-        })))
+        let names = self.master.ils(collection, ext)?.map(|r| r.map(|(n, _)| n));
+        Ok(resource_infos(&self.keys, collection, names))
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
-        match self.master() {
-            Some(m) => m.persist(paths),
-            None => {
-                // Nothing to make durable in memcached; still check the paths.
-                for p in paths {
-                    split_path(p)?;
-                }
-                Ok(())
-            }
-        }
+        self.master.persist(paths)
     }
 
     fn shutdown(&self) -> Result<()> {
-        match self.master() {
-            Some(m) => m.shutdown(),
-            None => Ok(()),
-        }
+        self.master.shutdown()
     }
+}
+
+/// The listing of `collection` from its resource names, with this storage's keys.
+pub(super) fn resource_infos<'a>(
+    keys: &'a KeyGenerator,
+    collection: &str,
+    names: impl Iterator<Item = Result<String>> + 'a,
+) -> ResourceIter<'a> {
+    let collection = collection.to_string();
+    Box::new(names.map(move |n| {
+        let n = n?;
+        let key = keys.key(&collection, Some(&n));
+        Ok((
+            n.clone(),
+            ResourceInfo {
+                collection: collection.clone(),
+                resource: Some(n),
+                key,
+            },
+        ))
+    }))
 }

@@ -4,7 +4,8 @@
 //! - [`FsStorage`]: the durable, embedded default master (atomic writes, safe names).
 //! - [`MemoryStorage`]: in-process, the oracle in tests.
 //! - [`MemcacheStorage`]: a cache-through proxy putting a memcached cluster in front of any
-//!   other storage (or standing alone).
+//!   other storage.
+//! - [`MemcacheOnlyStorage`]: memcached alone, for content that may be lost.
 //!
 //! Names: a collection or resource name is any non-empty UTF-8 string up to 200 bytes that
 //! cannot be read as a path: no `/`, `\`, NUL, and not `.` or `..`. Such names are rejected
@@ -16,6 +17,7 @@
 
 mod fs;
 mod memcache;
+mod memcache_only;
 mod memory;
 
 use std::collections::BTreeMap;
@@ -25,6 +27,7 @@ use bytes::Bytes;
 
 pub use fs::FsStorage;
 pub use memcache::{KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters};
+pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
 
 mod error;

@@ -393,7 +393,7 @@ fn open_store(g: &Global, root: &std::path::Path) -> Res<MemcacheStorage> {
     let b = builder(g, "127.0.0.1:11211")?
         .io_timeout(Duration::from_millis(g.timeout_ms.min(200)))
         .connect_timeout(Duration::from_millis(g.timeout_ms.min(200)));
-    Ok(MemcacheStorage::new(b.build()?, Some(master)))
+    Ok(MemcacheStorage::new(b.build()?, master))
 }
 
 fn store_op(g: &Global, root: &std::path::Path, op: StoreOp, out: &mut impl Write) -> Res<()> {
@@ -517,7 +517,7 @@ fn demo(g: &Global, n: usize) -> Res<()> {
             ..g.clone()
         };
         let pool = Pool::new(builder(&g2, "")?, 4)?;
-        Some(MemcacheStorage::new(pool, Some(master.clone())))
+        Some(MemcacheStorage::new(pool, master.clone()))
     };
     let store: &dyn Storage = match &cache {
         Some(c) => c,
