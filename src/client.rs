@@ -106,16 +106,12 @@ pub struct SetOptions {
 }
 
 impl SetOptions {
-    /// Sets the expiration (see the field).
-    pub fn ttl(mut self, ttl: u32) -> Self {
-        self.ttl = ttl;
-        self
-    }
+    setters! {
+        /// Sets the expiration (see the field).
+        ttl(ttl: u32) => ttl;
 
-    /// Sets the flags.
-    pub fn flags(mut self, flags: u32) -> Self {
-        self.flags = flags;
-        self
+        /// Sets the flags.
+        flags(flags: u32) => flags;
     }
 }
 
@@ -463,7 +459,7 @@ impl Client {
         on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
         let op = self.start(i)?;
-        self.exchange(i, &op, cmd, value, on)
+        with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
     }
 
     /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
@@ -471,18 +467,7 @@ impl Client {
     /// that cannot answer this command) drops the connection. An error reply ends it with
     /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
     /// error answering a command with a data block, the connection is closed.
-    fn exchange<T>(
-        &mut self,
-        i: usize,
-        op: &Op,
-        cmd: &Cmd<'_>,
-        value: Option<&[u8]>,
-        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        with_wire!(self.protocol, W => self.exchange_with::<W, T>(i, op, cmd, value, on))
-    }
-
-    fn exchange_with<W: Wire, T>(
+    fn exchange<W: Wire, T>(
         &mut self,
         i: usize,
         op: &Op,

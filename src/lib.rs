@@ -28,6 +28,18 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_debug_implementations)]
 
+/// Builder setters that store their argument in a field and return `self`, each with its
+/// own documentation: `name(arg: Type) => field.path;`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $t:ty) => $($field:ident).+;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, $arg: $t) -> Self {
+            self.$($field).+ = $arg;
+            self
+        }
+    )*};
+}
+
 mod addr;
 pub mod client;
 mod conn;

@@ -98,10 +98,9 @@ impl ClientBuilder {
         self
     }
 
-    /// How keys are spread over servers (default: modula, as libmemcached).
-    pub fn distribution(mut self, d: Distribution) -> Self {
-        self.distribution = d;
-        self
+    setters! {
+        /// How keys are spread over servers (default: modula, as libmemcached).
+        distribution(d: Distribution) => distribution;
     }
 
     /// The key hash (default: one-at-a-time; MD5 for [`Distribution::KetamaWeighted`]).
@@ -110,24 +109,17 @@ impl ClientBuilder {
         self
     }
 
-    /// How long opening a connection may take (default 1 s).
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
+    setters! {
+        /// How long opening a connection may take (default 1 s).
+        connect_timeout(t: Duration) => connect_timeout;
 
-    /// How long one call may wait for the network once connected (default 1 s). A call that
-    /// runs out fails with [`Error::Timeout`], never with a silent miss.
-    pub fn io_timeout(mut self, t: Duration) -> Self {
-        self.io_timeout = t;
-        self
-    }
+        /// How long one call may wait for the network once connected (default 1 s). A call that
+        /// runs out fails with [`Error::Timeout`], never with a silent miss.
+        io_timeout(t: Duration) => io_timeout;
 
-    /// The largest value the client will send or accept (default 1 MiB, memcached's default
-    /// item size). A reply claiming more is rejected before anything is buffered.
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
-        self
+        /// The largest value the client will send or accept (default 1 MiB, memcached's default
+        /// item size). A reply claiming more is rejected before anything is buffered.
+        max_value_size(bytes: usize) => max_value_size;
     }
 
     /// Consecutive failures (I/O errors, timeouts, malformed replies) after which a server is
@@ -139,19 +131,15 @@ impl ClientBuilder {
         self
     }
 
-    /// How long an ejected server stays out before it is tried again (default 2 s). On its
-    /// first call back it rejoins if that call succeeds, and is ejected again if it fails.
-    pub fn retry_timeout(mut self, t: Duration) -> Self {
-        self.retry_timeout = t;
-        self
-    }
+    setters! {
+        /// How long an ejected server stays out before it is tried again (default 2 s). On its
+        /// first call back it rejoins if that call succeeds, and is ejected again if it fails.
+        retry_timeout(t: Duration) => retry_timeout;
 
-    /// Whether an ejected server's keys move to the rest of the continuum while it is out
-    /// (default off: they fail fast). Only consistent distributions move keys; under modula
-    /// they always fail fast, as in libmemcached.
-    pub fn remove_failed_servers(mut self, on: bool) -> Self {
-        self.remove_failed = on;
-        self
+        /// Whether an ejected server's keys move to the rest of the continuum while it is out
+        /// (default off: they fail fast). Only consistent distributions move keys; under modula
+        /// they always fail fast, as in libmemcached.
+        remove_failed_servers(on: bool) => remove_failed;
     }
 
     /// A prefix sent in front of every key (libmemcached's `MEMCACHED_CALLBACK_PREFIX_KEY`).
@@ -161,17 +149,13 @@ impl ClientBuilder {
         self
     }
 
-    /// Whether the namespace is hashed with the key (`MEMCACHED_BEHAVIOR_HASH_WITH_PREFIX_KEY`,
-    /// default off: only the bare key is hashed, so namespaces do not change placement).
-    pub fn hash_with_namespace(mut self, on: bool) -> Self {
-        self.hash_with_namespace = on;
-        self
-    }
+    setters! {
+        /// Whether the namespace is hashed with the key (`MEMCACHED_BEHAVIOR_HASH_WITH_PREFIX_KEY`,
+        /// default off: only the bare key is hashed, so namespaces do not change placement).
+        hash_with_namespace(on: bool) => hash_with_namespace;
 
-    /// The wire protocol (default [`Protocol::Text`]).
-    pub fn protocol(mut self, p: Protocol) -> Self {
-        self.protocol = p;
-        self
+        /// The wire protocol (default [`Protocol::Text`]).
+        protocol(p: Protocol) => protocol;
     }
 
     /// SASL PLAIN credentials, sent on every new connection before its first command

@@ -4,7 +4,7 @@
 use super::Client;
 use crate::conn::driver::Op;
 use crate::error::{Error, Result};
-use crate::proto::wire::{Cmd, Outcome};
+use crate::proto::wire::{Binary, Cmd, Outcome};
 use crate::proto::ParseError;
 
 impl Client {
@@ -27,7 +27,8 @@ impl Client {
             mechanism: b"PLAIN",
             data: &plain,
         };
-        let r = self.exchange(i, &op, &auth, None, |o, _| match o {
+        // The builder allows SASL only with the binary protocol.
+        let r = self.exchange::<Binary, _>(i, &op, &auth, None, |o, _| match o {
             Outcome::Ok => Ok(Some(())),
             _ => Err(ParseError::Unexpected),
         });

@@ -162,8 +162,8 @@ struct Pending {
     last_replay: Option<Instant>,
 }
 
-/// Options for a [`MemcacheStorage`].
-pub struct MemcacheStorageBuilder {
+/// What a [`MemcacheStorage`] is built from.
+struct Settings {
     pool: Pool,
     master: Arc<dyn Storage>,
     keys: KeyGenerator,
@@ -172,9 +172,19 @@ pub struct MemcacheStorageBuilder {
     fill_wait: Duration,
 }
 
+/// Options for a [`MemcacheStorage`].
+pub struct MemcacheStorageBuilder {
+    settings: Settings,
+}
+
 impl std::fmt::Debug for MemcacheStorageBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fmt_settings(f, "MemcacheStorageBuilder", &self.pool, self.ttl)
+        fmt_settings(
+            f,
+            "MemcacheStorageBuilder",
+            &self.settings.pool,
+            self.settings.ttl,
+        )
     }
 }
 
@@ -192,41 +202,26 @@ pub(super) fn fmt_settings(
 }
 
 impl MemcacheStorageBuilder {
-    /// The key generator (default: [`KeyGenerator::default`]).
-    pub fn key_generator(mut self, keys: KeyGenerator) -> Self {
-        self.keys = keys;
-        self
-    }
+    setters! {
+        /// The key generator (default: [`KeyGenerator::default`]).
+        key_generator(keys: KeyGenerator) => settings.keys;
 
-    /// Expiration of cached entries in seconds (default 0: until evicted or invalidated).
-    pub fn ttl(mut self, ttl: u32) -> Self {
-        self.ttl = ttl;
-        self
-    }
+        /// Expiration of cached entries in seconds (default 0: until evicted or invalidated).
+        ttl(ttl: u32) => settings.ttl;
 
-    /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
-    /// default `-I 1m`); larger content is served from the master.
-    pub fn max_item_size(mut self, bytes: usize) -> Self {
-        self.max_item_size = bytes;
-        self
-    }
+        /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
+        /// default `-I 1m`); larger content is served from the master.
+        max_item_size(bytes: usize) => settings.max_item_size;
 
-    /// How long a reader waits for another reader's fill before reading the master itself
-    /// (default 200 ms).
-    pub fn fill_wait(mut self, wait: Duration) -> Self {
-        self.fill_wait = wait;
-        self
+        /// How long a reader waits for another reader's fill before reading the master itself
+        /// (default 200 ms).
+        fill_wait(wait: Duration) => settings.fill_wait;
     }
 
     /// Builds the storage.
     pub fn build(self) -> MemcacheStorage {
         MemcacheStorage {
-            pool: self.pool,
-            master: self.master,
-            keys: self.keys,
-            ttl: self.ttl,
-            max_item_size: self.max_item_size,
-            fill_wait: self.fill_wait,
+            settings: self.settings,
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
         }
@@ -251,12 +246,7 @@ impl MemcacheStorageBuilder {
 /// # Ok(()) }
 /// ```
 pub struct MemcacheStorage {
-    pool: Pool,
-    master: Arc<dyn Storage>,
-    keys: KeyGenerator,
-    ttl: u32,
-    max_item_size: usize,
-    fill_wait: Duration,
+    settings: Settings,
     counters: Counters,
     pending: Mutex<Pending>,
 }
@@ -283,7 +273,7 @@ enum Lookup {
 
 impl std::fmt::Debug for MemcacheStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fmt_settings(f, "MemcacheStorage", &self.pool, self.ttl)
+        fmt_settings(f, "MemcacheStorage", &self.settings.pool, self.settings.ttl)
     }
 }
 
@@ -298,12 +288,14 @@ impl MemcacheStorage {
     /// Like [`new`](Self::new), with options.
     pub fn builder(pool: impl Into<Pool>, master: Arc<dyn Storage>) -> MemcacheStorageBuilder {
         MemcacheStorageBuilder {
-            pool: pool.into(),
-            master,
-            keys: KeyGenerator::default(),
-            ttl: 0,
-            max_item_size: 1024 * 1024 - 1024,
-            fill_wait: Duration::from_millis(200),
+            settings: Settings {
+                pool: pool.into(),
+                master,
+                keys: KeyGenerator::default(),
+                ttl: 0,
+                max_item_size: 1024 * 1024 - 1024,
+                fill_wait: Duration::from_millis(200),
+            },
         }
     }
 
@@ -400,7 +392,7 @@ impl MemcacheStorage {
     }
 
     fn checkout(&self) -> Option<crate::client::PooledClient<'_>> {
-        match self.pool.get() {
+        match self.settings.pool.get() {
             Ok(c) => Some(c),
             Err(e) => {
                 self.cache_failed(&e);
@@ -454,7 +446,7 @@ impl MemcacheStorage {
                 Some(i) if i.lease == Lease::AlreadyWon || i.stale => {
                     let until = *deadline.get_or_insert_with(|| {
                         bump(&self.counters.fill_waits);
-                        Instant::now() + self.fill_wait
+                        Instant::now() + self.settings.fill_wait
                     });
                     if Instant::now() >= until {
                         return Ok(Lookup::Master);
@@ -485,7 +477,7 @@ impl MemcacheStorage {
             FLAG_FILLING => {
                 // Another reader is filling: wait for it, bounded.
                 bump(&self.counters.fill_waits);
-                let deadline = Instant::now() + self.fill_wait;
+                let deadline = Instant::now() + self.settings.fill_wait;
                 while Instant::now() < deadline {
                     std::thread::sleep(FILL_POLL);
                     match c.get(key.as_bytes())? {
@@ -505,12 +497,12 @@ impl MemcacheStorage {
 
     /// Stores `value` in place of our filling marker, unless a writer got there first.
     fn fill(&self, c: &mut Client, key: &str, cas: u64, value: &[u8]) {
-        let (data, flags): (&[u8], u32) = if value.len() <= self.max_item_size {
+        let (data, flags): (&[u8], u32) = if value.len() <= self.settings.max_item_size {
             (value, FLAG_VALUE)
         } else {
             (b"", FLAG_TOO_LARGE)
         };
-        let opts = SetOptions::default().flags(flags).ttl(self.ttl);
+        let opts = SetOptions::default().flags(flags).ttl(self.settings.ttl);
         match c.cas(key.as_bytes(), data, cas, opts) {
             Ok(CasResult::Stored) if flags == FLAG_VALUE => bump(&self.counters.fills),
             Ok(_) => {}
@@ -589,21 +581,21 @@ impl MemcacheStorage {
 
 impl Storage for MemcacheStorage {
     fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        self.cached_get(&*self.master, info, part)
+        self.cached_get(&*self.settings.master, info, part)
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
         let key = cache_key(info, part)?;
-        let mi = self.master_info(&*self.master, info)?;
-        self.master.put(&mi, part, data)?;
+        let mi = self.master_info(&*self.settings.master, info)?;
+        self.settings.master.put(&mi, part, data)?;
         self.invalidate(&[key]);
         Ok(())
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
         let key = cache_key(info, part)?;
-        let mi = self.master_info(&*self.master, info)?;
-        let r = self.master.remove(&mi, part);
+        let mi = self.master_info(&*self.settings.master, info)?;
+        let r = self.settings.master.remove(&mi, part);
         // Invalidate even if the master had nothing: the cache might.
         self.invalidate(&[key]);
         r
@@ -611,27 +603,20 @@ impl Storage for MemcacheStorage {
 
     fn create_container(&self, collection: &str) -> Result<()> {
         validate_name(collection)?;
-        self.master.create_container(collection)
+        self.settings.master.create_container(collection)
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
-        validate_name(collection)?;
-        if let Some(r) = resource {
-            validate_name(r)?;
-        }
-        self.master.info(collection, resource)?; // the master's own rules (encoded length)
-        let info = ResourceInfo {
-            collection: collection.to_string(),
-            resource: resource.map(str::to_string),
-            key: self.keys.key(collection, resource),
-        };
-        cache_key(&info, Part::Content)?;
+        let info = cached_info(&self.settings.keys, collection, resource)?;
+        self.settings.master.info(collection, resource)?; // its own rules (encoded length)
         Ok(info)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
         // Only the master knows: the cache may hold what the master no longer has.
-        self.master.exists(&self.master_info(&*self.master, info)?)
+        self.settings
+            .master
+            .exists(&self.master_info(&*self.settings.master, info)?)
     }
 
     fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
@@ -640,17 +625,41 @@ impl Storage for MemcacheStorage {
 
     fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
         validate_name(collection)?;
-        let names = self.master.ils(collection, ext)?.map(|r| r.map(|(n, _)| n));
-        Ok(resource_infos(&self.keys, collection, names))
+        let names = self
+            .settings
+            .master
+            .ils(collection, ext)?
+            .map(|r| r.map(|(n, _)| n));
+        Ok(resource_infos(&self.settings.keys, collection, names))
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
-        self.master.persist(paths)
+        self.settings.master.persist(paths)
     }
 
     fn shutdown(&self) -> Result<()> {
-        self.master.shutdown()
+        self.settings.master.shutdown()
     }
+}
+
+/// A resource's info in a storage over memcached: validated names, and a key that leaves
+/// room for the part suffixes.
+pub(super) fn cached_info(
+    keys: &KeyGenerator,
+    collection: &str,
+    resource: Option<&str>,
+) -> Result<ResourceInfo> {
+    validate_name(collection)?;
+    if let Some(r) = resource {
+        validate_name(r)?;
+    }
+    let info = ResourceInfo {
+        collection: collection.to_string(),
+        resource: resource.map(str::to_string),
+        key: keys.key(collection, resource),
+    };
+    cache_key(&info, Part::Content)?;
+    Ok(info)
 }
 
 /// The listing of `collection` from its resource names, with this storage's keys.

@@ -11,10 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::error::{Result, StorageError};
-use super::memcache::{bump, cache_key, fmt_settings, resource_infos, FLAG_VALUE};
+use super::memcache::{bump, cache_key, cached_info, fmt_settings, resource_infos, FLAG_VALUE};
 use super::memory::not_found;
 use super::{
-    ext_matches, split_path, validate_name, Content, KeyGenerator, Part, ResourceInfo,
+    check_paths, ext_matches, validate_name, Content, KeyGenerator, Part, ResourceInfo,
     ResourceIter, Storage, StorageCounters,
 };
 use crate::client::Key;
@@ -61,16 +61,12 @@ impl MemcacheOnlyStorage {
         }
     }
 
-    /// The key generator (default: [`KeyGenerator::default`]).
-    pub fn key_generator(mut self, keys: KeyGenerator) -> Self {
-        self.keys = keys;
-        self
-    }
+    setters! {
+        /// The key generator (default: [`KeyGenerator::default`]).
+        key_generator(keys: KeyGenerator) => keys;
 
-    /// Expiration of stored content in seconds (default 0: until evicted).
-    pub fn ttl(mut self, ttl: u32) -> Self {
-        self.ttl = ttl;
-        self
+        /// Expiration of stored content in seconds (default 0: until evicted).
+        ttl(ttl: u32) => ttl;
     }
 
     /// Reads that found their content (`hits`) and that did not (`misses`); the other
@@ -222,17 +218,7 @@ impl Storage for MemcacheOnlyStorage {
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
-        validate_name(collection)?;
-        if let Some(r) = resource {
-            validate_name(r)?;
-        }
-        let info = ResourceInfo {
-            collection: collection.to_string(),
-            resource: resource.map(str::to_string),
-            key: self.keys.key(collection, resource),
-        };
-        cache_key(&info, Part::Content)?;
-        Ok(info)
+        cached_info(&self.keys, collection, resource)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
@@ -268,11 +254,7 @@ impl Storage for MemcacheOnlyStorage {
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
-        // Nothing to make durable in memcached; still check the paths.
-        for p in paths {
-            split_path(p)?;
-        }
-        Ok(())
+        check_paths(paths) // nothing to make durable in memcached
     }
 
     fn shutdown(&self) -> Result<()> {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::error::{Result, StorageError as Error};
 use super::{
-    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+    check_paths, ext_matches, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
 };
 
 #[derive(Default, Clone)]
@@ -180,10 +180,7 @@ impl Storage for MemoryStorage {
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
-        for p in paths {
-            split_path(p)?;
-        }
-        Ok(())
+        check_paths(paths) // nothing to make durable in memory
     }
 
     fn shutdown(&self) -> Result<()> {

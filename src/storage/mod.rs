@@ -221,6 +221,14 @@ fn ext_matches(name: &str, ext: Option<&str>) -> bool {
     }
 }
 
+/// Checks `persist` paths, for storages with nothing to make durable.
+fn check_paths(paths: &[&str]) -> Result<()> {
+    for p in paths {
+        split_path(p)?;
+    }
+    Ok(())
+}
+
 /// Splits a `persist` path into collection and optional resource.
 fn split_path(path: &str) -> Result<(&str, Option<&str>)> {
     let (c, r) = match path.split_once('/') {
