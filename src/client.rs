@@ -164,6 +164,14 @@ impl ServerStats {
 /// # Ok(()) }
 /// ```
 pub struct Client {
+    core: Core,
+    scratch: Scratch,
+}
+
+/// What a call works with: the connections and their health, the key distribution, and the
+/// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
+/// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
+pub(crate) struct Core {
     driver: Driver,
     limits: Limits,
     ring: Continuum,
@@ -173,16 +181,22 @@ pub struct Client {
     /// Shared, like the labels: a multi-key call holds it while the caller's callback runs.
     namespace: std::sync::Arc<[u8]>,
     hash_with_namespace: bool,
-    /// Scratch space for a namespaced key, reused.
-    keybuf: Vec<u8>,
     protocol: Protocol,
     sasl: Option<(String, String)>,
     /// Per server: the connection count at which SASL last succeeded.
     authenticated: Vec<u64>,
     /// Next binary opaque.
     opaque: u32,
-    /// The vectors of the last multi-key call, reused by the next.
-    spare: multi::Spare,
+}
+
+/// Per-call working space, reused by the next call so that a warm call allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    /// A namespaced (or base64) wire key.
+    keybuf: Vec<u8>,
+    /// The last multi-key call's plan and batch list.
+    plan: multi::Plan,
+    batches: Vec<crate::conn::driver::Batch<'static>>,
 }
 
 /// The wire form of a user key: `namespace + key`, validated for the protocol, and the raw
@@ -316,10 +330,10 @@ fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("servers", &self.labels)
-            .field("protocol", &self.protocol)
-            .field("namespace", &self.namespace.escape_ascii().to_string())
-            .field("max_value", &self.limits.max_value)
+            .field("servers", &self.core.labels)
+            .field("protocol", &self.core.protocol)
+            .field("namespace", &self.core.namespace.escape_ascii().to_string())
+            .field("max_value", &self.core.limits.max_value)
             .finish_non_exhaustive()
     }
 }
@@ -332,12 +346,12 @@ impl Client {
 
     /// The servers, as configured, in configuration order.
     pub fn servers(&self) -> &[String] {
-        &self.labels
+        &self.core.labels
     }
 
     /// The wire protocol this client speaks.
     pub fn protocol(&self) -> Protocol {
-        self.protocol
+        self.core.protocol
     }
 
     /// Whether this client can use memcached's leases and invalidation ([`meta_get`],
@@ -347,21 +361,21 @@ impl Client {
     /// [`invalidate`]: Self::invalidate
     /// [`meta_set`]: Self::meta_set
     pub fn has_leases(&self) -> bool {
-        self.protocol.supports(Capability::Meta)
+        self.core.protocol.supports(Capability::Meta)
     }
 
     /// The key distribution in use.
     pub fn continuum(&self) -> &Continuum {
-        &self.ring
+        &self.core.ring
     }
 
     /// Each server's counters, in configuration order.
     pub fn server_counters(&self) -> Vec<(String, ServerCounters)> {
-        (0..self.labels.len())
+        (0..self.core.labels.len())
             .map(|i| {
-                let mut c = self.health.counters(i);
-                c.reconnects = self.driver.connects(i).saturating_sub(1);
-                (self.labels[i].clone(), c)
+                let mut c = self.core.health.counters(i);
+                c.reconnects = self.core.driver.connects(i).saturating_sub(1);
+                (self.core.labels[i].clone(), c)
             })
             .collect()
     }
@@ -372,42 +386,12 @@ impl Client {
     /// # Errors
     /// An invalid key, no server, or the key's server ejected.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
-        let mut kb = std::mem::take(&mut self.keybuf);
-        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
-        let r = wire_key(&self.namespace, key, binary_keys, &mut kb).and_then(|(_, raw)| {
-            let hashed = if self.hash_with_namespace { raw } else { key };
-            self.route(hashed)
-        });
-        self.keybuf = kb;
-        Ok(&self.labels[r?])
-    }
-
-    /// The server for a key: `Err` if there is none or it is ejected.
-    fn route(&mut self, hashed: &[u8]) -> Result<usize> {
-        self.health.maybe_rejoin(&mut self.ring);
-        match self.ring.pick(hashed) {
-            Some(i) if self.health.check(i).is_ok() => Ok(i),
-            Some(i) => Err(self.check_up(i).expect_err("ejected")),
-            None => Err(Error::NoServers),
-        }
-    }
-
-    fn check_up(&self, i: usize) -> Result<()> {
-        self.health.check(i).map_err(|retry_in| Error::ServerDown {
-            server: self.labels[i].clone(),
-            retry_in,
-        })
-    }
-
-    /// `Err(Unsupported)` unless this client's protocol can express `cap`.
-    fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
-        if self.protocol.supports(cap) {
-            return Ok(());
-        }
-        Err(Error::Unsupported {
-            operation,
-            protocol: self.protocol,
-        })
+        let Client { core, scratch } = self;
+        let binary_keys = core.protocol.supports(Capability::BinaryKeys);
+        let (_, raw) = wire_key(&core.namespace, key, binary_keys, &mut scratch.keybuf)?;
+        let hashed = if core.hash_with_namespace { raw } else { key };
+        let i = core.route(hashed)?;
+        Ok(&core.labels[i])
     }
 
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
@@ -415,104 +399,9 @@ impl Client {
     fn keyed<T>(
         &mut self,
         key: &[u8],
-        f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
+        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
     ) -> Result<T> {
-        let mut kb = std::mem::take(&mut self.keybuf);
-        let r = self.keyed_in(key, &mut kb, f);
-        self.keybuf = kb;
-        r
-    }
-
-    fn keyed_in<T>(
-        &mut self,
-        user: &[u8],
-        kb: &mut Vec<u8>,
-        f: impl FnOnce(&mut Self, usize, Key<'_>) -> Result<T>,
-    ) -> Result<T> {
-        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
-        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
-        let hashed = if self.hash_with_namespace { raw } else { user };
-        let i = self.route(hashed)?;
-        let r = f(self, i, wire);
-        self.health.record(i, &r, &mut self.ring);
-        r
-    }
-
-    fn check_value(&self, value: &[u8]) -> Result<()> {
-        if value.len() > self.limits.max_value {
-            return Err(Error::ValueTooLarge {
-                len: value.len(),
-                max: self.limits.max_value,
-            });
-        }
-        Ok(())
-    }
-
-    /// Runs one command on server `i`: connect (and authenticate) if needed, encode, send
-    /// (with `value` after the command), and fold the reply units with `on` until it returns
-    /// the result. See [`exchange`](Self::exchange).
-    fn call<T>(
-        &mut self,
-        i: usize,
-        cmd: &Cmd<'_>,
-        value: Option<&[u8]>,
-        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        let op = self.start(i)?;
-        with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
-    }
-
-    /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
-    /// with `on`: `Some(result)` ends the exchange, `None` asks for more, and `Err` (a reply
-    /// that cannot answer this command) drops the connection. An error reply ends it with
-    /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
-    /// error answering a command with a data block, the connection is closed.
-    fn exchange<W: Wire, T>(
-        &mut self,
-        i: usize,
-        op: &Op,
-        cmd: &Cmd<'_>,
-        value: Option<&[u8]>,
-        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        let opaque = self.next_opaque();
-        let w = self.driver.wbuf(i);
-        W::encode(w, cmd, opaque, false);
-        let separate = match value {
-            // Large values go out straight from the caller's slice, without a copy.
-            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, W::TRAILER)),
-            Some(v) => {
-                w.extend_from_slice(v);
-                w.extend_from_slice(W::TRAILER);
-                None
-            }
-            None => None,
-        };
-        let mut reader = SingleReader {
-            expect: Expect::single(cmd.kind(), opaque),
-            limits: self.limits,
-            label: &self.labels[i],
-            data_block: value.is_some(),
-            on,
-            out: None,
-            refused: None,
-        };
-        self.driver
-            .exchange(i, op, separate, Until::Done, |buf| reader.read::<W>(buf))?;
-        if let Some((error, close)) = reader.refused {
-            if close {
-                self.driver.disconnect(i);
-            }
-            return Err(error);
-        }
-        Ok(reader
-            .out
-            .expect("exchange returns Ok only after the last reply"))
-    }
-
-    pub(super) fn next_opaque(&mut self) -> u32 {
-        self.opaque = self.opaque.wrapping_add(1) & 0x7fff_ffff;
-        self.opaque
+        self.core.keyed(key, &mut self.scratch.keybuf, f)
     }
 
     /// Reads one item, handing its value to `sink`.
@@ -600,7 +489,7 @@ impl Client {
         value: &[u8],
         opts: StoreOpts,
     ) -> Result<(SetOutcome, Option<u64>)> {
-        self.check_value(value)?;
+        self.core.check_value(value)?;
         self.keyed(key, |c, i, key| {
             let cmd = Cmd::Store(key, opts, value.len());
             c.call(i, &cmd, Some(value), |o, _| match o {
@@ -725,56 +614,12 @@ impl Client {
         self.keyed_bool(key, |key| Cmd::Touch(key, ttl))
     }
 
-    /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),
-    /// folding replies with `on` and recording health. Returns each server's result.
-    fn each_server<T>(
-        &mut self,
-        cmd: &Cmd<'_>,
-        mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
-    ) -> Vec<(usize, Result<T>)> {
-        self.health.maybe_rejoin(&mut self.ring);
-        (0..self.labels.len())
-            .map(|i| {
-                let r = self
-                    .check_up(i)
-                    .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
-                if !matches!(r, Err(Error::ServerDown { .. })) {
-                    self.health.record(i, &r, &mut self.ring);
-                }
-                (i, r)
-            })
-            .collect()
-    }
-
-    /// Combines per-server results: all values if every server succeeded, otherwise the one
-    /// error, or [`Error::Partial`] listing each failed server.
-    fn all_or_errors<T>(&self, results: Vec<(usize, Result<T>)>) -> Result<Vec<(usize, T)>> {
-        let mut ok = Vec::new();
-        let mut failed = Vec::new();
-        for (i, r) in results {
-            match r {
-                Ok(t) => ok.push((i, t)),
-                Err(e) => failed.push((self.labels[i].clone(), e)),
-            }
-        }
-        combine(failed).map(|()| ok)
-    }
-
-    /// Runs a command with an `OK` reply on every server.
-    fn on_all_ok(&mut self, cmd: &Cmd<'_>) -> Result<()> {
-        let results = self.each_server(cmd, |o| match o {
-            Outcome::Ok => Ok(Some(())),
-            _ => Err(ParseError::Unexpected),
-        });
-        self.all_or_errors(results).map(drop)
-    }
-
     /// Invalidates every item on every server, now or after `delay` seconds.
     ///
     /// # Errors
     /// The failed server's error, or [`Error::Partial`] naming each failed server.
     pub fn flush_all(&mut self, delay: Option<u32>) -> Result<()> {
-        self.on_all_ok(&Cmd::FlushAll(delay))
+        self.core.on_all_ok(&Cmd::FlushAll(delay))
     }
 
     /// Sets every server's logging verbosity.
@@ -784,21 +629,22 @@ impl Client {
     /// the binary Verbosity command, and sending it desynchronises the connection. Otherwise
     /// as [`flush_all`](Self::flush_all).
     pub fn verbosity(&mut self, level: u32) -> Result<()> {
-        self.require(Capability::Verbosity, "verbosity")?;
-        self.on_all_ok(&Cmd::Verbosity(level))
+        self.core.require(Capability::Verbosity, "verbosity")?;
+        self.core.on_all_ok(&Cmd::Verbosity(level))
     }
 
     /// Each server's version string: `(server, version)`. Errors as
     /// [`flush_all`](Self::flush_all).
     pub fn version(&mut self) -> Result<Vec<(String, String)>> {
-        let results = self.each_server(&Cmd::Version, |o| match o {
+        let results = self.core.each_server(&Cmd::Version, |o| match o {
             Outcome::Version(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
             _ => Err(ParseError::Unexpected),
         });
         Ok(self
+            .core
             .all_or_errors(results)?
             .into_iter()
-            .map(|(i, v)| (self.labels[i].clone(), v))
+            .map(|(i, v)| (self.core.labels[i].clone(), v))
             .collect())
     }
 
@@ -817,24 +663,26 @@ impl Client {
             }
         }
         let mut stats = Vec::new();
-        let results = self.each_server(&Cmd::Stats(arg.map(str::as_bytes)), |o| match o {
-            Outcome::Stat(name, value) => {
-                stats.push((
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                ));
-                Ok(None)
-            }
-            Outcome::End | Outcome::Ok => Ok(Some(std::mem::take(&mut stats))),
-            _ => Err(ParseError::Unexpected),
-        });
+        let results = self
+            .core
+            .each_server(&Cmd::Stats(arg.map(str::as_bytes)), |o| match o {
+                Outcome::Stat(name, value) => {
+                    stats.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    ));
+                    Ok(None)
+                }
+                Outcome::End | Outcome::Ok => Ok(Some(std::mem::take(&mut stats))),
+                _ => Err(ParseError::Unexpected),
+            });
         if results.iter().all(|(_, r)| r.is_err()) {
-            return self.all_or_errors(results).map(|_| Vec::new());
+            return self.core.all_or_errors(results).map(|_| Vec::new());
         }
         Ok(results
             .into_iter()
             .map(|(i, r)| {
-                let server = self.labels[i].clone();
+                let server = self.core.labels[i].clone();
                 match r {
                     Ok(stats) => ServerStats {
                         server,
@@ -858,17 +706,18 @@ impl Client {
     /// The first server whose `quit` could not be written.
     pub fn quit(&mut self) -> Result<()> {
         let mut first_error = None;
-        let protocol = self.protocol;
-        for i in 0..self.labels.len() {
-            if !self.driver.is_connected(i) {
+        let protocol = self.core.protocol;
+        for i in 0..self.core.labels.len() {
+            if !self.core.driver.is_connected(i) {
                 continue;
             }
-            let sent = self.driver.begin(i).and_then(|op| {
-                protocol.encode(self.driver.wbuf(i), &Cmd::Quit, 0, false);
-                self.driver
+            let sent = self.core.driver.begin(i).and_then(|op| {
+                protocol.encode(self.core.driver.wbuf(i), &Cmd::Quit, 0, false);
+                self.core
+                    .driver
                     .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
             });
-            self.driver.disconnect(i);
+            self.core.driver.disconnect(i);
             if let Err(e) = sent {
                 first_error.get_or_insert(e);
             }
@@ -903,6 +752,175 @@ impl Client {
 }
 
 /// Retrieval options asking for the CAS unique.
+impl Core {
+    /// The server for a key: `Err` if there is none or it is ejected.
+    pub(super) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
+        self.health.maybe_rejoin(&mut self.ring);
+        match self.ring.pick(hashed) {
+            Some(i) if self.health.check(i).is_ok() => Ok(i),
+            Some(i) => Err(self.check_up(i).expect_err("ejected")),
+            None => Err(Error::NoServers),
+        }
+    }
+
+    pub(super) fn check_up(&self, i: usize) -> Result<()> {
+        self.health.check(i).map_err(|retry_in| Error::ServerDown {
+            server: self.labels[i].clone(),
+            retry_in,
+        })
+    }
+
+    /// `Err(Unsupported)` unless this client's protocol can express `cap`.
+    pub(super) fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
+        if self.protocol.supports(cap) {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            operation,
+            protocol: self.protocol,
+        })
+    }
+
+    pub(super) fn keyed<T>(
+        &mut self,
+        user: &[u8],
+        kb: &mut Vec<u8>,
+        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
+        let hashed = if self.hash_with_namespace { raw } else { user };
+        let i = self.route(hashed)?;
+        let r = f(self, i, wire);
+        self.health.record(i, &r, &mut self.ring);
+        r
+    }
+
+    pub(super) fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.limits.max_value {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: self.limits.max_value,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one command on server `i`: connect (and authenticate) if needed, encode, send
+    /// (with `value` after the command), and fold the reply units with `on` until it returns
+    /// the result. See [`exchange`](Self::exchange).
+    pub(super) fn call<T>(
+        &mut self,
+        i: usize,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let op = self.start(i)?;
+        with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
+    }
+
+    /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
+    /// with `on`: `Some(result)` ends the exchange, `None` asks for more, and `Err` (a reply
+    /// that cannot answer this command) drops the connection. An error reply ends it with
+    /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
+    /// error answering a command with a data block, the connection is closed.
+    pub(super) fn exchange<W: Wire, T>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let opaque = self.next_opaque();
+        let w = self.driver.wbuf(i);
+        W::encode(w, cmd, opaque, false);
+        let separate = match value {
+            // Large values go out straight from the caller's slice, without a copy.
+            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, W::TRAILER)),
+            Some(v) => {
+                w.extend_from_slice(v);
+                w.extend_from_slice(W::TRAILER);
+                None
+            }
+            None => None,
+        };
+        let mut reader = SingleReader {
+            expect: Expect::single(cmd.kind(), opaque),
+            limits: self.limits,
+            label: &self.labels[i],
+            data_block: value.is_some(),
+            on,
+            out: None,
+            refused: None,
+        };
+        self.driver
+            .exchange(i, op, separate, Until::Done, |buf| reader.read::<W>(buf))?;
+        if let Some((error, close)) = reader.refused {
+            if close {
+                self.driver.disconnect(i);
+            }
+            return Err(error);
+        }
+        Ok(reader
+            .out
+            .expect("exchange returns Ok only after the last reply"))
+    }
+
+    pub(super) fn next_opaque(&mut self) -> u32 {
+        self.opaque = self.opaque.wrapping_add(1) & 0x7fff_ffff;
+        self.opaque
+    }
+
+    /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),
+    /// folding replies with `on` and recording health. Returns each server's result.
+    pub(super) fn each_server<T>(
+        &mut self,
+        cmd: &Cmd<'_>,
+        mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
+    ) -> Vec<(usize, Result<T>)> {
+        self.health.maybe_rejoin(&mut self.ring);
+        (0..self.labels.len())
+            .map(|i| {
+                let r = self
+                    .check_up(i)
+                    .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
+                if !matches!(r, Err(Error::ServerDown { .. })) {
+                    self.health.record(i, &r, &mut self.ring);
+                }
+                (i, r)
+            })
+            .collect()
+    }
+
+    /// Combines per-server results: all values if every server succeeded, otherwise the one
+    /// error, or [`Error::Partial`] listing each failed server.
+    pub(super) fn all_or_errors<T>(
+        &self,
+        results: Vec<(usize, Result<T>)>,
+    ) -> Result<Vec<(usize, T)>> {
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for (i, r) in results {
+            match r {
+                Ok(t) => ok.push((i, t)),
+                Err(e) => failed.push((self.labels[i].clone(), e)),
+            }
+        }
+        combine(failed).map(|()| ok)
+    }
+
+    /// Runs a command with an `OK` reply on every server.
+    pub(super) fn on_all_ok(&mut self, cmd: &Cmd<'_>) -> Result<()> {
+        let results = self.each_server(cmd, |o| match o {
+            Outcome::Ok => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
+        });
+        self.all_or_errors(results).map(drop)
+    }
+}
+
 fn with_cas(touch: Option<u32>) -> GetOpts {
     GetOpts {
         cas: true,

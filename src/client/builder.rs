@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::health::{FailurePolicy, Health};
-use super::{Client, Protocol};
+use super::{Client, Core, Protocol, Scratch};
 use crate::addr::{ServerAddr, ServerSpec};
 use crate::conn::driver::{Driver, DriverConfig};
 use crate::error::{Error, Result};
@@ -226,19 +226,23 @@ impl ClientBuilder {
             remove_failed: self.remove_failed,
         };
         Ok(Client {
-            labels: addrs.iter().map(ToString::to_string).collect(),
-            health: Health::new(addrs.len(), policy),
-            driver,
-            limits: Limits { max_value },
-            ring,
-            keybuf: Vec::with_capacity(MAX_KEY_LEN),
-            namespace: self.namespace.into(),
-            hash_with_namespace: self.hash_with_namespace,
-            protocol: self.protocol,
-            sasl: self.sasl,
-            authenticated: vec![0; addrs.len()],
-            spare: Default::default(),
-            opaque: 0,
+            core: Core {
+                labels: addrs.iter().map(ToString::to_string).collect(),
+                health: Health::new(addrs.len(), policy),
+                driver,
+                limits: Limits { max_value },
+                ring,
+                namespace: self.namespace.into(),
+                hash_with_namespace: self.hash_with_namespace,
+                protocol: self.protocol,
+                sasl: self.sasl,
+                authenticated: vec![0; addrs.len()],
+                opaque: 0,
+            },
+            scratch: Scratch {
+                keybuf: Vec::with_capacity(MAX_KEY_LEN),
+                ..Scratch::default()
+            },
         })
     }
 }

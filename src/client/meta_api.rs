@@ -110,7 +110,7 @@ impl Client {
         opts: MetaGetOptions,
         buf: &mut Vec<u8>,
     ) -> Result<Option<MetaItemInfo>> {
-        self.require(Capability::Meta, "meta_get")?;
+        self.core.require(Capability::Meta, "meta_get")?;
         buf.clear();
         let get = GetOpts {
             cas: true,
@@ -159,7 +159,7 @@ impl Client {
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) unless the client speaks
     /// meta; otherwise as [`get`](Self::get).
     pub fn invalidate(&mut self, key: &[u8], stale_ttl: Option<u32>) -> Result<bool> {
-        self.require(Capability::Meta, "invalidate")?;
+        self.core.require(Capability::Meta, "invalidate")?;
         self.keyed_bool(key, |key| Cmd::Invalidate(key, stale_ttl))
     }
 
@@ -176,7 +176,7 @@ impl Client {
         value: &[u8],
         opts: MetaSetOptions,
     ) -> Result<MetaSetResult> {
-        self.require(Capability::Meta, "meta_set")?;
+        self.core.require(Capability::Meta, "meta_set")?;
         let store = StoreOpts {
             mode: opts.mode,
             flags: opts.set.flags,
@@ -199,7 +199,7 @@ impl Client {
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) unless the client speaks
     /// meta; otherwise as [`get`](Self::get).
     pub fn meta_debug(&mut self, key: &[u8]) -> Result<Option<String>> {
-        self.require(Capability::Meta, "meta_debug")?;
+        self.core.require(Capability::Meta, "meta_debug")?;
         self.keyed(key, |c, i, key| {
             c.call(i, &Cmd::Debug(key), None, |o, _| match o {
                 Outcome::Debug(line) => Ok(Some(Some(String::from_utf8_lossy(line).into_owned()))),

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use super::{combine, refused, store_opts, wire_key, Client, ItemRef, SetOptions, StoreMode};
+use super::{
+    combine, refused, store_opts, wire_key, Client, Core, ItemRef, Scratch, SetOptions, StoreMode,
+};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::wire::{
@@ -47,7 +49,7 @@ impl Share {
 }
 
 /// A multi-key call being planned: each key's server and each server's share.
-struct Plan {
+pub(super) struct Plan {
     server_of: Vec<u32>,
     shares: Vec<Share>,
     /// The command of every item (a retrieval counts each healthy server's hits and misses).
@@ -183,31 +185,18 @@ impl Default for Plan {
     }
 }
 
-/// What one multi-key call leaves for the next, so that a warm call allocates nothing.
-#[derive(Default)]
-pub(super) struct Spare {
-    plan: Plan,
-    batches: Vec<Batch<'static>>,
-}
-
-impl Client {
-    /// Validates every key and picks its server. Ejected servers fail their share at once.
-    fn plan<'k>(&mut self, n: usize, key_at: impl Fn(usize) -> &'k [u8]) -> Result<Plan> {
-        let mut kb = std::mem::take(&mut self.keybuf);
-        let r = self.plan_in(n, key_at, &mut kb);
-        self.keybuf = kb;
-        r
-    }
-
-    fn plan_in<'k>(
+impl Core {
+    /// Validates every key and picks its server, into `plan`. Ejected servers fail their
+    /// share at once.
+    fn plan<'k>(
         &mut self,
+        plan: &mut Plan,
+        kb: &mut Vec<u8>,
         n: usize,
         key_at: impl Fn(usize) -> &'k [u8],
-        kb: &mut Vec<u8>,
-    ) -> Result<Plan> {
+    ) -> Result<()> {
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
         self.health.maybe_rejoin(&mut self.ring);
-        let mut plan = std::mem::take(&mut self.spare.plan);
         plan.server_of.clear();
         plan.server_of.reserve(n);
         plan.shares.clear();
@@ -221,10 +210,7 @@ impl Client {
             // The common case without building the wire key; the rest (namespace too long,
             // binary keys over meta, errors) as every call does.
             if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
-                if let Err(e) = wire_key(&self.namespace, user, binary_keys, kb) {
-                    self.spare.plan = plan;
-                    return Err(e);
-                }
+                wire_key(&self.namespace, user, binary_keys, kb)?;
                 plan.plain = false; // a binary key over meta: base64 on the wire
             }
             let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
@@ -245,7 +231,6 @@ impl Client {
             }
         }
         if no_servers {
-            self.spare.plan = plan;
             return Err(Error::NoServers);
         }
         // Each server with keys: is it up? Then connect and start its request.
@@ -265,7 +250,7 @@ impl Client {
                 }
             }
         }
-        Ok(plan)
+        Ok(())
     }
 
     /// Encodes item `j` (user key `user`, then `value` if any) into its server's batch.
@@ -273,6 +258,7 @@ impl Client {
     fn encode_item<W: Wire>(
         &mut self,
         plan: &mut Plan,
+        kb: &mut Vec<u8>,
         j: usize,
         user: &[u8],
         value: Option<&[u8]>,
@@ -288,7 +274,7 @@ impl Client {
             // No namespace, and plan() found every key a valid text key.
             Key::trusted(user)
         } else {
-            wire_key(&self.namespace, user, binary_keys, &mut self.keybuf)
+            wire_key(&self.namespace, user, binary_keys, kb)
                 .expect("validated by plan()")
                 .0
         };
@@ -308,7 +294,7 @@ impl Client {
     /// markers, error replies and completion are handled here for all protocols.
     fn batch<'v, W: Wire>(
         &mut self,
-        plan: &mut Plan,
+        scratch: &mut Scratch,
         keys: &(impl Keys + ?Sized),
         value: impl Fn(usize) -> Option<&'v [u8]>,
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
@@ -316,18 +302,20 @@ impl Client {
         on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
         for j in 0..keys.len() {
-            self.encode_item::<W>(plan, j, keys.key(j), value(j), |key| cmd(j, key));
+            let (plan, kb) = (&mut scratch.plan, &mut scratch.keybuf);
+            self.encode_item::<W>(plan, kb, j, keys.key(j), value(j), |key| cmd(j, key));
         }
-        self.run_batch::<W>(plan, keys, on_hit, on_other)
+        self.run_batch::<W>(scratch, keys, on_hit, on_other)
     }
 
     fn run_batch<W: Wire>(
         &mut self,
-        plan: &mut Plan,
+        scratch: &mut Scratch,
         keys: &(impl Keys + ?Sized),
         on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
         on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
+        let plan = &mut scratch.plan;
         let kind = plan.kind;
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys > 0 && share.error.is_none() {
@@ -349,7 +337,8 @@ impl Client {
             on_hit,
             on_other,
         };
-        let result = self.run_plan(plan, |plan, i, buf| reader.read::<W>(plan, i, buf));
+        let batches = &mut scratch.batches;
+        let result = self.run_plan(plan, batches, |plan, i, buf| reader.read::<W>(plan, i, buf));
         for &i in &reader.closed {
             self.driver.disconnect(i);
         }
@@ -361,9 +350,9 @@ impl Client {
     fn run_plan(
         &mut self,
         plan: &mut Plan,
+        batches: &mut Vec<Batch<'static>>,
         mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     ) -> Result<()> {
-        let mut batches = std::mem::take(&mut self.spare.batches);
         batches.extend(
             plan.shares
                 .iter()
@@ -373,16 +362,13 @@ impl Client {
         );
         let op = self.driver.new_op();
         self.driver
-            .exchange_many(&mut batches, &op, Until::Done, |i, buf| {
-                on_reply(plan, i, buf)
-            });
+            .exchange_many(batches, &op, Until::Done, |i, buf| on_reply(plan, i, buf));
         for b in batches.drain(..) {
             let share = &mut plan.shares[b.server];
             if let Some(e) = b.error {
                 share.error = Some(e);
             }
         }
-        self.spare.batches = batches;
         let mut failed = Vec::new();
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys == 0 {
@@ -407,7 +393,9 @@ impl Client {
         }
         combine(failed)
     }
+}
 
+impl Client {
     /// Gets many keys in one pipelined request per server, calling `found(key, item)` for each
     /// hit as it arrives (borrowing from the read buffer: no copy per item). Misses are not
     /// reported. All keys are validated before anything is sent.
@@ -445,8 +433,11 @@ impl Client {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
-        plan.kind = Kind::Get;
+        let Client { core, scratch } = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys[j].as_ref()
+        })?;
+        scratch.plan.kind = Kind::Get;
         let opts = GetOpts {
             cas: with_cas,
             ..GetOpts::default()
@@ -456,41 +447,41 @@ impl Client {
             found(keys[j].as_ref(), item);
             Ok(())
         };
-        let result = with_wire!(self.protocol, W => {
-            self.batch::<W>(
-                &mut plan,
+        with_wire!(core.protocol, W => {
+            core.batch::<W>(
+                scratch,
                 keys,
                 |_| None,
                 |_, key| Cmd::Get(key, opts),
                 on_hit,
                 |_, _, _| Err(ParseError::Unexpected),
             )
-        });
-        self.spare.plan = plan;
-        result
+        })
     }
 
-    /// Runs a batch of stores or deletes (already encoded) and counts the items done: every
+    /// Plans and runs a batch of stores or deletes and counts the items done: every
     /// item but those whose condition was not met (`unmet` says which outcomes those are).
     fn write_batch<'v>(
         &mut self,
-        mut plan: Plan,
         kind: Kind,
         keys: &(impl Keys + ?Sized),
         value: impl Fn(usize) -> Option<&'v [u8]>,
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
         unmet: fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
-        let ns = Arc::clone(&self.namespace);
+        let Client { core, scratch } = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        let ns = Arc::clone(&core.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             plan.answer(i, outcome, &ns, keys, &unmet)
         };
-        let result = with_wire!(self.protocol, W => {
-            plan.kind = kind;
-            self.batch::<W>(&mut plan, keys, value, cmd, no_hits, on_reply)
+        scratch.plan.kind = kind;
+        let result = with_wire!(core.protocol, W => {
+            core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
         });
-        let done = plan.shares.iter().map(|s| s.keys - s.unmet).sum();
-        self.spare.plan = plan;
+        let done = scratch.plan.shares.iter().map(|s| s.keys - s.unmet).sum();
         result.map(|()| done)
     }
 
@@ -506,18 +497,16 @@ impl Client {
         opts: SetOptions,
     ) -> Result<usize> {
         for (_, v) in items {
-            self.check_value(v.as_ref())?;
+            self.core.check_value(v.as_ref())?;
         }
         if items.is_empty() {
             return Ok(0);
         }
-        let plan = self.plan(items.len(), |j| items[j].0.as_ref())?;
         let store = store_opts(StoreMode::Set, opts);
         let value = |j: usize| Some(items[j].1.as_ref());
         let len = |j: usize| items[j].1.as_ref().len();
         let keys = ItemKeys(items);
         self.write_batch(
-            plan,
             Kind::Store,
             &keys,
             value,
@@ -532,9 +521,7 @@ impl Client {
         if keys.is_empty() {
             return Ok(0);
         }
-        let plan = self.plan(keys.len(), |j| keys[j].as_ref())?;
         self.write_batch(
-            plan,
             Kind::Delete,
             keys,
             |_| None,

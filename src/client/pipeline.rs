@@ -1,7 +1,7 @@
 //! Pipelines of noreply commands: buffered per server, written in large chunks, one wait at
 //! the end.
 
-use super::{combine, refused, store_opts, wire_key, Client, SetOptions, StoreMode};
+use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, StoreMode};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
@@ -35,7 +35,9 @@ pub struct PipelineReport {
 /// # Ok(()) }
 /// ```
 pub struct Pipeline<'c> {
-    client: &'c mut Client,
+    client: &'c mut Core,
+    /// The client's key buffer, for namespaced keys.
+    keybuf: &'c mut Vec<u8>,
     /// Per server: started (connected, buffer cleared) in this pipeline.
     started: Vec<bool>,
     /// Per server: the error that stopped it, if any.
@@ -48,7 +50,7 @@ pub struct Pipeline<'c> {
 impl std::fmt::Debug for Pipeline<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("client", &self.client)
+            .field("servers", &self.client.labels)
             .field("commands", &self.commands)
             .field("errors", &self.errors)
             .finish_non_exhaustive()
@@ -60,9 +62,10 @@ impl Client {
     /// writes without waiting for replies, and [`Pipeline::finish`] waits once for every server
     /// to have processed them all.
     pub fn pipeline(&mut self) -> Pipeline<'_> {
-        let n = self.labels.len();
+        let n = self.core.labels.len();
         Pipeline {
-            client: self,
+            client: &mut self.core,
+            keybuf: &mut self.scratch.keybuf,
             started: vec![false; n],
             failed: (0..n).map(|_| None).collect(),
             commands: 0,
@@ -81,11 +84,10 @@ impl Pipeline<'_> {
         cmd: impl FnOnce(Key<'_>) -> Cmd<'_>,
     ) -> Result<usize> {
         let c = &mut *self.client;
-        let mut kb = std::mem::take(&mut c.keybuf);
         let binary_keys = c.protocol.supports(Capability::BinaryKeys);
         let opaque = self.commands as u32;
         let r = (|| {
-            let (wire, raw) = wire_key(&c.namespace, key, binary_keys, &mut kb)?;
+            let (wire, raw) = wire_key(&c.namespace, key, binary_keys, self.keybuf)?;
             let hashed = if c.hash_with_namespace { raw } else { key };
             let i = c.route(hashed)?;
             if let Some(e) = &self.failed[i] {
@@ -108,7 +110,6 @@ impl Pipeline<'_> {
             });
             Ok(i)
         })();
-        c.keybuf = kb;
         let i = r?;
         self.commands += 1;
         Ok(i)

@@ -1,13 +1,13 @@
 //! Opening a server's session: connect and, on a new connection, authenticate (SASL PLAIN,
 //! binary protocol only) before its first command.
 
-use super::Client;
+use super::Core;
 use crate::conn::driver::Op;
 use crate::error::{Error, Result};
 use crate::proto::wire::{Binary, Cmd, Outcome};
 use crate::proto::ParseError;
 
-impl Client {
+impl Core {
     /// Starts an operation on server `i`: connects if needed and, on a new connection,
     /// authenticates first when SASL is configured.
     pub(super) fn start(&mut self, i: usize) -> Result<Op> {
