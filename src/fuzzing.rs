@@ -490,13 +490,13 @@ fn drive(
 ) -> Result<(), Failure> {
     let limits = Limits { max_value: 256 };
     let mut rbuf = ReadBuf::new(32, limits.max_value + text::MAX_LINE + 4);
-    let mut ex = Exchange::new(head.len(), value);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(1);
+    let mut ex = Exchange::new(head.len(), value, deadline);
     let whole: Vec<u8> = match value {
         Some((v, t)) => [head, v, t].concat(),
         None => head.to_vec(),
     };
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(1);
     let (mut written, mut fed, mut step) = (0, 0, 0usize);
     let replies = input.replies;
     loop {
@@ -534,7 +534,12 @@ fn drive(
             // No more bytes will come: the server closed its side.
             return Err(ex.handle_eof());
         }
-        ex.handle_timeout(now, deadline)?;
+        assert_eq!(
+            ex.poll_timeout(),
+            Some(deadline),
+            "not done: a deadline to wake for"
+        );
+        ex.handle_timeout(now)?;
     }
 }
 

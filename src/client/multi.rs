@@ -116,7 +116,9 @@ impl Plan {
         keys: &(impl Keys + ?Sized),
     ) -> Result<usize, ParseError> {
         let share = &mut self.shares[i];
-        let mine = |j: usize| j < keys.len() && self.server_of[j] == i as u32;
+        // One bounds check: `server_of` has an entry per key.
+        let server_of = &self.server_of;
+        let mine = |j: usize| server_of.get(j) == Some(&(i as u32));
         let user = |key| strip(key, ns);
         let j = match by {
             // The decoder matched the hit to the next key, which run_batch found among this
@@ -353,14 +355,14 @@ impl Core {
         batches: &mut Vec<Batch<'static>>,
         mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     ) -> Result<()> {
+        let op = self.driver.new_op();
         batches.extend(
             plan.shares
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.keys > 0 && s.error.is_none())
-                .map(|(i, _)| Batch::new(i, None)),
+                .map(|(i, _)| Batch::new(i, None, &op)),
         );
-        let op = self.driver.new_op();
         self.driver
             .exchange_many(batches, &op, Until::Done, |i, buf| on_reply(plan, i, buf));
         for b in batches.drain(..) {

@@ -216,13 +216,13 @@ impl Pipeline<'_> {
         let c = &mut *self.client;
         let mut batches = Vec::new();
         let protocol = c.protocol;
+        let op = c.driver.new_op();
         for i in 0..self.started.len() {
             if self.started[i] && self.failed[i].is_none() {
                 protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
-                batches.push(Batch::new(i, None));
+                batches.push(Batch::new(i, None, &op));
             }
         }
-        let op = c.driver.new_op();
         let limits = c.limits;
         let (errors, first) = (&mut self.errors, &mut self.first_error);
         c.driver

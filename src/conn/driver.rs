@@ -193,11 +193,12 @@ pub(crate) struct Batch<'v> {
 }
 
 impl<'v> Batch<'v> {
-    pub(crate) fn new(server: usize, value: Option<(&'v [u8], &'v [u8])>) -> Batch<'v> {
+    /// Server `server`'s part of operation `op`.
+    pub(crate) fn new(server: usize, value: Option<(&'v [u8], &'v [u8])>, op: &Op) -> Batch<'v> {
         Batch {
             server,
             value,
-            ex: Exchange::new(0, value),
+            ex: Exchange::new(0, value, op.deadline),
             error: None,
         }
     }
@@ -297,7 +298,7 @@ impl Driver {
     where
         F: FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     {
-        let mut b = Batch::new(i, value);
+        let mut b = Batch::new(i, value, op);
         self.exchange_many(std::slice::from_mut(&mut b), op, until, |_, buf| {
             on_reply(buf)
         });
@@ -328,7 +329,7 @@ impl Driver {
         F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     {
         for b in batches.iter_mut() {
-            b.ex = Exchange::new(self.conns[b.server].wbuf.len(), b.value);
+            b.ex = Exchange::new(self.conns[b.server].wbuf.len(), b.value, op.deadline);
             if self.conns[b.server].stream.is_none() && b.error.is_none() {
                 b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
             }
@@ -383,13 +384,20 @@ impl Driver {
             if progressed {
                 continue;
             }
-            match self.poll_until(op.deadline) {
+            // The earliest deadline of the exchanges still running (all share `op`'s today).
+            let wake = batches
+                .iter()
+                .filter(|b| b.error.is_none())
+                .filter_map(|b| b.ex.poll_timeout())
+                .min()
+                .unwrap_or(op.deadline);
+            match self.poll_until(wake) {
                 Ok(true) => {}
                 Ok(false) => {
                     let now = Instant::now();
                     for b in batches.iter_mut() {
                         if b.error.is_none() {
-                            if let Err(f) = b.ex.handle_timeout(now, op.deadline) {
+                            if let Err(f) = b.ex.handle_timeout(now) {
                                 b.error = Some(self.failed(b.server, f, op));
                             }
                         }
@@ -444,7 +452,7 @@ impl Driver {
             let n = self.write_some(i, &b.ex)?;
             b.ex.handle_written(n);
             if n == 0 {
-                b.ex.handle_timeout(Instant::now(), op.deadline)
+                b.ex.handle_timeout(Instant::now())
                     .map_err(|f| self.failed(i, f, op))?;
             }
         }
@@ -470,7 +478,7 @@ impl Driver {
             let conn = &mut self.conns[i];
             if !first_read || conn.blocking.is_some_and(|t| t > first) {
                 let now = Instant::now();
-                if let Err(f) = b.ex.handle_timeout(now, op.deadline) {
+                if let Err(f) = b.ex.handle_timeout(now) {
                     return Err(self.failed(i, f, op));
                 }
                 let target = (op.deadline - now).saturating_sub(PRECISE_TAIL);

@@ -6,7 +6,8 @@
 //! Inputs: [`handle_written`](Exchange::handle_written) (bytes the socket took),
 //! [`handle_input`](Exchange::handle_input) (the read buffer after bytes arrived),
 //! [`handle_timeout`](Exchange::handle_timeout) and [`handle_eof`](Exchange::handle_eof).
-//! Outputs: [`poll_transmit`](Exchange::poll_transmit) (what to write next), whether the
+//! Outputs: [`poll_transmit`](Exchange::poll_transmit) (what to write next),
+//! [`poll_timeout`](Exchange::poll_timeout) (when to wake up at the latest), whether the
 //! exchange [`is_done`](Exchange::is_done), and failures that leave the connection's framing
 //! in doubt, after which the caller closes it (never resynchronised by guesswork).
 
@@ -38,11 +39,18 @@ pub(crate) struct Exchange<'v> {
     written: usize,
     total: usize,
     done: bool,
+    /// When the exchange fails if it is not done.
+    deadline: Instant,
 }
 
 impl<'v> Exchange<'v> {
-    /// A request of `head_len` buffered bytes, then `value` (value, trailer) if any.
-    pub(crate) fn new(head_len: usize, value: Option<(&'v [u8], &'v [u8])>) -> Exchange<'v> {
+    /// A request of `head_len` buffered bytes, then `value` (value, trailer) if any, to be
+    /// done by `deadline`.
+    pub(crate) fn new(
+        head_len: usize,
+        value: Option<(&'v [u8], &'v [u8])>,
+        deadline: Instant,
+    ) -> Exchange<'v> {
         let (value, trailer) = value.unwrap_or((&[], &[]));
         Exchange {
             value,
@@ -50,7 +58,15 @@ impl<'v> Exchange<'v> {
             written: 0,
             total: head_len + value.len() + trailer.len(),
             done: false,
+            deadline,
         }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called: the deadline, or
+    /// `None` once done (nothing left to time out).
+    #[inline]
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        (!self.done).then_some(self.deadline)
     }
 
     /// Request bytes in total.
@@ -131,11 +147,10 @@ impl<'v> Exchange<'v> {
         Ok(progressed)
     }
 
-    /// The deadline `deadline` and the time `now`: a failure if it has passed before the
-    /// exchange was done.
+    /// The time is `now`: a failure if the deadline has passed before the exchange was done.
     #[inline]
-    pub(crate) fn handle_timeout(&self, now: Instant, deadline: Instant) -> Result<(), Failure> {
-        if self.done || now < deadline {
+    pub(crate) fn handle_timeout(&self, now: Instant) -> Result<(), Failure> {
+        if self.done || now < self.deadline {
             return Ok(());
         }
         Err(Failure::Timeout(if self.is_written() {
@@ -210,6 +225,11 @@ mod tests {
         out
     }
 
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     /// Feeds `reply` in two reads split at `at`, after writing the whole request.
     fn feed_split<W: Wire>(
         reply: &[u8],
@@ -217,7 +237,7 @@ mod tests {
         opaque: u32,
     ) -> (Result<bool, Failure>, Vec<Vec<u8>>) {
         let head = request::<W>(opaque);
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, far());
         let (parts, n) = ex.poll_transmit(&head);
         assert_eq!((n, parts[0]), (1, &head[..]));
         ex.handle_written(head.len());
@@ -285,7 +305,7 @@ mod tests {
         }
         let other = b"VALUE other 0 1\r\nv\r\nEND\r\n";
         let head = request::<Text>(0);
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, far());
         ex.handle_written(head.len());
         let mut rbuf = ReadBuf::new(64, 1 << 20);
         push(&mut rbuf, other);
@@ -308,7 +328,7 @@ mod tests {
     #[test]
     fn a_reply_before_the_request_is_written_is_out_of_step() {
         let value = vec![b'x'; 100];
-        let mut ex = Exchange::new(10, Some((&value, b"\r\n")));
+        let mut ex = Exchange::new(10, Some((&value, b"\r\n")), far());
         assert_eq!(ex.total(), 112);
         let head = [b'h'; 10];
         ex.handle_written(50);
@@ -328,11 +348,12 @@ mod tests {
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_millis(100);
         let head = request::<Text>(0);
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, deadline);
+        assert_eq!(ex.poll_timeout(), Some(deadline));
         ex.handle_written(2);
-        assert_eq!(ex.handle_timeout(t0, deadline), Ok(()));
+        assert_eq!(ex.handle_timeout(t0), Ok(()));
         assert_eq!(
-            ex.handle_timeout(deadline, deadline),
+            ex.handle_timeout(deadline),
             Err(Failure::Timeout(During::Write))
         );
         ex.handle_written(head.len() - 2);
@@ -342,26 +363,24 @@ mod tests {
         let mut reader = get_reader::<Text>(&mut seen, 0);
         assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(false));
         assert_eq!(
-            ex.handle_timeout(deadline - Duration::from_millis(1), deadline),
+            ex.handle_timeout(deadline - Duration::from_millis(1)),
             Ok(())
         );
         assert_eq!(
-            ex.handle_timeout(deadline + Duration::from_secs(1), deadline),
+            ex.handle_timeout(deadline + Duration::from_secs(1)),
             Err(Failure::Timeout(During::Read))
         );
-        // Once done, a late clock is no failure.
+        // Once done, a late clock is no failure, and there is no deadline left to wake for.
         push(&mut rbuf, b"lo\r\nEND\r\n");
         assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(true));
-        assert_eq!(
-            ex.handle_timeout(deadline + Duration::from_secs(1), deadline),
-            Ok(())
-        );
+        assert_eq!(ex.handle_timeout(deadline + Duration::from_secs(1)), Ok(()));
+        assert_eq!(ex.poll_timeout(), None);
     }
 
     #[test]
     fn a_server_closing_mid_value() {
         let head = request::<Meta>(0);
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, far());
         ex.handle_written(head.len());
         let mut rbuf = ReadBuf::new(64, 1 << 20);
         push(&mut rbuf, b"VA 10 f0\r\nhalf");
@@ -380,14 +399,14 @@ mod tests {
         let mut seen = Vec::new();
         let mut reader = get_reader::<Text>(&mut seen, 0);
         // A clean reply, consumed whole: the connection carries the next request.
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, far());
         ex.handle_written(head.len());
         let mut rbuf = ReadBuf::new(64, 1 << 20);
         push(&mut rbuf, b"VALUE k 0 2\r\nhi\r\nEND\r\n");
         assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(true));
         assert!(reusable(&rbuf, Ok(())));
         // Bytes after the last reply (an earlier noreply command's error): a fresh one.
-        let mut ex = Exchange::new(head.len(), None);
+        let mut ex = Exchange::new(head.len(), None, far());
         ex.handle_written(head.len());
         push(&mut rbuf, b"END\r\nCLIENT_ERROR bad data chunk\r\n");
         assert_eq!(ex.handle_input(&mut rbuf, &mut reader), Ok(true));
