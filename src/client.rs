@@ -457,7 +457,7 @@ impl Client {
         self.get_item(opts, key)
     }
 
-    /// Like [`gat`](Self::gat), and returns the CAS unique.
+    /// Like [`gat`](Self::gat), and returns the CAS unique. Errors as [`get`](Self::get).
     pub fn gats(&mut self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
         self.get_item(with_cas(Some(ttl)), key)
     }
@@ -476,7 +476,7 @@ impl Client {
         self.retrieve(GetOpts::default(), key, |d| buf.extend_from_slice(d))
     }
 
-    /// Like [`get_into`](Self::get_into), with the CAS unique.
+    /// Like [`get_into`](Self::get_into), with the CAS unique. Errors as [`get`](Self::get).
     pub fn gets_into(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
         buf.clear();
         self.retrieve(with_cas(None), key, |d| buf.extend_from_slice(d))
@@ -534,22 +534,24 @@ impl Client {
         }
     }
 
-    /// Stores only if the key is absent; `false` if it exists.
+    /// Stores only if the key is absent; `false` if it exists. Errors as [`store`](Self::store).
     pub fn add(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
         self.store(StoreMode::Add, key, value, opts)
     }
 
-    /// Stores only if the key exists; `false` if it does not.
+    /// Stores only if the key exists; `false` if it does not. Errors as [`store`](Self::store).
     pub fn replace(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
         self.store(StoreMode::Replace, key, value, opts)
     }
 
-    /// Appends to an existing value; `false` if the key does not exist.
+    /// Appends to an existing value; `false` if the key does not exist. Errors as
+    /// [`store`](Self::store).
     pub fn append(&mut self, key: &[u8], value: &[u8]) -> Result<bool> {
         self.store(StoreMode::Append, key, value, SetOptions::default())
     }
 
-    /// Prepends to an existing value; `false` if the key does not exist.
+    /// Prepends to an existing value; `false` if the key does not exist. Errors as
+    /// [`store`](Self::store).
     pub fn prepend(&mut self, key: &[u8], value: &[u8]) -> Result<bool> {
         self.store(StoreMode::Prepend, key, value, SetOptions::default())
     }
@@ -743,7 +745,7 @@ impl Client {
         p.send()
     }
 
-    /// `delete` with `noreply` (see [`store_noreply`](Self::store_noreply)).
+    /// `delete` with `noreply`. Errors as [`store_noreply`](Self::store_noreply).
     pub fn delete_noreply(&mut self, key: &[u8]) -> Result<()> {
         let mut p = self.pipeline();
         p.delete(key)?;

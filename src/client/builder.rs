@@ -166,6 +166,10 @@ impl ClientBuilder {
     }
 
     /// Validates the configuration and builds the client. Nothing is connected yet.
+    ///
+    /// # Errors
+    /// [`Error::NoServers`] without servers; [`Error::Config`] for an invalid server, a zero
+    /// timeout, an invalid namespace, or SASL without the binary protocol.
     pub fn build(self) -> Result<Client> {
         let specs = self
             .servers

@@ -417,7 +417,7 @@ impl Client {
         self.retrieve_multi(false, keys, found)
     }
 
-    /// [`get_multi`](Self::get_multi) with CAS uniques.
+    /// [`get_multi`](Self::get_multi) with CAS uniques. Errors as [`get_multi`](Self::get_multi).
     pub fn gets_multi<K: AsRef<[u8]>>(
         &mut self,
         keys: &[K],

@@ -123,6 +123,10 @@ impl Pipeline<'_> {
     }
 
     /// Queues a noreply storage command.
+    ///
+    /// # Errors
+    /// An invalid key or a value above the maximum; the key's server down, unreachable or
+    /// failed earlier in this pipeline, or failing while a full buffer is flushed.
     pub fn store(
         &mut self,
         mode: StoreMode,
@@ -144,26 +148,26 @@ impl Pipeline<'_> {
         Ok(self)
     }
 
-    /// Queues a noreply `set`.
+    /// Queues a noreply `set`. Errors as [`store`](Self::store).
     pub fn set(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<&mut Self> {
         self.store(StoreMode::Set, key, value, opts)
     }
 
-    /// Queues a noreply `delete`.
+    /// Queues a noreply `delete`. Errors as [`store`](Self::store).
     pub fn delete(&mut self, key: &[u8]) -> Result<&mut Self> {
         let i = self.queue(key, None, Cmd::delete)?;
         self.maybe_flush(i)?;
         Ok(self)
     }
 
-    /// Queues a noreply `incr` (or `decr`).
+    /// Queues a noreply `incr` (or `decr`). Errors as [`store`](Self::store).
     pub fn incr(&mut self, key: &[u8], delta: u64, decr: bool) -> Result<&mut Self> {
         let i = self.queue(key, None, |key| Cmd::Arith { key, decr, delta })?;
         self.maybe_flush(i)?;
         Ok(self)
     }
 
-    /// Queues a noreply `touch`.
+    /// Queues a noreply `touch`. Errors as [`store`](Self::store).
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<&mut Self> {
         let i = self.queue(key, None, |key| Cmd::Touch(key, ttl))?;
         self.maybe_flush(i)?;

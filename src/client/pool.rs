@@ -56,11 +56,15 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool of `size` clients built from `builder` (none connects until used). Checkouts
     /// wait up to 5 s for a free client.
+    ///
+    /// # Errors
+    /// The builder's configuration errors ([`ClientBuilder::build`]).
     pub fn new(builder: ClientBuilder, size: usize) -> Result<Pool> {
         Pool::with_checkout_timeout(builder, size, Duration::from_secs(5))
     }
 
-    /// Like [`new`](Self::new), with the time a checkout may wait for a free client.
+    /// Like [`new`](Self::new), with the time a checkout may wait for a free client. Errors
+    /// as [`new`](Self::new).
     pub fn with_checkout_timeout(
         builder: ClientBuilder,
         size: usize,
@@ -87,6 +91,9 @@ impl Pool {
     }
 
     /// Checks a client out, waiting up to the checkout timeout for one to be free.
+    ///
+    /// # Errors
+    /// [`Error::PoolTimeout`] if none was free in time.
     pub fn get(&self) -> Result<PooledClient<'_>> {
         let deadline = Instant::now() + self.inner.checkout_timeout;
         let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());

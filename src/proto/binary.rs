@@ -221,6 +221,9 @@ impl Packet<'_> {
 const BODY_SLACK: usize = 4 + 250 + 16;
 
 /// Parses one response packet from the start of `buf`.
+///
+/// # Errors
+/// A bad magic byte, inconsistent lengths, or a body longer than `limits` allow.
 #[inline]
 pub fn parse_response<'a>(
     buf: &'a [u8],

@@ -696,6 +696,9 @@ pub(crate) fn as_plain_hit<'a>(
 /// then `Complete((consumed, reply))`. A `VA` claiming more than `limits.max_value` bytes is
 /// refused from its header line, before any of the data is buffered; the data block is
 /// located by its length (it may contain `\r\n`).
+///
+/// # Errors
+/// A malformed line, a line longer than `MAX_LINE`, or a value above the limit.
 pub fn parse_reply<'a>(
     buf: &'a [u8],
     limits: &Limits,

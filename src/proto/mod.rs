@@ -147,6 +147,9 @@ pub struct Key<'a> {
 impl<'a> Key<'a> {
     /// Validates `bytes` as a key (protocol.txt, "Keys": at most 250 characters, no control
     /// characters or whitespace).
+    ///
+    /// # Errors
+    /// [`KeyError`] says which rule the bytes break.
     #[inline]
     pub fn new(bytes: &'a [u8]) -> Result<Key<'a>, KeyError> {
         if bytes.is_empty() {

@@ -112,6 +112,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 impl FsStorage {
     /// Opens (creating if needed) a storage rooted at `root`.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`](super::StorageError::Io) if the folder cannot be created.
     pub fn open(root: impl AsRef<Path>) -> Result<FsStorage> {
         let root = root.as_ref().to_path_buf();
         fs::create_dir_all(&root).map_err(|e| io_err(format!("create {}", root.display()), e))?;

@@ -94,6 +94,9 @@ impl<'a> From<&'a str> for Content<'a> {
 
 impl Content<'_> {
     /// Reads everything into memory.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] if the reader fails.
     pub fn into_bytes(self) -> Result<Bytes> {
         match self {
             Content::Bytes(b) => Ok(Bytes::copy_from_slice(b)),
@@ -183,6 +186,9 @@ pub trait Storage: Send + Sync {
 pub const MAX_NAME_LEN: usize = 200;
 
 /// Checks a collection or resource name (see the module docs).
+///
+/// # Errors
+/// [`StorageError::InvalidName`] with the rule the name breaks.
 pub fn validate_name(name: &str) -> Result<()> {
     let bad = |reason| {
         Err(Error::InvalidName {
