@@ -1,10 +1,11 @@
-//! Micro-benchmarks of the sans-IO parts: text parse and encode, key validation, hash
-//! functions, `Continuum::pick`. Run: `cargo bench --bench proto`.
+//! Micro-benchmarks of the sans-IO parts: text reply parsing, key validation, hash functions,
+//! `Continuum::pick`. Run: `cargo bench --bench proto`. (Encoders are internal; whole calls,
+//! encoding included, are measured by `scripts/instructions` and `scripts/bench-compare`.)
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mcstore::proto::text::{self, parse_reply, Retrieval, Storage};
+use mcstore::proto::text::parse_reply;
 use mcstore::proto::{Key, Limits};
 use mcstore::ring::{Continuum, Distribution, HashFn, RingServer};
 
@@ -26,20 +27,6 @@ fn proto(c: &mut Criterion) {
     });
     g.bench_function("parse_stored", |b| {
         b.iter(|| parse_reply(black_box(b"STORED\r\n"), &limits))
-    });
-    let key = Key::new(b"bench:key:1234").unwrap();
-    let mut out = Vec::with_capacity(256);
-    g.bench_function("encode_get", |b| {
-        b.iter(|| {
-            out.clear();
-            text::encode_retrieval(&mut out, Retrieval::Get, black_box(key));
-        })
-    });
-    g.bench_function("encode_set_header", |b| {
-        b.iter(|| {
-            out.clear();
-            text::encode_storage(&mut out, Storage::Set, black_box(key), 0, 3600, 100, false);
-        })
     });
     g.bench_function("key_validate_14B", |b| {
         b.iter(|| Key::new(black_box(b"bench:key:1234")))

@@ -298,7 +298,7 @@ fn header(
 }
 
 /// Encodes a request with no value: header, `extras`, key.
-pub fn encode_simple(
+pub(crate) fn encode_simple(
     out: &mut Vec<u8>,
     op: Opcode,
     key: Option<Key<'_>>,
@@ -312,37 +312,11 @@ pub fn encode_simple(
     out.extend_from_slice(k);
 }
 
-/// Encodes a key request with a namespace prefix in front of the key (the caller checked that
-/// prefix + key is a valid key).
-pub fn encode_prefixed(
-    out: &mut Vec<u8>,
-    op: Opcode,
-    prefix: &[u8],
-    key: Key<'_>,
-    extras: &[u8],
-    opaque: u32,
-) {
-    header(
-        out,
-        op,
-        prefix.len() + key.as_bytes().len(),
-        extras.len(),
-        0,
-        opaque,
-        0,
-    );
-    out.extend_from_slice(extras);
-    if !prefix.is_empty() {
-        out.extend_from_slice(prefix);
-    }
-    out.extend_from_slice(key.as_bytes());
-}
-
 /// Encodes the header, extras and key of a Set/Add/Replace (flags and expiration extras) or
 /// Append/Prepend (no extras) request for a value of `value_len` bytes; the caller sends the
 /// value right after (there is no trailer in binary).
 #[allow(clippy::too_many_arguments)]
-pub fn encode_store(
+pub(crate) fn encode_store(
     out: &mut Vec<u8>,
     op: Opcode,
     key: Key<'_>,
@@ -368,7 +342,7 @@ pub fn encode_store(
 
 /// Encodes Increment/Decrement (+Q). `exptime = 0xffffffff` means "fail if missing"
 /// (section 4.5), which is how the text protocol behaves.
-pub fn encode_arith(
+pub(crate) fn encode_arith(
     out: &mut Vec<u8>,
     op: Opcode,
     key: Key<'_>,
@@ -385,7 +359,7 @@ pub fn encode_arith(
 }
 
 /// Encodes a request with a 4-byte expiration extra (Touch, GAT*, Flush with a delay).
-pub fn encode_with_exptime(
+pub(crate) fn encode_with_exptime(
     out: &mut Vec<u8>,
     op: Opcode,
     key: Option<Key<'_>>,
@@ -397,7 +371,7 @@ pub fn encode_with_exptime(
 
 /// Encodes a request whose key is arbitrary bytes (Stat group names, SASL mechanism names),
 /// with a value.
-pub fn encode_raw(out: &mut Vec<u8>, op: Opcode, key: &[u8], value: &[u8], opaque: u32) {
+pub(crate) fn encode_raw(out: &mut Vec<u8>, op: Opcode, key: &[u8], value: &[u8], opaque: u32) {
     header(out, op, key.len(), 0, value.len(), opaque, 0);
     out.extend_from_slice(key);
     out.extend_from_slice(value);

@@ -15,13 +15,10 @@
 //! (the client does this for meta; see [`MAX_BINARY_KEY_LEN`]); the server decodes them, so the
 //! item's key is the raw bytes (notes §6).
 //!
+//! The reply to `mg foo v f O7`:
+//!
 //! ```
-//! use mcstore::proto::{Limits, Status, meta::{self, Code, GetFlags, Reply}};
-//! use mcstore::Key;
-//! let mut out = Vec::new();
-//! let flags = GetFlags { value: true, client_flags: true, opaque: Some(7), ..GetFlags::default() };
-//! meta::encode_get(&mut out, Key::new(b"foo").unwrap(), &flags);
-//! assert_eq!(out, b"mg foo v f O7\r\n");
+//! use mcstore::proto::{Limits, Status, meta::{self, Code, Reply}};
 //! let Status::Complete((used, Reply::Meta(m))) =
 //!     meta::parse_reply(b"VA 2 f5 O7\r\nhi\r\n", &Limits::default()).unwrap() else { panic!() };
 //! assert_eq!((used, m.code, m.data, m.flags.client_flags, m.flags.opaque_u32()),
@@ -186,7 +183,7 @@ pub struct GetFlags {
 }
 
 /// Encodes `mg <key> <flags>*`.
-pub fn encode_get(out: &mut Vec<u8>, key: Key<'_>, f: &GetFlags) {
+pub(crate) fn encode_get(out: &mut Vec<u8>, key: Key<'_>, f: &GetFlags) {
     begin(out, b"mg", key);
     for (on, c) in [
         (f.value, b'v'),
@@ -235,7 +232,7 @@ pub struct SetFlags {
 /// Encodes the `ms <key> <datalen> <flags>*` line; the caller sends the `len` bytes of data and
 /// [`DATA_TRAILER`] after it. Validate `len` first: 1.6.18 does not skip the data block of a
 /// rejected command line and would read it as commands (notes §4, "ms").
-pub fn encode_set(out: &mut Vec<u8>, key: Key<'_>, len: usize, f: &SetFlags) {
+pub(crate) fn encode_set(out: &mut Vec<u8>, key: Key<'_>, len: usize, f: &SetFlags) {
     begin(out, b"ms", key);
     out.push(b' ');
     put_u64(out, len as u64);
@@ -286,7 +283,7 @@ pub struct DeleteFlags {
 }
 
 /// Encodes `md <key> <flags>*`.
-pub fn encode_delete(out: &mut Vec<u8>, key: Key<'_>, f: &DeleteFlags) {
+pub(crate) fn encode_delete(out: &mut Vec<u8>, key: Key<'_>, f: &DeleteFlags) {
     begin(out, b"md", key);
     if f.invalidate {
         flag(out, b'I');
@@ -327,7 +324,7 @@ pub struct ArithFlags {
 }
 
 /// Encodes `ma <key> <flags>*`.
-pub fn encode_arith(out: &mut Vec<u8>, key: Key<'_>, f: &ArithFlags) {
+pub(crate) fn encode_arith(out: &mut Vec<u8>, key: Key<'_>, f: &ArithFlags) {
     begin(out, b"ma", key);
     if f.decr {
         out.extend_from_slice(b" MD");
@@ -348,12 +345,12 @@ pub fn encode_arith(out: &mut Vec<u8>, key: Key<'_>, f: &ArithFlags) {
 }
 
 /// Encodes `mn`: the server answers `MN`, in order, so it closes a quiet batch.
-pub fn encode_noop(out: &mut Vec<u8>) {
+pub(crate) fn encode_noop(out: &mut Vec<u8>) {
     out.extend_from_slice(b"mn\r\n");
 }
 
 /// Encodes `me <key> [b]` (meta debug: a human-readable dump of the item).
-pub fn encode_debug(out: &mut Vec<u8>, key: Key<'_>) {
+pub(crate) fn encode_debug(out: &mut Vec<u8>, key: Key<'_>) {
     begin(out, b"me", key);
     end(out, key, None, false);
 }

@@ -1,7 +1,7 @@
 //! Pure protocol code: bytes in, bytes out.
 //!
-//! Nothing here touches a socket, reads a clock or allocates per frame. Encoders append to a
-//! caller-owned `Vec<u8>` (which only grows the first times it is used) and cannot fail: every
+//! Nothing here touches a socket, reads a clock or allocates per frame. Encoders (internal: the
+//! client's command layer, `wire`, is their one user) append to a caller-owned `Vec<u8>` (which only grows the first times it is used) and cannot fail: every
 //! input was validated when its type was built ([`Key::new`]). Parsers take whatever bytes have
 //! arrived and return [`Status::Partial`] ("call again with more") or
 //! [`Status::Complete`]`((consumed, response))`, where the response borrows from the input.

@@ -1,8 +1,8 @@
 //! The classic text protocol (`../shared/reference/protocol.txt`).
 //!
-//! Requests are encoded into a caller-owned buffer. A storage command's data block is *not*
-//! copied by [`encode_storage`]: it writes the command line only, and the caller sends the value
-//! followed by [`DATA_TRAILER`] (the driver does this with one vectored write for large values).
+//! Requests are encoded (inside the crate) into a caller-owned buffer. A storage command's data
+//! block is *not* copied: the encoder writes the command line only, and the value follows with
+//! [`DATA_TRAILER`] (the driver sends large values with one vectored write).
 //!
 //! Replies are parsed one unit at a time by [`parse_reply`]: a `VALUE` block, an `END`, a `STAT`
 //! line, a status line. A retrieval reply is a sequence of [`Response::Value`] units closed by
@@ -81,7 +81,7 @@ fn end_line(out: &mut Vec<u8>, noreply: bool) {
 /// Starts a retrieval command line; follow with [`push_key`] for each key, then
 /// [`finish_line`].
 #[inline]
-pub fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
+pub(crate) fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
     match cmd {
         Retrieval::Get => out.extend_from_slice(b"get"),
         Retrieval::Gets => out.extend_from_slice(b"gets"),
@@ -98,51 +98,28 @@ pub fn begin_retrieval(out: &mut Vec<u8>, cmd: Retrieval) {
 
 /// Appends one key to a retrieval command line started by [`begin_retrieval`].
 #[inline]
-pub fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
+pub(crate) fn push_key(out: &mut Vec<u8>, key: Key<'_>) {
     out.push(b' ');
-    out.extend_from_slice(key.as_bytes());
-}
-
-/// Appends `prefix` + `key` as one key (a client namespace). The caller has checked that the
-/// prefix is valid key bytes and that the whole fits in 250 bytes.
-pub fn push_prefixed_key(out: &mut Vec<u8>, prefix: &[u8], key: Key<'_>) {
-    out.push(b' ');
-    if !prefix.is_empty() {
-        out.extend_from_slice(prefix);
-    }
     out.extend_from_slice(key.as_bytes());
 }
 
 /// Ends a command line built piecewise.
 #[inline]
-pub fn finish_line(out: &mut Vec<u8>) {
+pub(crate) fn finish_line(out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Encodes a single-key retrieval command.
-///
-/// ```
-/// use mcstore::{Key, proto::text::{encode_retrieval, Retrieval}};
-/// let mut out = Vec::new();
-/// encode_retrieval(&mut out, Retrieval::Gat(30), Key::new(b"k").unwrap());
-/// assert_eq!(out, b"gat 30 k\r\n");
-/// ```
-pub fn encode_retrieval(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) {
+/// Encodes a single-key retrieval command (`Retrieval::Gat(30)` of `k`: `gat 30 k\r\n`).
+pub(crate) fn encode_retrieval(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) {
     begin_retrieval(out, cmd);
     push_key(out, key);
     finish_line(out);
 }
 
-/// Encodes the command line of a storage command for a value of `len` bytes. The caller sends
-/// the value and then [`DATA_TRAILER`].
-///
-/// ```
-/// use mcstore::{Key, proto::text::{encode_storage, Storage}};
-/// let mut out = Vec::new();
-/// encode_storage(&mut out, Storage::Cas(77), Key::new(b"k").unwrap(), 3, 60, 5, true);
-/// assert_eq!(out, b"cas k 3 60 5 77 noreply\r\n");
-/// ```
-pub fn encode_storage(
+/// Encodes the command line of a storage command for a value of `len` bytes (`Storage::Cas(77)`
+/// of `k`, flags 3, exptime 60, 5 bytes, noreply: `cas k 3 60 5 77 noreply\r\n`). The caller
+/// sends the value and then [`DATA_TRAILER`].
+pub(crate) fn encode_storage(
     out: &mut Vec<u8>,
     cmd: Storage,
     key: Key<'_>,
@@ -167,14 +144,14 @@ pub fn encode_storage(
 }
 
 /// Encodes `delete <key> [noreply]`.
-pub fn encode_delete(out: &mut Vec<u8>, key: Key<'_>, noreply: bool) {
+pub(crate) fn encode_delete(out: &mut Vec<u8>, key: Key<'_>, noreply: bool) {
     out.extend_from_slice(b"delete ");
     out.extend_from_slice(key.as_bytes());
     end_line(out, noreply);
 }
 
 /// Encodes `incr` (or `decr` when `decr` is true) `<key> <delta> [noreply]`.
-pub fn encode_arith(out: &mut Vec<u8>, decr: bool, key: Key<'_>, delta: u64, noreply: bool) {
+pub(crate) fn encode_arith(out: &mut Vec<u8>, decr: bool, key: Key<'_>, delta: u64, noreply: bool) {
     out.extend_from_slice(if decr { b"decr " } else { b"incr " });
     out.extend_from_slice(key.as_bytes());
     out.push(b' ');
@@ -183,7 +160,7 @@ pub fn encode_arith(out: &mut Vec<u8>, decr: bool, key: Key<'_>, delta: u64, nor
 }
 
 /// Encodes `touch <key> <exptime> [noreply]`.
-pub fn encode_touch(out: &mut Vec<u8>, key: Key<'_>, exptime: u32, noreply: bool) {
+pub(crate) fn encode_touch(out: &mut Vec<u8>, key: Key<'_>, exptime: u32, noreply: bool) {
     out.extend_from_slice(b"touch ");
     out.extend_from_slice(key.as_bytes());
     out.push(b' ');
@@ -192,7 +169,7 @@ pub fn encode_touch(out: &mut Vec<u8>, key: Key<'_>, exptime: u32, noreply: bool
 }
 
 /// Encodes `flush_all [delay] [noreply]`.
-pub fn encode_flush_all(out: &mut Vec<u8>, delay: Option<u32>, noreply: bool) {
+pub(crate) fn encode_flush_all(out: &mut Vec<u8>, delay: Option<u32>, noreply: bool) {
     out.extend_from_slice(b"flush_all");
     if let Some(delay) = delay {
         out.push(b' ');
@@ -202,12 +179,12 @@ pub fn encode_flush_all(out: &mut Vec<u8>, delay: Option<u32>, noreply: bool) {
 }
 
 /// Encodes `version`.
-pub fn encode_version(out: &mut Vec<u8>) {
+pub(crate) fn encode_version(out: &mut Vec<u8>) {
     out.extend_from_slice(b"version\r\n");
 }
 
 /// Encodes `verbosity <level> [noreply]`.
-pub fn encode_verbosity(out: &mut Vec<u8>, level: u32, noreply: bool) {
+pub(crate) fn encode_verbosity(out: &mut Vec<u8>, level: u32, noreply: bool) {
     out.extend_from_slice(b"verbosity ");
     put_u64(out, level.into());
     end_line(out, noreply);
@@ -215,7 +192,7 @@ pub fn encode_verbosity(out: &mut Vec<u8>, level: u32, noreply: bool) {
 
 /// Checks a `stats` argument: printable words separated by single spaces, so that it cannot
 /// end the line or carry a second command.
-pub fn valid_stats_arg(arg: &[u8]) -> bool {
+pub(crate) fn valid_stats_arg(arg: &[u8]) -> bool {
     !arg.is_empty()
         && arg.len() <= MAX_LINE
         && arg.iter().all(|&b| b > b' ' && b != 0x7f || b == b' ')
@@ -226,7 +203,7 @@ pub fn valid_stats_arg(arg: &[u8]) -> bool {
 
 /// Encodes `stats` or `stats <arg>` (e.g. `items`, `slabs`, `settings`, `sizes`, `conns`,
 /// `reset`, `detail dump`). `arg` must pass [`valid_stats_arg`]; the client checks it.
-pub fn encode_stats(out: &mut Vec<u8>, arg: Option<&[u8]>) {
+pub(crate) fn encode_stats(out: &mut Vec<u8>, arg: Option<&[u8]>) {
     out.extend_from_slice(b"stats");
     if let Some(arg) = arg {
         debug_assert!(valid_stats_arg(arg));
@@ -237,7 +214,7 @@ pub fn encode_stats(out: &mut Vec<u8>, arg: Option<&[u8]>) {
 }
 
 /// Encodes `quit`: the server closes the connection without a reply.
-pub fn encode_quit(out: &mut Vec<u8>) {
+pub(crate) fn encode_quit(out: &mut Vec<u8>) {
     out.extend_from_slice(b"quit\r\n");
 }
 
