@@ -174,7 +174,7 @@ pub fn roundtrip(data: &[u8]) {
     }
     assert_eq!(at, wire.len());
     let mut out = Vec::new();
-    text::encode_storage(
+    text::encode_store(
         &mut out,
         text::Storage::Cas(cas),
         k,
@@ -183,7 +183,7 @@ pub fn roundtrip(data: &[u8]) {
         value.len(),
         flags & 1 == 1,
     );
-    text::encode_retrieval(&mut out, text::Retrieval::Gats(flags), k);
+    text::encode_get(&mut out, text::Retrieval::Gats(flags), k);
     text::encode_delete(&mut out, k, false);
     text::encode_arith(&mut out, true, k, cas, false);
     text::encode_touch(&mut out, k, flags, true);
@@ -288,12 +288,12 @@ fn wire_units<W: crate::proto::wire::Wire>(data: &[u8]) {
 /// appended bytes, borrowed slices inside the input, the value limit.
 pub fn binary_reply(data: &[u8]) {
     wire_units::<crate::proto::wire::Binary>(data);
-    use crate::proto::binary::{parse_response, HEADER_LEN};
+    use crate::proto::binary::{parse_reply, HEADER_LEN};
     for max_value in [16usize, 1 << 20] {
         let limits = Limits { max_value };
         let mut rest = data;
         while !rest.is_empty() {
-            match parse_response(rest, &limits) {
+            match parse_reply(rest, &limits) {
                 Ok(Status::Complete((n, p))) => {
                     assert!(n >= HEADER_LEN && n <= rest.len());
                     for part in [p.extras, p.key, p.value] {
@@ -303,7 +303,7 @@ pub fn binary_reply(data: &[u8]) {
                     assert!(p.value.len() <= max_value + 4 + 250 + 16);
                     let mut more = rest[..n].to_vec();
                     more.extend_from_slice(&[0x81; 30]);
-                    assert_eq!(parse_response(&more, &limits), Ok(Status::Complete((n, p))));
+                    assert_eq!(parse_reply(&more, &limits), Ok(Status::Complete((n, p))));
                     rest = &rest[n..];
                 }
                 Ok(Status::Partial) => break,

@@ -2,17 +2,17 @@
 //!
 //! Every packet is a 24-byte big-endian header and a body of extras, key and value. Requests
 //! are encoded into a caller-owned buffer (the value of a storage request is sent separately,
-//! so large values are not copied). Responses are parsed by [`parse_response`], which checks
+//! so large values are not copied). Responses are parsed by [`parse_reply`], which checks
 //! every header field before trusting it: the magic, the data type, that extras and key fit in
 //! the body, and that the body is not larger than the configured maximum (so a server claiming
 //! 4 GiB makes no buffer grow).
 //!
 //! ```
-//! use mcstore::proto::{Limits, Status, binary::{self, Opcode, parse_response}};
+//! use mcstore::proto::{Limits, Status, binary::{self, Opcode, parse_reply}};
 //! // A Get hit as memcached 1.6.18 sends it (reference, section 8.2).
 //! let hit = b"\x81\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x09\xca\xfe\xba\xbe\
 //!             \x00\x00\x00\x00\x00\x00\x00\x07\xde\xad\xbe\xefWorld";
-//! let Status::Complete((n, p)) = parse_response(&hit[..], &Limits::default()).unwrap() else { panic!() };
+//! let Status::Complete((n, p)) = parse_reply(&hit[..], &Limits::default()).unwrap() else { panic!() };
 //! assert_eq!((n, p.opcode, p.status, p.opaque, p.cas), (33, Opcode::GET, binary::STATUS_OK, 0xcafebabe, 7));
 //! assert_eq!((p.flags(), p.value), (Some(0xdeadbeef), &b"World"[..]));
 //! ```
@@ -225,7 +225,7 @@ const BODY_SLACK: usize = 4 + 250 + 16;
 /// # Errors
 /// A bad magic byte, inconsistent lengths, or a body longer than `limits` allow.
 #[inline]
-pub fn parse_response<'a>(
+pub fn parse_reply<'a>(
     buf: &'a [u8],
     limits: &Limits,
 ) -> Result<Status<(usize, Packet<'a>)>, ParseError> {
@@ -450,7 +450,7 @@ mod tests {
                 value,
             };
             assert_eq!(
-                parse_response(&wire, &lim()),
+                parse_reply(&wire, &lim()),
                 Ok(Status::Complete((wire.len(), want)))
             );
             let mut enc = Vec::new();
@@ -459,7 +459,7 @@ mod tests {
             // Every strict prefix is Partial.
             for cut in 0..wire.len() {
                 assert_eq!(
-                    parse_response(&wire[..cut], &lim()),
+                    parse_reply(&wire[..cut], &lim()),
                     Ok(Status::Partial),
                     "cut {cut}"
                 );
@@ -474,7 +474,7 @@ mod tests {
             let mut rest = &stream[cut..];
             let mut got = Vec::new();
             loop {
-                match parse_response(&buf, &lim()).unwrap() {
+                match parse_reply(&buf, &lim()).unwrap() {
                     Status::Complete((n, p)) => {
                         got.push((p.opcode, p.opaque, p.key.to_vec()));
                         buf.drain(..n);
@@ -502,32 +502,26 @@ mod tests {
         let ok = hex("81 0a 0000 00 00 0000 00000000 00000063 0000000000000000");
         let mut bad_magic = ok.clone();
         bad_magic[0] = 0x80;
+        assert_eq!(parse_reply(&bad_magic, &lim()), Err(ParseError::BadMagic));
         assert_eq!(
-            parse_response(&bad_magic, &lim()),
-            Err(ParseError::BadMagic)
-        );
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\n", &lim()),
+            parse_reply(b"HTTP/1.1 200 OK\r\n", &lim()),
             Err(ParseError::BadMagic)
         );
         let mut datatype = ok.clone();
         datatype[5] = 1;
-        assert_eq!(
-            parse_response(&datatype, &lim()),
-            Err(ParseError::BadFormat)
-        );
+        assert_eq!(parse_reply(&datatype, &lim()), Err(ParseError::BadFormat));
         // keylen + extlen > bodylen.
         let short =
             hex("81 00 0005 04 00 0000 00000008 00000000 0000000000000000 0000000000000000");
-        assert_eq!(parse_response(&short, &lim()), Err(ParseError::BadFormat));
+        assert_eq!(parse_reply(&short, &lim()), Err(ParseError::BadFormat));
         // 4 GiB claimed, refused from the header alone.
         let huge = hex("81 00 0000 00 00 0000 ffffffff 00000000 0000000000000000");
         assert_eq!(
-            parse_response(&huge, &lim()),
+            parse_reply(&huge, &lim()),
             Err(ParseError::ValueTooLarge(0xffffffff))
         );
         assert_eq!(
-            parse_response(&huge[..24], &lim()),
+            parse_reply(&huge[..24], &lim()),
             Err(ParseError::ValueTooLarge(0xffffffff))
         );
     }
@@ -540,13 +534,13 @@ mod tests {
             let p = Packet { opcode: Opcode(op), status, opaque, cas, extras: &extras, key: &key, value: &value };
             let mut wire = Vec::new();
             p.encode(&mut wire);
-            prop_assert_eq!(parse_response(&wire, &lim()), Ok(Status::Complete((wire.len(), p))));
-            prop_assert_eq!(parse_response(&wire[..wire.len() - 1], &lim()), Ok(Status::Partial));
+            prop_assert_eq!(parse_reply(&wire, &lim()), Ok(Status::Complete((wire.len(), p))));
+            prop_assert_eq!(parse_reply(&wire[..wire.len() - 1], &lim()), Ok(Status::Partial));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(input in prop::collection::vec(any::<u8>(), 0..100)) {
-            if let Ok(Status::Complete((n, _))) = parse_response(&input, &lim()) {
+            if let Ok(Status::Complete((n, _))) = parse_reply(&input, &lim()) {
                 prop_assert!(n >= HEADER_LEN && n <= input.len());
             }
         }

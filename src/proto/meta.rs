@@ -25,10 +25,12 @@
 //!            (16, Code::Value, Some(&b"hi"[..]), Some(5), Some(7)));
 //! ```
 
-use super::text::{split_word, take_line};
-use super::{digits, parse_u64, put_u64, Key, Limits, ParseError, Status, StoreMode};
+use super::{
+    digits, parse_u64, put_u64, split_word, take_line, Key, Limits, ParseError, Status, StoreMode,
+    MAX_LINE,
+};
 
-pub use super::text::DATA_TRAILER;
+pub use super::DATA_TRAILER;
 
 /// The longest binary key: its base64 form (4 bytes per 3) must fit in 250 bytes (notes §6).
 pub const MAX_BINARY_KEY_LEN: usize = 186;
@@ -232,7 +234,7 @@ pub struct SetFlags {
 /// Encodes the `ms <key> <datalen> <flags>*` line; the caller sends the `len` bytes of data and
 /// [`DATA_TRAILER`] after it. Validate `len` first: 1.6.18 does not skip the data block of a
 /// rejected command line and would read it as commands (notes §4, "ms").
-pub(crate) fn encode_set(out: &mut Vec<u8>, key: Key<'_>, len: usize, f: &SetFlags) {
+pub(crate) fn encode_store(out: &mut Vec<u8>, key: Key<'_>, len: usize, f: &SetFlags) {
     begin(out, b"ms", key);
     out.push(b' ');
     put_u64(out, len as u64);
@@ -620,7 +622,7 @@ pub(crate) fn parse_hit<'a>(
             _ => return None,
         }
         p = end;
-        if p > super::text::MAX_LINE {
+        if p > MAX_LINE {
             return None; // the general parser names this error
         }
     }
@@ -844,10 +846,10 @@ mod tests {
             quiet: true,
             opaque: Some(1),
         };
-        encode_set(&mut o, key(b"k"), 3, &f);
+        encode_store(&mut o, key(b"k"), 3, &f);
         assert_eq!(o, b"ms k 3 T60 F5 C9 ME I c O1 q\r\n");
         o.clear();
-        encode_set(&mut o, key(b"k"), 0, &SetFlags::default());
+        encode_store(&mut o, key(b"k"), 0, &SetFlags::default());
         assert_eq!(o, b"ms k 0\r\n");
         for (m, w) in [
             (StoreMode::Replace, "MR"),
@@ -855,7 +857,7 @@ mod tests {
             (StoreMode::Prepend, "MP"),
         ] {
             o.clear();
-            encode_set(
+            encode_store(
                 &mut o,
                 key(b"k"),
                 1,
@@ -1060,7 +1062,7 @@ mod tests {
         assert_eq!(parse(&line), Err(BadFormat), "opaque over 32 bytes");
         let mut huge = b"HD ".to_vec();
         huge.resize(5000, b'c');
-        assert_eq!(parse(&huge), Err(LineTooLong(super::super::text::MAX_LINE)));
+        assert_eq!(parse(&huge), Err(LineTooLong(super::super::MAX_LINE)));
     }
 
     #[test]

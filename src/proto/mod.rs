@@ -251,6 +251,40 @@ fn find_control(b: &[u8]) -> Option<usize> {
     slow(0)
 }
 
+// Line framing, shared by the text and meta protocols.
+
+/// Longest reply line accepted (without its `\r\n`). The longest valid one is a `VALUE` line:
+/// `VALUE ` + 250-byte key + flags + length + cas, about 320 bytes; `STAT` lines of
+/// `stats settings` are shorter still. Anything longer is garbage, rejected before it is buffered.
+pub const MAX_LINE: usize = 2048;
+
+/// What follows a data block on the wire (text and meta).
+pub const DATA_TRAILER: &[u8] = b"\r\n";
+
+/// Finds the first line of `buf`: `Ok(Some((line_without_crlf, bytes_with_crlf)))`, `Ok(None)`
+/// if no full line has arrived yet.
+pub(crate) fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
+    let window = &buf[..buf.len().min(MAX_LINE + 2)];
+    match find_byte(window, b'\n') {
+        Some(nl) => {
+            if nl == 0 || buf[nl - 1] != b'\r' {
+                return Err(ParseError::BadLineEnding);
+            }
+            Ok(Some((&buf[..nl - 1], nl + 1)))
+        }
+        None if window.len() > MAX_LINE + 1 => Err(ParseError::LineTooLong(MAX_LINE)),
+        None => Ok(None),
+    }
+}
+
+/// Splits `line` at its first space: `(word, rest)`; `rest` is empty when there is no space.
+pub(crate) fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
+    match find_byte(line, b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &[]),
+    }
+}
+
 /// The position of the first `needle` in `haystack`, eight bytes per step.
 #[inline]
 pub(crate) fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {

@@ -18,15 +18,11 @@
 //! assert_eq!(parse_reply(&input[used..], &Limits::default()).unwrap(), Status::Complete((5, Response::End)));
 //! ```
 
-use super::{digits, parse_u64, put_u64, short_eq, Key, Limits, ParseError, Status};
+use super::{
+    digits, parse_u64, put_u64, short_eq, split_word, take_line, Key, Limits, ParseError, Status,
+};
 
-/// Longest reply line accepted (without its `\r\n`). The longest valid one is a `VALUE` line:
-/// `VALUE ` + 250-byte key + flags + length + cas, about 320 bytes; `STAT` lines of
-/// `stats settings` are shorter still. Anything longer is garbage, rejected before it is buffered.
-pub const MAX_LINE: usize = 2048;
-
-/// What follows a data block on the wire.
-pub const DATA_TRAILER: &[u8] = b"\r\n";
+pub use super::{DATA_TRAILER, MAX_LINE};
 
 /// The retrieval commands (protocol.txt, "Retrieval command" and "Get And Touch").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +106,7 @@ pub(crate) fn finish_line(out: &mut Vec<u8>) {
 }
 
 /// Encodes a single-key retrieval command (`Retrieval::Gat(30)` of `k`: `gat 30 k\r\n`).
-pub(crate) fn encode_retrieval(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) {
+pub(crate) fn encode_get(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) {
     begin_retrieval(out, cmd);
     push_key(out, key);
     finish_line(out);
@@ -119,7 +115,7 @@ pub(crate) fn encode_retrieval(out: &mut Vec<u8>, cmd: Retrieval, key: Key<'_>) 
 /// Encodes the command line of a storage command for a value of `len` bytes (`Storage::Cas(77)`
 /// of `k`, flags 3, exptime 60, 5 bytes, noreply: `cas k 3 60 5 77 noreply\r\n`). The caller
 /// sends the value and then [`DATA_TRAILER`].
-pub(crate) fn encode_storage(
+pub(crate) fn encode_store(
     out: &mut Vec<u8>,
     cmd: Storage,
     key: Key<'_>,
@@ -331,30 +327,6 @@ fn line2(out: &mut Vec<u8>, word: &[u8], rest: &[u8]) {
     out.push(b' ');
     out.extend_from_slice(rest);
     out.extend_from_slice(b"\r\n");
-}
-
-/// Finds the first line of `buf`: `Ok(Some((line_without_crlf, bytes_with_crlf)))`, `Ok(None)`
-/// if no full line has arrived yet.
-pub(crate) fn take_line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ParseError> {
-    let window = &buf[..buf.len().min(MAX_LINE + 2)];
-    match super::find_byte(window, b'\n') {
-        Some(nl) => {
-            if nl == 0 || buf[nl - 1] != b'\r' {
-                return Err(ParseError::BadLineEnding);
-            }
-            Ok(Some((&buf[..nl - 1], nl + 1)))
-        }
-        None if window.len() > MAX_LINE + 1 => Err(ParseError::LineTooLong(MAX_LINE)),
-        None => Ok(None),
-    }
-}
-
-/// Splits `line` at its first space: `(word, rest)`; `rest` is empty when there is no space.
-pub(crate) fn split_word(line: &[u8]) -> (&[u8], &[u8]) {
-    match super::find_byte(line, b' ') {
-        Some(i) => (&line[..i], &line[i + 1..]),
-        None => (line, &[]),
-    }
 }
 
 /// Parses one reply unit from the start of `buf`.
@@ -826,15 +798,9 @@ mod tests {
                 want.escape_ascii().to_string()
             );
         };
-        check(&|o| encode_retrieval(o, Retrieval::Get, k), b"get key\r\n");
-        check(
-            &|o| encode_retrieval(o, Retrieval::Gets, k),
-            b"gets key\r\n",
-        );
-        check(
-            &|o| encode_retrieval(o, Retrieval::Gats(0), k),
-            b"gats 0 key\r\n",
-        );
+        check(&|o| encode_get(o, Retrieval::Get, k), b"get key\r\n");
+        check(&|o| encode_get(o, Retrieval::Gets, k), b"gets key\r\n");
+        check(&|o| encode_get(o, Retrieval::Gats(0), k), b"gats 0 key\r\n");
         check(
             &|o| {
                 begin_retrieval(o, Retrieval::Get);
@@ -845,23 +811,23 @@ mod tests {
             b"get key k2\r\n",
         );
         check(
-            &|o| encode_storage(o, Storage::Set, k, 0, 0, 0, false),
+            &|o| encode_store(o, Storage::Set, k, 0, 0, 0, false),
             b"set key 0 0 0\r\n",
         );
         check(
-            &|o| encode_storage(o, Storage::Add, k, u32::MAX, 1, 10, false),
+            &|o| encode_store(o, Storage::Add, k, u32::MAX, 1, 10, false),
             b"add key 4294967295 1 10\r\n",
         );
         check(
-            &|o| encode_storage(o, Storage::Replace, k, 1, 2, 3, true),
+            &|o| encode_store(o, Storage::Replace, k, 1, 2, 3, true),
             b"replace key 1 2 3 noreply\r\n",
         );
         check(
-            &|o| encode_storage(o, Storage::Append, k, 0, 0, 1, false),
+            &|o| encode_store(o, Storage::Append, k, 0, 0, 1, false),
             b"append key 0 0 1\r\n",
         );
         check(
-            &|o| encode_storage(o, Storage::Prepend, k, 0, 0, 1, false),
+            &|o| encode_store(o, Storage::Prepend, k, 0, 0, 1, false),
             b"prepend key 0 0 1\r\n",
         );
         check(&|o| encode_delete(o, k, false), b"delete key\r\n");
@@ -1081,7 +1047,7 @@ mod tests {
         #[test]
         fn storage_line_is_one_line(key in key_strategy(), flags in any::<u32>(), exp in any::<u32>(), len in 0usize..1<<20, cas in any::<u64>(), noreply in any::<bool>()) {
             let mut out = Vec::new();
-            encode_storage(&mut out, Storage::Cas(cas), Key::new(&key).unwrap(), flags, exp, len, noreply);
+            encode_store(&mut out, Storage::Cas(cas), Key::new(&key).unwrap(), flags, exp, len, noreply);
             prop_assert!(out.ends_with(b"\r\n"));
             prop_assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
             let line = std::str::from_utf8(&out[..out.len() - 2]).ok();

@@ -96,7 +96,7 @@ impl Wire for Binary {
 
     #[inline(always)]
     fn batch_hit<'a>(buf: &'a [u8], _next: Option<(&[u8], &[u8])>, limits: &Limits) -> HitRead<'a> {
-        let (n, p) = match bin::parse_response(buf, limits) {
+        let (n, p) = match bin::parse_reply(buf, limits) {
             Ok(Status::Complete(c)) => c,
             Ok(Status::Partial) => return Some(Ok(Status::Partial)),
             Err(e) => return Some(Err(e)),
@@ -118,7 +118,7 @@ impl Wire for Binary {
 
     #[inline(always)]
     fn decode<'a>(buf: &'a [u8], expect: &Expect, limits: &Limits) -> Decoded<'a> {
-        let (n, p) = match bin::parse_response(buf, limits)? {
+        let (n, p) = match bin::parse_reply(buf, limits)? {
             Status::Complete(c) => c,
             Status::Partial => return Ok(Status::Partial),
         };

@@ -47,7 +47,7 @@ fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
                 opaque,
                 ..SetFlags::default()
             };
-            m::encode_set(out, key, len, &f);
+            m::encode_store(out, key, len, &f);
         }
         Cmd::Delete(key) | Cmd::Invalidate(key, _) => {
             let ttl = match cmd {

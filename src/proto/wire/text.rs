@@ -50,9 +50,9 @@ impl Wire for Text {
     #[inline(always)]
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
         match *cmd {
-            Cmd::Get(key, o) => text::encode_retrieval(out, retrieval(o.cas, o.touch), key),
+            Cmd::Get(key, o) => text::encode_get(out, retrieval(o.cas, o.touch), key),
             Cmd::Store(key, o, len) => {
-                text::encode_storage(out, storage(o.mode, o.cas), key, o.flags, o.ttl, len, quiet)
+                text::encode_store(out, storage(o.mode, o.cas), key, o.flags, o.ttl, len, quiet)
             }
             Cmd::Delete(key) => text::encode_delete(out, key, quiet),
             Cmd::Arith { key, decr, delta } => text::encode_arith(out, decr, key, delta, quiet),
