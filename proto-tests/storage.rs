@@ -332,30 +332,57 @@ fn memcache_hits_and_large_content() {
     assert_eq!(c2.cache_errors, 0, "{c2:?}");
 }
 
-/// A master whose content reads take 100 ms, as a slow database would: long enough that 32
-/// readers started together all ask the cache before the first fill lands.
-struct SlowMaster(MemoryStorage);
+/// A master in memory with faults on demand: content reads that take 100 ms, as a slow
+/// database's would (long enough that 32 readers started together all ask the cache before
+/// the first fill lands), and writes that land and then report an error (a folder fsync that
+/// fails after the rename, a remote master that times out after committing).
+#[derive(Default)]
+struct TestMaster {
+    inner: MemoryStorage,
+    slow_reads: bool,
+    fail_after_write: AtomicBool,
+}
 
-impl Storage for SlowMaster {
+impl TestMaster {
+    fn slow() -> TestMaster {
+        TestMaster {
+            slow_reads: true,
+            ..TestMaster::default()
+        }
+    }
+
+    /// The error of a write that landed, if writes are set to fail after landing.
+    fn after_write(&self) -> mcstore::storage::Result<()> {
+        if self.fail_after_write.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                context: "fsync of the folder after the rename (injected)".into(),
+                source: std::io::Error::other("injected").into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Storage for TestMaster {
     fn create_container(&self, c: &str) -> mcstore::storage::Result<()> {
-        self.0.create_container(c)
+        self.inner.create_container(c)
     }
     fn info(
         &self,
         c: &str,
         r: Option<&str>,
     ) -> mcstore::storage::Result<mcstore::storage::ResourceInfo> {
-        self.0.info(c, r)
+        self.inner.info(c, r)
     }
     fn get(
         &self,
         i: &mcstore::storage::ResourceInfo,
         part: Part,
     ) -> mcstore::storage::Result<bytes::Bytes> {
-        if part == Part::Content {
+        if self.slow_reads && part == Part::Content {
             thread::sleep(Duration::from_millis(100));
         }
-        self.0.get(i, part)
+        self.inner.get(i, part)
     }
     fn put(
         &self,
@@ -363,17 +390,19 @@ impl Storage for SlowMaster {
         part: Part,
         d: Content<'_>,
     ) -> mcstore::storage::Result<()> {
-        self.0.put(i, part, d)
+        self.inner.put(i, part, d)?;
+        self.after_write()
     }
     fn remove(
         &self,
         i: &mcstore::storage::ResourceInfo,
         part: Part,
     ) -> mcstore::storage::Result<()> {
-        self.0.remove(i, part)
+        self.inner.remove(i, part)?;
+        self.after_write()
     }
     fn exists(&self, i: &mcstore::storage::ResourceInfo) -> mcstore::storage::Result<bool> {
-        self.0.exists(i)
+        self.inner.exists(i)
     }
     fn ls(
         &self,
@@ -381,27 +410,27 @@ impl Storage for SlowMaster {
         e: Option<&str>,
     ) -> mcstore::storage::Result<std::collections::BTreeMap<String, mcstore::storage::ResourceInfo>>
     {
-        self.0.ls(c, e)
+        self.inner.ls(c, e)
     }
     fn ils(
         &self,
         c: &str,
         e: Option<&str>,
     ) -> mcstore::storage::Result<mcstore::storage::ResourceIter<'_>> {
-        self.0.ils(c, e)
+        self.inner.ils(c, e)
     }
     fn persist(&self, p: &[&str]) -> mcstore::storage::Result<()> {
-        self.0.persist(p)
+        self.inner.persist(p)
     }
     fn shutdown(&self) -> mcstore::storage::Result<()> {
-        self.0.shutdown()
+        self.inner.shutdown()
     }
 }
 
 /// 32 threads read one cold resource at once; returns the storage's counters.
 fn cold_readers(p: Protocol, fill_wait: Duration) -> mcstore::storage::StorageCounters {
     let mc = Memcached::start();
-    let master = Arc::new(SlowMaster(MemoryStorage::new()));
+    let master = Arc::new(TestMaster::slow());
     let pool = Pool::new(Client::builder().server(mc.addr()).protocol(p), 32).unwrap();
     let s = Arc::new(
         MemcacheStorage::builder(pool, master)
@@ -442,6 +471,34 @@ fn thirty_two_cold_readers_share_one_master_read() {
     // the master (the number printed is the stampede leases prevent).
     let c = cold_readers(Protocol::Meta, Duration::ZERO);
     assert!(c.master_reads > 1, "{c:?}");
+}
+
+/// #16, scenario 1: a master write that lands and then reports an error still invalidates the
+/// cache (before, the cache kept serving the old content indefinitely), on every protocol.
+#[test]
+fn a_write_that_lands_then_fails_still_invalidates() {
+    for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
+        let mc = Memcached::start();
+        let master = Arc::new(TestMaster::default());
+        let s = MemcacheStorage::new(pool_with(&mc, p), master.clone());
+        s.create_container("c").unwrap();
+        let info = s.info("c", Some("r")).unwrap();
+        s.put_content(&info, "v1".into()).unwrap();
+        assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // filled
+        assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // a hit
+        master.fail_after_write.store(true, Ordering::SeqCst);
+        assert!(s.put_content(&info, "v2".into()).is_err(), "{p:?}");
+        assert_eq!(
+            &s.get_content(&info).unwrap()[..],
+            b"v2",
+            "{p:?}: stale after a failed put"
+        );
+        assert!(s.remove_content(&info).is_err(), "{p:?}");
+        assert!(
+            is_not_found(s.get_content(&info)),
+            "{p:?}: stale after a failed remove"
+        );
+    }
 }
 
 /// What a reader may see: the write sequence of one resource.

@@ -11,8 +11,9 @@
 //!     (protocol.txt, "Meta Get"; notes §7). A stale item (`X`) is never served.
 //!   - Over text and binary, the reader puts a short-lived *filling* marker with `add` and
 //!     reads its CAS unique with `gets`.
-//! - **Writes and removes**: the master first, then the cache entry is invalidated (not
-//!   overwritten: two writers racing could leave the older value in the cache). Over meta it
+//! - **Writes and removes**: the master first, then the cache entry is invalidated, whatever
+//!   the master returned (a write may land and still report an error), and never overwritten
+//!   (two writers racing could leave the older value in the cache). Over meta it
 //!   is marked stale with `md <key> I` (its CAS moves on, and the next reader wins the right
 //!   to refresh it); otherwise it is deleted. Either way a filler that read the master before
 //!   the write fails its CAS and cannot put the old value back.
@@ -587,9 +588,11 @@ impl Storage for MemcacheStorage {
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
         let key = cache_key(info, part)?;
         let mi = self.master_info(&*self.settings.master, info)?;
-        self.settings.master.put(&mi, part, data)?;
+        let r = self.settings.master.put(&mi, part, data);
+        // Whatever the master returned: a write can land and still report an error (an fsync
+        // after the rename, a remote commit whose answer timed out).
         self.invalidate(&[key]);
-        Ok(())
+        r
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
