@@ -13,8 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mcstore::storage::{
-    Content, FsStorage, MemcacheOnlyStorage, MemcacheStorage, MemoryStorage, Part, Storage,
-    StorageError,
+    Content, FsStorage, KeyGenerator, MemcacheOnlyStorage, MemcacheStorage, MemoryStorage, Part,
+    Storage, StorageError,
 };
 use mcstore::{Client, Error, Pool, Protocol};
 use support::{Memcached, TempDir};
@@ -499,6 +499,40 @@ fn a_write_that_lands_then_fails_still_invalidates() {
             "{p:?}: stale after a failed remove"
         );
     }
+}
+
+/// #16, scenario 11: the cache key comes from the names, not from the `ResourceInfo`'s key
+/// (before, an info carrying another resource's key read that resource's cached content); and
+/// a key generator that makes no valid cache key sends the calls to the master instead of
+/// failing them (before, `info` itself failed).
+#[test]
+fn cache_keys_come_from_names_and_bad_keys_go_to_the_master() {
+    let mc = Memcached::start();
+    let master: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = MemcacheStorage::new(pool(&mc), master.clone());
+    s.create_container("c").unwrap();
+    let a = s.info("c", Some("a")).unwrap();
+    let b = s.info("c", Some("b")).unwrap();
+    s.put_content(&a, "content of a".into()).unwrap();
+    s.put_content(&b, "content of b".into()).unwrap();
+    assert_eq!(&s.get_content(&b).unwrap()[..], b"content of b"); // b is cached
+    let mut forged = a.clone();
+    forged.key = b.key.clone();
+    assert_eq!(&s.get_content(&forged).unwrap()[..], b"content of a");
+
+    let spaced = KeyGenerator::new(|c, r| format!("key with spaces {c} {}", r.unwrap_or("")));
+    let s = MemcacheStorage::builder(pool(&mc), master)
+        .key_generator(spaced)
+        .build();
+    let info = s.info("c", Some("a")).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"content of a");
+    s.put_content(&info, "new a".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"new a");
+    s.remove_content(&info).unwrap();
+    assert!(is_not_found(s.get_content(&info)));
+    let c = s.counters();
+    assert_eq!((c.hits, c.cache_errors), (0, 0), "{c:?}");
+    assert_eq!((c.master_reads, c.bypassed), (3, 5), "{c:?}"); // 3 reads, a put, a remove
 }
 
 /// What a reader may see: the write sequence of one resource.

@@ -62,12 +62,20 @@ const FILL_POLL: Duration = Duration::from_millis(2);
 /// Makes the cache key of a resource (or collection) from its names. The storage appends
 /// `:c` for content and `:m` for metadata, so the result must leave room for 2 bytes.
 ///
+/// A custom generator must be injective (distinct names, distinct keys: otherwise two
+/// resources share cache entries) and should make valid memcached keys (at most 248 bytes, no
+/// spaces or control characters). Names it makes no valid key of are not cached: with
+/// [`MemcacheStorage`] those calls go to the master, with
+/// [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage) they fail.
+///
 /// ```
 /// use mcstore::storage::KeyGenerator;
 /// let k = KeyGenerator::default().key("posts", Some("hello world.txt"));
 /// assert!(k.starts_with("mcs:posts:") && k.len() == 4 + 5 + 1 + 64);
-/// let custom = KeyGenerator::new(|c, r| format!("app:{c}:{}", r.unwrap_or("")));
-/// assert_eq!(custom.key("a", Some("b")), "app:a:b");
+/// // The collection's length first, so that ("a:b", "c") and ("a", "b:c") differ.
+/// let custom = KeyGenerator::new(|c, r| format!("app:{}:{c}:{}", c.len(), r.unwrap_or("")));
+/// assert_eq!(custom.key("a:b", Some("c")), "app:3:a:b:c");
+/// assert_eq!(custom.key("a", Some("b:c")), "app:1:a:b:c");
 /// ```
 #[derive(Clone)]
 pub struct KeyGenerator(Arc<KeyFn>);
@@ -136,7 +144,8 @@ pub struct StorageCounters {
     pub fills: u64,
     /// Reads that found another reader filling and waited for it.
     pub fill_waits: u64,
-    /// Reads that skipped the cache because an invalidation of their key is pending.
+    /// Calls that skipped the cache: an invalidation of their key was pending, or the key
+    /// generator made no valid cache key of their names.
     pub bypassed: u64,
 }
 
@@ -252,13 +261,18 @@ pub struct MemcacheStorage {
     pending: Mutex<Pending>,
 }
 
-/// The cache key of one half of a resource: its info's key and `:c` or `:m`.
-pub(super) fn cache_key(info: &ResourceInfo, part: Part) -> Result<String> {
+/// The cache key of one half of a resource: the generator's key for its names, and `:c` or
+/// `:m`. Made from the names, never from `info.key` (a caller could pass another storage's
+/// info, or change it). An error if it is not a valid memcached key.
+pub(super) fn cache_key(keys: &KeyGenerator, info: &ResourceInfo, part: Part) -> Result<String> {
     let suffix = match part {
         Part::Content => ":c",
         Part::Meta => ":m",
     };
-    let key = format!("{}{suffix}", info.key);
+    let key = format!(
+        "{}{suffix}",
+        keys.key(&info.collection, info.resource.as_deref())
+    );
     Key::new(key.as_bytes())?;
     Ok(key)
 }
@@ -511,8 +525,21 @@ impl MemcacheStorage {
         }
     }
 
+    /// The cache key of one half of a resource, or `None` if the key generator made no valid
+    /// memcached key of its names: then nothing of it can be cached, and calls go to the
+    /// master (counted as bypassed).
+    fn key(&self, info: &ResourceInfo, part: Part) -> Option<String> {
+        let key = cache_key(&self.settings.keys, info, part).ok();
+        if key.is_none() {
+            bump(&self.counters.bypassed);
+        }
+        key
+    }
+
     fn cached_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        let key = cache_key(info, part)?;
+        let Some(key) = self.key(info, part) else {
+            return self.master_get(m, info, part);
+        };
         let Some(mut c) = self.checkout() else {
             return self.master_get(m, info, part);
         };
@@ -586,21 +613,23 @@ impl Storage for MemcacheStorage {
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let key = cache_key(info, part)?;
         let mi = self.master_info(&*self.settings.master, info)?;
         let r = self.settings.master.put(&mi, part, data);
         // Whatever the master returned: a write can land and still report an error (an fsync
         // after the rename, a remote commit whose answer timed out).
-        self.invalidate(&[key]);
+        if let Some(key) = self.key(info, part) {
+            self.invalidate(&[key]);
+        }
         r
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let key = cache_key(info, part)?;
         let mi = self.master_info(&*self.settings.master, info)?;
         let r = self.settings.master.remove(&mi, part);
         // Invalidate even if the master had nothing: the cache might.
-        self.invalidate(&[key]);
+        if let Some(key) = self.key(info, part) {
+            self.invalidate(&[key]);
+        }
         r
     }
 
@@ -610,9 +639,17 @@ impl Storage for MemcacheStorage {
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
-        let info = cached_info(&self.settings.keys, collection, resource)?;
+        validate_name(collection)?;
+        if let Some(r) = resource {
+            validate_name(r)?;
+        }
         self.settings.master.info(collection, resource)?; // its own rules (encoded length)
-        Ok(info)
+                                                          // A name the key generator makes no valid cache key of is still served (by the master).
+        Ok(ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key: self.settings.keys.key(collection, resource),
+        })
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
@@ -645,8 +682,8 @@ impl Storage for MemcacheStorage {
     }
 }
 
-/// A resource's info in a storage over memcached: validated names, and a key that leaves
-/// room for the part suffixes.
+/// A resource's info in memcached alone: validated names, and a key that leaves room for the
+/// part suffixes (without a master, a name without a valid cache key cannot be stored).
 pub(super) fn cached_info(
     keys: &KeyGenerator,
     collection: &str,
@@ -661,7 +698,7 @@ pub(super) fn cached_info(
         resource: resource.map(str::to_string),
         key: keys.key(collection, resource),
     };
-    cache_key(&info, Part::Content)?;
+    cache_key(keys, &info, Part::Content)?;
     Ok(info)
 }
 

@@ -90,7 +90,7 @@ impl MemcacheOnlyStorage {
     }
 
     fn get_part(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        let key = cache_key(info, part)?;
+        let key = cache_key(&self.keys, info, part)?;
         let mut c = self.client()?;
         match c.get(key.as_bytes())? {
             Some(item) if item.flags == FLAG_VALUE => {
@@ -122,7 +122,7 @@ impl MemcacheOnlyStorage {
         if !c.delete(key.as_bytes())? {
             return Err(not_found(&info.collection, Some(&name)));
         }
-        let other_key = cache_key(info, part.other())?;
+        let other_key = cache_key(&self.keys, info, part.other())?;
         if c.get(other_key.as_bytes())?.is_none() {
             self.update_members(&mut c, &info.collection, |names| names.remove(&name))?;
         }
@@ -200,12 +200,12 @@ impl Storage for MemcacheOnlyStorage {
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let key = cache_key(info, part)?;
+        let key = cache_key(&self.keys, info, part)?;
         self.put_part(info, data, &key)
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let key = cache_key(info, part)?;
+        let key = cache_key(&self.keys, info, part)?;
         self.remove_part(info, part, &key)
     }
 
@@ -227,7 +227,7 @@ impl Storage for MemcacheOnlyStorage {
         }
         let mut c = self.client()?;
         for part in [Part::Content, Part::Meta] {
-            let key = cache_key(info, part)?;
+            let key = cache_key(&self.keys, info, part)?;
             if c.get(key.as_bytes())?.is_some() {
                 return Ok(true);
             }
