@@ -535,6 +535,62 @@ fn cache_keys_come_from_names_and_bad_keys_go_to_the_master() {
     assert_eq!((c.master_reads, c.bypassed), (3, 5), "{c:?}"); // 3 reads, a put, a remove
 }
 
+/// #16, scenario 10: `FsStorage` temporary files. Two storages on one folder writing the same
+/// resources from many threads never collide (before, each storage counted its temporary
+/// files from 0 under the same pid: "File exists"), names near the length limit still write,
+/// and a dead process's temporary files are removed when a storage opens while a live one's
+/// stay.
+#[test]
+fn fs_temp_files_unique_bounded_and_cleaned() {
+    let dir = TempDir::new("mcstore-fs-temp");
+    let one = FsStorage::open(&dir.path).unwrap();
+    let two = FsStorage::open(&dir.path).unwrap();
+    one.create_container("c").unwrap();
+    let failures = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        for t in 0..8 {
+            let (s, failures) = (if t % 2 == 0 { &one } else { &two }, &failures);
+            scope.spawn(move || {
+                for i in 0..100 {
+                    let info = s.info("c", Some(&format!("r{}", i % 4))).unwrap();
+                    if s.put_content(&info, format!("{t}/{i}").as_str().into())
+                        .is_err()
+                    {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "puts failed");
+    // 240 bytes once encoded (`X` is `%58`): the longest name a file carries with its suffix.
+    let long = "X".repeat(80);
+    let info = one.info("c", Some(&long)).unwrap();
+    one.put_content(&info, "long".into()).unwrap();
+    assert_eq!(&two.get_content(&info).unwrap()[..], b"long");
+    // Leftovers: a dead process's (pids stop well below 10^9) and this live process's.
+    let coll = dir.path.join("c");
+    let dead = coll.join("~t.999999999.7");
+    let live = coll.join(format!("~t.{}.999999", std::process::id()));
+    std::fs::write(&dead, b"torn").unwrap();
+    std::fs::write(&live, b"in progress").unwrap();
+    let _three = FsStorage::open(&dir.path).unwrap();
+    assert!(
+        !dead.exists(),
+        "a dead process's temporary file is removed on open"
+    );
+    assert!(
+        live.exists(),
+        "a live process's temporary file is left alone"
+    );
+    let names: Vec<String> = one.ls("c", None).unwrap().into_keys().collect();
+    assert_eq!(
+        names.len(),
+        5,
+        "temporary files are not resources: {names:?}"
+    );
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

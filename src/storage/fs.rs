@@ -21,7 +21,13 @@ use super::{
 
 const CONTENT: &str = "~c";
 const META: &str = "~m";
-const TEMP: &str = "~t";
+/// Temporary files are `~t.<pid>.<n>`: short whatever the resource's name, unique across the
+/// storages of a process (`n` is process-wide) and across processes (the pid), and never a
+/// resource's file (encoded names cannot contain `~`).
+const TEMP: &str = "~t.";
+
+/// The next temporary-file number of this process, shared by all its storages.
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 /// Longest encoded name, so that name + suffix fits in a 255-byte file name.
 const MAX_ENCODED: usize = 240;
 
@@ -48,7 +54,6 @@ const MAX_ENCODED: usize = 240;
 #[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
-    temp_counter: AtomicU64,
 }
 
 /// Percent-encodes a validated name (see [`FsStorage`]).
@@ -104,6 +109,37 @@ fn io_err(context: impl Into<String>, source: io::Error) -> Error {
     Error::io(context, source)
 }
 
+/// Creates a new temporary file in `dir` (see [`TEMP`]). A name already taken (a leftover of
+/// a dead process that had this pid) is skipped, never reused.
+fn create_temp_file(dir: &Path) -> io::Result<(PathBuf, File)> {
+    let pid = std::process::id();
+    loop {
+        let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{TEMP}{pid}.{n}"));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The pid in a temporary file's name, `None` for any other file.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let (pid, n) = name.strip_prefix(TEMP)?.split_once('.')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether process `pid` exists. Without `/proc` (not Linux), every process counts as alive,
+/// so nothing is removed.
+fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -111,17 +147,47 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 impl FsStorage {
-    /// Opens (creating if needed) a storage rooted at `root`.
+    /// Opens (creating if needed) a storage rooted at `root`. A new root is made durable
+    /// (its parent folder is fsynced). Temporary files left by a process that died during a
+    /// write are removed.
     ///
     /// # Errors
     /// [`StorageError::Io`](super::StorageError::Io) if the folder cannot be created.
     pub fn open(root: impl AsRef<Path>) -> Result<FsStorage> {
         let root = root.as_ref().to_path_buf();
-        fs::create_dir_all(&root).map_err(|e| io_err(format!("create {}", root.display()), e))?;
-        Ok(FsStorage {
-            root,
-            temp_counter: AtomicU64::new(0),
-        })
+        if !root.is_dir() {
+            fs::create_dir_all(&root)
+                .map_err(|e| io_err(format!("create {}", root.display()), e))?;
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        let s = FsStorage { root };
+        s.remove_dead_temp_files();
+        Ok(s)
+    }
+
+    /// Removes the temporary files of processes that are gone (crashed mid-write). Those of
+    /// live processes, this one included, are theirs to finish. Best effort: a file that
+    /// cannot be removed now is tried again at the next open.
+    fn remove_dead_temp_files(&self) {
+        let Ok(collections) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for dir in collections.flatten().filter(|d| d.path().is_dir()) {
+            let Ok(files) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name();
+                let Some(pid) = name.to_str().and_then(temp_file_pid) else {
+                    continue;
+                };
+                if !process_alive(pid) {
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
     }
 
     /// The root directory.
@@ -182,12 +248,11 @@ impl Storage for FsStorage {
 
     /// Atomic, durable replace: temp file, fsync, rename, fsync the folder.
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let (path, enc) = self.file(info, part)?;
+        let (path, _) = self.file(info, part)?;
         let dir = self.existing_collection(&info.collection)?;
-        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!("{enc}{TEMP}{}-{n}", std::process::id()));
+        let (tmp, mut f) = create_temp_file(&dir)
+            .map_err(|e| io_err(format!("create a temporary file in {}", dir.display()), e))?;
         let written = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             match data {
                 Content::Bytes(b) => f.write_all(b)?,
                 Content::Reader(r) => {
@@ -198,6 +263,7 @@ impl Storage for FsStorage {
             fs::rename(&tmp, &path)
         })();
         if let Err(e) = written {
+            // Ours (created above with create_new): nobody else's file is removed.
             let _ = fs::remove_file(&tmp);
             return Err(io_err(format!("write {}", path.display()), e));
         }
