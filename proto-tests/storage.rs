@@ -341,6 +341,17 @@ struct TestMaster {
     inner: MemoryStorage,
     slow_reads: bool,
     fail_after_write: AtomicBool,
+    /// Content reads of this resource wait at the gate until it opens.
+    gate: Mutex<Gate>,
+    gate_changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    resource: Option<String>,
+    /// A reader is waiting at the gate.
+    entered: bool,
+    open: bool,
 }
 
 impl TestMaster {
@@ -349,6 +360,29 @@ impl TestMaster {
             slow_reads: true,
             ..TestMaster::default()
         }
+    }
+
+    /// Holds content reads of `resource` at the gate until [`open_gate`](Self::open_gate).
+    fn close_gate(&self, resource: &str) {
+        *self.gate.lock().unwrap() = Gate {
+            resource: Some(resource.to_string()),
+            ..Gate::default()
+        };
+    }
+
+    /// Waits (up to `within`) until a reader is held at the gate.
+    fn wait_entered(&self, within: Duration) -> bool {
+        let g = self.gate.lock().unwrap();
+        let (g, _) = self
+            .gate_changed
+            .wait_timeout_while(g, within, |g| !g.entered)
+            .unwrap();
+        g.entered
+    }
+
+    fn open_gate(&self) {
+        self.gate.lock().unwrap().open = true;
+        self.gate_changed.notify_all();
     }
 
     /// The error of a write that landed, if writes are set to fail after landing.
@@ -381,6 +415,12 @@ impl Storage for TestMaster {
     ) -> mcstore::storage::Result<bytes::Bytes> {
         if self.slow_reads && part == Part::Content {
             thread::sleep(Duration::from_millis(100));
+        }
+        let mut g = self.gate.lock().unwrap();
+        if part == Part::Content && g.resource.is_some() && g.resource == i.resource {
+            g.entered = true;
+            self.gate_changed.notify_all();
+            drop(self.gate_changed.wait_while(g, |g| !g.open).unwrap());
         }
         self.inner.get(i, part)
     }
@@ -589,6 +629,58 @@ fn fs_temp_files_unique_bounded_and_cleaned() {
         5,
         "temporary files are not resources: {names:?}"
     );
+}
+
+/// #16, scenario 7: a reader holds no pooled client while it reads the master, so a warm hit
+/// is served while a cold miss is still reading (before, with a pool of one, the hit waited for
+/// the checkout until the cold read was over). No clock in the assertion: the cold reader is
+/// held at a gate until the warm hit has returned; the bound only ends a failing run.
+#[test]
+fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
+    for p in [Protocol::Text, Protocol::Meta] {
+        let mc = Memcached::start();
+        let master = Arc::new(TestMaster::default());
+        let one = Client::builder().server(mc.addr()).protocol(p);
+        let pool = Pool::with_checkout_timeout(one, 1, Duration::from_secs(60)).unwrap();
+        let s = Arc::new(MemcacheStorage::new(pool, master.clone()));
+        s.create_container("c").unwrap();
+        let (warm, cold) = (
+            s.info("c", Some("warm")).unwrap(),
+            s.info("c", Some("cold")).unwrap(),
+        );
+        s.put_content(&warm, "warm".into()).unwrap();
+        s.put_content(&cold, "cold".into()).unwrap();
+        assert_eq!(&s.get_content(&warm).unwrap()[..], b"warm"); // cached
+        master.close_gate("cold");
+        let cold_reader = {
+            let (s, cold) = (s.clone(), cold.clone());
+            thread::spawn(move || s.get_content(&cold).unwrap())
+        };
+        assert!(
+            master.wait_entered(Duration::from_secs(30)),
+            "{p:?}: cold read not started"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let warm_reader = {
+            let (s, warm) = (s.clone(), warm.clone());
+            thread::spawn(move || tx.send(s.get_content(&warm).unwrap()).unwrap())
+        };
+        let got = rx.recv_timeout(Duration::from_secs(20));
+        master.open_gate();
+        assert_eq!(
+            got.as_deref().map(|b| &b[..]),
+            Ok(&b"warm"[..]),
+            "{p:?}: the warm hit waited for the cold master read"
+        );
+        assert_eq!(&cold_reader.join().unwrap()[..], b"cold");
+        warm_reader.join().unwrap();
+        assert_eq!(
+            s.counters().hits,
+            1,
+            "{p:?}: the warm read was a hit: {:?}",
+            s.counters()
+        );
+    }
 }
 
 /// What a reader may see: the write sequence of one resource.

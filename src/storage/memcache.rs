@@ -284,6 +284,8 @@ enum Lookup {
     Miss(Option<u64>),
     /// Do not fill (too large, or another reader did not finish in time).
     Master,
+    /// Another reader is filling it: look again shortly (without holding a client).
+    Wait,
 }
 
 impl std::fmt::Debug for MemcacheStorage {
@@ -424,14 +426,14 @@ impl MemcacheStorage {
         let k = key.as_bytes();
         for _ in 0..2 {
             match c.gets(k)? {
-                Some(item) => return self.found(c, key, item.flags, item.value, item.cas),
+                Some(item) => return self.found(item.flags, item.value),
                 None => {
                     let marker = SetOptions::default().flags(FLAG_FILLING).ttl(FILLING_TTL);
                     if c.add(k, b"", marker)? {
                         // Ours: learn its CAS unique (a writer may have replaced it already).
                         return match c.gets(k)? {
                             Some(item) if item.flags == FLAG_FILLING => Ok(Lookup::Miss(item.cas)),
-                            Some(item) => self.found(c, key, item.flags, item.value, item.cas),
+                            Some(item) => self.found(item.flags, item.value),
                             None => Ok(Lookup::Miss(None)),
                         };
                     }
@@ -443,68 +445,31 @@ impl MemcacheStorage {
     }
 
     /// [`lookup`](Self::lookup) with memcached's leases: `N` makes the server vivify a
-    /// placeholder on a miss and give its lease (`W`) to one reader; the others (`Z`) poll
-    /// until the value is there, or give up after `fill_wait` and read the master. A stale
-    /// item (`X`, invalidated by a write) is waited on the same way, never served.
+    /// placeholder on a miss and give its lease (`W`) to one reader; the others (`Z`) wait
+    /// for the value. A stale item (`X`, invalidated by a write) is waited on the same way,
+    /// never served.
     fn lookup_lease(&self, c: &mut Client, key: &str) -> Result<Lookup> {
         let opts = MetaGetOptions {
             lease_ttl: Some(FILLING_TTL),
             ..MetaGetOptions::default()
         };
         let mut value = Vec::new();
-        let mut deadline = None;
-        loop {
-            match c.meta_get(key.as_bytes(), opts, &mut value)? {
-                // N always answers; a plain miss would be a server without leases.
-                None => return Ok(Lookup::Miss(None)),
-                Some(i) if i.lease == Lease::Won => return Ok(Lookup::Miss(Some(i.cas))),
-                Some(i) if i.lease == Lease::AlreadyWon || i.stale => {
-                    let until = *deadline.get_or_insert_with(|| {
-                        bump(&self.counters.fill_waits);
-                        Instant::now() + self.settings.fill_wait
-                    });
-                    if Instant::now() >= until {
-                        return Ok(Lookup::Master);
-                    }
-                    std::thread::sleep(FILL_POLL);
-                }
-                Some(i) => {
-                    return Ok(match i.flags {
-                        FLAG_VALUE => Lookup::Hit(Bytes::from(value)),
-                        _ => Lookup::Master,
-                    })
-                }
-            }
-        }
+        Ok(match c.meta_get(key.as_bytes(), opts, &mut value)? {
+            // N always answers; a plain miss would be a server without leases.
+            None => Lookup::Miss(None),
+            Some(i) if i.lease == Lease::Won => Lookup::Miss(Some(i.cas)),
+            Some(i) if i.lease == Lease::AlreadyWon || i.stale => Lookup::Wait,
+            Some(i) if i.flags == FLAG_VALUE => Lookup::Hit(Bytes::from(value)),
+            Some(_) => Lookup::Master,
+        })
     }
 
-    fn found(
-        &self,
-        c: &mut Client,
-        key: &str,
-        flags: u32,
-        value: Vec<u8>,
-        _cas: Option<u64>,
-    ) -> Result<Lookup> {
+    fn found(&self, flags: u32, value: Vec<u8>) -> Result<Lookup> {
         match flags {
             FLAG_VALUE => Ok(Lookup::Hit(Bytes::from(value))),
             FLAG_TOO_LARGE => Ok(Lookup::Master),
-            FLAG_FILLING => {
-                // Another reader is filling: wait for it, bounded.
-                bump(&self.counters.fill_waits);
-                let deadline = Instant::now() + self.settings.fill_wait;
-                while Instant::now() < deadline {
-                    std::thread::sleep(FILL_POLL);
-                    match c.get(key.as_bytes())? {
-                        Some(item) if item.flags == FLAG_VALUE => {
-                            return Ok(Lookup::Hit(Bytes::from(item.value)))
-                        }
-                        Some(item) if item.flags == FLAG_FILLING => continue,
-                        _ => return Ok(Lookup::Master),
-                    }
-                }
-                Ok(Lookup::Master)
-            }
+            // Another reader is filling.
+            FLAG_FILLING => Ok(Lookup::Wait),
             // Not written by us: treat as absent, and do not overwrite it.
             _ => Ok(Lookup::Master),
         }
@@ -536,23 +501,42 @@ impl MemcacheStorage {
         key
     }
 
+    /// A read through the cache. A client is held only for cache calls, never during the
+    /// master read or while waiting for another reader's fill, so warm hits do not queue
+    /// behind cold misses for the pool's clients.
     fn cached_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
         let Some(key) = self.key(info, part) else {
             return self.master_get(m, info, part);
         };
-        let Some(mut c) = self.checkout() else {
-            return self.master_get(m, info, part);
-        };
-        self.replay(&mut c);
-        if self.distrusted(&key) {
-            bump(&self.counters.bypassed);
-            return self.master_get(m, info, part);
-        }
-        let lookup = match self.lookup(&mut c, &key) {
-            Ok(l) => l,
-            Err(e) => {
-                self.cache_failed(&e);
+        let mut waiting_until = None;
+        let lookup = loop {
+            let Some(mut c) = self.checkout() else {
                 return self.master_get(m, info, part);
+            };
+            if waiting_until.is_none() {
+                self.replay(&mut c);
+                if self.distrusted(&key) {
+                    bump(&self.counters.bypassed);
+                    return self.master_get(m, info, part);
+                }
+            }
+            match self.lookup(&mut c, &key) {
+                Ok(Lookup::Wait) => {
+                    drop(c);
+                    let until = *waiting_until.get_or_insert_with(|| {
+                        bump(&self.counters.fill_waits);
+                        Instant::now() + self.settings.fill_wait
+                    });
+                    if Instant::now() >= until {
+                        break Lookup::Master; // the filler did not finish in time
+                    }
+                    std::thread::sleep(FILL_POLL);
+                }
+                Ok(lookup) => break lookup,
+                Err(e) => {
+                    self.cache_failed(&e);
+                    return self.master_get(m, info, part);
+                }
             }
         };
         match lookup {
@@ -560,21 +544,26 @@ impl MemcacheStorage {
                 bump(&self.counters.hits);
                 Ok(v)
             }
-            Lookup::Master => {
+            Lookup::Master | Lookup::Wait => {
                 bump(&self.counters.misses);
                 self.master_get(m, info, part)
             }
             Lookup::Miss(filler) => {
                 bump(&self.counters.misses);
                 let value = self.master_get(m, info, part);
-                if let Some(cas) = filler {
-                    match &value {
-                        Ok(v) => self.fill(&mut c, &key, cas, v),
-                        // Gone from the master: drop our marker so nobody waits for it.
-                        Err(_) => {
-                            if let Err(e) = c.delete(key.as_bytes()) {
-                                self.cache_failed(&e);
-                            }
+                let Some(cas) = filler else {
+                    return value;
+                };
+                // Our marker or lease: fill it, or drop it if the master has nothing, so
+                // nobody waits for it. A client is checked out again for this.
+                let Some(mut c) = self.checkout() else {
+                    return value;
+                };
+                match &value {
+                    Ok(v) => self.fill(&mut c, &key, cas, v),
+                    Err(_) => {
+                        if let Err(e) = c.delete(key.as_bytes()) {
+                            self.cache_failed(&e);
                         }
                     }
                 }
