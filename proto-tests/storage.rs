@@ -668,7 +668,7 @@ fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
         let got = rx.recv_timeout(Duration::from_secs(20));
         master.open_gate();
         assert_eq!(
-            got.as_deref().map(|b| &b[..]),
+            got.as_deref(),
             Ok(&b"warm"[..]),
             "{p:?}: the warm hit waited for the cold master read"
         );
