@@ -28,7 +28,7 @@
 //!
 //! For memcached alone, without a master, see [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,12 +164,70 @@ pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Failed invalidations awaiting a replay. Every failure gets a new generation, so a replay
+/// clears only the records it replayed: a failure recorded for the same key while the replay
+/// was under way stays (no ABA).
 #[derive(Default)]
 struct Pending {
-    keys: HashSet<String>,
-    /// More failures than we could remember: distrust the whole cache until a flush.
-    overflow: bool,
+    /// Each key's latest failure.
+    keys: HashMap<String, u64>,
+    /// More failures than we could remember: distrust the whole cache until a flush. The
+    /// generation of the latest failure since.
+    overflow: Option<u64>,
+    next_gen: u64,
     last_replay: Option<Instant>,
+}
+
+/// What a replay is to do: the records it took, and whether it must flush instead.
+enum Replay {
+    Keys(Vec<(String, u64)>),
+    Flush(u64),
+}
+
+impl Pending {
+    fn record(&mut self, key: String, max: usize) {
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        if self.overflow.is_some() || self.keys.len() >= max {
+            self.overflow = Some(gen);
+            self.keys.clear();
+        } else {
+            self.keys.insert(key, gen);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.overflow.is_none()
+    }
+
+    fn distrusts(&self, key: &str) -> bool {
+        self.overflow.is_some() || self.keys.contains_key(key)
+    }
+
+    fn take(&self) -> Replay {
+        match self.overflow {
+            Some(gen) => Replay::Flush(gen),
+            None => Replay::Keys(self.keys.iter().map(|(k, g)| (k.clone(), *g)).collect()),
+        }
+    }
+
+    /// The invalidation of `key` recorded at `gen` was replayed.
+    fn replayed(&mut self, key: &str, gen: u64) {
+        if self.keys.get(key) == Some(&gen) {
+            self.keys.remove(key);
+        }
+    }
+
+    /// A flush taken at overflow generation `gen` succeeded.
+    fn flushed(&mut self, gen: u64) {
+        if self.overflow == Some(gen) {
+            self.overflow = None;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len() + usize::from(self.overflow.is_some())
+    }
 }
 
 /// What a [`MemcacheStorage`] is built from.
@@ -333,8 +391,7 @@ impl MemcacheStorage {
 
     /// Invalidations that failed and await a successful replay.
     pub fn pending_invalidations(&self) -> usize {
-        let p = self.lock_pending();
-        p.keys.len() + usize::from(p.overflow)
+        self.lock_pending().len()
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -347,26 +404,19 @@ impl MemcacheStorage {
 
     /// Remembers a failed invalidation.
     fn remember(&self, key: String) {
-        let mut p = self.lock_pending();
-        if p.keys.len() >= MAX_PENDING {
-            p.overflow = true;
-            p.keys.clear();
-        } else if !p.overflow {
-            p.keys.insert(key);
-        }
+        self.lock_pending().record(key, MAX_PENDING);
     }
 
     /// True if `key` must not be read from the cache (an invalidation is pending).
     fn distrusted(&self, key: &str) -> bool {
-        let p = self.lock_pending();
-        p.overflow || p.keys.contains(key)
+        self.lock_pending().distrusts(key)
     }
 
     /// Replays failed invalidations, at most every [`REPLAY_EVERY`].
     fn replay(&self, c: &mut Client) {
-        let (keys, overflow) = {
+        let replay = {
             let mut p = self.lock_pending();
-            if p.keys.is_empty() && !p.overflow {
+            if p.is_empty() {
                 return;
             }
             let now = Instant::now();
@@ -374,25 +424,20 @@ impl MemcacheStorage {
                 return;
             }
             p.last_replay = Some(now);
-            (p.keys.iter().cloned().collect::<Vec<_>>(), p.overflow)
+            p.take()
         };
-        if overflow {
-            match c.flush_all(None) {
-                Ok(()) => {
-                    let mut p = self.lock_pending();
-                    p.overflow = false;
-                    p.keys.clear();
-                }
+        match replay {
+            Replay::Flush(gen) => match c.flush_all(None) {
+                Ok(()) => self.lock_pending().flushed(gen),
                 Err(e) => self.cache_failed(&e),
-            }
-            return;
-        }
-        for key in keys {
-            match c.delete(key.as_bytes()) {
-                Ok(_) => {
-                    self.lock_pending().keys.remove(&key);
+            },
+            Replay::Keys(keys) => {
+                for (key, gen) in keys {
+                    match c.delete(key.as_bytes()) {
+                        Ok(_) => self.lock_pending().replayed(&key, gen),
+                        Err(e) => self.cache_failed(&e),
+                    }
                 }
-                Err(e) => self.cache_failed(&e),
             }
         }
     }
@@ -710,4 +755,52 @@ pub(super) fn resource_infos<'a>(
             },
         ))
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    /// #16, scenario 4: a failure recorded for a key while its replay is under way survives
+    /// the replay (before, the replay cleared the key by name and erased it).
+    #[test]
+    fn a_replay_never_erases_a_newer_failure() {
+        let mut p = Pending::default();
+        p.record("k".into(), 10);
+        let super::Replay::Keys(taken) = p.take() else {
+            panic!("no overflow")
+        };
+        p.record("k".into(), 10); // a writer fails again while the replay runs
+        for (k, gen) in taken {
+            p.replayed(&k, gen);
+        }
+        assert!(p.distrusts("k"), "the newer failure must be replayed too");
+        let super::Replay::Keys(taken) = p.take() else {
+            panic!("no overflow")
+        };
+        for (k, gen) in taken {
+            p.replayed(&k, gen);
+        }
+        assert!(p.is_empty());
+    }
+
+    /// The same for an overflow: a failure during the flush keeps the cache distrusted.
+    #[test]
+    fn a_flush_never_erases_a_newer_overflow() {
+        let mut p = Pending::default();
+        for k in ["a", "b", "c"] {
+            p.record(k.into(), 2);
+        }
+        let super::Replay::Flush(gen) = p.take() else {
+            panic!("overflowed")
+        };
+        p.record("d".into(), 2);
+        p.flushed(gen);
+        assert!(p.distrusts("anything"));
+        let super::Replay::Flush(gen) = p.take() else {
+            panic!("still overflowed")
+        };
+        p.flushed(gen);
+        assert!(p.is_empty() && !p.distrusts("d"));
+    }
 }
