@@ -683,6 +683,34 @@ fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
     }
 }
 
+/// #16, scenario 3 (the bound): cached entries expire by default, so an entry whose
+/// invalidation was lost for good cannot be served for longer than `DEFAULT_TTL` (before,
+/// entries never expired).
+#[test]
+fn cached_entries_expire_by_default() {
+    let mc = Memcached::start();
+    let s = MemcacheStorage::new(pool(&mc), Arc::new(MemoryStorage::new()));
+    s.create_container("c").unwrap();
+    let info = s.info("c", Some("r")).unwrap();
+    s.put_content(&info, "v".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v"); // filled
+    let mut meta = Client::builder()
+        .server(mc.addr())
+        .protocol(Protocol::Meta)
+        .build()
+        .unwrap();
+    let keys = KeyGenerator::default();
+    let key = format!("{}:c", keys.key("c", Some("r")));
+    let mut value = Vec::new();
+    let item = meta
+        .meta_get(key.as_bytes(), Default::default(), &mut value)
+        .unwrap()
+        .expect("cached");
+    assert_eq!(value, b"v");
+    let ttl = item.ttl.expect("a cached entry must expire");
+    assert!(ttl > 0 && ttl <= mcstore::storage::DEFAULT_TTL, "ttl {ttl}");
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

@@ -47,6 +47,10 @@ pub(super) const FLAG_VALUE: u32 = 0;
 const FLAG_FILLING: u32 = 0x4d43_0001;
 const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
 
+/// Default expiration of cached entries: the bound on staleness when every other safeguard
+/// failed (see [`MemcacheStorageBuilder::ttl`]).
+pub const DEFAULT_TTL: u32 = 3600;
+
 /// How long a filling marker (or a meta lease placeholder) lives if its reader dies before
 /// filling.
 const FILLING_TTL: u32 = 10;
@@ -274,7 +278,10 @@ impl MemcacheStorageBuilder {
         /// The key generator (default: [`KeyGenerator::default`]).
         key_generator(keys: KeyGenerator) => settings.keys;
 
-        /// Expiration of cached entries in seconds (default 0: until evicted or invalidated).
+        /// Expiration of cached entries in seconds (default [`DEFAULT_TTL`], one hour). It
+        /// bounds how long an entry can outlive a write whose invalidation was lost (a cache
+        /// server frozen during the write, a process that died before replaying it). 0 means
+        /// no expiry, and no such bound.
         ttl(ttl: u32) => settings.ttl;
 
         /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
@@ -367,7 +374,7 @@ impl MemcacheStorage {
                 pool: pool.into(),
                 master,
                 keys: KeyGenerator::default(),
-                ttl: 0,
+                ttl: DEFAULT_TTL,
                 max_item_size: 1024 * 1024 - 1024,
                 fill_wait: Duration::from_millis(200),
             },

@@ -26,7 +26,9 @@ use std::io::Read;
 use bytes::Bytes;
 
 pub use fs::FsStorage;
-pub use memcache::{KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters};
+pub use memcache::{
+    KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters, DEFAULT_TTL,
+};
 pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
 
