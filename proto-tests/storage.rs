@@ -711,6 +711,56 @@ fn cached_entries_expire_by_default() {
     assert!(ttl > 0 && ttl <= mcstore::storage::DEFAULT_TTL, "ttl {ttl}");
 }
 
+/// #16, scenario 9: fillers that never fill do not block a key. A fill the server refuses
+/// (content above the server's item size, here `-I 4k`) leaves no marker to wait on (before,
+/// every reader waited `fill_wait` on it until it expired); a lease winner that died makes only
+/// the first reader wait, the next ones read the master at once (before, each waited).
+#[test]
+fn fillers_that_never_fill_do_not_block_a_key() {
+    // A refused fill, on text (markers) and meta (leases).
+    for p in [Protocol::Text, Protocol::Meta] {
+        let mc = Memcached::with_args(&["-I", "4k", "-o", "slab_chunk_max=2048"]);
+        let s = MemcacheStorage::builder(pool_with(&mc, p), Arc::new(MemoryStorage::new()))
+            .fill_wait(Duration::from_millis(50))
+            .build();
+        s.create_container("c").unwrap();
+        let info = s.info("c", Some("big")).unwrap();
+        s.put_content(&info, "x".repeat(4096).as_str().into())
+            .unwrap();
+        for _ in 0..5 {
+            assert_eq!(s.get_content(&info).unwrap().len(), 4096);
+        }
+        let c = s.counters();
+        assert_eq!((c.fill_waits, c.master_reads), (0, 5), "{p:?}: {c:?}");
+    }
+    // A lease won by a reader that died (taken here by a raw meta client, never filled).
+    let mc = Memcached::start();
+    let s = MemcacheStorage::builder(
+        pool_with(&mc, Protocol::Meta),
+        Arc::new(MemoryStorage::new()),
+    )
+    .fill_wait(Duration::from_millis(50))
+    .build();
+    s.create_container("c").unwrap();
+    let info = s.info("c", Some("r")).unwrap();
+    s.put_content(&info, "v".into()).unwrap();
+    let key = format!("{}:c", KeyGenerator::default().key("c", Some("r")));
+    let mut dead = mc.client_with(Protocol::Meta);
+    let lease = mcstore::MetaGetOptions {
+        lease_ttl: Some(30),
+        ..Default::default()
+    };
+    let won = dead
+        .meta_get(key.as_bytes(), lease, &mut Vec::new())
+        .unwrap();
+    assert_eq!(won.map(|i| i.lease), Some(mcstore::Lease::Won));
+    for _ in 0..5 {
+        assert_eq!(&s.get_content(&info).unwrap()[..], b"v");
+    }
+    let c = s.counters();
+    assert_eq!((c.fill_waits, c.master_reads), (1, 5), "{c:?}");
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

@@ -52,8 +52,10 @@ const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
 pub const DEFAULT_TTL: u32 = 3600;
 
 /// How long a filling marker (or a meta lease placeholder) lives if its reader dies before
-/// filling.
-const FILLING_TTL: u32 = 10;
+/// filling (default of [`MemcacheStorageBuilder::filler_ttl`]).
+const FILLING_TTL: u32 = 5;
+/// Keys remembered as stuck (a filler that never filled) before the oldest are dropped.
+const MAX_STUCK: usize = 10_000;
 /// How long an item invalidated over meta stays (stale) for the next reader to refresh it.
 const STALE_TTL: u32 = 30;
 /// Failed invalidations remembered before the whole cache is distrusted.
@@ -242,6 +244,7 @@ struct Settings {
     ttl: u32,
     max_item_size: usize,
     fill_wait: Duration,
+    filler_ttl: u32,
 }
 
 /// Options for a [`MemcacheStorage`].
@@ -291,6 +294,11 @@ impl MemcacheStorageBuilder {
         /// How long a reader waits for another reader's fill before reading the master itself
         /// (default 200 ms).
         fill_wait(wait: Duration) => settings.fill_wait;
+
+        /// How long a filling marker or lease lives if its reader dies before filling (default
+        /// 5 s): the longest a key can stay unfillable. Meanwhile only the first reader waits
+        /// ([`fill_wait`](Self::fill_wait)) for it; the others go to the master at once.
+        filler_ttl(secs: u32) => settings.filler_ttl;
     }
 
     /// Builds the storage.
@@ -299,6 +307,7 @@ impl MemcacheStorageBuilder {
             settings: self.settings,
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
+            stuck: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -324,6 +333,9 @@ pub struct MemcacheStorage {
     settings: Settings,
     counters: Counters,
     pending: Mutex<Pending>,
+    /// Keys whose filler did not fill within `fill_wait`, until its marker expires: readers
+    /// go to the master without waiting again.
+    stuck: Mutex<HashMap<String, Instant>>,
 }
 
 /// The cache key of one half of a resource: the generator's key for its names, and `:c` or
@@ -377,6 +389,7 @@ impl MemcacheStorage {
                 ttl: DEFAULT_TTL,
                 max_item_size: 1024 * 1024 - 1024,
                 fill_wait: Duration::from_millis(200),
+                filler_ttl: FILLING_TTL,
             },
         }
     }
@@ -480,7 +493,9 @@ impl MemcacheStorage {
             match c.gets(k)? {
                 Some(item) => return self.found(item.flags, item.value),
                 None => {
-                    let marker = SetOptions::default().flags(FLAG_FILLING).ttl(FILLING_TTL);
+                    let marker = SetOptions::default()
+                        .flags(FLAG_FILLING)
+                        .ttl(self.settings.filler_ttl);
                     if c.add(k, b"", marker)? {
                         // Ours: learn its CAS unique (a writer may have replaced it already).
                         return match c.gets(k)? {
@@ -502,7 +517,7 @@ impl MemcacheStorage {
     /// never served.
     fn lookup_lease(&self, c: &mut Client, key: &str) -> Result<Lookup> {
         let opts = MetaGetOptions {
-            lease_ttl: Some(FILLING_TTL),
+            lease_ttl: Some(self.settings.filler_ttl),
             ..MetaGetOptions::default()
         };
         let mut value = Vec::new();
@@ -538,8 +553,42 @@ impl MemcacheStorage {
         match c.cas(key.as_bytes(), data, cas, opts) {
             Ok(CasResult::Stored) if flags == FLAG_VALUE => bump(&self.counters.fills),
             Ok(_) => {}
-            Err(e) => self.cache_failed(&e),
+            Err(e) => {
+                // The server refused the value (say it is above the server's item size) or
+                // failed: never leave our marker for others to wait on. Mark the key as
+                // served by the master for a while, or at least remove the marker.
+                self.cache_failed(&e);
+                let master = SetOptions::default()
+                    .flags(FLAG_TOO_LARGE)
+                    .ttl(self.settings.filler_ttl);
+                if !matches!(
+                    c.cas(key.as_bytes(), b"", cas, master),
+                    Ok(CasResult::Stored)
+                ) {
+                    let _ = c.delete(key.as_bytes());
+                }
+            }
         }
+    }
+
+    /// Whether `key`'s filler was seen not to fill (its marker has not expired yet).
+    fn is_stuck(&self, key: &str) -> bool {
+        let stuck = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        stuck.get(key).is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Remembers that `key`'s filler did not fill in time.
+    fn mark_stuck(&self, key: &str) {
+        let mut stuck = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if stuck.len() >= MAX_STUCK {
+            stuck.retain(|_, until| *until > now);
+            if stuck.len() >= MAX_STUCK {
+                stuck.clear();
+            }
+        }
+        let ttl = Duration::from_secs(u64::from(self.settings.filler_ttl));
+        stuck.insert(key.to_string(), now + ttl);
     }
 
     /// The cache key of one half of a resource, or `None` if the key generator made no valid
@@ -575,11 +624,15 @@ impl MemcacheStorage {
             match self.lookup(&mut c, &key) {
                 Ok(Lookup::Wait) => {
                     drop(c);
+                    if waiting_until.is_none() && self.is_stuck(&key) {
+                        break Lookup::Master; // its filler is known not to fill: no wait
+                    }
                     let until = *waiting_until.get_or_insert_with(|| {
                         bump(&self.counters.fill_waits);
                         Instant::now() + self.settings.fill_wait
                     });
                     if Instant::now() >= until {
+                        self.mark_stuck(&key);
                         break Lookup::Master; // the filler did not finish in time
                     }
                     std::thread::sleep(FILL_POLL);
