@@ -761,6 +761,47 @@ fn fillers_that_never_fill_do_not_block_a_key() {
     assert_eq!((c.fill_waits, c.master_reads), (1, 5), "{c:?}");
 }
 
+/// #16, scenario 5: storages on different protocols share one cache. A text reader does not
+/// take a meta lease placeholder (flags 0, empty) for empty content, and does not read a value
+/// a meta writer invalidated (before: both were served, as empty and as old content).
+#[test]
+fn text_and_meta_storages_share_one_cache() {
+    let mc = Memcached::start();
+    let master: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let text = MemcacheStorage::new(pool_with(&mc, Protocol::Text), master.clone());
+    let meta = MemcacheStorage::new(pool_with(&mc, Protocol::Meta), master.clone());
+    text.create_container("c").unwrap();
+    let info = text.info("c", Some("r")).unwrap();
+    text.put_content(&info, "v1".into()).unwrap();
+    // A meta reader's lease placeholder, left unfilled (taken by a raw meta client).
+    let key = format!("{}:c", KeyGenerator::default().key("c", Some("r")));
+    let lease = mcstore::MetaGetOptions {
+        lease_ttl: Some(30),
+        ..Default::default()
+    };
+    let mut raw = mc.client_with(Protocol::Meta);
+    let won = raw
+        .meta_get(key.as_bytes(), lease, &mut Vec::new())
+        .unwrap();
+    assert_eq!(won.map(|i| i.lease), Some(mcstore::Lease::Won));
+    assert_eq!(
+        &text.get_content(&info).unwrap()[..],
+        b"v1",
+        "a placeholder read as content"
+    );
+    raw.delete(key.as_bytes()).unwrap();
+    // Filled by the text storage, then written through the meta storage.
+    assert_eq!(&text.get_content(&info).unwrap()[..], b"v1");
+    assert_eq!(text.counters().fills, 1);
+    meta.put_content(&info, "v2".into()).unwrap();
+    assert_eq!(
+        &text.get_content(&info).unwrap()[..],
+        b"v2",
+        "stale after a meta write"
+    );
+    assert_eq!(&meta.get_content(&info).unwrap()[..], b"v2");
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

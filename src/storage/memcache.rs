@@ -13,10 +13,15 @@
 //!     reads its CAS unique with `gets`.
 //! - **Writes and removes**: the master first, then the cache entry is invalidated, whatever
 //!   the master returned (a write may land and still report an error), and never overwritten
-//!   (two writers racing could leave the older value in the cache). Over meta it
-//!   is marked stale with `md <key> I` (its CAS moves on, and the next reader wins the right
-//!   to refresh it); otherwise it is deleted. Either way a filler that read the master before
-//!   the write fails its CAS and cannot put the old value back.
+//!   (two writers racing could leave the older value in the cache). It is deleted on every
+//!   protocol (not marked stale with meta's `md I`, which text and binary readers of a shared
+//!   cache would not see). A filler that read the master before the write fails its CAS and
+//!   cannot put the old value back.
+//! - **Entries are told apart by their client flags**, on every protocol: content is stored
+//!   with `0x4d430000`, a filling marker with `0x4d430001`, a "read the master" marker (content
+//!   too large, or refused by the server) with `0x4d430002`. Any other item under a storage's
+//!   key, such as a meta lease placeholder (flags 0), is treated as absent and not overwritten.
+//!   Clients on different protocols can therefore share one cache.
 //! - **Cache failures**: every call still succeeds from the master; the error is counted. A
 //!   delete that failed is remembered (up to a bound) and the key is not read from the cache
 //!   until a replayed delete succeeds; past the bound, the cache is bypassed until a
@@ -42,8 +47,10 @@ use super::{validate_name, Content, Part, ResourceInfo, ResourceIter, Storage};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 
-/// Flags of cache entries that are not content.
-pub(super) const FLAG_VALUE: u32 = 0;
+/// Client flags of this storage's cache entries (`MC` and a kind), so that readers on any
+/// protocol tell them apart: content, a filling marker, a "read the master" marker. Anything
+/// else, a meta lease placeholder (flags 0) included, is not content.
+pub(super) const FLAG_VALUE: u32 = 0x4d43_0000;
 const FLAG_FILLING: u32 = 0x4d43_0001;
 const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
 
@@ -56,8 +63,6 @@ pub const DEFAULT_TTL: u32 = 3600;
 const FILLING_TTL: u32 = 5;
 /// Keys remembered as stuck (a filler that never filled) before the oldest are dropped.
 const MAX_STUCK: usize = 10_000;
-/// How long an item invalidated over meta stays (stale) for the next reader to refresh it.
-const STALE_TTL: u32 = 30;
 /// Failed invalidations remembered before the whole cache is distrusted.
 const MAX_PENDING: usize = 10_000;
 /// Minimum time between replays of failed invalidations.
@@ -686,14 +691,10 @@ impl MemcacheStorage {
             return;
         };
         self.replay(&mut c);
-        let leases = c.has_leases();
         for k in keys {
-            let r = if leases {
-                c.invalidate(k.as_bytes(), Some(STALE_TTL))
-            } else {
-                c.delete(k.as_bytes())
-            };
-            if let Err(e) = r {
+            // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
+            // be served to text and binary readers of the same cache.
+            if let Err(e) = c.delete(k.as_bytes()) {
                 self.cache_failed(&e);
                 self.remember(k.clone());
             }

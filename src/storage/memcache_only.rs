@@ -112,7 +112,8 @@ impl MemcacheOnlyStorage {
         if c.get(members.as_bytes())?.is_none() {
             return Err(not_found(&info.collection, None));
         }
-        c.set(key.as_bytes(), &data, SetOptions::default().ttl(self.ttl))?;
+        let value = SetOptions::default().flags(FLAG_VALUE).ttl(self.ttl);
+        c.set(key.as_bytes(), &data, value)?;
         self.update_members(&mut c, &info.collection, |names| names.insert(name.clone()))
     }
 
