@@ -67,6 +67,9 @@ const MAX_STUCK: usize = 10_000;
 const MAX_PENDING: usize = 10_000;
 /// Minimum time between replays of failed invalidations.
 const REPLAY_EVERY: Duration = Duration::from_millis(100);
+/// Failed invalidations replayed by one call at most (one pipelined request per server), so
+/// that a long backlog adds a bounded cost to the read or write that replays it.
+const REPLAY_BATCH: usize = 1000;
 /// Poll interval while waiting for another reader's fill.
 const FILL_POLL: Duration = Duration::from_millis(2);
 
@@ -215,10 +218,17 @@ impl Pending {
         self.overflow.is_some() || self.keys.contains_key(key)
     }
 
-    fn take(&self) -> Replay {
+    /// The next replay: a flush, or up to `batch` keys.
+    fn take(&self, batch: usize) -> Replay {
         match self.overflow {
             Some(gen) => Replay::Flush(gen),
-            None => Replay::Keys(self.keys.iter().map(|(k, g)| (k.clone(), *g)).collect()),
+            None => Replay::Keys(
+                self.keys
+                    .iter()
+                    .take(batch)
+                    .map(|(k, g)| (k.clone(), *g))
+                    .collect(),
+            ),
         }
     }
 
@@ -437,7 +447,8 @@ impl MemcacheStorage {
         self.lock_pending().distrusts(key)
     }
 
-    /// Replays failed invalidations, at most every [`REPLAY_EVERY`].
+    /// Replays failed invalidations, at most every [`REPLAY_EVERY`] and at most
+    /// [`REPLAY_BATCH`] of them per call.
     fn replay(&self, c: &mut Client) {
         let replay = {
             let mut p = self.lock_pending();
@@ -449,19 +460,25 @@ impl MemcacheStorage {
                 return;
             }
             p.last_replay = Some(now);
-            p.take()
+            p.take(REPLAY_BATCH)
         };
         match replay {
             Replay::Flush(gen) => match c.flush_all(None) {
                 Ok(()) => self.lock_pending().flushed(gen),
                 Err(e) => self.cache_failed(&e),
             },
+            // One pipelined delete per server for the whole batch. If any server failed, the
+            // batch stays pending: deleting again is harmless.
             Replay::Keys(keys) => {
-                for (key, gen) in keys {
-                    match c.delete(key.as_bytes()) {
-                        Ok(_) => self.lock_pending().replayed(&key, gen),
-                        Err(e) => self.cache_failed(&e),
+                let names: Vec<&[u8]> = keys.iter().map(|(k, _)| k.as_bytes()).collect();
+                match c.delete_multi(&names) {
+                    Ok(_) => {
+                        let mut p = self.lock_pending();
+                        for (key, gen) in &keys {
+                            p.replayed(key, *gen);
+                        }
                     }
+                    Err(e) => self.cache_failed(&e),
                 }
             }
         }
@@ -828,7 +845,7 @@ mod tests {
     fn a_replay_never_erases_a_newer_failure() {
         let mut p = Pending::default();
         p.record("k".into(), 10);
-        let super::Replay::Keys(taken) = p.take() else {
+        let super::Replay::Keys(taken) = p.take(10) else {
             panic!("no overflow")
         };
         p.record("k".into(), 10); // a writer fails again while the replay runs
@@ -836,7 +853,7 @@ mod tests {
             p.replayed(&k, gen);
         }
         assert!(p.distrusts("k"), "the newer failure must be replayed too");
-        let super::Replay::Keys(taken) = p.take() else {
+        let super::Replay::Keys(taken) = p.take(10) else {
             panic!("no overflow")
         };
         for (k, gen) in taken {
@@ -852,13 +869,13 @@ mod tests {
         for k in ["a", "b", "c"] {
             p.record(k.into(), 2);
         }
-        let super::Replay::Flush(gen) = p.take() else {
+        let super::Replay::Flush(gen) = p.take(10) else {
             panic!("overflowed")
         };
         p.record("d".into(), 2);
         p.flushed(gen);
         assert!(p.distrusts("anything"));
-        let super::Replay::Flush(gen) = p.take() else {
+        let super::Replay::Flush(gen) = p.take(10) else {
             panic!("still overflowed")
         };
         p.flushed(gen);
