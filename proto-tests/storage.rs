@@ -837,6 +837,50 @@ fn a_backlog_of_invalidations_is_replayed_in_bounded_batches() {
     assert_eq!(replayed.iter().sum::<usize>(), 2500);
 }
 
+/// #16, scenario 6: when the failed invalidations of a server that is down overflow, only
+/// that server is flushed (when it can be), never the healthy ones, however often replays run
+/// (before: every replay, ten times a second, flushed every server while one was down).
+#[test]
+fn an_overflow_never_flushes_healthy_servers() {
+    let healthy = Memcached::start();
+    let mut down = Memcached::start();
+    let builder = Client::builder()
+        .servers([healthy.addr(), down.addr()])
+        .io_timeout(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(100))
+        .server_failure_limit(2)
+        .retry_timeout(Duration::from_millis(100));
+    let s = MemcacheStorage::new(
+        Pool::new(builder, 4).unwrap(),
+        Arc::new(MemoryStorage::new()),
+    );
+    s.create_container("c").unwrap();
+    down.kill();
+    // More failed invalidations on the dead server than the storage remembers (10,000).
+    let mut i = 0;
+    while s.pending_invalidations() <= 10_000 && s.counters().cache_errors < 30_000 {
+        let info = s.info("c", Some(&format!("r{i}"))).unwrap();
+        s.put_content(&info, "v".into()).unwrap();
+        i += 1;
+    }
+    let flushes = |mc: &Memcached| -> u64 {
+        let stats = mc.client().stats(None).unwrap();
+        stats[0].get("cmd_flush").unwrap().parse().unwrap()
+    };
+    // Reads replay (every 100 ms at most): wait for several flush attempts of the dead one.
+    let probe = s.info("c", Some("r0")).unwrap();
+    let errors = s.counters().cache_errors;
+    support::wait_for("five replays to try the dead server", || {
+        assert_eq!(&s.get_content(&probe).unwrap()[..], b"v");
+        s.counters().cache_errors >= errors + 5
+    });
+    assert_eq!(flushes(&healthy), 0, "a healthy server was flushed");
+    assert!(
+        s.pending_invalidations() > 0,
+        "the dead server is still distrusted"
+    );
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

@@ -624,6 +624,26 @@ impl Client {
         self.core.on_all_ok(&Cmd::FlushAll(delay))
     }
 
+    /// Invalidates every item on one server (named as configured, as in
+    /// [`servers`](Self::servers)), now or after `delay` seconds.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a server this client does not have; otherwise that server's
+    /// error, as for [`flush_all`](Self::flush_all).
+    pub fn flush_server(&mut self, server: &str, delay: Option<u32>) -> Result<()> {
+        let Some(i) = self.core.labels.iter().position(|l| l == server) else {
+            return Err(Error::Config(format!(
+                "no server {server:?} in this client"
+            )));
+        };
+        self.core.health.maybe_rejoin(&mut self.core.ring);
+        self.core
+            .on_server(i, &Cmd::FlushAll(delay), &mut |o| match o {
+                Outcome::Ok => Ok(Some(())),
+                _ => Err(ParseError::Unexpected),
+            })
+    }
+
     /// Sets every server's logging verbosity.
     ///
     /// # Errors
@@ -884,16 +904,24 @@ impl Core {
     ) -> Vec<(usize, Result<T>)> {
         self.health.maybe_rejoin(&mut self.ring);
         (0..self.labels.len())
-            .map(|i| {
-                let r = self
-                    .check_up(i)
-                    .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
-                if !matches!(r, Err(Error::ServerDown { .. })) {
-                    self.health.record(i, &r, &mut self.ring);
-                }
-                (i, r)
-            })
+            .map(|i| (i, self.on_server(i, cmd, &mut on)))
             .collect()
+    }
+
+    /// Runs `cmd` on server `i` unless it is ejected, and records the outcome in its health.
+    pub(super) fn on_server<T>(
+        &mut self,
+        i: usize,
+        cmd: &Cmd<'_>,
+        on: &mut impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let r = self
+            .check_up(i)
+            .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
+        if !matches!(r, Err(Error::ServerDown { .. })) {
+            self.health.record(i, &r, &mut self.ring);
+        }
+        r
     }
 
     /// Combines per-server results: all values if every server succeeded, otherwise the one

@@ -171,6 +171,18 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// The server the error came from, as configured, when one server did.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            Error::Io { server, .. }
+            | Error::Timeout { server, .. }
+            | Error::Parse { server, .. }
+            | Error::Auth { server, .. }
+            | Error::ServerDown { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

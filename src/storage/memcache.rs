@@ -180,74 +180,90 @@ pub(super) fn bump(c: &AtomicU64) {
 
 /// Failed invalidations awaiting a replay. Every failure gets a new generation, so a replay
 /// clears only the records it replayed: a failure recorded for the same key while the replay
-/// was under way stays (no ABA).
+/// was under way stays (no ABA). Past `max` records, the server whose invalidation failed is
+/// *overflowed*: its cache is distrusted until a flush of that server succeeds (and only that
+/// server is flushed: healthy servers are never wiped because another one is down). A failure
+/// that names no server overflows them all.
 #[derive(Default)]
 struct Pending {
-    /// Each key's latest failure.
-    keys: HashMap<String, u64>,
-    /// More failures than we could remember: distrust the whole cache until a flush. The
-    /// generation of the latest failure since.
-    overflow: Option<u64>,
+    /// Each key's latest failure: its generation and the server that failed.
+    keys: HashMap<String, (u64, Option<String>)>,
+    /// Overflowed servers (`None`: all) and the generation of their latest failure since.
+    overflow: HashMap<Option<String>, u64>,
     next_gen: u64,
     last_replay: Option<Instant>,
 }
 
-/// What a replay is to do: the records it took, and whether it must flush instead.
+/// What a replay is to do: flush overflowed servers, or replay records.
 enum Replay {
     Keys(Vec<(String, u64)>),
-    Flush(u64),
+    Flush(Vec<(Option<String>, u64)>),
 }
 
 impl Pending {
-    fn record(&mut self, key: String, max: usize) {
+    fn record(&mut self, key: String, server: Option<&str>, max: usize) {
         self.next_gen += 1;
         let gen = self.next_gen;
-        if self.overflow.is_some() || self.keys.len() >= max {
-            self.overflow = Some(gen);
-            self.keys.clear();
+        if let Some(all) = self.overflow.get_mut(&None) {
+            *all = gen;
+            return;
+        }
+        let server = server.map(str::to_string);
+        if self.overflow.contains_key(&server) || self.keys.len() >= max {
+            // Its flush will cover its keys.
+            match &server {
+                Some(_) => self.keys.retain(|_, (_, s)| *s != server),
+                None => self.keys.clear(),
+            }
+            self.overflow.insert(server, gen);
         } else {
-            self.keys.insert(key, gen);
+            self.keys.insert(key, (gen, server));
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.overflow.is_none()
+        self.keys.is_empty() && self.overflow.is_empty()
     }
 
-    fn distrusts(&self, key: &str) -> bool {
-        self.overflow.is_some() || self.keys.contains_key(key)
-    }
-
-    /// The next replay: a flush, or up to `batch` keys.
-    fn take(&self, batch: usize) -> Replay {
-        match self.overflow {
-            Some(gen) => Replay::Flush(gen),
-            None => Replay::Keys(
-                self.keys
-                    .iter()
-                    .take(batch)
-                    .map(|(k, g)| (k.clone(), *g))
-                    .collect(),
-            ),
+    /// Whether `key` (on server `server`, if known) must not be read from the cache.
+    fn distrusts(&self, key: &str, server: impl FnOnce() -> Option<String>) -> bool {
+        if self.keys.contains_key(key) || self.overflow.contains_key(&None) {
+            return true;
         }
+        // Only when a server overflowed: finding the key's server costs a hash.
+        !self.overflow.is_empty() && server().map_or(true, |s| self.overflow.contains_key(&Some(s)))
+    }
+
+    /// The next replay: the overflowed servers' flushes, or up to `batch` keys.
+    fn take(&self, batch: usize) -> Replay {
+        if !self.overflow.is_empty() {
+            return Replay::Flush(self.overflow.iter().map(|(s, g)| (s.clone(), *g)).collect());
+        }
+        Replay::Keys(
+            self.keys
+                .iter()
+                .take(batch)
+                .map(|(k, (g, _))| (k.clone(), *g))
+                .collect(),
+        )
     }
 
     /// The invalidation of `key` recorded at `gen` was replayed.
     fn replayed(&mut self, key: &str, gen: u64) {
-        if self.keys.get(key) == Some(&gen) {
+        if self.keys.get(key).is_some_and(|(g, _)| *g == gen) {
             self.keys.remove(key);
         }
     }
 
-    /// A flush taken at overflow generation `gen` succeeded.
-    fn flushed(&mut self, gen: u64) {
-        if self.overflow == Some(gen) {
-            self.overflow = None;
+    /// A flush of `server` (`None`: all) taken at generation `gen` succeeded.
+    fn flushed(&mut self, server: &Option<String>, gen: u64) {
+        if self.overflow.get(server) == Some(&gen) {
+            self.overflow.remove(server);
         }
     }
 
     fn len(&self) -> usize {
-        self.keys.len() + usize::from(self.overflow.is_some())
+        self.keys.len() + self.overflow.len()
     }
 }
 
@@ -438,13 +454,14 @@ impl MemcacheStorage {
     }
 
     /// Remembers a failed invalidation.
-    fn remember(&self, key: String) {
-        self.lock_pending().record(key, MAX_PENDING);
+    fn remember(&self, key: String, server: Option<&str>) {
+        self.lock_pending().record(key, server, MAX_PENDING);
     }
 
     /// True if `key` must not be read from the cache (an invalidation is pending).
-    fn distrusted(&self, key: &str) -> bool {
-        self.lock_pending().distrusts(key)
+    fn distrusted(&self, c: &mut Client, key: &str) -> bool {
+        let server = || c.server_for_key(key.as_bytes()).ok().map(str::to_string);
+        self.lock_pending().distrusts(key, server)
     }
 
     /// Replays failed invalidations, at most every [`REPLAY_EVERY`] and at most
@@ -463,10 +480,18 @@ impl MemcacheStorage {
             p.take(REPLAY_BATCH)
         };
         match replay {
-            Replay::Flush(gen) => match c.flush_all(None) {
-                Ok(()) => self.lock_pending().flushed(gen),
-                Err(e) => self.cache_failed(&e),
-            },
+            Replay::Flush(servers) => {
+                for (server, gen) in servers {
+                    let r = match &server {
+                        Some(s) => c.flush_server(s, None),
+                        None => c.flush_all(None),
+                    };
+                    match r {
+                        Ok(()) => self.lock_pending().flushed(&server, gen),
+                        Err(e) => self.cache_failed(&e),
+                    }
+                }
+            }
             // One pipelined delete per server for the whole batch. If any server failed, the
             // batch stays pending: deleting again is harmless.
             Replay::Keys(keys) => {
@@ -638,7 +663,7 @@ impl MemcacheStorage {
             };
             if waiting_until.is_none() {
                 self.replay(&mut c);
-                if self.distrusted(&key) {
+                if self.distrusted(&mut c, &key) {
                     bump(&self.counters.bypassed);
                     return self.master_get(m, info, part);
                 }
@@ -703,7 +728,7 @@ impl MemcacheStorage {
     fn invalidate(&self, keys: &[String]) {
         let Some(mut c) = self.checkout() else {
             for k in keys {
-                self.remember(k.clone());
+                self.remember(k.clone(), None);
             }
             return;
         };
@@ -713,7 +738,7 @@ impl MemcacheStorage {
             // be served to text and binary readers of the same cache.
             if let Err(e) = c.delete(k.as_bytes()) {
                 self.cache_failed(&e);
-                self.remember(k.clone());
+                self.remember(k.clone(), e.server());
             }
         }
     }
@@ -837,23 +862,26 @@ pub(super) fn resource_infos<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::Pending;
+    use super::{Pending, Replay};
 
     /// #16, scenario 4: a failure recorded for a key while its replay is under way survives
     /// the replay (before, the replay cleared the key by name and erased it).
     #[test]
     fn a_replay_never_erases_a_newer_failure() {
         let mut p = Pending::default();
-        p.record("k".into(), 10);
-        let super::Replay::Keys(taken) = p.take(10) else {
+        p.record("k".into(), Some("a"), 10);
+        let Replay::Keys(taken) = p.take(10) else {
             panic!("no overflow")
         };
-        p.record("k".into(), 10); // a writer fails again while the replay runs
+        p.record("k".into(), Some("a"), 10); // a writer fails again while the replay runs
         for (k, gen) in taken {
             p.replayed(&k, gen);
         }
-        assert!(p.distrusts("k"), "the newer failure must be replayed too");
-        let super::Replay::Keys(taken) = p.take(10) else {
+        assert!(
+            p.distrusts("k", || None),
+            "the newer failure must be replayed too"
+        );
+        let Replay::Keys(taken) = p.take(10) else {
             panic!("no overflow")
         };
         for (k, gen) in taken {
@@ -862,23 +890,52 @@ mod tests {
         assert!(p.is_empty());
     }
 
-    /// The same for an overflow: a failure during the flush keeps the cache distrusted.
+    /// The same for an overflow: a failure during the flush keeps the server distrusted.
     #[test]
     fn a_flush_never_erases_a_newer_overflow() {
         let mut p = Pending::default();
         for k in ["a", "b", "c"] {
-            p.record(k.into(), 2);
+            p.record(k.into(), Some("s1"), 2);
         }
-        let super::Replay::Flush(gen) = p.take(10) else {
+        let Replay::Flush(flushes) = p.take(10) else {
             panic!("overflowed")
         };
-        p.record("d".into(), 2);
-        p.flushed(gen);
-        assert!(p.distrusts("anything"));
-        let super::Replay::Flush(gen) = p.take(10) else {
+        p.record("d".into(), Some("s1"), 2);
+        for (server, gen) in &flushes {
+            p.flushed(server, *gen);
+        }
+        assert!(p.distrusts("x", || Some("s1".into())));
+        let Replay::Flush(flushes) = p.take(10) else {
             panic!("still overflowed")
         };
-        p.flushed(gen);
-        assert!(p.is_empty() && !p.distrusts("d"));
+        for (server, gen) in &flushes {
+            p.flushed(server, *gen);
+        }
+        assert!(p.is_empty() && !p.distrusts("d", || Some("s1".into())));
+    }
+
+    /// #16, scenario 6: an overflow on one server distrusts and flushes that server only; a
+    /// failure that names no server overflows all of them.
+    #[test]
+    fn an_overflow_is_per_server() {
+        let mut p = Pending::default();
+        p.record("a1".into(), Some("a"), 2);
+        p.record("b1".into(), Some("b"), 2);
+        p.record("b2".into(), Some("b"), 2); // past the bound: b overflows
+        assert!(p.distrusts("x", || Some("b".into())));
+        assert!(!p.distrusts("x", || Some("a".into())));
+        assert!(p.distrusts("a1", || Some("a".into())), "a's record stays");
+        let Replay::Flush(flushes) = p.take(10) else {
+            panic!("overflowed")
+        };
+        assert_eq!(flushes.len(), 1);
+        assert_eq!(flushes[0].0.as_deref(), Some("b"));
+        p.record("k1".into(), None, 2);
+        assert!(
+            !p.distrusts("x", || Some("a".into())),
+            "a record, below the bound"
+        );
+        p.record("k2".into(), None, 2); // past the bound, no server named: all overflow
+        assert!(p.distrusts("x", || Some("a".into())));
     }
 }
