@@ -881,6 +881,69 @@ fn an_overflow_never_flushes_healthy_servers() {
     );
 }
 
+/// #16, scenario 2: with `remove_failed_servers`, a key written while its server was ejected
+/// (its keys moved to the other server) is never served old by that server when it rejoins:
+/// it is distrusted, and flushed before it serves reads again (before: it served the old value
+/// it still held).
+#[test]
+fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
+    let home = Memcached::start();
+    let other = Memcached::start();
+    let builder = Client::builder()
+        .servers([home.addr(), other.addr()])
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .remove_failed_servers(true)
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_millis(200))
+        .io_timeout(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(100));
+    let mut probe = builder.clone().build().unwrap();
+    let s = MemcacheStorage::new(
+        Pool::new(builder, 1).unwrap(),
+        Arc::new(MemoryStorage::new()),
+    );
+    s.create_container("c").unwrap();
+    // A resource whose content lives on `home`.
+    let keys = KeyGenerator::default();
+    let name = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|n| {
+            let key = format!("{}:c", keys.key("c", Some(n)));
+            probe.home_server_for_key(key.as_bytes()).unwrap() == home.addr()
+        })
+        .unwrap();
+    let info = s.info("c", Some(&name)).unwrap();
+    s.put_content(&info, "v1".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // cached on `home`
+    home.freeze();
+    // A read times out on `home`, which is ejected; its keys move to `other`.
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1");
+    s.put_content(&info, "v2".into()).unwrap(); // invalidated on `other` only
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+    home.resume();
+    // Until the storage reads from `home` again (it rejoined, and was flushed first), every
+    // read sees v2.
+    let gets_on_home = || -> u64 {
+        let stats = home.client().stats(None).unwrap();
+        stats[0].get("cmd_get").unwrap().parse().unwrap()
+    };
+    let before = gets_on_home();
+    support::wait_for("the storage to read from home again", || {
+        let v = s.get_content(&info).unwrap();
+        assert_eq!(&v[..], b"v2", "stale after rejoin");
+        gets_on_home() > before && s.pending_invalidations() == 0
+    });
+    let hits = s.counters().hits;
+    for _ in 0..3 {
+        assert_eq!(
+            &s.get_content(&info).unwrap()[..],
+            b"v2",
+            "stale after rejoin"
+        );
+    }
+    assert!(s.counters().hits > hits, "the cache serves the entry again");
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

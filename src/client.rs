@@ -387,10 +387,21 @@ impl Client {
     /// An invalid key, no server, or the key's server ejected.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
         let Client { core, scratch } = self;
-        let binary_keys = core.protocol.supports(Capability::BinaryKeys);
-        let (_, raw) = wire_key(&core.namespace, key, binary_keys, &mut scratch.keybuf)?;
-        let hashed = if core.hash_with_namespace { raw } else { key };
+        let hashed = core.hashed(key, &mut scratch.keybuf)?;
         let i = core.route(hashed)?;
+        Ok(&core.labels[i])
+    }
+
+    /// The server `key` belongs to with every server up: where it goes back to when ejected
+    /// servers rejoin (with [`remove_failed_servers`](ClientBuilder::remove_failed_servers),
+    /// [`server_for_key`](Self::server_for_key) names another server meanwhile).
+    ///
+    /// # Errors
+    /// An invalid key, or no server.
+    pub fn home_server_for_key(&mut self, key: &[u8]) -> Result<&str> {
+        let Client { core, scratch } = self;
+        let hashed = core.hashed(key, &mut scratch.keybuf)?;
+        let i = core.ring.pick_home(hashed).ok_or(Error::NoServers)?;
         Ok(&core.labels[i])
     }
 
@@ -775,6 +786,14 @@ impl Client {
 
 /// Retrieval options asking for the CAS unique.
 impl Core {
+    /// The bytes the ring hashes for a user key: the key, or the namespaced key when the
+    /// namespace is hashed with it. Validates the key.
+    fn hashed<'k>(&self, key: &'k [u8], keybuf: &'k mut Vec<u8>) -> Result<&'k [u8]> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (_, raw) = wire_key(&self.namespace, key, binary_keys, keybuf)?;
+        Ok(if self.hash_with_namespace { raw } else { key })
+    }
+
     /// The server for a key: `Err` if there is none or it is ejected.
     pub(super) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
         self.health.maybe_rejoin(&mut self.ring);

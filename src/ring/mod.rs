@@ -8,6 +8,8 @@
 mod hash;
 mod ketama;
 
+use std::sync::Arc;
+
 pub use hash::HashFn;
 
 /// How keys are spread over servers.
@@ -83,6 +85,8 @@ pub struct Continuum {
     live: Vec<bool>,
     /// Sorted (point, server index); empty for modula.
     points: Vec<(u32, u32)>,
+    /// The same with every server live: where keys go back when ejected servers rejoin.
+    home_points: Arc<[(u32, u32)]>,
 }
 
 impl Continuum {
@@ -94,8 +98,10 @@ impl Continuum {
             servers: servers.to_vec(),
             live: vec![true; servers.len()],
             points: Vec::new(),
+            home_points: Arc::from(Vec::new()),
         };
         c.rebuild();
+        c.home_points = Arc::from(c.points.clone());
         c
     }
 
@@ -158,6 +164,18 @@ impl Continuum {
         }
     }
 
+    /// The server `key` belongs to with every server live: where it goes back to when the
+    /// servers that are out of the continuum rejoin. The same as [`pick`](Self::pick) while
+    /// all are live.
+    pub fn pick_home(&self, key: &[u8]) -> Option<usize> {
+        match (self.servers.len(), self.dist) {
+            (0, _) => None,
+            (1, _) => Some(0),
+            (_, Distribution::Modula) => self.pick(key),
+            _ => Some(on_points(&self.home_points, self.key_hash.hash(key))),
+        }
+    }
+
     /// The server owning hash `h` on the continuum: the first point >= h, wrapping around.
     pub fn pick_hash(&self, h: u32) -> Option<usize> {
         if self.points.is_empty() {
@@ -168,10 +186,15 @@ impl Continuum {
                 _ => None,
             };
         }
-        let i = self.points.partition_point(|p| p.0 < h);
-        let i = if i == self.points.len() { 0 } else { i };
-        Some(self.points[i].1 as usize)
+        Some(on_points(&self.points, h))
     }
+}
+
+/// The server of the first point >= `h` of a non-empty continuum, wrapping around.
+fn on_points(points: &[(u32, u32)], h: u32) -> usize {
+    let i = points.partition_point(|p| p.0 < h);
+    let i = if i == points.len() { 0 } else { i };
+    points[i].1 as usize
 }
 
 #[cfg(test)]
@@ -245,6 +268,24 @@ mod tests {
                 servers.len()
             );
         }
+    }
+
+    /// A server out of the continuum moves its keys (`pick`) but not their home.
+    #[test]
+    fn home_ignores_servers_out_of_the_continuum() {
+        let mut ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &pool_a());
+        let keys: Vec<String> = (0..500).map(|i| format!("key:{i}")).collect();
+        let before: Vec<_> = keys.iter().map(|k| ring.pick(k.as_bytes())).collect();
+        ring.set_live(1, false);
+        let mut moved = 0;
+        for (k, b) in keys.iter().zip(&before) {
+            assert_eq!(ring.pick_home(k.as_bytes()), *b);
+            if *b == Some(1) {
+                assert_ne!(ring.pick(k.as_bytes()), Some(1));
+                moved += 1;
+            }
+        }
+        assert!(moved > 0);
     }
 
     #[test]

@@ -24,9 +24,12 @@
 //!   Clients on different protocols can therefore share one cache.
 //! - **Cache failures**: every call still succeeds from the master; the error is counted. A
 //!   delete that failed is remembered (up to a bound) and the key is not read from the cache
-//!   until a replayed delete succeeds; past the bound, the cache is bypassed until a
-//!   `flush_all` succeeds. So a server that was frozen during a write cannot serve the old
-//!   content afterwards.
+//!   until a replayed delete succeeds; past the bound, the failed server is bypassed until a
+//!   flush of the server that failed succeeds (only that server is flushed). So a server
+//!   that was frozen during a write cannot serve the old content afterwards.
+//! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
+//!   ejected (its keys moved) makes that server distrusted until a flush of it succeeds, so it
+//!   never serves an old entry when it rejoins.
 //! - Content larger than the cache's item size is marked *too large* in the cache and served
 //!   from the master, without error.
 //! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
@@ -196,7 +199,8 @@ struct Pending {
 
 /// What a replay is to do: flush overflowed servers, or replay records.
 enum Replay {
-    Keys(Vec<(String, u64)>),
+    /// Records: key, generation, the server that failed.
+    Keys(Vec<(String, u64, Option<String>)>),
     Flush(Vec<(Option<String>, u64)>),
 }
 
@@ -243,7 +247,7 @@ impl Pending {
             self.keys
                 .iter()
                 .take(batch)
-                .map(|(k, (g, _))| (k.clone(), *g))
+                .map(|(k, (g, s))| (k.clone(), *g, s.clone()))
                 .collect(),
         )
     }
@@ -253,6 +257,14 @@ impl Pending {
         if self.keys.get(key).is_some_and(|(g, _)| *g == gen) {
             self.keys.remove(key);
         }
+    }
+
+    /// `server` may hold entries that were not invalidated (it was out of the ring while they
+    /// were written, or a key of a failed invalidation has moved off it): it is distrusted
+    /// until a flush of it succeeds.
+    fn distrust_server(&mut self, server: String) {
+        self.next_gen += 1;
+        self.overflow.insert(Some(server), self.next_gen);
     }
 
     /// A flush of `server` (`None`: all) taken at generation `gen` succeeded.
@@ -494,12 +506,29 @@ impl MemcacheStorage {
             }
             // One pipelined delete per server for the whole batch. If any server failed, the
             // batch stays pending: deleting again is harmless.
-            Replay::Keys(keys) => {
-                let names: Vec<&[u8]> = keys.iter().map(|(k, _)| k.as_bytes()).collect();
+            Replay::Keys(mut keys) => {
+                // A key that no longer routes to the server that failed (it was ejected and
+                // its keys moved) cannot be deleted there by key: that server is flushed
+                // before it is trusted again instead.
+                keys.retain(|(key, gen, failed)| {
+                    let Some(failed) = failed else {
+                        return true;
+                    };
+                    match c.server_for_key(key.as_bytes()) {
+                        Ok(now) if now != failed => {
+                            let mut p = self.lock_pending();
+                            p.distrust_server(failed.clone());
+                            p.replayed(key, *gen);
+                            false
+                        }
+                        _ => true,
+                    }
+                });
+                let names: Vec<&[u8]> = keys.iter().map(|(k, ..)| k.as_bytes()).collect();
                 match c.delete_multi(&names) {
                     Ok(_) => {
                         let mut p = self.lock_pending();
-                        for (key, gen) in &keys {
+                        for (key, gen, _) in &keys {
                             p.replayed(key, *gen);
                         }
                     }
@@ -740,6 +769,17 @@ impl MemcacheStorage {
                 self.cache_failed(&e);
                 self.remember(k.clone(), e.server());
             }
+            // The key's own server is out of the ring (its keys moved meanwhile): it may
+            // still hold the old entry, so it is distrusted, and flushed before it serves
+            // reads again.
+            if let (Ok(home), Ok(now)) = (
+                c.home_server_for_key(k.as_bytes()).map(str::to_string),
+                c.server_for_key(k.as_bytes()),
+            ) {
+                if home != now {
+                    self.lock_pending().distrust_server(home);
+                }
+            }
         }
     }
 }
@@ -874,7 +914,7 @@ mod tests {
             panic!("no overflow")
         };
         p.record("k".into(), Some("a"), 10); // a writer fails again while the replay runs
-        for (k, gen) in taken {
+        for (k, gen, _) in taken {
             p.replayed(&k, gen);
         }
         assert!(
@@ -884,7 +924,7 @@ mod tests {
         let Replay::Keys(taken) = p.take(10) else {
             panic!("no overflow")
         };
-        for (k, gen) in taken {
+        for (k, gen, _) in taken {
             p.replayed(&k, gen);
         }
         assert!(p.is_empty());
