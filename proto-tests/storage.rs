@@ -920,6 +920,15 @@ fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v1");
     s.put_content(&info, "v2".into()).unwrap(); // invalidated on `other` only
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+    // Meanwhile the key's reads bypass the cache: nothing is filled on the stand-in server,
+    // which a client still routing the key home would not invalidate.
+    let key = format!("{}:c", keys.key("c", Some(&name)));
+    let mut on_other = other.client();
+    assert!(
+        on_other.get(key.as_bytes()).unwrap().is_none(),
+        "filled on the stand-in"
+    );
+    assert!(s.counters().bypassed > 0);
     home.resume();
     // Until the storage reads from `home` again (it rejoined, and was flushed first), every
     // read sees v2.

@@ -692,7 +692,7 @@ impl MemcacheStorage {
             };
             if waiting_until.is_none() {
                 self.replay(&mut c);
-                if self.distrusted(&mut c, &key) {
+                if self.distrusted(&mut c, &key) || moved(&mut c, &key) {
                     bump(&self.counters.bypassed);
                     return self.master_get(m, info, part);
                 }
@@ -856,6 +856,21 @@ impl Storage for MemcacheStorage {
 
     fn shutdown(&self) -> Result<()> {
         self.settings.master.shutdown()
+    }
+}
+
+/// Whether `key` is routed away from its own server (ejected, with `remove_failed_servers`).
+/// Such reads bypass the cache: an entry filled on the stand-in server could outlive a write
+/// made through a client that still routes the key home, so the stand-in never holds one.
+fn moved(c: &mut Client, key: &str) -> bool {
+    let ring = c.continuum();
+    if (0..ring.servers().len()).all(|i| ring.is_live(i)) {
+        return false; // the common case: nothing moved
+    }
+    let home = c.home_server_for_key(key.as_bytes()).map(str::to_string);
+    match (home, c.server_for_key(key.as_bytes())) {
+        (Ok(home), Ok(now)) => home != now,
+        _ => false,
     }
 }
 
