@@ -953,6 +953,55 @@ fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
     assert!(s.counters().hits > hits, "the cache serves the entry again");
 }
 
+/// #16, scenario 3: a failed invalidation is kept in the master's invalidation log (a folder
+/// of `FsStorage`), so another process (here another storage on the same folder, after the
+/// first one is gone) does not serve the stale entry, and replays it (before: the record
+/// lived and died in the first process's memory, and the other read the old content).
+#[test]
+fn failed_invalidations_are_seen_by_other_processes_and_survive_a_crash() {
+    let root = TempDir::new("mcstore-log");
+    let mc = Memcached::start();
+    // One failure ejects the server for long: the write's delete is then never sent (a
+    // delete sent to a frozen server would still run when it resumes).
+    let ejecting = Client::builder()
+        .server(mc.addr())
+        .io_timeout(Duration::from_millis(100))
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_secs(600));
+    let first = MemcacheStorage::new(
+        Pool::new(ejecting, 1).unwrap(),
+        Arc::new(FsStorage::open(&root.path).unwrap()),
+    );
+    first.create_container("c").unwrap();
+    let info = first.info("c", Some("r")).unwrap();
+    first.put_content(&info, "v1".into()).unwrap();
+    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // cached
+    mc.freeze();
+    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // times out: ejected
+    mc.resume();
+    first.put_content(&info, "v2".into()).unwrap(); // the master takes it; no delete is sent
+    assert_eq!(first.pending_invalidations(), 1);
+    drop(first); // the process is gone, and its memory with it
+    let journal = root.path.join("~invalidations");
+    assert_eq!(
+        std::fs::read_dir(&journal).unwrap().count(),
+        1,
+        "recorded durably"
+    );
+    let other = MemcacheStorage::new(pool(&mc), Arc::new(FsStorage::open(&root.path).unwrap()));
+    support::wait_for("the other process to replay the record", || {
+        assert_eq!(
+            &other.get_content(&info).unwrap()[..],
+            b"v2",
+            "stale in another process"
+        );
+        std::fs::read_dir(&journal).unwrap().count() == 0
+    });
+    assert_eq!(&other.get_content(&info).unwrap()[..], b"v2"); // filled again
+    assert_eq!(&other.get_content(&info).unwrap()[..], b"v2");
+    assert!(other.counters().hits > 0, "{:?}", other.counters());
+}
+
 /// What a reader may see: the write sequence of one resource.
 #[derive(Default)]
 struct Oracle {

@@ -4,6 +4,10 @@
 //! each name percent-encoded (see [`FsStorage`]). Writes go to a temporary file in the same
 //! folder, which is fsynced, renamed over the target, and the folder fsynced: a crash at any
 //! point leaves the old or the new file, never a torn one.
+//!
+//! It keeps the [`InvalidationLog`](super::InvalidationLog) of caches in front of it in
+//! `root/~invalidations/`: failed cache invalidations, durable and shared by every process
+//! that opens the same root.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -12,14 +16,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
 
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
 use super::{
-    ext_matches, split_path, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+    ext_matches, split_path, validate_name, Content, InvalidationLog, LogEntry, Part, ResourceInfo,
+    ResourceIter, Storage,
 };
 
 const CONTENT: &str = "~c";
+/// The invalidation log's folder under the root (encoded names cannot contain `~`).
+const JOURNAL: &str = "~invalidations";
 const META: &str = "~m";
 /// Temporary files are `~t.<pid>.<n>`: short whatever the resource's name, unique across the
 /// storages of a process (`n` is process-wide) and across processes (the pid), and never a
@@ -390,12 +399,123 @@ impl Storage for FsStorage {
         // Every write is durable when it returns; nothing is held open.
         Ok(())
     }
+
+    fn invalidation_log(&self) -> Option<&dyn InvalidationLog> {
+        Some(self)
+    }
+}
+
+/// The invalidation log is a folder, `root/~invalidations/` (a name no collection can have):
+/// one folder per key, named by the hex SHA-256 of the key, holding one file per record
+/// (`<pid>.<n>`, the key inside). A key is pending while its folder exists; a replay removes
+/// the files it saw, then the folder, which fails (and so stays) if a record came meanwhile.
+impl FsStorage {
+    fn journal(&self) -> PathBuf {
+        self.root.join(JOURNAL)
+    }
+
+    fn journal_dir(&self, key: &str) -> PathBuf {
+        let mut name = String::with_capacity(64);
+        for b in Sha256::digest(key.as_bytes()) {
+            let _ = write!(name, "{b:02x}");
+        }
+        self.journal().join(name)
+    }
+}
+
+impl InvalidationLog for FsStorage {
+    fn record(&self, key: &str) -> Result<()> {
+        let dir = self.journal_dir(key);
+        let err = |e| io_err(format!("record an invalidation in {}", dir.display()), e);
+        fs::create_dir_all(&dir).map_err(err)?;
+        let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let file = dir.join(format!("{}.{n}", std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(err)?;
+        f.write_all(key.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        sync_dir(&dir)?;
+        sync_dir(&self.journal())
+    }
+
+    fn contains(&self, key: &str) -> Result<bool> {
+        Ok(self.journal_dir(key).is_dir())
+    }
+
+    fn pending(&self, limit: usize) -> Result<Vec<LogEntry>> {
+        let journal = self.journal();
+        let dirs = match fs::read_dir(&journal) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(format!("list {}", journal.display()), e)),
+        };
+        let mut out = Vec::new();
+        for dir in dirs.flatten().take(limit) {
+            let Ok(files) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            let records: Vec<PathBuf> = files.flatten().map(|f| f.path()).collect();
+            let Some(key) = records.iter().find_map(|f| fs::read_to_string(f).ok()) else {
+                // Empty (its last replay is finishing): nothing to replay.
+                let _ = fs::remove_dir(dir.path());
+                continue;
+            };
+            let records = records
+                .iter()
+                .filter_map(|f| f.file_name()?.to_str().map(str::to_string))
+                .collect();
+            out.push(LogEntry { key, records });
+        }
+        Ok(out)
+    }
+
+    fn replayed(&self, entry: &LogEntry) -> Result<()> {
+        let dir = self.journal_dir(&entry.key);
+        for r in &entry.records {
+            match fs::remove_file(dir.join(r)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("remove a record in {}", dir.display()), e)),
+            }
+        }
+        // Fails while a newer record is there: the key stays pending.
+        if fs::remove_dir(&dir).is_ok() {
+            sync_dir(&self.journal())?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A record added while its key is being replayed stays in the log.
+    #[test]
+    fn invalidation_log_keeps_a_record_added_during_a_replay() {
+        let dir = std::env::temp_dir().join(format!("mcstore-log-{}", std::process::id()));
+        let s = FsStorage::open(&dir).unwrap();
+        let log: &dyn InvalidationLog = &s;
+        assert!(!log.contains("k").unwrap());
+        log.record("k").unwrap();
+        assert!(log.contains("k").unwrap());
+        let taken = log.pending(10).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].key, "k");
+        log.record("k").unwrap(); // a writer fails again meanwhile
+        log.replayed(&taken[0]).unwrap();
+        assert!(log.contains("k").unwrap(), "the newer record stays");
+        for entry in log.pending(10).unwrap() {
+            log.replayed(&entry).unwrap();
+        }
+        assert!(!log.contains("k").unwrap());
+        assert!(log.pending(10).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn encoding_examples() {

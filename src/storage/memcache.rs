@@ -23,8 +23,10 @@
 //!   key, such as a meta lease placeholder (flags 0), is treated as absent and not overwritten.
 //!   Clients on different protocols can therefore share one cache.
 //! - **Cache failures**: every call still succeeds from the master; the error is counted. A
-//!   delete that failed is remembered (up to a bound) and the key is not read from the cache
-//!   until a replayed delete succeeds; past the bound, the failed server is bypassed until a
+//!   delete that failed is remembered (up to a bound, in this process, and durably in the
+//!   master's [`InvalidationLog`] when it keeps one, where every process sharing the master
+//!   sees it and any of them replays it) and the key is not read from the cache until a
+//!   replayed delete succeeds; past the bound, the failed server is bypassed until a
 //!   flush of the server that failed succeeds (only that server is flushed). So a server
 //!   that was frozen during a write cannot serve the old content afterwards.
 //! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
@@ -46,7 +48,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::error::Result;
-use super::{validate_name, Content, Part, ResourceInfo, ResourceIter, Storage};
+use super::{validate_name, Content, InvalidationLog, Part, ResourceInfo, ResourceIter, Storage};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 
@@ -466,14 +468,29 @@ impl MemcacheStorage {
     }
 
     /// Remembers a failed invalidation.
+    /// Remembers a failed invalidation: in this process, and in the master's invalidation log
+    /// if it keeps one, where every process sees it and it survives a crash.
     fn remember(&self, key: String, server: Option<&str>) {
+        if let Some(log) = self.settings.master.invalidation_log() {
+            if let Err(e) = log.record(&key) {
+                self.cache_failed(&e);
+            }
+        }
         self.lock_pending().record(key, server, MAX_PENDING);
     }
 
-    /// True if `key` must not be read from the cache (an invalidation is pending).
+    /// True if `key` must not be read from the cache (an invalidation is pending, here or in
+    /// the master's log).
     fn distrusted(&self, c: &mut Client, key: &str) -> bool {
         let server = || c.server_for_key(key.as_bytes()).ok().map(str::to_string);
-        self.lock_pending().distrusts(key, server)
+        if self.lock_pending().distrusts(key, server) {
+            return true;
+        }
+        match self.settings.master.invalidation_log() {
+            // A log that cannot be read cannot vouch for the entry.
+            Some(log) => log.contains(key).unwrap_or(true),
+            None => false,
+        }
     }
 
     /// Replays failed invalidations, at most every [`REPLAY_EVERY`] and at most
@@ -481,15 +498,19 @@ impl MemcacheStorage {
     fn replay(&self, c: &mut Client) {
         let replay = {
             let mut p = self.lock_pending();
-            if p.is_empty() {
-                return;
-            }
             let now = Instant::now();
             if p.last_replay.is_some_and(|t| now - t < REPLAY_EVERY) {
                 return;
             }
             p.last_replay = Some(now);
-            p.take(REPLAY_BATCH)
+            (!p.is_empty()).then(|| p.take(REPLAY_BATCH))
+        };
+        // Records of every process, in the master's log (this one's included).
+        if let Some(log) = self.settings.master.invalidation_log() {
+            self.replay_log(c, log);
+        }
+        let Some(replay) = replay else {
+            return;
         };
         match replay {
             Replay::Flush(servers) => {
@@ -534,6 +555,25 @@ impl MemcacheStorage {
                     }
                     Err(e) => self.cache_failed(&e),
                 }
+            }
+        }
+    }
+
+    /// Replays up to [`REPLAY_BATCH`] keys of the master's invalidation log: one pipelined
+    /// delete, then their records are removed (those added meanwhile stay).
+    fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog) {
+        let entries = match log.pending(REPLAY_BATCH) {
+            Ok(e) if e.is_empty() => return,
+            Ok(e) => e,
+            Err(e) => return self.cache_failed(&e),
+        };
+        let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_bytes()).collect();
+        if let Err(e) = c.delete_multi(&keys) {
+            return self.cache_failed(&e);
+        }
+        for entry in &entries {
+            if let Err(e) = log.replayed(entry) {
+                self.cache_failed(&e);
             }
         }
     }

@@ -182,6 +182,35 @@ pub trait Storage: Send + Sync {
     fn persist(&self, paths: &[&str]) -> Result<()>;
     /// Releases what the storage holds; later calls may fail.
     fn shutdown(&self) -> Result<()>;
+    /// Where this storage keeps failed cache invalidations durably, for every process that
+    /// uses it (see [`InvalidationLog`]); `None` (the default) if it keeps none.
+    fn invalidation_log(&self) -> Option<&dyn InvalidationLog> {
+        None
+    }
+}
+
+/// Failed cache invalidations, kept by a master storage where every process that uses it sees
+/// them: a cache in front of the master does not serve an entry with a record here, and any
+/// process replays the records (deletes the entries) and removes them. A record added while
+/// an entry is being replayed stays.
+pub trait InvalidationLog: Send + Sync {
+    /// Records that the cache entry `key` may be stale. Durable when this returns.
+    fn record(&self, key: &str) -> Result<()>;
+    /// Whether `key` has a record not replayed yet.
+    fn contains(&self, key: &str) -> Result<bool>;
+    /// Up to `limit` keys with records, each with the records it covers now.
+    fn pending(&self, limit: usize) -> Result<Vec<LogEntry>>;
+    /// `entry` was replayed: removes the records it covered (not those added since).
+    fn replayed(&self, entry: &LogEntry) -> Result<()>;
+}
+
+/// A key with failed invalidations, as [`InvalidationLog::pending`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The cache key.
+    pub key: String,
+    /// The records it covers, in the log's own terms.
+    pub records: Vec<String>,
 }
 
 /// Longest accepted name, in bytes (before any encoding).
