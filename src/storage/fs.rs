@@ -424,12 +424,13 @@ impl FsStorage {
 }
 
 impl InvalidationLog for FsStorage {
-    fn record(&self, key: &str) -> Result<()> {
+    fn record(&self, key: &str) -> Result<String> {
         let dir = self.journal_dir(key);
         let err = |e| io_err(format!("record an invalidation in {}", dir.display()), e);
         fs::create_dir_all(&dir).map_err(err)?;
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let file = dir.join(format!("{}.{n}", std::process::id()));
+        let name = format!("{}.{n}", std::process::id());
+        let file = dir.join(&name);
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -438,7 +439,8 @@ impl InvalidationLog for FsStorage {
         f.write_all(key.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         sync_dir(&dir)?;
-        sync_dir(&self.journal())
+        sync_dir(&self.journal())?;
+        Ok(name)
     }
 
     fn contains(&self, key: &str) -> Result<bool> {

@@ -48,7 +48,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::error::Result;
-use super::{validate_name, Content, InvalidationLog, Part, ResourceInfo, ResourceIter, Storage};
+use super::{
+    validate_name, Content, InvalidationLog, LogEntry, Part, ResourceInfo, ResourceIter, Storage,
+};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
 
@@ -793,21 +795,67 @@ impl MemcacheStorage {
         }
     }
 
+    /// A master write, then the invalidation of its cache entry, whatever the master returned
+    /// (a write can land and still report an error: an fsync after the rename, a remote
+    /// commit whose answer timed out; a remove that found nothing still invalidates, the
+    /// cache might hold it). With a master that keeps an [`InvalidationLog`], a record goes
+    /// there first (durable before the master write) and is removed once the entry is
+    /// deleted: a process killed between its master write and its delete leaves it for any
+    /// other process to replay, and readers meanwhile read the master.
+    fn write_through(
+        &self,
+        info: &ResourceInfo,
+        part: Part,
+        write: impl FnOnce(&dyn Storage, &ResourceInfo) -> Result<()>,
+    ) -> Result<()> {
+        let master = &*self.settings.master;
+        let mi = self.master_info(master, info)?;
+        let key = self.key(info, part);
+        let intent = match (&key, master.invalidation_log()) {
+            (Some(k), Some(log)) => match log.record(k) {
+                Ok(record) => Some((log, record)),
+                Err(e) => {
+                    self.cache_failed(&e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let r = write(master, &mi);
+        if let Some(key) = key {
+            if self.invalidate(std::slice::from_ref(&key)) {
+                if let Some((log, record)) = intent {
+                    let done = LogEntry {
+                        key,
+                        records: vec![record],
+                    };
+                    if let Err(e) = log.replayed(&done) {
+                        self.cache_failed(&e);
+                    }
+                }
+            }
+        }
+        r
+    }
+
     /// Deletes the cache entries of a resource after a master write; failures are remembered.
-    fn invalidate(&self, keys: &[String]) {
+    /// Returns whether every delete succeeded.
+    fn invalidate(&self, keys: &[String]) -> bool {
         let Some(mut c) = self.checkout() else {
             for k in keys {
                 self.remember(k.clone(), None);
             }
-            return;
+            return false;
         };
         self.replay(&mut c);
+        let mut all = true;
         for k in keys {
             // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
             // be served to text and binary readers of the same cache.
             if let Err(e) = c.delete(k.as_bytes()) {
                 self.cache_failed(&e);
                 self.remember(k.clone(), e.server());
+                all = false;
             }
             // The key's own server is out of the ring (its keys moved meanwhile): it may
             // still hold the old entry, so it is distrusted, and flushed before it serves
@@ -821,6 +869,7 @@ impl MemcacheStorage {
                 }
             }
         }
+        all
     }
 }
 
@@ -830,24 +879,11 @@ impl Storage for MemcacheStorage {
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let mi = self.master_info(&*self.settings.master, info)?;
-        let r = self.settings.master.put(&mi, part, data);
-        // Whatever the master returned: a write can land and still report an error (an fsync
-        // after the rename, a remote commit whose answer timed out).
-        if let Some(key) = self.key(info, part) {
-            self.invalidate(&[key]);
-        }
-        r
+        self.write_through(info, part, |m, mi| m.put(mi, part, data))
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let mi = self.master_info(&*self.settings.master, info)?;
-        let r = self.settings.master.remove(&mi, part);
-        // Invalidate even if the master had nothing: the cache might.
-        if let Some(key) = self.key(info, part) {
-            self.invalidate(&[key]);
-        }
-        r
+        self.write_through(info, part, |m, mi| m.remove(mi, part))
     }
 
     fn create_container(&self, collection: &str) -> Result<()> {

@@ -194,8 +194,9 @@ pub trait Storage: Send + Sync {
 /// process replays the records (deletes the entries) and removes them. A record added while
 /// an entry is being replayed stays.
 pub trait InvalidationLog: Send + Sync {
-    /// Records that the cache entry `key` may be stale. Durable when this returns.
-    fn record(&self, key: &str) -> Result<()>;
+    /// Records that the cache entry `key` may be stale; returns the record's name (for
+    /// [`replayed`](Self::replayed)). Durable when this returns.
+    fn record(&self, key: &str) -> Result<String>;
     /// Whether `key` has a record not replayed yet.
     fn contains(&self, key: &str) -> Result<bool>;
     /// Up to `limit` keys with records, each with the records it covers now.
