@@ -29,6 +29,8 @@ use super::{
 const CONTENT: &str = "~c";
 /// The invalidation log's folder under the root (encoded names cannot contain `~`).
 const JOURNAL: &str = "~invalidations";
+/// Prefix of an intent record (written before a master write).
+const INTENT: &str = "w";
 const META: &str = "~m";
 /// Temporary files are `~t.<pid>.<n>`: short whatever the resource's name, unique across the
 /// storages of a process (`n` is process-wide) and across processes (the pid), and never a
@@ -423,13 +425,14 @@ impl FsStorage {
     }
 }
 
-impl InvalidationLog for FsStorage {
-    fn record(&self, key: &str) -> Result<String> {
+impl FsStorage {
+    /// Writes a record of `key`, `<prefix><pid>.<n>`, durably.
+    fn write_record(&self, key: &str, prefix: &str) -> Result<String> {
         let dir = self.journal_dir(key);
         let err = |e| io_err(format!("record an invalidation in {}", dir.display()), e);
         fs::create_dir_all(&dir).map_err(err)?;
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.{n}", std::process::id());
+        let name = format!("{prefix}{}.{n}", std::process::id());
         let file = dir.join(&name);
         let mut f = OpenOptions::new()
             .write(true)
@@ -441,6 +444,25 @@ impl InvalidationLog for FsStorage {
         sync_dir(&dir)?;
         sync_dir(&self.journal())?;
         Ok(name)
+    }
+}
+
+/// Whether a record may be replayed now: not an intent of a live process.
+fn replayable(record: &str) -> bool {
+    let Some(intent) = record.strip_prefix(INTENT) else {
+        return true;
+    };
+    let pid: Option<u32> = intent.split_once('.').and_then(|(p, _)| p.parse().ok());
+    pid.map_or(true, |pid| !process_alive(pid))
+}
+
+impl InvalidationLog for FsStorage {
+    fn record(&self, key: &str) -> Result<String> {
+        self.write_record(key, "")
+    }
+
+    fn intend(&self, key: &str) -> Result<String> {
+        self.write_record(key, INTENT)
     }
 
     fn contains(&self, key: &str) -> Result<bool> {
@@ -465,11 +487,14 @@ impl InvalidationLog for FsStorage {
                 let _ = fs::remove_dir(dir.path());
                 continue;
             };
-            let records = records
+            let records: Vec<String> = records
                 .iter()
                 .filter_map(|f| f.file_name()?.to_str().map(str::to_string))
+                .filter(|r| replayable(r))
                 .collect();
-            out.push(LogEntry { key, records });
+            if !records.is_empty() {
+                out.push(LogEntry { key, records });
+            }
         }
         Ok(out)
     }
@@ -495,6 +520,25 @@ impl InvalidationLog for FsStorage {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// An intent of a live process (this one) is distrusted but not replayed: its write is in
+    /// flight.
+    #[test]
+    fn invalidation_log_does_not_replay_a_live_intent() {
+        let dir = std::env::temp_dir().join(format!("mcstore-intent-{}", std::process::id()));
+        let s = FsStorage::open(&dir).unwrap();
+        let log: &dyn InvalidationLog = &s;
+        let intent = log.intend("k").unwrap();
+        assert!(log.contains("k").unwrap());
+        assert!(log.pending(10).unwrap().is_empty());
+        log.replayed(&LogEntry {
+            key: "k".into(),
+            records: vec![intent],
+        })
+        .unwrap();
+        assert!(!log.contains("k").unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A record added while its key is being replayed stays in the log.
     #[test]

@@ -564,11 +564,17 @@ impl MemcacheStorage {
     /// Replays up to [`REPLAY_BATCH`] keys of the master's invalidation log: one pipelined
     /// delete, then their records are removed (those added meanwhile stay).
     fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog) {
-        let entries = match log.pending(REPLAY_BATCH) {
+        let mut entries = match log.pending(REPLAY_BATCH) {
             Ok(e) if e.is_empty() => return,
             Ok(e) => e,
             Err(e) => return self.cache_failed(&e),
         };
+        // A key routed away from its own server cannot be deleted there from here: left for
+        // a process (or a later replay) that routes it home.
+        entries.retain(|e| !moved(c, &e.key));
+        if entries.is_empty() {
+            return;
+        }
         let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_bytes()).collect();
         if let Err(e) = c.delete_multi(&keys) {
             return self.cache_failed(&e);
@@ -734,10 +740,11 @@ impl MemcacheStorage {
             };
             if waiting_until.is_none() {
                 self.replay(&mut c);
-                if self.distrusted(&mut c, &key) || moved(&mut c, &key) {
-                    bump(&self.counters.bypassed);
-                    return self.master_get(m, info, part);
-                }
+            }
+            // On every checkout: another pooled client may route the key differently.
+            if self.distrusted(&mut c, &key) || moved(&mut c, &key) {
+                bump(&self.counters.bypassed);
+                return self.master_get(m, info, part);
             }
             match self.lookup(&mut c, &key) {
                 Ok(Lookup::Wait) => {
@@ -812,7 +819,7 @@ impl MemcacheStorage {
         let mi = self.master_info(master, info)?;
         let key = self.key(info, part);
         let intent = match (&key, master.invalidation_log()) {
-            (Some(k), Some(log)) => match log.record(k) {
+            (Some(k), Some(log)) => match log.intend(k) {
                 Ok(record) => Some((log, record)),
                 Err(e) => {
                     self.cache_failed(&e);
@@ -823,15 +830,21 @@ impl MemcacheStorage {
         };
         let r = write(master, &mi);
         if let Some(key) = key {
-            if self.invalidate(std::slice::from_ref(&key)) {
-                if let Some((log, record)) = intent {
-                    let done = LogEntry {
-                        key,
-                        records: vec![record],
-                    };
-                    if let Err(e) = log.replayed(&done) {
+            let done = self.invalidate(std::slice::from_ref(&key));
+            if let Some((log, intent)) = intent {
+                // Not deleted everywhere it matters: a record any process may replay now
+                // (the intent is not replayed while this process lives).
+                if !done {
+                    if let Err(e) = log.record(&key) {
                         self.cache_failed(&e);
                     }
+                }
+                let entry = LogEntry {
+                    key,
+                    records: vec![intent],
+                };
+                if let Err(e) = log.replayed(&entry) {
+                    self.cache_failed(&e);
                 }
             }
         }
@@ -839,7 +852,7 @@ impl MemcacheStorage {
     }
 
     /// Deletes the cache entries of a resource after a master write; failures are remembered.
-    /// Returns whether every delete succeeded.
+    /// Returns whether every entry was deleted on its own server.
     fn invalidate(&self, keys: &[String]) -> bool {
         let Some(mut c) = self.checkout() else {
             for k in keys {
@@ -866,6 +879,9 @@ impl MemcacheStorage {
             ) {
                 if home != now {
                     self.lock_pending().distrust_server(home);
+                    // Not done where it matters to clients still routing the key home: a
+                    // write-ahead record stays in the log for one of them to replay.
+                    all = false;
                 }
             }
         }

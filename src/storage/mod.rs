@@ -197,9 +197,16 @@ pub trait InvalidationLog: Send + Sync {
     /// Records that the cache entry `key` may be stale; returns the record's name (for
     /// [`replayed`](Self::replayed)). Durable when this returns.
     fn record(&self, key: &str) -> Result<String>;
+    /// Records, before a master write, that the cache entry `key` is about to change; returns
+    /// the record's name. Such a record makes readers distrust the entry like any other, but
+    /// is not replayed while the process that wrote it lives (its write is in flight: a
+    /// replay now could run before the master write); after a crash it is. Durable when this
+    /// returns.
+    fn intend(&self, key: &str) -> Result<String>;
     /// Whether `key` has a record not replayed yet.
     fn contains(&self, key: &str) -> Result<bool>;
-    /// Up to `limit` keys with records, each with the records it covers now.
+    /// Up to `limit` keys with records to replay, each with those records (in-flight intents
+    /// of live processes left out).
     fn pending(&self, limit: usize) -> Result<Vec<LogEntry>>;
     /// `entry` was replayed: removes the records it covered (not those added since).
     fn replayed(&self, entry: &LogEntry) -> Result<()>;
