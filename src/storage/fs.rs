@@ -430,15 +430,20 @@ impl FsStorage {
     fn write_record(&self, key: &str, prefix: &str) -> Result<String> {
         let dir = self.journal_dir(key);
         let err = |e| io_err(format!("record an invalidation in {}", dir.display()), e);
-        fs::create_dir_all(&dir).map_err(err)?;
         let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}{}.{n}", std::process::id());
         let file = dir.join(&name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&file)
-            .map_err(err)?;
+        // A replay may remove the key's folder between its creation and the file's (it
+        // removes empty folders): create both again then.
+        let mut attempts = 0;
+        let mut f = loop {
+            fs::create_dir_all(&dir).map_err(err)?;
+            match OpenOptions::new().write(true).create_new(true).open(&file) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 100 => attempts += 1,
+                Err(e) => return Err(err(e)),
+            }
+        };
         f.write_all(key.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         sync_dir(&dir)?;
