@@ -212,17 +212,16 @@ fn chaos() {
     let run = Duration::from_secs(seconds());
     let epoch = std::time::UNIX_EPOCH;
     let until = (epoch.elapsed().unwrap() + run).as_millis();
-    let mut writers: Vec<Child> = (0..WRITERS)
-        .map(|w| {
-            spawn(
-                &format!("writer{w}"),
-                &master.path,
-                &state.path,
-                &list,
-                until,
-            )
-        })
-        .collect();
+    let writer = |w: usize| {
+        spawn(
+            &format!("writer{w}"),
+            &master.path,
+            &state.path,
+            &list,
+            until,
+        )
+    };
+    let mut writers: Vec<Child> = (0..WRITERS).map(writer).collect();
     let readers: Vec<Child> = (0..READERS)
         .map(|_| spawn("reader", &master.path, &state.path, &list, until))
         .collect();
@@ -231,12 +230,12 @@ fn chaos() {
     let mut spawned = WRITERS + READERS;
     let (mut writes, mut failed) = (0u64, 0u64);
     // Faults until the children's deadline, paced (not synchronised) by short pauses.
+    let kinds: Vec<u64> = std::env::var("CHAOS_FAULTS")
+        .map(|k| k.split(',').map(|x| x.parse().unwrap()).collect())
+        .unwrap_or(vec![0, 1, 2]);
     while (epoch.elapsed().unwrap().as_millis()) + 400 < until {
         thread::sleep(Duration::from_millis(50 + rng.below(150)));
         let s = rng.below(servers.len() as u64) as usize;
-        let kinds: Vec<u64> = std::env::var("CHAOS_FAULTS")
-            .map(|k| k.split(',').map(|x| x.parse().unwrap()).collect())
-            .unwrap_or(vec![0, 1, 2]);
         match kinds[rng.below(kinds.len() as u64) as usize] {
             0 => {
                 servers[s].freeze();
@@ -247,16 +246,7 @@ fn chaos() {
             _ => {
                 let w = rng.below(WRITERS as u64) as usize;
                 let _ = writers[w].kill(); // SIGKILL, wherever it is in its write
-                if let Some((ops, _, f)) = result(std::mem::replace(
-                    &mut writers[w],
-                    spawn(
-                        &format!("writer{w}"),
-                        &master.path,
-                        &state.path,
-                        &list,
-                        until,
-                    ),
-                )) {
+                if let Some((ops, _, f)) = result(std::mem::replace(&mut writers[w], writer(w))) {
                     writes += ops;
                     failed += f;
                 }
