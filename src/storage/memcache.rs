@@ -873,16 +873,11 @@ impl MemcacheStorage {
             // The key's own server is out of the ring (its keys moved meanwhile): it may
             // still hold the old entry, so it is distrusted, and flushed before it serves
             // reads again.
-            if let (Ok(home), Ok(now)) = (
-                c.home_server_for_key(k.as_bytes()).map(str::to_string),
-                c.server_for_key(k.as_bytes()),
-            ) {
-                if home != now {
-                    self.lock_pending().distrust_server(home);
-                    // Not done where it matters to clients still routing the key home: a
-                    // write-ahead record stays in the log for one of them to replay.
-                    all = false;
-                }
+            if let Some(home) = moved_from(&mut c, k) {
+                self.lock_pending().distrust_server(home);
+                // Not done where it matters to clients still routing the key home: a record
+                // stays in the log for one of them to replay.
+                all = false;
             }
         }
         all
@@ -955,15 +950,18 @@ impl Storage for MemcacheStorage {
 /// Such reads bypass the cache: an entry filled on the stand-in server could outlive a write
 /// made through a client that still routes the key home, so the stand-in never holds one.
 fn moved(c: &mut Client, key: &str) -> bool {
+    moved_from(c, key).is_some()
+}
+
+/// The key's own server when `key` is routed away from it, `None` otherwise.
+fn moved_from(c: &mut Client, key: &str) -> Option<String> {
     let ring = c.continuum();
     if (0..ring.servers().len()).all(|i| ring.is_live(i)) {
-        return false; // the common case: nothing moved
+        return None; // the common case: nothing moved
     }
-    let home = c.home_server_for_key(key.as_bytes()).map(str::to_string);
-    match (home, c.server_for_key(key.as_bytes())) {
-        (Ok(home), Ok(now)) => home != now,
-        _ => false,
-    }
+    let home = c.home_server_for_key(key.as_bytes()).ok()?.to_string();
+    let now = c.server_for_key(key.as_bytes()).ok()?;
+    (home != now).then_some(home)
 }
 
 /// A resource's info in memcached alone: validated names, and a key that leaves room for the
