@@ -296,6 +296,41 @@ fn restarted_server_rejoins_after_the_retry_timeout(p: Protocol) {
     assert!(counters[1].1.reconnects >= 1);
 }
 
+/// A pool's clients share who is ejected (#16): a server one client found dead is skipped by
+/// the others at once (before, each client learnt it from its own failures and, meanwhile, two
+/// clients of one pool routed a key to two servers), and it rejoins for all of them.
+fn a_pools_clients_share_ejections_and_rejoins(p: Protocol) {
+    let mut servers = three();
+    let b = builder(&servers, p)
+        .distribution(Distribution::Ketama)
+        .server_failure_limit(2)
+        .retry_timeout(Duration::from_millis(500))
+        .remove_failed_servers(true);
+    let pool = mcstore::Pool::new(b, 2).unwrap();
+    let (mut one, mut two) = (pool.get().unwrap(), pool.get().unwrap());
+    let victim = servers[1].addr();
+    let (victim_keys, _) = split(&mut one, &victim, &keys(300));
+    let key = victim_keys[0].as_bytes();
+    one.set(key, b"0", SetOptions::default()).unwrap();
+    servers[1].kill();
+    while one.set(key, b"1", SetOptions::default()).is_err() {
+        if one.server_for_key(key).unwrap() != victim {
+            break;
+        }
+    }
+    // Ejected by `one`; `two` routes the key elsewhere without a failure of its own.
+    assert_ne!(two.server_for_key(key).unwrap(), victim);
+    two.set(key, b"elsewhere", SetOptions::default()).unwrap();
+    assert_eq!(two.server_counters()[1].1.errors, 0);
+    servers[1].restart();
+    wait_for("the restarted server to rejoin", || {
+        two.server_for_key(key).unwrap() == victim
+    });
+    assert_eq!(one.server_for_key(key).unwrap(), victim);
+    one.set(key, b"home", SetOptions::default()).unwrap();
+    assert_eq!(two.get(key).unwrap().unwrap().value, b"home");
+}
+
 fn namespace_is_sent_and_hashed_as_configured(p: Protocol) {
     let servers = three();
     let mut plain = builder(&servers, p)
@@ -353,5 +388,6 @@ for_each_protocol!(
     killed_server_keys_move_when_remove_failed_servers_is_on,
     frozen_server_delays_only_its_own_keys_by_one_timeout,
     restarted_server_rejoins_after_the_retry_timeout,
+    a_pools_clients_share_ejections_and_rejoins,
     namespace_is_sent_and_hashed_as_configured
 );

@@ -16,7 +16,7 @@ use mcstore::storage::{
     Content, FsStorage, KeyGenerator, MemcacheOnlyStorage, MemcacheStorage, MemoryStorage, Part,
     Storage, StorageError,
 };
-use mcstore::{Client, Error, Pool, Protocol};
+use mcstore::{Client, Error, Pool, Protocol, SetOptions};
 use support::{Memcached, TempDir};
 
 fn pool(mc: &Memcached) -> Pool {
@@ -704,6 +704,84 @@ fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
             1,
             "{p:?}: the warm read was a hit: {:?}",
             s.counters()
+        );
+    }
+}
+
+/// Found by the chaos test (stale reads under server restarts): a restarted memcached counts
+/// CAS uniques from 1 again, so the unique of a filling marker taken before a restart can
+/// match another reader's marker after it, and the old reader's `cas` replaced that marker
+/// with its value (an old value, when a write landed in between). A fill now lands only on
+/// the server instance that gave its unique. Reproduced exactly: the reader is held in its
+/// master read while the server restarts and a marker on the new instance gets the same
+/// unique.
+#[test]
+fn a_fill_never_lands_on_a_restarted_server() {
+    const FLAG_VALUE: u32 = 0x4d43_0000;
+    for p in [Protocol::Text, Protocol::Meta] {
+        let mut mc = Memcached::start();
+        let master = Arc::new(TestMaster::default());
+        let builder = Client::builder()
+            .server(mc.addr())
+            .protocol(p)
+            .io_timeout(Duration::from_secs(5));
+        // One client: the reads below reconnect the very client that fills.
+        let pool = Pool::with_checkout_timeout(builder, 1, Duration::from_secs(60)).unwrap();
+        let s = Arc::new(MemcacheStorage::new(pool, master.clone()));
+        s.create_container("c").unwrap();
+        let (info, other) = (
+            s.info("c", Some("r")).unwrap(),
+            s.info("c", Some("other")).unwrap(),
+        );
+        s.put_content(&info, "v1".into()).unwrap();
+        s.put_content(&other, "o".into()).unwrap();
+        let addr = mc.addr();
+        let raw = || Client::builder().server(addr.as_str()).build().unwrap();
+        let mut old = raw();
+        for i in 0..50u32 {
+            old.set(format!("pad{i}").as_bytes(), b"", SetOptions::default())
+                .unwrap();
+        }
+        master.close_gate("r");
+        let reader = {
+            let (s, info) = (s.clone(), info.clone());
+            thread::spawn(move || s.get_content(&info).unwrap())
+        };
+        assert!(
+            master.wait_entered(Duration::from_secs(30)),
+            "{p:?}: no read"
+        );
+        let key = format!("{}:c", KeyGenerator::default().key("c", Some("r")));
+        let ours = old
+            .gets(key.as_bytes())
+            .unwrap()
+            .expect("a marker")
+            .cas
+            .unwrap();
+        mc.restart();
+        // The storage's client finds its connection dead, then reconnects.
+        for _ in 0..2 {
+            assert_eq!(&s.get_content(&other).unwrap()[..], b"o");
+        }
+        // Another reader's marker on the new instance, with the old marker's unique.
+        let mut new = raw();
+        loop {
+            new.set(b"pad", b"", SetOptions::default()).unwrap();
+            let at = new.gets(b"pad").unwrap().unwrap().cas.unwrap();
+            assert!(at < ours, "{p:?}: the new instance's uniques passed {ours}");
+            if at + 1 == ours {
+                break;
+            }
+        }
+        let marker = SetOptions::default().flags(0x4d43_0001).ttl(30);
+        assert!(new.add(key.as_bytes(), b"", marker).unwrap());
+        assert_eq!(new.gets(key.as_bytes()).unwrap().unwrap().cas, Some(ours));
+        master.open_gate();
+        assert_eq!(&reader.join().unwrap()[..], b"v1");
+        let after = new.gets(key.as_bytes()).unwrap();
+        assert!(
+            after.as_ref().map_or(true, |i| i.flags != FLAG_VALUE),
+            "{p:?}: a fill begun before the restart replaced a marker of the new instance: {after:?}"
         );
     }
 }

@@ -168,6 +168,14 @@ pub struct Client {
     scratch: Scratch,
 }
 
+/// One server process: its index in the client's list, its pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerInstance {
+    server: usize,
+    pid: u64,
+    started: u64,
+}
+
 /// What a call works with: the connections and their health, the key distribution, and the
 /// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
 /// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
@@ -185,6 +193,8 @@ pub(crate) struct Core {
     sasl: Option<(String, String)>,
     /// Per server: the connection count at which SASL last succeeded.
     authenticated: Vec<u64>,
+    /// Per server: which process the connection (by count) reaches, once asked.
+    instances: Vec<Option<(u64, ServerInstance)>>,
     /// Next binary opaque.
     opaque: u32,
 }
@@ -403,6 +413,28 @@ impl Client {
         let hashed = core.hashed(key, &mut scratch.keybuf)?;
         let i = core.ring.pick_home(hashed).ok_or(Error::NoServers)?;
         Ok(&core.labels[i])
+    }
+
+    /// Which server process `key`'s connection reaches (connecting if needed; asked with
+    /// `stats` once per connection).
+    ///
+    /// A CAS unique is only good on the process that gave it: a restarted memcached counts
+    /// from 1 again, so an old unique can match a newer item. A `cas` sent after this on the
+    /// same connection (no error in between) reaches the instance this names.
+    pub(crate) fn instance_of_key(&mut self, key: &[u8]) -> Result<ServerInstance> {
+        let Client { core, scratch } = self;
+        let hashed = core.hashed(key, &mut scratch.keybuf)?;
+        let i = core.route(hashed)?;
+        let r = core.instance(i);
+        if let Err(e) = &r {
+            core.health.record_error(i, e, &mut core.ring);
+        }
+        r
+    }
+
+    /// Brings this client's view of ejected servers up to date with its pool's.
+    pub(crate) fn refresh_health(&mut self) {
+        self.core.health.maybe_rejoin(&mut self.core.ring);
     }
 
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
@@ -835,6 +867,43 @@ impl Core {
         let r = f(self, i, wire);
         self.health.record(i, &r, &mut self.ring);
         r
+    }
+
+    /// [`Client::instance_of_key`] for server `i`.
+    fn instance(&mut self, i: usize) -> Result<ServerInstance> {
+        self.start(i)?; // connected (and authenticated) now, if it was not
+        let conn = self.driver.connects(i);
+        if let Some((at, id)) = self.instances[i] {
+            if at == conn {
+                return Ok(id);
+            }
+        }
+        let (mut pid, mut time, mut uptime) = (None, None, None);
+        self.call(i, &Cmd::Stats(None), None, |o, _| match o {
+            Outcome::Stat(name, value) => {
+                let v = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                match name {
+                    b"pid" => pid = v,
+                    b"time" => time = v,
+                    b"uptime" => uptime = v,
+                    _ => {}
+                }
+                Ok(None)
+            }
+            Outcome::End | Outcome::Ok => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
+        })?;
+        let id = ServerInstance {
+            server: i,
+            // memcached's `time - uptime` is its start time, constant for the process. A
+            // server that reports neither is one instance as far as we can tell.
+            pid: pid.unwrap_or(0),
+            started: time.zip(uptime).map_or(0, |(t, u)| t.saturating_sub(u)),
+        };
+        self.instances[i] = Some((conn, id));
+        Ok(id)
     }
 
     pub(super) fn check_value(&self, value: &[u8]) -> Result<()> {

@@ -1,8 +1,9 @@
 //! [`ClientBuilder`]: servers, distribution, timeouts, failure policy, namespace.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::health::{FailurePolicy, Health};
+use super::health::{FailurePolicy, Health, SharedHealth};
 use super::{Client, Core, Protocol, Scratch};
 use crate::addr::{ServerAddr, ServerSpec};
 use crate::conn::driver::{Driver, DriverConfig};
@@ -48,6 +49,8 @@ pub struct ClientBuilder {
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,
+    /// Set by a pool: its clients share who is ejected.
+    shared_health: Option<Arc<SharedHealth>>,
 }
 
 impl Default for ClientBuilder {
@@ -66,6 +69,7 @@ impl Default for ClientBuilder {
             hash_with_namespace: false,
             protocol: Protocol::Text,
             sasl: None,
+            shared_health: None,
         }
     }
 }
@@ -165,6 +169,12 @@ impl ClientBuilder {
         self
     }
 
+    /// Clients built from here on share `health` (a pool's clients).
+    pub(crate) fn share_health(mut self, health: Arc<SharedHealth>) -> Self {
+        self.shared_health = Some(health);
+        self
+    }
+
     /// Validates the configuration and builds the client. Nothing is connected yet.
     ///
     /// # Errors
@@ -224,6 +234,10 @@ impl ClientBuilder {
             _ => HashFn::OneAtATime,
         });
         let ring = Continuum::new(self.distribution, hash, &ring_servers);
+        let shared_health = match self.shared_health {
+            Some(h) if h.servers() == addrs.len() => h,
+            _ => SharedHealth::new(addrs.len()),
+        };
         let policy = FailurePolicy {
             failure_limit: self.failure_limit,
             retry_timeout: self.retry_timeout,
@@ -232,7 +246,7 @@ impl ClientBuilder {
         Ok(Client {
             core: Core {
                 labels: addrs.iter().map(ToString::to_string).collect(),
-                health: Health::new(addrs.len(), policy),
+                health: Health::new(shared_health, policy),
                 driver,
                 limits: Limits { max_value },
                 ring,
@@ -241,6 +255,7 @@ impl ClientBuilder {
                 protocol: self.protocol,
                 sasl: self.sasl,
                 authenticated: vec![0; addrs.len()],
+                instances: vec![None; addrs.len()],
                 opaque: 0,
             },
             scratch: Scratch {

@@ -1,6 +1,14 @@
 //! Server health: consecutive failures, ejection and rejoin (libmemcached's model), and
 //! per-server counters.
+//!
+//! Who is ejected is shared by every client of a [`Pool`](crate::Pool) (one
+//! [`SharedHealth`]): two pooled clients never route one key to two servers for long, and a
+//! server one of them found dead is skipped by all. Each client keeps a copy of that state
+//! in its continuum and refreshes it when the shared epoch moves, so a healthy call costs two
+//! atomic loads and takes no lock. Counters stay per client.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -33,73 +41,148 @@ pub(crate) struct FailurePolicy {
     pub(crate) remove_failed: bool,
 }
 
-struct ServerHealth {
-    consecutive_failures: u32,
-    ejected_until: Option<Instant>,
-    counters: ServerCounters,
+/// Ejections shared by every client built for one pool: consecutive failures, and who is
+/// ejected until when.
+pub(crate) struct SharedHealth {
+    base: Instant,
+    /// Moves on every ejection and rejoin: clients refresh their copy when it does.
+    epoch: AtomicU64,
+    /// The earliest time an ejected server may be retried, in ns after `base` (`NONE`: none).
+    next_retry: AtomicU64,
+    failures: Box<[AtomicU32]>,
+    ejected_until: Mutex<Vec<Option<Instant>>>,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl std::fmt::Debug for SharedHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedHealth")
+            .field("ejected_until", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedHealth {
+    pub(crate) fn new(n: usize) -> Arc<SharedHealth> {
+        Arc::new(SharedHealth {
+            base: Instant::now(),
+            epoch: AtomicU64::new(0),
+            next_retry: AtomicU64::new(NONE),
+            failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            ejected_until: Mutex::new(vec![None; n]),
+        })
+    }
+
+    pub(crate) fn servers(&self) -> usize {
+        self.failures.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Instant>>> {
+        self.ejected_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(NONE - 1)
+    }
+
+    /// Recomputes the next retry time; called with the lock held.
+    fn set_next_retry(&self, ejected: &[Option<Instant>]) {
+        let next = ejected
+            .iter()
+            .flatten()
+            .min()
+            .map_or(NONE, |t| self.nanos(*t));
+        self.next_retry.store(next, Ordering::Release);
+    }
 }
 
 pub(crate) struct Health {
-    servers: Vec<ServerHealth>,
+    shared: Arc<SharedHealth>,
     policy: FailurePolicy,
-    /// The earliest time an ejected server may be retried.
-    next_retry: Option<Instant>,
+    counters: Vec<ServerCounters>,
+    /// This client's copy of who is ejected, as of shared epoch `seen`.
+    ejected_until: Vec<Option<Instant>>,
+    seen: u64,
 }
 
 impl Health {
-    pub(crate) fn new(n: usize, policy: FailurePolicy) -> Health {
+    pub(crate) fn new(shared: Arc<SharedHealth>, policy: FailurePolicy) -> Health {
+        let n = shared.servers();
         Health {
-            servers: (0..n)
-                .map(|_| ServerHealth {
-                    consecutive_failures: 0,
-                    ejected_until: None,
-                    counters: ServerCounters::default(),
-                })
-                .collect(),
+            shared,
             policy,
-            next_retry: None,
+            counters: vec![ServerCounters::default(); n],
+            ejected_until: vec![None; n],
+            seen: u64::MAX, // refreshed on first use: the shared state may be older
         }
     }
 
-    /// Lets ejected servers whose retry time has come back in. A server that rejoins is on
-    /// probation: one more failure ejects it again; one success clears it.
+    pub(crate) fn shared(&self) -> &Arc<SharedHealth> {
+        &self.shared
+    }
+
+    /// Lets ejected servers whose retry time has come back in, and brings this client's
+    /// continuum up to date with the shared state. A server that rejoins is on probation:
+    /// one more failure ejects it again; one success clears it.
     pub(crate) fn maybe_rejoin(&mut self, ring: &mut Continuum) {
-        let Some(at) = self.next_retry else { return };
-        let now = Instant::now();
-        if now < at {
+        let sh = &*self.shared;
+        let next = sh.next_retry.load(Ordering::Acquire);
+        if next != NONE && sh.nanos(Instant::now()) >= next {
+            let mut ejected = sh.lock();
+            let now = Instant::now();
+            let mut changed = false;
+            for (i, e) in ejected.iter_mut().enumerate() {
+                if e.is_some_and(|until| until <= now) {
+                    *e = None;
+                    sh.failures[i].store(
+                        self.policy.failure_limit.saturating_sub(1),
+                        Ordering::Relaxed,
+                    );
+                    changed = true;
+                }
+            }
+            if changed {
+                sh.set_next_retry(&ejected);
+                sh.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.refresh(ring);
+    }
+
+    /// Copies the shared ejections into this client if they changed since it last looked.
+    fn refresh(&mut self, ring: &mut Continuum) {
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        if epoch == self.seen {
             return;
         }
-        self.next_retry = None;
-        for (i, s) in self.servers.iter_mut().enumerate() {
-            match s.ejected_until {
-                Some(until) if until <= now => {
-                    s.ejected_until = None;
-                    s.consecutive_failures = self.policy.failure_limit.saturating_sub(1);
-                    ring.set_live(i, true);
-                }
-                Some(until) => {
-                    self.next_retry = Some(self.next_retry.map_or(until, |t| t.min(until)));
-                }
-                None => {}
+        let ejected = self.shared.lock();
+        // Read again under the lock: the copy is then at least this recent.
+        self.seen = self.shared.epoch.load(Ordering::Acquire);
+        self.ejected_until.copy_from_slice(&ejected);
+        drop(ejected);
+        if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
+            for (i, e) in self.ejected_until.iter().enumerate() {
+                ring.set_live(i, e.is_none());
             }
         }
     }
 
     /// `Err(retry_in)` if server `i` is ejected.
     pub(crate) fn check(&self, i: usize) -> std::result::Result<(), Duration> {
-        match self.servers[i].ejected_until {
+        match self.ejected_until[i] {
             Some(until) => Err(until.saturating_duration_since(Instant::now())),
             None => Ok(()),
         }
     }
 
     pub(crate) fn counters_mut(&mut self, i: usize) -> &mut ServerCounters {
-        &mut self.servers[i].counters
+        &mut self.counters[i]
     }
 
     /// Counts a retrieval's hit or miss.
     pub(crate) fn count_lookup(&mut self, i: usize, hit: bool) {
-        let c = &mut self.servers[i].counters;
+        let c = &mut self.counters[i];
         if hit {
             c.hits += 1;
         } else {
@@ -108,43 +191,49 @@ impl Health {
     }
 
     pub(crate) fn counters(&self, i: usize) -> ServerCounters {
-        self.servers[i].counters
+        self.counters[i]
     }
 
     /// Records the outcome of one request to server `i`.
     pub(crate) fn record<T>(&mut self, i: usize, r: &Result<T>, ring: &mut Continuum) {
-        self.servers[i].counters.requests += 1;
+        self.counters[i].requests += 1;
         match r {
-            Ok(_) => self.servers[i].consecutive_failures = 0,
+            Ok(_) => {
+                let failures = &self.shared.failures[i];
+                if failures.load(Ordering::Relaxed) != 0 {
+                    failures.store(0, Ordering::Relaxed);
+                }
+            }
             Err(e) => self.record_error(i, e, ring),
         }
     }
 
     /// Records a failed request to server `i` (the request itself is counted by the caller).
     pub(crate) fn record_error(&mut self, i: usize, e: &Error, ring: &mut Continuum) {
-        let s = &mut self.servers[i];
+        let c = &mut self.counters[i];
         match e {
             Error::Io { .. } | Error::Timeout { .. } | Error::Parse { .. } => {
-                s.counters.errors += 1;
+                c.errors += 1;
                 if matches!(e, Error::Timeout { .. }) {
-                    s.counters.timeouts += 1;
+                    c.timeouts += 1;
                 }
-                s.consecutive_failures += 1;
-                if s.consecutive_failures >= self.policy.failure_limit && s.ejected_until.is_none()
-                {
-                    let until = Instant::now() + self.policy.retry_timeout;
-                    s.ejected_until = Some(until);
-                    s.counters.ejections += 1;
-                    self.next_retry = Some(self.next_retry.map_or(until, |t| t.min(until)));
-                    if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
-                        ring.set_live(i, false);
+                let sh = &*self.shared;
+                let failures = sh.failures[i].fetch_add(1, Ordering::AcqRel) + 1;
+                if failures >= self.policy.failure_limit {
+                    let mut ejected = sh.lock();
+                    if ejected[i].is_none() {
+                        ejected[i] = Some(Instant::now() + self.policy.retry_timeout);
+                        c.ejections += 1;
+                        sh.set_next_retry(&ejected);
+                        sh.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                 }
+                self.refresh(ring);
             }
             // The server answered: it is healthy, the request was not.
             Error::Server { .. } => {
-                s.counters.errors += 1;
-                s.consecutive_failures = 0;
+                c.errors += 1;
+                self.shared.failures[i].store(0, Ordering::Relaxed);
             }
             _ => {}
         }

@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 ///
 /// A checked-out client is returned on drop. One dropped while its thread panics, or
 /// [`discard`](PooledClient::discard)ed, is replaced by a freshly built client rather than
-/// returned, since its state is unknown. Each client keeps its own connections and server
-/// health (ejections are per client).
+/// returned, since its state is unknown. Each client keeps its own connections; server health
+/// is shared: a server one client ejects is ejected for all, so two clients of one pool do not
+/// route a key to two servers.
 ///
 /// ```no_run
 /// use mcstore::{Client, Pool, SetOptions};
@@ -71,9 +72,13 @@ impl Pool {
         checkout_timeout: Duration,
     ) -> Result<Pool> {
         let size = size.max(1);
-        let clients = (0..size)
-            .map(|_| builder.clone().build())
-            .collect::<Result<Vec<_>>>()?;
+        // The first client's health is every client's: one view of who is ejected.
+        let first = builder.clone().build()?;
+        let builder = builder.share_health(first.core.health.shared().clone());
+        let mut clients = vec![first];
+        for _ in 1..size {
+            clients.push(builder.clone().build()?);
+        }
         Ok(Pool {
             inner: Arc::new(Inner {
                 builder: Some(builder),

@@ -52,7 +52,7 @@ use super::{
     validate_name, Content, InvalidationLog, LogEntry, Part, ResourceInfo, ResourceIter, Storage,
 };
 use crate::client::Key;
-use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, SetOptions};
+use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, ServerInstance, SetOptions};
 
 /// Client flags of this storage's cache entries (`MC` and a kind), so that readers on any
 /// protocol tell them apart: content, a filling marker, a "read the master" marker. Anything
@@ -667,17 +667,23 @@ impl MemcacheStorage {
     }
 
     /// Stores `value` in place of our filling marker, unless a writer got there first.
-    fn fill(&self, c: &mut Client, key: &str, cas: u64, value: &[u8]) {
+    ///
+    /// Only on the server process that gave the marker's CAS unique (`instance`): a server
+    /// restarted meanwhile counts uniques from 1 again, and our old unique could match
+    /// another reader's newer marker, which would store our older value over it for good.
+    /// On another instance the key is deleted instead (whatever it holds is at worst a
+    /// marker: its filler's `cas` then fails, and the next reader fills).
+    fn fill(&self, c: &mut Client, key: &str, cas: u64, instance: ServerInstance, value: &[u8]) {
         let (data, flags): (&[u8], u32) = if value.len() <= self.settings.max_item_size {
             (value, FLAG_VALUE)
         } else {
             (b"", FLAG_TOO_LARGE)
         };
         let opts = SetOptions::default().flags(flags).ttl(self.settings.ttl);
-        match c.cas(key.as_bytes(), data, cas, opts) {
-            Ok(CasResult::Stored) if flags == FLAG_VALUE => bump(&self.counters.fills),
-            Ok(_) => {}
-            Err(e) => {
+        match self.cas_on(c, key, cas, instance, data, opts) {
+            Some(Ok(CasResult::Stored)) if flags == FLAG_VALUE => bump(&self.counters.fills),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 // The server refused the value (say it is above the server's item size) or
                 // failed: never leave our marker for others to wait on. Mark the key as
                 // served by the master for a while, or at least remove the marker.
@@ -686,12 +692,34 @@ impl MemcacheStorage {
                     .flags(FLAG_TOO_LARGE)
                     .ttl(self.settings.filler_ttl);
                 if !matches!(
-                    c.cas(key.as_bytes(), b"", cas, master),
-                    Ok(CasResult::Stored)
+                    self.cas_on(c, key, cas, instance, b"", master),
+                    Some(Ok(CasResult::Stored))
                 ) {
                     let _ = c.delete(key.as_bytes());
                 }
             }
+            None => {
+                if let Err(e) = c.delete(key.as_bytes()) {
+                    self.cache_failed(&e);
+                }
+            }
+        }
+    }
+
+    /// `cas` on `key`'s server if it is still the `instance` that gave the unique; `None`
+    /// (nothing sent) if it may not be.
+    fn cas_on(
+        &self,
+        c: &mut Client,
+        key: &str,
+        cas: u64,
+        instance: ServerInstance,
+        data: &[u8],
+        opts: SetOptions,
+    ) -> Option<crate::Result<CasResult>> {
+        match c.instance_of_key(key.as_bytes()) {
+            Ok(now) if now == instance => Some(c.cas(key.as_bytes(), data, cas, opts)),
+            _ => None,
         }
     }
 
@@ -734,6 +762,7 @@ impl MemcacheStorage {
             return self.master_get(m, info, part);
         };
         let mut waiting_until = None;
+        let mut instance = None;
         let lookup = loop {
             let Some(mut c) = self.checkout() else {
                 return self.master_get(m, info, part);
@@ -746,7 +775,15 @@ impl MemcacheStorage {
                 bump(&self.counters.bypassed);
                 return self.master_get(m, info, part);
             }
-            match self.lookup(&mut c, &key) {
+            // Which server instance the lookup talks to (see `fill`).
+            let lookup = match c.instance_of_key(key.as_bytes()) {
+                Ok(conn) => {
+                    instance = Some(conn);
+                    self.lookup(&mut c, &key)
+                }
+                Err(e) => Err(e.into()),
+            };
+            match lookup {
                 Ok(Lookup::Wait) => {
                     drop(c);
                     if waiting_until.is_none() && self.is_stuck(&key) {
@@ -789,9 +826,9 @@ impl MemcacheStorage {
                 let Some(mut c) = self.checkout() else {
                     return value;
                 };
-                match &value {
-                    Ok(v) => self.fill(&mut c, &key, cas, v),
-                    Err(_) => {
+                match (&value, instance) {
+                    (Ok(v), Some(instance)) => self.fill(&mut c, &key, cas, instance, v),
+                    _ => {
                         if let Err(e) = c.delete(key.as_bytes()) {
                             self.cache_failed(&e);
                         }
@@ -955,6 +992,7 @@ fn moved(c: &mut Client, key: &str) -> bool {
 
 /// The key's own server when `key` is routed away from it, `None` otherwise.
 fn moved_from(c: &mut Client, key: &str) -> Option<String> {
+    c.refresh_health(); // another client of the pool may have ejected a server
     let ring = c.continuum();
     if (0..ring.servers().len()).all(|i| ring.is_live(i)) {
         return None; // the common case: nothing moved
