@@ -26,7 +26,8 @@
 //!   delete that failed is remembered (up to a bound, in this process, and durably in the
 //!   master's [`InvalidationLog`] when it keeps one, where every process sharing the master
 //!   sees it and any of them replays it) and the key is not read from the cache until a
-//!   replayed delete succeeds; past the bound, the failed server is bypassed until a
+//!   replayed delete succeeds. Replays run on each storage's own thread (`mcstore-replay`:
+//!   every 100 ms, pipelined batches of at most 1,000 keys), never on a caller's path; past the bound, the failed server is bypassed until a
 //!   flush of the server that failed succeeds (only that server is flushed). So a server
 //!   that was frozen during a write cannot serve the old content afterwards.
 //! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
@@ -41,7 +42,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -168,6 +169,11 @@ pub struct StorageCounters {
     /// Calls that skipped the cache: an invalidation of their key was pending, or the key
     /// generator made no valid cache key of their names.
     pub bypassed: u64,
+    /// Failed invalidations a replay has since deleted (this process's, and the master's
+    /// log's, which may hold other processes' records).
+    pub replayed: u64,
+    /// Pipelined delete batches replays sent (each of at most 1,000 keys).
+    pub replay_batches: u64,
 }
 
 #[derive(Default)]
@@ -179,6 +185,8 @@ struct Counters {
     fills: AtomicU64,
     fill_waits: AtomicU64,
     bypassed: AtomicU64,
+    replayed: AtomicU64,
+    replay_batches: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64) {
@@ -350,11 +358,22 @@ impl MemcacheStorageBuilder {
 
     /// Builds the storage.
     pub fn build(self) -> MemcacheStorage {
-        MemcacheStorage {
+        let mut shared = Arc::new(Shared {
             settings: self.settings,
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
             stuck: Mutex::new(HashMap::new()),
+            inline_replay: false,
+        });
+        let replayer = Replayer::start(&shared).ok();
+        if replayer.is_none() {
+            Arc::get_mut(&mut shared)
+                .expect("not shared yet")
+                .inline_replay = true;
+        }
+        MemcacheStorage {
+            shared,
+            _replayer: replayer,
         }
     }
 }
@@ -377,12 +396,58 @@ impl MemcacheStorageBuilder {
 /// # Ok(()) }
 /// ```
 pub struct MemcacheStorage {
+    shared: Arc<Shared>,
+    /// Replays failed invalidations in the background; stopped on drop.
+    _replayer: Option<Replayer>,
+}
+
+/// What the storage's callers and its replay thread share.
+struct Shared {
     settings: Settings,
     counters: Counters,
     pending: Mutex<Pending>,
     /// Keys whose filler did not fill within `fill_wait`, until its marker expires: readers
     /// go to the master without waiting again.
     stuck: Mutex<HashMap<String, Instant>>,
+    /// No replay thread could be started: callers replay (at most every [`REPLAY_EVERY`]).
+    inline_replay: bool,
+}
+
+/// The thread that replays failed invalidations, off every caller's path: every
+/// [`REPLAY_EVERY`], a batch of at most [`REPLAY_BATCH`] keys, with a client checked out only
+/// when something is pending.
+struct Replayer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Replayer {
+    fn start(shared: &Arc<Shared>) -> std::io::Result<Replayer> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("mcstore-replay".into())
+            .spawn(move || {
+                // Ends when the storage drops the sender.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REPLAY_EVERY)
+                {
+                    shared.replay();
+                }
+            })?;
+        Ok(Replayer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Replayer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join(); // a replay under way ends within its I/O timeouts
+        }
+    }
 }
 
 /// The cache key of one half of a resource: the generator's key for its names, and `:c` or
@@ -414,7 +479,8 @@ enum Lookup {
 
 impl std::fmt::Debug for MemcacheStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fmt_settings(f, "MemcacheStorage", &self.settings.pool, self.settings.ttl)
+        let settings = &self.shared.settings;
+        fmt_settings(f, "MemcacheStorage", &settings.pool, settings.ttl)
     }
 }
 
@@ -443,7 +509,7 @@ impl MemcacheStorage {
 
     /// What the cache has done so far.
     pub fn counters(&self) -> StorageCounters {
-        let c = &self.counters;
+        let c = &self.shared.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StorageCounters {
             hits: l(&c.hits),
@@ -453,14 +519,18 @@ impl MemcacheStorage {
             fills: l(&c.fills),
             fill_waits: l(&c.fill_waits),
             bypassed: l(&c.bypassed),
+            replayed: l(&c.replayed),
+            replay_batches: l(&c.replay_batches),
         }
     }
 
     /// Invalidations that failed and await a successful replay.
     pub fn pending_invalidations(&self) -> usize {
-        self.lock_pending().len()
+        self.shared.lock_pending().len()
     }
+}
 
+impl Shared {
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -495,21 +565,49 @@ impl MemcacheStorage {
         }
     }
 
-    /// Replays failed invalidations, at most every [`REPLAY_EVERY`] and at most
-    /// [`REPLAY_BATCH`] of them per call.
-    fn replay(&self, c: &mut Client) {
-        let replay = {
+    /// Without a replay thread: replays from a caller's call, at most every
+    /// [`REPLAY_EVERY`].
+    fn replay_inline(&self) {
+        if !self.inline_replay {
+            return;
+        }
+        {
             let mut p = self.lock_pending();
             let now = Instant::now();
             if p.last_replay.is_some_and(|t| now - t < REPLAY_EVERY) {
                 return;
             }
             p.last_replay = Some(now);
+        }
+        self.replay();
+    }
+
+    /// Replays failed invalidations: at most [`REPLAY_BATCH`] of this process's, and as many
+    /// of the master's log (every process's). A client is checked out only if something is
+    /// pending.
+    fn replay(&self) {
+        let replay = {
+            let p = self.lock_pending();
             (!p.is_empty()).then(|| p.take(REPLAY_BATCH))
         };
-        // Records of every process, in the master's log (this one's included).
-        if let Some(log) = self.settings.master.invalidation_log() {
-            self.replay_log(c, log);
+        let log = self.settings.master.invalidation_log();
+        let entries = match log.map(|l| l.pending(REPLAY_BATCH)) {
+            Some(Ok(entries)) => entries,
+            Some(Err(e)) => {
+                self.cache_failed(&e);
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        if replay.is_none() && entries.is_empty() {
+            return;
+        }
+        let Some(mut c) = self.checkout() else {
+            return;
+        };
+        let c = &mut *c;
+        if let Some(log) = log {
+            self.replay_log(c, log, entries);
         }
         let Some(replay) = replay else {
             return;
@@ -548,27 +646,19 @@ impl MemcacheStorage {
                     }
                 });
                 let names: Vec<&[u8]> = keys.iter().map(|(k, ..)| k.as_bytes()).collect();
-                match c.delete_multi(&names) {
-                    Ok(_) => {
-                        let mut p = self.lock_pending();
-                        for (key, gen, _) in &keys {
-                            p.replayed(key, *gen);
-                        }
+                if self.replay_deletes(c, &names) {
+                    let mut p = self.lock_pending();
+                    for (key, gen, _) in &keys {
+                        p.replayed(key, *gen);
                     }
-                    Err(e) => self.cache_failed(&e),
                 }
             }
         }
     }
 
-    /// Replays up to [`REPLAY_BATCH`] keys of the master's invalidation log: one pipelined
-    /// delete, then their records are removed (those added meanwhile stay).
-    fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog) {
-        let mut entries = match log.pending(REPLAY_BATCH) {
-            Ok(e) if e.is_empty() => return,
-            Ok(e) => e,
-            Err(e) => return self.cache_failed(&e),
-        };
+    /// Replays `entries` of the master's invalidation log: one pipelined delete, then their
+    /// records are removed (those added meanwhile stay).
+    fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog, mut entries: Vec<LogEntry>) {
         // A key routed away from its own server cannot be deleted there from here: left for
         // a process (or a later replay) that routes it home.
         entries.retain(|e| !moved(c, &e.key));
@@ -576,12 +666,32 @@ impl MemcacheStorage {
             return;
         }
         let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_bytes()).collect();
-        if let Err(e) = c.delete_multi(&keys) {
-            return self.cache_failed(&e);
+        if !self.replay_deletes(c, &keys) {
+            return;
         }
         for entry in &entries {
             if let Err(e) = log.replayed(entry) {
                 self.cache_failed(&e);
+            }
+        }
+    }
+
+    /// One replay batch: a pipelined delete of `keys` on their servers. True if every
+    /// server answered.
+    fn replay_deletes(&self, c: &mut Client, keys: &[&[u8]]) -> bool {
+        if keys.is_empty() {
+            return true;
+        }
+        match c.delete_multi(keys) {
+            Ok(_) => {
+                bump(&self.counters.replay_batches);
+                let n = u64::try_from(keys.len()).unwrap_or(u64::MAX);
+                self.counters.replayed.fetch_add(n, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.cache_failed(&e);
+                false
             }
         }
     }
@@ -761,15 +871,13 @@ impl MemcacheStorage {
         let Some(key) = self.key(info, part) else {
             return self.master_get(m, info, part);
         };
+        self.replay_inline();
         let mut waiting_until = None;
         let mut instance = None;
         let lookup = loop {
             let Some(mut c) = self.checkout() else {
                 return self.master_get(m, info, part);
             };
-            if waiting_until.is_none() {
-                self.replay(&mut c);
-            }
             // On every checkout: another pooled client may route the key differently.
             if self.distrusted(&mut c, &key) || moved(&mut c, &key) {
                 bump(&self.counters.bypassed);
@@ -891,13 +999,13 @@ impl MemcacheStorage {
     /// Deletes the cache entries of a resource after a master write; failures are remembered.
     /// Returns whether every entry was deleted on its own server.
     fn invalidate(&self, keys: &[String]) -> bool {
+        self.replay_inline();
         let Some(mut c) = self.checkout() else {
             for k in keys {
                 self.remember(k.clone(), None);
             }
             return false;
         };
-        self.replay(&mut c);
         let mut all = true;
         for k in keys {
             // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
@@ -923,20 +1031,23 @@ impl MemcacheStorage {
 
 impl Storage for MemcacheStorage {
     fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        self.cached_get(&*self.settings.master, info, part)
+        self.shared
+            .cached_get(&*self.shared.settings.master, info, part)
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        self.write_through(info, part, |m, mi| m.put(mi, part, data))
+        self.shared
+            .write_through(info, part, |m, mi| m.put(mi, part, data))
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        self.write_through(info, part, |m, mi| m.remove(mi, part))
+        self.shared
+            .write_through(info, part, |m, mi| m.remove(mi, part))
     }
 
     fn create_container(&self, collection: &str) -> Result<()> {
         validate_name(collection)?;
-        self.settings.master.create_container(collection)
+        self.shared.settings.master.create_container(collection)
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
@@ -944,20 +1055,22 @@ impl Storage for MemcacheStorage {
         if let Some(r) = resource {
             validate_name(r)?;
         }
-        self.settings.master.info(collection, resource)?; // its own rules (encoded length)
-                                                          // A name the key generator makes no valid cache key of is still served (by the master).
+        self.shared.settings.master.info(collection, resource)?; // its own rules (encoded length)
+                                                                 // A name the key generator makes no valid cache key of is still served (by the master).
         Ok(ResourceInfo {
             collection: collection.to_string(),
             resource: resource.map(str::to_string),
-            key: self.settings.keys.key(collection, resource),
+            key: self.shared.settings.keys.key(collection, resource),
         })
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
         // Only the master knows: the cache may hold what the master no longer has.
-        self.settings
-            .master
-            .exists(&self.master_info(&*self.settings.master, info)?)
+        self.shared.settings.master.exists(
+            &self
+                .shared
+                .master_info(&*self.shared.settings.master, info)?,
+        )
     }
 
     fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
@@ -967,19 +1080,24 @@ impl Storage for MemcacheStorage {
     fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
         validate_name(collection)?;
         let names = self
+            .shared
             .settings
             .master
             .ils(collection, ext)?
             .map(|r| r.map(|(n, _)| n));
-        Ok(resource_infos(&self.settings.keys, collection, names))
+        Ok(resource_infos(
+            &self.shared.settings.keys,
+            collection,
+            names,
+        ))
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
-        self.settings.master.persist(paths)
+        self.shared.settings.master.persist(paths)
     }
 
     fn shutdown(&self) -> Result<()> {
-        self.settings.master.shutdown()
+        self.shared.settings.master.shutdown()
     }
 }
 
