@@ -44,16 +44,11 @@ pub(crate) struct FailurePolicy {
 /// Ejections shared by every client built for one pool: consecutive failures, and who is
 /// ejected until when.
 pub(crate) struct SharedHealth {
-    base: Instant,
     /// Moves on every ejection and rejoin: clients refresh their copy when it does.
     epoch: AtomicU64,
-    /// The earliest time an ejected server may be retried, in ns after `base` (`NONE`: none).
-    next_retry: AtomicU64,
     failures: Box<[AtomicU32]>,
     ejected_until: Mutex<Vec<Option<Instant>>>,
 }
-
-const NONE: u64 = u64::MAX;
 
 impl std::fmt::Debug for SharedHealth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,9 +61,7 @@ impl std::fmt::Debug for SharedHealth {
 impl SharedHealth {
     pub(crate) fn new(n: usize) -> Arc<SharedHealth> {
         Arc::new(SharedHealth {
-            base: Instant::now(),
             epoch: AtomicU64::new(0),
-            next_retry: AtomicU64::new(NONE),
             failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ejected_until: Mutex::new(vec![None; n]),
         })
@@ -81,20 +74,6 @@ impl SharedHealth {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Instant>>> {
         self.ejected_until.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn nanos(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(NONE - 1)
-    }
-
-    /// Recomputes the next retry time; called with the lock held.
-    fn set_next_retry(&self, ejected: &[Option<Instant>]) {
-        let next = ejected
-            .iter()
-            .flatten()
-            .min()
-            .map_or(NONE, |t| self.nanos(*t));
-        self.next_retry.store(next, Ordering::Release);
-    }
 }
 
 pub(crate) struct Health {
@@ -103,6 +82,8 @@ pub(crate) struct Health {
     counters: Vec<ServerCounters>,
     /// This client's copy of who is ejected, as of shared epoch `seen`.
     ejected_until: Vec<Option<Instant>>,
+    /// The earliest of those times.
+    next_retry: Option<Instant>,
     seen: u64,
 }
 
@@ -114,6 +95,7 @@ impl Health {
             policy,
             counters: vec![ServerCounters::default(); n],
             ejected_until: vec![None; n],
+            next_retry: None,
             seen: u64::MAX, // refreshed on first use: the shared state may be older
         }
     }
@@ -126,24 +108,20 @@ impl Health {
     /// continuum up to date with the shared state. A server that rejoins is on probation:
     /// one more failure ejects it again; one success clears it.
     pub(crate) fn maybe_rejoin(&mut self, ring: &mut Continuum) {
-        let sh = &*self.shared;
-        let next = sh.next_retry.load(Ordering::Acquire);
-        if next != NONE && sh.nanos(Instant::now()) >= next {
+        if self.next_retry.is_some_and(|at| Instant::now() >= at) {
+            let sh = &*self.shared;
             let mut ejected = sh.lock();
             let now = Instant::now();
             let mut changed = false;
             for (i, e) in ejected.iter_mut().enumerate() {
                 if e.is_some_and(|until| until <= now) {
                     *e = None;
-                    sh.failures[i].store(
-                        self.policy.failure_limit.saturating_sub(1),
-                        Ordering::Relaxed,
-                    );
+                    let probation = self.policy.failure_limit.saturating_sub(1);
+                    sh.failures[i].store(probation, Ordering::Relaxed);
                     changed = true;
                 }
             }
             if changed {
-                sh.set_next_retry(&ejected);
                 sh.epoch.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -161,6 +139,7 @@ impl Health {
         self.seen = self.shared.epoch.load(Ordering::Acquire);
         self.ejected_until.copy_from_slice(&ejected);
         drop(ejected);
+        self.next_retry = self.ejected_until.iter().flatten().min().copied();
         if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
             for (i, e) in self.ejected_until.iter().enumerate() {
                 ring.set_live(i, e.is_none());
@@ -224,7 +203,6 @@ impl Health {
                     if ejected[i].is_none() {
                         ejected[i] = Some(Instant::now() + self.policy.retry_timeout);
                         c.ejections += 1;
-                        sh.set_next_retry(&ejected);
                         sh.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                 }
