@@ -1052,6 +1052,65 @@ fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
     assert!(s.counters().hits > hits, "the cache serves the entry again");
 }
 
+/// Found by the chaos test: a write whose delete went to the stand-in server (the key's own
+/// server ejected) while the own server's retry time passed was taken for a write to the own
+/// server (the route was looked at again after the delete, by then rejoined), so nothing
+/// distrusted the own server's old entry. The route is now decided once, and the delete
+/// pinned to it. Deterministic: the stand-in is frozen until the retry time has passed.
+#[test]
+fn a_server_rejoining_during_a_write_never_serves_the_old_entry() {
+    let home = Memcached::start();
+    let other = Memcached::start();
+    let retry = Duration::from_millis(300);
+    let builder = Client::builder()
+        .servers([home.addr(), other.addr()])
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .remove_failed_servers(true)
+        .server_failure_limit(1)
+        .retry_timeout(retry)
+        .io_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    let mut probe = builder.clone().build().unwrap();
+    let s = Arc::new(MemcacheStorage::new(
+        Pool::new(builder.io_timeout(Duration::from_secs(1)), 1).unwrap(),
+        Arc::new(MemoryStorage::new()),
+    ));
+    s.create_container("c").unwrap();
+    let keys = KeyGenerator::default();
+    let name = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|n| {
+            let key = format!("{}:c", keys.key("c", Some(n)));
+            probe.home_server_for_key(key.as_bytes()).unwrap() == home.addr()
+        })
+        .unwrap();
+    let info = s.info("c", Some(&name)).unwrap();
+    s.put_content(&info, "v1".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // cached on `home`
+    home.freeze();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // times out: `home` ejected
+    let ejected = Instant::now();
+    home.resume(); // still holds v1, out of the ring until the retry time
+    other.freeze();
+    let writer = {
+        let (s, info) = (s.clone(), info.clone());
+        thread::spawn(move || s.put_content(&info, "v2".into()).unwrap())
+    };
+    // The write's delete waits on the frozen stand-in until `home` may rejoin.
+    while ejected.elapsed() < retry * 2 {
+        thread::sleep(Duration::from_millis(10));
+    }
+    other.resume();
+    writer.join().unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            &s.get_content(&info).unwrap()[..],
+            b"v2",
+            "stale after rejoin"
+        );
+    }
+}
+
 /// #16, scenario 3: a failed invalidation is kept in the master's invalidation log (a folder
 /// of `FsStorage`), so another process (here another storage on the same folder, after the
 /// first one is gone) does not serve the stale entry, and replays it (before: the record

@@ -176,6 +176,27 @@ pub(crate) struct ServerInstance {
     started: u64,
 }
 
+impl ServerInstance {
+    /// Its index in the client's server list.
+    pub(crate) fn server(&self) -> usize {
+        self.server
+    }
+}
+
+/// Where a key goes: `server` now, `home` with every server up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub(crate) server: usize,
+    pub(crate) home: usize,
+}
+
+impl Route {
+    /// Whether the key goes to its own server (no ejection moved it).
+    pub(crate) fn is_home(&self) -> bool {
+        self.server == self.home
+    }
+}
+
 /// What a call works with: the connections and their health, the key distribution, and the
 /// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
 /// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
@@ -195,6 +216,8 @@ pub(crate) struct Core {
     authenticated: Vec<u64>,
     /// Per server: which process the connection (by count) reaches, once asked.
     instances: Vec<Option<(u64, ServerInstance)>>,
+    /// Set by [`Client::pinned`]: every keyed call goes to this server.
+    pinned: Option<usize>,
     /// Next binary opaque.
     opaque: u32,
 }
@@ -415,26 +438,44 @@ impl Client {
         Ok(&core.labels[i])
     }
 
-    /// Which server process `key`'s connection reaches (connecting if needed; asked with
-    /// `stats` once per connection).
+    /// Where `key` goes now, and its own server (where it goes with every server up).
+    pub(crate) fn route_of_key(&mut self, key: &[u8]) -> Result<Route> {
+        let Client { core, scratch } = self;
+        let hashed = core.hashed(key, &mut scratch.keybuf)?;
+        let server = core.route(hashed)?;
+        let home = core.ring.pick_home(hashed).ok_or(Error::NoServers)?;
+        Ok(Route { server, home })
+    }
+
+    /// Runs `f` with every keyed call sent to server `server`, whatever the continuum says
+    /// meanwhile (calls fail if it is ejected): for calls that must all reach one server
+    /// while another client of the pool may eject or rejoin servers.
+    pub(crate) fn pinned<T>(&mut self, server: usize, f: impl FnOnce(&mut Client) -> T) -> T {
+        let before = self.core.pinned.replace(server);
+        let r = f(self);
+        self.core.pinned = before;
+        r
+    }
+
+    /// Which process server `server` is (connecting if needed; asked with `stats` once per
+    /// connection).
     ///
     /// A CAS unique is only good on the process that gave it: a restarted memcached counts
     /// from 1 again, so an old unique can match a newer item. A `cas` sent after this on the
     /// same connection (no error in between) reaches the instance this names.
-    pub(crate) fn instance_of_key(&mut self, key: &[u8]) -> Result<ServerInstance> {
-        let Client { core, scratch } = self;
-        let hashed = core.hashed(key, &mut scratch.keybuf)?;
-        let i = core.route(hashed)?;
-        let r = core.instance(i);
+    pub(crate) fn instance(&mut self, server: usize) -> Result<ServerInstance> {
+        let core = &mut self.core;
+        core.check_up(server)?;
+        let r = core.instance(server);
         if let Err(e) = &r {
-            core.health.record_error(i, e, &mut core.ring);
+            core.health.record_error(server, e, &mut core.ring);
         }
         r
     }
 
-    /// Brings this client's view of ejected servers up to date with its pool's.
-    pub(crate) fn refresh_health(&mut self) {
-        self.core.health.maybe_rejoin(&mut self.core.ring);
+    /// The label of server `i` (as in [`servers`](Self::servers)).
+    pub(crate) fn label(&self, i: usize) -> &str {
+        &self.core.labels[i]
     }
 
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
@@ -829,7 +870,7 @@ impl Core {
     /// The server for a key: `Err` if there is none or it is ejected.
     pub(super) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
         self.health.maybe_rejoin(&mut self.ring);
-        match self.ring.pick(hashed) {
+        match self.pinned.or_else(|| self.ring.pick(hashed)) {
             Some(i) if self.health.check(i).is_ok() => Ok(i),
             Some(i) => Err(self.check_up(i).expect_err("ejected")),
             None => Err(Error::NoServers),
@@ -869,7 +910,7 @@ impl Core {
         r
     }
 
-    /// [`Client::instance_of_key`] for server `i`.
+    /// [`Client::instance`].
     fn instance(&mut self, i: usize) -> Result<ServerInstance> {
         self.start(i)?; // connected (and authenticated) now, if it was not
         let conn = self.driver.connects(i);

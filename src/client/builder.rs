@@ -256,6 +256,7 @@ impl ClientBuilder {
                 sasl: self.sasl,
                 authenticated: vec![0; addrs.len()],
                 instances: vec![None; addrs.len()],
+                pinned: None,
                 opaque: 0,
             },
             scratch: Scratch {

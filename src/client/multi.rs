@@ -223,7 +223,7 @@ impl Core {
             } else {
                 user
             };
-            match self.ring.pick(hashed) {
+            match self.pinned.or_else(|| self.ring.pick(hashed)) {
                 Some(i) => {
                     plan.shares[i].keys += 1;
                     plan.server_of.push(i as u32);

@@ -553,9 +553,11 @@ impl Shared {
 
     /// True if `key` must not be read from the cache (an invalidation is pending, here or in
     /// the master's log).
-    fn distrusted(&self, c: &mut Client, key: &str) -> bool {
-        let server = || c.server_for_key(key.as_bytes()).ok().map(str::to_string);
-        if self.lock_pending().distrusts(key, server) {
+    fn distrusted(&self, key: &str, server: &str) -> bool {
+        if self
+            .lock_pending()
+            .distrusts(key, || Some(server.to_string()))
+        {
             return true;
         }
         match self.settings.master.invalidation_log() {
@@ -635,8 +637,8 @@ impl Shared {
                     let Some(failed) = failed else {
                         return true;
                     };
-                    match c.server_for_key(key.as_bytes()) {
-                        Ok(now) if now != failed => {
+                    match c.route_of_key(key.as_bytes()) {
+                        Ok(r) if c.label(r.server) != failed => {
                             let mut p = self.lock_pending();
                             p.distrust_server(failed.clone());
                             p.replayed(key, *gen);
@@ -646,9 +648,10 @@ impl Shared {
                     }
                 });
                 let names: Vec<&[u8]> = keys.iter().map(|(k, ..)| k.as_bytes()).collect();
-                if self.replay_deletes(c, &names) {
-                    let mut p = self.lock_pending();
-                    for (key, gen, _) in &keys {
+                let deleted = self.replay_deletes(c, &names);
+                let mut p = self.lock_pending();
+                for ((key, gen, _), ok) in keys.iter().zip(deleted) {
+                    if ok {
                         p.replayed(key, *gen);
                     }
                 }
@@ -658,42 +661,48 @@ impl Shared {
 
     /// Replays `entries` of the master's invalidation log: one pipelined delete, then their
     /// records are removed (those added meanwhile stay).
-    fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog, mut entries: Vec<LogEntry>) {
-        // A key routed away from its own server cannot be deleted there from here: left for
-        // a process (or a later replay) that routes it home.
-        entries.retain(|e| !moved(c, &e.key));
-        if entries.is_empty() {
-            return;
-        }
+    fn replay_log(&self, c: &mut Client, log: &dyn InvalidationLog, entries: Vec<LogEntry>) {
         let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_bytes()).collect();
-        if !self.replay_deletes(c, &keys) {
-            return;
-        }
-        for entry in &entries {
+        let deleted = self.replay_deletes(c, &keys);
+        for (entry, ok) in entries.iter().zip(deleted) {
+            if !ok {
+                continue;
+            }
             if let Err(e) = log.replayed(entry) {
                 self.cache_failed(&e);
             }
         }
     }
 
-    /// One replay batch: a pipelined delete of `keys` on their servers. True if every
-    /// server answered.
-    fn replay_deletes(&self, c: &mut Client, keys: &[&[u8]]) -> bool {
-        if keys.is_empty() {
-            return true;
-        }
-        match c.delete_multi(keys) {
-            Ok(_) => {
-                bump(&self.counters.replay_batches);
-                let n = u64::try_from(keys.len()).unwrap_or(u64::MAX);
-                self.counters.replayed.fetch_add(n, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                self.cache_failed(&e);
-                false
+    /// One replay batch: `keys` deleted on their own servers, one pipelined delete per
+    /// server, each pinned to the server its keys were routed to (a concurrent ejection
+    /// cannot send it elsewhere). Per key, whether it was deleted on its own server: a key
+    /// routed away from it is left for a process (or a later replay) that routes it home.
+    fn replay_deletes(&self, c: &mut Client, keys: &[&[u8]]) -> Vec<bool> {
+        let mut deleted = vec![false; keys.len()];
+        let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (j, key) in keys.iter().enumerate() {
+            match c.route_of_key(key) {
+                Ok(r) if r.is_home() => by_server.entry(r.server).or_default().push(j),
+                Ok(_) => {}
+                Err(e) => self.cache_failed(&e),
             }
         }
+        for (server, js) in by_server {
+            let batch: Vec<&[u8]> = js.iter().map(|&j| keys[j]).collect();
+            match c.pinned(server, |c| c.delete_multi(&batch)) {
+                Ok(_) => {
+                    bump(&self.counters.replay_batches);
+                    let n = u64::try_from(js.len()).unwrap_or(u64::MAX);
+                    self.counters.replayed.fetch_add(n, Ordering::Relaxed);
+                    for j in js {
+                        deleted[j] = true;
+                    }
+                }
+                Err(e) => self.cache_failed(&e),
+            }
+        }
+        deleted
     }
 
     /// The master's own info for the same names.
@@ -827,10 +836,15 @@ impl Shared {
         data: &[u8],
         opts: SetOptions,
     ) -> Option<crate::Result<CasResult>> {
-        match c.instance_of_key(key.as_bytes()) {
+        let server = instance.server();
+        match c.route_of_key(key.as_bytes()) {
+            Ok(r) if r.is_home() && r.server == server => {}
+            _ => return None,
+        }
+        c.pinned(server, |c| match c.instance(server) {
             Ok(now) if now == instance => Some(c.cas(key.as_bytes(), data, cas, opts)),
             _ => None,
-        }
+        })
     }
 
     /// Whether `key`'s filler was seen not to fill (its marker has not expired yet).
@@ -878,19 +892,27 @@ impl Shared {
             let Some(mut c) = self.checkout() else {
                 return self.master_get(m, info, part);
             };
-            // On every checkout: another pooled client may route the key differently.
-            if self.distrusted(&mut c, &key) || moved(&mut c, &key) {
+            let route = match c.route_of_key(key.as_bytes()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.cache_failed(&e);
+                    return self.master_get(m, info, part);
+                }
+            };
+            // Not read from the cache: a key whose invalidation is pending, and a key routed
+            // away from its own server (ejected, with `remove_failed_servers`): an entry
+            // filled on the stand-in could outlive a write made through a client that routes
+            // the key home, so stand-ins never hold one.
+            if !route.is_home() || self.distrusted(&key, c.label(route.server)) {
                 bump(&self.counters.bypassed);
                 return self.master_get(m, info, part);
             }
-            // Which server instance the lookup talks to (see `fill`).
-            let lookup = match c.instance_of_key(key.as_bytes()) {
-                Ok(conn) => {
-                    instance = Some(conn);
-                    self.lookup(&mut c, &key)
-                }
-                Err(e) => Err(e.into()),
-            };
+            // The lookup's calls all go to that server, whatever another client of the pool
+            // ejects meanwhile; which process it is decides where the fill may go (`fill`).
+            let lookup = c.pinned(route.server, |c| {
+                instance = Some(c.instance(route.server)?);
+                self.lookup(c, &key)
+            });
             match lookup {
                 Ok(Lookup::Wait) => {
                     drop(c);
@@ -1008,20 +1030,30 @@ impl Shared {
         };
         let mut all = true;
         for k in keys {
-            // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
-            // be served to text and binary readers of the same cache.
-            if let Err(e) = c.delete(k.as_bytes()) {
-                self.cache_failed(&e);
-                self.remember(k.clone(), e.server());
-                all = false;
-            }
+            let route = match c.route_of_key(k.as_bytes()) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.cache_failed(&e);
+                    self.remember(k.clone(), e.server());
+                    all = false;
+                    continue;
+                }
+            };
             // The key's own server is out of the ring (its keys moved meanwhile): it may
             // still hold the old entry, so it is distrusted, and flushed before it serves
-            // reads again.
-            if let Some(home) = moved_from(&mut c, k) {
+            // reads again. Not done where it matters to clients still routing the key home:
+            // a record stays in the log for one of them to replay.
+            if !route.is_home() {
+                let home = c.label(route.home).to_string();
                 self.lock_pending().distrust_server(home);
-                // Not done where it matters to clients still routing the key home: a record
-                // stays in the log for one of them to replay.
+                all = false;
+            }
+            // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
+            // be served to text and binary readers of the same cache. Pinned: the delete goes
+            // where the route above says, even if a server is ejected or rejoins meanwhile.
+            if let Err(e) = c.pinned(route.server, |c| c.delete(k.as_bytes())) {
+                self.cache_failed(&e);
+                self.remember(k.clone(), e.server());
                 all = false;
             }
         }
@@ -1099,25 +1131,6 @@ impl Storage for MemcacheStorage {
     fn shutdown(&self) -> Result<()> {
         self.shared.settings.master.shutdown()
     }
-}
-
-/// Whether `key` is routed away from its own server (ejected, with `remove_failed_servers`).
-/// Such reads bypass the cache: an entry filled on the stand-in server could outlive a write
-/// made through a client that still routes the key home, so the stand-in never holds one.
-fn moved(c: &mut Client, key: &str) -> bool {
-    moved_from(c, key).is_some()
-}
-
-/// The key's own server when `key` is routed away from it, `None` otherwise.
-fn moved_from(c: &mut Client, key: &str) -> Option<String> {
-    c.refresh_health(); // another client of the pool may have ejected a server
-    let ring = c.continuum();
-    if (0..ring.servers().len()).all(|i| ring.is_live(i)) {
-        return None; // the common case: nothing moved
-    }
-    let home = c.home_server_for_key(key.as_bytes()).ok()?.to_string();
-    let now = c.server_for_key(key.as_bytes()).ok()?;
-    (home != now).then_some(home)
 }
 
 /// A resource's info in memcached alone: validated names, and a key that leaves room for the
