@@ -11,7 +11,8 @@
 //!
 //! `CHAOS_SECONDS` sets the run's length (default 6; `CHAOS_SECONDS=300` for the long run);
 //! `CHAOS_FAULTS` limits the faults to some of `0` (freeze), `1` (restart), `2` (kill a
-//! writer), comma-separated.
+//! writer), comma-separated; `CHAOS_TRACE=1` prints every fault and every put that returned
+//! (stale reads are always printed).
 
 mod support;
 
@@ -103,6 +104,7 @@ fn chaos_child() {
     let until = Duration::from_millis(until.parse().unwrap());
     let epoch = std::time::UNIX_EPOCH;
     let s = storage(&master, &servers);
+    let trace = std::env::var_os("CHAOS_TRACE").is_some();
     let (mut ops, mut stale, mut failed) = (0u64, 0u64, 0u64);
     if let Some(w) = role.strip_prefix("writer") {
         let w: usize = w.parse().unwrap();
@@ -120,8 +122,16 @@ fn chaos_child() {
             for (k, &i) in mine.iter().enumerate() {
                 let info = s.info("c", Some(&resource(i))).unwrap();
                 let v = next[k];
+                let started = epoch.elapsed().unwrap().as_millis();
                 match s.put_content(&info, format!("v{v}").as_str().into()) {
                     Ok(()) => {
+                        if trace {
+                            eprintln!(
+                                "PUT {} v{v} {started}..{} ms",
+                                resource(i),
+                                epoch.elapsed().unwrap().as_millis()
+                            );
+                        }
                         let tmp = state.join(format!("{}.tmp", resource(i)));
                         std::fs::write(&tmp, v.to_string()).unwrap();
                         std::fs::rename(&tmp, state.join(resource(i))).unwrap();
@@ -139,7 +149,16 @@ fn chaos_child() {
                 let min = published(&state, i);
                 let info = s.info("c", Some(&resource(i))).unwrap();
                 match s.get_content(&info) {
-                    Ok(c) if version(&c) < min => stale += 1,
+                    Ok(c) if version(&c) < min => {
+                        stale += 1;
+                        // What a failing run needs to find the race.
+                        eprintln!(
+                            "STALE at {} ms: {} read v{} after v{min} was published",
+                            epoch.elapsed().unwrap().as_millis(),
+                            resource(i),
+                            version(&c)
+                        );
+                    }
                     Ok(_) => {}
                     Err(_) => failed += 1,
                 }
@@ -233,7 +252,15 @@ fn chaos() {
     while (epoch.elapsed().unwrap().as_millis()) + 400 < until {
         thread::sleep(Duration::from_millis(50 + rng.below(150)));
         let s = rng.below(servers.len() as u64) as usize;
-        match kinds[rng.below(kinds.len() as u64) as usize] {
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        if std::env::var_os("CHAOS_TRACE").is_some() {
+            let at = epoch.elapsed().unwrap().as_millis();
+            eprintln!(
+                "FAULT {kind} at {at} ms: server {s} ({})",
+                servers[s].addr()
+            );
+        }
+        match kind {
             0 => {
                 servers[s].freeze();
                 thread::sleep(Duration::from_millis(50 + rng.below(250)));
