@@ -107,7 +107,17 @@ impl Health {
     /// Lets ejected servers whose retry time has come back in, and brings this client's
     /// continuum up to date with the shared state. A server that rejoins is on probation:
     /// one more failure ejects it again; one success clears it.
+    #[inline]
     pub(crate) fn maybe_rejoin(&mut self, ring: &mut Continuum) {
+        // The common case, every server up and nothing changed: one load, one compare.
+        if self.next_retry.is_some() || self.shared.epoch.load(Ordering::Acquire) != self.seen {
+            self.rejoin_and_refresh(ring);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rejoin_and_refresh(&mut self, ring: &mut Continuum) {
         if self.next_retry.is_some_and(|at| Instant::now() >= at) {
             let sh = &*self.shared;
             let mut ejected = sh.lock();
@@ -174,6 +184,7 @@ impl Health {
     }
 
     /// Records the outcome of one request to server `i`.
+    #[inline]
     pub(crate) fn record<T>(&mut self, i: usize, r: &Result<T>, ring: &mut Continuum) {
         self.counters[i].requests += 1;
         match r {
