@@ -967,8 +967,11 @@ impl Core {
         value: Option<&[u8]>,
         on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
+        let started = self.health.metrics.start();
         let op = self.start(i)?;
-        with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
+        let r = with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on));
+        self.health.metrics.call(i, cmd.kind(), false, started);
+        r
     }
 
     /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit

@@ -47,6 +47,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod observe;
 pub mod proto;
 pub mod ring;
 pub mod storage;

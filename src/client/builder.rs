@@ -243,10 +243,11 @@ impl ClientBuilder {
             retry_timeout: self.retry_timeout,
             remove_failed: self.remove_failed,
         };
+        let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         Ok(Client {
             core: Core {
-                labels: addrs.iter().map(ToString::to_string).collect(),
-                health: Health::new(shared_health, policy),
+                health: Health::new(shared_health, policy, &labels),
+                labels: labels.into(),
                 driver,
                 limits: Limits { max_value },
                 ring,

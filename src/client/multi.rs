@@ -355,6 +355,7 @@ impl Core {
         batches: &mut Vec<Batch<'static>>,
         mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     ) -> Result<()> {
+        let started = self.health.metrics.start();
         let op = self.driver.new_op();
         batches.extend(
             plan.shares
@@ -385,10 +386,13 @@ impl Core {
                 }
                 None => {
                     self.health.record(i, &Ok(()), &mut self.ring);
+                    self.health.metrics.call(i, plan.kind, true, started);
                     if plan.kind == Kind::Get {
+                        let (hits, misses) = (share.hits as u64, (share.keys - share.hits) as u64);
+                        self.health.metrics.lookups(i, hits, misses);
                         let c = self.health.counters_mut(i);
-                        c.hits += share.hits as u64;
-                        c.misses += (share.keys - share.hits) as u64;
+                        c.hits += hits;
+                        c.misses += misses;
                     }
                 }
             }

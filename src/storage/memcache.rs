@@ -189,7 +189,9 @@ struct Counters {
     replay_batches: AtomicU64,
 }
 
-pub(super) fn bump(c: &AtomicU64) {
+/// Counts one event, in the storage's counters and as metric `name`.
+pub(super) fn bump(c: &AtomicU64, name: &'static str) {
+    crate::observe::storage(name, 1);
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -536,7 +538,10 @@ impl Shared {
     }
 
     fn cache_failed(&self, _e: &dyn std::error::Error) {
-        bump(&self.counters.cache_errors);
+        bump(
+            &self.counters.cache_errors,
+            "mcstore_storage_cache_errors_total",
+        );
     }
 
     /// Remembers a failed invalidation.
@@ -548,7 +553,9 @@ impl Shared {
                 self.cache_failed(&e);
             }
         }
-        self.lock_pending().record(key, server, MAX_PENDING);
+        let mut p = self.lock_pending();
+        p.record(key, server, MAX_PENDING);
+        crate::observe::pending(p.len());
     }
 
     /// True if `key` must not be read from the cache (an invalidation is pending, here or in
@@ -655,6 +662,7 @@ impl Shared {
                         p.replayed(key, *gen);
                     }
                 }
+                crate::observe::pending(p.len());
             }
         }
     }
@@ -692,8 +700,12 @@ impl Shared {
             let batch: Vec<&[u8]> = js.iter().map(|&j| keys[j]).collect();
             match c.pinned(server, |c| c.delete_multi(&batch)) {
                 Ok(_) => {
-                    bump(&self.counters.replay_batches);
+                    bump(
+                        &self.counters.replay_batches,
+                        "mcstore_storage_replay_batches_total",
+                    );
                     let n = u64::try_from(js.len()).unwrap_or(u64::MAX);
+                    crate::observe::storage("mcstore_storage_replayed_total", n);
                     self.counters.replayed.fetch_add(n, Ordering::Relaxed);
                     for j in js {
                         deleted[j] = true;
@@ -711,7 +723,10 @@ impl Shared {
     }
 
     fn master_get(&self, m: &dyn Storage, info: &ResourceInfo, part: Part) -> Result<Bytes> {
-        bump(&self.counters.master_reads);
+        bump(
+            &self.counters.master_reads,
+            "mcstore_storage_master_reads_total",
+        );
         let mi = self.master_info(m, info)?;
         m.get(&mi, part)
     }
@@ -800,7 +815,9 @@ impl Shared {
         };
         let opts = SetOptions::default().flags(flags).ttl(self.settings.ttl);
         match self.cas_on(c, key, cas, instance, data, opts) {
-            Some(Ok(CasResult::Stored)) if flags == FLAG_VALUE => bump(&self.counters.fills),
+            Some(Ok(CasResult::Stored)) if flags == FLAG_VALUE => {
+                bump(&self.counters.fills, "mcstore_storage_fills_total")
+            }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 // The server refused the value (say it is above the server's item size) or
@@ -873,7 +890,7 @@ impl Shared {
     fn key(&self, info: &ResourceInfo, part: Part) -> Option<String> {
         let key = cache_key(&self.settings.keys, info, part).ok();
         if key.is_none() {
-            bump(&self.counters.bypassed);
+            bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
         }
         key
     }
@@ -904,7 +921,7 @@ impl Shared {
             // filled on the stand-in could outlive a write made through a client that routes
             // the key home, so stand-ins never hold one.
             if !route.is_home() || self.distrusted(&key, c.label(route.server)) {
-                bump(&self.counters.bypassed);
+                bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
                 return self.master_get(m, info, part);
             }
             // The lookup's calls all go to that server, whatever another client of the pool
@@ -920,7 +937,10 @@ impl Shared {
                         break Lookup::Master; // its filler is known not to fill: no wait
                     }
                     let until = *waiting_until.get_or_insert_with(|| {
-                        bump(&self.counters.fill_waits);
+                        bump(
+                            &self.counters.fill_waits,
+                            "mcstore_storage_fill_waits_total",
+                        );
                         Instant::now() + self.settings.fill_wait
                     });
                     if Instant::now() >= until {
@@ -938,15 +958,15 @@ impl Shared {
         };
         match lookup {
             Lookup::Hit(v) => {
-                bump(&self.counters.hits);
+                bump(&self.counters.hits, "mcstore_storage_hits_total");
                 Ok(v)
             }
             Lookup::Master | Lookup::Wait => {
-                bump(&self.counters.misses);
+                bump(&self.counters.misses, "mcstore_storage_misses_total");
                 self.master_get(m, info, part)
             }
             Lookup::Miss(filler) => {
-                bump(&self.counters.misses);
+                bump(&self.counters.misses, "mcstore_storage_misses_total");
                 let value = self.master_get(m, info, part);
                 let Some(cas) = filler else {
                     return value;

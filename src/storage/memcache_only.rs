@@ -94,11 +94,11 @@ impl MemcacheOnlyStorage {
         let mut c = self.client()?;
         match c.get(key.as_bytes())? {
             Some(item) if item.flags == FLAG_VALUE => {
-                bump(&self.hits);
+                bump(&self.hits, "mcstore_storage_hits_total");
                 Ok(Bytes::from(item.value))
             }
             _ => {
-                bump(&self.misses);
+                bump(&self.misses, "mcstore_storage_misses_total");
                 Err(not_found(&info.collection, info.resource.as_deref()))
             }
         }
