@@ -49,6 +49,7 @@ pub use pool::{Pool, PooledClient};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
+use crate::observe::CallOp;
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text;
 use crate::proto::wire::{
@@ -967,10 +968,20 @@ impl Core {
         value: Option<&[u8]>,
         on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
-        let started = self.health.metrics.start();
-        let op = self.start(i)?;
-        let r = with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on));
-        self.health.metrics.call(i, cmd.kind(), false, started);
+        let started = self.health.observe.start();
+        let span = self.health.observe.span(CallOp {
+            kind: cmd.kind(),
+            server: Some(i),
+            servers: 1,
+            protocol: self.protocol,
+            keys: usize::from(cmd.key().is_some()),
+            value_bytes: value.map_or(0, <[u8]>::len),
+        });
+        let r = span.run(|| {
+            let op = self.start(i)?;
+            with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
+        });
+        self.health.observe.call(i, cmd.kind(), false, started);
         r
     }
 

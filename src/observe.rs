@@ -1,4 +1,10 @@
-//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (cargo feature `metrics`).
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (cargo feature `metrics`)
+//! and traces through [`tracing`](https://docs.rs/tracing) (cargo feature `tracing`).
+//!
+//! Tracing: a `mcstore.call` span per call (fields `op`, `server`, `protocol`, `keys`,
+//! `value_bytes` (sent), `outcome`; a multi-key call has one span, `server` empty, `servers` the number it
+//! involved) and events (target `mcstore`) for connects and reconnects, ejections, rejoins and
+//! storage replays. Keys are never recorded: only their number.
 //!
 //! Client metrics carry a `server` label (the server as configured) and, for calls, an `op`
 //! label; handles are registered when a client is built, so a call only bumps atomics (the
@@ -23,7 +29,7 @@
 use crate::proto::wire::Kind;
 
 /// The `op` label of a command kind.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "metrics", feature = "tracing")), allow(dead_code))]
 fn op_index(kind: Kind, multi: bool) -> usize {
     let k = match kind {
         Kind::Get => 0,
@@ -42,7 +48,7 @@ fn op_index(kind: Kind, multi: bool) -> usize {
 
 const OPS: usize = 10;
 
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "metrics", feature = "tracing")), allow(dead_code))]
 const OP_NAMES: [&str; 2 * OPS] = [
     "get",
     "store",
@@ -66,89 +72,83 @@ const OP_NAMES: [&str; 2 * OPS] = [
     "noreply_multi",
 ];
 
+/// The `op` name of a command kind.
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) fn op_name(kind: Kind, multi: bool) -> &'static str {
+    OP_NAMES[op_index(kind, multi)]
+}
+
 #[cfg(feature = "metrics")]
-mod on {
-    use std::sync::Arc;
-    use std::time::Instant;
+use metrics::{counter, gauge, histogram, Counter, Histogram, SharedString};
 
-    use metrics::{counter, gauge, histogram, Counter, Histogram, SharedString};
+/// When a call started (nothing without the `metrics` feature: no clock read).
+#[derive(Clone, Copy)]
+pub(crate) struct Started(#[cfg(feature = "metrics")] std::time::Instant);
 
-    use super::{op_index, Kind, OP_NAMES};
-    use crate::error::Error;
+#[cfg(feature = "metrics")]
+struct ServerMetrics {
+    calls: Vec<Counter>,
+    latency: Vec<Histogram>,
+    hits: Counter,
+    misses: Counter,
+    errors: [Counter; 4],
+    connects: Counter,
+    reconnects: Counter,
+    ejections: Counter,
+    rejoins: Counter,
+}
 
-    /// When a call started.
-    #[derive(Clone, Copy)]
-    pub(crate) struct Started(Instant);
+/// One client's metric handles and trace labels, per server (empty without the features).
+pub(crate) struct Observer {
+    #[cfg(feature = "metrics")]
+    metrics: Vec<ServerMetrics>,
+    #[cfg(feature = "tracing")]
+    labels: Vec<String>,
+    /// Connections seen so far per server (the driver's count).
+    #[cfg(any(feature = "metrics", feature = "tracing"))]
+    seen: Vec<u64>,
+}
 
-    struct Server {
-        calls: Vec<Counter>,
-        latency: Vec<Histogram>,
-        hits: Counter,
-        misses: Counter,
-        errors: [Counter; 4],
-        connects: Counter,
-        reconnects: Counter,
-        ejections: Counter,
-        rejoins: Counter,
-        /// Connections seen so far (the driver's count).
-        seen: u64,
+impl Observer {
+    pub(crate) fn new(labels: &[String]) -> Observer {
+        let _ = labels;
+        Observer {
+            #[cfg(feature = "metrics")]
+            metrics: labels.iter().map(|l| server_metrics(l)).collect(),
+            #[cfg(feature = "tracing")]
+            labels: labels.to_vec(),
+            #[cfg(any(feature = "metrics", feature = "tracing"))]
+            seen: vec![0; labels.len()],
+        }
     }
 
-    /// One client's metric handles, per server.
-    pub(crate) struct Metrics {
-        servers: Vec<Server>,
+    #[inline(always)]
+    pub(crate) fn start(&self) -> Started {
+        Started(
+            #[cfg(feature = "metrics")]
+            std::time::Instant::now(),
+        )
     }
 
-    impl Metrics {
-        pub(crate) fn new(labels: &[String]) -> Metrics {
-            let servers = labels
-                .iter()
-                .map(|l| {
-                    let s: SharedString = SharedString::from(Arc::<str>::from(l.as_str()));
-                    let one = |name: &'static str| counter!(name, "server" => s.clone());
-                    let error = |kind: &'static str| {
-                        counter!("mcstore_errors_total", "server" => s.clone(), "kind" => kind)
-                    };
-                    Server {
-                        calls: OP_NAMES
-                            .iter()
-                            .map(|&op| counter!("mcstore_calls_total", "server" => s.clone(), "op" => op))
-                            .collect(),
-                        latency: OP_NAMES
-                            .iter()
-                            .map(|&op| histogram!("mcstore_call_seconds", "server" => s.clone(), "op" => op))
-                            .collect(),
-                        hits: one("mcstore_hits_total"),
-                        misses: one("mcstore_misses_total"),
-                        errors: [error("io"), error("timeout"), error("parse"), error("server")],
-                        connects: one("mcstore_connects_total"),
-                        reconnects: one("mcstore_reconnects_total"),
-                        ejections: one("mcstore_ejections_total"),
-                        rejoins: one("mcstore_rejoins_total"),
-                        seen: 0,
-                    }
-                })
-                .collect();
-            Metrics { servers }
-        }
-
-        #[inline]
-        pub(crate) fn start(&self) -> Started {
-            Started(Instant::now())
-        }
-
-        /// A call (or a multi-key call's share) to server `i` ended.
-        #[inline]
-        pub(crate) fn call(&self, i: usize, kind: Kind, multi: bool, started: Started) {
-            let s = &self.servers[i];
+    /// A call (or a multi-key call's share) to server `i` ended.
+    #[inline(always)]
+    pub(crate) fn call(&self, i: usize, kind: Kind, multi: bool, started: Started) {
+        let _ = (i, kind, multi, started);
+        #[cfg(feature = "metrics")]
+        {
+            let s = &self.metrics[i];
             let o = op_index(kind, multi);
             s.calls[o].increment(1);
             s.latency[o].record(started.0.elapsed().as_secs_f64());
         }
+    }
 
-        #[inline]
-        pub(crate) fn lookups(&self, i: usize, hits: u64, misses: u64) {
-            let s = &self.servers[i];
+    #[inline(always)]
+    pub(crate) fn lookups(&self, i: usize, hits: u64, misses: u64) {
+        let _ = (i, hits, misses);
+        #[cfg(feature = "metrics")]
+        {
+            let s = &self.metrics[i];
             if hits > 0 {
                 s.hits.increment(hits);
             }
@@ -156,8 +156,14 @@ mod on {
                 s.misses.increment(misses);
             }
         }
+    }
 
-        pub(crate) fn error(&self, i: usize, e: &Error) {
+    #[inline(always)]
+    pub(crate) fn error(&self, i: usize, e: &crate::error::Error) {
+        let _ = (i, e);
+        #[cfg(feature = "metrics")]
+        {
+            use crate::error::Error;
             let k = match e {
                 Error::Io { .. } => 0,
                 Error::Timeout { .. } => 1,
@@ -165,86 +171,186 @@ mod on {
                 Error::Server { .. } => 3,
                 _ => return,
             };
-            self.servers[i].errors[k].increment(1);
+            self.metrics[i].errors[k].increment(1);
         }
+    }
 
-        pub(crate) fn ejected(&self, i: usize) {
-            self.servers[i].ejections.increment(1);
+    #[inline(always)]
+    pub(crate) fn ejected(&self, i: usize) {
+        let _ = i;
+        #[cfg(feature = "metrics")]
+        self.metrics[i].ejections.increment(1);
+        #[cfg(feature = "tracing")]
+        tracing::warn!(target: "mcstore", server = %self.labels[i], "server ejected");
+    }
+
+    #[inline(always)]
+    pub(crate) fn rejoined(&self, i: usize) {
+        let _ = i;
+        #[cfg(feature = "metrics")]
+        self.metrics[i].rejoins.increment(1);
+        #[cfg(feature = "tracing")]
+        tracing::info!(target: "mcstore", server = %self.labels[i], "server rejoined");
+    }
+
+    /// The driver's connection count for server `i` (counts and reports the new ones).
+    #[inline(always)]
+    pub(crate) fn connections(&mut self, i: usize, count: u64) {
+        let _ = (i, count);
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        if count > self.seen[i] {
+            self.connected(i, count);
         }
+    }
 
-        pub(crate) fn rejoined(&self, i: usize) {
-            self.servers[i].rejoins.increment(1);
-        }
-
-        /// The driver's connection count for server `i` (counts the new ones).
-        #[inline]
-        pub(crate) fn connections(&mut self, i: usize, count: u64) {
-            let s = &mut self.servers[i];
-            if count > s.seen {
-                for n in s.seen + 1..=count {
-                    s.connects.increment(1);
-                    if n > 1 {
-                        s.reconnects.increment(1);
-                    }
+    #[cfg(any(feature = "metrics", feature = "tracing"))]
+    #[cold]
+    fn connected(&mut self, i: usize, count: u64) {
+        for n in self.seen[i] + 1..=count {
+            #[cfg(feature = "metrics")]
+            {
+                self.metrics[i].connects.increment(1);
+                if n > 1 {
+                    self.metrics[i].reconnects.increment(1);
                 }
-                s.seen = count;
             }
+            #[cfg(feature = "tracing")]
+            if n > 1 {
+                tracing::info!(target: "mcstore", server = %self.labels[i], connection = n, "reconnected");
+            } else {
+                tracing::debug!(target: "mcstore", server = %self.labels[i], "connected");
+            }
+            let _ = n;
         }
+        self.seen[i] = count;
     }
 
-    /// A `MemcacheStorage` event (`name` is the whole metric name).
-    pub(crate) fn storage(name: &'static str, n: u64) {
-        counter!(name).increment(n);
-    }
-
-    /// The storage's failed invalidations awaiting replay.
-    pub(crate) fn pending(n: usize) {
-        gauge!("mcstore_storage_pending_invalidations").set(n as f64);
+    /// The span of a call to server `i` (`None`: a multi-key call over `servers` servers).
+    #[inline(always)]
+    pub(crate) fn span(&self, op: CallOp) -> CallSpan {
+        let _ = op;
+        CallSpan(
+            #[cfg(feature = "tracing")]
+            tracing::debug_span!(
+                target: "mcstore",
+                "mcstore.call",
+                op = op_name(op.kind, op.server.is_none()),
+                server = op.server.map_or("", |i| self.labels[i].as_str()),
+                servers = op.servers,
+                protocol = ?op.protocol,
+                keys = op.keys,
+                value_bytes = op.value_bytes,
+                outcome = tracing::field::Empty,
+            ),
+        )
     }
 }
 
-#[cfg(not(feature = "metrics"))]
-mod off {
-    use super::Kind;
+/// What a call's span describes.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) struct CallOp {
+    pub(crate) kind: Kind,
+    /// The server of a single-server call; `None` for a multi-key call.
+    pub(crate) server: Option<usize>,
+    pub(crate) servers: usize,
+    pub(crate) protocol: crate::client::Protocol,
+    pub(crate) keys: usize,
+    /// Value bytes sent (stores).
+    pub(crate) value_bytes: usize,
+}
+
+/// A call's span (nothing without the `tracing` feature).
+pub(crate) struct CallSpan(#[cfg(feature = "tracing")] tracing::Span);
+
+impl CallSpan {
+    /// Runs `f` inside the span, then records its outcome (`ok` or the error's kind).
+    #[inline(always)]
+    pub(crate) fn run<T>(
+        &self,
+        f: impl FnOnce() -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        #[cfg(feature = "tracing")]
+        {
+            let _entered = self.0.enter();
+            let r = f();
+            if !self.0.is_disabled() {
+                let outcome = match &r {
+                    Ok(_) => "ok",
+                    Err(e) => outcome_name(e),
+                };
+                self.0.record("outcome", outcome);
+            }
+            r
+        }
+        #[cfg(not(feature = "tracing"))]
+        f()
+    }
+}
+
+#[cfg(feature = "tracing")]
+fn outcome_name(e: &crate::error::Error) -> &'static str {
     use crate::error::Error;
-
-    /// Nothing: no clock is read without the `metrics` feature.
-    #[derive(Clone, Copy)]
-    pub(crate) struct Started;
-
-    /// Nothing without the `metrics` feature.
-    pub(crate) struct Metrics;
-
-    impl Metrics {
-        pub(crate) fn new(_labels: &[String]) -> Metrics {
-            Metrics
-        }
-        #[inline(always)]
-        pub(crate) fn start(&self) -> Started {
-            Started
-        }
-        #[inline(always)]
-        pub(crate) fn call(&self, _i: usize, _kind: Kind, _multi: bool, _started: Started) {}
-        #[inline(always)]
-        pub(crate) fn lookups(&self, _i: usize, _hits: u64, _misses: u64) {}
-        #[inline(always)]
-        pub(crate) fn error(&self, _i: usize, _e: &Error) {}
-        #[inline(always)]
-        pub(crate) fn ejected(&self, _i: usize) {}
-        #[inline(always)]
-        pub(crate) fn rejoined(&self, _i: usize) {}
-        #[inline(always)]
-        pub(crate) fn connections(&mut self, _i: usize, _count: u64) {}
+    match e {
+        Error::Io { .. } => "io",
+        Error::Timeout { .. } => "timeout",
+        Error::Parse { .. } => "parse",
+        Error::Server { .. } => "server",
+        Error::ServerDown { .. } => "server_down",
+        Error::Partial { .. } => "partial",
+        _ => "error",
     }
-
-    #[inline(always)]
-    pub(crate) fn storage(_name: &'static str, _n: u64) {}
-
-    #[inline(always)]
-    pub(crate) fn pending(_n: usize) {}
 }
 
-#[cfg(not(feature = "metrics"))]
-pub(crate) use off::*;
 #[cfg(feature = "metrics")]
-pub(crate) use on::*;
+fn server_metrics(label: &str) -> ServerMetrics {
+    let s = SharedString::from(std::sync::Arc::<str>::from(label));
+    let one = |name: &'static str| counter!(name, "server" => s.clone());
+    let error = |kind: &'static str| counter!("mcstore_errors_total", "server" => s.clone(), "kind" => kind);
+    ServerMetrics {
+        calls: OP_NAMES
+            .iter()
+            .map(|&op| counter!("mcstore_calls_total", "server" => s.clone(), "op" => op))
+            .collect(),
+        latency: OP_NAMES
+            .iter()
+            .map(|&op| histogram!("mcstore_call_seconds", "server" => s.clone(), "op" => op))
+            .collect(),
+        hits: one("mcstore_hits_total"),
+        misses: one("mcstore_misses_total"),
+        errors: [
+            error("io"),
+            error("timeout"),
+            error("parse"),
+            error("server"),
+        ],
+        connects: one("mcstore_connects_total"),
+        reconnects: one("mcstore_reconnects_total"),
+        ejections: one("mcstore_ejections_total"),
+        rejoins: one("mcstore_rejoins_total"),
+    }
+}
+
+/// A `MemcacheStorage` event (`name` is the whole metric name).
+#[inline(always)]
+pub(crate) fn storage(name: &'static str, n: u64) {
+    let _ = (name, n);
+    #[cfg(feature = "metrics")]
+    counter!(name).increment(n);
+}
+
+/// The storage's failed invalidations awaiting replay.
+#[inline(always)]
+pub(crate) fn pending(n: usize) {
+    let _ = n;
+    #[cfg(feature = "metrics")]
+    gauge!("mcstore_storage_pending_invalidations").set(n as f64);
+}
+
+/// A storage replay deleted `keys` failed invalidations.
+#[inline(always)]
+pub(crate) fn replayed(keys: u64) {
+    let _ = keys;
+    #[cfg(feature = "tracing")]
+    tracing::info!(target: "mcstore", keys, "replayed failed invalidations");
+}

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::observe::Metrics;
+use crate::observe::Observer;
 use crate::ring::{Continuum, Distribution};
 
 /// Per-server counters, readable with [`Client::server_counters`](crate::Client::server_counters).
@@ -79,7 +79,7 @@ impl SharedHealth {
 
 pub(crate) struct Health {
     /// Exported metrics (nothing without the `metrics` feature).
-    pub(crate) metrics: Metrics,
+    pub(crate) observe: Observer,
     shared: Arc<SharedHealth>,
     policy: FailurePolicy,
     counters: Vec<ServerCounters>,
@@ -98,7 +98,7 @@ impl Health {
     ) -> Health {
         let n = shared.servers();
         Health {
-            metrics: Metrics::new(labels),
+            observe: Observer::new(labels),
             shared,
             policy,
             counters: vec![ServerCounters::default(); n],
@@ -134,7 +134,7 @@ impl Health {
             for (i, e) in ejected.iter_mut().enumerate() {
                 if e.is_some_and(|until| until <= now) {
                     *e = None;
-                    self.metrics.rejoined(i);
+                    self.observe.rejoined(i);
                     let probation = self.policy.failure_limit.saturating_sub(1);
                     sh.failures[i].store(probation, Ordering::Relaxed);
                     changed = true;
@@ -180,7 +180,7 @@ impl Health {
 
     /// Counts a retrieval's hit or miss.
     pub(crate) fn count_lookup(&mut self, i: usize, hit: bool) {
-        self.metrics.lookups(i, u64::from(hit), u64::from(!hit));
+        self.observe.lookups(i, u64::from(hit), u64::from(!hit));
         let c = &mut self.counters[i];
         if hit {
             c.hits += 1;
@@ -210,7 +210,7 @@ impl Health {
 
     /// Records a failed request to server `i` (the request itself is counted by the caller).
     pub(crate) fn record_error(&mut self, i: usize, e: &Error, ring: &mut Continuum) {
-        self.metrics.error(i, e);
+        self.observe.error(i, e);
         let c = &mut self.counters[i];
         match e {
             Error::Io { .. } | Error::Timeout { .. } | Error::Parse { .. } => {
@@ -225,7 +225,7 @@ impl Health {
                     if ejected[i].is_none() {
                         ejected[i] = Some(Instant::now() + self.policy.retry_timeout);
                         c.ejections += 1;
-                        self.metrics.ejected(i);
+                        self.observe.ejected(i);
                         sh.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                 }

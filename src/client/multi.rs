@@ -9,6 +9,7 @@ use super::{
 };
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
+use crate::observe::CallOp;
 use crate::proto::wire::{
     with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Wire,
 };
@@ -353,9 +354,26 @@ impl Core {
         &mut self,
         plan: &mut Plan,
         batches: &mut Vec<Batch<'static>>,
+        on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    ) -> Result<()> {
+        let span = self.health.observe.span(CallOp {
+            kind: plan.kind,
+            server: None,
+            servers: plan.shares.iter().filter(|s| s.keys > 0).count(),
+            protocol: self.protocol,
+            keys: plan.server_of.len(),
+            value_bytes: 0,
+        });
+        span.run(|| self.run_plan_traced(plan, batches, on_reply))
+    }
+
+    fn run_plan_traced(
+        &mut self,
+        plan: &mut Plan,
+        batches: &mut Vec<Batch<'static>>,
         mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
     ) -> Result<()> {
-        let started = self.health.metrics.start();
+        let started = self.health.observe.start();
         let op = self.driver.new_op();
         batches.extend(
             plan.shares
@@ -386,10 +404,10 @@ impl Core {
                 }
                 None => {
                     self.health.record(i, &Ok(()), &mut self.ring);
-                    self.health.metrics.call(i, plan.kind, true, started);
+                    self.health.observe.call(i, plan.kind, true, started);
                     if plan.kind == Kind::Get {
                         let (hits, misses) = (share.hits as u64, (share.keys - share.hits) as u64);
-                        self.health.metrics.lookups(i, hits, misses);
+                        self.health.observe.lookups(i, hits, misses);
                         let c = self.health.counters_mut(i);
                         c.hits += hits;
                         c.misses += misses;

@@ -12,7 +12,7 @@ impl Core {
     /// authenticates first when SASL is configured.
     pub(super) fn start(&mut self, i: usize) -> Result<Op> {
         let op = self.driver.begin(i)?;
-        self.health.metrics.connections(i, self.driver.connects(i));
+        self.health.observe.connections(i, self.driver.connects(i));
         let Some((user, password)) = &self.sasl else {
             return Ok(op);
         };

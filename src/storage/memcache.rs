@@ -706,6 +706,7 @@ impl Shared {
                     );
                     let n = u64::try_from(js.len()).unwrap_or(u64::MAX);
                     crate::observe::storage("mcstore_storage_replayed_total", n);
+                    crate::observe::replayed(n);
                     self.counters.replayed.fetch_add(n, Ordering::Relaxed);
                     for j in js {
                         deleted[j] = true;

@@ -179,6 +179,20 @@ impl Cmd<'_> {
         Cmd::Delete(key)
     }
 
+    /// The command's key, if it has one.
+    pub(crate) fn key(&self) -> Option<Key<'_>> {
+        match *self {
+            Cmd::Get(k, _)
+            | Cmd::Store(k, ..)
+            | Cmd::Delete(k)
+            | Cmd::Invalidate(k, _)
+            | Cmd::Arith { key: k, .. }
+            | Cmd::Touch(k, _)
+            | Cmd::Debug(k) => Some(k),
+            _ => None,
+        }
+    }
+
     pub(crate) fn kind(&self) -> Kind {
         match self {
             Cmd::Get(..) => Kind::Get,

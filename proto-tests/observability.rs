@@ -1,0 +1,319 @@
+//! Metrics and traces (features `metrics` and `tracing`), against real memcached: a recording
+//! recorder sees calls, hits, misses, errors of a killed server, its ejection, connects and
+//! storage fills, with the right labels; a capturing subscriber sees a span per call with its
+//! fields and events for connects, ejections and replays; no key bytes appear in either. Run by
+//! `scripts/test` with `--features metrics,tracing`.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+use mcstore::ring::Distribution;
+use mcstore::storage::{MemcacheStorage, MemoryStorage, Storage};
+use mcstore::{Client, Pool, SetOptions};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use support::Memcached;
+
+/// A metric: name, labels, and its counter value or number of histogram samples.
+type Metric = (String, Vec<(String, String)>, u64);
+
+/// Every metric recorded so far.
+fn snapshot(s: &Snapshotter) -> Vec<Metric> {
+    s.snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let (_, key) = key.into_parts();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_string(), l.value().to_string()))
+                .collect();
+            let n = match value {
+                DebugValue::Counter(n) => n,
+                DebugValue::Gauge(g) => g.into_inner() as u64,
+                DebugValue::Histogram(h) => h.len() as u64,
+            };
+            (key.name().to_string(), labels, n)
+        })
+        .collect()
+}
+
+/// The value of `name` with exactly these labels (0 if absent).
+fn value(all: &[Metric], name: &str, labels: &[(&str, &str)]) -> u64 {
+    all.iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+/// One test: the recorder and the subscriber are global (the storage replays on its own
+/// thread), so both are installed once, before any client is built.
+#[test]
+fn metrics_and_traces_against_real_servers() {
+    let recorder = DebuggingRecorder::new();
+    let snapshots = recorder.snapshotter();
+    recorder.install().unwrap(); // before any client is built: handles bind to it
+    let capture = Capture::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(capture.clone()))
+        .unwrap();
+    metrics_count_calls_hits_misses_errors_ejections_and_fills(&snapshots);
+    traces_have_a_span_per_call_and_events_and_no_keys(&capture);
+}
+
+fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapshotter) {
+    let a = Memcached::start();
+    let mut b = Memcached::start();
+    let (la, lb) = (a.addr(), b.addr());
+    let mut c = Client::builder()
+        .servers([la.clone(), lb.clone()])
+        .distribution(Distribution::Ketama)
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_secs(60))
+        .remove_failed_servers(true)
+        .io_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    // A secret-looking key on each server.
+    let keys: Vec<String> = (0..100).map(|i| format!("secret-key-{i}")).collect();
+    let on = |c: &mut Client, server: &str| {
+        keys.iter()
+            .find(|k| c.server_for_key(k.as_bytes()).unwrap() == server)
+            .unwrap()
+            .clone()
+    };
+    let (ka, kb) = (on(&mut c, &la), on(&mut c, &lb));
+    c.set(ka.as_bytes(), b"v", SetOptions::default()).unwrap();
+    assert!(c.get(ka.as_bytes()).unwrap().is_some());
+    assert!(c.get(b"secret-missing").unwrap().is_none());
+    let mut n = 0;
+    c.get_multi(&keys, |_, _| n += 1).unwrap();
+    assert_eq!(n, 1);
+    let all = snapshot(snapshots);
+    let server_a = [("server", la.as_str())];
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_calls_total",
+            &[("server", &la), ("op", "store")]
+        ),
+        1
+    );
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_call_seconds",
+            &[("server", &la), ("op", "store")]
+        ),
+        1
+    );
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_calls_total",
+            &[("server", &la), ("op", "get_multi")]
+        ),
+        1
+    );
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_calls_total",
+            &[("server", &lb), ("op", "get_multi")]
+        ),
+        1
+    );
+    let hits = value(&all, "mcstore_hits_total", &server_a);
+    let misses: u64 = ["mcstore_misses_total"]
+        .iter()
+        .map(|m| value(&all, m, &server_a) + value(&all, m, &[("server", lb.as_str())]))
+        .sum();
+    assert_eq!(hits, 2, "one get and one multi-get hit on {la}");
+    assert_eq!(misses, 1 + 99, "one missing key, 99 of the multi-get");
+    assert_eq!(value(&all, "mcstore_connects_total", &server_a), 1);
+    assert_eq!(value(&all, "mcstore_reconnects_total", &server_a), 0);
+
+    // A killed server: an I/O error, then it is ejected.
+    b.kill();
+    assert!(c.set(kb.as_bytes(), b"v", SetOptions::default()).is_err());
+    let all = snapshot(snapshots);
+    let server_b = [("server", lb.as_str())];
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_errors_total",
+            &[("server", &lb), ("kind", "io")]
+        ),
+        1
+    );
+    assert_eq!(value(&all, "mcstore_ejections_total", &server_b), 1);
+    assert_eq!(
+        value(
+            &all,
+            "mcstore_errors_total",
+            &[("server", &la), ("kind", "io")]
+        ),
+        0
+    );
+
+    // The storage's fills, hits and misses.
+    let store = MemcacheStorage::new(
+        Pool::new(Client::builder().server(la.clone()), 2).unwrap(),
+        Arc::new(MemoryStorage::new()),
+    );
+    store.create_container("c").unwrap();
+    let info = store.info("c", Some("secret-resource")).unwrap();
+    store.put_content(&info, "x".into()).unwrap();
+    store.get_content(&info).unwrap(); // miss, fill
+    store.get_content(&info).unwrap(); // hit
+    let all = snapshot(snapshots);
+    assert_eq!(value(&all, "mcstore_storage_fills_total", &[]), 1);
+    assert_eq!(value(&all, "mcstore_storage_misses_total", &[]), 1);
+    assert_eq!(value(&all, "mcstore_storage_hits_total", &[]), 1);
+    assert_eq!(value(&all, "mcstore_storage_master_reads_total", &[]), 1);
+
+    // Keys never appear in a metric.
+    for (name, labels, _) in &all {
+        for (k, v) in labels {
+            assert!(
+                !v.contains("secret") && !k.contains("secret") && !name.contains("secret"),
+                "a key in {name} {labels:?}"
+            );
+        }
+    }
+}
+
+/// Every span (with its fields, including those recorded later) and event, one line each.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+/// Fields as ` name=value`.
+struct Fields<'a>(&'a mut String);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let _ = write!(self.0, " {}={}", field.name(), value);
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut line = format!("span {}", attrs.metadata().name());
+        attrs.record(&mut Fields(&mut line));
+        ctx.span(id).unwrap().extensions_mut().insert(line);
+    }
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let span = ctx.span(id).unwrap();
+        let mut ext = span.extensions_mut();
+        values.record(&mut Fields(ext.get_mut::<String>().unwrap()));
+    }
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let span = ctx.span(&id).unwrap();
+        let line = span.extensions().get::<String>().unwrap().clone();
+        self.0.lock().unwrap().push(line);
+    }
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut line = format!("event {}", event.metadata().level());
+        event.record(&mut Fields(&mut line));
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+fn traces_have_a_span_per_call_and_events_and_no_keys(capture: &Capture) {
+    let mut a = Memcached::start();
+    let b = Memcached::start();
+    let (la, lb) = (a.addr(), b.addr());
+    {
+        let mut c = Client::builder()
+            .servers([la.clone(), lb.clone()])
+            .distribution(Distribution::Ketama)
+            .server_failure_limit(1)
+            .retry_timeout(Duration::from_secs(60))
+            .remove_failed_servers(true)
+            .io_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let keys: Vec<String> = (0..50).map(|i| format!("secret-key-{i}")).collect();
+        let ka = keys
+            .iter()
+            .find(|k| c.server_for_key(k.as_bytes()).unwrap() == la)
+            .unwrap()
+            .clone();
+        c.set(ka.as_bytes(), b"12345", SetOptions::default())
+            .unwrap();
+        assert!(c.get(ka.as_bytes()).unwrap().is_some());
+        c.get_multi(&keys, |_, _| {}).unwrap();
+        a.kill();
+        assert!(c.get(ka.as_bytes()).is_err());
+        // A storage whose write fails to invalidate, then replays once the server is back.
+        a.restart();
+        let store = MemcacheStorage::new(
+            Pool::new(Client::builder().server(la.clone()), 1).unwrap(),
+            Arc::new(MemoryStorage::new()),
+        );
+        store.create_container("c").unwrap();
+        let info = store.info("c", Some("secret-resource")).unwrap();
+        a.kill();
+        store.put_content(&info, "x".into()).unwrap();
+        a.restart();
+        support::wait_for("the replay", || store.pending_invalidations() == 0);
+    }
+    let lines = capture.0.lock().unwrap().clone();
+    let has = |parts: &[&str]| lines.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    let server_a = format!("server={la}");
+    assert!(
+        has(&[
+            "span mcstore.call",
+            "op=store",
+            &server_a,
+            "keys=1",
+            "value_bytes=5",
+            "outcome=ok"
+        ]),
+        "{lines:#?}"
+    );
+    assert!(has(&[
+        "span mcstore.call",
+        "op=get",
+        &server_a,
+        "protocol=Text",
+        "outcome=ok"
+    ]));
+    assert!(has(&[
+        "span mcstore.call",
+        "op=get_multi",
+        "servers=2",
+        "keys=50",
+        "outcome=ok"
+    ]));
+    assert!(
+        has(&["span mcstore.call", "op=get", &server_a, "outcome=io"]),
+        "{lines:#?}"
+    );
+    assert!(has(&["event", "server ejected", &server_a]), "{lines:#?}");
+    assert!(has(&["event", "connected", &server_a]));
+    assert!(
+        has(&["event", "replayed failed invalidations", "keys=1"]),
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert!(!l.contains("secret"), "a key in a trace: {l}");
+    }
+}
