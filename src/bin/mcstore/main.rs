@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod bench;
+#[cfg(feature = "metrics")]
+mod collect;
 // The memcached launcher shared with the tests and examples.
 #[allow(dead_code)]
 #[path = "../../../proto-tests/support/launcher.rs"]
@@ -141,6 +143,10 @@ enum Cmd {
         /// Value size in bytes.
         #[arg(short = 'v')]
         value_bytes: Option<usize>,
+        /// Print the client's metrics at the end (a binary built with `--features metrics`).
+        #[cfg(feature = "metrics")]
+        #[arg(long)]
+        metrics: bool,
     },
     /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
     Demo {
@@ -328,7 +334,16 @@ fn run(cli: Cli) -> Res<()> {
             ops,
             keyspace,
             value_bytes,
+            #[cfg(feature = "metrics")]
+            metrics,
         } => {
+            // Installed before the client is built: it registers its metrics then.
+            #[cfg(feature = "metrics")]
+            let collected = if metrics {
+                Some(collect::Collected::install()?)
+            } else {
+                None
+            };
             let proto = if binary { Protocol::Binary } else { g.protocol };
             let g2 = Global {
                 protocol: proto,
@@ -352,6 +367,10 @@ fn run(cli: Cli) -> Res<()> {
                 Protocol::Text => "text",
             };
             bench::run(&mut c, &spec, name, dist)?;
+            #[cfg(feature = "metrics")]
+            if let Some(collected) = collected {
+                collected.print();
+            }
         }
     }
     out.flush()?;
