@@ -146,6 +146,9 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
     assert_eq!(misses, 1 + 99, "one missing key, 99 of the multi-get");
     assert_eq!(value(&all, "mcstore_connects_total", &server_a), 1);
     assert_eq!(value(&all, "mcstore_reconnects_total", &server_a), 0);
+    // The set's request (command line and 1-byte value) and the replies.
+    assert!(value(&all, "mcstore_bytes_written_total", &server_a) > 20);
+    assert!(value(&all, "mcstore_bytes_read_total", &server_a) > 10);
 
     // A killed server: an I/O error, then it is ejected.
     b.kill();

@@ -982,6 +982,7 @@ impl Core {
             with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
         });
         self.health.observe.call(i, cmd.kind(), false, started);
+        self.health.observe.bytes(i, self.driver.bytes(i));
         r
     }
 

@@ -18,6 +18,7 @@
 //! | `mcstore_hits_total`, `mcstore_misses_total` | counter | server |
 //! | `mcstore_errors_total` | counter | server, kind (`io`, `timeout`, `parse`, `server`) |
 //! | `mcstore_connects_total`, `mcstore_reconnects_total` | counter | server |
+//! | `mcstore_bytes_read_total`, `mcstore_bytes_written_total` | counter | server |
 //! | `mcstore_ejections_total`, `mcstore_rejoins_total` | counter | server |
 //! | `mcstore_storage_*_total` | counter | (none): `MemcacheStorage`'s [`StorageCounters`](crate::storage::StorageCounters) |
 //! | `mcstore_storage_pending_invalidations` | gauge | (none) |
@@ -96,6 +97,10 @@ struct ServerMetrics {
     reconnects: Counter,
     ejections: Counter,
     rejoins: Counter,
+    bytes_read: Counter,
+    bytes_written: Counter,
+    /// The driver's byte counts already reported.
+    bytes_seen: (u64, u64),
 }
 
 /// One client's metric handles and trace labels, per server (empty without the features).
@@ -140,6 +145,20 @@ impl Observer {
             let o = op_index(kind, multi);
             s.calls[o].increment(1);
             s.latency[o].record(started.0.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The driver's byte counts for server `i` (reports what moved since last time).
+    #[inline(always)]
+    pub(crate) fn bytes(&mut self, i: usize, (read, written): (u64, u64)) {
+        let _ = (i, read, written);
+        #[cfg(feature = "metrics")]
+        {
+            let s = &mut self.metrics[i];
+            s.bytes_read.increment(read.saturating_sub(s.bytes_seen.0));
+            s.bytes_written
+                .increment(written.saturating_sub(s.bytes_seen.1));
+            s.bytes_seen = (read, written);
         }
     }
 
@@ -328,6 +347,9 @@ fn server_metrics(label: &str) -> ServerMetrics {
         reconnects: one("mcstore_reconnects_total"),
         ejections: one("mcstore_ejections_total"),
         rejoins: one("mcstore_rejoins_total"),
+        bytes_read: one("mcstore_bytes_read_total"),
+        bytes_written: one("mcstore_bytes_written_total"),
+        bytes_seen: (0, 0),
     }
 }
 

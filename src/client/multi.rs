@@ -405,6 +405,7 @@ impl Core {
                 None => {
                     self.health.record(i, &Ok(()), &mut self.ring);
                     self.health.observe.call(i, plan.kind, true, started);
+                    self.health.observe.bytes(i, self.driver.bytes(i));
                     if plan.kind == Kind::Get {
                         let (hits, misses) = (share.hits as u64, (share.keys - share.hits) as u64);
                         self.health.observe.lookups(i, hits, misses);

@@ -151,6 +151,9 @@ struct Conn {
     closed: bool,
     /// Connections opened so far.
     connects: u64,
+    /// Bytes read and written so far (for the `metrics` feature only).
+    #[cfg(feature = "metrics")]
+    bytes: (u64, u64),
     /// The socket is in blocking mode (the blocking path), with this read timeout.
     blocking: Option<Duration>,
 }
@@ -230,6 +233,8 @@ impl Driver {
                 writable: false,
                 closed: false,
                 connects: 0,
+                #[cfg(feature = "metrics")]
+                bytes: (0, 0),
                 blocking: None,
             })
             .collect();
@@ -577,6 +582,10 @@ impl Driver {
         match result {
             Ok(0) => Err(self.io_error(i, io::ErrorKind::WriteZero.into())),
             Ok(w) => {
+                #[cfg(feature = "metrics")]
+                {
+                    conn.bytes.1 += w as u64;
+                }
                 if w < want {
                     conn.writable = false;
                 }
@@ -608,6 +617,10 @@ impl Driver {
         match stream.read(spare) {
             Ok(0) => Err(self.failed(i, ex.handle_eof(), op)),
             Ok(n) => {
+                #[cfg(feature = "metrics")]
+                {
+                    conn.bytes.0 += n as u64;
+                }
                 conn.rbuf.filled(n);
                 if n < room && !conn.closed {
                     conn.readable = false;
@@ -765,6 +778,19 @@ impl Driver {
         self.conns[i].rbuf.clear();
         self.conns[i].connects += 1;
         Ok(())
+    }
+
+    /// Bytes read from and written to server `i` so far; `(0, 0)` without the `metrics`
+    /// feature (nothing is counted then).
+    #[inline(always)]
+    pub(crate) fn bytes(&self, i: usize) -> (u64, u64) {
+        #[cfg(feature = "metrics")]
+        return self.conns[i].bytes;
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = i;
+            (0, 0)
+        }
     }
 
     /// How many connections to server `i` have been opened.
