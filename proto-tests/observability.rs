@@ -100,6 +100,13 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
     c.set(ka.as_bytes(), b"v", SetOptions::default()).unwrap();
     assert!(c.get(ka.as_bytes()).unwrap().is_some());
     assert!(c.get(b"secret-missing").unwrap().is_none());
+    c.store_noreply(
+        mcstore::StoreMode::Set,
+        b"secret-noreply",
+        b"v",
+        SetOptions::default(),
+    )
+    .unwrap();
     let mut n = 0;
     c.get_multi(&keys, |_, _| n += 1).unwrap();
     assert_eq!(n, 1);
@@ -137,6 +144,17 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
         ),
         1
     );
+    let noreply: u64 = [&la, &lb]
+        .iter()
+        .map(|s| {
+            value(
+                &all,
+                "mcstore_calls_total",
+                &[("server", s), ("op", "noreply")],
+            )
+        })
+        .sum();
+    assert_eq!(noreply, 1);
     let hits = value(&all, "mcstore_hits_total", &server_a);
     let misses: u64 = ["mcstore_misses_total"]
         .iter()

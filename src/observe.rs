@@ -24,8 +24,8 @@
 //! | `mcstore_storage_pending_invalidations` | gauge | (none) |
 //!
 //! `op` is the command: `get`, `store`, `delete`, `arith`, `touch`, `debug`, `admin` (flush,
-//! verbosity, SASL), `version`, `stats`, `noreply`; a multi-key call adds `_multi` (one call
-//! per server it involves).
+//! verbosity, SASL), `version`, `stats`, `noreply` (a pipelined or noreply command: counted, no
+//! latency of its own); a multi-key call adds `_multi` (one call per server it involves).
 
 use crate::proto::wire::Kind;
 
@@ -160,6 +160,15 @@ impl Observer {
                 .increment(written.saturating_sub(s.bytes_seen.1));
             s.bytes_seen = (read, written);
         }
+    }
+
+    /// A pipelined (noreply) command was queued for server `i`: a call without a latency of
+    /// its own (`op` `noreply`).
+    #[inline(always)]
+    pub(crate) fn queued(&self, i: usize) {
+        let _ = i;
+        #[cfg(feature = "metrics")]
+        self.metrics[i].calls[op_index(Kind::Quiet, false)].increment(1);
     }
 
     #[inline(always)]

@@ -111,6 +111,7 @@ impl Pipeline<'_> {
             Ok(i)
         })();
         let i = r?;
+        c.health.observe.queued(i);
         self.commands += 1;
         Ok(i)
     }
@@ -189,6 +190,7 @@ impl Pipeline<'_> {
             |buf| count_errors(buf, &limits, errors, first, false, protocol),
         );
         c.driver.wbuf(i).clear();
+        c.health.observe.bytes(i, c.driver.bytes(i));
         if let Err(e) = r {
             c.health.record_error(i, &e, &mut c.ring);
             self.failed[i] = Some(e.clone());
@@ -237,6 +239,7 @@ impl Pipeline<'_> {
         for b in batches {
             let r = b.error.map_or(Ok(()), Err);
             c.health.record(b.server, &r, &mut c.ring);
+            c.health.observe.bytes(b.server, c.driver.bytes(b.server));
             if let Err(e) = r {
                 failed.push((c.labels[b.server].clone(), e));
             }
