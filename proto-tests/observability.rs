@@ -128,22 +128,14 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
         ),
         1
     );
-    assert_eq!(
-        value(
-            &all,
-            "mcstore_calls_total",
-            &[("server", &la), ("op", "get_multi")]
-        ),
-        1
-    );
-    assert_eq!(
-        value(
-            &all,
-            "mcstore_calls_total",
-            &[("server", &lb), ("op", "get_multi")]
-        ),
-        1
-    );
+    for server in [&la, &lb] {
+        let get_multi = [("server", server.as_str()), ("op", "get_multi")];
+        assert_eq!(
+            value(&all, "mcstore_calls_total", &get_multi),
+            1,
+            "{server}"
+        );
+    }
     let noreply: u64 = [&la, &lb]
         .iter()
         .map(|s| {

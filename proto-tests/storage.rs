@@ -980,6 +980,20 @@ fn an_overflow_never_flushes_healthy_servers() {
     );
 }
 
+/// The name of a resource in collection `c` whose content key lives on `server` when every
+/// server of `builder` is up.
+fn resource_homed_on(builder: &mcstore::ClientBuilder, server: &Memcached) -> String {
+    let mut probe = builder.clone().build().unwrap();
+    let keys = KeyGenerator::default();
+    (0..)
+        .map(|i| format!("r{i}"))
+        .find(|n| {
+            let key = format!("{}:c", keys.key("c", Some(n)));
+            probe.home_server_for_key(key.as_bytes()).unwrap() == server.addr()
+        })
+        .unwrap()
+}
+
 /// #16, scenario 2: with `remove_failed_servers`, a key written while its server was ejected
 /// (its keys moved to the other server) is never served old by that server when it rejoins:
 /// it is distrusted, and flushed before it serves reads again (before: it served the old value
@@ -996,21 +1010,13 @@ fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
         .retry_timeout(Duration::from_millis(200))
         .io_timeout(Duration::from_millis(100))
         .connect_timeout(Duration::from_millis(100));
-    let mut probe = builder.clone().build().unwrap();
     let s = MemcacheStorage::new(
-        Pool::new(builder, 1).unwrap(),
+        Pool::new(builder.clone(), 1).unwrap(),
         Arc::new(MemoryStorage::new()),
     );
     s.create_container("c").unwrap();
     // A resource whose content lives on `home`.
-    let keys = KeyGenerator::default();
-    let name = (0..)
-        .map(|i| format!("r{i}"))
-        .find(|n| {
-            let key = format!("{}:c", keys.key("c", Some(n)));
-            probe.home_server_for_key(key.as_bytes()).unwrap() == home.addr()
-        })
-        .unwrap();
+    let name = resource_homed_on(&builder, &home);
     let info = s.info("c", Some(&name)).unwrap();
     s.put_content(&info, "v1".into()).unwrap();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // cached on `home`
@@ -1021,7 +1027,7 @@ fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
     // Meanwhile the key's reads bypass the cache: nothing is filled on the stand-in server,
     // which a client still routing the key home would not invalidate.
-    let key = format!("{}:c", keys.key("c", Some(&name)));
+    let key = format!("{}:c", KeyGenerator::default().key("c", Some(&name)));
     let mut on_other = other.client();
     assert!(
         on_other.get(key.as_bytes()).unwrap().is_none(),
@@ -1068,22 +1074,14 @@ fn a_server_rejoining_during_a_write_never_serves_the_old_entry() {
         .remove_failed_servers(true)
         .server_failure_limit(1)
         .retry_timeout(retry)
-        .io_timeout(Duration::from_secs(5))
-        .connect_timeout(Duration::from_secs(5));
-    let mut probe = builder.clone().build().unwrap();
+        .io_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1));
     let s = Arc::new(MemcacheStorage::new(
-        Pool::new(builder.io_timeout(Duration::from_secs(1)), 1).unwrap(),
+        Pool::new(builder.clone(), 1).unwrap(),
         Arc::new(MemoryStorage::new()),
     ));
     s.create_container("c").unwrap();
-    let keys = KeyGenerator::default();
-    let name = (0..)
-        .map(|i| format!("r{i}"))
-        .find(|n| {
-            let key = format!("{}:c", keys.key("c", Some(n)));
-            probe.home_server_for_key(key.as_bytes()).unwrap() == home.addr()
-        })
-        .unwrap();
+    let name = resource_homed_on(&builder, &home);
     let info = s.info("c", Some(&name)).unwrap();
     s.put_content(&info, "v1".into()).unwrap();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // cached on `home`

@@ -474,11 +474,6 @@ impl Client {
         r
     }
 
-    /// The label of server `i` (as in [`servers`](Self::servers)).
-    pub(crate) fn label(&self, i: usize) -> &str {
-        &self.core.labels[i]
-    }
-
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
     /// chosen server and records the outcome in that server's health.
     fn keyed<T>(

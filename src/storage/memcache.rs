@@ -645,7 +645,7 @@ impl Shared {
                         return true;
                     };
                     match c.route_of_key(key.as_bytes()) {
-                        Ok(r) if c.label(r.server) != failed => {
+                        Ok(r) if &c.servers()[r.server] != failed => {
                             let mut p = self.lock_pending();
                             p.distrust_server(failed.clone());
                             p.replayed(key, *gen);
@@ -921,7 +921,7 @@ impl Shared {
             // away from its own server (ejected, with `remove_failed_servers`): an entry
             // filled on the stand-in could outlive a write made through a client that routes
             // the key home, so stand-ins never hold one.
-            if !route.is_home() || self.distrusted(&key, c.label(route.server)) {
+            if !route.is_home() || self.distrusted(&key, &c.servers()[route.server]) {
                 bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
                 return self.master_get(m, info, part);
             }
@@ -1065,7 +1065,7 @@ impl Shared {
             // reads again. Not done where it matters to clients still routing the key home:
             // a record stays in the log for one of them to replay.
             if !route.is_home() {
-                let home = c.label(route.home).to_string();
+                let home = c.servers()[route.home].to_string();
                 self.lock_pending().distrust_server(home);
                 all = false;
             }
