@@ -414,6 +414,13 @@ impl Client {
             .collect()
     }
 
+    /// Whether the open TLS session to server `i` (in configuration order) resumed an
+    /// earlier session instead of a full handshake; `None` without TLS or a connection.
+    #[cfg(feature = "tls")]
+    pub fn tls_resumed(&self, i: usize) -> Option<bool> {
+        self.core.driver.tls_resumed(i)
+    }
+
     /// The server `key` goes to right now (after ejections), as configured; the namespace
     /// is taken into account as the client hashes it.
     ///

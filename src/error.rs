@@ -121,6 +121,19 @@ pub enum Error {
         /// Each failed server with its error.
         failed: Vec<(String, Error)>,
     },
+    /// A TLS session could not be set up or broke (feature `tls`): an untrusted or expired
+    /// certificate, a wrong name, a server that does not speak TLS, a refused client
+    /// certificate. The message says what to do.
+    #[cfg(feature = "tls")]
+    #[error("TLS with {server}: {message}")]
+    Tls {
+        /// The server as configured.
+        server: String,
+        /// What went wrong, to match on.
+        failure: crate::conn::tls::TlsFailure,
+        /// What went wrong and what to do about it.
+        message: String,
+    },
     /// The configuration given to the builder is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -164,6 +177,8 @@ pub enum ErrorKind {
     Partial,
     /// [`Error::Config`].
     Config,
+    /// `Error::Tls` (feature `tls`).
+    Tls,
     /// [`Error::Unsupported`].
     Unsupported,
     /// [`Error::PoolTimeout`].
@@ -179,6 +194,8 @@ impl Error {
             | Error::Parse { server, .. }
             | Error::Auth { server, .. }
             | Error::ServerDown { server, .. } => Some(server),
+            #[cfg(feature = "tls")]
+            Error::Tls { server, .. } => Some(server),
             _ => None,
         }
     }
@@ -197,6 +214,8 @@ impl Error {
             Error::ServerDown { .. } => ErrorKind::ServerDown,
             Error::Partial { .. } => ErrorKind::Partial,
             Error::Config(_) => ErrorKind::Config,
+            #[cfg(feature = "tls")]
+            Error::Tls { .. } => ErrorKind::Tls,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::PoolTimeout(_) => ErrorKind::PoolTimeout,
         }
@@ -213,6 +232,6 @@ impl Error {
                 | Error::NoServers
                 | Error::ServerDown { .. }
                 | Error::Partial { .. }
-        )
+        ) || self.kind() == ErrorKind::Tls
     }
 }

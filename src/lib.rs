@@ -58,6 +58,8 @@ pub use client::{
     MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
     ServerStats, SetOptions,
 };
+#[cfg(feature = "tls")]
+pub use conn::tls::{TlsConfig, TlsConfigBuilder, TlsFailure};
 pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};

@@ -92,7 +92,7 @@ struct ServerMetrics {
     latency: Vec<Histogram>,
     hits: Counter,
     misses: Counter,
-    errors: [Counter; 4],
+    errors: [Counter; 5],
     connects: Counter,
     reconnects: Counter,
     ejections: Counter,
@@ -197,6 +197,8 @@ impl Observer {
                 Error::Timeout { .. } => 1,
                 Error::Parse { .. } => 2,
                 Error::Server { .. } => 3,
+                #[cfg(feature = "tls")]
+                Error::Tls { .. } => 4,
                 _ => return,
             };
             self.metrics[i].errors[k].increment(1);
@@ -326,6 +328,8 @@ fn outcome_name(e: &crate::error::Error) -> &'static str {
         Error::Server { .. } => "server",
         Error::ServerDown { .. } => "server_down",
         Error::Partial { .. } => "partial",
+        #[cfg(feature = "tls")]
+        Error::Tls { .. } => "tls",
         _ => "error",
     }
 }
@@ -351,6 +355,7 @@ fn server_metrics(label: &str) -> ServerMetrics {
             error("timeout"),
             error("parse"),
             error("server"),
+            error("tls"),
         ],
         connects: one("mcstore_connects_total"),
         reconnects: one("mcstore_reconnects_total"),

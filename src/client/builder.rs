@@ -49,6 +49,8 @@ pub struct ClientBuilder {
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::TlsConfig>,
     /// Set by a pool: its clients share who is ejected.
     shared_health: Option<Arc<SharedHealth>>,
 }
@@ -69,6 +71,8 @@ impl Default for ClientBuilder {
             hash_with_namespace: false,
             protocol: Protocol::Text,
             sasl: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             shared_health: None,
         }
     }
@@ -169,6 +173,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Speaks TLS to every server (feature `tls`), as configured by `tls`; the handshake is
+    /// part of connecting and bounded by the connect timeout. SASL, when set, runs inside the
+    /// TLS session.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Clients built from here on share `health` (a pool's clients).
     pub(crate) fn share_health(mut self, health: Arc<SharedHealth>) -> Self {
         self.shared_health = Some(health);
@@ -213,6 +226,8 @@ impl ClientBuilder {
                 io_timeout: self.io_timeout,
                 max_unit: max_value + MAX_LINE + 4,
             },
+            #[cfg(feature = "tls")]
+            self.tls,
         )?;
         let ring_servers: Vec<RingServer> = specs
             .iter()

@@ -31,6 +31,8 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::buf::ReadBuf;
 use super::exchange::{reusable, Exchange, Failure};
+#[cfg(feature = "tls")]
+use super::tls::{self, Handshake, TlsConfig, TlsSession};
 use super::ServerAddr;
 use crate::error::{During, Error, Result};
 use crate::proto::{ParseError, Status};
@@ -63,48 +65,128 @@ pub(crate) struct DriverConfig {
     pub(crate) max_unit: usize,
 }
 
-enum Stream {
+/// The socket under a connection.
+enum Plain {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-impl Stream {
-    fn source(&mut self) -> &mut dyn mio::event::Source {
-        match self {
-            Stream::Tcp(s) => s,
-            Stream::Unix(s) => s,
-        }
-    }
-
+impl Read for Plain {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Plain::Tcp(s) => s.read(buf),
+            Plain::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Plain {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Plain::Tcp(s) => s.write(buf),
+            Plain::Unix(s) => s.write(buf),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Plain::Tcp(s) => s.write_vectored(bufs),
+            Plain::Unix(s) => s.write_vectored(bufs),
         }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection's byte stream: the socket, and the TLS session over it when TLS is on.
+struct Stream {
+    io: Plain,
+    #[cfg(feature = "tls")]
+    tls: Option<Box<TlsSession>>,
+}
+
+impl Stream {
+    fn new(io: Plain) -> Stream {
+        Stream {
+            io,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match &mut self.io {
+            Plain::Tcp(s) => s,
+            Plain::Unix(s) => s,
+        }
+    }
+
+    /// Whether readiness is exact: a short read means the socket is drained. Not under TLS,
+    /// where rustls may hold decrypted bytes, or have read only part of what is queued.
+    #[inline(always)]
+    fn exact_readiness(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_none();
+        #[cfg(not(feature = "tls"))]
+        true
+    }
+
+    /// Encrypted bytes wait in the TLS session for room in the socket.
+    #[inline(always)]
+    fn has_backlog(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.as_ref().is_some_and(|t| t.has_backlog());
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    #[inline(always)]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            return tls.read(&mut self.io, buf);
+        }
+        self.io.read(buf)
+    }
+
+    #[inline(always)]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            return tls.write_vectored(&mut self.io, &[IoSlice::new(buf)]);
+        }
+        self.io.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            return tls.write_vectored(&mut self.io, bufs);
+        }
+        self.io.write_vectored(bufs)
     }
 
     /// A borrowed view of the socket, for the options mio does not expose.
     fn sock(&self) -> socket2::SockRef<'_> {
-        match self {
-            Stream::Tcp(s) => socket2::SockRef::from(s),
-            Stream::Unix(s) => socket2::SockRef::from(s),
+        match &self.io {
+            Plain::Tcp(s) => socket2::SockRef::from(s),
+            Plain::Unix(s) => socket2::SockRef::from(s),
         }
     }
 
     /// Switches between blocking mode (with `timeout` on reads and writes) and non-blocking.
-    fn set_blocking(&self, timeout: Option<Duration>) -> io::Result<()> {
+    fn set_blocking(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let sock = self.sock();
         sock.set_nonblocking(timeout.is_none())?;
         if timeout.is_some() {
             sock.set_read_timeout(timeout)?;
             sock.set_write_timeout(timeout)?;
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            tls.blocking = timeout.is_some();
         }
         Ok(())
     }
@@ -114,17 +196,17 @@ impl Stream {
     }
 
     fn take_error(&self) -> io::Result<Option<io::Error>> {
-        match self {
-            Stream::Tcp(s) => s.take_error(),
-            Stream::Unix(s) => s.take_error(),
+        match &self.io {
+            Plain::Tcp(s) => s.take_error(),
+            Plain::Unix(s) => s.take_error(),
         }
     }
 
     /// `Ok(true)` once a non-blocking connect has completed.
     fn is_connected(&self) -> io::Result<bool> {
-        let r = match self {
-            Stream::Tcp(s) => s.peer_addr().map(drop),
-            Stream::Unix(s) => s.peer_addr().map(drop),
+        let r = match &self.io {
+            Plain::Tcp(s) => s.peer_addr().map(drop),
+            Plain::Unix(s) => s.peer_addr().map(drop),
         };
         match r {
             Ok(()) => Ok(true),
@@ -151,6 +233,9 @@ struct Conn {
     closed: bool,
     /// Connections opened so far.
     connects: u64,
+    /// No reply has come on this connection yet (for a clearer error when a TLS-only server
+    /// drops a plain-text connection).
+    fresh: bool,
     /// Bytes read and written so far (for the `metrics` feature only).
     #[cfg(feature = "metrics")]
     bytes: (u64, u64),
@@ -213,10 +298,29 @@ pub(crate) struct Driver {
     events: Events,
     conns: Vec<Conn>,
     cfg: DriverConfig,
+    /// TLS settings and the name to verify per server, when TLS is on.
+    #[cfg(feature = "tls")]
+    tls: Option<(TlsConfig, Vec<rustls::pki_types::ServerName<'static>>)>,
 }
 
 impl Driver {
-    pub(crate) fn new(servers: &[ServerAddr], cfg: DriverConfig) -> Result<Driver> {
+    /// A driver for `servers`, speaking TLS to all of them when `tls` is given.
+    pub(crate) fn new(
+        servers: &[ServerAddr],
+        cfg: DriverConfig,
+        #[cfg(feature = "tls")] tls: Option<TlsConfig>,
+    ) -> Result<Driver> {
+        #[cfg(feature = "tls")]
+        let tls = match tls {
+            Some(t) => {
+                let names = servers
+                    .iter()
+                    .map(|a| t.server_name(a))
+                    .collect::<Result<Vec<_>>>()?;
+                Some((t, names))
+            }
+            None => None,
+        };
         let poll = Poll::new().map_err(|source| Error::Io {
             server: "(poll)".into(),
             source: source.into(),
@@ -233,6 +337,7 @@ impl Driver {
                 writable: false,
                 closed: false,
                 connects: 0,
+                fresh: true,
                 #[cfg(feature = "metrics")]
                 bytes: (0, 0),
                 blocking: None,
@@ -243,6 +348,8 @@ impl Driver {
             events: Events::with_capacity(64),
             conns,
             cfg,
+            #[cfg(feature = "tls")]
+            tls,
         })
     }
 
@@ -427,7 +534,7 @@ impl Driver {
     /// by blocking calls meanwhile, so the next step tries both directions.
     fn set_nonblocking(&mut self, i: usize) -> Result<()> {
         let conn = &mut self.conns[i];
-        let stream = conn.stream.as_ref().expect("connected");
+        let stream = conn.stream.as_mut().expect("connected");
         if let Err(e) = stream.set_blocking(None) {
             return Err(self.io_error(i, e));
         }
@@ -447,7 +554,7 @@ impl Driver {
         let i = b.server;
         let first = self.cfg.io_timeout - PRECISE_TAIL;
         if self.conns[i].blocking.is_none() {
-            let stream = self.conns[i].stream.as_ref().expect("connected");
+            let stream = self.conns[i].stream.as_mut().expect("connected");
             if let Err(e) = stream.set_blocking(Some(first)) {
                 return Err(self.io_error(i, e));
             }
@@ -550,7 +657,11 @@ impl Driver {
         if b.ex.is_done() {
             return Ok(true);
         }
-        if self.conns[i].readable {
+        let conn = &self.conns[i];
+        // Under TLS, part of a request written may still wait in the session: a read sends
+        // it first, so a writable socket is a reason to read too.
+        let backlog = conn.writable && conn.stream.as_ref().is_some_and(Stream::has_backlog);
+        if conn.readable || backlog {
             progressed |= self.read_some(i, &b.ex, op)?;
         }
         Ok(progressed)
@@ -564,10 +675,7 @@ impl Driver {
         let result = if n == 1 {
             // The common case (the whole request is in the buffer): one plain write, cheaper
             // for the kernel than writev.
-            match stream {
-                Stream::Tcp(s) => s.write(parts[0]),
-                Stream::Unix(s) => s.write(parts[0]),
-            }
+            stream.write(parts[0])
         } else {
             let slices = parts.map(IoSlice::new);
             stream.write_vectored(&slices[..n])
@@ -586,7 +694,9 @@ impl Driver {
                 {
                     conn.bytes.1 += w as u64;
                 }
-                if w < want {
+                // A short write fills the socket, except under TLS, where rustls takes at
+                // most its buffer's worth at a time: only `WouldBlock` says full there.
+                if w < want && conn.stream.as_ref().is_some_and(Stream::exact_readiness) {
                     conn.writable = false;
                 }
                 Ok(w)
@@ -622,7 +732,8 @@ impl Driver {
                     conn.bytes.0 += n as u64;
                 }
                 conn.rbuf.filled(n);
-                if n < room && !conn.closed {
+                conn.fresh = false;
+                if n < room && !conn.closed && stream.exact_readiness() {
                     conn.readable = false;
                 }
                 Ok(true)
@@ -689,9 +800,44 @@ impl Driver {
     }
 
     fn io_error(&mut self, i: usize, source: io::Error) -> Error {
+        #[cfg(feature = "tls")]
+        let tls_on = self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        let tls_on = false;
         self.disconnect(i);
+        let conn = &self.conns[i];
+        let server = conn.label.clone();
+        #[cfg(feature = "tls")]
+        if let Some(e) = source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            let (failure, message) = tls::describe(e);
+            return Error::Tls {
+                server,
+                failure,
+                message,
+            };
+        }
+        let dropped = matches!(
+            source.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+        );
+        if dropped && conn.fresh && !tls_on && conn.connects > 0 {
+            // What a TLS-only memcached does to a plain-text request: say so.
+            let hint = io::Error::new(
+                source.kind(),
+                format!("{source} before any reply (does the server require TLS?)"),
+            );
+            return Error::Io {
+                server,
+                source: hint.into(),
+            };
+        }
         Error::Io {
-            server: self.conns[i].label.clone(),
+            server,
             source: source.into(),
         }
     }
@@ -702,7 +848,7 @@ impl Driver {
         match self.conns[i].addr.clone() {
             ServerAddr::Unix(path) => {
                 let stream = UnixStream::connect(&path).map_err(|e| self.io_error(i, e))?;
-                self.finish_connect(i, Stream::Unix(stream), &op)
+                self.finish_connect(i, Stream::new(Plain::Unix(stream)), &op)
             }
             ServerAddr::Tcp { host, port } => {
                 let addrs: Vec<SocketAddr> = (host.as_str(), port)
@@ -714,7 +860,7 @@ impl Driver {
                 for sa in addrs {
                     match TcpStream::connect(sa) {
                         // The next address is tried only after an I/O error.
-                        Ok(s) => match self.finish_connect(i, Stream::Tcp(s), &op) {
+                        Ok(s) => match self.finish_connect(i, Stream::new(Plain::Tcp(s)), &op) {
                             Err(e @ Error::Io { .. }) => last_error = Some(e),
                             r => return r,
                         },
@@ -769,15 +915,69 @@ impl Driver {
                 Err(e) => return Err(self.io_error(i, e)),
             }
         }
-        if let Some(Stream::Tcp(s)) = &self.conns[i].stream {
+        if let Some(Stream {
+            io: Plain::Tcp(s), ..
+        }) = &self.conns[i].stream
+        {
             // Requests are small and latency-bound: never let Nagle hold one back.
             if let Err(e) = s.set_nodelay(true) {
                 return Err(self.io_error(i, e));
             }
         }
-        self.conns[i].rbuf.clear();
-        self.conns[i].connects += 1;
+        #[cfg(feature = "tls")]
+        self.handshake(i, op)?;
+        let conn = &mut self.conns[i];
+        conn.rbuf.clear();
+        conn.connects += 1;
+        conn.fresh = true;
         Ok(())
+    }
+
+    /// The TLS handshake, when TLS is on: part of connecting, bounded by its deadline.
+    #[cfg(feature = "tls")]
+    fn handshake(&mut self, i: usize, op: &Op) -> Result<()> {
+        let Some((cfg, names)) = &self.tls else {
+            return Ok(());
+        };
+        let session = TlsSession::new(cfg, names[i].clone()).map_err(|e| self.io_error(i, e))?;
+        let conn = &mut self.conns[i];
+        let stream = conn.stream.as_mut().expect("just connected");
+        stream.tls = Some(Box::new(session));
+        loop {
+            let conn = &mut self.conns[i];
+            let stream = conn.stream.as_mut().expect("just connected");
+            let tls = stream.tls.as_mut().expect("just set");
+            match tls.handshake(&mut stream.io) {
+                Ok(Handshake::Done) => {
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(server = %conn.label, resumed = tls.resumed(), "TLS session established");
+                    return Ok(());
+                }
+                Ok(Handshake::WantRead) => conn.readable = false,
+                Ok(Handshake::WantWrite) => conn.writable = false,
+                Err(e) => return Err(self.io_error(i, e)),
+            }
+            match self.poll_until(op.deadline) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.disconnect(i);
+                    return Err(Error::Timeout {
+                        server: self.conns[i].label.clone(),
+                        during: During::Connect,
+                        elapsed: op.start.elapsed(),
+                    });
+                }
+                Err(e) => return Err(self.io_error(i, e)),
+            }
+        }
+    }
+
+    /// Whether server `i`'s TLS session resumed an earlier one (`None`: not connected, or no
+    /// TLS).
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls_resumed(&self, i: usize) -> Option<bool> {
+        let tls = self.conns[i].stream.as_ref()?.tls.as_ref()?;
+        Some(tls.resumed())
     }
 
     /// Bytes read from and written to server `i` so far; `(0, 0)` without the `metrics`

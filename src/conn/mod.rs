@@ -7,6 +7,8 @@
 mod buf;
 pub(crate) mod driver;
 mod exchange;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 
 /// The connection's request/reply machine and read buffer, for the `conn_stream` fuzz body.
 #[cfg(any(test, feature = "fuzzing"))]

@@ -66,6 +66,45 @@ struct Global {
     /// I/O timeout in milliseconds.
     #[arg(long, default_value_t = 1000, global = true)]
     timeout_ms: u64,
+    /// Speak TLS to the servers (trusting the system's roots unless --tls-ca is given).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// Trust the CA certificates in this PEM file (implies --tls).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS, with --tls-key (implies --tls).
+    #[arg(long, value_name = "FILE", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to verify in the servers' certificates (default: each server's host).
+    #[arg(long, value_name = "NAME", global = true)]
+    tls_server_name: Option<String>,
+}
+
+impl Global {
+    /// The TLS settings asked for, if any (files are read here: a bad one is named).
+    fn tls(&self) -> Res<Option<mcstore::TlsConfig>> {
+        let on = self.tls || self.tls_ca.is_some() || self.tls_cert.is_some();
+        if !on {
+            if self.tls_server_name.is_some() {
+                return Err("--tls-server-name needs --tls".into());
+            }
+            return Ok(None);
+        }
+        let mut b = mcstore::TlsConfig::builder();
+        if let Some(ca) = &self.tls_ca {
+            b = b.ca_file(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            b = b.client_cert(cert, key);
+        }
+        if let Some(name) = &self.tls_server_name {
+            b = b.server_name(name);
+        }
+        Ok(Some(b.build()?))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -249,6 +288,9 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
     }
     if let Some(user) = &g.user {
         b = b.sasl(user.clone(), g.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = g.tls()? {
+        b = b.tls(tls);
     }
     Ok(b)
 }
