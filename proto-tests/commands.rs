@@ -77,7 +77,7 @@ fn zero_byte_and_binary_values(p: Protocol) {
 fn one_mebibyte_value(p: Protocol) {
     // A 1 MiB value plus item overhead needs an item size above the 1 MiB default.
     let mc = Memcached::with_args(&["-I", "2m"]);
-    let mut c = Client::builder()
+    let mut c = support::client_builder()
         .protocol(p)
         .server(mc.addr())
         .max_value_size(2 << 20)
@@ -93,7 +93,7 @@ fn one_mebibyte_value(p: Protocol) {
 
 fn value_over_server_item_size_is_a_typed_error_and_the_client_goes_on(p: Protocol) {
     let mc = Memcached::start(); // default item size 1 MiB
-    let mut c = Client::builder()
+    let mut c = support::client_builder()
         .protocol(p)
         .server(mc.addr())
         .max_value_size(4 << 20)
@@ -114,7 +114,7 @@ fn value_over_server_item_size_is_a_typed_error_and_the_client_goes_on(p: Protoc
 
 fn value_over_client_maximum_is_rejected_before_sending(p: Protocol) {
     let mc = Memcached::start();
-    let mut c = Client::builder()
+    let mut c = support::client_builder()
         .protocol(p)
         .server(mc.addr())
         .max_value_size(1024)

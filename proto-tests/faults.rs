@@ -12,7 +12,7 @@ const IO_TIMEOUT: Duration = Duration::from_millis(300);
 const MARGIN: Duration = Duration::from_millis(1500);
 
 fn client(mc: &Memcached, p: Protocol) -> Client {
-    Client::builder()
+    support::client_builder()
         .protocol(p)
         .server(mc.addr())
         .io_timeout(IO_TIMEOUT)
@@ -93,7 +93,7 @@ fn server_restart_between_calls_is_survived_with_one_error_at_most(p: Protocol) 
 fn unreachable_server_fails_fast(p: Protocol) {
     // A port nothing listens on: connection refused, not a hang.
     let port = support::free_port();
-    let mut c = Client::builder()
+    let mut c = support::client_builder()
         .protocol(p)
         .server(format!("127.0.0.1:{port}"))
         .connect_timeout(Duration::from_millis(500))

@@ -12,7 +12,7 @@ use support::Hostile;
 const IO_TIMEOUT: Duration = Duration::from_millis(400);
 
 fn client(h: &Hostile) -> Client {
-    Client::builder()
+    support::client_builder()
         .server(h.addr())
         .io_timeout(IO_TIMEOUT)
         // These tests are about each call's error; ejection is tested in multi_server.rs.
@@ -232,7 +232,8 @@ fn binary_hostile(
     let respond = std::sync::Arc::new(respond);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
+            let Ok(conn) = conn else { return };
+            let mut conn = support::HostileConn::new(conn);
             let respond = respond.clone();
             std::thread::spawn(move || loop {
                 let mut header = [0u8; 24];
@@ -257,7 +258,7 @@ fn binary_hostile(
 }
 
 fn binary_client(addr: std::net::SocketAddr) -> Client {
-    Client::builder()
+    support::client_builder()
         .protocol(mcstore::Protocol::Binary)
         .server(addr.to_string())
         .io_timeout(IO_TIMEOUT)
@@ -364,7 +365,7 @@ fn binary_truncated_and_silent_servers() {
 }
 
 fn meta_client(h: &Hostile) -> Client {
-    Client::builder()
+    support::client_builder()
         .server(h.addr())
         .protocol(mcstore::Protocol::Meta)
         .io_timeout(IO_TIMEOUT)

@@ -117,7 +117,7 @@ fn binary_key_limits() {
     c.set(&[b'k'; 250], b"t", SetOptions::default()).unwrap();
     assert!(c.get(&[b'k'; 250]).unwrap().is_some());
     // With a namespace, the namespaced key is what must fit.
-    let mut ns = Client::builder()
+    let mut ns = support::client_builder()
         .server(mc.addr())
         .protocol(Protocol::Meta)
         .namespace("ns:")

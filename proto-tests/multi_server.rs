@@ -14,7 +14,7 @@ fn three() -> Vec<Memcached> {
 }
 
 fn builder(servers: &[Memcached], p: Protocol) -> ClientBuilder {
-    Client::builder()
+    support::client_builder()
         .protocol(p)
         .servers(servers.iter().map(Memcached::addr))
         .io_timeout(Duration::from_millis(300))
@@ -46,7 +46,7 @@ fn keys_land_where_the_continuum_says(p: Protocol) {
             .zip(weights)
             .map(|(m, w)| format!("{}:{w}", m.addr()))
             .collect();
-        let mut c = Client::builder()
+        let mut c = support::client_builder()
             .protocol(p)
             .servers(&specs)
             .distribution(dist)

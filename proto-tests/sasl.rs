@@ -8,7 +8,7 @@ use mcstore::{Client, Error, Protocol, SetOptions};
 use support::Memcached;
 
 fn client(mc: &Memcached, user: &str, password: &str) -> Client {
-    Client::builder()
+    support::client_builder()
         .protocol(Protocol::Binary)
         .server(mc.addr())
         .sasl(user, password)
@@ -36,7 +36,7 @@ fn right_password_works_wrong_is_auth_error_and_reconnects_reauthenticate() {
         }
     }
     // Without SASL the server refuses everything.
-    let mut anon = Client::builder()
+    let mut anon = support::client_builder()
         .protocol(Protocol::Binary)
         .server(mc.addr())
         .build()
@@ -58,7 +58,7 @@ fn right_password_works_wrong_is_auth_error_and_reconnects_reauthenticate() {
 #[test]
 fn sasl_needs_the_binary_protocol() {
     assert!(matches!(
-        Client::builder()
+        support::client_builder()
             .server("127.0.0.1:1")
             .sasl("u", "p")
             .build(),

@@ -16,7 +16,7 @@ use mcstore::storage::{
     Content, FsStorage, KeyGenerator, MemcacheOnlyStorage, MemcacheStorage, MemoryStorage, Part,
     Storage, StorageError,
 };
-use mcstore::{Client, Error, Pool, Protocol, SetOptions};
+use mcstore::{Error, Pool, Protocol, SetOptions};
 use support::{Memcached, TempDir};
 
 fn pool(mc: &Memcached) -> Pool {
@@ -25,7 +25,7 @@ fn pool(mc: &Memcached) -> Pool {
 
 fn pool_with(mc: &Memcached, p: Protocol) -> Pool {
     Pool::new(
-        Client::builder()
+        support::client_builder()
             .server(mc.addr())
             .protocol(p)
             .io_timeout(Duration::from_millis(100))
@@ -496,7 +496,7 @@ impl Storage for TestMaster {
 fn cold_readers(p: Protocol, fill_wait: Duration) -> mcstore::storage::StorageCounters {
     let mc = Memcached::start();
     let master = Arc::new(TestMaster::slow());
-    let pool = Pool::new(Client::builder().server(mc.addr()).protocol(p), 32).unwrap();
+    let pool = Pool::new(support::client_builder().server(mc.addr()).protocol(p), 32).unwrap();
     let s = Arc::new(
         MemcacheStorage::builder(pool, master)
             .fill_wait(fill_wait)
@@ -665,7 +665,7 @@ fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
     for p in [Protocol::Text, Protocol::Meta] {
         let mc = Memcached::start();
         let master = Arc::new(TestMaster::default());
-        let one = Client::builder().server(mc.addr()).protocol(p);
+        let one = support::client_builder().server(mc.addr()).protocol(p);
         let pool = Pool::with_checkout_timeout(one, 1, Duration::from_secs(60)).unwrap();
         let s = Arc::new(MemcacheStorage::new(pool, master.clone()));
         s.create_container("c").unwrap();
@@ -721,7 +721,7 @@ fn a_fill_never_lands_on_a_restarted_server() {
     for p in [Protocol::Text, Protocol::Meta] {
         let mut mc = Memcached::start();
         let master = Arc::new(TestMaster::default());
-        let builder = Client::builder()
+        let builder = support::client_builder()
             .server(mc.addr())
             .protocol(p)
             .io_timeout(Duration::from_secs(5));
@@ -736,7 +736,12 @@ fn a_fill_never_lands_on_a_restarted_server() {
         s.put_content(&info, "v1".into()).unwrap();
         s.put_content(&other, "o".into()).unwrap();
         let addr = mc.addr();
-        let raw = || Client::builder().server(addr.as_str()).build().unwrap();
+        let raw = || {
+            support::client_builder()
+                .server(addr.as_str())
+                .build()
+                .unwrap()
+        };
         let mut old = raw();
         for i in 0..50u32 {
             old.set(format!("pad{i}").as_bytes(), b"", SetOptions::default())
@@ -797,7 +802,7 @@ fn cached_entries_expire_by_default() {
     let info = s.info("c", Some("r")).unwrap();
     s.put_content(&info, "v".into()).unwrap();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v"); // filled
-    let mut meta = Client::builder()
+    let mut meta = support::client_builder()
         .server(mc.addr())
         .protocol(Protocol::Meta)
         .build()
@@ -943,7 +948,7 @@ fn a_backlog_of_invalidations_is_replayed_in_bounded_batches() {
 fn an_overflow_never_flushes_healthy_servers() {
     let healthy = Memcached::start();
     let mut down = Memcached::start();
-    let builder = Client::builder()
+    let builder = support::client_builder()
         .servers([healthy.addr(), down.addr()])
         .io_timeout(Duration::from_millis(100))
         .connect_timeout(Duration::from_millis(100))
@@ -1002,7 +1007,7 @@ fn resource_homed_on(builder: &mcstore::ClientBuilder, server: &Memcached) -> St
 fn a_rejoining_server_never_serves_what_was_written_while_it_was_out() {
     let home = Memcached::start();
     let other = Memcached::start();
-    let builder = Client::builder()
+    let builder = support::client_builder()
         .servers([home.addr(), other.addr()])
         .distribution(mcstore::ring::Distribution::Ketama)
         .remove_failed_servers(true)
@@ -1068,7 +1073,7 @@ fn a_server_rejoining_during_a_write_never_serves_the_old_entry() {
     let home = Memcached::start();
     let other = Memcached::start();
     let retry = Duration::from_millis(300);
-    let builder = Client::builder()
+    let builder = support::client_builder()
         .servers([home.addr(), other.addr()])
         .distribution(mcstore::ring::Distribution::Ketama)
         .remove_failed_servers(true)
@@ -1119,7 +1124,7 @@ fn failed_invalidations_are_seen_by_other_processes_and_survive_a_crash() {
     let mc = Memcached::start();
     // One failure ejects the server for long: the write's delete is then never sent (a
     // delete sent to a frozen server would still run when it resumes).
-    let ejecting = Client::builder()
+    let ejecting = support::client_builder()
         .server(mc.addr())
         .io_timeout(Duration::from_millis(100))
         .server_failure_limit(1)
@@ -1173,7 +1178,7 @@ fn writer_crash_child() {
         inner: Inner(Box::new(FsStorage::open(&dir).unwrap())),
         ..TestMaster::default()
     });
-    let pool = Pool::new(Client::builder().server(addr), 1).unwrap();
+    let pool = Pool::new(support::client_builder().server(addr), 1).unwrap();
     let s = MemcacheStorage::new(pool, master.clone());
     s.create_container("c").unwrap();
     let info = s.info("c", Some("r")).unwrap();
@@ -1504,7 +1509,7 @@ fn fs_crash_leaves_old_or_new_never_torn() {
 #[test]
 fn pool_shared_by_sixteen_threads() {
     let mc = Memcached::start();
-    let p = Pool::new(Client::builder().server(mc.addr()), 4).unwrap();
+    let p = Pool::new(support::client_builder().server(mc.addr()), 4).unwrap();
     thread::scope(|scope| {
         for t in 0..16 {
             let p = p.clone();
@@ -1536,7 +1541,7 @@ fn pool_shared_by_sixteen_threads() {
 fn pool_checkout_timeout_discard_and_panics() {
     let mc = Memcached::start();
     let p = Pool::with_checkout_timeout(
-        Client::builder().server(mc.addr()),
+        support::client_builder().server(mc.addr()),
         1,
         Duration::from_millis(50),
     )

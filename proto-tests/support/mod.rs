@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mcstore::Client;
+use mcstore::{Client, ClientBuilder};
+
+#[cfg(feature = "tls")]
+#[path = "tls.rs"]
+pub mod tls;
 
 #[path = "launcher.rs"]
 mod launcher;
@@ -144,8 +148,12 @@ impl Memcached {
 
     /// Same, speaking protocol `p`.
     pub fn client_with(&self, p: mcstore::Protocol) -> Client {
-        Client::builder()
-            .protocol(p)
+        // memcached serves TLS on TCP only: its Unix sockets stay plain text under -Z.
+        let b = match self.listen {
+            Listen::Tcp(_) => client_builder(),
+            Listen::Unix(_) => Client::builder(),
+        };
+        b.protocol(p)
             .server(self.addr())
             .io_timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(5))
@@ -168,12 +176,27 @@ impl Memcached {
         let mut cmd = memcached_command(listen, 64);
         cmd.args(["-t", "2"]);
         cmd.args(&self.extra);
+        #[cfg(feature = "tls")]
+        if tls_mode()
+            && matches!(self.listen, Listen::Tcp(_))
+            && !self.extra.iter().any(|a| a == "-Z")
+        {
+            cmd.args(tls::server_args(&tls::certs().server));
+        }
         if let Some(conf) = &self.sasl_conf {
             cmd.env("SASL_CONF_PATH", conf);
         }
         let child = cmd.spawn().expect("spawn memcached");
         self.child = Some(child);
-        self.wait_ready()
+        let ready = self.wait_ready();
+        if ready && tls_mode() && matches!(self.listen, Listen::Tcp(_)) {
+            // The suites must really run over TLS: the server refuses plain text.
+            assert!(
+                !self.answers_plain(),
+                "a TLS-mode memcached answered plain text"
+            );
+        }
+        ready
     }
 
     /// Polls until the server answers `version`, or it exits (port taken), or time runs out.
@@ -195,6 +218,17 @@ impl Memcached {
 
     /// True if the server answers a `version` request right now.
     pub fn answers(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if matches!(self.listen, Listen::Tcp(_))
+            && (tls_mode() || self.extra.iter().any(|a| a == "-Z"))
+        {
+            return tls::answers(&self.addr(), self.sasl_conf.is_some());
+        }
+        self.answers_plain()
+    }
+
+    /// True if the server answers a plain-text (or plain binary) `version` right now.
+    pub fn answers_plain(&self) -> bool {
         if self.sasl_conf.is_some() {
             // Text gets no reply with -S; binary Version is allowed before authentication.
             let Listen::Tcp(p) = self.listen else {
@@ -298,6 +332,23 @@ impl Drop for Memcached {
     }
 }
 
+/// Whether this run speaks TLS to every test server (`MCSTORE_TEST_TLS=1`, feature `tls`):
+/// servers start with `-Z` and [`client_builder`] adds the test CA, so the same suites run
+/// over TLS.
+pub fn tls_mode() -> bool {
+    cfg!(feature = "tls") && std::env::var_os("MCSTORE_TEST_TLS").is_some_and(|v| v == "1")
+}
+
+/// `Client::builder()`, speaking TLS (trusting the test CA) in [`tls_mode`].
+pub fn client_builder() -> ClientBuilder {
+    let b = Client::builder();
+    #[cfg(feature = "tls")]
+    if tls_mode() {
+        return b.tls(tls::client_config(false));
+    }
+    b
+}
+
 /// Polls `cond` every 5 ms for up to 20 s; panics naming `what` if it never holds.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -347,7 +398,7 @@ pub struct Hostile {
 impl Hostile {
     pub fn start<F>(respond: F) -> Hostile
     where
-        F: Fn(&[u8], &mut TcpStream) + Send + Sync + 'static,
+        F: Fn(&[u8], &mut HostileConn) + Send + Sync + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -360,13 +411,13 @@ impl Hostile {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(mut conn) = conn else { continue };
+                let Ok(conn) = conn else { continue };
                 conns2.fetch_add(1, Ordering::SeqCst);
                 let respond = respond.clone();
                 let stop3 = stop2.clone();
                 thread::spawn(move || {
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut reader = BufReader::new(HostileConn::new(conn));
                     loop {
                         let mut line = Vec::new();
                         match reader.read_until(b'\n', &mut line) {
@@ -376,7 +427,7 @@ impl Hostile {
                         if stop3.load(Ordering::SeqCst) {
                             return;
                         }
-                        respond(&line, &mut conn);
+                        respond(&line, reader.get_mut());
                     }
                 });
             }
@@ -391,6 +442,64 @@ impl Hostile {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A fake server's side of one connection: plain TCP, or a TLS session over it in
+/// [`tls_mode`] (the same malformed bytes, inside valid TLS records).
+pub enum HostileConn {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl HostileConn {
+    pub fn new(s: TcpStream) -> HostileConn {
+        #[cfg(feature = "tls")]
+        if tls_mode() {
+            return HostileConn::Tls(Box::new(tls::server_stream(s)));
+        }
+        HostileConn::Plain(s)
+    }
+
+    /// Closes the TCP connection (under TLS without a close_notify: an abrupt end).
+    pub fn shutdown(&mut self, how: std::net::Shutdown) -> std::io::Result<()> {
+        match self {
+            HostileConn::Plain(s) => s.shutdown(how),
+            #[cfg(feature = "tls")]
+            HostileConn::Tls(t) => {
+                let _ = t.flush();
+                t.sock.shutdown(how)
+            }
+        }
+    }
+}
+
+impl Read for HostileConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            HostileConn::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            HostileConn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for HostileConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            HostileConn::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            HostileConn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            HostileConn::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            HostileConn::Tls(t) => t.flush(),
+        }
     }
 }
 

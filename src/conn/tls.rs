@@ -76,18 +76,16 @@ impl TlsConfig {
     }
 
     /// The name to verify for `addr`: the configured one, else the address's host (a DNS name
-    /// or an IP address, checked against the certificate's IP SANs).
+    /// or an IP address, checked against the certificate's IP SANs), or `localhost` for a
+    /// Unix socket.
     pub(crate) fn server_name(&self, addr: &ServerAddr) -> Result<ServerName<'static>> {
         if let Some(n) = &self.server_name {
             return Ok(n.clone());
         }
         match addr {
             ServerAddr::Tcp { host, .. } => parse_name(host),
-            ServerAddr::Unix(path) => Err(Error::Config(format!(
-                "TLS over the Unix socket {} needs a server name to verify \
-                 (TlsConfigBuilder::server_name, --tls-server-name)",
-                path.display()
-            ))),
+            // A socket path names no host; the server is on this machine.
+            ServerAddr::Unix(_) => parse_name("localhost"),
         }
     }
 }
@@ -127,7 +125,8 @@ impl TlsConfigBuilder {
         self
     }
 
-    /// The name to verify in every server's certificate (default: each server's host).
+    /// The name to verify in every server's certificate (default: each server's host, and
+    /// `localhost` for a Unix socket).
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
         self
