@@ -77,8 +77,9 @@ fn leaf(
 pub fn certs() -> &'static Certs {
     static CERTS: OnceLock<Certs> = OnceLock::new();
     CERTS.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("tls-certs-{}", std::process::id()));
+        // Cargo's temp dir for tests (examples that share this module have none).
+        let tmp = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let dir = tmp.join(format!("tls-certs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_pair = ca("mcstore test CA");
         let other = ca("untrusted CA");
