@@ -102,6 +102,7 @@ pub struct TlsConfigBuilder {
     system_roots: bool,
     client: Option<(PathBuf, PathBuf)>,
     server_name: Option<String>,
+    no_resumption: bool,
 }
 
 impl TlsConfigBuilder {
@@ -129,6 +130,13 @@ impl TlsConfigBuilder {
     /// `localhost` for a Unix socket).
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
+        self
+    }
+
+    /// Whether reconnects may resume an earlier session (default on: a resumed handshake
+    /// skips the certificate exchange and its signature checks).
+    pub fn resumption(mut self, on: bool) -> Self {
+        self.no_resumption = !on;
         self
     }
 
@@ -170,7 +178,7 @@ impl TlsConfigBuilder {
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config(format!("TLS: {e}")))?
             .with_root_certificates(roots);
-        let config = match &self.client {
+        let mut config = match &self.client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = read_certs(cert, "client")?;
@@ -189,6 +197,9 @@ impl TlsConfigBuilder {
                 })?
             }
         };
+        if self.no_resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         let tls = TlsConfig::from_rustls(Arc::new(config));
         match &self.server_name {
             Some(name) => tls.with_server_name(name),

@@ -23,6 +23,9 @@ const WORKLOADS: &[(&str, usize, usize, usize)] = &[
     ("set_noreply", 1_000_000, 10_000, 100),
     ("mget100", 10_000, 10_000, 100),
     ("large_get", 20_000, 100, 100 * 1024),
+    // Each op: close the connection (`quit`), then a get, which reconnects (with TLS: a
+    // handshake, resumed unless --tls-no-resumption).
+    ("reconnect", 2_000, 100, 100),
 ];
 
 /// (user, system) CPU seconds of this process so far.
@@ -67,7 +70,7 @@ pub fn run(client: &mut Client, spec: &Spec, proto: &str, dist: &str) -> Result<
     let err = |e: mcstore::Error| e.to_string();
 
     // Setup, untimed: the keys the reads expect.
-    if matches!(name, "get" | "mget100" | "large_get") {
+    if matches!(name, "get" | "mget100" | "large_get" | "reconnect") {
         let mut p = client.pipeline();
         for k in &keys {
             p.set(k, &value, opts).map_err(err)?;
@@ -93,6 +96,16 @@ pub fn run(client: &mut Client, spec: &Spec, proto: &str, dist: &str) -> Result<
                 match client.get_into(&keys[i % keyspace], &mut buf) {
                     Ok(Some(_)) if buf.len() == bytes => {}
                     _ => errors += 1,
+                }
+            }
+            returned = ops - errors;
+        }
+        "reconnect" => {
+            for i in 0..ops {
+                let ok = client.quit().is_ok()
+                    && matches!(client.get_into(&keys[i % keyspace], &mut buf), Ok(Some(_)));
+                if !ok {
+                    errors += 1;
                 }
             }
             returned = ops - errors;

@@ -81,6 +81,9 @@ struct Global {
     /// The name to verify in the servers' certificates (default: each server's host).
     #[arg(long, value_name = "NAME", global = true)]
     tls_server_name: Option<String>,
+    /// Never resume TLS sessions: every connection does a full handshake (to measure it).
+    #[arg(long, global = true)]
+    tls_no_resumption: bool,
 }
 
 impl Global {
@@ -102,6 +105,9 @@ impl Global {
         }
         if let Some(name) = &self.tls_server_name {
             b = b.server_name(name);
+        }
+        if self.tls_no_resumption {
+            b = b.resumption(false);
         }
         Ok(Some(b.build()?))
     }
@@ -167,7 +173,7 @@ enum Cmd {
     },
     /// Run a fixed benchmark workload and print one RESULT line (see scripts/bench-compare).
     Bench {
-        /// get, get_miss, set, set_noreply, mget100 or large_get.
+        /// get, get_miss, set, set_noreply, mget100, large_get or reconnect.
         #[arg(short = 'w', long)]
         workload: String,
         /// Binary protocol.
