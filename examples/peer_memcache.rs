@@ -2,7 +2,10 @@
 //! same RESULT line as `mcstore bench`. Used by `scripts/bench-compare`.
 //!
 //! usage: cargo run --release --example peer_memcache -- -s host:port[,..] -w WORKLOAD [-b]
-//!        [-n OPS] [-k KEYS] [-v BYTES]
+//!        [-n OPS] [-k KEYS] [-v BYTES] [--tls-ca FILE]
+//!
+//! `--tls-ca` speaks TLS (the crate's `tls` feature, OpenSSL): built by benches/peer-tls, which
+//! compiles this file with that feature so the main crate's builds need no OpenSSL.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::time::Instant;
@@ -17,11 +20,13 @@ fn cpu() -> (f64, f64) {
     (t(&r.ru_utime), t(&r.ru_stime))
 }
 
-fn main() {
+/// The peer's entry point (also called by benches/peer-tls).
+pub fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut servers = "127.0.0.1:11211".to_string();
     let (mut workload, mut binary) = (String::new(), false);
     let (mut ops, mut keyspace, mut bytes) = (None, None, None);
+    let mut tls_ca: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
         let next = || args.get(i + 1).cloned().expect("option value");
@@ -35,6 +40,7 @@ fn main() {
             "-n" => ops = Some(next().parse::<usize>().unwrap()),
             "-k" => keyspace = Some(next().parse::<usize>().unwrap()),
             "-v" => bytes = Some(next().parse::<usize>().unwrap()),
+            "--tls-ca" => tls_ca = Some(next()),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -52,7 +58,12 @@ fn main() {
     let proto = if binary { "binary" } else { "ascii" };
     let urls: Vec<String> = servers
         .split(',')
-        .map(|s| format!("memcache://{s}?tcp_nodelay=true&protocol={proto}&timeout=5"))
+        .map(|s| match &tls_ca {
+            None => format!("memcache://{s}?tcp_nodelay=true&protocol={proto}&timeout=5"),
+            Some(ca) => format!(
+                "memcache+tls://{s}?tcp_nodelay=true&protocol={proto}&timeout=5&verify_mode=peer&ca_path={ca}"
+            ),
+        })
         .collect();
     let client = memcache::connect(urls.clone()).expect("connect");
     let prefix = if workload == "get_miss" {
