@@ -72,6 +72,7 @@ enum Plain {
 }
 
 impl Read for Plain {
+    #[inline(always)]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Plain::Tcp(s) => s.read(buf),
@@ -81,6 +82,7 @@ impl Read for Plain {
 }
 
 impl Write for Plain {
+    #[inline(always)]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Plain::Tcp(s) => s.write(buf),
