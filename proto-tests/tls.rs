@@ -365,3 +365,34 @@ fn cli_over_tls_and_its_errors() {
         assert!(took < Duration::from_secs(5), "{name}: {took:?}");
     }
 }
+
+/// memcached 1.6.18 with OpenSSL stalls on a pipelined request of replied commands longer
+/// than about one TLS record plus 10 KiB (it answers the first record's commands, then waits
+/// on the socket while the rest sits in OpenSSL's buffer; Python's `ssl` client stalls the
+/// same way). The client sends such multi-stores and multi-deletes in record-sized chunks.
+#[test]
+fn large_batches_over_tls_are_answered() {
+    let servers: Vec<Memcached> = (0..3).map(|_| tls_server(&certs().server)).collect();
+    for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
+        let mut c = Client::builder()
+            .servers(servers.iter().map(Memcached::addr))
+            .protocol(p)
+            .tls(client_config(false))
+            .io_timeout(IO)
+            .build()
+            .unwrap();
+        let keys: Vec<String> = (0..6000)
+            .map(|i| format!("key-{i}-long-enough-to-matter"))
+            .collect();
+        let items: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "value")).collect();
+        assert_eq!(c.set_multi(&items, SetOptions::default()).unwrap(), 6000);
+        let mut n = 0;
+        c.get_multi(&keys, |_, _| n += 1).unwrap();
+        assert_eq!(n, 6000);
+        let half: Vec<&String> = keys.iter().step_by(2).collect();
+        assert_eq!(c.delete_multi(&half).unwrap(), 3000);
+        let mut n = 0;
+        c.get_multi(&keys, |_, _| n += 1).unwrap();
+        assert_eq!(n, 3000);
+    }
+}

@@ -18,6 +18,10 @@ use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KE
 /// Marks a key whose server is ejected (or that has no server).
 const NO_SERVER: u32 = u32::MAX;
 
+/// Over TLS, the most request bytes a multi-store or multi-delete sends in one go (one TLS
+/// record's worth of plaintext); see `Client::tls_chunk`.
+const TLS_BATCH: usize = 16 * 1024;
+
 /// One server's share of a multi-key call.
 #[derive(Default)]
 struct Share {
@@ -527,6 +531,11 @@ impl Client {
         if items.is_empty() {
             return Ok(0);
         }
+        if let Some(n) = self.tls_chunk(items.len(), |j| {
+            items[j].0.as_ref().len() + items[j].1.as_ref().len()
+        }) {
+            return self.in_chunks(items, n, |c, part| c.set_multi(part, opts));
+        }
         let store = store_opts(StoreMode::Set, opts);
         let value = |j: usize| Some(items[j].1.as_ref());
         let len = |j: usize| items[j].1.as_ref().len();
@@ -540,11 +549,55 @@ impl Client {
         )
     }
 
+    /// Over TLS, the length of the first chunk of a multi-store or multi-delete whose request
+    /// would pass [`TLS_BATCH`] bytes (`None`: send it whole). memcached 1.6 (with OpenSSL)
+    /// stalls on such a request: it answers the commands of the first TLS record, and the
+    /// next records wait in OpenSSL's buffer while memcached waits on the socket, so the
+    /// call would time out (reproduced with Python's `ssl` client too). In chunks of at most
+    /// one record, each answered before the next is sent, every record is read.
+    fn tls_chunk(&self, n: usize, item_bytes: impl Fn(usize) -> usize) -> Option<usize> {
+        if !self.core.driver.is_tls() {
+            return None;
+        }
+        // A command's fixed part (verb, flags, TTL, length, line ends) and the namespace.
+        let overhead = 48 + self.core.namespace.len();
+        let mut total = 0;
+        for j in 0..n {
+            total += item_bytes(j) + overhead;
+            if total > TLS_BATCH {
+                // At least one item per chunk (a large value goes alone).
+                return if j + 1 < n { Some(j.max(1)) } else { None };
+            }
+        }
+        None
+    }
+
+    /// Runs `call` on `items[..first]`, then on the rest (chunked again as it needs),
+    /// summing what they did. A failed chunk does not stop the others (healthy servers
+    /// still get their items); the first error is returned at the end.
+    fn in_chunks<T>(
+        &mut self,
+        items: &[T],
+        first: usize,
+        mut call: impl FnMut(&mut Self, &[T]) -> Result<usize>,
+    ) -> Result<usize> {
+        let (head, tail) = items.split_at(first);
+        let a = call(self, head);
+        let b = call(self, tail);
+        match (a, b) {
+            (Ok(x), Ok(y)) => Ok(x + y),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
     /// Deletes many keys with one pipelined request per server; returns how many existed.
     /// Errors as [`get_multi`](Self::get_multi).
     pub fn delete_multi<K: AsRef<[u8]>>(&mut self, keys: &[K]) -> Result<usize> {
         if keys.is_empty() {
             return Ok(0);
+        }
+        if let Some(n) = self.tls_chunk(keys.len(), |j| keys[j].as_ref().len()) {
+            return self.in_chunks(keys, n, |c, part| c.delete_multi(part));
         }
         self.write_batch(
             Kind::Delete,

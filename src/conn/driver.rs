@@ -726,7 +726,14 @@ impl Driver {
         };
         let room = spare.len();
         let stream = conn.stream.as_mut().expect("connected by begin()");
-        match stream.read(spare) {
+        let result = stream.read(spare);
+        if !stream.exact_readiness() && !stream.has_backlog() {
+            // A TLS read sends what the session held back first; if that emptied it, the
+            // socket took bytes without a writable edge being reported: try writing again
+            // (a write that finds it full clears this, and an edge then follows).
+            conn.writable = true;
+        }
+        match result {
             Ok(0) => Err(self.failed(i, ex.handle_eof(), op)),
             Ok(n) => {
                 #[cfg(feature = "metrics")]
@@ -993,6 +1000,15 @@ impl Driver {
             let _ = i;
             (0, 0)
         }
+    }
+
+    /// Whether connections speak TLS.
+    #[inline(always)]
+    pub(crate) fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     /// How many connections to server `i` have been opened.
