@@ -105,9 +105,11 @@ fn multi_get_over_three_servers_and_counters(p: Protocol) {
     let hits: u64 = counters.iter().map(|(_, c)| c.hits).sum();
     let misses: u64 = counters.iter().map(|(_, c)| c.misses).sum();
     assert_eq!((hits, misses), (500, 500));
+    // One request per server for each call; over TLS the multi-store goes in record-sized
+    // chunks (see Client::set_multi), so it may take more.
     assert!(counters
         .iter()
-        .all(|(_, c)| c.requests == 2 && c.errors == 0));
+        .all(|(_, c)| c.errors == 0 && (c.requests == 2 || support::tls_mode() && c.requests > 2)));
     assert_eq!(c.delete_multi(&keys).unwrap(), 500);
     let mut n = 0;
     c.get_multi(&keys, |_, _| n += 1).unwrap();
