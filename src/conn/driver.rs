@@ -911,18 +911,7 @@ impl Driver {
                     Err(e) => return Err(self.io_error(i, e)),
                 }
             }
-            match self.poll_until(op.deadline) {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.disconnect(i);
-                    return Err(Error::Timeout {
-                        server: self.conns[i].label.clone(),
-                        during: During::Connect,
-                        elapsed: op.start.elapsed(),
-                    });
-                }
-                Err(e) => return Err(self.io_error(i, e)),
-            }
+            self.wait_connecting(i, op)?;
         }
         if let Some(Stream {
             io: Plain::Tcp(s), ..
@@ -940,6 +929,23 @@ impl Driver {
         conn.connects += 1;
         conn.fresh = true;
         Ok(())
+    }
+
+    /// Waits for readiness while server `i` connects (or handshakes); a timeout past the
+    /// connect deadline closes the connection.
+    fn wait_connecting(&mut self, i: usize, op: &Op) -> Result<()> {
+        match self.poll_until(op.deadline) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.disconnect(i);
+                Err(Error::Timeout {
+                    server: self.conns[i].label.clone(),
+                    during: During::Connect,
+                    elapsed: op.start.elapsed(),
+                })
+            }
+            Err(e) => Err(self.io_error(i, e)),
+        }
     }
 
     /// The TLS handshake, when TLS is on: part of connecting, bounded by its deadline.
@@ -966,18 +972,7 @@ impl Driver {
                 Ok(Handshake::WantWrite) => conn.writable = false,
                 Err(e) => return Err(self.io_error(i, e)),
             }
-            match self.poll_until(op.deadline) {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.disconnect(i);
-                    return Err(Error::Timeout {
-                        server: self.conns[i].label.clone(),
-                        during: During::Connect,
-                        elapsed: op.start.elapsed(),
-                    });
-                }
-                Err(e) => return Err(self.io_error(i, e)),
-            }
+            self.wait_connecting(i, op)?;
         }
     }
 
