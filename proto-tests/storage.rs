@@ -63,7 +63,8 @@ fn subjects() -> Vec<Subject> {
         pool_with(&mc3, Protocol::Meta),
         meta_master,
     ));
-    vec![
+    #[allow(unused_mut)]
+    let mut subjects = vec![
         Subject {
             name: "fs",
             storage: fs,
@@ -94,7 +95,38 @@ fn subjects() -> Vec<Subject> {
             large_ok: false,
             _keep: vec![Box::new(mc2)],
         },
-    ]
+    ];
+    #[cfg(feature = "postgres")]
+    {
+        let pg = support::postgres::Postgres::start();
+        let direct: Arc<dyn Storage> = Arc::new(
+            mcstore::storage::PgStorage::builder(pg.url())
+                .open()
+                .unwrap(),
+        );
+        subjects.push(Subject {
+            name: "postgres",
+            storage: direct,
+            large_ok: true,
+            _keep: vec![],
+        });
+        let master: Arc<dyn Storage> = Arc::new(
+            mcstore::storage::PgStorage::builder(pg.url())
+                .open()
+                .unwrap(),
+        );
+        let mc4 = Memcached::start();
+        subjects.push(Subject {
+            name: "memcache over postgres",
+            storage: Arc::new(MemcacheStorage::new(
+                pool_with(&mc4, Protocol::Text),
+                master,
+            )),
+            large_ok: true,
+            _keep: vec![Box::new(mc4), Box::new(pg)],
+        });
+    }
+    subjects
 }
 
 fn is_not_found<T: std::fmt::Debug>(r: mcstore::storage::Result<T>) -> bool {

@@ -16,6 +16,10 @@ use mcstore::{Client, ClientBuilder};
 #[path = "tls.rs"]
 pub mod tls;
 
+#[cfg(feature = "postgres")]
+#[path = "postgres.rs"]
+pub mod postgres;
+
 #[path = "launcher.rs"]
 mod launcher;
 use launcher::{memcached_command, READY_WITHIN};

@@ -19,6 +19,8 @@ mod fs;
 mod memcache;
 mod memcache_only;
 mod memory;
+#[cfg(feature = "postgres")]
+mod pg;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -31,6 +33,8 @@ pub use memcache::{
 };
 pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
+#[cfg(feature = "postgres")]
+pub use pg::{PgStorage, PgStorageBuilder};
 
 mod error;
 

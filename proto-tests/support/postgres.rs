@@ -1,0 +1,191 @@
+//! A throwaway PostgreSQL cluster on a free loopback port, its socket in a temp folder,
+//! stopped (immediately) and removed on drop. As root, `initdb` and `pg_ctl` run as the
+//! `postgres` user (initdb refuses root).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running cluster; `url()` reaches its `postgres` database as user `mcstore`.
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+/// The directory of `initdb` and `pg_ctl`: the newest /usr/lib/postgresql/*/bin, or PATH.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|p| p.join("initdb").exists());
+    versions.sort();
+    versions.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL not found under /usr/lib/postgresql: install it \
+             (Debian: apt-get install -y postgresql; scripts/ensure-deps does)"
+        )
+    })
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = bin_dir();
+        let as_postgres = super::launcher::running_as_root();
+        let dir = std::env::temp_dir().join(format!(
+            "mcstore-pg-{}-{}",
+            std::process::id(),
+            super::free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown postgres {}", dir.display());
+        }
+        let mut pg = Postgres {
+            port: 0,
+            dir,
+            bin,
+            as_postgres,
+        };
+        let data = pg.dir.join("data");
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "mcstore",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        for _ in 0..5 {
+            pg.port = super::free_port();
+            let opts = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                pg.port,
+                pg.dir.display()
+            );
+            let log = pg.dir.join("log");
+            if pg.try_run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "30",
+                    "-o",
+                    &opts,
+                    "start",
+                ],
+            ) {
+                pg.wait_ready();
+                return pg;
+            }
+        }
+        panic!("PostgreSQL did not start on any of 5 free ports");
+    }
+
+    fn command(&self, tool: &str, args: &[&str]) -> Command {
+        let path = self.bin.join(tool);
+        let mut c = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        c.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> bool {
+        self.command(tool, args).status().is_ok_and(|s| s.success())
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        assert!(self.try_run(tool, args), "{tool} {args:?} failed");
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "PostgreSQL did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://mcstore@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server at once (as a crash would).
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        let _ = self.try_run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                &opts,
+                "start",
+            ],
+        );
+        self.wait_ready();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,571 @@
+//! A PostgreSQL master (feature `postgres`): collections and resources in tables, a bounded
+//! connection pool, and the cache invalidation log as an outbox table.
+//!
+//! Every statement takes parameters; no SQL is ever built from a name. Names are validated
+//! as [`FsStorage`](super::FsStorage) validates them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use postgres::{Client, NoTls};
+
+use super::error::{Result, StorageError as Error};
+use super::memory::not_found;
+use super::{
+    check_paths, ext_matches, validate_name, Content, InvalidationLog, LogEntry, Part,
+    ResourceInfo, ResourceIter, Storage,
+};
+
+/// The schema version this code creates and understands.
+const SCHEMA_VERSION: i32 = 1;
+
+/// The advisory-lock class of writer sessions (see [`PgStorage`]'s outbox), an arbitrary
+/// constant ("mc").
+const WRITER_LOCK_CLASS: i32 = 0x6d63;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mcstore_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS mcstore_collections (name text PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS mcstore_resources (
+    collection text NOT NULL REFERENCES mcstore_collections (name),
+    name text NOT NULL,
+    content bytea,
+    meta bytea,
+    PRIMARY KEY (collection, name)
+);
+CREATE TABLE IF NOT EXISTS mcstore_outbox (
+    id bigserial PRIMARY KEY,
+    key text NOT NULL,
+    -- NULL: a failed invalidation, replayable now. Else the writer session whose write is in
+    -- flight: replayable once that session is gone (its advisory lock released).
+    writer integer,
+    created timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS mcstore_outbox_key ON mcstore_outbox (key);
+CREATE SEQUENCE IF NOT EXISTS mcstore_writer_seq;
+";
+
+/// Builds a [`PgStorage`].
+#[derive(Debug, Clone)]
+pub struct PgStorageBuilder {
+    url: String,
+    pool_size: usize,
+    connect_timeout: Duration,
+    statement_timeout: Duration,
+    checkout_timeout: Duration,
+}
+
+impl PgStorageBuilder {
+    /// At most this many connections (default 8).
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n.max(1);
+        self
+    }
+
+    /// How long opening a connection may take (default 5 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// How long one statement may run before the server cancels it (default 5 s).
+    pub fn statement_timeout(mut self, t: Duration) -> Self {
+        self.statement_timeout = t;
+        self
+    }
+
+    /// How long a call waits for a free connection (default 5 s).
+    pub fn checkout_timeout(mut self, t: Duration) -> Self {
+        self.checkout_timeout = t;
+        self
+    }
+
+    /// Connects, creates the schema if needed and checks its version.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`](Error::Io) if the database cannot be reached, the URL is
+    /// invalid, or the schema is of a newer version.
+    pub fn open(self) -> Result<PgStorage> {
+        let mut config: postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| pg_error("parsing the PostgreSQL URL", e))?;
+        config.connect_timeout(self.connect_timeout);
+        config.options(&format!(
+            "-c statement_timeout={}",
+            self.statement_timeout.as_millis().max(1)
+        ));
+        let mut first = config
+            .connect(NoTls)
+            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+        migrate(&mut first)?;
+        // A session of its own holds this storage's writer lock for its lifetime: intents it
+        // records are not replayed by others while it lives.
+        let mut writer_session = config
+            .connect(NoTls)
+            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+        let writer: i64 = writer_session
+            .query_one("SELECT nextval('mcstore_writer_seq')", &[])
+            .map_err(|e| pg_error("taking a writer id", e))?
+            .get(0);
+        let writer = (writer % i64::from(i32::MAX)) as i32;
+        writer_session
+            .execute(
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&WRITER_LOCK_CLASS, &writer],
+            )
+            .map_err(|e| pg_error("taking the writer lock", e))?;
+        Ok(PgStorage {
+            config,
+            pool: Mutex::new(Pool {
+                idle: vec![first],
+                open: 1,
+            }),
+            freed: Condvar::new(),
+            size: self.pool_size,
+            checkout_timeout: self.checkout_timeout,
+            writer,
+            writer_session: Mutex::new(Some(writer_session)),
+        })
+    }
+}
+
+/// Creates or checks the schema, under a transaction-scoped advisory lock so that processes
+/// opening the same database at once do not race.
+fn migrate(c: &mut Client) -> Result<()> {
+    let mut tx = c
+        .transaction()
+        .map_err(|e| pg_error("creating the schema", e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&i64::from(WRITER_LOCK_CLASS)],
+    )
+    .map_err(|e| pg_error("creating the schema", e))?;
+    tx.batch_execute(SCHEMA)
+        .map_err(|e| pg_error("creating the schema", e))?;
+    let found: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM mcstore_schema", &[])
+        .map_err(|e| pg_error("reading the schema version", e))?
+        .and_then(|r| r.get(0));
+    match found {
+        None => {
+            tx.execute(
+                "INSERT INTO mcstore_schema (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .map_err(|e| pg_error("recording the schema version", e))?;
+        }
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(Error::io(
+                "opening the PostgreSQL storage",
+                io::Error::other(format!(
+                    "the database's schema is version {v}, newer than this mcstore's \
+                     {SCHEMA_VERSION}"
+                )),
+            ))
+        }
+        Some(_) => {}
+    }
+    tx.commit().map_err(|e| pg_error("creating the schema", e))
+}
+
+fn pg_error(context: &str, e: postgres::Error) -> Error {
+    Error::io(context, io::Error::other(e))
+}
+
+struct Pool {
+    idle: Vec<Client>,
+    /// Connections open, idle or checked out.
+    open: usize,
+}
+
+/// Collections and resources in PostgreSQL: `mcstore_collections`, `mcstore_resources`
+/// (content and metadata as `bytea`), and `mcstore_outbox`, the cache invalidation log that
+/// any process sharing the database replays. The schema is created and versioned on open.
+///
+/// ```no_run
+/// use mcstore::storage::{PgStorage, Storage};
+/// let s = PgStorage::builder("postgres://app@127.0.0.1:5432/app").open()?;
+/// s.create_container("posts")?;
+/// let info = s.info("posts", Some("hello.txt"))?;
+/// s.put_content(&info, "hi".into())?;
+/// # Ok::<(), mcstore::storage::StorageError>(())
+/// ```
+pub struct PgStorage {
+    config: postgres::Config,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    size: usize,
+    checkout_timeout: Duration,
+    /// This storage's writer id; its session holds the matching advisory lock.
+    writer: i32,
+    writer_session: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PgStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStorage")
+            .field("pool_size", &self.size)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A checked-out connection, returned to the pool on drop (or dropped if it broke).
+struct Conn<'a> {
+    storage: &'a PgStorage,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let Some(c) = self.client.take() else { return };
+        let mut pool = self.storage.lock_pool();
+        if c.is_closed() {
+            pool.open -= 1;
+        } else {
+            pool.idle.push(c);
+        }
+        drop(pool);
+        self.storage.freed.notify_one();
+    }
+}
+
+impl PgStorage {
+    /// A storage on the database at `url` (`postgres://user[:password]@host:port/db`).
+    pub fn builder(url: impl Into<String>) -> PgStorageBuilder {
+        PgStorageBuilder {
+            url: url.into(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            checkout_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection: an idle one, a new one while under the pool size, or the next one
+    /// freed, waiting up to the checkout timeout.
+    fn conn(&self) -> Result<Conn<'_>> {
+        let deadline = Instant::now() + self.checkout_timeout;
+        let mut pool = self.lock_pool();
+        loop {
+            while let Some(c) = pool.idle.pop() {
+                if c.is_closed() {
+                    pool.open -= 1;
+                    continue;
+                }
+                return Ok(Conn {
+                    storage: self,
+                    client: Some(c),
+                });
+            }
+            if pool.open < self.size {
+                pool.open += 1;
+                drop(pool);
+                return match self.config.connect(NoTls) {
+                    Ok(c) => Ok(Conn {
+                        storage: self,
+                        client: Some(c),
+                    }),
+                    Err(e) => {
+                        self.lock_pool().open -= 1;
+                        self.freed.notify_one();
+                        Err(pg_error("connecting to PostgreSQL", e))
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::io(
+                    "waiting for a PostgreSQL connection",
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("all {} connections busy", self.size),
+                    ),
+                ));
+            }
+            pool = self
+                .freed
+                .wait_timeout(pool, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+fn column(part: Part) -> &'static str {
+    match part {
+        Part::Content => "content",
+        Part::Meta => "meta",
+    }
+}
+
+impl Storage for PgStorage {
+    fn create_container(&self, collection: &str) -> Result<()> {
+        validate_name(collection)?;
+        self.conn()?
+            .execute(
+                "INSERT INTO mcstore_collections (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&collection],
+            )
+            .map_err(|e| pg_error("creating a collection", e))?;
+        Ok(())
+    }
+
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        validate_name(collection)?;
+        if let Some(r) = resource {
+            validate_name(r)?;
+        }
+        Ok(ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key: match resource {
+                Some(r) => format!("{collection}/{r}"),
+                None => collection.to_string(),
+            },
+        })
+    }
+
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        let name = info.resource_name()?;
+        // The column name comes from the fixed `Part`, never from input.
+        let sql = format!(
+            "SELECT r.{} FROM mcstore_collections c LEFT JOIN mcstore_resources r \
+             ON r.collection = c.name AND r.name = $2 WHERE c.name = $1",
+            column(part)
+        );
+        let row = self
+            .conn()?
+            .query_opt(&sql, &[&info.collection, &name])
+            .map_err(|e| pg_error("reading a resource", e))?
+            .ok_or_else(|| not_found(&info.collection, None))?;
+        let value: Option<Vec<u8>> = row.get(0);
+        value
+            .map(Bytes::from)
+            .ok_or_else(|| not_found(&info.collection, Some(name)))
+    }
+
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        let name = info.resource_name()?;
+        let data = data.into_bytes()?;
+        let col = column(part);
+        let sql = format!(
+            "INSERT INTO mcstore_resources (collection, name, {col}) VALUES ($1, $2, $3) \
+             ON CONFLICT (collection, name) DO UPDATE SET {col} = EXCLUDED.{col}"
+        );
+        match self
+            .conn()?
+            .execute(&sql, &[&info.collection, &name, &&data[..]])
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+                Err(not_found(&info.collection, None))
+            }
+            Err(e) => Err(pg_error("writing a resource", e)),
+        }
+    }
+
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        let name = info.resource_name()?;
+        let col = column(part);
+        let mut conn = self.conn()?;
+        let mut tx = conn
+            .transaction()
+            .map_err(|e| pg_error("removing a resource", e))?;
+        let cleared = tx
+            .query_opt(
+                &format!(
+                    "UPDATE mcstore_resources SET {col} = NULL \
+                     WHERE collection = $1 AND name = $2 AND {col} IS NOT NULL RETURNING 1"
+                ),
+                &[&info.collection, &name],
+            )
+            .map_err(|e| pg_error("removing a resource", e))?;
+        if cleared.is_none() {
+            return Err(not_found(&info.collection, Some(name)));
+        }
+        // A resource with neither part is gone.
+        tx.execute(
+            "DELETE FROM mcstore_resources WHERE collection = $1 AND name = $2 \
+             AND content IS NULL AND meta IS NULL",
+            &[&info.collection, &name],
+        )
+        .map_err(|e| pg_error("removing a resource", e))?;
+        tx.commit().map_err(|e| pg_error("removing a resource", e))
+    }
+
+    fn exists(&self, info: &ResourceInfo) -> Result<bool> {
+        let mut c = self.conn()?;
+        let row = match &info.resource {
+            None => c.query_opt(
+                "SELECT 1 FROM mcstore_collections WHERE name = $1",
+                &[&info.collection],
+            ),
+            Some(r) => c.query_opt(
+                "SELECT 1 FROM mcstore_resources WHERE collection = $1 AND name = $2",
+                &[&info.collection, r],
+            ),
+        };
+        Ok(row
+            .map_err(|e| pg_error("checking a resource", e))?
+            .is_some())
+    }
+
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
+        self.ils(collection, ext)?.collect()
+    }
+
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
+        validate_name(collection)?;
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "SELECT r.name FROM mcstore_collections c LEFT JOIN mcstore_resources r \
+                 ON r.collection = c.name WHERE c.name = $1 ORDER BY r.name",
+                &[&collection],
+            )
+            .map_err(|e| pg_error("listing a collection", e))?;
+        if rows.is_empty() {
+            return Err(not_found(collection, None));
+        }
+        let names: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .filter(|n| ext_matches(n, ext))
+            .collect();
+        let collection = collection.to_string();
+        Ok(Box::new(names.into_iter().map(move |n| {
+            let info = ResourceInfo {
+                collection: collection.clone(),
+                resource: Some(n.clone()),
+                key: format!("{collection}/{n}"),
+            };
+            Ok((n, info))
+        })))
+    }
+
+    fn persist(&self, paths: &[&str]) -> Result<()> {
+        // Every statement commits durably (the server's fsync settings decide).
+        check_paths(paths)
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let mut pool = self.lock_pool();
+        pool.open -= pool.idle.len();
+        pool.idle.clear();
+        drop(pool);
+        // Releases the writer lock: this storage's intents become replayable by others.
+        self.writer_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        Ok(())
+    }
+
+    fn invalidation_log(&self) -> Option<&dyn InvalidationLog> {
+        Some(self)
+    }
+}
+
+impl PgStorage {
+    fn insert_record(&self, key: &str, writer: Option<i32>) -> Result<String> {
+        let mut c = self.conn()?;
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO mcstore_outbox (key, writer) VALUES ($1, $2) RETURNING id",
+                &[&key, &writer],
+            )
+            .map_err(|e| pg_error("recording an invalidation", e))?
+            .get(0);
+        if writer.is_none() {
+            // Wakes other processes' replayers at once (they also poll).
+            c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
+                .map_err(|e| pg_error("recording an invalidation", e))?;
+        }
+        Ok(id.to_string())
+    }
+}
+
+/// The outbox: failed invalidations (`writer` NULL) and intents of writes in flight
+/// (`writer` = the writing storage's id, whose session holds an advisory lock while it
+/// lives; once that session is gone, its intents are replayable).
+impl InvalidationLog for PgStorage {
+    fn record(&self, key: &str) -> Result<String> {
+        self.insert_record(key, None)
+    }
+
+    fn intend(&self, key: &str) -> Result<String> {
+        self.insert_record(key, Some(self.writer))
+    }
+
+    fn contains(&self, key: &str) -> Result<bool> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT 1 FROM mcstore_outbox WHERE key = $1 LIMIT 1",
+                &[&key],
+            )
+            .map_err(|e| pg_error("reading the invalidation log", e))?;
+        Ok(row.is_some())
+    }
+
+    fn pending(&self, limit: usize) -> Result<Vec<LogEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT key, array_agg(id ORDER BY id) FROM mcstore_outbox o \
+                 WHERE writer IS NULL OR NOT EXISTS ( \
+                     SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' \
+                     AND l.classid = $1::integer::oid AND l.objid = o.writer::oid \
+                     AND l.objsubid = 2 AND l.granted) \
+                 GROUP BY key ORDER BY min(id) LIMIT $2",
+                &[&WRITER_LOCK_CLASS, &limit],
+            )
+            .map_err(|e| pg_error("reading the invalidation log", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| LogEntry {
+                key: r.get(0),
+                records: r
+                    .get::<_, Vec<i64>>(1)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            })
+            .collect())
+    }
+
+    fn replayed(&self, entry: &LogEntry) -> Result<()> {
+        let ids: Vec<i64> = entry
+            .records
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect();
+        self.conn()?
+            .execute("DELETE FROM mcstore_outbox WHERE id = ANY($1)", &[&ids])
+            .map_err(|e| pg_error("clearing the invalidation log", e))?;
+        Ok(())
+    }
+}
