@@ -1206,8 +1206,14 @@ fn writer_crash_child() {
     ) else {
         return;
     };
+    // The master: a folder, or a PostgreSQL database when MCSTORE_WAL_PG gives its URL.
+    let inner: Box<dyn Storage> = match std::env::var("MCSTORE_WAL_PG") {
+        #[cfg(feature = "postgres")]
+        Ok(url) => Box::new(mcstore::storage::PgStorage::builder(url).open().unwrap()),
+        _ => Box::new(FsStorage::open(&dir).unwrap()),
+    };
     let master = Arc::new(TestMaster {
-        inner: Inner(Box::new(FsStorage::open(&dir).unwrap())),
+        inner: Inner(inner),
         ..TestMaster::default()
     });
     let pool = Pool::new(support::client_builder().server(addr), 1).unwrap();
@@ -1254,6 +1260,58 @@ fn a_writer_killed_between_master_and_cache_leaves_no_stale_entry() {
         assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
         std::fs::read_dir(&journal).unwrap().count() == 0
     });
+}
+
+/// #17: the same crash with a PostgreSQL master: the writer's intent row, committed before its
+/// write, becomes replayable when its session dies with it; another process sees v2 at once
+/// (readers bypass a key with a row) and drains the row.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_writer_killed_after_commit_is_drained_by_another_process() {
+    let pg = support::postgres::Postgres::start();
+    let root = TempDir::new("mcstore-wal-pg");
+    let mc = Memcached::start();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "writer_crash_child",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("MCSTORE_WAL_DIR", &root.path)
+        .env("MCSTORE_WAL_SERVER", mc.addr())
+        .env("MCSTORE_WAL_PG", pg.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child must die in its master write");
+    let died = Instant::now();
+    let master = Arc::new(
+        mcstore::storage::PgStorage::builder(pg.url())
+            .open()
+            .unwrap(),
+    );
+    let s = MemcacheStorage::new(pool(&mc), master.clone());
+    let info = s.info("c", Some("r")).unwrap();
+    assert_eq!(
+        &s.get_content(&info).unwrap()[..],
+        b"v2",
+        "stale after the writer died"
+    );
+    use mcstore::storage::InvalidationLog;
+    support::wait_for("the outbox to be drained", || {
+        assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+        master.pending(10).unwrap().is_empty() && !master.contains(&info.key).unwrap_or(true)
+    });
+    let took = died.elapsed();
+    println!("postgres crash drain: {took:?} after the writer died");
+    assert!(took < Duration::from_secs(2), "drained after {took:?}");
+    // Drained means the old entry was deleted: the next reads are hits of v2.
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+    let hits = s.counters().hits;
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+    assert_eq!(s.counters().hits, hits + 1, "a cache hit of v2");
 }
 
 /// What a reader may see: the write sequence of one resource.
@@ -1603,4 +1661,106 @@ fn pool_checkout_timeout_discard_and_panics() {
     assert!(r.is_err());
     assert_eq!(p.get().unwrap().get(b"k").unwrap().unwrap().value, b"v");
     assert_eq!(p.size(), 1);
+}
+
+/// #17: names that look like SQL are stored as plain names (every statement takes
+/// parameters); names that could be read as paths are refused, as by every storage.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_names_that_look_like_sql_are_plain_names() {
+    let pg = support::postgres::Postgres::start();
+    let s = mcstore::storage::PgStorage::builder(pg.url())
+        .open()
+        .unwrap();
+    let hostile = [
+        "'; DROP TABLE mcstore_resources; --",
+        "Robert'); DELETE FROM mcstore_collections; --",
+        "x' OR '1'='1",
+        "%",
+        "_",
+        "$1",
+        "0x00; SELECT pg_sleep(10)",
+        "ünïcödé \u{1F600}",
+    ];
+    for col in hostile {
+        s.create_container(col).unwrap();
+        for name in hostile {
+            let info = s.info(col, Some(name)).unwrap();
+            s.put_content(&info, name.into()).unwrap();
+            s.put_meta_data(&info, col.into()).unwrap();
+        }
+    }
+    for col in hostile {
+        let listed = s.ls(col, None).unwrap();
+        assert_eq!(listed.len(), hostile.len(), "{col:?}");
+        for name in hostile {
+            let info = s.info(col, Some(name)).unwrap();
+            assert_eq!(&s.get_content(&info).unwrap()[..], name.as_bytes());
+            assert_eq!(&s.get_meta_data(&info).unwrap()[..], col.as_bytes());
+        }
+    }
+    // `%` and `_` match only themselves in an extension filter.
+    s.create_container("ext").unwrap();
+    for name in ["a.txt", "b.t_t", "c.%"] {
+        s.put_content(&s.info("ext", Some(name)).unwrap(), "x".into())
+            .unwrap();
+    }
+    assert_eq!(s.ls("ext", Some("txt")).unwrap().len(), 1);
+    assert_eq!(s.ls("ext", Some("%")).unwrap().len(), 1);
+    for bad in ["..", ".", "a/b", "../etc", "", "nul\0"] {
+        assert!(
+            matches!(
+                s.info("ext", Some(bad)),
+                Err(StorageError::InvalidName { .. })
+            ),
+            "{bad:?}"
+        );
+        assert!(matches!(
+            s.create_container(bad),
+            Err(StorageError::InvalidName { .. })
+        ));
+    }
+}
+
+/// #17: PostgreSQL stopped mid-run: reads of cached resources go on, reads of uncached ones
+/// and writes fail with a clear error, nothing is half-written; restarted, the pool
+/// reconnects.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_down_then_restarted() {
+    let pg = support::postgres::Postgres::start();
+    let mc = Memcached::start();
+    let master = Arc::new(
+        mcstore::storage::PgStorage::builder(pg.url())
+            .connect_timeout(Duration::from_secs(1))
+            .checkout_timeout(Duration::from_secs(2))
+            .open()
+            .unwrap(),
+    );
+    let s = MemcacheStorage::new(pool(&mc), master);
+    s.create_container("c").unwrap();
+    let cached = s.info("c", Some("cached")).unwrap();
+    let cold = s.info("c", Some("cold")).unwrap();
+    s.put_content(&cached, "v1".into()).unwrap();
+    s.put_content(&cold, "c1".into()).unwrap();
+    assert_eq!(&s.get_content(&cached).unwrap()[..], b"v1"); // now cached
+    pg.stop();
+    let start = Instant::now();
+    assert_eq!(&s.get_content(&cached).unwrap()[..], b"v1", "a cached read");
+    let e = s.get_content(&cold).unwrap_err();
+    assert!(matches!(e, StorageError::Io { .. }), "{e:?}");
+    println!("uncached read with the master down: {e}");
+    let e = s.put_content(&cached, "v2".into()).unwrap_err();
+    assert!(matches!(e, StorageError::Io { .. }), "{e:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    pg.restart();
+    // The failed write changed nothing: v1 still, from the cache or the master.
+    support::wait_for("the pool to reconnect", || s.get_content(&cold).is_ok());
+    assert_eq!(&s.get_content(&cached).unwrap()[..], b"v1");
+    s.put_content(&cached, "v2".into()).unwrap();
+    assert_eq!(&s.get_content(&cached).unwrap()[..], b"v2");
 }

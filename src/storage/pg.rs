@@ -172,8 +172,26 @@ fn migrate(c: &mut Client) -> Result<()> {
     tx.commit().map_err(|e| pg_error("creating the schema", e))
 }
 
+/// A PostgreSQL failure with its cause spelled out (the crate's own message is terse:
+/// "error connecting to server" without the reason).
 fn pg_error(context: &str, e: postgres::Error) -> Error {
-    Error::io(context, io::Error::other(e))
+    use std::error::Error as _;
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    let kind = if e.is_closed() || msg.contains("connect") {
+        io::ErrorKind::ConnectionRefused
+    } else {
+        io::ErrorKind::Other
+    };
+    Error::io(
+        format!("PostgreSQL master, {context}"),
+        io::Error::new(kind, msg),
+    )
 }
 
 struct Pool {
@@ -555,6 +573,11 @@ impl InvalidationLog for PgStorage {
                     .collect(),
             })
             .collect())
+    }
+
+    /// The outbox is unreadable exactly when the master is down: cached reads go on.
+    fn trust_when_unreadable(&self) -> bool {
+        true
     }
 
     fn replayed(&self, entry: &LogEntry) -> Result<()> {
