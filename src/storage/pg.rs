@@ -4,12 +4,14 @@
 //! Every statement takes parameters; no SQL is ever built from a name. Names are validated
 //! as [`FsStorage`](super::FsStorage) validates them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 use super::error::{Result, StorageError as Error};
@@ -18,6 +20,12 @@ use super::{
     check_paths, ext_matches, validate_name, Content, InvalidationLog, LogEntry, Part,
     ResourceInfo, ResourceIter, Storage,
 };
+
+/// The outbox mirror is reloaded at least this often (and at once on a notification).
+const MIRROR_EVERY: Duration = Duration::from_secs(1);
+
+/// A mirror not reloaded for this long is not trusted: `contains` asks the database.
+const MIRROR_STALE: Duration = Duration::from_secs(3);
 
 /// The schema version this code creates and understands.
 const SCHEMA_VERSION: i32 = 1;
@@ -118,7 +126,19 @@ impl PgStorageBuilder {
                 &[&WRITER_LOCK_CLASS, &writer],
             )
             .map_err(|e| pg_error("taking the writer lock", e))?;
+        let mirror = Arc::new(Mirror::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = {
+            let (config, mirror, stop) = (config.clone(), mirror.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("mcstore-pg-outbox".into())
+                .spawn(move || listen(&config, &mirror, &stop))
+                .map_err(|e| Error::io("starting the outbox listener", e))?
+        };
         Ok(PgStorage {
+            mirror,
+            stop,
+            listener: Mutex::new(Some(listener)),
             config,
             pool: Mutex::new(Pool {
                 idle: vec![first],
@@ -174,6 +194,68 @@ fn migrate(c: &mut Client) -> Result<()> {
 
 /// A PostgreSQL failure with its cause spelled out (the crate's own message is terse:
 /// "error connecting to server" without the reason).
+/// The keys in the outbox as of `loaded`, plus those this process added since.
+#[derive(Default)]
+struct Mirror {
+    state: Mutex<MirrorState>,
+}
+
+#[derive(Default)]
+struct MirrorState {
+    keys: HashSet<String>,
+    loaded: Option<Instant>,
+}
+
+impl Mirror {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MirrorState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Some(answer)` while the mirror is fresh.
+    fn contains(&self, key: &str) -> Option<bool> {
+        let st = self.lock();
+        let fresh = st.loaded.is_some_and(|t| t.elapsed() < MIRROR_STALE);
+        fresh.then(|| st.keys.contains(key))
+    }
+}
+
+/// The listener thread: `LISTEN mcstore_outbox`, and reload the outbox's keys on every
+/// notification (other processes' records and intents) and at least every second. Its own
+/// connection; reconnects after a failure (the mirror goes stale meanwhile, and `contains`
+/// asks the database).
+fn listen(config: &postgres::Config, mirror: &Mirror, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut c) = config.connect(NoTls) else {
+            std::thread::sleep(MIRROR_EVERY);
+            continue;
+        };
+        if c.batch_execute("LISTEN mcstore_outbox").is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            // Load after LISTEN: a record committed in between is either in the load or
+            // notified.
+            let started = Instant::now();
+            let Ok(rows) = c.query("SELECT DISTINCT key FROM mcstore_outbox", &[]) else {
+                break;
+            };
+            {
+                let mut st = mirror.lock();
+                st.keys = rows.iter().map(|r| r.get(0)).collect();
+                st.loaded = Some(started);
+            }
+            let woke = c.notifications().timeout_iter(MIRROR_EVERY).next();
+            if woke.is_err() {
+                break;
+            }
+            // Take every notification already queued: one reload covers them.
+            let mut n = c.notifications();
+            let mut queued = n.iter();
+            while let Ok(Some(_)) = queued.next() {}
+        }
+    }
+}
+
 fn pg_error(context: &str, e: postgres::Error) -> Error {
     use std::error::Error as _;
     let mut msg = e.to_string();
@@ -213,6 +295,11 @@ struct Pool {
 /// # Ok::<(), mcstore::storage::StorageError>(())
 /// ```
 pub struct PgStorage {
+    /// The outbox's keys, kept by the listener thread: readers check it instead of the
+    /// database on every cache hit.
+    mirror: Arc<Mirror>,
+    stop: Arc<AtomicBool>,
+    listener: Mutex<Option<std::thread::JoinHandle<()>>>,
     config: postgres::Config,
     pool: Mutex<Pool>,
     freed: Condvar,
@@ -489,6 +576,15 @@ impl Storage for PgStorage {
     }
 
     fn shutdown(&self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
         let mut pool = self.lock_pool();
         pool.open -= pool.idle.len();
         pool.idle.clear();
@@ -516,11 +612,11 @@ impl PgStorage {
             )
             .map_err(|e| pg_error("recording an invalidation", e))?
             .get(0);
-        if writer.is_none() {
-            // Wakes other processes' replayers at once (they also poll).
-            c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
-                .map_err(|e| pg_error("recording an invalidation", e))?;
-        }
+        // This process's readers distrust the key from now on; other processes' once their
+        // listener hears this.
+        self.mirror.lock().keys.insert(key.to_string());
+        c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
+            .map_err(|e| pg_error("recording an invalidation", e))?;
         Ok(id.to_string())
     }
 }
@@ -538,6 +634,9 @@ impl InvalidationLog for PgStorage {
     }
 
     fn contains(&self, key: &str) -> Result<bool> {
+        if let Some(answer) = self.mirror.contains(key) {
+            return Ok(answer);
+        }
         let row = self
             .conn()?
             .query_opt(
@@ -586,8 +685,11 @@ impl InvalidationLog for PgStorage {
             .iter()
             .filter_map(|r| r.parse().ok())
             .collect();
-        self.conn()?
-            .execute("DELETE FROM mcstore_outbox WHERE id = ANY($1)", &[&ids])
+        let mut c = self.conn()?;
+        c.execute("DELETE FROM mcstore_outbox WHERE id = ANY($1)", &[&ids])
+            .map_err(|e| pg_error("clearing the invalidation log", e))?;
+        // Every mirror reloads (this key may have newer records: the reload says).
+        c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
             .map_err(|e| pg_error("clearing the invalidation log", e))?;
         Ok(())
     }

@@ -17,6 +17,15 @@ mod collect;
 #[path = "../../../proto-tests/support/launcher.rs"]
 mod launcher;
 mod mapping;
+// The throwaway PostgreSQL cluster shared with the tests (`demo --master postgres`).
+#[allow(dead_code)]
+#[path = "../../../proto-tests/support/postgres.rs"]
+mod pgcluster;
+
+/// A free loopback port (for the PostgreSQL launcher).
+fn free_port() -> u16 {
+    launcher::free_port().expect("a free loopback port")
+}
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -168,6 +177,9 @@ enum Cmd {
         /// Master storage folder.
         #[arg(long, default_value = "./mcstore-data")]
         root: PathBuf,
+        /// A PostgreSQL master instead of the folder: postgres://user@host:port/db.
+        #[arg(long, value_name = "URL")]
+        master: Option<String>,
         #[command(subcommand)]
         op: StoreOp,
     },
@@ -198,6 +210,10 @@ enum Cmd {
         /// Resources to store and read.
         #[arg(long, default_value_t = 300)]
         resources: usize,
+        /// The master: `fs` (a temporary folder), `postgres` (a throwaway local PostgreSQL,
+        /// started and stopped by the demo) or a postgres:// URL.
+        #[arg(long, default_value = "fs")]
+        master: String,
     },
 }
 
@@ -374,8 +390,8 @@ fn run(cli: Cli) -> Res<()> {
             let c = client(g)?;
             mapping::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
         }
-        Cmd::Store { root, op } => store_op(g, &root, op, &mut out)?,
-        Cmd::Demo { resources } => demo(g, resources)?,
+        Cmd::Store { root, master, op } => store_op(g, &root, master.as_deref(), op, &mut out)?,
+        Cmd::Demo { resources, master } => demo(g, resources, &master)?,
         Cmd::Bench {
             workload,
             binary,
@@ -455,16 +471,30 @@ fn arith(g: &Global, key: &str, delta: u64, decr: bool) -> Res<()> {
 
 /// The storage behind `store`: the cache (short timeouts: a dead cache must not slow the CLI
 /// much) in front of a file storage at `root`.
-fn open_store(g: &Global, root: &std::path::Path) -> Res<MemcacheStorage> {
-    let master: Arc<dyn Storage> = Arc::new(FsStorage::open(root)?);
+fn is_pg_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+fn open_store(g: &Global, root: &std::path::Path, master: Option<&str>) -> Res<MemcacheStorage> {
+    let master: Arc<dyn Storage> = match master {
+        None => Arc::new(FsStorage::open(root)?),
+        Some(url) if is_pg_url(url) => Arc::new(mcstore::storage::PgStorage::builder(url).open()?),
+        Some(other) => return Err(format!("--master {other:?}: expected a postgres:// URL").into()),
+    };
     let b = builder(g, "127.0.0.1:11211")?
         .io_timeout(Duration::from_millis(g.timeout_ms.min(200)))
         .connect_timeout(Duration::from_millis(g.timeout_ms.min(200)));
     Ok(MemcacheStorage::new(b.build()?, master))
 }
 
-fn store_op(g: &Global, root: &std::path::Path, op: StoreOp, out: &mut impl Write) -> Res<()> {
-    let s = open_store(g, root)?;
+fn store_op(
+    g: &Global,
+    root: &std::path::Path,
+    master: Option<&str>,
+    op: StoreOp,
+    out: &mut impl Write,
+) -> Res<()> {
+    let s = open_store(g, root, master)?;
     match op {
         StoreOp::Put {
             collection,
@@ -554,7 +584,7 @@ fn start_memcached() -> Option<(launcher::Local, String)> {
     Some((local, addr))
 }
 
-fn demo(g: &Global, n: usize) -> Res<()> {
+fn demo(g: &Global, n: usize, master_arg: &str) -> Res<()> {
     let mut _local = None;
     let servers = match &g.servers {
         Some(s) => s.clone(),
@@ -574,8 +604,28 @@ fn demo(g: &Global, n: usize) -> Res<()> {
         },
     };
     let dir = std::env::temp_dir().join(format!("mcstore-demo-{}", std::process::id()));
-    let fs = Arc::new(FsStorage::open(&dir)?);
-    let master: Arc<dyn Storage> = fs.clone();
+    let mut _pg = None;
+    let (master, master_name): (Arc<dyn Storage>, String) = match master_arg {
+        "fs" => (
+            Arc::new(FsStorage::open(&dir)?),
+            format!("file storage in {}", dir.display()),
+        ),
+        "postgres" => {
+            let pg = pgcluster::Postgres::start();
+            let url = pg.url();
+            println!("started a local PostgreSQL on 127.0.0.1:{}", pg.port);
+            _pg = Some(pg);
+            let s = mcstore::storage::PgStorage::builder(&url).open()?;
+            (Arc::new(s), format!("PostgreSQL at {url}"))
+        }
+        url if is_pg_url(url) => (
+            Arc::new(mcstore::storage::PgStorage::builder(url).open()?),
+            format!("PostgreSQL at {url}"),
+        ),
+        other => {
+            return Err(format!("--master {other:?}: fs, postgres or a postgres:// URL").into())
+        }
+    };
     let cache = if servers.is_empty() {
         None
     } else {
@@ -590,7 +640,7 @@ fn demo(g: &Global, n: usize) -> Res<()> {
         Some(c) => c,
         None => master.as_ref(),
     };
-    println!("master: file storage in {}", dir.display());
+    println!("master: {master_name}");
     println!(
         "cache:  {}",
         if servers.is_empty() { "none" } else { &servers }
@@ -646,9 +696,9 @@ fn demo(g: &Global, n: usize) -> Res<()> {
     }
     // The master on its own, for comparison.
     for (info, _) in &contents {
-        let mi = fs.info(&info.collection, info.resource.as_deref())?;
+        let mi = master.info(&info.collection, info.resource.as_deref())?;
         let t = Instant::now();
-        fs.get_content(&mi)?;
+        master.get_content(&mi)?;
         direct.record((t.elapsed().as_micros() as u64).max(1))?;
     }
     let reads = (n * passes) as u64;
@@ -680,17 +730,29 @@ fn demo(g: &Global, n: usize) -> Res<()> {
     };
     show("reads served by the cache", &cached);
     show("reads served by the master", &uncached);
-    show("master alone (file reads)", &direct);
-    println!(
-        "(a local file read from the page cache beats any network round trip; the cache pays \
-         off when the master is remote or slow)"
-    );
+    if master_arg == "fs" {
+        show("master alone (file reads)", &direct);
+        println!(
+            "(a local file read from the page cache beats any network round trip; the cache pays \
+             off when the master is remote or slow)"
+        );
+    } else {
+        show("master alone (PostgreSQL)", &direct);
+        if !cached.is_empty() && !direct.is_empty() {
+            println!(
+                "cache vs PostgreSQL, p50: {:.2}x the latency",
+                cached.value_at_quantile(0.5) as f64 / direct.value_at_quantile(0.5) as f64
+            );
+        }
+    }
     if cache.is_some() {
         println!(
             "servers used: {}",
             servers.split(',').collect::<Vec<_>>().join(", ")
         );
     }
-    std::fs::remove_dir_all(&dir)?;
+    if master_arg == "fs" {
+        std::fs::remove_dir_all(&dir)?;
+    }
     Ok(())
 }
