@@ -817,7 +817,7 @@ fn a_fill_never_lands_on_a_restarted_server() {
         assert_eq!(&reader.join().unwrap()[..], b"v1");
         let after = new.gets(key.as_bytes()).unwrap();
         assert!(
-            after.as_ref().map_or(true, |i| i.flags != FLAG_VALUE),
+            after.as_ref().is_none_or(|i| i.flags != FLAG_VALUE),
             "{p:?}: a fill begun before the restart replaced a marker of the new instance: {after:?}"
         );
     }

@@ -502,9 +502,7 @@ impl Client {
             let mut found = None;
             let found = c.call(i, &Cmd::Get(key, opts), None, |o, last| match o {
                 // A text reply names its key: it must be ours, and come once.
-                Outcome::Hit(h)
-                    if found.is_none() && h.key.map_or(true, |k| k == key.as_bytes()) =>
-                {
+                Outcome::Hit(h) if found.is_none() && h.key.is_none_or(|k| k == key.as_bytes()) => {
                     sink(h.data);
                     found = Some(ItemInfo {
                         flags: h.flags,

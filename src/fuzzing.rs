@@ -550,10 +550,7 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
         let mut last_hit: Option<usize> = None;
         let mut on_hit = |j: usize| {
             assert!(j < keys.len(), "a hit for an item never asked for");
-            assert!(
-                last_hit.map_or(true, |l| j > l),
-                "hits out of request order"
-            );
+            assert!(last_hit.is_none_or(|l| j > l), "hits out of request order");
             last_hit = Some(j);
         };
         let r = drive(input, &head, value, &mut |buf| {
@@ -580,7 +577,7 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
     // a store without a CAS only stored / not stored (as `store_cmd`).
     let on = |o: Outcome<'_>, last: bool| -> Result<Option<()>, crate::proto::ParseError> {
         let fits = match (kind, o) {
-            (Kind::Get, Outcome::Hit(h)) if !seen_hit && h.key.map_or(true, |k| k == key) => {
+            (Kind::Get, Outcome::Hit(h)) if !seen_hit && h.key.is_none_or(|k| k == key) => {
                 seen_hit = true;
                 return Ok(last.then_some(()));
             }

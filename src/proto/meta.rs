@@ -1140,7 +1140,7 @@ mod tests {
                 wire.extend_from_slice(value.as_bytes());
             }
             wire.extend_from_slice(b"\r\n");
-            wire.extend(std::iter::repeat(b'd').take(len));
+            wire.extend(std::iter::repeat_n(b'd', len));
             wire.extend_from_slice(b"\r\nMN\r\n");
             let wire = &wire[..cut.index(wire.len() + 1)];
             let limits = Limits { max_value: 4096 };

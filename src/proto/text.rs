@@ -964,7 +964,7 @@ mod tests {
             wire.extend_from_slice(&fields);
             wire.extend_from_slice(b"\r\n");
             let line_len = wire.len();
-            wire.extend(std::iter::repeat(b'd').take(data_len));
+            wire.extend(std::iter::repeat_n(b'd', data_len));
             wire.extend_from_slice(b"\r\n");
             let slow = parse_value(&wire, &fields, line_len, &lim());
             if value_header(&fields).is_some() {
@@ -997,7 +997,7 @@ mod tests {
             }
             wire.extend_from_slice(&tail);
             wire.extend_from_slice(b"\r\n");
-            wire.extend(std::iter::repeat(b'd').take(len));
+            wire.extend(std::iter::repeat_n(b'd', len));
             wire.extend_from_slice(b"\r\nEND\r\n");
             let wire = &wire[..cut.index(wire.len() + 1)];
             let fast = parse_value_of(wire, prefix.as_bytes(), key.as_bytes(), &lim());
@@ -1005,7 +1005,7 @@ mod tests {
                 prop_assert_eq!(r, parse_reply(wire, &lim()));
             } else if tail.is_empty()
                 && on_wire == format!("{prefix}{key}")
-                && cas.map_or(true, |c| c < 10u64.pow(19))
+                && cas.is_none_or(|c| c < 10u64.pow(19))
             {
                 // Declined only while the header line is incomplete (or for a 20-digit cas).
                 prop_assert_eq!(parse_reply(wire, &lim()), Ok(Status::Partial));

@@ -458,7 +458,7 @@ fn replayable(record: &str) -> bool {
         return true;
     };
     let pid: Option<u32> = intent.split_once('.').and_then(|(p, _)| p.parse().ok());
-    pid.map_or(true, |pid| !process_alive(pid))
+    pid.is_none_or(|pid| !process_alive(pid))
 }
 
 impl InvalidationLog for FsStorage {

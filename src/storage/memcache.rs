@@ -249,7 +249,7 @@ impl Pending {
             return true;
         }
         // Only when a server overflowed: finding the key's server costs a hash.
-        !self.overflow.is_empty() && server().map_or(true, |s| self.overflow.contains_key(&Some(s)))
+        !self.overflow.is_empty() && server().is_none_or(|s| self.overflow.contains_key(&Some(s)))
     }
 
     /// The next replay: the overflowed servers' flushes, or up to `batch` keys.
