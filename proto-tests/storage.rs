@@ -522,6 +522,20 @@ impl Storage for TestMaster {
     fn invalidation_log(&self) -> Option<&dyn mcstore::storage::InvalidationLog> {
         self.inner.invalidation_log()
     }
+    fn writes_intents_atomically(&self) -> bool {
+        self.inner.writes_intents_atomically()
+    }
+    fn write_intending(
+        &self,
+        i: &mcstore::storage::ResourceInfo,
+        part: Part,
+        w: mcstore::storage::MasterWrite<'_>,
+        key: &str,
+    ) -> mcstore::storage::Result<String> {
+        let record = self.inner.write_intending(i, part, w, key)?;
+        self.after_write()?;
+        Ok(record)
+    }
 }
 
 /// 32 threads read one cold resource at once; returns the storage's counters.

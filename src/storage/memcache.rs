@@ -50,7 +50,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::Result;
 use super::{
-    validate_name, Content, InvalidationLog, LogEntry, Part, ResourceInfo, ResourceIter, Storage,
+    validate_name, Content, InvalidationLog, LogEntry, MasterWrite, Part, ResourceInfo,
+    ResourceIter, Storage,
 };
 use crate::client::Key;
 use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, ServerInstance, SetOptions};
@@ -999,26 +1000,34 @@ impl Shared {
     /// there first (durable before the master write) and is removed once the entry is
     /// deleted: a process killed between its master write and its delete leaves it for any
     /// other process to replay, and readers meanwhile read the master.
-    fn write_through(
-        &self,
-        info: &ResourceInfo,
-        part: Part,
-        write: impl FnOnce(&dyn Storage, &ResourceInfo) -> Result<()>,
-    ) -> Result<()> {
+    fn write_through(&self, info: &ResourceInfo, part: Part, write: MasterWrite<'_>) -> Result<()> {
         let master = &*self.settings.master;
         let mi = self.master_info(master, info)?;
         let key = self.key(info, part);
-        let intent = match (&key, master.invalidation_log()) {
-            (Some(k), Some(log)) => match log.intend(k) {
-                Ok(record) => Some((log, record)),
-                Err(e) => {
-                    self.cache_failed(&e);
-                    None
-                }
-            },
-            _ => None,
+        let apply = |write| match write {
+            MasterWrite::Put(data) => master.put(&mi, part, data),
+            MasterWrite::Remove => master.remove(&mi, part),
         };
-        let r = write(master, &mi);
+        let (intent, r) = match (&key, master.invalidation_log()) {
+            // One transaction: the write and its intent commit together, or neither does.
+            (Some(k), Some(log)) if master.writes_intents_atomically() => {
+                match master.write_intending(&mi, part, write, k) {
+                    Ok(record) => (Some((log, record)), Ok(())),
+                    Err(e) => (None, Err(e)),
+                }
+            }
+            (Some(k), Some(log)) => {
+                let intent = match log.intend(k) {
+                    Ok(record) => Some((log, record)),
+                    Err(e) => {
+                        self.cache_failed(&e);
+                        None
+                    }
+                };
+                (intent, apply(write))
+            }
+            _ => (None, apply(write)),
+        };
         if let Some(key) = key {
             let done = self.invalidate(std::slice::from_ref(&key));
             if let Some((log, intent)) = intent {
@@ -1092,12 +1101,11 @@ impl Storage for MemcacheStorage {
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
         self.shared
-            .write_through(info, part, |m, mi| m.put(mi, part, data))
+            .write_through(info, part, MasterWrite::Put(data))
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        self.shared
-            .write_through(info, part, |m, mi| m.remove(mi, part))
+        self.shared.write_through(info, part, MasterWrite::Remove)
     }
 
     fn create_container(&self, collection: &str) -> Result<()> {

@@ -116,6 +116,15 @@ impl Content<'_> {
     }
 }
 
+/// A write to one part of a resource, as handed to [`Storage::write_intending`].
+#[derive(Debug)]
+pub enum MasterWrite<'a> {
+    /// Store this content.
+    Put(Content<'a>),
+    /// Remove the part.
+    Remove,
+}
+
 /// Which half of a resource a call reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
@@ -186,6 +195,34 @@ pub trait Storage: Send + Sync {
     fn persist(&self, paths: &[&str]) -> Result<()>;
     /// Releases what the storage holds; later calls may fail.
     fn shutdown(&self) -> Result<()>;
+    /// Whether [`write_intending`](Self::write_intending) is supported: the storage records
+    /// a cache invalidation intent in the same transaction as the write (an outbox).
+    fn writes_intents_atomically(&self) -> bool {
+        false
+    }
+
+    /// Applies `write` to `part` of `info` and records, in the same transaction, that the
+    /// cache entry `key` is changing (as [`InvalidationLog::intend`] would); returns the
+    /// record's name. Only called when
+    /// [`writes_intents_atomically`](Self::writes_intents_atomically) says so; the default
+    /// refuses.
+    ///
+    /// # Errors
+    /// As [`put`](Self::put) and [`remove`](Self::remove); nothing is written then.
+    fn write_intending(
+        &self,
+        info: &ResourceInfo,
+        part: Part,
+        write: MasterWrite<'_>,
+        key: &str,
+    ) -> Result<String> {
+        let _ = (info, part, write, key);
+        Err(Error::io(
+            "writing with an intent",
+            std::io::Error::other("not supported by this storage"),
+        ))
+    }
+
     /// Where this storage keeps failed cache invalidations durably, for every process that
     /// uses it (see [`InvalidationLog`]); `None` (the default) if it keeps none.
     fn invalidation_log(&self) -> Option<&dyn InvalidationLog> {

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
+use postgres::{Client, GenericClient, NoTls};
 
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
 use super::{
-    check_paths, ext_matches, validate_name, Content, InvalidationLog, LogEntry, Part,
+    check_paths, ext_matches, validate_name, Content, InvalidationLog, LogEntry, MasterWrite, Part,
     ResourceInfo, ResourceIter, Storage,
 };
 
@@ -418,6 +418,55 @@ impl PgStorage {
     }
 }
 
+/// Stores `data` as `part` of a resource (its collection must exist).
+fn put_part(
+    c: &mut impl GenericClient,
+    info: &ResourceInfo,
+    part: Part,
+    data: &[u8],
+) -> Result<()> {
+    let name = info.resource_name()?;
+    let col = column(part);
+    // The column name comes from the fixed `Part`, never from input.
+    let sql = format!(
+        "INSERT INTO mcstore_resources (collection, name, {col}) VALUES ($1, $2, $3) \
+         ON CONFLICT (collection, name) DO UPDATE SET {col} = EXCLUDED.{col}"
+    );
+    match c.execute(&sql, &[&info.collection, &name, &data]) {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+            Err(not_found(&info.collection, None))
+        }
+        Err(e) => Err(pg_error("writing a resource", e)),
+    }
+}
+
+/// Removes `part` of a resource, and the resource once it has neither part (in a
+/// transaction the caller commits).
+fn remove_part(c: &mut impl GenericClient, info: &ResourceInfo, part: Part) -> Result<()> {
+    let name = info.resource_name()?;
+    let col = column(part);
+    let cleared = c
+        .query_opt(
+            &format!(
+                "UPDATE mcstore_resources SET {col} = NULL \
+                 WHERE collection = $1 AND name = $2 AND {col} IS NOT NULL RETURNING 1"
+            ),
+            &[&info.collection, &name],
+        )
+        .map_err(|e| pg_error("removing a resource", e))?;
+    if cleared.is_none() {
+        return Err(not_found(&info.collection, Some(name)));
+    }
+    c.execute(
+        "DELETE FROM mcstore_resources WHERE collection = $1 AND name = $2 \
+         AND content IS NULL AND meta IS NULL",
+        &[&info.collection, &name],
+    )
+    .map_err(|e| pg_error("removing a resource", e))?;
+    Ok(())
+}
+
 fn column(part: Part) -> &'static str {
     match part {
         Part::Content => "content",
@@ -472,52 +521,57 @@ impl Storage for PgStorage {
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
-        let name = info.resource_name()?;
         let data = data.into_bytes()?;
-        let col = column(part);
-        let sql = format!(
-            "INSERT INTO mcstore_resources (collection, name, {col}) VALUES ($1, $2, $3) \
-             ON CONFLICT (collection, name) DO UPDATE SET {col} = EXCLUDED.{col}"
-        );
-        match self
-            .conn()?
-            .execute(&sql, &[&info.collection, &name, &&data[..]])
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
-                Err(not_found(&info.collection, None))
-            }
-            Err(e) => Err(pg_error("writing a resource", e)),
-        }
+        put_part(&mut *self.conn()?, info, part, &data)
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let name = info.resource_name()?;
-        let col = column(part);
         let mut conn = self.conn()?;
         let mut tx = conn
             .transaction()
             .map_err(|e| pg_error("removing a resource", e))?;
-        let cleared = tx
-            .query_opt(
-                &format!(
-                    "UPDATE mcstore_resources SET {col} = NULL \
-                     WHERE collection = $1 AND name = $2 AND {col} IS NOT NULL RETURNING 1"
-                ),
-                &[&info.collection, &name],
-            )
-            .map_err(|e| pg_error("removing a resource", e))?;
-        if cleared.is_none() {
-            return Err(not_found(&info.collection, Some(name)));
-        }
-        // A resource with neither part is gone.
-        tx.execute(
-            "DELETE FROM mcstore_resources WHERE collection = $1 AND name = $2 \
-             AND content IS NULL AND meta IS NULL",
-            &[&info.collection, &name],
-        )
-        .map_err(|e| pg_error("removing a resource", e))?;
+        remove_part(&mut tx, info, part)?;
         tx.commit().map_err(|e| pg_error("removing a resource", e))
+    }
+
+    fn writes_intents_atomically(&self) -> bool {
+        true
+    }
+
+    /// The write and its outbox row in one transaction: both commit, or neither.
+    fn write_intending(
+        &self,
+        info: &ResourceInfo,
+        part: Part,
+        write: MasterWrite<'_>,
+        key: &str,
+    ) -> Result<String> {
+        let data = match write {
+            MasterWrite::Put(d) => Some(d.into_bytes()?),
+            MasterWrite::Remove => None,
+        };
+        let mut conn = self.conn()?;
+        let mut tx = conn
+            .transaction()
+            .map_err(|e| pg_error("writing a resource", e))?;
+        match &data {
+            Some(d) => put_part(&mut tx, info, part, d)?,
+            None => remove_part(&mut tx, info, part)?,
+        }
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO mcstore_outbox (key, writer) VALUES ($1, $2) RETURNING id",
+                &[&key, &self.writer],
+            )
+            .map_err(|e| pg_error("recording an invalidation", e))?
+            .get(0);
+        // Delivered at commit.
+        tx.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
+            .map_err(|e| pg_error("recording an invalidation", e))?;
+        // Distrusted here before the new content can be seen.
+        self.mirror.lock().keys.insert(key.to_string());
+        tx.commit().map_err(|e| pg_error("writing a resource", e))?;
+        Ok(id.to_string())
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
