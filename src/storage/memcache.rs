@@ -603,7 +603,10 @@ impl Shared {
             (!p.is_empty()).then(|| p.take(REPLAY_BATCH))
         };
         let log = self.settings.master.invalidation_log();
-        let entries = match log.map(|l| l.pending(REPLAY_BATCH)) {
+        let entries = match log
+            .filter(|l| l.may_have_pending())
+            .map(|l| l.pending(REPLAY_BATCH))
+        {
             Some(Ok(entries)) => entries,
             Some(Err(e)) => {
                 self.cache_failed(&e);

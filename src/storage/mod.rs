@@ -251,6 +251,11 @@ pub trait InvalidationLog: Send + Sync {
     fn pending(&self, limit: usize) -> Result<Vec<LogEntry>>;
     /// `entry` was replayed: removes the records it covered (not those added since).
     fn replayed(&self, entry: &LogEntry) -> Result<()>;
+    /// False when the log knows, without reading it, that nothing is pending (a mirror of
+    /// it kept up to date); replayers then skip [`pending`](Self::pending). Default: true.
+    fn may_have_pending(&self) -> bool {
+        true
+    }
     /// Whether a cached entry may be served when [`contains`](Self::contains) fails (default
     /// no: an unreadable log cannot vouch for it). A log kept in the master's database is
     /// unreadable exactly when the master is down; then no write can commit, and serving

@@ -211,6 +211,13 @@ impl Mirror {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `Some(empty)` while the mirror is fresh.
+    fn is_empty(&self) -> Option<bool> {
+        let st = self.lock();
+        let fresh = st.loaded.is_some_and(|t| t.elapsed() < MIRROR_STALE);
+        fresh.then(|| st.keys.is_empty())
+    }
+
     /// `Some(answer)` while the mirror is fresh.
     fn contains(&self, key: &str) -> Option<bool> {
         let st = self.lock();
@@ -726,6 +733,12 @@ impl InvalidationLog for PgStorage {
                     .collect(),
             })
             .collect())
+    }
+
+    /// Skips the query while the mirror is fresh and empty (the listener reloads it on every
+    /// notification, so a new row is seen within one notification's delivery).
+    fn may_have_pending(&self) -> bool {
+        self.mirror.is_empty() != Some(true)
     }
 
     /// The outbox is unreadable exactly when the master is down: cached reads go on.
