@@ -1462,7 +1462,13 @@ fn concurrent_random_operations_no_stale_reads() {
             subject.name, r.calls, r.failed, r.stale
         );
         assert_eq!((r.failed, r.stale), (0, 0), "{}", subject.name);
-        assert!(r.calls > 1000, "{}: only {} calls", subject.name, r.calls);
+        // A PostgreSQL write commits a transaction (content and outbox row): fewer calls.
+        let min = if subject.name.contains("postgres") {
+            300
+        } else {
+            1000
+        };
+        assert!(r.calls > min, "{}: only {} calls", subject.name, r.calls);
     }
 }
 
