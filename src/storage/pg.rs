@@ -4,7 +4,7 @@
 //! Every statement takes parameters; no SQL is ever built from a name. Names are validated
 //! as [`FsStorage`](super::FsStorage) validates them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, GenericClient, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
 
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
@@ -141,7 +142,7 @@ impl PgStorageBuilder {
             listener: Mutex::new(Some(listener)),
             config,
             pool: Mutex::new(Pool {
-                idle: vec![first],
+                idle: vec![PgConn::new(first)],
                 open: 1,
             }),
             freed: Condvar::new(),
@@ -283,8 +284,67 @@ fn pg_error(context: &str, e: postgres::Error) -> Error {
     )
 }
 
+/// A connection with its prepared statements: each SQL text is parsed once per connection,
+/// so a statement costs one round trip (the `postgres` crate alone prepares on every call).
+struct PgConn {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl PgConn {
+    fn new(client: Client) -> PgConn {
+        PgConn {
+            client,
+            stmts: HashMap::new(),
+        }
+    }
+
+    fn stmt(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error> {
+        if let Some(st) = self.stmts.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql)?;
+        self.stmts.insert(sql.to_string(), st.clone());
+        Ok(st)
+    }
+
+    fn execute(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<u64, postgres::Error> {
+        let st = self.stmt(sql)?;
+        self.client.execute(&st, p)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<Vec<Row>, postgres::Error> {
+        let st = self.stmt(sql)?;
+        self.client.query(&st, p)
+    }
+
+    fn query_one(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Row, postgres::Error> {
+        let st = self.stmt(sql)?;
+        self.client.query_one(&st, p)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        p: Params<'_>,
+    ) -> std::result::Result<Option<Row>, postgres::Error> {
+        let st = self.stmt(sql)?;
+        self.client.query_opt(&st, p)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
 struct Pool {
-    idle: Vec<Client>,
+    idle: Vec<PgConn>,
     /// Connections open, idle or checked out.
     open: usize,
 }
@@ -329,18 +389,18 @@ impl std::fmt::Debug for PgStorage {
 /// A checked-out connection, returned to the pool on drop (or dropped if it broke).
 struct Conn<'a> {
     storage: &'a PgStorage,
-    client: Option<Client>,
+    client: Option<PgConn>,
 }
 
 impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
+    type Target = PgConn;
+    fn deref(&self) -> &PgConn {
         self.client.as_ref().expect("held until drop")
     }
 }
 
 impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
+    fn deref_mut(&mut self) -> &mut PgConn {
         self.client.as_mut().expect("held until drop")
     }
 }
@@ -397,7 +457,7 @@ impl PgStorage {
                 return match self.config.connect(NoTls) {
                     Ok(c) => Ok(Conn {
                         storage: self,
-                        client: Some(c),
+                        client: Some(PgConn::new(c)),
                     }),
                     Err(e) => {
                         self.lock_pool().open -= 1;
@@ -425,53 +485,68 @@ impl PgStorage {
     }
 }
 
-/// Stores `data` as `part` of a resource (its collection must exist).
-fn put_part(
-    c: &mut impl GenericClient,
-    info: &ResourceInfo,
-    part: Part,
-    data: &[u8],
-) -> Result<()> {
-    let name = info.resource_name()?;
-    let col = column(part);
+/// Upserts `part` of a resource ($1 collection, $2 name, $3 bytes).
+fn put_sql(part: Part) -> String {
     // The column name comes from the fixed `Part`, never from input.
-    let sql = format!(
+    let col = column(part);
+    format!(
         "INSERT INTO mcstore_resources (collection, name, {col}) VALUES ($1, $2, $3) \
-         ON CONFLICT (collection, name) DO UPDATE SET {col} = EXCLUDED.{col}"
-    );
-    match c.execute(&sql, &[&info.collection, &name, &data]) {
-        Ok(_) => Ok(()),
-        Err(e) if e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
-            Err(not_found(&info.collection, None))
-        }
-        Err(e) => Err(pg_error("writing a resource", e)),
-    }
+         ON CONFLICT (collection, name) DO UPDATE SET {col} = EXCLUDED.{col} RETURNING 1"
+    )
 }
 
-/// Removes `part` of a resource, and the resource once it has neither part (in a
-/// transaction the caller commits).
-fn remove_part(c: &mut impl GenericClient, info: &ResourceInfo, part: Part) -> Result<()> {
-    let name = info.resource_name()?;
-    let col = column(part);
-    let cleared = c
-        .query_opt(
-            &format!(
-                "UPDATE mcstore_resources SET {col} = NULL \
-                 WHERE collection = $1 AND name = $2 AND {col} IS NOT NULL RETURNING 1"
-            ),
-            &[&info.collection, &name],
-        )
-        .map_err(|e| pg_error("removing a resource", e))?;
-    if cleared.is_none() {
-        return Err(not_found(&info.collection, Some(name)));
-    }
-    c.execute(
-        "DELETE FROM mcstore_resources WHERE collection = $1 AND name = $2 \
-         AND content IS NULL AND meta IS NULL",
-        &[&info.collection, &name],
+/// CTEs `d` and `u` removing `part` of a resource ($1 collection, $2 name), and the row
+/// when the other part is absent too: the row is either deleted (no other part) or updated
+/// (another part), never both, so one statement does it.
+fn remove_ctes(part: Part) -> String {
+    let (col, other) = (column(part), column(part.other()));
+    format!(
+        "d AS (DELETE FROM mcstore_resources WHERE collection = $1 AND name = $2 \
+             AND {col} IS NOT NULL AND {other} IS NULL RETURNING 1), \
+         u AS (UPDATE mcstore_resources SET {col} = NULL WHERE collection = $1 AND name = $2 \
+             AND {col} IS NOT NULL AND {other} IS NOT NULL RETURNING 1)"
     )
-    .map_err(|e| pg_error("removing a resource", e))?;
-    Ok(())
+}
+
+/// Removes `part`; one row returned when something was removed.
+fn remove_sql(part: Part) -> String {
+    format!(
+        "WITH {} SELECT 1 FROM d UNION ALL SELECT 1 FROM u",
+        remove_ctes(part)
+    )
+}
+
+/// The outbox row for key `$k`, writer `$w` (parameter numbers given), inserted when the
+/// write `changed` (an SQL condition), notified at commit; the statement returns its id.
+fn outbox_cte(k: u8, w: u8, changed: &str) -> String {
+    format!(
+        "o AS (INSERT INTO mcstore_outbox (key, writer) SELECT ${k}, ${w} WHERE {changed} \
+         RETURNING id) SELECT id, pg_notify('mcstore_outbox', '') FROM o"
+    )
+}
+
+/// A put and its outbox row in one statement ($1 collection, $2 name, $3 bytes, $4 key,
+/// $5 writer).
+fn put_intending_sql(part: Part) -> String {
+    format!(
+        "WITH w AS ({}), {}",
+        put_sql(part),
+        outbox_cte(4, 5, "EXISTS (SELECT 1 FROM w)")
+    )
+}
+
+/// A removal and its outbox row in one statement ($1 collection, $2 name, $3 key,
+/// $4 writer).
+fn remove_intending_sql(part: Part) -> String {
+    format!(
+        "WITH {}, {}",
+        remove_ctes(part),
+        outbox_cte(3, 4, "EXISTS (SELECT 1 FROM d UNION ALL SELECT 1 FROM u)")
+    )
+}
+
+fn fk_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
 }
 
 fn column(part: Part) -> &'static str {
@@ -528,24 +603,36 @@ impl Storage for PgStorage {
     }
 
     fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        let name = info.resource_name()?;
         let data = data.into_bytes()?;
-        put_part(&mut *self.conn()?, info, part, &data)
+        match self
+            .conn()?
+            .execute(&put_sql(part), &[&info.collection, &name, &&data[..]])
+        {
+            Ok(_) => Ok(()),
+            Err(e) if fk_violation(&e) => Err(not_found(&info.collection, None)),
+            Err(e) => Err(pg_error("writing a resource", e)),
+        }
     }
 
     fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
-        let mut conn = self.conn()?;
-        let mut tx = conn
-            .transaction()
+        let name = info.resource_name()?;
+        let removed = self
+            .conn()?
+            .query(&remove_sql(part), &[&info.collection, &name])
             .map_err(|e| pg_error("removing a resource", e))?;
-        remove_part(&mut tx, info, part)?;
-        tx.commit().map_err(|e| pg_error("removing a resource", e))
+        if removed.is_empty() {
+            return Err(not_found(&info.collection, Some(name)));
+        }
+        Ok(())
     }
 
     fn writes_intents_atomically(&self) -> bool {
         true
     }
 
-    /// The write and its outbox row in one transaction: both commit, or neither.
+    /// The write and its outbox row in one statement (one transaction, one round trip):
+    /// both commit, or neither.
     fn write_intending(
         &self,
         info: &ResourceInfo,
@@ -553,32 +640,32 @@ impl Storage for PgStorage {
         write: MasterWrite<'_>,
         key: &str,
     ) -> Result<String> {
-        let data = match write {
-            MasterWrite::Put(d) => Some(d.into_bytes()?),
-            MasterWrite::Remove => None,
-        };
-        let mut conn = self.conn()?;
-        let mut tx = conn
-            .transaction()
-            .map_err(|e| pg_error("writing a resource", e))?;
-        match &data {
-            Some(d) => put_part(&mut tx, info, part, d)?,
-            None => remove_part(&mut tx, info, part)?,
-        }
-        let id: i64 = tx
-            .query_one(
-                "INSERT INTO mcstore_outbox (key, writer) VALUES ($1, $2) RETURNING id",
-                &[&key, &self.writer],
-            )
-            .map_err(|e| pg_error("recording an invalidation", e))?
-            .get(0);
-        // Delivered at commit.
-        tx.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
-            .map_err(|e| pg_error("recording an invalidation", e))?;
-        // Distrusted here before the new content can be seen.
+        let name = info.resource_name()?;
+        // Distrusted here before the new content can be seen (a failed write only costs
+        // this key the cache until the mirror reloads).
         self.mirror.lock().keys.insert(key.to_string());
-        tx.commit().map_err(|e| pg_error("writing a resource", e))?;
-        Ok(id.to_string())
+        let mut c = self.conn()?;
+        let rows = match write {
+            MasterWrite::Put(d) => {
+                let data = d.into_bytes()?;
+                c.query(
+                    &put_intending_sql(part),
+                    &[&info.collection, &name, &&data[..], &key, &self.writer],
+                )
+            }
+            MasterWrite::Remove => c.query(
+                &remove_intending_sql(part),
+                &[&info.collection, &name, &key, &self.writer],
+            ),
+        };
+        match rows {
+            Ok(rows) => match rows.first() {
+                Some(r) => Ok(r.get::<_, i64>(0).to_string()),
+                None => Err(not_found(&info.collection, Some(name))),
+            },
+            Err(e) if fk_violation(&e) => Err(not_found(&info.collection, None)),
+            Err(e) => Err(pg_error("writing a resource", e)),
+        }
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
@@ -665,19 +752,17 @@ impl Storage for PgStorage {
 
 impl PgStorage {
     fn insert_record(&self, key: &str, writer: Option<i32>) -> Result<String> {
-        let mut c = self.conn()?;
-        let id: i64 = c
+        // This process's readers distrust the key from now on; other processes' once their
+        // listener hears the notification (delivered at commit, with the row).
+        self.mirror.lock().keys.insert(key.to_string());
+        let id: i64 = self
+            .conn()?
             .query_one(
-                "INSERT INTO mcstore_outbox (key, writer) VALUES ($1, $2) RETURNING id",
+                &format!("WITH {}", outbox_cte(1, 2, "true")),
                 &[&key, &writer],
             )
             .map_err(|e| pg_error("recording an invalidation", e))?
             .get(0);
-        // This process's readers distrust the key from now on; other processes' once their
-        // listener hears this.
-        self.mirror.lock().keys.insert(key.to_string());
-        c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
-            .map_err(|e| pg_error("recording an invalidation", e))?;
         Ok(id.to_string())
     }
 }
@@ -752,11 +837,13 @@ impl InvalidationLog for PgStorage {
             .iter()
             .filter_map(|r| r.parse().ok())
             .collect();
-        let mut c = self.conn()?;
-        c.execute("DELETE FROM mcstore_outbox WHERE id = ANY($1)", &[&ids])
-            .map_err(|e| pg_error("clearing the invalidation log", e))?;
         // Every mirror reloads (this key may have newer records: the reload says).
-        c.execute("SELECT pg_notify('mcstore_outbox', '')", &[])
+        self.conn()?
+            .execute(
+                "WITH d AS (DELETE FROM mcstore_outbox WHERE id = ANY($1) RETURNING 1) \
+                 SELECT pg_notify('mcstore_outbox', '') WHERE EXISTS (SELECT 1 FROM d)",
+                &[&ids],
+            )
             .map_err(|e| pg_error("clearing the invalidation log", e))?;
         Ok(())
     }
