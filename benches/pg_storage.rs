@@ -184,8 +184,7 @@ fn main() {
         .build();
         let keys = 20;
         let before = s.counters().master_reads;
-        for k in 0..keys {
-            let info = &infos[k];
+        for info in &infos[..keys] {
             let barrier = Barrier::new(64);
             thread::scope(|scope| {
                 for _ in 0..64 {

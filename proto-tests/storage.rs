@@ -59,6 +59,7 @@ fn subjects() -> Vec<Subject> {
     let meta_dir = TempDir::new("mcstore-master-meta");
     let meta_master: Arc<dyn Storage> = Arc::new(FsStorage::open(&meta_dir.path).unwrap());
     let mc3 = Memcached::start();
+    let mc5 = Memcached::start();
     let over_fs_meta = Arc::new(MemcacheStorage::new(
         pool_with(&mc3, Protocol::Meta),
         meta_master,
@@ -88,6 +89,15 @@ fn subjects() -> Vec<Subject> {
             storage: over_fs_meta,
             large_ok: true,
             _keep: vec![Box::new(meta_dir), Box::new(mc3)],
+        },
+        Subject {
+            name: "memcache over memory",
+            storage: Arc::new(MemcacheStorage::new(
+                pool_with(&mc5, Protocol::Text),
+                Arc::new(MemoryStorage::new()),
+            )),
+            large_ok: true,
+            _keep: vec![Box::new(mc5)],
         },
         Subject {
             name: "memcache only",
