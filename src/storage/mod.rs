@@ -2,6 +2,8 @@
 //! document).
 //!
 //! - [`FsStorage`]: the durable, embedded default master (atomic writes, safe names).
+//! - `PgStorage` (feature `postgres`): a PostgreSQL master shared by many hosts, with the
+//!   cache invalidation outbox written in the same transaction as each write.
 //! - [`MemoryStorage`]: in-process, the oracle in tests.
 //! - [`MemcacheStorage`]: a cache-through proxy putting a memcached cluster in front of any
 //!   other storage.
