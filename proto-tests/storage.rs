@@ -1174,27 +1174,33 @@ fn a_server_rejoining_during_a_write_never_serves_the_old_entry() {
 /// of `FsStorage`), so another process (here another storage on the same folder, after the
 /// first one is gone) does not serve the stale entry, and replays it (before: the record
 /// lived and died in the first process's memory, and the other read the old content).
-#[test]
-fn failed_invalidations_are_seen_by_other_processes_and_survive_a_crash() {
-    let root = TempDir::new("mcstore-log");
-    let mc = Memcached::start();
-    // One failure ejects the server for long: the write's delete is then never sent (a
-    // delete sent to a frozen server would still run when it resumes).
+/// A storage over `master` that cached `c/r` = v1, then found `mc` frozen and ejected it
+/// (one failure ejects it for long: a write's delete is then never sent, where a delete
+/// sent to a frozen server would still run when it resumes). `mc` is left frozen.
+fn frozen_with_v1_cached(
+    mc: &Memcached,
+    master: Arc<dyn Storage>,
+) -> (MemcacheStorage, mcstore::storage::ResourceInfo) {
     let ejecting = support::client_builder()
         .server(mc.addr())
         .io_timeout(Duration::from_millis(100))
         .server_failure_limit(1)
         .retry_timeout(Duration::from_secs(600));
-    let first = MemcacheStorage::new(
-        Pool::new(ejecting, 1).unwrap(),
-        Arc::new(FsStorage::open(&root.path).unwrap()),
-    );
-    first.create_container("c").unwrap();
-    let info = first.info("c", Some("r")).unwrap();
-    first.put_content(&info, "v1".into()).unwrap();
-    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // cached
+    let s = MemcacheStorage::new(Pool::new(ejecting, 1).unwrap(), master);
+    s.create_container("c").unwrap();
+    let info = s.info("c", Some("r")).unwrap();
+    s.put_content(&info, "v1".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // cached
     mc.freeze();
-    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // times out: ejected
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1"); // times out: ejected
+    (s, info)
+}
+
+#[test]
+fn failed_invalidations_are_seen_by_other_processes_and_survive_a_crash() {
+    let root = TempDir::new("mcstore-log");
+    let mc = Memcached::start();
+    let (first, info) = frozen_with_v1_cached(&mc, Arc::new(FsStorage::open(&root.path).unwrap()));
     mc.resume();
     first.put_content(&info, "v2".into()).unwrap(); // the master takes it; no delete is sent
     assert_eq!(first.pending_invalidations(), 1);
@@ -1251,14 +1257,11 @@ fn writer_crash_child() {
     unreachable!("the child dies in the master write");
 }
 
-/// #16, the crash case of scenario 3: a writer killed after its master write and before its
-/// invalidation leaves a record written ahead in the master's log, so the next process does
-/// not serve the old entry (before: it did, until the entry expired).
-#[test]
-fn a_writer_killed_between_master_and_cache_leaves_no_stale_entry() {
-    let root = TempDir::new("mcstore-wal");
-    let mc = Memcached::start();
-    let status = Command::new(std::env::current_exe().unwrap())
+/// Runs `writer_crash_child` in a child process against `mc` and a master in `root` (or
+/// the PostgreSQL database `pg`); it must die in its master write.
+fn run_crashing_writer(root: &TempDir, mc: &Memcached, pg: Option<&str>) {
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
         .args([
             "--exact",
             "writer_crash_child",
@@ -1268,10 +1271,22 @@ fn a_writer_killed_between_master_and_cache_leaves_no_stale_entry() {
         .env("MCSTORE_WAL_DIR", &root.path)
         .env("MCSTORE_WAL_SERVER", mc.addr())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(url) = pg {
+        child.env("MCSTORE_WAL_PG", url);
+    }
+    let status = child.status().unwrap();
     assert!(!status.success(), "the child must die in its master write");
+}
+
+/// #16, the crash case of scenario 3: a writer killed after its master write and before its
+/// invalidation leaves a record written ahead in the master's log, so the next process does
+/// not serve the old entry (before: it did, until the entry expired).
+#[test]
+fn a_writer_killed_between_master_and_cache_leaves_no_stale_entry() {
+    let root = TempDir::new("mcstore-wal");
+    let mc = Memcached::start();
+    run_crashing_writer(&root, &mc, None);
     let s = MemcacheStorage::new(pool(&mc), Arc::new(FsStorage::open(&root.path).unwrap()));
     let info = s.info("c", Some("r")).unwrap();
     assert_eq!(
@@ -1295,21 +1310,7 @@ fn postgres_writer_killed_after_commit_is_drained_by_another_process() {
     let pg = support::postgres::Postgres::start();
     let root = TempDir::new("mcstore-wal-pg");
     let mc = Memcached::start();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "writer_crash_child",
-            "--ignored",
-            "--test-threads=1",
-        ])
-        .env("MCSTORE_WAL_DIR", &root.path)
-        .env("MCSTORE_WAL_SERVER", mc.addr())
-        .env("MCSTORE_WAL_PG", pg.url())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child must die in its master write");
+    run_crashing_writer(&root, &mc, Some(&pg.url()));
     let died = Instant::now();
     let master = Arc::new(
         mcstore::storage::PgStorage::builder(pg.url())
@@ -1817,18 +1818,7 @@ fn postgres_invalidations_missed_during_a_freeze_are_applied_after_it() {
                 .unwrap(),
         )
     };
-    let ejecting = support::client_builder()
-        .server(mc.addr())
-        .io_timeout(Duration::from_millis(100))
-        .server_failure_limit(1)
-        .retry_timeout(Duration::from_secs(600));
-    let first = MemcacheStorage::new(Pool::new(ejecting, 1).unwrap(), master());
-    first.create_container("c").unwrap();
-    let info = first.info("c", Some("r")).unwrap();
-    first.put_content(&info, "v1".into()).unwrap();
-    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // cached
-    mc.freeze();
-    assert_eq!(&first.get_content(&info).unwrap()[..], b"v1"); // times out: ejected
+    let (first, info) = frozen_with_v1_cached(&mc, master());
     first.put_content(&info, "v2".into()).unwrap(); // PostgreSQL takes it; no delete sent
     let other_master = master();
     let other = MemcacheStorage::new(pool(&mc), other_master.clone());

@@ -75,27 +75,7 @@ impl Postgres {
         );
         for _ in 0..5 {
             pg.port = super::free_port();
-            let opts = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-                pg.port,
-                pg.dir.display()
-            );
-            let log = pg.dir.join("log");
-            if pg.try_run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-w",
-                    "-t",
-                    "30",
-                    "-o",
-                    &opts,
-                    "start",
-                ],
-            ) {
+            if pg.start_server() {
                 pg.wait_ready();
                 return pg;
             }
@@ -157,6 +137,12 @@ impl Postgres {
 
     /// Starts it again on the same port.
     pub fn restart(&self) {
+        assert!(self.start_server(), "PostgreSQL did not restart");
+        self.wait_ready();
+    }
+
+    /// `pg_ctl start` on this cluster's port; false if it failed (e.g. the port was taken).
+    fn start_server(&self) -> bool {
         let data = self.dir.join("data");
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
@@ -164,7 +150,7 @@ impl Postgres {
             self.dir.display()
         );
         let log = self.dir.join("log");
-        self.run(
+        self.try_run(
             "pg_ctl",
             &[
                 "-D",
@@ -178,8 +164,7 @@ impl Postgres {
                 &opts,
                 "start",
             ],
-        );
-        self.wait_ready();
+        )
     }
 }
 

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use super::error::{Result, StorageError as Error};
 use super::{
-    check_paths, ext_matches, validate_name, Content, Part, ResourceInfo, ResourceIter, Storage,
+    check_paths, ext_matches, named_info, named_listing, validate_name, Content, Part,
+    ResourceInfo, ResourceIter, Storage,
 };
 
 #[derive(Default, Clone)]
@@ -127,18 +128,7 @@ impl Storage for MemoryStorage {
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
-        validate_name(collection)?;
-        if let Some(r) = resource {
-            validate_name(r)?;
-        }
-        Ok(ResourceInfo {
-            collection: collection.to_string(),
-            resource: resource.map(str::to_string),
-            key: match resource {
-                Some(r) => format!("{collection}/{r}"),
-                None => collection.to_string(),
-            },
-        })
+        named_info(collection, resource)
     }
 
     fn exists(&self, info: &ResourceInfo) -> Result<bool> {
@@ -168,15 +158,7 @@ impl Storage for MemoryStorage {
             .filter(|n| ext_matches(n, ext))
             .cloned()
             .collect();
-        let collection = collection.to_string();
-        Ok(Box::new(names.into_iter().map(move |n| {
-            let info = ResourceInfo {
-                collection: collection.clone(),
-                resource: Some(n.clone()),
-                key: format!("{collection}/{n}"),
-            };
-            Ok((n, info))
-        })))
+        Ok(named_listing(collection, names))
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {

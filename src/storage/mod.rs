@@ -309,6 +309,36 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A validated [`ResourceInfo`] keyed `collection/resource` (or `collection`), for storages
+/// whose key is the names themselves.
+fn named_info(collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+    validate_name(collection)?;
+    if let Some(r) = resource {
+        validate_name(r)?;
+    }
+    Ok(ResourceInfo {
+        collection: collection.to_string(),
+        resource: resource.map(str::to_string),
+        key: match resource {
+            Some(r) => format!("{collection}/{r}"),
+            None => collection.to_string(),
+        },
+    })
+}
+
+/// The `ils` of a storage keyed by names: `names` (a snapshot) with their infos.
+fn named_listing(collection: &str, names: Vec<String>) -> ResourceIter<'static> {
+    let collection = collection.to_string();
+    Box::new(names.into_iter().map(move |n| {
+        let info = ResourceInfo {
+            collection: collection.clone(),
+            resource: Some(n.clone()),
+            key: format!("{collection}/{n}"),
+        };
+        Ok((n, info))
+    }))
+}
+
 /// True if `name` passes the `ext` filter of `ls`/`ils`.
 fn ext_matches(name: &str, ext: Option<&str>) -> bool {
     match ext {

@@ -18,8 +18,8 @@ use postgres::{Client, NoTls, Row, Statement};
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
 use super::{
-    check_paths, ext_matches, validate_name, Content, InvalidationLog, LogEntry, MasterWrite, Part,
-    ResourceInfo, ResourceIter, Storage,
+    check_paths, ext_matches, named_info, named_listing, validate_name, Content, InvalidationLog,
+    LogEntry, MasterWrite, Part, ResourceInfo, ResourceIter, Storage,
 };
 
 /// The outbox mirror is reloaded at least this often (and at once on a notification).
@@ -569,18 +569,7 @@ impl Storage for PgStorage {
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
-        validate_name(collection)?;
-        if let Some(r) = resource {
-            validate_name(r)?;
-        }
-        Ok(ResourceInfo {
-            collection: collection.to_string(),
-            resource: resource.map(str::to_string),
-            key: match resource {
-                Some(r) => format!("{collection}/{r}"),
-                None => collection.to_string(),
-            },
-        })
+        named_info(collection, resource)
     }
 
     fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
@@ -707,15 +696,7 @@ impl Storage for PgStorage {
             .filter_map(|r| r.get::<_, Option<String>>(0))
             .filter(|n| ext_matches(n, ext))
             .collect();
-        let collection = collection.to_string();
-        Ok(Box::new(names.into_iter().map(move |n| {
-            let info = ResourceInfo {
-                collection: collection.clone(),
-                resource: Some(n.clone()),
-                key: format!("{collection}/{n}"),
-            };
-            Ok((n, info))
-        })))
+        Ok(named_listing(collection, names))
     }
 
     fn persist(&self, paths: &[&str]) -> Result<()> {
