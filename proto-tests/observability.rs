@@ -74,12 +74,11 @@ fn metrics_and_traces_against_real_servers() {
     traces_have_a_span_per_call_and_events_and_no_keys(&capture);
 }
 
-fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapshotter) {
-    let a = Memcached::start();
-    let mut b = Memcached::start();
-    let (la, lb) = (a.addr(), b.addr());
-    let mut c = Client::builder()
-        .servers([la.clone(), lb.clone()])
+/// A ketama client over two servers that ejects a server at its first failure (for a
+/// minute) and moves its keys to the other.
+fn ejecting_client(la: &str, lb: &str) -> Client {
+    Client::builder()
+        .servers([la, lb])
         .distribution(Distribution::Ketama)
         .server_failure_limit(1)
         .retry_timeout(Duration::from_secs(60))
@@ -87,7 +86,14 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
         .io_timeout(Duration::from_millis(500))
         .connect_timeout(Duration::from_millis(500))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapshotter) {
+    let a = Memcached::start();
+    let mut b = Memcached::start();
+    let (la, lb) = (a.addr(), b.addr());
+    let mut c = ejecting_client(&la, &lb);
     // A secret-looking key on each server.
     let keys: Vec<String> = (0..100).map(|i| format!("secret-key-{i}")).collect();
     let on = |c: &mut Client, server: &str| {
@@ -254,15 +260,7 @@ fn traces_have_a_span_per_call_and_events_and_no_keys(capture: &Capture) {
     let b = Memcached::start();
     let (la, lb) = (a.addr(), b.addr());
     {
-        let mut c = Client::builder()
-            .servers([la.clone(), lb.clone()])
-            .distribution(Distribution::Ketama)
-            .server_failure_limit(1)
-            .retry_timeout(Duration::from_secs(60))
-            .remove_failed_servers(true)
-            .io_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let mut c = ejecting_client(&la, &lb);
         let keys: Vec<String> = (0..50).map(|i| format!("secret-key-{i}")).collect();
         let ka = keys
             .iter()
