@@ -39,6 +39,7 @@ pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;
+mod shared;
 
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
 pub use builder::ClientBuilder;
@@ -46,6 +47,7 @@ pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
+pub use shared::{SharedClient, SharedClientBuilder};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};

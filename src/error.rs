@@ -32,6 +32,9 @@ pub enum During {
     Write,
     /// Reading the reply.
     Read,
+    /// Waiting for a free request slot of a [`SharedClient`](crate::SharedClient): too
+    /// many requests in flight to that server.
+    Slot,
 }
 
 impl std::fmt::Display for During {
@@ -40,6 +43,7 @@ impl std::fmt::Display for During {
             During::Connect => "connect",
             During::Write => "write",
             During::Read => "read",
+            During::Slot => "a free request slot: too many requests in flight",
         })
     }
 }

@@ -56,7 +56,7 @@ pub use addr::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Lease, MetaGetOptions, MetaItemInfo,
     MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
-    ServerStats, SetOptions,
+    ServerStats, SetOptions, SharedClient, SharedClientBuilder,
 };
 #[cfg(feature = "tls")]
 pub use conn::tls::{TlsConfig, TlsConfigBuilder, TlsFailure};

@@ -38,7 +38,7 @@ use crate::ring::{Continuum, Distribution, HashFn, RingServer};
 pub struct ClientBuilder {
     servers: Vec<std::result::Result<ServerSpec, String>>,
     connect_timeout: Duration,
-    io_timeout: Duration,
+    pub(super) io_timeout: Duration,
     max_value_size: usize,
     distribution: Distribution,
     hash: Option<HashFn>,

@@ -109,6 +109,33 @@ impl Plan {
         Ok(())
     }
 
+    /// The item a store's or delete's reply from server `i` answers: named by its opaque, or
+    /// (when every item answers, in request order) this server's next item.
+    fn answered(
+        &mut self,
+        i: usize,
+        outcome: &Outcome<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<usize, ParseError> {
+        let opaque = match *outcome {
+            Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+            _ => None,
+        };
+        if let Some(o) = opaque {
+            return self.item(i, By::Opaque(o, None), ns, keys);
+        }
+        if !self.shares[i].every_item_replies {
+            return Err(ParseError::Unexpected);
+        }
+        let share = &mut self.shares[i];
+        let j = (share.cursor..keys.len())
+            .find(|&j| self.server_of[j] == i as u32)
+            .ok_or(ParseError::Unexpected)?;
+        share.cursor = j + 1;
+        Ok(j)
+    }
+
     /// The caller's index of the item a reply from server `i` answers. It must be one of
     /// this server's keys after the one the previous reply answered (servers answer in
     /// request order); anything else is a framing error, never handed to a caller.
@@ -488,6 +515,71 @@ impl Client {
         })
     }
 
+    /// One retrieval batch over `keys` for the shared client: hits go to `on_hit(index,
+    /// item)` as they arrive; a key without a hit is a miss once this returns `Ok`.
+    pub(super) fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &(impl Keys + ?Sized),
+        mut on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        if keys.len() == 0 {
+            return Ok(());
+        }
+        let Client { core, scratch } = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        scratch.plan.kind = Kind::Get;
+        let opts = GetOpts {
+            cas: with_cas,
+            ..GetOpts::default()
+        };
+        let on_hit = |j: usize, item: ItemRef<'_>| {
+            on_hit(j, item);
+            Ok(())
+        };
+        with_wire!(core.protocol, W => {
+            core.batch::<W>(
+                scratch,
+                keys,
+                |_| None,
+                |_, key| Cmd::Get(key, opts),
+                on_hit,
+                |_, _, _| Err(ParseError::Unexpected),
+            )
+        })
+    }
+
+    /// One batch of stores or deletes (`kind`) for the shared client: each reply that
+    /// answers an item goes to `on_item(index, outcome)`; an item no reply answered (quiet
+    /// protocols answer only failures) succeeded once this returns `Ok`.
+    pub(super) fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        mut on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        if keys.len() == 0 {
+            return Ok(());
+        }
+        let Client { core, scratch } = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        scratch.plan.kind = kind;
+        let ns = Arc::clone(&core.namespace);
+        let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
+            let j = plan.answered(i, &outcome, &ns, keys)?;
+            on_item(j, outcome)
+        };
+        with_wire!(core.protocol, W => {
+            core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
+        })
+    }
+
     /// Plans and runs a batch of stores or deletes and counts the items done: every
     /// item but those whose condition was not met (`unmet` says which outcomes those are).
     fn write_batch<'v>(
@@ -727,7 +819,7 @@ where
 }
 
 /// The keys of a multi-key call, by index: a key list or the keys of `(key, value)` items.
-trait Keys {
+pub(super) trait Keys {
     fn len(&self) -> usize;
     fn key(&self, j: usize) -> &[u8];
 }

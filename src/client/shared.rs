@@ -1,0 +1,1559 @@
+//! One client for many callers: [`SharedClient`] serves any number of threads (blocking calls)
+//! and async tasks (futures, under any executor) over one connection per server, and batches
+//! what they ask for concurrently.
+//!
+//! # How calls travel
+//!
+//! Each server has an *engine*: a [`Client`] pinned to that server (its connection, buffers,
+//! protocol code and failure handling: the command layer is not written twice), a queue of
+//! requests and a table of request slots.
+//!
+//! - **Flat combining.** A blocking caller that finds its server's engine free and nothing
+//!   queued makes its call on the engine itself, as a plain [`Client`] would: no hand-off,
+//!   no thread switch. One that finds the engine busy queues its request in a slot and parks.
+//!   Whoever holds the engine (the *combiner*) takes everything queued as one *round*: all
+//!   queued gets become one multi-get (text: `get k1 k2 …`; binary and meta: quiet gets closed
+//!   by one no-op), identical keys once; queued stores and deletes become one batch each;
+//!   the rest go one by one. Each reply fills its slot and wakes its owner. A batch is
+//!   whatever queued while the previous round trip was in flight: no timer, no delay window.
+//! - **Async calls** cannot do I/O on an executor's thread, so they always queue, and a
+//!   per-server I/O thread (started on the first async call) combines for them. Futures are
+//!   woken by that thread through their [`Waker`]: no runtime is needed or assumed.
+//! - **Hand-off.** A combiner serves one round, then makes sure someone carries on: the I/O
+//!   thread if there is one, otherwise the owner of the first queued request, woken to
+//!   combine in turn. So no caller waits on another's call for more than a round.
+//!
+//! # Deadlines, cancellation, backpressure
+//!
+//! Every call has its own deadline (the builder's I/O timeout from its start). A blocking
+//! caller that reaches it gives up its slot and gets [`Error::Timeout`]; a dropped future does
+//! the same. A request still queued is withdrawn; one already sent is left to its round,
+//! whose reply is parsed and dropped, so the connection's framing never breaks. Each server
+//! has a fixed number of slots (`max_in_flight`); when they are all taken, callers wait for
+//! one up to their deadline, then get [`Error::Timeout`] saying so. Memory does not grow
+//! with the number of callers beyond one waker per waiting task.
+//!
+//! A frozen server holds only its own engine: calls for other servers' keys go on. A round on
+//! it fails after one I/O timeout, as a [`Client`] call would, and counts towards ejection.
+
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::task::{Context, Poll, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use super::multi::Keys;
+use super::{CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, ServerStats, SetOptions};
+use crate::error::{During, Error, Result, ServerErrorKind};
+use crate::proto::wire::{Capability, Cmd, Kind, Outcome, StoreOpts};
+use crate::proto::{Key, ParseError, Protocol, SetOutcome, StoreMode, MAX_KEY_LEN};
+
+/// Request slots per server unless set with [`SharedClientBuilder::max_in_flight`].
+const DEFAULT_IN_FLIGHT: usize = 1024;
+
+/// The most distinct keys in one coalesced multi-get: a huge batch would hold every other
+/// caller behind it.
+const MAX_BATCH_KEYS: usize = 256;
+
+/// The most request bytes (keys and values) in one store batch; a larger value goes alone.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Over TLS, store batches stay within one TLS record (memcached 1.6 stalls on longer
+/// pipelined requests of replied commands; see `Client::tls_chunk`).
+const TLS_BATCH_BYTES: usize = 16 * 1024;
+
+/// Who serves the queue: see [`SharedClientBuilder::dedicated_io_thread`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driving {
+    /// Blocking callers combine; async calls use the I/O thread.
+    Combine,
+    /// Every call goes through the I/O thread.
+    IoThread,
+}
+
+/// Builds a [`SharedClient`] from a [`ClientBuilder`] (servers, protocol, timeouts, SASL, TLS,
+/// namespace, failure policy all come from it).
+#[derive(Debug, Clone)]
+pub struct SharedClientBuilder {
+    builder: ClientBuilder,
+    max_in_flight: usize,
+    driving: Driving,
+}
+
+impl SharedClientBuilder {
+    /// Request slots per server (default 1024): at most this many requests are queued or on
+    /// the wire for one server; more callers wait for a slot up to their deadline.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.clamp(1, u32::MAX as usize / 2);
+        self
+    }
+
+    /// Serve every call, blocking ones included, from a per-server I/O thread instead of
+    /// letting blocking callers do the I/O themselves. Slower for threads (every call is a
+    /// hand-off between two threads); kept to measure the two designs against each other.
+    pub fn dedicated_io_thread(mut self, on: bool) -> Self {
+        self.driving = if on {
+            Driving::IoThread
+        } else {
+            Driving::Combine
+        };
+        self
+    }
+
+    /// Builds the client. Nothing connects until the first call.
+    ///
+    /// # Errors
+    /// The builder's configuration errors ([`ClientBuilder::build`]).
+    pub fn build(self) -> Result<SharedClient> {
+        let timeout = self.builder.io_timeout;
+        let router = self.builder.clone().build()?;
+        let health = router.core.health.shared().clone();
+        let builder = self.builder.share_health(health);
+        let n = router.core.labels.len();
+        let mut engines = Vec::with_capacity(n);
+        for server in 0..n {
+            let client = builder.clone().build()?;
+            engines.push(Arc::new(Engine::new(
+                server,
+                client,
+                self.max_in_flight,
+                timeout,
+            )));
+        }
+        let admin = builder.build()?;
+        let core = &router.core;
+        let inner = Inner {
+            timeout,
+            max_value: core.limits.max_value,
+            namespace: Arc::clone(&core.namespace),
+            binary_keys: core.protocol.supports(Capability::BinaryKeys),
+            protocol: core.protocol,
+            labels: Arc::clone(&core.labels),
+            driving: self.driving,
+            router: (n > 1).then(|| Mutex::new(router)),
+            admin: Mutex::new(admin),
+            engines: engines.into_boxed_slice(),
+        };
+        Ok(SharedClient {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl ClientBuilder {
+    /// A [`SharedClient`] with these settings (see [`SharedClientBuilder`] for its own).
+    pub fn shared(self) -> SharedClientBuilder {
+        SharedClientBuilder {
+            builder: self,
+            max_in_flight: DEFAULT_IN_FLIGHT,
+            driving: Driving::Combine,
+        }
+    }
+}
+
+/// A memcached client shared by many threads and tasks: `Clone` (cheap) `+ Send + Sync`,
+/// with blocking calls on `&self` and `*_async` calls returning futures that run under any
+/// executor. Concurrent calls to one server leave in one write and concurrent gets are
+/// coalesced into one multi-get; see the [module docs](self) for how.
+///
+/// ```no_run
+/// # fn main() -> mcstore::Result<()> {
+/// let client = mcstore::Client::builder().server("127.0.0.1:11211").shared().build()?;
+/// std::thread::scope(|s| {
+///     for t in 0..8 {
+///         let client = client.clone();
+///         s.spawn(move || {
+///             let key = format!("k{t}");
+///             client.set(key.as_bytes(), b"v", Default::default()).unwrap();
+///             let mut buf = Vec::new();
+///             client.get_into(key.as_bytes(), &mut buf).unwrap(); // no allocation once warm
+///         });
+///     }
+/// });
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SharedClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SharedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedClient")
+            .field("servers", &self.inner.labels)
+            .field("protocol", &self.inner.protocol)
+            .field("driving", &self.inner.driving)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    timeout: Duration,
+    max_value: usize,
+    namespace: Arc<[u8]>,
+    binary_keys: bool,
+    protocol: Protocol,
+    labels: Arc<[String]>,
+    driving: Driving,
+    /// Picks a key's server (with several servers): a client that never connects, sharing
+    /// the engines' view of who is ejected.
+    router: Option<Mutex<Client>>,
+    /// Server-wide commands (flush, stats, version) on their own connections.
+    admin: Mutex<Client>,
+    engines: Box<[Arc<Engine>]>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // I/O threads hold their engine, not the client: tell them to end.
+        for e in self.engines.iter() {
+            let mut q = lock(&e.queue);
+            q.shutdown = true;
+            drop(q);
+            e.io.notify_all();
+        }
+    }
+}
+
+/// One server's connection and what is queued for it.
+struct Engine {
+    server: usize,
+    label: String,
+    timeout: Duration,
+    /// Held by whoever combines: the connection and the working space of a round.
+    state: Mutex<State>,
+    queue: Mutex<Queue>,
+    /// Wakes the I/O thread (with `queue`).
+    io: Condvar,
+    /// Wakes blocking callers waiting for a free slot (with `queue`).
+    space: Condvar,
+    slots: Box<[Slot]>,
+}
+
+/// What a call asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Get { cas: bool },
+    Gat { ttl: u32, cas: bool },
+    Store(StoreOpts),
+    Delete,
+    Arith { decr: bool, delta: u64 },
+    Touch(u32),
+}
+
+/// What a call got back (a hit's value is in the slot's buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Hit(ItemInfo),
+    Miss,
+    Store(SetOutcome),
+    Existed(bool),
+    Number(Option<u64>),
+}
+
+/// A queued request: its key and value live in the queue's arena.
+#[derive(Debug, Clone)]
+struct Req {
+    op: Op,
+    key: Range<usize>,
+    value: Range<usize>,
+    slot: u32,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    reqs: Vec<Req>,
+    arena: Vec<u8>,
+    free: Vec<u32>,
+    /// Async callers waiting for a free slot.
+    space_wakers: Vec<Waker>,
+    /// Blocking callers waiting on `space`.
+    space_waiting: usize,
+    /// The I/O thread exists, and is waiting on `io`.
+    io_running: bool,
+    io_idle: bool,
+    shutdown: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Free,
+    /// Queued or on the wire, owner waiting.
+    Pending,
+    /// The reply is in; the owner has not taken it yet.
+    Done,
+    /// The owner gave up while the request was on the wire: the reply frees the slot.
+    Abandoned,
+}
+
+enum Waiter {
+    None,
+    Thread(Thread),
+    Task(Waker),
+}
+
+struct SlotData {
+    phase: Phase,
+    /// The owner is asked to combine (it was queued first when a combiner let go).
+    lead: bool,
+    result: Option<Result<Reply>>,
+    value: Vec<u8>,
+    waiter: Waiter,
+}
+
+struct Slot {
+    data: Mutex<SlotData>,
+}
+
+/// Locks, ignoring poisoning: every critical section here leaves its data consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    fn new(server: usize, client: Client, slots: usize, timeout: Duration) -> Engine {
+        let label = client.core.labels[server].clone();
+        let queue = Queue {
+            free: (0..slots as u32).rev().collect(),
+            ..Queue::default()
+        };
+        Engine {
+            server,
+            label,
+            timeout,
+            state: Mutex::new(State {
+                client,
+                work: Work::default(),
+            }),
+            queue: Mutex::new(queue),
+            io: Condvar::new(),
+            space: Condvar::new(),
+            slots: (0..slots)
+                .map(|_| Slot {
+                    data: Mutex::new(SlotData {
+                        phase: Phase::Free,
+                        lead: false,
+                        result: None,
+                        value: Vec::new(),
+                        waiter: Waiter::None,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    fn try_state(&self) -> Option<MutexGuard<'_, State>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues a request in a free slot for an owner waiting as `waiter`, or `None` if no
+    /// slot is free.
+    fn push(
+        &self,
+        q: &mut Queue,
+        call: &CallSpec<'_>,
+        deadline: Instant,
+        waiter: Waiter,
+    ) -> Option<u32> {
+        let slot = q.free.pop()?;
+        {
+            let mut d = lock(&self.slots[slot as usize].data);
+            d.phase = Phase::Pending;
+            d.lead = false;
+            d.result = None;
+            d.waiter = waiter;
+        }
+        let (op, key, value) = (call.op, call.key, call.value);
+        let k = q.arena.len();
+        q.arena.extend_from_slice(key);
+        let v = q.arena.len();
+        q.arena.extend_from_slice(value);
+        q.reqs.push(Req {
+            op,
+            key: k..v,
+            value: v..q.arena.len(),
+            slot,
+            deadline,
+        });
+        Some(slot)
+    }
+
+    /// Makes sure the I/O thread exists and looks at the queue.
+    fn kick_io(self: &Arc<Self>, q: &mut Queue) {
+        if !q.io_running {
+            q.io_running = true;
+            let engine = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mcstore-io-{}", self.server))
+                .spawn(move || engine.io_thread());
+            if spawned.is_err() {
+                q.io_running = false;
+            }
+        } else if q.io_idle {
+            self.io.notify_one();
+        }
+    }
+
+    /// Gives a slot back.
+    fn free(&self, q: &mut Queue, slot: u32) {
+        q.free.push(slot);
+        if let Some(w) = q.space_wakers.pop() {
+            w.wake();
+        } else if q.space_waiting > 0 {
+            self.space.notify_one();
+        }
+    }
+
+    /// The owner of `slot` stops waiting: withdraws the request if still queued, or leaves
+    /// the slot to be freed by its reply. True if the reply came in meanwhile (the owner
+    /// takes it as usual).
+    fn abandon(&self, slot: u32) -> bool {
+        let mut q = lock(&self.queue);
+        let mut d = lock(&self.slots[slot as usize].data);
+        match d.phase {
+            Phase::Done => return true,
+            Phase::Pending => {}
+            Phase::Free | Phase::Abandoned => return false,
+        }
+        d.waiter = Waiter::None;
+        if let Some(at) = q.reqs.iter().position(|r| r.slot == slot) {
+            q.reqs.remove(at);
+            d.phase = Phase::Free;
+            drop(d);
+            self.free(&mut q, slot);
+        } else {
+            d.phase = Phase::Abandoned;
+        }
+        false
+    }
+
+    /// The owner took the result: the slot is free again.
+    fn release_slot(&self, slot: u32) {
+        {
+            let mut d = lock(&self.slots[slot as usize].data);
+            d.phase = Phase::Free;
+            d.waiter = Waiter::None;
+        }
+        let mut q = lock(&self.queue);
+        self.free(&mut q, slot);
+    }
+
+    /// After a combiner let go of the client: someone must serve what is queued.
+    fn hand_off(self: &Arc<Self>) {
+        let q = lock(&self.queue);
+        let Some(head) = q.reqs.first() else { return };
+        if q.io_running {
+            if q.io_idle {
+                self.io.notify_one();
+            }
+            return;
+        }
+        let slot = head.slot;
+        let mut d = lock(&self.slots[slot as usize].data);
+        d.lead = true;
+        if let Waiter::Thread(t) = &d.waiter {
+            t.unpark();
+        }
+        drop(d);
+        drop(q);
+    }
+
+    /// Delivers a result to `slot` (and the value, for a hit): wakes its owner, or frees it
+    /// if the owner is gone.
+    fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    ) {
+        let mut d = lock(&self.slots[slot as usize].data);
+        match d.phase {
+            Phase::Pending => {}
+            Phase::Abandoned => {
+                d.phase = Phase::Free;
+                freed.push(slot);
+                return;
+            }
+            Phase::Done | Phase::Free => return,
+        }
+        if let Some(v) = value {
+            d.value.clear();
+            d.value.extend_from_slice(v);
+        }
+        d.result = Some(result);
+        d.phase = Phase::Done;
+        let waiter = std::mem::replace(&mut d.waiter, Waiter::None);
+        drop(d);
+        match waiter {
+            Waiter::Thread(t) => t.unpark(),
+            Waiter::Task(w) => w.wake(),
+            Waiter::None => {}
+        }
+    }
+
+    /// Runs one round: takes everything queued and serves it. Returns false if nothing was
+    /// queued.
+    fn round(&self, st: &mut State) -> bool {
+        let State { client, work } = st;
+        {
+            let mut q = lock(&self.queue);
+            if q.reqs.is_empty() {
+                return false;
+            }
+            std::mem::swap(&mut q.reqs, &mut work.reqs);
+            std::mem::swap(&mut q.arena, &mut work.arena);
+        }
+        work.freed.clear();
+        let server = self.server;
+        client.pinned(server, |c| work.serve(self, c));
+        work.reqs.clear();
+        work.arena.clear();
+        if !work.freed.is_empty() {
+            let mut q = lock(&self.queue);
+            for &s in &work.freed {
+                self.free(&mut q, s);
+            }
+        }
+        true
+    }
+
+    /// The I/O thread: serves the queue whenever something is in it.
+    fn io_thread(self: Arc<Self>) {
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                while q.reqs.is_empty() {
+                    if q.shutdown {
+                        return;
+                    }
+                    q.io_idle = true;
+                    q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                q.io_idle = false;
+            }
+            let mut st = lock(&self.state);
+            while self.round(&mut st) {}
+        }
+    }
+}
+
+/// What the combiner holds.
+struct State {
+    client: Client,
+    work: Work,
+}
+
+/// A call as the caller gave it.
+#[derive(Debug, Clone, Copy)]
+struct CallSpec<'a> {
+    op: Op,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+/// A combiner's working space, reused round after round.
+#[derive(Default)]
+struct Work {
+    reqs: Vec<Req>,
+    arena: Vec<u8>,
+    /// Requests of the current batch (indices into `reqs`).
+    batch: Vec<usize>,
+    /// Distinct keys of a multi-get (ranges into `arena`) and, per request of the batch, the
+    /// index of its key there; the requests of each distinct key, chained.
+    keys: Vec<Range<usize>>,
+    first: Vec<u32>,
+    next: Vec<u32>,
+    /// Distinct keys by hash.
+    seen: std::collections::HashMap<u64, u32>,
+    /// Per item of a store or delete batch: the answer read, if any.
+    answers: Vec<Option<Result<Reply>>>,
+    /// Per distinct key of a multi-get: whether it was a hit.
+    hits: Vec<bool>,
+    /// A value read by a call made on its own.
+    value: Vec<u8>,
+    freed: Vec<u32>,
+}
+
+/// The keys of a batch, as ranges into the round's arena.
+struct ArenaKeys<'a> {
+    arena: &'a [u8],
+    keys: &'a [Range<usize>],
+}
+
+impl Keys for ArenaKeys<'_> {
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        &self.arena[self.keys[j].clone()]
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// FNV-1a: distinct keys of a batch are found by hash, then compared.
+fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Work {
+    fn serve(&mut self, engine: &Engine, c: &mut Client) {
+        let now = Instant::now();
+        // Requests whose owner's deadline passed while queued are failed, not sent.
+        for req in self.reqs.iter_mut() {
+            if req.deadline <= now {
+                let e = Error::Timeout {
+                    server: engine.label.clone(),
+                    during: During::Write,
+                    elapsed: engine.timeout + (now - req.deadline),
+                };
+                engine.complete(req.slot, Err(e), None, &mut self.freed);
+                req.slot = NONE;
+            }
+        }
+        // Gets, coalesced, in batches of distinct keys.
+        let mut r = 0;
+        while r < self.reqs.len() {
+            self.batch.clear();
+            let mut with_cas = false;
+            while r < self.reqs.len() && self.batch.len() < MAX_BATCH_KEYS {
+                if let (Op::Get { cas }, true) = (self.reqs[r].op, self.reqs[r].slot != NONE) {
+                    with_cas |= cas;
+                    self.batch.push(r);
+                }
+                r += 1;
+            }
+            if !self.batch.is_empty() {
+                self.get_batch(engine, c, with_cas);
+            }
+        }
+        // Stores, then deletes, batched; the rest one by one.
+        let limit = if c.core.driver.is_tls() {
+            TLS_BATCH_BYTES
+        } else {
+            MAX_BATCH_BYTES
+        };
+        self.write_batches(engine, c, Kind::Store, limit);
+        self.write_batches(engine, c, Kind::Delete, limit);
+        for r in 0..self.reqs.len() {
+            let req = &self.reqs[r];
+            if req.slot == NONE || matches!(req.op, Op::Get { .. } | Op::Store(_) | Op::Delete) {
+                continue;
+            }
+            let (slot, op) = (req.slot, req.op);
+            let key = &self.arena[req.key.clone()];
+            let result = single(c, op, key, &[], &mut self.value);
+            let value = matches!(result, Ok(Reply::Hit(_))).then_some(&self.value[..]);
+            engine.complete(slot, result, value, &mut self.freed);
+        }
+    }
+
+    /// One multi-get for the requests in `batch`: each distinct key once.
+    fn get_batch(&mut self, engine: &Engine, c: &mut Client, with_cas: bool) {
+        self.keys.clear();
+        self.first.clear();
+        self.next.clear();
+        self.seen.clear();
+        for (b, &r) in self.batch.iter().enumerate() {
+            let range = self.reqs[r].key.clone();
+            let key = &self.arena[range.clone()];
+            let h = key_hash(key);
+            self.next.push(NONE);
+            match self.seen.get(&h) {
+                Some(&u) if self.arena[self.keys[u as usize].clone()] == *key => {
+                    // Chain this request behind the key's first one.
+                    let mut at = self.first[u as usize] as usize;
+                    while self.next[at] != NONE {
+                        at = self.next[at] as usize;
+                    }
+                    self.next[at] = b as u32;
+                }
+                seen => {
+                    let u = self.keys.len() as u32;
+                    if seen.is_none() {
+                        self.seen.insert(h, u);
+                    }
+                    self.keys.push(range);
+                    self.first.push(b as u32);
+                }
+            }
+        }
+        let Work {
+            reqs,
+            arena,
+            batch,
+            keys,
+            first,
+            next,
+            freed,
+            hits: hit,
+            ..
+        } = self;
+        let list = ArenaKeys { arena, keys };
+        hit.clear();
+        hit.resize(keys.len(), false);
+        let result = c.batch_get(with_cas, &list, |u, item| {
+            hit[u] = true;
+            let mut b = first[u];
+            while b != NONE {
+                let req = &reqs[batch[b as usize]];
+                let cas = match req.op {
+                    Op::Get { cas: true } => item.cas,
+                    _ => None,
+                };
+                let info = ItemInfo {
+                    flags: item.flags,
+                    cas,
+                };
+                engine.complete(req.slot, Ok(Reply::Hit(info)), Some(item.value), freed);
+                b = next[b as usize];
+            }
+        });
+        for u in 0..keys.len() {
+            if hit[u] {
+                continue;
+            }
+            let mut b = first[u];
+            while b != NONE {
+                let req = &reqs[batch[b as usize]];
+                let r = match &result {
+                    Ok(()) => Ok(Reply::Miss),
+                    Err(e) => Err(e.clone()),
+                };
+                engine.complete(req.slot, r, None, freed);
+                b = next[b as usize];
+            }
+        }
+    }
+}
+
+impl Work {
+    /// The queued stores (or deletes), in batches of at most `limit` request bytes.
+    fn write_batches(&mut self, engine: &Engine, c: &mut Client, kind: Kind, limit: usize) {
+        let wanted = |op: &Op| match kind {
+            Kind::Store => matches!(op, Op::Store(_)),
+            _ => matches!(op, Op::Delete),
+        };
+        let mut r = 0;
+        while r < self.reqs.len() {
+            self.batch.clear();
+            self.keys.clear();
+            let mut bytes = 0;
+            while r < self.reqs.len() {
+                let req = &self.reqs[r];
+                if req.slot != NONE && wanted(&req.op) {
+                    let len = req.key.len() + req.value.len() + 48;
+                    if !self.batch.is_empty() && bytes + len > limit {
+                        break;
+                    }
+                    bytes += len;
+                    self.batch.push(r);
+                    self.keys.push(req.key.clone());
+                }
+                r += 1;
+            }
+            if self.batch.is_empty() {
+                continue;
+            }
+            self.answers.clear();
+            self.answers.resize_with(self.batch.len(), || None);
+            let Work {
+                reqs,
+                arena,
+                batch,
+                keys,
+                answers,
+                freed,
+                ..
+            } = self;
+            let list = ArenaKeys { arena, keys };
+            let req_of = |j: usize| &reqs[batch[j]];
+            let result = c.batch_write(
+                kind,
+                &list,
+                |j| match req_of(j).op {
+                    Op::Store(_) => Some(&arena[req_of(j).value.clone()]),
+                    _ => None,
+                },
+                |j, key| match req_of(j).op {
+                    Op::Store(o) => Cmd::Store(key, o, req_of(j).value.len()),
+                    _ => Cmd::Delete(key),
+                },
+                |j, outcome| {
+                    let reply = match (req_of(j).op, outcome) {
+                        // Without a CAS, "exists" and "not found" cannot answer a store.
+                        (Op::Store(o), Outcome::Store(s, ..))
+                            if o.cas.is_some()
+                                || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
+                        {
+                            Reply::Store(s)
+                        }
+                        (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
+                        (Op::Delete, Outcome::NotFound(_)) => Reply::Existed(false),
+                        _ => return Err(ParseError::Unexpected),
+                    };
+                    answers[j] = Some(Ok(reply));
+                    Ok(())
+                },
+            );
+            for (j, answer) in answers.iter_mut().enumerate() {
+                let req = &reqs[batch[j]];
+                let r = match (answer.take(), &result) {
+                    (Some(a), _) => a,
+                    // Quiet protocols answer only what did not succeed.
+                    (None, Ok(())) => Ok(match req.op {
+                        Op::Store(_) => Reply::Store(SetOutcome::Stored),
+                        _ => Reply::Existed(true),
+                    }),
+                    (None, Err(e)) => Err(e.clone()),
+                };
+                engine.complete(req.slot, r, None, freed);
+            }
+        }
+    }
+}
+
+/// One call made on its own on `c` (pinned to the call's server): a lone caller's call, and
+/// the commands a round does not batch (get-and-touch, incr/decr, touch).
+fn single(c: &mut Client, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
+    let sink = |d: &[u8]| {
+        out.clear();
+        out.extend_from_slice(d);
+    };
+    let hit = |info: Option<ItemInfo>| info.map_or(Reply::Miss, Reply::Hit);
+    Ok(match op {
+        Op::Get { cas } => hit(c.retrieve(get_opts(cas, None), key, sink)?),
+        Op::Gat { ttl, cas } => hit(c.retrieve(get_opts(cas, Some(ttl)), key, sink)?),
+        Op::Store(o) => Reply::Store(c.store_cmd(key, value, o)?.0),
+        Op::Delete => Reply::Existed(c.delete(key)?),
+        Op::Arith { decr, delta } => Reply::Number(c.arith(decr, key, delta)?),
+        Op::Touch(ttl) => Reply::Existed(c.touch(key, ttl)?),
+    })
+}
+
+fn get_opts(cas: bool, touch: Option<u32>) -> crate::proto::wire::GetOpts {
+    crate::proto::wire::GetOpts {
+        cas,
+        touch,
+        ..Default::default()
+    }
+}
+
+/// How a wait on a slot ended.
+enum Waited {
+    Done(Result<Reply>),
+    /// Asked to combine.
+    Lead,
+    TimedOut,
+}
+
+impl Engine {
+    /// Parks until `slot` is done (its value copied to `out`), its owner is asked to combine,
+    /// or `deadline` passes.
+    fn wait(&self, slot: u32, deadline: Instant, out: &mut Vec<u8>) -> Waited {
+        loop {
+            let mut d = lock(&self.slots[slot as usize].data);
+            if let Some(r) = self.take_done(&mut d, out) {
+                drop(d);
+                self.release_slot(slot);
+                return Waited::Done(r);
+            }
+            if d.lead {
+                d.lead = false;
+                return Waited::Lead;
+            }
+            if !matches!(d.waiter, Waiter::Thread(_)) {
+                d.waiter = Waiter::Thread(std::thread::current());
+            }
+            drop(d);
+            let now = Instant::now();
+            if now >= deadline {
+                return Waited::TimedOut;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+
+    /// The result of a done slot (its value copied to `out` for a hit).
+    fn take_done(&self, d: &mut SlotData, out: &mut Vec<u8>) -> Option<Result<Reply>> {
+        if d.phase != Phase::Done {
+            return None;
+        }
+        let r = d.result.take().unwrap_or_else(|| {
+            Err(Error::Parse {
+                server: self.label.clone(),
+                error: ParseError::Unexpected,
+            })
+        });
+        if matches!(r, Ok(Reply::Hit(_))) {
+            out.clear();
+            out.extend_from_slice(&d.value);
+        }
+        Some(r)
+    }
+}
+
+impl SharedClient {
+    /// The servers, as configured, in configuration order.
+    pub fn servers(&self) -> &[String] {
+        &self.inner.labels
+    }
+
+    /// The wire protocol this client speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.inner.protocol
+    }
+
+    /// Validates `key` and picks its engine.
+    fn route(&self, key: &[u8]) -> Result<&Arc<Engine>> {
+        let inner = &*self.inner;
+        let ns = &inner.namespace;
+        if Key::new(key).is_err() || ns.len() + key.len() > MAX_KEY_LEN {
+            // The rare keys (too long, or binary keys over meta): checked as a Client does.
+            super::wire_key(ns, key, inner.binary_keys, &mut Vec::new())?;
+        }
+        let server = match &inner.router {
+            None => 0,
+            Some(r) => lock(r).route_of_key(key)?.server,
+        };
+        Ok(&inner.engines[server])
+    }
+
+    fn check(&self, call: &CallSpec<'_>) -> Result<()> {
+        if let Op::Store(_) = call.op {
+            if call.value.len() > self.inner.max_value {
+                return Err(Error::ValueTooLarge {
+                    len: call.value.len(),
+                    max: self.inner.max_value,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A blocking call: made directly on an idle engine, else queued and waited for.
+    fn exec(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
+        let start = Instant::now();
+        let deadline = start + self.inner.timeout;
+        self.check(&call)?;
+        let eng = self.route(call.key)?;
+        let combine = self.inner.driving == Driving::Combine;
+        if combine {
+            if let Some(mut st) = eng.try_state() {
+                if lock(&eng.queue).reqs.is_empty() {
+                    let server = eng.server;
+                    let r = st
+                        .client
+                        .pinned(server, |c| single(c, call.op, call.key, call.value, out));
+                    drop(st);
+                    eng.hand_off();
+                    return r;
+                }
+            }
+        }
+        let slot = self.submit_blocking(eng, &call, start, deadline)?;
+        self.await_slot(eng, slot, start, deadline, out)
+    }
+
+    /// Queues `call` on `eng`, waiting for a free slot up to `deadline`.
+    fn submit_blocking(
+        &self,
+        eng: &Arc<Engine>,
+        call: &CallSpec<'_>,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<u32> {
+        let mut q = lock(&eng.queue);
+        loop {
+            let waiter = Waiter::Thread(std::thread::current());
+            if let Some(slot) = eng.push(&mut q, call, deadline, waiter) {
+                if self.inner.driving == Driving::IoThread {
+                    eng.kick_io(&mut q);
+                }
+                return Ok(slot);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.slot_timeout(eng, start));
+            }
+            q.space_waiting += 1;
+            q = eng
+                .space
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            q.space_waiting -= 1;
+        }
+    }
+
+    fn slot_timeout(&self, eng: &Engine, start: Instant) -> Error {
+        Error::Timeout {
+            server: eng.label.clone(),
+            during: During::Slot,
+            elapsed: start.elapsed(),
+        }
+    }
+
+    /// Waits for a queued request, combining when asked to (or when the engine is free).
+    fn await_slot(
+        &self,
+        eng: &Arc<Engine>,
+        slot: u32,
+        start: Instant,
+        deadline: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        let combine = self.inner.driving == Driving::Combine;
+        loop {
+            if combine {
+                if let Some(mut st) = eng.try_state() {
+                    eng.round(&mut st);
+                    drop(st);
+                    eng.hand_off();
+                }
+            }
+            match eng.wait(slot, deadline, out) {
+                Waited::Done(r) => return r,
+                Waited::Lead => continue,
+                Waited::TimedOut => {
+                    if eng.abandon(slot) {
+                        continue; // the reply came in meanwhile
+                    }
+                    return Err(Error::Timeout {
+                        server: eng.label.clone(),
+                        during: During::Read,
+                        elapsed: start.elapsed(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The result of a call that must be a hit or a miss.
+fn as_item(r: Reply) -> Result<Option<ItemInfo>> {
+    match r {
+        Reply::Hit(i) => Ok(Some(i)),
+        Reply::Miss => Ok(None),
+        _ => Err(unexpected()),
+    }
+}
+
+fn unexpected() -> Error {
+    Error::Parse {
+        server: String::new(),
+        error: ParseError::Unexpected,
+    }
+}
+
+fn stored(r: Reply) -> Result<SetOutcome> {
+    match r {
+        Reply::Store(s) => Ok(s),
+        _ => Err(unexpected()),
+    }
+}
+
+fn existed(r: Reply) -> Result<bool> {
+    match r {
+        Reply::Existed(b) => Ok(b),
+        _ => Err(unexpected()),
+    }
+}
+
+fn number(r: Reply) -> Result<Option<u64>> {
+    match r {
+        Reply::Number(n) => Ok(n),
+        _ => Err(unexpected()),
+    }
+}
+
+fn cas_result(s: SetOutcome) -> CasResult {
+    match s {
+        SetOutcome::Stored => CasResult::Stored,
+        SetOutcome::Exists => CasResult::Exists,
+        SetOutcome::NotFound | SetOutcome::NotStored => CasResult::NotFound,
+    }
+}
+
+fn set_ok(s: SetOutcome) -> Result<()> {
+    match s {
+        SetOutcome::Stored => Ok(()),
+        _ => Err(Error::Server {
+            kind: ServerErrorKind::Server,
+            message: "set answered NOT_STORED".into(),
+        }),
+    }
+}
+
+fn store_op(mode: StoreMode, opts: SetOptions, cas: Option<u64>) -> Op {
+    Op::Store(StoreOpts {
+        cas,
+        ..super::store_opts(mode, opts)
+    })
+}
+
+fn spec<'a>(op: Op, key: &'a [u8], value: &'a [u8]) -> CallSpec<'a> {
+    CallSpec { op, key, value }
+}
+
+/// Blocking calls: as [`Client`]'s, on `&self`, from any number of threads.
+impl SharedClient {
+    fn item(&self, op: Op, key: &[u8]) -> Result<Option<Item>> {
+        let mut value = Vec::new();
+        let info = as_item(self.exec(spec(op, key, &[]), &mut value)?)?;
+        Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
+    }
+
+    /// Gets a value. `None` on a miss. Errors as [`Client::get`], and [`Error::Timeout`]
+    /// when the call's deadline passes while it waits for its turn or a free slot.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Item>> {
+        self.item(Op::Get { cas: false }, key)
+    }
+
+    /// Gets a value with its CAS unique. Errors as [`get`](Self::get).
+    pub fn gets(&self, key: &[u8]) -> Result<Option<Item>> {
+        self.item(Op::Get { cas: true }, key)
+    }
+
+    /// Get-and-touch. Errors as [`get`](Self::get).
+    pub fn gat(&self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
+        self.item(Op::Gat { ttl, cas: false }, key)
+    }
+
+    /// Get-and-touch with the CAS unique. Errors as [`get`](Self::get).
+    pub fn gats(&self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
+        self.item(Op::Gat { ttl, cas: true }, key)
+    }
+
+    /// Gets a value into `buf` (cleared first): no allocation once `buf` and the client's
+    /// buffers have grown to fit. Errors as [`get`](Self::get).
+    pub fn get_into(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        as_item(self.exec(spec(Op::Get { cas: false }, key, &[]), buf)?)
+    }
+
+    /// [`get_into`](Self::get_into) with the CAS unique.
+    pub fn gets_into(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        as_item(self.exec(spec(Op::Get { cas: true }, key, &[]), buf)?)
+    }
+
+    fn store_call(&self, op: Op, key: &[u8], value: &[u8]) -> Result<SetOutcome> {
+        stored(self.exec(spec(op, key, value), &mut Vec::new())?)
+    }
+
+    /// Runs a storage command: `Ok(true)` if stored. Errors as [`Client::store`].
+    pub fn store(
+        &self,
+        mode: StoreMode,
+        key: &[u8],
+        value: &[u8],
+        opts: SetOptions,
+    ) -> Result<bool> {
+        let s = self.store_call(store_op(mode, opts, None), key, value)?;
+        Ok(s == SetOutcome::Stored)
+    }
+
+    /// Stores a value unconditionally. Errors as [`Client::set`].
+    pub fn set(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        set_ok(self.store_call(store_op(StoreMode::Set, opts, None), key, value)?)
+    }
+
+    /// Stores only if absent. Errors as [`Client::add`].
+    pub fn add(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
+        self.store(StoreMode::Add, key, value, opts)
+    }
+
+    /// Stores only if present. Errors as [`Client::replace`].
+    pub fn replace(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
+        self.store(StoreMode::Replace, key, value, opts)
+    }
+
+    /// Appends to an existing value. Errors as [`Client::append`].
+    pub fn append(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        self.store(StoreMode::Append, key, value, SetOptions::default())
+    }
+
+    /// Prepends to an existing value. Errors as [`Client::prepend`].
+    pub fn prepend(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        self.store(StoreMode::Prepend, key, value, SetOptions::default())
+    }
+
+    /// Stores only if the CAS unique is still `cas`. Errors as [`Client::cas`].
+    pub fn cas(&self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<CasResult> {
+        let op = store_op(StoreMode::Set, opts, Some(cas));
+        Ok(cas_result(self.store_call(op, key, value)?))
+    }
+
+    /// Deletes a key; `false` if it did not exist. Errors as [`get`](Self::get).
+    pub fn delete(&self, key: &[u8]) -> Result<bool> {
+        existed(self.exec(spec(Op::Delete, key, &[]), &mut Vec::new())?)
+    }
+
+    /// Adds `delta`; `None` if the key does not exist. Errors as [`Client::incr`].
+    pub fn incr(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
+        let op = Op::Arith { decr: false, delta };
+        number(self.exec(spec(op, key, &[]), &mut Vec::new())?)
+    }
+
+    /// Subtracts `delta`, stopping at 0. Errors as [`Client::incr`].
+    pub fn decr(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
+        let op = Op::Arith { decr: true, delta };
+        number(self.exec(spec(op, key, &[]), &mut Vec::new())?)
+    }
+
+    /// Sets a new expiration; `false` if the item does not exist. Errors as [`get`](Self::get).
+    pub fn touch(&self, key: &[u8], ttl: u32) -> Result<bool> {
+        existed(self.exec(spec(Op::Touch(ttl), key, &[]), &mut Vec::new())?)
+    }
+
+    /// Gets many keys, calling `found(key, item)` for each hit; each key is queued as a get
+    /// of its own, so the keys of concurrent callers share multi-gets. Errors: the first
+    /// failed key's error (the hits of the others are still delivered).
+    pub fn get_multi<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+        mut found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        let mut first_error = None;
+        let mut value = Vec::new();
+        // In chunks, so that one call never takes every slot of a server.
+        for chunk in keys.chunks(64) {
+            let start = Instant::now();
+            let deadline = start + self.inner.timeout;
+            let mut queued: [(u32, u32); 64] = [(NONE, NONE); 64];
+            for (k, key) in chunk.iter().enumerate() {
+                let key = key.as_ref();
+                let call = spec(Op::Get { cas: false }, key, &[]);
+                let r = self.route(key).and_then(|eng| {
+                    let slot = self.submit_blocking(eng, &call, start, deadline)?;
+                    Ok((eng.server as u32, slot))
+                });
+                match r {
+                    Ok(q) => queued[k] = q,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            for (k, key) in chunk.iter().enumerate() {
+                let (server, slot) = queued[k];
+                if slot == NONE {
+                    continue;
+                }
+                let eng = &self.inner.engines[server as usize];
+                match self.await_slot(eng, slot, start, deadline, &mut value) {
+                    Ok(Reply::Hit(info)) => {
+                        let item = ItemRef {
+                            value: &value,
+                            flags: info.flags,
+                            cas: info.cas,
+                        };
+                        found(key.as_ref(), item);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn admin<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        f(&mut lock(&self.inner.admin))
+    }
+
+    /// Invalidates every item on every server. Errors as [`Client::flush_all`].
+    pub fn flush_all(&self, delay: Option<u32>) -> Result<()> {
+        self.admin(|c| c.flush_all(delay))
+    }
+
+    /// Invalidates every item on one server. Errors as [`Client::flush_server`].
+    pub fn flush_server(&self, server: &str, delay: Option<u32>) -> Result<()> {
+        self.admin(|c| c.flush_server(server, delay))
+    }
+
+    /// Each server's version. Errors as [`Client::version`].
+    pub fn version(&self) -> Result<Vec<(String, String)>> {
+        self.admin(Client::version)
+    }
+
+    /// Each server's statistics. Errors as [`Client::stats`].
+    pub fn stats(&self, arg: Option<&str>) -> Result<Vec<ServerStats>> {
+        self.admin(|c| c.stats(arg))
+    }
+
+    /// Each server's counters (of the calls made through the shared connections).
+    pub fn server_counters(&self) -> Vec<(String, super::ServerCounters)> {
+        self.inner
+            .engines
+            .iter()
+            .map(|e| {
+                let st = lock(&e.state);
+                st.client.server_counters().swap_remove(e.server)
+            })
+            .collect()
+    }
+}
+
+/// Async calls: futures that any executor can run. They never block the executor's thread:
+/// the server's I/O thread does their I/O and wakes them.
+impl SharedClient {
+    fn call_async<'a>(&'a self, call: CallSpec<'a>, out: &'a mut Vec<u8>) -> AsyncCall<'a> {
+        AsyncCall {
+            client: self,
+            call,
+            out,
+            start: None,
+            state: CallState::Start,
+        }
+    }
+
+    /// [`get`](Self::get), as a future.
+    pub async fn get_async(&self, key: &[u8]) -> Result<Option<Item>> {
+        let mut value = Vec::new();
+        let info = as_item(
+            self.call_async(spec(Op::Get { cas: false }, key, &[]), &mut value)
+                .await?,
+        )?;
+        Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
+    }
+
+    /// [`get_into`](Self::get_into), as a future: no allocation once warm.
+    pub async fn get_into_async(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        as_item(
+            self.call_async(spec(Op::Get { cas: false }, key, &[]), buf)
+                .await?,
+        )
+    }
+
+    /// [`gets_into`](Self::gets_into), as a future.
+    pub async fn gets_into_async(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        as_item(
+            self.call_async(spec(Op::Get { cas: true }, key, &[]), buf)
+                .await?,
+        )
+    }
+
+    /// [`set`](Self::set), as a future.
+    pub async fn set_async(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        let op = store_op(StoreMode::Set, opts, None);
+        let mut none = Vec::new();
+        set_ok(stored(
+            self.call_async(spec(op, key, value), &mut none).await?,
+        )?)
+    }
+
+    /// [`store`](Self::store), as a future.
+    pub async fn store_async(
+        &self,
+        mode: StoreMode,
+        key: &[u8],
+        value: &[u8],
+        opts: SetOptions,
+    ) -> Result<bool> {
+        let op = store_op(mode, opts, None);
+        let mut none = Vec::new();
+        let s = stored(self.call_async(spec(op, key, value), &mut none).await?)?;
+        Ok(s == SetOutcome::Stored)
+    }
+
+    /// [`cas`](Self::cas), as a future.
+    pub async fn cas_async(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cas: u64,
+        opts: SetOptions,
+    ) -> Result<CasResult> {
+        let op = store_op(StoreMode::Set, opts, Some(cas));
+        let mut none = Vec::new();
+        Ok(cas_result(stored(
+            self.call_async(spec(op, key, value), &mut none).await?,
+        )?))
+    }
+
+    /// [`delete`](Self::delete), as a future.
+    pub async fn delete_async(&self, key: &[u8]) -> Result<bool> {
+        let mut none = Vec::new();
+        existed(
+            self.call_async(spec(Op::Delete, key, &[]), &mut none)
+                .await?,
+        )
+    }
+
+    /// [`incr`](Self::incr), as a future.
+    pub async fn incr_async(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
+        let op = Op::Arith { decr: false, delta };
+        let mut none = Vec::new();
+        number(self.call_async(spec(op, key, &[]), &mut none).await?)
+    }
+
+    /// [`decr`](Self::decr), as a future.
+    pub async fn decr_async(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
+        let op = Op::Arith { decr: true, delta };
+        let mut none = Vec::new();
+        number(self.call_async(spec(op, key, &[]), &mut none).await?)
+    }
+
+    /// [`touch`](Self::touch), as a future.
+    pub async fn touch_async(&self, key: &[u8], ttl: u32) -> Result<bool> {
+        let mut none = Vec::new();
+        existed(
+            self.call_async(spec(Op::Touch(ttl), key, &[]), &mut none)
+                .await?,
+        )
+    }
+}
+
+enum CallState {
+    Start,
+    /// Waiting for a free slot (this waker is in the queue's list).
+    NoSlot(Waker),
+    Queued {
+        server: usize,
+        slot: u32,
+        deadline: Instant,
+    },
+    Finished,
+}
+
+/// One async call: queues its request, then waits for its slot. Dropped before the end, it
+/// withdraws the request or leaves the reply to be read and dropped.
+struct AsyncCall<'a> {
+    client: &'a SharedClient,
+    call: CallSpec<'a>,
+    out: &'a mut Vec<u8>,
+    start: Option<Instant>,
+    state: CallState,
+}
+
+impl Future for AsyncCall<'_> {
+    type Output = Result<Reply>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Reply>> {
+        let this = self.get_mut();
+        let inner = &*this.client.inner;
+        let start = *this.start.get_or_insert_with(Instant::now);
+        let deadline = start + inner.timeout;
+        loop {
+            match &this.state {
+                CallState::Finished => return Poll::Ready(Err(unexpected())),
+                CallState::Start | CallState::NoSlot(_) => {
+                    let eng = match this
+                        .client
+                        .check(&this.call)
+                        .and_then(|()| this.client.route(this.call.key))
+                    {
+                        Ok(e) => e,
+                        Err(e) => {
+                            this.state = CallState::Finished;
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    let mut q = lock(&eng.queue);
+                    if let CallState::NoSlot(w) = &this.state {
+                        q.space_wakers.retain(|x| !x.will_wake(w));
+                    }
+                    let waiter = Waiter::Task(cx.waker().clone());
+                    match eng.push(&mut q, &this.call, deadline, waiter) {
+                        Some(slot) => {
+                            eng.kick_io(&mut q);
+                            this.state = CallState::Queued {
+                                server: eng.server,
+                                slot,
+                                deadline,
+                            };
+                        }
+                        None if Instant::now() >= deadline => {
+                            this.state = CallState::Finished;
+                            return Poll::Ready(Err(this.client.slot_timeout(eng, start)));
+                        }
+                        None => {
+                            q.space_wakers.push(cx.waker().clone());
+                            // Make sure the queue is being served: its frees wake us.
+                            eng.kick_io(&mut q);
+                            this.state = CallState::NoSlot(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                &CallState::Queued {
+                    server,
+                    slot,
+                    deadline,
+                } => {
+                    let eng = &inner.engines[server];
+                    let mut d = lock(&eng.slots[slot as usize].data);
+                    if let Some(r) = eng.take_done(&mut d, this.out) {
+                        drop(d);
+                        eng.release_slot(slot);
+                        this.state = CallState::Finished;
+                        return Poll::Ready(r);
+                    }
+                    if Instant::now() >= deadline {
+                        drop(d);
+                        if eng.abandon(slot) {
+                            continue;
+                        }
+                        this.state = CallState::Finished;
+                        return Poll::Ready(Err(Error::Timeout {
+                            server: eng.label.clone(),
+                            during: During::Read,
+                            elapsed: start.elapsed(),
+                        }));
+                    }
+                    match &d.waiter {
+                        Waiter::Task(w) if w.will_wake(cx.waker()) => {}
+                        _ => d.waiter = Waiter::Task(cx.waker().clone()),
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AsyncCall<'_> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, CallState::Finished) {
+            CallState::Queued { server, slot, .. } => {
+                let eng = &self.client.inner.engines[server];
+                if eng.abandon(slot) {
+                    // Done but never taken: the slot is ours to free.
+                    eng.release_slot(slot);
+                }
+            }
+            CallState::NoSlot(w) => {
+                // Our wake may have been spent on us: pass it on.
+                if let Ok(eng) = self.client.route(self.call.key) {
+                    let mut q = lock(&eng.queue);
+                    q.space_wakers.retain(|x| !x.will_wake(&w));
+                    if !q.free.is_empty() {
+                        if let Some(next) = q.space_wakers.pop() {
+                            next.wake();
+                        }
+                    }
+                }
+            }
+            CallState::Start | CallState::Finished => {}
+        }
+    }
+}
