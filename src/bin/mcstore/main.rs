@@ -17,6 +17,7 @@ mod collect;
 #[path = "../../../proto-tests/support/launcher.rs"]
 mod launcher;
 mod mapping;
+mod slap;
 // The throwaway PostgreSQL cluster shared with the tests (`demo --master postgres`).
 #[allow(dead_code)]
 #[path = "../../../proto-tests/support/postgres.rs"]
@@ -205,6 +206,37 @@ enum Cmd {
         #[arg(long)]
         metrics: bool,
     },
+    /// Concurrent load on one shared client (as memaslap): a latency table, then one RESULT
+    /// line.
+    Slap {
+        /// get, set or mix (nine gets to one set).
+        #[arg(short = 'w', long, default_value = "get")]
+        workload: String,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+        /// Operations in total, over all callers.
+        #[arg(short = 'n', default_value_t = 1_000_000)]
+        ops: usize,
+        /// Distinct keys (key:0 .. key:{KEYS-1}), preloaded before timing.
+        #[arg(short = 'k', default_value_t = 10_000)]
+        keys: usize,
+        /// Value size in bytes.
+        #[arg(short = 'v', default_value_t = 100)]
+        value_bytes: usize,
+        /// Callers as threads (blocking calls) or tokio tasks (async calls).
+        #[arg(long, value_enum, default_value = "threads")]
+        mode: slap::Mode,
+        /// The tokio runtime for --mode async.
+        #[arg(long, value_enum, default_value = "current")]
+        runtime: slap::Runtime,
+        /// The client: one shared client, or a pool of one client per caller (to compare).
+        #[arg(long, value_enum, default_value = "shared")]
+        client: slap::Which,
+        /// Every call through the per-server I/O thread (the other design, to compare).
+        #[arg(long)]
+        io_thread: bool,
+    },
     /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
     Demo {
         /// Resources to store and read.
@@ -392,6 +424,35 @@ fn run(cli: Cli) -> Res<()> {
         }
         Cmd::Store { root, master, op } => store_op(g, &root, master.as_deref(), op, &mut out)?,
         Cmd::Demo { resources, master } => demo(g, resources, &master)?,
+        Cmd::Slap {
+            workload,
+            callers,
+            ops,
+            keys,
+            value_bytes,
+            mode,
+            runtime,
+            client,
+            io_thread,
+        } => {
+            let spec = slap::SlapSpec {
+                workload,
+                callers,
+                ops,
+                keys,
+                value_bytes,
+                mode,
+                runtime,
+                client,
+                io_thread,
+            };
+            let proto = match g.protocol {
+                Protocol::Text => "text",
+                Protocol::Binary => "binary",
+                Protocol::Meta => "meta",
+            };
+            slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto)?;
+        }
         Cmd::Bench {
             workload,
             binary,
