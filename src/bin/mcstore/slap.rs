@@ -133,10 +133,8 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     let bar = std::io::stdout().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(spec.ops as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} ops {per_sec} eta {eta}",
-            )
-            .expect("valid template"),
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} ops {per_sec} eta {eta}")
+                .expect("valid template"),
         );
         b
     });
@@ -208,7 +206,10 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
         errors += t.errors;
     }
     let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-    println!("callers {}, {} ops, {} errors", spec.callers, spec.ops, errors);
+    println!(
+        "callers {}, {} ops, {} errors",
+        spec.callers, spec.ops, errors
+    );
     println!("latency per call (us):");
     println!("  p50    {:>10.1}", us(0.5));
     println!("  p90    {:>10.1}", us(0.9));
