@@ -323,3 +323,313 @@ fn futures_dropped_mid_flight_leave_every_later_call_correct() {
         });
     }
 }
+
+const IO_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The bound on a failing call: its deadline, plus at most one round on the dead server
+/// ahead of it, plus a generous margin for a loaded machine.
+fn failure_bound() -> Duration {
+    2 * IO_TIMEOUT + Duration::from_secs(2)
+}
+
+fn fault_builder(servers: &[Memcached]) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .servers(servers.iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .io_timeout(IO_TIMEOUT)
+        .connect_timeout(IO_TIMEOUT)
+        .retry_timeout(Duration::from_millis(500))
+}
+
+#[derive(Default)]
+struct Seen {
+    healthy_ok: AtomicUsize,
+    frozen_failed: AtomicUsize,
+    frozen_ok_after: AtomicUsize,
+}
+
+#[test]
+fn a_frozen_server_fails_only_its_keys_within_their_deadline() {
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    for p in PROTOCOLS {
+        let b = fault_builder(&servers).protocol(p);
+        let c = b.clone().shared().build().unwrap();
+        let mut plain = b.build().unwrap();
+        let keys: Vec<String> = (0..300).map(|i| format!("{p:?}:key:{i}")).collect();
+        for k in &keys {
+            c.set(k.as_bytes(), k.as_bytes(), SetOptions::default())
+                .unwrap();
+        }
+        let frozen = servers[1].addr();
+        let on_frozen: Vec<bool> = keys
+            .iter()
+            .map(|k| plain.home_server_for_key(k.as_bytes()).unwrap() == frozen)
+            .collect();
+        assert!(on_frozen.iter().filter(|f| **f).count() > 30);
+        // 0: all up; 1: server 1 frozen; 2: resumed.
+        let phase = std::sync::atomic::AtomicU8::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let seen = Seen::default();
+        std::thread::scope(|s| {
+            for t in 0..16usize {
+                let (c, keys, on_frozen, phase, stop, seen) =
+                    (c.clone(), &keys, &on_frozen, &phase, &stop, &seen);
+                s.spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let j = (t * 131 + n * 7) % keys.len();
+                        let before = phase.load(Ordering::SeqCst);
+                        let t0 = Instant::now();
+                        let r = c.get_into(keys[j].as_bytes(), &mut buf);
+                        let took = t0.elapsed();
+                        let after = phase.load(Ordering::SeqCst);
+                        if let Ok(found) = &r {
+                            // Whatever the phase, a value is always the right one.
+                            assert!(found.is_some(), "{} missing", keys[j]);
+                            assert_eq!(buf, keys[j].as_bytes(), "another key's value");
+                        }
+                        if !on_frozen[j] {
+                            assert!(r.is_ok(), "{p:?}: a healthy server's key failed: {r:?}");
+                            seen.healthy_ok.fetch_add(1, Ordering::Relaxed);
+                        } else if before == 1 && after == 1 {
+                            let e = r.expect_err("a frozen server's key succeeded");
+                            assert!(
+                                matches!(e.kind(), ErrorKind::Timeout | ErrorKind::ServerDown),
+                                "{e:?}"
+                            );
+                            assert!(took < failure_bound(), "failed after {took:?}");
+                            seen.frozen_failed.fetch_add(1, Ordering::Relaxed);
+                        } else if before == 2 && r.is_ok() {
+                            seen.frozen_ok_after.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            let healthy = || seen.healthy_ok.load(Ordering::Relaxed);
+            support::wait_for("calls before the freeze", || healthy() > 500);
+            servers[1].freeze();
+            phase.store(1, Ordering::SeqCst);
+            let at = healthy();
+            support::wait_for("healthy calls and failures while frozen", || {
+                healthy() > at + 2000 && seen.frozen_failed.load(Ordering::Relaxed) > 20
+            });
+            phase.store(2, Ordering::SeqCst);
+            servers[1].resume();
+            support::wait_for("the resumed server's keys served again", || {
+                seen.frozen_ok_after.load(Ordering::Relaxed) > 50
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+}
+
+#[test]
+fn a_server_restarted_under_load_is_reconnected() {
+    let mut servers = vec![Memcached::start()];
+    let c = fault_builder(&servers).shared().build().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let ok = AtomicUsize::new(0);
+    let restarted = std::sync::atomic::AtomicBool::new(false);
+    let ok_after = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..8usize {
+            let (c, stop, ok, restarted, ok_after) = (c.clone(), &stop, &ok, &restarted, &ok_after);
+            s.spawn(move || {
+                let mut buf = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("r:{t}:{}", n % 10);
+                    let value = format!("{t}-{n}");
+                    let after = restarted.load(Ordering::SeqCst);
+                    if c.set(key.as_bytes(), value.as_bytes(), SetOptions::default())
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    // Only this caller writes this key: a hit is its own last value.
+                    if let Ok(Some(_)) = c.get_into(key.as_bytes(), &mut buf) {
+                        assert_eq!(buf, value.as_bytes());
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if after {
+                            ok_after.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        support::wait_for("calls before the restart", || {
+            ok.load(Ordering::Relaxed) > 500
+        });
+        servers[0].restart();
+        restarted.store(true, Ordering::SeqCst);
+        support::wait_for("calls after the restart", || {
+            ok_after.load(Ordering::Relaxed) > 500
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+/// A fake text server that answers each `get` line key by key: a good key with its own name
+/// as the value; `wrong*` with another key's item; `trunc*` with half a value, then closes;
+/// `huge*` with a claimed length of 4 GiB.
+fn hostile_server() -> support::Hostile {
+    use std::io::Write;
+    support::Hostile::start(|line, s| {
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        if words.next() != Some("get") {
+            let _ = s.write_all(b"ERROR\r\n");
+            return;
+        }
+        let mut out = Vec::new();
+        for key in words {
+            if key.starts_with("wrong") {
+                out.extend_from_slice(b"VALUE good:0:0 0 8\r\ngood:0:0\r\n");
+            } else if key.starts_with("trunc") {
+                out.extend_from_slice(format!("VALUE {key} 0 100\r\nhalf").as_bytes());
+                let _ = s.write_all(&out);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
+            } else if key.starts_with("huge") {
+                out.extend_from_slice(format!("VALUE {key} 0 4294967295\r\n").as_bytes());
+            } else {
+                out.extend_from_slice(
+                    format!("VALUE {key} 0 {}\r\n{key}\r\n", key.len()).as_bytes(),
+                );
+            }
+        }
+        out.extend_from_slice(b"END\r\n");
+        let _ = s.write_all(&out);
+    })
+}
+
+#[test]
+fn a_hostile_server_under_concurrency_never_hands_a_caller_another_value() {
+    let h = hostile_server();
+    let c = support::client_builder()
+        .server(h.addr())
+        .io_timeout(Duration::from_secs(2))
+        .server_failure_limit(1_000_000)
+        .shared()
+        .build()
+        .unwrap();
+    let (good_ok, bad_failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for t in 0..16usize {
+            let (c, good_ok, bad_failed) = (c.clone(), &good_ok, &bad_failed);
+            s.spawn(move || {
+                let mut buf = Vec::new();
+                for n in 0..200usize {
+                    let bad = n % 10 == t % 10;
+                    let key = if bad {
+                        ["wrong", "trunc", "huge"][n % 3].to_string() + &format!(":{t}:{n}")
+                    } else {
+                        format!("good:{t}:{n}")
+                    };
+                    match c.get_into(key.as_bytes(), &mut buf) {
+                        Ok(found) => {
+                            assert!(!bad, "{key}: a malformed reply was taken: {found:?}");
+                            assert!(found.is_some());
+                            assert_eq!(buf, key.as_bytes(), "{key} got another caller's value");
+                            good_ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Good keys sharing a batch with a bad one fail with it.
+                        Err(e) => {
+                            assert!(
+                                matches!(
+                                    e.kind(),
+                                    ErrorKind::Parse | ErrorKind::Io | ErrorKind::Timeout
+                                ),
+                                "{key}: {e:?}"
+                            );
+                            if bad {
+                                bad_failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        bad_failed.load(Ordering::Relaxed),
+        16 * 20,
+        "every bad reply failed its caller"
+    );
+    assert!(
+        good_ok.load(Ordering::Relaxed) > 16 * 100,
+        "good keys were served"
+    );
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn ten_thousand_callers_against_a_frozen_server_stay_bounded() {
+    let mc = Memcached::start();
+    let c = support::client_builder()
+        .server(mc.addr())
+        .io_timeout(IO_TIMEOUT)
+        .connect_timeout(IO_TIMEOUT)
+        .server_failure_limit(1_000_000)
+        .shared()
+        .build()
+        .unwrap();
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    mc.freeze();
+    let before = peak_rss_kib();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (timeouts, slowest) = rt.block_on(async {
+        let tasks: Vec<_> = (0..10_000usize)
+            .map(|t| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let key = format!("key:{}", t % 500);
+                    let t0 = Instant::now();
+                    let r = c.get_async(key.as_bytes()).await;
+                    (r, t0.elapsed())
+                })
+            })
+            .collect();
+        let (mut timeouts, mut slowest) = (0, Duration::ZERO);
+        for t in tasks {
+            let (r, took) = t.await.unwrap();
+            let e = r.expect_err("a frozen server answered");
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}");
+            timeouts += 1;
+            slowest = slowest.max(took);
+        }
+        (timeouts, slowest)
+    });
+    let after = peak_rss_kib();
+    eprintln!(
+        "10,000 async callers, frozen server: {timeouts} timeouts, slowest {slowest:?}; \
+         peak RSS {before} KiB before, {after} KiB after (+{} KiB)",
+        after - before
+    );
+    assert_eq!(timeouts, 10_000);
+    assert!(slowest < failure_bound(), "a caller waited {slowest:?}");
+    // A few KiB per waiting caller at most (tokio's tasks and the key strings included).
+    assert!(
+        after - before < 64 * 1024,
+        "peak RSS grew by {} KiB",
+        after - before
+    );
+    mc.resume();
+    wait_until_served(&c);
+}
+
+fn wait_until_served(c: &SharedClient) {
+    support::wait_for("the server to answer again", || {
+        matches!(c.get(b"k"), Ok(Some(_)))
+    });
+}

@@ -579,6 +579,8 @@ struct Work {
     hits: Vec<bool>,
     /// A value read by a call made on its own.
     value: Vec<u8>,
+    /// A transport failure in this round (see `serve`).
+    poison: Option<Error>,
     freed: Vec<u32>,
 }
 
@@ -611,6 +613,29 @@ fn key_hash(key: &[u8]) -> u64 {
 
 impl Work {
     fn serve(&mut self, engine: &Engine, c: &mut Client) {
+        self.poison = None;
+        self.serve_all(engine, c);
+        // After a transport failure the rest of the round fails with it, at once: a dead or
+        // frozen server costs one I/O timeout per round, not one per batch.
+        if let Some(e) = self.poison.take() {
+            for req in self.reqs.iter_mut() {
+                if req.slot != NONE {
+                    engine.complete(req.slot, Err(e.clone()), None, &mut self.freed);
+                    req.slot = NONE;
+                }
+            }
+        }
+    }
+
+    /// Notes a batch's failure: a transport failure poisons the rest of the round.
+    fn failed(&mut self, e: &Error) {
+        use crate::error::ErrorKind as K;
+        if matches!(e.kind(), K::Timeout | K::Io | K::Tls | K::ServerDown) {
+            self.poison.get_or_insert_with(|| e.clone());
+        }
+    }
+
+    fn serve_all(&mut self, engine: &Engine, c: &mut Client) {
         let now = Instant::now();
         // Requests whose owner's deadline passed while queued are failed, not sent.
         for req in self.reqs.iter_mut() {
@@ -639,6 +664,9 @@ impl Work {
             if !self.batch.is_empty() {
                 self.get_batch(engine, c, with_cas);
             }
+            if self.poison.is_some() {
+                return;
+            }
         }
         // Stores, then deletes, batched; the rest one by one.
         let limit = if c.core.driver.is_tls() {
@@ -650,14 +678,21 @@ impl Work {
         self.write_batches(engine, c, Kind::Delete, limit);
         for r in 0..self.reqs.len() {
             let req = &self.reqs[r];
+            if self.poison.is_some() {
+                return;
+            }
             if req.slot == NONE || matches!(req.op, Op::Get { .. } | Op::Store(_) | Op::Delete) {
                 continue;
             }
             let (slot, op) = (req.slot, req.op);
             let key = &self.arena[req.key.clone()];
             let result = single(c, op, key, &[], &mut self.value);
+            if let Err(e) = &result {
+                self.failed(e);
+            }
             let value = matches!(result, Ok(Reply::Hit(_))).then_some(&self.value[..]);
             engine.complete(slot, result, value, &mut self.freed);
+            self.reqs[r].slot = NONE;
         }
     }
 
@@ -737,6 +772,12 @@ impl Work {
                 b = next[b as usize];
             }
         }
+        for &r in batch.iter() {
+            reqs[r].slot = NONE;
+        }
+        if let Err(e) = &result {
+            self.failed(e);
+        }
     }
 }
 
@@ -748,7 +789,7 @@ impl Work {
             _ => matches!(op, Op::Delete),
         };
         let mut r = 0;
-        while r < self.reqs.len() {
+        while r < self.reqs.len() && self.poison.is_none() {
             self.batch.clear();
             self.keys.clear();
             let mut bytes = 0;
@@ -821,6 +862,12 @@ impl Work {
                     (None, Err(e)) => Err(e.clone()),
                 };
                 engine.complete(req.slot, r, None, freed);
+            }
+            for &r in batch.iter() {
+                reqs[r].slot = NONE;
+            }
+            if let Err(e) = &result {
+                self.failed(e);
             }
         }
     }
