@@ -5,6 +5,7 @@
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::future::Future;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -138,6 +139,100 @@ fn one_server(
     run("pipelined set, per set", pipelined_sets(c, value));
 }
 
+/// Allocations while `threads` threads each make CALLS calls with `call` on one shared
+/// client (after a warm-up each, unarmed): queued calls, slots, parking and waking.
+fn shared_threads(
+    c: &mcstore::SharedClient,
+    threads: usize,
+    call: impl Fn(&mcstore::SharedClient, usize, &mut Vec<u8>) + Sync,
+) -> usize {
+    let (warm, go, done) = (
+        std::sync::Barrier::new(threads + 1),
+        std::sync::Barrier::new(threads + 1),
+        std::sync::Barrier::new(threads + 1),
+    );
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (call, warm, go, done) = (&call, &warm, &go, &done);
+            s.spawn(move || {
+                let mut buf = Vec::with_capacity(4096);
+                for _ in 0..200 {
+                    call(c, t, &mut buf);
+                }
+                warm.wait();
+                go.wait();
+                for _ in 0..CALLS {
+                    call(c, t, &mut buf);
+                }
+                done.wait();
+            });
+        }
+        warm.wait();
+        ALLOCS.store(0, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        go.wait();
+        done.wait();
+        ARMED.store(false, Ordering::SeqCst);
+    });
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+/// Allocations while `N` futures each make CALLS async gets on one shared client, polled
+/// together by `futures_executor::block_on` (after a warm-up round, unarmed): slots, wakers
+/// and the I/O thread's rounds.
+fn shared_async<const N: usize>(c: &mcstore::SharedClient, key: &[u8]) -> usize {
+    let run = |calls: usize| {
+        let mut bufs: [Vec<u8>; N] = std::array::from_fn(|_| Vec::with_capacity(4096));
+        let mut tasks = bufs.each_mut().map(|buf| {
+            Box::pin(async move {
+                for _ in 0..calls {
+                    assert!(c.get_into_async(key, buf).await.unwrap().is_some());
+                }
+            })
+        });
+        let mut done = [false; N];
+        futures_executor::block_on(std::future::poll_fn(|cx| {
+            for (t, d) in tasks.iter_mut().zip(done.iter_mut()) {
+                if !*d {
+                    *d = t.as_mut().poll(cx).is_ready();
+                }
+            }
+            if done.iter().all(|d| *d) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        }));
+    };
+    run(200);
+    // The futures are boxed once each before arming: the calls they make are what is counted.
+    let mut bufs: [Vec<u8>; N] = std::array::from_fn(|_| Vec::with_capacity(4096));
+    let mut tasks = bufs.each_mut().map(|buf| {
+        Box::pin(async move {
+            for _ in 0..CALLS {
+                assert!(c.get_into_async(key, buf).await.unwrap().is_some());
+            }
+        })
+    });
+    let mut done = [false; N];
+    ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    futures_executor::block_on(std::future::poll_fn(|cx| {
+        for (t, d) in tasks.iter_mut().zip(done.iter_mut()) {
+            if !*d {
+                *d = t.as_mut().poll(cx).is_ready();
+            }
+        }
+        if done.iter().all(|d| *d) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }));
+    ARMED.store(false, Ordering::SeqCst);
+    ALLOCS.load(Ordering::SeqCst)
+}
+
 fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
     results.push((name.to_string(), n));
 }
@@ -246,6 +341,50 @@ fn main() {
         "meta meta_get (hit, with lease)",
         count(|| assert!(m.meta_get(b"hit", lease, &mut buf).unwrap().is_some())),
     );
+
+    // The shared client: a lone caller (its call made directly), then concurrent callers
+    // (queued, coalesced, parked and woken), blocking and async, every protocol.
+    for (p, label) in [
+        (mcstore::Protocol::Text, ""),
+        (mcstore::Protocol::Binary, "binary "),
+        (mcstore::Protocol::Meta, "meta "),
+    ] {
+        let sc = mcstore::Client::builder()
+            .server(mc.addr())
+            .protocol(p)
+            .shared()
+            .build()
+            .unwrap();
+        sc.set(b"hit", &value, SetOptions::default()).unwrap();
+        run_owned(
+            &mut results,
+            &format!("shared {label}get_into (lone caller)"),
+            count(|| assert!(sc.get_into(b"hit", &mut buf).unwrap().is_some())),
+        );
+        run_owned(
+            &mut results,
+            &format!("shared {label}set (lone caller)"),
+            count(|| sc.set(b"k", &value, SetOptions::default()).unwrap()),
+        );
+        let n = shared_threads(&sc, 8, |c, t, buf| {
+            if t % 4 == 3 {
+                c.set(b"k", b"v", SetOptions::default()).unwrap();
+            } else {
+                assert!(c.get_into(b"hit", buf).unwrap().is_some());
+            }
+        });
+        run_owned(
+            &mut results,
+            &format!("shared {label}get_into/set (8 threads, per call)"),
+            n / 8,
+        );
+        let n = shared_async::<16>(&sc, b"hit");
+        run_owned(
+            &mut results,
+            &format!("shared {label}get_into_async (16 futures, per call)"),
+            n / 16,
+        );
+    }
 
     // TLS: the same operations over a TLS session (reported and bounded below).
     #[cfg(feature = "tls")]
