@@ -47,7 +47,7 @@ pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
-pub use shared::{SharedClient, SharedClientBuilder};
+pub use shared::{IoMode, SharedClient, SharedClientBuilder};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};

@@ -54,9 +54,9 @@ pub mod storage;
 
 pub use addr::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use client::{
-    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, Lease, MetaGetOptions, MetaItemInfo,
-    MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient, ServerCounters,
-    ServerStats, SetOptions, SharedClient, SharedClientBuilder,
+    CasResult, Client, ClientBuilder, IoMode, Item, ItemInfo, ItemRef, Lease, MetaGetOptions,
+    MetaItemInfo, MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient,
+    ServerCounters, ServerStats, SetOptions, SharedClient, SharedClientBuilder,
 };
 #[cfg(feature = "tls")]
 pub use conn::tls::{TlsConfig, TlsConfigBuilder, TlsFailure};

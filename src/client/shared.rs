@@ -8,20 +8,21 @@
 //! protocol code and failure handling: the command layer is not written twice), a queue of
 //! requests and a table of request slots.
 //!
-//! - **Flat combining.** A blocking caller that finds its server's engine free and nothing
-//!   queued makes its call on the engine itself, as a plain [`Client`] would: no hand-off,
-//!   no thread switch. One that finds the engine busy queues its request in a slot and parks.
-//!   Whoever holds the engine (the *combiner*) takes everything queued as one *round*: all
-//!   queued gets become one multi-get (text: `get k1 k2 …`; binary and meta: quiet gets closed
-//!   by one no-op), identical keys once; queued stores and deletes become one batch each;
-//!   the rest go one by one. Each reply fills its slot and wakes its owner. A batch is
+//! - **A lone caller** that finds its server's engine free and nothing queued makes its call
+//!   on the engine itself, as a plain [`Client`] would: no hand-off, no thread switch.
+//! - **Concurrent callers** queue their requests in slots and park (threads) or return
+//!   `Pending` (futures). Whoever serves the engine takes everything queued as one *round*:
+//!   all queued gets become one multi-get (text: `get k1 k2 …`; binary and meta: quiet gets
+//!   closed by one no-op), identical keys once; queued stores and deletes become one batch
+//!   each; the rest go one by one. Each reply fills its slot and wakes its owner. A batch is
 //!   whatever queued while the previous round trip was in flight: no timer, no delay window.
-//! - **Async calls** cannot do I/O on an executor's thread, so they always queue, and a
-//!   per-server I/O thread (started on the first async call) combines for them. Futures are
-//!   woken by that thread through their [`Waker`]: no runtime is needed or assumed.
-//! - **Hand-off.** A combiner serves one round, then makes sure someone carries on: the I/O
-//!   thread if there is one, otherwise the owner of the first queued request, woken to
-//!   combine in turn. So no caller waits on another's call for more than a round.
+//! - **Who serves a round** ([`IoMode`]): by default the server's I/O thread, started on
+//!   first need; with [`IoMode::Combining`], the blocking caller that gets the engine serves
+//!   everyone queued (flat combining) and then hands over to the next queued caller. Async
+//!   calls always go through the I/O thread, since they cannot do I/O on an executor's
+//!   thread; futures are woken by it through their [`Waker`]: no runtime is needed or
+//!   assumed. Measured: the I/O thread wakes each caller once per call; combining adds the
+//!   hand-over wakes, and is slower from 8 threads on (BENCHMARKS.md, "Many callers").
 //!
 //! # Deadlines, cancellation, backpressure
 //!
@@ -64,12 +65,20 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// pipelined requests of replied commands; see `Client::tls_chunk`).
 const TLS_BATCH_BYTES: usize = 16 * 1024;
 
-/// Who serves the queue: see [`SharedClientBuilder::dedicated_io_thread`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Driving {
-    /// Blocking callers combine; async calls use the I/O thread.
-    Combine,
-    /// Every call goes through the I/O thread.
+/// Who does a [`SharedClient`]'s I/O for blocking callers (async calls always go through the
+/// server's I/O thread). Measured against each other in BENCHMARKS.md ("Many callers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// A caller that finds its server idle (nothing queued, nobody doing I/O) makes its call
+    /// itself, as a plain [`Client`] would; otherwise it queues and the server's I/O thread
+    /// serves it. The default: a lone caller pays no hand-off, concurrent callers are batched
+    /// by one thread that never has a call of its own to return to.
+    #[default]
+    Adaptive,
+    /// Flat combining: the caller that gets the connection serves everyone queued, then hands
+    /// over to the next queued caller (no I/O thread for blocking calls).
+    Combining,
+    /// Every call, even a lone one, goes through the server's I/O thread.
     IoThread,
 }
 
@@ -79,7 +88,7 @@ enum Driving {
 pub struct SharedClientBuilder {
     builder: ClientBuilder,
     max_in_flight: usize,
-    driving: Driving,
+    driving: IoMode,
 }
 
 impl SharedClientBuilder {
@@ -90,15 +99,9 @@ impl SharedClientBuilder {
         self
     }
 
-    /// Serve every call, blocking ones included, from a per-server I/O thread instead of
-    /// letting blocking callers do the I/O themselves. Slower for threads (every call is a
-    /// hand-off between two threads); kept to measure the two designs against each other.
-    pub fn dedicated_io_thread(mut self, on: bool) -> Self {
-        self.driving = if on {
-            Driving::IoThread
-        } else {
-            Driving::Combine
-        };
+    /// Who does the I/O for blocking callers (default [`IoMode::Adaptive`]).
+    pub fn io_mode(mut self, mode: IoMode) -> Self {
+        self.driving = mode;
         self
     }
 
@@ -148,7 +151,7 @@ impl ClientBuilder {
         SharedClientBuilder {
             builder: self,
             max_in_flight: DEFAULT_IN_FLIGHT,
-            driving: Driving::Combine,
+            driving: IoMode::Adaptive,
         }
     }
 }
@@ -196,7 +199,7 @@ struct Inner {
     binary_keys: bool,
     protocol: Protocol,
     labels: Arc<[String]>,
-    driving: Driving,
+    driving: IoMode,
     /// Picks a key's server (with several servers): a client that never connects, sharing
     /// the engines' view of who is ejected.
     router: Option<Mutex<Client>>,
@@ -997,8 +1000,7 @@ impl SharedClient {
         let deadline = start + self.inner.timeout;
         self.check(&call)?;
         let eng = self.route(call.key)?;
-        let combine = self.inner.driving == Driving::Combine;
-        if combine {
+        if self.inner.driving != IoMode::IoThread {
             if let Some(mut st) = eng.try_state() {
                 if lock(&eng.queue).reqs.is_empty() {
                     let server = eng.server;
@@ -1027,7 +1029,7 @@ impl SharedClient {
         loop {
             let waiter = Waiter::Thread(std::thread::current());
             if let Some(slot) = eng.push(&mut q, call, deadline, waiter) {
-                if self.inner.driving == Driving::IoThread {
+                if self.inner.driving != IoMode::Combining {
                     eng.kick_io(&mut q);
                 }
                 return Ok(slot);
@@ -1063,7 +1065,7 @@ impl SharedClient {
         deadline: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
-        let combine = self.inner.driving == Driving::Combine;
+        let combine = self.inner.driving == IoMode::Combining;
         loop {
             if combine {
                 if let Some(mut st) = eng.try_state() {

@@ -233,9 +233,9 @@ enum Cmd {
         /// The client: one shared client, or a pool of one client per caller (to compare).
         #[arg(long, value_enum, default_value = "shared")]
         client: slap::Which,
-        /// Every call through the per-server I/O thread (the other design, to compare).
-        #[arg(long)]
-        io_thread: bool,
+        /// Who does the I/O for blocking callers (the designs, to compare).
+        #[arg(long, value_enum, default_value = "adaptive")]
+        io_mode: slap::IoModeArg,
     },
     /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
     Demo {
@@ -433,7 +433,7 @@ fn run(cli: Cli) -> Res<()> {
             mode,
             runtime,
             client,
-            io_thread,
+            io_mode,
         } => {
             let spec = slap::SlapSpec {
                 workload,
@@ -444,7 +444,7 @@ fn run(cli: Cli) -> Res<()> {
                 mode,
                 runtime,
                 client,
-                io_thread,
+                io_mode,
             };
             let proto = match g.protocol {
                 Protocol::Text => "text",

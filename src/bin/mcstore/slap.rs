@@ -20,7 +20,7 @@ pub struct SlapSpec {
     pub mode: Mode,
     pub runtime: Runtime,
     pub client: Which,
-    pub io_thread: bool,
+    pub io_mode: IoModeArg,
 }
 
 /// How callers run.
@@ -39,6 +39,17 @@ pub enum Runtime {
     Current,
     /// tokio's work-stealing runtime (one worker per core).
     Multi,
+}
+
+/// Who does the shared client's I/O for blocking callers (see `mcstore::IoMode`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoModeArg {
+    /// A caller on an idle server calls directly; otherwise the server's I/O thread.
+    Adaptive,
+    /// Flat combining among the callers.
+    Combining,
+    /// Every call through the server's I/O thread.
+    IoThread,
 }
 
 /// The client under load.
@@ -172,7 +183,11 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
         (Which::Shared, mode) => {
             let client = builder
                 .shared()
-                .dedicated_io_thread(spec.io_thread)
+                .io_mode(match spec.io_mode {
+                    IoModeArg::Adaptive => mcstore::IoMode::Adaptive,
+                    IoModeArg::Combining => mcstore::IoMode::Combining,
+                    IoModeArg::IoThread => mcstore::IoMode::IoThread,
+                })
                 .build()
                 .map_err(err)?;
             // Warm-up: connections open, buffers grown.
