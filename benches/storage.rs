@@ -7,6 +7,10 @@
 //!    invalidations left in an `FsStorage` master's log, against the same reads with nothing
 //!    to replay.
 //!
+//! 3. **Warm reads by many threads**: 64 threads reading cached resources, through a `Pool` of
+//!    8 clients, a `Pool` of 64, and one `SharedClient` (whose concurrent gets share
+//!    multi-gets): reads/s and CPU per read.
+//!
 //! Each figure is the median of `ROUNDS` runs. Run: `cargo bench --bench storage` (starts
 //! its own memcached on loopback; prints a Markdown table).
 
@@ -214,6 +218,53 @@ fn backlog(mc: &Memcached) -> (Lat, Lat, Duration) {
     (quiet, lat(samples), drained)
 }
 
+/// CPU seconds (user + system) of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid, writable `struct rusage` for getrusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    let t = |tv: &libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(&r.ru_utime) + t(&r.ru_stime)
+}
+
+const READERS: usize = 64;
+
+/// Warm reads by [`READERS`] threads through `cache`: (reads/s, CPU us per read).
+fn many_readers(cache: mcstore::storage::CacheClients, reads: usize) -> (f64, f64) {
+    let s = MemcacheStorage::new(cache, Arc::new(MemoryStorage::new()));
+    s.create_container("warm").unwrap();
+    let infos: Vec<ResourceInfo> = (0..100)
+        .map(|i| s.info("warm", Some(&format!("r{i}"))).unwrap())
+        .collect();
+    for i in &infos {
+        s.put_content(i, "warm content".into()).unwrap();
+        s.get_content(i).unwrap(); // cached
+    }
+    let per = reads / READERS;
+    let barrier = std::sync::Barrier::new(READERS + 1);
+    let (wall, cpu) = thread::scope(|scope| {
+        for t in 0..READERS {
+            let (s, infos, barrier) = (&s, &infos, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                for n in 0..per {
+                    let v = s.get_content(&infos[(t * 7 + n) % infos.len()]).unwrap();
+                    assert_eq!(&v[..], b"warm content");
+                }
+            });
+        }
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        barrier.wait();
+        // Joined when the scope ends.
+        (t0, cpu0)
+    });
+    let (elapsed, used) = (wall.elapsed(), cpu_seconds() - cpu);
+    let n = (per * READERS) as f64;
+    (n / elapsed.as_secs_f64(), used * 1e6 / n)
+}
+
 fn row(name: &str, l: &Lat, vs: Option<&Lat>) {
     let ratio = vs.map_or(String::new(), |b| format!("{:.2}x", l.p99 / b.p99));
     println!(
@@ -240,6 +291,23 @@ fn main() {
         quiet.push(q);
         during.push(d);
         drains.push(drained);
+    }
+    let reads = if quick { 6_400 } else { 200_000 };
+    let mut readers: Vec<(&str, Vec<(f64, f64)>)> = vec![
+        ("Pool of 8 clients", Vec::new()),
+        ("Pool of 64 clients", Vec::new()),
+        ("SharedClient", Vec::new()),
+    ];
+    for _ in 0..rounds {
+        for (name, runs) in readers.iter_mut() {
+            let b = Client::builder().server(mc.addr());
+            let cache: mcstore::storage::CacheClients = match *name {
+                "Pool of 8 clients" => Pool::new(b, 8).unwrap().into(),
+                "Pool of 64 clients" => Pool::new(b, 64).unwrap().into(),
+                _ => b.shared().build().unwrap().into(),
+            };
+            runs.push(many_readers(cache, reads));
+        }
     }
     drains.sort();
     cold.sort_unstable();
@@ -277,4 +345,18 @@ fn main() {
         "max added to a single read by the replay: {:.1} us (max during - max without)",
         (during.max - quiet.max).max(0.0)
     );
+    println!();
+    println!("Warm reads by {READERS} threads (median of {rounds} runs of {reads} reads)");
+    println!();
+    println!("| cache clients | reads/s | CPU us/read | reads/s vs Pool of 8 |");
+    println!("|---|---|---|---|");
+    let med = |v: &mut Vec<(f64, f64)>| {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v[v.len() / 2]
+    };
+    let base = med(&mut readers[0].1).0;
+    for (name, runs) in readers.iter_mut() {
+        let (rate, cpu) = med(runs);
+        println!("| {name} | {rate:.0} | {cpu:.2} | {:.2}x |", rate / base);
+    }
 }

@@ -4,7 +4,6 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcstore::{CasResult, ErrorKind, Protocol, SetOptions, SharedClient};

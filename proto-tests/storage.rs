@@ -23,19 +23,24 @@ fn pool(mc: &Memcached) -> Pool {
     pool_with(mc, Protocol::Text)
 }
 
+fn cache_builder(mc: &Memcached, p: Protocol) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .server(mc.addr())
+        .protocol(p)
+        .io_timeout(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(100))
+        .server_failure_limit(2)
+        .retry_timeout(Duration::from_millis(100))
+        .max_value_size(4 << 20)
+}
+
 fn pool_with(mc: &Memcached, p: Protocol) -> Pool {
-    Pool::new(
-        support::client_builder()
-            .server(mc.addr())
-            .protocol(p)
-            .io_timeout(Duration::from_millis(100))
-            .connect_timeout(Duration::from_millis(100))
-            .server_failure_limit(2)
-            .retry_timeout(Duration::from_millis(100))
-            .max_value_size(4 << 20),
-        8,
-    )
-    .unwrap()
+    Pool::new(cache_builder(mc, p), 8).unwrap()
+}
+
+/// The same settings as [`pool_with`], as one shared client.
+fn shared_with(mc: &Memcached, p: Protocol) -> mcstore::SharedClient {
+    cache_builder(mc, p).shared().build().unwrap()
 }
 
 /// The storages under test; each keeps what it needs alive.
@@ -60,6 +65,12 @@ fn subjects() -> Vec<Subject> {
     let meta_master: Arc<dyn Storage> = Arc::new(FsStorage::open(&meta_dir.path).unwrap());
     let mc3 = Memcached::start();
     let mc5 = Memcached::start();
+    let (mc6, mc7) = (Memcached::start(), Memcached::start());
+    let shared_dir = TempDir::new("mcstore-master-shared");
+    let shared_master: Arc<dyn Storage> = Arc::new(FsStorage::open(&shared_dir.path).unwrap());
+    let shared_meta_dir = TempDir::new("mcstore-master-shared-meta");
+    let shared_meta_master: Arc<dyn Storage> =
+        Arc::new(FsStorage::open(&shared_meta_dir.path).unwrap());
     let over_fs_meta = Arc::new(MemcacheStorage::new(
         pool_with(&mc3, Protocol::Meta),
         meta_master,
@@ -98,6 +109,24 @@ fn subjects() -> Vec<Subject> {
             )),
             large_ok: true,
             _keep: vec![Box::new(mc5)],
+        },
+        Subject {
+            name: "memcache over fs, shared client",
+            storage: Arc::new(MemcacheStorage::new(
+                shared_with(&mc6, Protocol::Text),
+                shared_master,
+            )),
+            large_ok: true,
+            _keep: vec![Box::new(shared_dir), Box::new(mc6)],
+        },
+        Subject {
+            name: "memcache over fs, shared client, meta leases",
+            storage: Arc::new(MemcacheStorage::new(
+                shared_with(&mc7, Protocol::Meta),
+                shared_meta_master,
+            )),
+            large_ok: true,
+            _keep: vec![Box::new(shared_meta_dir), Box::new(mc7)],
         },
         Subject {
             name: "memcache only",
@@ -718,12 +747,23 @@ fn fs_temp_files_unique_bounded_and_cleaned() {
 /// held at a gate until the warm hit has returned; the bound only ends a failing run.
 #[test]
 fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
-    for p in [Protocol::Text, Protocol::Meta] {
+    for (p, shared) in [
+        (Protocol::Text, false),
+        (Protocol::Meta, false),
+        (Protocol::Text, true),
+        (Protocol::Meta, true),
+    ] {
         let mc = Memcached::start();
         let master = Arc::new(TestMaster::default());
         let one = support::client_builder().server(mc.addr()).protocol(p);
-        let pool = Pool::with_checkout_timeout(one, 1, Duration::from_secs(60)).unwrap();
-        let s = Arc::new(MemcacheStorage::new(pool, master.clone()));
+        let cache: mcstore::storage::CacheClients = if shared {
+            one.shared().build().unwrap().into()
+        } else {
+            Pool::with_checkout_timeout(one, 1, Duration::from_secs(60))
+                .unwrap()
+                .into()
+        };
+        let s = Arc::new(MemcacheStorage::new(cache, master.clone()));
         s.create_container("c").unwrap();
         let (warm, cold) = (
             s.info("c", Some("warm")).unwrap(),
@@ -774,16 +814,28 @@ fn a_warm_hit_does_not_wait_for_a_cold_master_read() {
 #[test]
 fn a_fill_never_lands_on_a_restarted_server() {
     const FLAG_VALUE: u32 = 0x4d43_0000;
-    for p in [Protocol::Text, Protocol::Meta] {
+    for (p, shared) in [
+        (Protocol::Text, false),
+        (Protocol::Meta, false),
+        (Protocol::Text, true),
+        (Protocol::Meta, true),
+    ] {
         let mut mc = Memcached::start();
         let master = Arc::new(TestMaster::default());
         let builder = support::client_builder()
             .server(mc.addr())
             .protocol(p)
             .io_timeout(Duration::from_secs(5));
-        // One client: the reads below reconnect the very client that fills.
-        let pool = Pool::with_checkout_timeout(builder, 1, Duration::from_secs(60)).unwrap();
-        let s = Arc::new(MemcacheStorage::new(pool, master.clone()));
+        // One client (or the shared client's one connection): the reads below reconnect
+        // the very client that fills.
+        let cache: mcstore::storage::CacheClients = if shared {
+            builder.shared().build().unwrap().into()
+        } else {
+            Pool::with_checkout_timeout(builder, 1, Duration::from_secs(60))
+                .unwrap()
+                .into()
+        };
+        let s = Arc::new(MemcacheStorage::new(cache, master.clone()));
         s.create_container("c").unwrap();
         let (info, other) = (
             s.info("c", Some("r")).unwrap(),
@@ -1485,11 +1537,15 @@ fn concurrent_random_operations_no_stale_reads() {
     }
 }
 
-fn killed_frozen_restarted(p: Protocol) {
+fn killed_frozen_restarted(p: Protocol, shared: bool) {
     let mut mc = Memcached::start();
     let dir = TempDir::new("mcstore-faults");
     let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
-    let s = MemcacheStorage::new(pool_with(&mc, p), master.clone());
+    let s = if shared {
+        MemcacheStorage::new(shared_with(&mc, p), master.clone())
+    } else {
+        MemcacheStorage::new(pool_with(&mc, p), master.clone())
+    };
     let mc_ref = &mut mc;
     let r = concurrent_run(&s, Duration::from_secs(5), move |stop| {
         let pause = |d: u64| {
@@ -1513,7 +1569,7 @@ fn killed_frozen_restarted(p: Protocol) {
     });
     let c = s.counters();
     println!(
-        "faults ({p:?}): calls={} failed={} stale={} cache_errors={} bypassed={} master_reads={} hits={} pending={}",
+        "faults ({p:?}, shared client: {shared}): calls={} failed={} stale={} cache_errors={} bypassed={} master_reads={} hits={} pending={}",
         r.calls, r.failed, r.stale, c.cache_errors, c.bypassed, c.master_reads, c.hits, s.pending_invalidations()
     );
     assert_eq!(r.failed, 0, "every storage call succeeded from the master");
@@ -1533,12 +1589,22 @@ fn killed_frozen_restarted(p: Protocol) {
 
 #[test]
 fn memcached_killed_frozen_restarted_during_the_run() {
-    killed_frozen_restarted(Protocol::Text);
+    killed_frozen_restarted(Protocol::Text, false);
 }
 
 #[test]
 fn memcached_killed_frozen_restarted_during_the_run_meta() {
-    killed_frozen_restarted(Protocol::Meta);
+    killed_frozen_restarted(Protocol::Meta, false);
+}
+
+#[test]
+fn memcached_killed_frozen_restarted_during_the_run_shared_client() {
+    killed_frozen_restarted(Protocol::Text, true);
+}
+
+#[test]
+fn memcached_killed_frozen_restarted_during_the_run_shared_client_meta() {
+    killed_frozen_restarted(Protocol::Meta, true);
 }
 
 /// Resource contents in the crash test: a header naming the version and its length, a body,

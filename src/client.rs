@@ -39,7 +39,7 @@ pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;
-mod shared;
+pub(crate) mod shared;
 
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
 pub use builder::ClientBuilder;

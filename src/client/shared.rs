@@ -135,7 +135,8 @@ impl SharedClientBuilder {
             protocol: core.protocol,
             labels: Arc::clone(&core.labels),
             driving: self.driving,
-            router: (n > 1).then(|| Mutex::new(router)),
+            single: n == 1,
+            router: Mutex::new(router),
             admin: Mutex::new(admin),
             engines: engines.into_boxed_slice(),
         };
@@ -200,9 +201,11 @@ struct Inner {
     protocol: Protocol,
     labels: Arc<[String]>,
     driving: IoMode,
-    /// Picks a key's server (with several servers): a client that never connects, sharing
-    /// the engines' view of who is ejected.
-    router: Option<Mutex<Client>>,
+    /// One server: every key goes to engine 0 (its own client still checks its health).
+    single: bool,
+    /// Picks a key's server: a client that never connects, sharing the engines' view of who
+    /// is ejected.
+    router: Mutex<Client>,
     /// Server-wide commands (flush, stats, version) on their own connections.
     admin: Mutex<Client>,
     engines: Box<[Arc<Engine>]>,
@@ -975,9 +978,9 @@ impl SharedClient {
             // The rare keys (too long, or binary keys over meta): checked as a Client does.
             super::wire_key(ns, key, inner.binary_keys, &mut Vec::new())?;
         }
-        let server = match &inner.router {
-            None => 0,
-            Some(r) => lock(r).route_of_key(key)?.server,
+        let server = match inner.single {
+            true => 0,
+            false => lock(&inner.router).route_of_key(key)?.server,
         };
         Ok(&inner.engines[server])
     }
@@ -996,10 +999,15 @@ impl SharedClient {
 
     /// A blocking call: made directly on an idle engine, else queued and waited for.
     fn exec(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
-        let start = Instant::now();
-        let deadline = start + self.inner.timeout;
         self.check(&call)?;
         let eng = self.route(call.key)?;
+        self.exec_on(eng, call, out)
+    }
+
+    /// [`exec`](Self::exec) on a given server's engine (the key already checked).
+    fn exec_on(&self, eng: &Arc<Engine>, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
+        let start = Instant::now();
+        let deadline = start + self.inner.timeout;
         if self.inner.driving != IoMode::IoThread {
             if let Some(mut st) = eng.try_state() {
                 if lock(&eng.queue).reqs.is_empty() {
@@ -1604,5 +1612,83 @@ impl Drop for AsyncCall<'_> {
             }
             CallState::Start | CallState::Finished => {}
         }
+    }
+}
+
+/// A client lent for calls that must follow each other on one connection (the storage's
+/// fill protocol: a CAS unique is only good on the connection's server process); see
+/// [`SharedClient::lend_for`]. Batched calls for that server wait meanwhile, then resume.
+pub(crate) struct Lent<'a>(LentClient<'a>);
+
+enum LentClient<'a> {
+    Engine(Option<MutexGuard<'a, State>>, &'a Arc<Engine>),
+    Admin(MutexGuard<'a, Client>),
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match &self.0 {
+            LentClient::Engine(g, _) => &g.as_ref().expect("held until dropped").client,
+            LentClient::Admin(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        match &mut self.0 {
+            LentClient::Engine(g, _) => &mut g.as_mut().expect("held until dropped").client,
+            LentClient::Admin(g) => g,
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let LentClient::Engine(g, engine) = &mut self.0 {
+            drop(g.take());
+            // What queued while it was lent is served now.
+            engine.hand_off();
+        }
+    }
+}
+
+/// What the storage layer needs beyond the public calls.
+impl SharedClient {
+    /// Whether the protocol has leases (meta).
+    pub(crate) fn has_leases(&self) -> bool {
+        self.inner.protocol.supports(Capability::Meta)
+    }
+
+    /// Where `key` goes now, and its own server (see `Client::route_of_key`).
+    pub(crate) fn route_of_key(&self, key: &[u8]) -> Result<super::Route> {
+        lock(&self.inner.router).route_of_key(key)
+    }
+
+    /// Server `server`'s engine client, for calls that must share its connection: the
+    /// connection batched calls use, held exclusively until the lent client is dropped.
+    pub(crate) fn lend_for(&self, server: usize) -> Lent<'_> {
+        let engine = &self.inner.engines[server];
+        Lent(LentClient::Engine(Some(lock(&engine.state)), engine))
+    }
+
+    /// The client for server-wide and multi-server maintenance (replays, flushes).
+    pub(crate) fn lend_admin(&self) -> Lent<'_> {
+        Lent(LentClient::Admin(lock(&self.inner.admin)))
+    }
+
+    /// A get on server `server` (wherever the ring would send `key` now), batched with
+    /// concurrent calls: the storage's warm reads, kept on the server its route checks
+    /// approved.
+    pub(crate) fn get_on(
+        &self,
+        server: usize,
+        key: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        let eng = &self.inner.engines[server];
+        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key, &[]), buf)?)
     }
 }

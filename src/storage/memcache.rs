@@ -54,7 +54,10 @@ use super::{
     ResourceIter, Storage,
 };
 use crate::client::Key;
-use crate::client::{CasResult, Client, Lease, MetaGetOptions, Pool, ServerInstance, SetOptions};
+use crate::client::{
+    CasResult, Client, Lease, MetaGetOptions, Pool, PooledClient, ServerInstance, SetOptions,
+    SharedClient,
+};
 
 /// Client flags of this storage's cache entries (`MC` and a kind), so that readers on any
 /// protocol tell them apart: content, a filling marker, a "read the master" marker. Anything
@@ -294,9 +297,66 @@ impl Pending {
     }
 }
 
+/// The memcached clients a [`MemcacheStorage`] calls through: a [`Pool`] (each call checks a
+/// client out), or a [`SharedClient`] (warm reads of concurrent callers share multi-gets;
+/// a miss's fill protocol borrows the key's server connection for its few calls). Built
+/// with `.into()` from either, or from a single [`Client`].
+#[derive(Debug, Clone)]
+pub enum CacheClients {
+    /// Clients checked out per call.
+    Pool(Pool),
+    /// One shared, batching client.
+    Shared(SharedClient),
+}
+
+impl From<Pool> for CacheClients {
+    fn from(p: Pool) -> CacheClients {
+        CacheClients::Pool(p)
+    }
+}
+
+impl From<Client> for CacheClients {
+    fn from(c: Client) -> CacheClients {
+        CacheClients::Pool(c.into())
+    }
+}
+
+impl From<SharedClient> for CacheClients {
+    fn from(c: SharedClient) -> CacheClients {
+        CacheClients::Shared(c)
+    }
+}
+
+/// A client for a few calls in a row: checked out of the pool, or lent by the shared client.
+// Lives on the stack for one storage call; boxing the pooled client would allocate per call.
+#[allow(clippy::large_enum_variant)]
+enum Checkout<'a> {
+    Pooled(PooledClient<'a>),
+    Lent(crate::client::shared::Lent<'a>),
+}
+
+impl std::ops::Deref for Checkout<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match self {
+            Checkout::Pooled(c) => c,
+            Checkout::Lent(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Checkout<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        match self {
+            Checkout::Pooled(c) => c,
+            Checkout::Lent(c) => c,
+        }
+    }
+}
+
 /// What a [`MemcacheStorage`] is built from.
 struct Settings {
-    pool: Pool,
+    cache: CacheClients,
     master: Arc<dyn Storage>,
     keys: KeyGenerator,
     ttl: u32,
@@ -315,7 +375,7 @@ impl std::fmt::Debug for MemcacheStorageBuilder {
         fmt_settings(
             f,
             "MemcacheStorageBuilder",
-            &self.settings.pool,
+            &self.settings.cache,
             self.settings.ttl,
         )
     }
@@ -325,7 +385,7 @@ impl std::fmt::Debug for MemcacheStorageBuilder {
 pub(super) fn fmt_settings(
     f: &mut std::fmt::Formatter<'_>,
     name: &str,
-    pool: &Pool,
+    pool: &dyn std::fmt::Debug,
     ttl: u32,
 ) -> std::fmt::Result {
     f.debug_struct(name)
@@ -483,23 +543,26 @@ enum Lookup {
 impl std::fmt::Debug for MemcacheStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let settings = &self.shared.settings;
-        fmt_settings(f, "MemcacheStorage", &settings.pool, settings.ttl)
+        fmt_settings(f, "MemcacheStorage", &settings.cache, settings.ttl)
     }
 }
 
 impl MemcacheStorage {
-    /// A proxy in front of `master`, using the cache through `pool` (a [`Pool`], or a single
-    /// [`Client`] via `.into()`). For memcached alone, see
-    /// [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
-    pub fn new(pool: impl Into<Pool>, master: Arc<dyn Storage>) -> MemcacheStorage {
-        MemcacheStorage::builder(pool, master).build()
+    /// A proxy in front of `master`, using the cache through `cache`: a [`Pool`], a
+    /// [`SharedClient`] or a single [`Client`] (see [`CacheClients`]). For memcached alone,
+    /// see [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
+    pub fn new(cache: impl Into<CacheClients>, master: Arc<dyn Storage>) -> MemcacheStorage {
+        MemcacheStorage::builder(cache, master).build()
     }
 
     /// Like [`new`](Self::new), with options.
-    pub fn builder(pool: impl Into<Pool>, master: Arc<dyn Storage>) -> MemcacheStorageBuilder {
+    pub fn builder(
+        cache: impl Into<CacheClients>,
+        master: Arc<dyn Storage>,
+    ) -> MemcacheStorageBuilder {
         MemcacheStorageBuilder {
             settings: Settings {
-                pool: pool.into(),
+                cache: cache.into(),
                 master,
                 keys: KeyGenerator::default(),
                 ttl: DEFAULT_TTL,
@@ -617,7 +680,7 @@ impl Shared {
         if replay.is_none() && entries.is_empty() {
             return;
         }
-        let Some(mut c) = self.checkout() else {
+        let Some(mut c) = self.checkout(None) else {
             return;
         };
         let c = &mut *c;
@@ -738,13 +801,46 @@ impl Shared {
         m.get(&mi, part)
     }
 
-    fn checkout(&self) -> Option<crate::client::PooledClient<'_>> {
-        match self.settings.pool.get() {
+    /// A client for calls about `key` (the shared client lends that key's server
+    /// connection), or for maintenance over every server (`None`).
+    fn checkout(&self, key: Option<&str>) -> Option<Checkout<'_>> {
+        let r = match (&self.settings.cache, key) {
+            (CacheClients::Pool(p), _) => p.get().map(Checkout::Pooled),
+            // A key that cannot be routed: the caller's own routing reports why (the admin
+            // client routes as the engines do).
+            (CacheClients::Shared(s), Some(k)) => {
+                Ok(Checkout::Lent(match s.route_of_key(k.as_bytes()) {
+                    Ok(r) => s.lend_for(r.server),
+                    Err(_) => s.lend_admin(),
+                }))
+            }
+            (CacheClients::Shared(s), None) => Ok(Checkout::Lent(s.lend_admin())),
+        };
+        match r {
             Ok(c) => Some(c),
             Err(e) => {
                 self.cache_failed(&e);
                 None
             }
+        }
+    }
+
+    /// The warm read of a shared client: a plain get on the key's own server, batched with
+    /// concurrent callers' (text and binary; with leases every read is a lease lookup, and a
+    /// plain get could not tell a stale item). `Some` for a value, `None` when the full
+    /// lookup must run (a miss, a marker, an error is left to it too).
+    fn shared_hit(&self, s: &SharedClient, key: &str) -> Option<Bytes> {
+        if s.has_leases() {
+            return None;
+        }
+        let route = s.route_of_key(key.as_bytes()).ok()?;
+        if !route.is_home() || self.distrusted(key, &s.servers()[route.server]) {
+            return None;
+        }
+        let mut buf = Vec::new();
+        match s.get_on(route.server, key.as_bytes(), &mut buf) {
+            Ok(Some(info)) if info.flags == FLAG_VALUE => Some(Bytes::from(buf)),
+            _ => None,
         }
     }
 
@@ -910,10 +1006,16 @@ impl Shared {
             return self.master_get(m, info, part);
         };
         self.replay_inline();
+        if let CacheClients::Shared(s) = &self.settings.cache {
+            if let Some(v) = self.shared_hit(s, &key) {
+                bump(&self.counters.hits, "mcstore_storage_hits_total");
+                return Ok(v);
+            }
+        }
         let mut waiting_until = None;
         let mut instance = None;
         let lookup = loop {
-            let Some(mut c) = self.checkout() else {
+            let Some(mut c) = self.checkout(Some(&key)) else {
                 return self.master_get(m, info, part);
             };
             let route = match c.route_of_key(key.as_bytes()) {
@@ -980,7 +1082,7 @@ impl Shared {
                 };
                 // Our marker or lease: fill it, or drop it if the master has nothing, so
                 // nobody waits for it. A client is checked out again for this.
-                let Some(mut c) = self.checkout() else {
+                let Some(mut c) = self.checkout(Some(&key)) else {
                     return value;
                 };
                 match (&value, instance) {
@@ -1057,14 +1159,13 @@ impl Shared {
     /// Returns whether every entry was deleted on its own server.
     fn invalidate(&self, keys: &[String]) -> bool {
         self.replay_inline();
-        let Some(mut c) = self.checkout() else {
-            for k in keys {
-                self.remember(k.clone(), None);
-            }
-            return false;
-        };
         let mut all = true;
         for k in keys {
+            let Some(mut c) = self.checkout(Some(k)) else {
+                self.remember(k.clone(), None);
+                all = false;
+                continue;
+            };
             let route = match c.route_of_key(k.as_bytes()) {
                 Ok(r) => r,
                 Err(e) => {

@@ -31,7 +31,8 @@ use bytes::Bytes;
 
 pub use fs::FsStorage;
 pub use memcache::{
-    KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters, DEFAULT_TTL,
+    CacheClients, KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters,
+    DEFAULT_TTL,
 };
 pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
