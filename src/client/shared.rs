@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
@@ -239,6 +240,8 @@ struct Engine {
     queue: Mutex<Queue>,
     /// Wakes the I/O thread (with `queue`).
     io: Condvar,
+    /// Requests in the queue (read without its lock by a lone caller's fast path).
+    queued: AtomicUsize,
     /// Wakes blocking callers waiting for a free slot (with `queue`).
     space: Condvar,
     slots: Box<[Slot]>,
@@ -342,6 +345,7 @@ impl Engine {
             }),
             queue: Mutex::new(queue),
             io: Condvar::new(),
+            queued: AtomicUsize::new(0),
             space: Condvar::new(),
             slots: (0..slots)
                 .map(|_| Slot {
@@ -387,6 +391,7 @@ impl Engine {
         q.arena.extend_from_slice(key);
         let v = q.arena.len();
         q.arena.extend_from_slice(value);
+        self.queued.fetch_add(1, Ordering::SeqCst);
         q.reqs.push(Req {
             op,
             key: k..v,
@@ -437,6 +442,7 @@ impl Engine {
         d.waiter = Waiter::None;
         if let Some(at) = q.reqs.iter().position(|r| r.slot == slot) {
             q.reqs.remove(at);
+            self.queued.fetch_sub(1, Ordering::SeqCst);
             d.phase = Phase::Free;
             drop(d);
             self.free(&mut q, slot);
@@ -459,6 +465,12 @@ impl Engine {
 
     /// After a combiner let go of the client: someone must serve what is queued.
     fn hand_off(self: &Arc<Self>) {
+        // Read after the engine was let go: a request queued before that is counted here
+        // (its owner counted it, then failed to get the engine), one queued after finds the
+        // engine free.
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let q = lock(&self.queue);
         let Some(head) = q.reqs.first() else { return };
         if q.io_running {
@@ -521,6 +533,7 @@ impl Engine {
                 return false;
             }
             std::mem::swap(&mut q.reqs, &mut work.reqs);
+            self.queued.fetch_sub(work.reqs.len(), Ordering::SeqCst);
             std::mem::swap(&mut q.arena, &mut work.arena);
         }
         work.freed.clear();
@@ -978,17 +991,34 @@ impl SharedClient {
 
     /// Validates `key` and picks its engine.
     fn route(&self, key: &[u8]) -> Result<&Arc<Engine>> {
+        let (eng, checked) = self.route_unchecked(key)?;
+        if !checked {
+            self.check_key(key)?;
+        }
+        Ok(eng)
+    }
+
+    /// The key's engine, and whether the key was validated on the way (routing validates;
+    /// with one server there is nothing to route, and a direct call validates as a `Client`
+    /// call does, so only a queued one needs [`check_key`](Self::check_key)).
+    fn route_unchecked(&self, key: &[u8]) -> Result<(&Arc<Engine>, bool)> {
+        let inner = &*self.inner;
+        if inner.single {
+            return Ok((&inner.engines[0], false));
+        }
+        let server = lock(&inner.router).route_of_key(key)?.server;
+        Ok((&inner.engines[server], true))
+    }
+
+    /// Validates a key before it is queued: a bad key in a batch would fail everyone's.
+    fn check_key(&self, key: &[u8]) -> Result<()> {
         let inner = &*self.inner;
         let ns = &inner.namespace;
         if Key::new(key).is_err() || ns.len() + key.len() > MAX_KEY_LEN {
             // The rare keys (too long, or binary keys over meta): checked as a Client does.
             super::wire_key(ns, key, inner.binary_keys, &mut Vec::new())?;
         }
-        let server = match inner.single {
-            true => 0,
-            false => lock(&inner.router).route_of_key(key)?.server,
-        };
-        Ok(&inner.engines[server])
+        Ok(())
     }
 
     fn check(&self, call: &CallSpec<'_>) -> Result<()> {
@@ -1006,17 +1036,21 @@ impl SharedClient {
     /// A blocking call: made directly on an idle engine, else queued and waited for.
     fn exec(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
         self.check(&call)?;
-        let eng = self.route(call.key)?;
-        self.exec_on(eng, call, out)
+        let (eng, checked) = self.route_unchecked(call.key)?;
+        self.exec_on(eng, call, checked, out)
     }
 
-    /// [`exec`](Self::exec) on a given server's engine (the key already checked).
-    fn exec_on(&self, eng: &Arc<Engine>, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
-        let start = Instant::now();
-        let deadline = start + self.inner.timeout;
+    /// [`exec`](Self::exec) on a given server's engine; `checked`: the key was validated.
+    fn exec_on(
+        &self,
+        eng: &Arc<Engine>,
+        call: CallSpec<'_>,
+        checked: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
         if self.inner.driving != IoMode::IoThread {
             if let Some(mut st) = eng.try_state() {
-                if lock(&eng.queue).reqs.is_empty() {
+                if eng.queued.load(Ordering::SeqCst) == 0 {
                     let server = eng.server;
                     let r = st
                         .client
@@ -1027,6 +1061,11 @@ impl SharedClient {
                 }
             }
         }
+        if !checked {
+            self.check_key(call.key)?;
+        }
+        let start = Instant::now();
+        let deadline = start + self.inner.timeout;
         let slot = self.submit_blocking(eng, &call, start, deadline)?;
         self.await_slot(eng, slot, start, deadline, out)
     }
@@ -1695,6 +1734,6 @@ impl SharedClient {
     ) -> Result<Option<ItemInfo>> {
         buf.clear();
         let eng = &self.inner.engines[server];
-        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key, &[]), buf)?)
+        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key, &[]), true, buf)?)
     }
 }

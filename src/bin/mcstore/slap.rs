@@ -59,6 +59,8 @@ pub enum Which {
     Shared,
     /// A `Pool` of one `Client` per caller (threads only), to compare.
     Pool,
+    /// One plain `Client` (one caller only): the single-caller baseline.
+    Plain,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -115,8 +117,11 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     if spec.callers == 0 || spec.keys == 0 {
         return Err("--callers and -k must be at least 1".into());
     }
-    if spec.client == Which::Pool && spec.mode == Mode::Async {
-        return Err("--client pool runs threads only (a Pool has no async calls)".into());
+    if spec.client != Which::Shared && spec.mode == Mode::Async {
+        return Err("--client pool and plain run threads only (no async calls)".into());
+    }
+    if spec.client == Which::Plain && spec.callers != 1 {
+        return Err("--client plain is one Client for one caller (--callers 1)".into());
     }
     let err = |e: mcstore::Error| e.to_string();
     let keys: Arc<Vec<Vec<u8>>> = Arc::new(
@@ -180,6 +185,15 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
                 }
             })
         }
+        (Which::Plain, _) => {
+            let client = std::sync::Mutex::new(Some(builder.build().map_err(err)?));
+            run_threads(1, &ctx, share, move |_| {
+                let mut c = client.lock().unwrap().take().expect("one caller");
+                move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
+                    call_client(&mut c, key, set, value, buf)
+                }
+            })
+        }
         (Which::Shared, mode) => {
             let client = builder
                 .shared()
@@ -234,6 +248,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     let client = match spec.client {
         Which::Shared => "mcstore",
         Which::Pool => "mcstore-pool",
+        Which::Plain => "mcstore-client",
     };
     let w = match workload {
         Workload::Get => "get_concurrent",
