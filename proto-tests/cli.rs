@@ -266,3 +266,124 @@ fn demo_runs_against_a_given_server() {
     assert!(out.contains("hits 150 / misses 50"), "{out}");
     assert!(out.contains("all content verified"), "{out}");
 }
+
+/// `mcstore slap`: preloads, runs the callers, prints a latency table and ends with exactly one
+/// RESULT line in the documented format; no progress bar when stdout is not a terminal.
+#[test]
+fn slap_prints_a_latency_table_and_one_result_line() {
+    let mc = Memcached::start();
+    let s = &mc.addr();
+    for args in [
+        &["slap", "--callers", "4", "-n", "2000", "-k", "100"][..],
+        &[
+            "slap",
+            "--callers",
+            "8",
+            "-n",
+            "2000",
+            "-k",
+            "100",
+            "--mode",
+            "async",
+        ][..],
+        &[
+            "slap",
+            "--callers",
+            "8",
+            "-n",
+            "2000",
+            "-k",
+            "100",
+            "-w",
+            "mix",
+            "--mode",
+            "async",
+            "--runtime",
+            "multi",
+        ][..],
+        &[
+            "--protocol",
+            "meta",
+            "slap",
+            "--callers",
+            "8",
+            "-n",
+            "2000",
+            "-k",
+            "100",
+            "-w",
+            "set",
+        ][..],
+        &[
+            "--protocol",
+            "binary",
+            "slap",
+            "--callers",
+            "1",
+            "-n",
+            "500",
+            "-k",
+            "100",
+            "--client",
+            "plain",
+        ][..],
+        &[
+            "slap",
+            "--callers",
+            "4",
+            "-n",
+            "1000",
+            "-k",
+            "100",
+            "--io-mode",
+            "combining",
+        ][..],
+    ] {
+        let out = ok(&mcstore(s, args, b""));
+        let lines: Vec<&str> = out.lines().collect();
+        let last = *lines.last().unwrap();
+        assert!(last.starts_with("RESULT client=mcstore"), "{args:?}: {out}");
+        assert_eq!(out.matches("RESULT").count(), 1, "{out}");
+        let fields: Vec<&str> = last
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.split('=').next().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "client",
+                "proto",
+                "workload",
+                "callers",
+                "ops",
+                "wall_s",
+                "ops_per_s",
+                "cpu_us_per_op",
+                "p50_us",
+                "p99_us"
+            ],
+            "{last}"
+        );
+        for q in ["p50", "p90", "p99", "p99.9"] {
+            assert!(
+                lines.iter().any(|l| l.trim_start().starts_with(q)),
+                "{q} missing: {out}"
+            );
+        }
+        assert!(
+            !out.contains('\r') && !out.contains(" eta "),
+            "a progress bar on a pipe: {out}"
+        );
+    }
+    // The keys were preloaded: key:0 .. key:99.
+    assert_eq!(ok(&mcstore(s, &["get", "key:99"], b"")).len(), 100);
+    fails_with(
+        &mcstore(s, &["slap", "-w", "scan"], b""),
+        "unknown workload",
+    );
+    fails_with(
+        &mcstore(s, &["slap", "--client", "pool", "--mode", "async"], b""),
+        "threads only",
+    );
+}

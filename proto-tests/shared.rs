@@ -632,3 +632,115 @@ fn wait_until_served(c: &SharedClient) {
         matches!(c.get(b"k"), Ok(Some(_)))
     });
 }
+
+#[test]
+fn multi_key_and_meta_calls_over_three_servers() {
+    let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    for p in PROTOCOLS {
+        let c = support::client_builder()
+            .protocol(p)
+            .servers(servers.iter().map(Memcached::addr))
+            .distribution(mcstore::ring::Distribution::Ketama)
+            .shared()
+            .build()
+            .unwrap();
+        let items: Vec<(String, String)> = (0..300)
+            .map(|i| (format!("{p:?}:m:{i}"), format!("value {i}")))
+            .collect();
+        assert_eq!(c.set_multi(&items, SetOptions::default()).unwrap(), 300);
+        let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
+        let mut seen = 0;
+        c.get_multi(&keys, |k, item| {
+            let i: usize = std::str::from_utf8(k)
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(item.value, items[i].1.as_bytes());
+            seen += 1;
+        })
+        .unwrap();
+        assert_eq!(seen, 300, "{p:?}");
+        let mut with_cas = 0;
+        c.gets_multi(&keys[..10], |_, item| {
+            with_cas += usize::from(item.cas.is_some())
+        })
+        .unwrap();
+        assert_eq!(with_cas, 10);
+        assert_eq!(c.delete_multi(&keys[..100]).unwrap(), 100);
+        assert_eq!(c.delete_multi(&keys[..100]).unwrap(), 0);
+        // Every server got some of the keys.
+        let owners: std::collections::HashSet<String> = keys
+            .iter()
+            .map(|k| c.server_for_key(k.as_bytes()).unwrap())
+            .collect();
+        assert_eq!(owners.len(), 3);
+        let mut buf = Vec::new();
+        if p == Protocol::Meta {
+            let lease = mcstore::MetaGetOptions {
+                lease_ttl: Some(30),
+                ..Default::default()
+            };
+            let won = c.meta_get(b"leased", lease, &mut buf).unwrap().unwrap();
+            assert_eq!(won.lease, mcstore::Lease::Won);
+            let again = c.meta_get(b"leased", lease, &mut buf).unwrap().unwrap();
+            assert_eq!(again.lease, mcstore::Lease::AlreadyWon);
+            assert!(c.invalidate(keys[200].as_bytes(), Some(30)).unwrap());
+            assert!(c.meta_debug(keys[201].as_bytes()).unwrap().is_some());
+        } else {
+            let e = c
+                .meta_get(b"leased", Default::default(), &mut buf)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+        }
+        // Keys are checked before anything is queued; values against the maximum.
+        assert_eq!(c.get(b"").unwrap_err().kind(), ErrorKind::InvalidKey);
+        if p != Protocol::Meta {
+            assert_eq!(c.get(b"bad key").unwrap_err().kind(), ErrorKind::InvalidKey);
+        }
+        assert_eq!(
+            c.get(&[b'k'; 300]).unwrap_err().kind(),
+            ErrorKind::InvalidKey
+        );
+        let big = vec![0u8; 2 << 20];
+        assert_eq!(
+            c.set(b"big", &big, SetOptions::default())
+                .unwrap_err()
+                .kind(),
+            ErrorKind::ValueTooLarge
+        );
+        c.flush_all(None).unwrap();
+        assert_eq!(c.get(keys[150].as_bytes()).unwrap(), None);
+        assert_eq!(c.version().unwrap().len(), 3);
+        assert_eq!(c.stats(None).unwrap().len(), 3);
+    }
+}
+
+#[test]
+fn a_bad_key_under_concurrency_fails_alone() {
+    // One server: a lone call is made directly (the Client checks its key), a queued one is
+    // checked before it joins a batch, where it would fail everyone's.
+    let mc = Memcached::start();
+    let c = shared(&[&mc], Protocol::Text);
+    c.set(b"good", b"value", SetOptions::default()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..16 {
+            let c = c.clone();
+            s.spawn(move || {
+                let mut buf = Vec::new();
+                for n in 0..500 {
+                    if (n + t) % 5 == 0 {
+                        let bad: &[u8] = if n % 2 == 0 { b"" } else { b"a key" };
+                        let e = c.get_into(bad, &mut buf).unwrap_err();
+                        assert_eq!(e.kind(), ErrorKind::InvalidKey);
+                    } else {
+                        assert!(c.get_into(b"good", &mut buf).unwrap().is_some());
+                        assert_eq!(buf, b"value");
+                    }
+                }
+            });
+        }
+    });
+}

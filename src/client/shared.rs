@@ -1322,58 +1322,177 @@ impl SharedClient {
         existed(self.exec(spec(Op::Touch(ttl), key, &[]), &mut Vec::new())?)
     }
 
+    /// Queues every call of `calls` (in chunks, so that one caller never takes every slot of
+    /// a server) and hands each result to `on(index, result, value)`, the value being a
+    /// hit's. Queued together, the calls share batches with each other and with concurrent
+    /// callers.
+    fn each_queued<'k>(
+        &self,
+        n: usize,
+        call: impl Fn(usize) -> CallSpec<'k>,
+        mut on: impl FnMut(usize, Result<Reply>, &[u8]),
+    ) {
+        const CHUNK: usize = 64;
+        let mut value = Vec::new();
+        let mut queued: [(u32, u32); CHUNK] = [(NONE, NONE); CHUNK];
+        for first in (0..n).step_by(CHUNK) {
+            let start = Instant::now();
+            let deadline = start + self.inner.timeout;
+            let end = (first + CHUNK).min(n);
+            for j in first..end {
+                let c = call(j);
+                let r = self
+                    .check(&c)
+                    .and_then(|()| self.route(c.key))
+                    .and_then(|eng| {
+                        let slot = self.submit_blocking(eng, &c, start, deadline)?;
+                        Ok((eng.server as u32, slot))
+                    });
+                queued[j - first] = match r {
+                    Ok(q) => q,
+                    Err(e) => {
+                        on(j, Err(e), &[]);
+                        (NONE, NONE)
+                    }
+                };
+            }
+            for j in first..end {
+                let (server, slot) = queued[j - first];
+                if slot == NONE {
+                    continue;
+                }
+                let eng = &self.inner.engines[server as usize];
+                let r = self.await_slot(eng, slot, start, deadline, &mut value);
+                on(j, r, &value);
+            }
+        }
+    }
+
     /// Gets many keys, calling `found(key, item)` for each hit; each key is queued as a get
     /// of its own, so the keys of concurrent callers share multi-gets. Errors: the first
     /// failed key's error (the hits of the others are still delivered).
     pub fn get_multi<K: AsRef<[u8]>>(
         &self,
         keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        self.retrieve_multi(false, keys, found)
+    }
+
+    /// [`get_multi`](Self::get_multi) with CAS uniques.
+    pub fn gets_multi<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        self.retrieve_multi(true, keys, found)
+    }
+
+    fn retrieve_multi<K: AsRef<[u8]>>(
+        &self,
+        cas: bool,
+        keys: &[K],
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
         let mut first_error = None;
-        let mut value = Vec::new();
-        // In chunks, so that one call never takes every slot of a server.
-        for chunk in keys.chunks(64) {
-            let start = Instant::now();
-            let deadline = start + self.inner.timeout;
-            let mut queued: [(u32, u32); 64] = [(NONE, NONE); 64];
-            for (k, key) in chunk.iter().enumerate() {
-                let key = key.as_ref();
-                let call = spec(Op::Get { cas: false }, key, &[]);
-                let r = self.route(key).and_then(|eng| {
-                    let slot = self.submit_blocking(eng, &call, start, deadline)?;
-                    Ok((eng.server as u32, slot))
-                });
-                match r {
-                    Ok(q) => queued[k] = q,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
+        let call = |j: usize| spec(Op::Get { cas }, keys[j].as_ref(), &[]);
+        self.each_queued(keys.len(), call, |j, r, value| match r {
+            Ok(Reply::Hit(info)) => {
+                let item = ItemRef {
+                    value,
+                    flags: info.flags,
+                    cas: info.cas,
+                };
+                found(keys[j].as_ref(), item);
             }
-            for (k, key) in chunk.iter().enumerate() {
-                let (server, slot) = queued[k];
-                if slot == NONE {
-                    continue;
-                }
-                let eng = &self.inner.engines[server as usize];
-                match self.await_slot(eng, slot, start, deadline, &mut value) {
-                    Ok(Reply::Hit(info)) => {
-                        let item = ItemRef {
-                            value: &value,
-                            flags: info.flags,
-                            cas: info.cas,
-                        };
-                        found(key.as_ref(), item);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
+            Ok(_) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
-        }
+        });
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stores many items (each queued as a set of its own: concurrent callers' sets share
+    /// batches); returns how many were stored. Errors: the first failed item's error (the
+    /// others are still stored).
+    pub fn set_multi<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        items: &[(K, V)],
+        opts: SetOptions,
+    ) -> Result<usize> {
+        let op = store_op(StoreMode::Set, opts, None);
+        let call = |j: usize| spec(op, items[j].0.as_ref(), items[j].1.as_ref());
+        self.count_multi(items.len(), call, |r| {
+            matches!(r, Reply::Store(SetOutcome::Stored))
+        })
+    }
+
+    /// Deletes many keys; returns how many existed. Errors as [`set_multi`](Self::set_multi).
+    pub fn delete_multi<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<usize> {
+        let call = |j: usize| spec(Op::Delete, keys[j].as_ref(), &[]);
+        self.count_multi(keys.len(), call, |r| matches!(r, Reply::Existed(true)))
+    }
+
+    fn count_multi<'k>(
+        &self,
+        n: usize,
+        call: impl Fn(usize) -> CallSpec<'k>,
+        counts: impl Fn(Reply) -> bool,
+    ) -> Result<usize> {
+        let (mut done, mut first_error) = (0, None);
+        self.each_queued(n, call, |_, r, _| match r {
+            Ok(reply) => done += usize::from(counts(reply)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        });
+        first_error.map_or(Ok(done), Err)
+    }
+
+    /// Runs `f` on `key`'s server connection, lent for the call (meta calls, which the
+    /// rounds do not batch).
+    fn on_key_server<T>(&self, key: &[u8], f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let server = self.route_of_key(key)?.server;
+        let mut c = self.lend_for(server);
+        c.pinned(server, f)
+    }
+
+    /// Meta get with leases and item metadata (meta protocol). Errors as
+    /// [`Client::meta_get`]. Made on the key's server connection, not batched.
+    pub fn meta_get(
+        &self,
+        key: &[u8],
+        opts: super::MetaGetOptions,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<super::MetaItemInfo>> {
+        self.on_key_server(key, |c| c.meta_get(key, opts, buf))
+    }
+
+    /// Marks an item stale (meta protocol). Errors as [`Client::invalidate`].
+    pub fn invalidate(&self, key: &[u8], stale_ttl: Option<u32>) -> Result<bool> {
+        self.on_key_server(key, |c| c.invalidate(key, stale_ttl))
+    }
+
+    /// A meta storage command (meta protocol). Errors as [`Client::meta_set`].
+    pub fn meta_set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        opts: super::MetaSetOptions,
+    ) -> Result<super::MetaSetResult> {
+        self.on_key_server(key, |c| c.meta_set(key, value, opts))
+    }
+
+    /// The server's debug line for an item (meta protocol). Errors as [`Client::meta_debug`].
+    pub fn meta_debug(&self, key: &[u8]) -> Result<Option<String>> {
+        self.on_key_server(key, |c| c.meta_debug(key))
+    }
+
+    /// The server `key` goes to right now (after ejections), as configured.
+    pub fn server_for_key(&self, key: &[u8]) -> Result<String> {
+        let server = self.route_of_key(key)?.server;
+        Ok(self.inner.labels[server].clone())
     }
 
     fn admin<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
@@ -1388,6 +1507,11 @@ impl SharedClient {
     /// Invalidates every item on one server. Errors as [`Client::flush_server`].
     pub fn flush_server(&self, server: &str, delay: Option<u32>) -> Result<()> {
         self.admin(|c| c.flush_server(server, delay))
+    }
+
+    /// Sets the servers' verbosity. Errors as [`Client::verbosity`].
+    pub fn verbosity(&self, level: u32) -> Result<()> {
+        self.admin(|c| c.verbosity(level))
     }
 
     /// Each server's version. Errors as [`Client::version`].
