@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
@@ -242,6 +242,13 @@ struct Engine {
     io: Condvar,
     /// Requests in the queue (read without its lock by a lone caller's fast path).
     queued: AtomicUsize,
+    /// Bumped after a batch completed requests of [`Waiter::Round`] threads, which wait on
+    /// `round_done`: one `notify_all` (one syscall) wakes a batch's threads, where waking each
+    /// would cost one apiece.
+    round: Mutex<u64>,
+    round_done: Condvar,
+    /// A completed request's owner waits on `round_done`.
+    round_waiting: AtomicBool,
     /// Wakes blocking callers waiting for a free slot (with `queue`).
     space: Condvar,
     slots: Box<[Slot]>,
@@ -306,7 +313,10 @@ enum Phase {
 
 enum Waiter {
     None,
+    /// A parked thread, woken by itself (combining: it may be asked to lead).
     Thread(Thread),
+    /// A thread waiting on its engine's round condition: one wake per batch for all of them.
+    Round,
     Task(Waker),
 }
 
@@ -346,6 +356,9 @@ impl Engine {
             queue: Mutex::new(queue),
             io: Condvar::new(),
             queued: AtomicUsize::new(0),
+            round: Mutex::new(0),
+            round_done: Condvar::new(),
+            round_waiting: AtomicBool::new(false),
             space: Condvar::new(),
             slots: (0..slots)
                 .map(|_| Slot {
@@ -482,11 +495,24 @@ impl Engine {
         let slot = head.slot;
         let mut d = lock(&self.slots[slot as usize].data);
         d.lead = true;
+        let round = matches!(d.waiter, Waiter::Round);
         if let Waiter::Thread(t) = &d.waiter {
             t.unpark();
         }
         drop(d);
         drop(q);
+        if round {
+            self.round_waiting.store(true, Ordering::SeqCst);
+            self.wake_round();
+        }
+    }
+
+    /// Wakes the threads waiting on `round_done` if a request of theirs completed.
+    fn wake_round(&self) {
+        if self.round_waiting.swap(false, Ordering::SeqCst) {
+            *lock(&self.round) += 1;
+            self.round_done.notify_all();
+        }
     }
 
     /// Delivers a result to `slot` (and the value, for a hit): wakes its owner, or frees it
@@ -518,6 +544,7 @@ impl Engine {
         drop(d);
         match waiter {
             Waiter::Thread(t) => t.unpark(),
+            Waiter::Round => self.round_waiting.store(true, Ordering::SeqCst),
             Waiter::Task(w) => w.wake(),
             Waiter::None => {}
         }
@@ -539,6 +566,7 @@ impl Engine {
         work.freed.clear();
         let server = self.server;
         client.pinned(server, |c| work.serve(self, c));
+        self.wake_round();
         work.reqs.clear();
         work.arena.clear();
         if !work.freed.is_empty() {
@@ -717,6 +745,7 @@ impl Work {
             }
             let value = matches!(result, Ok(Reply::Hit(_))).then_some(&self.value[..]);
             engine.complete(slot, result, value, &mut self.freed);
+            engine.wake_round();
             self.reqs[r].slot = NONE;
         }
     }
@@ -800,6 +829,7 @@ impl Work {
         for &r in batch.iter() {
             reqs[r].slot = NONE;
         }
+        engine.wake_round();
         if let Err(e) = &result {
             self.failed(e);
         }
@@ -891,6 +921,7 @@ impl Work {
             for &r in batch.iter() {
                 reqs[r].slot = NONE;
             }
+            engine.wake_round();
             if let Err(e) = &result {
                 self.failed(e);
             }
@@ -937,6 +968,9 @@ impl Engine {
     /// or `deadline` passes.
     fn wait(&self, slot: u32, deadline: Instant, out: &mut Vec<u8>) -> Waited {
         loop {
+            // Read before looking at the slot: a round that completes it after the look
+            // moves the generation, and the wait below does not sleep through it.
+            let seen = *lock(&self.round);
             let mut d = lock(&self.slots[slot as usize].data);
             if let Some(r) = self.take_done(&mut d, out) {
                 drop(d);
@@ -947,15 +981,31 @@ impl Engine {
                 d.lead = false;
                 return Waited::Lead;
             }
-            if !matches!(d.waiter, Waiter::Thread(_)) {
-                d.waiter = Waiter::Thread(std::thread::current());
-            }
+            let parked = match d.waiter {
+                Waiter::Round => false,
+                Waiter::Thread(_) => true,
+                _ => {
+                    d.waiter = Waiter::Thread(std::thread::current());
+                    true
+                }
+            };
             drop(d);
             let now = Instant::now();
             if now >= deadline {
                 return Waited::TimedOut;
             }
-            std::thread::park_timeout(deadline - now);
+            if parked {
+                std::thread::park_timeout(deadline - now);
+                continue;
+            }
+            let g = lock(&self.round);
+            if *g == seen {
+                drop(
+                    self.round_done
+                        .wait_timeout(g, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+            }
         }
     }
 
@@ -1080,7 +1130,10 @@ impl SharedClient {
     ) -> Result<u32> {
         let mut q = lock(&eng.queue);
         loop {
-            let waiter = Waiter::Thread(std::thread::current());
+            let waiter = match self.inner.driving {
+                IoMode::Combining => Waiter::Thread(std::thread::current()),
+                _ => Waiter::Round,
+            };
             if let Some(slot) = eng.push(&mut q, call, deadline, waiter) {
                 if self.inner.driving != IoMode::Combining {
                     eng.kick_io(&mut q);
@@ -1118,7 +1171,9 @@ impl SharedClient {
         deadline: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
-        let combine = self.inner.driving == IoMode::Combining;
+        // Combining: serve the queue when the engine is free. Otherwise only when asked to
+        // lead (nobody else serves it: the I/O thread could not be started).
+        let mut combine = self.inner.driving == IoMode::Combining;
         loop {
             if combine {
                 if let Some(mut st) = eng.try_state() {
@@ -1129,7 +1184,10 @@ impl SharedClient {
             }
             match eng.wait(slot, deadline, out) {
                 Waited::Done(r) => return r,
-                Waited::Lead => continue,
+                Waited::Lead => {
+                    combine = true;
+                    continue;
+                }
                 Waited::TimedOut => {
                     if eng.abandon(slot) {
                         continue; // the reply came in meanwhile
