@@ -583,6 +583,14 @@ impl Engine {
         loop {
             {
                 let mut q = lock(&self.queue);
+                if q.reqs.is_empty() && !q.shutdown {
+                    // The callers just woken may be about to queue their next calls (on a
+                    // busy core they run only when this thread lets go): give them the CPU
+                    // once before sleeping, which would cost a wait and a wake.
+                    drop(q);
+                    std::thread::yield_now();
+                    q = lock(&self.queue);
+                }
                 while q.reqs.is_empty() {
                     if q.shutdown {
                         return;
