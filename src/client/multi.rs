@@ -486,37 +486,15 @@ impl Client {
         keys: &[K],
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let Client { core, scratch } = self;
-        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
-            keys[j].as_ref()
-        })?;
-        scratch.plan.kind = Kind::Get;
-        let opts = GetOpts {
-            cas: with_cas,
-            ..GetOpts::default()
-        };
-        let on_hit = |j: usize, mut item: ItemRef<'_>| {
+        self.batch_get(with_cas, keys, |j, mut item| {
             item.cas = item.cas.filter(|_| with_cas);
             found(keys[j].as_ref(), item);
-            Ok(())
-        };
-        with_wire!(core.protocol, W => {
-            core.batch::<W>(
-                scratch,
-                keys,
-                |_| None,
-                |_, key| Cmd::Get(key, opts),
-                on_hit,
-                |_, _, _| Err(ParseError::Unexpected),
-            )
         })
     }
 
-    /// One retrieval batch over `keys` for the shared client: hits go to `on_hit(index,
-    /// item)` as they arrive; a key without a hit is a miss once this returns `Ok`.
+    /// One retrieval batch over `keys` (a multi-get, or a shared client's coalesced gets):
+    /// hits go to `on_hit(index, item)` as they arrive; a key without a hit is a miss once
+    /// this returns `Ok`.
     pub(super) fn batch_get(
         &mut self,
         with_cas: bool,
