@@ -242,6 +242,10 @@ struct Engine {
     io: Condvar,
     /// Requests in the queue (read without its lock by a lone caller's fast path).
     queued: AtomicUsize,
+    /// The I/O thread is serving rounds (not asleep on `io`). An adaptive caller then queues
+    /// even if it finds the queue empty: a direct call between two rounds would hold the
+    /// connection for a round trip of one request while the others wait behind it.
+    io_busy: AtomicBool,
     /// Bumped after a batch completed requests of [`Waiter::Round`] threads, which wait on
     /// `round_done`: one `notify_all` (one syscall) wakes a batch's threads, where waking each
     /// would cost one apiece.
@@ -356,6 +360,7 @@ impl Engine {
             queue: Mutex::new(queue),
             io: Condvar::new(),
             queued: AtomicUsize::new(0),
+            io_busy: AtomicBool::new(false),
             round: Mutex::new(0),
             round_done: Condvar::new(),
             round_waiting: AtomicBool::new(false),
@@ -596,9 +601,11 @@ impl Engine {
                         return;
                     }
                     q.io_idle = true;
+                    self.io_busy.store(false, Ordering::Relaxed);
                     q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
                 q.io_idle = false;
+                self.io_busy.store(true, Ordering::Relaxed);
             }
             let mut st = lock(&self.state);
             while self.round(&mut st) {}
@@ -1106,7 +1113,12 @@ impl SharedClient {
         checked: bool,
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
-        if self.inner.driving != IoMode::IoThread {
+        let direct = match self.inner.driving {
+            IoMode::Adaptive => !eng.io_busy.load(Ordering::Relaxed),
+            IoMode::Combining => true,
+            IoMode::IoThread => false,
+        };
+        if direct {
             if let Some(mut st) = eng.try_state() {
                 if eng.queued.load(Ordering::SeqCst) == 0 {
                     let server = eng.server;
