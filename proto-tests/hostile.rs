@@ -418,19 +418,32 @@ fn meta_huge_claimed_length_is_refused_before_buffering() {
 }
 
 /// A meta fake that answers a multi-get batch (`mg ... q O<n>` lines then `mn`) with `answer`
-/// once it has seen the `mn`.
+/// once it has seen the `mn`; in `answer`, `O#0` and `O#1` stand for the opaques the first
+/// and second `mg` of the batch carried.
 fn meta_batch_server(answer: &'static [u8]) -> Hostile {
+    let sent = std::sync::Mutex::new(Vec::<String>::new());
     Hostile::start(move |req, s| {
+        let line = String::from_utf8_lossy(req);
+        let mut sent = sent.lock().unwrap();
+        if line.starts_with("mg ") {
+            let o = line.split_whitespace().find(|t| t.starts_with('O'));
+            sent.push(o.unwrap_or("O?").to_string());
+        }
         if req.starts_with(b"mn") {
-            let _ = s.write_all(answer);
+            let mut a = String::from_utf8_lossy(answer).into_owned();
+            for (j, o) in sent.iter().enumerate() {
+                a = a.replace(&format!("O#{j}"), o);
+            }
+            sent.clear();
+            let _ = s.write_all(a.as_bytes());
         }
     })
 }
 
 #[test]
 fn meta_multi_get_replies_must_match_requests() {
-    // Opaques name the key's index in the call; ours are 0 and 1.
-    let good = meta_batch_server(b"VA 1 f0 O1\r\nb\r\nMN\r\n");
+    // Opaques name the key's item in the call (unique on the connection).
+    let good = meta_batch_server(b"VA 1 f0 O#1\r\nb\r\nMN\r\n");
     let mut got = Vec::new();
     meta_client(&good)
         .get_multi(&[&b"a"[..], b"b"], |k, item| {
@@ -441,9 +454,10 @@ fn meta_multi_get_replies_must_match_requests() {
     for bad in [
         &b"VA 1 f0 O7\r\nx\r\nMN\r\n"[..], // an opaque we never sent
         b"VA 1 f0\r\nx\r\nMN\r\n",         // no opaque at all
-        b"VA 1 f0 O1\r\nx\r\nVA 1 f0 O0\r\ny\r\nMN\r\n", // out of order
-        b"VA 1 f0 O0\r\nx\r\nVA 1 f0 O0\r\ny\r\nMN\r\n", // the same key twice
-        b"HD O0\r\nMN\r\n",                // no value for a value request
+        b"VA 1 f0 O#1\r\nx\r\nVA 1 f0 O#0\r\ny\r\nMN\r\n", // out of order
+        b"VA 1 f0 O#0\r\nx\r\nVA 1 f0 O#0\r\ny\r\nMN\r\n", // the same key twice
+        b"HD O#0\r\nMN\r\n",               // no value for a value request
+        b"VA 1 f0 O0\r\nx\r\nMN\r\n",      // an index, not an opaque we sent
     ] {
         let h = meta_batch_server(bad);
         let mut called = 0;
@@ -452,7 +466,7 @@ fn meta_multi_get_replies_must_match_requests() {
         assert!(called <= 1, "never a reply handed to the wrong key");
     }
     // The batch never ends: a timeout, not a hang.
-    let h = meta_batch_server(b"VA 1 f0 O0\r\nx\r\n");
+    let h = meta_batch_server(b"VA 1 f0 O#0\r\nx\r\n");
     assert!(matches!(
         meta_client(&h).get_multi(&[&b"a"[..]], |_, _| {}),
         Err(Error::Timeout { .. })

@@ -55,7 +55,7 @@ use crate::observe::CallOp;
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text;
 use crate::proto::wire::{
-    with_wire, Capability, Cmd, Expect, GetOpts, Outcome, Refusal, StoreOpts, Wire,
+    with_wire, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Refusal, StoreOpts, Wire,
 };
 use crate::proto::{Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
@@ -343,6 +343,47 @@ where
             None if unit.last => Err(ParseError::Unexpected),
             None => Ok(Status::Complete((n, false))),
         }
+    }
+}
+
+/// Opaques stay below 2^31.
+const OPAQUE_MASK: u32 = 0x7fff_ffff;
+
+/// The replies of quiet commands that went out earlier without a sync (a fire-and-forget
+/// pipeline, `store_noreply`): the next call to read replies on that connection sends a sync
+/// before its own request and reads them, up to the sync's reply, with this.
+#[derive(Default)]
+pub(crate) struct Strays {
+    /// The sync's reply has not been read yet.
+    pub(crate) pending: bool,
+    /// Replies read before it (unmet conditions, error lines).
+    pub(crate) count: u64,
+}
+
+impl Strays {
+    pub(crate) fn new(pending: bool) -> Strays {
+        Strays { pending, count: 0 }
+    }
+
+    /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
+    /// them. A stray error after which the stream may be out of step is a framing error:
+    /// the call fails and the connection is replaced.
+    #[cold]
+    pub(crate) fn read<W: Wire>(
+        &mut self,
+        buf: &[u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let (n, unit) = match W::decode(buf, &Expect::batch(Kind::Quiet), limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        match unit.outcome {
+            Outcome::End => self.pending = false,
+            Outcome::Error { closes: true, .. } => return Err(ParseError::Unexpected),
+            _ => self.count += 1,
+        }
+        Ok(Status::Complete((n, false)))
     }
 }
 
@@ -1002,7 +1043,13 @@ impl Core {
         on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
         let opaque = self.next_opaque();
+        let owed = self.driver.owes_sync(i);
         let w = self.driver.wbuf(i);
+        if owed {
+            // Quiet commands went out before without a sync: a sync of our own goes first,
+            // and whatever they answered is read up to its reply, never as ours.
+            W::encode(w, &Cmd::Sync, 0, false);
+        }
         W::encode(w, cmd, opaque, false);
         let separate = match value {
             // Large values go out straight from the caller's slice, without a copy.
@@ -1023,8 +1070,18 @@ impl Core {
             out: None,
             refused: None,
         };
-        self.driver
-            .exchange(i, op, separate, Until::Done, |buf| reader.read::<W>(buf))?;
+        let mut strays = Strays::new(owed);
+        let limits = self.limits;
+        self.driver.exchange(i, op, separate, Until::Done, |buf| {
+            if strays.pending {
+                return strays.read::<W>(buf, &limits);
+            }
+            reader.read::<W>(buf)
+        })?;
+        if owed {
+            self.driver.set_owes_sync(i, false);
+            self.health.counters_mut(i).late_replies += strays.count;
+        }
         if let Some((error, close)) = reader.refused {
             if close {
                 self.driver.disconnect(i);
@@ -1036,9 +1093,23 @@ impl Core {
             .expect("exchange returns Ok only after the last reply"))
     }
 
+    /// The next opaque: unique on every connection of this client among the requests that
+    /// may still be answered (31 bits: binary's sync uses `u32::MAX`).
     pub(super) fn next_opaque(&mut self) -> u32 {
-        self.opaque = self.opaque.wrapping_add(1) & 0x7fff_ffff;
+        self.opaque = self.opaque.wrapping_add(1) & OPAQUE_MASK;
         self.opaque
+    }
+
+    /// `n` consecutive opaques for a batch's items: the first is returned, item `j` has
+    /// `first + j`.
+    pub(super) fn reserve_opaques(&mut self, n: usize) -> u32 {
+        let n = u32::try_from(n).unwrap_or(OPAQUE_MASK).min(OPAQUE_MASK / 2);
+        if self.opaque > OPAQUE_MASK - n {
+            self.opaque = 0;
+        }
+        let first = self.opaque + 1;
+        self.opaque += n;
+        first
     }
 
     /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),

@@ -32,6 +32,12 @@ pub struct ServerCounters {
     pub ejections: u64,
     /// Connections opened after the first one.
     pub reconnects: u64,
+    /// Replies to earlier fire-and-forget commands ([`Pipeline::send`], `store_noreply`,
+    /// `delete_noreply`) that a later call read and set aside before its own: unmet
+    /// conditions (not stored, not found) and error lines.
+    ///
+    /// [`Pipeline::send`]: crate::Pipeline::send
+    pub late_replies: u64,
 }
 
 /// What to do about failing servers.

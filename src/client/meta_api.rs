@@ -201,8 +201,12 @@ impl Client {
     pub fn meta_debug(&mut self, key: &[u8]) -> Result<Option<String>> {
         self.core.require(Capability::Meta, "meta_debug")?;
         self.keyed(key, |c, i, key| {
+            // `me` takes no opaque: its hit is checked by the key it names.
+            let wire = key.as_bytes();
             c.call(i, &Cmd::Debug(key), None, |o, _| match o {
-                Outcome::Debug(line) => Ok(Some(Some(String::from_utf8_lossy(line).into_owned()))),
+                Outcome::Debug(line) if line.split(|&b| b == b' ').next() == Some(wire) => {
+                    Ok(Some(Some(String::from_utf8_lossy(line).into_owned())))
+                }
                 Outcome::Miss => Ok(Some(None)),
                 _ => Err(ParseError::Unexpected),
             })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{
     combine, refused, store_opts, wire_key, Client, Core, ItemRef, Scratch, SetOptions, StoreMode,
+    Strays,
 };
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
@@ -45,6 +46,10 @@ struct Share {
     unmet: usize,
     /// Set when the server failed.
     error: Option<Error>,
+    /// The connection owed a sync (quiet commands went out before without one): one went
+    /// ahead of this batch, and the replies up to it are not this batch's.
+    owed: bool,
+    strays: Strays,
 }
 
 impl Share {
@@ -61,6 +66,9 @@ pub(super) struct Plan {
     kind: Kind,
     /// No namespace and every key a valid text key: each goes on the wire as given.
     plain: bool,
+    /// The opaque of item 0 (binary, meta): item `j` is sent with `base + j`, so that
+    /// opaques are unique on a connection across calls.
+    base: u32,
 }
 
 impl Plan {
@@ -157,8 +165,8 @@ impl Plan {
             // server's keys.
             By::Next if share.next < keys.len() => share.next,
             By::Next => return Err(ParseError::Unexpected),
-            By::Opaque(j, key) => {
-                let j = j as usize;
+            By::Opaque(o, key) => {
+                let j = o.wrapping_sub(self.base) as usize;
                 if j < share.cursor || !mine(j) {
                     return Err(ParseError::Unexpected);
                 }
@@ -215,6 +223,7 @@ impl Default for Plan {
             shares: Vec::new(),
             kind: Kind::Get,
             plain: false,
+            base: 0,
         }
     }
 }
@@ -274,9 +283,17 @@ impl Core {
                 if let Err(e) = self.check_up(i).and_then(|()| self.start(i).map(drop)) {
                     plan.shares[i].error = Some(e);
                     failed = true;
+                } else if self.driver.owes_sync(i) {
+                    // Quiet commands went out before without a sync: one goes first, and
+                    // what they answered is read up to its reply (see `Strays`).
+                    self.protocol
+                        .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
+                    plan.shares[i].owed = true;
+                    plan.shares[i].strays = Strays::new(true);
                 }
             }
         }
+        plan.base = self.reserve_opaques(n);
         if failed {
             for s in plan.server_of.iter_mut() {
                 if plan.shares[*s as usize].error.is_some() {
@@ -313,7 +330,8 @@ impl Core {
                 .0
         };
         let w = self.driver.wbuf(i as usize);
-        W::encode_item(w, &cmd(key), j as u32, share.encoded);
+        let opaque = plan.base.wrapping_add(j as u32);
+        W::encode_item(w, &cmd(key), opaque, share.encoded);
         if let Some(v) = value {
             w.extend_from_slice(v);
             w.extend_from_slice(W::TRAILER);
@@ -434,6 +452,10 @@ impl Core {
                     failed.push((self.labels[i].clone(), e));
                 }
                 None => {
+                    if share.owed {
+                        self.driver.set_owes_sync(i, false);
+                        self.health.counters_mut(i).late_replies += share.strays.count;
+                    }
                     self.health.record(i, &Ok(()), &mut self.ring);
                     self.health.observe.call(i, plan.kind, true, started);
                     self.health.observe.bytes(i, self.driver.bytes(i));
@@ -733,6 +755,9 @@ where
         i: usize,
         buf: &[u8],
     ) -> Result<Status<(usize, bool)>, ParseError> {
+        if plan.shares[i].strays.pending {
+            return plan.shares[i].strays.read::<W>(buf, &self.limits);
+        }
         if self.expect.kind == Kind::Get {
             // A multi-get's next hit is most often this server's next key, in the
             // common shape: read without the general decoder.

@@ -5,10 +5,18 @@ use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, St
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
-use crate::proto::{Key, Limits, ParseError, Protocol, Status};
+use crate::proto::{Key, Limits, ParseError, Protocol, SetOutcome, Status};
 
 /// Flush a server's buffer once it holds this much.
 const PIPELINE_FLUSH: usize = 64 * 1024;
+
+/// Over TLS, flush at this much, and wait for each flush to be processed: memcached 1.6
+/// (with OpenSSL) leaves the commands of a TLS record it has decrypted but not parsed
+/// waiting until more bytes reach the socket, so the last part of a long pipeline (and its
+/// closing sync) would sit there until the call times out (reproduced with 500 to 2,000
+/// noreply sets; see also `Client::tls_chunk`). A chunk of at most one record, closed by a
+/// sync whose reply is read, is always processed.
+const TLS_PIPELINE_FLUSH: usize = 15 * 1024;
 
 /// What a [`Pipeline`] reports when finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +25,11 @@ pub struct PipelineReport {
     pub commands: usize,
     /// Error lines the servers sent for them (noreply suppresses only success replies).
     pub errors: usize,
+    /// Commands whose condition was not met: an add of an existing key, a replace, append,
+    /// prepend or CAS that did not store, a delete, incr, decr or touch of a missing key.
+    /// Binary and meta quiet commands report these; the text protocol's noreply does not,
+    /// so over text this stays 0.
+    pub unmet: usize,
     /// The first error, if any.
     pub first_error: Option<String>,
 }
@@ -44,6 +57,7 @@ pub struct Pipeline<'c> {
     failed: Vec<Option<Error>>,
     commands: usize,
     errors: usize,
+    unmet: usize,
     first_error: Option<String>,
 }
 
@@ -70,6 +84,7 @@ impl Client {
             failed: (0..n).map(|_| None).collect(),
             commands: 0,
             errors: 0,
+            unmet: 0,
             first_error: None,
         }
     }
@@ -85,7 +100,9 @@ impl Pipeline<'_> {
     ) -> Result<usize> {
         let c = &mut *self.client;
         let binary_keys = c.protocol.supports(Capability::BinaryKeys);
-        let opaque = self.commands as u32;
+        // Unique on the connection (shared with single calls and batches): a late reply
+        // of this command can never be taken for another's.
+        let opaque = c.next_opaque();
         let r = (|| {
             let (wire, raw) = wire_key(&c.namespace, key, binary_keys, self.keybuf)?;
             let hashed = if c.hash_with_namespace { raw } else { key };
@@ -117,7 +134,12 @@ impl Pipeline<'_> {
     }
 
     fn maybe_flush(&mut self, i: usize) -> Result<()> {
-        if self.client.driver.wbuf(i).len() >= PIPELINE_FLUSH {
+        let at = if self.client.driver.is_tls() {
+            TLS_PIPELINE_FLUSH
+        } else {
+            PIPELINE_FLUSH
+        };
+        if self.client.driver.wbuf(i).len() >= at {
             self.flush(i, None)?;
         }
         Ok(())
@@ -181,14 +203,30 @@ impl Pipeline<'_> {
         let c = &mut *self.client;
         let op = c.driver.new_op();
         let (limits, protocol) = (c.limits, c.protocol);
-        let (errors, first) = (&mut self.errors, &mut self.first_error);
+        // Over TLS, each flush is closed by a sync and waits for it (`TLS_PIPELINE_FLUSH`).
+        let synced = c.driver.is_tls();
+        if synced && value.is_none() {
+            protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
+        }
+        let mut counts = Counts {
+            errors: &mut self.errors,
+            unmet: &mut self.unmet,
+            first: &mut self.first_error,
+        };
+        let (until, synced) = match (synced, value) {
+            (true, None) => (Until::Done, true),
+            _ => (Until::Written, false),
+        };
         let r = c.driver.exchange(
             i,
             &op,
             value.map(|v| (v, protocol.trailer())),
-            Until::Written,
-            |buf| count_errors(buf, &limits, errors, first, false, protocol),
+            until,
+            |buf| counts.read(buf, &limits, synced, protocol),
         );
+        // Their replies (failures only) are read by `finish`, or by the next call that
+        // reads replies on this connection.
+        c.driver.set_owes_sync(i, !synced);
         c.driver.wbuf(i).clear();
         c.health.observe.bytes(i, c.driver.bytes(i));
         if let Err(e) = r {
@@ -230,13 +268,20 @@ impl Pipeline<'_> {
             }
         }
         let limits = c.limits;
-        let (errors, first) = (&mut self.errors, &mut self.first_error);
+        let mut counts = Counts {
+            errors: &mut self.errors,
+            unmet: &mut self.unmet,
+            first: &mut self.first_error,
+        };
         c.driver
             .exchange_many(&mut batches, &op, Until::Done, |_, buf| {
-                count_errors(buf, &limits, errors, first, true, protocol)
+                counts.read(buf, &limits, true, protocol)
             });
         let mut failed = Vec::new();
         for b in batches {
+            if b.error.is_none() {
+                c.driver.set_owes_sync(b.server, false);
+            }
             let r = b.error.map_or(Ok(()), Err);
             c.health.record(b.server, &r, &mut c.ring);
             c.health.observe.bytes(b.server, c.driver.bytes(b.server));
@@ -253,38 +298,53 @@ impl Pipeline<'_> {
         Ok(PipelineReport {
             commands: self.commands,
             errors: self.errors,
+            unmet: self.unmet,
             first_error: self.first_error,
         })
     }
 }
 
-/// Reply handler for noreply traffic: error replies are counted, the reply to [`Cmd::Sync`]
-/// ends the pipeline (when `until_end`; before, it means the stream is out of step). Quiet
-/// binary and meta commands still report unmet conditions (not found, not stored, exists; and
-/// a meta touch's hit), which text noreply suppresses: those are not errors; the protocol's
-/// decoder refuses anything a quiet stream cannot carry.
-fn count_errors(
-    buf: &[u8],
-    limits: &Limits,
-    errors: &mut usize,
-    first: &mut Option<String>,
-    until_end: bool,
-    protocol: Protocol,
-) -> Result<Status<(usize, bool)>, ParseError> {
-    let (n, unit) = match protocol.decode(buf, &Expect::batch(Kind::Quiet), limits)? {
-        Status::Complete(c) => c,
-        Status::Partial => return Ok(Status::Partial),
-    };
-    match unit.outcome {
-        Outcome::End if until_end => return Ok(Status::Complete((n, true))),
-        Outcome::End => return Err(ParseError::Unexpected),
-        Outcome::Error {
-            refusal, message, ..
-        } => {
-            *errors += 1;
-            first.get_or_insert_with(|| refused("", refusal, message).to_string());
+/// What a pipeline's replies add up to.
+struct Counts<'p> {
+    errors: &'p mut usize,
+    unmet: &'p mut usize,
+    first: &'p mut Option<String>,
+}
+
+impl Counts<'_> {
+    /// Reply handler for noreply traffic: error replies and unmet conditions are counted,
+    /// the reply to [`Cmd::Sync`] ends the pipeline (when `until_end`; before, it means the
+    /// stream is out of step). Quiet binary and meta commands still report unmet conditions
+    /// (not found, not stored, exists; and a meta touch's hit), which text noreply
+    /// suppresses; the protocol's decoder refuses anything a quiet stream cannot carry.
+    fn read(
+        &mut self,
+        buf: &[u8],
+        limits: &Limits,
+        until_end: bool,
+        protocol: Protocol,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let (n, unit) = match protocol.decode(buf, &Expect::batch(Kind::Quiet), limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        match unit.outcome {
+            Outcome::End if until_end => return Ok(Status::Complete((n, true))),
+            Outcome::End => return Err(ParseError::Unexpected),
+            Outcome::Error {
+                refusal, message, ..
+            } => {
+                *self.errors += 1;
+                self.first
+                    .get_or_insert_with(|| refused("", refusal, message).to_string());
+            }
+            Outcome::Store(
+                SetOutcome::NotStored | SetOutcome::Exists | SetOutcome::NotFound,
+                ..,
+            )
+            | Outcome::NotFound(_) => *self.unmet += 1,
+            _ => {}
         }
-        _ => {}
+        Ok(Status::Complete((n, false)))
     }
-    Ok(Status::Complete((n, false)))
 }

@@ -1223,6 +1223,30 @@ impl SharedClient {
     }
 }
 
+/// How many calls of one multi-key call are queued at a time.
+const CHUNK: usize = 64;
+
+/// The slots a multi-key call queued and has not awaited yet. Normally none are left when
+/// it is dropped; when a caller's callback panics, each is withdrawn (or, if its reply came
+/// in, freed), so that no slot is held for ever.
+struct Unclaimed<'c> {
+    client: &'c SharedClient,
+    queued: [(u32, u32); CHUNK],
+}
+
+impl Drop for Unclaimed<'_> {
+    fn drop(&mut self) {
+        for &(server, slot) in &self.queued {
+            if slot != NONE {
+                let eng = &self.client.inner.engines[server as usize];
+                if eng.abandon(slot) {
+                    eng.release_slot(slot);
+                }
+            }
+        }
+    }
+}
+
 /// The result of a call that must be a hit or a miss.
 fn as_item(r: Reply) -> Result<Option<ItemInfo>> {
     match r {
@@ -1410,9 +1434,12 @@ impl SharedClient {
         call: impl Fn(usize) -> CallSpec<'k>,
         mut on: impl FnMut(usize, Result<Reply>, &[u8]),
     ) {
-        const CHUNK: usize = 64;
         let mut value = Vec::new();
-        let mut queued: [(u32, u32); CHUNK] = [(NONE, NONE); CHUNK];
+        let mut guard = Unclaimed {
+            client: self,
+            queued: [(NONE, NONE); CHUNK],
+        };
+        let queued = &mut guard.queued;
         for first in (0..n).step_by(CHUNK) {
             let start = Instant::now();
             let deadline = start + self.inner.timeout;
@@ -1439,6 +1466,8 @@ impl SharedClient {
                 if slot == NONE {
                     continue;
                 }
+                // Claimed before `on` runs: if it panics, the guard gives back the rest.
+                queued[j - first] = (NONE, NONE);
                 let eng = &self.inner.engines[server as usize];
                 let r = self.await_slot(eng, slot, start, deadline, &mut value);
                 on(j, r, &value);

@@ -243,6 +243,13 @@ struct Conn {
     bytes: (u64, u64),
     /// The socket is in blocking mode (the blocking path), with this read timeout.
     blocking: Option<Duration>,
+    /// An exchange is under way. Still set when the next one begins, it was abandoned
+    /// midway (a caller's callback panicked while replies were being read): what is left in
+    /// the socket belongs to nobody, so the connection is replaced.
+    busy: bool,
+    /// Quiet commands were written whose replies nobody read yet (a fire-and-forget
+    /// pipeline): the next call that reads replies first reads up to a sync of its own.
+    owes_sync: bool,
 }
 
 /// A deadline for one operation, with the time it started (for error reports).
@@ -343,6 +350,8 @@ impl Driver {
                 #[cfg(feature = "metrics")]
                 bytes: (0, 0),
                 blocking: None,
+                busy: false,
+                owes_sync: false,
             })
             .collect();
         Ok(Driver {
@@ -359,8 +368,11 @@ impl Driver {
     /// The write buffer is cleared for the caller to encode into (see [`wbuf`](Self::wbuf)).
     pub(crate) fn begin(&mut self, i: usize) -> Result<Op> {
         let conn = &mut self.conns[i];
-        // Failures closed their connection already; here, bytes nobody asked for.
-        if conn.stream.is_some() && !reusable(&conn.rbuf, Ok(())) {
+        // Failures closed their connection already; here, an exchange abandoned midway, or
+        // bytes nobody asked for (unless they are the replies of quiet commands, which the
+        // next exchange reads up to its sync).
+        if conn.stream.is_some() && (conn.busy || !(conn.owes_sync || reusable(&conn.rbuf, Ok(()))))
+        {
             self.disconnect(i);
         }
         if self.conns[i].stream.is_none() {
@@ -397,6 +409,24 @@ impl Driver {
         conn.writable = false;
         conn.closed = false;
         conn.blocking = None;
+        conn.busy = false;
+        conn.owes_sync = false;
+    }
+
+    /// Whether server `i`'s connection carries quiet commands whose replies were not read
+    /// (see [`set_owes_sync`](Self::set_owes_sync)).
+    #[inline]
+    pub(crate) fn owes_sync(&self, i: usize) -> bool {
+        self.conns[i].owes_sync
+    }
+
+    /// Records that quiet commands went out on server `i`'s connection without a sync
+    /// (`true`), or that a sync's reply was read after them (`false`). A new connection owes
+    /// nothing.
+    #[inline]
+    pub(crate) fn set_owes_sync(&mut self, i: usize, owes: bool) {
+        let conn = &mut self.conns[i];
+        conn.owes_sync = owes && conn.stream.is_some();
     }
 
     /// Sends the write buffer of server `i`, then `value` and `trailer` if given, while parsing
@@ -447,7 +477,25 @@ impl Driver {
             if self.conns[b.server].stream.is_none() && b.error.is_none() {
                 b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
             }
+            self.conns[b.server].busy = true;
         }
+        // Not reached when `on_reply` panics: the connections stay marked busy, and the next
+        // `begin` replaces them (their replies are half read).
+        self.exchange_many_inner(batches, op, until, &mut on_reply);
+        for b in batches.iter() {
+            self.conns[b.server].busy = false;
+        }
+    }
+
+    fn exchange_many_inner<F>(
+        &mut self,
+        batches: &mut [Batch<'_>],
+        op: &Op,
+        until: Until,
+        mut on_reply: F,
+    ) where
+        F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
         if let [b] = batches {
             let blocking_ok = self.cfg.io_timeout > 2 * PRECISE_TAIL;
             if until == Until::Done

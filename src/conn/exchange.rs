@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn every_split_point_of_a_reply() {
         let text = b"VALUE k 0 10\r\nhello\r\nEND\r\nEND\r\n";
-        let meta = b"VA 10 f0\r\nhello\r\nEND\r\n";
+        let meta = b"VA 10 f0 O5\r\nhello\r\nEND\r\n";
         let bin = binary_hit(5, b"hello\r\nEND\r\n");
         for at in 0..=text.len() {
             let (r, seen) = feed_split::<Text>(text, at, 5);
@@ -323,6 +323,16 @@ mod tests {
         );
         let (r, _) = feed_split::<Meta>(b"MN\r\n", 2, 0);
         assert_eq!(r, Err(Failure::Parse(ParseError::Unexpected)));
+        // Meta: another opaque, or none (a quiet command's late reply carries its own).
+        for reply in [
+            &b"VA 1 f0 O6\r\nv\r\n"[..],
+            b"VA 1 f0\r\nv\r\n",
+            b"EN O4\r\n",
+        ] {
+            let (r, seen) = feed_split::<Meta>(reply, 3, 5);
+            assert_eq!(r, Err(Failure::Parse(ParseError::Unexpected)), "{reply:?}");
+            assert!(seen.is_empty(), "never handed to the caller");
+        }
     }
 
     #[test]

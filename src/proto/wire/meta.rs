@@ -1,7 +1,10 @@
-//! The meta protocol behind [`Wire`]. Single commands go without `q` and read one reply;
-//! batch items carry `q` and `O<index>` and a batch ends with `mn` (notes §5). Commands the
-//! meta protocol lacks (flush_all, verbosity, version, stats, quit) go as text commands, which
-//! memcached serves on the same connection.
+//! The meta protocol behind [`Wire`]. Every meta command carries an opaque (`O<n>`), and a
+//! reply is taken only if it echoes the opaque its command was sent with: single commands
+//! go without `q` and read one reply; batch and pipeline items carry `q`, and a batch ends
+//! with `mn` (notes §5). Error lines (`CLIENT_ERROR`, `SERVER_ERROR`, `ERROR`) carry no
+//! opaque: after one, the connection is closed. Commands the meta protocol lacks
+//! (flush_all, verbosity, version, stats, quit) go as text commands, which memcached serves
+//! on the same connection in order (the client never leaves a reply unread before them).
 
 use super::text::{error_line, Text};
 use super::{
@@ -98,8 +101,8 @@ impl Wire for Meta {
     const TRAILER: &'static [u8] = m::DATA_TRAILER;
 
     #[inline(always)]
-    fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, _opaque: u32, quiet: bool) {
-        encode(out, cmd, None, quiet)
+    fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool) {
+        encode(out, cmd, Some(opaque), quiet)
     }
 
     #[inline(always)]
@@ -142,11 +145,13 @@ impl Wire for Meta {
         let r = match r {
             Reply::Meta(r) => r,
             Reply::Debug(line) => return unit(n, Outcome::Debug(line), true),
+            // An error line names no request: what follows it may answer someone else's, so
+            // the connection is closed after it.
             Reply::Error(msg) => {
-                return unit(n, error_line(Refusal::UnknownCommand, msg, false), true)
+                return unit(n, error_line(Refusal::UnknownCommand, msg, true), true)
             }
             Reply::ClientError(msg) => {
-                return unit(n, error_line(Refusal::Client, msg, false), true)
+                return unit(n, error_line(Refusal::Client, msg, true), true)
             }
             Reply::ServerError(msg) => {
                 return unit(n, error_line(Refusal::Server, msg, true), true)
@@ -154,6 +159,16 @@ impl Wire for Meta {
         };
         let f = r.flags;
         let opaque = f.opaque_u32();
+        // A single command's reply echoes its opaque (`mn` carries none, and is refused below):
+        // anything else answers another request and is never handed to this caller.
+        // (`me` takes none: its hit names the key, which the caller checks.)
+        if expect.opaque.is_some()
+            && kind != Kind::Debug
+            && r.code != Code::Noop
+            && opaque != expect.opaque
+        {
+            return Err(ParseError::Unexpected);
+        }
         let outcome = match (r.code, r.data) {
             (Code::Value, Some(d)) if kind == Kind::Arith => {
                 Outcome::Number(parse_u64(d).ok_or(ParseError::Unexpected)?)
