@@ -95,6 +95,9 @@ fn seed(c: &mut Client) {
     }
 }
 
+/// A case: its name, and what it leaves on the connection.
+type Case = (&'static str, fn(&mut Client));
+
 /// After each quiet or noreply call whose condition fails (so that memcached answers even a
 /// quiet command: `md q` and `ma q` on a missing key answer `NF`, an add of an existing key
 /// `NS`), the next calls get their own replies.
@@ -103,7 +106,7 @@ fn quiet_failures_are_never_read_as_the_next_calls_reply() {
     let mc = Memcached::start();
     for p in PROTOCOLS {
         let mut c = mc.client_with(p);
-        let cases: [(&str, fn(&mut Client)); 4] = [
+        let cases: [Case; 4] = [
             ("delete_noreply of a missing key", |c| {
                 c.delete_noreply(b"missing").unwrap()
             }),

@@ -11,6 +11,35 @@
 //! read as a set, in any order (the server adds `W`, `X`, `Z`, `b` where it likes; notes §2),
 //! and miss lines may carry flags too (`EN Oabc`, notes §3).
 //!
+//! # Quiet mode (`q`): what memcached 1.6.18 really sends
+//!
+//! `q` suppresses the *usual* reply only. Observed on Debian's 1.6.18 (each command followed
+//! by `mn`; `O` is echoed on every reply that is sent):
+//!
+//! | command with `q` | no reply when | still answers |
+//! |---|---|---|
+//! | `mg k v` | hit: `VA` is sent; miss | hit: `VA <len> O..` with the value |
+//! | `mg k` with `T` (touch), no `v` | miss | hit: `HD O..` |
+//! | `md k` (also with `I`) | deleted | missing key: `NF O..` |
+//! | `ma k` (also with `v`) | applied (the value is not sent) | missing key: `NF O..` |
+//! | `ms k` (set, append, prepend) | stored | `NS O..` (add of an existing key, replace/append/prepend of a missing one), `EX O..` (CAS mismatch), `NF O..` (CAS on a missing key) |
+//! | any | - | `SERVER_ERROR object too large for cache` (the data is swallowed), `CLIENT_ERROR ...` (bad data chunk; then `ERROR` for the rest of the line): error lines never carry the opaque |
+//! | `mn` | - | `MN` |
+//!
+//! `me` takes no opaque (`me k O5` answers as `me k`): its hit names the key, its miss is
+//! `EN` with no flags. The text protocol's `noreply` suppresses `NOT_STORED`, `NOT_FOUND`,
+//! `EXISTS` and, on 1.6.18, even the `SERVER_ERROR` for a value over the item size; a
+//! malformed data block still answers `ERROR`. Binary quiet opcodes answer every failure
+//! (not found, not stored, exists) with a packet carrying the request's opaque.
+//!
+//! What the client makes of it: every meta request carries an opaque and a reply must echo
+//! it; a run of quiet commands is closed by `mn` and read up to its `MN` (batches,
+//! [`Pipeline::finish`](crate::Pipeline::finish)); after fire-and-forget ones
+//! ([`Pipeline::send`](crate::Pipeline::send), `store_noreply`, `delete_noreply`) the next
+//! call on that connection sends `mn` ahead of its own request and sets aside the replies
+//! before `MN` (counted in `ServerCounters::late_replies`). After an error line, which names
+//! no request, the connection is closed.
+//!
 //! Keys that are not valid text keys are sent base64-encoded with the `b` flag
 //! (the client does this for meta; see [`MAX_BINARY_KEY_LEN`]); the server decodes them, so the
 //! item's key is the raw bytes (notes §6).
