@@ -158,10 +158,12 @@ fn quiet_failures_are_never_read_as_the_next_calls_reply() {
             check_next_calls(&mut c, &mut t, &format!("{p:?} after get_multi, {round}"));
         }
         t.assert_clean(&format!("{p:?} client, get_multi after delete_noreply"));
-        // Binary and meta report the unmet conditions they read, text's noreply none.
+        // Binary and meta report the unmet conditions they read, text's noreply none. Over
+        // TLS a pipeline waits for its sync when it is sent, so nothing is left for later.
         let late = c.server_counters()[0].1.late_replies;
         match p {
             Protocol::Text => assert_eq!(late, 0),
+            _ if support::tls_mode() => assert_eq!(late, 0),
             _ => assert!(late >= 4 * 4, "{p:?}: {late} late replies read"),
         }
     }
