@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mcstore::{Client, ErrorKind, Pool, Protocol, SetOptions, SharedClient, StoreMode};
-use support::Memcached;
+use support::{panicking_callback, Memcached, Rng};
 
 /// Keys every caller reads (never written after the start).
 const SHARED_KEYS: usize = 50;
@@ -56,22 +56,6 @@ impl Counts {
 
     fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
-    }
-}
-
-/// A small deterministic generator (xorshift), one per caller.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -138,6 +122,11 @@ impl Own {
         format!("counter:{}", self.caller)
     }
 
+    /// A key that never exists.
+    fn missing(&self) -> String {
+        format!("missing:{}", self.caller)
+    }
+
     /// A key that exists (never read back): a quiet add of it is refused.
     fn existing(&self) -> String {
         format!("existing:{}", self.caller)
@@ -199,16 +188,8 @@ impl Front for Plain {
     }
     fn noreply_misses(&self, own: &Own) -> mcstore::Result<()> {
         self.with(|c| {
-            let missing = format!("missing:{}", own.caller);
-            c.delete_noreply(missing.as_bytes())?;
-            let existing = own.existing();
-            c.set(existing.as_bytes(), b"present", SetOptions::default())?;
-            c.store_noreply(
-                StoreMode::Add,
-                existing.as_bytes(),
-                b"x",
-                SetOptions::default(),
-            )?;
+            noreply_misses(c, own)?;
+            let missing = own.missing();
             let mut p = c.pipeline();
             p.incr(missing.as_bytes(), 1, false)?;
             p.touch(missing.as_bytes(), 10)?;
@@ -226,6 +207,20 @@ impl Front for Plain {
             }
         })
     }
+}
+
+/// A quiet delete of a missing key and a quiet add of an existing one: memcached answers
+/// both (binary and meta), and nobody reads those replies at once.
+fn noreply_misses(c: &mut Client, own: &Own) -> mcstore::Result<()> {
+    c.delete_noreply(own.missing().as_bytes())?;
+    let existing = own.existing();
+    c.set(existing.as_bytes(), b"present", SetOptions::default())?;
+    c.store_noreply(
+        StoreMode::Add,
+        existing.as_bytes(),
+        b"x",
+        SetOptions::default(),
+    )
 }
 
 impl Front for Pool {
@@ -252,17 +247,7 @@ impl Front for Pool {
         Pool::get(self)?.add(key, value, SetOptions::default())
     }
     fn noreply_misses(&self, own: &Own) -> mcstore::Result<()> {
-        let mut c = Pool::get(self)?;
-        let missing = format!("missing:{}", own.caller);
-        c.delete_noreply(missing.as_bytes())?;
-        let existing = own.existing();
-        c.set(existing.as_bytes(), b"present", SetOptions::default())?;
-        c.store_noreply(
-            StoreMode::Add,
-            existing.as_bytes(),
-            b"x",
-            SetOptions::default(),
-        )
+        noreply_misses(&mut *Pool::get(self)?, own)
     }
 }
 
@@ -291,7 +276,7 @@ impl Front for SharedClient {
     }
     fn noreply_misses(&self, own: &Own) -> mcstore::Result<()> {
         // No noreply calls here; deletes of a missing key are batched as quiet commands.
-        let missing = format!("missing:{}", own.caller);
+        let missing = own.missing();
         SharedClient::delete_multi(self, &[missing.as_bytes(), missing.as_bytes()]).map(drop)
     }
 }
@@ -372,22 +357,6 @@ fn blocking_caller(front: &dyn Front, caller: u64, counts: &Counts, stop: &Atomi
             counts.error(&e);
         }
     }
-}
-
-/// What the callbacks panic with: these panics are expected, and not printed.
-const CALLBACK_PANIC: &str = "callback panics";
-
-fn panicking_callback() -> ! {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info.payload().downcast_ref::<&str>() != Some(&CALLBACK_PANIC) {
-                default(info);
-            }
-        }));
-    });
-    std::panic::panic_any(CALLBACK_PANIC)
 }
 
 /// One async caller: the same checks, and futures cancelled at random short deadlines.

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use mcstore::storage::{FsStorage, MemcacheStorage, Storage};
 use mcstore::{Client, Pool};
-use support::{Memcached, TempDir};
+use support::{Memcached, Rng, TempDir};
 
 /// Resources per writer, and writers.
 const PER_WRITER: usize = 3;
@@ -36,22 +36,6 @@ fn seconds() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(6)
-}
-
-/// A small deterministic generator (no dependency for test randomness).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// The shared master: a folder, or a PostgreSQL database when `master` is a postgres:// URL.

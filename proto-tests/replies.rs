@@ -9,26 +9,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use mcstore::{Client, IoMode, Pool, Protocol, SetOptions, StoreMode};
-use support::Memcached;
+use support::{panicking_callback, Memcached};
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Text, Protocol::Binary, Protocol::Meta];
-
-/// What the callbacks panic with: these panics are expected, and not printed.
-const CALLBACK_PANIC: &str = "callback panics";
-
-/// Panics in callbacks on purpose, without the default hook's message for each.
-fn panicking_callback() -> ! {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info.payload().downcast_ref::<&str>() != Some(&CALLBACK_PANIC) {
-                default(info);
-            }
-        }));
-    });
-    std::panic::panic_any(CALLBACK_PANIC)
-}
 
 /// What the calls after a case returned: values of another key, and errors.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

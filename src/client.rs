@@ -354,6 +354,8 @@ const OPAQUE_MASK: u32 = 0x7fff_ffff;
 /// before its own request and reads them, up to the sync's reply, with this.
 #[derive(Default)]
 pub(crate) struct Strays {
+    /// The connection owed a sync, and one went ahead of this call's request.
+    pub(crate) owed: bool,
     /// The sync's reply has not been read yet.
     pub(crate) pending: bool,
     /// Replies read before it (unmet conditions, error lines).
@@ -361,8 +363,21 @@ pub(crate) struct Strays {
 }
 
 impl Strays {
-    pub(crate) fn new(pending: bool) -> Strays {
-        Strays { pending, count: 0 }
+    pub(crate) fn new(owed: bool) -> Strays {
+        Strays {
+            owed,
+            pending: owed,
+            count: 0,
+        }
+    }
+
+    /// After the call succeeded: the connection owes nothing now, and the late replies are
+    /// counted for server `i`.
+    pub(crate) fn settle(&self, core: &mut Core, i: usize) {
+        if self.owed {
+            core.driver.set_owes_sync(i, false);
+            core.health.counters_mut(i).late_replies += self.count;
+        }
     }
 
     /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
@@ -1078,19 +1093,15 @@ impl Core {
             }
             reader.read::<W>(buf)
         })?;
-        if owed {
-            self.driver.set_owes_sync(i, false);
-            self.health.counters_mut(i).late_replies += strays.count;
-        }
-        if let Some((error, close)) = reader.refused {
+        let (refused, out) = (reader.refused, reader.out);
+        strays.settle(self, i);
+        if let Some((error, close)) = refused {
             if close {
                 self.driver.disconnect(i);
             }
             return Err(error);
         }
-        Ok(reader
-            .out
-            .expect("exchange returns Ok only after the last reply"))
+        Ok(out.expect("exchange returns Ok only after the last reply"))
     }
 
     /// The next opaque: unique on every connection of this client among the requests that

@@ -533,3 +533,38 @@ macro_rules! for_each_protocol {
         }
     };
 }
+
+/// A small deterministic generator (xorshift; no dependency for test randomness).
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What [`panicking_callback`] panics with.
+pub const CALLBACK_PANIC: &str = "callback panics";
+
+/// Panics in a caller's callback on purpose, without the default hook's message for each
+/// (other panics are reported as usual).
+pub fn panicking_callback() -> ! {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&CALLBACK_PANIC) {
+                default(info);
+            }
+        }));
+    });
+    std::panic::panic_any(CALLBACK_PANIC)
+}

@@ -46,9 +46,8 @@ struct Share {
     unmet: usize,
     /// Set when the server failed.
     error: Option<Error>,
-    /// The connection owed a sync (quiet commands went out before without one): one went
-    /// ahead of this batch, and the replies up to it are not this batch's.
-    owed: bool,
+    /// When the connection owed a sync (quiet commands went out before without one), one
+    /// went ahead of this batch, and the replies up to it are not this batch's.
     strays: Strays,
 }
 
@@ -288,7 +287,6 @@ impl Core {
                     // what they answered is read up to its reply (see `Strays`).
                     self.protocol
                         .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
-                    plan.shares[i].owed = true;
                     plan.shares[i].strays = Strays::new(true);
                 }
             }
@@ -452,10 +450,7 @@ impl Core {
                     failed.push((self.labels[i].clone(), e));
                 }
                 None => {
-                    if share.owed {
-                        self.driver.set_owes_sync(i, false);
-                        self.health.counters_mut(i).late_replies += share.strays.count;
-                    }
+                    share.strays.settle(self, i);
                     self.health.record(i, &Ok(()), &mut self.ring);
                     self.health.observe.call(i, plan.kind, true, started);
                     self.health.observe.bytes(i, self.driver.bytes(i));

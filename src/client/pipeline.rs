@@ -204,18 +204,15 @@ impl Pipeline<'_> {
         let op = c.driver.new_op();
         let (limits, protocol) = (c.limits, c.protocol);
         // Over TLS, each flush is closed by a sync and waits for it (`TLS_PIPELINE_FLUSH`).
-        let synced = c.driver.is_tls();
-        if synced && value.is_none() {
+        let synced = c.driver.is_tls() && value.is_none();
+        if synced {
             protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
         }
+        let until = if synced { Until::Done } else { Until::Written };
         let mut counts = Counts {
             errors: &mut self.errors,
             unmet: &mut self.unmet,
             first: &mut self.first_error,
-        };
-        let (until, synced) = match (synced, value) {
-            (true, None) => (Until::Done, true),
-            _ => (Until::Written, false),
         };
         let r = c.driver.exchange(
             i,
