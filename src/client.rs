@@ -371,12 +371,13 @@ impl Strays {
         }
     }
 
-    /// After the call succeeded: the connection owes nothing now, and the late replies are
-    /// counted for server `i`.
-    pub(crate) fn settle(&self, core: &mut Core, i: usize) {
+    /// After the call succeeded: server `i`'s connection owes nothing now, and the late
+    /// replies are counted.
+    #[inline]
+    pub(crate) fn settle(&self, driver: &mut Driver, health: &mut Health, i: usize) {
         if self.owed {
-            core.driver.set_owes_sync(i, false);
-            core.health.counters_mut(i).late_replies += self.count;
+            driver.set_owes_sync(i, false);
+            health.counters_mut(i).late_replies += self.count;
         }
     }
 
@@ -1086,22 +1087,22 @@ impl Core {
             refused: None,
         };
         let mut strays = Strays::new(owed);
-        let limits = self.limits;
         self.driver.exchange(i, op, separate, Until::Done, |buf| {
             if strays.pending {
-                return strays.read::<W>(buf, &limits);
+                return strays.read::<W>(buf, &reader.limits);
             }
             reader.read::<W>(buf)
         })?;
-        let (refused, out) = (reader.refused, reader.out);
-        strays.settle(self, i);
-        if let Some((error, close)) = refused {
+        strays.settle(&mut self.driver, &mut self.health, i);
+        if let Some((error, close)) = reader.refused {
             if close {
                 self.driver.disconnect(i);
             }
             return Err(error);
         }
-        Ok(out.expect("exchange returns Ok only after the last reply"))
+        Ok(reader
+            .out
+            .expect("exchange returns Ok only after the last reply"))
     }
 
     /// The next opaque: unique on every connection of this client among the requests that

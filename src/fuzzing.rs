@@ -647,6 +647,14 @@ impl ReplyParser for MetaParser {
                 "parse_hit disagrees with parse_reply"
             );
         }
+        // So must the single commands' plain success reading.
+        if let Some(fast) = meta::parse_done(buf) {
+            assert_eq!(
+                Some(fast),
+                meta::as_plain_done(&general),
+                "parse_done disagrees with parse_reply"
+            );
+        }
         general
     }
     fn check(input: &[u8], r: &Self::Reply<'_>, limits: &Limits) {

@@ -450,7 +450,7 @@ impl Core {
                     failed.push((self.labels[i].clone(), e));
                 }
                 None => {
-                    share.strays.settle(self, i);
+                    share.strays.settle(&mut self.driver, &mut self.health, i);
                     self.health.record(i, &Ok(()), &mut self.ring);
                     self.health.observe.call(i, plan.kind, true, started);
                     self.health.observe.bytes(i, self.driver.bytes(i));

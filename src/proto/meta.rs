@@ -634,31 +634,15 @@ pub(crate) fn parse_hit<'a>(
     if buf.get(..3)? != b"VA " {
         return None;
     }
-    let (len, mut p) = digits(buf, 3)?;
-    let (mut client_flags, mut cas, mut opaque) = (None, None, None);
-    loop {
-        match *buf.get(p)? {
-            b'\r' => break,
-            b' ' => {}
-            _ => return None,
-        }
-        let letter = *buf.get(p + 1)?;
-        let (n, end) = digits(buf, p + 2)?;
-        match letter {
-            b'f' => client_flags = Some(u32::try_from(n).ok()?),
-            b'c' => cas = Some(n),
-            b'O' => opaque = Some(u32::try_from(n).ok()?),
-            _ => return None,
-        }
-        p = end;
-        if p > MAX_LINE {
-            return None; // the general parser names this error
-        }
-    }
-    if *buf.get(p + 1)? != b'\n' {
-        return None;
-    }
-    let line_len = p + 2;
+    let (len, p) = digits(buf, 3)?;
+    let (
+        line_len,
+        NumericFlags {
+            client_flags,
+            cas,
+            opaque,
+        },
+    ) = numeric_flags(buf, p)?;
     if len > limits.max_value as u64 {
         return Some(Err(ParseError::ValueTooLarge(len)));
     }
@@ -679,6 +663,60 @@ pub(crate) fn parse_hit<'a>(
     Some(Ok(Status::Complete((total, hit))))
 }
 
+/// The flags the client asks for on common replies, all numeric.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NumericFlags {
+    /// `f<flags>`.
+    pub client_flags: Option<u32>,
+    /// `c<cas>`.
+    pub cas: Option<u64>,
+    /// `O<opaque>`, a decimal number.
+    pub opaque: Option<u32>,
+}
+
+/// Reads ` f<n>`, ` c<n>` and ` O<n>` flags from `p` up to the line end: the line's length
+/// with its `\r\n`, and the flags. `None` for any other flag or spelling, or a line not all
+/// here yet (the general parser then reads it, and names any error).
+#[inline(always)]
+fn numeric_flags(buf: &[u8], mut p: usize) -> Option<(usize, NumericFlags)> {
+    let mut f = NumericFlags::default();
+    loop {
+        match *buf.get(p)? {
+            b'\r' => break,
+            b' ' => {}
+            _ => return None,
+        }
+        let letter = *buf.get(p + 1)?;
+        let (n, end) = digits(buf, p + 2)?;
+        match letter {
+            b'f' => f.client_flags = Some(u32::try_from(n).ok()?),
+            b'c' => f.cas = Some(n),
+            b'O' => f.opaque = Some(u32::try_from(n).ok()?),
+            _ => return None,
+        }
+        p = end;
+        if p > MAX_LINE {
+            return None;
+        }
+    }
+    if *buf.get(p + 1)? != b'\n' {
+        return None;
+    }
+    Some((p + 2, f))
+}
+
+/// Parses the next reply unit if it is an `HD` whose flags are only numeric `c`, `f` and
+/// `O` (a store's, delete's or touch's success with what the client asks for): the bytes it
+/// takes and the flags; `None` for anything else, which [`parse_reply`] then reads (and
+/// reads the same way). The single-command hot path of stores and deletes.
+#[inline]
+pub(crate) fn parse_done(buf: &[u8]) -> Option<(usize, NumericFlags)> {
+    if buf.get(..2)? != b"HD" {
+        return None;
+    }
+    numeric_flags(buf, 2)
+}
+
 #[cfg(any(test, feature = "fuzzing"))]
 impl<'a> Meta<'a> {
     /// This reply as a [`Hit`] if it is a `VA` (flags other than `c`, `f`, `O` ignored; an
@@ -690,6 +728,35 @@ impl<'a> Meta<'a> {
             cas: self.flags.cas,
             opaque: self.flags.opaque_u32(),
         })
+    }
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+/// `parse_reply`'s result in [`parse_done`]'s terms: what the two are checked against each
+/// other with (tests, fuzzing).
+pub(crate) fn as_plain_done(
+    r: &Result<Status<(usize, Reply<'_>)>, ParseError>,
+) -> Option<(usize, NumericFlags)> {
+    match r {
+        Ok(Status::Complete((n, Reply::Meta(m)))) if m.code == Code::Done => {
+            let f = m.flags;
+            let others = ReturnFlags {
+                cas: None,
+                client_flags: None,
+                opaque: None,
+                ..f
+            };
+            if others != ReturnFlags::default() || f.opaque.is_some() != f.opaque_u32().is_some() {
+                return None;
+            }
+            let flags = NumericFlags {
+                client_flags: f.client_flags,
+                cas: f.cas,
+                opaque: f.opaque_u32(),
+            };
+            Some((*n, flags))
+        }
+        _ => None,
     }
 }
 
@@ -1185,6 +1252,28 @@ mod tests {
                         && (*l == b'c' || v.parse::<u64>().is_ok_and(|n| n <= u64::from(u32::MAX)))
                 });
                 prop_assert!(!simple);
+            }
+        }
+
+        #[test]
+        fn parse_done_agrees(
+            tokens in prop::collection::vec(
+                (prop::sample::select(b"fcOOtWkq".to_vec()),
+                 prop_oneof![4 => "[0-9]{1,4}", 1 => "[0-9]{19,21}", 1 => "[0-9x-]{0,3}"]),
+                0..4),
+            code in prop::sample::select(vec!["HD", "HD", "NS", "HDX", "H"]),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut wire = code.as_bytes().to_vec();
+            for (letter, value) in &tokens {
+                wire.push(b' ');
+                wire.push(*letter);
+                wire.extend_from_slice(value.as_bytes());
+            }
+            wire.extend_from_slice(b"\r\nMN\r\n");
+            let wire = &wire[..cut.index(wire.len() + 1)];
+            if let Some(fast) = parse_done(wire) {
+                prop_assert_eq!(Some(fast), as_plain_done(&parse_reply(wire, &Limits::default())));
             }
         }
 

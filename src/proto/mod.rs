@@ -345,19 +345,52 @@ pub(crate) fn digits(b: &[u8], from: usize) -> Option<(u64, usize)> {
     (p > from).then_some((n, p))
 }
 
-/// Appends the decimal form of `n` to `out` without going through `fmt`.
-pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+/// `10^k` for `k` in `0..20` (`10^0` unused).
+const POW10: [u64; 20] = {
+    let mut t = [1u64; 20];
+    let mut k = 1;
+    while k < 20 {
+        t[k] = t[k - 1] * 10;
+        k += 1;
     }
-    out.extend_from_slice(&tmp[i..]);
+    t
+};
+
+/// Two decimal digits per entry, `00` to `99`.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// Appends the decimal form of `n` to `out` without going through `fmt`. Every request
+/// carries a few numbers (lengths, flags, opaques), so this is written for speed: two
+/// digits per division, and a copy of constant size (inlined, where a copy of the digits'
+/// length is a `memcpy` call) that is then cut to length.
+#[inline]
+pub(crate) fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut len = 1;
+    while len < 20 && n >= POW10[len] {
+        len += 1;
+    }
+    let mut tmp = [0u8; 20];
+    let mut i = len;
+    while n >= 100 {
+        let d = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        tmp[i..i + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    }
+    if n >= 10 {
+        let d = n as usize * 2;
+        tmp[..2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    } else {
+        tmp[0] = b'0' + n as u8;
+    }
+    let start = out.len();
+    out.extend_from_slice(&tmp);
+    out.truncate(start + len);
 }
 
 /// Parses an unsigned decimal with no sign, no spaces and at most `max` as its value.
@@ -445,6 +478,21 @@ mod tests {
             put_u64(&mut v, n);
             assert_eq!(v, n.to_string().as_bytes());
             assert_eq!(parse_u64(&v), Some(n));
+        }
+        // Every length, at its edges, after bytes already in the buffer.
+        for k in 0..20 {
+            let p = 10u64.pow(k);
+            for n in [
+                p - 1,
+                p,
+                p + 1,
+                p.saturating_mul(10) - 1,
+                p.saturating_mul(7) - 3,
+            ] {
+                let mut v = b"x ".to_vec();
+                put_u64(&mut v, n);
+                assert_eq!(v, format!("x {n}").as_bytes());
+            }
         }
         assert_eq!(parse_u64(b"18446744073709551616"), None);
         assert_eq!(parse_u64(b"000000000000000000001"), None);

@@ -138,6 +138,43 @@ impl Wire for Meta {
         if matches!(kind, Kind::Ok | Kind::Version | Kind::Stats) {
             return Text::decode(buf, expect, limits);
         }
+        if matches!(kind, Kind::Store | Kind::Delete | Kind::Touch) {
+            // A success in the common shape (`HD [c<cas>] O<opaque>`), without the flag table.
+            if let Some((n, f)) = m::parse_done(buf) {
+                if expect.opaque.is_some() && f.opaque != expect.opaque {
+                    return Err(ParseError::Unexpected);
+                }
+                let outcome = match kind {
+                    Kind::Store => Outcome::Store(SetOutcome::Stored, f.cas, f.opaque),
+                    Kind::Delete => Outcome::Deleted(f.opaque),
+                    _ => Outcome::Touched,
+                };
+                return unit(n, outcome, true);
+            }
+        }
+        if kind == Kind::Get {
+            // A hit in the common shape (`VA <len> f<flags> [c<cas>] O<opaque>`): read
+            // without the general parser's flag table, as batches do; anything else (a miss,
+            // metadata, lease flags) falls through to it.
+            if let Some(r) = m::parse_hit(buf, limits) {
+                let (n, h) = match r? {
+                    Status::Complete(c) => c,
+                    Status::Partial => return Ok(Status::Partial),
+                };
+                if expect.opaque.is_some() && h.opaque != expect.opaque {
+                    return Err(ParseError::Unexpected);
+                }
+                let hit = Hit {
+                    key: None,
+                    opaque: h.opaque,
+                    flags: h.client_flags.unwrap_or(0),
+                    cas: h.cas,
+                    data: h.data,
+                    ..Hit::default()
+                };
+                return unit(n, Outcome::Hit(hit), true);
+            }
+        }
         let (n, r) = match m::parse_reply(buf, limits)? {
             Status::Complete(c) => c,
             Status::Partial => return Ok(Status::Partial),
