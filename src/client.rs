@@ -36,6 +36,8 @@ mod meta_api;
 mod multi;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use pipeline::for_fuzzing as pipeline_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::client::multi_for_fuzzing::OneServer;
-use crate::client::{arith_value, existed, SingleReader};
+use crate::client::pipeline_for_fuzzing::read_quiet;
+use crate::client::{arith_value, existed, SingleReader, Strays};
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
 use crate::proto::text::{self, parse_reply, Response};
 use crate::proto::wire::{Cmd, Expect, GetOpts, Kind, Outcome, StoreOpts, Wire};
@@ -371,10 +372,21 @@ const STREAM_VALUE: &[u8] = b"value";
 /// The opaque of a single command in a [`conn_stream`] input.
 const STREAM_OPAQUE: u32 = 1;
 
+/// The opaques of the quiet commands a [`conn_stream`] input sends before its request or as
+/// its pipeline (item `j` has `QUIET_OPAQUE + j`).
+const QUIET_OPAQUE: u32 = 7000;
+
 /// The header of a [`conn_stream`] input: protocol, request mix, write size, read sizes,
 /// deadline; and where the reply bytes start.
 struct StreamInput<'d> {
     protocol: u8,
+    /// A pipeline: the request's items go as quiet commands, closed by a sync whose reply
+    /// ends it (`data[0] / 3 % 4 == 3`).
+    pipeline: bool,
+    /// The connection owed a sync: two quiet commands that fail (a delete of a missing key,
+    /// an add of an existing one) went first, then a sync ahead of the request, and the
+    /// replies up to the sync's are strays (bit 7 of `data[1]`).
+    owed: bool,
     cmd: StreamCmd,
     write_size: usize,
     read_sizes: &'d [u8],
@@ -387,9 +399,20 @@ impl<'d> StreamInput<'d> {
     fn of(data: &'d [u8]) -> Option<StreamInput<'d>> {
         let n_sizes = usize::from(*data.get(3)? % 8) + 1;
         let deadline_step = *data.get(4 + n_sizes)?;
+        let pipeline = data[0] / 3 % 4 == 3;
+        let mut cmd = StreamCmd::of(data[1]);
+        if pipeline {
+            // Pipelines carry stores, deletes, incrs and touches (no gets).
+            cmd.keys = usize::from(data[1] >> 3) % 16 + 1;
+            if cmd.kind == Kind::Get {
+                cmd.kind = Kind::Touch;
+            }
+        }
         Some(StreamInput {
             protocol: data[0] % 3,
-            cmd: StreamCmd::of(data[1]),
+            pipeline,
+            owed: data[1] & 0x80 != 0 && !pipeline,
+            cmd,
             write_size: usize::from(data[2]) * 4 + 1,
             read_sizes: &data[4..4 + n_sizes],
             deadline_step,
@@ -456,11 +479,47 @@ struct Request {
     batch: Option<OneServer>,
 }
 
+/// Appends `cmd` as a quiet (noreply) command, with its value if it is a store.
+fn quiet<W: Wire>(head: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32) {
+    W::encode(head, cmd, opaque, true);
+    if let Cmd::Store(..) = cmd {
+        head.extend_from_slice(STREAM_VALUE);
+        head.extend_from_slice(W::TRAILER);
+    }
+}
+
 fn request<W: Wire>(input: &StreamInput<'_>) -> Request {
     let mut head = Vec::new();
     let keys = input.keys();
+    if input.pipeline {
+        for (j, k) in keys.iter().enumerate() {
+            let key = Key::new(k).expect("valid");
+            quiet::<W>(&mut head, &input.cmd.cmd(key), QUIET_OPAQUE + j as u32);
+        }
+        W::encode(&mut head, &Cmd::Sync, 0, false);
+        return Request {
+            head,
+            value: None,
+            batch: None,
+        };
+    }
+    if input.owed {
+        let missing = Key::new(b"missing").expect("valid");
+        let existing = Key::new(b"k1").expect("valid");
+        let add = StoreOpts {
+            mode: crate::proto::StoreMode::Add,
+            ..StoreOpts::default()
+        };
+        quiet::<W>(&mut head, &Cmd::delete(missing), QUIET_OPAQUE);
+        let store = Cmd::Store(existing, add, STREAM_VALUE.len());
+        quiet::<W>(&mut head, &store, QUIET_OPAQUE + 1);
+        W::encode(&mut head, &Cmd::Sync, 0, false);
+    }
     if input.cmd.batch {
         let mut batch = OneServer::new(input.cmd.kind, keys.len());
+        if input.owed {
+            batch.owe_sync();
+        }
         let value = (input.cmd.kind == Kind::Store).then_some(STREAM_VALUE);
         batch.encode::<W>(&mut head, &keys, value, |k| input.cmd.cmd(k));
         Request {
@@ -546,6 +605,26 @@ fn drive(
 fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
     let Request { head, value, batch } = request::<W>(input);
     let keys = input.keys();
+    if input.pipeline {
+        let (mut errors, mut unmet, mut units) = (0, 0, 0);
+        let limits = Limits { max_value: 256 };
+        let protocol = match input.protocol {
+            0 => crate::Protocol::Text,
+            1 => crate::Protocol::Binary,
+            _ => crate::Protocol::Meta,
+        };
+        let r = drive(input, &head, value, &mut |buf| {
+            let r = read_quiet(buf, &limits, protocol, &mut errors, &mut unmet);
+            units += usize::from(matches!(r, Ok(Status::Complete(_))));
+            r
+        });
+        assert!(errors + unmet < units.max(1), "counted more than was read");
+        return match r {
+            Err(_) => StreamEnd::Failed,
+            Ok(()) if errors > 0 => StreamEnd::Refused,
+            Ok(()) => StreamEnd::Done,
+        };
+    }
     if let Some(mut batch) = batch {
         let mut last_hit: Option<usize> = None;
         let mut on_hit = |j: usize| {
@@ -602,10 +681,24 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
         out: None,
         refused: None,
     };
-    match drive(input, &head, value, &mut |buf| reader.read::<W>(buf)) {
+    let mut strays = Strays::new(input.owed);
+    let limits = Limits { max_value: 256 };
+    let r = drive(input, &head, value, &mut |buf| {
+        if strays.pending {
+            return strays.read::<W>(buf, &limits);
+        }
+        reader.read::<W>(buf)
+    });
+    match r {
         Err(_) => StreamEnd::Failed,
-        Ok(()) if reader.refused.is_some() => StreamEnd::Refused,
         Ok(()) => {
+            assert!(
+                !strays.pending,
+                "the request's reply read before the sync's"
+            );
+            if reader.refused.is_some() {
+                return StreamEnd::Refused;
+            }
             assert!(reader.out.is_some(), "a complete reply without a result");
             StreamEnd::Done
         }
@@ -733,55 +826,73 @@ mod stream_against_memcached {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut checked = 0;
-        for protocol in 0..3u8 {
-            for cmd in 0..8u8 {
-                for prime in [b"41".as_slice(), b""] {
-                    // k0 holds a number (or nothing), k1 a word, k2 nothing: hits and misses.
-                    let k0 = if prime.is_empty() {
-                        "delete k0 noreply\r\n"
-                    } else {
-                        "set k0 0 0 2 noreply\r\n41\r\n"
-                    };
-                    let setup =
-                        format!("{k0}set k1 0 0 1 noreply\r\nx\r\ndelete k2 noreply\r\nmn\r\n");
-                    admin.write_all(setup.as_bytes()).unwrap();
-                    let mut mn = [0u8; 4];
-                    admin.read_exact(&mut mn).unwrap();
-                    assert_eq!(&mn, b"MN\r\n");
-                    // Three keys for the batches; writes of up to 1021 bytes; reads of 64; no deadline.
-                    // A fresh connection each time: memcached reads the protocol off the
-                    // first byte a connection sends.
-                    let header = [protocol, cmd | (2 << 3), 255, 0, 63, 0];
-                    let mut c = TcpStream::connect(&addr).unwrap();
-                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    let input = send(&mut c, &header);
-                    assert_eq!(
-                        conn_stream_end(&input),
-                        Some(StreamEnd::Done),
-                        "protocol {protocol}, command {cmd}, k0 {prime:?}"
-                    );
-                    // The same replies in small reads (7, 9, 1 bytes), with a deadline that
-                    // never comes before the end. (Small writes would have the recorded reply
-                    // arrive before its request was sent: out of step, rightly.)
-                    let mut small = vec![protocol, cmd | (2 << 3), 255, 2, 6, 200, 0, 250];
-                    small.extend_from_slice(&input[header.len()..]);
-                    assert_eq!(
-                        conn_stream_end(&small),
-                        Some(StreamEnd::Done),
-                        "small reads: protocol {protocol}, command {cmd}, k0 {prime:?}"
-                    );
-                    if let Some(dir) = &seeds {
-                        let dir = std::path::Path::new(dir);
-                        std::fs::create_dir_all(dir).unwrap();
-                        let name = format!("p{protocol}_c{cmd}_{}", prime.len());
-                        std::fs::write(dir.join(&name), &input).unwrap();
-                        std::fs::write(dir.join(name + "_small"), &small).unwrap();
+        // Plain requests; after quiet commands that fail (owing a sync: bit 7); pipelines
+        // (protocol + 9).
+        for (mode, flip, shift) in [("", 0u8, 0u8), ("_owed", 0x80, 0), ("_pipeline", 0, 9)] {
+            for protocol in 0..3u8 {
+                for cmd in 0..8u8 {
+                    for prime in [b"41".as_slice(), b""] {
+                        // k0 holds a number (or nothing), k1 a word, k2 nothing: hits and misses.
+                        let k0 = if prime.is_empty() {
+                            "delete k0 noreply\r\n"
+                        } else {
+                            "set k0 0 0 2 noreply\r\n41\r\n"
+                        };
+                        let setup =
+                            format!("{k0}set k1 0 0 1 noreply\r\nx\r\ndelete k2 noreply\r\nmn\r\n");
+                        admin.write_all(setup.as_bytes()).unwrap();
+                        let mut mn = [0u8; 4];
+                        admin.read_exact(&mut mn).unwrap();
+                        assert_eq!(&mn, b"MN\r\n");
+                        // Three keys for the batches; writes of up to 1021 bytes; reads of 64; no deadline.
+                        // A fresh connection each time: memcached reads the protocol off the
+                        // first byte a connection sends.
+                        let header = [protocol + shift, cmd | (2 << 3) | flip, 255, 0, 63, 0];
+                        let mut c = TcpStream::connect(&addr).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        let input = send(&mut c, &header);
+                        // A pipeline of incrs meets k1's word: binary reports that error line.
+                        let end = conn_stream_end(&input);
+                        let want = match end {
+                            Some(StreamEnd::Refused) if shift > 0 => end,
+                            _ => Some(StreamEnd::Done),
+                        };
+                        assert_eq!(
+                            end, want,
+                            "protocol {protocol}, command {cmd}, k0 {prime:?} {mode}"
+                        );
+                        // The same replies in small reads (7, 9, 1 bytes), with a deadline that
+                        // never comes before the end. (Small writes would have the recorded reply
+                        // arrive before its request was sent: out of step, rightly.)
+                        let mut small = vec![
+                            protocol + shift,
+                            cmd | (2 << 3) | flip,
+                            255,
+                            2,
+                            6,
+                            200,
+                            0,
+                            250,
+                        ];
+                        small.extend_from_slice(&input[header.len()..]);
+                        assert_eq!(
+                            conn_stream_end(&small),
+                            want,
+                            "small reads: protocol {protocol}, command {cmd}, k0 {prime:?} {mode}"
+                        );
+                        if let Some(dir) = &seeds {
+                            let dir = std::path::Path::new(dir);
+                            std::fs::create_dir_all(dir).unwrap();
+                            let name = format!("p{protocol}_c{cmd}_{}{mode}", prime.len());
+                            std::fs::write(dir.join(&name), &input).unwrap();
+                            std::fs::write(dir.join(name + "_small"), &small).unwrap();
+                        }
+                        checked += 1;
                     }
-                    checked += 1;
                 }
             }
         }
-        assert_eq!(checked, 48);
+        assert_eq!(checked, 3 * 48);
     }
 }
 

@@ -875,6 +875,12 @@ pub(crate) mod for_fuzzing {
             }
         }
 
+        /// A sync went ahead of the batch (the connection owed one): the replies up to its
+        /// reply are strays, read and set aside as the client does.
+        pub(crate) fn owe_sync(&mut self) {
+            self.plan.shares[0].strays = Strays::new(true);
+        }
+
         /// Encodes every item (`cmd` builds it, `value` follows it) and closes the batch.
         pub(crate) fn encode<W: Wire>(
             &mut self,

@@ -345,3 +345,27 @@ impl Counts<'_> {
         Ok(Status::Complete((n, false)))
     }
 }
+
+/// The pipeline's reply reading, for the stream fuzz body.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod for_fuzzing {
+    use super::*;
+
+    /// Reads one reply unit of a pipeline closed by a sync, as [`Pipeline::finish`] does:
+    /// `Complete((n, true))` at the sync's reply; errors and unmet conditions are counted.
+    pub(crate) fn read_quiet(
+        buf: &[u8],
+        limits: &Limits,
+        protocol: Protocol,
+        errors: &mut usize,
+        unmet: &mut usize,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let mut first = None;
+        let mut counts = Counts {
+            errors,
+            unmet,
+            first: &mut first,
+        };
+        counts.read(buf, limits, true, protocol)
+    }
+}
