@@ -10,6 +10,39 @@
 //! connection is closed and the next call opens a new one: the same `Client` recovers on its
 //! own once the server is reachable again.
 //!
+//! # Every reply reaches its own caller
+//!
+//! The rule: a reply is handed to a caller only when it is matched to the request that
+//! caller sent; otherwise the connection is closed and every call in flight on it fails with
+//! an error. Why no call can take another's reply:
+//!
+//! - **One exchange at a time per connection, read to its end.** A call writes its request
+//!   and reads until its last reply unit (or its batch's closing sync). memcached answers a
+//!   connection's requests in order, so the next call starts on a clean stream. The only
+//!   ways out of an exchange midway are an error and a panic in a caller's callback: an
+//!   error closes the connection, and a panic leaves it marked busy, which makes the next
+//!   call replace it.
+//! - **Replies name their request.** Binary and meta requests carry an opaque from one
+//!   31-bit counter per client (single calls, pipelines, and batch items as `base + index`),
+//!   and a reply must echo the one expected; text hits name their key, and text replies
+//!   otherwise rely on the order above. `me` takes no opaque: its hit is checked by key.
+//!   Opaques repeat only after 2^31 requests, and no reply can be outstanding that long.
+//! - **Quiet commands are synced before anyone trusts a reply.** memcached still answers
+//!   some quiet and noreply commands (misses, unmet conditions, error lines; see
+//!   [`crate::proto::meta`]). A batch or [`Pipeline::finish`] closes its quiet commands with a
+//!   sync and reads up to its reply. Fire-and-forget ones (`store_noreply`,
+//!   `delete_noreply`, [`Pipeline::send`]) leave the connection owing a sync: the next call
+//!   that reads on it sends a sync ahead of its own request and sets aside every reply before
+//!   the sync's (counted in [`ServerCounters::late_replies`]).
+//! - **Error lines name nothing.** On meta, an error line (which carries no opaque) closes
+//!   the connection after it is reported; a late one that may leave the stream out of step
+//!   fails the call that reads it.
+//!
+//! Assumed: the server answers each connection's requests in order and echoes opaques
+//! (memcached does on every protocol). Tested by `proto-tests/replies.rs` (each case that
+//! failed before) and `proto-tests/adversarial.rs` (every front at once under faults), and
+//! fuzzed by the `conn_stream` target.
+//!
 //! # Many servers
 //!
 //! Keys are spread over the configured servers as libmemcached spreads them (see
