@@ -1931,3 +1931,49 @@ fn postgres_invalidations_missed_during_a_freeze_are_applied_after_it() {
         other.counters().hits > hits
     });
 }
+
+/// #25: an invalidation log that cannot be written fails the write before the master
+/// changes (on 22ee596 the put returned `Ok` and other storages served the old content until
+/// its TTL); one that cannot be read makes every storage read the master, never a cache
+/// entry the log cannot vouch for.
+#[test]
+fn unwritable_or_unreadable_journal_fails_closed() {
+    let mc = Memcached::start();
+    let dir = TempDir::new("mcstore-journal");
+    let master = Arc::new(FsStorage::open(&dir.path).unwrap());
+    let writer = MemcacheStorage::new(pool(&mc), master.clone());
+    let reader = MemcacheStorage::new(pool(&mc), Arc::new(FsStorage::open(&dir.path).unwrap()));
+    writer.create_container("c").unwrap();
+    let info = writer.info("c", Some("r")).unwrap();
+    writer.put_content(&info, "old".into()).unwrap();
+    assert_eq!(&reader.get_content(&info).unwrap()[..], b"old");
+    // A cache hit now.
+    assert_eq!(&reader.get_content(&info).unwrap()[..], b"old");
+    // A file where the log's folder goes: nothing can be recorded or read there (even as
+    // root, whom permission bits do not stop).
+    let journal = dir.path.join("~invalidations");
+    let _ = std::fs::remove_dir_all(&journal);
+    std::fs::write(&journal, b"not a folder").unwrap();
+    let r = writer.put_content(&info, "new".into());
+    assert!(
+        r.is_err(),
+        "a write whose intent cannot be made durable fails: {r:?}"
+    );
+    assert_eq!(
+        &master.get_content(&info).unwrap()[..],
+        b"old",
+        "nothing changed"
+    );
+    let before = reader.counters();
+    assert_eq!(&reader.get_content(&info).unwrap()[..], b"old");
+    let after = reader.counters();
+    assert_eq!(
+        (after.hits, after.master_reads),
+        (before.hits, before.master_reads + 1),
+        "an unreadable log vouches for no cache entry"
+    );
+    // The log is back: writes go through and every storage sees them.
+    std::fs::remove_file(&journal).unwrap();
+    writer.put_content(&info, "new".into()).unwrap();
+    assert_eq!(&reader.get_content(&info).unwrap()[..], b"new");
+}

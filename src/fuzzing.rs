@@ -618,9 +618,11 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
             units += usize::from(matches!(r, Ok(Status::Complete(_))));
             r
         });
-        assert!(errors + unmet < units.max(1), "counted more than was read");
+        assert!(errors + unmet <= units, "counted more than was read");
         return match r {
             Err(_) => StreamEnd::Failed,
+            // The sync's reply ended it, and is counted as neither.
+            Ok(()) if errors + unmet >= units => panic!("a pipeline ended without its sync"),
             Ok(()) if errors > 0 => StreamEnd::Refused,
             Ok(()) => StreamEnd::Done,
         };

@@ -444,21 +444,41 @@ impl FsStorage {
                 Err(e) => return Err(err(e)),
             }
         };
-        f.write_all(key.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        sync_dir(&dir)?;
-        sync_dir(&self.journal())?;
+        let written = f
+            .write_all(key.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(err)
+            .and_then(|()| sync_dir(&dir))
+            .and_then(|()| sync_dir(&self.journal()));
+        if let Err(e) = written {
+            // Not durable: the caller fails. A partial record would only distrust the key
+            // until this process ends (see `pending`).
+            let _ = fs::remove_file(&file);
+            let _ = fs::remove_dir(&dir);
+            return Err(e);
+        }
         Ok(name)
     }
 }
 
+/// The process that wrote a record (`[w]<pid>.<n>`), if its name says.
+fn record_pid(record: &str) -> Option<u32> {
+    let name = record.strip_prefix(INTENT).unwrap_or(record);
+    name.split_once('.').and_then(|(p, _)| p.parse().ok())
+}
+
 /// Whether a record may be replayed now: not an intent of a live process.
 fn replayable(record: &str) -> bool {
-    let Some(intent) = record.strip_prefix(INTENT) else {
+    if !record.starts_with(INTENT) {
         return true;
-    };
-    let pid: Option<u32> = intent.split_once('.').and_then(|(p, _)| p.parse().ok());
-    pid.is_none_or(|pid| !process_alive(pid))
+    }
+    record_pid(record).is_none_or(|pid| !process_alive(pid))
+}
+
+/// Whether the process that wrote the record at `path` may still be writing it.
+fn writer_alive(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    record_pid(name).is_some_and(process_alive)
 }
 
 impl InvalidationLog for FsStorage {
@@ -470,8 +490,16 @@ impl InvalidationLog for FsStorage {
         self.write_record(key, INTENT)
     }
 
+    /// Fails closed: an error other than "not there" is an error (the caller then distrusts
+    /// the cache), never a "no record".
     fn contains(&self, key: &str) -> Result<bool> {
-        Ok(self.journal_dir(key).is_dir())
+        let dir = self.journal_dir(key);
+        match fs::metadata(&dir) {
+            // Something else in a record folder's place is no proof of "no record" either.
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(format!("read {}", dir.display()), e)),
+        }
     }
 
     fn pending(&self, limit: usize) -> Result<Vec<LogEntry>> {
@@ -490,9 +518,25 @@ impl InvalidationLog for FsStorage {
             let Ok(files) = fs::read_dir(dir.path()) else {
                 continue;
             };
-            let records: Vec<PathBuf> = files.flatten().map(|f| f.path()).collect();
-            let Some(key) = records.iter().find_map(|f| fs::read_to_string(f).ok()) else {
-                // Empty (its last replay is finishing): nothing to replay.
+            let mut records: Vec<PathBuf> = files.flatten().map(|f| f.path()).collect();
+            // A record with no key in it was created but never written: its writer died
+            // before it was durable (or is writing it now). A dead writer's is dropped: an
+            // empty intent had no master write behind it, and an empty failure record has
+            // its write's intent beside it. Left alone, it would block the key for ever.
+            records.retain(|f| match fs::read(f) {
+                Ok(bytes) if bytes.is_empty() && !writer_alive(f) => {
+                    let _ = fs::remove_file(f);
+                    false
+                }
+                _ => true,
+            });
+            let key = records
+                .iter()
+                .find_map(|f| fs::read_to_string(f).ok().filter(|k| !k.is_empty()));
+            let Some(key) = key else {
+                // Empty (its last replay is finishing), or only records being written now
+                // (the next pass reads them); an unreadable record stays, and its key stays
+                // distrusted.
                 let _ = fs::remove_dir(dir.path());
                 continue;
             };
@@ -546,6 +590,62 @@ mod tests {
         })
         .unwrap();
         assert!(!log.contains("k").unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A log that cannot be written refuses the intent (the write must then fail), and one
+    /// that cannot be read says so instead of "no record".
+    #[test]
+    fn invalidation_log_fails_closed() {
+        let dir = std::env::temp_dir().join(format!("mcstore-closed-{}", std::process::id()));
+        let s = FsStorage::open(&dir).unwrap();
+        let log: &dyn InvalidationLog = &s;
+        // A file where the log's folder goes: no record can be written or read, even as root
+        // (permission bits do not stop root).
+        std::fs::write(dir.join(JOURNAL), b"not a folder").unwrap();
+        assert!(log.intend("k").is_err());
+        assert!(log.record("k").is_err());
+        assert!(
+            log.contains("k").is_err(),
+            "an unreadable log vouches for nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Records created but never written (a writer that died, a full disk) are dropped once
+    /// their writer is gone, and never block their key for ever; one still being written by
+    /// a live process stays.
+    #[test]
+    fn invalidation_log_drops_empty_records_of_dead_writers() {
+        let dir = std::env::temp_dir().join(format!("mcstore-empty-{}", std::process::id()));
+        let s = FsStorage::open(&dir).unwrap();
+        let log: &dyn InvalidationLog = &s;
+        // No process has this pid (Linux pids stay below 2^22).
+        let dead = 999_999_999u32;
+        let folder = s.journal_dir("k");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(format!("{INTENT}{dead}.1")), b"").unwrap();
+        std::fs::write(folder.join(format!("{dead}.2")), b"").unwrap();
+        assert!(log.contains("k").unwrap(), "distrusted while in doubt");
+        assert!(log.pending(10).unwrap().is_empty(), "nothing to replay");
+        assert!(
+            !log.contains("k").unwrap(),
+            "dropped, the key is free again"
+        );
+        // Beside a written record: the key comes from that one, and the empty one goes.
+        log.record("k").unwrap();
+        std::fs::write(folder.join(format!("{dead}.3")), b"").unwrap();
+        let taken = log.pending(10).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].key.as_str(), taken[0].records.len()), ("k", 1));
+        log.replayed(&taken[0]).unwrap();
+        assert!(!log.contains("k").unwrap());
+        // A live writer's empty record (this process's) is left to its writer.
+        std::fs::create_dir_all(&folder).unwrap();
+        let mine = folder.join(format!("{}.4", std::process::id()));
+        std::fs::write(&mine, b"").unwrap();
+        assert!(log.pending(10).unwrap().is_empty());
+        assert!(mine.exists() && log.contains("k").unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

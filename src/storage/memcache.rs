@@ -608,15 +608,9 @@ impl Shared {
         );
     }
 
-    /// Remembers a failed invalidation.
-    /// Remembers a failed invalidation: in this process, and in the master's invalidation log
-    /// if it keeps one, where every process sees it and it survives a crash.
+    /// Remembers a failed invalidation in this process (its write records it in the master's
+    /// invalidation log, once, where every process sees it: see `write_through`).
     fn remember(&self, key: String, server: Option<&str>) {
-        if let Some(log) = self.settings.master.invalidation_log() {
-            if let Err(e) = log.record(&key) {
-                self.cache_failed(&e);
-            }
-        }
         let mut p = self.lock_pending();
         p.record(key, server, MAX_PENDING);
         crate::observe::pending(p.len());
@@ -1121,15 +1115,12 @@ impl Shared {
                     Err(e) => (None, Err(e)),
                 }
             }
+            // The intent must be durable before the master changes: without it, a process
+            // killed after the write would leave other processes trusting the old entry. So
+            // a log that cannot take it fails the write, and nothing changes.
             (Some(k), Some(log)) => {
-                let intent = match log.intend(k) {
-                    Ok(record) => Some((log, record)),
-                    Err(e) => {
-                        self.cache_failed(&e);
-                        None
-                    }
-                };
-                (intent, apply(write))
+                let record = log.intend(k).inspect_err(|e| self.cache_failed(e))?;
+                (Some((log, record)), apply(write))
             }
             _ => (None, apply(write)),
         };
@@ -1138,17 +1129,21 @@ impl Shared {
             if let Some((log, intent)) = intent {
                 // Not deleted everywhere it matters: a record any process may replay now
                 // (the intent is not replayed while this process lives).
-                if !done {
-                    if let Err(e) = log.record(&key) {
+                let recorded = done
+                    || log
+                        .record(&key)
+                        .inspect_err(|e| self.cache_failed(e))
+                        .is_ok();
+                // Without that record, the intent stays: every process distrusts the entry
+                // (it reads the master) until this process is gone and another replays it.
+                if recorded {
+                    let entry = LogEntry {
+                        key,
+                        records: vec![intent],
+                    };
+                    if let Err(e) = log.replayed(&entry) {
                         self.cache_failed(&e);
                     }
-                }
-                let entry = LogEntry {
-                    key,
-                    records: vec![intent],
-                };
-                if let Err(e) = log.replayed(&entry) {
-                    self.cache_failed(&e);
                 }
             }
         }
