@@ -1977,3 +1977,59 @@ fn unwritable_or_unreadable_journal_fails_closed() {
     writer.put_content(&info, "new".into()).unwrap();
     assert_eq!(&reader.get_content(&info).unwrap()[..], b"new");
 }
+
+/// #31: a `PgStorage` opened, used (alone and behind `MemcacheStorage`) and dropped inside
+/// tokio runtimes (current-thread and multi-thread, in a task, in `spawn_blocking`) and from a
+/// plain thread. On 22ee596 the open panicked inside any runtime ("Cannot start a runtime
+/// from within a runtime", from the `postgres` crate).
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_storage_inside_tokio_runtimes() {
+    let pg = support::postgres::Postgres::start();
+    let mc = Memcached::start();
+    let (url, addr) = (pg.url(), mc.addr());
+    let exercise = move |label: &'static str| {
+        let s = mcstore::storage::PgStorage::builder(url.clone())
+            .open()
+            .unwrap();
+        s.create_container("async").unwrap();
+        let info = s.info("async", Some(label)).unwrap();
+        s.put_content(&info, label.into()).unwrap();
+        assert_eq!(&s.get_content(&info).unwrap()[..], label.as_bytes());
+        let cache = Pool::new(support::client_builder().server(&addr), 2).unwrap();
+        let cached = MemcacheStorage::new(cache, Arc::new(s));
+        cached
+            .put_content(&info, "through the cache".into())
+            .unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                &cached.get_content(&info).unwrap()[..],
+                b"through the cache"
+            );
+        }
+        cached.remove_content(&info).unwrap();
+        assert!(cached.get_content(&info).is_err());
+        drop(cached);
+    };
+    let plain = exercise.clone();
+    thread::spawn(move || plain("plain-thread")).join().unwrap();
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = exercise.clone();
+    current.block_on(async move { run("current-thread") });
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (in_task, blocking, direct) = (exercise.clone(), exercise.clone(), exercise);
+    multi.block_on(async move {
+        direct("multi-thread");
+        tokio::spawn(async move { in_task("task") }).await.unwrap();
+        tokio::task::spawn_blocking(move || blocking("spawn-blocking"))
+            .await
+            .unwrap();
+    });
+}

@@ -3,6 +3,16 @@
 //!
 //! Every statement takes parameters; no SQL is ever built from a name. Names are validated
 //! as [`FsStorage`](super::FsStorage) validates them.
+//!
+//! # Inside async services
+//!
+//! The `postgres` crate's blocking client drives each call with a runtime of its own, which
+//! panics ("Cannot start a runtime from within a runtime") on a thread inside a tokio
+//! runtime: an `async fn`, a `#[tokio::main]`, even `spawn_blocking`. So every call that
+//! touches the client (connecting, each statement, closing) runs on the caller's thread
+//! when it is outside any runtime, and otherwise on a short-lived thread of its own
+//! (`off_runtime`), which costs a thread start (tens of microseconds) per statement there.
+//! A `PgStorage` can be opened, used and dropped anywhere.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -98,6 +108,10 @@ impl PgStorageBuilder {
     /// [`StorageError::Io`](Error::Io) if the database cannot be reached, the URL is
     /// invalid, or the schema is of a newer version.
     pub fn open(self) -> Result<PgStorage> {
+        off_runtime(|| self.open_here())
+    }
+
+    fn open_here(self) -> Result<PgStorage> {
         let mut config: postgres::Config = self
             .url
             .parse()
@@ -191,6 +205,20 @@ fn migrate(c: &mut Client) -> Result<()> {
         Some(_) => {}
     }
     tx.commit().map_err(|e| pg_error("creating the schema", e))
+}
+
+/// Runs `f`, which uses the `postgres` crate's blocking client, where that client can run:
+/// on this thread, unless it is inside a tokio runtime (where the client's own `block_on`
+/// panics), and then on a scoped thread of its own (see the module docs).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// A PostgreSQL failure with its cause spelled out (the crate's own message is terse:
@@ -305,14 +333,16 @@ impl PgConn {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
-        let st = self.client.prepare(sql)?;
+        let client = &mut self.client;
+        let st = off_runtime(|| client.prepare(sql))?;
         self.stmts.insert(sql.to_string(), st.clone());
         Ok(st)
     }
 
     fn execute(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<u64, postgres::Error> {
         let st = self.stmt(sql)?;
-        self.client.execute(&st, p)
+        let client = &mut self.client;
+        off_runtime(|| client.execute(&st, p))
     }
 
     fn query(
@@ -321,12 +351,14 @@ impl PgConn {
         p: Params<'_>,
     ) -> std::result::Result<Vec<Row>, postgres::Error> {
         let st = self.stmt(sql)?;
-        self.client.query(&st, p)
+        let client = &mut self.client;
+        off_runtime(|| client.query(&st, p))
     }
 
     fn query_one(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Row, postgres::Error> {
         let st = self.stmt(sql)?;
-        self.client.query_one(&st, p)
+        let client = &mut self.client;
+        off_runtime(|| client.query_one(&st, p))
     }
 
     fn query_opt(
@@ -335,7 +367,8 @@ impl PgConn {
         p: Params<'_>,
     ) -> std::result::Result<Option<Row>, postgres::Error> {
         let st = self.stmt(sql)?;
-        self.client.query_opt(&st, p)
+        let client = &mut self.client;
+        off_runtime(|| client.query_opt(&st, p))
     }
 
     fn is_closed(&self) -> bool {
@@ -409,17 +442,49 @@ impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let Some(c) = self.client.take() else { return };
         let mut pool = self.storage.lock_pool();
-        if c.is_closed() {
+        let broken = if c.is_closed() {
             pool.open -= 1;
+            Some(c)
         } else {
             pool.idle.push(c);
-        }
+            None
+        };
         drop(pool);
         self.storage.freed.notify_one();
+        // Closing a client runs the crate's runtime too.
+        if let Some(c) = broken {
+            off_runtime(move || drop(c));
+        }
+    }
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        // The listener ends within a reload period (not waited for here).
+        self.stop.store(true, Ordering::Relaxed);
+        self.close_clients();
     }
 }
 
 impl PgStorage {
+    /// Closes the idle connections and the writer session (which releases the writer lock:
+    /// this storage's intents become replayable by others), off any runtime.
+    fn close_clients(&self) {
+        let idle = {
+            let mut pool = self.lock_pool();
+            pool.open -= pool.idle.len();
+            std::mem::take(&mut pool.idle)
+        };
+        let session = self
+            .writer_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if !idle.is_empty() || session.is_some() {
+            off_runtime(move || drop((idle, session)));
+        }
+    }
+
     /// A storage on the database at `url` (`postgres://user[:password]@host:port/db`).
     pub fn builder(url: impl Into<String>) -> PgStorageBuilder {
         PgStorageBuilder {
@@ -454,7 +519,7 @@ impl PgStorage {
             if pool.open < self.size {
                 pool.open += 1;
                 drop(pool);
-                return match self.config.connect(NoTls) {
+                return match off_runtime(|| self.config.connect(NoTls)) {
                     Ok(c) => Ok(Conn {
                         storage: self,
                         client: Some(PgConn::new(c)),
@@ -714,15 +779,7 @@ impl Storage for PgStorage {
         {
             let _ = t.join();
         }
-        let mut pool = self.lock_pool();
-        pool.open -= pool.idle.len();
-        pool.idle.clear();
-        drop(pool);
-        // Releases the writer lock: this storage's intents become replayable by others.
-        self.writer_session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.close_clients();
         Ok(())
     }
 
