@@ -493,3 +493,13 @@ fn meta_truncated_and_silent_servers() {
     ));
     assert!(start.elapsed() < IO_TIMEOUT + Duration::from_millis(1500));
 }
+
+#[test]
+fn meta_multi_get_hit_naming_a_key_but_no_opaque_is_refused() {
+    // `k` echoes the key, but a meta batch item is named by its opaque alone.
+    let h = meta_batch_server(b"VA 1 f0 kb\r\nx\r\nMN\r\n");
+    let mut called = 0;
+    let r = meta_client(&h).get_multi(&[&b"a"[..], b"b"], |_, _| called += 1);
+    assert_parse_error(r, "a hit with a key and no opaque");
+    assert_eq!(called, 0);
+}

@@ -289,3 +289,78 @@ fn a_panicking_shared_callback_releases_its_slots() {
         }
     }
 }
+
+/// A pipeline started on a connection that still owes the replies of another caller's
+/// fire-and-forget commands counts only its own: the earlier ones are late replies.
+#[test]
+fn a_pipeline_counts_only_its_own_replies() {
+    let mc = Memcached::start();
+    for p in [Protocol::Binary, Protocol::Meta] {
+        let pool = Pool::from(mc.client_with(p));
+        seed(&mut pool.get().unwrap());
+        // Caller A: a quiet delete of a missing key and a quiet add of an existing one.
+        {
+            let mut a = pool.get().unwrap();
+            a.delete_noreply(b"missing").unwrap();
+            a.store_noreply(StoreMode::Add, b"k:A", b"x", SetOptions::default())
+                .unwrap();
+        }
+        // Caller B: a pipeline with nothing unmet.
+        let mut b = pool.get().unwrap();
+        let mut pl = b.pipeline();
+        pl.set(b"k:C", b"value of C", SetOptions::default())
+            .unwrap();
+        let r = pl.finish().unwrap();
+        assert_eq!((r.commands, r.errors, r.unmet), (1, 0, 0), "{p:?}: {r:?}");
+        let late = b.server_counters()[0].1.late_replies;
+        assert_eq!(late, 2, "{p:?}: A's replies were set aside");
+        let mut t = Tally::default();
+        check_next_calls(&mut b, &mut t, &format!("{p:?} after B's pipeline"));
+        t.assert_clean(&format!("{p:?} pipeline after another caller's noreply"));
+    }
+}
+
+/// A waker that panics when the shared client's I/O thread completes its future: the thread
+/// keeps serving, the interrupted round is never served again, and every later call gets its
+/// own reply.
+#[test]
+fn a_panicking_waker_does_not_stop_the_io_thread() {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+    struct Panicky;
+    impl Wake for Panicky {
+        fn wake(self: Arc<Self>) {
+            panicking_callback()
+        }
+    }
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = support::client_builder()
+            .protocol(p)
+            .server(mc.addr())
+            .io_timeout(Duration::from_secs(2))
+            .shared()
+            .io_mode(IoMode::IoThread)
+            .build()
+            .unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("w:{i}")).collect();
+        for k in &keys {
+            c.set(k.as_bytes(), k.as_bytes(), SetOptions::default())
+                .unwrap();
+        }
+        let waker = Waker::from(Arc::new(Panicky));
+        let mut cx = Context::from_waker(&waker);
+        let mut t = Tally::default();
+        for round in 0..10 {
+            let key = keys[round].as_bytes();
+            let mut fut = Box::pin(c.get_async(key));
+            let _ = fut.as_mut().poll(&mut cx);
+            for k in &keys {
+                let got = c.get(k.as_bytes()).map(|i| i.map(|i| i.value));
+                t.check(&format!("{p:?} {k}"), got, Some(k.clone().into_bytes()));
+            }
+        }
+        t.assert_clean(&format!("{p:?} shared client after panicking wakers"));
+    }
+}

@@ -35,8 +35,9 @@
 //!   that reads on it sends a sync ahead of its own request and sets aside every reply before
 //!   the sync's (counted in [`ServerCounters::late_replies`]).
 //! - **Error lines name nothing.** On meta, an error line (which carries no opaque) closes
-//!   the connection after it is reported; a late one that may leave the stream out of step
-//!   fails the call that reads it.
+//!   the connection after it is reported. A late one is counted, never reported to the call
+//!   that reads it (whose own reply comes after the sync's); if the server may close after
+//!   it, or the stream be out of step, the connection is replaced once that call is done.
 //!
 //! Assumed: the server answers each connection's requests in order and echoes opaques
 //! (memcached does on every protocol). Tested by `proto-tests/replies.rs` (each case that
@@ -393,32 +394,70 @@ pub(crate) struct Strays {
     pub(crate) owed: bool,
     /// The sync's reply has not been read yet.
     pub(crate) pending: bool,
+    /// Sync replies still to read, the last being this call's own (earlier ones: syncs of
+    /// fire-and-forget pipelines that nobody read).
+    pub(crate) ends: u32,
     /// Replies read before it (unmet conditions, error lines).
     pub(crate) count: u64,
+    /// One of them was an error line after which the server may close, or the stream be out
+    /// of step: the connection is replaced once this call is done.
+    pub(crate) doubt: bool,
 }
 
 impl Strays {
-    pub(crate) fn new(owed: bool) -> Strays {
+    /// For a call on server `i`: owing if its connection owes a sync (the caller sends one
+    /// ahead of its request), with every unread sync before it to skip too.
+    pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
+        let owed = driver.owes_sync(i);
         Strays {
             owed,
             pending: owed,
+            ends: if owed {
+                1 + driver.take_unread_syncs(i)
+            } else {
+                0
+            },
             count: 0,
+            doubt: false,
         }
     }
 
+    /// Owing one sync (the stream fuzz body's batches).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn owing() -> Strays {
+        Strays {
+            owed: true,
+            pending: true,
+            ends: 1,
+            ..Strays::default()
+        }
+    }
+
+    /// A sync went ahead of the request: the syncs (this one and earlier unread ones) that
+    /// are still to be read go to the connection's account, for its next reader.
+    pub(crate) fn abandon(&mut self, driver: &mut Driver, i: usize) {
+        if self.pending {
+            driver.add_unread_syncs(i, self.ends);
+        }
+        *self = Strays::default();
+    }
+
     /// After the call succeeded: server `i`'s connection owes nothing now, and the late
-    /// replies are counted.
+    /// replies are counted (a connection in doubt is replaced).
     #[inline]
     pub(crate) fn settle(&self, driver: &mut Driver, health: &mut Health, i: usize) {
         if self.owed {
             driver.set_owes_sync(i, false);
             health.counters_mut(i).late_replies += self.count;
+            if self.doubt {
+                driver.disconnect(i);
+            }
         }
     }
 
     /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
-    /// them. A stray error after which the stream may be out of step is a framing error:
-    /// the call fails and the connection is replaced.
+    /// them. They belong to no caller of this exchange: each is counted, and the call's own
+    /// reply, after the sync's, is matched as usual (never failed for someone else's error).
     #[cold]
     pub(crate) fn read<W: Wire>(
         &mut self,
@@ -430,8 +469,14 @@ impl Strays {
             Status::Partial => return Ok(Status::Partial),
         };
         match unit.outcome {
-            Outcome::End => self.pending = false,
-            Outcome::Error { closes: true, .. } => return Err(ParseError::Unexpected),
+            Outcome::End => {
+                self.ends -= 1;
+                self.pending = self.ends > 0;
+            }
+            Outcome::Error { closes, .. } => {
+                self.count += 1;
+                self.doubt |= closes;
+            }
             _ => self.count += 1,
         }
         Ok(Status::Complete((n, false)))
@@ -1094,9 +1139,9 @@ impl Core {
         on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
     ) -> Result<T> {
         let opaque = self.next_opaque();
-        let owed = self.driver.owes_sync(i);
+        let mut strays = Strays::on(&mut self.driver, i);
         let w = self.driver.wbuf(i);
-        if owed {
+        if strays.owed {
             // Quiet commands went out before without a sync: a sync of our own goes first,
             // and whatever they answered is read up to its reply, never as ours.
             W::encode(w, &Cmd::Sync, 0, false);
@@ -1121,7 +1166,6 @@ impl Core {
             out: None,
             refused: None,
         };
-        let mut strays = Strays::new(owed);
         self.driver.exchange(i, op, separate, Until::Done, |buf| {
             if strays.pending {
                 return strays.read::<W>(buf, &reader.limits);

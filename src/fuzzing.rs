@@ -683,7 +683,11 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
         out: None,
         refused: None,
     };
-    let mut strays = Strays::new(input.owed);
+    let mut strays = if input.owed {
+        Strays::owing()
+    } else {
+        Strays::default()
+    };
     let limits = Limits { max_value: 256 };
     let r = drive(input, &head, value, &mut |buf| {
         if strays.pending {

@@ -285,9 +285,9 @@ impl Core {
                 } else if self.driver.owes_sync(i) {
                     // Quiet commands went out before without a sync: one goes first, and
                     // what they answered is read up to its reply (see `Strays`).
+                    plan.shares[i].strays = Strays::on(&mut self.driver, i);
                     self.protocol
                         .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
-                    plan.shares[i].strays = Strays::new(true);
                 }
             }
         }
@@ -801,8 +801,11 @@ where
                     flags: h.flags,
                     cas: h.cas,
                     // Only the fast path may name the next key implicitly: a hit with
-                    // neither an opaque nor a key names no item here.
-                    opaque: h.opaque.or(h.key.is_none().then_some(u32::MAX)),
+                    // neither an opaque nor a key names no item here, and on a protocol
+                    // with opaques (binary, meta) a hit without one names none either.
+                    opaque: h
+                        .opaque
+                        .or((h.key.is_none() || !W::MATCHES_BY_NEXT_KEY).then_some(u32::MAX)),
                     key: h.key,
                 };
                 plan.hit(i, hit, self.ns, self.keys, &mut self.on_hit)?;
@@ -878,7 +881,7 @@ pub(crate) mod for_fuzzing {
         /// A sync went ahead of the batch (the connection owed one): the replies up to its
         /// reply are strays, read and set aside as the client does.
         pub(crate) fn owe_sync(&mut self) {
-            self.plan.shares[0].strays = Strays::new(true);
+            self.plan.shares[0].strays = Strays::owing();
         }
 
         /// Encodes every item (`cmd` builds it, `value` follows it) and closes the batch.

@@ -1,7 +1,7 @@
 //! Pipelines of noreply commands: buffered per server, written in large chunks, one wait at
 //! the end.
 
-use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, StoreMode};
+use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, StoreMode, Strays};
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
@@ -53,6 +53,10 @@ pub struct Pipeline<'c> {
     keybuf: &'c mut Vec<u8>,
     /// Per server: started (connected, buffer cleared) in this pipeline.
     started: Vec<bool>,
+    /// Per server: the connection owed a sync when this pipeline started on it (quiet
+    /// commands of an earlier fire-and-forget call); one went first, and the replies up to
+    /// it are not this pipeline's.
+    strays: Vec<Strays>,
     /// Per server: the error that stopped it, if any.
     failed: Vec<Option<Error>>,
     commands: usize,
@@ -81,11 +85,22 @@ impl Client {
             client: &mut self.core,
             keybuf: &mut self.scratch.keybuf,
             started: vec![false; n],
+            strays: (0..n).map(|_| Strays::default()).collect(),
             failed: (0..n).map(|_| None).collect(),
             commands: 0,
             errors: 0,
             unmet: 0,
             first_error: None,
+        }
+    }
+}
+
+/// A pipeline that wrote a sync ahead of its commands and did not read its reply (sent and
+/// forgotten, or dropped) leaves that sync to the connection's next reader.
+impl Drop for Pipeline<'_> {
+    fn drop(&mut self) {
+        for (i, strays) in self.strays.iter_mut().enumerate() {
+            strays.abandon(&mut self.client.driver, i);
         }
     }
 }
@@ -115,6 +130,10 @@ impl Pipeline<'_> {
                     c.health.record_error(i, e, &mut c.ring);
                 })?;
                 self.started[i] = true;
+                self.strays[i] = Strays::on(&mut c.driver, i);
+                if self.strays[i].owed {
+                    c.protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
+                }
             }
             let w = c.driver.wbuf(i);
             let cmd = cmd(wire);
@@ -214,15 +233,20 @@ impl Pipeline<'_> {
             unmet: &mut self.unmet,
             first: &mut self.first_error,
         };
+        let strays = &mut self.strays[i];
         let r = c.driver.exchange(
             i,
             &op,
             value.map(|v| (v, protocol.trailer())),
             until,
-            |buf| counts.read(buf, &limits, synced, protocol),
+            |buf| counts.read_after(strays, buf, &limits, synced, protocol),
         );
         // Their replies (failures only) are read by `finish`, or by the next call that
         // reads replies on this connection.
+        if synced && r.is_ok() {
+            strays.settle(&mut c.driver, &mut c.health, i);
+            *strays = Strays::default();
+        }
         c.driver.set_owes_sync(i, !synced);
         c.driver.wbuf(i).clear();
         c.health.observe.bytes(i, c.driver.bytes(i));
@@ -270,14 +294,16 @@ impl Pipeline<'_> {
             unmet: &mut self.unmet,
             first: &mut self.first_error,
         };
+        let strays = &mut self.strays;
         c.driver
-            .exchange_many(&mut batches, &op, Until::Done, |_, buf| {
-                counts.read(buf, &limits, true, protocol)
+            .exchange_many(&mut batches, &op, Until::Done, |i, buf| {
+                counts.read_after(&mut strays[i], buf, &limits, true, protocol)
             });
         let mut failed = Vec::new();
         for b in batches {
             if b.error.is_none() {
                 c.driver.set_owes_sync(b.server, false);
+                self.strays[b.server].settle(&mut c.driver, &mut c.health, b.server);
             }
             let r = b.error.map_or(Ok(()), Err);
             c.health.record(b.server, &r, &mut c.ring);
@@ -296,7 +322,7 @@ impl Pipeline<'_> {
             commands: self.commands,
             errors: self.errors,
             unmet: self.unmet,
-            first_error: self.first_error,
+            first_error: self.first_error.take(),
         })
     }
 }
@@ -309,6 +335,21 @@ struct Counts<'p> {
 }
 
 impl Counts<'_> {
+    /// [`read`](Self::read), after the replies `strays` still has to set aside.
+    fn read_after(
+        &mut self,
+        strays: &mut Strays,
+        buf: &[u8],
+        limits: &Limits,
+        until_end: bool,
+        protocol: Protocol,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        if strays.pending {
+            return with_wire!(protocol, W => strays.read::<W>(buf, limits));
+        }
+        self.read(buf, limits, until_end, protocol)
+    }
+
     /// Reply handler for noreply traffic: error replies and unmet conditions are counted,
     /// the reply to [`Cmd::Sync`] ends the pipeline (when `until_end`; before, it means the
     /// stream is out of step). Quiet binary and meta commands still report unmet conditions

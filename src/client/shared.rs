@@ -550,7 +550,11 @@ impl Engine {
         match waiter {
             Waiter::Thread(t) => t.unpark(),
             Waiter::Round => self.round_waiting.store(true, Ordering::SeqCst),
-            Waiter::Task(w) => w.wake(),
+            // A task's waker is the caller's code: if it panics, the panic (already reported
+            // by the hook) stays here, and the round goes on serving everyone else.
+            Waiter::Task(w) => {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+            }
             Waiter::None => {}
         }
     }
@@ -570,7 +574,18 @@ impl Engine {
         }
         work.freed.clear();
         let server = self.server;
-        client.pinned(server, |c| work.serve(self, c));
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            client.pinned(server, |c| work.serve(self, c))
+        }));
+        if let Err(panic) = served {
+            // A panic mid-round (a waker's, say): the round's requests are dropped, never
+            // served again. Some were completed and their slots may be someone else's now;
+            // the rest time out at their deadline. (The connection was replaced: it was
+            // marked busy.)
+            work.reqs.clear();
+            work.arena.clear();
+            std::panic::resume_unwind(panic);
+        }
         self.wake_round();
         work.reqs.clear();
         work.arena.clear();
@@ -608,7 +623,12 @@ impl Engine {
                 self.io_busy.store(true, Ordering::Relaxed);
             }
             let mut st = lock(&self.state);
-            while self.round(&mut st) {}
+            // A panic in a round (reported by the panic hook) must not end the thread that
+            // serves this server's queue: every later call would time out.
+            let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while self.round(&mut st) {}
+            }));
+            drop(rounds);
         }
     }
 }

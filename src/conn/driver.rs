@@ -250,6 +250,10 @@ struct Conn {
     /// Quiet commands were written whose replies nobody read yet (a fire-and-forget
     /// pipeline): the next call that reads replies first reads up to a sync of its own.
     owes_sync: bool,
+    /// Syncs written ahead of such commands whose replies nobody read either (a
+    /// fire-and-forget pipeline started on a connection that owed one): the next reader
+    /// skips this many sync replies more than its own.
+    unread_syncs: u32,
 }
 
 /// A deadline for one operation, with the time it started (for error reports).
@@ -352,6 +356,7 @@ impl Driver {
                 blocking: None,
                 busy: false,
                 owes_sync: false,
+                unread_syncs: 0,
             })
             .collect();
         Ok(Driver {
@@ -411,6 +416,7 @@ impl Driver {
         conn.blocking = None;
         conn.busy = false;
         conn.owes_sync = false;
+        conn.unread_syncs = 0;
     }
 
     /// Whether server `i`'s connection carries quiet commands whose replies were not read
@@ -427,6 +433,24 @@ impl Driver {
     pub(crate) fn set_owes_sync(&mut self, i: usize, owes: bool) {
         let conn = &mut self.conns[i];
         conn.owes_sync = owes && conn.stream.is_some();
+        if !conn.owes_sync {
+            conn.unread_syncs = 0;
+        }
+    }
+
+    /// The sync replies still unread on server `i`'s connection besides the next reader's
+    /// own, taken (the reader now skips them).
+    pub(crate) fn take_unread_syncs(&mut self, i: usize) -> u32 {
+        std::mem::take(&mut self.conns[i].unread_syncs)
+    }
+
+    /// Records `n` more syncs written on server `i`'s connection whose replies nobody read.
+    pub(crate) fn add_unread_syncs(&mut self, i: usize, n: u32) {
+        let conn = &mut self.conns[i];
+        if conn.stream.is_some() {
+            conn.unread_syncs += n;
+            conn.owes_sync = true;
+        }
     }
 
     /// Sends the write buffer of server `i`, then `value` and `trailer` if given, while parsing
@@ -477,7 +501,8 @@ impl Driver {
             if self.conns[b.server].stream.is_none() && b.error.is_none() {
                 b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
             }
-            self.conns[b.server].busy = true;
+            let conn = &mut self.conns[b.server];
+            conn.busy = conn.stream.is_some();
         }
         // Not reached when `on_reply` panics: the connections stay marked busy, and the next
         // `begin` replaces them (their replies are half read).
@@ -976,6 +1001,9 @@ impl Driver {
         conn.rbuf.clear();
         conn.connects += 1;
         conn.fresh = true;
+        conn.busy = false;
+        conn.owes_sync = false;
+        conn.unread_syncs = 0;
         Ok(())
     }
 
