@@ -732,6 +732,26 @@ impl<'a> Meta<'a> {
 }
 
 #[cfg(any(test, feature = "fuzzing"))]
+/// A general reply's flags as the fast paths read them, or `None` if it has any other flag
+/// (or an opaque that is not a u32), where the fast paths must not answer.
+fn numeric_only(f: &ReturnFlags<'_>) -> Option<NumericFlags> {
+    let others = ReturnFlags {
+        cas: None,
+        client_flags: None,
+        opaque: None,
+        ..*f
+    };
+    if others != ReturnFlags::default() || f.opaque.is_some() != f.opaque_u32().is_some() {
+        return None;
+    }
+    Some(NumericFlags {
+        client_flags: f.client_flags,
+        cas: f.cas,
+        opaque: f.opaque_u32(),
+    })
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
 /// `parse_reply`'s result in [`parse_done`]'s terms: what the two are checked against each
 /// other with (tests, fuzzing).
 pub(crate) fn as_plain_done(
@@ -739,22 +759,7 @@ pub(crate) fn as_plain_done(
 ) -> Option<(usize, NumericFlags)> {
     match r {
         Ok(Status::Complete((n, Reply::Meta(m)))) if m.code == Code::Done => {
-            let f = m.flags;
-            let others = ReturnFlags {
-                cas: None,
-                client_flags: None,
-                opaque: None,
-                ..f
-            };
-            if others != ReturnFlags::default() || f.opaque.is_some() != f.opaque_u32().is_some() {
-                return None;
-            }
-            let flags = NumericFlags {
-                client_flags: f.client_flags,
-                cas: f.cas,
-                opaque: f.opaque_u32(),
-            };
-            Some((*n, flags))
+            Some((*n, numeric_only(&m.flags)?))
         }
         _ => None,
     }
@@ -771,16 +776,7 @@ pub(crate) fn as_plain_hit<'a>(
         Err(e) => Err(*e),
         Ok(Status::Partial) => Ok(Status::Partial),
         Ok(Status::Complete((n, Reply::Meta(m)))) => {
-            let f = m.flags;
-            let others = ReturnFlags {
-                cas: None,
-                client_flags: None,
-                opaque: None,
-                ..f
-            };
-            if others != ReturnFlags::default() || f.opaque.is_some() != f.opaque_u32().is_some() {
-                return None;
-            }
+            numeric_only(&m.flags)?;
             Ok(Status::Complete((*n, m.hit()?)))
         }
         Ok(Status::Complete(_)) => return None,
