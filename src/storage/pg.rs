@@ -33,10 +33,15 @@ use super::{
 };
 
 /// The outbox mirror is reloaded at least this often (and at once on a notification).
-const MIRROR_EVERY: Duration = Duration::from_secs(1);
+const MIRROR_EVERY: Duration = Duration::from_millis(400);
 
-/// A mirror not reloaded for this long is not trusted: `contains` asks the database.
-const MIRROR_STALE: Duration = Duration::from_secs(3);
+/// A mirror whose last load started this long ago is not trusted: `contains` asks the
+/// database. A failure record's writer waits this long (see `InvalidationLog::record`).
+const MIRROR_STALE: Duration = Duration::from_millis(1000);
+
+/// How long a failure record's writer waits after its commit: the mirror's trust bound, and
+/// a margin for clocks that run at slightly different rates on different hosts.
+const RECORD_WAIT: Duration = Duration::from_millis(1000 + 50 + 10);
 
 /// The schema version this code creates and understands.
 const SCHEMA_VERSION: i32 = 1;
@@ -809,8 +814,17 @@ impl PgStorage {
 /// (`writer` = the writing storage's id, whose session holds an advisory lock while it
 /// lives; once that session is gone, its intents are replayable).
 impl InvalidationLog for PgStorage {
+    /// Returns once every process's outbox mirror must include the record: a mirror is
+    /// trusted only until [`MIRROR_STALE`] after its last load *started*, so any mirror that
+    /// started loading before this commit is distrusted by the time this returns, and one
+    /// that started after includes the row. Notifications only make mirrors catch up sooner;
+    /// a lost or late one (a cut LISTEN connection, a slow link) cannot make a read that
+    /// starts after the write returned see the old entry. The cost is this wait on the
+    /// failure path only (a write whose cache delete failed), about a second.
     fn record(&self, key: &str) -> Result<String> {
-        self.insert_record(key, None)
+        let id = self.insert_record(key, None)?;
+        std::thread::sleep(RECORD_WAIT);
+        Ok(id)
     }
 
     fn intend(&self, key: &str) -> Result<String> {
