@@ -815,7 +815,7 @@ impl PgStorage {
 /// lives; once that session is gone, its intents are replayable).
 impl InvalidationLog for PgStorage {
     /// Returns once every process's outbox mirror must include the record: a mirror is
-    /// trusted only until [`MIRROR_STALE`] after its last load *started*, so any mirror that
+    /// trusted only until `MIRROR_STALE` (1 s) after its last load *started*, so any mirror that
     /// started loading before this commit is distrusted by the time this returns, and one
     /// that started after includes the row. Notifications only make mirrors catch up sooner;
     /// a lost or late one (a cut LISTEN connection, a slow link) cannot make a read that
