@@ -312,8 +312,11 @@ fn a_pipeline_counts_only_its_own_replies() {
             .unwrap();
         let r = pl.finish().unwrap();
         assert_eq!((r.commands, r.errors, r.unmet), (1, 0, 0), "{p:?}: {r:?}");
+        // Set aside as late replies; over TLS a sent pipeline waits for its sync, so A's
+        // replies were read by A's own pipelines and none are left for B.
         let late = b.server_counters()[0].1.late_replies;
-        assert_eq!(late, 2, "{p:?}: A's replies were set aside");
+        let want = if support::tls_mode() { 0 } else { 2 };
+        assert_eq!(late, want, "{p:?}: A's replies were set aside");
         let mut t = Tally::default();
         check_next_calls(&mut b, &mut t, &format!("{p:?} after B's pipeline"));
         t.assert_clean(&format!("{p:?} pipeline after another caller's noreply"));
