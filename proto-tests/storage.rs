@@ -2042,22 +2042,52 @@ fn postgres_storage_inside_tokio_runtimes() {
 #[test]
 fn postgres_read_right_after_a_put_with_a_failed_delete_is_fresh() {
     let pg = support::postgres::Postgres::start();
+    fresh_after_failed_deletes(&pg, &pg.url(), || {});
+}
+
+/// The same with the reader's LISTEN connection cut before each put: on 22ee596 the reader
+/// trusted its mirror, which nothing reloaded any more, and served the old content for
+/// seconds.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_read_after_a_put_is_fresh_with_the_listen_connection_cut() {
+    let pg = support::postgres::Postgres::start();
+    fresh_after_failed_deletes(&pg, &pg.url(), || {
+        assert!(pg.cut_listeners() > 0, "no listener session to cut");
+    });
+}
+
+/// The same with 250 ms of latency on the reader's link to PostgreSQL (its notifications
+/// and reloads arrive late): on 22ee596 the reader served the old content for 0.75 to 1 s.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_read_after_a_put_is_fresh_over_a_slow_link() {
+    let pg = support::postgres::Postgres::start();
+    let proxy = support::proxy::Proxy::start(pg.port);
+    proxy.set_delay(Duration::from_millis(250));
+    let url = format!("postgres://mcstore@127.0.0.1:{}/postgres", proxy.port);
+    fresh_after_failed_deletes(&pg, &url, || {});
+}
+
+/// Ten rounds: the reader (its master at `reader_url`) caches `v<round>`, `before_put`
+/// runs, a writer whose cache is unreachable puts the next version (its delete fails, so
+/// the outbox carries the invalidation), and the reader's next read must see it.
+#[cfg(feature = "postgres")]
+fn fresh_after_failed_deletes(
+    pg: &support::postgres::Postgres,
+    reader_url: &str,
+    before_put: impl Fn(),
+) {
+    let open = |url: &str| Arc::new(mcstore::storage::PgStorage::builder(url).open().unwrap());
     let mc = Memcached::start();
-    let open = || {
-        Arc::new(
-            mcstore::storage::PgStorage::builder(pg.url())
-                .open()
-                .unwrap(),
-        )
-    };
     // The writer's cache is unreachable (nothing listens there): its deletes fail.
     let dead_cache = support::client_builder()
         .server(format!("127.0.0.1:{}", support::free_port()))
         .io_timeout(Duration::from_millis(100))
         .connect_timeout(Duration::from_millis(100));
     let dead = Pool::new(dead_cache, 2).unwrap();
-    let writer = MemcacheStorage::new(dead, open());
-    let reader = MemcacheStorage::new(pool(&mc), open());
+    let writer = MemcacheStorage::new(dead, open(&pg.url()));
+    let reader = MemcacheStorage::new(pool(&mc), open(reader_url));
     reader.create_container("c").unwrap();
     let info = reader.info("c", Some("r")).unwrap();
     let mut stale = 0;
@@ -2070,6 +2100,7 @@ fn postgres_read_right_after_a_put_with_a_failed_delete_is_fresh() {
             assert_eq!(&reader.get_content(&info).unwrap()[..], old.as_bytes());
             reader.counters().hits > before
         });
+        before_put();
         let new = format!("v{round}-new");
         writer.put_content(&info, new.as_str().into()).unwrap();
         if reader.get_content(&info).unwrap()[..] != *new.as_bytes() {
@@ -2077,4 +2108,81 @@ fn postgres_read_right_after_a_put_with_a_failed_delete_is_fresh() {
         }
     }
     assert_eq!(stale, 0, "reads after the put returned saw the old content");
+}
+
+/// #25, a frozen PostgreSQL master: no read waits longer than the client-side deadline
+/// (one call or connect timeout; then the master is taken as unreachable for a second and calls
+/// fail at once), cached reads are served while the outbox mirror is trusted, and nothing
+/// stale is ever served. On 22ee596 one read hung for 19.8 s, until SIGCONT.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_frozen_master_bounds_every_read() {
+    let pg = support::postgres::Postgres::start();
+    let mc = Memcached::start();
+    let call_timeout = Duration::from_millis(300);
+    let master = Arc::new(
+        mcstore::storage::PgStorage::builder(pg.url())
+            .call_timeout(call_timeout)
+            .connect_timeout(call_timeout)
+            .open()
+            .unwrap(),
+    );
+    let s = MemcacheStorage::new(pool(&mc), master);
+    s.create_container("c").unwrap();
+    let info = s.info("c", Some("r")).unwrap();
+    s.put_content(&info, "v1".into()).unwrap();
+    support::wait_for("a cache hit", || {
+        let before = s.counters().hits;
+        assert_eq!(&s.get_content(&info).unwrap()[..], b"v1");
+        s.counters().hits > before
+    });
+    pg.freeze();
+    let frozen = Instant::now();
+    let (mut served, mut refused, mut longest) = (0u32, 0u32, Duration::ZERO);
+    let mut wrote = false;
+    // Past the mirror's trust (1 s) and several rounds of timeouts and fast failures.
+    while frozen.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let r = s.get_content(&info);
+        longest = longest.max(t.elapsed());
+        match r {
+            Ok(v) => {
+                assert_eq!(&v[..], b"v1");
+                served += 1;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains("PostgreSQL"), "{text}");
+                refused += 1;
+            }
+        }
+        // A write fails within the bound as well (and changes nothing once resumed).
+        if frozen.elapsed() > Duration::from_secs(2) && !wrote {
+            wrote = true;
+            let t = Instant::now();
+            assert!(s.put_content(&info, "v2".into()).is_err());
+            longest = longest.max(t.elapsed());
+        }
+    }
+    pg.resume();
+    println!(
+        "frozen master: call timeout {call_timeout:?}, longest read {longest:?}, \
+         {served} served from the cache, {refused} refused"
+    );
+    // Generous: the bound is one call timeout plus scheduling (a hang would be seconds).
+    assert!(
+        longest < call_timeout * 5,
+        "a call took {longest:?} with a {call_timeout:?} call timeout"
+    );
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused"
+    );
+    // Working again once PostgreSQL is; the put that failed may have landed on resume.
+    support::wait_for("reads after SIGCONT", || {
+        s.get_content(&info)
+            .is_ok_and(|v| v[..] == *b"v1" || v[..] == *b"v2")
+    });
+    s.put_content(&info, "v3".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v3");
 }

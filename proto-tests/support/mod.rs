@@ -20,6 +20,9 @@ pub mod tls;
 #[path = "postgres.rs"]
 pub mod postgres;
 
+#[path = "proxy.rs"]
+pub mod proxy;
+
 #[path = "launcher.rs"]
 mod launcher;
 use launcher::{memcached_command, READY_WITHIN};

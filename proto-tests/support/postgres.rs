@@ -12,6 +12,7 @@ pub struct Postgres {
     dir: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 /// The directory of `initdb` and `pg_ctl`: the newest /usr/lib/postgresql/*/bin, or PATH.
@@ -57,6 +58,7 @@ impl Postgres {
             dir,
             bin,
             as_postgres,
+            frozen: Default::default(),
         };
         let data = pg.dir.join("data");
         pg.run(
@@ -168,8 +170,79 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// The postmaster and every process it started (the backends, the checkpointer...).
+    fn pids(&self) -> Vec<i32> {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let Some(master) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised command name: state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// SIGSTOP to the whole cluster: connections stay open, nothing answers (a frozen master).
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        for pid in self.pids() {
+            // SAFETY: kill(2) with a pid read from the cluster's own files and /proc.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+    }
+
+    /// SIGCONT to the whole cluster.
+    pub fn resume(&self) {
+        for pid in self.pids() {
+            // SAFETY: as in `freeze`.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Runs `sql` with psql as the test user; its output, one row a line.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "mcstore", "-d", "postgres", "-Atc", sql])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql {sql:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Ends every outbox listener's session (as a cut connection would); how many.
+    pub fn cut_listeners(&self) -> usize {
+        let out = self.sql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
+            mcstore::storage::PgStorage::LISTENER_NAME
+        ));
+        out.lines().filter(|l| *l == "t").count()
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            self.resume();
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -626,10 +626,8 @@ impl Shared {
             return true;
         }
         match self.settings.master.invalidation_log() {
-            // A log that cannot be read cannot vouch for the entry, unless it says otherwise.
-            Some(log) => log
-                .contains(key)
-                .unwrap_or_else(|_| !log.trust_when_unreadable()),
+            // A log that cannot be read cannot vouch for the entry.
+            Some(log) => log.contains(key).unwrap_or(true),
             None => false,
         }
     }

@@ -259,14 +259,6 @@ pub trait InvalidationLog: Send + Sync {
     fn may_have_pending(&self) -> bool {
         true
     }
-    /// Whether a cached entry may be served when [`contains`](Self::contains) fails (default
-    /// no: an unreadable log cannot vouch for it). A log kept in the master's database is
-    /// unreadable exactly when the master is down; then no write can commit, and serving
-    /// the cache is what keeps reads working (the entry is stale only if a record was left
-    /// unreplayed just before the outage).
-    fn trust_when_unreadable(&self) -> bool {
-        false
-    }
 }
 
 /// A key with failed invalidations, as [`InvalidationLog::pending`] returns it.

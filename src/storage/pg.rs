@@ -15,15 +15,15 @@
 //! A `PgStorage` can be opened, used and dropped anywhere.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 
 use super::error::{Result, StorageError as Error};
 use super::memory::not_found;
@@ -80,6 +80,7 @@ pub struct PgStorageBuilder {
     connect_timeout: Duration,
     statement_timeout: Duration,
     checkout_timeout: Duration,
+    call_timeout: Duration,
 }
 
 impl PgStorageBuilder {
@@ -107,33 +108,43 @@ impl PgStorageBuilder {
         self
     }
 
+    /// The client's own deadline for each exchange with PostgreSQL: a statement, a
+    /// connection's start-up, the outbox listener's reload (default 5 s). Past it the call
+    /// fails with [`io::ErrorKind::TimedOut`], the connection is dropped, and for
+    /// [`RETRY_AFTER`](PgStorage::RETRY_AFTER) (1 s) calls fail at once instead of
+    /// waiting again. Unlike [`statement_timeout`](Self::statement_timeout), which the server
+    /// enforces, it holds when the server or the link is frozen.
+    pub fn call_timeout(mut self, t: Duration) -> Self {
+        self.call_timeout = t.max(Duration::from_millis(1));
+        self
+    }
+
     /// Connects, creates the schema if needed and checks its version.
     ///
     /// # Errors
     /// [`StorageError::Io`](Error::Io) if the database cannot be reached, the URL is
     /// invalid, or the schema is of a newer version.
     pub fn open(self) -> Result<PgStorage> {
-        off_runtime(|| self.open_here())
-    }
-
-    fn open_here(self) -> Result<PgStorage> {
-        let mut config: postgres::Config = self
+        let mut config: Config = self
             .url
             .parse()
-            .map_err(|e| pg_error("parsing the PostgreSQL URL", e))?;
+            .map_err(|e| pg_error("parsing the PostgreSQL URL", PgFail::Pg(e)))?;
         config.connect_timeout(self.connect_timeout);
-        config.options(&format!(
+        config.options(format!(
             "-c statement_timeout={}",
             self.statement_timeout.as_millis().max(1)
         ));
-        let mut first = config
-            .connect(NoTls)
+        let limits = Limits {
+            connect: self.connect_timeout,
+            call: self.call_timeout,
+        };
+        let health = Arc::new(Health::default());
+        let mut first = PgConn::connect(&config, limits, &health, None)
             .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
-        migrate(&mut first)?;
+        first.migrate()?;
         // A session of its own holds this storage's writer lock for its lifetime: intents it
         // records are not replayed by others while it lives.
-        let mut writer_session = config
-            .connect(NoTls)
+        let mut writer_session = PgConn::connect(&config, limits, &health, None)
             .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
         let writer: i64 = writer_session
             .query_one("SELECT nextval('mcstore_writer_seq')", &[])
@@ -149,10 +160,13 @@ impl PgStorageBuilder {
         let mirror = Arc::new(Mirror::default());
         let stop = Arc::new(AtomicBool::new(false));
         let listener = {
-            let (config, mirror, stop) = (config.clone(), mirror.clone(), stop.clone());
+            let mut config = config.clone();
+            // Named, so that an operator (or a test) can find the listener's session.
+            config.application_name(PgStorage::LISTENER_NAME);
+            let (mirror, stop, health) = (mirror.clone(), stop.clone(), health.clone());
             std::thread::Builder::new()
                 .name("mcstore-pg-outbox".into())
-                .spawn(move || listen(&config, &mirror, &stop))
+                .spawn(move || listen(&config, limits, &health, &mirror, &stop))
                 .map_err(|e| Error::io("starting the outbox listener", e))?
         };
         Ok(PgStorage {
@@ -160,8 +174,10 @@ impl PgStorageBuilder {
             stop,
             listener: Mutex::new(Some(listener)),
             config,
+            limits,
+            health,
             pool: Mutex::new(Pool {
-                idle: vec![PgConn::new(first)],
+                idle: vec![first],
                 open: 1,
             }),
             freed: Condvar::new(),
@@ -173,48 +189,9 @@ impl PgStorageBuilder {
     }
 }
 
-/// Creates or checks the schema, under a transaction-scoped advisory lock so that processes
-/// opening the same database at once do not race.
-fn migrate(c: &mut Client) -> Result<()> {
-    let mut tx = c
-        .transaction()
-        .map_err(|e| pg_error("creating the schema", e))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&i64::from(WRITER_LOCK_CLASS)],
-    )
-    .map_err(|e| pg_error("creating the schema", e))?;
-    tx.batch_execute(SCHEMA)
-        .map_err(|e| pg_error("creating the schema", e))?;
-    let found: Option<i32> = tx
-        .query_opt("SELECT max(version) FROM mcstore_schema", &[])
-        .map_err(|e| pg_error("reading the schema version", e))?
-        .and_then(|r| r.get(0));
-    match found {
-        None => {
-            tx.execute(
-                "INSERT INTO mcstore_schema (version) VALUES ($1)",
-                &[&SCHEMA_VERSION],
-            )
-            .map_err(|e| pg_error("recording the schema version", e))?;
-        }
-        Some(v) if v > SCHEMA_VERSION => {
-            return Err(Error::io(
-                "opening the PostgreSQL storage",
-                io::Error::other(format!(
-                    "the database's schema is version {v}, newer than this mcstore's \
-                     {SCHEMA_VERSION}"
-                )),
-            ))
-        }
-        Some(_) => {}
-    }
-    tx.commit().map_err(|e| pg_error("creating the schema", e))
-}
-
-/// Runs `f`, which uses the `postgres` crate's blocking client, where that client can run:
-/// on this thread, unless it is inside a tokio runtime (where the client's own `block_on`
-/// panics), and then on a scoped thread of its own (see the module docs).
+/// Runs `f`, which blocks on a runtime of its own, where that can run: on this thread,
+/// unless it is inside a tokio runtime (where `block_on` panics), and then on a scoped
+/// thread of its own (see the module docs).
 fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     if tokio::runtime::Handle::try_current().is_err() {
         return f();
@@ -226,8 +203,6 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// A PostgreSQL failure with its cause spelled out (the crate's own message is terse:
-/// "error connecting to server" without the reason).
 /// The keys in the outbox as of `loaded`, plus those this process added since.
 #[derive(Default)]
 struct Mirror {
@@ -261,12 +236,19 @@ impl Mirror {
 }
 
 /// The listener thread: `LISTEN mcstore_outbox`, and reload the outbox's keys on every
-/// notification (other processes' records and intents) and at least every second. Its own
-/// connection; reconnects after a failure (the mirror goes stale meanwhile, and `contains`
-/// asks the database).
-fn listen(config: &postgres::Config, mirror: &Mirror, stop: &AtomicBool) {
+/// notification (other processes' records and intents) and at least every `MIRROR_EVERY`.
+/// Its own connection, every exchange bounded by the call timeout; reconnects after a
+/// failure (the mirror goes untrusted meanwhile, and `contains` asks the database).
+fn listen(
+    config: &Config,
+    limits: Limits,
+    health: &Arc<Health>,
+    mirror: &Mirror,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut c) = config.connect(NoTls) else {
+        let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+        let Ok(mut c) = PgConn::connect(config, limits, health, Some(tx)) else {
             std::thread::sleep(MIRROR_EVERY);
             continue;
         };
@@ -285,31 +267,76 @@ fn listen(config: &postgres::Config, mirror: &Mirror, stop: &AtomicBool) {
                 st.keys = rows.iter().map(|r| r.get(0)).collect();
                 st.loaded = Some(started);
             }
-            let woke = c.notifications().timeout_iter(MIRROR_EVERY).next();
-            if woke.is_err() {
+            // A notification, or the period; `None`: the connection ended.
+            let rt = c.rt();
+            let wait = async { tokio::time::timeout(MIRROR_EVERY, notified.recv()).await };
+            let woke = off_runtime(|| rt.block_on(wait));
+            if woke == Ok(None) {
                 break;
             }
             // Take every notification already queued: one reload covers them.
-            let mut n = c.notifications();
-            let mut queued = n.iter();
-            while let Ok(Some(_)) = queued.next() {}
+            while notified.try_recv().is_ok() {}
         }
     }
 }
 
-fn pg_error(context: &str, e: postgres::Error) -> Error {
-    use std::error::Error as _;
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cause = c.source();
+/// How a call to PostgreSQL failed.
+#[derive(Debug)]
+enum PgFail {
+    /// The server or the driver said so.
+    Pg(tokio_postgres::Error),
+    /// No answer within the call timeout (a frozen server or link).
+    TimedOut(Duration),
+    /// Not tried: a call timed out this long ago (see [`PgStorage::RETRY_AFTER`]).
+    Down(Duration),
+    /// A connection's runtime could not start.
+    Io(io::Error),
+}
+
+impl PgFail {
+    /// Whether the connection cannot be used again.
+    fn breaks(&self) -> bool {
+        match self {
+            PgFail::Pg(e) => e.is_closed(),
+            _ => true,
+        }
     }
-    let kind = if e.is_closed() || msg.contains("connect") {
-        io::ErrorKind::ConnectionRefused
-    } else {
-        io::ErrorKind::Other
+}
+
+/// A PostgreSQL failure with its cause spelled out (the crate's own message is terse:
+/// "error connecting to server" without the reason).
+fn pg_error(context: &str, e: PgFail) -> Error {
+    use std::error::Error as _;
+    let (kind, msg) = match e {
+        PgFail::Pg(e) => {
+            let mut msg = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            let kind = if e.is_closed() || msg.contains("connect") {
+                io::ErrorKind::ConnectionRefused
+            } else {
+                io::ErrorKind::Other
+            };
+            (kind, msg)
+        }
+        PgFail::TimedOut(t) => (
+            io::ErrorKind::TimedOut,
+            format!("no answer within the call timeout ({} ms)", t.as_millis()),
+        ),
+        PgFail::Down(ago) => (
+            io::ErrorKind::TimedOut,
+            format!(
+                "not tried: a call timed out {} ms ago (the master is taken as unreachable \
+                 for {} ms after a timeout)",
+                ago.as_millis(),
+                PgStorage::RETRY_AFTER.as_millis()
+            ),
+        ),
+        PgFail::Io(e) => (e.kind(), e.to_string()),
     };
     Error::io(
         format!("PostgreSQL master, {context}"),
@@ -317,68 +344,236 @@ fn pg_error(context: &str, e: postgres::Error) -> Error {
     )
 }
 
-/// A connection with its prepared statements: each SQL text is parsed once per connection,
-/// so a statement costs one round trip (the `postgres` crate alone prepares on every call).
+/// The client-side deadlines.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    connect: Duration,
+    call: Duration,
+}
+
+/// When a call to this master last timed out, shared by its connections.
+#[derive(Debug)]
+struct Health {
+    base: Instant,
+    /// Nanoseconds from `base` to the last timeout, plus one; 0: none yet.
+    timed_out: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            base: Instant::now(),
+            timed_out: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Health {
+    fn note_timeout(&self) {
+        let at = self.base.elapsed().as_nanos() as u64;
+        self.timed_out.store(at + 1, Ordering::Relaxed);
+    }
+
+    /// `Err(Down)` within [`PgStorage::RETRY_AFTER`] of the last timeout.
+    fn check(&self) -> std::result::Result<(), PgFail> {
+        let at = self.timed_out.load(Ordering::Relaxed);
+        if at == 0 {
+            return Ok(());
+        }
+        let ago = self
+            .base
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(at - 1));
+        if ago < PgStorage::RETRY_AFTER {
+            return Err(PgFail::Down(ago));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `fut` on `rt` (off any caller's runtime), for at most `limit`.
+fn block<T: Send>(
+    rt: &tokio::runtime::Runtime,
+    limit: Duration,
+    fut: impl Future<Output = std::result::Result<T, tokio_postgres::Error>> + Send,
+) -> std::result::Result<T, PgFail> {
+    // The timer is made inside the runtime, whose clock it needs.
+    off_runtime(|| rt.block_on(async { tokio::time::timeout(limit, fut).await }))
+        .map_err(|_| PgFail::TimedOut(limit))?
+        .map_err(PgFail::Pg)
+}
+
+/// A connection: a `tokio_postgres` client on a single-threaded runtime of its own (which
+/// also drives the connection's I/O while a call runs), its prepared statements (each SQL
+/// text is parsed once per connection, so a statement costs one round trip), and a deadline
+/// on every exchange. A connection whose call timed out or whose session ended is marked
+/// broken and never reused.
 struct PgConn {
     client: Client,
     stmts: HashMap<String, Statement>,
+    limits: Limits,
+    health: Arc<Health>,
+    broken: bool,
+    /// `Some` until drop.
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
-impl PgConn {
-    fn new(client: Client) -> PgConn {
-        PgConn {
-            client,
-            stmts: HashMap::new(),
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        // Without waiting, and allowed anywhere, even inside another runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
+}
 
-    fn stmt(&mut self, sql: &str) -> std::result::Result<Statement, postgres::Error> {
+impl PgConn {
+    /// Connects within `limits.connect` (the whole start-up, not only the TCP connect);
+    /// notifications go to `notify` when given.
+    fn connect(
+        config: &Config,
+        limits: Limits,
+        health: &Arc<Health>,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    ) -> std::result::Result<PgConn, PgFail> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(PgFail::Io)?;
+        let (client, mut connection) = match block(&rt, limits.connect, config.connect(NoTls)) {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(e, PgFail::TimedOut(_)) {
+                    health.note_timeout();
+                }
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
+        rt.spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let (AsyncMessage::Notification(_), Some(tx)) = (m, &notify) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        Ok(PgConn {
+            client,
+            stmts: HashMap::new(),
+            limits,
+            health: health.clone(),
+            broken: false,
+            rt: Some(rt),
+        })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("until drop")
+    }
+
+    /// Notes how an exchange ended: a failure that leaves the connection unusable marks it
+    /// broken, and a timeout marks the master unreachable for a while.
+    fn note<T>(&mut self, r: std::result::Result<T, PgFail>) -> std::result::Result<T, PgFail> {
+        if let Err(e) = &r {
+            if matches!(e, PgFail::TimedOut(_)) {
+                self.health.note_timeout();
+            }
+            self.broken |= e.breaks();
+        }
+        r
+    }
+
+    fn stmt(&mut self, sql: &str) -> std::result::Result<Statement, PgFail> {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
-        let client = &mut self.client;
-        let st = off_runtime(|| client.prepare(sql))?;
+        let r = block(self.rt(), self.limits.call, self.client.prepare(sql));
+        let st = self.note(r)?;
         self.stmts.insert(sql.to_string(), st.clone());
         Ok(st)
     }
 
-    fn execute(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<u64, postgres::Error> {
+    fn execute(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<u64, PgFail> {
         let st = self.stmt(sql)?;
-        let client = &mut self.client;
-        off_runtime(|| client.execute(&st, p))
+        let r = block(self.rt(), self.limits.call, self.client.execute(&st, p));
+        self.note(r)
     }
 
-    fn query(
-        &mut self,
-        sql: &str,
-        p: Params<'_>,
-    ) -> std::result::Result<Vec<Row>, postgres::Error> {
+    fn query(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Vec<Row>, PgFail> {
         let st = self.stmt(sql)?;
-        let client = &mut self.client;
-        off_runtime(|| client.query(&st, p))
+        let r = block(self.rt(), self.limits.call, self.client.query(&st, p));
+        self.note(r)
     }
 
-    fn query_one(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Row, postgres::Error> {
+    fn query_one(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Row, PgFail> {
         let st = self.stmt(sql)?;
-        let client = &mut self.client;
-        off_runtime(|| client.query_one(&st, p))
+        let r = block(self.rt(), self.limits.call, self.client.query_one(&st, p));
+        self.note(r)
     }
 
-    fn query_opt(
-        &mut self,
-        sql: &str,
-        p: Params<'_>,
-    ) -> std::result::Result<Option<Row>, postgres::Error> {
+    fn query_opt(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<Option<Row>, PgFail> {
         let st = self.stmt(sql)?;
-        let client = &mut self.client;
-        off_runtime(|| client.query_opt(&st, p))
+        let r = block(self.rt(), self.limits.call, self.client.query_opt(&st, p));
+        self.note(r)
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), PgFail> {
+        let r = block(self.rt(), self.limits.call, self.client.batch_execute(sql));
+        self.note(r)
+    }
+
+    /// Creates or checks the schema, under a transaction-scoped advisory lock so that
+    /// processes opening the same database at once do not race.
+    fn migrate(&mut self) -> Result<()> {
+        let rt = self.rt.as_ref().expect("until drop");
+        let r = block(rt, self.limits.call, migrate(&mut self.client));
+        let found = self
+            .note(r)
+            .map_err(|e| pg_error("creating the schema", e))?;
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(Error::io(
+                "opening the PostgreSQL storage",
+                io::Error::other(format!(
+                    "the database's schema is version {v}, newer than this mcstore's \
+                     {SCHEMA_VERSION}"
+                )),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.broken || self.client.is_closed()
     }
+}
+
+/// The schema, created or checked in one transaction; returns the version found.
+async fn migrate(c: &mut Client) -> std::result::Result<Option<i32>, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&i64::from(WRITER_LOCK_CLASS)],
+    )
+    .await?;
+    tx.batch_execute(SCHEMA).await?;
+    let found: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM mcstore_schema", &[])
+        .await?
+        .and_then(|r| r.get(0));
+    if found.is_none() {
+        tx.execute(
+            "INSERT INTO mcstore_schema (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )
+        .await?;
+    }
+    // A newer schema: rolled back on drop, nothing touched.
+    if found.is_none_or(|v| v <= SCHEMA_VERSION) {
+        tx.commit().await?;
+    }
+    Ok(found)
 }
 
 struct Pool {
@@ -405,14 +600,16 @@ pub struct PgStorage {
     mirror: Arc<Mirror>,
     stop: Arc<AtomicBool>,
     listener: Mutex<Option<std::thread::JoinHandle<()>>>,
-    config: postgres::Config,
+    config: Config,
+    limits: Limits,
+    health: Arc<Health>,
     pool: Mutex<Pool>,
     freed: Condvar,
     size: usize,
     checkout_timeout: Duration,
     /// This storage's writer id; its session holds the matching advisory lock.
     writer: i32,
-    writer_session: Mutex<Option<Client>>,
+    writer_session: Mutex<Option<PgConn>>,
 }
 
 impl std::fmt::Debug for PgStorage {
@@ -456,10 +653,7 @@ impl Drop for Conn<'_> {
         };
         drop(pool);
         self.storage.freed.notify_one();
-        // Closing a client runs the crate's runtime too.
-        if let Some(c) = broken {
-            off_runtime(move || drop(c));
-        }
+        drop(broken);
     }
 }
 
@@ -485,9 +679,7 @@ impl PgStorage {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if !idle.is_empty() || session.is_some() {
-            off_runtime(move || drop((idle, session)));
-        }
+        drop((idle, session));
     }
 
     /// A storage on the database at `url` (`postgres://user[:password]@host:port/db`).
@@ -498,8 +690,17 @@ impl PgStorage {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
             checkout_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(5),
         }
     }
+
+    /// How long calls fail at once after one timed out (see
+    /// [`PgStorageBuilder::call_timeout`]): a frozen master costs each caller one timeout
+    /// at most, not one per statement, and is tried again after this.
+    pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+    /// The `application_name` of the outbox listener's session (see `pg_stat_activity`).
+    pub const LISTENER_NAME: &'static str = "mcstore-outbox-listener";
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
@@ -508,6 +709,9 @@ impl PgStorage {
     /// A connection: an idle one, a new one while under the pool size, or the next one
     /// freed, waiting up to the checkout timeout.
     fn conn(&self) -> Result<Conn<'_>> {
+        self.health
+            .check()
+            .map_err(|e| pg_error("checking out a connection", e))?;
         let deadline = Instant::now() + self.checkout_timeout;
         let mut pool = self.lock_pool();
         loop {
@@ -524,10 +728,10 @@ impl PgStorage {
             if pool.open < self.size {
                 pool.open += 1;
                 drop(pool);
-                return match off_runtime(|| self.config.connect(NoTls)) {
+                return match PgConn::connect(&self.config, self.limits, &self.health, None) {
                     Ok(c) => Ok(Conn {
                         storage: self,
-                        client: Some(PgConn::new(c)),
+                        client: Some(c),
                     }),
                     Err(e) => {
                         self.lock_pool().open -= 1;
@@ -615,8 +819,9 @@ fn remove_intending_sql(part: Part) -> String {
     )
 }
 
-fn fk_violation(e: &postgres::Error) -> bool {
-    e.code() == Some(&postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+fn fk_violation(e: &PgFail) -> bool {
+    matches!(e, PgFail::Pg(e)
+        if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION))
 }
 
 fn column(part: Part) -> &'static str {
@@ -876,11 +1081,6 @@ impl InvalidationLog for PgStorage {
     /// notification, so a new row is seen within one notification's delivery).
     fn may_have_pending(&self) -> bool {
         self.mirror.is_empty() != Some(true)
-    }
-
-    /// The outbox is unreadable exactly when the master is down: cached reads go on.
-    fn trust_when_unreadable(&self) -> bool {
-        true
     }
 
     fn replayed(&self, entry: &LogEntry) -> Result<()> {
