@@ -2186,3 +2186,52 @@ fn postgres_frozen_master_bounds_every_read() {
     s.put_content(&info, "v3".into()).unwrap();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v3");
 }
+
+/// #25, two namespaces in front of one master and one cache: a write deletes only its own
+/// namespace's entry, so on 22ee596 a storage with the other namespace served the old
+/// content until its TTL. A namespaced cache client is now refused, on the first call, with
+/// an error that says why and what to do; a prefix in the key generator is the way.
+#[test]
+fn a_namespaced_cache_client_is_refused() {
+    let mc = Memcached::start();
+    let dir = TempDir::new("mcstore-ns");
+    let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
+    for (name, cache) in [
+        (
+            "pool",
+            mcstore::storage::CacheClients::from(
+                Pool::new(cache_builder(&mc, Protocol::Meta).namespace("a:"), 2).unwrap(),
+            ),
+        ),
+        (
+            "shared",
+            mcstore::storage::CacheClients::from(
+                cache_builder(&mc, Protocol::Meta)
+                    .namespace("b:")
+                    .shared()
+                    .build()
+                    .unwrap(),
+            ),
+        ),
+    ] {
+        let s = MemcacheStorage::new(cache, master.clone());
+        let e = s.info("c", Some("r")).unwrap_err();
+        assert!(
+            matches!(e, mcstore::storage::StorageError::Config(_))
+                && e.to_string().contains("namespace")
+                && e.to_string().contains("key generator"),
+            "{name}: {e}"
+        );
+    }
+    // Without a namespace, and with a prefix in the key generator, it works.
+    let keys = mcstore::storage::KeyGenerator::new(|c, r| {
+        format!("app1:{}:{c}:{}", c.len(), r.unwrap_or(""))
+    });
+    let s = MemcacheStorage::builder(pool(&mc), master)
+        .key_generator(keys)
+        .build();
+    s.create_container("c").unwrap();
+    let info = s.info("c", Some("r")).unwrap();
+    s.put_content(&info, "v1".into()).unwrap();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v1");
+}

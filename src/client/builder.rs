@@ -45,7 +45,7 @@ pub struct ClientBuilder {
     failure_limit: u32,
     retry_timeout: Duration,
     remove_failed: bool,
-    namespace: Vec<u8>,
+    pub(crate) namespace: Vec<u8>,
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,

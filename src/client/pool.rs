@@ -90,6 +90,16 @@ impl Pool {
         })
     }
 
+    /// The namespace (key prefix) its clients were built with.
+    pub(crate) fn namespace(&self) -> std::sync::Arc<[u8]> {
+        if let Some(b) = &self.inner.builder {
+            return b.namespace.clone().into();
+        }
+        let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.first()
+            .map_or_else(|| Vec::new().into(), |c| c.core.namespace.clone())
+    }
+
     /// How many clients the pool holds.
     pub fn size(&self) -> usize {
         self.inner.size

@@ -218,6 +218,13 @@ struct Inner {
     engines: Box<[Arc<Engine>]>,
 }
 
+impl SharedClient {
+    /// The namespace (key prefix) it was built with.
+    pub(crate) fn namespace(&self) -> Arc<[u8]> {
+        self.inner.namespace.clone()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // I/O threads hold their engine, not the client: tell them to end.

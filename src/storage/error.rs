@@ -34,6 +34,10 @@ pub enum StorageError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// A configuration the storage cannot keep its promises with, refused (for example a
+    /// [`MemcacheStorage`](super::MemcacheStorage) over clients with a namespace).
+    #[error("configuration refused: {0}")]
+    Config(String),
     /// The memcached client failed (and the call could not fall back to the master).
     #[error(transparent)]
     Cache(#[from] crate::Error),

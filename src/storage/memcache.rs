@@ -780,6 +780,28 @@ impl Shared {
     }
 
     /// The master's own info for the same names.
+    /// Refuses what cannot be kept fresh: a client namespace. Storages in front of one
+    /// master must all use the same cache keys, because a write deletes only the entry
+    /// under its own key: one with another namespace would keep serving the old content
+    /// (until its TTL). The key generator is where a prefix goes
+    /// ([`MemcacheStorageBuilder::key_generator`]), the same for every storage of a master.
+    fn check_config(&self) -> Result<()> {
+        let ns = match &self.settings.cache {
+            CacheClients::Pool(p) => p.namespace(),
+            CacheClients::Shared(c) => c.namespace(),
+        };
+        if ns.is_empty() {
+            return Ok(());
+        }
+        Err(super::StorageError::Config(format!(
+            "MemcacheStorage over clients with a namespace ({:?}): a write invalidates only \
+             its own namespace's entry, so a storage of the same master with another \
+             namespace would serve stale content; put a prefix in the key generator \
+             instead, the same for every storage of one master",
+            String::from_utf8_lossy(&ns)
+        )))
+    }
+
     fn master_info(&self, m: &dyn Storage, info: &ResourceInfo) -> Result<ResourceInfo> {
         m.info(&info.collection, info.resource.as_deref())
     }
@@ -1211,6 +1233,7 @@ impl Storage for MemcacheStorage {
     }
 
     fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        self.shared.check_config()?;
         validate_name(collection)?;
         if let Some(r) = resource {
             validate_name(r)?;
