@@ -139,15 +139,10 @@ fn main() {
                 .push(read_run(&warm, &infos, threads, per, spread));
             // Cold: a fresh namespace of cache keys per round, each resource read once.
             let cold = MemcacheStorage::builder(
-                Pool::new(
-                    Client::builder()
-                        .server(mc.addr())
-                        .namespace(format!("r{round}t{threads}:")),
-                    64,
-                )
-                .unwrap(),
+                Pool::new(Client::builder().server(mc.addr()), 64).unwrap(),
                 direct.clone(),
             )
+            .key_generator(prefixed(format!("r{round}t{threads}:")))
             .build();
             let n = (infos.len() / threads).max(1);
             rows[2]
@@ -172,15 +167,10 @@ fn main() {
     let mut per_key = Vec::new();
     for round in 0..ROUNDS {
         let s = MemcacheStorage::builder(
-            Pool::new(
-                Client::builder()
-                    .server(mc.addr())
-                    .namespace(format!("herd{round}:")),
-                64,
-            )
-            .unwrap(),
+            Pool::new(Client::builder().server(mc.addr()), 64).unwrap(),
             direct.clone(),
         )
+        .key_generator(prefixed(format!("herd{round}:")))
         .build();
         let keys = 20;
         let before = s.counters().master_reads;
@@ -238,4 +228,10 @@ fn main() {
             o / a
         );
     }
+}
+
+/// The default cache keys behind `prefix`: a fresh set of keys (a cold cache) per run.
+fn prefixed(prefix: String) -> mcstore::storage::KeyGenerator {
+    let default = mcstore::storage::KeyGenerator::default();
+    mcstore::storage::KeyGenerator::new(move |c, r| format!("{prefix}{}", default.key(c, r)))
 }
