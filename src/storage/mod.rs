@@ -16,6 +16,83 @@
 //!
 //! A resource exists when it has content or metadata. `ls` and `ils` filter by extension:
 //! `ext = Some("txt")` keeps names ending in `.txt`.
+//!
+//! # Never stale: the argument
+//!
+//! **The promise** of [`MemcacheStorage`]: a read that starts after a `put` or `remove`
+//! returned `Ok`, in any process sharing the master and the cache, returns that write's
+//! content or a newer one; and no call waits longer than its configured deadlines. A write
+//! that returned an error may or may not have landed (the master can commit and lose the
+//! answer); its cache entry is invalidated either way.
+//!
+//! **Assumptions**, and what happens where one can fail:
+//! 1. *One set of cache keys per master*: every storage of a master uses the same key
+//!    generator, server list and distribution. A client namespace would break it, and is
+//!    refused ([`StorageError::Config`]); a different generator or server list is not
+//!    detected (document it in your deployment).
+//! 2. *Entries live only at their key's home server*: a key whose home server is ejected is
+//!    read from the master, never filled on a stand-in; a server whose instance changed
+//!    (restarted) is taken as empty, and one a write could not reach is distrusted until a
+//!    flush of it succeeds.
+//! 3. *memcached's delete and CAS are atomic per key*: a CAS unique (or meta lease) taken
+//!    before a delete fails after it.
+//! 4. *The master is linearizable per resource*: a read that starts after a write committed
+//!    sees it (`FsStorage`: a rename on a local file system; `PgStorage`: one primary, no
+//!    read replicas).
+//! 5. *Clocks*: only durations on one host's monotonic clock are used, never wall-clock
+//!    times across hosts; two hosts' clocks may run at rates up to 5 % apart (the 60 ms
+//!    margin on 1 s below).
+//! 6. *Crashes*: a process may die at any instruction; what the master's invalidation log
+//!    holds survives, memory does not.
+//!
+//! **The mechanisms**: (W) a write makes an *intent* durable in the master's
+//! [`InvalidationLog`] (for `PgStorage`, in the write's own transaction), writes the
+//! master, deletes the cache entry, and then clears the intent, or, if the delete failed,
+//! first leaves a *failure record*; (F) a reader that misses takes a lease or a filling
+//! marker with its CAS unique *before* reading the master, and stores with that CAS; (R) a
+//! cache hit is served only if the log holds no record for its key and the log could be
+//! read (an unreadable log distrusts the entry).
+//!
+//! **Paths** (each for every master unless named):
+//! - *The delete succeeded.* It came after the master write. An entry filled from an older
+//!   master read needed a CAS taken before the delete (F), which failed (3). A fill after
+//!   the delete read the master after the write (4). So a read after the return finds no
+//!   entry older than the write.
+//! - *The delete failed* (a frozen or dead server, a key moved off its home). The failure
+//!   record is durable before the write returns, and readers distrust the key (R) until a
+//!   replayed delete succeeds and clears it:
+//!   - `FsStorage`: a record is a file in `~invalidations/`, synced before the return; every
+//!     cache hit checks the key's folder there (one `stat`). No clock is involved.
+//!   - `PgStorage`: readers check an in-memory mirror of the outbox, reloaded every 400 ms
+//!     and on every notification, and trusted only until 1 s after its last reload *started*
+//!     (the reader's monotonic clock); past that, `contains` queries the outbox. The writer
+//!     returns 1.06 s after its commit (its own clock). A read starting after the return
+//!     either sees a mirror whose reload started after the commit (its snapshot holds the
+//!     row) or one whose reload started at least 1 s before it (5), which is not trusted.
+//!     Notifications only make mirrors catch up sooner: a late or lost one (a cut LISTEN
+//!     connection, a slow link) cannot make a read stale. The price is the wait, on this
+//!     path only.
+//!   - `MemoryStorage` keeps no log: it lives in one process, whose own list of failed
+//!     invalidations (checked on every hit) covers it.
+//!   - *The record cannot be written*: the intent stays (it was durable before the master
+//!     write), so readers go on distrusting the key; it is replayed once its writer is gone.
+//!     If the *intent* cannot be made durable, the write fails before the master changes.
+//! - *The cache is unreachable.* As a failed delete; reads go to the master meanwhile.
+//!   Past 10,000 failures remembered in one process, a failed server is flushed before it
+//!   is trusted again.
+//! - *The master is unreachable, frozen or slow.* Writes fail within the deadline
+//!   (`PgStorage`: its call timeout; then calls fail at once for a second). Reads:
+//!   `FsStorage` cannot check its journal, so hits are not served and reads fail; `PgStorage`
+//!   serves hits while its mirror is trusted (up to 1 s after its last reload started),
+//!   then `contains` fails within the call timeout and reads fail. So while the master is
+//!   down, cached reads go on for about a second, then fail with an error, never with old
+//!   content: a writer that can still reach the master (the reader's link alone is cut)
+//!   returns only after every reader's mirror has expired.
+//! - *A crash* between the intent and its clearing leaves the intent: readers distrust the
+//!   key, and once the writer is gone (`FsStorage`: its pid; `PgStorage`: its session's
+//!   advisory lock) any process replays it (6). A record created but never written (a
+//!   crash or a full disk) is dropped once its writer is gone: an empty intent had no master
+//!   write behind it, and an empty failure record has its write's intent beside it.
 
 mod fs;
 mod memcache;
