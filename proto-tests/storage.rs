@@ -2235,3 +2235,24 @@ fn a_namespaced_cache_client_is_refused() {
     s.put_content(&info, "v1".into()).unwrap();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v1");
 }
+
+/// #25, minor: a put whose cache delete failed left two journal records on 22ee596 (one
+/// from the storage's in-process memory of the failure, one from the write itself); now it
+/// leaves exactly one, the failure record, and its intent is cleared.
+#[test]
+fn a_failed_delete_leaves_one_journal_record() {
+    let root = TempDir::new("mcstore-one-record");
+    let mc = Memcached::start();
+    let (s, info) = frozen_with_v1_cached(&mc, Arc::new(FsStorage::open(&root.path).unwrap()));
+    s.put_content(&info, "v2".into()).unwrap(); // the master takes it; the delete fails
+    let records: Vec<String> = std::fs::read_dir(root.path.join("~invalidations"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(records.len(), 1, "journal records: {records:?}");
+    assert!(!records[0].starts_with('w'), "an intent left: {records:?}");
+    mc.resume();
+    assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
+}
