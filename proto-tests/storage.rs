@@ -2090,7 +2090,7 @@ fn fresh_after_failed_deletes(
     let reader = MemcacheStorage::new(pool(&mc), open(reader_url));
     reader.create_container("c").unwrap();
     let info = reader.info("c", Some("r")).unwrap();
-    let mut stale = 0;
+    let (mut stale, mut puts) = (0, Vec::new());
     for round in 0..10 {
         let old = format!("v{round}");
         reader.put_content(&info, old.as_str().into()).unwrap();
@@ -2102,11 +2102,19 @@ fn fresh_after_failed_deletes(
         });
         before_put();
         let new = format!("v{round}-new");
+        let t = Instant::now();
         writer.put_content(&info, new.as_str().into()).unwrap();
+        puts.push(t.elapsed());
         if reader.get_content(&info).unwrap()[..] != *new.as_bytes() {
             stale += 1;
         }
     }
+    puts.sort();
+    println!(
+        "put with a failed delete: median {:?}, longest {:?}",
+        puts[puts.len() / 2],
+        puts[puts.len() - 1]
+    );
     assert_eq!(stale, 0, "reads after the put returned saw the old content");
 }
 
