@@ -387,3 +387,48 @@ fn slap_prints_a_latency_table_and_one_result_line() {
         "threads only",
     );
 }
+
+/// `--user`/`--password` mean ASCII authentication over text and meta (memcached -Y).
+#[test]
+fn user_and_password_authenticate_text_and_meta() {
+    let mc = Memcached::start_ascii_auth("alice", "s3cret");
+    for protocol in ["text", "meta"] {
+        let auth = [
+            "--protocol",
+            protocol,
+            "--user",
+            "alice",
+            "--password",
+            "s3cret",
+        ];
+        ok(&mcstore(
+            &mc.addr(),
+            &[&auth[..], &["set", "k", "v"]].concat(),
+            b"",
+        ));
+        assert_eq!(
+            ok(&mcstore(
+                &mc.addr(),
+                &[&auth[..], &["get", "k"]].concat(),
+                b""
+            )),
+            "v"
+        );
+        let wrong = [
+            "--protocol",
+            protocol,
+            "--user",
+            "alice",
+            "--password",
+            "nope",
+        ];
+        fails_with(
+            &mcstore(&mc.addr(), &[&wrong[..], &["get", "k"]].concat(), b""),
+            "wrong user or password",
+        );
+        fails_with(
+            &mcstore(&mc.addr(), &["--protocol", protocol, "get", "k"], b""),
+            "requires ASCII authentication",
+        );
+    }
+}

@@ -251,6 +251,8 @@ pub(crate) struct Core {
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,
+    /// ASCII authentication (text and meta), as `user password`.
+    ascii_auth: Option<(String, String)>,
     /// Per server: the connection count at which SASL last succeeded.
     authenticated: Vec<u64>,
     /// Per server: which process the connection (by count) reaches, once asked.
@@ -491,6 +493,15 @@ fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
             return Error::Auth {
                 server: server.to_string(),
                 message,
+            }
+        }
+        // memcached -Y refuses every command of a connection that has not authenticated.
+        Refusal::Client if message == "unauthenticated" => {
+            return Error::Auth {
+                server: server.to_string(),
+                message: "the server requires ASCII authentication (memcached -Y), and no \
+                          credentials are configured"
+                    .into(),
             }
         }
         Refusal::UnknownCommand => ServerErrorKind::UnknownCommand,

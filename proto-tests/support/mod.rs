@@ -136,6 +136,22 @@ impl Memcached {
         m
     }
 
+    /// A memcached with ASCII authentication (`-Y`), knowing one user.
+    pub fn start_ascii_auth(user: &str, password: &str) -> Memcached {
+        let dir = TempDir::new("mcauth");
+        let file = dir.path.join("authfile");
+        std::fs::write(&file, format!("{user}:{password}\n")).unwrap();
+        let mut m = Memcached {
+            child: None,
+            listen: Listen::Tcp(free_port()),
+            extra: vec!["-Y".into(), file.to_str().unwrap().into()],
+            sasl_conf: None,
+            _dir: Some(dir),
+        };
+        assert!(m.spawn(), "memcached -Y did not start");
+        m
+    }
+
     /// The address to give the client.
     pub fn addr(&self) -> String {
         match &self.listen {
@@ -256,7 +272,10 @@ impl Memcached {
                 return false;
             }
             let mut line = String::new();
-            BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("VERSION ")
+            // A server with ASCII authentication (-Y) refuses it, but answers.
+            BufReader::new(s).read_line(&mut line).is_ok()
+                && (line.starts_with("VERSION ")
+                    || line.starts_with("CLIENT_ERROR unauthenticated"))
         }
         match &self.listen {
             Listen::Tcp(p) => TcpStream::connect(("127.0.0.1", *p))

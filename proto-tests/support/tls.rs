@@ -235,7 +235,9 @@ pub fn answers(addr: &str, binary: bool) -> bool {
             return false;
         }
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("VERSION ")
+        // A server with ASCII authentication (-Y) refuses it, but answers.
+        BufReader::new(s).read_line(&mut line).is_ok()
+            && (line.starts_with("VERSION ") || line.starts_with("CLIENT_ERROR unauthenticated"))
     }
     let timeout = Some(Duration::from_millis(500));
     if addr.starts_with('/') {

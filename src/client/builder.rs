@@ -49,6 +49,7 @@ pub struct ClientBuilder {
     hash_with_namespace: bool,
     protocol: Protocol,
     sasl: Option<(String, String)>,
+    ascii_auth: Option<(String, String)>,
     #[cfg(feature = "tls")]
     tls: Option<crate::TlsConfig>,
     /// Set by a pool: its clients share who is ejected.
@@ -71,6 +72,7 @@ impl Default for ClientBuilder {
             hash_with_namespace: false,
             protocol: Protocol::Text,
             sasl: None,
+            ascii_auth: None,
             #[cfg(feature = "tls")]
             tls: None,
             shared_health: None,
@@ -173,6 +175,17 @@ impl ClientBuilder {
         self
     }
 
+    /// ASCII authentication (memcached 1.6's `-Y authfile`; text and meta protocols): on every
+    /// new connection, before its first command, the client checks that the server asks for
+    /// authentication and sends `user password` (as memcached expects, a `set` whose value is
+    /// those two words). A wrong password and a server that does not use `-Y` are both
+    /// [`Error::Auth`](crate::Error::Auth), saying which. Neither may contain a space or a
+    /// line break.
+    pub fn ascii_auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.ascii_auth = Some((user.into(), password.into()));
+        self
+    }
+
     /// Speaks TLS to every server (feature `tls`), as configured by `tls`; the handshake is
     /// part of connecting and bounded by the connect timeout. SASL, when set, runs inside the
     /// TLS session.
@@ -216,6 +229,23 @@ impl ClientBuilder {
             return Err(Error::Config(
                 "SASL needs the binary protocol (.protocol(Protocol::Binary))".into(),
             ));
+        }
+        if let Some((user, password)) = &self.ascii_auth {
+            if self.protocol == Protocol::Binary {
+                return Err(Error::Config(
+                    "ASCII authentication is for the text and meta protocols; the binary \
+                     protocol authenticates with SASL (.sasl(user, password))"
+                        .into(),
+                ));
+            }
+            let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b.is_ascii_whitespace());
+            if bad(user) || bad(password) {
+                return Err(Error::Config(
+                    "ASCII authentication needs a user and a password without spaces or line \
+                     breaks (memcached's authfile holds `user:password` lines)"
+                        .into(),
+                ));
+            }
         }
         let max_value = self.max_value_size.min(isize::MAX as usize / 2);
         let addrs: Vec<ServerAddr> = specs.iter().map(|s| s.addr.clone()).collect();
@@ -270,6 +300,7 @@ impl ClientBuilder {
                 hash_with_namespace: self.hash_with_namespace,
                 protocol: self.protocol,
                 sasl: self.sasl,
+                ascii_auth: self.ascii_auth,
                 authenticated: vec![0; addrs.len()],
                 instances: vec![None; addrs.len()],
                 pinned: None,

@@ -55,10 +55,11 @@ struct Global {
     /// Wire protocol.
     #[arg(long, value_enum, default_value = "text", global = true)]
     protocol: Protocol,
-    /// SASL PLAIN user (binary protocol), with --password or MEMCACHED_PASSWORD.
+    /// User to authenticate as, with --password or MEMCACHED_PASSWORD: SASL PLAIN over the
+    /// binary protocol (memcached -S), ASCII authentication over text and meta (memcached -Y).
     #[arg(long, env = "MEMCACHED_USER", global = true)]
     user: Option<String>,
-    /// SASL PLAIN password.
+    /// Password for --user.
     #[arg(
         long,
         env = "MEMCACHED_PASSWORD",
@@ -318,9 +319,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Quiet>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("mcstore: error: {e}");
+            eprintln!("mcstore: error: {e}{}", hint(&*e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What the CLI user can do about a library error, in the CLI's own terms.
+fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    match e.downcast_ref::<mcstore::Error>() {
+        Some(mcstore::Error::Auth { .. }) => {
+            " (give --user and --password: SASL with --protocol binary, ASCII authentication \
+             with text and meta)"
+        }
+        _ => "",
     }
 }
 
@@ -341,7 +353,11 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
         b = b.hash(h);
     }
     if let Some(user) = &g.user {
-        b = b.sasl(user.clone(), g.password.clone().unwrap_or_default());
+        let password = g.password.clone().unwrap_or_default();
+        b = match g.protocol {
+            Protocol::Binary => b.sasl(user.clone(), password),
+            Protocol::Text | Protocol::Meta => b.ascii_auth(user.clone(), password),
+        };
     }
     if let Some(tls) = g.tls()? {
         b = b.tls(tls);
