@@ -432,3 +432,103 @@ fn user_and_password_authenticate_text_and_meta() {
         );
     }
 }
+
+/// #31: one rule for commands that go to every server. With one server of two dead,
+/// `version`, `stats` and `flush` print the live server's output, name the dead one on
+/// stderr, and exit 1 (on 22ee596: `stats` exited 0 with the error on stdout, `version`
+/// printed nothing, `flush` said nothing of the live server).
+#[test]
+fn a_dead_server_is_named_and_the_live_ones_still_answer() {
+    let mc = Memcached::start();
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let servers = format!("{},{dead}", mc.addr());
+    let version = mcstore(&servers, &["version"], b"");
+    let stats = mcstore(&servers, &["stats"], b"");
+    let flush = mcstore(&servers, &["flush"], b"");
+    for (name, o) in [("version", &version), ("stats", &stats), ("flush", &flush)] {
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(
+            err.contains(&dead) && !err.contains(&mc.addr()),
+            "{name}: {err}"
+        );
+    }
+    let out = String::from_utf8_lossy(&version.stdout);
+    assert!(out.starts_with(&format!("{}\t1.", mc.addr())), "{out}");
+    let out = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        out.starts_with(&format!("Server: {}\n", mc.addr())),
+        "{out}"
+    );
+    assert!(out.contains("\tpid: ") && !out.contains(&dead), "{out}");
+}
+
+/// #31: `get` and `delete` need a key (a usage error, exit 2; 22ee596 exited 0 silently);
+/// several keys print one value per line (or per --separator); `set k -` reads stdin.
+#[test]
+fn keys_values_and_stdin() {
+    let mc = Memcached::start();
+    for cmd in ["get", "delete"] {
+        let o = mcstore(&mc.addr(), &[cmd], b"");
+        assert_eq!(o.status.code(), Some(2), "{cmd}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("<KEYS>"),
+            "{cmd}"
+        );
+    }
+    ok(&mcstore(&mc.addr(), &["set", "a", "-"], b"one"));
+    ok(&mcstore(&mc.addr(), &["set", "b", "two"], b""));
+    assert_eq!(ok(&mcstore(&mc.addr(), &["get", "a"], b"")), "one");
+    assert_eq!(
+        ok(&mcstore(&mc.addr(), &["get", "a", "b"], b"")),
+        "one\ntwo\n"
+    );
+    assert_eq!(
+        ok(&mcstore(
+            &mc.addr(),
+            &["get", "--separator", ",", "a", "b"],
+            b""
+        )),
+        "one,two,"
+    );
+    let o = mcstore(&mc.addr(), &["get", "a", "missing", "b"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "one\ntwo\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found: missing"));
+}
+
+/// #31: a reader that goes away (`mcstore get k | head -c10`) ends the command quietly,
+/// with status 141 as a process killed by SIGPIPE (on 22ee596: "Broken pipe" and exit 1).
+#[test]
+fn a_broken_pipe_ends_quietly() {
+    use std::io::Read;
+    let mc = Memcached::start();
+    ok(&mcstore(
+        &mc.addr(),
+        &["set", "big", "-"],
+        &vec![b'x'; 512 << 10],
+    ));
+    for args in [&["get", "big"][..], &["ring"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+            .args(["--servers", &mc.addr()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // `ring` reads keys until stdin ends: plenty of them, written from a thread.
+        let feeder = std::thread::spawn(move || {
+            let keys: String = (0..200_000).map(|i| format!("key{i}\n")).collect();
+            let _ = stdin.write_all(keys.as_bytes());
+        });
+        let mut head = [0u8; 10];
+        child.stdout.take().unwrap().read_exact(&mut head).unwrap(); // then closed
+        let o = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert_eq!(o.status.code(), Some(141), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&o.stderr), "", "{args:?}");
+    }
+}

@@ -141,14 +141,24 @@ fn parse_hash(s: &str) -> Result<HashFn, String> {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print values, raw, to stdout (exit 1 if any key is missing).
-    Get { keys: Vec<String> },
-    /// Store a value (from stdin if VALUE is omitted).
+    /// Print values to stdout: one key's raw; several keys' each followed by --separator
+    /// (exit 1 if any key is missing, after printing the others).
+    Get {
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// Printed after each value when there are several keys (default: a newline).
+        #[arg(long, default_value = "\n", hide_default_value = true)]
+        separator: String,
+    },
+    /// Store a value (from stdin if VALUE is omitted or `-`).
     Set(StoreArgs),
     /// Store a value only if the key is absent.
     Add(StoreArgs),
     /// Delete keys (exit 1 if any did not exist).
-    Delete { keys: Vec<String> },
+    Delete {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
     /// Increment a counter and print the new value.
     Incr {
         key: String,
@@ -318,6 +328,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Quiet>() => ExitCode::FAILURE,
+        // The reader of our output went away (`mcstore get k | head -c10`): end quietly,
+        // with the status a process killed by SIGPIPE has, as coreutils do.
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("mcstore: error: {e}{}", hint(&*e));
             ExitCode::FAILURE
@@ -379,12 +397,18 @@ fn run(cli: Cli) -> Res<()> {
     let g = &cli.global;
     let mut out = io::stdout().lock();
     match cli.command {
-        Cmd::Get { keys } => {
+        Cmd::Get { keys, separator } => {
             let mut c = client(g)?;
             let mut missing = false;
+            let several = keys.len() > 1;
             for k in keys {
                 match c.get(k.as_bytes())? {
-                    Some(item) => out.write_all(&item.value)?,
+                    Some(item) => {
+                        out.write_all(&item.value)?;
+                        if several {
+                            out.write_all(separator.as_bytes())?;
+                        }
+                    }
                     None => {
                         eprintln!("mcstore: not found: {k}");
                         missing = true;
@@ -410,30 +434,32 @@ fn run(cli: Cli) -> Res<()> {
                 return Err(Quiet.into());
             }
         }
-        Cmd::Incr { key, delta } => arith(g, &key, delta, false)?,
-        Cmd::Decr { key, delta } => arith(g, &key, delta, true)?,
+        Cmd::Incr { key, delta } => arith(g, &key, delta, false, &mut out)?,
+        Cmd::Decr { key, delta } => arith(g, &key, delta, true, &mut out)?,
         Cmd::Touch { key, ttl } => {
             if !client(g)?.touch(key.as_bytes(), ttl)? {
                 return Err(format!("not found: {key}").into());
             }
         }
-        Cmd::Flush { delay } => client(g)?.flush_all(delay)?,
-        Cmd::Stats { arg } => {
-            for s in client(g)?.stats(arg.as_deref())? {
-                writeln!(out, "Server: {}", s.server)?;
-                if let Some(e) = &s.error {
-                    writeln!(out, "\terror: {e}")?;
-                }
-                for (name, value) in &s.stats {
-                    writeln!(out, "\t{name}: {value}")?;
-                }
+        Cmd::Flush { delay } => per_server(g, &mut out, |c, _, _| Ok(c.flush_all(delay)?))?,
+        Cmd::Stats { arg } => per_server(g, &mut out, |c, server, out| {
+            let mut stats = c.stats(arg.as_deref())?;
+            let s = stats.pop().ok_or("no reply")?;
+            if let Some(e) = s.error {
+                return Err(e.into());
             }
-        }
-        Cmd::Version => {
-            for (server, v) in client(g)?.version()? {
+            writeln!(out, "Server: {server}")?;
+            for (name, value) in &s.stats {
+                writeln!(out, "\t{name}: {value}")?;
+            }
+            Ok(())
+        })?,
+        Cmd::Version => per_server(g, &mut out, |c, server, out| {
+            for (_, v) in c.version()? {
                 writeln!(out, "{server}\t{v}")?;
             }
-        }
+            Ok(())
+        })?,
         Cmd::Ring => {
             let c = client(g)?;
             mapping::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
@@ -518,10 +544,41 @@ fn run(cli: Cli) -> Res<()> {
     Ok(())
 }
 
+/// One rule for commands that go to every server: each server's output, in order; each
+/// failed server named on stderr (the others' output still printed); exit 1 if any failed.
+fn per_server(
+    g: &Global,
+    out: &mut dyn Write,
+    mut each: impl FnMut(&mut Client, &str, &mut dyn Write) -> Res<()>,
+) -> Res<()> {
+    let servers = g.servers.as_deref().unwrap_or("127.0.0.1:11211");
+    let mut failed = 0;
+    for server in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let one = Global {
+            servers: Some(server.to_string()),
+            ..g.clone()
+        };
+        let mut c = client(&one)?;
+        let label = c.servers()[0].clone();
+        let mut buf = Vec::new();
+        match each(&mut c, &label, &mut buf) {
+            Ok(()) => out.write_all(&buf)?,
+            Err(e) => {
+                eprintln!("mcstore: {label}: {e}{}", hint(&*e));
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Quiet.into());
+    }
+    Ok(())
+}
+
 fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
     let value = match a.value {
-        Some(v) => v.into_bytes(),
-        None => read_stdin()?,
+        Some(v) if v != "-" => v.into_bytes(),
+        _ => read_stdin()?,
     };
     let opts = SetOptions::default().ttl(a.ttl).flags(a.flags);
     if !client(g)?.store(mode, a.key.as_bytes(), &value, opts)? {
@@ -530,7 +587,7 @@ fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
     Ok(())
 }
 
-fn arith(g: &Global, key: &str, delta: u64, decr: bool) -> Res<()> {
+fn arith(g: &Global, key: &str, delta: u64, decr: bool, out: &mut dyn Write) -> Res<()> {
     let mut c = client(g)?;
     let r = if decr {
         c.decr(key.as_bytes(), delta)?
@@ -539,7 +596,7 @@ fn arith(g: &Global, key: &str, delta: u64, decr: bool) -> Res<()> {
     };
     match r {
         Some(n) => {
-            println!("{n}");
+            writeln!(out, "{n}")?;
             Ok(())
         }
         None => Err(format!("not found: {key}").into()),
