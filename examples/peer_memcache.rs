@@ -23,13 +23,27 @@ fn cpu() -> (f64, f64) {
 /// The peer's entry point (also called by benches/peer-tls).
 pub fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    const USAGE: &str = "usage: peer_memcache -w get|get_miss|set|set_noreply|mget100|large_get \
+                         [-s host:port,...] [-b] [-n OPS] [-k KEYS] [-v BYTES] [--tls-ca PEM]";
+    let usage = |why: String| -> ! {
+        eprintln!("peer_memcache: {why}\n{USAGE}");
+        std::process::exit(2)
+    };
     let mut servers = "127.0.0.1:11211".to_string();
     let (mut workload, mut binary) = (String::new(), false);
     let (mut ops, mut keyspace, mut bytes) = (None, None, None);
     let mut tls_ca: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
-        let next = || args.get(i + 1).cloned().expect("option value");
+        let next = || {
+            args.get(i + 1)
+                .cloned()
+                .unwrap_or_else(|| usage(format!("{} needs a value", args[i])))
+        };
+        let number = |s: String| {
+            s.parse::<usize>()
+                .unwrap_or_else(|_| usage(format!("{s:?} is not a number")))
+        };
         match args[i].as_str() {
             "-s" => servers = next(),
             "-w" => workload = next(),
@@ -37,11 +51,11 @@ pub fn main() {
                 binary = true;
                 i -= 1;
             }
-            "-n" => ops = Some(next().parse::<usize>().unwrap()),
-            "-k" => keyspace = Some(next().parse::<usize>().unwrap()),
-            "-v" => bytes = Some(next().parse::<usize>().unwrap()),
+            "-n" => ops = Some(number(next())),
+            "-k" => keyspace = Some(number(next())),
+            "-v" => bytes = Some(number(next())),
             "--tls-ca" => tls_ca = Some(next()),
-            other => panic!("unknown argument {other}"),
+            other => usage(format!("unknown argument {other}")),
         }
         i += 2;
     }
@@ -50,7 +64,8 @@ pub fn main() {
         "set_noreply" => (1_000_000, 10_000, 100),
         "mget100" => (10_000, 10_000, 100),
         "large_get" => (20_000, 100, 100 * 1024),
-        w => panic!("unknown workload {w:?}"),
+        "" => usage("no workload (-w)".into()),
+        w => usage(format!("unknown workload {w:?}")),
     };
     let ops = ops.unwrap_or(d_ops);
     let keyspace = keyspace.unwrap_or(d_keys).max(100);

@@ -532,3 +532,38 @@ fn a_broken_pipe_ends_quietly() {
         assert_eq!(String::from_utf8_lossy(&o.stderr), "", "{args:?}");
     }
 }
+
+/// #31's messages: each says what went wrong and what is accepted (on 22ee596: an empty
+/// `ERROR` message, no server format, no default in --help, a storage folder created by a
+/// read, `bench -b --protocol meta` silently running binary).
+#[test]
+fn messages_a_person_can_act_on() {
+    let mc = Memcached::start();
+    fails_with(
+        &mcstore(&mc.addr(), &["stats", "bogus"], b""),
+        "does not know this command",
+    );
+    fails_with(
+        &mcstore("gar bage", &["get", "k"], b""),
+        "expected host[:port[:weight]]",
+    );
+    let help = ok(&mcstore(&mc.addr(), &["--help"], b""));
+    assert!(help.contains("[default: 127.0.0.1:11211]"), "{help}");
+    let dir = TempDir::new("mcstore-cli-noroot");
+    let root = dir.path.join("nothing-here");
+    let o = mcstore(
+        &mc.addr(),
+        &["store", "--root", root.to_str().unwrap(), "get", "c", "r"],
+        b"",
+    );
+    fails_with(&o, "no storage at");
+    assert!(!root.exists(), "a read created the storage folder");
+    fails_with(
+        &mcstore(
+            &mc.addr(),
+            &["--protocol", "meta", "bench", "-b", "-w", "get", "-n", "10"],
+            b"",
+        ),
+        "-b means --protocol binary",
+    );
+}

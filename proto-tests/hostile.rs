@@ -503,3 +503,29 @@ fn meta_multi_get_hit_naming_a_key_but_no_opaque_is_refused() {
     assert_parse_error(r, "a hit with a key and no opaque");
     assert_eq!(called, 0);
 }
+
+/// #31: a server that reads a request and closes the connection without a word (what
+/// twemproxy, which speaks only text, does to a meta command) is not guessed to want TLS
+/// (on 22ee596 the error asked "does the server require TLS?"); the hint names the protocol.
+#[test]
+fn a_close_after_reading_is_not_taken_for_tls() {
+    if support::tls_mode() {
+        return; // a hint about plain connections: over TLS, the handshake's errors say it
+    }
+    let h = Hostile::start(|_, conn| {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    });
+    let mut c = support::client_builder()
+        .server(format!("127.0.0.1:{}", h.port))
+        .protocol(mcstore::Protocol::Meta)
+        .io_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let e = c.get(b"k").unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(
+        text.contains("speak this protocol") && !text.contains("TLS"),
+        "{text}"
+    );
+}

@@ -504,6 +504,15 @@ fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
                     .into(),
             }
         }
+        // memcached's `ERROR` says nothing more: say what it means.
+        Refusal::UnknownCommand if message.is_empty() => {
+            return Error::Server {
+                kind: ServerErrorKind::UnknownCommand,
+                message: "the server does not know this command (or its argument): it \
+                          answered ERROR"
+                    .into(),
+            }
+        }
         Refusal::UnknownCommand => ServerErrorKind::UnknownCommand,
         Refusal::Client => ServerErrorKind::Client,
         Refusal::Server => ServerErrorKind::Server,

@@ -210,7 +210,14 @@ impl ClientBuilder {
         let specs = self
             .servers
             .into_iter()
-            .map(|s| s.map_err(|bad| Error::Config(format!("invalid server {bad:?}"))))
+            .map(|s| {
+                s.map_err(|bad| {
+                    Error::Config(format!(
+                        "invalid server {bad:?}: expected host[:port[:weight]] (port 11211 by default), \
+                         [ipv6]:port[:weight], or a Unix socket path"
+                    ))
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         if specs.is_empty() {
             return Err(Error::NoServers);

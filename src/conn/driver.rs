@@ -908,10 +908,17 @@ impl Driver {
                 | io::ErrorKind::BrokenPipe
         );
         if dropped && conn.fresh && !tls_on && conn.connects > 0 {
-            // What a TLS-only memcached does to a plain-text request: say so.
+            // A TLS-only memcached resets a connection that sends plain bytes (it leaves them
+            // unread); a server or proxy that does not speak the protocol (twemproxy speaks
+            // only text) reads the request and closes. Guess only what the evidence says.
+            let guess = if source.kind() == io::ErrorKind::ConnectionReset {
+                "does the server require TLS?"
+            } else {
+                "does the server speak this protocol? a proxy such as twemproxy speaks only text"
+            };
             let hint = io::Error::new(
                 source.kind(),
-                format!("{source} before any reply (does the server require TLS?)"),
+                format!("{source} before any reply ({guess})"),
             );
             return Error::Io {
                 server,

@@ -49,7 +49,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Global {
-    /// Servers, comma-separated: host:port[:weight] or a Unix socket path.
+    /// Servers, comma-separated: host[:port[:weight]], [ipv6]:port[:weight] or a Unix socket
+    /// path [default: 127.0.0.1:11211].
     #[arg(long, short = 's', env = "MEMCACHED_SERVERS", global = true)]
     servers: Option<String>,
     /// Wire protocol.
@@ -511,6 +512,11 @@ fn run(cli: Cli) -> Res<()> {
             } else {
                 None
             };
+            if binary && g.protocol == Protocol::Meta {
+                return Err(
+                    "bench: -b means --protocol binary, which --protocol meta contradicts".into(),
+                );
+            }
             let proto = if binary { Protocol::Binary } else { g.protocol };
             let g2 = Global {
                 protocol: proto,
@@ -628,6 +634,14 @@ fn store_op(
     op: StoreOp,
     out: &mut impl Write,
 ) -> Res<()> {
+    // Only a write creates the folder storage: a read of a storage that is not there says so.
+    if master.is_none() && !matches!(op, StoreOp::Put { .. }) && !root.exists() {
+        return Err(format!(
+            "no storage at {} (nothing stored there yet: `store put` creates it; or give --root)",
+            root.display()
+        )
+        .into());
+    }
     let s = open_store(g, root, master)?;
     match op {
         StoreOp::Put {
@@ -825,7 +839,19 @@ fn demo(g: &Global, n: usize, master_arg: &str) -> Res<()> {
             }
         }
         if pass == 0 {
-            println!("pass 1 (cold): every read missed the cache and filled it");
+            // Say what happened, not what should have: with the cache down, nothing filled.
+            match cache.as_ref().map(|c| c.counters()) {
+                Some(k) if k.fills > 0 => println!(
+                    "pass 1 (cold): reads missed the cache and filled it ({} fills)",
+                    k.fills
+                ),
+                Some(k) => println!(
+                    "pass 1 (cold): nothing could be cached ({} cache errors): reads went to \
+                     the master",
+                    k.cache_errors
+                ),
+                None => {}
+            }
         }
     }
     // The master on its own, for comparison.
