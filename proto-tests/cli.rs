@@ -544,7 +544,7 @@ fn messages_a_person_can_act_on() {
         "does not know this command",
     );
     fails_with(
-        &mcstore("gar bage", &["get", "k"], b""),
+        &mcstore("127.0.0.1:notaport", &["get", "k"], b""),
         "expected host[:port[:weight]]",
     );
     let help = ok(&mcstore(&mc.addr(), &["--help"], b""));
@@ -566,4 +566,117 @@ fn messages_a_person_can_act_on() {
         ),
         "-b means --protocol binary",
     );
+}
+
+/// #31's commands beside libmemcached-tools: gets/cas, replace/append/prepend, exists,
+/// ping, cp of many files, `get --flags`, and libmemcached's server strings.
+#[test]
+fn libmemcached_tools_parity_commands() {
+    let mc = Memcached::start();
+    let s = mc.addr();
+    ok(&mcstore(&s, &["set", "k", "mid", "--flags", "7"], b""));
+    ok(&mcstore(&s, &["append", "k", ">"], b""));
+    ok(&mcstore(&s, &["prepend", "k", "<"], b""));
+    assert_eq!(
+        ok(&mcstore(&s, &["get", "--flags", "k"], b"")),
+        "7\n<mid>\n"
+    );
+    fails_with(
+        &mcstore(&s, &["replace", "nope", "x"], b""),
+        "not stored: nope",
+    );
+    ok(&mcstore(&s, &["replace", "k", "new"], b""));
+    let gets = ok(&mcstore(&s, &["gets", "k"], b""));
+    let (cas, value) = gets.trim_end().split_once(' ').unwrap();
+    assert_eq!(value, "new");
+    ok(&mcstore(&s, &["cas", "k", cas, "swapped"], b""));
+    fails_with(
+        &mcstore(&s, &["cas", "k", cas, "again"], b""),
+        "changed since CAS",
+    );
+    assert_eq!(ok(&mcstore(&s, &["get", "k"], b"")), "swapped");
+    ok(&mcstore(&s, &["exists", "k"], b""));
+    let o = mcstore(&s, &["exists", "k", "nope"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found: nope"));
+    let ping = ok(&mcstore(&s, &["ping"], b""));
+    assert!(
+        ping.starts_with(&format!("{s}\t")) && ping.trim_end().ends_with(" us"),
+        "{ping}"
+    );
+
+    let dir = TempDir::new("mcstore-cp");
+    let (a, b) = (dir.path.join("a.txt"), dir.path.join("b.txt"));
+    std::fs::write(&a, "AAA").unwrap();
+    std::fs::write(&b, "BBB").unwrap();
+    ok(&mcstore(
+        &s,
+        &[
+            "cp",
+            "--flags",
+            "3",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    ok(&mcstore(&s, &["cp", "--key", "c.txt", "-"], b"CCC"));
+    assert_eq!(
+        ok(&mcstore(&s, &["get", "a.txt", "b.txt", "c.txt"], b"")),
+        "AAA\nBBB\nCCC\n"
+    );
+    // libmemcached's forms: `--SERVER=host:port`, and spaces between servers.
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let o = mcstore(&format!("--SERVER={s} --SERVER={dead}"), &["version"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&format!("{s}\t")));
+    fails_with(
+        &mcstore(
+            &format!("--SERVER={s} --BINARY-PROTOCOL"),
+            &["version"],
+            b"",
+        ),
+        "only --SERVER=host:port",
+    );
+}
+
+/// Interop with libmemcached-tools (skipped, saying so, where they are not installed):
+/// `memccp` writes, `mcstore get --flags` reads what `memccat -F` prints.
+#[test]
+fn get_flags_matches_memccat() {
+    if std::process::Command::new("memccat")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("memccat not installed (apt-get install -y libmemcached-tools): skipped");
+        return;
+    }
+    let mc = Memcached::start();
+    let dir = TempDir::new("mcstore-memccp");
+    let mut files = Vec::new();
+    for (name, body) in [("one.txt", "first"), ("two.txt", "second")] {
+        let p = dir.path.join(name);
+        std::fs::write(&p, body).unwrap();
+        files.push(p.to_str().unwrap().to_string());
+    }
+    let servers = format!("--servers={}", mc.addr());
+    let st = Command::new("memccp")
+        .args([servers.as_str(), "--flag=42"])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let memccat = Command::new("memccat")
+        .args([servers.as_str(), "-F", "one.txt", "two.txt"])
+        .output()
+        .unwrap();
+    assert!(memccat.status.success());
+    let ours = ok(&mcstore(
+        &mc.addr(),
+        &["get", "-F", "one.txt", "two.txt"],
+        b"",
+    ));
+    assert_eq!(ours, String::from_utf8_lossy(&memccat.stdout));
+    assert_eq!(ours, "42\nfirst\n42\nsecond\n");
 }

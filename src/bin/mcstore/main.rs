@@ -49,9 +49,15 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Global {
-    /// Servers, comma-separated: host[:port[:weight]], [ipv6]:port[:weight] or a Unix socket
-    /// path [default: 127.0.0.1:11211].
-    #[arg(long, short = 's', env = "MEMCACHED_SERVERS", global = true)]
+    /// Servers, separated by commas or spaces: host[:port[:weight]], [ipv6]:port[:weight] or a
+    /// Unix socket path; libmemcached's `--SERVER=host:port` form too [default: 127.0.0.1:11211].
+    #[arg(
+        long,
+        short = 's',
+        env = "MEMCACHED_SERVERS",
+        global = true,
+        allow_hyphen_values = true
+    )]
     servers: Option<String>,
     /// Wire protocol.
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -150,6 +156,52 @@ enum Cmd {
         /// Printed after each value when there are several keys (default: a newline).
         #[arg(long, default_value = "\n", hide_default_value = true)]
         separator: String,
+        /// Print each key's flags on a line of its own before its value (as memccat -F),
+        /// every value then followed by the separator.
+        #[arg(long, short = 'F')]
+        flags: bool,
+    },
+    /// Print each key's CAS unique and value: `<cas> <value>` (exit 1 if any is missing).
+    Gets {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Exit 0 if every key exists, 1 if not (naming the missing ones).
+    Exists {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Each server's round-trip time for `version` (exit 1 if any failed).
+    Ping,
+    /// Store a value only if the key exists.
+    Replace(StoreArgs),
+    /// Append to an existing value.
+    Append(StoreArgs),
+    /// Prepend to an existing value.
+    Prepend(StoreArgs),
+    /// Store a value only if the item's CAS unique is still CAS (from `gets`).
+    Cas {
+        key: String,
+        cas: u64,
+        /// The value (from stdin if omitted or `-`).
+        value: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+        #[arg(long, default_value_t = 0)]
+        flags: u32,
+    },
+    /// Store files, each under its file name (as memccp); `-` reads one value from stdin
+    /// under --key.
+    Cp {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The key for `-` (stdin).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+        #[arg(long, default_value_t = 0)]
+        flags: u32,
     },
     /// Store a value (from stdin if VALUE is omitted or `-`).
     Set(StoreArgs),
@@ -363,7 +415,7 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
             Protocol::Binary => mcstore::Protocol::Binary,
             Protocol::Meta => mcstore::Protocol::Meta,
         })
-        .servers(servers.split(',').map(str::trim).filter(|s| !s.is_empty()))
+        .servers(server_list(servers)?)
         .distribution(g.distribution)
         .io_timeout(Duration::from_millis(g.timeout_ms))
         .connect_timeout(Duration::from_millis(g.timeout_ms))
@@ -384,6 +436,31 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
     Ok(b)
 }
 
+/// The servers of `--servers`: separated by commas or whitespace, each plain or in
+/// libmemcached's configuration-string form `--SERVER=host:port` (other options of that
+/// language are refused, by name).
+fn server_list(spec: &str) -> Res<Vec<String>> {
+    let mut out = Vec::new();
+    for token in spec.split(|c: char| c == ',' || c.is_whitespace()) {
+        if token.is_empty() {
+            continue;
+        }
+        let server = match token.split_once('=') {
+            Some((opt, value)) if opt.eq_ignore_ascii_case("--server") => value,
+            _ if token.starts_with("--") => {
+                return Err(format!(
+                    "{token:?} in --servers: only --SERVER=host:port is understood there (give \
+                     other settings as mcstore options)"
+                )
+                .into())
+            }
+            _ => token,
+        };
+        out.push(server.to_string());
+    }
+    Ok(out)
+}
+
 fn client(g: &Global) -> Res<Client> {
     Ok(builder(g, "127.0.0.1:11211")?.build()?)
 }
@@ -398,13 +475,20 @@ fn run(cli: Cli) -> Res<()> {
     let g = &cli.global;
     let mut out = io::stdout().lock();
     match cli.command {
-        Cmd::Get { keys, separator } => {
+        Cmd::Get {
+            keys,
+            separator,
+            flags,
+        } => {
             let mut c = client(g)?;
             let mut missing = false;
-            let several = keys.len() > 1;
+            let several = keys.len() > 1 || flags;
             for k in keys {
                 match c.get(k.as_bytes())? {
                     Some(item) => {
+                        if flags {
+                            writeln!(out, "{}", item.flags)?;
+                        }
                         out.write_all(&item.value)?;
                         if several {
                             out.write_all(separator.as_bytes())?;
@@ -422,6 +506,95 @@ fn run(cli: Cli) -> Res<()> {
         }
         Cmd::Set(a) => store(g, StoreMode::Set, a)?,
         Cmd::Add(a) => store(g, StoreMode::Add, a)?,
+        Cmd::Replace(a) => store(g, StoreMode::Replace, a)?,
+        Cmd::Append(a) => store(g, StoreMode::Append, a)?,
+        Cmd::Prepend(a) => store(g, StoreMode::Prepend, a)?,
+        Cmd::Gets { keys } => {
+            let mut c = client(g)?;
+            let mut missing = false;
+            for k in keys {
+                match c.gets(k.as_bytes())? {
+                    Some(item) => {
+                        write!(out, "{} ", item.cas.unwrap_or(0))?;
+                        out.write_all(&item.value)?;
+                        out.write_all(b"\n")?;
+                    }
+                    None => {
+                        eprintln!("mcstore: not found: {k}");
+                        missing = true;
+                    }
+                }
+            }
+            if missing {
+                return Err(Quiet.into());
+            }
+        }
+        Cmd::Exists { keys } => {
+            let mut c = client(g)?;
+            let mut missing = false;
+            for k in keys {
+                // Read and dropped: a get is the one check every protocol has.
+                if c.get(k.as_bytes())?.is_none() {
+                    eprintln!("mcstore: not found: {k}");
+                    missing = true;
+                }
+            }
+            if missing {
+                return Err(Quiet.into());
+            }
+        }
+        Cmd::Ping => per_server(g, &mut out, |c, server, out| {
+            let t = Instant::now();
+            c.version()?;
+            writeln!(out, "{server}\t{} us", t.elapsed().as_micros())?;
+            Ok(())
+        })?,
+        Cmd::Cas {
+            key,
+            cas,
+            value,
+            ttl,
+            flags,
+        } => {
+            let value = match value {
+                Some(v) if v != "-" => v.into_bytes(),
+                _ => read_stdin()?,
+            };
+            let opts = SetOptions::default().ttl(ttl).flags(flags);
+            match client(g)?.cas(key.as_bytes(), &value, cas, opts)? {
+                mcstore::CasResult::Stored => {}
+                mcstore::CasResult::Exists => {
+                    return Err(format!("not stored: {key} changed since CAS {cas}").into())
+                }
+                mcstore::CasResult::NotFound => return Err(format!("not found: {key}").into()),
+            }
+        }
+        Cmd::Cp {
+            files,
+            key,
+            ttl,
+            flags,
+        } => {
+            let mut c = client(g)?;
+            let opts = SetOptions::default().ttl(ttl).flags(flags);
+            for f in files {
+                let (k, value) = if f.as_os_str() == "-" {
+                    let k = key.clone().ok_or("cp -: give the key with --key")?;
+                    (k, read_stdin()?)
+                } else {
+                    let name = f
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .ok_or_else(|| format!("{}: no file name to use as a key", f.display()))?
+                        .to_string();
+                    let v = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+                    (name, v)
+                };
+                if !c.store(StoreMode::Set, k.as_bytes(), &value, opts)? {
+                    return Err(format!("not stored: {k}").into());
+                }
+            }
+        }
         Cmd::Delete { keys } => {
             let mut c = client(g)?;
             let mut missing = false;
@@ -557,9 +730,9 @@ fn per_server(
     out: &mut dyn Write,
     mut each: impl FnMut(&mut Client, &str, &mut dyn Write) -> Res<()>,
 ) -> Res<()> {
-    let servers = g.servers.as_deref().unwrap_or("127.0.0.1:11211");
+    let servers = server_list(g.servers.as_deref().unwrap_or("127.0.0.1:11211"))?;
     let mut failed = 0;
-    for server in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for server in &servers {
         let one = Global {
             servers: Some(server.to_string()),
             ..g.clone()
