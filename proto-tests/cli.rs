@@ -679,4 +679,19 @@ fn get_flags_matches_memccat() {
     ));
     assert_eq!(ours, String::from_utf8_lossy(&memccat.stdout));
     assert_eq!(ours, "42\nfirst\n42\nsecond\n");
+    // `dump` lists exactly the keys memccp wrote; --match and --with-values narrow and show.
+    let mut keys: Vec<String> = ok(&mcstore(&mc.addr(), &["dump"], b""))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["one.txt", "two.txt"]);
+    assert_eq!(
+        ok(&mcstore(
+            &mc.addr(),
+            &["dump", "--match", "t?o.*", "--with-values"],
+            b""
+        )),
+        "two.txt\tsecond\n"
+    );
 }

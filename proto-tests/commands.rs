@@ -529,3 +529,45 @@ for_each_protocol!(
     unix_socket_server,
     builder_rejects_bad_configuration
 );
+
+/// `dump_keys` lists exactly the keys a server holds (memcached's LRU crawler), decoded
+/// from the crawler's url-encoding, over text and meta; binary says it cannot.
+#[test]
+fn dump_keys_lists_every_key() {
+    let mc = Memcached::start();
+    for protocol in [Protocol::Text, Protocol::Meta] {
+        let mut c = support::client_builder()
+            .server(mc.addr())
+            .protocol(protocol)
+            .build()
+            .unwrap();
+        c.flush_all(None).unwrap();
+        let mut want: Vec<Vec<u8>> = (0..500).map(|i| format!("k:{i}").into_bytes()).collect();
+        want.push(b"odd%key/with?chars&=".to_vec());
+        for k in &want {
+            c.set(k, b"v", SetOptions::default()).unwrap();
+        }
+        let server = c.servers()[0].clone();
+        let mut got = Vec::new();
+        c.dump_keys(&server, |k, meta| {
+            assert!(meta.contains("exp=") && meta.contains("size="), "{meta}");
+            got.push(k.to_vec());
+        })
+        .unwrap();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{protocol:?}");
+        // The connection goes on serving ordinary calls.
+        assert_eq!(c.get(b"k:1").unwrap().unwrap().value, b"v");
+    }
+    let mut b = support::client_builder()
+        .server(mc.addr())
+        .protocol(Protocol::Binary)
+        .build()
+        .unwrap();
+    let server = b.servers()[0].clone();
+    assert!(matches!(
+        b.dump_keys(&server, |_, _| {}),
+        Err(mcstore::Error::Unsupported { .. })
+    ));
+}

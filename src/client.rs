@@ -888,6 +888,42 @@ impl Client {
             })
     }
 
+    /// Lists the keys one server holds (named as configured), through memcached's LRU
+    /// crawler (`lru_crawler metadump all`, memcached 1.5 and later): `each` gets every key,
+    /// decoded, and its item's metadata as the server wrote it (`exp=.. la=.. cas=.. fetch=..
+    /// cls=.. size=..`). The keys are as stored, namespace included. A snapshot taken while
+    /// the server runs: items written meanwhile may or may not appear.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) over the binary protocol
+    /// (the crawler speaks text); [`Error::Config`] for a server this client does not have;
+    /// a server error when the crawler is busy or disabled.
+    pub fn dump_keys(&mut self, server: &str, mut each: impl FnMut(&[u8], &str)) -> Result<()> {
+        self.core.require(Capability::MetaDump, "dump_keys")?;
+        let Some(i) = self.core.labels.iter().position(|l| l == server) else {
+            return Err(Error::Config(format!(
+                "no server {server:?} in this client"
+            )));
+        };
+        let mut key = Vec::new();
+        self.core.on_server(i, &Cmd::MetaDump, &mut |o| match o {
+            Outcome::Stat(b"key", line) => {
+                let (encoded, meta) =
+                    line.split_at(line.iter().position(|&b| b == b' ').unwrap_or(line.len()));
+                if !url_decode(encoded, &mut key) {
+                    return Err(ParseError::BadFormat);
+                }
+                each(
+                    &key,
+                    String::from_utf8_lossy(meta.trim_ascii_start()).as_ref(),
+                );
+                Ok(None)
+            }
+            Outcome::End => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
+        })
+    }
+
     /// Sets every server's logging verbosity.
     ///
     /// # Errors
@@ -1295,6 +1331,29 @@ fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
         ttl: opts.ttl,
         ..StoreOpts::default()
     }
+}
+
+/// Decodes memcached's url-encoding of a key (`%XX` escapes) into `out`; false if malformed.
+fn url_decode(s: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            match (
+                s.get(i + 1).and_then(|&b| hex(b)),
+                s.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+                _ => return false,
+            }
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    true
 }
 
 /// The result of work spread over servers: `Ok` if none failed, else the one failed server's

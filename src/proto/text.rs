@@ -209,6 +209,12 @@ pub(crate) fn encode_stats(out: &mut Vec<u8>, arg: Option<&[u8]>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Encodes `lru_crawler metadump all`: one `key=<url-encoded key> exp=.. la=.. ...` line per
+/// item, then `END` (memcached 1.5+; protocol.txt, "lru_crawler metadump").
+pub(crate) fn encode_metadump(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"lru_crawler metadump all\r\n");
+}
+
 /// Encodes `quit`: the server closes the connection without a reply.
 pub(crate) fn encode_quit(out: &mut Vec<u8>) {
     out.extend_from_slice(b"quit\r\n");
@@ -340,8 +346,24 @@ pub fn parse_reply<'a>(
     buf: &'a [u8],
     limits: &Limits,
 ) -> Result<Status<(usize, Response<'a>)>, ParseError> {
-    let Some((line, line_len)) = take_line(buf)? else {
-        return Ok(Status::Partial);
+    let (line, line_len) = match take_line(buf) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(Status::Partial),
+        // memcached ends metadump lines with a bare `\n` (and only them): checked here, off
+        // the path of every other reply.
+        Err(ParseError::BadLineEnding) if buf.starts_with(b"key=") => {
+            let nl = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+            let value = &buf[4..nl];
+            if value.is_empty() || value.contains(&b'\r') {
+                return Err(ParseError::BadFormat);
+            }
+            let reply = Response::Stat {
+                name: b"key",
+                value,
+            };
+            return Ok(Status::Complete((nl + 1, reply)));
+        }
+        Err(e) => return Err(e),
     };
     if let Some(fields) = line.strip_prefix(b"VALUE ") {
         // The per-item hot path of every get: the common shape in one forward pass.
@@ -379,6 +401,8 @@ pub fn parse_reply<'a>(
             }
             Response::Stat { name, value }
         }
+        // The crawler is busy with another request: the server's refusal, said its way.
+        b"BUSY" => Response::ServerError(line),
         w if w.first().is_some_and(u8::is_ascii_digit) => {
             // incr/decr reply. The server may pad a shrunken number with spaces
             // (protocol.txt, "Increment/Decrement"), so trailing spaces are tolerated.
@@ -583,6 +607,29 @@ mod tests {
 
     fn one(input: &[u8]) -> Result<Status<(usize, Response<'_>)>, ParseError> {
         parse_reply(input, &lim())
+    }
+
+    /// memcached ends metadump lines with a bare `\n`; only they are read so, and a line
+    /// cut short waits for its end.
+    #[test]
+    fn metadump_lines() {
+        let input = b"key=a%25b exp=-1 la=1 cas=1 fetch=no cls=1 size=63\nEND\r\n";
+        let Ok(Status::Complete((n, r))) = one(input) else {
+            panic!("{:?}", one(input));
+        };
+        assert_eq!(
+            r,
+            Response::Stat {
+                name: b"key",
+                value: b"a%25b exp=-1 la=1 cas=1 fetch=no cls=1 size=63"
+            }
+        );
+        assert_eq!(one(&input[n..]), Ok(Status::Complete((5, Response::End))));
+        assert_eq!(one(b"key=a exp=-1"), Ok(Status::Partial));
+        assert_eq!(one(b"key=\n"), Err(ParseError::BadFormat));
+        assert_eq!(one(b"key=a\rb\n"), Err(ParseError::BadFormat));
+        // Any other reply still needs its `\r\n`.
+        assert_eq!(one(b"END\n"), Err(ParseError::BadLineEnding));
     }
 
     #[test]

@@ -173,6 +173,16 @@ enum Cmd {
     },
     /// Each server's round-trip time for `version` (exit 1 if any failed).
     Ping,
+    /// List every server's keys (memcached's LRU crawler, `lru_crawler metadump`; always
+    /// over a text connection), one a line, or `key<TAB>value` with --with-values.
+    Dump {
+        /// Only keys matching this pattern (`*` any run of bytes, `?` one byte).
+        #[arg(long = "match", value_name = "PATTERN")]
+        pattern: Option<String>,
+        /// Print each key's value too (read with a get; keys gone meanwhile are skipped).
+        #[arg(long)]
+        with_values: bool,
+    },
     /// Store a value only if the key exists.
     Replace(StoreArgs),
     /// Append to an existing value.
@@ -436,6 +446,34 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
     Ok(b)
 }
 
+/// Whether `s` matches the glob `p` (`*`: any run of bytes, `?`: one byte).
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    // Iterative, with one backtrack point (the last `*`): linear enough for keys.
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some(pi);
+                mark = si;
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some(st) => {
+                    pi = st + 1;
+                    mark += 1;
+                    si = mark;
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
 /// The servers of `--servers`: separated by commas or whitespace, each plain or in
 /// libmemcached's configuration-string form `--SERVER=host:port` (other options of that
 /// language are refused, by name).
@@ -542,6 +580,36 @@ fn run(cli: Cli) -> Res<()> {
             if missing {
                 return Err(Quiet.into());
             }
+        }
+        Cmd::Dump {
+            pattern,
+            with_values,
+        } => {
+            // The crawler speaks text, whatever protocol the other commands use.
+            let text = Global {
+                protocol: Protocol::Text,
+                ..g.clone()
+            };
+            per_server(&text, &mut out, |c, server, out| {
+                let mut keys = Vec::new();
+                c.dump_keys(server, |k, _| {
+                    if pattern.as_deref().is_none_or(|p| glob(p.as_bytes(), k)) {
+                        keys.push(k.to_vec());
+                    }
+                })?;
+                for k in keys {
+                    if !with_values {
+                        out.write_all(&k)?;
+                        out.write_all(b"\n")?;
+                    } else if let Some(item) = c.get(&k)? {
+                        out.write_all(&k)?;
+                        out.write_all(b"\t")?;
+                        out.write_all(&item.value)?;
+                        out.write_all(b"\n")?;
+                    }
+                }
+                Ok(())
+            })?
         }
         Cmd::Ping => per_server(g, &mut out, |c, server, out| {
             let t = Instant::now();

@@ -85,7 +85,7 @@ impl Wire for Binary {
             Cmd::Quit => bin::encode_simple(out, Opcode::QUITQ, None, &[], opaque, 0),
             Cmd::Sync => bin::encode_simple(out, Opcode::NOOP, None, &[], SYNC_OPAQUE, 0),
             // Fronts check the capability first: never built for this protocol.
-            Cmd::Verbosity(_) | Cmd::Invalidate(..) | Cmd::Debug(_) => {}
+            Cmd::Verbosity(_) | Cmd::Invalidate(..) | Cmd::Debug(_) | Cmd::MetaDump => {}
         }
     }
 

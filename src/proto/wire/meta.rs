@@ -89,9 +89,12 @@ fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: Option<u32>, quiet: bool) {
         }
         Cmd::Debug(key) => m::encode_debug(out, key),
         Cmd::Sync => m::encode_noop(out),
-        Cmd::FlushAll(_) | Cmd::Verbosity(_) | Cmd::Version | Cmd::Stats(_) | Cmd::Quit => {
-            Text::encode(out, cmd, 0, quiet)
-        }
+        Cmd::FlushAll(_)
+        | Cmd::Verbosity(_)
+        | Cmd::Version
+        | Cmd::Stats(_)
+        | Cmd::MetaDump
+        | Cmd::Quit => Text::encode(out, cmd, 0, quiet),
         // Fronts check the capability first: never built for this protocol.
         Cmd::Auth { .. } => {}
     }

@@ -67,6 +67,8 @@ pub(crate) enum Capability {
     BinaryKeys,
     /// SASL authentication (binary only).
     Sasl,
+    /// The LRU crawler's `metadump` (a text command: text and meta connections).
+    MetaDump,
 }
 
 /// Options of a retrieval.
@@ -123,6 +125,8 @@ pub(crate) enum Cmd<'a> {
     Verbosity(u32),
     Version,
     Stats(Option<&'a [u8]>),
+    /// Text and meta: `lru_crawler metadump all` (its lines come as stats named `key`).
+    MetaDump,
     /// Binary only: SASL authentication with `mechanism` and its data.
     Auth {
         mechanism: &'a [u8],
@@ -203,7 +207,7 @@ impl Cmd<'_> {
             Cmd::Debug(_) => Kind::Debug,
             Cmd::FlushAll(_) | Cmd::Verbosity(_) | Cmd::Auth { .. } => Kind::Ok,
             Cmd::Version => Kind::Version,
-            Cmd::Stats(_) => Kind::Stats,
+            Cmd::Stats(_) | Cmd::MetaDump => Kind::Stats,
             Cmd::Quit | Cmd::Sync => Kind::Quiet,
         }
     }
@@ -368,7 +372,10 @@ impl Protocol {
         matches!(
             (self, cap),
             (Protocol::Meta, Capability::Meta | Capability::BinaryKeys)
-                | (Protocol::Text | Protocol::Meta, Capability::Verbosity)
+                | (
+                    Protocol::Text | Protocol::Meta,
+                    Capability::Verbosity | Capability::MetaDump
+                )
                 | (Protocol::Binary, Capability::Sasl)
         )
     }

@@ -61,6 +61,7 @@ impl Wire for Text {
             Cmd::Verbosity(level) => text::encode_verbosity(out, level, quiet),
             Cmd::Version | Cmd::Sync => text::encode_version(out),
             Cmd::Stats(arg) => text::encode_stats(out, arg),
+            Cmd::MetaDump => text::encode_metadump(out),
             Cmd::Quit => text::encode_quit(out),
             // Fronts check the capability first: never built for this protocol.
             Cmd::Invalidate(..) | Cmd::Debug(_) | Cmd::Auth { .. } => {}
