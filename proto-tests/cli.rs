@@ -695,3 +695,33 @@ fn get_flags_matches_memccat() {
         "two.txt\tsecond\n"
     );
 }
+
+/// #31: `capable` against memcached 1.6: every check passes (or does not apply to the
+/// protocol), on text, binary and meta; against a server that answers nonsense, checks fail
+/// and the exit status says so.
+#[test]
+fn capable_passes_on_memcached_and_fails_on_nonsense() {
+    let mc = Memcached::start();
+    let table = ok(&mcstore(&mc.addr(), &["capable"], b""));
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3 * 19, "{table}");
+    for row in &rows {
+        assert!(row.ends_with(" pass") || row.contains(" n/a "), "{row}");
+    }
+    for p in ["text", "binary", "meta"] {
+        assert_eq!(rows.iter().filter(|r| r.starts_with(p)).count(), 19, "{p}");
+    }
+    // The run's keys are gone.
+    assert_eq!(ok(&mcstore(&mc.addr(), &["dump"], b"")), "");
+
+    let nonsense = support::Hostile::start(|_, conn| {
+        let _ = conn.write_all(b"SERVER_ERROR nope\r\n");
+    });
+    let o = mcstore(
+        &format!("127.0.0.1:{}", nonsense.port),
+        &["capable", "--timeout-ms", "300"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod bench;
+mod capable;
 #[cfg(feature = "metrics")]
 mod collect;
 // The memcached launcher shared with the tests and examples.
@@ -173,6 +174,9 @@ enum Cmd {
     },
     /// Each server's round-trip time for `version` (exit 1 if any failed).
     Ping,
+    /// Check one server's conformance (as memcapable): every command on every protocol, a
+    /// pass/fail table; exit 1 if any check failed.
+    Capable,
     /// List every server's keys (memcached's LRU crawler, `lru_crawler metadump`; always
     /// over a text connection), one a line, or `key<TAB>value` with --with-values.
     Dump {
@@ -610,6 +614,16 @@ fn run(cli: Cli) -> Res<()> {
                 }
                 Ok(())
             })?
+        }
+        Cmd::Capable => {
+            let servers = server_list(g.servers.as_deref().unwrap_or("127.0.0.1:11211"))?;
+            if servers.len() != 1 {
+                return Err("capable checks one server: give exactly one with --servers".into());
+            }
+            if !capable::run(&builder(g, "127.0.0.1:11211")?, &mut out)? {
+                out.flush()?;
+                return Err(Quiet.into());
+            }
         }
         Cmd::Ping => per_server(g, &mut out, |c, server, out| {
             let t = Instant::now();
