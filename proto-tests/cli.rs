@@ -361,7 +361,12 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 "ops_per_s",
                 "cpu_us_per_op",
                 "p50_us",
-                "p99_us"
+                "p99_us",
+                // Added by #31 (fields are only ever added, after these).
+                "errors",
+                "rate",
+                "verify",
+                "interrupted"
             ],
             "{last}"
         );
@@ -724,4 +729,99 @@ fn capable_passes_on_memcached_and_fails_on_nonsense() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
+}
+
+/// #31: `slap` as people run memaslap: a duration, an open-loop rate (never above it),
+/// periodic reports on stderr, per-key values checked, and SIGINT ending the run with its
+/// summary (on 22ee596 an interrupted slap printed nothing, and none of the options existed).
+#[test]
+fn slap_duration_rate_reports_verify_and_sigint() {
+    use std::io::{BufRead, BufReader};
+    let mc = Memcached::start();
+    let field = |out: &str, name: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("RESULT "))
+            .expect("a RESULT line");
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .split('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let o = mcstore(
+        &mc.addr(),
+        &[
+            "slap",
+            "--callers",
+            "2",
+            "-k",
+            "50",
+            "-t",
+            "1s",
+            "--verify",
+            "--report-every",
+            "200ms",
+        ],
+        b"",
+    );
+    let out = ok(&o);
+    assert_eq!(
+        (field(&out, "errors"), field(&out, "verify")),
+        (0, 1),
+        "{out}"
+    );
+    assert_eq!(field(&out, "interrupted"), 0);
+    assert!(field(&out, "ops") > 0);
+    let reports = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        reports.lines().filter(|l| l.contains("] calls ")).count() >= 2,
+        "{reports}"
+    );
+
+    let out = ok(&mcstore(
+        &mc.addr(),
+        &[
+            "slap",
+            "--callers",
+            "2",
+            "-k",
+            "50",
+            "-t",
+            "1s",
+            "--rate",
+            "300",
+        ],
+        b"",
+    ));
+    let ops = field(&out, "ops");
+    // Open-loop at 300/s for 1 s: never more (each caller's next call waits for its time).
+    assert!(ops > 0 && ops <= 302, "{ops} calls at --rate 300 in 1 s");
+    assert_eq!(field(&out, "rate"), 300);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+        .args(["--servers", &mc.addr()])
+        .args(["slap", "--callers", "2", "-k", "50", "-n", "1000000000"])
+        .args(["--report-every", "100ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Calls are being made once a report says so; then Ctrl-C.
+    let mut reports = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while reports.read_line(&mut line).unwrap() > 0 && !line.contains("] calls ") {
+        line.clear();
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("interrupted (SIGINT)"), "{out}");
+    assert_eq!(field(&out, "interrupted"), 1);
+    assert_eq!(field(&out, "errors"), 0);
 }

@@ -293,9 +293,22 @@ enum Cmd {
         /// Concurrent callers.
         #[arg(long, default_value_t = 64)]
         callers: usize,
-        /// Operations in total, over all callers.
-        #[arg(short = 'n', default_value_t = 1_000_000)]
-        ops: usize,
+        /// Calls in total, over all callers [default: 1000000, or no limit with -t].
+        #[arg(short = 'n')]
+        ops: Option<usize>,
+        /// Run this long (as memaslap writes it: 30s, 2m, 1h, 500ms).
+        #[arg(short = 't', long = "time", value_parser = slap::parse_duration)]
+        duration: Option<Duration>,
+        /// Calls per second in total, open-loop: latency counts from each call's intended
+        /// start (no coordinated omission).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print the calls made, their rate and errors every period (e.g. 1s), on stderr.
+        #[arg(long, value_parser = slap::parse_duration)]
+        report_every: Option<Duration>,
+        /// Give every key a value of its own, and check each value read against its key's.
+        #[arg(long)]
+        verify: bool,
         /// Distinct keys (key:0 .. key:{KEYS-1}), preloaded before timing.
         #[arg(short = 'k', default_value_t = 10_000)]
         keys: usize,
@@ -726,6 +739,10 @@ fn run(cli: Cli) -> Res<()> {
             workload,
             callers,
             ops,
+            duration,
+            rate,
+            report_every,
+            verify,
             keys,
             value_bytes,
             mode,
@@ -737,6 +754,10 @@ fn run(cli: Cli) -> Res<()> {
                 workload,
                 callers,
                 ops,
+                duration,
+                rate,
+                report_every,
+                verify,
                 keys,
                 value_bytes,
                 mode,

@@ -1,9 +1,18 @@
 //! `mcstore slap`: a concurrent load generator (as libmemcached's memaslap). Many callers
 //! (threads, or tokio tasks) share one client; each call's latency goes to a histogram; the
 //! run ends with one machine-readable RESULT line that `scripts/bench-compare` reads.
+//!
+//! A run ends after `-n` calls, after `-t` (a duration), or on SIGINT (Ctrl-C), which ends
+//! it early and still prints the summary. `--rate` paces the callers open-loop: each call
+//! has an intended start time; one that starts late because an earlier call ran long counts
+//! its latency from that intended time (a stall shows in every call it delayed, as wrk2
+//! measures: no coordinated omission), and one that waited for its time counts from its start
+//! (the timer's own lateness is not the server's). `--report-every` prints the calls, their
+//! rate and errors each period, on stderr. `--verify` gives every key a value of its own and
+//! checks each value read against its key's.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -14,7 +23,16 @@ use mcstore::{ClientBuilder, Pool, SetOptions, SharedClient};
 pub struct SlapSpec {
     pub workload: String,
     pub callers: usize,
-    pub ops: usize,
+    /// Calls in total; `None`: 1,000,000, or no limit with a duration.
+    pub ops: Option<usize>,
+    /// Ends the run after this long.
+    pub duration: Option<Duration>,
+    /// Calls per second in total, open-loop (see the module docs).
+    pub rate: Option<f64>,
+    /// Prints progress every period.
+    pub report_every: Option<Duration>,
+    /// Per-key values, each read checked against its key's.
+    pub verify: bool,
     pub keys: usize,
     pub value_bytes: usize,
     pub mode: Mode,
@@ -96,6 +114,59 @@ fn key_index(c: usize, n: usize, keys: usize) -> usize {
 struct Tally {
     hist: Histogram<u64>,
     errors: usize,
+    calls: usize,
+}
+
+/// Set by SIGINT: every caller stops at its next call.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Parses a duration as memaslap writes them: `30s`, `2m`, `1h`, `500ms` (a bare number
+/// is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 2m, 1h, 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// When a caller's calls start and when it stops.
+#[derive(Clone, Copy)]
+struct Pace {
+    start: Instant,
+    /// At most this many calls.
+    limit: usize,
+    deadline: Option<Instant>,
+    /// With a rate: the time between this caller's intended starts.
+    every: Option<Duration>,
+}
+
+impl Pace {
+    /// `None`: stop before call `n`. Otherwise the time the call's latency counts from: its
+    /// intended start with a rate (the caller waits for it if early), else now.
+    fn intended(&self, n: usize) -> Option<Option<Instant>> {
+        if n >= self.limit || STOP.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        if self.deadline.is_some_and(|d| now >= d) {
+            return None;
+        }
+        Some(self.every.map(|e| self.start + e.mul_f64(n as f64)))
+    }
 }
 
 /// The call a caller makes for its `n`-th operation: a set every tenth call in `mix`.
@@ -123,20 +194,50 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     if spec.client == Which::Plain && spec.callers != 1 {
         return Err("--client plain is one Client for one caller (--callers 1)".into());
     }
+    if spec.verify && spec.value_bytes < 8 {
+        return Err("--verify needs values of 8 bytes or more (-v), to tell keys apart".into());
+    }
+    if spec.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--rate must be a positive number of calls per second".into());
+    }
+    let ops = spec.ops.unwrap_or(if spec.duration.is_some() {
+        usize::MAX
+    } else {
+        1_000_000
+    });
+    STOP.store(false, Ordering::SeqCst);
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     let err = |e: mcstore::Error| e.to_string();
     let keys: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..spec.keys)
             .map(|i| format!("key:{i}").into_bytes())
             .collect(),
     );
-    let value = Arc::new(vec![b'v'; spec.value_bytes]);
+    // With --verify each key has a value of its own (its index, repeated), so a reply that
+    // reached the wrong caller shows; otherwise one value for all.
+    let values: Arc<Vec<Vec<u8>>> = Arc::new(if spec.verify {
+        (0..spec.keys)
+            .map(|i| {
+                format!("{i:08}")
+                    .bytes()
+                    .cycle()
+                    .take(spec.value_bytes)
+                    .collect()
+            })
+            .collect()
+    } else {
+        vec![vec![b'v'; spec.value_bytes]]
+    });
+    let value_of = |i: usize| &values[if spec.verify { i } else { 0 }];
 
     // Preload, untimed: every key the gets read.
     let mut loader = builder.clone().build().map_err(err)?;
-    for chunk in keys.chunks(1000) {
+    for (c, chunk) in keys.chunks(1000).enumerate() {
         let mut p = loader.pipeline();
-        for k in chunk {
-            p.set(k, &value, SetOptions::default()).map_err(err)?;
+        for (j, k) in chunk.iter().enumerate() {
+            p.set(k, value_of(c * 1000 + j), SetOptions::default())
+                .map_err(err)?;
         }
         let r = p.finish().map_err(err)?;
         if r.errors > 0 {
@@ -146,38 +247,90 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     drop(loader);
 
     let progress = Arc::new(AtomicUsize::new(0));
-    let bar = std::io::stdout().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(spec.ops as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} ops {per_sec} eta {eta}")
+    let failures = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    // A bar for a known number of calls on a terminal; periodic lines when asked for.
+    let bar = (std::io::stdout().is_terminal() && spec.report_every.is_none() && ops != usize::MAX)
+        .then(|| {
+            let b = indicatif::ProgressBar::new(ops as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} ops {per_sec} eta {eta}",
+                )
                 .expect("valid template"),
-        );
-        b
-    });
+            );
+            b
+        });
     let ticker = bar.as_ref().map(|b| {
-        let (b, progress) = (b.clone(), Arc::clone(&progress));
-        let total = spec.ops;
-        std::thread::spawn(move || loop {
-            let n = progress.load(Ordering::Relaxed);
-            b.set_position(n as u64);
-            if n >= total {
-                break;
+        let (b, progress, finished) = (b.clone(), Arc::clone(&progress), Arc::clone(&finished));
+        std::thread::spawn(move || {
+            while !finished.load(Ordering::Relaxed) {
+                b.set_position(progress.load(Ordering::Relaxed) as u64);
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
+        })
+    });
+    let reporter = spec.report_every.map(|every| {
+        let (progress, failures, finished) = (
+            Arc::clone(&progress),
+            Arc::clone(&failures),
+            Arc::clone(&finished),
+        );
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let (mut calls, mut errors) = (0, 0);
+            let mut next = start + every;
+            while !finished.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10).min(every));
+                if Instant::now() < next {
+                    continue;
+                }
+                let (c, e) = (
+                    progress.load(Ordering::Relaxed),
+                    failures.load(Ordering::Relaxed),
+                );
+                // On stderr: stdout carries the table and the RESULT line scripts read.
+                eprintln!(
+                    "[{:>7.1}s] calls {:>10} ({:.0}/s) errors {}",
+                    start.elapsed().as_secs_f64(),
+                    c,
+                    (c - calls) as f64 / every.as_secs_f64(),
+                    e - errors
+                );
+                (calls, errors) = (c, e);
+                next += every;
+            }
         })
     });
 
-    let share = |c: usize| spec.ops / spec.callers + usize::from(c < spec.ops % spec.callers);
+    let share = |c: usize| {
+        if ops == usize::MAX {
+            usize::MAX
+        } else {
+            ops / spec.callers + usize::from(c < ops % spec.callers)
+        }
+    };
+    // `start`: when the callers are released (after threads or tasks exist).
+    let pace = |c: usize, start: Instant| Pace {
+        start,
+        limit: share(c),
+        deadline: spec.duration.map(|d| start + d),
+        every: spec
+            .rate
+            .map(|r| Duration::from_secs_f64(spec.callers as f64 / r)),
+    };
     let ctx = Ctx {
         keys,
-        value,
+        values: Arc::clone(&values),
+        verify: spec.verify,
         workload,
         progress: Arc::clone(&progress),
+        failures: Arc::clone(&failures),
     };
     let (tallies, wall, cpu) = match (spec.client, spec.mode) {
         (Which::Pool, _) => {
             let pool = Pool::new(builder, spec.callers).map_err(err)?;
-            run_threads(spec.callers, &ctx, share, move |_| {
+            run_threads(spec.callers, &ctx, pace, move |_| {
                 let pool = pool.clone();
                 move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
                     let mut c = pool.get().map_err(drop)?;
@@ -187,7 +340,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
         }
         (Which::Plain, _) => {
             let client = std::sync::Mutex::new(Some(builder.build().map_err(err)?));
-            run_threads(1, &ctx, share, move |_| {
+            run_threads(1, &ctx, pace, move |_| {
                 let mut c = client.lock().unwrap().take().expect("one caller");
                 move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
                     call_client(&mut c, key, set, value, buf)
@@ -210,35 +363,45 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
                 client.get_into(k, &mut buf).map_err(err)?;
             }
             match mode {
-                Mode::Threads => run_threads(spec.callers, &ctx, share, move |_| {
+                Mode::Threads => run_threads(spec.callers, &ctx, pace, move |_| {
                     let client = client.clone();
                     move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
                         call_shared(&client, key, set, value, buf)
                     }
                 }),
-                Mode::Async => run_async(spec, &ctx, share, client)?,
+                Mode::Async => run_async(spec, &ctx, pace, client)?,
             }
         }
     };
-    progress.store(spec.ops, Ordering::Relaxed);
-    if let Some(t) = ticker {
+    finished.store(true, Ordering::Relaxed);
+    for t in [ticker, reporter].into_iter().flatten() {
         let _ = t.join();
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    // SAFETY: restores the default disposition (no handler of ours runs after this).
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let interrupted = STOP.load(Ordering::SeqCst);
 
     let mut all = histogram();
-    let mut errors = 0;
+    let (mut errors, mut done) = (0, 0);
     for t in &tallies {
         all.add(&t.hist).expect("same bounds");
         errors += t.errors;
+        done += t.calls;
     }
     let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "callers {}, {} ops, {} errors",
-        spec.callers, spec.ops, errors
-    );
+    if interrupted {
+        println!("interrupted (SIGINT): the calls made so far");
+    }
+    println!("callers {}, {done} ops, {errors} errors", spec.callers);
+    if let Some(r) = spec.rate {
+        println!(
+            "rate: {r:.0}/s asked, {:.0}/s made; a call delayed by an earlier one counts from its intended start",
+            done as f64 / wall.as_secs_f64()
+        );
+    }
     println!("latency per call (us):");
     println!("  p50    {:>10.1}", us(0.5));
     println!("  p90    {:>10.1}", us(0.9));
@@ -256,15 +419,19 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
         Workload::Mix => "mix_concurrent",
     };
     let wall_s = wall.as_secs_f64();
+    let per_op = done.max(1) as f64;
     println!(
-        "RESULT client={client} proto={proto} workload={w} callers={} ops={} wall_s={wall_s:.6} \
-         ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1}",
+        "RESULT client={client} proto={proto} workload={w} callers={} ops={done} wall_s={wall_s:.6} \
+         ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
+         rate={:.0} verify={} interrupted={}",
         spec.callers,
-        spec.ops,
-        spec.ops as f64 / wall_s,
-        cpu * 1e6 / spec.ops as f64,
+        done as f64 / wall_s,
+        cpu * 1e6 / per_op,
         us(0.5),
         us(0.99),
+        spec.rate.unwrap_or(0.0),
+        u8::from(spec.verify),
+        u8::from(interrupted),
     );
     if errors > 0 {
         return Err(format!("{errors} calls failed"));
@@ -275,9 +442,19 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
 /// What every caller shares.
 struct Ctx {
     keys: Arc<Vec<Vec<u8>>>,
-    value: Arc<Vec<u8>>,
+    /// One value for every key, or one per key (`verify`).
+    values: Arc<Vec<Vec<u8>>>,
+    verify: bool,
     workload: Workload,
     progress: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+}
+
+impl Ctx {
+    /// Key `i`'s value.
+    fn value(&self, i: usize) -> &[u8] {
+        &self.values[if self.verify { i } else { 0 }]
+    }
 }
 
 fn call_shared(
@@ -320,11 +497,36 @@ fn check_hit(
     }
 }
 
-/// Runs `callers` threads, each making its share of calls with the call `make(c)` builds.
+fn tally() -> Tally {
+    Tally {
+        hist: histogram(),
+        errors: 0,
+        calls: 0,
+    }
+}
+
+impl Tally {
+    /// Records call `n`, timed from `t0`: its latency, its failure, the shared progress.
+    fn note(&mut self, ctx: &Ctx, n: usize, t0: Instant, r: Result<(), ()>) {
+        let ns = t0.elapsed().as_nanos() as u64;
+        self.hist.saturating_record(ns.max(1));
+        self.calls += 1;
+        if r.is_err() {
+            self.errors += 1;
+            ctx.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if n % 64 == 63 {
+            ctx.progress.fetch_add(64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `callers` threads, each making its calls (paced by `pace(c)`) with the call
+/// `make(c)` builds.
 fn run_threads<F, C>(
     callers: usize,
     ctx: &Ctx,
-    share: impl Fn(usize) -> usize + Sync,
+    pace: impl Fn(usize, Instant) -> Pace + Sync,
     make: F,
 ) -> (Vec<Tally>, Duration, f64)
 where
@@ -332,29 +534,40 @@ where
     C: FnMut(&[u8], bool, &[u8], &mut Vec<u8>) -> Result<(), ()> + Send,
 {
     let barrier = Barrier::new(callers + 1);
+    let released = std::sync::OnceLock::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..callers)
             .map(|c| {
                 let mut call = make(c);
-                let (barrier, share) = (&barrier, &share);
+                let (barrier, pace, released) = (&barrier, &pace, &released);
                 s.spawn(move || {
-                    let mut t = Tally {
-                        hist: histogram(),
-                        errors: 0,
-                    };
-                    let mut buf = Vec::with_capacity(ctx.value.len() + 64);
-                    let n_ops = share(c);
+                    let mut t = tally();
+                    let mut buf = Vec::with_capacity(ctx.value(0).len() + 64);
                     barrier.wait();
-                    for n in 0..n_ops {
-                        let key = &ctx.keys[key_index(c, n, ctx.keys.len())];
-                        let t0 = Instant::now();
-                        let r = call(key, is_set(ctx.workload, n), &ctx.value, &mut buf);
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        t.hist.saturating_record(ns.max(1));
-                        t.errors += usize::from(r.is_err());
-                        if n % 64 == 63 {
-                            ctx.progress.fetch_add(64, Ordering::Relaxed);
-                        }
+                    let pace = pace(c, *released.get().expect("set before the barrier"));
+                    let mut n = 0;
+                    while let Some(intended) = pace.intended(n) {
+                        let t0 = match intended {
+                            // Early: wait, and time from the start (the sleep's own lateness
+                            // is the generator's, not the server's).
+                            Some(at) if at > Instant::now() => {
+                                std::thread::sleep(at - Instant::now());
+                                Instant::now()
+                            }
+                            // Late (an earlier call ran past this one's start): from the
+                            // intended start, so the backlog shows.
+                            Some(at) => at,
+                            None => Instant::now(),
+                        };
+                        let i = key_index(c, n, ctx.keys.len());
+                        let r = call(
+                            &ctx.keys[i],
+                            is_set(ctx.workload, n),
+                            ctx.value(i),
+                            &mut buf,
+                        );
+                        t.note(ctx, n, t0, r);
+                        n += 1;
                     }
                     t
                 })
@@ -362,6 +575,7 @@ where
             .collect();
         let cpu0 = cpu_seconds();
         let start = Instant::now();
+        let _ = released.set(start);
         barrier.wait();
         let tallies: Vec<Tally> = handles
             .into_iter()
@@ -375,12 +589,16 @@ where
 fn run_async(
     spec: &SlapSpec,
     ctx: &Ctx,
-    share: impl Fn(usize) -> usize,
+    pace: impl Fn(usize, Instant) -> Pace,
     client: SharedClient,
 ) -> Result<(Vec<Tally>, Duration, f64), String> {
     let rt = match spec.runtime {
-        Runtime::Current => tokio::runtime::Builder::new_current_thread().build(),
-        Runtime::Multi => tokio::runtime::Builder::new_multi_thread().build(),
+        Runtime::Current => tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build(),
+        Runtime::Multi => tokio::runtime::Builder::new_multi_thread()
+            .enable_time()
+            .build(),
     }
     .map_err(|e| e.to_string())?;
     let callers = spec.callers;
@@ -390,34 +608,43 @@ fn run_async(
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
                 let client = client.clone();
-                let keys = Arc::clone(&ctx.keys);
-                let value = Arc::clone(&ctx.value);
-                let progress = Arc::clone(&ctx.progress);
-                let (workload, n_ops) = (ctx.workload, share(c));
+                let ctx = Ctx {
+                    keys: Arc::clone(&ctx.keys),
+                    values: Arc::clone(&ctx.values),
+                    verify: ctx.verify,
+                    workload: ctx.workload,
+                    progress: Arc::clone(&ctx.progress),
+                    failures: Arc::clone(&ctx.failures),
+                };
+                let pace = pace(c, start);
                 tokio::spawn(async move {
-                    let mut t = Tally {
-                        hist: histogram(),
-                        errors: 0,
-                    };
-                    let mut buf = Vec::with_capacity(value.len() + 64);
-                    for n in 0..n_ops {
-                        let key = &keys[key_index(c, n, keys.len())];
-                        let t0 = Instant::now();
-                        let r = if is_set(workload, n) {
+                    let mut t = tally();
+                    let mut buf = Vec::with_capacity(ctx.value(0).len() + 64);
+                    let mut n = 0;
+                    while let Some(intended) = pace.intended(n) {
+                        // As for threads: early calls wait and time from their start, late
+                        // ones from their intended start.
+                        let t0 = match intended {
+                            Some(at) if at > Instant::now() => {
+                                tokio::time::sleep_until(at.into()).await;
+                                Instant::now()
+                            }
+                            Some(at) => at,
+                            None => Instant::now(),
+                        };
+                        let i = key_index(c, n, ctx.keys.len());
+                        let (key, value) = (&ctx.keys[i], ctx.value(i));
+                        let r = if is_set(ctx.workload, n) {
                             client
-                                .set_async(key, &value, SetOptions::default())
+                                .set_async(key, value, SetOptions::default())
                                 .await
                                 .map_err(drop)
                         } else {
                             let r = client.get_into_async(key, &mut buf).await;
-                            check_hit(r, &buf, &value)
+                            check_hit(r, &buf, value)
                         };
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        t.hist.saturating_record(ns.max(1));
-                        t.errors += usize::from(r.is_err());
-                        if n % 64 == 63 {
-                            progress.fetch_add(64, Ordering::Relaxed);
-                        }
+                        t.note(&ctx, n, t0, r);
+                        n += 1;
                     }
                     t
                 })
