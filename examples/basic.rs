@@ -1,43 +1,22 @@
-//! A tour of the client API: starts a local memcached on a free loopback port, talks to it,
-//! stops it. (The main demo is `mcstore demo`, see the README.)
+//! A tour of the client API against a running memcached. (The main demo is `mcstore demo`,
+//! see the README.) Self-contained: copy it into a project that depends on `mcstore`.
 //!
-//! Run with `cargo run --example basic`.
-//! Set `MEMCACHED_BIN` to use another memcached binary, or `MCSTORE_SERVER=host:port` to use a
-//! server that is already running.
+//! Run: start a memcached (`memcached -U 0 -p 11211 &`, as root add `-u root`), then
+//! `cargo run --example basic`. `MEMCACHED_SERVERS=host:port` names another server.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mcstore::{CasResult, Client, SetOptions};
 
-// The memcached launcher shared with the CLI demo and the tests.
-#[allow(dead_code)]
-#[path = "../proto-tests/support/launcher.rs"]
-mod launcher;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (_server, addr) = match std::env::var("MCSTORE_SERVER") {
-        Ok(addr) => (None, addr),
-        Err(_) => {
-            let (s, a) = launcher::start_tcp(64)?;
-            (Some(s), a)
-        }
-    };
+    let addr = std::env::var("MEMCACHED_SERVERS").unwrap_or_else(|_| "127.0.0.1:11211".into());
     let mut client = Client::builder()
         .server(&addr)
         .io_timeout(Duration::from_millis(500))
         .build()?;
-    // The server needs a moment to listen: retry the first call briefly.
-    let started = Instant::now();
-    let version = loop {
-        match client.version() {
-            Ok(v) => break v,
-            Err(e) if started.elapsed() < Duration::from_secs(10) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let version = client
+        .version()
+        .map_err(|e| format!("{e} (is a memcached running at {addr}?)"))?;
     println!("connected to {addr}: memcached {}", version[0].1);
 
     client.set(

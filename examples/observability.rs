@@ -3,10 +3,10 @@
 //! built), makes some calls (hits, misses, a multi-get, storage reads) and prints the
 //! exposition text a scrape would get.
 //!
-//! Run: `cargo run --example observability --features metrics` (needs `memcached` on PATH).
-
-#[path = "../proto-tests/support/mod.rs"]
-mod support;
+//! Run: start a memcached (`memcached -U 0 -p 11211 &`, as root add `-u root`), then
+//! `cargo run --example observability --features metrics`. `MEMCACHED_SERVERS=host:port`
+//! names another server. Self-contained: copy it into a project with `mcstore` (feature
+//! `metrics`) and `metrics-exporter-prometheus`.
 
 use std::sync::Arc;
 
@@ -16,9 +16,9 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = PrometheusBuilder::new().install_recorder()?;
-    let mc = support::Memcached::start();
+    let addr = std::env::var("MEMCACHED_SERVERS").unwrap_or_else(|_| "127.0.0.1:11211".into());
 
-    let mut client = Client::builder().server(mc.addr()).build()?;
+    let mut client = Client::builder().server(&addr).build()?;
     client.set(b"greeting", b"hello", SetOptions::default())?;
     for _ in 0..10 {
         client.get(b"greeting")?; // hits
@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     client.get_multi(&keys, |_, _| {})?;
 
     let store = MemcacheStorage::new(
-        Pool::new(Client::builder().server(mc.addr()), 2)?,
+        Pool::new(Client::builder().server(&addr), 2)?,
         Arc::new(MemoryStorage::new()),
     );
     store.create_container("posts")?;

@@ -1,45 +1,28 @@
-//! One `SharedClient` for many tokio tasks and threads at once: starts a local memcached on a
-//! free loopback port, runs 64 tasks that each make a thousand calls, and a few blocking
-//! threads alongside, on the same client (and the same connection).
+//! One `SharedClient` for many tokio tasks and threads at once: 64 tasks that each make a
+//! thousand calls, and a few blocking threads alongside, on the same client (and the same
+//! connection). Self-contained: copy it into a project with `mcstore` and `tokio`.
 //!
-//! Run with `cargo run --example shared_tokio`. `MCSTORE_SERVER=host:port` uses a server that
-//! is already running. tokio is a dev-dependency only: the library runs no runtime; its
-//! futures are woken by its own I/O thread, under any executor.
+//! Run: start a memcached (`memcached -U 0 -p 11211 &`, as root add `-u root`), then
+//! `cargo run --example shared_tokio`. `MEMCACHED_SERVERS=host:port` names another server.
+//! tokio is a dev-dependency only: the library runs no runtime; its futures are woken by its
+//! own I/O thread, under any executor.
 
 use std::time::{Duration, Instant};
 
 use mcstore::{Client, SetOptions};
 
-// The memcached launcher shared with the CLI demo and the tests.
-#[allow(dead_code)]
-#[path = "../proto-tests/support/launcher.rs"]
-mod launcher;
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (_server, addr) = match std::env::var("MCSTORE_SERVER") {
-        Ok(addr) => (None, addr),
-        Err(_) => {
-            let (s, a) = launcher::start_tcp(64)?;
-            (Some(s), a)
-        }
-    };
+    let addr = std::env::var("MEMCACHED_SERVERS").unwrap_or_else(|_| "127.0.0.1:11211".into());
     let client = Client::builder()
         .server(&addr)
         .io_timeout(Duration::from_millis(500))
         .shared()
         .build()?;
-    // The server needs a moment to listen: retry the first call briefly.
-    let started = Instant::now();
-    while let Err(e) = client
+    client
         .set_async(b"hello", b"world", SetOptions::default())
         .await
-    {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(e.into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .map_err(|e| format!("{e} (is a memcached running at {addr}?)"))?;
 
     // Blocking callers on threads share the client with the tasks below.
     let threads: Vec<_> = (0..4)

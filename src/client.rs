@@ -144,6 +144,9 @@ pub struct SetOptions {
     pub flags: u32,
 }
 
+/// memcached reads an expiration above this many seconds (30 days) as a Unix timestamp.
+const RELATIVE_TTL_MAX: u64 = 30 * 24 * 3600;
+
 impl SetOptions {
     setters! {
         /// Sets the expiration (see the field).
@@ -151,6 +154,33 @@ impl SetOptions {
 
         /// Sets the flags.
         flags(flags: u32) => flags;
+    }
+
+    /// Expires the item `d` from now, as a [`Duration`](std::time::Duration), whatever its
+    /// length: up to 30 days it is sent as seconds (rounded up: a sub-second duration is one
+    /// second, never 0, which would mean "never"); beyond, as the Unix time it ends at, which
+    /// is how memcached reads longer expirations (this host's clock then matters). A
+    /// duration past what memcached can express (2106) is capped there.
+    ///
+    /// ```
+    /// use mcstore::SetOptions;
+    /// use std::time::Duration;
+    /// assert_eq!(SetOptions::default().expire_after(Duration::from_secs(90)).ttl, 90);
+    /// assert_eq!(SetOptions::default().expire_after(Duration::from_millis(10)).ttl, 1);
+    /// let far = SetOptions::default().expire_after(Duration::from_secs(60 * 24 * 3600));
+    /// assert!(far.ttl > 1_700_000_000); // an absolute time
+    /// ```
+    pub fn expire_after(mut self, d: std::time::Duration) -> Self {
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        self.ttl = if secs <= RELATIVE_TTL_MAX {
+            secs.max(1) as u32
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs());
+            now.saturating_add(secs).min(u64::from(u32::MAX)) as u32
+        };
+        self
     }
 }
 

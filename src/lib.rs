@@ -1,5 +1,34 @@
 //! mcstore: a from-scratch memcached client and, on top of it, a cache-through storage layer.
 //!
+//! # Fronts
+//!
+//! - [`Client`]: one caller's blocking client (`&mut self`), built by [`ClientBuilder`]:
+//!   every command on the text, binary and meta protocols, many servers placed as
+//!   libmemcached places them, multi-key calls fanned out, pipelines, no heap allocation per
+//!   call once warm.
+//! - [`Pool`]: a bounded set of `Client`s for many threads (a checkout per call).
+//! - [`SharedClient`]: one client for many threads and async tasks at once: concurrent calls
+//!   share connections and are batched into rounds; blocking calls and `_async` futures (any
+//!   executor; the library starts no runtime).
+//! - [`storage`]: collections of resources behind the [`storage::Storage`] trait:
+//!   [`storage::FsStorage`] (files), `PgStorage` (PostgreSQL), [`storage::MemoryStorage`], and
+//!   [`storage::MemcacheStorage`], a cache-through proxy that never serves stale content.
+//! - [`cookbook`]: recipes (CAS loops, namespaces, TTLs as `Duration`, a tokio service, the
+//!   storage in an async service).
+//!
+//! # Features
+//!
+//! | feature | what it adds | pulls in |
+//! |---|---|---|
+//! | `tls` | TLS to the servers (`TlsConfig`) | `rustls` (ring) |
+//! | `postgres` | `storage::PgStorage` | `tokio-postgres`, `tokio` (a small runtime per connection) |
+//! | `metrics` | counters and histograms through the `metrics` facade | `metrics` |
+//! | `tracing` | a span per call, events for connects, ejections, replays | `tracing` |
+//! | `cli` (default) | the `mcstore` binary | `clap`, `indicatif`, `hdrhistogram`, `tokio`, `tls`, `postgres` |
+//!
+//! A library user who wants pure code takes `default-features = false` and adds what it
+//! needs.
+//!
 //! # Layout
 //!
 //! Data flows down on a request and up on a reply, once; nothing below knows about anything above.
@@ -11,6 +40,9 @@
 //!   deadlines, reconnect after any error whose framing is in doubt.
 //! - [`client`]: the public blocking API ([`Client`], [`ClientBuilder`]): key validation, command
 //!   routing, error mapping.
+//! - [`ring`]: placing keys on servers exactly as libmemcached does (modula, ketama,
+//!   weighted ketama; every libhashkit hash).
+//! - [`storage`]: the storage layer, built on the client.
 //!
 //! # Example
 //!
@@ -51,6 +83,10 @@ mod observe;
 pub mod proto;
 pub mod ring;
 pub mod storage;
+
+#[doc = include_str!("../docs/cookbook.md")]
+#[cfg_attr(feature = "postgres", doc = include_str!("../docs/cookbook-postgres.md"))]
+pub mod cookbook {}
 
 pub use addr::{ServerAddr, ServerSpec, DEFAULT_PORT};
 pub use client::{
