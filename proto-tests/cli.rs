@@ -825,3 +825,39 @@ fn slap_duration_rate_reports_verify_and_sigint() {
     assert_eq!(field(&out, "interrupted"), 1);
     assert_eq!(field(&out, "errors"), 0);
 }
+
+/// #31's rule for keys on several servers: with one server dead, `get` still prints every
+/// key the live one holds, names each failed key (and its server) on stderr, and exits 1.
+#[test]
+fn get_across_servers_with_one_dead() {
+    let live = Memcached::start();
+    let mut dead = Memcached::start();
+    let servers = format!("{},{}", live.addr(), dead.addr());
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        ok(&mcstore(&servers, &["set", k, &format!("v-{k}")], b""));
+    }
+    let placed = ok(&mcstore(&servers, &["ring"], keys.join("\n").as_bytes()));
+    let on_live: Vec<&str> = placed
+        .lines()
+        .filter(|l| l.ends_with(&live.addr()))
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert!(
+        !on_live.is_empty() && on_live.len() < keys.len(),
+        "{placed}"
+    );
+    dead.kill();
+    let args: Vec<&str> = ["get", "--timeout-ms", "300"]
+        .into_iter()
+        .chain(keys.iter().map(String::as_str))
+        .collect();
+    let o = mcstore(&servers, &args, b"");
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let want: String = on_live.iter().map(|k| format!("v-{k}\n")).collect();
+    assert_eq!(out, want);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), keys.len() - on_live.len(), "{err}");
+    assert!(err.lines().all(|l| l.contains(&dead.addr())), "{err}");
+}

@@ -536,28 +536,21 @@ fn run(cli: Cli) -> Res<()> {
             flags,
         } => {
             let mut c = client(g)?;
-            let mut missing = false;
             let several = keys.len() > 1 || flags;
-            for k in keys {
-                match c.get(k.as_bytes())? {
-                    Some(item) => {
-                        if flags {
-                            writeln!(out, "{}", item.flags)?;
-                        }
-                        out.write_all(&item.value)?;
-                        if several {
-                            out.write_all(separator.as_bytes())?;
-                        }
+            each_key(
+                &keys,
+                |k| c.get(k),
+                |_, item| {
+                    if flags {
+                        writeln!(out, "{}", item.flags)?;
                     }
-                    None => {
-                        eprintln!("mcstore: not found: {k}");
-                        missing = true;
+                    out.write_all(&item.value)?;
+                    if several {
+                        out.write_all(separator.as_bytes())?;
                     }
-                }
-            }
-            if missing {
-                return Err(Quiet.into());
-            }
+                    Ok(())
+                },
+            )?
         }
         Cmd::Set(a) => store(g, StoreMode::Set, a)?,
         Cmd::Add(a) => store(g, StoreMode::Add, a)?,
@@ -566,37 +559,20 @@ fn run(cli: Cli) -> Res<()> {
         Cmd::Prepend(a) => store(g, StoreMode::Prepend, a)?,
         Cmd::Gets { keys } => {
             let mut c = client(g)?;
-            let mut missing = false;
-            for k in keys {
-                match c.gets(k.as_bytes())? {
-                    Some(item) => {
-                        write!(out, "{} ", item.cas.unwrap_or(0))?;
-                        out.write_all(&item.value)?;
-                        out.write_all(b"\n")?;
-                    }
-                    None => {
-                        eprintln!("mcstore: not found: {k}");
-                        missing = true;
-                    }
-                }
-            }
-            if missing {
-                return Err(Quiet.into());
-            }
+            each_key(
+                &keys,
+                |k| c.gets(k),
+                |_, item| {
+                    write!(out, "{} ", item.cas.unwrap_or(0))?;
+                    out.write_all(&item.value)?;
+                    out.write_all(b"\n")
+                },
+            )?
         }
         Cmd::Exists { keys } => {
             let mut c = client(g)?;
-            let mut missing = false;
-            for k in keys {
-                // Read and dropped: a get is the one check every protocol has.
-                if c.get(k.as_bytes())?.is_none() {
-                    eprintln!("mcstore: not found: {k}");
-                    missing = true;
-                }
-            }
-            if missing {
-                return Err(Quiet.into());
-            }
+            // Read and dropped: a get is the one check every protocol has.
+            each_key(&keys, |k| Ok(c.get(k)?.map(drop)), |_, ()| Ok(()))?
         }
         Cmd::Dump {
             pattern,
@@ -692,16 +668,7 @@ fn run(cli: Cli) -> Res<()> {
         }
         Cmd::Delete { keys } => {
             let mut c = client(g)?;
-            let mut missing = false;
-            for k in keys {
-                if !c.delete(k.as_bytes())? {
-                    eprintln!("mcstore: not found: {k}");
-                    missing = true;
-                }
-            }
-            if missing {
-                return Err(Quiet.into());
-            }
+            each_key(&keys, |k| Ok(c.delete(k)?.then_some(())), |_, ()| Ok(()))?
         }
         Cmd::Incr { key, delta } => arith(g, &key, delta, false, &mut out)?,
         Cmd::Decr { key, delta } => arith(g, &key, delta, true, &mut out)?,
@@ -823,6 +790,34 @@ fn run(cli: Cli) -> Res<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// One rule for commands on several keys (which may live on several servers): each key's
+/// output, in order; a missing key or a failed server named on stderr, the other keys still
+/// done; exit 1 if any key was missing or failed. Errors writing the output end the command.
+fn each_key<T>(
+    keys: &[String],
+    mut call: impl FnMut(&[u8]) -> mcstore::Result<Option<T>>,
+    mut show: impl FnMut(&str, T) -> io::Result<()>,
+) -> Res<()> {
+    let mut failed = false;
+    for k in keys {
+        match call(k.as_bytes()) {
+            Ok(Some(v)) => show(k, v)?,
+            Ok(None) => {
+                eprintln!("mcstore: not found: {k}");
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("mcstore: {k}: {e}{}", hint(&e));
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return Err(Quiet.into());
+    }
     Ok(())
 }
 
