@@ -253,6 +253,8 @@ fn listen(
             continue;
         };
         if c.batch_execute("LISTEN mcstore_outbox").is_err() {
+            // Paced like a failed connect: never a tight loop against a failing server.
+            std::thread::sleep(MIRROR_EVERY);
             continue;
         }
         while !stop.load(Ordering::Relaxed) {
