@@ -49,9 +49,9 @@ fn seconds() -> u64 {
         .unwrap_or(6)
 }
 
-/// The client-side deadline of the children's PostgreSQL calls: above the slow link's
-/// round trip (500 ms).
-const PG_CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The client-side deadline of the children's PostgreSQL calls: well above the slow link's
+/// round trip (500 ms) and a loaded machine's slowest statements, below the longest freezes.
+const PG_CALL_TIMEOUT: Duration = Duration::from_millis(3000);
 
 /// The shared master: a folder, or a PostgreSQL database when `master` is a postgres:// URL.
 /// Retried while the master is unreachable (a child may start during a fault).
@@ -453,7 +453,7 @@ fn run(master: &Master<'_>, min_reads: u64) {
                 set_master_faults(&state.path, 2 * windows - 1);
                 pg.freeze();
                 // Often past the call timeout, so that calls time out too.
-                thread::sleep(Duration::from_millis(300 + rng.below(2700)));
+                thread::sleep(Duration::from_millis(300 + rng.below(4700)));
                 pg.resume();
                 // Its effects: calls that timed out after the resume, then the second of
                 // fast failures after the last timeout (PgStorage::RETRY_AFTER).

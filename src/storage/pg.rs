@@ -163,7 +163,11 @@ impl PgStorageBuilder {
             let mut config = config.clone();
             // Named, so that an operator (or a test) can find the listener's session.
             config.application_name(PgStorage::LISTENER_NAME);
-            let (mirror, stop, health) = (mirror.clone(), stop.clone(), health.clone());
+            // Its own record of timeouts: a slow reconnect of the listener (a cut session, a
+            // slow link) only leaves the mirror untrusted; it must not make callers' calls
+            // fail at once.
+            let (mirror, stop, health) =
+                (mirror.clone(), stop.clone(), Arc::new(Health::default()));
             std::thread::Builder::new()
                 .name("mcstore-pg-outbox".into())
                 .spawn(move || listen(&config, limits, &health, &mirror, &stop))
