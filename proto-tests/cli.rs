@@ -467,6 +467,10 @@ fn a_dead_server_is_named_and_the_live_ones_still_answer() {
         "{out}"
     );
     assert!(out.contains("\tpid: ") && !out.contains(&dead), "{out}");
+    assert_eq!(
+        String::from_utf8_lossy(&flush.stdout),
+        format!("{}\tflushed\n", mc.addr())
+    );
 }
 
 /// #31: `get` and `delete` need a key (a usage error, exit 2; 22ee596 exited 0 silently);
@@ -588,7 +592,7 @@ fn libmemcached_tools_parity_commands() {
     );
     fails_with(
         &mcstore(&s, &["replace", "nope", "x"], b""),
-        "not stored: nope",
+        "not stored: nope (this command needs an existing key",
     );
     ok(&mcstore(&s, &["replace", "k", "new"], b""));
     let gets = ok(&mcstore(&s, &["gets", "k"], b""));
@@ -820,7 +824,8 @@ fn slap_duration_rate_reports_verify_and_sigint() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}");
+    // The summary, then the status a shell reports for Ctrl-C.
+    assert_eq!(o.status.code(), Some(130), "{out}");
     assert!(out.contains("interrupted (SIGINT)"), "{out}");
     assert_eq!(field(&out, "interrupted"), 1);
     assert_eq!(field(&out, "errors"), 0);
@@ -860,4 +865,23 @@ fn get_across_servers_with_one_dead() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), keys.len() - on_live.len(), "{err}");
     assert!(err.lines().all(|l| l.contains(&dead.addr())), "{err}");
+}
+
+/// A blank MEMCACHED_SERVERS means "not given": the default server, not "no servers".
+#[test]
+fn blank_servers_env_means_the_default() {
+    let o = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+        .args(["--timeout-ms", "200", "version"])
+        .env("MEMCACHED_SERVERS", " ")
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    // Whether or not a memcached listens there, the default server is the one asked.
+    assert!(
+        format!("{out}{err}").contains("127.0.0.1:11211") && !err.contains("no servers"),
+        "{err}"
+    );
 }

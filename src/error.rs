@@ -62,7 +62,7 @@ pub enum Error {
         source: Arc<io::Error>,
     },
     /// The call did not complete within its deadline (connect or I/O timeout).
-    #[error("timed out after {elapsed:?} waiting for {server} ({during})")]
+    #[error("timed out after {} waiting for {server} ({during})", millis(elapsed))]
     Timeout {
         /// The server as configured.
         server: String,
@@ -238,4 +238,9 @@ impl Error {
                 | Error::Partial { .. }
         ) || self.kind() == ErrorKind::Tls
     }
+}
+
+/// A duration as people read it in a message: whole milliseconds (`1001 ms`).
+fn millis(d: &Duration) -> String {
+    format!("{} ms", d.as_millis())
 }

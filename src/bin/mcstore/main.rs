@@ -403,11 +403,25 @@ impl std::fmt::Display for Quiet {
 
 impl std::error::Error for Quiet {}
 
+/// A run ended by SIGINT after printing what it did: exit 130, as a shell reports a process
+/// interrupted by Ctrl-C.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Quiet>() => ExitCode::FAILURE,
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
         // The reader of our output went away (`mcstore get k | head -c10`): end quietly,
         // with the status a process killed by SIGPIPE has, as coreutils do.
         Err(e)
@@ -435,7 +449,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
-    let servers = g.servers.as_deref().unwrap_or(default_servers);
+    let servers = servers_of(g, default_servers);
     let mut b = Client::builder()
         .protocol(match g.protocol {
             Protocol::Text => mcstore::Protocol::Text,
@@ -489,6 +503,14 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// `--servers` (or `MEMCACHED_SERVERS`), or `default` when it is not given or blank.
+fn servers_of<'a>(g: &'a Global, default: &'a str) -> &'a str {
+    g.servers
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(default)
 }
 
 /// The servers of `--servers`: separated by commas or whitespace, each plain or in
@@ -605,7 +627,7 @@ fn run(cli: Cli) -> Res<()> {
             })?
         }
         Cmd::Capable => {
-            let servers = server_list(g.servers.as_deref().unwrap_or("127.0.0.1:11211"))?;
+            let servers = server_list(servers_of(g, "127.0.0.1:11211"))?;
             if servers.len() != 1 {
                 return Err("capable checks one server: give exactly one with --servers".into());
             }
@@ -677,7 +699,11 @@ fn run(cli: Cli) -> Res<()> {
                 return Err(format!("not found: {key}").into());
             }
         }
-        Cmd::Flush { delay } => per_server(g, &mut out, |c, _, _| Ok(c.flush_all(delay)?))?,
+        Cmd::Flush { delay } => per_server(g, &mut out, |c, server, out| {
+            c.flush_all(delay)?;
+            writeln!(out, "{server}\tflushed")?;
+            Ok(())
+        })?,
         Cmd::Stats { arg } => per_server(g, &mut out, |c, server, out| {
             let mut stats = c.stats(arg.as_deref())?;
             let s = stats.pop().ok_or("no reply")?;
@@ -737,7 +763,10 @@ fn run(cli: Cli) -> Res<()> {
                 Protocol::Binary => "binary",
                 Protocol::Meta => "meta",
             };
-            slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto)?;
+            if slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto)? {
+                out.flush()?;
+                return Err(Interrupted.into());
+            }
         }
         Cmd::Bench {
             workload,
@@ -828,7 +857,7 @@ fn per_server(
     out: &mut dyn Write,
     mut each: impl FnMut(&mut Client, &str, &mut dyn Write) -> Res<()>,
 ) -> Res<()> {
-    let servers = server_list(g.servers.as_deref().unwrap_or("127.0.0.1:11211"))?;
+    let servers = server_list(servers_of(g, "127.0.0.1:11211"))?;
     let mut failed = 0;
     for server in &servers {
         let one = Global {
@@ -859,7 +888,14 @@ fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
     };
     let opts = SetOptions::default().ttl(a.ttl).flags(a.flags);
     if !client(g)?.store(mode, a.key.as_bytes(), &value, opts)? {
-        return Err(format!("not stored: {}", a.key).into());
+        let why = match mode {
+            StoreMode::Add => " (add stores only if the key is absent, and it exists)",
+            StoreMode::Replace | StoreMode::Append | StoreMode::Prepend => {
+                " (this command needs an existing key, and there is none)"
+            }
+            StoreMode::Set => "",
+        };
+        return Err(format!("not stored: {}{why}", a.key).into());
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! run ends with one machine-readable RESULT line that `scripts/bench-compare` reads.
 //!
 //! A run ends after `-n` calls, after `-t` (a duration), or on SIGINT (Ctrl-C), which ends
-//! it early and still prints the summary. `--rate` paces the callers open-loop: each call
+//! it early and still prints the summary (then `mcstore` exits 130). `--rate` paces the callers open-loop: each call
 //! has an intended start time; one that starts late because an earlier call ran long counts
 //! its latency from that intended time (a stall shows in every call it delayed, as wrk2
 //! measures: no coordinated omission), and one that waited for its time counts from its start
@@ -178,7 +178,8 @@ fn is_set(w: Workload, n: usize) -> bool {
     }
 }
 
-pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), String> {
+/// Runs the load; `Ok(true)` when SIGINT ended it early (after the summary was printed).
+pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool, String> {
     let workload = match spec.workload.as_str() {
         "get" => Workload::Get,
         "set" => Workload::Set,
@@ -436,7 +437,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<(), S
     if errors > 0 {
         return Err(format!("{errors} calls failed"));
     }
-    Ok(())
+    Ok(interrupted)
 }
 
 /// What every caller shares.
