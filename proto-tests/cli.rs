@@ -265,6 +265,20 @@ fn demo_runs_against_a_given_server() {
     let out = ok(&mcstore(&mc.addr(), &["demo", "--resources", "50"], b""));
     assert!(out.contains("hits 150 / misses 50"), "{out}");
     assert!(out.contains("all content verified"), "{out}");
+    assert!(
+        out.contains("reads missed the cache and filled it (50 fills)"),
+        "{out}"
+    );
+    // With the cache down, the demo still works from the master and says what happened
+    // (22ee596 printed "every read missed the cache and filled it" beside "fills 0").
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let out = ok(&mcstore(
+        &dead,
+        &["--timeout-ms", "100", "demo", "--resources", "20"],
+        b"",
+    ));
+    assert!(out.contains("nothing could be cached"), "{out}");
+    assert!(out.contains("all content verified"), "{out}");
 }
 
 /// `mcstore slap`: preloads, runs the callers, prints a latency table and ends with exactly one
