@@ -1468,7 +1468,8 @@ fn concurrent_run(
                             let mut w = o.writer.lock().unwrap();
                             *w += 1;
                             let seq = *w;
-                            if s.put_content(info, (&encode(seq)).into()).is_err() {
+                            if let Err(e) = s.put_content(info, (&encode(seq)).into()) {
+                                eprintln!("FAILED put r{r}: {e}");
                                 failed.fetch_add(1, Ordering::Relaxed);
                             }
                             o.completed.store(seq, Ordering::SeqCst);
@@ -1480,7 +1481,8 @@ fn concurrent_run(
                             o.started_remove.store(seq, Ordering::SeqCst);
                             match s.remove_content(info) {
                                 Ok(()) | Err(StorageError::NotFound(_)) => {}
-                                Err(_) => {
+                                Err(e) => {
+                                    eprintln!("FAILED remove r{r}: {e}");
                                     failed.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
@@ -1502,7 +1504,8 @@ fn concurrent_run(
                                         stale.fetch_add(1, Ordering::Relaxed);
                                     }
                                 }
-                                Err(_) => {
+                                Err(e) => {
+                                    eprintln!("FAILED get r{r}: {e}");
                                     failed.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
