@@ -4,8 +4,7 @@
 //!
 //! Run: `cargo bench --bench fanout` (starts its own memcached servers on loopback).
 
-#[path = "../proto-tests/support/mod.rs"]
-mod support;
+use mcstore_test_support as support;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mcstore::ring::Distribution;

@@ -10,8 +10,7 @@
 //! Medians of `ROUNDS` runs. Run: `cargo bench --bench pg_storage` (needs PostgreSQL:
 //! scripts/ensure-deps installs it; prints a Markdown table).
 
-#[path = "../proto-tests/support/mod.rs"]
-mod support;
+use mcstore_test_support as support;
 
 use std::sync::{Arc, Barrier};
 use std::thread;

@@ -14,8 +14,7 @@
 //! Each figure is the median of `ROUNDS` runs. Run: `cargo bench --bench storage` (starts
 //! its own memcached on loopback; prints a Markdown table).
 
-#[path = "../proto-tests/support/mod.rs"]
-mod support;
+use mcstore_test_support as support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -13,7 +13,7 @@
 //! Short in CI (`ADVERSARIAL_SECONDS`, default 4 per protocol); e.g. 600 for a long run.
 //! Over TLS with `MCSTORE_TEST_TLS=1`, as the rest of the suite.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

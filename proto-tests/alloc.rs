@@ -2,7 +2,7 @@
 //! binary only (harness = false: one thread, nothing else allocating while armed).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-mod support;
+use mcstore_test_support as support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;

@@ -1,6 +1,6 @@
 //! Every command against a real memcached.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -506,7 +506,7 @@ fn builder_rejects_bad_configuration(p: Protocol) {
     ));
 }
 
-for_each_protocol!(
+support::for_each_protocol!(
     set_get_with_flags,
     get_into_reuses_the_callers_buffer,
     zero_byte_and_binary_values,

@@ -1,6 +1,6 @@
 //! Dead and frozen servers, and recovery, against a real memcached.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -104,7 +104,7 @@ fn unreachable_server_fails_fast(p: Protocol) {
     assert!(start.elapsed() < Duration::from_millis(500) + MARGIN);
 }
 
-for_each_protocol!(
+support::for_each_protocol!(
     frozen_server_times_out_then_recovers,
     killed_server_gives_io_errors_then_the_same_client_reconnects,
     server_restart_between_calls_is_survived_with_one_error_at_most,

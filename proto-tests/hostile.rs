@@ -1,7 +1,7 @@
 //! A deliberately hostile fake server: malformed, truncated, oversized and endless replies must
 //! give clean errors, never a panic, a hang or an unbounded allocation.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

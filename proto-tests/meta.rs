@@ -1,7 +1,7 @@
 //! What only the meta protocol can do, against a real memcached: binary keys, leases,
 //! invalidation, TTL and access metadata, CAS-guarded fills.
 
-mod support;
+use mcstore_test_support as support;
 
 use mcstore::{
     Client, Error, KeyError, Lease, MetaGetOptions, MetaSetOptions, Protocol, SetOptions,

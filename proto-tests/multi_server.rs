@@ -1,6 +1,6 @@
 //! Three real memcached servers: distribution, fan-out, ejection, rejoin, namespaces.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -390,7 +390,7 @@ fn namespace_is_sent_and_hashed_as_configured(p: Protocol) {
     ));
 }
 
-for_each_protocol!(
+support::for_each_protocol!(
     keys_land_where_the_continuum_says,
     multi_get_over_three_servers_and_counters,
     killed_server_fails_fast_after_ejection_others_unaffected,

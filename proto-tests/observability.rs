@@ -4,7 +4,7 @@
 //! fields and events for connects, ejections and replays; no key bytes appear in either. Run by
 //! `scripts/test` with `--features metrics,tracing`.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};

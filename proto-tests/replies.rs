@@ -3,7 +3,7 @@
 //! server still sends, caught panics in callbacks, opaques shared by pipelines and single
 //! calls. Every read is checked against the value its own key holds.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;

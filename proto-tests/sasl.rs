@@ -1,6 +1,6 @@
 //! SASL PLAIN against a real `memcached -S` (binary protocol only).
 
-mod support;
+use mcstore_test_support as support;
 
 use std::time::Duration;
 

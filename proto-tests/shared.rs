@@ -1,7 +1,7 @@
 //! The shared client against real memcached: many threads and tasks at once, every reply
 //! reaching its own caller, cancellation, frozen and restarted servers, a hostile server.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

@@ -68,9 +68,9 @@ mod builder;
 mod health;
 mod meta_api;
 mod multi;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) use pipeline::for_fuzzing as pipeline_for_fuzzing;
 mod pipeline;
 mod pool;
@@ -455,7 +455,7 @@ impl Strays {
     }
 
     /// Owing one sync (the stream fuzz body's batches).
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn owing() -> Strays {
         Strays {
             owed: true,

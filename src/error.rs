@@ -129,6 +129,7 @@ pub enum Error {
     /// certificate, a wrong name, a server that does not speak TLS, a refused client
     /// certificate. The message says what to do.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[error("TLS with {server}: {message}")]
     Tls {
         /// The server as configured.

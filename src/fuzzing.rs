@@ -1,5 +1,7 @@
-//! Fuzz bodies, shared by the cargo-fuzz targets in `fuzz/` and by the stable test that
-//! replays their corpora (`proto-tests/fuzz_replay.rs`). Each panics on a broken invariant.
+//! Fuzz bodies, shared by the cargo-fuzz targets in `fuzz/` (built with `--cfg fuzzing`, which
+//! cargo-fuzz sets) and by this module's `replay` tests, which run every input of the committed
+//! corpora in `cargo test`. Each body panics on a broken invariant. Not public API: the module
+//! exists only under `cfg(fuzzing)` and in the crate's own tests.
 #![allow(missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -786,12 +788,6 @@ pub fn meta_reply(data: &[u8]) {
     wire_units::<crate::proto::wire::Meta>(data);
 }
 
-/// The local-memcached launcher the tests share.
-#[cfg(test)]
-#[path = "../proto-tests/support/launcher.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod launcher;
-
 /// The `conn_stream` harness against a real memcached: every request it sends, on every
 /// protocol, answered by the server, reads as a complete reply. With `CONN_STREAM_SEEDS=dir`
 /// the inputs are written there (the fuzz corpus's seeds).
@@ -802,7 +798,7 @@ mod stream_against_memcached {
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
 
-    use super::launcher;
+    use mcstore_test_support::launcher;
 
     fn send(c: &mut TcpStream, header: &[u8]) -> Vec<u8> {
         c.write_all(&super::conn_stream_request(header).unwrap())

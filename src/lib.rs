@@ -24,10 +24,9 @@
 //! | `postgres` | `storage::PgStorage` | `tokio-postgres`, `tokio` (a small runtime per connection) |
 //! | `metrics` | counters and histograms through the `metrics` facade | `metrics` |
 //! | `tracing` | a span per call, events for connects, ejections, replays | `tracing` |
-//! | `cli` (default) | the `mcstore` binary | `clap`, `indicatif`, `hdrhistogram`, `tokio`, `tls`, `postgres` |
 //!
-//! A library user who wants pure code takes `default-features = false` and adds what it
-//! needs.
+//! No feature is on by default: the library alone is pure code (no runtime, no C compiler, no
+//! database). The `mcstore` command-line tool is its own crate, `mcstore-cli` (`cli/`).
 //!
 //! # Layout
 //!
@@ -55,6 +54,7 @@
 //! assert_eq!(item.value, b"hello");
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -76,7 +76,7 @@ mod addr;
 pub mod client;
 mod conn;
 mod error;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod observe;
@@ -95,6 +95,7 @@ pub use client::{
     ServerCounters, ServerStats, SetOptions, SharedClient, SharedClientBuilder,
 };
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use conn::tls::{TlsConfig, TlsConfigBuilder, TlsFailure};
 pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};

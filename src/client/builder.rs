@@ -190,6 +190,7 @@ impl ClientBuilder {
     /// part of connecting and bounded by the connect timeout. SASL, when set, runs inside the
     /// TLS session.
     #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
         self.tls = Some(tls);
         self

@@ -848,7 +848,7 @@ impl<K: AsRef<[u8]>, V> Keys for ItemKeys<'_, K, V> {
 
 /// A batch on one server, planned without a client, for the stream fuzz body: it encodes
 /// the batch and reads replies with the client's own [`BatchReader`] and item matching.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod for_fuzzing {
     use super::*;
 

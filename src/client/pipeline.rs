@@ -388,7 +388,7 @@ impl Counts<'_> {
 }
 
 /// The pipeline's reply reading, for the stream fuzz body.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod for_fuzzing {
     use super::*;
 

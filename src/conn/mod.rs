@@ -11,7 +11,7 @@ mod exchange;
 pub(crate) mod tls;
 
 /// The connection's request/reply machine and read buffer, for the `conn_stream` fuzz body.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod exchange_for_fuzzing {
     pub(crate) use super::buf::ReadBuf;
     pub(crate) use super::exchange::{Exchange, Failure};

@@ -101,7 +101,7 @@ pub(crate) fn encode_base64(out: &mut Vec<u8>, raw: &[u8]) {
     }
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 fn b64_value(c: u8) -> Option<u32> {
     Some(match c {
         b'A'..=b'Z' => c - b'A',
@@ -113,7 +113,7 @@ fn b64_value(c: u8) -> Option<u32> {
     } as u32)
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 /// Decodes a padded base64 token (as the server returns keys with `k` + `b`), appending the
 /// bytes to `out`. `None` (and `out` unchanged) if the token is not valid padded base64.
 pub(crate) fn decode_base64(out: &mut Vec<u8>, token: &[u8]) -> Option<()> {
@@ -717,7 +717,7 @@ pub(crate) fn parse_done(buf: &[u8]) -> Option<(usize, NumericFlags)> {
     numeric_flags(buf, 2)
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 impl<'a> Meta<'a> {
     /// This reply as a [`Hit`] if it is a `VA` (flags other than `c`, `f`, `O` ignored; an
     /// opaque that is not a decimal u32 reads as none).
@@ -731,7 +731,7 @@ impl<'a> Meta<'a> {
     }
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 /// A general reply's flags as the fast paths read them, or `None` if it has any other flag
 /// (or an opaque that is not a u32), where the fast paths must not answer.
 fn numeric_only(f: &ReturnFlags<'_>) -> Option<NumericFlags> {
@@ -751,7 +751,7 @@ fn numeric_only(f: &ReturnFlags<'_>) -> Option<NumericFlags> {
     })
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 /// `parse_reply`'s result in [`parse_done`]'s terms: what the two are checked against each
 /// other with (tests, fuzzing).
 pub(crate) fn as_plain_done(
@@ -765,7 +765,7 @@ pub(crate) fn as_plain_done(
     }
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 /// `parse_reply`'s result in [`parse_hit`]'s terms, or `None` where `parse_hit` must not
 /// answer (not a `VA`, other flags, an opaque that is not a u32): what the two are checked
 /// against each other with (tests, fuzzing).

@@ -114,6 +114,7 @@ pub use memcache::{
 pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use pg::{PgStorage, PgStorageBuilder};
 
 mod error;

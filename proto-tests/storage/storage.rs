@@ -2,7 +2,7 @@
 //! MemcacheStorage over FsStorage, and MemcacheOnlyStorage (real memcached). Plus the
 //! concurrency, fault, traversal and crash tests.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

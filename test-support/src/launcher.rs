@@ -1,6 +1,5 @@
 //! Starting a local memcached on a free loopback port, killed on drop: the one launcher shared
-//! by the CLI demo (`src/bin/mcstore`), `examples/basic.rs` and the test support, which include
-//! this file by path (it is not part of the library).
+//! by the CLI demo (`cli/`), the tests and the benchmarks, through this crate.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};

@@ -25,7 +25,7 @@
 //! skipped); `CHAOS_TRACE=1` prints every fault and every put that returned (stale reads
 //! are always printed).
 
-mod support;
+use mcstore_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

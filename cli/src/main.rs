@@ -13,21 +13,12 @@ mod bench;
 mod capable;
 #[cfg(feature = "metrics")]
 mod collect;
-// The memcached launcher shared with the tests and examples.
-#[allow(dead_code)]
-#[path = "../../../proto-tests/support/launcher.rs"]
-mod launcher;
 mod mapping;
 mod slap;
-// The throwaway PostgreSQL cluster shared with the tests (`demo --master postgres`).
-#[allow(dead_code)]
-#[path = "../../../proto-tests/support/postgres.rs"]
-mod pgcluster;
-
-/// A free loopback port (for the PostgreSQL launcher).
-fn free_port() -> u16 {
-    launcher::free_port().expect("a free loopback port")
-}
+// The memcached launcher and the throwaway PostgreSQL cluster (`demo --master postgres`),
+// shared with the tests and benchmarks.
+use mcstore_test_support::launcher;
+use mcstore_test_support::postgres as pgcluster;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;

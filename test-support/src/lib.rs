@@ -1,5 +1,9 @@
-//! Test support: real memcached processes on free loopback ports, and a hostile fake server.
-#![allow(dead_code)] // each test binary uses a different part of this module
+//! Test support for mcstore's tests, benchmarks and demo: real memcached processes on free
+//! loopback ports (stopped on drop), a throwaway PostgreSQL cluster, a latency proxy, a hostile
+//! fake server, and (feature `tls`) certificates made at test time.
+//!
+//! Not published: a dev-dependency of `mcstore` and a dependency of `mcstore-cli` (its `demo`
+//! starts memcached and PostgreSQL with [`launcher`] and [`postgres`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,18 +17,13 @@ use std::time::{Duration, Instant};
 use mcstore::{Client, ClientBuilder};
 
 #[cfg(feature = "tls")]
-#[path = "tls.rs"]
 pub mod tls;
 
-#[cfg(feature = "postgres")]
-#[path = "postgres.rs"]
 pub mod postgres;
 
-#[path = "proxy.rs"]
 pub mod proxy;
 
-#[path = "launcher.rs"]
-mod launcher;
+pub mod launcher;
 use launcher::{memcached_command, READY_WITHIN};
 
 /// Checks once that memcached can be run, with a clear message if not.

@@ -1,6 +1,6 @@
 //! The `mcstore` binary against a real memcached.
 
-mod support;
+use mcstore_test_support as support;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
