@@ -598,16 +598,10 @@ impl Client {
             .map(|i| {
                 let mut c = self.core.health.counters(i);
                 c.reconnects = self.core.driver.connects(i).saturating_sub(1);
+                c.tls_resumptions = self.core.driver.resumed(i);
                 (self.core.labels[i].clone(), c)
             })
             .collect()
-    }
-
-    /// Whether the open TLS session to server `i` (in configuration order) resumed an
-    /// earlier session instead of a full handshake; `None` without TLS or a connection.
-    #[cfg(feature = "tls")]
-    pub fn tls_resumed(&self, i: usize) -> Option<bool> {
-        self.core.driver.tls_resumed(i)
     }
 
     /// The server `key` goes to right now (after ejections), as configured; the namespace

@@ -135,7 +135,7 @@ pub enum Error {
         /// The server as configured.
         server: String,
         /// What went wrong, to match on.
-        failure: crate::conn::tls::TlsFailure,
+        failure: TlsFailure,
         /// What went wrong and what to do about it.
         message: String,
     },
@@ -244,4 +244,24 @@ impl Error {
 /// A duration as people read it in a message: whole milliseconds (`1001 ms`).
 fn millis(d: &Duration) -> String {
     format!("{} ms", d.as_millis())
+}
+
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+/// What went wrong in a TLS session, to act on without parsing the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server's certificate does not chain to a trusted root.
+    UntrustedCertificate,
+    /// The server's certificate is not valid for the name verified.
+    WrongName,
+    /// The server's certificate has expired (or is not valid yet).
+    Expired,
+    /// The server did not answer with TLS (a plain-text memcached?).
+    NotTls,
+    /// The server requires a client certificate and none (or one it does not trust) was given.
+    ClientCertRequired,
+    /// Any other TLS failure (the message says which).
+    Other,
 }

@@ -96,7 +96,9 @@ pub use client::{
 };
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-pub use conn::tls::{TlsConfig, TlsConfigBuilder, TlsFailure};
+pub use conn::tls::{TlsConfig, TlsConfigBuilder};
+#[cfg(feature = "tls")]
+pub use error::TlsFailure;
 pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};

@@ -284,7 +284,7 @@ pub(crate) struct CallOp {
     /// The server of a single-server call; `None` for a multi-key call.
     pub(crate) server: Option<usize>,
     pub(crate) servers: usize,
-    pub(crate) protocol: crate::client::Protocol,
+    pub(crate) protocol: crate::proto::Protocol,
     pub(crate) keys: usize,
     /// Value bytes sent (stores).
     pub(crate) value_bytes: usize,

@@ -435,6 +435,17 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
             " (give --user and --password: SASL with --protocol binary, ASCII authentication \
              with text and meta)"
         }
+        Some(mcstore::Error::Tls { failure, .. }) => match failure {
+            mcstore::TlsFailure::UntrustedCertificate => " (--tls-ca names the CA to trust)",
+            mcstore::TlsFailure::WrongName => " (--tls-server-name sets the name to verify)",
+            mcstore::TlsFailure::ClientCertRequired => {
+                " (--tls-cert and --tls-key give a client certificate)"
+            }
+            _ => "",
+        },
+        Some(mcstore::Error::Config(m)) if m.contains("no trusted root certificates") => {
+            " (--tls-ca names the CA to trust)"
+        }
         _ => "",
     }
 }

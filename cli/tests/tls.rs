@@ -87,5 +87,14 @@ fn cli_over_tls_and_its_errors() {
             "{name}: {err}"
         );
         assert!(took < Duration::from_secs(5), "{name}: {took:?}");
+        // The library names its own API; the CLI adds the flag that fixes it.
+        let flag = match name {
+            "untrusted certificate" => Some("--tls-ca"),
+            "wrong name" => Some("--tls-server-name"),
+            _ => None,
+        };
+        if let Some(flag) = flag {
+            assert!(err.contains(flag), "{name}: no {flag} hint: {err}");
+        }
     }
 }

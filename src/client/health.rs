@@ -38,6 +38,9 @@ pub struct ServerCounters {
     ///
     /// [`Pipeline::send`]: crate::Pipeline::send
     pub late_replies: u64,
+    /// TLS connections whose handshake resumed an earlier session (a ticket) instead of a
+    /// full handshake; 0 without TLS.
+    pub tls_resumptions: u64,
 }
 
 /// What to do about failing servers.

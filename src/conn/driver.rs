@@ -235,6 +235,8 @@ struct Conn {
     closed: bool,
     /// Connections opened so far.
     connects: u64,
+    /// Of those, TLS sessions that resumed an earlier one.
+    resumed: u64,
     /// No reply has come on this connection yet (for a clearer error when a TLS-only server
     /// drops a plain-text connection).
     fresh: bool,
@@ -350,6 +352,7 @@ impl Driver {
                 writable: false,
                 closed: false,
                 connects: 0,
+                resumed: 0,
                 fresh: true,
                 #[cfg(feature = "metrics")]
                 bytes: (0, 0),
@@ -1047,6 +1050,7 @@ impl Driver {
             let tls = stream.tls.as_mut().expect("just set");
             match tls.handshake(&mut stream.io) {
                 Ok(Handshake::Done) => {
+                    conn.resumed += u64::from(tls.resumed());
                     #[cfg(feature = "tracing")]
                     tracing::debug!(server = %conn.label, resumed = tls.resumed(), "TLS session established");
                     return Ok(());
@@ -1059,12 +1063,9 @@ impl Driver {
         }
     }
 
-    /// Whether server `i`'s TLS session resumed an earlier one (`None`: not connected, or no
-    /// TLS).
-    #[cfg(feature = "tls")]
-    pub(crate) fn tls_resumed(&self, i: usize) -> Option<bool> {
-        let tls = self.conns[i].stream.as_ref()?.tls.as_ref()?;
-        Some(tls.resumed())
+    /// How many TLS sessions to server `i` resumed an earlier one.
+    pub(crate) fn resumed(&self, i: usize) -> u64 {
+        self.conns[i].resumed
     }
 
     /// Bytes read from and written to server `i` so far; `(0, 0)` without the `metrics`

@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, ClientConfig, ClientConnection, RootCertStore};
 
 use crate::addr::ServerAddr;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TlsFailure};
 
 /// TLS settings for a client: the certificates it trusts, an optional client certificate
 /// (mutual TLS) and the name to verify. Cheap to clone; the clients built with one share its
@@ -169,7 +169,7 @@ impl TlsConfigBuilder {
                     .unwrap_or_default();
                 return Err(Error::Config(format!(
                     "TLS: no trusted root certificates in the system store{why}; \
-                     give a CA file (TlsConfigBuilder::ca_file, --tls-ca)"
+                     give a CA file (TlsConfigBuilder::ca_file)"
                 )));
             }
         }
@@ -226,24 +226,6 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// What went wrong in a TLS session, to act on without parsing the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TlsFailure {
-    /// The server's certificate does not chain to a trusted root.
-    UntrustedCertificate,
-    /// The server's certificate is not valid for the name verified.
-    WrongName,
-    /// The server's certificate has expired (or is not valid yet).
-    Expired,
-    /// The server did not answer with TLS (a plain-text memcached?).
-    NotTls,
-    /// The server requires a client certificate and none (or one it does not trust) was given.
-    ClientCertRequired,
-    /// Any other TLS failure (the message says which).
-    Other,
-}
-
 /// Classifies a rustls error and says what to do about it.
 pub(crate) fn describe(e: &rustls::Error) -> (TlsFailure, String) {
     use rustls::Error as E;
@@ -253,7 +235,7 @@ pub(crate) fn describe(e: &rustls::Error) -> (TlsFailure, String) {
                 TlsFailure::UntrustedCertificate,
                 format!(
                     "the server's certificate is not trusted ({e}); \
-                     give the CA that signed it (--tls-ca)"
+                     give the CA that signed it (TlsConfigBuilder::ca_file)"
                 ),
             ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
@@ -261,7 +243,7 @@ pub(crate) fn describe(e: &rustls::Error) -> (TlsFailure, String) {
                     TlsFailure::WrongName,
                     format!(
                         "the server's certificate does not match the name verified ({e}); \
-                     connect by a name it lists or set one (--tls-server-name)"
+                     connect by a name it lists or set one (TlsConfigBuilder::server_name)"
                     ),
                 )
             }
@@ -286,7 +268,7 @@ pub(crate) fn describe(e: &rustls::Error) -> (TlsFailure, String) {
             TlsFailure::ClientCertRequired,
             format!(
                 "the server refused the connection ({e}): it requires a client certificate \
-                 it trusts (--tls-cert, --tls-key)"
+                 it trusts (TlsConfigBuilder::client_cert)"
             ),
         ),
         E::InvalidMessage(_) => (
