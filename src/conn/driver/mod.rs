@@ -22,20 +22,22 @@
 //!   out first and one `epoll_wait` reports the replies that are in (a 3-server multi-get:
 //!   7.0 syscalls, where reading each server early made 10.1 and libmemcached makes 7.7).
 
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io::{self, IoSlice};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpStream, UnixStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll};
 
 use super::buf::ReadBuf;
 use super::exchange::{reusable, Exchange, Failure};
 #[cfg(feature = "tls")]
-use super::tls::{self, Handshake, TlsConfig, TlsSession};
+use super::tls::{self, TlsConfig};
 use super::ServerAddr;
-use crate::error::{During, Error, Result};
+use crate::error::{Error, Result};
 use crate::proto::{ParseError, Status};
+
+mod connect;
+mod stream;
+use stream::{Plain, Stream};
 
 /// Values up to this size are copied behind the command line (one contiguous write); larger
 /// ones are written straight from the caller's slice with `write_vectored`.
@@ -63,161 +65,6 @@ pub(crate) struct DriverConfig {
     pub(crate) io_timeout: Duration,
     /// Largest reply unit the read buffer may have to hold.
     pub(crate) max_unit: usize,
-}
-
-/// The socket under a connection.
-enum Plain {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Read for Plain {
-    #[inline(always)]
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Plain::Tcp(s) => s.read(buf),
-            Plain::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Plain {
-    #[inline(always)]
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Plain::Tcp(s) => s.write(buf),
-            Plain::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Plain::Tcp(s) => s.write_vectored(bufs),
-            Plain::Unix(s) => s.write_vectored(bufs),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A connection's byte stream: the socket, and the TLS session over it when TLS is on.
-struct Stream {
-    io: Plain,
-    #[cfg(feature = "tls")]
-    tls: Option<Box<TlsSession>>,
-}
-
-impl Stream {
-    fn new(io: Plain) -> Stream {
-        Stream {
-            io,
-            #[cfg(feature = "tls")]
-            tls: None,
-        }
-    }
-
-    fn source(&mut self) -> &mut dyn mio::event::Source {
-        match &mut self.io {
-            Plain::Tcp(s) => s,
-            Plain::Unix(s) => s,
-        }
-    }
-
-    /// Whether readiness is exact: a short read means the socket is drained. Not under TLS,
-    /// where rustls may hold decrypted bytes, or have read only part of what is queued.
-    #[inline(always)]
-    fn exact_readiness(&self) -> bool {
-        #[cfg(feature = "tls")]
-        return self.tls.is_none();
-        #[cfg(not(feature = "tls"))]
-        true
-    }
-
-    /// Encrypted bytes wait in the TLS session for room in the socket.
-    #[inline(always)]
-    fn has_backlog(&self) -> bool {
-        #[cfg(feature = "tls")]
-        return self.tls.as_ref().is_some_and(|t| t.has_backlog());
-        #[cfg(not(feature = "tls"))]
-        false
-    }
-
-    #[inline(always)]
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &mut self.tls {
-            return tls.read(&mut self.io, buf);
-        }
-        self.io.read(buf)
-    }
-
-    #[inline(always)]
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &mut self.tls {
-            return tls.write_vectored(&mut self.io, &[IoSlice::new(buf)]);
-        }
-        self.io.write(buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &mut self.tls {
-            return tls.write_vectored(&mut self.io, bufs);
-        }
-        self.io.write_vectored(bufs)
-    }
-
-    /// A borrowed view of the socket, for the options mio does not expose.
-    fn sock(&self) -> socket2::SockRef<'_> {
-        match &self.io {
-            Plain::Tcp(s) => socket2::SockRef::from(s),
-            Plain::Unix(s) => socket2::SockRef::from(s),
-        }
-    }
-
-    /// Switches between blocking mode (with `timeout` on reads and writes) and non-blocking.
-    fn set_blocking(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let sock = self.sock();
-        sock.set_nonblocking(timeout.is_none())?;
-        if timeout.is_some() {
-            sock.set_read_timeout(timeout)?;
-            sock.set_write_timeout(timeout)?;
-        }
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &mut self.tls {
-            tls.blocking = timeout.is_some();
-        }
-        Ok(())
-    }
-
-    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
-        self.sock().set_read_timeout(Some(timeout))
-    }
-
-    fn take_error(&self) -> io::Result<Option<io::Error>> {
-        match &self.io {
-            Plain::Tcp(s) => s.take_error(),
-            Plain::Unix(s) => s.take_error(),
-        }
-    }
-
-    /// `Ok(true)` once a non-blocking connect has completed.
-    fn is_connected(&self) -> io::Result<bool> {
-        let r = match &self.io {
-            Plain::Tcp(s) => s.peer_addr().map(drop),
-            Plain::Unix(s) => s.peer_addr().map(drop),
-        };
-        match r {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            // mio documents that `peer_addr` may report this while a connect is in flight.
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 /// One server's connection state.
@@ -931,135 +778,6 @@ impl Driver {
         Error::Io {
             server,
             source: source.into(),
-        }
-    }
-
-    /// Opens a non-blocking connection to server `i`, bounded by the connect timeout.
-    fn connect(&mut self, i: usize) -> Result<()> {
-        let op = Op::new(self.cfg.connect_timeout);
-        match self.conns[i].addr.clone() {
-            ServerAddr::Unix(path) => {
-                let stream = UnixStream::connect(&path).map_err(|e| self.io_error(i, e))?;
-                self.finish_connect(i, Stream::new(Plain::Unix(stream)), &op)
-            }
-            ServerAddr::Tcp { host, port } => {
-                let addrs: Vec<SocketAddr> = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map_err(|e| self.io_error(i, e))?
-                    .collect();
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
-                let mut last_error = None;
-                for sa in addrs {
-                    match TcpStream::connect(sa) {
-                        // The next address is tried only after an I/O error.
-                        Ok(s) => match self.finish_connect(i, Stream::new(Plain::Tcp(s)), &op) {
-                            Err(e @ Error::Io { .. }) => last_error = Some(e),
-                            r => return r,
-                        },
-                        Err(e) => last = e,
-                    }
-                }
-                Err(match last_error {
-                    Some(e) => e,
-                    None => self.io_error(i, last),
-                })
-            }
-        }
-    }
-
-    fn finish_connect(&mut self, i: usize, mut stream: Stream, op: &Op) -> Result<()> {
-        self.poll
-            .registry()
-            .register(
-                stream.source(),
-                Token(i),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .map_err(|e| self.io_error(i, e))?;
-        let conn = &mut self.conns[i];
-        conn.stream = Some(stream);
-        conn.readable = false;
-        conn.writable = false;
-        conn.closed = false;
-        loop {
-            let conn = &mut self.conns[i];
-            if conn.writable {
-                let stream = conn.stream.as_ref().expect("just set");
-                if let Some(e) = stream.take_error().ok().flatten() {
-                    return Err(self.io_error(i, e));
-                }
-                match stream.is_connected() {
-                    Ok(true) => break,
-                    Ok(false) => conn.writable = false,
-                    Err(e) => return Err(self.io_error(i, e)),
-                }
-            }
-            self.wait_connecting(i, op)?;
-        }
-        if let Some(Stream {
-            io: Plain::Tcp(s), ..
-        }) = &self.conns[i].stream
-        {
-            // Requests are small and latency-bound: never let Nagle hold one back.
-            if let Err(e) = s.set_nodelay(true) {
-                return Err(self.io_error(i, e));
-            }
-        }
-        #[cfg(feature = "tls")]
-        self.handshake(i, op)?;
-        let conn = &mut self.conns[i];
-        conn.rbuf.clear();
-        conn.connects += 1;
-        conn.fresh = true;
-        conn.busy = false;
-        conn.owes_sync = false;
-        conn.unread_syncs = 0;
-        Ok(())
-    }
-
-    /// Waits for readiness while server `i` connects (or handshakes); a timeout past the
-    /// connect deadline closes the connection.
-    fn wait_connecting(&mut self, i: usize, op: &Op) -> Result<()> {
-        match self.poll_until(op.deadline) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                self.disconnect(i);
-                Err(Error::Timeout {
-                    server: self.conns[i].label.clone(),
-                    during: During::Connect,
-                    elapsed: op.start.elapsed(),
-                })
-            }
-            Err(e) => Err(self.io_error(i, e)),
-        }
-    }
-
-    /// The TLS handshake, when TLS is on: part of connecting, bounded by its deadline.
-    #[cfg(feature = "tls")]
-    fn handshake(&mut self, i: usize, op: &Op) -> Result<()> {
-        let Some((cfg, names)) = &self.tls else {
-            return Ok(());
-        };
-        let session = TlsSession::new(cfg, names[i].clone()).map_err(|e| self.io_error(i, e))?;
-        let conn = &mut self.conns[i];
-        let stream = conn.stream.as_mut().expect("just connected");
-        stream.tls = Some(Box::new(session));
-        loop {
-            let conn = &mut self.conns[i];
-            let stream = conn.stream.as_mut().expect("just connected");
-            let tls = stream.tls.as_mut().expect("just set");
-            match tls.handshake(&mut stream.io) {
-                Ok(Handshake::Done) => {
-                    conn.resumed += u64::from(tls.resumed());
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!(server = %conn.label, resumed = tls.resumed(), "TLS session established");
-                    return Ok(());
-                }
-                Ok(Handshake::WantRead) => conn.readable = false,
-                Ok(Handshake::WantWrite) => conn.writable = false,
-                Err(e) => return Err(self.io_error(i, e)),
-            }
-            self.wait_connecting(i, op)?;
         }
     }
 

@@ -1,0 +1,145 @@
+//! Opening a connection: a non-blocking connect bounded by the connect timeout, then the TLS
+//! handshake when configured.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use mio::net::{TcpStream, UnixStream};
+use mio::{Interest, Token};
+
+#[cfg(feature = "tls")]
+use super::super::tls::{Handshake, TlsSession};
+use super::super::ServerAddr;
+use super::{Driver, Op, Plain, Stream};
+use crate::error::{During, Error, Result};
+
+impl Driver {
+    /// Opens a non-blocking connection to server `i`, bounded by the connect timeout.
+    pub(super) fn connect(&mut self, i: usize) -> Result<()> {
+        let op = Op::new(self.cfg.connect_timeout);
+        match self.conns[i].addr.clone() {
+            ServerAddr::Unix(path) => {
+                let stream = UnixStream::connect(&path).map_err(|e| self.io_error(i, e))?;
+                self.finish_connect(i, Stream::new(Plain::Unix(stream)), &op)
+            }
+            ServerAddr::Tcp { host, port } => {
+                let addrs: Vec<SocketAddr> = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| self.io_error(i, e))?
+                    .collect();
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+                let mut last_error = None;
+                for sa in addrs {
+                    match TcpStream::connect(sa) {
+                        // The next address is tried only after an I/O error.
+                        Ok(s) => match self.finish_connect(i, Stream::new(Plain::Tcp(s)), &op) {
+                            Err(e @ Error::Io { .. }) => last_error = Some(e),
+                            r => return r,
+                        },
+                        Err(e) => last = e,
+                    }
+                }
+                Err(match last_error {
+                    Some(e) => e,
+                    None => self.io_error(i, last),
+                })
+            }
+        }
+    }
+
+    fn finish_connect(&mut self, i: usize, mut stream: Stream, op: &Op) -> Result<()> {
+        self.poll
+            .registry()
+            .register(
+                stream.source(),
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(|e| self.io_error(i, e))?;
+        let conn = &mut self.conns[i];
+        conn.stream = Some(stream);
+        conn.readable = false;
+        conn.writable = false;
+        conn.closed = false;
+        loop {
+            let conn = &mut self.conns[i];
+            if conn.writable {
+                let stream = conn.stream.as_ref().expect("just set");
+                if let Some(e) = stream.take_error().ok().flatten() {
+                    return Err(self.io_error(i, e));
+                }
+                match stream.is_connected() {
+                    Ok(true) => break,
+                    Ok(false) => conn.writable = false,
+                    Err(e) => return Err(self.io_error(i, e)),
+                }
+            }
+            self.wait_connecting(i, op)?;
+        }
+        if let Some(Stream {
+            io: Plain::Tcp(s), ..
+        }) = &self.conns[i].stream
+        {
+            // Requests are small and latency-bound: never let Nagle hold one back.
+            if let Err(e) = s.set_nodelay(true) {
+                return Err(self.io_error(i, e));
+            }
+        }
+        #[cfg(feature = "tls")]
+        self.handshake(i, op)?;
+        let conn = &mut self.conns[i];
+        conn.rbuf.clear();
+        conn.connects += 1;
+        conn.fresh = true;
+        conn.busy = false;
+        conn.owes_sync = false;
+        conn.unread_syncs = 0;
+        Ok(())
+    }
+
+    /// Waits for readiness while server `i` connects (or handshakes); a timeout past the
+    /// connect deadline closes the connection.
+    fn wait_connecting(&mut self, i: usize, op: &Op) -> Result<()> {
+        match self.poll_until(op.deadline) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.disconnect(i);
+                Err(Error::Timeout {
+                    server: self.conns[i].label.clone(),
+                    during: During::Connect,
+                    elapsed: op.start.elapsed(),
+                })
+            }
+            Err(e) => Err(self.io_error(i, e)),
+        }
+    }
+
+    /// The TLS handshake, when TLS is on: part of connecting, bounded by its deadline.
+    #[cfg(feature = "tls")]
+    fn handshake(&mut self, i: usize, op: &Op) -> Result<()> {
+        let Some((cfg, names)) = &self.tls else {
+            return Ok(());
+        };
+        let session = TlsSession::new(cfg, names[i].clone()).map_err(|e| self.io_error(i, e))?;
+        let conn = &mut self.conns[i];
+        let stream = conn.stream.as_mut().expect("just connected");
+        stream.tls = Some(Box::new(session));
+        loop {
+            let conn = &mut self.conns[i];
+            let stream = conn.stream.as_mut().expect("just connected");
+            let tls = stream.tls.as_mut().expect("just set");
+            match tls.handshake(&mut stream.io) {
+                Ok(Handshake::Done) => {
+                    conn.resumed += u64::from(tls.resumed());
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(server = %conn.label, resumed = tls.resumed(), "TLS session established");
+                    return Ok(());
+                }
+                Ok(Handshake::WantRead) => conn.readable = false,
+                Ok(Handshake::WantWrite) => conn.writable = false,
+                Err(e) => return Err(self.io_error(i, e)),
+            }
+            self.wait_connecting(i, op)?;
+        }
+    }
+}
