@@ -5,10 +5,10 @@ use crate::client::{Client, Pool, PooledClient, SharedClient};
 
 use super::Shared;
 
-/// The memcached clients a [`MemcacheStorage`](super::MemcacheStorage) calls through: a [`Pool`] (each call checks a
-/// client out), or a [`SharedClient`] (warm reads of concurrent callers share multi-gets;
-/// a miss's fill protocol borrows the key's server connection for its few calls). Built
-/// with `.into()` from either, or from a single [`Client`].
+/// The memcached clients a [`MemcacheStorage`](super::MemcacheStorage) calls through: a
+/// [`Pool`] (each call checks a client out), or a [`SharedClient`] (warm reads of concurrent
+/// callers share multi-gets; a miss's fill protocol borrows the key's server connection for
+/// its few calls). Built with `.into()` from either, or from a single [`Client`].
 #[derive(Debug, Clone)]
 pub enum CacheClients {
     /// Clients checked out per call.

@@ -27,9 +27,10 @@
 //!   master's [`InvalidationLog`] when it keeps one, where every process sharing the master
 //!   sees it and any of them replays it) and the key is not read from the cache until a
 //!   replayed delete succeeds. Replays run on each storage's own thread (`mcstore-replay`:
-//!   every 100 ms, pipelined batches of at most 1,000 keys), never on a caller's path; past the bound, the failed server is bypassed until a
-//!   flush of the server that failed succeeds (only that server is flushed). So a server
-//!   that was frozen during a write cannot serve the old content afterwards.
+//!   every 100 ms, pipelined batches of at most 1,000 keys), never on a caller's path; past
+//!   the bound, the failed server is bypassed until a flush of the server that failed
+//!   succeeds (only that server is flushed). So a server that was frozen during a write
+//!   cannot serve the old content afterwards.
 //! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
 //!   ejected (its keys moved) makes that server distrusted until a flush of it succeeds, so it
 //!   never serves an old entry when it rejoins.
@@ -335,8 +336,9 @@ impl Storage for MemcacheStorage {
         if let Some(r) = resource {
             validate_name(r)?;
         }
-        self.shared.settings.master.info(collection, resource)?; // its own rules (encoded length)
-                                                                 // A name the key generator makes no valid cache key of is still served (by the master).
+        // The master's own rules too (encoded length).
+        self.shared.settings.master.info(collection, resource)?;
+        // A name the key generator makes no valid cache key of is still served (by the master).
         Ok(ResourceInfo {
             collection: collection.to_string(),
             resource: resource.map(str::to_string),
