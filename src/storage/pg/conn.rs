@@ -162,14 +162,19 @@ fn block<T: Send>(
         .map_err(PgFail::Pg)
 }
 
-/// A connection: a `tokio_postgres` client on a single-threaded runtime of its own (which
-/// also drives the connection's I/O while a call runs), its prepared statements (each SQL
-/// text is parsed once per connection, so a statement costs one round trip), and a deadline
-/// on every exchange. A connection whose call timed out or whose session ended is marked
-/// broken and never reused.
+/// A connection: a `tokio_postgres` client, its prepared statements (each SQL text is parsed
+/// once per connection, so a statement costs one round trip), and what runs its exchanges. A
+/// connection whose call timed out or whose session ended is marked broken and never reused.
 pub(super) struct PgConn {
     client: Client,
     stmts: HashMap<String, Statement>,
+    exchanges: Exchanges,
+}
+
+/// What runs a connection's exchanges: a single-threaded runtime of its own (which also
+/// drives the connection's I/O while a call runs), a deadline on every exchange, and a
+/// record of how they ended.
+struct Exchanges {
     limits: Limits,
     health: Arc<Health>,
     broken: bool,
@@ -177,15 +182,56 @@ pub(super) struct PgConn {
     rt: Option<tokio::runtime::Runtime>,
 }
 
+impl Exchanges {
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("until drop")
+    }
+
+    /// Runs one exchange within the call timeout, and notes how it ended: a failure that
+    /// leaves the connection unusable marks it broken, and a timeout marks the master
+    /// unreachable for a while.
+    fn run<T: Send>(
+        &mut self,
+        fut: impl Future<Output = std::result::Result<T, tokio_postgres::Error>> + Send,
+    ) -> std::result::Result<T, PgFail> {
+        let r = block(self.rt(), self.limits.call, fut);
+        if let Err(e) = &r {
+            if matches!(e, PgFail::TimedOut(_)) {
+                self.health.note_timeout();
+            }
+            self.broken |= e.breaks();
+        }
+        r
+    }
+}
+
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Drop for PgConn {
     fn drop(&mut self) {
         // Without waiting, and allowed anywhere, even inside another runtime.
-        if let Some(rt) = self.rt.take() {
+        if let Some(rt) = self.exchanges.rt.take() {
             rt.shutdown_background();
         }
     }
+}
+
+/// `PgConn` methods running one prepared statement each, as the client call of the same name
+/// does: one body, stamped per call. A helper taking the call as a closure cannot say, short
+/// of boxing it, that the future the closure returns borrows the client and the statement
+/// and is `Send`.
+macro_rules! statements {
+    ($($(#[$doc:meta])* $call:ident -> $t:ty;)*) => {$(
+        $(#[$doc])*
+        pub(super) fn $call(
+            &mut self,
+            sql: &str,
+            p: Params<'_>,
+        ) -> std::result::Result<$t, PgFail> {
+            let st = self.stmt(sql)?;
+            self.exchanges.run(self.client.$call(&st, p))
+        }
+    )*};
 }
 
 impl PgConn {
@@ -221,88 +267,50 @@ impl PgConn {
         Ok(PgConn {
             client,
             stmts: HashMap::new(),
-            limits,
-            health: health.clone(),
-            broken: false,
-            rt: Some(rt),
+            exchanges: Exchanges {
+                limits,
+                health: health.clone(),
+                broken: false,
+                rt: Some(rt),
+            },
         })
     }
 
     /// The connection's runtime, for waiting on its notifications.
     pub(super) fn rt(&self) -> &tokio::runtime::Runtime {
-        self.rt.as_ref().expect("until drop")
-    }
-
-    /// Notes how an exchange ended: a failure that leaves the connection unusable marks it
-    /// broken, and a timeout marks the master unreachable for a while.
-    fn note<T>(&mut self, r: std::result::Result<T, PgFail>) -> std::result::Result<T, PgFail> {
-        if let Err(e) = &r {
-            if matches!(e, PgFail::TimedOut(_)) {
-                self.health.note_timeout();
-            }
-            self.broken |= e.breaks();
-        }
-        r
+        self.exchanges.rt()
     }
 
     fn stmt(&mut self, sql: &str) -> std::result::Result<Statement, PgFail> {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
-        let r = block(self.rt(), self.limits.call, self.client.prepare(sql));
-        let st = self.note(r)?;
+        let st = self.exchanges.run(self.client.prepare(sql))?;
         self.stmts.insert(sql.to_string(), st.clone());
         Ok(st)
     }
 
-    pub(super) fn execute(&mut self, sql: &str, p: Params<'_>) -> std::result::Result<u64, PgFail> {
-        let st = self.stmt(sql)?;
-        let r = block(self.rt(), self.limits.call, self.client.execute(&st, p));
-        self.note(r)
-    }
-
-    pub(super) fn query(
-        &mut self,
-        sql: &str,
-        p: Params<'_>,
-    ) -> std::result::Result<Vec<Row>, PgFail> {
-        let st = self.stmt(sql)?;
-        let r = block(self.rt(), self.limits.call, self.client.query(&st, p));
-        self.note(r)
-    }
-
-    pub(super) fn query_one(
-        &mut self,
-        sql: &str,
-        p: Params<'_>,
-    ) -> std::result::Result<Row, PgFail> {
-        let st = self.stmt(sql)?;
-        let r = block(self.rt(), self.limits.call, self.client.query_one(&st, p));
-        self.note(r)
-    }
-
-    pub(super) fn query_opt(
-        &mut self,
-        sql: &str,
-        p: Params<'_>,
-    ) -> std::result::Result<Option<Row>, PgFail> {
-        let st = self.stmt(sql)?;
-        let r = block(self.rt(), self.limits.call, self.client.query_opt(&st, p));
-        self.note(r)
+    statements! {
+        /// Runs a statement; the number of rows it changed.
+        execute -> u64;
+        /// Runs a query; its rows.
+        query -> Vec<Row>;
+        /// Runs a query that returns exactly one row.
+        query_one -> Row;
+        /// Runs a query that returns at most one row.
+        query_opt -> Option<Row>;
     }
 
     pub(super) fn batch_execute(&mut self, sql: &str) -> std::result::Result<(), PgFail> {
-        let r = block(self.rt(), self.limits.call, self.client.batch_execute(sql));
-        self.note(r)
+        self.exchanges.run(self.client.batch_execute(sql))
     }
 
     /// Creates or checks the schema, under a transaction-scoped advisory lock so that
     /// processes opening the same database at once do not race.
     pub(super) fn migrate(&mut self) -> Result<()> {
-        let rt = self.rt.as_ref().expect("until drop");
-        let r = block(rt, self.limits.call, migrate(&mut self.client));
         let found = self
-            .note(r)
+            .exchanges
+            .run(migrate(&mut self.client))
             .map_err(|e| pg_error("creating the schema", e))?;
         match found {
             Some(v) if v > SCHEMA_VERSION => Err(Error::io(
@@ -318,6 +326,6 @@ impl PgConn {
 
     /// Whether the connection cannot be used again (broken, or its session ended).
     pub(super) fn is_closed(&self) -> bool {
-        self.broken || self.client.is_closed()
+        self.exchanges.broken || self.client.is_closed()
     }
 }
