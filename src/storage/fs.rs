@@ -574,12 +574,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A storage in a temporary folder named for the test (`tag`) and this process; the test
+    /// removes the folder when done.
+    fn temp_storage(tag: &str) -> (std::path::PathBuf, FsStorage) {
+        let dir = std::env::temp_dir().join(format!("mcstore-{tag}-{}", std::process::id()));
+        let s = FsStorage::open(&dir).unwrap();
+        (dir, s)
+    }
+
     /// An intent of a live process (this one) is distrusted but not replayed: its write is in
     /// flight.
     #[test]
     fn invalidation_log_does_not_replay_a_live_intent() {
-        let dir = std::env::temp_dir().join(format!("mcstore-intent-{}", std::process::id()));
-        let s = FsStorage::open(&dir).unwrap();
+        let (dir, s) = temp_storage("intent");
         let log: &dyn InvalidationLog = &s;
         let intent = log.intend("k").unwrap();
         assert!(log.contains("k").unwrap());
@@ -597,8 +604,7 @@ mod tests {
     /// that cannot be read says so instead of "no record".
     #[test]
     fn invalidation_log_fails_closed() {
-        let dir = std::env::temp_dir().join(format!("mcstore-closed-{}", std::process::id()));
-        let s = FsStorage::open(&dir).unwrap();
+        let (dir, s) = temp_storage("closed");
         let log: &dyn InvalidationLog = &s;
         // A file where the log's folder goes: no record can be written or read, even as root
         // (permission bits do not stop root).
@@ -617,8 +623,7 @@ mod tests {
     /// a live process stays.
     #[test]
     fn invalidation_log_drops_empty_records_of_dead_writers() {
-        let dir = std::env::temp_dir().join(format!("mcstore-empty-{}", std::process::id()));
-        let s = FsStorage::open(&dir).unwrap();
+        let (dir, s) = temp_storage("empty");
         let log: &dyn InvalidationLog = &s;
         // No process has this pid (Linux pids stay below 2^22).
         let dead = 999_999_999u32;
@@ -652,8 +657,7 @@ mod tests {
     /// A record added while its key is being replayed stays in the log.
     #[test]
     fn invalidation_log_keeps_a_record_added_during_a_replay() {
-        let dir = std::env::temp_dir().join(format!("mcstore-log-{}", std::process::id()));
-        let s = FsStorage::open(&dir).unwrap();
+        let (dir, s) = temp_storage("log");
         let log: &dyn InvalidationLog = &s;
         assert!(!log.contains("k").unwrap());
         log.record("k").unwrap();

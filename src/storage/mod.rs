@@ -96,7 +96,6 @@
 
 mod fs;
 mod memcache;
-mod memcache_only;
 mod memory;
 #[cfg(feature = "postgres")]
 mod pg;
@@ -108,10 +107,9 @@ use bytes::Bytes;
 
 pub use fs::FsStorage;
 pub use memcache::{
-    CacheClients, KeyGenerator, MemcacheStorage, MemcacheStorageBuilder, StorageCounters,
-    DEFAULT_TTL,
+    CacheClients, KeyGenerator, MemcacheOnlyStorage, MemcacheStorage, MemcacheStorageBuilder,
+    StorageCounters, DEFAULT_TTL,
 };
-pub use memcache_only::MemcacheOnlyStorage;
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::error::{Result, StorageError};
-use super::memcache::{bump, cache_key, cached_info, fmt_settings, resource_infos, FLAG_VALUE};
-use super::memory::not_found;
-use super::{
-    check_paths, ext_matches, validate_name, Content, KeyGenerator, Part, ResourceInfo,
-    ResourceIter, Storage, StorageCounters,
-};
+use super::counters::{bump, fmt_settings, StorageCounters};
+use super::keys::{cache_key, cached_info, resource_infos, KeyGenerator, FLAG_VALUE};
 use crate::client::Key;
 use crate::client::{CasResult, Client, Pool, SetOptions};
+use crate::storage::memory::not_found;
+use crate::storage::{
+    check_paths, ext_matches, validate_name, Content, Part, ResourceInfo, ResourceIter, Result,
+    Storage, StorageError,
+};
 
 /// A storage kept only in memcached (see the module documentation).
 ///

@@ -1,0 +1,384 @@
+//! `MemcacheStorage`: a memcached cluster in front of any other storage.
+//!
+//! # How it stays correct
+//!
+//! - **Reads**: cache first. On a miss one reader becomes the *filler*: it reads the master
+//!   and stores the value with a CAS taken before its master read. Readers that find a fill
+//!   in progress wait (bounded, [`MemcacheStorageBuilder::fill_wait`]) for the value instead
+//!   of all reading the master; after the wait they read the master without filling.
+//!   - Over the meta protocol this is memcached's own lease (`mg <key> N<ttl>`): the server
+//!     creates a placeholder and answers `W` to exactly one reader and `Z` to the others
+//!     (protocol.txt, "Meta Get"; notes §7). A stale item (`X`) is never served.
+//!   - Over text and binary, the reader puts a short-lived *filling* marker with `add` and
+//!     reads its CAS unique with `gets`.
+//! - **Writes and removes**: the master first, then the cache entry is invalidated, whatever
+//!   the master returned (a write may land and still report an error), and never overwritten
+//!   (two writers racing could leave the older value in the cache). It is deleted on every
+//!   protocol (not marked stale with meta's `md I`, which text and binary readers of a shared
+//!   cache would not see). A filler that read the master before the write fails its CAS and
+//!   cannot put the old value back.
+//! - **Entries are told apart by their client flags**, on every protocol: content is stored
+//!   with `0x4d430000`, a filling marker with `0x4d430001`, a "read the master" marker (content
+//!   too large, or refused by the server) with `0x4d430002`. Any other item under a storage's
+//!   key, such as a meta lease placeholder (flags 0), is treated as absent and not overwritten.
+//!   Clients on different protocols can therefore share one cache.
+//! - **Cache failures**: every call still succeeds from the master; the error is counted. A
+//!   delete that failed is remembered (up to a bound, in this process, and durably in the
+//!   master's [`InvalidationLog`] when it keeps one, where every process sharing the master
+//!   sees it and any of them replays it) and the key is not read from the cache until a
+//!   replayed delete succeeds. Replays run on each storage's own thread (`mcstore-replay`:
+//!   every 100 ms, pipelined batches of at most 1,000 keys), never on a caller's path; past
+//!   the bound, the failed server is bypassed until a flush of the server that failed
+//!   succeeds (only that server is flushed). So a server that was frozen during a write
+//!   cannot serve the old content afterwards.
+//! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
+//!   ejected (its keys moved) makes that server distrusted until a flush of it succeeds, so it
+//!   never serves an old entry when it rejoins.
+//! - Content larger than the cache's item size is marked *too large* in the cache and served
+//!   from the master, without error.
+//! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
+//!
+//! For memcached alone, without a master, see [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
+//!
+//! # Layout
+//!
+//! `fill` reads through the cache (leases, filling markers, CAS-guarded fills); `invalidation`
+//! writes through it (intents, deletes, replays), over `pending`, this process's record of the
+//! deletes that failed; `clients` is what calls go through. `keys` (cache keys, entry flags)
+//! and `counters` are shared with [`MemcacheOnlyStorage`] (`only`), so that both storages read
+//! one cache the same way.
+
+mod clients;
+mod counters;
+mod fill;
+mod invalidation;
+mod keys;
+mod only;
+mod pending;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::error::Result;
+use super::{validate_name, Content, MasterWrite, Part, ResourceInfo, ResourceIter, Storage};
+use counters::{bump, fmt_settings};
+use invalidation::Replayer;
+use keys::{cache_key, resource_infos};
+use pending::Pending;
+
+pub use clients::CacheClients;
+pub use counters::StorageCounters;
+pub use keys::KeyGenerator;
+pub use only::MemcacheOnlyStorage;
+
+/// Default expiration of cached entries: the bound on staleness when every other safeguard
+/// failed (see [`MemcacheStorageBuilder::ttl`]).
+pub const DEFAULT_TTL: u32 = 3600;
+
+/// How long a filling marker (or a meta lease placeholder) lives if its reader dies before
+/// filling (default of [`MemcacheStorageBuilder::filler_ttl`]).
+const FILLING_TTL: u32 = 5;
+
+/// What a [`MemcacheStorage`] is built from.
+struct Settings {
+    cache: CacheClients,
+    master: Arc<dyn Storage>,
+    keys: KeyGenerator,
+    ttl: u32,
+    max_item_size: usize,
+    fill_wait: Duration,
+    filler_ttl: u32,
+}
+
+/// Options for a [`MemcacheStorage`].
+pub struct MemcacheStorageBuilder {
+    settings: Settings,
+}
+
+impl std::fmt::Debug for MemcacheStorageBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_settings(
+            f,
+            "MemcacheStorageBuilder",
+            &self.settings.cache,
+            self.settings.ttl,
+        )
+    }
+}
+
+impl MemcacheStorageBuilder {
+    setters! {
+        /// The key generator (default: [`KeyGenerator::default`]).
+        key_generator(keys: KeyGenerator) => settings.keys;
+
+        /// Expiration of cached entries in seconds (default [`DEFAULT_TTL`], one hour). It
+        /// bounds how long an entry can outlive a write whose invalidation was lost (a cache
+        /// server frozen during the write, a process that died before replaying it). 0 means
+        /// no expiry, and no such bound.
+        ttl(ttl: u32) => settings.ttl;
+
+        /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
+        /// default `-I 1m`); larger content is served from the master.
+        max_item_size(bytes: usize) => settings.max_item_size;
+
+        /// How long a reader waits for another reader's fill before reading the master itself
+        /// (default 200 ms).
+        fill_wait(wait: Duration) => settings.fill_wait;
+
+        /// How long a filling marker or lease lives if its reader dies before filling (default
+        /// 5 s): the longest a key can stay unfillable. Meanwhile only the first reader waits
+        /// ([`fill_wait`](Self::fill_wait)) for it; the others go to the master at once.
+        filler_ttl(secs: u32) => settings.filler_ttl;
+    }
+
+    /// Builds the storage.
+    pub fn build(self) -> MemcacheStorage {
+        let mut shared = Arc::new(Shared {
+            settings: self.settings,
+            counters: Counters::default(),
+            pending: Mutex::new(Pending::default()),
+            stuck: Mutex::new(HashMap::new()),
+            inline_replay: false,
+        });
+        let replayer = Replayer::start(&shared).ok();
+        if replayer.is_none() {
+            Arc::get_mut(&mut shared)
+                .expect("not shared yet")
+                .inline_replay = true;
+        }
+        MemcacheStorage {
+            shared,
+            _replayer: replayer,
+        }
+    }
+}
+
+/// A cache-through proxy storage (see the module documentation for the rules it keeps).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use mcstore::{Client, Pool};
+/// use mcstore::storage::{FsStorage, MemcacheStorage, Storage};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let master = Arc::new(FsStorage::open("./data")?);
+/// let pool = Pool::new(Client::builder().server("127.0.0.1:11211"), 8)?;
+/// let store = MemcacheStorage::new(pool, master);
+/// store.create_container("posts")?;
+/// let info = store.info("posts", Some("hello.txt"))?;
+/// store.put_content(&info, "hello".into())?;
+/// assert_eq!(&store.get_content(&info)?[..], b"hello");   // cache miss, filled
+/// assert_eq!(&store.get_content(&info)?[..], b"hello");   // cache hit
+/// # Ok(()) }
+/// ```
+pub struct MemcacheStorage {
+    shared: Arc<Shared>,
+    /// Replays failed invalidations in the background; stopped on drop.
+    _replayer: Option<Replayer>,
+}
+
+/// The live counts behind [`StorageCounters`], one per field.
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    cache_errors: AtomicU64,
+    master_reads: AtomicU64,
+    fills: AtomicU64,
+    fill_waits: AtomicU64,
+    bypassed: AtomicU64,
+    replayed: AtomicU64,
+    replay_batches: AtomicU64,
+}
+
+/// What the storage's callers and its replay thread share.
+struct Shared {
+    settings: Settings,
+    counters: Counters,
+    pending: Mutex<Pending>,
+    /// Keys whose filler did not fill within `fill_wait`, until its marker expires: readers
+    /// go to the master without waiting again.
+    stuck: Mutex<HashMap<String, Instant>>,
+    /// No replay thread could be started: callers replay (at most every `REPLAY_EVERY`).
+    inline_replay: bool,
+}
+
+impl std::fmt::Debug for MemcacheStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings = &self.shared.settings;
+        fmt_settings(f, "MemcacheStorage", &settings.cache, settings.ttl)
+    }
+}
+
+impl MemcacheStorage {
+    /// A proxy in front of `master`, using the cache through `cache`: a
+    /// [`Pool`](crate::Pool), a [`SharedClient`](crate::client::SharedClient) or a single
+    /// [`Client`](crate::Client) (see [`CacheClients`]). For memcached alone,
+    /// see [`MemcacheOnlyStorage`](super::MemcacheOnlyStorage).
+    pub fn new(cache: impl Into<CacheClients>, master: Arc<dyn Storage>) -> MemcacheStorage {
+        MemcacheStorage::builder(cache, master).build()
+    }
+
+    /// Like [`new`](Self::new), with options.
+    pub fn builder(
+        cache: impl Into<CacheClients>,
+        master: Arc<dyn Storage>,
+    ) -> MemcacheStorageBuilder {
+        MemcacheStorageBuilder {
+            settings: Settings {
+                cache: cache.into(),
+                master,
+                keys: KeyGenerator::default(),
+                ttl: DEFAULT_TTL,
+                max_item_size: 1024 * 1024 - 1024,
+                fill_wait: Duration::from_millis(200),
+                filler_ttl: FILLING_TTL,
+            },
+        }
+    }
+
+    /// What the cache has done so far.
+    pub fn counters(&self) -> StorageCounters {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StorageCounters {
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            cache_errors: l(&c.cache_errors),
+            master_reads: l(&c.master_reads),
+            fills: l(&c.fills),
+            fill_waits: l(&c.fill_waits),
+            bypassed: l(&c.bypassed),
+            replayed: l(&c.replayed),
+            replay_batches: l(&c.replay_batches),
+        }
+    }
+
+    /// Invalidations that failed and await a successful replay.
+    pub fn pending_invalidations(&self) -> usize {
+        self.shared.lock_pending().len()
+    }
+}
+
+impl Shared {
+    fn cache_failed(&self, _e: &dyn std::error::Error) {
+        bump(
+            &self.counters.cache_errors,
+            "mcstore_storage_cache_errors_total",
+        );
+    }
+
+    /// Refuses what cannot be kept fresh: a client namespace. Storages in front of one
+    /// master must all use the same cache keys, because a write deletes only the entry
+    /// under its own key: one with another namespace would keep serving the old content
+    /// (until its TTL). The key generator is where a prefix goes
+    /// ([`MemcacheStorageBuilder::key_generator`]), the same for every storage of a master.
+    fn check_config(&self) -> Result<()> {
+        let ns = match &self.settings.cache {
+            CacheClients::Pool(p) => p.namespace(),
+            CacheClients::Shared(c) => c.namespace(),
+        };
+        if ns.is_empty() {
+            return Ok(());
+        }
+        Err(super::StorageError::Config(format!(
+            "MemcacheStorage over clients with a namespace ({:?}): a write invalidates only \
+             its own namespace's entry, so a storage of the same master with another \
+             namespace would serve stale content; put a prefix in the key generator \
+             instead, the same for every storage of one master",
+            String::from_utf8_lossy(&ns)
+        )))
+    }
+
+    /// The master's own info for the same names.
+    fn master_info(&self, m: &dyn Storage, info: &ResourceInfo) -> Result<ResourceInfo> {
+        m.info(&info.collection, info.resource.as_deref())
+    }
+
+    /// The cache key of one half of a resource, or `None` if the key generator made no valid
+    /// memcached key of its names: then nothing of it can be cached, and calls go to the
+    /// master (counted as bypassed).
+    fn key(&self, info: &ResourceInfo, part: Part) -> Option<String> {
+        let key = cache_key(&self.settings.keys, info, part).ok();
+        if key.is_none() {
+            bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
+        }
+        key
+    }
+}
+
+impl Storage for MemcacheStorage {
+    fn get(&self, info: &ResourceInfo, part: Part) -> Result<Bytes> {
+        self.shared
+            .cached_get(&*self.shared.settings.master, info, part)
+    }
+
+    fn put(&self, info: &ResourceInfo, part: Part, data: Content<'_>) -> Result<()> {
+        self.shared
+            .write_through(info, part, MasterWrite::Put(data))
+    }
+
+    fn remove(&self, info: &ResourceInfo, part: Part) -> Result<()> {
+        self.shared.write_through(info, part, MasterWrite::Remove)
+    }
+
+    fn create_container(&self, collection: &str) -> Result<()> {
+        validate_name(collection)?;
+        self.shared.settings.master.create_container(collection)
+    }
+
+    fn info(&self, collection: &str, resource: Option<&str>) -> Result<ResourceInfo> {
+        self.shared.check_config()?;
+        validate_name(collection)?;
+        if let Some(r) = resource {
+            validate_name(r)?;
+        }
+        // The master's own rules too (encoded length).
+        self.shared.settings.master.info(collection, resource)?;
+        // A name the key generator makes no valid cache key of is still served (by the master).
+        Ok(ResourceInfo {
+            collection: collection.to_string(),
+            resource: resource.map(str::to_string),
+            key: self.shared.settings.keys.key(collection, resource),
+        })
+    }
+
+    fn exists(&self, info: &ResourceInfo) -> Result<bool> {
+        // Only the master knows: the cache may hold what the master no longer has.
+        self.shared.settings.master.exists(
+            &self
+                .shared
+                .master_info(&*self.shared.settings.master, info)?,
+        )
+    }
+
+    fn ls(&self, collection: &str, ext: Option<&str>) -> Result<BTreeMap<String, ResourceInfo>> {
+        self.ils(collection, ext)?.collect()
+    }
+
+    fn ils(&self, collection: &str, ext: Option<&str>) -> Result<ResourceIter<'_>> {
+        validate_name(collection)?;
+        let names = self
+            .shared
+            .settings
+            .master
+            .ils(collection, ext)?
+            .map(|r| r.map(|(n, _)| n));
+        Ok(resource_infos(
+            &self.shared.settings.keys,
+            collection,
+            names,
+        ))
+    }
+
+    fn persist(&self, paths: &[&str]) -> Result<()> {
+        self.shared.settings.master.persist(paths)
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.shared.settings.master.shutdown()
+    }
+}
