@@ -14,7 +14,8 @@ use super::counters::bump;
 use super::pending::{Pending, Replay};
 use super::Shared;
 
-/// Failed invalidations remembered before the whole cache is distrusted.
+/// Failed invalidations remembered key by key; past this, the server that failed (or, when it
+/// is not known, the whole cache) is distrusted until it is flushed.
 const MAX_PENDING: usize = 10_000;
 
 /// Minimum time between replays of failed invalidations.
