@@ -6,9 +6,8 @@
 //! Each connection drives `tokio_postgres` with a small current-thread runtime of its own,
 //! and blocking on it panics ("Cannot start a runtime from within a runtime") on a thread
 //! inside a tokio runtime: an `async fn`, a `#[tokio::main]`, even `spawn_blocking`. So every
-//! call that
-//! touches the client (connecting, each statement, closing) runs on the caller's thread
-//! when it is outside any runtime, and otherwise on a short-lived thread of its own
+//! call that touches the client (connecting, each statement, closing) runs on the caller's
+//! thread when it is outside any runtime, and otherwise on a short-lived thread of its own
 //! (`off_runtime`), which costs a thread start (tens of microseconds) per statement there.
 //! A `PgStorage` can be opened, used and dropped anywhere.
 
