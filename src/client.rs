@@ -75,15 +75,20 @@ pub(crate) use pipeline::for_fuzzing as pipeline_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;
-pub(crate) mod shared;
+
+/// The old home of the shared client's lending door, for code that still names it there.
+pub(crate) mod shared {
+    pub(crate) use crate::shared::Lent;
+}
 
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
+pub use crate::shared::{IoMode, SharedClient, SharedClientBuilder};
 pub use builder::ClientBuilder;
 pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
+pub(crate) use multi::Keys;
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
-pub use shared::{IoMode, SharedClient, SharedClientBuilder};
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
@@ -680,8 +685,8 @@ impl Client {
         self.core.keyed(key, &mut self.scratch.keybuf, f)
     }
 
-    /// Reads one item, handing its value to `sink`.
-    fn retrieve(
+    /// Reads one item, handing its value to `sink` (the shared client's single calls too).
+    pub(crate) fn retrieve(
         &mut self,
         opts: GetOpts,
         key: &[u8],
@@ -757,7 +762,7 @@ impl Client {
     }
 
     /// Runs a storage command; the outcome and, when the protocol returns it, the new CAS.
-    fn store_cmd(
+    pub(crate) fn store_cmd(
         &mut self,
         key: &[u8],
         value: &[u8],
@@ -862,7 +867,8 @@ impl Client {
         self.keyed_bool(key, Cmd::delete)
     }
 
-    fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
+    /// Runs `incr` (or `decr`): the new value, `None` if the key does not exist.
+    pub(crate) fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.keyed(key, |c, i, key| {
             let cmd = Cmd::Arith { key, decr, delta };
             c.call(i, &cmd, None, |o, _| arith_value(o))
@@ -1081,6 +1087,37 @@ impl Client {
         p.delete(key)?;
         p.send()
     }
+}
+
+/// What [`SharedClient`] needs of a client beyond the public calls: its settings, read once
+/// when the shared client is built, and the transport of a round's engine. Named methods
+/// rather than field access, so the client's internals can change without touching it.
+impl Client {
+    /// The server labels, shared (configuration order).
+    pub(crate) fn label_list(&self) -> &std::sync::Arc<[String]> {
+        &self.core.labels
+    }
+
+    /// The namespace (key prefix), shared.
+    pub(crate) fn namespace_arc(&self) -> &std::sync::Arc<[u8]> {
+        &self.core.namespace
+    }
+
+    /// The largest value a store may send.
+    pub(crate) fn max_value(&self) -> usize {
+        self.core.limits.max_value
+    }
+
+    /// Whether the connections are TLS (batches then stay within one TLS record).
+    pub(crate) fn is_tls(&self) -> bool {
+        self.core.driver.is_tls()
+    }
+}
+
+/// Validates `key` as a call would (namespace, length, binary keys over meta), without
+/// keeping its wire form: for keys checked before they are queued.
+pub(crate) fn check_key(namespace: &[u8], key: &[u8], binary_keys: bool) -> Result<()> {
+    wire_key(namespace, key, binary_keys, &mut Vec::new()).map(drop)
 }
 
 /// Retrieval options asking for the CAS unique.
@@ -1354,7 +1391,7 @@ fn with_cas(touch: Option<u32>) -> GetOpts {
 }
 
 /// The command options of a storage call.
-fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
+pub(crate) fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
     StoreOpts {
         mode,
         flags: opts.flags,

@@ -512,7 +512,7 @@ impl Client {
     /// One retrieval batch over `keys` (a multi-get, or a shared client's coalesced gets):
     /// hits go to `on_hit(index, item)` as they arrive; a key without a hit is a miss once
     /// this returns `Ok`.
-    pub(super) fn batch_get(
+    pub(crate) fn batch_get(
         &mut self,
         with_cas: bool,
         keys: &(impl Keys + ?Sized),
@@ -549,7 +549,7 @@ impl Client {
     /// One batch of stores or deletes (`kind`) for the shared client: each reply that
     /// answers an item goes to `on_item(index, outcome)`; an item no reply answered (quiet
     /// protocols answer only failures) succeeded once this returns `Ok`.
-    pub(super) fn batch_write<'v>(
+    pub(crate) fn batch_write<'v>(
         &mut self,
         kind: Kind,
         keys: &(impl Keys + ?Sized),
@@ -820,8 +820,10 @@ where
 }
 
 /// The keys of a multi-key call, by index: a key list or the keys of `(key, value)` items.
-pub(super) trait Keys {
+pub(crate) trait Keys {
+    /// How many keys.
     fn len(&self) -> usize;
+    /// Key `j`.
     fn key(&self, j: usize) -> &[u8];
 }
 
