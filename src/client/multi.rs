@@ -8,6 +8,7 @@ use super::{
     combine, refused, store_opts, wire_key, Client, Core, ItemRef, Scratch, SetOptions, StoreMode,
     Strays,
 };
+use crate::conn::batch::BatchPolicy;
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::observe::CallOp;
@@ -18,10 +19,6 @@ use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KE
 
 /// Marks a key whose server is ejected (or that has no server).
 const NO_SERVER: u32 = u32::MAX;
-
-/// Over TLS, the most request bytes a multi-store or multi-delete sends in one go (one TLS
-/// record's worth of plaintext); see `Client::tls_chunk`.
-const TLS_BATCH: usize = 16 * 1024;
 
 /// One server's share of a multi-key call.
 #[derive(Default)]
@@ -637,26 +634,12 @@ impl Client {
     }
 
     /// Over TLS, the length of the first chunk of a multi-store or multi-delete whose request
-    /// would pass [`TLS_BATCH`] bytes (`None`: send it whole). memcached 1.6 (with OpenSSL)
-    /// stalls on such a request: it answers the commands of the first TLS record, and the
-    /// next records wait in OpenSSL's buffer while memcached waits on the socket, so the
-    /// call would time out (reproduced with Python's `ssl` client too). In chunks of at most
-    /// one record, each answered before the next is sent, every record is read.
+    /// would pass one TLS record (`None`: send it whole; see [`BatchPolicy`] for why). In
+    /// chunks of at most one record, each answered before the next is sent, every record is
+    /// read.
     fn tls_chunk(&self, n: usize, item_bytes: impl Fn(usize) -> usize) -> Option<usize> {
-        if !self.core.driver.is_tls() {
-            return None;
-        }
-        // A command's fixed part (verb, flags, TTL, length, line ends) and the namespace.
-        let overhead = 48 + self.core.namespace.len();
-        let mut total = 0;
-        for j in 0..n {
-            total += item_bytes(j) + overhead;
-            if total > TLS_BATCH {
-                // At least one item per chunk (a large value goes alone).
-                return if j + 1 < n { Some(j.max(1)) } else { None };
-            }
-        }
-        None
+        BatchPolicy::multi_key(self.core.driver.is_tls(), self.core.namespace.len())?
+            .first_chunk(n, item_bytes)
     }
 
     /// Runs `call` on `items[..first]`, then on the rest (chunked again as it needs),

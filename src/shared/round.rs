@@ -7,20 +7,10 @@ use std::time::Instant;
 
 use super::engine::{Engine, Op, Reply, Req};
 use crate::client::{Client, ItemInfo, Keys};
+use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{Cmd, Kind, Outcome};
 use crate::proto::{ParseError, SetOutcome};
-
-/// The most distinct keys in one coalesced multi-get: a huge batch would hold every other
-/// caller behind it.
-pub(super) const MAX_BATCH_KEYS: usize = 256;
-
-/// The most request bytes (keys and values) in one store batch; a larger value goes alone.
-pub(super) const MAX_BATCH_BYTES: usize = 256 * 1024;
-
-/// Over TLS, store batches stay within one TLS record (memcached 1.6 stalls on longer
-/// pipelined requests of replied commands; see `Client::tls_chunk`).
-pub(super) const TLS_BATCH_BYTES: usize = 16 * 1024;
 
 /// A combiner's working space, reused round after round.
 #[derive(Default)]
@@ -117,7 +107,7 @@ impl Work {
         while r < self.reqs.len() {
             self.batch.clear();
             let mut with_cas = false;
-            while r < self.reqs.len() && self.batch.len() < MAX_BATCH_KEYS {
+            while r < self.reqs.len() && self.batch.len() < MAX_ROUND_KEYS {
                 if let (Op::Get { cas }, true) = (self.reqs[r].op, self.reqs[r].slot != NONE) {
                     with_cas |= cas;
                     self.batch.push(r);
@@ -132,13 +122,9 @@ impl Work {
             }
         }
         // Stores, then deletes, batched; the rest one by one.
-        let limit = if c.is_tls() {
-            TLS_BATCH_BYTES
-        } else {
-            MAX_BATCH_BYTES
-        };
-        self.write_batches(engine, c, Kind::Store, limit);
-        self.write_batches(engine, c, Kind::Delete, limit);
+        let policy = BatchPolicy::round(c.is_tls(), c.namespace_arc().len());
+        self.write_batches(engine, c, Kind::Store, policy);
+        self.write_batches(engine, c, Kind::Delete, policy);
         for r in 0..self.reqs.len() {
             let req = &self.reqs[r];
             if self.poison.is_some() {
@@ -247,13 +233,13 @@ impl Work {
 }
 
 impl Work {
-    /// The queued stores (or deletes), in batches of at most `limit` request bytes.
+    /// The queued stores (or deletes), in batches of at most `policy.max_bytes` request bytes.
     pub(super) fn write_batches(
         &mut self,
         engine: &Engine,
         c: &mut Client,
         kind: Kind,
-        limit: usize,
+        policy: BatchPolicy,
     ) {
         let wanted = |op: &Op| match kind {
             Kind::Store => matches!(op, Op::Store(_)),
@@ -267,8 +253,8 @@ impl Work {
             while r < self.reqs.len() {
                 let req = &self.reqs[r];
                 if req.slot != NONE && wanted(&req.op) {
-                    let len = req.key.len() + req.value.len() + 48;
-                    if !self.batch.is_empty() && bytes + len > limit {
+                    let len = policy.item_bytes(req.key.len(), req.value.len());
+                    if policy.is_full(self.batch.len(), bytes, len) {
                         break;
                     }
                     bytes += len;
