@@ -877,11 +877,23 @@ pub(crate) mod for_fuzzing {
             value: Option<&[u8]>,
             cmd: impl Fn(Key<'_>) -> Cmd<'_>,
         ) {
+            self.encode_items::<W>(out, keys, |_| value, |_, key| cmd(key));
+        }
+
+        /// Encodes item `j` as `cmd(j, key)` followed by `value(j)`, for every item, and
+        /// closes the batch, as a client's batch does.
+        pub(crate) fn encode_items<'v, W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            keys: &(impl Keys + ?Sized),
+            value: impl Fn(usize) -> Option<&'v [u8]>,
+            cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        ) {
             let share = &mut self.plan.shares[0];
-            for (j, k) in keys.iter().enumerate() {
-                let key = Key::new(k).expect("fuzz keys are valid");
-                W::encode_item(out, &cmd(key), j as u32, share.encoded);
-                if let Some(v) = value {
+            for j in 0..keys.len() {
+                let key = Key::new(keys.key(j)).expect("batch keys are valid");
+                W::encode_item(out, &cmd(j, key), j as u32, share.encoded);
+                if let Some(v) = value(j) {
                     out.extend_from_slice(v);
                     out.extend_from_slice(W::TRAILER);
                 }
@@ -899,11 +911,40 @@ pub(crate) mod for_fuzzing {
             buf: &[u8],
             on_hit: &mut impl FnMut(usize),
         ) -> Result<Status<(usize, bool)>, ParseError> {
-            let kind = self.plan.kind;
-            let unmet = match kind {
+            let unmet = match self.plan.kind {
                 Kind::Store => store_unmet,
                 _ => delete_unmet,
             };
+            self.read_items::<W>(keys, buf, &mut |j, _| on_hit(j), &mut |plan, o| {
+                plan.answer(0, o, &[], keys, &unmet)
+            })
+        }
+
+        /// Reads one reply unit as a shared client's batch does ([`Client::batch_get`],
+        /// [`Client::batch_write`]): a hit goes to `on_hit(index, item)`, and another
+        /// outcome that answers an item to `on_item(index, outcome)`.
+        #[cfg(test)]
+        pub(crate) fn read_answers<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_item: &mut impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            self.read_items::<W>(keys, buf, on_hit, &mut |plan, o| {
+                let j = plan.answered(0, &o, &[], keys)?;
+                on_item(j, o)
+            })
+        }
+
+        fn read_items<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_other: &mut impl FnMut(&mut Plan, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let kind = self.plan.kind;
             let mut reader = BatchReader {
                 keys,
                 ns: &[],
@@ -915,12 +956,10 @@ pub(crate) mod for_fuzzing {
                     if kind != Kind::Get {
                         return no_hits(j, item);
                     }
-                    on_hit(j);
+                    on_hit(j, item);
                     Ok(())
                 },
-                on_other: |plan: &mut Plan, i: usize, o: Outcome<'_>| {
-                    plan.answer(i, o, &[], keys, &unmet)
-                },
+                on_other: |plan: &mut Plan, _: usize, o: Outcome<'_>| on_other(plan, o),
             };
             let r = reader.read::<W>(&mut self.plan, 0, buf);
             self.closed |= !reader.closed.is_empty();

@@ -2,15 +2,118 @@
 //! distinct keys, store and delete batches, the rest one by one), each reply handed back to
 //! the slot of the request it answers.
 
+//!
+//! Sans I/O: a round reaches its server through a [`Transport`] and hands results to
+//! [`Slots`]. The engine's are its pinned [`Client`] and its slot table; the tests' are an
+//! in-memory server fed hand-written replies, and a record of what each slot got.
+
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::engine::{Engine, Op, Reply, Req};
-use crate::client::{Client, ItemInfo, Keys};
+use crate::client::{Client, ItemInfo, ItemRef, Keys};
 use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{Cmd, Kind, Outcome};
-use crate::proto::{ParseError, SetOutcome};
+use crate::proto::{Key, ParseError, SetOutcome};
+
+#[cfg(test)]
+mod tests;
+
+/// Where a round's results go.
+pub(super) trait Slots {
+    /// Delivers `result` to `slot` (with the value of a hit); a slot whose owner is gone is
+    /// pushed to `freed` instead.
+    fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    );
+    /// Wakes the owners whose requests completed since the last call.
+    fn wake_round(&self);
+    /// The server's label, for errors.
+    fn label(&self) -> &str;
+    /// A call's time limit, for the errors of requests that expired while queued.
+    fn timeout(&self) -> Duration;
+}
+
+impl Slots for Engine {
+    fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    ) {
+        Engine::complete(self, slot, result, value, freed);
+    }
+    fn wake_round(&self) {
+        Engine::wake_round(self);
+    }
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// How a round's batches reach its server and come back: one request per batch, its replies
+/// matched to the batch's items.
+pub(super) trait Transport {
+    /// How large a store or delete batch may grow.
+    fn policy(&self) -> BatchPolicy;
+    /// One multi-get over `keys`: each hit to `on_hit(index, item)`; a key without a hit
+    /// is a miss once this returns `Ok`.
+    fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &ArenaKeys<'_>,
+        on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()>;
+    /// One batch of stores or deletes (`kind`): each reply that answers an item to
+    /// `on_item(index, outcome)`; an item no reply answered succeeded once this returns `Ok`.
+    fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &ArenaKeys<'_>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()>;
+    /// One call on its own (a hit's value into `out`).
+    fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply>;
+}
+
+/// The engine's transport: its client, pinned to the engine's server.
+impl Transport for Client {
+    fn policy(&self) -> BatchPolicy {
+        BatchPolicy::round(self.is_tls(), self.namespace_arc().len())
+    }
+    fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &ArenaKeys<'_>,
+        on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        Client::batch_get(self, with_cas, keys, on_hit)
+    }
+    fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &ArenaKeys<'_>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        Client::batch_write(self, kind, keys, value, cmd, on_item)
+    }
+    fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
+        single(self, op, key, value, out)
+    }
+}
 
 /// A combiner's working space, reused round after round.
 #[derive(Default)]
@@ -65,7 +168,7 @@ pub(super) fn key_hash(key: &[u8]) -> u64 {
 }
 
 impl Work {
-    pub(super) fn serve(&mut self, engine: &Engine, c: &mut Client) {
+    pub(super) fn serve(&mut self, engine: &impl Slots, c: &mut impl Transport) {
         self.poison = None;
         self.serve_all(engine, c);
         // After a transport failure the rest of the round fails with it, at once: a dead or
@@ -81,22 +184,22 @@ impl Work {
     }
 
     /// Notes a batch's failure: a transport failure poisons the rest of the round.
-    pub(super) fn failed(&mut self, e: &Error) {
+    fn failed(&mut self, e: &Error) {
         use crate::error::ErrorKind as K;
         if matches!(e.kind(), K::Timeout | K::Io | K::Tls | K::ServerDown) {
             self.poison.get_or_insert_with(|| e.clone());
         }
     }
 
-    pub(super) fn serve_all(&mut self, engine: &Engine, c: &mut Client) {
+    fn serve_all(&mut self, engine: &impl Slots, c: &mut impl Transport) {
         let now = Instant::now();
         // Requests whose owner's deadline passed while queued are failed, not sent.
         for req in self.reqs.iter_mut() {
             if req.deadline <= now {
                 let e = Error::Timeout {
-                    server: engine.label.clone(),
+                    server: engine.label().to_string(),
                     during: During::Write,
-                    elapsed: engine.timeout + (now - req.deadline),
+                    elapsed: engine.timeout() + (now - req.deadline),
                 };
                 engine.complete(req.slot, Err(e), None, &mut self.freed);
                 req.slot = NONE;
@@ -122,7 +225,7 @@ impl Work {
             }
         }
         // Stores, then deletes, batched; the rest one by one.
-        let policy = BatchPolicy::round(c.is_tls(), c.namespace_arc().len());
+        let policy = c.policy();
         self.write_batches(engine, c, Kind::Store, policy);
         self.write_batches(engine, c, Kind::Delete, policy);
         for r in 0..self.reqs.len() {
@@ -135,7 +238,7 @@ impl Work {
             }
             let (slot, op) = (req.slot, req.op);
             let key = &self.arena[req.key.clone()];
-            let result = single(c, op, key, &[], &mut self.value);
+            let result = c.single(op, key, &[], &mut self.value);
             if let Err(e) = &result {
                 self.failed(e);
             }
@@ -147,7 +250,7 @@ impl Work {
     }
 
     /// One multi-get for the requests in `batch`: each distinct key once.
-    pub(super) fn get_batch(&mut self, engine: &Engine, c: &mut Client, with_cas: bool) {
+    fn get_batch(&mut self, engine: &impl Slots, c: &mut impl Transport, with_cas: bool) {
         self.keys.clear();
         self.first.clear();
         self.next.clear();
@@ -234,10 +337,10 @@ impl Work {
 
 impl Work {
     /// The queued stores (or deletes), in batches of at most `policy.max_bytes` request bytes.
-    pub(super) fn write_batches(
+    fn write_batches(
         &mut self,
-        engine: &Engine,
-        c: &mut Client,
+        engine: &impl Slots,
+        c: &mut impl Transport,
         kind: Kind,
         policy: BatchPolicy,
     ) {
