@@ -76,6 +76,7 @@ macro_rules! setters {
 
 mod addr;
 pub mod client;
+mod command;
 mod conn;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]

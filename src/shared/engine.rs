@@ -50,10 +50,10 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::round::Work;
-use crate::client::{Client, ItemInfo};
+use crate::client::Client;
+pub(super) use crate::command::{CallSpec, Op, Reply};
 use crate::error::{Error, Result};
-use crate::proto::wire::StoreOpts;
-use crate::proto::{ParseError, SetOutcome};
+use crate::proto::ParseError;
 
 /// One server's connection and what is queued for it.
 pub(super) struct Engine {
@@ -81,27 +81,6 @@ pub(super) struct Engine {
     /// Wakes blocking callers waiting for a free slot (with `queue`).
     pub(super) space: Condvar,
     pub(super) slots: Box<[Slot]>,
-}
-
-/// What a call asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Op {
-    Get { cas: bool },
-    Gat { ttl: u32, cas: bool },
-    Store(StoreOpts),
-    Delete,
-    Arith { decr: bool, delta: u64 },
-    Touch(u32),
-}
-
-/// What a call got back (a hit's value is in the slot's buffer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reply {
-    Hit(ItemInfo),
-    Miss,
-    Store(SetOutcome),
-    Existed(bool),
-    Number(Option<u64>),
 }
 
 /// A queued request: its key and value live in the queue's arena.
@@ -462,14 +441,6 @@ impl Engine {
 pub(super) struct State {
     pub(super) client: Client,
     pub(super) work: Work,
-}
-
-/// A call as the caller gave it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct CallSpec<'a> {
-    pub(super) op: Op,
-    pub(super) key: &'a [u8],
-    pub(super) value: &'a [u8],
 }
 
 /// How a wait on a slot ended.

@@ -6,17 +6,20 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use super::engine::{lock, CallSpec, Op, Reply, Waiter};
+use super::engine::{lock, Waiter};
+use super::exec::CHUNK;
 use super::SharedClient;
-use super::{as_item, cas_result, existed, number, set_ok, spec, store_op, stored, unexpected};
-use crate::client::{CasResult, Item, ItemInfo, SetOptions};
+use crate::command::{unexpected, CallSpec, Reply};
 use crate::error::{During, Error, Result};
-use crate::proto::{SetOutcome, StoreMode};
 
 /// Async calls: futures that any executor can run. They never block the executor's thread:
 /// the server's I/O thread does their I/O and wakes them.
 impl SharedClient {
-    fn call_async<'a>(&'a self, call: CallSpec<'a>, out: &'a mut Vec<u8>) -> AsyncCall<'a> {
+    pub(super) fn call_async<'a>(
+        &'a self,
+        call: CallSpec<'a>,
+        out: &'a mut Vec<u8>,
+    ) -> AsyncCall<'a> {
         AsyncCall {
             client: self,
             call,
@@ -26,101 +29,67 @@ impl SharedClient {
         }
     }
 
-    /// [`get`](Self::get), as a future.
-    pub async fn get_async(&self, key: &[u8]) -> Result<Option<Item>> {
-        let mut value = Vec::new();
-        let info = as_item(
-            self.call_async(spec(Op::Get { cas: false }, key, &[]), &mut value)
-                .await?,
-        )?;
-        Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
-    }
-
-    /// [`get_into`](Self::get_into), as a future: no allocation once warm.
-    pub async fn get_into_async(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        as_item(
-            self.call_async(spec(Op::Get { cas: false }, key, &[]), buf)
-                .await?,
-        )
-    }
-
-    /// [`gets_into`](Self::gets_into), as a future.
-    pub async fn gets_into_async(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        as_item(
-            self.call_async(spec(Op::Get { cas: true }, key, &[]), buf)
-                .await?,
-        )
-    }
-
-    /// [`set`](Self::set), as a future.
-    pub async fn set_async(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
-        let op = store_op(StoreMode::Set, opts, None);
-        let mut none = Vec::new();
-        set_ok(stored(
-            self.call_async(spec(op, key, value), &mut none).await?,
-        )?)
-    }
-
-    /// [`store`](Self::store), as a future.
-    pub async fn store_async(
+    /// Runs `call(0..n)` as async calls, a chunk at a time: a chunk's calls are all queued
+    /// on its first poll, before any of them waits, so they share rounds (with each other
+    /// and concurrent callers); then each result goes to `on(index, result, value)`.
+    pub(super) async fn each_async<'k>(
         &self,
-        mode: StoreMode,
-        key: &[u8],
-        value: &[u8],
-        opts: SetOptions,
-    ) -> Result<bool> {
-        let op = store_op(mode, opts, None);
-        let mut none = Vec::new();
-        let s = stored(self.call_async(spec(op, key, value), &mut none).await?)?;
-        Ok(s == SetOutcome::Stored)
+        n: usize,
+        call: impl Fn(usize) -> CallSpec<'k>,
+        mut on: impl FnMut(usize, Result<Reply>, &[u8]),
+    ) {
+        let mut bufs: Vec<Vec<u8>> = Vec::new();
+        for first in (0..n).step_by(CHUNK) {
+            let end = (first + CHUNK).min(n);
+            bufs.resize_with(end - first, Vec::new);
+            let calls = (first..end)
+                .zip(bufs.iter_mut())
+                .map(|(j, buf)| {
+                    buf.clear();
+                    self.call_async(call(j), buf)
+                })
+                .collect();
+            let results = Joined {
+                calls,
+                results: (first..end).map(|_| None).collect(),
+            }
+            .await;
+            for (k, r) in results.into_iter().enumerate() {
+                on(first + k, r, &bufs[k]);
+            }
+        }
     }
+}
 
-    /// [`cas`](Self::cas), as a future.
-    pub async fn cas_async(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cas: u64,
-        opts: SetOptions,
-    ) -> Result<CasResult> {
-        let op = store_op(StoreMode::Set, opts, Some(cas));
-        let mut none = Vec::new();
-        Ok(cas_result(stored(
-            self.call_async(spec(op, key, value), &mut none).await?,
-        )?))
-    }
+/// Async calls polled together: each is polled (so queued) on the first poll, and the whole
+/// is ready when every call is.
+struct Joined<'a> {
+    calls: Vec<AsyncCall<'a>>,
+    results: Vec<Option<Result<Reply>>>,
+}
 
-    /// [`delete`](Self::delete), as a future.
-    pub async fn delete_async(&self, key: &[u8]) -> Result<bool> {
-        let mut none = Vec::new();
-        existed(
-            self.call_async(spec(Op::Delete, key, &[]), &mut none)
-                .await?,
-        )
-    }
+impl Future for Joined<'_> {
+    type Output = Vec<Result<Reply>>;
 
-    /// [`incr`](Self::incr), as a future.
-    pub async fn incr_async(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        let op = Op::Arith { decr: false, delta };
-        let mut none = Vec::new();
-        number(self.call_async(spec(op, key, &[]), &mut none).await?)
-    }
-
-    /// [`decr`](Self::decr), as a future.
-    pub async fn decr_async(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        let op = Op::Arith { decr: true, delta };
-        let mut none = Vec::new();
-        number(self.call_async(spec(op, key, &[]), &mut none).await?)
-    }
-
-    /// [`touch`](Self::touch), as a future.
-    pub async fn touch_async(&self, key: &[u8], ttl: u32) -> Result<bool> {
-        let mut none = Vec::new();
-        existed(
-            self.call_async(spec(Op::Touch(ttl), key, &[]), &mut none)
-                .await?,
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<Result<Reply>>> {
+        let this = self.get_mut();
+        let mut pending = false;
+        for (call, result) in this.calls.iter_mut().zip(this.results.iter_mut()) {
+            if result.is_none() {
+                match Pin::new(call).poll(cx) {
+                    Poll::Ready(r) => *result = Some(r),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            return Poll::Pending;
+        }
+        let results = this.results.drain(..);
+        Poll::Ready(
+            results
+                .map(|r| r.unwrap_or_else(|| Err(unexpected())))
+                .collect(),
         )
     }
 }
@@ -139,7 +108,7 @@ enum CallState {
 
 /// One async call: queues its request, then waits for its slot. Dropped before the end, it
 /// withdraws the request or leaves the reply to be read and dropped.
-struct AsyncCall<'a> {
+pub(super) struct AsyncCall<'a> {
     client: &'a SharedClient,
     call: CallSpec<'a>,
     out: &'a mut Vec<u8>,

@@ -4,8 +4,9 @@
 use std::sync::{Arc, MutexGuard};
 
 use super::engine::{lock, Engine, Op, State};
-use super::{as_item, spec, SharedClient};
+use super::{spec, SharedClient};
 use crate::client::{Client, ItemInfo, Route};
+use crate::command::as_item;
 use crate::error::Result;
 use crate::proto::wire::Capability;
 
@@ -83,6 +84,6 @@ impl SharedClient {
     ) -> Result<Option<ItemInfo>> {
         buf.clear();
         let eng = &self.inner.engines[server];
-        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key, &[]), true, buf)?)
+        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key), true, buf)?)
     }
 }

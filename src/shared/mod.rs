@@ -13,20 +13,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::client::{
-    CasResult, Client, ClientBuilder, Item, ItemInfo, ItemRef, MetaGetOptions, MetaItemInfo,
-    MetaSetOptions, MetaSetResult, ServerCounters, ServerStats, SetOptions,
+    CasResult, Client, ClientBuilder, Item, ItemInfo, MetaGetOptions, MetaItemInfo, MetaSetOptions,
+    MetaSetResult, ServerCounters, ServerStats, SetOptions,
 };
-use crate::error::{Error, Result, ServerErrorKind};
-use crate::proto::wire::{Capability, StoreOpts};
-use crate::proto::{ParseError, Protocol, SetOutcome, StoreMode};
+use crate::error::Result;
+use crate::proto::wire::Capability;
+use crate::proto::{Protocol, StoreMode};
 
 mod engine;
 mod exec;
 mod future;
 mod lend;
+mod multi;
 mod round;
 
-use engine::{lock, CallSpec, Engine, Op, Reply};
+use crate::command::{run_with, CallSpec, Command, Op};
+use engine::{lock, Engine};
 pub(crate) use lend::Lent;
 
 /// Request slots per server unless set with [`SharedClientBuilder::max_in_flight`].
@@ -245,265 +247,62 @@ impl Drop for Inner {
     }
 }
 
-/// The result of a call that must be a hit or a miss.
-fn as_item(r: Reply) -> Result<Option<ItemInfo>> {
-    match r {
-        Reply::Hit(i) => Ok(Some(i)),
-        Reply::Miss => Ok(None),
-        _ => Err(unexpected()),
+/// A call of one key and no value (gets of multi-key calls).
+fn spec(op: Op, key: &[u8]) -> CallSpec<'_> {
+    CallSpec {
+        op,
+        key,
+        value: &[],
     }
 }
 
-fn unexpected() -> Error {
-    Error::Parse {
-        server: String::new(),
-        error: ParseError::Unexpected,
+/// [`SharedClient`]'s keyed methods, from the one list of commands
+/// ([`keyed_commands!`](crate::command::keyed_commands)): each blocking method and its
+/// `_async` twin run the same command.
+macro_rules! shared_methods {
+    ($($(#[$doc:meta])* $name:ident / $async_name:ident ($($arg:ident: $t:ty),*) -> $out:ty = $cmd:expr;)*) => {$(
+        $(#[$doc])*
+        ///
+        /// On `&self`, from any number of threads; also [`Error::Timeout`](crate::Error::Timeout) when the call's
+        /// deadline passes while it waits for its turn or a free slot.
+        pub fn $name(&self, $($arg: $t),*) -> Result<$out> {
+            use crate::command::*;
+            self.run($cmd)
+        }
+
+        #[doc = concat!("[`", stringify!($name), "`](Self::", stringify!($name), "), as a future.")]
+        pub async fn $async_name(&self, $($arg: $t),*) -> Result<$out> {
+            use crate::command::*;
+            // Written out here rather than in a generic `async fn`: the future of a generic
+            // one is not provably `Send` (rustc cannot prove `Send` for every lifetime
+            // of the command's borrows), and `tokio::spawn` needs it.
+            let mut cmd = $cmd;
+            let call = cmd.call();
+            let mut owned = Vec::new();
+            let reply = match cmd.buffer() {
+                Some(buf) => {
+                    buf.clear();
+                    self.call_async(call, buf).await?
+                }
+                None => self.call_async(call, &mut owned).await?,
+            };
+            cmd.output(reply, owned)
+        }
+    )*};
+}
+
+/// Keyed calls: as [`Client`]'s, on `&self`, from any number of threads and tasks.
+impl SharedClient {
+    crate::command::keyed_commands!(shared_methods);
+
+    /// The blocking executor of the keyed commands.
+    fn run<'a, C: Command<'a>>(&self, cmd: C) -> Result<C::Output> {
+        run_with(cmd, |call, out| self.exec(call, out))
     }
-}
-
-fn stored(r: Reply) -> Result<SetOutcome> {
-    match r {
-        Reply::Store(s) => Ok(s),
-        _ => Err(unexpected()),
-    }
-}
-
-fn existed(r: Reply) -> Result<bool> {
-    match r {
-        Reply::Existed(b) => Ok(b),
-        _ => Err(unexpected()),
-    }
-}
-
-fn number(r: Reply) -> Result<Option<u64>> {
-    match r {
-        Reply::Number(n) => Ok(n),
-        _ => Err(unexpected()),
-    }
-}
-
-fn cas_result(s: SetOutcome) -> CasResult {
-    match s {
-        SetOutcome::Stored => CasResult::Stored,
-        SetOutcome::Exists => CasResult::Exists,
-        SetOutcome::NotFound | SetOutcome::NotStored => CasResult::NotFound,
-    }
-}
-
-fn set_ok(s: SetOutcome) -> Result<()> {
-    match s {
-        SetOutcome::Stored => Ok(()),
-        _ => Err(Error::Server {
-            kind: ServerErrorKind::Server,
-            message: "set answered NOT_STORED".into(),
-        }),
-    }
-}
-
-fn store_op(mode: StoreMode, opts: SetOptions, cas: Option<u64>) -> Op {
-    Op::Store(StoreOpts {
-        cas,
-        ..crate::client::store_opts(mode, opts)
-    })
-}
-
-fn spec<'a>(op: Op, key: &'a [u8], value: &'a [u8]) -> CallSpec<'a> {
-    CallSpec { op, key, value }
 }
 
 /// Blocking calls: as [`Client`]'s, on `&self`, from any number of threads.
 impl SharedClient {
-    fn item(&self, op: Op, key: &[u8]) -> Result<Option<Item>> {
-        let mut value = Vec::new();
-        let info = as_item(self.exec(spec(op, key, &[]), &mut value)?)?;
-        Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
-    }
-
-    /// Gets a value. `None` on a miss. Errors as [`Client::get`], and [`Error::Timeout`]
-    /// when the call's deadline passes while it waits for its turn or a free slot.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Item>> {
-        self.item(Op::Get { cas: false }, key)
-    }
-
-    /// Gets a value with its CAS unique. Errors as [`get`](Self::get).
-    pub fn gets(&self, key: &[u8]) -> Result<Option<Item>> {
-        self.item(Op::Get { cas: true }, key)
-    }
-
-    /// Get-and-touch. Errors as [`get`](Self::get).
-    pub fn gat(&self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        self.item(Op::Gat { ttl, cas: false }, key)
-    }
-
-    /// Get-and-touch with the CAS unique. Errors as [`get`](Self::get).
-    pub fn gats(&self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        self.item(Op::Gat { ttl, cas: true }, key)
-    }
-
-    /// Gets a value into `buf` (cleared first): no allocation once `buf` and the client's
-    /// buffers have grown to fit. Errors as [`get`](Self::get).
-    pub fn get_into(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        as_item(self.exec(spec(Op::Get { cas: false }, key, &[]), buf)?)
-    }
-
-    /// [`get_into`](Self::get_into) with the CAS unique.
-    pub fn gets_into(&self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        as_item(self.exec(spec(Op::Get { cas: true }, key, &[]), buf)?)
-    }
-
-    fn store_call(&self, op: Op, key: &[u8], value: &[u8]) -> Result<SetOutcome> {
-        stored(self.exec(spec(op, key, value), &mut Vec::new())?)
-    }
-
-    /// Runs a storage command: `Ok(true)` if stored. Errors as [`Client::store`].
-    pub fn store(
-        &self,
-        mode: StoreMode,
-        key: &[u8],
-        value: &[u8],
-        opts: SetOptions,
-    ) -> Result<bool> {
-        let s = self.store_call(store_op(mode, opts, None), key, value)?;
-        Ok(s == SetOutcome::Stored)
-    }
-
-    /// Stores a value unconditionally. Errors as [`Client::set`].
-    pub fn set(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
-        set_ok(self.store_call(store_op(StoreMode::Set, opts, None), key, value)?)
-    }
-
-    /// Stores only if absent. Errors as [`Client::add`].
-    pub fn add(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.store(StoreMode::Add, key, value, opts)
-    }
-
-    /// Stores only if present. Errors as [`Client::replace`].
-    pub fn replace(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.store(StoreMode::Replace, key, value, opts)
-    }
-
-    /// Appends to an existing value. Errors as [`Client::append`].
-    pub fn append(&self, key: &[u8], value: &[u8]) -> Result<bool> {
-        self.store(StoreMode::Append, key, value, SetOptions::default())
-    }
-
-    /// Prepends to an existing value. Errors as [`Client::prepend`].
-    pub fn prepend(&self, key: &[u8], value: &[u8]) -> Result<bool> {
-        self.store(StoreMode::Prepend, key, value, SetOptions::default())
-    }
-
-    /// Stores only if the CAS unique is still `cas`. Errors as [`Client::cas`].
-    pub fn cas(&self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<CasResult> {
-        let op = store_op(StoreMode::Set, opts, Some(cas));
-        Ok(cas_result(self.store_call(op, key, value)?))
-    }
-
-    /// Deletes a key; `false` if it did not exist. Errors as [`get`](Self::get).
-    pub fn delete(&self, key: &[u8]) -> Result<bool> {
-        existed(self.exec(spec(Op::Delete, key, &[]), &mut Vec::new())?)
-    }
-
-    /// Adds `delta`; `None` if the key does not exist. Errors as [`Client::incr`].
-    pub fn incr(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        let op = Op::Arith { decr: false, delta };
-        number(self.exec(spec(op, key, &[]), &mut Vec::new())?)
-    }
-
-    /// Subtracts `delta`, stopping at 0. Errors as [`Client::incr`].
-    pub fn decr(&self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        let op = Op::Arith { decr: true, delta };
-        number(self.exec(spec(op, key, &[]), &mut Vec::new())?)
-    }
-
-    /// Sets a new expiration; `false` if the item does not exist. Errors as [`get`](Self::get).
-    pub fn touch(&self, key: &[u8], ttl: u32) -> Result<bool> {
-        existed(self.exec(spec(Op::Touch(ttl), key, &[]), &mut Vec::new())?)
-    }
-
-    /// Gets many keys, calling `found(key, item)` for each hit; each key is queued as a get
-    /// of its own, so the keys of concurrent callers share multi-gets. Errors: the first
-    /// failed key's error (the hits of the others are still delivered).
-    pub fn get_multi<K: AsRef<[u8]>>(
-        &self,
-        keys: &[K],
-        found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        self.retrieve_multi(false, keys, found)
-    }
-
-    /// [`get_multi`](Self::get_multi) with CAS uniques.
-    pub fn gets_multi<K: AsRef<[u8]>>(
-        &self,
-        keys: &[K],
-        found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        self.retrieve_multi(true, keys, found)
-    }
-
-    fn retrieve_multi<K: AsRef<[u8]>>(
-        &self,
-        cas: bool,
-        keys: &[K],
-        mut found: impl FnMut(&[u8], ItemRef<'_>),
-    ) -> Result<()> {
-        let mut first_error = None;
-        let call = |j: usize| spec(Op::Get { cas }, keys[j].as_ref(), &[]);
-        self.each_queued(keys.len(), call, |j, r, value| match r {
-            Ok(Reply::Hit(info)) => {
-                let item = ItemRef {
-                    value,
-                    flags: info.flags,
-                    cas: info.cas,
-                };
-                found(keys[j].as_ref(), item);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        });
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Stores many items (each queued as a set of its own: concurrent callers' sets share
-    /// batches); returns how many were stored. Errors: the first failed item's error (the
-    /// others are still stored).
-    pub fn set_multi<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-        &self,
-        items: &[(K, V)],
-        opts: SetOptions,
-    ) -> Result<usize> {
-        let op = store_op(StoreMode::Set, opts, None);
-        let call = |j: usize| spec(op, items[j].0.as_ref(), items[j].1.as_ref());
-        self.count_multi(items.len(), call, |r| {
-            matches!(r, Reply::Store(SetOutcome::Stored))
-        })
-    }
-
-    /// Deletes many keys; returns how many existed. Errors as [`set_multi`](Self::set_multi).
-    pub fn delete_multi<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<usize> {
-        let call = |j: usize| spec(Op::Delete, keys[j].as_ref(), &[]);
-        self.count_multi(keys.len(), call, |r| matches!(r, Reply::Existed(true)))
-    }
-
-    fn count_multi<'k>(
-        &self,
-        n: usize,
-        call: impl Fn(usize) -> CallSpec<'k>,
-        counts: impl Fn(Reply) -> bool,
-    ) -> Result<usize> {
-        let (mut done, mut first_error) = (0, None);
-        self.each_queued(n, call, |_, r, _| match r {
-            Ok(reply) => done += usize::from(counts(reply)),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        });
-        first_error.map_or(Ok(done), Err)
-    }
-
     /// Runs `f` on `key`'s server connection, lent for the call (meta calls, which the
     /// rounds do not batch).
     fn on_key_server<T>(&self, key: &[u8], f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
