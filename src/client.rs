@@ -75,16 +75,22 @@ pub(crate) use pipeline::for_fuzzing as pipeline_for_fuzzing;
 mod pipeline;
 mod pool;
 mod session;
-pub(crate) mod shared;
+
+/// The old home of the shared client's lending door, for code that still names it there.
+pub(crate) mod shared {
+    pub(crate) use crate::shared::Lent;
+}
 
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
+pub use crate::shared::{IoMode, SharedClient, SharedClientBuilder};
 pub use builder::ClientBuilder;
 pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
+pub(crate) use multi::Keys;
 pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
-pub use shared::{IoMode, SharedClient, SharedClientBuilder};
 
+use crate::command::{get_opts, Op as CommandOp, Reply};
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::observe::CallOp;
@@ -96,6 +102,18 @@ use crate::proto::wire::{
 use crate::proto::{Limits, ParseError, Status, MAX_KEY_LEN};
 use crate::ring::Continuum;
 use health::Health;
+
+/// [`Client`]'s keyed methods, from the one list of commands
+/// ([`keyed_commands!`](crate::command::keyed_commands)): each runs its command.
+macro_rules! client_methods {
+    ($($(#[$doc:meta])* $name:ident / $_async:ident ($($arg:ident: $t:ty),*) -> $out:ty = $cmd:expr;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(&mut self, $($arg: $t),*) -> Result<$out> {
+            use crate::command::*;
+            self.run($cmd)
+        }
+    )*};
+}
 
 /// An item read from the cache, with its value copied out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -674,8 +692,8 @@ impl Client {
         self.core.keyed(key, &mut self.scratch.keybuf, f)
     }
 
-    /// Reads one item, handing its value to `sink`.
-    fn retrieve(
+    /// Reads one item, handing its value to `sink` (the shared client's single calls too).
+    pub(crate) fn retrieve(
         &mut self,
         opts: GetOpts,
         key: &[u8],
@@ -701,57 +719,8 @@ impl Client {
         })
     }
 
-    /// Gets a value, copying it into a new `Vec`. `None` on a miss.
-    ///
-    /// # Errors
-    /// An invalid key; the server unreachable, timing out, answering with an error or
-    /// malformed bytes ([`Error::kind`] tells which).
-    pub fn get(&mut self, key: &[u8]) -> Result<Option<Item>> {
-        self.get_item(GetOpts::default(), key)
-    }
-
-    /// Gets a value with its CAS unique (for [`cas`](Self::cas)). Errors as [`get`](Self::get).
-    pub fn gets(&mut self, key: &[u8]) -> Result<Option<Item>> {
-        self.get_item(with_cas(None), key)
-    }
-
-    /// Gets a value and sets its expiration to `ttl` (get-and-touch). Errors as
-    /// [`get`](Self::get).
-    pub fn gat(&mut self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        let opts = GetOpts {
-            touch: Some(ttl),
-            ..GetOpts::default()
-        };
-        self.get_item(opts, key)
-    }
-
-    /// Like [`gat`](Self::gat), and returns the CAS unique. Errors as [`get`](Self::get).
-    pub fn gats(&mut self, key: &[u8], ttl: u32) -> Result<Option<Item>> {
-        self.get_item(with_cas(Some(ttl)), key)
-    }
-
-    fn get_item(&mut self, opts: GetOpts, key: &[u8]) -> Result<Option<Item>> {
-        let mut value = Vec::new();
-        let info = self.retrieve(opts, key, |d| value.extend_from_slice(d))?;
-        Ok(info.map(|ItemInfo { flags, cas }| Item { value, flags, cas }))
-    }
-
-    /// Gets a value into `buf` (cleared first), the hot path: once `buf` and the client's
-    /// buffers have grown to fit, this allocates nothing. `None` on a miss (then `buf` is
-    /// empty). Errors as [`get`](Self::get).
-    pub fn get_into(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        self.retrieve(GetOpts::default(), key, |d| buf.extend_from_slice(d))
-    }
-
-    /// Like [`get_into`](Self::get_into), with the CAS unique. Errors as [`get`](Self::get).
-    pub fn gets_into(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        buf.clear();
-        self.retrieve(with_cas(None), key, |d| buf.extend_from_slice(d))
-    }
-
     /// Runs a storage command; the outcome and, when the protocol returns it, the new CAS.
-    fn store_cmd(
+    pub(crate) fn store_cmd(
         &mut self,
         key: &[u8],
         value: &[u8],
@@ -773,77 +742,6 @@ impl Client {
         })
     }
 
-    /// Runs `set`, `add`, `replace`, `append` or `prepend`. `Ok(true)` if stored, `Ok(false)`
-    /// if the command's condition was not met (`NOT_STORED`).
-    ///
-    /// # Errors
-    /// An invalid key, a value above the configured maximum, or a server failure as for
-    /// [`get`](Self::get).
-    pub fn store(
-        &mut self,
-        mode: StoreMode,
-        key: &[u8],
-        value: &[u8],
-        opts: SetOptions,
-    ) -> Result<bool> {
-        let (outcome, _) = self.store_cmd(key, value, store_opts(mode, opts))?;
-        Ok(outcome == SetOutcome::Stored)
-    }
-
-    /// Stores a value unconditionally. Errors as [`store`](Self::store).
-    pub fn set(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
-        if self.store(StoreMode::Set, key, value, opts)? {
-            Ok(())
-        } else {
-            Err(Error::Server {
-                kind: ServerErrorKind::Server,
-                message: "set answered NOT_STORED".into(),
-            })
-        }
-    }
-
-    /// Stores only if the key is absent; `false` if it exists. Errors as [`store`](Self::store).
-    pub fn add(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.store(StoreMode::Add, key, value, opts)
-    }
-
-    /// Stores only if the key exists; `false` if it does not. Errors as [`store`](Self::store).
-    pub fn replace(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.store(StoreMode::Replace, key, value, opts)
-    }
-
-    /// Appends to an existing value; `false` if the key does not exist. Errors as
-    /// [`store`](Self::store).
-    pub fn append(&mut self, key: &[u8], value: &[u8]) -> Result<bool> {
-        self.store(StoreMode::Append, key, value, SetOptions::default())
-    }
-
-    /// Prepends to an existing value; `false` if the key does not exist. Errors as
-    /// [`store`](Self::store).
-    pub fn prepend(&mut self, key: &[u8], value: &[u8]) -> Result<bool> {
-        self.store(StoreMode::Prepend, key, value, SetOptions::default())
-    }
-
-    /// Stores only if the item's CAS unique is still `cas` (from [`gets`](Self::gets)).
-    /// Errors as [`store`](Self::store).
-    pub fn cas(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        cas: u64,
-        opts: SetOptions,
-    ) -> Result<CasResult> {
-        let opts = StoreOpts {
-            cas: Some(cas),
-            ..store_opts(StoreMode::Set, opts)
-        };
-        Ok(match self.store_cmd(key, value, opts)?.0 {
-            SetOutcome::Stored => CasResult::Stored,
-            SetOutcome::Exists => CasResult::Exists,
-            SetOutcome::NotFound | SetOutcome::NotStored => CasResult::NotFound,
-        })
-    }
-
     /// Runs a command whose reply says "done" or "not found": `Ok(false)` for the latter.
     fn keyed_bool(&mut self, key: &[u8], cmd: impl FnOnce(Key<'_>) -> Cmd<'_>) -> Result<bool> {
         self.keyed(key, |c, i, key| {
@@ -851,38 +749,44 @@ impl Client {
         })
     }
 
-    /// Deletes a key; `false` if it did not exist. Errors as [`get`](Self::get).
-    pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
-        self.keyed_bool(key, Cmd::delete)
-    }
-
-    fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
+    /// Runs `incr` (or `decr`): the new value, `None` if the key does not exist.
+    pub(crate) fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
         self.keyed(key, |c, i, key| {
             let cmd = Cmd::Arith { key, decr, delta };
             c.call(i, &cmd, None, |o, _| arith_value(o))
         })
     }
 
-    /// Adds `delta` to a decimal value, wrapping at 2^64 as memcached does. `None` if the key
-    /// does not exist.
-    ///
-    /// # Errors
-    /// As [`get`](Self::get); a `CLIENT_ERROR` server error if the value is not a number.
-    pub fn incr(&mut self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        self.arith(false, key, delta)
+    /// Runs one keyed command (the primitive of [`Client::run`], and of a shared client's
+    /// calls made on their own): a hit's value into `out`.
+    #[inline]
+    pub(crate) fn perform(
+        &mut self,
+        op: CommandOp,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        let sink = |d: &[u8]| {
+            out.clear();
+            out.extend_from_slice(d);
+        };
+        let hit = |info: Option<ItemInfo>| info.map_or(Reply::Miss, Reply::Hit);
+        Ok(match op {
+            CommandOp::Get { cas } => hit(self.retrieve(get_opts(cas, None), key, sink)?),
+            CommandOp::Gat { ttl, cas } => {
+                hit(self.retrieve(get_opts(cas, Some(ttl)), key, sink)?)
+            }
+            CommandOp::Store(o) => Reply::Store(self.store_cmd(key, value, o)?.0),
+            CommandOp::Delete => Reply::Existed(self.keyed_bool(key, Cmd::delete)?),
+            CommandOp::Arith { decr, delta } => Reply::Number(self.arith(decr, key, delta)?),
+            CommandOp::Touch(ttl) => {
+                Reply::Existed(self.keyed_bool(key, |key| Cmd::Touch(key, ttl))?)
+            }
+        })
     }
 
-    /// Subtracts `delta` from a decimal value, stopping at 0 as memcached does. Errors as
-    /// [`incr`](Self::incr).
-    pub fn decr(&mut self, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        self.arith(true, key, delta)
-    }
-
-    /// Sets a new expiration on an item; `false` if it does not exist. Errors as
-    /// [`get`](Self::get).
-    pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
-        self.keyed_bool(key, |key| Cmd::Touch(key, ttl))
-    }
+    crate::command::keyed_commands!(client_methods);
 
     /// Invalidates every item on every server, now or after `delay` seconds.
     ///
@@ -1075,6 +979,37 @@ impl Client {
         p.delete(key)?;
         p.send()
     }
+}
+
+/// What [`SharedClient`] needs of a client beyond the public calls: its settings, read once
+/// when the shared client is built, and the transport of a round's engine. Named methods
+/// rather than field access, so the client's internals can change without touching it.
+impl Client {
+    /// The server labels, shared (configuration order).
+    pub(crate) fn label_list(&self) -> &std::sync::Arc<[String]> {
+        &self.core.labels
+    }
+
+    /// The namespace (key prefix), shared.
+    pub(crate) fn namespace_arc(&self) -> &std::sync::Arc<[u8]> {
+        &self.core.namespace
+    }
+
+    /// The largest value a store may send.
+    pub(crate) fn max_value(&self) -> usize {
+        self.core.limits.max_value
+    }
+
+    /// Whether the connections are TLS (batches then stay within one TLS record).
+    pub(crate) fn is_tls(&self) -> bool {
+        self.core.driver.is_tls()
+    }
+}
+
+/// Validates `key` as a call would (namespace, length, binary keys over meta), without
+/// keeping its wire form: for keys checked before they are queued.
+pub(crate) fn check_key(namespace: &[u8], key: &[u8], binary_keys: bool) -> Result<()> {
+    wire_key(namespace, key, binary_keys, &mut Vec::new()).map(drop)
 }
 
 /// Retrieval options asking for the CAS unique.
@@ -1339,16 +1274,8 @@ impl Core {
     }
 }
 
-fn with_cas(touch: Option<u32>) -> GetOpts {
-    GetOpts {
-        cas: true,
-        touch,
-        ..GetOpts::default()
-    }
-}
-
 /// The command options of a storage call.
-fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
+pub(crate) fn store_opts(mode: StoreMode, opts: SetOptions) -> StoreOpts {
     StoreOpts {
         mode,
         flags: opts.flags,

@@ -39,6 +39,8 @@
 //!   deadlines, reconnect after any error whose framing is in doubt.
 //! - [`client`]: the public blocking API ([`Client`], [`ClientBuilder`]): key validation, command
 //!   routing, error mapping.
+//! - `shared`: [`SharedClient`], one engine (a pinned [`Client`]) per server serving queued
+//!   calls of many threads and tasks in rounds.
 //! - [`ring`]: placing keys on servers exactly as libmemcached does (modula, ketama,
 //!   weighted ketama; every libhashkit hash).
 //! - [`storage`]: the storage layer, built on the client.
@@ -74,6 +76,7 @@ macro_rules! setters {
 
 mod addr;
 pub mod client;
+mod command;
 mod conn;
 mod error;
 #[cfg(any(test, fuzzing))]
@@ -82,6 +85,7 @@ pub mod fuzzing;
 mod observe;
 pub mod proto;
 pub mod ring;
+mod shared;
 pub mod storage;
 
 #[doc = include_str!("../docs/cookbook.md")]

@@ -202,6 +202,18 @@ impl ClientBuilder {
         self
     }
 
+    /// Clients built from here on share `client`'s view of which servers are ejected (the
+    /// shared client's engines and router).
+    pub(crate) fn sharing_health_of(self, client: &Client) -> Self {
+        let health = client.core.health.shared().clone();
+        self.share_health(health)
+    }
+
+    /// The I/O timeout it was given (the shared client's per-call deadline).
+    pub(crate) fn configured_io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
     /// Validates the configuration and builds the client. Nothing is connected yet.
     ///
     /// # Errors

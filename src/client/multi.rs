@@ -8,6 +8,7 @@ use super::{
     combine, refused, store_opts, wire_key, Client, Core, ItemRef, Scratch, SetOptions, StoreMode,
     Strays,
 };
+use crate::conn::batch::BatchPolicy;
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::observe::CallOp;
@@ -18,10 +19,6 @@ use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KE
 
 /// Marks a key whose server is ejected (or that has no server).
 const NO_SERVER: u32 = u32::MAX;
-
-/// Over TLS, the most request bytes a multi-store or multi-delete sends in one go (one TLS
-/// record's worth of plaintext); see `Client::tls_chunk`.
-const TLS_BATCH: usize = 16 * 1024;
 
 /// One server's share of a multi-key call.
 #[derive(Default)]
@@ -512,7 +509,7 @@ impl Client {
     /// One retrieval batch over `keys` (a multi-get, or a shared client's coalesced gets):
     /// hits go to `on_hit(index, item)` as they arrive; a key without a hit is a miss once
     /// this returns `Ok`.
-    pub(super) fn batch_get(
+    pub(crate) fn batch_get(
         &mut self,
         with_cas: bool,
         keys: &(impl Keys + ?Sized),
@@ -549,7 +546,7 @@ impl Client {
     /// One batch of stores or deletes (`kind`) for the shared client: each reply that
     /// answers an item goes to `on_item(index, outcome)`; an item no reply answered (quiet
     /// protocols answer only failures) succeeded once this returns `Ok`.
-    pub(super) fn batch_write<'v>(
+    pub(crate) fn batch_write<'v>(
         &mut self,
         kind: Kind,
         keys: &(impl Keys + ?Sized),
@@ -637,26 +634,12 @@ impl Client {
     }
 
     /// Over TLS, the length of the first chunk of a multi-store or multi-delete whose request
-    /// would pass [`TLS_BATCH`] bytes (`None`: send it whole). memcached 1.6 (with OpenSSL)
-    /// stalls on such a request: it answers the commands of the first TLS record, and the
-    /// next records wait in OpenSSL's buffer while memcached waits on the socket, so the
-    /// call would time out (reproduced with Python's `ssl` client too). In chunks of at most
-    /// one record, each answered before the next is sent, every record is read.
+    /// would pass one TLS record (`None`: send it whole; see [`BatchPolicy`] for why). In
+    /// chunks of at most one record, each answered before the next is sent, every record is
+    /// read.
     fn tls_chunk(&self, n: usize, item_bytes: impl Fn(usize) -> usize) -> Option<usize> {
-        if !self.core.driver.is_tls() {
-            return None;
-        }
-        // A command's fixed part (verb, flags, TTL, length, line ends) and the namespace.
-        let overhead = 48 + self.core.namespace.len();
-        let mut total = 0;
-        for j in 0..n {
-            total += item_bytes(j) + overhead;
-            if total > TLS_BATCH {
-                // At least one item per chunk (a large value goes alone).
-                return if j + 1 < n { Some(j.max(1)) } else { None };
-            }
-        }
-        None
+        BatchPolicy::multi_key(self.core.driver.is_tls(), self.core.namespace.len())?
+            .first_chunk(n, item_bytes)
     }
 
     /// Runs `call` on `items[..first]`, then on the rest (chunked again as it needs),
@@ -820,8 +803,10 @@ where
 }
 
 /// The keys of a multi-key call, by index: a key list or the keys of `(key, value)` items.
-pub(super) trait Keys {
+pub(crate) trait Keys {
+    /// How many keys.
     fn len(&self) -> usize;
+    /// Key `j`.
     fn key(&self, j: usize) -> &[u8];
 }
 
@@ -892,11 +877,23 @@ pub(crate) mod for_fuzzing {
             value: Option<&[u8]>,
             cmd: impl Fn(Key<'_>) -> Cmd<'_>,
         ) {
+            self.encode_items::<W>(out, keys, |_| value, |_, key| cmd(key));
+        }
+
+        /// Encodes item `j` as `cmd(j, key)` followed by `value(j)`, for every item, and
+        /// closes the batch, as a client's batch does.
+        pub(crate) fn encode_items<'v, W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            keys: &(impl Keys + ?Sized),
+            value: impl Fn(usize) -> Option<&'v [u8]>,
+            cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        ) {
             let share = &mut self.plan.shares[0];
-            for (j, k) in keys.iter().enumerate() {
-                let key = Key::new(k).expect("fuzz keys are valid");
-                W::encode_item(out, &cmd(key), j as u32, share.encoded);
-                if let Some(v) = value {
+            for j in 0..keys.len() {
+                let key = Key::new(keys.key(j)).expect("batch keys are valid");
+                W::encode_item(out, &cmd(j, key), j as u32, share.encoded);
+                if let Some(v) = value(j) {
                     out.extend_from_slice(v);
                     out.extend_from_slice(W::TRAILER);
                 }
@@ -914,11 +911,40 @@ pub(crate) mod for_fuzzing {
             buf: &[u8],
             on_hit: &mut impl FnMut(usize),
         ) -> Result<Status<(usize, bool)>, ParseError> {
-            let kind = self.plan.kind;
-            let unmet = match kind {
+            let unmet = match self.plan.kind {
                 Kind::Store => store_unmet,
                 _ => delete_unmet,
             };
+            self.read_items::<W>(keys, buf, &mut |j, _| on_hit(j), &mut |plan, o| {
+                plan.answer(0, o, &[], keys, &unmet)
+            })
+        }
+
+        /// Reads one reply unit as a shared client's batch does ([`Client::batch_get`],
+        /// [`Client::batch_write`]): a hit goes to `on_hit(index, item)`, and another
+        /// outcome that answers an item to `on_item(index, outcome)`.
+        #[cfg(test)]
+        pub(crate) fn read_answers<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_item: &mut impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            self.read_items::<W>(keys, buf, on_hit, &mut |plan, o| {
+                let j = plan.answered(0, &o, &[], keys)?;
+                on_item(j, o)
+            })
+        }
+
+        fn read_items<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_other: &mut impl FnMut(&mut Plan, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let kind = self.plan.kind;
             let mut reader = BatchReader {
                 keys,
                 ns: &[],
@@ -930,12 +956,10 @@ pub(crate) mod for_fuzzing {
                     if kind != Kind::Get {
                         return no_hits(j, item);
                     }
-                    on_hit(j);
+                    on_hit(j, item);
                     Ok(())
                 },
-                on_other: |plan: &mut Plan, i: usize, o: Outcome<'_>| {
-                    plan.answer(i, o, &[], keys, &unmet)
-                },
+                on_other: |plan: &mut Plan, _: usize, o: Outcome<'_>| on_other(plan, o),
             };
             let r = reader.read::<W>(&mut self.plan, 0, buf);
             self.closed |= !reader.closed.is_empty();

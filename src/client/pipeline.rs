@@ -2,6 +2,7 @@
 //! the end.
 
 use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, StoreMode, Strays};
+use crate::conn::batch::TLS_BATCH_BYTES;
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
@@ -15,8 +16,9 @@ const PIPELINE_FLUSH: usize = 64 * 1024;
 /// waiting until more bytes reach the socket, so the last part of a long pipeline (and its
 /// closing sync) would sit there until the call times out (reproduced with 500 to 2,000
 /// noreply sets; see also `Client::tls_chunk`). A chunk of at most one record, closed by a
-/// sync whose reply is read, is always processed.
-const TLS_PIPELINE_FLUSH: usize = 15 * 1024;
+/// sync whose reply is read, is always processed. A record ([`TLS_BATCH_BYTES`]) less room
+/// for the command that passes the mark and the closing sync.
+const TLS_PIPELINE_FLUSH: usize = TLS_BATCH_BYTES - 1024;
 
 /// What a [`Pipeline`] reports when finished.
 #[derive(Debug, Clone, PartialEq, Eq)]

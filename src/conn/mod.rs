@@ -4,6 +4,7 @@
 //! an encoded request and a closure that parses replies, and the driver moves bytes both ways
 //! until the closure says the reply is complete.
 
+pub(crate) mod batch;
 mod buf;
 pub(crate) mod driver;
 mod exchange;

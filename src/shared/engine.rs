@@ -1,0 +1,517 @@
+//! A server's engine: its connection (a pinned [`Client`]), the queue of requests, the
+//! request slots, and how callers wait for them.
+//!
+//! # Lock order
+//!
+//! The locks: per server `state` (the engine's client and a round's working space),
+//! `queue`, `round` (the generation threads wait on with `round_done`) and one `data` mutex
+//! per slot; per shared client `router` and `admin` (in `Inner`). The condvars pair with
+//! them: `io` and `space` with `queue`, `round_done` with `round`.
+//!
+//! A lock may be taken while holding only locks to its left:
+//!
+//! ```text
+//! state  ->  queue  ->  slot data
+//!   |                     
+//!   +-> round        (router, admin: leaves, see below)
+//! ```
+//!
+//! Where two are held at once (every such place):
+//! - `state -> queue`: [`Engine::round`] takes the queue to swap its requests out, and again
+//!   to free the slots of abandoned requests, while the round holds `state`.
+//! - `state -> slot`: a round completes slots ([`Engine::complete`]) while holding `state`;
+//!   so does a caller serving a round in [`SharedClient::await_slot`](super::SharedClient).
+//! - `state -> round`: a round bumps the generation ([`Engine::wake_round`]) under `state`.
+//! - `queue -> slot`: [`Engine::push`] (a request queued in a free slot),
+//!   [`Engine::abandon`] (withdraw or mark abandoned), [`Engine::hand_off`] (ask the head's
+//!   owner to lead).
+//! - `state -> router`: a lent engine client ([`Lent`](super::Lent)) holds `state` while the
+//!   storage works; if it routes with the shared client meanwhile, it takes `router`.
+//!
+//! Why there is no cycle: nothing takes `state` while holding another of these locks. The
+//! I/O thread lets go of `queue` before it takes `state`; a direct call or a combiner takes
+//! `state` with `try_lock` only, holding nothing else, and calls [`Engine::hand_off`] (which
+//! takes `queue`) after letting go of `state`. Nothing takes `queue` while holding a slot:
+//! [`Engine::release_slot`] lets go of the slot first, and [`Engine::wait`] and the futures
+//! drop the slot before [`Engine::abandon`]. `round` and the slot locks are leaves: nothing
+//! is taken under them ([`Engine::wait`] reads `round` and lets go before it looks at the
+//! slot). `router` and `admin` are leaves too: under them only a `Client`'s own code runs,
+//! which takes none of these locks.
+//!
+//! Not locks, but run under them: a task's waker is woken under `queue` when a slot frees
+//! ([`Engine::free`]) and under `state` when a reply completes its slot (after the slot's
+//! lock is let go). A waker must not block on this client, as wakers never should.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::task::Waker;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use super::round::Work;
+use crate::client::Client;
+pub(super) use crate::command::{CallSpec, Op, Reply};
+use crate::error::{Error, Result};
+use crate::proto::ParseError;
+
+/// One server's connection and what is queued for it.
+pub(super) struct Engine {
+    pub(super) server: usize,
+    pub(super) label: String,
+    pub(super) timeout: Duration,
+    /// Held by whoever combines: the connection and the working space of a round.
+    pub(super) state: Mutex<State>,
+    pub(super) queue: Mutex<Queue>,
+    /// Wakes the I/O thread (with `queue`).
+    pub(super) io: Condvar,
+    /// Requests in the queue (read without its lock by a lone caller's fast path).
+    pub(super) queued: AtomicUsize,
+    /// The I/O thread is serving rounds (not asleep on `io`). An adaptive caller then queues
+    /// even if it finds the queue empty: a direct call between two rounds would hold the
+    /// connection for a round trip of one request while the others wait behind it.
+    pub(super) io_busy: AtomicBool,
+    /// Bumped after a batch completed requests of [`Waiter::Round`] threads, which wait on
+    /// `round_done`: one `notify_all` (one syscall) wakes a batch's threads, where waking each
+    /// would cost one apiece.
+    pub(super) round: Mutex<u64>,
+    pub(super) round_done: Condvar,
+    /// A completed request's owner waits on `round_done`.
+    pub(super) round_waiting: AtomicBool,
+    /// Wakes blocking callers waiting for a free slot (with `queue`).
+    pub(super) space: Condvar,
+    pub(super) slots: Box<[Slot]>,
+}
+
+/// A queued request: its key and value live in the queue's arena.
+#[derive(Debug, Clone)]
+pub(super) struct Req {
+    pub(super) op: Op,
+    pub(super) key: Range<usize>,
+    pub(super) value: Range<usize>,
+    pub(super) slot: u32,
+    pub(super) deadline: Instant,
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    pub(super) reqs: Vec<Req>,
+    pub(super) arena: Vec<u8>,
+    pub(super) free: Vec<u32>,
+    /// Async callers waiting for a free slot.
+    pub(super) space_wakers: Vec<Waker>,
+    /// Blocking callers waiting on `space`.
+    pub(super) space_waiting: usize,
+    /// The I/O thread exists, and is waiting on `io`.
+    pub(super) io_running: bool,
+    pub(super) io_idle: bool,
+    pub(super) shutdown: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Free,
+    /// Queued or on the wire, owner waiting.
+    Pending,
+    /// The reply is in; the owner has not taken it yet.
+    Done,
+    /// The owner gave up while the request was on the wire: the reply frees the slot.
+    Abandoned,
+}
+
+pub(super) enum Waiter {
+    None,
+    /// A parked thread, woken by itself (combining: it may be asked to lead).
+    Thread(Thread),
+    /// A thread waiting on its engine's round condition: one wake per batch for all of them.
+    Round,
+    Task(Waker),
+}
+
+pub(super) struct SlotData {
+    pub(super) phase: Phase,
+    /// The owner is asked to combine (it was queued first when a combiner let go).
+    pub(super) lead: bool,
+    pub(super) result: Option<Result<Reply>>,
+    pub(super) value: Vec<u8>,
+    pub(super) waiter: Waiter,
+}
+
+pub(super) struct Slot {
+    pub(super) data: Mutex<SlotData>,
+}
+
+/// Locks, ignoring poisoning: every critical section here leaves its data consistent.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    pub(super) fn new(server: usize, client: Client, slots: usize, timeout: Duration) -> Engine {
+        let label = client.label_list()[server].clone();
+        let queue = Queue {
+            free: (0..slots as u32).rev().collect(),
+            ..Queue::default()
+        };
+        Engine {
+            server,
+            label,
+            timeout,
+            state: Mutex::new(State {
+                client,
+                work: Work::default(),
+            }),
+            queue: Mutex::new(queue),
+            io: Condvar::new(),
+            queued: AtomicUsize::new(0),
+            io_busy: AtomicBool::new(false),
+            round: Mutex::new(0),
+            round_done: Condvar::new(),
+            round_waiting: AtomicBool::new(false),
+            space: Condvar::new(),
+            slots: (0..slots)
+                .map(|_| Slot {
+                    data: Mutex::new(SlotData {
+                        phase: Phase::Free,
+                        lead: false,
+                        result: None,
+                        value: Vec::new(),
+                        waiter: Waiter::None,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn try_state(&self) -> Option<MutexGuard<'_, State>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues a request in a free slot for an owner waiting as `waiter`, or `None` if no
+    /// slot is free.
+    pub(super) fn push(
+        &self,
+        q: &mut Queue,
+        call: &CallSpec<'_>,
+        deadline: Instant,
+        waiter: Waiter,
+    ) -> Option<u32> {
+        let slot = q.free.pop()?;
+        {
+            let mut d = lock(&self.slots[slot as usize].data);
+            d.phase = Phase::Pending;
+            d.lead = false;
+            d.result = None;
+            d.waiter = waiter;
+        }
+        let (op, key, value) = (call.op, call.key, call.value);
+        let k = q.arena.len();
+        q.arena.extend_from_slice(key);
+        let v = q.arena.len();
+        q.arena.extend_from_slice(value);
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        q.reqs.push(Req {
+            op,
+            key: k..v,
+            value: v..q.arena.len(),
+            slot,
+            deadline,
+        });
+        Some(slot)
+    }
+
+    /// Makes sure the I/O thread exists and looks at the queue.
+    pub(super) fn kick_io(self: &Arc<Self>, q: &mut Queue) {
+        if !q.io_running {
+            q.io_running = true;
+            let engine = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mcstore-io-{}", self.server))
+                .spawn(move || engine.io_thread());
+            if spawned.is_err() {
+                q.io_running = false;
+            }
+        } else if q.io_idle {
+            self.io.notify_one();
+        }
+    }
+
+    /// Gives a slot back.
+    pub(super) fn free(&self, q: &mut Queue, slot: u32) {
+        q.free.push(slot);
+        if let Some(w) = q.space_wakers.pop() {
+            w.wake();
+        } else if q.space_waiting > 0 {
+            self.space.notify_one();
+        }
+    }
+
+    /// The owner of `slot` stops waiting: withdraws the request if still queued, or leaves
+    /// the slot to be freed by its reply. True if the reply came in meanwhile (the owner
+    /// takes it as usual).
+    pub(super) fn abandon(&self, slot: u32) -> bool {
+        let mut q = lock(&self.queue);
+        let mut d = lock(&self.slots[slot as usize].data);
+        match d.phase {
+            Phase::Done => return true,
+            Phase::Pending => {}
+            Phase::Free | Phase::Abandoned => return false,
+        }
+        d.waiter = Waiter::None;
+        if let Some(at) = q.reqs.iter().position(|r| r.slot == slot) {
+            q.reqs.remove(at);
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            d.phase = Phase::Free;
+            drop(d);
+            self.free(&mut q, slot);
+        } else {
+            d.phase = Phase::Abandoned;
+        }
+        false
+    }
+
+    /// The owner took the result: the slot is free again.
+    pub(super) fn release_slot(&self, slot: u32) {
+        {
+            let mut d = lock(&self.slots[slot as usize].data);
+            d.phase = Phase::Free;
+            d.waiter = Waiter::None;
+        }
+        let mut q = lock(&self.queue);
+        self.free(&mut q, slot);
+    }
+
+    /// After a combiner let go of the client: someone must serve what is queued.
+    pub(super) fn hand_off(self: &Arc<Self>) {
+        // Read after the engine was let go: a request queued before that is counted here
+        // (its owner counted it, then failed to get the engine), one queued after finds the
+        // engine free.
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let q = lock(&self.queue);
+        let Some(head) = q.reqs.first() else { return };
+        if q.io_running {
+            if q.io_idle {
+                self.io.notify_one();
+            }
+            return;
+        }
+        let slot = head.slot;
+        let mut d = lock(&self.slots[slot as usize].data);
+        d.lead = true;
+        let round = matches!(d.waiter, Waiter::Round);
+        if let Waiter::Thread(t) = &d.waiter {
+            t.unpark();
+        }
+        drop(d);
+        drop(q);
+        if round {
+            self.round_waiting.store(true, Ordering::SeqCst);
+            self.wake_round();
+        }
+    }
+
+    /// Wakes the threads waiting on `round_done` if a request of theirs completed.
+    pub(super) fn wake_round(&self) {
+        if self.round_waiting.swap(false, Ordering::SeqCst) {
+            *lock(&self.round) += 1;
+            self.round_done.notify_all();
+        }
+    }
+
+    /// Delivers a result to `slot` (and the value, for a hit): wakes its owner, or frees it
+    /// if the owner is gone.
+    pub(super) fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    ) {
+        let mut d = lock(&self.slots[slot as usize].data);
+        match d.phase {
+            Phase::Pending => {}
+            Phase::Abandoned => {
+                d.phase = Phase::Free;
+                freed.push(slot);
+                return;
+            }
+            Phase::Done | Phase::Free => return,
+        }
+        if let Some(v) = value {
+            d.value.clear();
+            d.value.extend_from_slice(v);
+        }
+        d.result = Some(result);
+        d.phase = Phase::Done;
+        let waiter = std::mem::replace(&mut d.waiter, Waiter::None);
+        drop(d);
+        match waiter {
+            Waiter::Thread(t) => t.unpark(),
+            Waiter::Round => self.round_waiting.store(true, Ordering::SeqCst),
+            // A task's waker is the caller's code: if it panics, the panic (already reported
+            // by the hook) stays here, and the round goes on serving everyone else.
+            Waiter::Task(w) => {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+            }
+            Waiter::None => {}
+        }
+    }
+
+    /// Runs one round: takes everything queued and serves it. Returns false if nothing was
+    /// queued.
+    pub(super) fn round(&self, st: &mut State) -> bool {
+        let State { client, work } = st;
+        {
+            let mut q = lock(&self.queue);
+            if q.reqs.is_empty() {
+                return false;
+            }
+            std::mem::swap(&mut q.reqs, &mut work.reqs);
+            self.queued.fetch_sub(work.reqs.len(), Ordering::SeqCst);
+            std::mem::swap(&mut q.arena, &mut work.arena);
+        }
+        work.freed.clear();
+        let server = self.server;
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            client.pinned(server, |c| work.serve(self, c))
+        }));
+        if let Err(panic) = served {
+            // A panic mid-round (a waker's, say): the round's requests are dropped, never
+            // served again. Some were completed and their slots may be someone else's now;
+            // the rest time out at their deadline. (The connection was replaced: it was
+            // marked busy.)
+            work.reqs.clear();
+            work.arena.clear();
+            std::panic::resume_unwind(panic);
+        }
+        self.wake_round();
+        work.reqs.clear();
+        work.arena.clear();
+        if !work.freed.is_empty() {
+            let mut q = lock(&self.queue);
+            for &s in &work.freed {
+                self.free(&mut q, s);
+            }
+        }
+        true
+    }
+
+    /// The I/O thread: serves the queue whenever something is in it.
+    pub(super) fn io_thread(self: Arc<Self>) {
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                if q.reqs.is_empty() && !q.shutdown {
+                    // The callers just woken may be about to queue their next calls (on a
+                    // busy core they run only when this thread lets go): give them the CPU
+                    // once before sleeping, which would cost a wait and a wake.
+                    drop(q);
+                    std::thread::yield_now();
+                    q = lock(&self.queue);
+                }
+                while q.reqs.is_empty() {
+                    if q.shutdown {
+                        return;
+                    }
+                    q.io_idle = true;
+                    self.io_busy.store(false, Ordering::Relaxed);
+                    q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                q.io_idle = false;
+                self.io_busy.store(true, Ordering::Relaxed);
+            }
+            let mut st = lock(&self.state);
+            // A panic in a round (reported by the panic hook) must not end the thread that
+            // serves this server's queue: every later call would time out.
+            let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while self.round(&mut st) {}
+            }));
+            drop(rounds);
+        }
+    }
+}
+
+/// What the combiner holds.
+pub(super) struct State {
+    pub(super) client: Client,
+    pub(super) work: Work,
+}
+
+/// How a wait on a slot ended.
+pub(super) enum Waited {
+    Done(Result<Reply>),
+    /// Asked to combine.
+    Lead,
+    TimedOut,
+}
+
+impl Engine {
+    /// Parks until `slot` is done (its value copied to `out`), its owner is asked to combine,
+    /// or `deadline` passes.
+    pub(super) fn wait(&self, slot: u32, deadline: Instant, out: &mut Vec<u8>) -> Waited {
+        loop {
+            // Read before looking at the slot: a round that completes it after the look
+            // moves the generation, and the wait below does not sleep through it.
+            let seen = *lock(&self.round);
+            let mut d = lock(&self.slots[slot as usize].data);
+            if let Some(r) = self.take_done(&mut d, out) {
+                drop(d);
+                self.release_slot(slot);
+                return Waited::Done(r);
+            }
+            if d.lead {
+                d.lead = false;
+                return Waited::Lead;
+            }
+            let parked = match d.waiter {
+                Waiter::Round => false,
+                Waiter::Thread(_) => true,
+                _ => {
+                    d.waiter = Waiter::Thread(std::thread::current());
+                    true
+                }
+            };
+            drop(d);
+            let now = Instant::now();
+            if now >= deadline {
+                return Waited::TimedOut;
+            }
+            if parked {
+                std::thread::park_timeout(deadline - now);
+                continue;
+            }
+            let g = lock(&self.round);
+            if *g == seen {
+                drop(
+                    self.round_done
+                        .wait_timeout(g, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+        }
+    }
+
+    /// The result of a done slot (its value copied to `out` for a hit).
+    pub(super) fn take_done(&self, d: &mut SlotData, out: &mut Vec<u8>) -> Option<Result<Reply>> {
+        if d.phase != Phase::Done {
+            return None;
+        }
+        let r = d.result.take().unwrap_or_else(|| {
+            Err(Error::Parse {
+                server: self.label.clone(),
+                error: ParseError::Unexpected,
+            })
+        });
+        if matches!(r, Ok(Reply::Hit(_))) {
+            out.clear();
+            out.extend_from_slice(&d.value);
+        }
+        Some(r)
+    }
+}

@@ -1,0 +1,89 @@
+//! The storage's lending door: an engine's client held exclusively for calls that must
+//! follow each other on one connection.
+
+use std::sync::{Arc, MutexGuard};
+
+use super::engine::{lock, Engine, Op, State};
+use super::{spec, SharedClient};
+use crate::client::{Client, ItemInfo, Route};
+use crate::command::as_item;
+use crate::error::Result;
+use crate::proto::wire::Capability;
+
+/// A client lent for calls that must follow each other on one connection (the storage's
+/// fill protocol: a CAS unique is only good on the connection's server process); see
+/// [`SharedClient::lend_for`]. Batched calls for that server wait meanwhile, then resume.
+pub(crate) struct Lent<'a>(LentClient<'a>);
+
+enum LentClient<'a> {
+    Engine(Option<MutexGuard<'a, State>>, &'a Arc<Engine>),
+    Admin(MutexGuard<'a, Client>),
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        match &self.0 {
+            LentClient::Engine(g, _) => &g.as_ref().expect("held until dropped").client,
+            LentClient::Admin(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        match &mut self.0 {
+            LentClient::Engine(g, _) => &mut g.as_mut().expect("held until dropped").client,
+            LentClient::Admin(g) => g,
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let LentClient::Engine(g, engine) = &mut self.0 {
+            drop(g.take());
+            // What queued while it was lent is served now.
+            engine.hand_off();
+        }
+    }
+}
+
+/// What the storage layer needs beyond the public calls.
+impl SharedClient {
+    /// Whether the protocol has leases (meta).
+    pub(crate) fn has_leases(&self) -> bool {
+        self.inner.protocol.supports(Capability::Meta)
+    }
+
+    /// Where `key` goes now, and its own server (see `Client::route_of_key`).
+    pub(crate) fn route_of_key(&self, key: &[u8]) -> Result<Route> {
+        lock(&self.inner.router).route_of_key(key)
+    }
+
+    /// Server `server`'s engine client, for calls that must share its connection: the
+    /// connection batched calls use, held exclusively until the lent client is dropped.
+    pub(crate) fn lend_for(&self, server: usize) -> Lent<'_> {
+        let engine = &self.inner.engines[server];
+        Lent(LentClient::Engine(Some(lock(&engine.state)), engine))
+    }
+
+    /// The client for server-wide and multi-server maintenance (replays, flushes).
+    pub(crate) fn lend_admin(&self) -> Lent<'_> {
+        Lent(LentClient::Admin(lock(&self.inner.admin)))
+    }
+
+    /// A get on server `server` (wherever the ring would send `key` now), batched with
+    /// concurrent calls: the storage's warm reads, kept on the server its route checks
+    /// approved.
+    pub(crate) fn get_on(
+        &self,
+        server: usize,
+        key: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        let eng = &self.inner.engines[server];
+        as_item(self.exec_on(eng, spec(Op::Get { cas: false }, key), true, buf)?)
+    }
+}

@@ -1,0 +1,467 @@
+//! A round: everything queued for a server, served in batches (one multi-get of the
+//! distinct keys, store and delete batches, the rest one by one), each reply handed back to
+//! the slot of the request it answers.
+
+//!
+//! Sans I/O: a round reaches its server through a [`Transport`] and hands results to
+//! [`Slots`]. The engine's are its pinned [`Client`] and its slot table; the tests' are an
+//! in-memory server fed hand-written replies, and a record of what each slot got.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::engine::{Engine, Op, Reply, Req};
+use crate::client::{Client, ItemInfo, ItemRef, Keys};
+use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
+use crate::error::{During, Error, Result};
+use crate::proto::wire::{Cmd, Kind, Outcome};
+use crate::proto::{Key, ParseError, SetOutcome};
+
+#[cfg(test)]
+mod tests;
+
+/// Where a round's results go.
+pub(super) trait Slots {
+    /// Delivers `result` to `slot` (with the value of a hit); a slot whose owner is gone is
+    /// pushed to `freed` instead.
+    fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    );
+    /// Wakes the owners whose requests completed since the last call.
+    fn wake_round(&self);
+    /// The server's label, for errors.
+    fn label(&self) -> &str;
+    /// A call's time limit, for the errors of requests that expired while queued.
+    fn timeout(&self) -> Duration;
+}
+
+impl Slots for Engine {
+    fn complete(
+        &self,
+        slot: u32,
+        result: Result<Reply>,
+        value: Option<&[u8]>,
+        freed: &mut Vec<u32>,
+    ) {
+        Engine::complete(self, slot, result, value, freed);
+    }
+    fn wake_round(&self) {
+        Engine::wake_round(self);
+    }
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// How a round's batches reach its server and come back: one request per batch, its replies
+/// matched to the batch's items.
+pub(super) trait Transport {
+    /// How large a store or delete batch may grow.
+    fn policy(&self) -> BatchPolicy;
+    /// One multi-get over `keys`: each hit to `on_hit(index, item)`; a key without a hit
+    /// is a miss once this returns `Ok`.
+    fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &ArenaKeys<'_>,
+        on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()>;
+    /// One batch of stores or deletes (`kind`): each reply that answers an item to
+    /// `on_item(index, outcome)`; an item no reply answered succeeded once this returns `Ok`.
+    fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &ArenaKeys<'_>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()>;
+    /// One call on its own (a hit's value into `out`).
+    fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply>;
+}
+
+/// The engine's transport: its client, pinned to the engine's server.
+impl Transport for Client {
+    fn policy(&self) -> BatchPolicy {
+        BatchPolicy::round(self.is_tls(), self.namespace_arc().len())
+    }
+    fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &ArenaKeys<'_>,
+        on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        Client::batch_get(self, with_cas, keys, on_hit)
+    }
+    fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &ArenaKeys<'_>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        Client::batch_write(self, kind, keys, value, cmd, on_item)
+    }
+    fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
+        single(self, op, key, value, out)
+    }
+}
+
+/// A combiner's working space, reused round after round.
+#[derive(Default)]
+pub(super) struct Work {
+    pub(super) reqs: Vec<Req>,
+    pub(super) arena: Vec<u8>,
+    /// Requests of the current batch (indices into `reqs`).
+    pub(super) batch: Vec<usize>,
+    /// Distinct keys of a multi-get (ranges into `arena`) and, per request of the batch, the
+    /// index of its key there; the requests of each distinct key, chained.
+    pub(super) keys: Vec<Range<usize>>,
+    pub(super) first: Vec<u32>,
+    pub(super) next: Vec<u32>,
+    /// Distinct keys by hash.
+    pub(super) seen: std::collections::HashMap<u64, u32>,
+    /// Per item of a store or delete batch: the answer read, if any.
+    pub(super) answers: Vec<Option<Result<Reply>>>,
+    /// Per distinct key of a multi-get: whether it was a hit.
+    pub(super) hits: Vec<bool>,
+    /// A value read by a call made on its own.
+    pub(super) value: Vec<u8>,
+    /// A transport failure in this round (see `serve`).
+    pub(super) poison: Option<Error>,
+    pub(super) freed: Vec<u32>,
+}
+
+/// The keys of a batch, as ranges into the round's arena.
+pub(super) struct ArenaKeys<'a> {
+    pub(super) arena: &'a [u8],
+    pub(super) keys: &'a [Range<usize>],
+}
+
+impl Keys for ArenaKeys<'_> {
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        &self.arena[self.keys[j].clone()]
+    }
+}
+
+pub(super) const NONE: u32 = u32::MAX;
+
+/// FNV-1a: distinct keys of a batch are found by hash, then compared.
+pub(super) fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Work {
+    pub(super) fn serve(&mut self, engine: &impl Slots, c: &mut impl Transport) {
+        self.poison = None;
+        self.serve_all(engine, c);
+        // After a transport failure the rest of the round fails with it, at once: a dead or
+        // frozen server costs one I/O timeout per round, not one per batch.
+        if let Some(e) = self.poison.take() {
+            for req in self.reqs.iter_mut() {
+                if req.slot != NONE {
+                    engine.complete(req.slot, Err(e.clone()), None, &mut self.freed);
+                    req.slot = NONE;
+                }
+            }
+        }
+    }
+
+    /// Notes a batch's failure: a transport failure poisons the rest of the round.
+    fn failed(&mut self, e: &Error) {
+        use crate::error::ErrorKind as K;
+        if matches!(e.kind(), K::Timeout | K::Io | K::Tls | K::ServerDown) {
+            self.poison.get_or_insert_with(|| e.clone());
+        }
+    }
+
+    fn serve_all(&mut self, engine: &impl Slots, c: &mut impl Transport) {
+        let now = Instant::now();
+        // Requests whose owner's deadline passed while queued are failed, not sent.
+        for req in self.reqs.iter_mut() {
+            if req.deadline <= now {
+                let e = Error::Timeout {
+                    server: engine.label().to_string(),
+                    during: During::Write,
+                    elapsed: engine.timeout() + (now - req.deadline),
+                };
+                engine.complete(req.slot, Err(e), None, &mut self.freed);
+                req.slot = NONE;
+            }
+        }
+        // Gets, coalesced, in batches of distinct keys.
+        let mut r = 0;
+        while r < self.reqs.len() {
+            self.batch.clear();
+            let mut with_cas = false;
+            while r < self.reqs.len() && self.batch.len() < MAX_ROUND_KEYS {
+                if let (Op::Get { cas }, true) = (self.reqs[r].op, self.reqs[r].slot != NONE) {
+                    with_cas |= cas;
+                    self.batch.push(r);
+                }
+                r += 1;
+            }
+            if !self.batch.is_empty() {
+                self.get_batch(engine, c, with_cas);
+            }
+            if self.poison.is_some() {
+                return;
+            }
+        }
+        // Stores, then deletes, batched; the rest one by one.
+        let policy = c.policy();
+        self.write_batches(engine, c, Kind::Store, policy);
+        self.write_batches(engine, c, Kind::Delete, policy);
+        for r in 0..self.reqs.len() {
+            let req = &self.reqs[r];
+            if self.poison.is_some() {
+                return;
+            }
+            if req.slot == NONE || matches!(req.op, Op::Get { .. } | Op::Store(_) | Op::Delete) {
+                continue;
+            }
+            let (slot, op) = (req.slot, req.op);
+            let key = &self.arena[req.key.clone()];
+            let result = c.single(op, key, &[], &mut self.value);
+            if let Err(e) = &result {
+                self.failed(e);
+            }
+            let value = matches!(result, Ok(Reply::Hit(_))).then_some(&self.value[..]);
+            engine.complete(slot, result, value, &mut self.freed);
+            engine.wake_round();
+            self.reqs[r].slot = NONE;
+        }
+    }
+
+    /// One multi-get for the requests in `batch`: each distinct key once.
+    fn get_batch(&mut self, engine: &impl Slots, c: &mut impl Transport, with_cas: bool) {
+        self.keys.clear();
+        self.first.clear();
+        self.next.clear();
+        self.seen.clear();
+        for (b, &r) in self.batch.iter().enumerate() {
+            let range = self.reqs[r].key.clone();
+            let key = &self.arena[range.clone()];
+            let h = key_hash(key);
+            self.next.push(NONE);
+            match self.seen.get(&h) {
+                Some(&u) if self.arena[self.keys[u as usize].clone()] == *key => {
+                    // Chain this request behind the key's first one.
+                    let mut at = self.first[u as usize] as usize;
+                    while self.next[at] != NONE {
+                        at = self.next[at] as usize;
+                    }
+                    self.next[at] = b as u32;
+                }
+                seen => {
+                    let u = self.keys.len() as u32;
+                    if seen.is_none() {
+                        self.seen.insert(h, u);
+                    }
+                    self.keys.push(range);
+                    self.first.push(b as u32);
+                }
+            }
+        }
+        let Work {
+            reqs,
+            arena,
+            batch,
+            keys,
+            first,
+            next,
+            freed,
+            hits: hit,
+            ..
+        } = self;
+        let list = ArenaKeys { arena, keys };
+        hit.clear();
+        hit.resize(keys.len(), false);
+        let result = c.batch_get(with_cas, &list, |u, item| {
+            hit[u] = true;
+            let mut b = first[u];
+            while b != NONE {
+                let req = &reqs[batch[b as usize]];
+                let cas = match req.op {
+                    Op::Get { cas: true } => item.cas,
+                    _ => None,
+                };
+                let info = ItemInfo {
+                    flags: item.flags,
+                    cas,
+                };
+                engine.complete(req.slot, Ok(Reply::Hit(info)), Some(item.value), freed);
+                b = next[b as usize];
+            }
+        });
+        for u in 0..keys.len() {
+            if hit[u] {
+                continue;
+            }
+            let mut b = first[u];
+            while b != NONE {
+                let req = &reqs[batch[b as usize]];
+                let r = match &result {
+                    Ok(()) => Ok(Reply::Miss),
+                    Err(e) => Err(e.clone()),
+                };
+                engine.complete(req.slot, r, None, freed);
+                b = next[b as usize];
+            }
+        }
+        for &r in batch.iter() {
+            reqs[r].slot = NONE;
+        }
+        engine.wake_round();
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+    }
+}
+
+impl Work {
+    /// The queued stores (or deletes), in batches of at most `policy.max_bytes` request bytes.
+    fn write_batches(
+        &mut self,
+        engine: &impl Slots,
+        c: &mut impl Transport,
+        kind: Kind,
+        policy: BatchPolicy,
+    ) {
+        let wanted = |op: &Op| match kind {
+            Kind::Store => matches!(op, Op::Store(_)),
+            _ => matches!(op, Op::Delete),
+        };
+        let mut r = 0;
+        while r < self.reqs.len() && self.poison.is_none() {
+            self.batch.clear();
+            self.keys.clear();
+            let mut bytes = 0;
+            while r < self.reqs.len() {
+                let req = &self.reqs[r];
+                if req.slot != NONE && wanted(&req.op) {
+                    let len = policy.item_bytes(req.key.len(), req.value.len());
+                    if policy.is_full(self.batch.len(), bytes, len) {
+                        break;
+                    }
+                    bytes += len;
+                    self.batch.push(r);
+                    self.keys.push(req.key.clone());
+                }
+                r += 1;
+            }
+            if self.batch.is_empty() {
+                continue;
+            }
+            self.answers.clear();
+            self.answers.resize_with(self.batch.len(), || None);
+            let Work {
+                reqs,
+                arena,
+                batch,
+                keys,
+                answers,
+                freed,
+                ..
+            } = self;
+            let list = ArenaKeys { arena, keys };
+            let req_of = |j: usize| &reqs[batch[j]];
+            let result = c.batch_write(
+                kind,
+                &list,
+                |j| match req_of(j).op {
+                    Op::Store(_) => Some(&arena[req_of(j).value.clone()]),
+                    _ => None,
+                },
+                |j, key| match req_of(j).op {
+                    Op::Store(o) => Cmd::Store(key, o, req_of(j).value.len()),
+                    _ => Cmd::Delete(key),
+                },
+                |j, outcome| {
+                    let reply = match (req_of(j).op, outcome) {
+                        // Without a CAS, "exists" and "not found" cannot answer a store.
+                        (Op::Store(o), Outcome::Store(s, ..))
+                            if o.cas.is_some()
+                                || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
+                        {
+                            Reply::Store(s)
+                        }
+                        (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
+                        (Op::Delete, Outcome::NotFound(_)) => Reply::Existed(false),
+                        _ => return Err(ParseError::Unexpected),
+                    };
+                    answers[j] = Some(Ok(reply));
+                    Ok(())
+                },
+            );
+            for (j, answer) in answers.iter_mut().enumerate() {
+                let req = &reqs[batch[j]];
+                let r = match (answer.take(), &result) {
+                    (Some(a), _) => a,
+                    // Quiet protocols answer only what did not succeed.
+                    (None, Ok(())) => Ok(match req.op {
+                        Op::Store(_) => Reply::Store(SetOutcome::Stored),
+                        _ => Reply::Existed(true),
+                    }),
+                    (None, Err(e)) => Err(e.clone()),
+                };
+                engine.complete(req.slot, r, None, freed);
+            }
+            for &r in batch.iter() {
+                reqs[r].slot = NONE;
+            }
+            engine.wake_round();
+            if let Err(e) = &result {
+                self.failed(e);
+            }
+        }
+    }
+}
+
+/// One call made on its own on `c` (pinned to the call's server): a lone caller's call, and
+/// the commands a round does not batch (get-and-touch, incr/decr, touch).
+pub(super) fn single(
+    c: &mut Client,
+    op: Op,
+    key: &[u8],
+    value: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Reply> {
+    let sink = |d: &[u8]| {
+        out.clear();
+        out.extend_from_slice(d);
+    };
+    let hit = |info: Option<ItemInfo>| info.map_or(Reply::Miss, Reply::Hit);
+    Ok(match op {
+        Op::Get { cas } => hit(c.retrieve(get_opts(cas, None), key, sink)?),
+        Op::Gat { ttl, cas } => hit(c.retrieve(get_opts(cas, Some(ttl)), key, sink)?),
+        Op::Store(o) => Reply::Store(c.store_cmd(key, value, o)?.0),
+        Op::Delete => Reply::Existed(c.delete(key)?),
+        Op::Arith { decr, delta } => Reply::Number(c.arith(decr, key, delta)?),
+        Op::Touch(ttl) => Reply::Existed(c.touch(key, ttl)?),
+    })
+}
+
+pub(super) fn get_opts(cas: bool, touch: Option<u32>) -> crate::proto::wire::GetOpts {
+    crate::proto::wire::GetOpts {
+        cas,
+        touch,
+        ..Default::default()
+    }
+}

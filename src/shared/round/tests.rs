@@ -1,0 +1,505 @@
+//! A round in memory: queued requests in, one request per batch out, a hand-written server
+//! reply fed back split at every byte boundary, each slot's result checked.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ArenaKeys, Slots, Transport, Work};
+use crate::client::multi_for_fuzzing::OneServer;
+use crate::client::ItemRef;
+use crate::conn::batch::BatchPolicy;
+use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
+use crate::error::{Error, Result};
+use crate::proto::wire::{with_wire, Cmd, GetOpts, Kind, Outcome, StoreOpts};
+use crate::proto::{Key, ParseError, Protocol, SetOutcome, Status, StoreMode};
+use crate::shared::engine::{Op, Reply, Req};
+use crate::ItemInfo;
+
+const LABEL: &str = "memory:11211";
+
+/// A server in memory: each batch's request is kept, and answered with the next of
+/// `replies`, delivered in two reads split at `split` (clamped to the reply's length).
+struct MemoryServer {
+    protocol: Protocol,
+    replies: VecDeque<Vec<u8>>,
+    sent: Vec<Vec<u8>>,
+    split: usize,
+}
+
+impl MemoryServer {
+    fn new(protocol: Protocol, replies: &[&[u8]], split: usize) -> MemoryServer {
+        MemoryServer {
+            protocol,
+            replies: replies.iter().map(|r| r.to_vec()).collect(),
+            sent: Vec::new(),
+            split,
+        }
+    }
+
+    /// Feeds the next reply to `read` as the driver does (through [`Exchange`] and a
+    /// [`ReadBuf`]), in two reads; the end of the bytes before the batch is complete is the
+    /// server closing the connection.
+    fn answer(
+        &mut self,
+        mut read: impl FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    ) -> Result<()> {
+        let reply = self.replies.pop_front().unwrap_or_default();
+        let at = self.split.min(reply.len());
+        let mut ex = Exchange::new(0, None, Instant::now() + Duration::from_secs(60));
+        let mut rbuf = ReadBuf::new(8, 1 << 20);
+        for mut part in [&reply[..at], &reply[at..]] {
+            while !part.is_empty() {
+                let spare = rbuf.spare().expect("a reply unit fits the read buffer");
+                let n = spare.len().min(part.len());
+                spare[..n].copy_from_slice(&part[..n]);
+                rbuf.filled(n);
+                part = &part[n..];
+                ex.handle_input(&mut rbuf, &mut read).map_err(failed)?;
+                if ex.is_done() {
+                    return Ok(());
+                }
+            }
+        }
+        Err(failed(ex.handle_eof()))
+    }
+}
+
+/// The error the driver reports for a failed exchange.
+fn failed(f: Failure) -> Error {
+    match f {
+        Failure::Parse(error) => Error::Parse {
+            server: LABEL.into(),
+            error,
+        },
+        Failure::Closed => Error::Io {
+            server: LABEL.into(),
+            source: Arc::new(std::io::ErrorKind::UnexpectedEof.into()),
+        },
+        other => panic!("no clock and no writes here: {other:?}"),
+    }
+}
+
+impl Transport for MemoryServer {
+    fn policy(&self) -> BatchPolicy {
+        BatchPolicy::round(false, 0)
+    }
+
+    fn batch_get(
+        &mut self,
+        with_cas: bool,
+        keys: &ArenaKeys<'_>,
+        mut on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        let mut one = OneServer::new(Kind::Get, keys.keys.len());
+        let mut out = Vec::new();
+        let opts = GetOpts {
+            cas: with_cas,
+            ..GetOpts::default()
+        };
+        with_wire!(self.protocol, W => {
+            one.encode_items::<W>(&mut out, keys, |_| None, |_, key| Cmd::Get(key, opts));
+            self.sent.push(out);
+            let mut none = |_: usize, _: Outcome<'_>| Err(ParseError::Unexpected);
+            self.answer(|buf| one.read_answers::<W>(keys, buf, &mut on_hit, &mut none))
+        })
+    }
+
+    fn batch_write<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &ArenaKeys<'_>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        mut on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        let mut one = OneServer::new(kind, keys.keys.len());
+        let mut out = Vec::new();
+        with_wire!(self.protocol, W => {
+            one.encode_items::<W>(&mut out, keys, value, cmd);
+            self.sent.push(out);
+            let mut no_hit = |_: usize, _: ItemRef<'_>| unreachable!("no hits in a write batch");
+            let r = self.answer(|buf| one.read_answers::<W>(keys, buf, &mut no_hit, &mut on_item));
+            if one.refused() {
+                return Err(Error::Parse { server: LABEL.into(), error: ParseError::Unexpected });
+            }
+            r
+        })
+    }
+
+    fn single(&mut self, op: Op, _: &[u8], _: &[u8], _: &mut Vec<u8>) -> Result<Reply> {
+        panic!("these rounds batch everything: {op:?} was sent alone")
+    }
+}
+
+/// A slot's result and a hit's value, once completed.
+type Got = Option<(Result<Reply>, Option<Vec<u8>>)>;
+
+/// What each slot got, exactly once.
+#[derive(Default)]
+struct Record {
+    got: RefCell<Vec<Got>>,
+}
+
+impl Slots for Record {
+    fn complete(&self, slot: u32, r: Result<Reply>, value: Option<&[u8]>, _: &mut Vec<u32>) {
+        let mut got = self.got.borrow_mut();
+        let at = slot as usize;
+        if got.len() <= at {
+            got.resize_with(at + 1, || None);
+        }
+        assert!(got[at].is_none(), "slot {slot} completed twice");
+        got[at] = Some((r, value.map(<[u8]>::to_vec)));
+    }
+    fn wake_round(&self) {}
+    fn label(&self) -> &str {
+        LABEL
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+/// A round's queue, as the engine swaps it out: requests in slots 0, 1, 2, ... in order.
+fn queued(calls: &[(Op, &str, &str)]) -> Work {
+    let mut work = Work::default();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    for (slot, &(op, key, value)) in calls.iter().enumerate() {
+        let k = work.arena.len();
+        work.arena.extend_from_slice(key.as_bytes());
+        let v = work.arena.len();
+        work.arena.extend_from_slice(value.as_bytes());
+        work.reqs.push(Req {
+            op,
+            key: k..v,
+            value: v..work.arena.len(),
+            slot: slot as u32,
+            deadline,
+        });
+    }
+    work
+}
+
+fn set(mode: StoreMode) -> Op {
+    Op::Store(StoreOpts {
+        mode,
+        ..StoreOpts::default()
+    })
+}
+
+const GET: Op = Op::Get { cas: false };
+const GETS: Op = Op::Get { cas: true };
+
+/// Gets (a duplicate key, a miss), stores (one not stored) and deletes (one of a missing
+/// key), interleaved as concurrent callers queue them.
+fn mixed() -> Vec<(Op, &'static str, &'static str)> {
+    vec![
+        (GET, "alpha", ""),
+        (set(StoreMode::Set), "alpha", "new"),
+        (GET, "beta", ""),
+        (Op::Delete, "gamma", ""),
+        (GETS, "alpha", ""),
+        (set(StoreMode::Add), "delta", "d"),
+        (GET, "gamma", ""),
+        (Op::Delete, "zeta", ""),
+        (set(StoreMode::Set), "eps", "e"),
+    ]
+}
+
+/// What each slot of [`mixed`] must get (a hit's value second).
+fn mixed_expected() -> Vec<(Reply, Option<&'static [u8]>)> {
+    let hit = |flags, cas| Reply::Hit(ItemInfo { flags, cas });
+    vec![
+        (hit(5, None), Some(b"A1")),
+        (Reply::Store(SetOutcome::Stored), None),
+        (Reply::Miss, None),
+        (Reply::Existed(true), None),
+        (hit(5, Some(77)), Some(b"A1")),
+        (Reply::Store(SetOutcome::NotStored), None),
+        (hit(0, None), Some(b"G")),
+        (Reply::Existed(false), None),
+        (Reply::Store(SetOutcome::Stored), None),
+    ]
+}
+
+/// Runs one round of `calls` against `replies` (one per batch: gets, stores, deletes), with
+/// every reply split at `split`.
+fn round(
+    protocol: Protocol,
+    calls: &[(Op, &str, &str)],
+    replies: &[&[u8]],
+    split: usize,
+) -> (Vec<Got>, MemoryServer) {
+    let mut work = queued(calls);
+    let mut server = MemoryServer::new(protocol, replies, split);
+    let record = Record::default();
+    work.serve(&record, &mut server);
+    (record.got.into_inner(), server)
+}
+
+/// Every split of every reply: each slot gets exactly its own reply.
+fn check_mixed(protocol: Protocol, requests: [&[u8]; 3], replies: [&[u8]; 3]) {
+    let longest = replies.iter().map(|r| r.len()).max().unwrap_or(0);
+    for split in 0..=longest {
+        let (got, server) = round(protocol, &mixed(), &replies, split);
+        let sent: Vec<&[u8]> = server.sent.iter().map(Vec::as_slice).collect();
+        assert_eq!(sent, requests, "{protocol:?}: the batches' requests");
+        assert_eq!(
+            got.len(),
+            mixed().len(),
+            "{protocol:?}: every slot answered"
+        );
+        for (slot, (got, want)) in got.into_iter().zip(mixed_expected()).enumerate() {
+            let (result, value) = got.unwrap_or_else(|| panic!("slot {slot} not completed"));
+            let reply = result.unwrap_or_else(|e| panic!("{protocol:?} split {split}: {e}"));
+            assert_eq!(reply, want.0, "{protocol:?} split {split}: slot {slot}");
+            assert_eq!(
+                value.as_deref(),
+                want.1,
+                "{protocol:?} split {split}: slot {slot}"
+            );
+        }
+    }
+}
+
+#[test]
+fn text_round_answers_each_slot() {
+    check_mixed(
+        Protocol::Text,
+        [
+            b"gets alpha beta gamma\r\n",
+            b"set alpha 0 0 3\r\nnew\r\nadd delta 0 0 1\r\nd\r\nset eps 0 0 1\r\ne\r\n",
+            b"delete gamma\r\ndelete zeta\r\n",
+        ],
+        [
+            b"VALUE alpha 5 2 77\r\nA1\r\nVALUE gamma 0 1 78\r\nG\r\nEND\r\n",
+            b"STORED\r\nNOT_STORED\r\nSTORED\r\n",
+            b"DELETED\r\nNOT_FOUND\r\n",
+        ],
+    );
+}
+
+/// A binary packet: request (magic 0x80) or response (0x81), as memcached frames them.
+#[allow(clippy::too_many_arguments)]
+fn packet(
+    magic: u8,
+    opcode: u8,
+    status: u16,
+    opaque: u32,
+    cas: u64,
+    extras: &[u8],
+    key: &[u8],
+    value: &[u8],
+) -> Vec<u8> {
+    let mut p = vec![magic, opcode];
+    p.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    p.push(extras.len() as u8);
+    p.push(0);
+    p.extend_from_slice(&status.to_be_bytes());
+    let body = extras.len() + key.len() + value.len();
+    p.extend_from_slice(&(body as u32).to_be_bytes());
+    p.extend_from_slice(&opaque.to_be_bytes());
+    p.extend_from_slice(&cas.to_be_bytes());
+    p.extend_from_slice(extras);
+    p.extend_from_slice(key);
+    p.extend_from_slice(value);
+    p
+}
+
+fn request(opcode: u8, opaque: u32, extras: &[u8], key: &str, value: &str) -> Vec<u8> {
+    packet(
+        0x80,
+        opcode,
+        0,
+        opaque,
+        0,
+        extras,
+        key.as_bytes(),
+        value.as_bytes(),
+    )
+}
+
+fn response(
+    opcode: u8,
+    status: u16,
+    opaque: u32,
+    cas: u64,
+    extras: &[u8],
+    key: &str,
+    value: &str,
+) -> Vec<u8> {
+    packet(
+        0x81,
+        opcode,
+        status,
+        opaque,
+        cas,
+        extras,
+        key.as_bytes(),
+        value.as_bytes(),
+    )
+}
+
+const NOOP: u8 = 0x0a;
+const SYNC: u32 = u32::MAX;
+
+/// A binary hit answering a quiet get-with-key.
+fn bin_hit(opaque: u32, cas: u64, flags: u32, key: &str, value: &str) -> Vec<u8> {
+    response(0x0d, 0, opaque, cas, &flags.to_be_bytes(), key, value)
+}
+
+fn bin_noop() -> Vec<u8> {
+    response(NOOP, 0, SYNC, 0, &[], "", "")
+}
+
+#[test]
+fn binary_round_answers_each_slot() {
+    let (getkq, setq, addq, deleteq) = (0x0d, 0x11, 0x12, 0x14);
+    let noop = packet(0x80, NOOP, 0, SYNC, 0, &[], b"", b"");
+    let gets = [
+        request(getkq, 0, &[], "alpha", ""),
+        request(getkq, 1, &[], "beta", ""),
+        request(getkq, 2, &[], "gamma", ""),
+        noop.clone(),
+    ]
+    .concat();
+    let stores = [
+        request(setq, 0, &[0; 8], "alpha", "new"),
+        request(addq, 1, &[0; 8], "delta", "d"),
+        request(setq, 2, &[0; 8], "eps", "e"),
+        noop.clone(),
+    ]
+    .concat();
+    let deletes = [
+        request(deleteq, 0, &[], "gamma", ""),
+        request(deleteq, 1, &[], "zeta", ""),
+        noop,
+    ]
+    .concat();
+    // Quiet commands: only the hits and the failures answer, then the no-op.
+    let got = [
+        bin_hit(0, 77, 5, "alpha", "A1"),
+        bin_hit(2, 78, 0, "gamma", "G"),
+        bin_noop(),
+    ]
+    .concat();
+    let stored = [
+        response(addq, 0x0002, 1, 0, &[], "", "Data exists for key."),
+        bin_noop(),
+    ]
+    .concat();
+    let deleted = [
+        response(deleteq, 0x0001, 1, 0, &[], "", "Not found"),
+        bin_noop(),
+    ]
+    .concat();
+    check_mixed(
+        Protocol::Binary,
+        [&gets, &stores, &deletes],
+        [&got, &stored, &deleted],
+    );
+}
+
+#[test]
+fn meta_round_answers_each_slot() {
+    check_mixed(
+        Protocol::Meta,
+        [
+            b"mg alpha v c f O0 q\r\nmg beta v c f O1 q\r\nmg gamma v c f O2 q\r\nmn\r\n",
+            b"ms alpha 3 O0 q\r\nnew\r\nms delta 1 ME O1 q\r\nd\r\nms eps 1 O2 q\r\ne\r\nmn\r\n",
+            b"md gamma O0 q\r\nmd zeta O1 q\r\nmn\r\n",
+        ],
+        [
+            b"VA 2 c77 f5 O0\r\nA1\r\nVA 1 c78 f0 O2\r\nG\r\nMN\r\n",
+            b"NS O1\r\nMN\r\n",
+            b"NF O1\r\nMN\r\n",
+        ],
+    );
+}
+
+/// Two gets (`alpha`, then `beta`) answered by `reply`, split everywhere: each slot gets its
+/// own value (`alpha` → "A", `beta` → "B") or an error of `kind`, never the other's value.
+/// Returns, per split, which slots got their value.
+fn two_gets(protocol: Protocol, reply: &[u8], kind: crate::ErrorKind) -> Vec<[bool; 2]> {
+    let calls = [(GET, "alpha", ""), (GET, "beta", "")];
+    let own: [&[u8]; 2] = [b"A", b"B"];
+    (0..=reply.len())
+        .map(|split| {
+            let (got, _) = round(protocol, &calls, &[reply], split);
+            let mut hits = [false; 2];
+            for (slot, got) in got.into_iter().enumerate() {
+                match got.expect("every slot completed") {
+                    (Ok(Reply::Hit(_)), Some(v)) => {
+                        assert_eq!(v, own[slot], "{protocol:?} split {split}: slot {slot}");
+                        hits[slot] = true;
+                    }
+                    (Ok(other), _) => panic!("{protocol:?} split {split}: slot {slot}: {other:?}"),
+                    (Err(e), _) => assert_eq!(e.kind(), kind, "{protocol:?} split {split}: {e}"),
+                }
+            }
+            hits
+        })
+        .collect()
+}
+
+#[test]
+fn a_reply_for_a_key_not_asked_is_a_framing_error() {
+    use crate::ErrorKind::Parse;
+    // Text: a key not asked for, then the keys out of request order.
+    let stranger = two_gets(Protocol::Text, b"VALUE omega 0 1\r\nX\r\nEND\r\n", Parse);
+    assert!(stranger.iter().all(|h| h == &[false, false]));
+    let swapped = b"VALUE beta 0 1\r\nB\r\nVALUE alpha 0 1\r\nA\r\nEND\r\n";
+    assert!(two_gets(Protocol::Text, swapped, Parse)
+        .iter()
+        .all(|h| h == &[false, true]));
+    // Binary: an opaque not in the batch, and an opaque naming one key with another's key.
+    let stray = [bin_hit(7, 1, 0, "alpha", "A"), bin_noop()].concat();
+    assert!(two_gets(Protocol::Binary, &stray, Parse)
+        .iter()
+        .all(|h| h == &[false, false]));
+    let crossed = [bin_hit(1, 1, 0, "alpha", "A"), bin_noop()].concat();
+    assert!(two_gets(Protocol::Binary, &crossed, Parse)
+        .iter()
+        .all(|h| h == &[false, false]));
+    // Meta: an opaque not in the batch; then one answered twice.
+    let meta = b"VA 1 f0 O5\r\nX\r\nMN\r\n";
+    assert!(two_gets(Protocol::Meta, meta, Parse)
+        .iter()
+        .all(|h| h == &[false, false]));
+    let twice = b"VA 1 f0 O1\r\nB\r\nVA 1 f0 O1\r\nB\r\nMN\r\n";
+    assert!(two_gets(Protocol::Meta, twice, Parse)
+        .iter()
+        .all(|h| h == &[false, true]));
+}
+
+#[test]
+fn a_missing_reply_fails_the_unanswered_slots_and_the_rest_of_the_round() {
+    use crate::ErrorKind::Io;
+    // The batch's end never comes (the server closed): the hit that came is delivered,
+    // the other key is not taken for a miss.
+    let cases: [(Protocol, Vec<u8>); 3] = [
+        (Protocol::Text, b"VALUE alpha 0 1\r\nA\r\n".to_vec()),
+        (Protocol::Binary, bin_hit(0, 1, 0, "alpha", "A")),
+        (Protocol::Meta, b"VA 1 f0 O0\r\nA\r\n".to_vec()),
+    ];
+    for (protocol, reply) in &cases {
+        let hits = two_gets(*protocol, reply, Io);
+        assert_eq!(hits.last(), Some(&[true, false]), "{protocol:?}");
+        assert!(
+            hits.iter().all(|h| !h[1]),
+            "{protocol:?}: beta never a miss or a hit"
+        );
+        // A transport failure fails the rest of the round without sending it.
+        let (got, server) = round(*protocol, &mixed(), &[reply], reply.len());
+        assert_eq!(server.sent.len(), 1, "{protocol:?}: stores not sent");
+        for slot in [1, 3, 5, 7, 8] {
+            let (r, _) = got[slot].as_ref().expect("completed");
+            assert_eq!(
+                r.as_ref().map_err(Error::kind).err(),
+                Some(Io),
+                "slot {slot}"
+            );
+        }
+    }
+}
