@@ -104,15 +104,26 @@ use crate::ring::Continuum;
 use health::Health;
 
 /// [`Client`]'s keyed methods, from the one list of commands
-/// ([`keyed_commands!`](crate::command::keyed_commands)): each runs its command.
+/// ([`keyed_commands!`](crate::command::keyed_commands)): each runs its command, or calls its
+/// direct path.
 macro_rules! client_methods {
-    ($($(#[$doc:meta])* $name:ident / $_async:ident ($($arg:ident: $t:ty),*) -> $out:ty = $cmd:expr;)*) => {$(
+    ($($(#[$doc:meta])* $name:ident / $_async:ident ($($arg:ident: $t:ty),*) -> $out:ty
+        = $cmd:expr $(, direct $direct:ident)?;)*) => {$(
         $(#[$doc])*
         pub fn $name(&mut self, $($arg: $t),*) -> Result<$out> {
-            use crate::command::*;
-            self.run($cmd)
+            client_body!(self $(, $direct)?; { use crate::command::*; $cmd }; $($arg),*)
         }
     )*};
+}
+
+/// A client method's body: its command run, or its direct path called.
+macro_rules! client_body {
+    ($client:ident; $cmd:expr; $($arg:ident),*) => {
+        $client.run($cmd)
+    };
+    ($client:ident, $direct:ident; $cmd:expr; $($arg:ident),*) => {
+        $client.$direct($($arg),*)
+    };
 }
 
 /// An item read from the cache, with its value copied out.
@@ -758,8 +769,9 @@ impl Client {
     }
 
     /// Runs one keyed command (the primitive of [`Client::run`], and of a shared client's
-    /// calls made on their own): a hit's value into `out`.
-    #[inline]
+    /// calls made on their own): a hit's value into `out`. Always inlined: a keyed method
+    /// names its `op`, and the match folds away to that command's own code.
+    #[inline(always)]
     pub(crate) fn perform(
         &mut self,
         op: CommandOp,
@@ -784,6 +796,32 @@ impl Client {
                 Reply::Existed(self.keyed_bool(key, |key| Cmd::Touch(key, ttl))?)
             }
         })
+    }
+
+    /// [`get_into`](Self::get_into)'s own path (see `keyed_commands!`).
+    #[inline(always)]
+    fn get_into_direct(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        buf.clear();
+        self.retrieve(GetOpts::default(), key, |d| buf.extend_from_slice(d))
+    }
+
+    /// [`set`](Self::set)'s own path.
+    #[inline(always)]
+    fn set_direct(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        let opts = store_opts(StoreMode::Set, opts);
+        match self.store_cmd(key, value, opts)?.0 {
+            SetOutcome::Stored => Ok(()),
+            _ => Err(Error::Server {
+                kind: ServerErrorKind::Server,
+                message: "set answered NOT_STORED".into(),
+            }),
+        }
+    }
+
+    /// [`delete`](Self::delete)'s own path.
+    #[inline(always)]
+    fn delete_direct(&mut self, key: &[u8]) -> Result<bool> {
+        self.keyed_bool(key, Cmd::delete)
     }
 
     crate::command::keyed_commands!(client_methods);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::engine::{lock, CallSpec, Engine, Op, Reply, Waited, Waiter};
-use super::round::{single, NONE};
+use super::round::NONE;
 use super::{IoMode, SharedClient};
 use crate::error::{During, Error, Result};
 use crate::proto::{Key, MAX_KEY_LEN};
@@ -83,7 +83,7 @@ impl SharedClient {
                     let server = eng.server;
                     let r = st
                         .client
-                        .pinned(server, |c| single(c, call.op, call.key, call.value, out));
+                        .pinned(server, |c| c.perform(call.op, call.key, call.value, out));
                     drop(st);
                     eng.hand_off();
                     return r;

@@ -155,11 +155,11 @@ impl ClientBuilder {
 /// # Deadlines, cancellation, backpressure
 ///
 /// Every call has its own deadline (the builder's I/O timeout from its start). A blocking
-/// caller that reaches it gives up its slot and gets [`Error::Timeout`]; a dropped future does
+/// caller that reaches it gives up its slot and gets [`Error::Timeout`](crate::Error::Timeout); a dropped future does
 /// the same. A request still queued is withdrawn; one already sent is left to its round,
 /// whose reply is parsed and dropped, so the connection's framing never breaks. Each server
 /// has a fixed number of slots (`max_in_flight`); when they are all taken, callers wait for
-/// one up to their deadline, then get [`Error::Timeout`] saying so. Memory does not grow
+/// one up to their deadline, then get [`Error::Timeout`](crate::Error::Timeout) saying so. Memory does not grow
 /// with the number of callers beyond one waker per waiting task.
 ///
 /// A frozen server holds only its own engine: calls for other servers' keys go on. A round on
@@ -260,7 +260,8 @@ fn spec(op: Op, key: &[u8]) -> CallSpec<'_> {
 /// ([`keyed_commands!`](crate::command::keyed_commands)): each blocking method and its
 /// `_async` twin run the same command.
 macro_rules! shared_methods {
-    ($($(#[$doc:meta])* $name:ident / $async_name:ident ($($arg:ident: $t:ty),*) -> $out:ty = $cmd:expr;)*) => {$(
+    ($($(#[$doc:meta])* $name:ident / $async_name:ident ($($arg:ident: $t:ty),*) -> $out:ty
+        = $cmd:expr $(, direct $_direct:ident)?;)*) => {$(
         $(#[$doc])*
         ///
         /// On `&self`, from any number of threads; also [`Error::Timeout`](crate::Error::Timeout) when the call's

@@ -83,7 +83,8 @@ pub(super) trait Transport {
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
         on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()>;
-    /// One call on its own (a hit's value into `out`).
+    /// One call on its own (a hit's value into `out`): the commands a round does not batch
+    /// (get-and-touch, incr/decr, touch).
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply>;
 }
 
@@ -111,7 +112,7 @@ impl Transport for Client {
         Client::batch_write(self, kind, keys, value, cmd, on_item)
     }
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
-        single(self, op, key, value, out)
+        self.perform(op, key, value, out)
     }
 }
 
@@ -431,37 +432,5 @@ impl Work {
                 self.failed(e);
             }
         }
-    }
-}
-
-/// One call made on its own on `c` (pinned to the call's server): a lone caller's call, and
-/// the commands a round does not batch (get-and-touch, incr/decr, touch).
-pub(super) fn single(
-    c: &mut Client,
-    op: Op,
-    key: &[u8],
-    value: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<Reply> {
-    let sink = |d: &[u8]| {
-        out.clear();
-        out.extend_from_slice(d);
-    };
-    let hit = |info: Option<ItemInfo>| info.map_or(Reply::Miss, Reply::Hit);
-    Ok(match op {
-        Op::Get { cas } => hit(c.retrieve(get_opts(cas, None), key, sink)?),
-        Op::Gat { ttl, cas } => hit(c.retrieve(get_opts(cas, Some(ttl)), key, sink)?),
-        Op::Store(o) => Reply::Store(c.store_cmd(key, value, o)?.0),
-        Op::Delete => Reply::Existed(c.delete(key)?),
-        Op::Arith { decr, delta } => Reply::Number(c.arith(decr, key, delta)?),
-        Op::Touch(ttl) => Reply::Existed(c.touch(key, ttl)?),
-    })
-}
-
-pub(super) fn get_opts(cas: bool, touch: Option<u32>) -> crate::proto::wire::GetOpts {
-    crate::proto::wire::GetOpts {
-        cas,
-        touch,
-        ..Default::default()
     }
 }
