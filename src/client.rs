@@ -65,43 +65,31 @@
 //! healthy servers' results and reports the failed servers in its error.
 
 mod builder;
-mod health;
 mod meta_api;
 mod multi;
-#[cfg(any(test, fuzzing))]
-pub(crate) use multi::for_fuzzing as multi_for_fuzzing;
-#[cfg(any(test, fuzzing))]
-pub(crate) use pipeline::for_fuzzing as pipeline_for_fuzzing;
-mod pipeline;
 mod pool;
-mod session;
 
 /// The old home of the shared client's lending door, for code that still names it there.
 pub(crate) mod shared {
     pub(crate) use crate::shared::Lent;
 }
 
+pub use crate::engine::health::ServerCounters;
+pub use crate::engine::pipeline::{Pipeline, PipelineReport};
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
 pub use crate::shared::{IoMode, SharedClient, SharedClientBuilder};
 pub use builder::ClientBuilder;
-pub use health::ServerCounters;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
-pub(crate) use multi::Keys;
-pub use pipeline::{Pipeline, PipelineReport};
 pub use pool::{Pool, PooledClient};
 
 use crate::command::{get_opts, Op as CommandOp, Reply};
-use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
+use crate::engine::reply::{arith_value, existed};
+use crate::engine::{Core, Route, Scratch, ServerInstance};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::observe::CallOp;
-use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::text;
-use crate::proto::wire::{
-    with_wire, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Refusal, StoreOpts, Wire,
-};
-use crate::proto::{Limits, ParseError, Status, MAX_KEY_LEN};
+use crate::proto::wire::{Capability, Cmd, GetOpts, Outcome, StoreOpts};
+use crate::proto::ParseError;
 use crate::ring::Continuum;
-use health::Health;
 
 /// [`Client`]'s keyed methods, from the one list of commands
 /// ([`keyed_commands!`](crate::command::keyed_commands)): each runs its command, or calls its
@@ -266,326 +254,16 @@ pub struct Client {
     scratch: Scratch,
 }
 
-/// One server process: its index in the client's list, its pid and start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ServerInstance {
-    server: usize,
-    pid: u64,
-    started: u64,
-}
-
-impl ServerInstance {
-    /// Its index in the client's server list.
-    pub(crate) fn server(&self) -> usize {
-        self.server
-    }
-}
-
-/// Where a key goes: `server` now, `home` with every server up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Route {
-    pub(crate) server: usize,
-    pub(crate) home: usize,
-}
-
-impl Route {
-    /// Whether the key goes to its own server (no ejection moved it).
-    pub(crate) fn is_home(&self) -> bool {
-        self.server == self.home
-    }
-}
-
-/// What a call works with: the connections and their health, the key distribution, and the
-/// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
-/// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
-pub(crate) struct Core {
-    driver: Driver,
-    limits: Limits,
-    ring: Continuum,
-    /// Shared, so a multi-key call can hold them while it runs without copying the strings.
-    labels: std::sync::Arc<[String]>,
-    health: Health,
-    /// Shared, like the labels: a multi-key call holds it while the caller's callback runs.
-    namespace: std::sync::Arc<[u8]>,
-    hash_with_namespace: bool,
-    protocol: Protocol,
-    sasl: Option<(String, String)>,
-    /// ASCII authentication (text and meta), as `user password`.
-    ascii_auth: Option<(String, String)>,
-    /// Per server: the connection count at which SASL last succeeded.
-    authenticated: Vec<u64>,
-    /// Per server: which process the connection (by count) reaches, once asked.
-    instances: Vec<Option<(u64, ServerInstance)>>,
-    /// Set by [`Client::pinned`]: every keyed call goes to this server.
-    pinned: Option<usize>,
-    /// Next binary opaque.
-    opaque: u32,
-}
-
-/// Per-call working space, reused by the next call so that a warm call allocates nothing.
-#[derive(Default)]
-struct Scratch {
-    /// A namespaced (or base64) wire key.
-    keybuf: Vec<u8>,
-    /// The last multi-key call's plan and batch list.
-    plan: multi::Plan,
-    batches: Vec<crate::conn::driver::Batch<'static>>,
-}
-
-/// The wire form of a user key: `namespace + key`, validated for the protocol, and the raw
-/// namespaced bytes (what is hashed with `hash_with_namespace`). With `binary_keys` (meta), a
-/// key that is not a valid text key is sent base64-encoded with the `b` flag (notes §6), so it
-/// may hold any bytes, up to 186 of them with the namespace.
-fn wire_key<'b>(
-    namespace: &[u8],
-    user: &'b [u8],
-    binary_keys: bool,
-    buf: &'b mut Vec<u8>,
-) -> Result<(Key<'b>, &'b [u8])> {
-    // One validation of the user key: the namespace was validated when the client was built,
-    // so only the combined length is left to check.
-    let binary = match Key::new(user) {
-        Ok(k) if namespace.is_empty() => return Ok((k, user)),
-        Ok(_) => false,
-        Err(KeyError::BadByte { .. }) if binary_keys => true,
-        Err(e) => return Err(e.into()),
-    };
-    let len = namespace.len() + user.len();
-    if binary && len > MAX_BINARY_KEY_LEN {
-        return Err(KeyError::BinaryTooLong(len).into());
-    }
-    if len > MAX_KEY_LEN {
-        return Err(KeyError::TooLong(len).into());
-    }
-    buf.clear();
-    buf.extend_from_slice(namespace);
-    buf.extend_from_slice(user);
-    if !binary {
-        return Ok((Key::trusted(buf), buf));
-    }
-    let raw_len = buf.len();
-    let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
-    tmp[..raw_len].copy_from_slice(buf);
-    meta::encode_base64(buf, &tmp[..raw_len]);
-    let (raw, token) = buf.split_at(raw_len);
-    Ok((Key::base64_token(token), raw))
-}
-
-/// A delete's or touch's reply: whether the item existed.
-pub(crate) fn existed(o: Outcome<'_>) -> Result<Option<bool>, ParseError> {
-    match o {
-        Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
-        Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
-        _ => Err(ParseError::Unexpected),
-    }
-}
-
-/// An incr's or decr's reply: the new value, `None` if the item does not exist.
-pub(crate) fn arith_value(o: Outcome<'_>) -> Result<Option<Option<u64>>, ParseError> {
-    match o {
-        Outcome::Number(n) => Ok(Some(Some(n))),
-        Outcome::NotFound(_) => Ok(Some(None)),
-        _ => Err(ParseError::Unexpected),
-    }
-}
-
-/// Folds the reply units of one command, sans I/O: `on` turns outcomes into the call's
-/// result (`Some` ends the exchange, `None` asks for more); an error reply ends it with the
-/// matching error, and says whether the connection must be closed.
-pub(crate) struct SingleReader<'c, F, T> {
-    pub(crate) expect: Expect,
-    pub(crate) limits: Limits,
-    pub(crate) label: &'c str,
-    /// The command carried a data block.
-    pub(crate) data_block: bool,
-    pub(crate) on: F,
-    pub(crate) out: Option<T>,
-    /// An error reply: the error, and whether the connection is to be closed.
-    pub(crate) refused: Option<(Error, bool)>,
-}
-
-impl<F, T> SingleReader<'_, F, T>
-where
-    F: FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-{
-    /// Reads one reply unit from the start of `buf`: the bytes it took and whether it was
-    /// the last, or `Partial`. An error is a reply that cannot answer this command.
-    #[inline(always)]
-    pub(crate) fn read<W: Wire>(
-        &mut self,
-        buf: &[u8],
-    ) -> Result<Status<(usize, bool)>, ParseError> {
-        let (n, unit) = match W::decode(buf, &self.expect, &self.limits)? {
-            Status::Complete(c) => c,
-            Status::Partial => return Ok(Status::Partial),
-        };
-        if let Outcome::Error {
-            refusal,
-            message,
-            closes,
-            ..
-        } = unit.outcome
-        {
-            // After an error answering a data block, the block may be read as commands.
-            let close = closes || self.data_block;
-            self.refused = Some((refused(self.label, refusal, message), close));
-            return Ok(Status::Complete((n, true)));
-        }
-        match (self.on)(unit.outcome, unit.last)? {
-            Some(t) => {
-                self.out = Some(t);
-                Ok(Status::Complete((n, true)))
-            }
-            // Nothing more will come for this command.
-            None if unit.last => Err(ParseError::Unexpected),
-            None => Ok(Status::Complete((n, false))),
-        }
-    }
-}
-
-/// Opaques stay below 2^31.
-const OPAQUE_MASK: u32 = 0x7fff_ffff;
-
-/// The replies of quiet commands that went out earlier without a sync (a fire-and-forget
-/// pipeline, `store_noreply`): the next call to read replies on that connection sends a sync
-/// before its own request and reads them, up to the sync's reply, with this.
-#[derive(Default)]
-pub(crate) struct Strays {
-    /// The connection owed a sync, and one went ahead of this call's request.
-    pub(crate) owed: bool,
-    /// The sync's reply has not been read yet.
-    pub(crate) pending: bool,
-    /// Sync replies still to read, the last being this call's own (earlier ones: syncs of
-    /// fire-and-forget pipelines that nobody read).
-    pub(crate) ends: u32,
-    /// Replies read before it (unmet conditions, error lines).
-    pub(crate) count: u64,
-    /// One of them was an error line after which the server may close, or the stream be out
-    /// of step: the connection is replaced once this call is done.
-    pub(crate) doubt: bool,
-}
-
-impl Strays {
-    /// For a call on server `i`: owing if its connection owes a sync (the caller sends one
-    /// ahead of its request), with every unread sync before it to skip too.
-    pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
-        let owed = driver.owes_sync(i);
-        Strays {
-            owed,
-            pending: owed,
-            ends: if owed {
-                1 + driver.take_unread_syncs(i)
-            } else {
-                0
-            },
-            count: 0,
-            doubt: false,
-        }
-    }
-
-    /// Owing one sync (the stream fuzz body's batches).
-    #[cfg(any(test, fuzzing))]
-    pub(crate) fn owing() -> Strays {
-        Strays {
-            owed: true,
-            pending: true,
-            ends: 1,
-            ..Strays::default()
-        }
-    }
-
-    /// A sync went ahead of the request: the syncs (this one and earlier unread ones) that
-    /// are still to be read go to the connection's account, for its next reader.
-    pub(crate) fn abandon(&mut self, driver: &mut Driver, i: usize) {
-        if self.pending {
-            driver.add_unread_syncs(i, self.ends);
-        }
-        *self = Strays::default();
-    }
-
-    /// After the call succeeded: server `i`'s connection owes nothing now, and the late
-    /// replies are counted (a connection in doubt is replaced).
-    #[inline]
-    pub(crate) fn settle(&self, driver: &mut Driver, health: &mut Health, i: usize) {
-        if self.owed {
-            driver.set_owes_sync(i, false);
-            health.counters_mut(i).late_replies += self.count;
-            if self.doubt {
-                driver.disconnect(i);
-            }
-        }
-    }
-
-    /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
-    /// them. They belong to no caller of this exchange: each is counted, and the call's own
-    /// reply, after the sync's, is matched as usual (never failed for someone else's error).
-    #[cold]
-    pub(crate) fn read<W: Wire>(
-        &mut self,
-        buf: &[u8],
-        limits: &Limits,
-    ) -> Result<Status<(usize, bool)>, ParseError> {
-        let (n, unit) = match W::decode(buf, &Expect::batch(Kind::Quiet), limits)? {
-            Status::Complete(c) => c,
-            Status::Partial => return Ok(Status::Partial),
-        };
-        match unit.outcome {
-            Outcome::End => {
-                self.ends -= 1;
-                self.pending = self.ends > 0;
-            }
-            Outcome::Error { closes, .. } => {
-                self.count += 1;
-                self.doubt |= closes;
-            }
-            _ => self.count += 1,
-        }
-        Ok(Status::Complete((n, false)))
-    }
-}
-
-/// The crate error for an error reply from server `server`.
-fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
-    let message = String::from_utf8_lossy(message).into_owned();
-    let kind = match refusal {
-        Refusal::Auth => {
-            return Error::Auth {
-                server: server.to_string(),
-                message,
-            }
-        }
-        // memcached -Y refuses every command of a connection that has not authenticated.
-        Refusal::Client if message == "unauthenticated" => {
-            return Error::Auth {
-                server: server.to_string(),
-                message: "the server requires ASCII authentication (memcached -Y), and no \
-                          credentials are configured"
-                    .into(),
-            }
-        }
-        // memcached's `ERROR` says nothing more: say what it means.
-        Refusal::UnknownCommand if message.is_empty() => {
-            return Error::Server {
-                kind: ServerErrorKind::UnknownCommand,
-                message: "the server does not know this command (or its argument): it \
-                          answered ERROR"
-                    .into(),
-            }
-        }
-        Refusal::UnknownCommand => ServerErrorKind::UnknownCommand,
-        Refusal::Client => ServerErrorKind::Client,
-        Refusal::Server => ServerErrorKind::Server,
-    };
-    Error::Server { kind, message }
-}
-
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("servers", &self.core.labels)
-            .field("protocol", &self.core.protocol)
-            .field("namespace", &self.core.namespace.escape_ascii().to_string())
-            .field("max_value", &self.core.limits.max_value)
+            .field("servers", self.core.labels())
+            .field("protocol", &self.core.protocol())
+            .field(
+                "namespace",
+                &self.core.namespace().escape_ascii().to_string(),
+            )
+            .field("max_value", &self.core.limits().max_value)
             .finish_non_exhaustive()
     }
 }
@@ -598,12 +276,12 @@ impl Client {
 
     /// The servers, as configured, in configuration order.
     pub fn servers(&self) -> &[String] {
-        &self.core.labels
+        self.core.labels()
     }
 
     /// The wire protocol this client speaks.
     pub fn protocol(&self) -> Protocol {
-        self.core.protocol
+        self.core.protocol()
     }
 
     /// Whether this client can use memcached's leases and invalidation ([`meta_get`],
@@ -613,24 +291,17 @@ impl Client {
     /// [`invalidate`]: Self::invalidate
     /// [`meta_set`]: Self::meta_set
     pub fn has_leases(&self) -> bool {
-        self.core.protocol.supports(Capability::Meta)
+        self.core.protocol().supports(Capability::Meta)
     }
 
     /// The key distribution in use.
     pub fn continuum(&self) -> &Continuum {
-        &self.core.ring
+        self.core.ring()
     }
 
     /// Each server's counters, in configuration order.
     pub fn server_counters(&self) -> Vec<(String, ServerCounters)> {
-        (0..self.core.labels.len())
-            .map(|i| {
-                let mut c = self.core.health.counters(i);
-                c.reconnects = self.core.driver.connects(i).saturating_sub(1);
-                c.tls_resumptions = self.core.driver.resumed(i);
-                (self.core.labels[i].clone(), c)
-            })
-            .collect()
+        self.core.server_counters()
     }
 
     /// The server `key` goes to right now (after ejections), as configured; the namespace
@@ -639,10 +310,8 @@ impl Client {
     /// # Errors
     /// An invalid key, no server, or the key's server ejected.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
-        let Client { core, scratch } = self;
-        let hashed = core.hashed(key, &mut scratch.keybuf)?;
-        let i = core.route(hashed)?;
-        Ok(&core.labels[i])
+        let i = self.route_of_key(key)?.server;
+        Ok(&self.core.labels()[i])
     }
 
     /// The server `key` belongs to with every server up: where it goes back to when ejected
@@ -652,28 +321,22 @@ impl Client {
     /// # Errors
     /// An invalid key, or no server.
     pub fn home_server_for_key(&mut self, key: &[u8]) -> Result<&str> {
-        let Client { core, scratch } = self;
-        let hashed = core.hashed(key, &mut scratch.keybuf)?;
-        let i = core.ring.pick_home(hashed).ok_or(Error::NoServers)?;
-        Ok(&core.labels[i])
+        let i = self.core.home_of_key(&mut self.scratch, key)?;
+        Ok(&self.core.labels()[i])
     }
 
     /// Where `key` goes now, and its own server (where it goes with every server up).
     pub(crate) fn route_of_key(&mut self, key: &[u8]) -> Result<Route> {
-        let Client { core, scratch } = self;
-        let hashed = core.hashed(key, &mut scratch.keybuf)?;
-        let server = core.route(hashed)?;
-        let home = core.ring.pick_home(hashed).ok_or(Error::NoServers)?;
-        Ok(Route { server, home })
+        self.core.route_key(&mut self.scratch, key)
     }
 
     /// Runs `f` with every keyed call sent to server `server`, whatever the continuum says
     /// meanwhile (calls fail if it is ejected): for calls that must all reach one server
     /// while another client of the pool may eject or rejoin servers.
     pub(crate) fn pinned<T>(&mut self, server: usize, f: impl FnOnce(&mut Client) -> T) -> T {
-        let before = self.core.pinned.replace(server);
+        let before = self.core.pin(Some(server));
         let r = f(self);
-        self.core.pinned = before;
+        self.core.pin(before);
         r
     }
 
@@ -684,13 +347,7 @@ impl Client {
     /// from 1 again, so an old unique can match a newer item. A `cas` sent after this on the
     /// same connection (no error in between) reaches the instance this names.
     pub(crate) fn instance(&mut self, server: usize) -> Result<ServerInstance> {
-        let core = &mut self.core;
-        core.check_up(server)?;
-        let r = core.instance(server);
-        if let Err(e) = &r {
-            core.health.record_error(server, e, &mut core.ring);
-        }
-        r
+        self.core.instance(server)
     }
 
     /// Validates `key`, builds its wire form (with the namespace), routes it, runs `f` on the
@@ -700,7 +357,7 @@ impl Client {
         key: &[u8],
         f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
     ) -> Result<T> {
-        self.core.keyed(key, &mut self.scratch.keybuf, f)
+        self.core.keyed(key, self.scratch.keybuf(), f)
     }
 
     /// Reads one item, handing its value to `sink` (the shared client's single calls too).
@@ -725,7 +382,7 @@ impl Client {
                 Outcome::End | Outcome::Miss => Ok(Some(found)),
                 _ => Err(ParseError::Unexpected),
             })?;
-            c.health.count_lookup(i, found.is_some());
+            c.count_lookup(i, found.is_some());
             Ok(found)
         })
     }
@@ -841,12 +498,8 @@ impl Client {
     /// [`Error::Config`] for a server this client does not have; otherwise that server's
     /// error, as for [`flush_all`](Self::flush_all).
     pub fn flush_server(&mut self, server: &str, delay: Option<u32>) -> Result<()> {
-        let Some(i) = self.core.labels.iter().position(|l| l == server) else {
-            return Err(Error::Config(format!(
-                "no server {server:?} in this client"
-            )));
-        };
-        self.core.health.maybe_rejoin(&mut self.core.ring);
+        let i = self.core.server_index(server)?;
+        self.core.maybe_rejoin();
         self.core
             .on_server(i, &Cmd::FlushAll(delay), &mut |o| match o {
                 Outcome::Ok => Ok(Some(())),
@@ -866,11 +519,7 @@ impl Client {
     /// a server error when the crawler is busy or disabled.
     pub fn dump_keys(&mut self, server: &str, mut each: impl FnMut(&[u8], &str)) -> Result<()> {
         self.core.require(Capability::MetaDump, "dump_keys")?;
-        let Some(i) = self.core.labels.iter().position(|l| l == server) else {
-            return Err(Error::Config(format!(
-                "no server {server:?} in this client"
-            )));
-        };
+        let i = self.core.server_index(server)?;
         let mut key = Vec::new();
         self.core.on_server(i, &Cmd::MetaDump, &mut |o| match o {
             Outcome::Stat(b"key", line) => {
@@ -912,7 +561,7 @@ impl Client {
             .core
             .all_or_errors(results)?
             .into_iter()
-            .map(|(i, v)| (self.core.labels[i].clone(), v))
+            .map(|(i, v)| (self.core.labels()[i].clone(), v))
             .collect())
     }
 
@@ -950,7 +599,7 @@ impl Client {
         Ok(results
             .into_iter()
             .map(|(i, r)| {
-                let server = self.core.labels[i].clone();
+                let server = self.core.labels()[i].clone();
                 match r {
                     Ok(stats) => ServerStats {
                         server,
@@ -973,24 +622,7 @@ impl Client {
     /// # Errors
     /// The first server whose `quit` could not be written.
     pub fn quit(&mut self) -> Result<()> {
-        let mut first_error = None;
-        let protocol = self.core.protocol;
-        for i in 0..self.core.labels.len() {
-            if !self.core.driver.is_connected(i) {
-                continue;
-            }
-            let sent = self.core.driver.begin(i).and_then(|op| {
-                protocol.encode(self.core.driver.wbuf(i), &Cmd::Quit, 0, false);
-                self.core
-                    .driver
-                    .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
-            });
-            self.core.driver.disconnect(i);
-            if let Err(e) = sent {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.core.quit()
     }
 
     /// Runs a storage command with `noreply`: returns once the request is written. The server
@@ -1019,296 +651,43 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Starts a pipeline of noreply writes: they are buffered per server and sent in large
+    /// writes without waiting for replies, and [`Pipeline::finish`] waits once for every server
+    /// to have processed them all.
+    pub fn pipeline(&mut self) -> Pipeline<'_> {
+        Pipeline::new(&mut self.core, self.scratch.keybuf())
+    }
+}
+
 /// What [`SharedClient`] needs of a client beyond the public calls: its settings, read once
 /// when the shared client is built, and the transport of a round's engine. Named methods
 /// rather than field access, so the client's internals can change without touching it.
 impl Client {
     /// The server labels, shared (configuration order).
     pub(crate) fn label_list(&self) -> &std::sync::Arc<[String]> {
-        &self.core.labels
+        self.core.labels()
     }
 
     /// The namespace (key prefix), shared.
     pub(crate) fn namespace_arc(&self) -> &std::sync::Arc<[u8]> {
-        &self.core.namespace
+        self.core.namespace()
+    }
+
+    /// The record of ejections this client shares with others (a pool's clients, a shared
+    /// client's engines).
+    pub(crate) fn shared_health(&self) -> &std::sync::Arc<crate::engine::health::SharedHealth> {
+        self.core.shared_health()
     }
 
     /// The largest value a store may send.
     pub(crate) fn max_value(&self) -> usize {
-        self.core.limits.max_value
+        self.core.limits().max_value
     }
 
     /// Whether the connections are TLS (batches then stay within one TLS record).
     pub(crate) fn is_tls(&self) -> bool {
-        self.core.driver.is_tls()
-    }
-}
-
-/// Validates `key` as a call would (namespace, length, binary keys over meta), without
-/// keeping its wire form: for keys checked before they are queued.
-pub(crate) fn check_key(namespace: &[u8], key: &[u8], binary_keys: bool) -> Result<()> {
-    wire_key(namespace, key, binary_keys, &mut Vec::new()).map(drop)
-}
-
-/// Retrieval options asking for the CAS unique.
-impl Core {
-    /// The bytes the ring hashes for a user key: the key, or the namespaced key when the
-    /// namespace is hashed with it. Validates the key.
-    fn hashed<'k>(&self, key: &'k [u8], keybuf: &'k mut Vec<u8>) -> Result<&'k [u8]> {
-        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
-        let (_, raw) = wire_key(&self.namespace, key, binary_keys, keybuf)?;
-        Ok(if self.hash_with_namespace { raw } else { key })
-    }
-
-    /// The server for a key: `Err` if there is none or it is ejected.
-    pub(super) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
-        self.health.maybe_rejoin(&mut self.ring);
-        match self.pinned.or_else(|| self.ring.pick(hashed)) {
-            Some(i) if self.health.check(i).is_ok() => Ok(i),
-            Some(i) => Err(self.check_up(i).expect_err("ejected")),
-            None => Err(Error::NoServers),
-        }
-    }
-
-    pub(super) fn check_up(&self, i: usize) -> Result<()> {
-        self.health.check(i).map_err(|retry_in| Error::ServerDown {
-            server: self.labels[i].clone(),
-            retry_in,
-        })
-    }
-
-    /// `Err(Unsupported)` unless this client's protocol can express `cap`.
-    pub(super) fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
-        if self.protocol.supports(cap) {
-            return Ok(());
-        }
-        Err(Error::Unsupported {
-            operation,
-            protocol: self.protocol,
-        })
-    }
-
-    pub(super) fn keyed<T>(
-        &mut self,
-        user: &[u8],
-        kb: &mut Vec<u8>,
-        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
-    ) -> Result<T> {
-        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
-        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
-        let hashed = if self.hash_with_namespace { raw } else { user };
-        let i = self.route(hashed)?;
-        let r = f(self, i, wire);
-        self.health.record(i, &r, &mut self.ring);
-        r
-    }
-
-    /// [`Client::instance`].
-    fn instance(&mut self, i: usize) -> Result<ServerInstance> {
-        self.start(i)?; // connected (and authenticated) now, if it was not
-        let conn = self.driver.connects(i);
-        if let Some((at, id)) = self.instances[i] {
-            if at == conn {
-                return Ok(id);
-            }
-        }
-        let (mut pid, mut time, mut uptime) = (None, None, None);
-        self.call(i, &Cmd::Stats(None), None, |o, _| match o {
-            Outcome::Stat(name, value) => {
-                let v = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok());
-                match name {
-                    b"pid" => pid = v,
-                    b"time" => time = v,
-                    b"uptime" => uptime = v,
-                    _ => {}
-                }
-                Ok(None)
-            }
-            Outcome::End | Outcome::Ok => Ok(Some(())),
-            _ => Err(ParseError::Unexpected),
-        })?;
-        let id = ServerInstance {
-            server: i,
-            // memcached's `time - uptime` is its start time, constant for the process. A
-            // server that reports neither is one instance as far as we can tell.
-            pid: pid.unwrap_or(0),
-            started: time.zip(uptime).map_or(0, |(t, u)| t.saturating_sub(u)),
-        };
-        self.instances[i] = Some((conn, id));
-        Ok(id)
-    }
-
-    pub(super) fn check_value(&self, value: &[u8]) -> Result<()> {
-        if value.len() > self.limits.max_value {
-            return Err(Error::ValueTooLarge {
-                len: value.len(),
-                max: self.limits.max_value,
-            });
-        }
-        Ok(())
-    }
-
-    /// Runs one command on server `i`: connect (and authenticate) if needed, encode, send
-    /// (with `value` after the command), and fold the reply units with `on` until it returns
-    /// the result. See [`exchange`](Self::exchange).
-    pub(super) fn call<T>(
-        &mut self,
-        i: usize,
-        cmd: &Cmd<'_>,
-        value: Option<&[u8]>,
-        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        let started = self.health.observe.start();
-        let span = self.health.observe.span(CallOp {
-            kind: cmd.kind(),
-            server: Some(i),
-            servers: 1,
-            protocol: self.protocol,
-            keys: usize::from(cmd.key().is_some()),
-            value_bytes: value.map_or(0, <[u8]>::len),
-        });
-        let r = span.run(|| {
-            let op = self.start(i)?;
-            with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
-        });
-        self.health.observe.call(i, cmd.kind(), false, started);
-        self.health.observe.bytes(i, self.driver.bytes(i));
-        r
-    }
-
-    /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
-    /// with `on`: `Some(result)` ends the exchange, `None` asks for more, and `Err` (a reply
-    /// that cannot answer this command) drops the connection. An error reply ends it with
-    /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
-    /// error answering a command with a data block, the connection is closed.
-    pub(super) fn exchange<W: Wire, T>(
-        &mut self,
-        i: usize,
-        op: &Op,
-        cmd: &Cmd<'_>,
-        value: Option<&[u8]>,
-        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        let opaque = self.next_opaque();
-        let mut strays = Strays::on(&mut self.driver, i);
-        let w = self.driver.wbuf(i);
-        if strays.owed {
-            // Quiet commands went out before without a sync: a sync of our own goes first,
-            // and whatever they answered is read up to its reply, never as ours.
-            W::encode(w, &Cmd::Sync, 0, false);
-        }
-        W::encode(w, cmd, opaque, false);
-        let separate = match value {
-            // Large values go out straight from the caller's slice, without a copy.
-            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, W::TRAILER)),
-            Some(v) => {
-                w.extend_from_slice(v);
-                w.extend_from_slice(W::TRAILER);
-                None
-            }
-            None => None,
-        };
-        let mut reader = SingleReader {
-            expect: Expect::single(cmd.kind(), opaque),
-            limits: self.limits,
-            label: &self.labels[i],
-            data_block: value.is_some(),
-            on,
-            out: None,
-            refused: None,
-        };
-        self.driver.exchange(i, op, separate, Until::Done, |buf| {
-            if strays.pending {
-                return strays.read::<W>(buf, &reader.limits);
-            }
-            reader.read::<W>(buf)
-        })?;
-        strays.settle(&mut self.driver, &mut self.health, i);
-        if let Some((error, close)) = reader.refused {
-            if close {
-                self.driver.disconnect(i);
-            }
-            return Err(error);
-        }
-        Ok(reader
-            .out
-            .expect("exchange returns Ok only after the last reply"))
-    }
-
-    /// The next opaque: unique on every connection of this client among the requests that
-    /// may still be answered (31 bits: binary's sync uses `u32::MAX`).
-    pub(super) fn next_opaque(&mut self) -> u32 {
-        self.opaque = self.opaque.wrapping_add(1) & OPAQUE_MASK;
-        self.opaque
-    }
-
-    /// `n` consecutive opaques for a batch's items: the first is returned, item `j` has
-    /// `first + j`.
-    pub(super) fn reserve_opaques(&mut self, n: usize) -> u32 {
-        let n = u32::try_from(n).unwrap_or(OPAQUE_MASK).min(OPAQUE_MASK / 2);
-        if self.opaque > OPAQUE_MASK - n {
-            self.opaque = 0;
-        }
-        let first = self.opaque + 1;
-        self.opaque += n;
-        first
-    }
-
-    /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),
-    /// folding replies with `on` and recording health. Returns each server's result.
-    pub(super) fn each_server<T>(
-        &mut self,
-        cmd: &Cmd<'_>,
-        mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
-    ) -> Vec<(usize, Result<T>)> {
-        self.health.maybe_rejoin(&mut self.ring);
-        (0..self.labels.len())
-            .map(|i| (i, self.on_server(i, cmd, &mut on)))
-            .collect()
-    }
-
-    /// Runs `cmd` on server `i` unless it is ejected, and records the outcome in its health.
-    pub(super) fn on_server<T>(
-        &mut self,
-        i: usize,
-        cmd: &Cmd<'_>,
-        on: &mut impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
-    ) -> Result<T> {
-        let r = self
-            .check_up(i)
-            .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
-        if !matches!(r, Err(Error::ServerDown { .. })) {
-            self.health.record(i, &r, &mut self.ring);
-        }
-        r
-    }
-
-    /// Combines per-server results: all values if every server succeeded, otherwise the one
-    /// error, or [`Error::Partial`] listing each failed server.
-    pub(super) fn all_or_errors<T>(
-        &self,
-        results: Vec<(usize, Result<T>)>,
-    ) -> Result<Vec<(usize, T)>> {
-        let mut ok = Vec::new();
-        let mut failed = Vec::new();
-        for (i, r) in results {
-            match r {
-                Ok(t) => ok.push((i, t)),
-                Err(e) => failed.push((self.labels[i].clone(), e)),
-            }
-        }
-        combine(failed).map(|()| ok)
-    }
-
-    /// Runs a command with an `OK` reply on every server.
-    pub(super) fn on_all_ok(&mut self, cmd: &Cmd<'_>) -> Result<()> {
-        let results = self.each_server(cmd, |o| match o {
-            Outcome::Ok => Ok(Some(())),
-            _ => Err(ParseError::Unexpected),
-        });
-        self.all_or_errors(results).map(drop)
+        self.core.is_tls()
     }
 }
 
@@ -1343,14 +722,4 @@ fn url_decode(s: &[u8], out: &mut Vec<u8>) -> bool {
         }
     }
     true
-}
-
-/// The result of work spread over servers: `Ok` if none failed, else the one failed server's
-/// error, or [`Error::Partial`] listing each.
-fn combine(mut failed: Vec<(String, Error)>) -> Result<()> {
-    match failed.len() {
-        0 => Ok(()),
-        1 => Err(failed.pop().expect("one").1),
-        _ => Err(Error::Partial { failed }),
-    }
 }

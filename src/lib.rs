@@ -78,6 +78,7 @@ mod addr;
 pub mod client;
 mod command;
 mod conn;
+mod engine;
 mod error;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]

@@ -3,14 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::health::{FailurePolicy, Health, SharedHealth};
-use super::{Client, Core, Protocol, Scratch};
+use super::{Client, Protocol};
 use crate::addr::{ServerAddr, ServerSpec};
 use crate::conn::driver::{Driver, DriverConfig};
+use crate::engine::health::{FailurePolicy, Health, SharedHealth};
+use crate::engine::{Core, CoreSettings, Scratch};
 use crate::error::{Error, Result};
 use crate::proto::text::MAX_LINE;
 use crate::proto::wire::Capability;
-use crate::proto::{Key, Limits, MAX_KEY_LEN};
+use crate::proto::{Key, MAX_KEY_LEN};
 use crate::ring::{Continuum, Distribution, HashFn, RingServer};
 
 /// Builds a [`Client`].
@@ -205,7 +206,7 @@ impl ClientBuilder {
     /// Clients built from here on share `client`'s view of which servers are ejected (the
     /// shared client's engines and router).
     pub(crate) fn sharing_health_of(self, client: &Client) -> Self {
-        let health = client.core.health.shared().clone();
+        let health = client.shared_health().clone();
         self.share_health(health)
     }
 
@@ -310,26 +311,19 @@ impl ClientBuilder {
         };
         let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         Ok(Client {
-            core: Core {
+            core: Core::new(CoreSettings {
                 health: Health::new(shared_health, policy, &labels),
-                labels: labels.into(),
+                labels,
                 driver,
-                limits: Limits { max_value },
+                max_value,
                 ring,
-                namespace: self.namespace.into(),
+                namespace: self.namespace,
                 hash_with_namespace: self.hash_with_namespace,
                 protocol: self.protocol,
                 sasl: self.sasl,
                 ascii_auth: self.ascii_auth,
-                authenticated: vec![0; addrs.len()],
-                instances: vec![None; addrs.len()],
-                pinned: None,
-                opaque: 0,
-            },
-            scratch: Scratch {
-                keybuf: Vec::with_capacity(MAX_KEY_LEN),
-                ..Scratch::default()
-            },
+            }),
+            scratch: Scratch::new(),
         })
     }
 }

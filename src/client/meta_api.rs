@@ -143,7 +143,7 @@ impl Client {
                 Outcome::Miss => Ok(Some(None)),
                 _ => Err(ParseError::Unexpected),
             })?;
-            c.health.count_lookup(i, found.is_some());
+            c.count_lookup(i, found.is_some());
             Ok(found)
         })
     }

@@ -74,7 +74,7 @@ impl Pool {
         let size = size.max(1);
         // The first client's health is every client's: one view of who is ejected.
         let first = builder.clone().build()?;
-        let builder = builder.share_health(first.core.health.shared().clone());
+        let builder = builder.share_health(first.shared_health().clone());
         let mut clients = vec![first];
         for _ in 1..size {
             clients.push(builder.clone().build()?);
@@ -97,7 +97,7 @@ impl Pool {
         }
         let idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.first()
-            .map_or_else(|| Vec::new().into(), |c| c.core.namespace.clone())
+            .map_or_else(|| Vec::new().into(), |c| c.namespace_arc().clone())
     }
 
     /// How many clients the pool holds.

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::client::multi_for_fuzzing::OneServer;
-use crate::client::pipeline_for_fuzzing::read_quiet;
-use crate::client::{arith_value, existed, SingleReader, Strays};
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
+use crate::engine::batch::for_fuzzing::OneServer;
+use crate::engine::pipeline::for_fuzzing::read_quiet;
+use crate::engine::reply::{arith_value, existed, SingleReader, Strays};
 use crate::proto::text::{self, parse_reply, Response};
 use crate::proto::wire::{Cmd, Expect, GetOpts, Kind, Outcome, StoreOpts, Wire};
 use crate::proto::{Key, Limits, SetOutcome, Status};

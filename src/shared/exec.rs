@@ -40,7 +40,7 @@ impl SharedClient {
         let ns = &inner.namespace;
         if Key::new(key).is_err() || ns.len() + key.len() > MAX_KEY_LEN {
             // The rare keys (too long, or binary keys over meta): checked as a Client does.
-            crate::client::check_key(ns, key, inner.binary_keys)?;
+            crate::engine::check_key(ns, key, inner.binary_keys)?;
         }
         Ok(())
     }

@@ -5,8 +5,9 @@ use std::sync::{Arc, MutexGuard};
 
 use super::engine::{lock, Engine, Op, State};
 use super::{spec, SharedClient};
-use crate::client::{Client, ItemInfo, Route};
+use crate::client::{Client, ItemInfo};
 use crate::command::as_item;
+use crate::engine::Route;
 use crate::error::Result;
 use crate::proto::wire::Capability;
 

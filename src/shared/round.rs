@@ -11,8 +11,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::engine::{Engine, Op, Reply, Req};
-use crate::client::{Client, ItemInfo, ItemRef, Keys};
+use crate::client::{Client, ItemInfo, ItemRef};
 use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
+use crate::engine::batch::Keys;
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{Cmd, Kind, Outcome};
 use crate::proto::{Key, ParseError, SetOutcome};

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ArenaKeys, Slots, Transport, Work};
-use crate::client::multi_for_fuzzing::OneServer;
 use crate::client::ItemRef;
 use crate::conn::batch::BatchPolicy;
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
+use crate::engine::batch::for_fuzzing::OneServer;
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Cmd, GetOpts, Kind, Outcome, StoreOpts};
 use crate::proto::{Key, ParseError, Protocol, SetOutcome, Status, StoreMode};

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{
-    CasResult, Client, Lease, MetaGetOptions, ServerInstance, SetOptions, SharedClient,
-};
+use crate::client::{CasResult, Client, Lease, MetaGetOptions, SetOptions, SharedClient};
+use crate::engine::ServerInstance;
 use crate::storage::{Part, ResourceInfo, Result, Storage};
 
 use super::counters::bump;

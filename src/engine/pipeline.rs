@@ -1,7 +1,9 @@
 //! Pipelines of noreply commands: buffered per server, written in large chunks, one wait at
 //! the end.
 
-use super::{combine, refused, store_opts, wire_key, Client, Core, SetOptions, StoreMode, Strays};
+use super::reply::{refused, Strays};
+use super::{combine, wire_key, Core};
+use crate::client::{store_opts, SetOptions, StoreMode};
 use crate::conn::batch::TLS_BATCH_BYTES;
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
@@ -77,15 +79,14 @@ impl std::fmt::Debug for Pipeline<'_> {
     }
 }
 
-impl Client {
-    /// Starts a pipeline of noreply writes: they are buffered per server and sent in large
-    /// writes without waiting for replies, and [`Pipeline::finish`] waits once for every server
-    /// to have processed them all.
-    pub fn pipeline(&mut self) -> Pipeline<'_> {
-        let n = self.core.labels.len();
+impl<'c> Pipeline<'c> {
+    /// A pipeline on `core`'s connections ([`Client::pipeline`](crate::Client::pipeline)),
+    /// namespaced keys built in `keybuf`.
+    pub(crate) fn new(core: &'c mut Core, keybuf: &'c mut Vec<u8>) -> Pipeline<'c> {
+        let n = core.labels.len();
         Pipeline {
-            client: &mut self.core,
-            keybuf: &mut self.scratch.keybuf,
+            client: core,
+            keybuf,
             started: vec![false; n],
             strays: (0..n).map(|_| Strays::default()).collect(),
             failed: (0..n).map(|_| None).collect(),

@@ -1,0 +1,873 @@
+//! Multi-key batches: keys grouped by server, every server's batch written first, all sockets
+//! served from one poll. The protocol encodes the batch and decodes its replies; what is left
+//! here is the same for all three: which item a reply answers, and when a server is done.
+
+use std::sync::Arc;
+
+use super::reply::{refused, Strays};
+use super::{combine, wire_key, Core, Scratch};
+use crate::client::ItemRef;
+use crate::conn::batch::BatchPolicy;
+use crate::conn::driver::{Batch, Until};
+use crate::error::{Error, Result};
+use crate::observe::CallOp;
+use crate::proto::wire::{
+    with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Wire,
+};
+use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KEY_LEN};
+
+/// Marks a key whose server is ejected (or that has no server).
+const NO_SERVER: u32 = u32::MAX;
+
+/// One server's share of a multi-key call.
+#[derive(Default)]
+struct Share {
+    /// Keys routed to this server.
+    keys: usize,
+    /// Items encoded so far.
+    encoded: usize,
+    /// End markers that close this server's reply, and how many arrived.
+    ends: usize,
+    ends_seen: usize,
+    /// Every item answers (else only misses and failures do), and how many did.
+    every_item_replies: bool,
+    replies: usize,
+    /// Position in the caller's key list of the next key a reply may be for.
+    cursor: usize,
+    /// The first of this server's keys from `cursor` on (multi-gets).
+    next: usize,
+    /// Hits (gets).
+    hits: usize,
+    /// Items whose condition was not met (not stored, not found).
+    unmet: usize,
+    /// Set when the server failed.
+    error: Option<Error>,
+    /// When the connection owed a sync (quiet commands went out before without one), one
+    /// went ahead of this batch, and the replies up to it are not this batch's.
+    strays: Strays,
+}
+
+impl Share {
+    fn finished(&self) -> bool {
+        self.ends_seen == self.ends && (!self.every_item_replies || self.replies == self.keys)
+    }
+}
+
+/// A multi-key call being planned: each key's server and each server's share.
+pub(super) struct Plan {
+    server_of: Vec<u32>,
+    shares: Vec<Share>,
+    /// The command of every item (a retrieval counts each healthy server's hits and misses).
+    kind: Kind,
+    /// No namespace and every key a valid text key: each goes on the wire as given.
+    plain: bool,
+    /// The opaque of item 0 (binary, meta): item `j` is sent with `base + j`, so that
+    /// opaques are unique on a connection across calls.
+    base: u32,
+}
+
+impl Plan {
+    /// Hands a hit from server `i` to `on_hit` with the index of the item it answers.
+    #[inline(always)]
+    fn hit(
+        &mut self,
+        i: usize,
+        hit: BatchHit<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+        on_hit: &mut impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+    ) -> Result<(), ParseError> {
+        let j = self.item(i, By::of(hit.opaque, hit.key), ns, keys)?;
+        self.shares[i].hits += 1;
+        let item = ItemRef {
+            value: hit.data,
+            flags: hit.flags,
+            cas: hit.cas,
+        };
+        on_hit(j, item)
+    }
+
+    /// Takes a store's or delete's reply from server `i`: `unmet` says whether the outcome
+    /// answers such an item and whether its condition was not met.
+    fn answer(
+        &mut self,
+        i: usize,
+        outcome: Outcome<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+        unmet: &impl Fn(&Outcome<'_>) -> Option<bool>,
+    ) -> Result<(), ParseError> {
+        let missed = unmet(&outcome).ok_or(ParseError::Unexpected)?;
+        let opaque = match outcome {
+            Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+            _ => None,
+        };
+        if let Some(o) = opaque {
+            self.item(i, By::Opaque(o, None), ns, keys)?;
+        } else if !self.shares[i].every_item_replies {
+            // A quiet batch answers only for items it names.
+            return Err(ParseError::Unexpected);
+        }
+        self.shares[i].unmet += usize::from(missed);
+        Ok(())
+    }
+
+    /// The item a store's or delete's reply from server `i` answers: named by its opaque, or
+    /// (when every item answers, in request order) this server's next item.
+    fn answered(
+        &mut self,
+        i: usize,
+        outcome: &Outcome<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<usize, ParseError> {
+        let opaque = match *outcome {
+            Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+            _ => None,
+        };
+        if let Some(o) = opaque {
+            return self.item(i, By::Opaque(o, None), ns, keys);
+        }
+        if !self.shares[i].every_item_replies {
+            return Err(ParseError::Unexpected);
+        }
+        let share = &mut self.shares[i];
+        let j = (share.cursor..keys.len())
+            .find(|&j| self.server_of[j] == i as u32)
+            .ok_or(ParseError::Unexpected)?;
+        share.cursor = j + 1;
+        Ok(j)
+    }
+
+    /// The caller's index of the item a reply from server `i` answers. It must be one of
+    /// this server's keys after the one the previous reply answered (servers answer in
+    /// request order); anything else is a framing error, never handed to a caller.
+    #[inline(always)]
+    fn item(
+        &mut self,
+        i: usize,
+        by: By<'_>,
+        ns: &[u8],
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<usize, ParseError> {
+        let share = &mut self.shares[i];
+        // One bounds check: `server_of` has an entry per key.
+        let server_of = &self.server_of;
+        let mine = |j: usize| server_of.get(j) == Some(&(i as u32));
+        let user = |key| strip(key, ns);
+        let j = match by {
+            // The decoder matched the hit to the next key, which run_batch found among this
+            // server's keys.
+            By::Next if share.next < keys.len() => share.next,
+            By::Next => return Err(ParseError::Unexpected),
+            By::Opaque(o, key) => {
+                let j = o.wrapping_sub(self.base) as usize;
+                if j < share.cursor || !mine(j) {
+                    return Err(ParseError::Unexpected);
+                }
+                if let Some(key) = key {
+                    if !short_eq(user(key)?, keys.key(j)) {
+                        return Err(ParseError::Unexpected);
+                    }
+                }
+                j
+            }
+            By::Key(key) => {
+                let user = user(key)?;
+                (share.cursor..keys.len())
+                    .find(|&j| mine(j) && short_eq(keys.key(j), user))
+                    .ok_or(ParseError::Unexpected)?
+            }
+        };
+        share.cursor = j + 1;
+        Ok(j)
+    }
+}
+
+/// A reply's wire key without the namespace.
+#[inline]
+fn strip<'k>(key: &'k [u8], ns: &[u8]) -> Result<&'k [u8], ParseError> {
+    key.strip_prefix(ns).ok_or(ParseError::Unexpected)
+}
+
+/// How a reply names the item it answers.
+enum By<'a> {
+    /// The decoder checked it against the share's next key.
+    Next,
+    /// By opaque (binary, meta), with the key if the reply echoes it.
+    Opaque(u32, Option<&'a [u8]>),
+    /// By key (text).
+    Key(&'a [u8]),
+}
+
+impl<'a> By<'a> {
+    #[inline]
+    fn of(opaque: Option<u32>, key: Option<&'a [u8]>) -> By<'a> {
+        match (opaque, key) {
+            (Some(o), key) => By::Opaque(o, key),
+            (None, Some(key)) => By::Key(key),
+            (None, None) => By::Next,
+        }
+    }
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            server_of: Vec::new(),
+            shares: Vec::new(),
+            kind: Kind::Get,
+            plain: false,
+            base: 0,
+        }
+    }
+}
+
+impl Core {
+    /// Validates every key and picks its server, into `plan`. Ejected servers fail their
+    /// share at once.
+    fn plan<'k>(
+        &mut self,
+        plan: &mut Plan,
+        kb: &mut Vec<u8>,
+        n: usize,
+        key_at: impl Fn(usize) -> &'k [u8],
+    ) -> Result<()> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        self.health.maybe_rejoin(&mut self.ring);
+        plan.server_of.clear();
+        plan.server_of.reserve(n);
+        plan.shares.clear();
+        plan.shares.resize_with(self.labels.len(), Share::default);
+        plan.plain = self.namespace.is_empty();
+        // One pass: validate each key and pick its server. No connection is touched until
+        // every key has passed.
+        let mut no_servers = false;
+        for j in 0..n {
+            let user = key_at(j);
+            // The common case without building the wire key; the rest (namespace too long,
+            // binary keys over meta, errors) as every call does.
+            if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
+                wire_key(&self.namespace, user, binary_keys, kb)?;
+                plan.plain = false; // a binary key over meta: base64 on the wire
+            }
+            let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
+                kb.clear();
+                kb.extend_from_slice(&self.namespace);
+                kb.extend_from_slice(user);
+                kb
+            } else {
+                user
+            };
+            match self.pinned.or_else(|| self.ring.pick(hashed)) {
+                Some(i) => {
+                    plan.shares[i].keys += 1;
+                    plan.server_of.push(i as u32);
+                }
+                // Keep validating: a bad key is reported before a missing server.
+                None => no_servers = true,
+            }
+        }
+        if no_servers {
+            return Err(Error::NoServers);
+        }
+        // Each server with keys: is it up? Then connect and start its request.
+        let mut failed = false;
+        for i in 0..plan.shares.len() {
+            if plan.shares[i].keys > 0 {
+                if let Err(e) = self.check_up(i).and_then(|()| self.start(i).map(drop)) {
+                    plan.shares[i].error = Some(e);
+                    failed = true;
+                } else if self.driver.owes_sync(i) {
+                    // Quiet commands went out before without a sync: one goes first, and
+                    // what they answered is read up to its reply (see `Strays`).
+                    plan.shares[i].strays = Strays::on(&mut self.driver, i);
+                    self.protocol
+                        .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
+                }
+            }
+        }
+        plan.base = self.reserve_opaques(n);
+        if failed {
+            for s in plan.server_of.iter_mut() {
+                if plan.shares[*s as usize].error.is_some() {
+                    *s = NO_SERVER;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes item `j` (user key `user`, then `value` if any) into its server's batch.
+    #[inline(always)]
+    fn encode_item<W: Wire>(
+        &mut self,
+        plan: &mut Plan,
+        kb: &mut Vec<u8>,
+        j: usize,
+        user: &[u8],
+        value: Option<&[u8]>,
+        cmd: impl FnOnce(Key<'_>) -> Cmd<'_>,
+    ) {
+        let i = plan.server_of[j];
+        if i == NO_SERVER {
+            return;
+        }
+        let share = &mut plan.shares[i as usize];
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let key = if plan.plain {
+            // No namespace, and plan() found every key a valid text key.
+            Key::trusted(user)
+        } else {
+            wire_key(&self.namespace, user, binary_keys, kb)
+                .expect("validated by plan()")
+                .0
+        };
+        let w = self.driver.wbuf(i as usize);
+        let opaque = plan.base.wrapping_add(j as u32);
+        W::encode_item(w, &cmd(key), opaque, share.encoded);
+        if let Some(v) = value {
+            w.extend_from_slice(v);
+            w.extend_from_slice(W::TRAILER);
+        }
+        share.encoded += 1;
+    }
+
+    /// Encodes every planned item (`cmd` builds item `j`'s command from its wire key, and
+    /// `value(j)` follows it), closes every server's batch, then runs the plan,
+    /// handing each hit to `on_hit(item index, item)` and each other reply unit that answers
+    /// an item to `on_other`. End
+    /// markers, error replies and completion are handled here for all protocols.
+    fn batch<'v, W: Wire>(
+        &mut self,
+        scratch: &mut Scratch,
+        keys: &(impl Keys + ?Sized),
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+        on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        for j in 0..keys.len() {
+            let (plan, kb) = (&mut scratch.plan, &mut scratch.keybuf);
+            self.encode_item::<W>(plan, kb, j, keys.key(j), value(j), |key| cmd(j, key));
+        }
+        self.run_batch::<W>(scratch, keys, on_hit, on_other)
+    }
+
+    fn run_batch<W: Wire>(
+        &mut self,
+        scratch: &mut Scratch,
+        keys: &(impl Keys + ?Sized),
+        on_hit: impl FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+        on_other: impl FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        let plan = &mut scratch.plan;
+        let kind = plan.kind;
+        for (i, share) in plan.shares.iter_mut().enumerate() {
+            if share.keys > 0 && share.error.is_none() {
+                let shape = W::end_batch(self.driver.wbuf(i), kind, share.keys);
+                share.ends = shape.ends;
+                share.every_item_replies = shape.every_item_replies;
+            }
+        }
+        // Shared, not taken out: a panicking callback leaves the client as it was.
+        let ns = Arc::clone(&self.namespace);
+        let labels = Arc::clone(&self.labels);
+        let mut reader = BatchReader {
+            keys,
+            ns: &ns,
+            labels: &labels,
+            limits: self.limits,
+            expect: Expect::batch(kind),
+            closed: Vec::new(),
+            on_hit,
+            on_other,
+        };
+        let batches = &mut scratch.batches;
+        let result = self.run_plan(plan, batches, |plan, i, buf| reader.read::<W>(plan, i, buf));
+        for &i in &reader.closed {
+            self.driver.disconnect(i);
+        }
+        result
+    }
+
+    /// Runs the planned request on every server that has one, then records health and
+    /// combines errors: the one failed server's error, or [`Error::Partial`].
+    fn run_plan(
+        &mut self,
+        plan: &mut Plan,
+        batches: &mut Vec<Batch<'static>>,
+        on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    ) -> Result<()> {
+        let span = self.health.observe.span(CallOp {
+            kind: plan.kind,
+            server: None,
+            servers: plan.shares.iter().filter(|s| s.keys > 0).count(),
+            protocol: self.protocol,
+            keys: plan.server_of.len(),
+            value_bytes: 0,
+        });
+        span.run(|| self.run_plan_traced(plan, batches, on_reply))
+    }
+
+    fn run_plan_traced(
+        &mut self,
+        plan: &mut Plan,
+        batches: &mut Vec<Batch<'static>>,
+        mut on_reply: impl FnMut(&mut Plan, usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    ) -> Result<()> {
+        let started = self.health.observe.start();
+        let op = self.driver.new_op();
+        batches.extend(
+            plan.shares
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.keys > 0 && s.error.is_none())
+                .map(|(i, _)| Batch::new(i, None, &op)),
+        );
+        self.driver
+            .exchange_many(batches, &op, Until::Done, |i, buf| on_reply(plan, i, buf));
+        for b in batches.drain(..) {
+            let share = &mut plan.shares[b.server];
+            if let Some(e) = b.error {
+                share.error = Some(e);
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, share) in plan.shares.iter_mut().enumerate() {
+            if share.keys == 0 {
+                continue;
+            }
+            match share.error.take() {
+                Some(e @ Error::ServerDown { .. }) => failed.push((self.labels[i].clone(), e)),
+                Some(e) => {
+                    self.health.counters_mut(i).requests += 1;
+                    self.health.record_error(i, &e, &mut self.ring);
+                    failed.push((self.labels[i].clone(), e));
+                }
+                None => {
+                    share.strays.settle(&mut self.driver, &mut self.health, i);
+                    self.health.record(i, &Ok(()), &mut self.ring);
+                    self.health.observe.call(i, plan.kind, true, started);
+                    self.health.observe.bytes(i, self.driver.bytes(i));
+                    if plan.kind == Kind::Get {
+                        let (hits, misses) = (share.hits as u64, (share.keys - share.hits) as u64);
+                        self.health.observe.lookups(i, hits, misses);
+                        let c = self.health.counters_mut(i);
+                        c.hits += hits;
+                        c.misses += misses;
+                    }
+                }
+            }
+        }
+        combine(failed)
+    }
+}
+
+/// The batches [`Client`](crate::Client) and the shared client run.
+impl Core {
+    /// One retrieval batch over `keys` (a multi-get, or a shared client's coalesced gets):
+    /// hits go to `on_hit(index, item)` as they arrive; a key without a hit is a miss once
+    /// this returns `Ok`.
+    pub(crate) fn get_batch(
+        &mut self,
+        scratch: &mut Scratch,
+        with_cas: bool,
+        keys: &(impl Keys + ?Sized),
+        mut on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        if keys.len() == 0 {
+            return Ok(());
+        }
+        let core = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        scratch.plan.kind = Kind::Get;
+        let opts = GetOpts {
+            cas: with_cas,
+            ..GetOpts::default()
+        };
+        let on_hit = |j: usize, item: ItemRef<'_>| {
+            on_hit(j, item);
+            Ok(())
+        };
+        with_wire!(core.protocol, W => {
+            core.batch::<W>(
+                scratch,
+                keys,
+                |_| None,
+                |_, key| Cmd::Get(key, opts),
+                on_hit,
+                |_, _, _| Err(ParseError::Unexpected),
+            )
+        })
+    }
+
+    /// One batch of stores or deletes (`kind`) for the shared client: each reply that
+    /// answers an item goes to `on_item(index, outcome)`; an item no reply answered (quiet
+    /// protocols answer only failures) succeeded once this returns `Ok`.
+    pub(crate) fn write_batch<'v>(
+        &mut self,
+        scratch: &mut Scratch,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        mut on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        if keys.len() == 0 {
+            return Ok(());
+        }
+        let core = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        scratch.plan.kind = kind;
+        let ns = Arc::clone(&core.namespace);
+        let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
+            let j = plan.answered(i, &outcome, &ns, keys)?;
+            on_item(j, outcome)
+        };
+        with_wire!(core.protocol, W => {
+            core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
+        })
+    }
+
+    /// Plans and runs a batch of stores or deletes and counts the items done: every
+    /// item but those whose condition was not met (`unmet` says which outcomes those are).
+    pub(crate) fn count_batch<'v>(
+        &mut self,
+        scratch: &mut Scratch,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        unmet: fn(&Outcome<'_>) -> Option<bool>,
+    ) -> Result<usize> {
+        let core = self;
+        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        let ns = Arc::clone(&core.namespace);
+        let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
+            plan.answer(i, outcome, &ns, keys, &unmet)
+        };
+        scratch.plan.kind = kind;
+        let result = with_wire!(core.protocol, W => {
+            core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
+        });
+        let done = scratch.plan.shares.iter().map(|s| s.keys - s.unmet).sum();
+        result.map(|()| done)
+    }
+
+    /// The chunking policy of a multi-key store or delete on these connections (`None`:
+    /// no limit; see [`BatchPolicy`]).
+    pub(crate) fn multi_key_policy(&self) -> Option<BatchPolicy> {
+        BatchPolicy::multi_key(self.driver.is_tls(), self.namespace.len())
+    }
+}
+
+/// A store or delete batch has no hits to take: a hit there answers nothing asked.
+fn no_hits(_: usize, _: ItemRef<'_>) -> Result<(), ParseError> {
+    Err(ParseError::Unexpected)
+}
+
+/// A multi-set's reply: `Some(unmet)` for a store outcome.
+pub(crate) fn store_unmet(o: &Outcome<'_>) -> Option<bool> {
+    match o {
+        Outcome::Store(SetOutcome::Stored, ..) => Some(false),
+        Outcome::Store(SetOutcome::NotStored | SetOutcome::Exists, ..) => Some(true),
+        _ => None,
+    }
+}
+
+/// A multi-delete's reply: `Some(unmet)` for a delete outcome.
+pub(crate) fn delete_unmet(o: &Outcome<'_>) -> Option<bool> {
+    match o {
+        Outcome::Deleted(_) => Some(false),
+        Outcome::NotFound(_) => Some(true),
+        _ => None,
+    }
+}
+
+/// Reads the replies to a planned batch one unit at a time, sans I/O: which item each
+/// answers, when a server's reply is complete, which servers failed and must be closed. The
+/// driver's loops hand it whatever has arrived; the stream fuzz target drives it in memory.
+struct BatchReader<'c, K: ?Sized, H, O> {
+    keys: &'c K,
+    ns: &'c [u8],
+    labels: &'c [String],
+    limits: Limits,
+    expect: Expect,
+    /// Servers whose reply is in doubt after an error: their connections are to be closed.
+    closed: Vec<usize>,
+    on_hit: H,
+    on_other: O,
+}
+
+impl<K, H, O> BatchReader<'_, K, H, O>
+where
+    K: Keys + ?Sized,
+    H: FnMut(usize, ItemRef<'_>) -> Result<(), ParseError>,
+    O: FnMut(&mut Plan, usize, Outcome<'_>) -> Result<(), ParseError>,
+{
+    /// Reads one reply unit of server `i` from the start of `buf`: the bytes it took and
+    /// whether the server's reply is now complete, or `Partial`. An error is a reply that
+    /// answers nothing asked (the connection is then dropped).
+    #[inline(always)]
+    fn read<W: Wire>(
+        &mut self,
+        plan: &mut Plan,
+        i: usize,
+        buf: &[u8],
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        if plan.shares[i].strays.pending {
+            return plan.shares[i].strays.read::<W>(buf, &self.limits);
+        }
+        if self.expect.kind == Kind::Get {
+            // A multi-get's next hit is most often this server's next key, in the
+            // common shape: read without the general decoder.
+            let mut next = None;
+            if W::MATCHES_BY_NEXT_KEY {
+                let share = &mut plan.shares[i];
+                let from = share.cursor;
+                let j = (from..self.keys.len()).find(|&j| plan.server_of[j] == i as u32);
+                share.next = j.unwrap_or(usize::MAX);
+                next = j.map(|j| (self.ns, self.keys.key(j)));
+            }
+            if let Some(r) = W::batch_hit(buf, next, &self.limits) {
+                let (n, hit) = match r? {
+                    Status::Complete(c) => c,
+                    Status::Partial => return Ok(Status::Partial),
+                };
+                plan.shares[i].replies += 1;
+                plan.hit(i, hit, self.ns, self.keys, &mut self.on_hit)?;
+                return Ok(Status::Complete((n, plan.shares[i].finished())));
+            }
+        }
+        let (n, unit) = match W::decode(buf, &self.expect, &self.limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        let share = &mut plan.shares[i];
+        match unit.outcome {
+            Outcome::End => share.ends_seen += 1,
+            Outcome::Error {
+                refusal,
+                message,
+                closes,
+                opaque,
+            } => {
+                share.error = Some(refused(&self.labels[i], refusal, message));
+                if closes || opaque.is_none() {
+                    // Not tied to an item: the rest of this server's reply is in doubt.
+                    self.closed.push(i);
+                    return Ok(Status::Complete((n, true)));
+                }
+            }
+            Outcome::Hit(h) => {
+                share.replies += 1;
+                let hit = BatchHit {
+                    data: h.data,
+                    flags: h.flags,
+                    cas: h.cas,
+                    // Only the fast path may name the next key implicitly: a hit with
+                    // neither an opaque nor a key names no item here, and on a protocol
+                    // with opaques (binary, meta) a hit without one names none either.
+                    opaque: h
+                        .opaque
+                        .or((h.key.is_none() || !W::MATCHES_BY_NEXT_KEY).then_some(u32::MAX)),
+                    key: h.key,
+                };
+                plan.hit(i, hit, self.ns, self.keys, &mut self.on_hit)?;
+            }
+            outcome => {
+                share.replies += 1;
+                (self.on_other)(plan, i, outcome)?;
+            }
+        }
+        Ok(Status::Complete((n, plan.shares[i].finished())))
+    }
+}
+
+/// The keys of a multi-key call, by index: a key list or the keys of `(key, value)` items.
+pub(crate) trait Keys {
+    /// How many keys.
+    fn len(&self) -> usize;
+    /// Key `j`.
+    fn key(&self, j: usize) -> &[u8];
+}
+
+impl<K: AsRef<[u8]>> Keys for [K] {
+    fn len(&self) -> usize {
+        <[K]>::len(self)
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        self[j].as_ref()
+    }
+}
+
+/// The keys of `(key, value)` items.
+pub(crate) struct ItemKeys<'a, K, V>(pub(crate) &'a [(K, V)]);
+
+impl<K: AsRef<[u8]>, V> Keys for ItemKeys<'_, K, V> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        self.0[j].0.as_ref()
+    }
+}
+
+/// A batch on one server, planned without a client, for the stream fuzz body: it encodes
+/// the batch and reads replies with the client's own [`BatchReader`] and item matching.
+#[cfg(any(test, fuzzing))]
+pub(crate) mod for_fuzzing {
+    use super::*;
+
+    /// A one-server batch of `kind` over the given keys.
+    pub(crate) struct OneServer {
+        plan: Plan,
+        labels: [String; 1],
+        closed: bool,
+    }
+
+    impl OneServer {
+        pub(crate) fn new(kind: Kind, keys: usize) -> OneServer {
+            let mut plan = Plan {
+                kind,
+                plain: true,
+                ..Plan::default()
+            };
+            plan.server_of = vec![0; keys];
+            plan.shares.push(Share {
+                keys,
+                ..Share::default()
+            });
+            OneServer {
+                plan,
+                labels: ["fuzz".to_string()],
+                closed: false,
+            }
+        }
+
+        /// A sync went ahead of the batch (the connection owed one): the replies up to its
+        /// reply are strays, read and set aside as the client does.
+        pub(crate) fn owe_sync(&mut self) {
+            self.plan.shares[0].strays = Strays::owing();
+        }
+
+        /// Encodes every item (`cmd` builds it, `value` follows it) and closes the batch.
+        pub(crate) fn encode<W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            keys: &[Vec<u8>],
+            value: Option<&[u8]>,
+            cmd: impl Fn(Key<'_>) -> Cmd<'_>,
+        ) {
+            self.encode_items::<W>(out, keys, |_| value, |_, key| cmd(key));
+        }
+
+        /// Encodes item `j` as `cmd(j, key)` followed by `value(j)`, for every item, and
+        /// closes the batch, as a client's batch does.
+        pub(crate) fn encode_items<'v, W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            keys: &(impl Keys + ?Sized),
+            value: impl Fn(usize) -> Option<&'v [u8]>,
+            cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        ) {
+            let share = &mut self.plan.shares[0];
+            for j in 0..keys.len() {
+                let key = Key::new(keys.key(j)).expect("batch keys are valid");
+                W::encode_item(out, &cmd(j, key), j as u32, share.encoded);
+                if let Some(v) = value(j) {
+                    out.extend_from_slice(v);
+                    out.extend_from_slice(W::TRAILER);
+                }
+                share.encoded += 1;
+            }
+            let shape = W::end_batch(out, self.plan.kind, keys.len());
+            share.ends = shape.ends;
+            share.every_item_replies = shape.every_item_replies;
+        }
+
+        /// Reads one reply unit as the client does: each hit's item index goes to `on_hit`.
+        pub(crate) fn read<W: Wire>(
+            &mut self,
+            keys: &[Vec<u8>],
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize),
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let unmet = match self.plan.kind {
+                Kind::Store => store_unmet,
+                _ => delete_unmet,
+            };
+            self.read_items::<W>(keys, buf, &mut |j, _| on_hit(j), &mut |plan, o| {
+                plan.answer(0, o, &[], keys, &unmet)
+            })
+        }
+
+        /// Reads one reply unit as a shared client's batch does ([`Client::batch_get`],
+        /// [`Client::batch_write`]): a hit goes to `on_hit(index, item)`, and another
+        /// outcome that answers an item to `on_item(index, outcome)`.
+        #[cfg(test)]
+        pub(crate) fn read_answers<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_item: &mut impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            self.read_items::<W>(keys, buf, on_hit, &mut |plan, o| {
+                let j = plan.answered(0, &o, &[], keys)?;
+                on_item(j, o)
+            })
+        }
+
+        fn read_items<W: Wire>(
+            &mut self,
+            keys: &(impl Keys + ?Sized),
+            buf: &[u8],
+            on_hit: &mut impl FnMut(usize, ItemRef<'_>),
+            on_other: &mut impl FnMut(&mut Plan, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let kind = self.plan.kind;
+            let mut reader = BatchReader {
+                keys,
+                ns: &[],
+                labels: &self.labels,
+                limits: Limits { max_value: 256 },
+                expect: Expect::batch(self.plan.kind),
+                closed: Vec::new(),
+                on_hit: |j: usize, item: ItemRef<'_>| -> Result<(), ParseError> {
+                    if kind != Kind::Get {
+                        return no_hits(j, item);
+                    }
+                    on_hit(j, item);
+                    Ok(())
+                },
+                on_other: |plan: &mut Plan, _: usize, o: Outcome<'_>| on_other(plan, o),
+            };
+            let r = reader.read::<W>(&mut self.plan, 0, buf);
+            self.closed |= !reader.closed.is_empty();
+            r
+        }
+
+        /// The reply is complete: every end marker and (if every item answers) every reply.
+        pub(crate) fn finished(&self) -> bool {
+            self.plan.shares[0].finished()
+        }
+
+        /// An error reply answered the batch (the server's share failed).
+        pub(crate) fn refused(&self) -> bool {
+            self.plan.shares[0].error.is_some()
+        }
+
+        /// An error reply left the rest of the server's reply in doubt: the client closes it.
+        pub(crate) fn closed(&self) -> bool {
+            self.closed
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The engine under every front: what a call works with ([`Core`]: the connections, their
+//! health, the key distribution and the settings), and how a call runs: a key validated and
+//! routed to its server, the server's session opened (connect, authenticate), one request
+//! encoded, sent and its replies folded, the outcome recorded in the server's health.
+//!
+//! [`Client`](crate::Client) is its facade for one caller; [`SharedClient`](crate::SharedClient)
+//! runs one engine per server for many callers; the storage layer borrows either. They use
+//! the crate-internal API below (`Core`'s `pub(crate)` methods), never its fields.
+//!
+//! - [`batch`]: multi-key calls: keys grouped by server, every server's batch written first,
+//!   replies matched to their items as they arrive.
+//! - [`reply`]: folding one command's reply units, and the replies of earlier quiet commands
+//!   (strays) read and set aside before a call's own.
+//! - [`session`]: opening a server's session (SASL or ASCII authentication).
+//! - [`health`]: failures, ejection and rejoin (libmemcached's model), per-server counters.
+
+use std::sync::Arc;
+
+pub(crate) mod batch;
+pub(crate) mod health;
+pub(crate) mod pipeline;
+pub(crate) mod reply;
+mod session;
+
+use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
+use crate::error::{Error, Result};
+use crate::observe::CallOp;
+use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
+use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Outcome, Wire};
+use crate::proto::{Key, KeyError, Limits, ParseError, Protocol, Status, MAX_KEY_LEN};
+use crate::ring::Continuum;
+use health::{Health, ServerCounters, SharedHealth};
+use reply::{SingleReader, Strays};
+
+/// One server process: its index in the client's list, its pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerInstance {
+    server: usize,
+    pid: u64,
+    started: u64,
+}
+
+impl ServerInstance {
+    /// Its index in the client's server list.
+    pub(crate) fn server(&self) -> usize {
+        self.server
+    }
+}
+
+/// Where a key goes: `server` now, `home` with every server up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub(crate) server: usize,
+    pub(crate) home: usize,
+}
+
+impl Route {
+    /// Whether the key goes to its own server (no ejection moved it).
+    pub(crate) fn is_home(&self) -> bool {
+        self.server == self.home
+    }
+}
+
+/// What a call works with: the connections and their health, the key distribution, and the
+/// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
+/// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
+pub(crate) struct Core {
+    driver: Driver,
+    limits: Limits,
+    ring: Continuum,
+    /// Shared, so a multi-key call can hold them while it runs without copying the strings.
+    labels: std::sync::Arc<[String]>,
+    health: Health,
+    /// Shared, like the labels: a multi-key call holds it while the caller's callback runs.
+    namespace: std::sync::Arc<[u8]>,
+    hash_with_namespace: bool,
+    protocol: Protocol,
+    sasl: Option<(String, String)>,
+    /// ASCII authentication (text and meta), as `user password`.
+    ascii_auth: Option<(String, String)>,
+    /// Per server: the connection count at which SASL last succeeded.
+    authenticated: Vec<u64>,
+    /// Per server: which process the connection (by count) reaches, once asked.
+    instances: Vec<Option<(u64, ServerInstance)>>,
+    /// Set by [`Client::pinned`]: every keyed call goes to this server.
+    pinned: Option<usize>,
+    /// Next binary opaque.
+    opaque: u32,
+}
+
+/// Per-call working space, reused by the next call so that a warm call allocates nothing.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// A namespaced (or base64) wire key.
+    keybuf: Vec<u8>,
+    /// The last multi-key call's plan and batch list.
+    plan: batch::Plan,
+    batches: Vec<crate::conn::driver::Batch<'static>>,
+}
+
+impl Scratch {
+    /// The buffer a call builds its wire key in.
+    pub(crate) fn keybuf(&mut self) -> &mut Vec<u8> {
+        &mut self.keybuf
+    }
+
+    /// Working space with room for the longest key.
+    pub(crate) fn new() -> Scratch {
+        Scratch {
+            keybuf: Vec::with_capacity(MAX_KEY_LEN),
+            ..Scratch::default()
+        }
+    }
+}
+
+/// What a [`Core`] is built from: the builder's settings, resolved.
+pub(crate) struct CoreSettings {
+    pub(crate) driver: Driver,
+    pub(crate) ring: Continuum,
+    pub(crate) health: Health,
+    pub(crate) labels: Vec<String>,
+    pub(crate) max_value: usize,
+    pub(crate) namespace: Vec<u8>,
+    pub(crate) hash_with_namespace: bool,
+    pub(crate) protocol: Protocol,
+    pub(crate) sasl: Option<(String, String)>,
+    pub(crate) ascii_auth: Option<(String, String)>,
+}
+
+/// Opaques stay below 2^31.
+const OPAQUE_MASK: u32 = 0x7fff_ffff;
+
+/// The wire form of a user key: `namespace + key`, validated for the protocol, and the raw
+/// namespaced bytes (what is hashed with `hash_with_namespace`). With `binary_keys` (meta), a
+/// key that is not a valid text key is sent base64-encoded with the `b` flag (notes §6), so it
+/// may hold any bytes, up to 186 of them with the namespace.
+fn wire_key<'b>(
+    namespace: &[u8],
+    user: &'b [u8],
+    binary_keys: bool,
+    buf: &'b mut Vec<u8>,
+) -> Result<(Key<'b>, &'b [u8])> {
+    // One validation of the user key: the namespace was validated when the client was built,
+    // so only the combined length is left to check.
+    let binary = match Key::new(user) {
+        Ok(k) if namespace.is_empty() => return Ok((k, user)),
+        Ok(_) => false,
+        Err(KeyError::BadByte { .. }) if binary_keys => true,
+        Err(e) => return Err(e.into()),
+    };
+    let len = namespace.len() + user.len();
+    if binary && len > MAX_BINARY_KEY_LEN {
+        return Err(KeyError::BinaryTooLong(len).into());
+    }
+    if len > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(len).into());
+    }
+    buf.clear();
+    buf.extend_from_slice(namespace);
+    buf.extend_from_slice(user);
+    if !binary {
+        return Ok((Key::trusted(buf), buf));
+    }
+    let raw_len = buf.len();
+    let mut tmp = [0u8; MAX_BINARY_KEY_LEN];
+    tmp[..raw_len].copy_from_slice(buf);
+    meta::encode_base64(buf, &tmp[..raw_len]);
+    let (raw, token) = buf.split_at(raw_len);
+    Ok((Key::base64_token(token), raw))
+}
+
+/// Validates `key` as a call would (namespace, length, binary keys over meta), without
+/// keeping its wire form: for keys checked before they are queued.
+pub(crate) fn check_key(namespace: &[u8], key: &[u8], binary_keys: bool) -> Result<()> {
+    wire_key(namespace, key, binary_keys, &mut Vec::new()).map(drop)
+}
+
+impl Core {
+    /// A core with no connection open yet.
+    pub(crate) fn new(s: CoreSettings) -> Core {
+        let n = s.labels.len();
+        Core {
+            driver: s.driver,
+            limits: Limits {
+                max_value: s.max_value,
+            },
+            ring: s.ring,
+            labels: s.labels.into(),
+            health: s.health,
+            namespace: s.namespace.into(),
+            hash_with_namespace: s.hash_with_namespace,
+            protocol: s.protocol,
+            sasl: s.sasl,
+            ascii_auth: s.ascii_auth,
+            authenticated: vec![0; n],
+            instances: vec![None; n],
+            pinned: None,
+            opaque: 0,
+        }
+    }
+
+    // The door: what the fronts read and ask of a core (its fields stay private here).
+
+    /// The server labels, shared (configuration order).
+    pub(crate) fn labels(&self) -> &Arc<[String]> {
+        &self.labels
+    }
+
+    /// The wire protocol.
+    pub(crate) fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The namespace (key prefix), shared.
+    pub(crate) fn namespace(&self) -> &Arc<[u8]> {
+        &self.namespace
+    }
+
+    /// The size limits replies and values are checked against.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The key distribution.
+    pub(crate) fn ring(&self) -> &Continuum {
+        &self.ring
+    }
+
+    /// Whether the connections are TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.driver.is_tls()
+    }
+
+    /// The record of ejections shared with other cores.
+    pub(crate) fn shared_health(&self) -> &Arc<SharedHealth> {
+        self.health.shared()
+    }
+
+    /// Each server's counters, in configuration order.
+    pub(crate) fn server_counters(&self) -> Vec<(String, ServerCounters)> {
+        (0..self.labels.len())
+            .map(|i| {
+                let mut c = self.health.counters(i);
+                c.reconnects = self.driver.connects(i).saturating_sub(1);
+                c.tls_resumptions = self.driver.resumed(i);
+                (self.labels[i].clone(), c)
+            })
+            .collect()
+    }
+
+    /// The index of the server labelled `server` (as configured).
+    pub(crate) fn server_index(&self, server: &str) -> Result<usize> {
+        self.labels
+            .iter()
+            .position(|l| l == server)
+            .ok_or_else(|| Error::Config(format!("no server {server:?} in this client")))
+    }
+
+    /// Where `key` goes now, and its own server (where it goes with every server up).
+    pub(crate) fn route_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<Route> {
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        let server = self.route(hashed)?;
+        let home = self.ring.pick_home(hashed).ok_or(Error::NoServers)?;
+        Ok(Route { server, home })
+    }
+
+    /// `key`'s own server, with every server up.
+    pub(crate) fn home_of_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        self.ring.pick_home(hashed).ok_or(Error::NoServers)
+    }
+
+    /// Sends every keyed call to `server` from now on (`None`: the continuum decides again);
+    /// returns the pin it replaces.
+    pub(crate) fn pin(&mut self, server: Option<usize>) -> Option<usize> {
+        std::mem::replace(&mut self.pinned, server)
+    }
+
+    /// Brings ejected servers whose retry time has come back into the continuum.
+    pub(crate) fn maybe_rejoin(&mut self) {
+        self.health.maybe_rejoin(&mut self.ring);
+    }
+
+    /// Counts a lookup's hit or miss on server `i`.
+    pub(crate) fn count_lookup(&mut self, i: usize, hit: bool) {
+        self.health.count_lookup(i, hit);
+    }
+
+    /// Asks each connected server to close the connection (`quit`) and closes it; the first
+    /// server whose `quit` could not be written is the error.
+    pub(crate) fn quit(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for i in 0..self.labels.len() {
+            if !self.driver.is_connected(i) {
+                continue;
+            }
+            let protocol = self.protocol;
+            let sent = self.driver.begin(i).and_then(|op| {
+                protocol.encode(self.driver.wbuf(i), &Cmd::Quit, 0, false);
+                self.driver
+                    .exchange(i, &op, None, Until::Written, |_| Ok(Status::Partial))
+            });
+            self.driver.disconnect(i);
+            if let Err(e) = sent {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The bytes the ring hashes for a user key: the key, or the namespaced key when the
+    /// namespace is hashed with it. Validates the key.
+    fn hashed<'k>(&self, key: &'k [u8], keybuf: &'k mut Vec<u8>) -> Result<&'k [u8]> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (_, raw) = wire_key(&self.namespace, key, binary_keys, keybuf)?;
+        Ok(if self.hash_with_namespace { raw } else { key })
+    }
+
+    /// The server for a key: `Err` if there is none or it is ejected.
+    pub(crate) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
+        self.health.maybe_rejoin(&mut self.ring);
+        match self.pinned.or_else(|| self.ring.pick(hashed)) {
+            Some(i) if self.health.check(i).is_ok() => Ok(i),
+            Some(i) => Err(self.check_up(i).expect_err("ejected")),
+            None => Err(Error::NoServers),
+        }
+    }
+
+    pub(crate) fn check_up(&self, i: usize) -> Result<()> {
+        self.health.check(i).map_err(|retry_in| Error::ServerDown {
+            server: self.labels[i].clone(),
+            retry_in,
+        })
+    }
+
+    /// `Err(Unsupported)` unless this client's protocol can express `cap`.
+    pub(crate) fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
+        if self.protocol.supports(cap) {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            operation,
+            protocol: self.protocol,
+        })
+    }
+
+    pub(crate) fn keyed<T>(
+        &mut self,
+        user: &[u8],
+        kb: &mut Vec<u8>,
+        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
+        let hashed = if self.hash_with_namespace { raw } else { user };
+        let i = self.route(hashed)?;
+        let r = f(self, i, wire);
+        self.health.record(i, &r, &mut self.ring);
+        r
+    }
+
+    /// Which process server `i` is (connecting if needed; asked with `stats` once per
+    /// connection): see [`Client::instance`](crate::Client::instance). A failure counts in
+    /// the server's health.
+    pub(crate) fn instance(&mut self, i: usize) -> Result<ServerInstance> {
+        self.check_up(i)?;
+        let r = self.ask_instance(i);
+        if let Err(e) = &r {
+            self.health.record_error(i, e, &mut self.ring);
+        }
+        r
+    }
+
+    fn ask_instance(&mut self, i: usize) -> Result<ServerInstance> {
+        self.start(i)?; // connected (and authenticated) now, if it was not
+        let conn = self.driver.connects(i);
+        if let Some((at, id)) = self.instances[i] {
+            if at == conn {
+                return Ok(id);
+            }
+        }
+        let (mut pid, mut time, mut uptime) = (None, None, None);
+        self.call(i, &Cmd::Stats(None), None, |o, _| match o {
+            Outcome::Stat(name, value) => {
+                let v = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                match name {
+                    b"pid" => pid = v,
+                    b"time" => time = v,
+                    b"uptime" => uptime = v,
+                    _ => {}
+                }
+                Ok(None)
+            }
+            Outcome::End | Outcome::Ok => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
+        })?;
+        let id = ServerInstance {
+            server: i,
+            // memcached's `time - uptime` is its start time, constant for the process. A
+            // server that reports neither is one instance as far as we can tell.
+            pid: pid.unwrap_or(0),
+            started: time.zip(uptime).map_or(0, |(t, u)| t.saturating_sub(u)),
+        };
+        self.instances[i] = Some((conn, id));
+        Ok(id)
+    }
+
+    pub(crate) fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.limits.max_value {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: self.limits.max_value,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one command on server `i`: connect (and authenticate) if needed, encode, send
+    /// (with `value` after the command), and fold the reply units with `on` until it returns
+    /// the result. See [`exchange`](Self::exchange).
+    pub(crate) fn call<T>(
+        &mut self,
+        i: usize,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let started = self.health.observe.start();
+        let span = self.health.observe.span(CallOp {
+            kind: cmd.kind(),
+            server: Some(i),
+            servers: 1,
+            protocol: self.protocol,
+            keys: usize::from(cmd.key().is_some()),
+            value_bytes: value.map_or(0, <[u8]>::len),
+        });
+        let r = span.run(|| {
+            let op = self.start(i)?;
+            with_wire!(self.protocol, W => self.exchange::<W, T>(i, &op, cmd, value, on))
+        });
+        self.health.observe.call(i, cmd.kind(), false, started);
+        self.health.observe.bytes(i, self.driver.bytes(i));
+        r
+    }
+
+    /// Encodes `cmd` for server `i` (already started), sends it and folds each reply unit
+    /// with `on`: `Some(result)` ends the exchange, `None` asks for more, and `Err` (a reply
+    /// that cannot answer this command) drops the connection. An error reply ends it with
+    /// the matching error; after a `SERVER_ERROR`, a status the server closes after, or an
+    /// error answering a command with a data block, the connection is closed.
+    pub(crate) fn exchange<W: Wire, T>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        cmd: &Cmd<'_>,
+        value: Option<&[u8]>,
+        on: impl FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let opaque = self.next_opaque();
+        let mut strays = Strays::on(&mut self.driver, i);
+        let w = self.driver.wbuf(i);
+        if strays.owed {
+            // Quiet commands went out before without a sync: a sync of our own goes first,
+            // and whatever they answered is read up to its reply, never as ours.
+            W::encode(w, &Cmd::Sync, 0, false);
+        }
+        W::encode(w, cmd, opaque, false);
+        let separate = match value {
+            // Large values go out straight from the caller's slice, without a copy.
+            Some(v) if v.len() > COPY_VALUE_MAX => Some((v, W::TRAILER)),
+            Some(v) => {
+                w.extend_from_slice(v);
+                w.extend_from_slice(W::TRAILER);
+                None
+            }
+            None => None,
+        };
+        let mut reader = SingleReader {
+            expect: Expect::single(cmd.kind(), opaque),
+            limits: self.limits,
+            label: &self.labels[i],
+            data_block: value.is_some(),
+            on,
+            out: None,
+            refused: None,
+        };
+        self.driver.exchange(i, op, separate, Until::Done, |buf| {
+            if strays.pending {
+                return strays.read::<W>(buf, &reader.limits);
+            }
+            reader.read::<W>(buf)
+        })?;
+        strays.settle(&mut self.driver, &mut self.health, i);
+        if let Some((error, close)) = reader.refused {
+            if close {
+                self.driver.disconnect(i);
+            }
+            return Err(error);
+        }
+        Ok(reader
+            .out
+            .expect("exchange returns Ok only after the last reply"))
+    }
+
+    /// The next opaque: unique on every connection of this client among the requests that
+    /// may still be answered (31 bits: binary's sync uses `u32::MAX`).
+    pub(crate) fn next_opaque(&mut self) -> u32 {
+        self.opaque = self.opaque.wrapping_add(1) & OPAQUE_MASK;
+        self.opaque
+    }
+
+    /// `n` consecutive opaques for a batch's items: the first is returned, item `j` has
+    /// `first + j`.
+    pub(crate) fn reserve_opaques(&mut self, n: usize) -> u32 {
+        let n = u32::try_from(n).unwrap_or(OPAQUE_MASK).min(OPAQUE_MASK / 2);
+        if self.opaque > OPAQUE_MASK - n {
+            self.opaque = 0;
+        }
+        let first = self.opaque + 1;
+        self.opaque += n;
+        first
+    }
+
+    /// Runs `cmd` on every server in turn (skipping ejected ones, which count as failed),
+    /// folding replies with `on` and recording health. Returns each server's result.
+    pub(crate) fn each_server<T>(
+        &mut self,
+        cmd: &Cmd<'_>,
+        mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
+    ) -> Vec<(usize, Result<T>)> {
+        self.health.maybe_rejoin(&mut self.ring);
+        (0..self.labels.len())
+            .map(|i| (i, self.on_server(i, cmd, &mut on)))
+            .collect()
+    }
+
+    /// Runs `cmd` on server `i` unless it is ejected, and records the outcome in its health.
+    pub(crate) fn on_server<T>(
+        &mut self,
+        i: usize,
+        cmd: &Cmd<'_>,
+        on: &mut impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
+    ) -> Result<T> {
+        let r = self
+            .check_up(i)
+            .and_then(|()| self.call(i, cmd, None, |o, _| on(o)));
+        if !matches!(r, Err(Error::ServerDown { .. })) {
+            self.health.record(i, &r, &mut self.ring);
+        }
+        r
+    }
+
+    /// Combines per-server results: all values if every server succeeded, otherwise the one
+    /// error, or [`Error::Partial`] listing each failed server.
+    pub(crate) fn all_or_errors<T>(
+        &self,
+        results: Vec<(usize, Result<T>)>,
+    ) -> Result<Vec<(usize, T)>> {
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for (i, r) in results {
+            match r {
+                Ok(t) => ok.push((i, t)),
+                Err(e) => failed.push((self.labels[i].clone(), e)),
+            }
+        }
+        combine(failed).map(|()| ok)
+    }
+
+    /// Runs a command with an `OK` reply on every server.
+    pub(crate) fn on_all_ok(&mut self, cmd: &Cmd<'_>) -> Result<()> {
+        let results = self.each_server(cmd, |o| match o {
+            Outcome::Ok => Ok(Some(())),
+            _ => Err(ParseError::Unexpected),
+        });
+        self.all_or_errors(results).map(drop)
+    }
+}
+
+/// The result of work spread over servers: `Ok` if none failed, else the one failed server's
+/// error, or [`Error::Partial`] listing each.
+fn combine(mut failed: Vec<(String, Error)>) -> Result<()> {
+    match failed.len() {
+        0 => Ok(()),
+        1 => Err(failed.pop().expect("one").1),
+        _ => Err(Error::Partial { failed }),
+    }
+}

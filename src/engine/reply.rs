@@ -1,0 +1,213 @@
+//! One command's reply, folded unit by unit (sans I/O), and the replies of earlier quiet
+//! commands read and set aside before a call's own.
+
+use super::health::Health;
+use crate::conn::driver::Driver;
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::proto::wire::{Expect, Kind, Outcome, Refusal, Wire};
+use crate::proto::{Limits, ParseError, Status};
+
+/// A delete's or touch's reply: whether the item existed.
+pub(crate) fn existed(o: Outcome<'_>) -> Result<Option<bool>, ParseError> {
+    match o {
+        Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
+        Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
+        _ => Err(ParseError::Unexpected),
+    }
+}
+
+/// An incr's or decr's reply: the new value, `None` if the item does not exist.
+pub(crate) fn arith_value(o: Outcome<'_>) -> Result<Option<Option<u64>>, ParseError> {
+    match o {
+        Outcome::Number(n) => Ok(Some(Some(n))),
+        Outcome::NotFound(_) => Ok(Some(None)),
+        _ => Err(ParseError::Unexpected),
+    }
+}
+
+/// Folds the reply units of one command, sans I/O: `on` turns outcomes into the call's
+/// result (`Some` ends the exchange, `None` asks for more); an error reply ends it with the
+/// matching error, and says whether the connection must be closed.
+pub(crate) struct SingleReader<'c, F, T> {
+    pub(crate) expect: Expect,
+    pub(crate) limits: Limits,
+    pub(crate) label: &'c str,
+    /// The command carried a data block.
+    pub(crate) data_block: bool,
+    pub(crate) on: F,
+    pub(crate) out: Option<T>,
+    /// An error reply: the error, and whether the connection is to be closed.
+    pub(crate) refused: Option<(Error, bool)>,
+}
+
+impl<F, T> SingleReader<'_, F, T>
+where
+    F: FnMut(Outcome<'_>, bool) -> Result<Option<T>, ParseError>,
+{
+    /// Reads one reply unit from the start of `buf`: the bytes it took and whether it was
+    /// the last, or `Partial`. An error is a reply that cannot answer this command.
+    #[inline(always)]
+    pub(crate) fn read<W: Wire>(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let (n, unit) = match W::decode(buf, &self.expect, &self.limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        if let Outcome::Error {
+            refusal,
+            message,
+            closes,
+            ..
+        } = unit.outcome
+        {
+            // After an error answering a data block, the block may be read as commands.
+            let close = closes || self.data_block;
+            self.refused = Some((refused(self.label, refusal, message), close));
+            return Ok(Status::Complete((n, true)));
+        }
+        match (self.on)(unit.outcome, unit.last)? {
+            Some(t) => {
+                self.out = Some(t);
+                Ok(Status::Complete((n, true)))
+            }
+            // Nothing more will come for this command.
+            None if unit.last => Err(ParseError::Unexpected),
+            None => Ok(Status::Complete((n, false))),
+        }
+    }
+}
+
+/// The replies of quiet commands that went out earlier without a sync (a fire-and-forget
+/// pipeline, `store_noreply`): the next call to read replies on that connection sends a sync
+/// before its own request and reads them, up to the sync's reply, with this.
+#[derive(Default)]
+pub(crate) struct Strays {
+    /// The connection owed a sync, and one went ahead of this call's request.
+    pub(crate) owed: bool,
+    /// The sync's reply has not been read yet.
+    pub(crate) pending: bool,
+    /// Sync replies still to read, the last being this call's own (earlier ones: syncs of
+    /// fire-and-forget pipelines that nobody read).
+    pub(crate) ends: u32,
+    /// Replies read before it (unmet conditions, error lines).
+    pub(crate) count: u64,
+    /// One of them was an error line after which the server may close, or the stream be out
+    /// of step: the connection is replaced once this call is done.
+    pub(crate) doubt: bool,
+}
+
+impl Strays {
+    /// For a call on server `i`: owing if its connection owes a sync (the caller sends one
+    /// ahead of its request), with every unread sync before it to skip too.
+    pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
+        let owed = driver.owes_sync(i);
+        Strays {
+            owed,
+            pending: owed,
+            ends: if owed {
+                1 + driver.take_unread_syncs(i)
+            } else {
+                0
+            },
+            count: 0,
+            doubt: false,
+        }
+    }
+
+    /// Owing one sync (the stream fuzz body's batches).
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn owing() -> Strays {
+        Strays {
+            owed: true,
+            pending: true,
+            ends: 1,
+            ..Strays::default()
+        }
+    }
+
+    /// A sync went ahead of the request: the syncs (this one and earlier unread ones) that
+    /// are still to be read go to the connection's account, for its next reader.
+    pub(crate) fn abandon(&mut self, driver: &mut Driver, i: usize) {
+        if self.pending {
+            driver.add_unread_syncs(i, self.ends);
+        }
+        *self = Strays::default();
+    }
+
+    /// After the call succeeded: server `i`'s connection owes nothing now, and the late
+    /// replies are counted (a connection in doubt is replaced).
+    #[inline]
+    pub(crate) fn settle(&self, driver: &mut Driver, health: &mut Health, i: usize) {
+        if self.owed {
+            driver.set_owes_sync(i, false);
+            health.counters_mut(i).late_replies += self.count;
+            if self.doubt {
+                driver.disconnect(i);
+            }
+        }
+    }
+
+    /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
+    /// them. They belong to no caller of this exchange: each is counted, and the call's own
+    /// reply, after the sync's, is matched as usual (never failed for someone else's error).
+    #[cold]
+    pub(crate) fn read<W: Wire>(
+        &mut self,
+        buf: &[u8],
+        limits: &Limits,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let (n, unit) = match W::decode(buf, &Expect::batch(Kind::Quiet), limits)? {
+            Status::Complete(c) => c,
+            Status::Partial => return Ok(Status::Partial),
+        };
+        match unit.outcome {
+            Outcome::End => {
+                self.ends -= 1;
+                self.pending = self.ends > 0;
+            }
+            Outcome::Error { closes, .. } => {
+                self.count += 1;
+                self.doubt |= closes;
+            }
+            _ => self.count += 1,
+        }
+        Ok(Status::Complete((n, false)))
+    }
+}
+
+/// The crate error for an error reply from server `server`.
+pub(crate) fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
+    let message = String::from_utf8_lossy(message).into_owned();
+    let kind = match refusal {
+        Refusal::Auth => {
+            return Error::Auth {
+                server: server.to_string(),
+                message,
+            }
+        }
+        // memcached -Y refuses every command of a connection that has not authenticated.
+        Refusal::Client if message == "unauthenticated" => {
+            return Error::Auth {
+                server: server.to_string(),
+                message: "the server requires ASCII authentication (memcached -Y), and no \
+                          credentials are configured"
+                    .into(),
+            }
+        }
+        // memcached's `ERROR` says nothing more: say what it means.
+        Refusal::UnknownCommand if message.is_empty() => {
+            return Error::Server {
+                kind: ServerErrorKind::UnknownCommand,
+                message: "the server does not know this command (or its argument): it \
+                          answered ERROR"
+                    .into(),
+            }
+        }
+        Refusal::UnknownCommand => ServerErrorKind::UnknownCommand,
+        Refusal::Client => ServerErrorKind::Client,
+        Refusal::Server => ServerErrorKind::Server,
+    };
+    Error::Server { kind, message }
+}
