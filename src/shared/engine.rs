@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! state  ->  queue  ->  slot data
-//!   |                     
+//!   |
 //!   +-> round        (router, admin: leaves, see below)
 //! ```
 //!
