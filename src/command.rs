@@ -116,6 +116,7 @@ pub(crate) fn store_op(mode: StoreMode, opts: SetOptions, cas: Option<u64>) -> O
 }
 
 /// A get or gets (`cas`): the item, its value copied into a new `Vec`.
+#[derive(Clone, Copy)]
 pub(crate) struct Get<'a> {
     pub(crate) key: &'a [u8],
     pub(crate) cas: bool,
@@ -131,21 +132,17 @@ impl<'a> Command<'a> for Get<'a> {
     }
 }
 
-/// A get-and-touch (gat, or gats with `cas`).
-pub(crate) struct Gat<'a> {
-    pub(crate) key: &'a [u8],
-    pub(crate) ttl: u32,
-    pub(crate) cas: bool,
-}
+/// A get-and-touch (gat, or gats with `cas`): a get that also sets the item's expiration.
+pub(crate) struct Gat<'a>(pub(crate) Get<'a>, pub(crate) u32);
 
 impl<'a> Command<'a> for Gat<'a> {
     type Output = Option<Item>;
     fn call(&self) -> CallSpec<'a> {
-        let (ttl, cas) = (self.ttl, self.cas);
-        key_only(Op::Gat { ttl, cas }, self.key)
+        let Gat(Get { key, cas }, ttl) = *self;
+        key_only(Op::Gat { ttl, cas }, key)
     }
     fn output(self, reply: Reply, value: Vec<u8>) -> Result<Option<Item>> {
-        item(reply, value)
+        self.0.output(reply, value)
     }
 }
 
@@ -348,10 +345,10 @@ macro_rules! keyed_commands {
 
             /// Gets a value and sets its expiration to `ttl` (get-and-touch). Errors as
             /// [`get`](Self::get).
-            gat / gat_async(key: &[u8], ttl: u32) -> Option<Item> = Gat { key, ttl, cas: false };
+            gat / gat_async(key: &[u8], ttl: u32) -> Option<Item> = Gat(Get { key, cas: false }, ttl);
 
             /// Like [`gat`](Self::gat), and returns the CAS unique. Errors as [`get`](Self::get).
-            gats / gats_async(key: &[u8], ttl: u32) -> Option<Item> = Gat { key, ttl, cas: true };
+            gats / gats_async(key: &[u8], ttl: u32) -> Option<Item> = Gat(Get { key, cas: true }, ttl);
 
             /// Gets a value into `buf` (cleared first), the hot path: once `buf` and the
             /// client's buffers have grown to fit, this allocates nothing. `None` on a miss (then

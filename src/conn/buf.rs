@@ -71,6 +71,18 @@ impl ReadBuf {
         self.end += n;
         debug_assert!(self.end <= self.buf.len());
     }
+
+    /// Appends `bytes` as if read from a socket (tests driving an exchange in memory).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let spare = self.spare().expect("within the limit");
+            let n = spare.len().min(bytes.len());
+            spare[..n].copy_from_slice(&bytes[..n]);
+            self.filled(n);
+            bytes = &bytes[n..];
+        }
+    }
 }
 
 #[cfg(test)]

@@ -262,14 +262,8 @@ mod tests {
         (r, seen)
     }
 
-    fn push(rbuf: &mut ReadBuf, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let spare = rbuf.spare().expect("within the limit");
-            let n = spare.len().min(bytes.len());
-            spare[..n].copy_from_slice(&bytes[..n]);
-            rbuf.filled(n);
-            bytes = &bytes[n..];
-        }
+    fn push(rbuf: &mut ReadBuf, bytes: &[u8]) {
+        rbuf.push(bytes);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! state  ->  queue  ->  slot data
-//!   |                     
+//!   |
 //!   +-> round        (router, admin: leaves, see below)
 //! ```
 //!
@@ -108,6 +108,16 @@ pub(super) struct Queue {
     pub(super) shutdown: bool,
 }
 
+pub(super) enum Waiter {
+    None,
+    /// A parked thread, woken by itself (combining: it may be asked to lead).
+    Thread(Thread),
+    /// A thread waiting on its engine's round condition: one wake per batch for all of them.
+    Round,
+    Task(Waker),
+}
+
+/// Where a slot is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
     Free,
@@ -117,15 +127,6 @@ pub(super) enum Phase {
     Done,
     /// The owner gave up while the request was on the wire: the reply frees the slot.
     Abandoned,
-}
-
-pub(super) enum Waiter {
-    None,
-    /// A parked thread, woken by itself (combining: it may be asked to lead).
-    Thread(Thread),
-    /// A thread waiting on its engine's round condition: one wake per batch for all of them.
-    Round,
-    Task(Waker),
 }
 
 pub(super) struct SlotData {

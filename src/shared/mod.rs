@@ -4,10 +4,12 @@
 //!
 //! See [`SharedClient`] for how calls travel, deadlines and backpressure.
 //!
-//! Rooms: this file is the facade (builder, the public blocking calls); `engine` holds a
-//! server's queue, slots and waits (and the lock order); `round` turns what is queued into
-//! batches and hands the replies back to slots; `exec` is a blocking call's path (direct,
-//! or queued and awaited); `future` the async calls; `lend` the storage's lending door.
+//! Rooms: this file is the facade (builder, the keyed calls from `crate::command`'s table,
+//! server-wide calls); `engine` holds a server's queue, slots and waits (and the lock
+//! order); `round` turns what is queued into batches and hands the replies back to slots
+//! (sans I/O, tested in memory); `exec` is a blocking call's path (direct, or queued and
+//! awaited); `future` the async calls; `multi` the multi-key calls, blocking and async;
+//! `lend` the storage's lending door.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -122,7 +122,7 @@ impl SharedClient {
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        self.multi(keys.len(), gets(false, keys), hits(keys, found))
+        self.retrieve_multi(false, keys, found)
     }
 
     /// [`get_multi`](Self::get_multi) with CAS uniques.
@@ -131,7 +131,7 @@ impl SharedClient {
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        self.multi(keys.len(), gets(true, keys), hits(keys, found))
+        self.retrieve_multi(true, keys, found)
     }
 
     /// Stores many items (each queued as a set of its own: concurrent callers' sets share
@@ -157,8 +157,7 @@ impl SharedClient {
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        let fold = hits(keys, found);
-        self.multi_async(keys.len(), gets(false, keys), fold).await
+        self.retrieve_multi_async(false, keys, found).await
     }
 
     /// [`gets_multi`](Self::gets_multi), as a future (see
@@ -168,8 +167,7 @@ impl SharedClient {
         keys: &[K],
         found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        let fold = hits(keys, found);
-        self.multi_async(keys.len(), gets(true, keys), fold).await
+        self.retrieve_multi_async(true, keys, found).await
     }
 
     /// [`set_multi`](Self::set_multi), as a future (see
@@ -179,8 +177,8 @@ impl SharedClient {
         items: &[(K, V)],
         opts: SetOptions,
     ) -> Result<usize> {
-        let fold = count(stored);
-        self.multi_async(items.len(), sets(items, opts), fold).await
+        self.multi_async(items.len(), sets(items, opts), count(stored))
+            .await
     }
 
     /// [`delete_multi`](Self::delete_multi), as a future (see
@@ -188,6 +186,25 @@ impl SharedClient {
     pub async fn delete_multi_async<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<usize> {
         self.multi_async(keys.len(), deletes(keys), count(existed))
             .await
+    }
+
+    fn retrieve_multi<K: AsRef<[u8]>>(
+        &self,
+        cas: bool,
+        keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        self.multi(keys.len(), gets(cas, keys), hits(keys, found))
+    }
+
+    async fn retrieve_multi_async<K: AsRef<[u8]>>(
+        &self,
+        cas: bool,
+        keys: &[K],
+        found: impl FnMut(&[u8], ItemRef<'_>),
+    ) -> Result<()> {
+        let fold = hits(keys, found);
+        self.multi_async(keys.len(), gets(cas, keys), fold).await
     }
 
     fn multi<'k, F: Fold>(

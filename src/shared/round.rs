@@ -23,15 +23,9 @@ mod tests;
 
 /// Where a round's results go.
 pub(super) trait Slots {
-    /// Delivers `result` to `slot` (with the value of a hit); a slot whose owner is gone is
-    /// pushed to `freed` instead.
-    fn complete(
-        &self,
-        slot: u32,
-        result: Result<Reply>,
-        value: Option<&[u8]>,
-        freed: &mut Vec<u32>,
-    );
+    /// Delivers `r` to `slot` (with `v`, a hit's value); a slot whose owner is gone is pushed
+    /// to `freed` instead.
+    fn complete(&self, slot: u32, r: Result<Reply>, v: Option<&[u8]>, freed: &mut Vec<u32>);
     /// Wakes the owners whose requests completed since the last call.
     fn wake_round(&self);
     /// The server's label, for errors.
@@ -41,14 +35,8 @@ pub(super) trait Slots {
 }
 
 impl Slots for Engine {
-    fn complete(
-        &self,
-        slot: u32,
-        result: Result<Reply>,
-        value: Option<&[u8]>,
-        freed: &mut Vec<u32>,
-    ) {
-        Engine::complete(self, slot, result, value, freed);
+    fn complete(&self, slot: u32, r: Result<Reply>, v: Option<&[u8]>, freed: &mut Vec<u32>) {
+        Engine::complete(self, slot, r, v, freed);
     }
     fn wake_round(&self) {
         Engine::wake_round(self);
@@ -61,29 +49,23 @@ impl Slots for Engine {
     }
 }
 
+/// Where a batch's hits go: `(index, item)`.
+pub(super) type OnHit<'f> = &'f mut dyn FnMut(usize, ItemRef<'_>);
+
+/// Where a write batch's replies go: `(index, outcome)`; `Err` if it cannot answer that item.
+pub(super) type OnItem<'f> = &'f mut dyn FnMut(usize, Outcome<'_>) -> Result<(), ParseError>;
+
 /// How a round's batches reach its server and come back: one request per batch, its replies
 /// matched to the batch's items.
 pub(super) trait Transport {
     /// How large a store or delete batch may grow.
     fn policy(&self) -> BatchPolicy;
-    /// One multi-get over `keys`: each hit to `on_hit(index, item)`; a key without a hit
-    /// is a miss once this returns `Ok`.
-    fn batch_get(
-        &mut self,
-        with_cas: bool,
-        keys: &ArenaKeys<'_>,
-        on_hit: impl FnMut(usize, ItemRef<'_>),
-    ) -> Result<()>;
+    /// One multi-get over `keys`: each hit to `on_hit`; a key without a hit is a miss once
+    /// this returns `Ok`.
+    fn get(&mut self, cas: bool, keys: &ArenaKeys<'_>, on_hit: OnHit<'_>) -> Result<()>;
     /// One batch of stores or deletes (`kind`): each reply that answers an item to
-    /// `on_item(index, outcome)`; an item no reply answered succeeded once this returns `Ok`.
-    fn batch_write<'v>(
-        &mut self,
-        kind: Kind,
-        keys: &ArenaKeys<'_>,
-        value: impl Fn(usize) -> Option<&'v [u8]>,
-        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
-    ) -> Result<()>;
+    /// `on_item`; an item no reply answered succeeded once this returns `Ok`.
+    fn write(&mut self, kind: Kind, w: &Writes<'_>, on_item: OnItem<'_>) -> Result<()>;
     /// One call on its own (a hit's value into `out`): the commands a round does not batch
     /// (get-and-touch, incr/decr, touch).
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply>;
@@ -94,26 +76,42 @@ impl Transport for Client {
     fn policy(&self) -> BatchPolicy {
         BatchPolicy::round(self.is_tls(), self.namespace_arc().len())
     }
-    fn batch_get(
-        &mut self,
-        with_cas: bool,
-        keys: &ArenaKeys<'_>,
-        on_hit: impl FnMut(usize, ItemRef<'_>),
-    ) -> Result<()> {
-        Client::batch_get(self, with_cas, keys, on_hit)
+    fn get(&mut self, cas: bool, keys: &ArenaKeys<'_>, on_hit: OnHit<'_>) -> Result<()> {
+        self.batch_get(cas, keys, on_hit)
     }
-    fn batch_write<'v>(
-        &mut self,
-        kind: Kind,
-        keys: &ArenaKeys<'_>,
-        value: impl Fn(usize) -> Option<&'v [u8]>,
-        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
-    ) -> Result<()> {
-        Client::batch_write(self, kind, keys, value, cmd, on_item)
+    fn write(&mut self, kind: Kind, w: &Writes<'_>, on_item: OnItem<'_>) -> Result<()> {
+        let value = |j| w.value(j);
+        self.batch_write(kind, &w.keys, value, |j, key| w.cmd(j, key), on_item)
     }
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
         self.perform(op, key, value, out)
+    }
+}
+
+/// A store or delete batch: its keys, and each item's request.
+pub(super) struct Writes<'w> {
+    pub(super) keys: ArenaKeys<'w>,
+    reqs: &'w [Req],
+    batch: &'w [usize],
+}
+
+impl<'w> Writes<'w> {
+    /// Item `j`'s value (a store's).
+    pub(super) fn value(&self, j: usize) -> Option<&'w [u8]> {
+        let req = &self.reqs[self.batch[j]];
+        match req.op {
+            Op::Store(_) => Some(&self.keys.arena[req.value.clone()]),
+            _ => None,
+        }
+    }
+
+    /// Item `j`'s command, with its wire key.
+    pub(super) fn cmd<'k>(&self, j: usize, key: Key<'k>) -> Cmd<'k> {
+        let req = &self.reqs[self.batch[j]];
+        match req.op {
+            Op::Store(o) => Cmd::Store(key, o, req.value.len()),
+            _ => Cmd::Delete(key),
+        }
     }
 }
 
@@ -295,7 +293,7 @@ impl Work {
         let list = ArenaKeys { arena, keys };
         hit.clear();
         hit.resize(keys.len(), false);
-        let result = c.batch_get(with_cas, &list, |u, item| {
+        let result = c.get(with_cas, &list, &mut |u, item| {
             hit[u] = true;
             let mut b = first[u];
             while b != NONE {
@@ -382,36 +380,28 @@ impl Work {
                 freed,
                 ..
             } = self;
-            let list = ArenaKeys { arena, keys };
+            let writes = Writes {
+                keys: ArenaKeys { arena, keys },
+                reqs,
+                batch,
+            };
             let req_of = |j: usize| &reqs[batch[j]];
-            let result = c.batch_write(
-                kind,
-                &list,
-                |j| match req_of(j).op {
-                    Op::Store(_) => Some(&arena[req_of(j).value.clone()]),
-                    _ => None,
-                },
-                |j, key| match req_of(j).op {
-                    Op::Store(o) => Cmd::Store(key, o, req_of(j).value.len()),
-                    _ => Cmd::Delete(key),
-                },
-                |j, outcome| {
-                    let reply = match (req_of(j).op, outcome) {
-                        // Without a CAS, "exists" and "not found" cannot answer a store.
-                        (Op::Store(o), Outcome::Store(s, ..))
-                            if o.cas.is_some()
-                                || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
-                        {
-                            Reply::Store(s)
-                        }
-                        (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
-                        (Op::Delete, Outcome::NotFound(_)) => Reply::Existed(false),
-                        _ => return Err(ParseError::Unexpected),
-                    };
-                    answers[j] = Some(Ok(reply));
-                    Ok(())
-                },
-            );
+            let result = c.write(kind, &writes, &mut |j, outcome| {
+                let reply = match (req_of(j).op, outcome) {
+                    // Without a CAS, "exists" and "not found" cannot answer a store.
+                    (Op::Store(o), Outcome::Store(s, ..))
+                        if o.cas.is_some()
+                            || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
+                    {
+                        Reply::Store(s)
+                    }
+                    (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
+                    (Op::Delete, Outcome::NotFound(_)) => Reply::Existed(false),
+                    _ => return Err(ParseError::Unexpected),
+                };
+                answers[j] = Some(Ok(reply));
+                Ok(())
+            });
             for (j, answer) in answers.iter_mut().enumerate() {
                 let req = &reqs[batch[j]];
                 let r = match (answer.take(), &result) {

@@ -6,14 +6,14 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{ArenaKeys, Slots, Transport, Work};
+use super::{ArenaKeys, OnHit, OnItem, Slots, Transport, Work, Writes};
 use crate::client::ItemRef;
 use crate::conn::batch::BatchPolicy;
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
 use crate::engine::batch::for_fuzzing::OneServer;
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Cmd, GetOpts, Kind, Outcome, StoreOpts};
-use crate::proto::{Key, ParseError, Protocol, SetOutcome, Status, StoreMode};
+use crate::proto::{ParseError, Protocol, SetOutcome, Status, StoreMode};
 use crate::shared::engine::{Op, Reply, Req};
 use crate::ItemInfo;
 
@@ -49,17 +49,14 @@ impl MemoryServer {
         let at = self.split.min(reply.len());
         let mut ex = Exchange::new(0, None, Instant::now() + Duration::from_secs(60));
         let mut rbuf = ReadBuf::new(8, 1 << 20);
-        for mut part in [&reply[..at], &reply[at..]] {
-            while !part.is_empty() {
-                let spare = rbuf.spare().expect("a reply unit fits the read buffer");
-                let n = spare.len().min(part.len());
-                spare[..n].copy_from_slice(&part[..n]);
-                rbuf.filled(n);
-                part = &part[n..];
-                ex.handle_input(&mut rbuf, &mut read).map_err(failed)?;
-                if ex.is_done() {
-                    return Ok(());
-                }
+        for part in [&reply[..at], &reply[at..]] {
+            if part.is_empty() {
+                continue;
+            }
+            rbuf.push(part);
+            ex.handle_input(&mut rbuf, &mut read).map_err(failed)?;
+            if ex.is_done() {
+                return Ok(());
             }
         }
         Err(failed(ex.handle_eof()))
@@ -86,16 +83,11 @@ impl Transport for MemoryServer {
         BatchPolicy::round(false, 0)
     }
 
-    fn batch_get(
-        &mut self,
-        with_cas: bool,
-        keys: &ArenaKeys<'_>,
-        mut on_hit: impl FnMut(usize, ItemRef<'_>),
-    ) -> Result<()> {
+    fn get(&mut self, cas: bool, keys: &ArenaKeys<'_>, mut on_hit: OnHit<'_>) -> Result<()> {
         let mut one = OneServer::new(Kind::Get, keys.keys.len());
         let mut out = Vec::new();
         let opts = GetOpts {
-            cas: with_cas,
+            cas,
             ..GetOpts::default()
         };
         with_wire!(self.protocol, W => {
@@ -106,21 +98,14 @@ impl Transport for MemoryServer {
         })
     }
 
-    fn batch_write<'v>(
-        &mut self,
-        kind: Kind,
-        keys: &ArenaKeys<'_>,
-        value: impl Fn(usize) -> Option<&'v [u8]>,
-        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        mut on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
-    ) -> Result<()> {
-        let mut one = OneServer::new(kind, keys.keys.len());
+    fn write(&mut self, kind: Kind, w: &Writes<'_>, mut on_item: OnItem<'_>) -> Result<()> {
+        let mut one = OneServer::new(kind, w.keys.keys.len());
         let mut out = Vec::new();
         with_wire!(self.protocol, W => {
-            one.encode_items::<W>(&mut out, keys, value, cmd);
+            one.encode_items::<W>(&mut out, &w.keys, |j| w.value(j), |j, key| w.cmd(j, key));
             self.sent.push(out);
             let mut no_hit = |_: usize, _: ItemRef<'_>| unreachable!("no hits in a write batch");
-            let r = self.answer(|buf| one.read_answers::<W>(keys, buf, &mut no_hit, &mut on_item));
+            let r = self.answer(|buf| one.read_answers::<W>(&w.keys, buf, &mut no_hit, &mut on_item));
             if one.refused() {
                 return Err(Error::Parse { server: LABEL.into(), error: ParseError::Unexpected });
             }
@@ -143,14 +128,14 @@ struct Record {
 }
 
 impl Slots for Record {
-    fn complete(&self, slot: u32, r: Result<Reply>, value: Option<&[u8]>, _: &mut Vec<u32>) {
+    fn complete(&self, slot: u32, r: Result<Reply>, v: Option<&[u8]>, _: &mut Vec<u32>) {
         let mut got = self.got.borrow_mut();
         let at = slot as usize;
         if got.len() <= at {
             got.resize_with(at + 1, || None);
         }
         assert!(got[at].is_none(), "slot {slot} completed twice");
-        got[at] = Some((r, value.map(<[u8]>::to_vec)));
+        got[at] = Some((r, v.map(<[u8]>::to_vec)));
     }
     fn wake_round(&self) {}
     fn label(&self) -> &str {
