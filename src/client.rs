@@ -69,11 +69,6 @@ mod meta_api;
 mod multi;
 mod pool;
 
-/// The old home of the shared client's lending door, for code that still names it there.
-pub(crate) mod shared {
-    pub(crate) use crate::shared::Lent;
-}
-
 pub use crate::engine::health::ServerCounters;
 pub use crate::engine::pipeline::{Pipeline, PipelineReport};
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
@@ -234,6 +229,36 @@ impl ServerStats {
 }
 
 /// A memcached client (text, binary or meta protocol; see [`Protocol`]).
+///
+/// # Methods by group
+///
+/// - **Reading one key:** [`get`](Self::get), [`gets`](Self::gets) (with the CAS unique),
+///   [`gat`](Self::gat) / [`gats`](Self::gats) (get and touch), [`get_into`](Self::get_into) /
+///   [`gets_into`](Self::gets_into) (into your buffer: the allocation-free hot path).
+/// - **Writing one key:** [`set`](Self::set), [`add`](Self::add), [`replace`](Self::replace),
+///   [`append`](Self::append), [`prepend`](Self::prepend), [`cas`](Self::cas),
+///   [`store`](Self::store) (any mode), [`delete`](Self::delete).
+/// - **Counters and expiry:** [`incr`](Self::incr), [`decr`](Self::decr),
+///   [`touch`](Self::touch).
+/// - **Many keys, one round trip per server:** [`get_multi`](Self::get_multi),
+///   [`gets_multi`](Self::gets_multi), [`set_multi`](Self::set_multi),
+///   [`delete_multi`](Self::delete_multi).
+/// - **Fire and forget:** [`pipeline`](Self::pipeline), [`store_noreply`](Self::store_noreply),
+///   [`delete_noreply`](Self::delete_noreply).
+/// - **Meta protocol only:** [`meta_get`](Self::meta_get) (leases, remaining TTL, last
+///   access), [`meta_set`](Self::meta_set), [`invalidate`](Self::invalidate),
+///   [`meta_debug`](Self::meta_debug); [`has_leases`](Self::has_leases) says whether they work.
+/// - **Servers:** [`flush_all`](Self::flush_all), [`flush_server`](Self::flush_server),
+///   [`version`](Self::version), [`stats`](Self::stats), [`verbosity`](Self::verbosity),
+///   [`dump_keys`](Self::dump_keys), [`quit`](Self::quit).
+/// - **Where keys go, and how servers fare:** [`servers`](Self::servers),
+///   [`protocol`](Self::protocol), [`continuum`](Self::continuum),
+///   [`server_for_key`](Self::server_for_key),
+///   [`home_server_for_key`](Self::home_server_for_key),
+///   [`server_counters`](Self::server_counters).
+///
+/// The keyed calls are described once, for every front: [`SharedClient`] has the same
+/// methods on `&self`, each with an `_async` twin.
 ///
 /// ```no_run
 /// use mcstore::{Client, SetOptions, CasResult};

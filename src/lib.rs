@@ -30,20 +30,30 @@
 //!
 //! # Layout
 //!
-//! Data flows down on a request and up on a reply, once; nothing below knows about anything above.
+//! Data flows down on a request and up on a reply, once; nothing below knows about anything
+//! above.
 //!
-//! - [`proto`]: pure protocol code. Encoders append to a caller-owned buffer; parsers take the
-//!   bytes that have arrived and answer `Partial` or `Complete(consumed, response)`, borrowing
-//!   from the input. No sockets, no clock, no allocation per frame.
-//! - `conn`: the `mio` driver (internal). One `Poll` per client, reused read/write buffers, connect and I/O
-//!   deadlines, reconnect after any error whose framing is in doubt.
-//! - [`client`]: the public blocking API ([`Client`], [`ClientBuilder`]): key validation, command
-//!   routing, error mapping.
-//! - `shared`: [`SharedClient`], one engine (a pinned [`Client`]) per server serving queued
-//!   calls of many threads and tasks in rounds.
+//! - [`storage`]: the storage layer, built on the clients: the [`storage::Storage`] trait,
+//!   the masters, and [`storage::MemcacheStorage`] (fills with leases or markers, a durable
+//!   invalidation log, the never-stale argument in its docs).
+//! - [`client`]: [`Client`] (one caller, `&mut self`, blocking), its value types
+//!   ([`Item`], [`SetOptions`], [`CasResult`] ...), [`ClientBuilder`] and [`Pool`].
+//! - `shared` (internal; its types are re-exported): [`SharedClient`], one engine per server
+//!   serving many threads' and tasks' calls in rounds, blocking calls and `_async` twins.
+//! - `command` (internal): every keyed command described once (what it sends, its typed
+//!   result); `Client`'s and `SharedClient`'s methods are generated from that one table.
+//! - `engine` (internal): what every front runs on: routing a key to its server, opening a
+//!   server's session (connect, authenticate), one exchange, multi-key batches, pipelines,
+//!   and each server's health (libmemcached's eject and rejoin).
 //! - [`ring`]: placing keys on servers exactly as libmemcached does (modula, ketama,
 //!   weighted ketama; every libhashkit hash).
-//! - [`storage`]: the storage layer, built on the client.
+//! - `conn` (internal): the sans-IO exchange (a request's replies matched and framed,
+//!   tested at every split point), the `mio` driver (one `Poll` per client, reused buffers,
+//!   connect and I/O deadlines, reconnect after any error whose framing is in doubt), one
+//!   batching policy, and TLS as a byte transform.
+//! - [`proto`]: pure protocol code. Encoders append to a caller-owned buffer; parsers take
+//!   the bytes that have arrived and answer `Partial` or `Complete(consumed, response)`,
+//!   borrowing from the input. No sockets, no clock, no allocation per frame.
 //!
 //! # Example
 //!

@@ -40,7 +40,7 @@ impl From<SharedClient> for CacheClients {
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Checkout<'a> {
     Pooled(PooledClient<'a>),
-    Lent(crate::client::shared::Lent<'a>),
+    Lent(crate::shared::Lent<'a>),
 }
 
 impl std::ops::Deref for Checkout<'_> {
