@@ -689,6 +689,12 @@ impl Client {
 /// when the shared client is built, and the transport of a round's engine. Named methods
 /// rather than field access, so the client's internals can change without touching it.
 impl Client {
+    /// The engine this client runs on, and its working space: for the engine's own calls
+    /// (multi-key batches, a shared client's rounds).
+    pub(crate) fn engine(&mut self) -> (&mut Core, &mut Scratch) {
+        (&mut self.core, &mut self.scratch)
+    }
+
     /// The server labels, shared (configuration order).
     pub(crate) fn label_list(&self) -> &std::sync::Arc<[String]> {
         self.core.labels()

@@ -2,12 +2,9 @@
 //! by the engine ([`crate::engine::batch`]), results handed to the caller as they arrive.
 
 use super::{store_opts, Client, ItemRef, SetOptions, StoreMode};
-use crate::engine::batch::{delete_unmet, store_unmet, ItemKeys, Keys};
-#[cfg(doc)]
-use crate::engine::Core;
+use crate::engine::batch::{delete_unmet, store_unmet, ItemKeys};
 use crate::error::Result;
-use crate::proto::wire::{Cmd, Kind, Outcome};
-use crate::proto::{Key, ParseError};
+use crate::proto::wire::{Cmd, Kind};
 
 impl Client {
     /// Gets many keys in one pipelined request per server, calling `found(key, item)` for each
@@ -44,49 +41,11 @@ impl Client {
         keys: &[K],
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
-        self.batch_get(with_cas, keys, |j, mut item| {
+        let (core, scratch) = self.engine();
+        core.get_batch(scratch, with_cas, keys, |j, mut item| {
             item.cas = item.cas.filter(|_| with_cas);
             found(keys[j].as_ref(), item);
         })
-    }
-
-    /// One retrieval batch over `keys` (a multi-get, or a shared client's coalesced gets):
-    /// see [`Core::get_batch`].
-    pub(crate) fn batch_get(
-        &mut self,
-        with_cas: bool,
-        keys: &(impl Keys + ?Sized),
-        on_hit: impl FnMut(usize, ItemRef<'_>),
-    ) -> Result<()> {
-        let Client { core, scratch } = self;
-        core.get_batch(scratch, with_cas, keys, on_hit)
-    }
-
-    /// One batch of stores or deletes for the shared client: see [`Core::write_batch`].
-    pub(crate) fn batch_write<'v>(
-        &mut self,
-        kind: Kind,
-        keys: &(impl Keys + ?Sized),
-        value: impl Fn(usize) -> Option<&'v [u8]>,
-        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
-    ) -> Result<()> {
-        let Client { core, scratch } = self;
-        core.write_batch(scratch, kind, keys, value, cmd, on_item)
-    }
-
-    /// Plans and runs a batch of stores or deletes and counts the items done: see
-    /// [`Core::count_batch`].
-    fn write_batch<'v>(
-        &mut self,
-        kind: Kind,
-        keys: &(impl Keys + ?Sized),
-        value: impl Fn(usize) -> Option<&'v [u8]>,
-        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
-        unmet: fn(&Outcome<'_>) -> Option<bool>,
-    ) -> Result<usize> {
-        let Client { core, scratch } = self;
-        core.count_batch(scratch, kind, keys, value, cmd, unmet)
     }
 
     /// Stores many items with one pipelined request per server; returns how many were stored.
@@ -115,7 +74,9 @@ impl Client {
         let value = |j: usize| Some(items[j].1.as_ref());
         let len = |j: usize| items[j].1.as_ref().len();
         let keys = ItemKeys(items);
-        self.write_batch(
+        let (core, scratch) = self.engine();
+        core.count_batch(
+            scratch,
             Kind::Store,
             &keys,
             value,
@@ -159,7 +120,9 @@ impl Client {
         if let Some(n) = self.tls_chunk(keys.len(), |j| keys[j].as_ref().len()) {
             return self.in_chunks(keys, n, |c, part| c.delete_multi(part));
         }
-        self.write_batch(
+        let (core, scratch) = self.engine();
+        core.count_batch(
+            scratch,
             Kind::Delete,
             keys,
             |_| None,

@@ -480,10 +480,7 @@ impl Core {
             return Ok(());
         }
         let core = self;
-        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
-            keys.key(j)
-        })?;
-        scratch.plan.kind = Kind::Get;
+        core.plan_keys(scratch, keys, Kind::Get)?;
         let opts = GetOpts {
             cas: with_cas,
             ..GetOpts::default()
@@ -520,10 +517,7 @@ impl Core {
             return Ok(());
         }
         let core = self;
-        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
-            keys.key(j)
-        })?;
-        scratch.plan.kind = kind;
+        core.plan_keys(scratch, keys, kind)?;
         let ns = Arc::clone(&core.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             let j = plan.answered(i, &outcome, &ns, keys)?;
@@ -546,19 +540,30 @@ impl Core {
         unmet: fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
         let core = self;
-        core.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
-            keys.key(j)
-        })?;
+        core.plan_keys(scratch, keys, kind)?;
         let ns = Arc::clone(&core.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             plan.answer(i, outcome, &ns, keys, &unmet)
         };
-        scratch.plan.kind = kind;
         let result = with_wire!(core.protocol, W => {
             core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
         });
         let done = scratch.plan.shares.iter().map(|s| s.keys - s.unmet).sum();
         result.map(|()| done)
+    }
+
+    /// Groups `keys` by server in `scratch`'s plan, for a batch of `kind`.
+    fn plan_keys(
+        &mut self,
+        scratch: &mut Scratch,
+        keys: &(impl Keys + ?Sized),
+        kind: Kind,
+    ) -> Result<()> {
+        self.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
+            keys.key(j)
+        })?;
+        scratch.plan.kind = kind;
+        Ok(())
     }
 
     /// The chunking policy of a multi-key store or delete on these connections (`None`:

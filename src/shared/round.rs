@@ -77,11 +77,20 @@ impl Transport for Client {
         BatchPolicy::round(self.is_tls(), self.namespace_arc().len())
     }
     fn get(&mut self, cas: bool, keys: &ArenaKeys<'_>, on_hit: OnHit<'_>) -> Result<()> {
-        self.batch_get(cas, keys, on_hit)
+        let (core, scratch) = self.engine();
+        core.get_batch(scratch, cas, keys, on_hit)
     }
     fn write(&mut self, kind: Kind, w: &Writes<'_>, on_item: OnItem<'_>) -> Result<()> {
         let value = |j| w.value(j);
-        self.batch_write(kind, &w.keys, value, |j, key| w.cmd(j, key), on_item)
+        let (core, scratch) = self.engine();
+        core.write_batch(
+            scratch,
+            kind,
+            &w.keys,
+            value,
+            |j, key| w.cmd(j, key),
+            on_item,
+        )
     }
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
         self.perform(op, key, value, out)
