@@ -51,6 +51,7 @@ fn seconds() -> u64 {
 
 /// The client-side deadline of the children's PostgreSQL calls: well above the slow link's
 /// round trip (500 ms) and a loaded machine's slowest statements, below the longest freezes.
+#[cfg(feature = "postgres")]
 const PG_CALL_TIMEOUT: Duration = Duration::from_millis(3000);
 
 /// The shared master: a folder, or a PostgreSQL database when `master` is a postgres:// URL.
@@ -320,6 +321,8 @@ enum Master<'a> {
 impl Master<'_> {
     /// What the children open (`reader0`: through the proxy).
     fn url(&self, reader0: bool) -> String {
+        // Only a PostgreSQL master has a proxy for reader 0.
+        let _ = reader0;
         match self {
             Master::Fs(p) => p.to_str().unwrap().to_string(),
             #[cfg(feature = "postgres")]

@@ -2267,3 +2267,14 @@ fn a_failed_delete_leaves_one_journal_record() {
     mc.resume();
     assert_eq!(&s.get_content(&info).unwrap()[..], b"v2");
 }
+
+/// The test support cuts the outbox listener's sessions by their `application_name`, which it
+/// spells without the library's `postgres` feature: the two must agree.
+#[cfg(feature = "postgres")]
+#[test]
+fn the_test_support_names_the_outbox_listener_as_the_library_does() {
+    assert_eq!(
+        support::postgres::LISTENER_NAME,
+        mcstore::storage::PgStorage::LISTENER_NAME
+    );
+}

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `PgStorage::LISTENER_NAME` (the outbox listener's `application_name`), here without the
+/// library's `postgres` feature; the storage tests check the two agree.
+pub const LISTENER_NAME: &str = "mcstore-outbox-listener";
+
 /// A running cluster; `url()` reaches its `postgres` database as user `mcstore`.
 pub struct Postgres {
     pub port: u16,
@@ -232,7 +236,7 @@ impl Postgres {
     pub fn cut_listeners(&self) -> usize {
         let out = self.sql(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
-            mcstore::storage::PgStorage::LISTENER_NAME
+            LISTENER_NAME
         ));
         out.lines().filter(|l| *l == "t").count()
     }
