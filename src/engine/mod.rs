@@ -134,6 +134,7 @@ const OPAQUE_MASK: u32 = 0x7fff_ffff;
 /// namespaced bytes (what is hashed with `hash_with_namespace`). With `binary_keys` (meta), a
 /// key that is not a valid text key is sent base64-encoded with the `b` flag (notes §6), so it
 /// may hold any bytes, up to 186 of them with the namespace.
+#[inline]
 fn wire_key<'b>(
     namespace: &[u8],
     user: &'b [u8],
@@ -202,21 +203,25 @@ impl Core {
     // The door: what the fronts read and ask of a core (its fields stay private here).
 
     /// The server labels, shared (configuration order).
+    #[inline]
     pub(crate) fn labels(&self) -> &Arc<[String]> {
         &self.labels
     }
 
     /// The wire protocol.
+    #[inline]
     pub(crate) fn protocol(&self) -> Protocol {
         self.protocol
     }
 
     /// The namespace (key prefix), shared.
+    #[inline]
     pub(crate) fn namespace(&self) -> &Arc<[u8]> {
         &self.namespace
     }
 
     /// The size limits replies and values are checked against.
+    #[inline]
     pub(crate) fn limits(&self) -> Limits {
         self.limits
     }
@@ -282,6 +287,7 @@ impl Core {
     }
 
     /// Counts a lookup's hit or miss on server `i`.
+    #[inline]
     pub(crate) fn count_lookup(&mut self, i: usize, hit: bool) {
         self.health.count_lookup(i, hit);
     }
@@ -310,6 +316,7 @@ impl Core {
 
     /// The bytes the ring hashes for a user key: the key, or the namespaced key when the
     /// namespace is hashed with it. Validates the key.
+    #[inline]
     fn hashed<'k>(&self, key: &'k [u8], keybuf: &'k mut Vec<u8>) -> Result<&'k [u8]> {
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
         let (_, raw) = wire_key(&self.namespace, key, binary_keys, keybuf)?;
@@ -317,6 +324,7 @@ impl Core {
     }
 
     /// The server for a key: `Err` if there is none or it is ejected.
+    #[inline]
     pub(crate) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
         self.health.maybe_rejoin(&mut self.ring);
         match self.pinned.or_else(|| self.ring.pick(hashed)) {
@@ -326,6 +334,7 @@ impl Core {
         }
     }
 
+    #[inline]
     pub(crate) fn check_up(&self, i: usize) -> Result<()> {
         self.health.check(i).map_err(|retry_in| Error::ServerDown {
             server: self.labels[i].clone(),
@@ -344,6 +353,7 @@ impl Core {
         })
     }
 
+    #[inline(always)]
     pub(crate) fn keyed<T>(
         &mut self,
         user: &[u8],
@@ -407,6 +417,7 @@ impl Core {
         Ok(id)
     }
 
+    #[inline]
     pub(crate) fn check_value(&self, value: &[u8]) -> Result<()> {
         if value.len() > self.limits.max_value {
             return Err(Error::ValueTooLarge {
@@ -506,6 +517,7 @@ impl Core {
 
     /// The next opaque: unique on every connection of this client among the requests that
     /// may still be answered (31 bits: binary's sync uses `u32::MAX`).
+    #[inline]
     pub(crate) fn next_opaque(&mut self) -> u32 {
         self.opaque = self.opaque.wrapping_add(1) & OPAQUE_MASK;
         self.opaque

@@ -101,6 +101,7 @@ pub(crate) struct Strays {
 impl Strays {
     /// For a call on server `i`: owing if its connection owes a sync (the caller sends one
     /// ahead of its request), with every unread sync before it to skip too.
+    #[inline]
     pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
         let owed = driver.owes_sync(i);
         Strays {

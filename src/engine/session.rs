@@ -14,6 +14,7 @@ const AUTH_KEY: &[u8] = b"mcstore-auth";
 impl Core {
     /// Starts an operation on server `i`: connects if needed and, on a new connection,
     /// authenticates first when credentials are configured.
+    #[inline]
     pub(super) fn start(&mut self, i: usize) -> Result<Op> {
         let op = self.driver.begin(i)?;
         self.health.observe.connections(i, self.driver.connects(i));
