@@ -752,3 +752,40 @@ fn a_bad_key_under_concurrency_fails_alone() {
         }
     });
 }
+
+/// The async twins of the calls rounds do not carry (meta calls, calls to every server) do
+/// what their blocking calls do, and leave the executor's thread free while they wait.
+#[test]
+fn meta_and_every_server_calls_have_async_twins() {
+    use mcstore::{MetaGetOptions, MetaSetOptions};
+    let mc = [Memcached::start(), Memcached::start()];
+    let c = shared(&[&mc[0], &mc[1]], Protocol::Meta);
+    futures_executor::block_on(async {
+        let set = c
+            .meta_set_async(b"twin", b"v1", MetaSetOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(set.outcome, mcstore::SetOutcome::Stored, "{set:?}");
+        let mut buf = Vec::new();
+        let info = c
+            .meta_get_async(b"twin", MetaGetOptions::default(), &mut buf)
+            .await
+            .unwrap();
+        assert!(info.is_some());
+        assert_eq!(buf, b"v1");
+        assert!(c.meta_debug_async(b"twin").await.unwrap().is_some());
+        assert!(c.invalidate_async(b"twin", Some(30)).await.unwrap());
+        assert_eq!(c.version_async().await.unwrap().len(), 2);
+        let stats = c.stats_async(None).await.unwrap();
+        assert!(stats
+            .iter()
+            .all(|s| s.error.is_none() && s.get("pid").is_some()));
+        c.verbosity_async(1).await.unwrap();
+        let server = c.server_for_key(b"twin").unwrap();
+        c.flush_server_async(&server, None).await.unwrap();
+        assert!(c.get(b"twin").unwrap().is_none(), "flushed on its server");
+        c.set(b"other", b"v", SetOptions::default()).unwrap();
+        c.flush_all_async(None).await.unwrap();
+        assert!(c.get(b"other").unwrap().is_none(), "flushed everywhere");
+    });
+}

@@ -27,6 +27,7 @@ mod exec;
 mod future;
 mod lend;
 mod multi;
+mod offload;
 mod round;
 
 use crate::command::{run_with, CallSpec, Command, Op};
