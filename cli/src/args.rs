@@ -222,8 +222,18 @@ pub(crate) enum Cmd {
     Stats { arg: Option<String> },
     /// Print each server's version.
     Version,
-    /// Read keys from stdin (one per line, raw bytes) and print `key<TAB>server`.
-    Ring,
+    /// Read keys from stdin (one per line, raw bytes) and print `key<TAB>server`; with
+    /// --compare, the share of the keys a change of server list would move instead.
+    Ring {
+        /// Compare two server lists (same forms as --servers; --distribution and --hash
+        /// apply to both): print the keys read, how many would go to another server, and the
+        /// fraction moved beside the ideal for one change (1/N of the larger list).
+        #[arg(long, num_args = 2, value_names = ["OLD_SERVERS", "NEW_SERVERS"])]
+        compare: Option<Vec<String>>,
+        /// With --compare: instead of reading stdin, use N generated keys (`key:0` ...).
+        #[arg(long, value_name = "N", requires = "compare")]
+        generate: Option<u64>,
+    },
     /// Resources in a cache-through storage (memcached in front of a folder).
     Store {
         /// Master storage folder.

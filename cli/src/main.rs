@@ -96,14 +96,18 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
-    let servers = servers_of(g, default_servers);
+    builder_for(g, server_list(servers_of(g, default_servers))?)
+}
+
+/// A client builder for `servers`, with every other global option.
+fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
     let mut b = Client::builder()
         .protocol(match g.protocol {
             Protocol::Text => mcstore::Protocol::Text,
             Protocol::Binary => mcstore::Protocol::Binary,
             Protocol::Meta => mcstore::Protocol::Meta,
         })
-        .servers(server_list(servers)?)
+        .servers(servers)
         .distribution(g.distribution)
         .io_timeout(Duration::from_millis(g.timeout_ms))
         .connect_timeout(Duration::from_millis(g.timeout_ms))
@@ -369,9 +373,28 @@ fn run(cli: Cli) -> Res<()> {
             }
             Ok(())
         })?,
-        Cmd::Ring => {
+        Cmd::Ring {
+            compare: None,
+            generate: _,
+        } => {
             let c = client(g)?;
             mapping::write_mapping(c.continuum(), c.servers(), io::stdin().lock(), &mut out)?;
+        }
+        Cmd::Ring {
+            compare: Some(lists),
+            generate,
+        } => {
+            // Building a client opens no connection: only the continuum is used.
+            let old = builder_for(g, server_list(&lists[0])?)?.build()?;
+            let new = builder_for(g, server_list(&lists[1])?)?.build()?;
+            let moved = match generate {
+                Some(n) => {
+                    let keys = (0..n).map(|i| format!("key:{i}").into_bytes());
+                    mapping::compare(&old, &new, keys.map(Ok))?
+                }
+                None => mapping::compare(&old, &new, mapping::lines(io::stdin().lock()))?,
+            };
+            writeln!(out, "{moved}")?;
         }
         Cmd::Store { root, master, op } => store_op(g, &root, master.as_deref(), op, &mut out)?,
         Cmd::Demo { resources, master } => demo(g, resources, &master)?,

@@ -119,6 +119,59 @@ fn ring_maps_raw_keys() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown hash"));
 }
 
+/// `ring --compare OLD NEW`: the share of keys a change of server list moves, beside the
+/// ideal 1/N; keys from stdin or generated. Ketama moves about 1/N, modula nearly all.
+#[test]
+fn ring_compare_counts_the_keys_a_change_moves() {
+    let field = |out: &str, name: &str| -> f64 {
+        let v = out
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap();
+        v.trim_start_matches('=').parse().unwrap()
+    };
+    let (old, new) = (
+        "10.0.1.1:11211,10.0.1.2:11211,10.0.1.3:11211",
+        "10.0.1.1:11211,10.0.1.2:11211,10.0.1.3:11211,10.0.1.4:11211",
+    );
+    let args = |d: &'static str| {
+        [
+            "--distribution",
+            d,
+            "ring",
+            "--compare",
+            old,
+            new,
+            "--generate",
+            "20000",
+        ]
+    };
+    // The global --servers is not part of either list.
+    let ketama = ok(&mcstore("10.9.9.9:1", &args("ketama"), b""));
+    assert_eq!(field(&ketama, "keys"), 20000.0, "{ketama}");
+    assert!(
+        (0.15..0.35).contains(&field(&ketama, "fraction")),
+        "{ketama}"
+    );
+    assert_eq!(field(&ketama, "ideal"), 0.25, "{ketama}");
+    let modula = ok(&mcstore("10.9.9.9:1", &args("modula"), b""));
+    assert!(field(&modula, "fraction") > 0.5, "{modula}");
+    // Keys from stdin: the same list on both sides moves nothing.
+    let same = ok(&mcstore(
+        "10.9.9.9:1",
+        &["ring", "--compare", old, old],
+        b"foo\nbar\r\nbaz\n",
+    ));
+    assert!(same.starts_with("keys=3 moved=0 "), "{same}");
+    // An empty list is an error, said once.
+    let o = mcstore("10.9.9.9:1", &["ring", "--compare", old, ""], b"foo\n");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no servers"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn store_commands_and_traversal() {
     let mc = Memcached::start();
