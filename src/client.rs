@@ -68,6 +68,7 @@ mod builder;
 mod meta_api;
 mod multi;
 mod pool;
+mod replicated;
 
 pub use crate::engine::health::ServerCounters;
 pub use crate::engine::pipeline::{Pipeline, PipelineReport};
@@ -105,7 +106,12 @@ macro_rules! client_body {
         $client.run($cmd)
     };
     ($client:ident, $direct:ident; $cmd:expr; $($arg:ident),*) => {
-        $client.$direct($($arg),*)
+        // With copies the command goes through the fleet layer (the executor).
+        if $client.core.replicated() {
+            $client.run($cmd)
+        } else {
+            $client.$direct($($arg),*)
+        }
     };
 }
 
@@ -465,6 +471,9 @@ impl Client {
             out.clear();
             out.extend_from_slice(d);
         };
+        if self.core.replicated() {
+            return self.perform_replicated(op, key, value, out);
+        }
         let hit = |info: Option<ItemInfo>| info.map_or(Reply::Miss, Reply::Hit);
         Ok(match op {
             CommandOp::Get { cas } => hit(self.retrieve(get_opts(cas, None), key, sink)?),
@@ -689,6 +698,11 @@ impl Client {
 /// when the shared client is built, and the transport of a round's engine. Named methods
 /// rather than field access, so the client's internals can change without touching it.
 impl Client {
+    /// The engine this client runs on (to read its state).
+    pub(crate) fn core_ref(&self) -> &Core {
+        &self.core
+    }
+
     /// The engine this client runs on, and its working space: for the engine's own calls
     /// (multi-key batches, a shared client's rounds).
     pub(crate) fn engine(&mut self) -> (&mut Core, &mut Scratch) {

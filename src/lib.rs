@@ -90,6 +90,7 @@ mod command;
 mod conn;
 mod engine;
 mod error;
+mod fleet;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -115,6 +116,7 @@ pub use conn::tls::{TlsConfig, TlsConfigBuilder};
 #[cfg(feature = "tls")]
 pub use error::TlsFailure;
 pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
+pub use fleet::{FleetCounters, Hedge, WritePolicy};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};
 

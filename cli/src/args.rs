@@ -76,6 +76,40 @@ pub(crate) struct Global {
     /// Never resume TLS sessions: every connection does a full handshake (to measure it).
     #[arg(long, global = true)]
     pub(crate) tls_no_resumption: bool,
+    /// Keep every key on N servers (1-4): writes go to every copy, reads fail over to the
+    /// next copy within the call.
+    #[arg(long, default_value_t = 1, value_name = "N", global = true)]
+    pub(crate) replicas: usize,
+    /// With --replicas: send a read to a second copy too when the first has not answered
+    /// after this long: pNN (a percentile of that server's recent latency, e.g. p95) or
+    /// milliseconds (e.g. 5ms). At most 5% more requests.
+    #[arg(long, value_name = "pNN|MS", value_parser = parse_hedge, global = true)]
+    pub(crate) hedge: Option<mcstore::Hedge>,
+    /// With --replicas: what a write waits for: every copy (all) or the first (any).
+    #[arg(long, value_enum, default_value = "all", global = true)]
+    pub(crate) write_policy: WritePolicyArg,
+    /// With --replicas: where copies live: natural (the next servers on the continuum, or in
+    /// the list under modula) or list (the next servers in the list, as libmemcached).
+    #[arg(long, value_enum, default_value = "natural", global = true)]
+    pub(crate) replica_placement: PlacementArg,
+}
+
+/// `--write-policy`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum WritePolicyArg {
+    All,
+    Any,
+}
+
+/// `--replica-placement`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PlacementArg {
+    Natural,
+    List,
+}
+
+pub(crate) fn parse_hedge(s: &str) -> Result<mcstore::Hedge, String> {
+    s.parse()
 }
 
 impl Global {

@@ -125,6 +125,25 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
     if let Some(tls) = g.tls()? {
         b = b.tls(tls);
     }
+    if !(1..=mcstore::ring::MAX_REPLICAS).contains(&g.replicas) {
+        return Err(format!("--replicas must be 1 to {}", mcstore::ring::MAX_REPLICAS).into());
+    }
+    b = b
+        .replicas(g.replicas)
+        .write_policy(match g.write_policy {
+            args::WritePolicyArg::All => mcstore::WritePolicy::All,
+            args::WritePolicyArg::Any => mcstore::WritePolicy::Any,
+        })
+        .replica_placement(match g.replica_placement {
+            args::PlacementArg::Natural => mcstore::ring::ReplicaPlacement::Natural,
+            args::PlacementArg::List => mcstore::ring::ReplicaPlacement::List,
+        });
+    if let Some(h) = g.hedge {
+        if g.replicas < 2 {
+            return Err("--hedge needs --replicas 2 or more".into());
+        }
+        b = b.hedge(h);
+    }
     Ok(b)
 }
 

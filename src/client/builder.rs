@@ -9,10 +9,11 @@ use crate::conn::driver::{Driver, DriverConfig};
 use crate::engine::health::{FailurePolicy, Health, SharedHealth};
 use crate::engine::{Core, CoreSettings, Scratch};
 use crate::error::{Error, Result};
+use crate::fleet::{FleetPolicy, Hedge, WritePolicy};
 use crate::proto::text::MAX_LINE;
 use crate::proto::wire::Capability;
 use crate::proto::{Key, MAX_KEY_LEN};
-use crate::ring::{Continuum, Distribution, HashFn, RingServer};
+use crate::ring::{Continuum, Distribution, HashFn, ReplicaPlacement, RingServer, MAX_REPLICAS};
 
 /// Builds a [`Client`].
 ///
@@ -55,6 +56,7 @@ pub struct ClientBuilder {
     tls: Option<crate::TlsConfig>,
     /// Set by a pool: its clients share who is ejected.
     shared_health: Option<Arc<SharedHealth>>,
+    fleet: FleetPolicy,
 }
 
 impl Default for ClientBuilder {
@@ -77,6 +79,7 @@ impl Default for ClientBuilder {
             #[cfg(feature = "tls")]
             tls: None,
             shared_health: None,
+            fleet: FleetPolicy::default(),
         }
     }
 }
@@ -151,6 +154,59 @@ impl ClientBuilder {
         /// (default off: they fail fast). Only consistent distributions move keys; under modula
         /// they always fail fast, as in libmemcached.
         remove_failed_servers(on: bool) => remove_failed;
+    }
+
+    /// Keeps every key on `n` servers (default 1, at most 4 and at most the server count):
+    /// its own server and the next ones as [`replica_placement`](Self::replica_placement)
+    /// says. Writes go to every copy ([`write_policy`](Self::write_policy) says what they
+    /// wait for); a read asks one copy and fails over to the next within the same call when
+    /// that one fails, times out or is marked down (and, with [`hedge`](Self::hedge), asks a
+    /// second copy when the first is slow). A copy that missed a write never serves that key
+    /// again before it is repaired (the key deleted there). What each command does with
+    /// copies, `cas` and `incr`/`decr` included, is in the crate's fleet documentation
+    /// ([`Client::fleet_counters`](crate::Client::fleet_counters) counts it):
+    ///
+    /// - `set`, `delete`, `touch`: every copy. `add`, `replace`, `append`, `prepend`: every
+    ///   copy; the first copy in placement order decides the result, and a copy that
+    ///   disagrees (stored where the first did not, or the reverse) is deleted.
+    /// - `cas`, `incr`, `decr`: the first copy that answers, in placement order (a CAS
+    ///   unique, or a counter, only means something on one server); when they change the
+    ///   item, the other copies are deleted. A `gets` answered by another copy after a
+    ///   failover returns that copy's unique: a `cas` with it then fails with `Exists`
+    ///   (safe) unless that copy is the first one up. A counter lives on one copy: a read
+    ///   that fails over from it misses.
+    /// - Multi-key calls run each key as its single-key call.
+    ///
+    /// Replicas are not used for meta calls, leases and server-wide commands: those go to the
+    /// key's own server (or every server) as before. With one copy nothing of this runs.
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.fleet.replicas = n.clamp(1, MAX_REPLICAS);
+        self
+    }
+
+    /// Where a key's further copies live (default [`ReplicaPlacement::Natural`]: the next
+    /// servers on the continuum, or in the list under modula; [`ReplicaPlacement::List`] is
+    /// libmemcached's placement, for a cluster shared with libmemcached clients).
+    pub fn replica_placement(mut self, p: ReplicaPlacement) -> Self {
+        self.fleet.placement = p;
+        self
+    }
+
+    /// What a write waits for with [`replicas`](Self::replicas) (default
+    /// [`WritePolicy::All`]).
+    pub fn write_policy(mut self, p: WritePolicy) -> Self {
+        self.fleet.write = p;
+        self
+    }
+
+    /// Hedged reads with [`replicas`](Self::replicas): a read not answered after `hedge`'s
+    /// delay is sent to the next copy too, and the first answer wins (the late one is read
+    /// and dropped, the connection's framing intact). Hedges are limited by a budget (5% of
+    /// reads by default). [`SharedClient`](crate::SharedClient) hedges; a plain
+    /// [`Client`] makes one call at a time and only fails over.
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.fleet.hedge = Some(hedge);
+        self
     }
 
     /// A prefix sent in front of every key (libmemcached's `MEMCACHED_CALLBACK_PREFIX_KEY`).
@@ -322,6 +378,7 @@ impl ClientBuilder {
                 protocol: self.protocol,
                 sasl: self.sasl,
                 ascii_auth: self.ascii_auth,
+                fleet: self.fleet,
             }),
             scratch: Scratch::new(),
         })

@@ -58,6 +58,8 @@ pub(crate) struct SharedHealth {
     epoch: AtomicU64,
     failures: Box<[AtomicU32]>,
     ejected_until: Mutex<Vec<Option<Instant>>>,
+    /// Latency, repairs and hedges of the copies (used with replicas only).
+    pub(crate) fleet: crate::fleet::FleetShared,
 }
 
 impl std::fmt::Debug for SharedHealth {
@@ -74,6 +76,7 @@ impl SharedHealth {
             epoch: AtomicU64::new(0),
             failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ejected_until: Mutex::new(vec![None; n]),
+            fleet: crate::fleet::FleetShared::new(n),
         })
     }
 

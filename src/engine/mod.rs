@@ -24,6 +24,8 @@ mod session;
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result};
+use crate::fleet::plan::{Servers, Standing};
+use crate::fleet::{FleetPolicy, FleetShared};
 use crate::observe::CallOp;
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Outcome, Wire};
@@ -86,6 +88,8 @@ pub(crate) struct Core {
     pinned: Option<usize>,
     /// Next binary opaque.
     opaque: u32,
+    /// Copies per key and how they are used.
+    fleet: FleetPolicy,
 }
 
 /// Per-call working space, reused by the next call so that a warm call allocates nothing.
@@ -125,6 +129,7 @@ pub(crate) struct CoreSettings {
     pub(crate) protocol: Protocol,
     pub(crate) sasl: Option<(String, String)>,
     pub(crate) ascii_auth: Option<(String, String)>,
+    pub(crate) fleet: FleetPolicy,
 }
 
 /// Opaques stay below 2^31.
@@ -197,6 +202,7 @@ impl Core {
             instances: vec![None; n],
             pinned: None,
             opaque: 0,
+            fleet: s.fleet,
         }
     }
 
@@ -273,6 +279,69 @@ impl Core {
     pub(crate) fn home_of_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
         self.ring.pick_home(hashed).ok_or(Error::NoServers)
+    }
+
+    /// Whether keyed calls go through the fleet layer: keys have copies and no call pinned
+    /// this client to one server.
+    #[inline]
+    pub(crate) fn replicated(&self) -> bool {
+        self.fleet.replicated() && self.pinned.is_none()
+    }
+
+    /// How keys are copied and read.
+    #[inline]
+    pub(crate) fn fleet(&self) -> &FleetPolicy {
+        &self.fleet
+    }
+
+    /// The fleet state shared with the clients of this pool or shared client.
+    pub(crate) fn fleet_shared(&self) -> &FleetShared {
+        &self.health.shared().fleet
+    }
+
+    /// `key`'s copies (validating it), its own server first.
+    pub(crate) fn copies_of(
+        &mut self,
+        scratch: &mut Scratch,
+        key: &[u8],
+    ) -> Result<crate::ring::Replicas> {
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        let r = self
+            .ring
+            .replicas(hashed, self.fleet.replicas, self.fleet.placement);
+        if r.as_slice().is_empty() {
+            return Err(Error::NoServers);
+        }
+        Ok(r)
+    }
+
+    /// How copy `i` stands for a call on `key`: marked down, waiting for a repair of the
+    /// key, or up.
+    pub(crate) fn standing(&mut self, i: usize, key: &[u8]) -> Standing {
+        self.health.maybe_rejoin(&mut self.ring);
+        if self.health.check(i).is_err() {
+            Standing::Down
+        } else if self.fleet_shared().repairs.blocks(i, key) {
+            Standing::Blocked
+        } else {
+            Standing::Up
+        }
+    }
+
+    /// The order a read of `key` tries its copies in.
+    pub(crate) fn read_order(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<Servers> {
+        let copies = self.copies_of(scratch, key)?;
+        let mut st = [Standing::Up; crate::ring::MAX_REPLICAS];
+        for (k, &i) in copies.as_slice().iter().enumerate() {
+            st[k] = self.standing(i as usize, key);
+        }
+        let slice = copies.as_slice();
+        let fleet = self.fleet_shared();
+        Ok(crate::fleet::plan::read_order(
+            slice,
+            |i| st[slice.iter().position(|&s| s as usize == i).unwrap_or(0)],
+            |i| fleet.latency[i].median(),
+        ))
     }
 
     /// Sends every keyed call to `server` from now on (`None`: the continuum decides again);

@@ -190,6 +190,81 @@ impl Continuum {
     }
 }
 
+/// The most copies of a key a client keeps ([`ClientBuilder::replicas`](crate::ClientBuilder::replicas)).
+pub const MAX_REPLICAS: usize = 4;
+
+/// Where a key's further copies live, after its own server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicaPlacement {
+    /// The distribution's own choice: with a consistent distribution, the next distinct
+    /// servers on the continuum after the key's point (removing a server spreads its keys'
+    /// copies over many servers); with modula, the next servers in the list.
+    #[default]
+    Natural,
+    /// The next servers in the configured list, wrapping around, whatever the distribution:
+    /// libmemcached's placement for `MEMCACHED_BEHAVIOR_NUMBER_OF_REPLICAS` (checked against
+    /// it), for a cluster shared with libmemcached clients that keep replicas.
+    List,
+}
+
+/// A key's servers, its own first: at most [`MAX_REPLICAS`], all distinct. Allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    servers: [u32; MAX_REPLICAS],
+    len: u8,
+}
+
+impl Replicas {
+    /// The servers' indexes, the key's own server first.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.servers[..usize::from(self.len)]
+    }
+
+    fn push(&mut self, i: u32) {
+        if !self.as_slice().contains(&i) {
+            self.servers[usize::from(self.len)] = i;
+            self.len += 1;
+        }
+    }
+}
+
+impl Continuum {
+    /// `key`'s `n` servers with every server live (capped at the server count and at
+    /// [`MAX_REPLICAS`]): its own server ([`pick_home`](Self::pick_home)) first, then its
+    /// copies' as `placement` says. Ejections never change a key's replicas; callers skip
+    /// the servers that are down. Empty without servers.
+    pub fn replicas(&self, key: &[u8], n: usize, placement: ReplicaPlacement) -> Replicas {
+        let mut r = Replicas {
+            servers: [0; MAX_REPLICAS],
+            len: 0,
+        };
+        let count = self.servers.len();
+        let n = n.clamp(1, MAX_REPLICAS).min(count);
+        let Some(home) = self.pick_home(key) else {
+            return r;
+        };
+        r.push(home as u32);
+        let by_list =
+            placement == ReplicaPlacement::List || self.dist == Distribution::Modula || count == 1;
+        if by_list {
+            for k in 1..n {
+                r.push(((home + k) % count) as u32);
+            }
+            return r;
+        }
+        let points = &self.home_points;
+        let h = self.key_hash.hash(key);
+        let start = points.partition_point(|p| p.0 < h);
+        for k in 0..points.len() {
+            if usize::from(r.len) == n {
+                break;
+            }
+            r.push(points[(start + k) % points.len()].1);
+        }
+        r
+    }
+}
+
 /// The server of the first point >= `h` of a non-empty continuum, wrapping around.
 fn on_points(points: &[(u32, u32)], h: u32) -> usize {
     let i = points.partition_point(|p| p.0 < h);

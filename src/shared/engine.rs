@@ -43,7 +43,7 @@
 //! lock is let go). A waker must not block on this client, as wakers never should.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::task::Waker;
 use std::thread::Thread;
@@ -81,6 +81,16 @@ pub(super) struct Engine {
     /// Wakes blocking callers waiting for a free slot (with `queue`).
     pub(super) space: Condvar,
     pub(super) slots: Box<[Slot]>,
+    /// When the round on the wire started ([`since_epoch`] nanoseconds; 0: none): a read
+    /// with copies treats a server whose round has run far longer than usual as slow.
+    pub(super) busy_since: AtomicU64,
+}
+
+/// Nanoseconds since the first call of this process: a clock an atomic can hold.
+pub(super) fn since_epoch(at: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    (at.saturating_duration_since(epoch).as_nanos() as u64).max(1)
 }
 
 /// A queued request: its key and value live in the queue's arena.
@@ -181,6 +191,15 @@ impl Engine {
                     }),
                 })
                 .collect(),
+            busy_since: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the round on the wire has run, if one is.
+    pub(super) fn busy_for(&self, now: Instant) -> Option<Duration> {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_nanos(since_epoch(now).saturating_sub(at))),
         }
     }
 
@@ -379,9 +398,12 @@ impl Engine {
         }
         work.freed.clear();
         let server = self.server;
+        self.busy_since
+            .store(since_epoch(Instant::now()), Ordering::Relaxed);
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             client.pinned(server, |c| work.serve(self, c))
         }));
+        self.busy_since.store(0, Ordering::Relaxed);
         if let Err(panic) = served {
             // A panic mid-round (a waker's, say): the round's requests are dropped, never
             // served again. Some were completed and their slots may be someone else's now;

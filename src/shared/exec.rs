@@ -59,6 +59,9 @@ impl SharedClient {
 
     /// A blocking call: made directly on an idle engine, else queued and waited for.
     pub(super) fn exec(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
+        if self.replicated() {
+            return self.exec_copies(call, out);
+        }
         self.check(&call)?;
         let (eng, checked) = self.route_unchecked(call.key)?;
         self.exec_on(eng, call, checked, out)

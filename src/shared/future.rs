@@ -3,10 +3,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use super::engine::{lock, Waiter};
+use super::engine::{lock, Engine, Waiter};
 use super::exec::CHUNK;
 use super::SharedClient;
 use crate::command::{unexpected, CallSpec, Reply};
@@ -23,10 +24,24 @@ impl SharedClient {
         AsyncCall {
             client: self,
             call,
-            out,
+            out: Some(out),
+            target: None,
             start: None,
             state: CallState::Start,
         }
+    }
+
+    /// An async call on server `server`'s engine, whatever the key's route (a copy's part in
+    /// a call with copies; the key was validated).
+    pub(super) fn call_async_on<'a>(
+        &'a self,
+        server: usize,
+        call: CallSpec<'a>,
+        out: &'a mut Vec<u8>,
+    ) -> AsyncCall<'a> {
+        let mut c = self.call_async(call, out);
+        c.target = Some(server);
+        c
     }
 
     /// Runs `call(0..n)` as async calls, a chunk at a time: a chunk's calls are all queued
@@ -111,9 +126,29 @@ enum CallState {
 pub(super) struct AsyncCall<'a> {
     client: &'a SharedClient,
     call: CallSpec<'a>,
-    out: &'a mut Vec<u8>,
+    /// Where a hit's value goes (`None` once taken back with [`take_out`](Self::take_out)).
+    out: Option<&'a mut Vec<u8>>,
+    /// The server, when the call is one copy's part (else the key's route decides).
+    target: Option<usize>,
     start: Option<Instant>,
     state: CallState,
+}
+
+impl<'a> AsyncCall<'a> {
+    /// The call's engine: its target's, or the key's route (validating the call).
+    fn engine(&self) -> Result<&'a Arc<Engine>> {
+        let client = self.client;
+        client.check(&self.call)?;
+        match self.target {
+            Some(t) => Ok(&client.inner.engines[t]),
+            None => client.route(self.call.key),
+        }
+    }
+
+    /// Gives back the output buffer (after the call ended, for another call to use).
+    pub(super) fn take_out(&mut self) -> Option<&'a mut Vec<u8>> {
+        self.out.take()
+    }
 }
 
 impl Future for AsyncCall<'_> {
@@ -128,11 +163,7 @@ impl Future for AsyncCall<'_> {
             match &this.state {
                 CallState::Finished => return Poll::Ready(Err(unexpected())),
                 CallState::Start | CallState::NoSlot(_) => {
-                    let eng = match this
-                        .client
-                        .check(&this.call)
-                        .and_then(|()| this.client.route(this.call.key))
-                    {
+                    let eng = match this.engine() {
                         Ok(e) => e,
                         Err(e) => {
                             this.state = CallState::Finished;
@@ -173,7 +204,9 @@ impl Future for AsyncCall<'_> {
                 } => {
                     let eng = &inner.engines[server];
                     let mut d = lock(&eng.slots[slot as usize].data);
-                    if let Some(r) = eng.take_done(&mut d, this.out) {
+                    let mut scratch = Vec::new();
+                    let out = this.out.as_deref_mut().unwrap_or(&mut scratch);
+                    if let Some(r) = eng.take_done(&mut d, out) {
                         drop(d);
                         eng.release_slot(slot);
                         this.state = CallState::Finished;
@@ -214,7 +247,7 @@ impl Drop for AsyncCall<'_> {
             }
             CallState::NoSlot(w) => {
                 // Our wake may have been spent on us: pass it on.
-                if let Ok(eng) = self.client.route(self.call.key) {
+                if let Ok(eng) = self.engine() {
                     let mut q = lock(&eng.queue);
                     q.space_wakers.retain(|x| !x.will_wake(&w));
                     if !q.free.is_empty() {

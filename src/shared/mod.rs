@@ -11,6 +11,7 @@
 //! awaited); `future` the async calls; `multi` the multi-key calls, blocking and async;
 //! `lend` the storage's lending door.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use crate::error::Result;
 use crate::proto::wire::Capability;
 use crate::proto::{Protocol, StoreMode};
 
+mod copies;
 mod engine;
 mod exec;
 mod future;
@@ -29,8 +31,9 @@ mod lend;
 mod multi;
 mod offload;
 mod round;
+mod timer;
 
-use crate::command::{run_with, CallSpec, Command, Op};
+use crate::command::{run_with, CallSpec, Command, Op, Reply};
 use engine::{lock, Engine};
 pub(crate) use lend::Lent;
 
@@ -84,7 +87,9 @@ impl SharedClientBuilder {
     pub fn build(self) -> Result<SharedClient> {
         let timeout = self.builder.configured_io_timeout();
         let router = self.builder.clone().build()?;
-        let builder = self.builder.sharing_health_of(&router);
+        let fleet = *router.core_ref().fleet();
+        // Engines serve one server each: the copies are the shared client's business.
+        let builder = self.builder.sharing_health_of(&router).replicas(1);
         let n = router.label_list().len();
         let mut engines = Vec::with_capacity(n);
         for server in 0..n {
@@ -107,6 +112,12 @@ impl SharedClientBuilder {
             labels: Arc::clone(router.label_list()),
             driving: self.driving,
             single: n == 1,
+            replicated: fleet.replicated(),
+            hedge: fleet.hedge,
+            write_policy: fleet.write,
+            health: Arc::clone(router.shared_health()),
+            timers: Arc::default(),
+            repairing: AtomicBool::new(false),
             router: Mutex::new(router),
             admin: Mutex::new(admin),
             engines: engines.into_boxed_slice(),
@@ -213,6 +224,16 @@ struct Inner {
     driving: IoMode,
     /// One server: every key goes to engine 0 (its own client still checks its health).
     single: bool,
+    /// Keys have copies: keyed calls go through `copies`.
+    replicated: bool,
+    hedge: Option<crate::fleet::Hedge>,
+    write_policy: crate::fleet::WritePolicy,
+    /// Who is ejected, and the fleet's state (latency, repairs, hedge budget).
+    health: Arc<crate::engine::health::SharedHealth>,
+    /// Wake-ups of async reads waiting to hedge.
+    timers: Arc<timer::Timers>,
+    /// The repair thread runs.
+    repairing: std::sync::atomic::AtomicBool,
     /// Picks a key's server: a client that never connects, sharing the engines' view of who
     /// is ejected.
     router: Mutex<Client>,
@@ -240,6 +261,7 @@ impl SharedClient {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.timers.shutdown();
         // I/O threads hold their engine, not the client: tell them to end.
         for e in self.engines.iter() {
             let mut q = lock(&e.queue);
@@ -286,9 +308,9 @@ macro_rules! shared_methods {
             let reply = match cmd.buffer() {
                 Some(buf) => {
                     buf.clear();
-                    self.call_async(call, buf).await?
+                    self.exec_async(call, buf).await?
                 }
-                None => self.call_async(call, &mut owned).await?,
+                None => self.exec_async(call, &mut owned).await?,
             };
             cmd.output(reply, owned)
         }
@@ -298,6 +320,19 @@ macro_rules! shared_methods {
 /// Keyed calls: as [`Client`]'s, on `&self`, from any number of threads and tasks.
 impl SharedClient {
     crate::command::keyed_commands!(shared_methods);
+
+    /// The async executor of the keyed commands: through the copies when keys have them.
+    async fn exec_async(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
+        if self.replicated() {
+            return self.exec_copies_async(call, out).await;
+        }
+        self.call_async(call, out).await
+    }
+
+    /// What the fleet layer did (failovers, hedges, repairs), as [`Client::fleet_counters`].
+    pub fn fleet_counters(&self) -> crate::fleet::FleetCounters {
+        self.fleet().counters()
+    }
 
     /// The blocking executor of the keyed commands.
     fn run<'a, C: Command<'a>>(&self, cmd: C) -> Result<C::Output> {

@@ -1,0 +1,244 @@
+//! A [`Client`]'s keyed calls with several copies per key ([`ClientBuilder::replicas`]):
+//! the fleet's plan ([`crate::fleet::plan`]) run one copy at a time, since a `Client` makes
+//! one call at a time. Reads fail over within the call; writes reach every copy in turn.
+//!
+//! [`ClientBuilder::replicas`]: crate::ClientBuilder::replicas
+
+use std::time::Instant;
+
+use super::Client;
+use crate::command::{Op, Reply};
+use crate::error::{Error, Result};
+use crate::fleet::plan::{
+    changed, fails_over, first_wave, settle, write_kind, Action, Part, Standing, WriteKind,
+};
+use crate::fleet::repair::Work;
+use crate::fleet::FleetCounters;
+use crate::proto::wire::{Cmd, Outcome};
+use crate::proto::ParseError;
+use crate::ring::MAX_REPLICAS;
+
+/// Repairs a call tries before its own work, at most.
+const REPAIRS_PER_CALL: usize = 8;
+
+impl Client {
+    /// What the fleet layer did: failovers, hedges, repairs (with
+    /// [`replicas`](crate::ClientBuilder::replicas); all zero otherwise). Shared by the
+    /// clients of one [`Pool`](crate::Pool).
+    pub fn fleet_counters(&self) -> FleetCounters {
+        self.core.fleet_shared().counters()
+    }
+
+    /// One copy's part: `op` on server `i` alone (no further fleet logic: the call is pinned).
+    fn on_copy(
+        &mut self,
+        i: usize,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        self.pinned(i, |c| c.perform(op, key, value, out))
+    }
+
+    /// A keyed call with copies: a read from one copy (failing over), or a write as its kind
+    /// says. Cold: a client without copies never comes here.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn perform_replicated(
+        &mut self,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        self.repair_some();
+        match write_kind(&op) {
+            None => self.read_copies(op, key, out),
+            Some(kind) => self.write_copies(kind, op, key, value, out),
+        }
+    }
+
+    /// Tries a few pending repairs on servers that are up (a copy that missed a write is
+    /// skipped for that key until then).
+    fn repair_some(&mut self) {
+        let fleet = self.core.fleet_shared();
+        if !fleet.repairs.any() {
+            return;
+        }
+        let core = &self.core;
+        let work = fleet
+            .repairs
+            .work(REPAIRS_PER_CALL, |i| core.check_up(i).is_err());
+        for w in work {
+            let ok = match &w {
+                Work::Delete(i, k) => self
+                    .on_copy(*i, Op::Delete, k, &[], &mut Vec::new())
+                    .is_ok(),
+                Work::Flush(i) => self
+                    .core
+                    .on_server(*i, &Cmd::FlushAll(None), &mut |o| match o {
+                        Outcome::Ok => Ok(Some(())),
+                        _ => Err(ParseError::Unexpected),
+                    })
+                    .is_ok(),
+            };
+            if ok {
+                self.core.fleet_shared().repairs.done(&w);
+            }
+        }
+    }
+
+    fn read_copies(&mut self, op: Op, key: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
+        let order = self.core.read_order(&mut self.scratch, key)?;
+        let mut last = None;
+        for k in 0..order.len() {
+            let i = order.get(k).expect("in range");
+            let started = Instant::now();
+            match self.on_copy(i, op, key, &[], out) {
+                Ok(r) => {
+                    let fleet = self.core.fleet_shared();
+                    fleet.latency[i].record(started.elapsed());
+                    if last.is_some() {
+                        fleet.failover();
+                    }
+                    return Ok(r);
+                }
+                Err(e) if fails_over(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        // Every copy is waiting for a repair of this key: none may serve it.
+        last.map_or(Ok(Reply::Miss), Err)
+    }
+
+    fn write_copies(
+        &mut self,
+        kind: WriteKind,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        let copies = self.core.copies_of(&mut self.scratch, key)?;
+        let copies = copies.as_slice();
+        let mut standing = [Standing::Up; MAX_REPLICAS];
+        for (k, &i) in copies.iter().enumerate() {
+            standing[k] = self.core.standing(i as usize, key);
+        }
+        if kind == WriteKind::FirstThenDelete {
+            return self.write_first(op, key, value, out, copies, &standing);
+        }
+        let mut parts: [Part; MAX_REPLICAS] = std::array::from_fn(|_| Part::none());
+        for (k, &i) in copies.iter().enumerate() {
+            let action = first_wave(kind, standing[k]);
+            parts[k] = self.act(i as usize, action, op, key, value, out);
+        }
+        let parts = &parts[..copies.len()];
+        let fleet = self.core.fleet_shared();
+        let mut reconcile = [usize::MAX; MAX_REPLICAS];
+        let mut n = 0;
+        let r = settle(
+            kind,
+            self.core.fleet().write,
+            parts,
+            |i| fleet.repairs.record(i, key),
+            |i| {
+                reconcile[n] = i;
+                n += 1;
+            },
+        );
+        for &i in &reconcile[..n] {
+            self.delete_copy(i, key, out);
+        }
+        for p in parts {
+            if p.action == Action::Delete && p.result.is_ok() {
+                // Deleted: it holds nothing now, no longer waiting for a repair.
+                self.core.fleet_shared().repairs.clear(p.server, key);
+            }
+        }
+        r
+    }
+
+    /// cas, incr, decr: the first copy that answers decides (in placement order); when it
+    /// changed the item, the other copies are deleted. A copy that failed (it may have
+    /// applied the command before timing out) or could not be deleted is remembered for
+    /// repair; that cleanup never fails the call, whose effect has happened.
+    fn write_first(
+        &mut self,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+        copies: &[u32],
+        standing: &[Standing],
+    ) -> Result<Reply> {
+        let mut decided = None;
+        let mut last = None;
+        for (k, &i) in copies.iter().enumerate() {
+            let i = i as usize;
+            if first_wave(WriteKind::FirstThenDelete, standing[k]) != Action::Command {
+                continue;
+            }
+            match self.on_copy(i, op, key, value, out) {
+                Ok(reply) => {
+                    decided = Some((k, reply));
+                    break;
+                }
+                Err(e) if fails_over(&e) => {
+                    self.core.fleet_shared().repairs.record(i, key);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((d, reply)) = decided else {
+            return Err(last.unwrap_or(Error::NoServers));
+        };
+        if changed(&reply) {
+            for (k, &i) in copies.iter().enumerate() {
+                if k == d {
+                    continue;
+                }
+                if standing[k] == Standing::Down {
+                    self.core.fleet_shared().repairs.record(i as usize, key);
+                } else {
+                    self.delete_copy(i as usize, key, out);
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Deletes `key` on copy `i`; remembered for repair if that fails, no longer waiting for
+    /// one if it succeeds.
+    fn delete_copy(&mut self, i: usize, key: &[u8], out: &mut Vec<u8>) {
+        let ok = self.on_copy(i, Op::Delete, key, &[], out).is_ok();
+        let repairs = &self.core.fleet_shared().repairs;
+        if ok {
+            repairs.clear(i, key);
+        } else {
+            repairs.record(i, key);
+        }
+    }
+
+    /// Sends one copy its part of a write's first wave.
+    fn act(
+        &mut self,
+        i: usize,
+        action: Action,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Part {
+        let r = match action {
+            Action::Command => self.on_copy(i, op, key, value, out),
+            Action::Delete => self.on_copy(i, Op::Delete, key, &[], out),
+            Action::Skip | Action::Leave => {
+                Err(self.core.check_up(i).err().unwrap_or(Error::NoServers))
+            }
+        };
+        Part::new(i, action, r)
+    }
+}

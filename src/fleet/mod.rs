@@ -1,0 +1,288 @@
+//! The fleet: who serves a key when it lives on several servers. Sits between the commands
+//! and the engine, shared by every front.
+//!
+//! - [`FleetPolicy`]: how many copies a key has ([`ClientBuilder::replicas`]), where they
+//!   live, what a write waits for ([`WritePolicy`]) and when a read is hedged ([`Hedge`]).
+//! - [`FleetShared`]: what every client of one pool or shared client knows about the fleet:
+//!   each server's recent latency ([`latency`]), the copies that missed a write and must be
+//!   repaired before they serve that key ([`repair`]), the hedge budget and the counters.
+//! - [`plan`]: the decisions, without I/O: the order a read tries a key's servers in, and
+//!   what each kind of write sends where and returns.
+//!
+//! With one copy (the default) none of this runs: a call costs what it did before.
+//!
+//! [`ClientBuilder::replicas`]: crate::ClientBuilder::replicas
+
+pub(crate) mod latency;
+pub(crate) mod plan;
+pub(crate) mod repair;
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::ring::ReplicaPlacement;
+use latency::Latency;
+use repair::Repairs;
+
+/// What a replicated write waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WritePolicy {
+    /// Every copy must confirm (the default): a copy that fails, times out or is marked down
+    /// fails the call, after the others were written. The failed copy is remembered and
+    /// deleted before it serves that key again.
+    #[default]
+    All,
+    /// The first copy to confirm answers the call; the others are still written, and one that
+    /// fails is remembered and repaired as with [`All`](Self::All).
+    Any,
+}
+
+/// When a read is sent to a second copy too ([`ClientBuilder::hedge`]): after a fixed delay
+/// or a percentile of the first server's recent latency, within a budget of extra requests.
+///
+/// [`ClientBuilder::hedge`]: crate::ClientBuilder::hedge
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hedge {
+    pub(crate) after: HedgeAfter,
+    /// Extra requests allowed, as a share of reads (0.05: 5%).
+    pub(crate) budget: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum HedgeAfter {
+    Fixed(Duration),
+    /// A percentile (0-100) of the server's recent latency.
+    Percentile(f64),
+}
+
+/// The delay before a hedge while a server has too few samples for a percentile.
+pub(crate) const HEDGE_DEFAULT: Duration = Duration::from_millis(5);
+/// Never hedge sooner than this: below it a hedge only doubles the load.
+pub(crate) const HEDGE_FLOOR: Duration = Duration::from_micros(200);
+/// Burst of hedges the budget allows on top of its share.
+const BUDGET_BURST: i64 = 10;
+/// Budget tokens per hedge.
+const TOKEN: i64 = 1000;
+
+impl Hedge {
+    /// Hedge a read not answered after `d`.
+    pub fn after(d: Duration) -> Hedge {
+        Hedge {
+            after: HedgeAfter::Fixed(d),
+            budget: 0.05,
+        }
+    }
+
+    /// Hedge a read not answered after the `p`-th percentile (0-100, e.g. 95) of its
+    /// server's recent latency (5 ms until the server has enough samples; never under
+    /// 200 µs).
+    pub fn percentile(p: f64) -> Hedge {
+        Hedge {
+            after: HedgeAfter::Percentile(p.clamp(1.0, 99.99)),
+            budget: 0.05,
+        }
+    }
+
+    /// At most this share of extra requests (default 0.05: 5%), with a burst of 10.
+    pub fn budget(mut self, share: f64) -> Hedge {
+        self.budget = share.clamp(0.0, 1.0);
+        self
+    }
+}
+
+impl FromStr for Hedge {
+    type Err = String;
+
+    /// `pNN` (a percentile, e.g. `p95` or `p99.9`) or a delay in milliseconds (`5`, `5ms`,
+    /// `0.5ms`).
+    fn from_str(s: &str) -> Result<Hedge, String> {
+        let bad = || format!("{s:?}: a hedge is pNN (e.g. p95) or a delay in ms (e.g. 5ms)");
+        if let Some(p) = s.strip_prefix('p') {
+            let p: f64 = p.parse().map_err(|_| bad())?;
+            if !(0.0..100.0).contains(&p) {
+                return Err(bad());
+            }
+            return Ok(Hedge::percentile(p));
+        }
+        let ms: f64 = s
+            .strip_suffix("ms")
+            .unwrap_or(s)
+            .parse()
+            .map_err(|_| bad())?;
+        let d = Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| bad())?;
+        Ok(Hedge::after(d))
+    }
+}
+
+/// How a client spreads and reads copies, as built.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FleetPolicy {
+    pub(crate) replicas: usize,
+    pub(crate) placement: ReplicaPlacement,
+    pub(crate) write: WritePolicy,
+    pub(crate) hedge: Option<Hedge>,
+}
+
+impl Default for FleetPolicy {
+    fn default() -> Self {
+        FleetPolicy {
+            replicas: 1,
+            placement: ReplicaPlacement::Natural,
+            write: WritePolicy::All,
+            hedge: None,
+        }
+    }
+}
+
+impl FleetPolicy {
+    /// Whether keys have more than one copy (the fleet layer runs at all).
+    #[inline]
+    pub(crate) fn replicated(&self) -> bool {
+        self.replicas > 1
+    }
+}
+
+/// What the fleet layer did, for a client and every client sharing its fleet (a pool's, a
+/// shared client's engines): [`Client::fleet_counters`](crate::Client::fleet_counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetCounters {
+    /// Reads that got their answer from another copy after one failed or was down.
+    pub failovers: u64,
+    /// Reads sent to a second copy because the first was slow.
+    pub hedges_sent: u64,
+    /// Of those, the hedge answered first.
+    pub hedges_won: u64,
+    /// Hedges not sent because the budget was spent.
+    pub hedges_refused: u64,
+    /// Copies that missed a write and were remembered for repair.
+    pub repairs_recorded: u64,
+    /// Of those, copies repaired (the key deleted there, or the server flushed).
+    pub repairs_done: u64,
+}
+
+/// The fleet state shared by the clients of one pool or shared client.
+pub(crate) struct FleetShared {
+    pub(crate) latency: Box<[Latency]>,
+    pub(crate) repairs: Repairs,
+    /// Hedge tokens ([`TOKEN`] per hedge).
+    budget: AtomicI64,
+    failovers: AtomicU64,
+    hedges_sent: AtomicU64,
+    hedges_won: AtomicU64,
+    hedges_refused: AtomicU64,
+}
+
+impl FleetShared {
+    pub(crate) fn new(servers: usize) -> FleetShared {
+        FleetShared {
+            latency: (0..servers).map(|_| Latency::default()).collect(),
+            repairs: Repairs::new(servers),
+            budget: AtomicI64::new(BUDGET_BURST * TOKEN),
+            failovers: AtomicU64::new(0),
+            hedges_sent: AtomicU64::new(0),
+            hedges_won: AtomicU64::new(0),
+            hedges_refused: AtomicU64::new(0),
+        }
+    }
+
+    /// A read earns its share of a hedge.
+    #[inline]
+    pub(crate) fn earn(&self, hedge: &Hedge) {
+        let share = (hedge.budget * TOKEN as f64) as i64;
+        if self.budget.load(Ordering::Relaxed) < (BUDGET_BURST * TOKEN) {
+            self.budget.fetch_add(share, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a hedge from the budget; `false` (counted) if it is spent.
+    pub(crate) fn spend(&self) -> bool {
+        let ok = self
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t >= TOKEN).then_some(t - TOKEN)
+            })
+            .is_ok();
+        let c = if ok {
+            &self.hedges_sent
+        } else {
+            &self.hedges_refused
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    pub(crate) fn hedge_won(&self) {
+        self.hedges_won.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failover(&self) {
+        self.failovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long a read on server `i` waits before it is hedged.
+    pub(crate) fn hedge_delay(&self, hedge: &Hedge, i: usize) -> Duration {
+        match hedge.after {
+            HedgeAfter::Fixed(d) => d,
+            HedgeAfter::Percentile(p) => self.latency[i]
+                .percentile(p)
+                .unwrap_or(HEDGE_DEFAULT)
+                .max(HEDGE_FLOOR),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> FleetCounters {
+        let (recorded, done) = self.repairs.counts();
+        FleetCounters {
+            failovers: self.failovers.load(Ordering::Relaxed),
+            hedges_sent: self.hedges_sent.load(Ordering::Relaxed),
+            hedges_won: self.hedges_won.load(Ordering::Relaxed),
+            hedges_refused: self.hedges_refused.load(Ordering::Relaxed),
+            repairs_recorded: recorded,
+            repairs_done: done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hedge_parses() {
+        assert_eq!(
+            "p95".parse::<Hedge>().unwrap().after,
+            HedgeAfter::Percentile(95.0)
+        );
+        assert_eq!(
+            "5ms".parse::<Hedge>().unwrap().after,
+            HedgeAfter::Fixed(Duration::from_millis(5))
+        );
+        assert_eq!(
+            "0.5".parse::<Hedge>().unwrap().after,
+            HedgeAfter::Fixed(Duration::from_micros(500))
+        );
+        for bad in ["p", "p100", "x", "-1ms", "ms"] {
+            assert!(bad.parse::<Hedge>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn budget_allows_its_share() {
+        let f = FleetShared::new(2);
+        let h = Hedge::percentile(95.0);
+        // The burst first.
+        let burst = (0..100).filter(|_| f.spend()).count();
+        assert_eq!(burst, BUDGET_BURST as usize);
+        // Then 5% of reads.
+        let mut sent = 0;
+        for _ in 0..1000 {
+            f.earn(&h);
+            sent += usize::from(f.spend());
+        }
+        assert_eq!(sent, 50);
+        let c = f.counters();
+        assert_eq!(c.hedges_sent, 60);
+        assert_eq!(c.hedges_refused, 90 + 950);
+    }
+}

@@ -1,0 +1,618 @@
+//! A shared client's keyed calls with copies ([`ClientBuilder::replicas`]): the fleet's plan
+//! ([`crate::fleet::plan`]) run on the copies' engines at once.
+//!
+//! - A read ([`CopyRead`]) asks the first copy in the read order; when that copy fails it
+//!   goes on to the next within the call (a failover), and with a hedge, a read not
+//!   answered in time is also sent to the next copy: the first answer wins, the other
+//!   request is left to its round (read and dropped: the framing stays intact).
+//! - A write is sent to every copy at once and waits as the write policy says; a copy that
+//!   fails is remembered and repaired by a background thread before it serves the key.
+//!
+//! Both are futures; a blocking caller runs them on its own thread ([`block_on`]), parked
+//! between polls: one code path for both kinds of callers.
+//!
+//! [`ClientBuilder::replicas`]: crate::ClientBuilder::replicas
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use super::engine::lock;
+use super::future::AsyncCall;
+use super::{Inner, SharedClient};
+use crate::command::{CallSpec, Op, Reply};
+use crate::error::{Error, Result};
+use crate::fleet::plan::{
+    changed, fails_over, first_wave, settle, Action, Part, Servers, Standing, WriteKind,
+};
+use crate::fleet::repair::Work;
+use crate::fleet::FleetShared;
+use crate::ring::MAX_REPLICAS;
+
+/// A server whose round has run this many times its median latency is slow for reads...
+const SLOW_FACTOR: u32 = 4;
+/// ... and at least this long.
+const SLOW_MIN: Duration = Duration::from_millis(2);
+/// The repair thread's pause when every repair left is on a server that is down.
+const REPAIR_PAUSE: Duration = Duration::from_millis(20);
+
+/// A blocking caller's waker: unparks its thread.
+struct ThreadWake(Thread);
+
+impl Wake for ThreadWake {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+thread_local! {
+    /// Made once per thread: a blocking call clones it (no allocation per call).
+    static THREAD_WAKER: Waker = Waker::from(Arc::new(ThreadWake(std::thread::current())));
+}
+
+/// A future that may want to be polled again at a time of its own.
+pub(super) trait Timed: Future {
+    fn wake_at(&self) -> Option<Instant>;
+}
+
+/// Runs `f` on this thread, parked between polls (until its own time, if it has one).
+pub(super) fn block_on<F: Timed>(f: F, longest: Duration) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = THREAD_WAKER.with(Waker::clone);
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(r) = f.as_mut().poll(&mut cx) {
+            return r;
+        }
+        let now = Instant::now();
+        let until = f.as_ref().get_ref().wake_at().unwrap_or(now + longest);
+        std::thread::park_timeout(until.saturating_duration_since(now));
+    }
+}
+
+/// One copy's attempt at a read.
+struct Try<'a> {
+    call: AsyncCall<'a>,
+    server: usize,
+    started: Instant,
+    hedge: bool,
+    /// Its buffer is the caller's (else the spare).
+    callers: bool,
+}
+
+/// A read with copies (see the module docs).
+pub(super) struct CopyRead<'a> {
+    client: &'a SharedClient,
+    call: CallSpec<'a>,
+    order: Servers,
+    /// The next copy in `order` to ask.
+    next: usize,
+    tries: [Option<Try<'a>>; 2],
+    /// The caller's buffer, while no try holds it.
+    out: Option<&'a mut Vec<u8>>,
+    spare: Option<&'a mut Vec<u8>>,
+    /// When to hedge (`None`: no hedge, or decided).
+    hedge_at: Option<Instant>,
+    last_error: Option<Error>,
+    failed: bool,
+    /// Register wake-ups with the client's timer thread (async callers).
+    timers: bool,
+    timer_set: Option<Instant>,
+    done: bool,
+}
+
+impl Timed for CopyRead<'_> {
+    fn wake_at(&self) -> Option<Instant> {
+        self.hedge_at
+    }
+}
+
+impl<'a> CopyRead<'a> {
+    fn fleet(&self) -> &'a FleetShared {
+        self.client.fleet()
+    }
+
+    /// Starts the next copy's try in `tries[k]` with buffer `buf`; false if none is left.
+    fn start(&mut self, k: usize, buf: &'a mut Vec<u8>, callers: bool, hedge: bool) -> bool {
+        let Some(server) = self.order.get(self.next) else {
+            if callers {
+                self.out = Some(buf);
+            } else {
+                self.spare = Some(buf);
+            }
+            return false;
+        };
+        self.next += 1;
+        self.tries[k] = Some(Try {
+            call: self.client.call_async_on(server, self.call, buf),
+            server,
+            started: Instant::now(),
+            hedge,
+            callers,
+        });
+        true
+    }
+
+    /// A try answered: the call's result.
+    fn won(&mut self, k: usize, reply: Reply) -> Reply {
+        let mut t = self.tries[k].take().expect("a try answered");
+        let fleet = self.fleet();
+        fleet.latency[t.server].record(t.started.elapsed());
+        if t.hedge {
+            fleet.hedge_won();
+        }
+        if self.failed {
+            fleet.failover();
+        }
+        if !t.callers {
+            // The spare holds the value: swap it into the caller's buffer.
+            let other = self.tries[1 - k]
+                .as_mut()
+                .filter(|o| o.callers)
+                .and_then(|o| o.call.take_out());
+            let callers = other.or_else(|| self.out.take());
+            if let (Some(out), Some(spare)) = (callers, t.call.take_out()) {
+                std::mem::swap(out, spare);
+            }
+        }
+        // The other try, if any, is dropped: withdrawn, or its reply read and dropped.
+        self.tries = [None, None];
+        reply
+    }
+}
+
+impl Future for CopyRead<'_> {
+    type Output = Result<Reply>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Reply>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(Err(crate::command::unexpected()));
+        }
+        loop {
+            let mut progressed = false;
+            for k in 0..2 {
+                let Some(t) = this.tries[k].as_mut() else {
+                    continue;
+                };
+                let r = match Pin::new(&mut t.call).poll(cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => continue,
+                };
+                match r {
+                    Ok(reply) => {
+                        this.done = true;
+                        return Poll::Ready(Ok(this.won(k, reply)));
+                    }
+                    Err(e) if fails_over(&e) => {
+                        let mut t = this.tries[k].take().expect("polled");
+                        this.failed = true;
+                        this.last_error = Some(e);
+                        if let Some(buf) = t.call.take_out() {
+                            if this.start(k, buf, t.callers, false) {
+                                progressed = true;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        this.done = true;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            if let Some(at) = this.hedge_at {
+                let now = Instant::now();
+                if now >= at {
+                    this.hedge_at = None;
+                    let free = this.tries.iter().position(Option::is_none);
+                    if let (Some(k), true) = (free, this.next < this.order.len()) {
+                        let buf = match (this.spare.take(), this.out.take()) {
+                            (Some(s), out) => {
+                                this.out = out;
+                                Some((s, false))
+                            }
+                            (None, out) => out.map(|o| (o, true)),
+                        };
+                        if let Some((buf, callers)) = buf {
+                            if this.fleet().spend() {
+                                this.start(k, buf, callers, true);
+                                progressed = true;
+                            } else if callers {
+                                this.out = Some(buf);
+                            } else {
+                                this.spare = Some(buf);
+                            }
+                        }
+                    }
+                } else if this.timers && this.timer_set != Some(at) {
+                    this.timer_set = Some(at);
+                    this.client.inner.timers.wake_at(at, cx.waker());
+                }
+            }
+            if this.tries.iter().all(Option::is_none) {
+                this.done = true;
+                // No copy left: the last failure, or a miss when every copy was waiting
+                // for a repair of this key (none may serve it).
+                return Poll::Ready(this.last_error.take().map_or(Ok(Reply::Miss), Err));
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Up to [`MAX_REPLICAS`] async calls run together.
+struct JoinAll<'a> {
+    calls: [Option<AsyncCall<'a>>; MAX_REPLICAS],
+    results: [Option<Result<Reply>>; MAX_REPLICAS],
+}
+
+impl Future for JoinAll<'_> {
+    type Output = [Option<Result<Reply>>; MAX_REPLICAS];
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut pending = false;
+        for (c, r) in this.calls.iter_mut().zip(this.results.iter_mut()) {
+            if let Some(call) = c {
+                match Pin::new(call).poll(cx) {
+                    Poll::Ready(x) => {
+                        *r = Some(x);
+                        *c = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            return Poll::Pending;
+        }
+        Poll::Ready(std::mem::replace(
+            &mut this.results,
+            std::array::from_fn(|_| None),
+        ))
+    }
+}
+
+impl<F: Future + ?Sized> Timed for Pin<&mut F> {
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
+}
+
+impl SharedClient {
+    pub(super) fn fleet(&self) -> &FleetShared {
+        &self.inner.health.fleet
+    }
+
+    /// Keys have copies: keyed calls go through this module.
+    #[inline]
+    pub(super) fn replicated(&self) -> bool {
+        self.inner.replicated
+    }
+
+    /// A key's copies in placement order and how each stands (validating the key).
+    fn copies(&self, key: &[u8]) -> Result<(Servers, [Standing; MAX_REPLICAS])> {
+        let inner = &*self.inner;
+        let mut router = lock(&inner.router);
+        let (core, scratch) = router.engine();
+        let copies = core.copies_of(scratch, key)?;
+        let mut st = [Standing::Up; MAX_REPLICAS];
+        let now = Instant::now();
+        for (k, &i) in copies.as_slice().iter().enumerate() {
+            let i = i as usize;
+            st[k] = core.standing(i, key);
+            if st[k] == Standing::Up && self.looks_stuck(i, now) {
+                st[k] = Standing::Slow;
+            }
+        }
+        Ok((Servers::from_slice(copies.as_slice()), st))
+    }
+
+    /// Whether server `i` has had a round on the wire far longer than it usually takes.
+    fn looks_stuck(&self, i: usize, now: Instant) -> bool {
+        let Some(busy) = self.inner.engines[i].busy_for(now) else {
+            return false;
+        };
+        let usual = self.fleet().latency[i].median().unwrap_or(SLOW_MIN);
+        busy > (usual * SLOW_FACTOR).max(SLOW_MIN)
+    }
+
+    /// A read with copies, as a future.
+    pub(super) fn copy_read<'a>(
+        &'a self,
+        call: CallSpec<'a>,
+        out: &'a mut Vec<u8>,
+        spare: &'a mut Vec<u8>,
+        timers: bool,
+    ) -> Result<CopyRead<'a>> {
+        self.check(&call)?;
+        let (copies, st) = self.copies(call.key)?;
+        let fleet = self.fleet();
+        let order = crate::fleet::plan::read_order(
+            copies.as_slice(),
+            |i| st[copies.position(i)],
+            |i| fleet.latency[i].median(),
+        );
+        let hedge = self.inner.hedge.filter(|_| order.len() > 1);
+        let mut read = CopyRead {
+            client: self,
+            call,
+            order,
+            next: 0,
+            tries: [None, None],
+            out: None,
+            spare: Some(spare),
+            hedge_at: None,
+            last_error: None,
+            failed: false,
+            timers,
+            timer_set: None,
+            done: false,
+        };
+        if let Some(first) = order.get(0) {
+            if let Some(h) = &hedge {
+                fleet.earn(h);
+                read.hedge_at = Some(Instant::now() + fleet.hedge_delay(h, first));
+            }
+            read.start(0, out, true, false);
+        } else {
+            read.out = Some(out);
+        }
+        Ok(read)
+    }
+
+    /// A write with copies (see [`crate::fleet::plan`] for what each kind does).
+    pub(super) async fn copy_write(
+        &self,
+        kind: WriteKind,
+        call: CallSpec<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        self.check(&call)?;
+        let (copies, st) = self.copies(call.key)?;
+        let fleet = self.fleet();
+        let key = call.key;
+        if kind == WriteKind::FirstThenDelete {
+            let mut decided = None;
+            let mut last = None;
+            for (k, i) in copies.iter().enumerate() {
+                if first_wave(kind, st[k]) != Action::Command {
+                    continue;
+                }
+                match self.call_async_on(i, call, out).await {
+                    Ok(reply) => {
+                        decided = Some((k, reply));
+                        break;
+                    }
+                    Err(e) if fails_over(&e) => {
+                        fleet.repairs.record(i, key);
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some((d, reply)) = decided else {
+                self.ensure_repairer();
+                return Err(last.unwrap_or(Error::NoServers));
+            };
+            if changed(&reply) {
+                let mut del = [Action::Leave; MAX_REPLICAS];
+                for (k, _) in copies.iter().enumerate() {
+                    if k != d {
+                        // Down: remembered for repair (a failed `Skip` part); else deleted.
+                        del[k] = match st[k] {
+                            Standing::Down => Action::Skip,
+                            _ => Action::Delete,
+                        };
+                    }
+                }
+                let parts = self.wave(&copies, &del, call, out).await;
+                for p in &parts[..copies.len()] {
+                    self.after_delete(p, key);
+                }
+            }
+            self.ensure_repairer();
+            return Ok(reply);
+        }
+        let mut actions = [Action::Leave; MAX_REPLICAS];
+        for k in 0..copies.len() {
+            actions[k] = first_wave(kind, st[k]);
+        }
+        let parts = self.wave(&copies, &actions, call, out).await;
+        let parts = &parts[..copies.len()];
+        let mut reconcile = [Action::Leave; MAX_REPLICAS];
+        let r = settle(
+            kind,
+            self.inner.write_policy,
+            parts,
+            |i| fleet.repairs.record(i, key),
+            |i| reconcile[copies.position(i)] = Action::Delete,
+        );
+        for p in parts {
+            if p.action == Action::Delete {
+                self.after_delete(p, key);
+            }
+        }
+        if reconcile.contains(&Action::Delete) {
+            let parts = self.wave(&copies, &reconcile, call, out).await;
+            for p in &parts[..copies.len()] {
+                self.after_delete(p, key);
+            }
+        }
+        self.ensure_repairer();
+        r
+    }
+
+    /// A delete sent as a repair or reconciliation: the copy holds nothing now, or (failed)
+    /// is remembered for repair.
+    fn after_delete(&self, p: &Part, key: &[u8]) {
+        let repairs = &self.fleet().repairs;
+        match (&p.result, p.action) {
+            (Ok(_), Action::Delete) => repairs.clear(p.server, key),
+            (Err(_), Action::Delete | Action::Skip) if p.server != usize::MAX => {
+                repairs.record(p.server, key)
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends each copy its action at once and waits for all: the parts, in copy order
+    /// (`Skip`: a copy marked down, failed with its error without being asked).
+    async fn wave(
+        &self,
+        copies: &Servers,
+        actions: &[Action; MAX_REPLICAS],
+        call: CallSpec<'_>,
+        out: &mut Vec<u8>,
+    ) -> [Part; MAX_REPLICAS] {
+        let delete = CallSpec {
+            op: Op::Delete,
+            key: call.key,
+            value: &[],
+        };
+        let mut bufs: [Vec<u8>; MAX_REPLICAS] = Default::default();
+        bufs[0] = std::mem::take(out);
+        let mut parts: [Part; MAX_REPLICAS] = std::array::from_fn(|_| Part::none());
+        {
+            let mut join = JoinAll {
+                calls: std::array::from_fn(|_| None),
+                results: std::array::from_fn(|_| None),
+            };
+            for ((k, buf), i) in bufs.iter_mut().enumerate().zip(copies.iter()) {
+                join.calls[k] = match actions[k] {
+                    Action::Command => Some(self.call_async_on(i, call, buf)),
+                    Action::Delete => Some(self.call_async_on(i, delete, buf)),
+                    Action::Skip | Action::Leave => None,
+                };
+            }
+            let results = join.await;
+            for ((k, r), i) in results.into_iter().enumerate().zip(copies.iter()) {
+                parts[k] = match (actions[k], r) {
+                    (Action::Leave, _) => Part::none(),
+                    (a, Some(r)) => Part::new(i, a, r),
+                    (a, None) => Part::new(i, a, Err(self.down(i))),
+                };
+            }
+        }
+        *out = std::mem::take(&mut bufs[0]);
+        parts
+    }
+
+    /// The error of a copy marked down.
+    fn down(&self, i: usize) -> Error {
+        let router = lock(&self.inner.router);
+        let e = router.core_ref().check_up(i).err();
+        e.unwrap_or(Error::NoServers)
+    }
+
+    /// A blocking keyed call with copies.
+    pub(super) fn exec_copies(&self, call: CallSpec<'_>, out: &mut Vec<u8>) -> Result<Reply> {
+        let longest = self.inner.timeout;
+        match crate::fleet::plan::write_kind(&call.op) {
+            None => {
+                let mut spare = Vec::new();
+                let read = self.copy_read(call, out, &mut spare, false)?;
+                block_on(read, longest)
+            }
+            Some(kind) => {
+                let write = std::pin::pin!(self.copy_write(kind, call, out));
+                block_on(write, longest)
+            }
+        }
+    }
+
+    /// An async keyed call with copies.
+    pub(super) async fn exec_copies_async(
+        &self,
+        call: CallSpec<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        match crate::fleet::plan::write_kind(&call.op) {
+            None => {
+                let mut spare = Vec::new();
+                let r = self.copy_read(call, out, &mut spare, true)?.await;
+                r
+            }
+            Some(kind) => self.copy_write(kind, call, out).await,
+        }
+    }
+
+    /// Starts the repair thread if repairs are pending and none runs.
+    fn ensure_repairer(&self) {
+        let inner = &*self.inner;
+        if !inner.health.fleet.repairs.any() || inner.repairing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("mcstore-repair".into())
+            .spawn(move || repair_loop(&weak));
+        if spawned.is_err() {
+            inner.repairing.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// The repair thread: deletes the keys copies missed (or flushes a server that missed too
+/// many) on servers that are up, until nothing is pending; ends with the client.
+fn repair_loop(weak: &Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let client = SharedClient { inner };
+        let fleet = client.fleet();
+        let work = {
+            let router = lock(&client.inner.router);
+            let core = router.core_ref();
+            fleet.repairs.work(64, |i| core.check_up(i).is_err())
+        };
+        if work.is_empty() {
+            if !fleet.repairs.any() {
+                client.inner.repairing.store(false, Ordering::Release);
+                // A repair recorded after the look above saw `repairing` set: take it.
+                if !fleet.repairs.any() || client.inner.repairing.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            drop(client);
+            std::thread::sleep(REPAIR_PAUSE);
+            continue;
+        }
+        let mut progress = false;
+        let mut buf = Vec::new();
+        for w in &work {
+            let ok = match w {
+                Work::Delete(i, key) => {
+                    let call = CallSpec {
+                        op: Op::Delete,
+                        key,
+                        value: &[],
+                    };
+                    let eng = &client.inner.engines[*i];
+                    client.exec_on(eng, call, false, &mut buf).is_ok()
+                }
+                Work::Flush(i) => {
+                    let label = client.inner.labels[*i].clone();
+                    client.flush_server(&label, None).is_ok()
+                }
+            };
+            if ok {
+                fleet.repairs.done(w);
+                progress = true;
+            }
+        }
+        drop(client);
+        if !progress {
+            std::thread::sleep(REPAIR_PAUSE);
+        }
+    }
+}
