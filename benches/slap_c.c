@@ -50,6 +50,9 @@
  * (the kernel completes the handshake), so during a freeze every call to its keys waits out the
  * poll timeout and fails, whatever these settings are.
  *
+ * "slap_c: timed run starts" goes to stderr when the timed calls begin (after the preload), for
+ * scripts that time a fault from it.
+ *
  * A call fails when memcached_get returns no value (an error or a miss) or a value of the wrong
  * size. With failed calls the RESULT line is still printed, then a count of the failures by
  * libmemcached return code on stderr, and the exit status is 1.
@@ -362,6 +365,7 @@ int main(int argc, char **argv) {
   const char *client;
   if (floor_mode) {
     client = "floor";
+    fprintf(stderr, "slap_c: timed run starts\n");
     c0 = cpu(); t0 = now();
     floor_run();
     wall = now() - t0;
@@ -372,6 +376,8 @@ int main(int argc, char **argv) {
     for (long c = 0; c < callers; c++) pthread_create(&t[c], NULL, caller, (void *)c);
     c0 = cpu(); t0 = now();
     start_at = t0;
+    /* scripts/faults times its faults from this line. */
+    fprintf(stderr, "slap_c: timed run starts\n");
     pthread_barrier_wait(&barrier);
     for (long c = 0; c < callers; c++) pthread_join(t[c], NULL);
     wall = now() - t0;
