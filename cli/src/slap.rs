@@ -393,6 +393,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         done += t.calls;
     }
     let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    let max_us = all.max() as f64 / 1000.0;
     if interrupted {
         println!("interrupted (SIGINT): the calls made so far");
     }
@@ -408,7 +409,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     println!("  p90    {:>10.1}", us(0.9));
     println!("  p99    {:>10.1}", us(0.99));
     println!("  p99.9  {:>10.1}", us(0.999));
-    println!("  max    {:>10.1}", all.max() as f64 / 1000.0);
+    println!("  max    {max_us:>10.1}");
     let client = match spec.client {
         Which::Shared => "mcstore",
         Which::Pool => "mcstore-pool",
@@ -421,10 +422,13 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     };
     let wall_s = wall.as_secs_f64();
     let per_op = done.max(1) as f64;
+    // Scripts read this line: fields are only ever added (at the end), never renamed or
+    // removed. `failed` counts the calls that returned an error (or a wrong value), the same
+    // count as `errors` today; `p999_us` is p99.9.
     println!(
         "RESULT client={client} proto={proto} workload={w} callers={} ops={done} wall_s={wall_s:.6} \
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
-         rate={:.0} verify={} interrupted={}",
+         rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,
@@ -433,6 +437,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         spec.rate.unwrap_or(0.0),
         u8::from(spec.verify),
         u8::from(interrupted),
+        us(0.999),
     );
     if errors > 0 {
         return Err(format!("{errors} calls failed"));

@@ -433,7 +433,11 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 "errors",
                 "rate",
                 "verify",
-                "interrupted"
+                "interrupted",
+                // Added for #27's fault benchmark (scripts/faults).
+                "p999_us",
+                "max_us",
+                "failed"
             ],
             "{last}"
         );
@@ -951,4 +955,54 @@ fn blank_servers_env_means_the_default() {
         format!("{out}{err}").contains("127.0.0.1:11211") && !err.contains("no servers"),
         "{err}"
     );
+}
+
+/// #27: `slap --timeout-ms` bounds a call to a frozen server (SIGSTOP), the failed calls are
+/// counted in the RESULT line (`failed=`, the same count as `errors=`, with `p999_us=` and
+/// `max_us=`), and the run still exits non-zero after printing it. With the default 1 s
+/// timeout no call would fail during a 900 ms freeze.
+#[test]
+fn slap_timeout_bounds_calls_to_a_frozen_server() {
+    use std::io::{BufRead, BufReader};
+    let field = |line: &str, name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    for mode in ["threads", "async"] {
+        let mc = Memcached::start();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+            .args(["--servers", &mc.addr(), "--timeout-ms", "200"])
+            .args(["slap", "--callers", "4", "-k", "100", "-t", "2s"])
+            .args(["--mode", mode, "--report-every", "100ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reports = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while reports.read_line(&mut line).unwrap() > 0 && !line.contains("] calls ") {
+            line.clear();
+        }
+        mc.freeze();
+        std::thread::sleep(std::time::Duration::from_millis(900));
+        mc.resume();
+        let o = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{mode}: {out}");
+        let result = out
+            .lines()
+            .find(|l| l.starts_with("RESULT "))
+            .unwrap_or_else(|| panic!("{mode}: no RESULT line: {out}"));
+        let failed = field(result, "failed");
+        assert!(failed > 0.0, "{mode}: {result}");
+        assert_eq!(failed, field(result, "errors"), "{mode}: {result}");
+        let (p999, max) = (field(result, "p999_us"), field(result, "max_us"));
+        assert!(p999 <= max, "{mode}: {result}");
+        // Each call gives up after about 200 ms (a few timeouts' worth at most), never
+        // waiting out the 900 ms freeze.
+        assert!((150_000.0..800_000.0).contains(&max), "{mode}: {result}");
+    }
 }
