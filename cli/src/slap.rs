@@ -328,9 +328,13 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         progress: Arc::clone(&progress),
         failures: Arc::clone(&failures),
     };
+    // What the fleet layer did (replicas): read after the run.
+    let mut fleet_of: Option<Box<dyn FnOnce() -> Option<mcstore::FleetCounters>>> = None;
     let (tallies, wall, cpu) = match (spec.client, spec.mode) {
         (Which::Pool, _) => {
             let pool = Pool::new(builder, spec.callers).map_err(err)?;
+            let p = pool.clone();
+            fleet_of = Some(Box::new(move || p.get().ok().map(|c| c.fleet_counters())));
             run_threads(spec.callers, &ctx, pace, move |_| {
                 let pool = pool.clone();
                 move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
@@ -358,6 +362,8 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
                 })
                 .build()
                 .map_err(err)?;
+            let c = client.clone();
+            fleet_of = Some(Box::new(move || Some(c.fleet_counters())));
             // Warm-up: connections open, buffers grown.
             let mut buf = Vec::new();
             for k in ctx.keys.iter().take(100) {
@@ -392,6 +398,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         errors += t.errors;
         done += t.calls;
     }
+    let fleet = fleet_of.and_then(|f| f()).unwrap_or_default();
     let us = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     let max_us = all.max() as f64 / 1000.0;
     if interrupted {
@@ -410,6 +417,18 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     println!("  p99    {:>10.1}", us(0.99));
     println!("  p99.9  {:>10.1}", us(0.999));
     println!("  max    {max_us:>10.1}");
+    if fleet != mcstore::FleetCounters::default() {
+        println!(
+            "copies: {} failovers, {} hedges sent ({} won, {} refused by the budget: {:.2}% extra requests), {} repairs recorded, {} done",
+            fleet.failovers,
+            fleet.hedges_sent,
+            fleet.hedges_won,
+            fleet.hedges_refused,
+            fleet.hedges_sent as f64 * 100.0 / done.max(1) as f64,
+            fleet.repairs_recorded,
+            fleet.repairs_done
+        );
+    }
     let client = match spec.client {
         Which::Shared => "mcstore",
         Which::Pool => "mcstore-pool",
@@ -428,7 +447,8 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     println!(
         "RESULT client={client} proto={proto} workload={w} callers={} ops={done} wall_s={wall_s:.6} \
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
-         rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors}",
+         rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors} \
+         failovers={} hedges={} hedges_won={} hedges_refused={}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,
@@ -438,6 +458,10 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         u8::from(spec.verify),
         u8::from(interrupted),
         us(0.999),
+        fleet.failovers,
+        fleet.hedges_sent,
+        fleet.hedges_won,
+        fleet.hedges_refused,
     );
     if errors > 0 {
         return Err(format!("{errors} calls failed"));

@@ -212,6 +212,11 @@ impl FleetShared {
         ok
     }
 
+    /// A hedge sent outside the budget (its first copy looks stuck).
+    pub(crate) fn spend_free(&self) {
+        self.hedges_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn hedge_won(&self) {
         self.hedges_won.fetch_add(1, Ordering::Relaxed);
     }

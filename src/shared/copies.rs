@@ -102,6 +102,8 @@ pub(super) struct CopyRead<'a> {
     hedge_at: Option<Instant>,
     last_error: Option<Error>,
     failed: bool,
+    /// The budget refused this read a hedge (it is hedged only if its copy looks stuck).
+    refused: bool,
     /// Register wake-ups with the client's timer thread (async callers).
     timers: bool,
     timer_set: Option<Instant>,
@@ -168,6 +170,50 @@ impl<'a> CopyRead<'a> {
     }
 }
 
+impl CopyRead<'_> {
+    /// The hedge's time has come: sends the read to the next copy too, if one is left and
+    /// the budget allows, or at once, budget or not, if the copy asked looks stuck (a round
+    /// on the wire far longer than it usually takes: it is failing, not slow). Refused, it
+    /// looks again a little later. True if a hedge went out.
+    fn hedge(&mut self) -> bool {
+        self.hedge_at = None;
+        let free = self.tries.iter().position(Option::is_none);
+        let busy = self.tries.iter().flatten().map(|t| t.server).next();
+        let (Some(k), Some(busy)) = (free, busy) else {
+            return false;
+        };
+        if self.next >= self.order.len() {
+            return false;
+        }
+        let stuck = self.client.looks_stuck(busy, Instant::now());
+        let allowed = if stuck {
+            self.fleet().spend_free();
+            true
+        } else if self.refused {
+            false
+        } else {
+            let ok = self.fleet().spend();
+            self.refused = !ok;
+            ok
+        };
+        if !allowed {
+            self.hedge_at = Some(Instant::now() + SLOW_MIN);
+            return false;
+        }
+        let buf = match (self.spare.take(), self.out.take()) {
+            (Some(s), out) => {
+                self.out = out;
+                Some((s, false))
+            }
+            (None, out) => out.map(|o| (o, true)),
+        };
+        match buf {
+            Some((buf, callers)) => self.start(k, buf, callers, true),
+            None => false,
+        }
+    }
+}
+
 impl Future for CopyRead<'_> {
     type Output = Result<Reply>;
 
@@ -207,31 +253,12 @@ impl Future for CopyRead<'_> {
                     }
                 }
             }
-            if let Some(at) = this.hedge_at {
-                let now = Instant::now();
-                if now >= at {
-                    this.hedge_at = None;
-                    let free = this.tries.iter().position(Option::is_none);
-                    if let (Some(k), true) = (free, this.next < this.order.len()) {
-                        let buf = match (this.spare.take(), this.out.take()) {
-                            (Some(s), out) => {
-                                this.out = out;
-                                Some((s, false))
-                            }
-                            (None, out) => out.map(|o| (o, true)),
-                        };
-                        if let Some((buf, callers)) = buf {
-                            if this.fleet().spend() {
-                                this.start(k, buf, callers, true);
-                                progressed = true;
-                            } else if callers {
-                                this.out = Some(buf);
-                            } else {
-                                this.spare = Some(buf);
-                            }
-                        }
-                    }
-                } else if this.timers && this.timer_set != Some(at) {
+            if this.hedge_at.is_some_and(|at| Instant::now() >= at) {
+                progressed |= this.hedge();
+            }
+            // Async callers are woken for the hedge (or its next look) by the timer thread.
+            if let Some(at) = this.hedge_at.filter(|_| this.timers) {
+                if this.timer_set != Some(at) {
                     this.timer_set = Some(at);
                     this.client.inner.timers.wake_at(at, cx.waker());
                 }
@@ -354,6 +381,7 @@ impl SharedClient {
             hedge_at: None,
             last_error: None,
             failed: false,
+            refused: false,
             timers,
             timer_set: None,
             done: false,
