@@ -104,7 +104,65 @@ fn unreachable_server_fails_fast(p: Protocol) {
     assert!(start.elapsed() < Duration::from_millis(500) + MARGIN);
 }
 
+/// The breaker: a frozen server costs one timeout per retry interval, not one per caller.
+/// Once its retry time comes, one call probes it; every other caller fails fast
+/// (`ServerDown`) until that probe reports, and the probe's timeout ejects it again.
+fn frozen_server_is_probed_by_one_call_at_a_time(p: Protocol) {
+    const CALLERS: usize = 8;
+    let retry = Duration::from_millis(200);
+    let mc = Memcached::start();
+    let b = support::client_builder()
+        .protocol(p)
+        .server(mc.addr())
+        .io_timeout(Duration::from_millis(150))
+        .server_failure_limit(2)
+        .retry_timeout(retry);
+    let pool = mcstore::Pool::new(b, CALLERS).unwrap();
+    pool.get()
+        .unwrap()
+        .set(b"k", b"v", SetOptions::default())
+        .unwrap();
+    mc.freeze();
+    let run = Duration::from_millis(1500);
+    let start = Instant::now();
+    let timeouts: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let pool = pool.clone();
+                s.spawn(move || {
+                    let mut c = pool.get().unwrap();
+                    let mut timeouts = 0;
+                    while start.elapsed() < run {
+                        match c.get(b"k") {
+                            Err(Error::Timeout { .. }) => timeouts += 1,
+                            Err(Error::ServerDown { .. }) => std::thread::yield_now(),
+                            other => panic!("a frozen server answered {other:?}"),
+                        }
+                    }
+                    timeouts
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    let elapsed = start.elapsed();
+    mc.resume();
+    // Every caller may time out once before the first ejection; after that, one probe per
+    // retry interval at most (each interval lasts at least `retry`).
+    let intervals = (elapsed.as_millis() / retry.as_millis()) as usize + 1;
+    eprintln!("{CALLERS} callers, {elapsed:?} frozen: {timeouts} timeouts ({intervals} intervals)");
+    assert!(
+        timeouts <= CALLERS + intervals,
+        "{timeouts} timeouts for {intervals} retry intervals: more than one probe at a time"
+    );
+    let mut c = pool.get().unwrap();
+    support::wait_for("the resumed server to serve again", || {
+        c.get(b"k").is_ok_and(|v| v.is_some())
+    });
+}
+
 support::for_each_protocol!(
+    frozen_server_is_probed_by_one_call_at_a_time,
     frozen_server_times_out_then_recovers,
     killed_server_gives_io_errors_then_the_same_client_reconnects,
     server_restart_between_calls_is_survived_with_one_error_at_most,

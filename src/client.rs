@@ -341,7 +341,7 @@ impl Client {
     /// # Errors
     /// An invalid key, no server, or the key's server ejected.
     pub fn server_for_key(&mut self, key: &[u8]) -> Result<&str> {
-        let i = self.route_of_key(key)?.server;
+        let i = self.core.server_now(&mut self.scratch, key)?;
         Ok(&self.core.labels()[i])
     }
 

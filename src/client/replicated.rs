@@ -235,9 +235,7 @@ impl Client {
         let r = match action {
             Action::Command => self.on_copy(i, op, key, value, out),
             Action::Delete => self.on_copy(i, Op::Delete, key, &[], out),
-            Action::Skip | Action::Leave => {
-                Err(self.core.check_up(i).err().unwrap_or(Error::NoServers))
-            }
+            Action::Skip | Action::Leave => Err(self.core.down_error(i)),
         };
         Part::new(i, action, r)
     }

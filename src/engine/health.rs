@@ -58,6 +58,13 @@ pub(crate) struct SharedHealth {
     epoch: AtomicU64,
     failures: Box<[AtomicU32]>,
     ejected_until: Mutex<Vec<Option<Instant>>>,
+    /// Per server, after its retry time: [`PROBE_OPEN`] (the next call may probe it),
+    /// the time a call took the probe ([`SharedHealth::ticks`]), or [`NO_PROBE`].
+    probe: Box<[AtomicU64]>,
+    /// The clock of `probe`.
+    born: Instant,
+    /// A probe older than this is given to the next call (its caller never reported).
+    probe_stale: Duration,
     /// Latency, repairs and hedges of the copies (used with replicas only).
     pub(crate) fleet: crate::fleet::FleetShared,
 }
@@ -76,6 +83,9 @@ impl SharedHealth {
             epoch: AtomicU64::new(0),
             failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ejected_until: Mutex::new(vec![None; n]),
+            probe: (0..n).map(|_| AtomicU64::new(NO_PROBE)).collect(),
+            born: Instant::now(),
+            probe_stale: Duration::from_secs(2),
             fleet: crate::fleet::FleetShared::new(n),
         })
     }
@@ -84,9 +94,43 @@ impl SharedHealth {
         self.failures.len()
     }
 
+    /// Nanoseconds since this record was made (never [`NO_PROBE`] or [`PROBE_OPEN`]).
+    fn ticks(&self) -> u64 {
+        (self.born.elapsed().as_nanos() as u64).max(PROBE_OPEN + 1)
+    }
+
+    /// Takes the probe of server `i` if it is open (or its holder went quiet): this call
+    /// tests the server; every other call treats it as down until this one reports.
+    fn take_probe(&self, i: usize) -> bool {
+        let p = &self.probe[i];
+        let now = self.ticks();
+        let cur = p.load(Ordering::Acquire);
+        let takeable = cur == PROBE_OPEN
+            || (cur != NO_PROBE && now.saturating_sub(cur) > self.probe_stale.as_nanos() as u64);
+        takeable
+            && p.compare_exchange(cur, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Instant>>> {
         self.ejected_until.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `SharedHealth::probe`: no probe (the server is up, or ejected).
+const NO_PROBE: u64 = 0;
+/// `SharedHealth::probe`: the server's retry time came; the next call probes it.
+const PROBE_OPEN: u64 = 1;
+
+/// How a server stands in a client's copy of the shared record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Up {
+    Up,
+    /// Ejected until then.
+    Down(Instant),
+    /// Its retry time came: one call at a time probes it (a circuit breaker's half-open
+    /// state); the others treat it as down.
+    Probe,
 }
 
 pub(crate) struct Health {
@@ -95,8 +139,8 @@ pub(crate) struct Health {
     shared: Arc<SharedHealth>,
     policy: FailurePolicy,
     counters: Vec<ServerCounters>,
-    /// This client's copy of who is ejected, as of shared epoch `seen`.
-    ejected_until: Vec<Option<Instant>>,
+    /// This client's copy of who is ejected or probed, as of shared epoch `seen`.
+    up: Vec<Up>,
     /// The earliest of those times.
     next_retry: Option<Instant>,
     seen: u64,
@@ -114,7 +158,7 @@ impl Health {
             shared,
             policy,
             counters: vec![ServerCounters::default(); n],
-            ejected_until: vec![None; n],
+            up: vec![Up::Up; n],
             next_retry: None,
             seen: u64::MAX, // refreshed on first use: the shared state may be older
         }
@@ -147,8 +191,10 @@ impl Health {
                 if e.is_some_and(|until| until <= now) {
                     *e = None;
                     self.observe.rejoined(i);
+                    // On probation: one failure ejects it again. One call probes it first.
                     let probation = self.policy.failure_limit.saturating_sub(1);
-                    sh.failures[i].store(probation, Ordering::Relaxed);
+                    sh.failures[i].store(probation.max(1), Ordering::Relaxed);
+                    sh.probe[i].store(PROBE_OPEN, Ordering::Release);
                     changed = true;
                 }
             }
@@ -168,21 +214,59 @@ impl Health {
         let ejected = self.shared.lock();
         // Read again under the lock: the copy is then at least this recent.
         self.seen = self.shared.epoch.load(Ordering::Acquire);
-        self.ejected_until.copy_from_slice(&ejected);
+        for (i, e) in ejected.iter().enumerate() {
+            self.up[i] = match e {
+                Some(until) => Up::Down(*until),
+                None if self.shared.probe[i].load(Ordering::Acquire) != NO_PROBE => Up::Probe,
+                None => Up::Up,
+            };
+        }
         drop(ejected);
-        self.next_retry = self.ejected_until.iter().flatten().min().copied();
+        self.next_retry = ejected_min(&self.up);
         if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
-            for (i, e) in self.ejected_until.iter().enumerate() {
-                ring.set_live(i, e.is_none());
+            for (i, u) in self.up.iter().enumerate() {
+                ring.set_live(i, !matches!(u, Up::Down(_)));
             }
         }
     }
 
-    /// `Err(retry_in)` if server `i` is ejected.
+    /// `Err(retry_in)` if server `i` is ejected, or is being probed by another call. A
+    /// call that gets `Ok` for a server whose retry time came is its probe: it must report
+    /// its outcome ([`record`](Self::record)).
+    #[inline]
     pub(crate) fn check(&self, i: usize) -> std::result::Result<(), Duration> {
-        match self.ejected_until[i] {
-            Some(until) => Err(until.saturating_duration_since(Instant::now())),
-            None => Ok(()),
+        match self.up[i] {
+            Up::Up => Ok(()),
+            Up::Down(until) => Err(until.saturating_duration_since(Instant::now())),
+            Up::Probe => self.check_probe(i),
+        }
+    }
+
+    /// As [`check`](Self::check) for a call whose caller already routed it (and took the
+    /// probe, if the server is being probed): only an ejection stops it.
+    #[inline]
+    pub(crate) fn check_routed(&self, i: usize) -> std::result::Result<(), Duration> {
+        match self.up[i] {
+            Up::Down(until) => Err(until.saturating_duration_since(Instant::now())),
+            Up::Up | Up::Probe => Ok(()),
+        }
+    }
+
+    #[cold]
+    fn check_probe(&self, i: usize) -> std::result::Result<(), Duration> {
+        if self.shared.take_probe(i) {
+            Ok(())
+        } else {
+            Err(Duration::ZERO)
+        }
+    }
+
+    /// How long until server `i` may be tried again (zero if it may be now), without
+    /// taking its probe.
+    pub(crate) fn retry_in(&self, i: usize) -> Duration {
+        match self.up[i] {
+            Up::Down(until) => until.saturating_duration_since(Instant::now()),
+            Up::Up | Up::Probe => Duration::ZERO,
         }
     }
 
@@ -214,9 +298,20 @@ impl Health {
                 let failures = &self.shared.failures[i];
                 if failures.load(Ordering::Relaxed) != 0 {
                     failures.store(0, Ordering::Relaxed);
+                    self.probe_passed(i);
                 }
             }
             Err(e) => self.record_error(i, e, ring),
+        }
+    }
+
+    /// A call on server `i` succeeded: if it was the probe, the server is up for everyone.
+    fn probe_passed(&mut self, i: usize) {
+        let sh = &*self.shared;
+        if sh.probe[i].load(Ordering::Acquire) != NO_PROBE {
+            let _ejected = sh.lock();
+            sh.probe[i].store(NO_PROBE, Ordering::Release);
+            sh.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -234,6 +329,7 @@ impl Health {
                 let failures = sh.failures[i].fetch_add(1, Ordering::AcqRel) + 1;
                 if failures >= self.policy.failure_limit {
                     let mut ejected = sh.lock();
+                    sh.probe[i].store(NO_PROBE, Ordering::Release);
                     if ejected[i].is_none() {
                         ejected[i] = Some(Instant::now() + self.policy.retry_timeout);
                         c.ejections += 1;
@@ -247,8 +343,19 @@ impl Health {
             Error::Server { .. } => {
                 c.errors += 1;
                 self.shared.failures[i].store(0, Ordering::Relaxed);
+                self.probe_passed(i);
             }
             _ => {}
         }
     }
+}
+
+/// The earliest retry time among ejected servers.
+fn ejected_min(up: &[Up]) -> Option<Instant> {
+    up.iter()
+        .filter_map(|u| match u {
+            Up::Down(t) => Some(*t),
+            _ => None,
+        })
+        .min()
 }

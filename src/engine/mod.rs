@@ -275,6 +275,25 @@ impl Core {
         Ok(Route { server, home })
     }
 
+    /// Where `key` goes now (an error if that server is ejected), for a caller that asks
+    /// without making a call: a server being probed counts as up, and its probe stays
+    /// for a call to take.
+    pub(crate) fn server_now(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        self.health.maybe_rejoin(&mut self.ring);
+        let i = self
+            .pinned
+            .or_else(|| self.ring.pick(hashed))
+            .ok_or(Error::NoServers)?;
+        self.health
+            .check_routed(i)
+            .map_err(|retry_in| Error::ServerDown {
+                server: self.labels[i].clone(),
+                retry_in,
+            })?;
+        Ok(i)
+    }
+
     /// `key`'s own server, with every server up.
     pub(crate) fn home_of_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
@@ -396,10 +415,29 @@ impl Core {
     #[inline]
     pub(crate) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
         self.health.maybe_rejoin(&mut self.ring);
-        match self.pinned.or_else(|| self.ring.pick(hashed)) {
-            Some(i) if self.health.check(i).is_ok() => Ok(i),
-            Some(i) => Err(self.check_up(i).expect_err("ejected")),
+        // A pinned call was routed by its caller, who took the probe if there is one.
+        let checked = match self.pinned {
+            Some(i) => Some((i, self.health.check_routed(i))),
+            None => self.ring.pick(hashed).map(|i| (i, self.health.check(i))),
+        };
+        match checked {
+            Some((i, up)) => match up {
+                Ok(()) => Ok(i),
+                Err(retry_in) => Err(Error::ServerDown {
+                    server: self.labels[i].clone(),
+                    retry_in,
+                }),
+            },
             None => Err(Error::NoServers),
+        }
+    }
+
+    /// The error of a call that did not go to server `i` because it is marked down (without
+    /// taking its probe, as [`check_up`](Self::check_up) may).
+    pub(crate) fn down_error(&self, i: usize) -> Error {
+        Error::ServerDown {
+            server: self.labels[i].clone(),
+            retry_in: self.health.retry_in(i),
         }
     }
 

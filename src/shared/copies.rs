@@ -538,8 +538,7 @@ impl SharedClient {
     /// The error of a copy marked down.
     fn down(&self, i: usize) -> Error {
         let router = lock(&self.inner.router);
-        let e = router.core_ref().check_up(i).err();
-        e.unwrap_or(Error::NoServers)
+        router.core_ref().down_error(i)
     }
 
     /// A blocking keyed call with copies.

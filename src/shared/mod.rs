@@ -383,8 +383,8 @@ impl SharedClient {
 
     /// The server `key` goes to right now (after ejections), as configured.
     pub fn server_for_key(&self, key: &[u8]) -> Result<String> {
-        let server = self.route_of_key(key)?.server;
-        Ok(self.inner.labels[server].clone())
+        let server = lock(&self.inner.router).server_for_key(key)?.to_string();
+        Ok(server)
     }
 
     fn admin<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
