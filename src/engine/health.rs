@@ -124,7 +124,7 @@ const PROBE_OPEN: u64 = 1;
 
 /// How a server stands in a client's copy of the shared record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Up {
+enum Gate {
     Up,
     /// Ejected until then.
     Down(Instant),
@@ -140,7 +140,7 @@ pub(crate) struct Health {
     policy: FailurePolicy,
     counters: Vec<ServerCounters>,
     /// This client's copy of who is ejected or probed, as of shared epoch `seen`.
-    up: Vec<Up>,
+    up: Vec<Gate>,
     /// The earliest of those times.
     next_retry: Option<Instant>,
     seen: u64,
@@ -158,7 +158,7 @@ impl Health {
             shared,
             policy,
             counters: vec![ServerCounters::default(); n],
-            up: vec![Up::Up; n],
+            up: vec![Gate::Up; n],
             next_retry: None,
             seen: u64::MAX, // refreshed on first use: the shared state may be older
         }
@@ -216,16 +216,16 @@ impl Health {
         self.seen = self.shared.epoch.load(Ordering::Acquire);
         for (i, e) in ejected.iter().enumerate() {
             self.up[i] = match e {
-                Some(until) => Up::Down(*until),
-                None if self.shared.probe[i].load(Ordering::Acquire) != NO_PROBE => Up::Probe,
-                None => Up::Up,
+                Some(until) => Gate::Down(*until),
+                None if self.shared.probe[i].load(Ordering::Acquire) != NO_PROBE => Gate::Probe,
+                None => Gate::Up,
             };
         }
         drop(ejected);
         self.next_retry = ejected_min(&self.up);
         if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
             for (i, u) in self.up.iter().enumerate() {
-                ring.set_live(i, !matches!(u, Up::Down(_)));
+                ring.set_live(i, !matches!(u, Gate::Down(_)));
             }
         }
     }
@@ -236,9 +236,9 @@ impl Health {
     #[inline]
     pub(crate) fn check(&self, i: usize) -> std::result::Result<(), Duration> {
         match self.up[i] {
-            Up::Up => Ok(()),
-            Up::Down(until) => Err(until.saturating_duration_since(Instant::now())),
-            Up::Probe => self.check_probe(i),
+            Gate::Up => Ok(()),
+            Gate::Down(until) => Err(until.saturating_duration_since(Instant::now())),
+            Gate::Probe => self.check_probe(i),
         }
     }
 
@@ -247,8 +247,8 @@ impl Health {
     #[inline]
     pub(crate) fn check_routed(&self, i: usize) -> std::result::Result<(), Duration> {
         match self.up[i] {
-            Up::Down(until) => Err(until.saturating_duration_since(Instant::now())),
-            Up::Up | Up::Probe => Ok(()),
+            Gate::Down(until) => Err(until.saturating_duration_since(Instant::now())),
+            Gate::Up | Gate::Probe => Ok(()),
         }
     }
 
@@ -265,8 +265,8 @@ impl Health {
     /// taking its probe.
     pub(crate) fn retry_in(&self, i: usize) -> Duration {
         match self.up[i] {
-            Up::Down(until) => until.saturating_duration_since(Instant::now()),
-            Up::Up | Up::Probe => Duration::ZERO,
+            Gate::Down(until) => until.saturating_duration_since(Instant::now()),
+            Gate::Up | Gate::Probe => Duration::ZERO,
         }
     }
 
@@ -351,10 +351,10 @@ impl Health {
 }
 
 /// The earliest retry time among ejected servers.
-fn ejected_min(up: &[Up]) -> Option<Instant> {
+fn ejected_min(up: &[Gate]) -> Option<Instant> {
     up.iter()
         .filter_map(|u| match u {
-            Up::Down(t) => Some(*t),
+            Gate::Down(t) => Some(*t),
             _ => None,
         })
         .min()
