@@ -108,7 +108,7 @@ macro_rules! client_body {
     ($client:ident, $direct:ident; $cmd:expr; $($arg:ident),*) => {
         // With copies the command goes through the fleet layer (the executor).
         if $client.core.replicated() {
-            $client.run($cmd)
+            $client.run_copies($cmd)
         } else {
             $client.$direct($($arg),*)
         }

@@ -318,6 +318,13 @@ impl Client {
             self.perform(call.op, call.key, call.value, out)
         })
     }
+
+    /// [`run`](Self::run) for a client whose keys have copies, out of the direct paths' way.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn run_copies<'a, C: Command<'a>>(&mut self, cmd: C) -> Result<C::Output> {
+        self.run(cmd)
+    }
 }
 
 /// Every keyed command, once: its documentation, name (and its async twin's), parameters,

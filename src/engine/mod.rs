@@ -324,7 +324,17 @@ impl Core {
         scratch: &mut Scratch,
         key: &[u8],
     ) -> Result<crate::ring::Replicas> {
-        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        self.copies_for(key, &mut scratch.keybuf)
+    }
+
+    /// [`copies_of`](Self::copies_of), with the wire key built in `keybuf`.
+    pub(crate) fn copies_for(
+        &mut self,
+        key: &[u8],
+        keybuf: &mut Vec<u8>,
+    ) -> Result<crate::ring::Replicas> {
+        self.health.maybe_rejoin(&mut self.ring);
+        let hashed = self.hashed(key, keybuf)?;
         let r = self
             .ring
             .replicas(hashed, self.fleet.replicas, self.fleet.placement);

@@ -7,7 +7,6 @@ use crate::client::{store_opts, SetOptions, StoreMode};
 use crate::conn::batch::TLS_BATCH_BYTES;
 use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
-use crate::fleet::plan::Servers;
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Kind, Outcome, Wire};
 use crate::proto::{Key, Limits, ParseError, Protocol, SetOutcome, Status};
 
@@ -110,111 +109,123 @@ impl Drop for Pipeline<'_> {
 }
 
 impl Pipeline<'_> {
-    /// Routes `key` and appends its command (from `cmd`) to its server's buffer; with
-    /// copies, to every copy's that is up (a copy marked down is remembered for repair), or
-    /// with `first_only` (incr, decr: a counter means something on one copy) to the first
-    /// copy up, the others getting a delete. Returns the servers it went to.
+    /// Routes `key` (or sends it to server `to`) and appends its command (encoded by
+    /// `cmd`) to its server's buffer.
+    #[inline]
     fn queue(
         &mut self,
         key: &[u8],
         value: Option<&[u8]>,
-        first_only: bool,
-        cmd: impl Fn(Key<'_>) -> Cmd<'_>,
-    ) -> Result<Servers> {
-        // The key's buffer is taken out while the commands are queued (they borrow it).
-        let mut keybuf = std::mem::take(&mut *self.keybuf);
-        let r = self.queue_with(&mut keybuf, key, value, first_only, cmd);
-        *self.keybuf = keybuf;
-        r
-    }
-
-    fn queue_with(
-        &mut self,
-        keybuf: &mut Vec<u8>,
-        key: &[u8],
-        value: Option<&[u8]>,
-        first_only: bool,
-        cmd: impl Fn(Key<'_>) -> Cmd<'_>,
-    ) -> Result<Servers> {
+        to: Option<usize>,
+        cmd: impl FnOnce(Key<'_>) -> Cmd<'_>,
+    ) -> Result<usize> {
         let c = &mut *self.client;
         let binary_keys = c.protocol.supports(Capability::BinaryKeys);
-        let (wire, raw) = wire_key(&c.namespace, key, binary_keys, keybuf)?;
-        let hashed = if c.hash_with_namespace { raw } else { key };
-        let targets = if c.replicated() {
-            c.health.maybe_rejoin(&mut c.ring);
-            let copies = c.ring.replicas(hashed, c.fleet.replicas, c.fleet.placement);
-            Servers::from_slice(copies.as_slice())
-        } else {
-            Servers::from_slice(&[c.route(hashed)? as u32])
-        };
-        let mut queued = Servers::from_slice(&[]);
-        let mut first_error = None;
-        for i in targets.iter() {
-            let c = &mut *self.client;
-            if targets.len() > 1 {
-                if let Err(e) = c.check_up(i) {
-                    c.health.shared().fleet.repairs.record(i, key);
-                    first_error.get_or_insert(e);
-                    continue;
-                }
-            }
-            let delete = first_only && queued.len() > 0;
-            let cmd = if delete { Cmd::delete(wire) } else { cmd(wire) };
-            let value = if delete { None } else { value };
-            match self.queue_on(i, &cmd, value) {
-                Ok(()) => queued.push(i as u32),
-                Err(e) if targets.len() > 1 => {
-                    self.client.health.shared().fleet.repairs.record(i, key);
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        match (queued.len(), first_error) {
-            (0, Some(e)) => Err(e),
-            _ => Ok(queued),
-        }
-    }
-
-    /// Appends `cmd` (and `value`) to server `i`'s buffer, starting the server's part of the
-    /// pipeline first if needed.
-    fn queue_on(&mut self, i: usize, cmd: &Cmd<'_>, value: Option<&[u8]>) -> Result<()> {
-        let c = &mut *self.client;
         // Unique on the connection (shared with single calls and batches): a late reply
         // of this command can never be taken for another's.
         let opaque = c.next_opaque();
-        if let Some(e) = &self.failed[i] {
-            return Err(e.clone());
-        }
-        if !self.started[i] {
-            c.start(i).inspect_err(|e| {
-                c.health.record_error(i, e, &mut c.ring);
-            })?;
-            self.started[i] = true;
-            self.strays[i] = Strays::on(&mut c.driver, i);
-            if self.strays[i].owed {
-                c.protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
+        let r = (|| {
+            let (wire, raw) = wire_key(&c.namespace, key, binary_keys, self.keybuf)?;
+            let hashed = if c.hash_with_namespace { raw } else { key };
+            let i = match to {
+                Some(i) => i,
+                None => c.route(hashed)?,
+            };
+            if let Some(e) = &self.failed[i] {
+                return Err(e.clone());
             }
-        }
-        let w = c.driver.wbuf(i);
-        with_wire!(c.protocol, W => {
-            W::encode(w, cmd, opaque, true);
-            if let Some(v) = value {
-                w.extend_from_slice(v);
-                w.extend_from_slice(W::TRAILER);
+            if !self.started[i] {
+                c.start(i).inspect_err(|e| {
+                    c.health.record_error(i, e, &mut c.ring);
+                })?;
+                self.started[i] = true;
+                self.strays[i] = Strays::on(&mut c.driver, i);
+                if self.strays[i].owed {
+                    c.protocol.encode(c.driver.wbuf(i), &Cmd::Sync, 0, false);
+                }
             }
-        });
+            let w = c.driver.wbuf(i);
+            let cmd = cmd(wire);
+            with_wire!(c.protocol, W => {
+                W::encode(w, &cmd, opaque, true);
+                if let Some(v) = value {
+                    w.extend_from_slice(v);
+                    w.extend_from_slice(W::TRAILER);
+                }
+            });
+            Ok(i)
+        })();
+        let i = r?;
         c.health.observe.queued(i);
         self.commands += 1;
-        Ok(())
+        Ok(i)
     }
 
-    /// [`maybe_flush`](Self::maybe_flush) on each server.
-    fn maybe_flush_all(&mut self, servers: Servers) -> Result<()> {
-        for i in servers.iter() {
-            self.maybe_flush(i)?;
+    /// Queues a command for `key` and writes its server's buffer if it is full (`large`: a
+    /// value sent straight from the caller's slice after the command). With copies, the
+    /// command goes to every copy that is up (a copy marked down or failing is remembered
+    /// for repair), or with `first_only` (incr, decr: a counter means something on one
+    /// copy) to the first copy up, the others getting a delete.
+    #[inline]
+    fn put(
+        &mut self,
+        key: &[u8],
+        inline: Option<&[u8]>,
+        large: Option<&[u8]>,
+        first_only: bool,
+        cmd: impl Fn(Key<'_>) -> Cmd<'_>,
+    ) -> Result<()> {
+        if !self.client.replicated() {
+            let i = self.queue(key, inline, None, cmd)?;
+            return self.flush_after(i, large);
         }
-        Ok(())
+        self.send_copies(key, inline, large, first_only, cmd)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn send_copies(
+        &mut self,
+        key: &[u8],
+        inline: Option<&[u8]>,
+        large: Option<&[u8]>,
+        first_only: bool,
+        cmd: impl Fn(Key<'_>) -> Cmd<'_>,
+    ) -> Result<()> {
+        let copies = self.client.copies_for(key, self.keybuf)?;
+        let (mut sent, mut first_error) = (0, None);
+        for &i in copies.as_slice() {
+            let i = i as usize;
+            let delete = first_only && sent > 0;
+            let r = self.client.check_up(i).and_then(|()| {
+                let i = match delete {
+                    true => self.queue(key, None, Some(i), Cmd::delete)?,
+                    false => self.queue(key, inline, Some(i), &cmd)?,
+                };
+                self.flush_after(i, large.filter(|_| !delete))
+            });
+            match r {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    self.client.fleet_shared().repairs.record(i, key);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (sent, first_error) {
+            (0, Some(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// After a command for server `i` was queued: its value if it is sent apart, or its
+    /// buffer if it is full.
+    #[inline]
+    fn flush_after(&mut self, i: usize, large: Option<&[u8]>) -> Result<()> {
+        match large {
+            Some(v) => self.flush(i, Some(v)),
+            None => self.maybe_flush(i),
+        }
     }
 
     fn maybe_flush(&mut self, i: usize) -> Result<()> {
@@ -245,15 +256,11 @@ impl Pipeline<'_> {
         let large = value.len() > PIPELINE_FLUSH;
         let opts = store_opts(mode, opts);
         let inline = (!large).then_some(value);
-        let servers = self.queue(key, inline, false, |k| Cmd::Store(k, opts, value.len()))?;
-        if large {
-            // Large values go out straight from the caller's slice, without a copy.
-            for i in servers.iter() {
-                self.flush(i, Some(value))?;
-            }
-        } else {
-            self.maybe_flush_all(servers)?;
-        }
+        // Large values go out straight from the caller's slice, without a copy.
+        let apart = large.then_some(value);
+        self.put(key, inline, apart, false, |k| {
+            Cmd::Store(k, opts, value.len())
+        })?;
         Ok(self)
     }
 
@@ -264,22 +271,19 @@ impl Pipeline<'_> {
 
     /// Queues a noreply `delete`. Errors as [`store`](Self::store).
     pub fn delete(&mut self, key: &[u8]) -> Result<&mut Self> {
-        let servers = self.queue(key, None, false, Cmd::delete)?;
-        self.maybe_flush_all(servers)?;
+        self.put(key, None, None, false, Cmd::delete)?;
         Ok(self)
     }
 
     /// Queues a noreply `incr` (or `decr`). Errors as [`store`](Self::store).
     pub fn incr(&mut self, key: &[u8], delta: u64, decr: bool) -> Result<&mut Self> {
-        let servers = self.queue(key, None, true, |key| Cmd::Arith { key, decr, delta })?;
-        self.maybe_flush_all(servers)?;
+        self.put(key, None, None, true, |key| Cmd::Arith { key, decr, delta })?;
         Ok(self)
     }
 
     /// Queues a noreply `touch`. Errors as [`store`](Self::store).
     pub fn touch(&mut self, key: &[u8], ttl: u32) -> Result<&mut Self> {
-        let servers = self.queue(key, None, false, |key| Cmd::Touch(key, ttl))?;
-        self.maybe_flush_all(servers)?;
+        self.put(key, None, None, false, |key| Cmd::Touch(key, ttl))?;
         Ok(self)
     }
 
