@@ -181,6 +181,42 @@ fn metrics_count_calls_hits_misses_errors_ejections_and_fills(snapshots: &Snapsh
     );
     assert_eq!(value(&all, "mcstore_ejections_total", &server_b), 1);
     assert_eq!(
+        value(&all, "mcstore_breaker_state", &server_b),
+        1,
+        "ejected: open"
+    );
+
+    // Copies: a read whose first copy died fails over to the other, counted on the server
+    // that answered.
+    let mut dying = Memcached::start();
+    let ld = dying.addr();
+    let mut copies = Client::builder()
+        .servers([la.as_str(), ld.as_str()])
+        .distribution(Distribution::Ketama)
+        .replicas(2)
+        .io_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let first_on_dying = (0..)
+        .map(|i| format!("copy-{i}"))
+        .find(|k| {
+            let r = copies
+                .continuum()
+                .replicas(k.as_bytes(), 2, Default::default());
+            r.as_slice()[0] == 1
+        })
+        .unwrap();
+    let k = first_on_dying.as_bytes();
+    copies.set(k, b"v", SetOptions::default()).unwrap();
+    dying.kill();
+    assert_eq!(copies.get(k).unwrap().unwrap().value, b"v");
+    let all = snapshot(snapshots);
+    assert_eq!(
+        value(&all, "mcstore_failovers_total", &[("server", &la)]),
+        1
+    );
+    assert_eq!(copies.fleet_counters().failovers, 1);
+    assert_eq!(
         value(
             &all,
             "mcstore_errors_total",

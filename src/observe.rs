@@ -20,6 +20,11 @@
 //! | `mcstore_connects_total`, `mcstore_reconnects_total` | counter | server |
 //! | `mcstore_bytes_read_total`, `mcstore_bytes_written_total` | counter | server |
 //! | `mcstore_ejections_total`, `mcstore_rejoins_total` | counter | server |
+//! | `mcstore_breaker_state` | gauge | server: 0 up, 1 ejected, 2 probed by one call |
+//! | `mcstore_failovers_total` | counter | server (that answered after another copy failed) |
+//! | `mcstore_hedges_total`, `mcstore_hedges_refused_total` | counter | server (the slow one) |
+//! | `mcstore_hedges_won_total` | counter | server (that answered the hedge) |
+//! | `mcstore_repairs_recorded_total`, `mcstore_repairs_done_total` | counter | (none) |
 //! | `mcstore_storage_*_total` | counter | (none): `MemcacheStorage`'s [`StorageCounters`](crate::storage::StorageCounters) |
 //! | `mcstore_storage_pending_invalidations` | gauge | (none) |
 //!
@@ -97,6 +102,9 @@ struct ServerMetrics {
     reconnects: Counter,
     ejections: Counter,
     rejoins: Counter,
+    /// The server's circuit breaker: 0 closed (up), 1 open (ejected), 2 half-open (one call
+    /// probes it).
+    breaker: metrics::Gauge,
     bytes_read: Counter,
     bytes_written: Counter,
     /// The driver's byte counts already reported.
@@ -209,7 +217,10 @@ impl Observer {
     pub(crate) fn ejected(&self, i: usize) {
         let _ = i;
         #[cfg(feature = "metrics")]
-        self.metrics[i].ejections.increment(1);
+        {
+            self.metrics[i].ejections.increment(1);
+            self.metrics[i].breaker.set(1.0);
+        }
         #[cfg(feature = "tracing")]
         tracing::warn!(target: "mcstore", server = %self.labels[i], "server ejected");
     }
@@ -218,9 +229,22 @@ impl Observer {
     pub(crate) fn rejoined(&self, i: usize) {
         let _ = i;
         #[cfg(feature = "metrics")]
-        self.metrics[i].rejoins.increment(1);
+        {
+            self.metrics[i].rejoins.increment(1);
+            self.metrics[i].breaker.set(2.0);
+        }
         #[cfg(feature = "tracing")]
         tracing::info!(target: "mcstore", server = %self.labels[i], "server rejoined");
+    }
+
+    /// Server `i`'s probe succeeded: its breaker is closed again.
+    #[inline(always)]
+    pub(crate) fn closed(&self, i: usize) {
+        let _ = i;
+        #[cfg(feature = "metrics")]
+        self.metrics[i].breaker.set(0.0);
+        #[cfg(feature = "tracing")]
+        tracing::info!(target: "mcstore", server = %self.labels[i], "probe succeeded: server up");
     }
 
     /// The driver's connection count for server `i` (counts and reports the new ones).
@@ -361,6 +385,7 @@ fn server_metrics(label: &str) -> ServerMetrics {
         reconnects: one("mcstore_reconnects_total"),
         ejections: one("mcstore_ejections_total"),
         rejoins: one("mcstore_rejoins_total"),
+        breaker: gauge!("mcstore_breaker_state", "server" => s.clone()),
         bytes_read: one("mcstore_bytes_read_total"),
         bytes_written: one("mcstore_bytes_written_total"),
         bytes_seen: (0, 0),
@@ -389,4 +414,13 @@ pub(crate) fn replayed(keys: u64) {
     let _ = keys;
     #[cfg(feature = "tracing")]
     tracing::info!(target: "mcstore", keys, "replayed failed invalidations");
+}
+
+/// A fleet event on server `server` (`name` is the whole metric name): a failover away from
+/// it, a hedge because it was slow, a hedge that won on it, a repair recorded for it.
+#[inline(always)]
+pub(crate) fn fleet(name: &'static str, server: &str) {
+    let _ = (name, server);
+    #[cfg(feature = "metrics")]
+    counter!(name, "server" => server.to_string()).increment(1);
 }

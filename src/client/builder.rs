@@ -356,16 +356,16 @@ impl ClientBuilder {
             _ => HashFn::OneAtATime,
         });
         let ring = Continuum::new(self.distribution, hash, &ring_servers);
+        let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let shared_health = match self.shared_health {
             Some(h) if h.servers() == addrs.len() => h,
-            _ => SharedHealth::new(addrs.len()),
+            _ => SharedHealth::new(&labels),
         };
         let policy = FailurePolicy {
             failure_limit: self.failure_limit,
             retry_timeout: self.retry_timeout,
             remove_failed: self.remove_failed,
         };
-        let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         Ok(Client {
             core: Core::new(CoreSettings {
                 health: Health::new(shared_health, policy, &labels),

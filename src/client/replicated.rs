@@ -100,7 +100,7 @@ impl Client {
                     let fleet = self.core.fleet_shared();
                     fleet.latency[i].record(started.elapsed());
                     if last.is_some() {
-                        fleet.failover();
+                        fleet.failover(i);
                     }
                     return Ok(r);
                 }

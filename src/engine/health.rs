@@ -78,7 +78,8 @@ impl std::fmt::Debug for SharedHealth {
 }
 
 impl SharedHealth {
-    pub(crate) fn new(n: usize) -> Arc<SharedHealth> {
+    pub(crate) fn new(labels: &[String]) -> Arc<SharedHealth> {
+        let n = labels.len();
         Arc::new(SharedHealth {
             epoch: AtomicU64::new(0),
             failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
@@ -86,7 +87,7 @@ impl SharedHealth {
             probe: (0..n).map(|_| AtomicU64::new(NO_PROBE)).collect(),
             born: Instant::now(),
             probe_stale: Duration::from_secs(2),
-            fleet: crate::fleet::FleetShared::new(n),
+            fleet: crate::fleet::FleetShared::new(labels),
         })
     }
 
@@ -312,6 +313,7 @@ impl Health {
             let _ejected = sh.lock();
             sh.probe[i].store(NO_PROBE, Ordering::Release);
             sh.epoch.fetch_add(1, Ordering::AcqRel);
+            self.observe.closed(i);
         }
     }
 

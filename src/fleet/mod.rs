@@ -21,6 +21,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::observe;
 use crate::ring::ReplicaPlacement;
 use latency::Latency;
 use repair::Repairs;
@@ -163,6 +164,8 @@ pub struct FleetCounters {
 
 /// The fleet state shared by the clients of one pool or shared client.
 pub(crate) struct FleetShared {
+    /// The servers as configured (metric labels).
+    labels: Box<[String]>,
     pub(crate) latency: Box<[Latency]>,
     pub(crate) repairs: Repairs,
     /// Hedge tokens ([`TOKEN`] per hedge).
@@ -174,8 +177,10 @@ pub(crate) struct FleetShared {
 }
 
 impl FleetShared {
-    pub(crate) fn new(servers: usize) -> FleetShared {
+    pub(crate) fn new(labels: &[String]) -> FleetShared {
+        let servers = labels.len();
         FleetShared {
+            labels: labels.into(),
             latency: (0..servers).map(|_| Latency::default()).collect(),
             repairs: Repairs::new(servers),
             budget: AtomicI64::new(BUDGET_BURST * TOKEN),
@@ -195,34 +200,41 @@ impl FleetShared {
         }
     }
 
-    /// Takes a hedge from the budget; `false` (counted) if it is spent.
-    pub(crate) fn spend(&self) -> bool {
+    /// Takes a hedge from the budget for a read slow on server `slow`; `false` (counted) if
+    /// it is spent.
+    pub(crate) fn spend(&self, slow: usize) -> bool {
         let ok = self
             .budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 (t >= TOKEN).then_some(t - TOKEN)
             })
             .is_ok();
-        let c = if ok {
-            &self.hedges_sent
+        if ok {
+            self.hedges_sent.fetch_add(1, Ordering::Relaxed);
+            observe::fleet("mcstore_hedges_total", &self.labels[slow]);
         } else {
-            &self.hedges_refused
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+            self.hedges_refused.fetch_add(1, Ordering::Relaxed);
+            observe::fleet("mcstore_hedges_refused_total", &self.labels[slow]);
+        }
         ok
     }
 
-    /// A hedge sent outside the budget (its first copy looks stuck).
-    pub(crate) fn spend_free(&self) {
+    /// A hedge sent outside the budget: server `slow`, asked first, looks stuck.
+    pub(crate) fn spend_free(&self, slow: usize) {
         self.hedges_sent.fetch_add(1, Ordering::Relaxed);
+        observe::fleet("mcstore_hedges_total", &self.labels[slow]);
     }
 
-    pub(crate) fn hedge_won(&self) {
+    /// A hedge answered first, from server `on`.
+    pub(crate) fn hedge_won(&self, on: usize) {
         self.hedges_won.fetch_add(1, Ordering::Relaxed);
+        observe::fleet("mcstore_hedges_won_total", &self.labels[on]);
     }
 
-    pub(crate) fn failover(&self) {
+    /// A read answered by server `on` after another copy failed.
+    pub(crate) fn failover(&self, on: usize) {
         self.failovers.fetch_add(1, Ordering::Relaxed);
+        observe::fleet("mcstore_failovers_total", &self.labels[on]);
     }
 
     /// How long a read on server `i` waits before it is hedged.
@@ -274,16 +286,16 @@ mod tests {
 
     #[test]
     fn budget_allows_its_share() {
-        let f = FleetShared::new(2);
+        let f = FleetShared::new(&["a".into(), "b".into()]);
         let h = Hedge::percentile(95.0);
         // The burst first.
-        let burst = (0..100).filter(|_| f.spend()).count();
+        let burst = (0..100).filter(|_| f.spend(0)).count();
         assert_eq!(burst, BUDGET_BURST as usize);
         // Then 5% of reads.
         let mut sent = 0;
         for _ in 0..1000 {
             f.earn(&h);
-            sent += usize::from(f.spend());
+            sent += usize::from(f.spend(1));
         }
         assert_eq!(sent, 50);
         let c = f.counters();

@@ -76,6 +76,7 @@ impl Repairs {
         }
         drop(st);
         self.recorded.fetch_add(1, Ordering::Relaxed);
+        crate::observe::storage("mcstore_repairs_recorded_total", 1);
     }
 
     /// Whether server `i` must not serve `key` until it is repaired.
@@ -106,6 +107,7 @@ impl Repairs {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             drop(st);
             self.done.fetch_add(1, Ordering::Relaxed);
+            crate::observe::storage("mcstore_repairs_done_total", 1);
         }
     }
 
@@ -119,6 +121,7 @@ impl Repairs {
                     self.pending.fetch_sub(1, Ordering::AcqRel);
                     drop(st);
                     self.done.fetch_add(1, Ordering::Relaxed);
+                    crate::observe::storage("mcstore_repairs_done_total", 1);
                 }
             }
         }

@@ -148,10 +148,10 @@ impl<'a> CopyRead<'a> {
         let fleet = self.fleet();
         fleet.latency[t.server].record(t.started.elapsed());
         if t.hedge {
-            fleet.hedge_won();
+            fleet.hedge_won(t.server);
         }
         if self.failed {
-            fleet.failover();
+            fleet.failover(t.server);
         }
         if !t.callers {
             // The spare holds the value: swap it into the caller's buffer.
@@ -187,12 +187,12 @@ impl CopyRead<'_> {
         }
         let stuck = self.client.looks_stuck(busy, Instant::now());
         let allowed = if stuck {
-            self.fleet().spend_free();
+            self.fleet().spend_free(busy);
             true
         } else if self.refused {
             false
         } else {
-            let ok = self.fleet().spend();
+            let ok = self.fleet().spend(busy);
             self.refused = !ok;
             ok
         };
