@@ -111,6 +111,10 @@ impl Client {
         buf: &mut Vec<u8>,
     ) -> Result<Option<MetaItemInfo>> {
         self.core.require(Capability::Meta, "meta_get")?;
+        if self.core.replicated() {
+            // A touch only moves that copy's expiry: the value is the same everywhere.
+            return self.on_first_copy(key, |c| c.meta_get(key, opts, buf), |_| false);
+        }
         buf.clear();
         let get = GetOpts {
             cas: true,
@@ -160,6 +164,9 @@ impl Client {
     /// meta; otherwise as [`get`](Self::get).
     pub fn invalidate(&mut self, key: &[u8], stale_ttl: Option<u32>) -> Result<bool> {
         self.core.require(Capability::Meta, "invalidate")?;
+        if self.core.replicated() {
+            return self.on_first_copy(key, |c| c.invalidate(key, stale_ttl), |_| true);
+        }
         self.keyed_bool(key, |key| Cmd::Invalidate(key, stale_ttl))
     }
 
@@ -177,6 +184,10 @@ impl Client {
         opts: MetaSetOptions,
     ) -> Result<MetaSetResult> {
         self.core.require(Capability::Meta, "meta_set")?;
+        if self.core.replicated() {
+            let stored = |r: &MetaSetResult| r.outcome == SetOutcome::Stored;
+            return self.on_first_copy(key, |c| c.meta_set(key, value, opts), stored);
+        }
         let store = StoreOpts {
             mode: opts.mode,
             flags: opts.set.flags,
@@ -200,6 +211,9 @@ impl Client {
     /// meta; otherwise as [`get`](Self::get).
     pub fn meta_debug(&mut self, key: &[u8]) -> Result<Option<String>> {
         self.core.require(Capability::Meta, "meta_debug")?;
+        if self.core.replicated() {
+            return self.on_first_copy(key, |c| c.meta_debug(key), |_| false);
+        }
         self.keyed(key, |c, i, key| {
             // `me` takes no opaque: its hit is checked by the key it names.
             let wire = key.as_bytes();

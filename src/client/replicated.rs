@@ -239,4 +239,33 @@ impl Client {
         };
         Part::new(i, action, r)
     }
+
+    /// A meta call with copies (leases and CAS uniques live on one server): made on the
+    /// first copy that is up and not waiting for a repair of the key, in placement order;
+    /// when `changed` says its result changed the item, the other copies are deleted (a copy
+    /// holds the latest value or nothing).
+    pub(crate) fn on_first_copy<T>(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(&mut Client) -> Result<T>,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
+        let copies = self.core.copies_of(&mut self.scratch, key)?;
+        let copies = copies.as_slice();
+        let first = copies
+            .iter()
+            .map(|&i| i as usize)
+            .find(|&i| self.core.standing(i, key) == Standing::Up);
+        let Some(first) = first else {
+            return Err(self.core.down_error(copies[0] as usize));
+        };
+        let r = self.pinned(first, f)?;
+        if changed(&r) {
+            let mut out = Vec::new();
+            for &i in copies.iter().filter(|&&i| i as usize != first) {
+                self.delete_copy(i as usize, key, &mut out);
+            }
+        }
+        Ok(r)
+    }
 }

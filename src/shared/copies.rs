@@ -573,6 +573,51 @@ impl SharedClient {
         }
     }
 
+    /// A meta call with copies, as [`Client`](crate::Client)'s: on the first copy up (not
+    /// waiting for a repair of the key), its engine's client lent; when `changed` says the
+    /// result changed the item, the other copies are deleted.
+    pub(super) fn on_first_copy<T>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(&mut crate::Client) -> Result<T>,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
+        let (copies, st) = self.copies(key)?;
+        let first = copies
+            .iter()
+            .zip(st)
+            .find(|(_, s)| matches!(s, Standing::Up | Standing::Slow))
+            .map(|(i, _)| i);
+        let Some(first) = first else {
+            return Err(self.down(copies.get(0).unwrap_or(0)));
+        };
+        let r = {
+            let mut c = self.lend_for(first);
+            c.pinned(first, f)?
+        };
+        if changed(&r) {
+            let mut buf = Vec::new();
+            for i in copies.iter().filter(|&i| i != first) {
+                let call = CallSpec {
+                    op: Op::Delete,
+                    key,
+                    value: &[],
+                };
+                let ok = self
+                    .exec_on(&self.inner.engines[i], call, false, &mut buf)
+                    .is_ok();
+                let repairs = &self.fleet().repairs;
+                if ok {
+                    repairs.clear(i, key);
+                } else {
+                    repairs.record(i, key);
+                }
+            }
+            self.ensure_repairer();
+        }
+        Ok(r)
+    }
+
     /// Starts the repair thread if repairs are pending and none runs.
     fn ensure_repairer(&self) {
         let inner = &*self.inner;

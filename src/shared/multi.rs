@@ -213,6 +213,15 @@ impl SharedClient {
         call: impl Fn(usize) -> CallSpec<'k>,
         mut fold: F,
     ) -> Result<F::Output> {
+        if self.replicated() {
+            // Each key as its single-key call: the fleet's rules apply per key.
+            let mut value = Vec::new();
+            for j in 0..n {
+                let r = self.exec(call(j), &mut value);
+                fold.on(j, r, &value);
+            }
+            return fold.end();
+        }
         self.each_queued(n, call, |j, r, value| fold.on(j, r, value));
         fold.end()
     }
@@ -223,6 +232,14 @@ impl SharedClient {
         call: impl Fn(usize) -> CallSpec<'k>,
         mut fold: F,
     ) -> Result<F::Output> {
+        if self.replicated() {
+            let mut value = Vec::new();
+            for j in 0..n {
+                let r = self.exec_async(call(j), &mut value).await;
+                fold.on(j, r, &value);
+            }
+            return fold.end();
+        }
         self.each_async(n, call, |j, r, value| fold.on(j, r, value))
             .await;
         fold.end()
