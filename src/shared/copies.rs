@@ -57,6 +57,28 @@ thread_local! {
     static THREAD_WAKER: Waker = Waker::from(Arc::new(ThreadWake(std::thread::current())));
 }
 
+thread_local! {
+    /// A hedge's buffer, kept between reads so that a warm hedge allocates nothing.
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's spare buffer (an async read may give it back on another thread).
+fn take_spare() -> Vec<u8> {
+    SPARE.with(std::cell::Cell::take)
+}
+
+/// Keeps `spare` for the next read on this thread, unless it holds a bigger one.
+fn give_spare(spare: Vec<u8>) {
+    SPARE.with(|s| {
+        let kept = s.take();
+        s.set(if kept.capacity() >= spare.capacity() {
+            kept
+        } else {
+            spare
+        });
+    });
+}
+
 /// A future that may want to be polled again at a time of its own.
 pub(super) trait Timed: Future {
     fn wake_at(&self) -> Option<Instant>;
@@ -154,14 +176,16 @@ impl<'a> CopyRead<'a> {
             fleet.failover(t.server);
         }
         if !t.callers {
-            // The spare holds the value: swap it into the caller's buffer.
+            // The spare holds the value: copied into the caller's buffer, which keeps its
+            // capacity (a warm call allocates nothing).
             let other = self.tries[1 - k]
                 .as_mut()
                 .filter(|o| o.callers)
                 .and_then(|o| o.call.take_out());
             let callers = other.or_else(|| self.out.take());
             if let (Some(out), Some(spare)) = (callers, t.call.take_out()) {
-                std::mem::swap(out, spare);
+                out.clear();
+                out.extend_from_slice(spare);
             }
         }
         // The other try, if any, is dropped: withdrawn, or its reply read and dropped.
@@ -546,9 +570,11 @@ impl SharedClient {
         let longest = self.inner.timeout;
         match crate::fleet::plan::write_kind(&call.op) {
             None => {
-                let mut spare = Vec::new();
+                let mut spare = take_spare();
                 let read = self.copy_read(call, out, &mut spare, false)?;
-                block_on(read, longest)
+                let r = block_on(read, longest);
+                give_spare(spare);
+                r
             }
             Some(kind) => {
                 let write = std::pin::pin!(self.copy_write(kind, call, out));
@@ -565,8 +591,9 @@ impl SharedClient {
     ) -> Result<Reply> {
         match crate::fleet::plan::write_kind(&call.op) {
             None => {
-                let mut spare = Vec::new();
+                let mut spare = take_spare();
                 let r = self.copy_read(call, out, &mut spare, true)?.await;
+                give_spare(spare);
                 r
             }
             Some(kind) => self.copy_write(kind, call, out).await,
