@@ -1,5 +1,6 @@
 //! Keys on several servers (`ClientBuilder::replicas`, #27) against real memcached: placement
-//! as the system libmemcached places its replicas.
+//! as the system libmemcached places its replicas, every keyed command on every front
+//! (Client, SharedClient blocking and async) with what each server holds checked directly.
 
 use mcstore_test_support as support;
 
@@ -10,8 +11,11 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
-use mcstore::ring::{Distribution, ReplicaPlacement};
-use mcstore::Client;
+use mcstore::client::{Item, ItemInfo, MetaGetOptions};
+use mcstore::ring::{Continuum, Distribution, ReplicaPlacement};
+use mcstore::{
+    CasResult, Client, ClientBuilder, FleetCounters, Protocol, SetOptions, SharedClient,
+};
 use support::Memcached;
 
 // ---------------------------------------------------------------------------------------
@@ -24,6 +28,82 @@ fn three() -> [Memcached; 3] {
 
 fn addrs(ms: &[Memcached]) -> Vec<String> {
     ms.iter().map(Memcached::addr).collect()
+}
+
+/// Ketama over `ms`, two copies per key (natural placement).
+fn replicated(ms: &[Memcached], p: Protocol) -> ClientBuilder {
+    support::client_builder()
+        .protocol(p)
+        .servers(addrs(ms))
+        .distribution(Distribution::Ketama)
+        .replicas(2)
+        .io_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+}
+
+/// A key's two copies, in placement order.
+fn copies(ring: &Continuum, key: &str) -> [usize; 2] {
+    let r = ring.replicas(key.as_bytes(), 2, ReplicaPlacement::Natural);
+    let s = r.as_slice();
+    assert_eq!(s.len(), 2, "{key}: two copies");
+    [s[0] as usize, s[1] as usize]
+}
+
+/// Each server asked directly (meta protocol: values, TTLs and CAS uniques).
+struct View {
+    direct: Vec<Client>,
+}
+
+impl View {
+    fn new(ms: &[Memcached]) -> View {
+        View {
+            direct: ms.iter().map(|m| m.client_with(Protocol::Meta)).collect(),
+        }
+    }
+
+    /// What server `i` holds for `key`: (value, ttl left, cas unique).
+    fn item(&mut self, i: usize, key: &str) -> Option<(String, Option<u32>, u64)> {
+        let mut buf = Vec::new();
+        let opts = MetaGetOptions {
+            no_bump: true,
+            ..Default::default()
+        };
+        let info = self.direct[i]
+            .meta_get(key.as_bytes(), opts, &mut buf)
+            .unwrap_or_else(|e| panic!("direct meta_get {key} on server {i}: {e}"))?;
+        Some((String::from_utf8(buf).unwrap(), info.ttl, info.cas))
+    }
+
+    fn value(&mut self, i: usize, key: &str) -> Option<String> {
+        self.item(i, key).map(|(v, _, _)| v)
+    }
+
+    /// Every server's value of `key`.
+    fn held(&mut self, key: &str) -> Vec<Option<String>> {
+        (0..self.direct.len()).map(|i| self.value(i, key)).collect()
+    }
+
+    /// Asserts that `key`'s first copy holds `first`, its second `second`, and every other
+    /// server nothing.
+    fn expect(&mut self, ring: &Continuum, key: &str, first: Option<&str>, second: Option<&str>) {
+        let [a, b] = copies(ring, key);
+        let want: Vec<Option<String>> = (0..self.direct.len())
+            .map(|i| {
+                if i == a {
+                    first.map(str::to_string)
+                } else if i == b {
+                    second.map(str::to_string)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(
+            self.held(key),
+            want,
+            "{key}: copies {a} (first) and {b} (second), per server"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -178,3 +258,355 @@ fn placement_matches_libmemcached_number_of_replicas() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The three fronts, one interface
+// ---------------------------------------------------------------------------------------
+
+struct Plain(Client);
+struct Blocking(SharedClient);
+struct Async {
+    c: SharedClient,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Async {
+    fn new(c: SharedClient) -> Async {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        Async { c, rt }
+    }
+}
+
+macro_rules! fronts {
+    ($($m:ident / $am:ident ($($a:ident: $t:ty),*) -> $o:ty;)*) => {
+        /// A keyed call as one of the fronts makes it.
+        trait Front {
+            fn name(&self) -> &'static str;
+            fn counters(&self) -> FleetCounters;
+            $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o>;)*
+        }
+        impl Front for Plain {
+            fn name(&self) -> &'static str { "Client" }
+            fn counters(&self) -> FleetCounters { self.0.fleet_counters() }
+            $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> { self.0.$m($($a),*) })*
+        }
+        impl Front for Blocking {
+            fn name(&self) -> &'static str { "SharedClient" }
+            fn counters(&self) -> FleetCounters { self.0.fleet_counters() }
+            $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> { self.0.$m($($a),*) })*
+        }
+        impl Front for Async {
+            fn name(&self) -> &'static str { "SharedClient async" }
+            fn counters(&self) -> FleetCounters { self.c.fleet_counters() }
+            $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> {
+                self.rt.block_on(self.c.$am($($a),*))
+            })*
+        }
+    };
+}
+
+fronts! {
+    get / get_async(k: &[u8]) -> Option<Item>;
+    gets / gets_async(k: &[u8]) -> Option<Item>;
+    gat / gat_async(k: &[u8], ttl: u32) -> Option<Item>;
+    gats / gats_async(k: &[u8], ttl: u32) -> Option<Item>;
+    get_into / get_into_async(k: &[u8], buf: &mut Vec<u8>) -> Option<ItemInfo>;
+    set / set_async(k: &[u8], v: &[u8], o: SetOptions) -> ();
+    add / add_async(k: &[u8], v: &[u8], o: SetOptions) -> bool;
+    replace / replace_async(k: &[u8], v: &[u8], o: SetOptions) -> bool;
+    append / append_async(k: &[u8], v: &[u8]) -> bool;
+    prepend / prepend_async(k: &[u8], v: &[u8]) -> bool;
+    cas / cas_async(k: &[u8], v: &[u8], cas: u64, o: SetOptions) -> CasResult;
+    delete / delete_async(k: &[u8]) -> bool;
+    incr / incr_async(k: &[u8], d: u64) -> Option<u64>;
+    decr / decr_async(k: &[u8], d: u64) -> Option<u64>;
+    touch / touch_async(k: &[u8], ttl: u32) -> bool;
+}
+
+fn value_of(r: mcstore::Result<Option<Item>>, what: &str) -> Option<String> {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+        .map(|i| String::from_utf8(i.value).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Every keyed command, every front, every protocol
+// ---------------------------------------------------------------------------------------
+
+const O: SetOptions = SetOptions { ttl: 0, flags: 0 };
+
+/// Runs every keyed command on `f` and checks the reply and what each server holds after it.
+fn every_command(f: &mut dyn Front, view: &mut View, ring: &Continuum, tag: &str) {
+    let who = f.name();
+    let k = |n: &str| format!("{tag}:{n}");
+    let b = |s: &str| s.as_bytes().to_vec();
+
+    // set, then every read.
+    let k1 = k("k1");
+    f.set(k1.as_bytes(), b"v1", O.flags(42)).unwrap();
+    view.expect(ring, &k1, Some("v1"), Some("v1"));
+    let item = f.get(k1.as_bytes()).unwrap().expect("get after set");
+    assert_eq!(
+        (item.value, item.flags, item.cas),
+        (b("v1"), 42, None),
+        "{who} get"
+    );
+    let item = f.gets(k1.as_bytes()).unwrap().expect("gets after set");
+    assert_eq!((item.value, item.flags), (b("v1"), 42), "{who} gets");
+    assert!(item.cas.is_some(), "{who}: gets has a unique");
+    let item = f.gat(k1.as_bytes(), 0).unwrap().expect("gat after set");
+    assert_eq!(
+        (item.value, item.flags, item.cas),
+        (b("v1"), 42, None),
+        "{who} gat"
+    );
+    let item = f.gats(k1.as_bytes(), 0).unwrap().expect("gats after set");
+    assert_eq!((item.value, item.flags), (b("v1"), 42), "{who} gats");
+    assert!(item.cas.is_some(), "{who}: gats has a unique");
+    let mut buf = b"junk".to_vec();
+    let info = f
+        .get_into(k1.as_bytes(), &mut buf)
+        .unwrap()
+        .expect("get_into");
+    assert_eq!(
+        (buf.as_slice(), info.flags),
+        (&b"v1"[..], 42),
+        "{who} get_into"
+    );
+    view.expect(ring, &k1, Some("v1"), Some("v1"));
+    f.set(k1.as_bytes(), b"v2", O).unwrap();
+    view.expect(ring, &k1, Some("v2"), Some("v2"));
+    assert_eq!(value_of(f.get(k1.as_bytes()), who), Some("v2".into()));
+    let missing = k("missing");
+    assert_eq!(value_of(f.get(missing.as_bytes()), who), None);
+    assert_eq!(f.get_into(missing.as_bytes(), &mut buf).unwrap(), None);
+
+    // add: refused where the first copy has the key; a copy that disagrees is deleted.
+    assert!(
+        !f.add(k1.as_bytes(), b"a", O).unwrap(),
+        "{who}: add over v2"
+    );
+    view.expect(ring, &k1, Some("v2"), Some("v2"));
+    let k2 = k("k2");
+    assert!(
+        f.add(k2.as_bytes(), b"a", O).unwrap(),
+        "{who}: add of a new key"
+    );
+    view.expect(ring, &k2, Some("a"), Some("a"));
+    let k3 = k("k3");
+    let [first3, _] = copies(ring, &k3);
+    view.direct[first3].set(k3.as_bytes(), b"d", O).unwrap();
+    assert!(
+        !f.add(k3.as_bytes(), b"a", O).unwrap(),
+        "{who}: first copy decides"
+    );
+    view.expect(ring, &k3, Some("d"), None);
+    assert_eq!(value_of(f.get(k3.as_bytes()), who), Some("d".into()));
+    let k4 = k("k4");
+    let [_, second4] = copies(ring, &k4);
+    view.direct[second4].set(k4.as_bytes(), b"d", O).unwrap();
+    assert!(
+        f.add(k4.as_bytes(), b"a", O).unwrap(),
+        "{who}: first copy decides"
+    );
+    view.expect(ring, &k4, Some("a"), None);
+    assert_eq!(value_of(f.get(k4.as_bytes()), who), Some("a".into()));
+
+    // replace.
+    assert!(f.replace(k1.as_bytes(), b"r", O).unwrap(), "{who}: replace");
+    view.expect(ring, &k1, Some("r"), Some("r"));
+    let k5 = k("k5");
+    assert!(
+        !f.replace(k5.as_bytes(), b"r", O).unwrap(),
+        "{who}: replace missing"
+    );
+    view.expect(ring, &k5, None, None);
+    let k6 = k("k6");
+    let [first6, _] = copies(ring, &k6);
+    view.direct[first6].set(k6.as_bytes(), b"d", O).unwrap();
+    assert!(
+        f.replace(k6.as_bytes(), b"r", O).unwrap(),
+        "{who}: replace, first has it"
+    );
+    view.expect(ring, &k6, Some("r"), None);
+    let k7 = k("k7");
+    let [_, second7] = copies(ring, &k7);
+    view.direct[second7].set(k7.as_bytes(), b"d", O).unwrap();
+    assert!(
+        !f.replace(k7.as_bytes(), b"r", O).unwrap(),
+        "{who}: replace, first lacks it"
+    );
+    view.expect(ring, &k7, None, None);
+    assert_eq!(value_of(f.get(k7.as_bytes()), who), None);
+
+    // append, prepend.
+    assert!(f.append(k1.as_bytes(), b"+a").unwrap(), "{who}: append");
+    view.expect(ring, &k1, Some("r+a"), Some("r+a"));
+    assert!(f.prepend(k1.as_bytes(), b"p+").unwrap(), "{who}: prepend");
+    view.expect(ring, &k1, Some("p+r+a"), Some("p+r+a"));
+    assert_eq!(value_of(f.get(k1.as_bytes()), who), Some("p+r+a".into()));
+    assert!(
+        !f.append(k5.as_bytes(), b"x").unwrap(),
+        "{who}: append missing"
+    );
+    assert!(
+        !f.prepend(k5.as_bytes(), b"x").unwrap(),
+        "{who}: prepend missing"
+    );
+    view.expect(ring, &k5, None, None);
+    let k8 = k("k8");
+    let [_, second8] = copies(ring, &k8);
+    view.direct[second8].set(k8.as_bytes(), b"d", O).unwrap();
+    assert!(
+        !f.append(k8.as_bytes(), b"x").unwrap(),
+        "{who}: append, first lacks it"
+    );
+    view.expect(ring, &k8, None, None);
+
+    // cas: on the first copy; the other copy deleted when it stored.
+    let [c0, c1] = copies(ring, &k1);
+    let item = f.gets(k1.as_bytes()).unwrap().expect("gets");
+    let unique = item.cas.unwrap();
+    let first_unique = view.item(c0, &k1).unwrap().2;
+    let second_unique = view.item(c1, &k1).unwrap().2;
+    assert!(
+        unique == first_unique || unique == second_unique,
+        "{who}: gets' unique {unique} is neither copy's ({first_unique}, {second_unique})"
+    );
+    let r = f.cas(k1.as_bytes(), b"c", unique, O).unwrap();
+    if unique == first_unique {
+        assert_eq!(
+            r,
+            CasResult::Stored,
+            "{who}: cas with the first copy's unique"
+        );
+        view.expect(ring, &k1, Some("c"), None);
+        assert_eq!(value_of(f.get(k1.as_bytes()), who), Some("c".into()));
+    } else {
+        // The read was answered by the second copy (it was faster): safe, refused.
+        assert_eq!(
+            r,
+            CasResult::Exists,
+            "{who}: cas with the second copy's unique"
+        );
+        view.expect(ring, &k1, Some("p+r+a"), Some("p+r+a"));
+    }
+    f.set(k1.as_bytes(), b"s", O).unwrap();
+    let stale = f.gets(k1.as_bytes()).unwrap().unwrap().cas.unwrap();
+    f.set(k1.as_bytes(), b"s2", O).unwrap();
+    assert_eq!(
+        f.cas(k1.as_bytes(), b"c2", stale, O).unwrap(),
+        CasResult::Exists,
+        "{who}: stale cas"
+    );
+    view.expect(ring, &k1, Some("s2"), Some("s2"));
+    assert_eq!(
+        f.cas(k5.as_bytes(), b"x", 12_345, O).unwrap(),
+        CasResult::NotFound,
+        "{who}: cas of a missing key"
+    );
+    view.expect(ring, &k5, None, None);
+
+    // incr, decr: on the first copy; the other deleted.
+    let k9 = k("k9");
+    f.set(k9.as_bytes(), b"10", O).unwrap();
+    view.expect(ring, &k9, Some("10"), Some("10"));
+    assert_eq!(f.incr(k9.as_bytes(), 5).unwrap(), Some(15), "{who}: incr");
+    view.expect(ring, &k9, Some("15"), None);
+    assert_eq!(value_of(f.get(k9.as_bytes()), who), Some("15".into()));
+    assert_eq!(f.decr(k9.as_bytes(), 3).unwrap(), Some(12), "{who}: decr");
+    view.expect(ring, &k9, Some("12"), None);
+    assert_eq!(
+        f.incr(k5.as_bytes(), 1).unwrap(),
+        None,
+        "{who}: incr missing"
+    );
+    assert_eq!(
+        f.decr(k5.as_bytes(), 1).unwrap(),
+        None,
+        "{who}: decr missing"
+    );
+    view.expect(ring, &k5, None, None);
+    // The first copy lacks it: it answers (not found) and nothing changes.
+    let k10 = k("k10");
+    let [_, second10] = copies(ring, &k10);
+    view.direct[second10].set(k10.as_bytes(), b"10", O).unwrap();
+    assert_eq!(
+        f.incr(k10.as_bytes(), 1).unwrap(),
+        None,
+        "{who}: incr, first lacks it"
+    );
+    view.expect(ring, &k10, None, Some("10"));
+
+    // touch: every copy.
+    f.set(k1.as_bytes(), b"t", O).unwrap();
+    assert!(f.touch(k1.as_bytes(), 1000).unwrap(), "{who}: touch");
+    view.expect(ring, &k1, Some("t"), Some("t"));
+    for i in copies(ring, &k1) {
+        let ttl = view.item(i, &k1).unwrap().1;
+        assert!(
+            ttl.is_some_and(|t| (990..=1000).contains(&t)),
+            "{who}: touch reached copy {i}: ttl {ttl:?}"
+        );
+    }
+    assert!(
+        !f.touch(k5.as_bytes(), 1000).unwrap(),
+        "{who}: touch missing"
+    );
+    view.expect(ring, &k5, None, None);
+
+    // gat: a read, from one copy (which alone gets the new TTL).
+    let k11 = k("k11");
+    f.set(k11.as_bytes(), b"g", O).unwrap();
+    assert_eq!(value_of(f.gat(k11.as_bytes(), 1000), who), Some("g".into()));
+    let ttls: Vec<Option<u32>> = copies(ring, &k11)
+        .iter()
+        .map(|&i| view.item(i, &k11).unwrap().1)
+        .collect();
+    assert_eq!(
+        ttls.iter().filter(|t| t.is_some()).count(),
+        1,
+        "{who}: gat touched one copy: {ttls:?}"
+    );
+    view.expect(ring, &k11, Some("g"), Some("g"));
+
+    // delete: every copy.
+    assert!(f.delete(k1.as_bytes()).unwrap(), "{who}: delete");
+    view.expect(ring, &k1, None, None);
+    assert!(!f.delete(k1.as_bytes()).unwrap(), "{who}: delete again");
+    assert_eq!(value_of(f.get(k1.as_bytes()), who), None);
+    // Found on one copy only: found.
+    assert!(
+        f.delete(k10.as_bytes()).unwrap(),
+        "{who}: delete, second copy only"
+    );
+    view.expect(ring, &k10, None, None);
+
+    let c = f.counters();
+    assert_eq!(
+        (c.failovers, c.repairs_recorded, c.hedges_sent),
+        (0, 0, 0),
+        "{who}: a healthy fleet needs nothing: {c:?}"
+    );
+}
+
+fn commands_behave_as_documented(p: Protocol) {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let b = replicated(&ms, p);
+    let plain = b.clone().build().unwrap();
+    let ring = plain.continuum().clone();
+    let mut fronts: Vec<Box<dyn Front>> = vec![
+        Box::new(Plain(plain)),
+        Box::new(Blocking(b.clone().shared().build().unwrap())),
+        Box::new(Async::new(b.shared().build().unwrap())),
+    ];
+    for (n, f) in fronts.iter_mut().enumerate() {
+        every_command(f.as_mut(), &mut view, &ring, &format!("{p:?}:{n}"));
+    }
+}
+
+support::for_each_protocol!(commands_behave_as_documented);
