@@ -1,6 +1,7 @@
 //! Keys on several servers (`ClientBuilder::replicas`, #27) against real memcached: placement
 //! as the system libmemcached places its replicas, every keyed command on every front
-//! (Client, SharedClient blocking and async) with what each server holds checked directly.
+//! (Client, SharedClient blocking and async) with what each server holds checked directly,
+//! a frozen copy under both write policies.
 
 use mcstore_test_support as support;
 
@@ -9,12 +10,13 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mcstore::client::{Item, ItemInfo, MetaGetOptions};
 use mcstore::ring::{Continuum, Distribution, ReplicaPlacement};
 use mcstore::{
-    CasResult, Client, ClientBuilder, FleetCounters, Protocol, SetOptions, SharedClient,
+    CasResult, Client, ClientBuilder, ErrorKind, FleetCounters, Hedge, Protocol, SetOptions,
+    SharedClient, WritePolicy,
 };
 use support::Memcached;
 
@@ -610,3 +612,256 @@ fn commands_behave_as_documented(p: Protocol) {
 }
 
 support::for_each_protocol!(commands_behave_as_documented);
+
+// ---------------------------------------------------------------------------------------
+// 3. A frozen copy
+// ---------------------------------------------------------------------------------------
+
+/// The frozen server.
+const B: usize = 1;
+
+/// Keys of one front, by what is done with them while B is frozen.
+struct Roles {
+    read: Vec<String>,
+    write: Vec<String>,
+    del: Vec<String>,
+    /// No copy on B.
+    away: Vec<String>,
+}
+
+impl Roles {
+    /// Keys with a copy on B (half of each role with B first), and a few without.
+    fn new(ring: &Continuum, prefix: &str) -> Roles {
+        let (mut b_first, mut b_second, mut away) = (Vec::new(), Vec::new(), Vec::new());
+        let mut n = 0;
+        while b_first.len() < 6 || b_second.len() < 6 || away.len() < 3 {
+            let key = format!("{prefix}:{n}");
+            n += 1;
+            match copies(ring, &key) {
+                [B, _] if b_first.len() < 6 => b_first.push(key),
+                [_, B] if b_second.len() < 6 => b_second.push(key),
+                [x, y] if x != B && y != B && away.len() < 3 => away.push(key),
+                _ => {}
+            }
+        }
+        let mut roles = Roles {
+            read: Vec::new(),
+            write: Vec::new(),
+            del: Vec::new(),
+            away,
+        };
+        for (n, key) in b_first.into_iter().chain(b_second).enumerate() {
+            match n % 3 {
+                0 => roles.read.push(key),
+                1 => roles.write.push(key),
+                _ => roles.del.push(key),
+            }
+        }
+        roles
+    }
+
+    fn all(&self) -> impl Iterator<Item = &String> {
+        self.read
+            .iter()
+            .chain(&self.write)
+            .chain(&self.del)
+            .chain(&self.away)
+    }
+}
+
+fn v1(key: &str) -> String {
+    format!("v1:{key}")
+}
+
+fn v2(key: &str) -> String {
+    format!("v2:{key}")
+}
+
+fn frozen_copy(policy: WritePolicy, p: Protocol) {
+    let ms = three();
+    let b_addr = ms[B].addr();
+    let mut view = View::new(&ms);
+    let base = replicated(&ms, p)
+        .write_policy(policy)
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .server_failure_limit(2)
+        .retry_timeout(Duration::from_millis(400));
+    let plain = base.clone().build().unwrap();
+    let ring = plain.continuum().clone();
+    let hedged = base.hedge(Hedge::after(Duration::from_millis(20)));
+    let mut fronts: Vec<Box<dyn Front>> = vec![
+        Box::new(Plain(plain)),
+        Box::new(Blocking(hedged.clone().shared().build().unwrap())),
+        Box::new(Async::new(hedged.shared().build().unwrap())),
+    ];
+    let roles: Vec<Roles> = (0..fronts.len())
+        .map(|n| Roles::new(&ring, &format!("{policy:?}:{p:?}:{n}")))
+        .collect();
+    for (f, r) in fronts.iter_mut().zip(&roles) {
+        for key in r.all() {
+            f.set(key.as_bytes(), v1(key).as_bytes(), O).unwrap();
+            let [a, b] = copies(&ring, key);
+            assert_eq!(view.value(a, key), Some(v1(key)));
+            assert_eq!(view.value(b, key), Some(v1(key)));
+        }
+    }
+
+    ms[B].freeze();
+    let frozen_at = Instant::now();
+    let mut slowest_write = [Duration::ZERO; 3];
+    for (n, (f, r)) in fronts.iter_mut().zip(&roles).enumerate() {
+        let who = f.name();
+        for _ in 0..3 {
+            for key in r.read.iter().chain(&r.away) {
+                let got = value_of(
+                    f.get(key.as_bytes()),
+                    &format!("{who} read {key}, B frozen"),
+                );
+                assert_eq!(got, Some(v1(key)), "{who}: {key} with B frozen");
+            }
+        }
+        for key in &r.away {
+            f.set(key.as_bytes(), v2(key).as_bytes(), O)
+                .unwrap_or_else(|e| panic!("{who}: {key} has no copy on B: {e}"));
+        }
+        for key in &r.write {
+            let t = Instant::now();
+            let res = f.set(key.as_bytes(), v2(key).as_bytes(), O);
+            slowest_write[n] = slowest_write[n].max(t.elapsed());
+            check_write(policy, res, who, key, &b_addr);
+        }
+        for key in &r.del {
+            let res = f.delete(key.as_bytes());
+            match policy {
+                WritePolicy::All => check_write(policy, res.map(|_| ()), who, key, &b_addr),
+                WritePolicy::Any => assert!(res.unwrap(), "{who}: delete {key} under Any"),
+            }
+        }
+        // The other copies were written either way; reads never see B's older value.
+        for _ in 0..3 {
+            for key in r.write.iter().chain(&r.away) {
+                let got = value_of(f.get(key.as_bytes()), &format!("{who} read {key}"));
+                assert_eq!(
+                    got,
+                    Some(v2(key)),
+                    "{who}: {key} written while B was frozen"
+                );
+            }
+            for key in &r.del {
+                let got = value_of(f.get(key.as_bytes()), &format!("{who} read {key}"));
+                assert_eq!(got, None, "{who}: {key} deleted while B was frozen");
+            }
+        }
+        for key in r.write.iter().chain(&r.del) {
+            let other = copies(&ring, key).into_iter().find(|&i| i != B).unwrap();
+            let want = r.write.contains(key).then(|| v2(key));
+            assert_eq!(
+                view.value(other, key),
+                want,
+                "{who}: {key} on its other copy"
+            );
+        }
+    }
+    let frozen_for = frozen_at.elapsed();
+    ms[B].resume();
+
+    // After the resume: B never serves what it missed.
+    let mut misses = [0usize; 3];
+    for (n, (f, r)) in fronts.iter_mut().zip(&roles).enumerate() {
+        let who = f.name();
+        for _ in 0..20 {
+            for key in &r.del {
+                let got = value_of(f.get(key.as_bytes()), &format!("{who} read {key}"));
+                assert_eq!(
+                    got, None,
+                    "{who}: {key}, deleted while B was frozen, after resume"
+                );
+            }
+            for key in &r.write {
+                let got = value_of(f.get(key.as_bytes()), &format!("{who} read {key}"));
+                // Once B is repaired (the key deleted there), a read that asks B misses.
+                if got.is_none() {
+                    misses[n] += 1;
+                } else {
+                    assert_eq!(got, Some(v2(key)), "{who}: {key} after resume");
+                }
+            }
+        }
+    }
+    // The repairs: a Client does them in its next calls, a SharedClient on its own.
+    for (n, (f, r)) in fronts.iter_mut().zip(&roles).enumerate() {
+        let who = f.name();
+        let c = f.counters();
+        assert!(c.repairs_recorded > 0, "{who}: no repair recorded: {c:?}");
+        let is_client = who == "Client";
+        // A client in use: one call per look (a Client repairs at the start of its calls, a
+        // SharedClient's thread on its own).
+        let probe = r.away[0].clone();
+        support::wait_for(&format!("{who}'s repairs on B"), || {
+            assert_eq!(value_of(f.get(probe.as_bytes()), who), Some(v2(&probe)));
+            let c = f.counters();
+            c.repairs_done >= c.repairs_recorded && r.del.iter().all(|k| view.value(B, k).is_none())
+        });
+        for key in &r.write {
+            let on_b = view.value(B, key);
+            assert!(
+                on_b.is_none() || on_b == Some(v2(key)),
+                "{who}: B holds {on_b:?} for {key} after its repair"
+            );
+        }
+        for key in &r.del {
+            let got = value_of(f.get(key.as_bytes()), who);
+            assert_eq!(got, None, "{who}: {key} after the repair");
+        }
+        let c = f.counters();
+        println!(
+            "replicas frozen {policy:?} {p:?} {who}: B frozen {frozen_for:?}; slowest write \
+             {:?}; reads of keys written while B was frozen that missed after resume: {}/{}; \
+             {c:?}",
+            slowest_write[n],
+            misses[n],
+            20 * r.write.len()
+        );
+        assert!(
+            c.failovers + c.hedges_won > 0,
+            "{who}: reads of B's keys answered without failover or hedge? {c:?}"
+        );
+        if is_client {
+            assert!(c.failovers > 0, "{who}: a Client fails over: {c:?}");
+        }
+    }
+}
+
+/// A write to a key with a copy on frozen B: a clear error naming B under All, success
+/// under Any.
+fn check_write(policy: WritePolicy, res: mcstore::Result<()>, who: &str, key: &str, b: &str) {
+    match (policy, res) {
+        (WritePolicy::All, Err(e)) => {
+            assert!(
+                matches!(e.kind(), ErrorKind::Timeout | ErrorKind::ServerDown),
+                "{who}: {key}: {e}"
+            );
+            assert!(
+                e.to_string().contains(b),
+                "{who}: {key}: the error names B: {e}"
+            );
+        }
+        (WritePolicy::All, Ok(())) => panic!("{who}: {key} written under All with B frozen"),
+        (_, r) => r.unwrap_or_else(|e| panic!("{who}: {key} under Any with B frozen: {e}")),
+    }
+}
+
+#[test]
+fn frozen_copy_write_all() {
+    for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
+        frozen_copy(WritePolicy::All, p);
+    }
+}
+
+#[test]
+fn frozen_copy_write_any() {
+    for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
+        frozen_copy(WritePolicy::Any, p);
+    }
+}
