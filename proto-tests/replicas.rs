@@ -1,14 +1,16 @@
 //! Keys on several servers (`ClientBuilder::replicas`, #27) against real memcached: placement
 //! as the system libmemcached places its replicas, every keyed command on every front
 //! (Client, SharedClient blocking and async) with what each server holds checked directly,
-//! a frozen copy under both write policies.
+//! a frozen copy under both write policies, hedged reads beside a jittery server with every
+//! reply reaching its own caller, and one copy behaving as before.
 
 use mcstore_test_support as support;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -864,4 +866,291 @@ fn frozen_copy_write_any() {
     for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
         frozen_copy(WritePolicy::Any, p);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Many callers, hedged reads, a jittery server
+// ---------------------------------------------------------------------------------------
+
+/// Stops server `pid` 5 ms of every 50 until dropped; it is always continued at the end,
+/// on a panic too.
+struct Jitter {
+    on: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+    pid: u32,
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Jitter {
+    fn start(m: &Memcached) -> Jitter {
+        let pid = m.pid();
+        let on = Arc::new(AtomicBool::new(true));
+        let flag = on.clone();
+        let thread = thread::spawn(move || {
+            while flag.load(Ordering::Relaxed) {
+                signal(pid, "-STOP");
+                thread::sleep(Duration::from_millis(5));
+                signal(pid, "-CONT");
+                thread::sleep(Duration::from_millis(45));
+            }
+        });
+        Jitter {
+            on,
+            thread: Some(thread),
+            pid,
+        }
+    }
+}
+
+impl Drop for Jitter {
+    fn drop(&mut self) {
+        self.on.store(false, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        signal(self.pid, "-CONT");
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    wrong: AtomicU64,
+    failed: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.first_failure.lock().unwrap().get_or_insert(what);
+    }
+
+    fn wrong(&self, what: String) {
+        self.wrong.fetch_add(1, Ordering::Relaxed);
+        self.first_failure.lock().unwrap().get_or_insert(what);
+    }
+}
+
+const KEYS_PER_CALLER: usize = 8;
+
+fn jkey(caller: usize, k: usize) -> String {
+    format!("jitter:{caller}:{k}")
+}
+
+fn jvalue(caller: usize, k: usize, generation: u64) -> String {
+    format!("value-{caller}-{k}-{generation}")
+}
+
+/// One caller: mostly reads of its own keys, now and then a new value (then read back).
+fn blocking_caller(c: &SharedClient, caller: usize, until: Instant, t: &Tally) {
+    let mut generation = [0u64; KEYS_PER_CALLER];
+    let mut buf = Vec::new();
+    let mut n = 0usize;
+    while Instant::now() < until {
+        n += 1;
+        let k = (n * 7 + caller) % KEYS_PER_CALLER;
+        let key = jkey(caller, k);
+        if n % 10 == 0 {
+            generation[k] += 1;
+            let v = jvalue(caller, k, generation[k]);
+            t.writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = c.set(key.as_bytes(), v.as_bytes(), O) {
+                t.fail(format!("set {key}: {e}"));
+            }
+        }
+        let want = jvalue(caller, k, generation[k]);
+        t.reads.fetch_add(1, Ordering::Relaxed);
+        let got = if n % 2 == 0 {
+            c.get_into(key.as_bytes(), &mut buf)
+                .map(|i| i.map(|_| buf.clone()))
+        } else {
+            c.get(key.as_bytes()).map(|i| i.map(|i| i.value))
+        };
+        match got {
+            Ok(Some(v)) if v == want.as_bytes() => {}
+            Ok(other) => t.wrong(format!(
+                "{key}: want {want}, got {:?}",
+                other.map(|v| String::from_utf8_lossy(&v).into_owned())
+            )),
+            Err(e) => t.fail(format!("get {key}: {e}")),
+        }
+    }
+}
+
+async fn async_caller(c: SharedClient, caller: usize, until: Instant, t: Arc<Tally>) {
+    let mut generation = [0u64; KEYS_PER_CALLER];
+    let mut buf = Vec::new();
+    let mut n = 0usize;
+    while Instant::now() < until {
+        n += 1;
+        let k = (n * 5 + caller) % KEYS_PER_CALLER;
+        let key = jkey(caller, k);
+        if n % 10 == 0 {
+            generation[k] += 1;
+            let v = jvalue(caller, k, generation[k]);
+            t.writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = c.set_async(key.as_bytes(), v.as_bytes(), O).await {
+                t.fail(format!("set {key}: {e}"));
+            }
+        }
+        let want = jvalue(caller, k, generation[k]);
+        t.reads.fetch_add(1, Ordering::Relaxed);
+        let got = if n % 2 == 0 {
+            c.get_into_async(key.as_bytes(), &mut buf)
+                .await
+                .map(|i| i.map(|_| buf.clone()))
+        } else {
+            c.get_async(key.as_bytes())
+                .await
+                .map(|i| i.map(|i| i.value))
+        };
+        match got {
+            Ok(Some(v)) if v == want.as_bytes() => {}
+            Ok(other) => t.wrong(format!(
+                "{key}: want {want}, got {:?}",
+                other.map(|v| String::from_utf8_lossy(&v).into_owned())
+            )),
+            Err(e) => t.fail(format!("get {key}: {e}")),
+        }
+    }
+}
+
+#[test]
+fn hedged_reads_beside_a_jittery_server_reach_their_callers() {
+    const THREADS: usize = 16;
+    const TASKS: usize = 16;
+    let ms = three();
+    let c = replicated(&ms, Protocol::Meta)
+        .hedge(Hedge::percentile(95.0))
+        .shared()
+        .build()
+        .unwrap();
+    for caller in 0..THREADS + TASKS {
+        for k in 0..KEYS_PER_CALLER {
+            let key = jkey(caller, k);
+            c.set(key.as_bytes(), jvalue(caller, k, 0).as_bytes(), O)
+                .unwrap();
+        }
+    }
+    let tally = Arc::new(Tally::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let jitter = Jitter::start(&ms[1]);
+    let until = Instant::now() + Duration::from_secs(3);
+    let tasks: Vec<_> = (THREADS..THREADS + TASKS)
+        .map(|caller| rt.spawn(async_caller(c.clone(), caller, until, tally.clone())))
+        .collect();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|caller| {
+            let (c, t) = (c.clone(), tally.clone());
+            thread::spawn(move || blocking_caller(&c, caller, until, &t))
+        })
+        .collect();
+    let mut panics = 0;
+    for t in threads {
+        panics += usize::from(t.join().is_err());
+    }
+    rt.block_on(async {
+        for t in tasks {
+            panics += usize::from(t.await.is_err());
+        }
+    });
+    drop(jitter);
+    let fc = c.fleet_counters();
+    let reads = tally.reads.load(Ordering::Relaxed);
+    println!(
+        "replicas jitter: {:?}, reads={reads} writes={} wrong={} failed={} panics={panics}; {fc:?}",
+        started.elapsed(),
+        tally.writes.load(Ordering::Relaxed),
+        tally.wrong.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+    );
+    let first = tally.first_failure.lock().unwrap().clone();
+    assert_eq!(panics, 0, "a caller panicked");
+    assert_eq!(
+        tally.wrong.load(Ordering::Relaxed),
+        0,
+        "a reply reached the wrong caller or an old value was served: {first:?}"
+    );
+    assert_eq!(
+        tally.failed.load(Ordering::Relaxed),
+        0,
+        "failed calls: {first:?}"
+    );
+    assert!(reads > 1000, "too few reads to judge: {reads}");
+    assert!(fc.hedges_won <= fc.hedges_sent, "{fc:?}");
+    assert!(
+        fc.hedges_sent * 5 < reads,
+        "hedges {} are not well below the reads {reads} (budget 5% + 10 + stuck copies)",
+        fc.hedges_sent
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. One copy: as before
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn one_copy_behaves_as_before() {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let b = support::client_builder()
+        .servers(addrs(&ms))
+        .distribution(Distribution::Ketama)
+        .replicas(1)
+        .hedge(Hedge::after(Duration::from_micros(1)));
+    let mut plain = b.clone().build().unwrap();
+    let ring = plain.continuum().clone();
+    let shared = b.shared().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    for n in 0..60 {
+        let key = format!("one:{n}");
+        let v = format!("v{n}");
+        match n % 3 {
+            0 => plain.set(key.as_bytes(), v.as_bytes(), O).unwrap(),
+            1 => shared.set(key.as_bytes(), v.as_bytes(), O).unwrap(),
+            _ => rt
+                .block_on(shared.set_async(key.as_bytes(), v.as_bytes(), O))
+                .unwrap(),
+        }
+        let home = ring.pick(key.as_bytes()).unwrap();
+        let held = view.held(&key);
+        for (i, h) in held.iter().enumerate() {
+            assert_eq!(
+                h.as_deref(),
+                (i == home).then_some(v.as_str()),
+                "{key} on {i}"
+            );
+        }
+        assert_eq!(value_of(plain.get(key.as_bytes()), "get"), Some(v.clone()));
+        assert_eq!(value_of(shared.get(key.as_bytes()), "get"), Some(v.clone()));
+        let got = rt.block_on(shared.get_async(key.as_bytes()));
+        assert_eq!(value_of(got, "get_async"), Some(v.clone()));
+        assert!(!plain.add(key.as_bytes(), b"x", O).unwrap());
+        assert!(shared.touch(key.as_bytes(), 100).unwrap());
+        assert!(plain.delete(key.as_bytes()).unwrap());
+        let ctr = format!("one:ctr:{n}");
+        shared.set(ctr.as_bytes(), b"1", O).unwrap();
+        assert_eq!(plain.incr(ctr.as_bytes(), 2).unwrap(), Some(3));
+        assert_eq!(shared.decr(ctr.as_bytes(), 1).unwrap(), Some(2));
+        let got = rt.block_on(shared.incr_async(ctr.as_bytes(), 1));
+        assert_eq!(got.unwrap(), Some(3));
+    }
+    assert_eq!(plain.fleet_counters(), FleetCounters::default());
+    assert_eq!(shared.fleet_counters(), FleetCounters::default());
 }
