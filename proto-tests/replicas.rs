@@ -1154,3 +1154,122 @@ fn one_copy_behaves_as_before() {
     assert_eq!(plain.fleet_counters(), FleetCounters::default());
     assert_eq!(shared.fleet_counters(), FleetCounters::default());
 }
+
+// ---------------------------------------------------------------------------------------
+// Repairs: an idle SharedClient, and pipelines
+// ---------------------------------------------------------------------------------------
+
+/// A SharedClient's repair thread deletes what a copy missed while it was frozen, with no
+/// call made after the copy is back (another client, or another process sharing the
+/// servers, would otherwise read the deleted value there).
+#[test]
+fn idle_shared_client_repairs_a_copy_that_missed_deletes() {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let b = replicated(&ms, Protocol::Text)
+        .write_policy(WritePolicy::Any)
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_secs(2));
+    let ring = b.clone().build().unwrap().continuum().clone();
+    let c = b.shared().build().unwrap();
+    let roles = Roles::new(&ring, "idle");
+    for key in roles.all() {
+        c.set(key.as_bytes(), v1(key).as_bytes(), O).unwrap();
+    }
+    ms[B].freeze();
+    for key in &roles.del {
+        assert!(c.delete(key.as_bytes()).unwrap(), "{key}: delete under Any");
+    }
+    // Calls while B is marked down.
+    for key in &roles.away {
+        assert_eq!(value_of(c.get(key.as_bytes()), key), Some(v1(key)));
+    }
+    let before = c.fleet_counters();
+    assert!(before.repairs_recorded > 0, "{before:?}");
+    ms[B].resume();
+    // No call from here on: the repair thread alone (B's retry time is 2 s away at most).
+    let resumed = Instant::now();
+    support::wait_for(
+        "the repair thread to delete B's copies, no call made",
+        || roles.del.iter().all(|k| view.value(B, k).is_none()),
+    );
+    let after = c.fleet_counters();
+    println!(
+        "replicas idle repair: {:?} after resume; {after:?}",
+        resumed.elapsed()
+    );
+    assert_eq!(after.repairs_done, after.repairs_recorded, "{after:?}");
+}
+
+/// A pipeline's writes that a frozen copy never received (its buffer could not be flushed)
+/// are remembered like any missed write: that copy never serves the older value.
+#[test]
+fn pipeline_writes_a_frozen_copy_missed_are_never_served() {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let mut c = replicated(&ms, Protocol::Binary)
+        .io_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let ring = c.continuum().clone();
+    // About 20 MB for B: more than the loopback socket buffers hold for a stopped reader.
+    let keys: Vec<String> = (0..)
+        .map(|n| format!("pipe:{n}"))
+        .filter(|k| copies(&ring, k).contains(&B))
+        .take(2500)
+        .collect();
+    let pad = "x".repeat(8000);
+    let value = |tag: &str, k: &str| format!("{tag}:{k}:{pad}");
+    let mut p = c.pipeline();
+    for k in &keys {
+        p.set(k.as_bytes(), value("v1", k).as_bytes(), O).unwrap();
+    }
+    p.finish().unwrap();
+    ms[B].freeze();
+    let mut p = c.pipeline();
+    let mut queue_errors = 0;
+    for k in &keys {
+        queue_errors += usize::from(p.set(k.as_bytes(), value("v2", k).as_bytes(), O).is_err());
+    }
+    let finished = p.finish();
+    ms[B].resume();
+    assert!(
+        finished.is_err(),
+        "B took every write while stopped: the test did not fill its buffers"
+    );
+    // Every copy that missed a write is repaired (a Client repairs in its calls).
+    let probe = keys[0].clone();
+    support::wait_for("the pipeline's repairs", || {
+        c.get(probe.as_bytes()).unwrap();
+        let fc = c.fleet_counters();
+        fc.repairs_done >= fc.repairs_recorded
+    });
+    let (mut stale_reads, mut stale_on_b) = (Vec::new(), Vec::new());
+    for k in &keys {
+        let old = value("v1", k);
+        if value_of(c.get(k.as_bytes()), k).as_deref() == Some(old.as_str()) {
+            stale_reads.push(k.clone());
+        }
+        if view.value(B, k).as_deref() == Some(old.as_str()) {
+            stale_on_b.push(k.clone());
+        }
+    }
+    println!(
+        "replicas pipeline: queue errors {queue_errors}, finish {:?}; stale reads {}, B still \
+         holds the older value of {} keys; {:?}",
+        finished.map(|_| ()),
+        stale_reads.len(),
+        stale_on_b.len(),
+        c.fleet_counters()
+    );
+    assert!(
+        stale_reads.is_empty(),
+        "reads served the value from before the pipeline: {stale_reads:?}"
+    );
+    assert!(
+        stale_on_b.is_empty(),
+        "B holds the older value of {stale_on_b:?} and nothing will repair it"
+    );
+}
