@@ -631,7 +631,10 @@ fn commands_behave_as_documented(p: Protocol) {
     }
 }
 
-support::for_each_protocol!(commands_behave_as_documented);
+support::for_each_protocol!(
+    commands_behave_as_documented,
+    multi_key_calls_reach_every_copy
+);
 
 // ---------------------------------------------------------------------------------------
 // 3. A frozen copy
@@ -1291,4 +1294,66 @@ fn pipeline_writes_a_frozen_copy_missed_are_never_served() {
         stale_on_b.is_empty(),
         "B holds the older value of {stale_on_b:?} and nothing will repair it"
     );
+}
+
+/// Multi-key calls with copies keep every copy at the latest value or nothing (each key runs
+/// as its single-key call): a `set_multi` over an older `set`, then a `delete_multi`, leave no
+/// copy with an older value, on `Client` and `SharedClient`.
+fn multi_key_calls_reach_every_copy(p: Protocol) {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let b = replicated(&ms, p);
+    let ring = b.clone().build().unwrap().continuum().clone();
+    let mut c = b.clone().build().unwrap();
+    let s = b.shared().build().unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("multi-{i}")).collect();
+    for (front, tag) in [(0, "client"), (1, "shared")] {
+        for k in &keys {
+            c.set(k.as_bytes(), b"old", O).unwrap();
+        }
+        let items: Vec<(String, String)> = keys
+            .iter()
+            .map(|k| (k.clone(), format!("new-{tag}")))
+            .collect();
+        let stored = match front {
+            0 => c.set_multi(&items, O).unwrap(),
+            _ => s.set_multi(&items, O).unwrap(),
+        };
+        assert_eq!(stored, keys.len(), "{tag}");
+        for k in &keys {
+            for i in copies(&ring, k) {
+                assert_eq!(
+                    view.value(i, k).as_deref(),
+                    Some(format!("new-{tag}").as_str()),
+                    "{tag} {k} on {i}"
+                );
+            }
+        }
+        let mut seen = 0;
+        match front {
+            0 => c
+                .get_multi(&keys, |_, item| {
+                    assert_eq!(item.value, format!("new-{tag}").as_bytes());
+                    seen += 1;
+                })
+                .unwrap(),
+            _ => s
+                .get_multi(&keys, |_, item| {
+                    assert_eq!(item.value, format!("new-{tag}").as_bytes());
+                    seen += 1;
+                })
+                .unwrap(),
+        }
+        assert_eq!(seen, keys.len(), "{tag}");
+        let deleted = match front {
+            0 => c.delete_multi(&keys).unwrap(),
+            _ => s.delete_multi(&keys).unwrap(),
+        };
+        assert_eq!(deleted, keys.len(), "{tag}");
+        for k in &keys {
+            for i in 0..3 {
+                assert_eq!(view.value(i, k), None, "{tag} {k} left on {i}");
+            }
+        }
+    }
 }

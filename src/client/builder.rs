@@ -175,6 +175,10 @@ impl ClientBuilder {
     ///   failover returns that copy's unique: a `cas` with it then fails with `Exists`
     ///   (safe) unless that copy is the first one up. A counter lives on one copy: a read
     ///   that fails over from it misses.
+    /// - `gat`/`gats` are reads: they move the expiry of the copy that answered only.
+    /// - Reads keep placement order unless a copy is down, stuck or much slower; a key only
+    ///   one copy holds (after `cas`, `incr`, `decr`, or a repair that deleted it on a
+    ///   copy) reads as a miss when the read goes to another copy.
     /// - Multi-key calls run each key as its single-key call.
     ///
     /// Replicas are not used for meta calls, leases and server-wide commands: those go to the

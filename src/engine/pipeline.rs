@@ -63,6 +63,10 @@ pub struct Pipeline<'c> {
     strays: Vec<Strays>,
     /// Per server: the error that stopped it, if any.
     failed: Vec<Option<Error>>,
+    /// With copies, per server: the keys written there and not yet confirmed. A server
+    /// that fails (or answers an error line) may have missed any of them: each is then
+    /// remembered for repair. Empty without copies.
+    copy_keys: Vec<Vec<Box<[u8]>>>,
     commands: usize,
     errors: usize,
     unmet: usize,
@@ -90,6 +94,7 @@ impl<'c> Pipeline<'c> {
             started: vec![false; n],
             strays: (0..n).map(|_| Strays::default()).collect(),
             failed: (0..n).map(|_| None).collect(),
+            copy_keys: Vec::new(),
             commands: 0,
             errors: 0,
             unmet: 0,
@@ -205,9 +210,15 @@ impl Pipeline<'_> {
                 self.flush_after(i, large.filter(|_| !delete))
             });
             match r {
-                Ok(()) => sent += 1,
+                Ok(()) => {
+                    sent += 1;
+                    let n = self.started.len();
+                    self.copy_keys.resize_with(n, Vec::new);
+                    self.copy_keys[i].push(key.into());
+                }
                 Err(e) => {
                     self.client.fleet_shared().repairs.record(i, key);
+                    self.missed(i);
                     first_error.get_or_insert(e);
                 }
             }
@@ -215,6 +226,17 @@ impl Pipeline<'_> {
         match (sent, first_error) {
             (0, Some(e)) => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// Server `i` failed: every key written there in this pipeline may be missing (its
+    /// connection was dropped with them): each is remembered for repair.
+    fn missed(&mut self, i: usize) {
+        if let Some(keys) = self.copy_keys.get_mut(i) {
+            let repairs = &self.client.fleet_shared().repairs;
+            for k in keys.drain(..) {
+                repairs.record(i, &k);
+            }
         }
     }
 
@@ -324,6 +346,7 @@ impl Pipeline<'_> {
         if let Err(e) = r {
             c.health.record_error(i, &e, &mut c.ring);
             self.failed[i] = Some(e.clone());
+            self.missed(i);
             return Err(e);
         }
         Ok(())
@@ -371,7 +394,14 @@ impl Pipeline<'_> {
                 counts.read_after(&mut strays[i], buf, &limits, true, protocol)
             });
         let mut failed = Vec::new();
+        // With copies: an error line (a copy that did not store) cannot be told apart from
+        // the others: every copy's keys are then remembered for repair.
+        let any_error_line = self.errors > 0;
+        let mut missed = Vec::new();
         for b in batches {
+            if b.error.is_some() || any_error_line {
+                missed.push(b.server);
+            }
             if b.error.is_none() {
                 c.driver.set_owes_sync(b.server, false);
                 self.strays[b.server].settle(&mut c.driver, &mut c.health, b.server);
@@ -387,6 +417,9 @@ impl Pipeline<'_> {
             if let Some(e) = e.take() {
                 failed.push((c.labels[i].clone(), e));
             }
+        }
+        for i in missed {
+            self.missed(i);
         }
         combine(failed)?;
         Ok(PipelineReport {

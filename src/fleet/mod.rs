@@ -34,8 +34,12 @@ pub enum WritePolicy {
     /// deleted before it serves that key again.
     #[default]
     All,
-    /// The first copy to confirm answers the call; the others are still written, and one that
-    /// fails is remembered and repaired as with [`All`](Self::All).
+    /// The first copy to confirm answers the call. A [`SharedClient`](crate::SharedClient)
+    /// gives the others a short grace (a few times their usual latency, 2 ms at least) and
+    /// then answers; a copy that has not confirmed by then, or fails, is remembered and
+    /// repaired as with [`All`](Self::All) (deleted there: a slow copy loses the key rather
+    /// than keep an old value). A [`Client`](crate::Client), one call at a time, writes the
+    /// copies in turn.
     Any,
 }
 

@@ -30,7 +30,7 @@ use crate::fleet::plan::{
     changed, fails_over, first_wave, settle, Action, Part, Servers, Standing, WriteKind,
 };
 use crate::fleet::repair::Work;
-use crate::fleet::FleetShared;
+use crate::fleet::{FleetShared, WritePolicy};
 use crate::ring::MAX_REPLICAS;
 
 /// A server whose round has run this many times its median latency is slow for reads...
@@ -300,11 +300,30 @@ impl Future for CopyRead<'_> {
     }
 }
 
+/// The part of a copy a write did not wait for ([`WritePolicy::Any`]).
+fn not_waited(server: &str) -> Error {
+    Error::Timeout {
+        server: server.to_string(),
+        during: crate::error::During::Write,
+        elapsed: Duration::ZERO,
+    }
+}
+
 /// Up to [`MAX_REPLICAS`] async calls run together.
 struct JoinAll<'a> {
+    client: &'a SharedClient,
     calls: [Option<AsyncCall<'a>>; MAX_REPLICAS],
+    servers: [usize; MAX_REPLICAS],
     results: [Option<Result<Reply>>; MAX_REPLICAS],
+    /// After the first call that succeeds, wait for the others only a grace period (their
+    /// usual latency, a few times over): a copy that is slow or stuck is then dropped
+    /// (withdrawn if still queued, or left to its round) and remembered for repair.
+    first_ok: bool,
+    grace_until: Option<Instant>,
 }
+
+/// The grace [`JoinAll`] gives the other copies after the first confirmation, at least.
+const GRACE_MIN: Duration = Duration::from_millis(2);
 
 impl Future for JoinAll<'_> {
     type Output = [Option<Result<Reply>>; MAX_REPLICAS];
@@ -312,6 +331,7 @@ impl Future for JoinAll<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut pending = false;
+        let mut confirmed = false;
         for (c, r) in this.calls.iter_mut().zip(this.results.iter_mut()) {
             if let Some(call) = c {
                 match Pin::new(call).poll(cx) {
@@ -321,6 +341,24 @@ impl Future for JoinAll<'_> {
                     }
                     Poll::Pending => pending = true,
                 }
+            }
+            confirmed |= matches!(r, Some(Ok(_)));
+        }
+        if pending && this.first_ok && confirmed {
+            let now = Instant::now();
+            let until = *this.grace_until.get_or_insert_with(|| {
+                let fleet = this.client.fleet();
+                let usual = (0..MAX_REPLICAS)
+                    .filter(|&k| this.calls[k].is_some())
+                    .filter_map(|k| fleet.latency[this.servers[k]].median())
+                    .max()
+                    .unwrap_or(GRACE_MIN);
+                let until = now + (usual * 4).max(GRACE_MIN);
+                this.client.inner.timers.wake_at(until, cx.waker());
+                until
+            });
+            if now >= until {
+                pending = false;
             }
         }
         if pending {
@@ -467,7 +505,7 @@ impl SharedClient {
                         };
                     }
                 }
-                let parts = self.wave(&copies, &del, call, out).await;
+                let parts = self.wave(&copies, &del, call, out, false).await;
                 for p in &parts[..copies.len()] {
                     self.after_delete(p, key);
                 }
@@ -479,7 +517,11 @@ impl SharedClient {
         for k in 0..copies.len() {
             actions[k] = first_wave(kind, st[k]);
         }
-        let parts = self.wave(&copies, &actions, call, out).await;
+        // `Any`: a set, delete or touch answers soon after its first confirmation; a copy
+        // that has not confirmed by then (it is slow or stuck) is remembered for repair
+        // (deleted later: a copy holds the latest value or nothing).
+        let first_ok = kind == WriteKind::Everywhere && self.inner.write_policy == WritePolicy::Any;
+        let parts = self.wave(&copies, &actions, call, out, first_ok).await;
         let parts = &parts[..copies.len()];
         let mut reconcile = [Action::Leave; MAX_REPLICAS];
         let r = settle(
@@ -495,7 +537,7 @@ impl SharedClient {
             }
         }
         if reconcile.contains(&Action::Delete) {
-            let parts = self.wave(&copies, &reconcile, call, out).await;
+            let parts = self.wave(&copies, &reconcile, call, out, false).await;
             for p in &parts[..copies.len()] {
                 self.after_delete(p, key);
             }
@@ -525,6 +567,7 @@ impl SharedClient {
         actions: &[Action; MAX_REPLICAS],
         call: CallSpec<'_>,
         out: &mut Vec<u8>,
+        first_ok: bool,
     ) -> [Part; MAX_REPLICAS] {
         let delete = CallSpec {
             op: Op::Delete,
@@ -536,10 +579,15 @@ impl SharedClient {
         let mut parts: [Part; MAX_REPLICAS] = std::array::from_fn(|_| Part::none());
         {
             let mut join = JoinAll {
+                client: self,
                 calls: std::array::from_fn(|_| None),
+                servers: [0; MAX_REPLICAS],
                 results: std::array::from_fn(|_| None),
+                first_ok,
+                grace_until: None,
             };
             for ((k, buf), i) in bufs.iter_mut().enumerate().zip(copies.iter()) {
+                join.servers[k] = i;
                 join.calls[k] = match actions[k] {
                     Action::Command => Some(self.call_async_on(i, call, buf)),
                     Action::Delete => Some(self.call_async_on(i, delete, buf)),
@@ -551,7 +599,9 @@ impl SharedClient {
                 parts[k] = match (actions[k], r) {
                     (Action::Leave, _) => Part::none(),
                     (a, Some(r)) => Part::new(i, a, r),
-                    (a, None) => Part::new(i, a, Err(self.down(i))),
+                    (Action::Skip, None) => Part::new(i, Action::Skip, Err(self.down(i))),
+                    // Not waited for (`first_ok`): unknown, so remembered for repair.
+                    (a, None) => Part::new(i, a, Err(not_waited(&self.inner.labels[i]))),
                 };
             }
         }
@@ -669,8 +719,10 @@ fn repair_loop(weak: &Weak<Inner>) {
         let client = SharedClient { inner };
         let fleet = client.fleet();
         let work = {
-            let router = lock(&client.inner.router);
-            let core = router.core_ref();
+            let mut router = lock(&client.inner.router);
+            let (core, _) = router.engine();
+            // Servers whose retry time came rejoin here too: an idle client must repair.
+            core.maybe_rejoin();
             fleet.repairs.work(64, |i| core.check_up(i).is_err())
         };
         if work.is_empty() {
