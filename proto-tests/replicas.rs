@@ -117,24 +117,14 @@ impl View {
 fn replica_helper() -> &'static PathBuf {
     static HELPER: OnceLock<PathBuf> = OnceLock::new();
     HELPER.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("replica_helper");
-        let src = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/proto-tests/compat/replica_helper.c"
-        );
-        let status = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&out)
-            .arg(src)
-            .arg("-lmemcached")
-            .status()
-            .expect("run cc: install a C compiler (apt-get install -y gcc)");
-        assert!(
-            status.success(),
-            "building the libmemcached helper failed: install libmemcached \
-             (Debian: apt-get install -y libmemcached-dev)"
-        );
-        out
+        support::libmemcached_helper(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "replica_helper",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/proto-tests/compat/replica_helper.c"
+            ),
+        )
     })
 }
 

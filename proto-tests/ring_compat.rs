@@ -13,24 +13,14 @@ const KEYS_PER_CONFIG: usize = 100_000;
 fn helper() -> &'static PathBuf {
     static HELPER: OnceLock<PathBuf> = OnceLock::new();
     HELPER.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ring_helper");
-        let src = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/proto-tests/compat/ring_helper.c"
-        );
-        let status = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&out)
-            .arg(src)
-            .arg("-lmemcached")
-            .status()
-            .expect("run cc: install a C compiler (apt-get install -y gcc)");
-        assert!(
-            status.success(),
-            "building the libmemcached helper failed: install libmemcached \
-             (Debian: apt-get install -y libmemcached-dev)"
-        );
-        out
+        mcstore_test_support::libmemcached_helper(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "ring_helper",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/proto-tests/compat/ring_helper.c"
+            ),
+        )
     })
 }
 

@@ -374,6 +374,26 @@ pub fn client_builder() -> ClientBuilder {
     b
 }
 
+/// Builds a C helper that links the system libmemcached (`cc -O2 SRC -lmemcached`) into
+/// `dir/name`: the compatibility tests ask the real libmemcached where it puts keys. Panics
+/// with what to install if it cannot.
+pub fn libmemcached_helper(dir: &std::path::Path, name: &str, src: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let status = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(src)
+        .arg("-lmemcached")
+        .status()
+        .expect("run cc: install a C compiler (apt-get install -y gcc)");
+    assert!(
+        status.success(),
+        "building the libmemcached helper failed: install libmemcached \
+         (Debian: apt-get install -y libmemcached-dev)"
+    );
+    out
+}
+
 /// Polls `cond` every 5 ms for up to 20 s; panics naming `what` if it never holds.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
