@@ -356,8 +356,16 @@ impl Client {
         Ok(&self.core.labels()[i])
     }
 
-    /// Where `key` goes now, and its own server (where it goes with every server up).
+    /// Where `key` goes now, and its own server (where it goes with every server up), for a
+    /// caller that then pins its calls there (a server being probed counts as up: pinned
+    /// calls pass its breaker).
     pub(crate) fn route_of_key(&mut self, key: &[u8]) -> Result<Route> {
+        self.core.route_key_peek(&mut self.scratch, key)
+    }
+
+    /// [`route_of_key`](Self::route_of_key) for one call about to be made there: it takes
+    /// the probe of a server being probed, or is refused if another call holds it.
+    pub(crate) fn route_call(&mut self, key: &[u8]) -> Result<Route> {
         self.core.route_key(&mut self.scratch, key)
     }
 

@@ -181,8 +181,12 @@ impl ClientBuilder {
     ///   copy) reads as a miss when the read goes to another copy.
     /// - Multi-key calls run each key as its single-key call.
     ///
-    /// Replicas are not used for meta calls, leases and server-wide commands: those go to the
-    /// key's own server (or every server) as before. With one copy nothing of this runs.
+    /// Meta calls (`meta_get`, `meta_set`, `invalidate`, `meta_debug`, leases) go to the
+    /// first copy up (leases and CAS uniques live on one server); `meta_set` and `invalidate`
+    /// that change the item delete the other copies. Server-wide commands go to every server
+    /// as before. Pipelined (noreply) writes go to every copy up, conditional ones (add,
+    /// replace, append, prepend, incr, decr) to the first and a delete to the others. With
+    /// one copy nothing of this runs.
     pub fn replicas(mut self, n: usize) -> Self {
         self.fleet.replicas = n.clamp(1, MAX_REPLICAS);
         self

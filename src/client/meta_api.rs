@@ -113,7 +113,7 @@ impl Client {
         self.core.require(Capability::Meta, "meta_get")?;
         if self.core.replicated() {
             // A touch only moves that copy's expiry: the value is the same everywhere.
-            return self.on_first_copy(key, |c| c.meta_get(key, opts, buf), |_| false);
+            return self.on_first_copy(key, false, |c| c.meta_get(key, opts, buf), |_| false);
         }
         buf.clear();
         let get = GetOpts {
@@ -165,7 +165,7 @@ impl Client {
     pub fn invalidate(&mut self, key: &[u8], stale_ttl: Option<u32>) -> Result<bool> {
         self.core.require(Capability::Meta, "invalidate")?;
         if self.core.replicated() {
-            return self.on_first_copy(key, |c| c.invalidate(key, stale_ttl), |_| true);
+            return self.on_first_copy(key, true, |c| c.invalidate(key, stale_ttl), |_| true);
         }
         self.keyed_bool(key, |key| Cmd::Invalidate(key, stale_ttl))
     }
@@ -186,7 +186,7 @@ impl Client {
         self.core.require(Capability::Meta, "meta_set")?;
         if self.core.replicated() {
             let stored = |r: &MetaSetResult| r.outcome == SetOutcome::Stored;
-            return self.on_first_copy(key, |c| c.meta_set(key, value, opts), stored);
+            return self.on_first_copy(key, true, |c| c.meta_set(key, value, opts), stored);
         }
         let store = StoreOpts {
             mode: opts.mode,
@@ -212,7 +212,7 @@ impl Client {
     pub fn meta_debug(&mut self, key: &[u8]) -> Result<Option<String>> {
         self.core.require(Capability::Meta, "meta_debug")?;
         if self.core.replicated() {
-            return self.on_first_copy(key, |c| c.meta_debug(key), |_| false);
+            return self.on_first_copy(key, false, |c| c.meta_debug(key), |_| false);
         }
         self.keyed(key, |c, i, key| {
             // `me` takes no opaque: its hit is checked by the key it names.

@@ -124,7 +124,7 @@ impl Client {
         let copies = copies.as_slice();
         let mut standing = [Standing::Up; MAX_REPLICAS];
         for (k, &i) in copies.iter().enumerate() {
-            standing[k] = self.core.standing(i as usize, key);
+            standing[k] = self.core.standing_to_call(i as usize, key);
         }
         if kind == WriteKind::FirstThenDelete {
             return self.write_first(op, key, value, out, copies, &standing);
@@ -247,19 +247,39 @@ impl Client {
     pub(crate) fn on_first_copy<T>(
         &mut self,
         key: &[u8],
-        f: impl FnOnce(&mut Client) -> Result<T>,
+        write: bool,
+        mut f: impl FnMut(&mut Client) -> Result<T>,
         changed: impl FnOnce(&T) -> bool,
     ) -> Result<T> {
         let copies = self.core.copies_of(&mut self.scratch, key)?;
         let copies = copies.as_slice();
-        let first = copies
-            .iter()
-            .map(|&i| i as usize)
-            .find(|&i| self.core.standing(i, key) == Standing::Up);
-        let Some(first) = first else {
-            return Err(self.core.down_error(copies[0] as usize));
+        let mut last = None;
+        let mut answered = None;
+        for &i in copies {
+            let i = i as usize;
+            if self.core.standing_to_call(i, key) != Standing::Up {
+                continue;
+            }
+            match self.pinned(i, &mut f) {
+                Ok(r) => {
+                    answered = Some((i, r));
+                    break;
+                }
+                // A write may have happened there: remembered for repair. A read goes on
+                // to the next copy; a write does not (its result belongs to that copy).
+                Err(e) if fails_over(&e) => {
+                    if write {
+                        self.core.fleet_shared().repairs.record(i, key);
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((first, r)) = answered else {
+            return Err(last.unwrap_or_else(|| self.core.down_error(copies[0] as usize)));
         };
-        let r = self.pinned(first, f)?;
         if changed(&r) {
             let mut out = Vec::new();
             for &i in copies.iter().filter(|&&i| i as usize != first) {

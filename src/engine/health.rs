@@ -262,6 +262,11 @@ impl Health {
         }
     }
 
+    /// Whether server `i`'s breaker is half-open (a probe may be taken), without taking it.
+    pub(crate) fn is_probed(&self, i: usize) -> bool {
+        self.up[i] == Gate::Probe
+    }
+
     /// How long until server `i` may be tried again (zero if it may be now), without
     /// taking its probe.
     pub(crate) fn retry_in(&self, i: usize) -> Duration {

@@ -267,10 +267,21 @@ impl Core {
             .ok_or_else(|| Error::Config(format!("no server {server:?} in this client")))
     }
 
-    /// Where `key` goes now, and its own server (where it goes with every server up).
+    /// Where `key` goes now, and its own server (where it goes with every server up), for
+    /// a call about to be made there: a server being probed is given to this call (which
+    /// must then be made, pinned, and report) or refused if another call probes it.
     pub(crate) fn route_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<Route> {
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
         let server = self.route(hashed)?;
+        let home = self.ring.pick_home(hashed).ok_or(Error::NoServers)?;
+        Ok(Route { server, home })
+    }
+
+    /// [`route_key`](Self::route_key) without taking a probe: for a caller that asks where
+    /// a key goes and then pins its calls there (the storage), or only asks.
+    pub(crate) fn route_key_peek(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<Route> {
+        let server = self.server_now(scratch, key)?;
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
         let home = self.ring.pick_home(hashed).ok_or(Error::NoServers)?;
         Ok(Route { server, home })
     }
@@ -346,14 +357,32 @@ impl Core {
 
     /// How copy `i` stands for a call on `key`: marked down, waiting for a repair of the
     /// key, or up.
+    /// Takes nothing: a copy being probed is [`Standing::Probe`] (see [`take_probe`]).
+    /// A copy waiting for a repair of the key is `Blocked` even if it is also down: a pinned
+    /// call could reach it once its breaker half-opens.
+    ///
+    /// [`take_probe`]: Self::take_probe
     pub(crate) fn standing(&mut self, i: usize, key: &[u8]) -> Standing {
         self.health.maybe_rejoin(&mut self.ring);
-        if self.health.check(i).is_err() {
-            Standing::Down
-        } else if self.fleet_shared().repairs.blocks(i, key) {
+        if self.fleet_shared().repairs.blocks(i, key) {
             Standing::Blocked
+        } else if self.health.retry_in(i) > std::time::Duration::ZERO {
+            Standing::Down
+        } else if self.health.is_probed(i) {
+            Standing::Probe
         } else {
             Standing::Up
+        }
+    }
+
+    /// [`standing`](Self::standing) for a call about to be made on copy `i` (a write, a
+    /// meta call): a copy being probed becomes `Up` if this call takes its probe (it then
+    /// reports as any call does), `Down` if another call holds it.
+    pub(crate) fn standing_to_call(&mut self, i: usize, key: &[u8]) -> Standing {
+        match self.standing(i, key) {
+            Standing::Probe if self.health.check(i).is_ok() => Standing::Up,
+            Standing::Probe => Standing::Down,
+            s => s,
         }
     }
 
@@ -453,7 +482,12 @@ impl Core {
 
     #[inline]
     pub(crate) fn check_up(&self, i: usize) -> Result<()> {
-        self.health.check(i).map_err(|retry_in| Error::ServerDown {
+        // A client pinned to `i` was routed there by its caller, who took the probe.
+        let up = match self.pinned {
+            Some(p) if p == i => self.health.check_routed(i),
+            _ => self.health.check(i),
+        };
+        up.map_err(|retry_in| Error::ServerDown {
             server: self.labels[i].clone(),
             retry_in,
         })
@@ -492,9 +526,7 @@ impl Core {
     pub(crate) fn instance(&mut self, i: usize) -> Result<ServerInstance> {
         self.check_up(i)?;
         let r = self.ask_instance(i);
-        if let Err(e) = &r {
-            self.health.record_error(i, e, &mut self.ring);
-        }
+        self.health.record(i, &r, &mut self.ring);
         r
     }
 

@@ -198,10 +198,12 @@ impl Pipeline<'_> {
         cmd: impl Fn(Key<'_>) -> Cmd<'_>,
     ) -> Result<()> {
         let copies = self.client.copies_for(key, self.keybuf)?;
-        let (mut sent, mut first_error) = (0, None);
+        let (mut sent, mut commanded, mut first_error) = (0, false, None);
         for &i in copies.as_slice() {
             let i = i as usize;
-            let delete = first_only && sent > 0;
+            // A copy waiting for a repair of the key gets a delete (which repairs it).
+            let blocked = self.client.fleet_shared().repairs.blocks(i, key);
+            let delete = (first_only && commanded) || blocked;
             let r = self.client.check_up(i).and_then(|()| {
                 let i = match delete {
                     true => self.queue(key, None, Some(i), Cmd::delete)?,
@@ -212,6 +214,7 @@ impl Pipeline<'_> {
             match r {
                 Ok(()) => {
                     sent += 1;
+                    commanded |= !delete;
                     let n = self.started.len();
                     self.copy_keys.resize_with(n, Vec::new);
                     self.copy_keys[i].push(key.into());
@@ -280,7 +283,11 @@ impl Pipeline<'_> {
         let inline = (!large).then_some(value);
         // Large values go out straight from the caller's slice, without a copy.
         let apart = large.then_some(value);
-        self.put(key, inline, apart, false, |k| {
+        // With copies, a conditional store (add, replace, append, prepend) goes to the
+        // first copy only and the others are deleted: a copy holds the latest value or
+        // nothing, and a noreply command's outcome is not known to reconcile them.
+        let first_only = mode != StoreMode::Set;
+        self.put(key, inline, apart, first_only, |k| {
             Cmd::Store(k, opts, value.len())
         })?;
         Ok(self)

@@ -50,6 +50,10 @@ pub(crate) enum Standing {
     /// Up, but slow now (a request outstanding far longer than its usual latency, or a
     /// median far above the others'): tried after the others.
     Slow,
+    /// Its breaker is half-open: one call at a time may probe it. Reads try it last (as a
+    /// copy marked down: with the probe free, a pinned call may reach it); a write takes the
+    /// probe first, and treats it as down if another call holds it.
+    Probe,
     /// Marked down (ejected, or its breaker open).
     Down,
     /// Waiting for a repair of this key: must not serve it.
@@ -137,7 +141,12 @@ pub(crate) fn read_order(
         s: [0; MAX_REPLICAS],
         n: 0,
     };
-    for want in [Standing::Up, Standing::Slow, Standing::Down] {
+    for want in [
+        Standing::Up,
+        Standing::Slow,
+        Standing::Probe,
+        Standing::Down,
+    ] {
         for (k, &i) in copies.iter().enumerate() {
             if st[k] == want {
                 out.push(i);
@@ -164,7 +173,7 @@ pub(crate) enum Action {
 /// [`WriteKind::FirstThenDelete`], the copies it may try, in order; the deletes follow).
 pub(crate) fn first_wave(kind: WriteKind, standing: Standing) -> Action {
     match (kind, standing) {
-        (_, Standing::Down) => Action::Skip,
+        (_, Standing::Down | Standing::Probe) => Action::Skip,
         (_, Standing::Blocked) => Action::Delete,
         (_, Standing::Up | Standing::Slow) => Action::Command,
     }

@@ -135,7 +135,8 @@ impl Repairs {
         let st = self.lock();
         let mut out = Vec::new();
         for (i, keys) in st.keys.iter().enumerate() {
-            if skip(i) {
+            // `skip` may take a server's probe: asked only of servers with work to do.
+            if (keys.is_empty() && !st.flush[i]) || skip(i) {
                 continue;
             }
             if st.flush[i] {

@@ -185,7 +185,10 @@ impl<'a> CopyRead<'a> {
             let callers = other.or_else(|| self.out.take());
             if let (Some(out), Some(spare)) = (callers, t.call.take_out()) {
                 out.clear();
-                out.extend_from_slice(spare);
+                // Only a hit wrote the spare: on a miss it still holds an earlier value.
+                if matches!(reply, Reply::Hit(_)) {
+                    out.extend_from_slice(spare);
+                }
             }
         }
         // The other try, if any, is dropped: withdrawn, or its reply read and dropped.
@@ -389,7 +392,9 @@ impl SharedClient {
     }
 
     /// A key's copies in placement order and how each stands (validating the key).
-    fn copies(&self, key: &[u8]) -> Result<(Servers, [Standing; MAX_REPLICAS])> {
+    /// `to_call`: for a write or meta call, which takes the probe of a copy being probed
+    /// (see `Core::standing_to_call`); a read takes none.
+    fn copies(&self, key: &[u8], to_call: bool) -> Result<(Servers, [Standing; MAX_REPLICAS])> {
         let inner = &*self.inner;
         let mut router = lock(&inner.router);
         let (core, scratch) = router.engine();
@@ -398,7 +403,10 @@ impl SharedClient {
         let now = Instant::now();
         for (k, &i) in copies.as_slice().iter().enumerate() {
             let i = i as usize;
-            st[k] = core.standing(i, key);
+            st[k] = match to_call {
+                true => core.standing_to_call(i, key),
+                false => core.standing(i, key),
+            };
             if st[k] == Standing::Up && self.looks_stuck(i, now) {
                 st[k] = Standing::Slow;
             }
@@ -424,7 +432,7 @@ impl SharedClient {
         timers: bool,
     ) -> Result<CopyRead<'a>> {
         self.check(&call)?;
-        let (copies, st) = self.copies(call.key)?;
+        let (copies, st) = self.copies(call.key, false)?;
         let fleet = self.fleet();
         let order = crate::fleet::plan::read_order(
             copies.as_slice(),
@@ -468,7 +476,7 @@ impl SharedClient {
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
         self.check(&call)?;
-        let (copies, st) = self.copies(call.key)?;
+        let (copies, st) = self.copies(call.key, true)?;
         let fleet = self.fleet();
         let key = call.key;
         if kind == WriteKind::FirstThenDelete {
@@ -656,21 +664,50 @@ impl SharedClient {
     pub(super) fn on_first_copy<T>(
         &self,
         key: &[u8],
-        f: impl FnOnce(&mut crate::Client) -> Result<T>,
+        write: bool,
+        mut f: impl FnMut(&mut crate::Client) -> Result<T>,
         changed: impl FnOnce(&T) -> bool,
     ) -> Result<T> {
-        let (copies, st) = self.copies(key)?;
-        let first = copies
-            .iter()
-            .zip(st)
-            .find(|(_, s)| matches!(s, Standing::Up | Standing::Slow))
-            .map(|(i, _)| i);
-        let Some(first) = first else {
-            return Err(self.down(copies.get(0).unwrap_or(0)));
-        };
-        let r = {
-            let mut c = self.lend_for(first);
-            c.pinned(first, f)?
+        let (copies, st) = self.copies(key, false)?;
+        let mut last = None;
+        let mut answered = None;
+        for (i, s) in copies.iter().zip(st) {
+            let usable = match s {
+                Standing::Up | Standing::Slow => true,
+                // Taken only for the copy about to be asked.
+                Standing::Probe => {
+                    let mut router = lock(&self.inner.router);
+                    router.engine().0.standing_to_call(i, key) == Standing::Up
+                }
+                Standing::Down | Standing::Blocked => false,
+            };
+            if !usable {
+                continue;
+            }
+            let r = {
+                let mut c = self.lend_for(i);
+                c.pinned(i, &mut f)
+            };
+            match r {
+                Ok(r) => {
+                    answered = Some((i, r));
+                    break;
+                }
+                // As `Client::on_first_copy`: a write is remembered for repair and not
+                // retried elsewhere; a read goes on to the next copy.
+                Err(e) if fails_over(&e) => {
+                    if write {
+                        self.fleet().repairs.record(i, key);
+                        self.ensure_repairer();
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((first, r)) = answered else {
+            return Err(last.unwrap_or_else(|| self.down(copies.get(0).unwrap_or(0))));
         };
         if changed(&r) {
             let mut buf = Vec::new();

@@ -30,7 +30,7 @@ impl SharedClient {
         if inner.single {
             return Ok((&inner.engines[0], false));
         }
-        let server = lock(&inner.router).route_of_key(key)?.server;
+        let server = lock(&inner.router).route_call(key)?.server;
         Ok((&inner.engines[server], true))
     }
 

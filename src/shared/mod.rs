@@ -344,13 +344,17 @@ impl SharedClient {
 impl SharedClient {
     /// Runs `f` on `key`'s server connection, lent for the call (meta calls, which the
     /// rounds do not batch).
-    fn on_key_server<T>(&self, key: &[u8], f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    fn on_key_server<T>(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(&mut Client) -> Result<T>,
+    ) -> Result<T> {
         if self.replicated() {
-            return self.on_first_copy(key, f, |_| false);
+            return self.on_first_copy(key, false, f, |_| false);
         }
         let server = self.route_of_key(key)?.server;
         let mut c = self.lend_for(server);
-        c.pinned(server, f)
+        c.pinned(server, &mut f)
     }
 
     /// Meta get with leases and item metadata (meta protocol). Errors as
@@ -367,7 +371,7 @@ impl SharedClient {
     /// Marks an item stale (meta protocol). Errors as [`Client::invalidate`].
     pub fn invalidate(&self, key: &[u8], stale_ttl: Option<u32>) -> Result<bool> {
         if self.replicated() {
-            return self.on_first_copy(key, |c| c.invalidate(key, stale_ttl), |_| true);
+            return self.on_first_copy(key, true, |c| c.invalidate(key, stale_ttl), |_| true);
         }
         self.on_key_server(key, |c| c.invalidate(key, stale_ttl))
     }
@@ -381,7 +385,7 @@ impl SharedClient {
     ) -> Result<MetaSetResult> {
         if self.replicated() {
             let stored = |r: &MetaSetResult| r.outcome == crate::SetOutcome::Stored;
-            return self.on_first_copy(key, |c| c.meta_set(key, value, opts), stored);
+            return self.on_first_copy(key, true, |c| c.meta_set(key, value, opts), stored);
         }
         self.on_key_server(key, |c| c.meta_set(key, value, opts))
     }
