@@ -437,7 +437,12 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 // Added for #27's fault benchmark (scripts/faults).
                 "p999_us",
                 "max_us",
-                "failed"
+                "failed",
+                // #27: what copies did (0 without --replicas).
+                "failovers",
+                "hedges",
+                "hedges_won",
+                "hedges_refused"
             ],
             "{last}"
         );

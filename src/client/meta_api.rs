@@ -185,6 +185,7 @@ impl Client {
     ) -> Result<MetaSetResult> {
         self.core.require(Capability::Meta, "meta_set")?;
         if self.core.replicated() {
+            self.core.check_value(value)?;
             let stored = |r: &MetaSetResult| r.outcome == SetOutcome::Stored;
             return self.on_first_copy(key, true, |c| c.meta_set(key, value, opts), stored);
         }

@@ -52,6 +52,10 @@ impl Client {
         value: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
+        // Refused before any copy's probe is taken (a refused call reports nothing).
+        if let Op::Store(_) = op {
+            self.core.check_value(value)?;
+        }
         self.repair_some();
         match write_kind(&op) {
             None => self.read_copies(op, key, out),
@@ -75,11 +79,14 @@ impl Client {
                 Work::Delete(i, k) => self
                     .on_copy(*i, Op::Delete, k, &[], &mut Vec::new())
                     .is_ok(),
+                // Pinned: the look-up above took the server's probe, if it is half-open.
                 Work::Flush(i) => self
-                    .core
-                    .on_server(*i, &Cmd::FlushAll(None), &mut |o| match o {
-                        Outcome::Ok => Ok(Some(())),
-                        _ => Err(ParseError::Unexpected),
+                    .pinned(*i, |c| {
+                        c.core
+                            .on_server(*i, &Cmd::FlushAll(None), &mut |o| match o {
+                                Outcome::Ok => Ok(Some(())),
+                                _ => Err(ParseError::Unexpected),
+                            })
                     })
                     .is_ok(),
             };
@@ -94,6 +101,15 @@ impl Client {
         let mut last = None;
         for k in 0..order.len() {
             let i = order.get(k).expect("in range");
+            // A copy being probed (half-open) is asked only by the call that takes its
+            // probe; the others fail over (or fail) at once.
+            match self.core.standing_to_call(i, key) {
+                Standing::Up | Standing::Slow => {}
+                _ => {
+                    last.get_or_insert_with(|| self.core.down_error(i));
+                    continue;
+                }
+            }
             let started = Instant::now();
             match self.on_copy(i, op, key, &[], out) {
                 Ok(r) => {
@@ -123,11 +139,16 @@ impl Client {
         let copies = self.core.copies_of(&mut self.scratch, key)?;
         let copies = copies.as_slice();
         let mut standing = [Standing::Up; MAX_REPLICAS];
+        if kind == WriteKind::FirstThenDelete {
+            // Probes are taken one copy at a time, right before that copy is asked.
+            for (k, &i) in copies.iter().enumerate() {
+                standing[k] = self.core.standing(i as usize, key);
+            }
+            return self.write_first(op, key, value, out, copies, &standing);
+        }
+        // Every copy is asked: each copy being probed is probed by this write.
         for (k, &i) in copies.iter().enumerate() {
             standing[k] = self.core.standing_to_call(i as usize, key);
-        }
-        if kind == WriteKind::FirstThenDelete {
-            return self.write_first(op, key, value, out, copies, &standing);
         }
         let mut parts: [Part; MAX_REPLICAS] = std::array::from_fn(|_| Part::none());
         for (k, &i) in copies.iter().enumerate() {
@@ -177,7 +198,11 @@ impl Client {
         let mut last = None;
         for (k, &i) in copies.iter().enumerate() {
             let i = i as usize;
-            if first_wave(WriteKind::FirstThenDelete, standing[k]) != Action::Command {
+            let st = match standing[k] {
+                Standing::Probe => self.core.standing_to_call(i, key),
+                s => s,
+            };
+            if first_wave(WriteKind::FirstThenDelete, st) != Action::Command {
                 continue;
             }
             match self.on_copy(i, op, key, value, out) {
@@ -200,7 +225,11 @@ impl Client {
                 if k == d {
                     continue;
                 }
-                if standing[k] == Standing::Down {
+                let st = match standing[k] {
+                    Standing::Probe => self.core.standing_to_call(i as usize, key),
+                    s => s,
+                };
+                if st == Standing::Down || st == Standing::Probe {
                     self.core.fleet_shared().repairs.record(i as usize, key);
                 } else {
                     self.delete_copy(i as usize, key, out);

@@ -114,6 +114,8 @@ pub(super) struct CopyRead<'a> {
     client: &'a SharedClient,
     call: CallSpec<'a>,
     order: Servers,
+    /// The copies of `order` being probed (half-open).
+    probing: Servers,
     /// The next copy in `order` to ask.
     next: usize,
     tries: [Option<Try<'a>>; 2],
@@ -145,15 +147,26 @@ impl<'a> CopyRead<'a> {
 
     /// Starts the next copy's try in `tries[k]` with buffer `buf`; false if none is left.
     fn start(&mut self, k: usize, buf: &'a mut Vec<u8>, callers: bool, hedge: bool) -> bool {
-        let Some(server) = self.order.get(self.next) else {
-            if callers {
-                self.out = Some(buf);
-            } else {
-                self.spare = Some(buf);
+        // A copy being probed is asked only by the read that takes its probe.
+        let server = loop {
+            let Some(server) = self.order.get(self.next) else {
+                if callers {
+                    self.out = Some(buf);
+                } else {
+                    self.spare = Some(buf);
+                }
+                return false;
+            };
+            self.next += 1;
+            let probed = self.probing.as_slice().contains(&(server as u32));
+            if !probed
+                || self.client.to_call(server, self.call.key, Standing::Probe) == Standing::Up
+            {
+                break server;
             }
-            return false;
+            self.last_error
+                .get_or_insert_with(|| self.client.down(server));
         };
-        self.next += 1;
         self.tries[k] = Some(Try {
             call: self.client.call_async_on(server, self.call, buf),
             server,
@@ -414,6 +427,15 @@ impl SharedClient {
         Ok((Servers::from_slice(copies.as_slice()), st))
     }
 
+    /// `st` for a call about to be made on copy `i`: a copy being probed becomes `Up` if this
+    /// call takes its probe, `Down` if another call holds it.
+    fn to_call(&self, i: usize, key: &[u8], st: Standing) -> Standing {
+        if st != Standing::Probe {
+            return st;
+        }
+        lock(&self.inner.router).engine().0.standing_to_call(i, key)
+    }
+
     /// Whether server `i` has had a round on the wire far longer than it usually takes.
     fn looks_stuck(&self, i: usize, now: Instant) -> bool {
         let Some(busy) = self.inner.engines[i].busy_for(now) else {
@@ -440,10 +462,17 @@ impl SharedClient {
             |i| fleet.latency[i].median(),
         );
         let hedge = self.inner.hedge.filter(|_| order.len() > 1);
+        let mut probing = Servers::from_slice(&[]);
+        for (i, s) in copies.iter().zip(st) {
+            if s == Standing::Probe {
+                probing.push(i as u32);
+            }
+        }
         let mut read = CopyRead {
             client: self,
             call,
             order,
+            probing,
             next: 0,
             tries: [None, None],
             out: None,
@@ -476,14 +505,17 @@ impl SharedClient {
         out: &mut Vec<u8>,
     ) -> Result<Reply> {
         self.check(&call)?;
-        let (copies, st) = self.copies(call.key, true)?;
+        // cas, incr, decr ask one copy at a time: a probe is taken right before its copy is
+        // asked. The other writes ask every copy: each copy being probed is probed now.
+        let first_then_delete = kind == WriteKind::FirstThenDelete;
+        let (copies, st) = self.copies(call.key, !first_then_delete)?;
         let fleet = self.fleet();
         let key = call.key;
-        if kind == WriteKind::FirstThenDelete {
+        if first_then_delete {
             let mut decided = None;
             let mut last = None;
             for (k, i) in copies.iter().enumerate() {
-                if first_wave(kind, st[k]) != Action::Command {
+                if first_wave(kind, self.to_call(i, key, st[k])) != Action::Command {
                     continue;
                 }
                 match self.call_async_on(i, call, out).await {
@@ -507,8 +539,8 @@ impl SharedClient {
                 for (k, _) in copies.iter().enumerate() {
                     if k != d {
                         // Down: remembered for repair (a failed `Skip` part); else deleted.
-                        del[k] = match st[k] {
-                            Standing::Down => Action::Skip,
+                        del[k] = match self.to_call(copies.get(k).unwrap_or(0), key, st[k]) {
+                            Standing::Down | Standing::Probe => Action::Skip,
                             _ => Action::Delete,
                         };
                     }
@@ -788,9 +820,11 @@ fn repair_loop(weak: &Weak<Inner>) {
                     let eng = &client.inner.engines[*i];
                     client.exec_on(eng, call, false, &mut buf).is_ok()
                 }
+                // Pinned: the look-up above took the server's probe, if it is half-open.
                 Work::Flush(i) => {
                     let label = client.inner.labels[*i].clone();
-                    client.flush_server(&label, None).is_ok()
+                    let mut admin = lock(&client.inner.admin);
+                    admin.pinned(*i, |c| c.flush_server(&label, None)).is_ok()
                 }
             };
             if ok {

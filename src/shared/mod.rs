@@ -384,6 +384,12 @@ impl SharedClient {
         opts: MetaSetOptions,
     ) -> Result<MetaSetResult> {
         if self.replicated() {
+            if value.len() > self.inner.max_value {
+                return Err(crate::Error::ValueTooLarge {
+                    len: value.len(),
+                    max: self.inner.max_value,
+                });
+            }
             let stored = |r: &MetaSetResult| r.outcome == crate::SetOutcome::Stored;
             return self.on_first_copy(key, true, |c| c.meta_set(key, value, opts), stored);
         }
