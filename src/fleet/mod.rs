@@ -34,12 +34,13 @@ pub enum WritePolicy {
     /// deleted before it serves that key again.
     #[default]
     All,
-    /// The first copy to confirm answers the call. A [`SharedClient`](crate::SharedClient)
-    /// gives the others a short grace (a few times their usual latency, 2 ms at least) and
-    /// then answers; a copy that has not confirmed by then, or fails, is remembered and
-    /// repaired as with [`All`](Self::All) (deleted there: a slow copy loses the key rather
-    /// than keep an old value). A [`Client`](crate::Client), one call at a time, writes the
-    /// copies in turn.
+    /// The first copy to confirm answers the call, without waiting for copies that look
+    /// stuck. A [`SharedClient`](crate::SharedClient) waits for the others while they answer
+    /// in about their usual time, and answers as soon as every copy left has had a request
+    /// on the wire far longer than usual (4x its median latency, 2 ms at least); a copy given
+    /// up on, or that fails, is remembered and repaired as with [`All`](Self::All) (deleted
+    /// there: it loses the key rather than keep an old value). A [`Client`](crate::Client),
+    /// one call at a time, writes the copies in turn.
     Any,
 }
 

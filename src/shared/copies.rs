@@ -331,14 +331,15 @@ struct JoinAll<'a> {
     calls: [Option<AsyncCall<'a>>; MAX_REPLICAS],
     servers: [usize; MAX_REPLICAS],
     results: [Option<Result<Reply>>; MAX_REPLICAS],
-    /// After the first call that succeeds, wait for the others only a grace period (their
-    /// usual latency, a few times over): a copy that is slow or stuck is then dropped
-    /// (withdrawn if still queued, or left to its round) and remembered for repair.
+    /// After the first call that succeeds, wait for the others only while one of them does
+    /// not look stuck: a stuck copy is then dropped (withdrawn if still queued, or left to
+    /// its round) and remembered for repair.
     first_ok: bool,
+    /// When to look at the others again.
     grace_until: Option<Instant>,
 }
 
-/// The grace [`JoinAll`] gives the other copies after the first confirmation, at least.
+/// How often [`JoinAll`] looks whether the copies it still waits for look stuck.
 const GRACE_MIN: Duration = Duration::from_millis(2);
 
 impl Future for JoinAll<'_> {
@@ -361,20 +362,20 @@ impl Future for JoinAll<'_> {
             confirmed |= matches!(r, Some(Ok(_)));
         }
         if pending && this.first_ok && confirmed {
+            // The others are waited for unless every one left looks stuck (a round on the
+            // wire far longer than usual): a copy that is merely slow (a busy machine) keeps
+            // the write, one that is frozen is given up on (and repaired later). Looked at
+            // again every `GRACE_MIN`.
             let now = Instant::now();
-            let until = *this.grace_until.get_or_insert_with(|| {
-                let fleet = this.client.fleet();
-                let usual = (0..MAX_REPLICAS)
-                    .filter(|&k| this.calls[k].is_some())
-                    .filter_map(|k| fleet.latency[this.servers[k]].median())
-                    .max()
-                    .unwrap_or(GRACE_MIN);
-                let until = now + (usual * 4).max(GRACE_MIN);
-                this.client.inner.timers.wake_at(until, cx.waker());
-                until
-            });
-            if now >= until {
+            let stuck = (0..MAX_REPLICAS)
+                .filter(|&k| this.calls[k].is_some())
+                .all(|k| this.client.looks_stuck(this.servers[k], now));
+            if stuck {
                 pending = false;
+            } else if this.grace_until.is_none_or(|at| now >= at) {
+                let at = now + GRACE_MIN;
+                this.grace_until = Some(at);
+                this.client.inner.timers.wake_at(at, cx.waker());
             }
         }
         if pending {
