@@ -546,6 +546,9 @@ fn main() {
     let passed = results.len() - failed;
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
+        // `exit` runs no destructor: the servers are stopped first (they would outlive us).
+        drop(three);
+        drop(mc);
         std::process::exit(1);
     }
 }
