@@ -243,12 +243,7 @@ impl Client {
     /// one if it succeeds.
     fn delete_copy(&mut self, i: usize, key: &[u8], out: &mut Vec<u8>) {
         let ok = self.on_copy(i, Op::Delete, key, &[], out).is_ok();
-        let repairs = &self.core.fleet_shared().repairs;
-        if ok {
-            repairs.clear(i, key);
-        } else {
-            repairs.record(i, key);
-        }
+        self.core.fleet_shared().repairs.deleted(i, key, ok);
     }
 
     /// Sends one copy its part of a write's first wave.

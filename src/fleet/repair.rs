@@ -111,6 +111,16 @@ impl Repairs {
         }
     }
 
+    /// A delete of `key` was sent to server `i` (a repair or a reconciliation): done, it
+    /// holds nothing now; failed, it is remembered for repair.
+    pub(crate) fn deleted(&self, i: usize, key: &[u8], ok: bool) {
+        if ok {
+            self.clear(i, key);
+        } else {
+            self.record(i, key);
+        }
+    }
+
     /// A repair done: `work` succeeded.
     pub(crate) fn done(&self, work: &Work) {
         match work {

@@ -753,12 +753,7 @@ impl SharedClient {
                 let ok = self
                     .exec_on(&self.inner.engines[i], call, false, &mut buf)
                     .is_ok();
-                let repairs = &self.fleet().repairs;
-                if ok {
-                    repairs.clear(i, key);
-                } else {
-                    repairs.record(i, key);
-                }
+                self.fleet().repairs.deleted(i, key, ok);
             }
             self.ensure_repairer();
         }
