@@ -45,12 +45,37 @@ fn replicated(ms: &[Memcached], p: Protocol) -> ClientBuilder {
         .connect_timeout(Duration::from_secs(5))
 }
 
+/// Where a client keeps a key's copies, worked out independently of it.
+trait Places {
+    fn places(&self, key: &str) -> Vec<usize>;
+}
+
+/// Two copies on one continuum (natural placement).
+impl Places for Continuum {
+    fn places(&self, key: &str) -> Vec<usize> {
+        let r = self.replicas(key.as_bytes(), 2, ReplicaPlacement::Natural);
+        r.as_slice().iter().map(|&i| i as usize).collect()
+    }
+}
+
+/// One copy per zone: each zone's own continuum (as a client of that zone alone), shifted
+/// to the zone's first server; zones in the order they were added.
+struct Zoned(Vec<(usize, Continuum)>);
+
+impl Places for Zoned {
+    fn places(&self, key: &str) -> Vec<usize> {
+        self.0
+            .iter()
+            .map(|(first, ring)| first + ring.pick(key.as_bytes()).unwrap())
+            .collect()
+    }
+}
+
 /// A key's two copies, in placement order.
-fn copies(ring: &Continuum, key: &str) -> [usize; 2] {
-    let r = ring.replicas(key.as_bytes(), 2, ReplicaPlacement::Natural);
-    let s = r.as_slice();
+fn copies(ring: &dyn Places, key: &str) -> [usize; 2] {
+    let s = ring.places(key);
     assert_eq!(s.len(), 2, "{key}: two copies");
-    [s[0] as usize, s[1] as usize]
+    [s[0], s[1]]
 }
 
 /// Each server asked directly (meta protocol: values, TTLs and CAS uniques).
@@ -89,7 +114,7 @@ impl View {
 
     /// Asserts that `key`'s first copy holds `first`, its second `second`, and every other
     /// server nothing.
-    fn expect(&mut self, ring: &Continuum, key: &str, first: Option<&str>, second: Option<&str>) {
+    fn expect(&mut self, ring: &dyn Places, key: &str, first: Option<&str>, second: Option<&str>) {
         let [a, b] = copies(ring, key);
         let want: Vec<Option<String>> = (0..self.direct.len())
             .map(|i| {
@@ -281,21 +306,25 @@ macro_rules! fronts {
         trait Front {
             fn name(&self) -> &'static str;
             fn counters(&self) -> FleetCounters;
+            fn set_zone_write_only(&mut self, zone: &str, on: bool) -> mcstore::Result<()>;
             $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o>;)*
         }
         impl Front for Plain {
             fn name(&self) -> &'static str { "Client" }
             fn counters(&self) -> FleetCounters { self.0.fleet_counters() }
+            fn set_zone_write_only(&mut self, zone: &str, on: bool) -> mcstore::Result<()> { self.0.set_zone_write_only(zone, on) }
             $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> { self.0.$m($($a),*) })*
         }
         impl Front for Blocking {
             fn name(&self) -> &'static str { "SharedClient" }
             fn counters(&self) -> FleetCounters { self.0.fleet_counters() }
+            fn set_zone_write_only(&mut self, zone: &str, on: bool) -> mcstore::Result<()> { self.0.set_zone_write_only(zone, on) }
             $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> { self.0.$m($($a),*) })*
         }
         impl Front for Async {
             fn name(&self) -> &'static str { "SharedClient async" }
             fn counters(&self) -> FleetCounters { self.c.fleet_counters() }
+            fn set_zone_write_only(&mut self, zone: &str, on: bool) -> mcstore::Result<()> { self.c.set_zone_write_only(zone, on) }
             $(fn $m(&mut self, $($a: $t),*) -> mcstore::Result<$o> {
                 self.rt.block_on(self.c.$am($($a),*))
             })*
@@ -351,7 +380,7 @@ fn one_copy_read(f: &mut dyn Front, key: &str, want: &str) {
 }
 
 /// Runs every keyed command on `f` and checks the reply and what each server holds after it.
-fn every_command(f: &mut dyn Front, view: &mut View, ring: &Continuum, tag: &str) {
+fn every_command(f: &mut dyn Front, view: &mut View, ring: &dyn Places, tag: &str) {
     let who = f.name();
     let k = |n: &str| format!("{tag}:{n}");
     let b = |s: &str| s.as_bytes().to_vec();
@@ -621,10 +650,198 @@ fn commands_behave_as_documented(p: Protocol) {
     }
 }
 
+/// Two zones of two servers, a copy in each: zone `a` (servers 0, 1), zone `b` (2, 3).
+fn two_zones(ms: &[Memcached], p: Protocol) -> (ClientBuilder, Zoned) {
+    let a = addrs(&ms[..2]);
+    let b = addrs(&ms[2..]);
+    let ring_of = |servers: &[String]| {
+        support::client_builder()
+            .servers(servers)
+            .distribution(Distribution::Ketama)
+            .build()
+            .unwrap()
+            .continuum()
+            .clone()
+    };
+    let layout = Zoned(vec![(0, ring_of(&a)), (2, ring_of(&b))]);
+    let builder = support::client_builder()
+        .protocol(p)
+        .zone("a", a)
+        .zone("b", b)
+        .distribution(Distribution::Ketama)
+        .io_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    (builder, layout)
+}
+
+fn four() -> Vec<Memcached> {
+    (0..4).map(|_| Memcached::start()).collect()
+}
+
+/// Every keyed command with two zones (a copy of each key in each, each zone's continuum
+/// its own), on every front: the same behaviour as two copies on one continuum.
+fn commands_with_two_zones(p: Protocol) {
+    let ms = four();
+    let mut view = View::new(&ms);
+    let (b, layout) = two_zones(&ms, p);
+    let mut plain = b.clone().build().unwrap();
+    for k in 0..200 {
+        let key = format!("zoned:{k}");
+        assert_eq!(
+            plain.servers_of_key(key.as_bytes()).unwrap(),
+            layout.places(&key),
+            "{key}: a copy in each zone, each zone's own continuum"
+        );
+    }
+    let mut fronts: Vec<Box<dyn Front>> = vec![
+        Box::new(Plain(plain)),
+        Box::new(Blocking(b.clone().shared().build().unwrap())),
+        Box::new(Async::new(b.shared().build().unwrap())),
+    ];
+    for (n, f) in fronts.iter_mut().enumerate() {
+        every_command(f.as_mut(), &mut view, &layout, &format!("zones:{p:?}:{n}"));
+    }
+}
+
 support::for_each_protocol!(
     commands_behave_as_documented,
-    multi_key_calls_reach_every_copy
+    multi_key_calls_reach_every_copy,
+    commands_with_two_zones
 );
+
+/// Reads go to the preferred zone (`get`), `gets` and counters to the zones in the order
+/// they were added; a write-only zone gets every write and serves no read; a zone that is
+/// down is failed over from. On every front.
+#[test]
+fn zones_prefer_fail_over_and_warm() {
+    let mut ms = four();
+    let mut view = View::new(&ms);
+    let (b, layout) = two_zones(&ms, Protocol::Text);
+    let local_b = b.clone().prefer_zone("b");
+    let mut fronts: Vec<Box<dyn Front>> = vec![
+        Box::new(Plain(local_b.clone().build().unwrap())),
+        Box::new(Blocking(local_b.clone().shared().build().unwrap())),
+        Box::new(Async::new(local_b.shared().build().unwrap())),
+    ];
+    let mut other = b.clone().build().unwrap(); // prefers zone a (the first)
+    for (n, f) in fronts.iter_mut().enumerate() {
+        let who = f.name();
+        let key = format!("pref:{n}");
+        let [in_a, in_b] = copies(&layout, &key);
+        f.set(key.as_bytes(), b"both", O).unwrap();
+        view.expect(&layout, &key, Some("both"), Some("both"));
+        // Tell the copies apart, behind the clients' backs.
+        view.direct[in_a].set(key.as_bytes(), b"A", O).unwrap();
+        view.direct[in_b].set(key.as_bytes(), b"B", O).unwrap();
+        assert_eq!(
+            value_of(f.get(key.as_bytes()), who),
+            Some("B".into()),
+            "{who}: get, zone b preferred"
+        );
+        assert_eq!(
+            value_of(other.get(key.as_bytes()), "other"),
+            Some("A".into()),
+            "get, zone a preferred"
+        );
+        let g = f.gets(key.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            g.value, b"A",
+            "{who}: gets goes to the first zone, where cas goes"
+        );
+        assert_eq!(
+            f.cas(key.as_bytes(), b"C", g.cas.unwrap(), O).unwrap(),
+            CasResult::Stored,
+            "{who}"
+        );
+        view.expect(&layout, &key, Some("C"), None);
+
+        // Zone b warms up: written to, never read.
+        let ctr = format!("ctr:{n}");
+        f.set_zone_write_only("b", true).unwrap();
+        f.set(key.as_bytes(), b"W", O).unwrap();
+        view.expect(&layout, &key, Some("W"), Some("W"));
+        view.direct[in_b].set(key.as_bytes(), b"B", O).unwrap();
+        assert_eq!(
+            value_of(f.get(key.as_bytes()), who),
+            Some("W".into()),
+            "{who}: b is write-only"
+        );
+        // Zone a write-only instead: counters move to b (the first readable zone).
+        f.set_zone_write_only("b", false).unwrap();
+        f.set_zone_write_only("a", true).unwrap();
+        f.set(ctr.as_bytes(), b"10", O).unwrap();
+        assert_eq!(f.incr(ctr.as_bytes(), 1).unwrap(), Some(11), "{who}");
+        let [ca, cb] = copies(&layout, &ctr);
+        assert_eq!(
+            (view.value(ca, &ctr), view.value(cb, &ctr)),
+            (None, Some("11".into())),
+            "{who}: incr on b, a deleted"
+        );
+        assert!(f.set_zone_write_only("nowhere", true).is_err());
+        f.set_zone_write_only("a", false).unwrap();
+    }
+    assert_eq!(other.zones().len(), 2);
+    assert!(
+        other.zones().iter().all(|z| !z.write_only),
+        "{:?}",
+        other.zones()
+    );
+
+    // Zone b's servers gone: reads of every front fail over to zone a.
+    let keys: Vec<String> = (0..20).map(|i| format!("down:{i}")).collect();
+    for k in &keys {
+        other.set(k.as_bytes(), b"v", O).unwrap();
+    }
+    ms[2].kill();
+    ms[3].kill();
+    for f in fronts.iter_mut() {
+        let before = f.counters().failovers;
+        for k in &keys {
+            assert_eq!(
+                value_of(f.get(k.as_bytes()), f.name()),
+                Some("v".into()),
+                "{}: {k}",
+                f.name()
+            );
+        }
+        assert!(
+            f.counters().failovers > before,
+            "{}: reads failed over",
+            f.name()
+        );
+    }
+}
+
+/// What a zone configuration may not be.
+#[test]
+fn zone_configurations_refused() {
+    let ok = || {
+        support::client_builder()
+            .zone("a", ["127.0.0.1:1"])
+            .zone("b", ["127.0.0.1:2"])
+    };
+    assert!(ok().build().is_ok());
+    let refused = [
+        ok().server("127.0.0.1:3"),
+        ok().zone("a", ["127.0.0.1:4"]),
+        ok().zone("c", Vec::<String>::new()),
+        ok().prefer_zone("c"),
+        ok().write_only_zone("c"),
+        ok().replicas(3),
+        support::client_builder()
+            .server("127.0.0.1:1")
+            .prefer_zone("a"),
+    ];
+    for (k, b) in refused.into_iter().enumerate() {
+        assert!(
+            matches!(b.build(), Err(mcstore::Error::Config(_))),
+            "configuration {k} must be refused"
+        );
+    }
+    // Two zones of two copies: four in all, the most there may be.
+    let c = ok().zone("c", ["127.0.0.1:5"]).replicas(1).build().unwrap();
+    assert_eq!(c.zones().len(), 3);
+}
 
 // ---------------------------------------------------------------------------------------
 // 3. A frozen copy

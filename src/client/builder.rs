@@ -9,6 +9,7 @@ use crate::conn::driver::{Driver, DriverConfig};
 use crate::engine::health::{FailurePolicy, Health, SharedHealth};
 use crate::engine::{Core, CoreSettings, Scratch};
 use crate::error::{Error, Result};
+use crate::fleet::zones::Zones;
 use crate::fleet::{FleetPolicy, Hedge, WritePolicy};
 use crate::proto::text::MAX_LINE;
 use crate::proto::wire::Capability;
@@ -57,6 +58,12 @@ pub struct ClientBuilder {
     /// Set by a pool: its clients share who is ejected.
     shared_health: Option<Arc<SharedHealth>>,
     fleet: FleetPolicy,
+    /// Zones: a name and its servers (a range of `servers`).
+    zones: Vec<(String, std::ops::Range<usize>)>,
+    prefer_zone: Option<String>,
+    write_only_zones: Vec<String>,
+    /// Built by [`one_copy`](Self::one_copy): zones ignored.
+    single_copy: bool,
 }
 
 impl Default for ClientBuilder {
@@ -80,6 +87,10 @@ impl Default for ClientBuilder {
             tls: None,
             shared_health: None,
             fleet: FleetPolicy::default(),
+            zones: Vec::new(),
+            prefer_zone: None,
+            write_only_zones: Vec::new(),
+            single_copy: false,
         }
     }
 }
@@ -217,6 +228,48 @@ impl ClientBuilder {
         self
     }
 
+    /// Adds a zone: a pool of servers with its own continuum (as libmemcached would build
+    /// it for those servers alone), holding a copy of every key ([`replicas`](Self::replicas)
+    /// copies, one by default). With zones, every server belongs to one: servers are given
+    /// here, not with [`server`](Self::server). EVCache's model:
+    ///
+    /// - Writes go to every zone, as to every copy (see [`replicas`](Self::replicas) for
+    ///   what each command does, and [`write_policy`](Self::write_policy)).
+    /// - A read (`get`, `gat`) asks the [preferred zone](Self::prefer_zone) first and another
+    ///   zone when that copy fails, is down or (with [`hedge`](Self::hedge)) slow. `gets`,
+    ///   `gats`, `cas`, `incr`, `decr` and meta calls use the zones in the order they were
+    ///   added (write-only ones last), the same for every client, so a `gets`' unique is
+    ///   the one `cas` checks and a counter lives where every client looks for it.
+    /// - A [write-only](Self::write_only_zone) zone gets every write and serves no read,
+    ///   while it warms up; [`Client::set_zone_write_only`](crate::Client::set_zone_write_only)
+    ///   changes that at run time.
+    ///
+    /// At most 4 copies in all (zones times replicas).
+    pub fn zone<I, S>(mut self, name: impl Into<String>, servers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let start = self.servers.len();
+        self = self.servers(servers);
+        self.zones.push((name.into(), start..self.servers.len()));
+        self
+    }
+
+    /// The zone reads go to first (default: the first zone added).
+    pub fn prefer_zone(mut self, name: impl Into<String>) -> Self {
+        self.prefer_zone = Some(name.into());
+        self
+    }
+
+    /// Marks zone `name` write-only from the start: written to, never read from (a zone
+    /// warming up). A pool or shared client built from here starts so; change it at run time
+    /// with `set_zone_write_only`.
+    pub fn write_only_zone(mut self, name: impl Into<String>) -> Self {
+        self.write_only_zones.push(name.into());
+        self
+    }
+
     /// A prefix sent in front of every key (libmemcached's `MEMCACHED_CALLBACK_PREFIX_KEY`).
     /// Keys passed to and returned by the client are without it.
     pub fn namespace(mut self, prefix: impl Into<Vec<u8>>) -> Self {
@@ -258,6 +311,14 @@ impl ClientBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// One copy per key and no zones, whatever was configured (the shared client's
+    /// engines: each serves one server; the copies are the shared client's business).
+    pub(crate) fn one_copy(mut self) -> Self {
+        self.fleet.replicas = 1;
+        self.single_copy = true;
         self
     }
 
@@ -365,9 +426,30 @@ impl ClientBuilder {
         });
         let ring = Continuum::new(self.distribution, hash, &ring_servers);
         let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let mut fleet = self.fleet;
+        let zones = if self.zones.is_empty() || self.single_copy {
+            None
+        } else {
+            fleet.zoned = true;
+            Some(zones(
+                &self.zones,
+                self.prefer_zone.as_deref(),
+                &self.write_only_zones,
+                specs.len(),
+                fleet.replicas,
+                |range| Continuum::new(self.distribution, hash, &ring_servers[range]),
+            )?)
+        };
+        if self.zones.is_empty()
+            && (self.prefer_zone.is_some() || !self.write_only_zones.is_empty())
+        {
+            return Err(Error::Config(
+                "prefer_zone and write_only_zone name zones, and no zone was added".into(),
+            ));
+        }
         let shared_health = match self.shared_health {
             Some(h) if h.servers() == addrs.len() => h,
-            _ => SharedHealth::new(&labels),
+            _ => SharedHealth::new(&labels, zones),
         };
         let policy = FailurePolicy {
             failure_limit: self.failure_limit,
@@ -386,9 +468,73 @@ impl ClientBuilder {
                 protocol: self.protocol,
                 sasl: self.sasl,
                 ascii_auth: self.ascii_auth,
-                fleet: self.fleet,
+                fleet,
             }),
             scratch: Scratch::new(),
         })
     }
+}
+
+/// The zones of a builder, checked: every server in one zone, names unique, the preferred
+/// and write-only zones among them, at most [`MAX_REPLICAS`] copies in all. The preferred
+/// zone (the first by default) is read first.
+fn zones(
+    zones: &[(String, std::ops::Range<usize>)],
+    prefer: Option<&str>,
+    write_only: &[String],
+    servers: usize,
+    replicas: usize,
+    ring: impl Fn(std::ops::Range<usize>) -> Continuum,
+) -> Result<Zones> {
+    let bad = |why: String| Err(Error::Config(why));
+    let zoned: usize = zones.iter().map(|(_, r)| r.len()).sum();
+    if zoned != servers {
+        return bad(format!(
+            "{} servers outside any zone: with zones, every server is given in a zone",
+            servers - zoned
+        ));
+    }
+    for (k, (name, range)) in zones.iter().enumerate() {
+        if name.is_empty() || range.is_empty() {
+            return bad(format!(
+                "zone {name:?} needs a name and at least one server"
+            ));
+        }
+        if zones[..k].iter().any(|(n, _)| n == name) {
+            return bad(format!("zone {name:?} is added twice"));
+        }
+    }
+    if zones.len() * replicas > MAX_REPLICAS {
+        return bad(format!(
+            "{} zones of {replicas} copies: at most {MAX_REPLICAS} copies of a key in all",
+            zones.len()
+        ));
+    }
+    let index = |name: &str| {
+        zones
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| Error::Config(format!("no zone named {name:?}")))
+    };
+    let preferred = match prefer {
+        Some(p) => index(p)?,
+        None => 0,
+    };
+    for w in write_only {
+        index(w)?;
+    }
+    Ok(Zones::new(
+        zones
+            .iter()
+            .map(|(name, range)| {
+                (
+                    name.clone(),
+                    range.clone(),
+                    ring(range.clone()),
+                    write_only.contains(name),
+                )
+            })
+            .collect(),
+        Some(preferred),
+    ))
 }

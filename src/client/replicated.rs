@@ -10,10 +10,11 @@ use super::Client;
 use crate::command::{Op, Reply};
 use crate::error::{Error, Result};
 use crate::fleet::plan::{
-    changed, fails_over, first_wave, settle, write_kind, Action, Part, Standing, WriteKind,
+    changed, fails_over, first_wave, prefers_zone, settle, write_kind, Action, Part, Standing,
+    WriteKind,
 };
 use crate::fleet::repair::Work;
-use crate::fleet::FleetCounters;
+use crate::fleet::{FleetCounters, ZoneInfo};
 use crate::proto::wire::{Cmd, Outcome};
 use crate::proto::ParseError;
 use crate::ring::MAX_REPLICAS;
@@ -27,6 +28,36 @@ impl Client {
     /// clients of one [`Pool`](crate::Pool).
     pub fn fleet_counters(&self) -> FleetCounters {
         self.core.fleet_shared().counters()
+    }
+
+    /// The zones ([`ClientBuilder::zone`](crate::ClientBuilder::zone)), in the order they
+    /// were added; empty without zones.
+    pub fn zones(&self) -> Vec<ZoneInfo> {
+        self.core.fleet_shared().zones()
+    }
+
+    /// Makes zone `name` write-only (`true`: written to, never read from, while it warms
+    /// up) or readable again (`false`), for this client and every client sharing its fleet
+    /// (a pool's, a shared client's).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if there is no such zone.
+    pub fn set_zone_write_only(&self, name: &str, write_only: bool) -> Result<()> {
+        self.core
+            .fleet_shared()
+            .set_zone_write_only(name, write_only)
+    }
+
+    /// The servers holding `key`'s copies (indexes into [`servers`](Self::servers)), in
+    /// placement order: its own server first, the one `cas`, `incr` and `decr` use. One
+    /// server without [`replicas`](crate::ClientBuilder::replicas) or zones; whether they are
+    /// up does not change them.
+    ///
+    /// # Errors
+    /// An invalid key.
+    pub fn servers_of_key(&mut self, key: &[u8]) -> Result<Vec<usize>> {
+        let copies = self.core.copies_of(&mut self.scratch, key)?;
+        Ok(copies.as_slice().iter().map(|&i| i as usize).collect())
     }
 
     /// One copy's part: `op` on server `i` alone (no further fleet logic: the call is pinned).
@@ -97,7 +128,9 @@ impl Client {
     }
 
     fn read_copies(&mut self, op: Op, key: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
-        let order = self.core.read_order(&mut self.scratch, key)?;
+        let order = self
+            .core
+            .read_order(&mut self.scratch, key, prefers_zone(&op))?;
         let mut last = None;
         for k in 0..order.len() {
             let i = order.get(k).expect("in range");

@@ -78,7 +78,10 @@ impl std::fmt::Debug for SharedHealth {
 }
 
 impl SharedHealth {
-    pub(crate) fn new(labels: &[String]) -> Arc<SharedHealth> {
+    pub(crate) fn new(
+        labels: &[String],
+        zones: Option<crate::fleet::zones::Zones>,
+    ) -> Arc<SharedHealth> {
         let n = labels.len();
         Arc::new(SharedHealth {
             epoch: AtomicU64::new(0),
@@ -87,7 +90,7 @@ impl SharedHealth {
             probe: (0..n).map(|_| AtomicU64::new(NO_PROBE)).collect(),
             born: Instant::now(),
             probe_stale: Duration::from_secs(2),
-            fleet: crate::fleet::FleetShared::new(labels),
+            fleet: crate::fleet::FleetShared::new(labels, zones),
         })
     }
 

@@ -346,9 +346,11 @@ impl Core {
     ) -> Result<crate::ring::Replicas> {
         self.health.maybe_rejoin(&mut self.ring);
         let hashed = self.hashed(key, keybuf)?;
-        let r = self
-            .ring
-            .replicas(hashed, self.fleet.replicas, self.fleet.placement);
+        let (n, placement) = (self.fleet.replicas, self.fleet.placement);
+        let r = match &self.health.shared().fleet.zones {
+            Some(zones) => zones.copies(hashed, n, placement),
+            None => self.ring.replicas(hashed, n, placement),
+        };
         if r.as_slice().is_empty() {
             return Err(Error::NoServers);
         }
@@ -386,12 +388,19 @@ impl Core {
         }
     }
 
-    /// The order a read of `key` tries its copies in.
-    pub(crate) fn read_order(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<Servers> {
+    /// The order a read of `key` tries its copies in; with zones, `prefer` puts the
+    /// preferred zone's first (see [`readable`](Self::readable)).
+    pub(crate) fn read_order(
+        &mut self,
+        scratch: &mut Scratch,
+        key: &[u8],
+        prefer: bool,
+    ) -> Result<Servers> {
         let copies = self.copies_of(scratch, key)?;
+        let copies = self.readable(copies.as_slice(), prefer);
         let mut st = [Standing::Up; crate::ring::MAX_REPLICAS];
-        for (k, &i) in copies.as_slice().iter().enumerate() {
-            st[k] = self.standing(i as usize, key);
+        for (k, i) in copies.iter().enumerate() {
+            st[k] = self.standing(i, key);
         }
         let slice = copies.as_slice();
         let fleet = self.fleet_shared();
@@ -400,6 +409,16 @@ impl Core {
             |i| st[slice.iter().position(|&s| s as usize == i).unwrap_or(0)],
             |i| fleet.latency[i].median(),
         ))
+    }
+
+    /// The copies a read may use, in the order it prefers them: with zones, without those
+    /// of write-only zones, and with `prefer` the preferred zone's first (a plain read; a
+    /// `gets` keeps the order every client agrees on, where its `cas` goes).
+    pub(crate) fn readable(&self, copies: &[u32], prefer: bool) -> Servers {
+        match &self.fleet_shared().zones {
+            Some(zones) => zones.readable(copies, prefer),
+            None => Servers::from_slice(copies),
+        }
     }
 
     /// Sends every keyed call to `server` from now on (`None`: the continuum decides again);

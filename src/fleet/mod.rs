@@ -16,6 +16,7 @@
 pub(crate) mod latency;
 pub(crate) mod plan;
 pub(crate) mod repair;
+pub(crate) mod zones;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use crate::observe;
 use crate::ring::ReplicaPlacement;
 use latency::Latency;
 use repair::Repairs;
+use zones::Zones;
 
 /// What a replicated write waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,6 +130,8 @@ pub(crate) struct FleetPolicy {
     pub(crate) placement: ReplicaPlacement,
     pub(crate) write: WritePolicy,
     pub(crate) hedge: Option<Hedge>,
+    /// Servers are in zones (`replicas` copies in each).
+    pub(crate) zoned: bool,
 }
 
 impl Default for FleetPolicy {
@@ -137,6 +141,7 @@ impl Default for FleetPolicy {
             placement: ReplicaPlacement::Natural,
             write: WritePolicy::All,
             hedge: None,
+            zoned: false,
         }
     }
 }
@@ -145,7 +150,7 @@ impl FleetPolicy {
     /// Whether keys have more than one copy (the fleet layer runs at all).
     #[inline]
     pub(crate) fn replicated(&self) -> bool {
-        self.replicas > 1
+        self.replicas > 1 || self.zoned
     }
 }
 
@@ -167,12 +172,25 @@ pub struct FleetCounters {
     pub repairs_done: u64,
 }
 
+/// A zone as a client sees it ([`Client::zones`](crate::Client::zones)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneInfo {
+    /// Its name.
+    pub name: String,
+    /// Its servers, as configured.
+    pub servers: Vec<String>,
+    /// Written to and never read from (warming up).
+    pub write_only: bool,
+}
+
 /// The fleet state shared by the clients of one pool or shared client.
 pub(crate) struct FleetShared {
     /// The servers as configured (metric labels).
     labels: Box<[String]>,
     pub(crate) latency: Box<[Latency]>,
     pub(crate) repairs: Repairs,
+    /// The zones, if the servers are in zones.
+    pub(crate) zones: Option<Zones>,
     /// Hedge tokens ([`TOKEN`] per hedge).
     budget: AtomicI64,
     failovers: AtomicU64,
@@ -182,12 +200,13 @@ pub(crate) struct FleetShared {
 }
 
 impl FleetShared {
-    pub(crate) fn new(labels: &[String]) -> FleetShared {
+    pub(crate) fn new(labels: &[String], zones: Option<Zones>) -> FleetShared {
         let servers = labels.len();
         FleetShared {
             labels: labels.into(),
             latency: (0..servers).map(|_| Latency::default()).collect(),
             repairs: Repairs::new(servers),
+            zones,
             budget: AtomicI64::new(BUDGET_BURST * TOKEN),
             failovers: AtomicU64::new(0),
             hedges_sent: AtomicU64::new(0),
@@ -253,6 +272,34 @@ impl FleetShared {
         }
     }
 
+    /// Marks zone `name` write-only (`on`) or readable again, for every client sharing
+    /// this fleet.
+    pub(crate) fn set_zone_write_only(&self, name: &str, on: bool) -> crate::Result<()> {
+        let zone = self
+            .zones
+            .as_ref()
+            .and_then(|z| z.find(name))
+            .ok_or_else(|| crate::Error::Config(format!("no zone named {name:?}")))?;
+        zone.set_write_only(on);
+        Ok(())
+    }
+
+    /// The zones: name, servers (configuration order) and whether it is write-only.
+    pub(crate) fn zones(&self) -> Vec<ZoneInfo> {
+        let Some(zones) = &self.zones else {
+            return Vec::new();
+        };
+        zones
+            .list()
+            .iter()
+            .map(|z| ZoneInfo {
+                name: z.name.clone(),
+                servers: self.labels[z.servers.clone()].to_vec(),
+                write_only: z.is_write_only(),
+            })
+            .collect()
+    }
+
     pub(crate) fn counters(&self) -> FleetCounters {
         let (recorded, done) = self.repairs.counts();
         FleetCounters {
@@ -291,7 +338,7 @@ mod tests {
 
     #[test]
     fn budget_allows_its_share() {
-        let f = FleetShared::new(&["a".into(), "b".into()]);
+        let f = FleetShared::new(&["a".into(), "b".into()], None);
         let h = Hedge::percentile(95.0);
         // The burst first.
         let burst = (0..100).filter(|_| f.spend(0)).count();

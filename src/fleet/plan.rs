@@ -42,6 +42,13 @@ pub(crate) fn write_kind(op: &Op) -> Option<WriteKind> {
     })
 }
 
+/// Whether a read goes to the preferred zone first: a plain read does; a `gets` or `gats`
+/// keeps the copies' own order, the one every client agrees on, so that its unique is the
+/// one a `cas` (sent to the first copy) can use.
+pub(crate) fn prefers_zone(op: &Op) -> bool {
+    matches!(op, Op::Get { cas: false } | Op::Gat { cas: false, .. })
+}
+
 /// How a copy stands for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Standing {

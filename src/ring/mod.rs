@@ -220,8 +220,15 @@ impl Replicas {
         &self.servers[..usize::from(self.len)]
     }
 
-    fn push(&mut self, i: u32) {
-        if !self.as_slice().contains(&i) {
+    /// No server.
+    pub(crate) const EMPTY: Replicas = Replicas {
+        servers: [0; MAX_REPLICAS],
+        len: 0,
+    };
+
+    /// Adds server `i` unless it is there already (or the list is full).
+    pub(crate) fn push(&mut self, i: u32) {
+        if !self.as_slice().contains(&i) && usize::from(self.len) < MAX_REPLICAS {
             self.servers[usize::from(self.len)] = i;
             self.len += 1;
         }
@@ -234,10 +241,7 @@ impl Continuum {
     /// copies' as `placement` says. Ejections never change a key's replicas; callers skip
     /// the servers that are down. Empty without servers.
     pub fn replicas(&self, key: &[u8], n: usize, placement: ReplicaPlacement) -> Replicas {
-        let mut r = Replicas {
-            servers: [0; MAX_REPLICAS],
-            len: 0,
-        };
+        let mut r = Replicas::EMPTY;
         let count = self.servers.len();
         let n = n.clamp(1, MAX_REPLICAS).min(count);
         let Some(home) = self.pick_home(key) else {

@@ -27,7 +27,8 @@ use super::{Inner, SharedClient};
 use crate::command::{CallSpec, Op, Reply};
 use crate::error::{Error, Result};
 use crate::fleet::plan::{
-    changed, fails_over, first_wave, settle, Action, Part, Servers, Standing, WriteKind,
+    changed, fails_over, first_wave, prefers_zone, settle, Action, Part, Servers, Standing,
+    WriteKind,
 };
 use crate::fleet::repair::Work;
 use crate::fleet::{FleetShared, WritePolicy};
@@ -457,8 +458,12 @@ impl SharedClient {
         self.check(&call)?;
         let (copies, st) = self.copies(call.key, false)?;
         let fleet = self.fleet();
+        let readable = match &fleet.zones {
+            Some(z) => z.readable(copies.as_slice(), prefers_zone(&call.op)),
+            None => copies,
+        };
         let order = crate::fleet::plan::read_order(
-            copies.as_slice(),
+            readable.as_slice(),
             |i| st[copies.position(i)],
             |i| fleet.latency[i].median(),
         );

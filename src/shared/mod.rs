@@ -89,7 +89,7 @@ impl SharedClientBuilder {
         let router = self.builder.clone().build()?;
         let fleet = *router.core_ref().fleet();
         // Engines serve one server each: the copies are the shared client's business.
-        let builder = self.builder.sharing_health_of(&router).replicas(1);
+        let builder = self.builder.sharing_health_of(&router).one_copy();
         let n = router.label_list().len();
         let mut engines = Vec::with_capacity(n);
         for server in 0..n {
@@ -332,6 +332,19 @@ impl SharedClient {
     /// What the fleet layer did (failovers, hedges, repairs), as [`Client::fleet_counters`].
     pub fn fleet_counters(&self) -> crate::fleet::FleetCounters {
         self.fleet().counters()
+    }
+
+    /// The zones, as [`Client::zones`].
+    pub fn zones(&self) -> Vec<crate::fleet::ZoneInfo> {
+        self.fleet().zones()
+    }
+
+    /// Makes a zone write-only or readable again, as [`Client::set_zone_write_only`].
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) if there is no such zone.
+    pub fn set_zone_write_only(&self, name: &str, write_only: bool) -> Result<()> {
+        self.fleet().set_zone_write_only(name, write_only)
     }
 
     /// The blocking executor of the keyed commands.
