@@ -92,6 +92,17 @@ pub(crate) struct Global {
     /// the list under modula) or list (the next servers in the list, as libmemcached).
     #[arg(long, value_enum, default_value = "natural", global = true)]
     pub(crate) replica_placement: PlacementArg,
+    /// A zone: NAME=SERVERS (servers as for --servers), repeatable. Each zone has its own
+    /// continuum and a copy of every key (--replicas copies); writes go to every zone,
+    /// reads to --prefer-zone first. With zones, every server is given in one.
+    #[arg(long, value_name = "NAME=SERVERS", global = true)]
+    pub(crate) zone: Vec<String>,
+    /// With --zone: the zone reads go to first [default: the first zone].
+    #[arg(long, value_name = "NAME", global = true)]
+    pub(crate) prefer_zone: Option<String>,
+    /// With --zone: a zone written to and never read from (warming up), repeatable.
+    #[arg(long, value_name = "NAME", global = true)]
+    pub(crate) write_only_zone: Vec<String>,
 }
 
 /// `--write-policy`.

@@ -107,7 +107,6 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
             Protocol::Binary => mcstore::Protocol::Binary,
             Protocol::Meta => mcstore::Protocol::Meta,
         })
-        .servers(servers)
         .distribution(g.distribution)
         .io_timeout(Duration::from_millis(g.timeout_ms))
         .connect_timeout(Duration::from_millis(g.timeout_ms))
@@ -115,6 +114,7 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
     if let Some(h) = g.hash {
         b = b.hash(h);
     }
+    b = with_zones(g, b, servers)?;
     if let Some(user) = &g.user {
         let password = g.password.clone().unwrap_or_default();
         b = match g.protocol {
@@ -139,10 +139,49 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
             args::PlacementArg::List => mcstore::ring::ReplicaPlacement::List,
         });
     if let Some(h) = g.hedge {
-        if g.replicas < 2 {
-            return Err("--hedge needs --replicas 2 or more".into());
+        if g.replicas < 2 && g.zone.len() < 2 {
+            return Err("--hedge needs --replicas 2 or more, or two zones".into());
         }
         b = b.hedge(h);
+    }
+    Ok(b)
+}
+
+/// Every server: those of `--servers`, or of every `--zone`.
+fn every_server(g: &Global) -> Res<Vec<String>> {
+    if g.zone.is_empty() {
+        return server_list(servers_of(g, "127.0.0.1:11211"));
+    }
+    let mut all = Vec::new();
+    for z in &g.zone {
+        all.extend(server_list(z.split_once('=').map_or("", |(_, l)| l))?);
+    }
+    Ok(all)
+}
+
+/// `servers`, or the zones of `--zone NAME=SERVERS` (then `--servers` may not be given).
+fn with_zones(g: &Global, b: ClientBuilder, servers: Vec<String>) -> Res<ClientBuilder> {
+    if g.zone.is_empty() {
+        if g.prefer_zone.is_some() || !g.write_only_zone.is_empty() {
+            return Err("--prefer-zone and --write-only-zone need --zone".into());
+        }
+        return Ok(b.servers(servers));
+    }
+    if g.servers.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+        return Err("--servers and --zone: with zones, give every server in a zone".into());
+    }
+    let mut b = b;
+    for z in &g.zone {
+        let Some((name, list)) = z.split_once('=') else {
+            return Err(format!("--zone {z:?}: expected NAME=SERVERS").into());
+        };
+        b = b.zone(name, server_list(list)?);
+    }
+    if let Some(p) = &g.prefer_zone {
+        b = b.prefer_zone(p);
+    }
+    for w in &g.write_only_zone {
+        b = b.write_only_zone(w);
     }
     Ok(b)
 }
@@ -546,11 +585,14 @@ fn per_server(
     out: &mut dyn Write,
     mut each: impl FnMut(&mut Client, &str, &mut dyn Write) -> Res<()>,
 ) -> Res<()> {
-    let servers = server_list(servers_of(g, "127.0.0.1:11211"))?;
+    let servers = every_server(g)?;
     let mut failed = 0;
     for server in &servers {
         let one = Global {
             servers: Some(server.to_string()),
+            zone: Vec::new(),
+            prefer_zone: None,
+            write_only_zone: Vec::new(),
             ..g.clone()
         };
         let mut c = client(&one)?;
