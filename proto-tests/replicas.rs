@@ -812,6 +812,49 @@ fn zones_prefer_fail_over_and_warm() {
     }
 }
 
+/// `read_miss_failover`: a copy that lost the key (a restarted or new server) does not
+/// hide it: the read asks the next copy. Every front.
+#[test]
+fn a_miss_fails_over_when_asked_to() {
+    let ms = three();
+    let mut view = View::new(&ms);
+    let b = replicated(&ms, Protocol::Text).read_miss_failover(true);
+    let ring = b.clone().build().unwrap().continuum().clone();
+    let mut fronts: Vec<Box<dyn Front>> = vec![
+        Box::new(Plain(b.clone().build().unwrap())),
+        Box::new(Blocking(b.clone().shared().build().unwrap())),
+        Box::new(Async::new(b.shared().build().unwrap())),
+    ];
+    for (n, f) in fronts.iter_mut().enumerate() {
+        let who = f.name();
+        for k in 0..10 {
+            let key = format!("warm:{n}:{k}");
+            f.set(key.as_bytes(), b"v", O).unwrap();
+            // One copy loses it, either one: whichever the read asks first, it finds it.
+            let lost = copies(&ring, &key)[k % 2];
+            view.direct[lost].delete(key.as_bytes()).unwrap();
+            assert_eq!(
+                value_of(f.get(key.as_bytes()), who),
+                Some("v".into()),
+                "{who}: {key}"
+            );
+            let g = f.gets(key.as_bytes()).unwrap();
+            assert_eq!(g.map(|i| i.value), Some(b"v".to_vec()), "{who}: gets {key}");
+        }
+        let before = f.counters();
+        let missing = format!("nowhere:{n}");
+        assert_eq!(value_of(f.get(missing.as_bytes()), who), None, "{who}");
+        assert_eq!(
+            f.counters().failovers,
+            before.failovers,
+            "{who}: a miss everywhere is no failover"
+        );
+        // Half the keys lost their first copy, half their second: the reads that asked the
+        // copy without it first failed over (10 in placement order).
+        assert!(before.failovers >= 1, "{who}: {before:?}");
+    }
+}
+
 /// What a zone configuration may not be.
 #[test]
 fn zone_configurations_refused() {

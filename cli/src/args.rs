@@ -92,6 +92,10 @@ pub(crate) struct Global {
     /// the list under modula) or list (the next servers in the list, as libmemcached).
     #[arg(long, value_enum, default_value = "natural", global = true)]
     pub(crate) replica_placement: PlacementArg,
+    /// With --replicas or zones: a read that misses on a copy asks the next copy too (for a
+    /// copy warming up).
+    #[arg(long, global = true)]
+    pub(crate) miss_failover: bool,
     /// A zone: NAME=SERVERS (servers as for --servers), repeatable. Each zone has its own
     /// continuum and a copy of every key (--replicas copies); writes go to every zone,
     /// reads to --prefer-zone first. With zones, every server is given in one.

@@ -138,6 +138,9 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
             args::PlacementArg::Natural => mcstore::ring::ReplicaPlacement::Natural,
             args::PlacementArg::List => mcstore::ring::ReplicaPlacement::List,
         });
+    if g.miss_failover {
+        b = b.read_miss_failover(true);
+    }
     if let Some(h) = g.hedge {
         if g.replicas < 2 && g.zone.len() < 2 {
             return Err("--hedge needs --replicas 2 or more, or two zones".into());

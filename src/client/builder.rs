@@ -270,6 +270,16 @@ impl ClientBuilder {
         self
     }
 
+    /// With [`replicas`](Self::replicas) or zones: a read that misses on a copy asks the
+    /// next copy too, within the same call (mcrouter's `MissFailoverRoute`), for a copy that
+    /// is warming up (a server just added or restarted, a zone being filled). Off by
+    /// default: a miss then costs one more request per copy left. The value found is not
+    /// written back to the copy that missed.
+    pub fn read_miss_failover(mut self, on: bool) -> Self {
+        self.fleet.miss_failover = on;
+        self
+    }
+
     /// A prefix sent in front of every key (libmemcached's `MEMCACHED_CALLBACK_PREFIX_KEY`).
     /// Keys passed to and returned by the client are without it.
     pub fn namespace(mut self, prefix: impl Into<Vec<u8>>) -> Self {

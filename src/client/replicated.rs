@@ -132,6 +132,8 @@ impl Client {
             .core
             .read_order(&mut self.scratch, key, prefers_zone(&op))?;
         let mut last = None;
+        let mut missed = false;
+        let miss_failover = self.core.fleet().miss_failover;
         for k in 0..order.len() {
             let i = order.get(k).expect("in range");
             // A copy being probed (half-open) is asked only by the call that takes its
@@ -145,10 +147,15 @@ impl Client {
             }
             let started = Instant::now();
             match self.on_copy(i, op, key, &[], out) {
+                Ok(Reply::Miss) if miss_failover && k + 1 < order.len() => {
+                    let fleet = self.core.fleet_shared();
+                    fleet.latency[i].record(started.elapsed());
+                    missed = true;
+                }
                 Ok(r) => {
                     let fleet = self.core.fleet_shared();
                     fleet.latency[i].record(started.elapsed());
-                    if last.is_some() {
+                    if last.is_some() || (missed && r != Reply::Miss) {
                         fleet.failover(i);
                     }
                     return Ok(r);
@@ -157,8 +164,12 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        // Every copy is waiting for a repair of this key: none may serve it.
-        last.map_or(Ok(Reply::Miss), Err)
+        // A copy missed (the others failed), or every copy is waiting for a repair of this
+        // key: none may serve it.
+        match missed {
+            true => Ok(Reply::Miss),
+            false => last.map_or(Ok(Reply::Miss), Err),
+        }
     }
 
     fn write_copies(

@@ -132,6 +132,8 @@ pub(crate) struct FleetPolicy {
     pub(crate) hedge: Option<Hedge>,
     /// Servers are in zones (`replicas` copies in each).
     pub(crate) zoned: bool,
+    /// A read that misses on a copy asks the next one too.
+    pub(crate) miss_failover: bool,
 }
 
 impl Default for FleetPolicy {
@@ -142,6 +144,7 @@ impl Default for FleetPolicy {
             write: WritePolicy::All,
             hedge: None,
             zoned: false,
+            miss_failover: false,
         }
     }
 }

@@ -127,6 +127,8 @@ pub(super) struct CopyRead<'a> {
     hedge_at: Option<Instant>,
     last_error: Option<Error>,
     failed: bool,
+    /// A copy missed (with `miss_failover`: the next is asked).
+    missed: bool,
     /// The budget refused this read a hedge (it is hedged only if its copy looks stuck).
     refused: bool,
     /// Register wake-ups with the client's timer thread (async callers).
@@ -178,6 +180,13 @@ impl<'a> CopyRead<'a> {
         true
     }
 
+    /// Whether try `k`'s miss sends the read on (`miss_failover`): another copy is left to
+    /// ask, or the other try is still out.
+    fn ask_on_miss(&self, k: usize) -> bool {
+        self.client.inner.miss_failover
+            && (self.next < self.order.len() || self.tries[1 - k].is_some())
+    }
+
     /// A try answered: the call's result.
     fn won(&mut self, k: usize, reply: Reply) -> Reply {
         let mut t = self.tries[k].take().expect("a try answered");
@@ -186,7 +195,7 @@ impl<'a> CopyRead<'a> {
         if t.hedge {
             fleet.hedge_won(t.server);
         }
-        if self.failed {
+        if self.failed || (self.missed && reply != Reply::Miss) {
             fleet.failover(t.server);
         }
         if !t.callers {
@@ -274,6 +283,14 @@ impl Future for CopyRead<'_> {
                     Poll::Pending => continue,
                 };
                 match r {
+                    Ok(Reply::Miss) if this.ask_on_miss(k) => {
+                        let mut t = this.tries[k].take().expect("polled");
+                        this.fleet().latency[t.server].record(t.started.elapsed());
+                        this.missed = true;
+                        if let Some(buf) = t.call.take_out() {
+                            progressed |= this.start(k, buf, t.callers, false);
+                        }
+                    }
                     Ok(reply) => {
                         this.done = true;
                         return Poll::Ready(Ok(this.won(k, reply)));
@@ -306,9 +323,11 @@ impl Future for CopyRead<'_> {
             }
             if this.tries.iter().all(Option::is_none) {
                 this.done = true;
-                // No copy left: the last failure, or a miss when every copy was waiting
-                // for a repair of this key (none may serve it).
-                return Poll::Ready(this.last_error.take().map_or(Ok(Reply::Miss), Err));
+                // No copy left: a miss if a copy missed (the others failed); else the last
+                // failure, or a miss when every copy was waiting for a repair of this key
+                // (none may serve it).
+                let error = this.last_error.take().filter(|_| !this.missed);
+                return Poll::Ready(error.map_or(Ok(Reply::Miss), Err));
             }
             if !progressed {
                 return Poll::Pending;
@@ -486,6 +505,7 @@ impl SharedClient {
             hedge_at: None,
             last_error: None,
             failed: false,
+            missed: false,
             refused: false,
             timers,
             timer_set: None,

@@ -114,6 +114,7 @@ impl SharedClientBuilder {
             single: n == 1,
             replicated: fleet.replicated(),
             hedge: fleet.hedge,
+            miss_failover: fleet.miss_failover,
             write_policy: fleet.write,
             health: Arc::clone(router.shared_health()),
             timers: Arc::default(),
@@ -227,6 +228,8 @@ struct Inner {
     /// Keys have copies: keyed calls go through `copies`.
     replicated: bool,
     hedge: Option<crate::fleet::Hedge>,
+    /// A read that misses on a copy asks the next one.
+    miss_failover: bool,
     write_policy: crate::fleet::WritePolicy,
     /// Who is ejected, and the fleet's state (latency, repairs, hedge budget).
     health: Arc<crate::engine::health::SharedHealth>,
