@@ -457,6 +457,7 @@ impl ClientBuilder {
                 "prefer_zone and write_only_zone name zones, and no zone was added".into(),
             ));
         }
+        fleet.spread = fleet.replicas > 1 || fleet.zoned;
         let shared_health = match self.shared_health {
             Some(h) if h.servers() == addrs.len() => h,
             _ => SharedHealth::new(&labels, zones),

@@ -86,6 +86,9 @@ pub(crate) struct Core {
     instances: Vec<Option<(u64, ServerInstance)>>,
     /// Set by [`Client::pinned`]: every keyed call goes to this server.
     pinned: Option<usize>,
+    /// Keys have copies and no call pinned this client: kept with `pinned` (the hot path
+    /// tests one flag).
+    spread_now: bool,
     /// Next binary opaque.
     opaque: u32,
     /// Copies per key and how they are used.
@@ -201,6 +204,7 @@ impl Core {
             authenticated: vec![0; n],
             instances: vec![None; n],
             pinned: None,
+            spread_now: s.fleet.replicated(),
             opaque: 0,
             fleet: s.fleet,
         }
@@ -315,7 +319,7 @@ impl Core {
     /// this client to one server.
     #[inline]
     pub(crate) fn replicated(&self) -> bool {
-        self.fleet.replicated() && self.pinned.is_none()
+        self.spread_now
     }
 
     /// How keys are copied and read.
@@ -424,6 +428,7 @@ impl Core {
     /// Sends every keyed call to `server` from now on (`None`: the continuum decides again);
     /// returns the pin it replaces.
     pub(crate) fn pin(&mut self, server: Option<usize>) -> Option<usize> {
+        self.spread_now = self.fleet.replicated() && server.is_none();
         std::mem::replace(&mut self.pinned, server)
     }
 

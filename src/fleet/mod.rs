@@ -134,6 +134,9 @@ pub(crate) struct FleetPolicy {
     pub(crate) zoned: bool,
     /// A read that misses on a copy asks the next one too.
     pub(crate) miss_failover: bool,
+    /// Keys have more than one copy (`replicas > 1` or zones), set when the client is
+    /// built: the hot path tests one flag.
+    pub(crate) spread: bool,
 }
 
 impl Default for FleetPolicy {
@@ -145,6 +148,7 @@ impl Default for FleetPolicy {
             hedge: None,
             zoned: false,
             miss_failover: false,
+            spread: false,
         }
     }
 }
@@ -153,7 +157,7 @@ impl FleetPolicy {
     /// Whether keys have more than one copy (the fleet layer runs at all).
     #[inline]
     pub(crate) fn replicated(&self) -> bool {
-        self.replicas > 1 || self.zoned
+        self.spread
     }
 }
 
