@@ -71,7 +71,9 @@ impl Shared {
             let labels = match (&self.settings.cache, &held) {
                 (CacheClients::Shared(s), _) => s.servers(),
                 (_, Some(c)) => c.servers(),
-                (CacheClients::Pool(_), None) => unreachable!("a pool's servers come with a client"),
+                (CacheClients::Pool(_), None) => {
+                    unreachable!("a pool's servers come with a client")
+                }
             };
             let Some(order) = self.readable(&key, labels, servers) else {
                 bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
@@ -175,10 +177,13 @@ impl Shared {
         let servers = s.storage_servers(key.as_bytes(), true).ok()?;
         let order = self.readable(key, s.servers(), servers)?;
         let mut buf = Vec::new();
-        for server in order.iter() {
+        for (k, server) in order.iter().enumerate() {
             match s.get_on(server, key.as_bytes(), &mut buf) {
                 Ok(Some(info)) if info.flags == FLAG_VALUE => return Some(Bytes::from(buf)),
                 Ok(_) => return None,
+                // Counted when the next copy is tried; the last server's error is left to
+                // the full lookup, which meets it again.
+                Err(e) if k + 1 < order.len() => self.cache_failed(&e),
                 Err(_) => {}
             }
         }
