@@ -8,8 +8,8 @@ use super::Shared;
 
 /// The memcached clients a [`MemcacheStorage`](super::MemcacheStorage) calls through: a
 /// [`Pool`] (each call checks a client out), or a [`SharedClient`] (warm reads of concurrent
-/// callers share multi-gets; a miss's fill protocol borrows the key's server connection for
-/// its few calls). Built with `.into()` from either, or from a single [`Client`].
+/// callers share multi-gets; a miss's fill protocol borrows the connection of the server
+/// it uses, the key's own or, with copies, the copy it read, for its few calls). Built with `.into()` from either, or from a single [`Client`].
 #[derive(Debug, Clone)]
 pub enum CacheClients {
     /// Clients checked out per call.
