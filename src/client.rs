@@ -80,7 +80,7 @@ pub use pool::{Pool, PooledClient};
 
 use crate::command::{get_opts, Op as CommandOp, Reply};
 use crate::engine::reply::{arith_value, existed};
-use crate::engine::{Core, Route, Scratch, ServerInstance};
+use crate::engine::{Core, KeyServers, Route, Scratch, ServerInstance};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::text;
 use crate::proto::wire::{Capability, Cmd, GetOpts, Outcome, StoreOpts};
@@ -361,6 +361,12 @@ impl Client {
     /// calls pass its breaker).
     pub(crate) fn route_of_key(&mut self, key: &[u8]) -> Result<Route> {
         self.core.route_key_peek(&mut self.scratch, key)
+    }
+
+    /// The servers the storage reads (`read`) or invalidates `key` on: its route without
+    /// copies, its copies with them (see `KeyServers`). The storage pins its calls there.
+    pub(crate) fn storage_servers(&mut self, key: &[u8], read: bool) -> Result<KeyServers> {
+        self.core.storage_servers(&mut self.scratch, key, read)
     }
 
     /// [`route_of_key`](Self::route_of_key) for one call about to be made there: it takes

@@ -4,7 +4,11 @@
 //! and resumes servers, restarts them (which ejects and rejoins them in the clients), and
 //! SIGKILLs writers (and starts them again). The check: a read that started after `put(vN)`
 //! returned sees a version >= N. It prints one line:
-//! `CHAOS master=M processes=P reads=R writes=W faults=F stale=S failed=X refused=Y`.
+//! `CHAOS master=M processes=P reads=R writes=W faults=F stale=S failed=X refused=Y replicas=N`.
+//!
+//! With copies too (#27): `chaos_replicas` runs the file master's test with cache clients
+//! built with `replicas(2)` (each key on two of the three servers: reads fail over between
+//! them, writes delete both), after `chaos` (one at a time: each is a 6 s run).
 //!
 //! Faults of the master too (#25): with PostgreSQL, the whole cluster frozen (SIGSTOP), the
 //! outbox listeners' sessions cut, and 250 ms of latency on one reader's link (it reaches
@@ -104,7 +108,7 @@ fn overlapped(before: u64, after: u64) -> bool {
     before != after || before % 2 == 1
 }
 
-fn storage(master: &str, servers: &str) -> MemcacheStorage {
+fn storage(master: &str, servers: &str, replicas: usize) -> MemcacheStorage {
     let builder = Client::builder()
         .servers(servers.split(','))
         .distribution(mcstore::ring::Distribution::Ketama)
@@ -112,7 +116,8 @@ fn storage(master: &str, servers: &str) -> MemcacheStorage {
         .server_failure_limit(2)
         .retry_timeout(Duration::from_millis(300))
         .io_timeout(Duration::from_millis(100))
-        .connect_timeout(Duration::from_millis(100));
+        .connect_timeout(Duration::from_millis(100))
+        .replicas(replicas);
     let pool = Pool::new(builder, 2).unwrap();
     MemcacheStorage::new(pool, master_storage(master))
 }
@@ -141,19 +146,20 @@ fn version(content: &[u8]) -> u64 {
 #[test]
 #[ignore = "run by chaos as a child process"]
 fn chaos_child() {
-    let (Ok(role), Ok(master), Ok(state), Ok(servers), Ok(until)) = (
+    let (Ok(role), Ok(master), Ok(state), Ok(servers), Ok(until), Ok(replicas)) = (
         std::env::var("CHAOS_ROLE"),
         std::env::var("CHAOS_MASTER"),
         std::env::var("CHAOS_STATE"),
         std::env::var("CHAOS_SERVERS"),
         std::env::var("CHAOS_UNTIL_MS"),
+        std::env::var("CHAOS_REPLICAS"),
     ) else {
         return;
     };
     let state = PathBuf::from(state);
     let until = Duration::from_millis(until.parse().unwrap());
     let epoch = std::time::UNIX_EPOCH;
-    let s = storage(&master, &servers);
+    let s = storage(&master, &servers, replicas.parse().unwrap());
     let trace = std::env::var_os("CHAOS_TRACE").is_some();
     let (mut ops, mut stale, mut failed, mut refused) = (0u64, 0u64, 0u64, 0u64);
     if let Some(w) = role.strip_prefix("writer") {
@@ -240,7 +246,15 @@ fn chaos_child() {
     println!("RESULT ops={ops} stale={stale} failed={failed} refused={refused}");
 }
 
-fn spawn(role: &str, master: &str, state: &Path, servers: &str, until_ms: u128) -> Child {
+/// What the children of one run share.
+struct Run<'a> {
+    state: &'a Path,
+    servers: &'a str,
+    until_ms: u128,
+    replicas: usize,
+}
+
+fn spawn(role: &str, master: &str, run: &Run<'_>) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -251,9 +265,10 @@ fn spawn(role: &str, master: &str, state: &Path, servers: &str, until_ms: u128) 
         ])
         .env("CHAOS_ROLE", role)
         .env("CHAOS_MASTER", master)
-        .env("CHAOS_STATE", state)
-        .env("CHAOS_SERVERS", servers)
-        .env("CHAOS_UNTIL_MS", until_ms.to_string())
+        .env("CHAOS_STATE", run.state)
+        .env("CHAOS_SERVERS", run.servers)
+        .env("CHAOS_UNTIL_MS", run.until_ms.to_string())
+        .env("CHAOS_REPLICAS", run.replicas.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -283,10 +298,23 @@ fn result(child: Child) -> Option<(u64, u64, u64, u64)> {
     ))
 }
 
+/// `chaos` and `chaos_replicas` run one at a time: together they would share the machine's
+/// cores, and each run's reads and timeouts are sized for it alone.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn chaos() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000);
+    run(&Master::Fs(master.path.clone()), 10_000, 1);
+}
+
+/// The same with two copies of each key (#27).
+#[test]
+fn chaos_replicas() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let master = TempDir::new("mcstore-chaos-master");
+    run(&Master::Fs(master.path.clone()), 10_000, 2);
 }
 
 /// The same with a PostgreSQL master (#17): the outbox replaces the journal folder.
@@ -302,6 +330,7 @@ fn chaos_postgres() {
             proxy: &proxy,
         },
         1_000,
+        1,
     );
 }
 
@@ -378,8 +407,9 @@ fn exchange(a: &Path, b: &Path) {
     assert_eq!(r, 0, "renameat2: {}", std::io::Error::last_os_error());
 }
 
-/// Runs the processes and faults against `master`; at least `min_reads` reads must happen.
-fn run(master: &Master<'_>, min_reads: u64) {
+/// Runs the processes and faults against `master`, with `replicas` copies of each key; at
+/// least `min_reads` reads must happen.
+fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
     let state = TempDir::new("mcstore-chaos-state");
     let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
     let list = servers
@@ -389,7 +419,7 @@ fn run(master: &Master<'_>, min_reads: u64) {
         .join(",");
     let url = master.url(false);
     {
-        let s = storage(&url, &list);
+        let s = storage(&url, &list, replicas);
         s.create_container("c").unwrap();
         for i in 0..WRITERS * PER_WRITER {
             let info = s.info("c", Some(&resource(i))).unwrap();
@@ -399,10 +429,16 @@ fn run(master: &Master<'_>, min_reads: u64) {
     let run = Duration::from_secs(seconds());
     let epoch = std::time::UNIX_EPOCH;
     let until = (epoch.elapsed().unwrap() + run).as_millis();
-    let writer = |w: usize| spawn(&format!("writer{w}"), &url, &state.path, &list, until);
+    let children = Run {
+        state: &state.path,
+        servers: &list,
+        until_ms: until,
+        replicas,
+    };
+    let writer = |w: usize| spawn(&format!("writer{w}"), &url, &children);
     let mut writers: Vec<Child> = (0..WRITERS).map(writer).collect();
     let readers: Vec<Child> = (0..READERS)
-        .map(|r| spawn("reader", &master.url(r == 0), &state.path, &list, until))
+        .map(|r| spawn("reader", &master.url(r == 0), &children))
         .collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut faults = 0u64;
@@ -514,7 +550,7 @@ fn run(master: &Master<'_>, min_reads: u64) {
         refused += x;
     }
     println!(
-        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused}",
+        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused} replicas={replicas}",
         master.name()
     );
     assert_eq!((stale, failed), (0, 0), "stale or failed calls");

@@ -2278,3 +2278,282 @@ fn the_test_support_names_the_outbox_listener_as_the_library_does() {
         mcstore::storage::PgStorage::LISTENER_NAME
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// #27: the storage over copies (`replicas(2)`)
+// ---------------------------------------------------------------------------------------
+
+/// Content's entry flags (`keys::FLAG_VALUE`): what a fill stores.
+const ENTRY_FLAGS: u32 = 0x4d43_0000;
+
+/// Three memcached, two copies per key; a copy fails quickly and one failure marks it down
+/// for long enough that a write's delete is not sent to it meanwhile (a delete sent to a
+/// frozen server would still run when it resumes).
+fn copies_builder(ms: &[Memcached], p: Protocol, retry: Duration) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .protocol(p)
+        .servers(ms.iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .replicas(2)
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .server_failure_limit(1)
+        .retry_timeout(retry)
+}
+
+/// The cache key of resource `c/name`'s content, and its two copies (placement order).
+fn content_copies(b: &mcstore::ClientBuilder, name: &str) -> (String, [usize; 2]) {
+    let probe = b.clone().build().unwrap();
+    let key = format!("{}:c", KeyGenerator::default().key("c", Some(name)));
+    let r = probe
+        .continuum()
+        .replicas(key.as_bytes(), 2, mcstore::ring::ReplicaPlacement::Natural);
+    assert_eq!(r.as_slice().len(), 2, "{key}: two copies");
+    let s = r.as_slice();
+    (key, [s[0] as usize, s[1] as usize])
+}
+
+/// What server `mc` holds under `key` as a storage entry (content flags), if anything.
+fn entry_on(mc: &Memcached, key: &str) -> Option<Vec<u8>> {
+    mc.client()
+        .get(key.as_bytes())
+        .unwrap()
+        .filter(|i| i.flags == ENTRY_FLAGS)
+        .map(|i| i.value)
+}
+
+/// Puts `value` on `mc` as a fill would.
+fn plant(mc: &Memcached, key: &str, value: &str) {
+    mc.client()
+        .set(
+            key.as_bytes(),
+            value.as_bytes(),
+            SetOptions::default().flags(ENTRY_FLAGS).ttl(3600),
+        )
+        .unwrap();
+}
+
+fn copies_storage(
+    b: &mcstore::ClientBuilder,
+    shared: bool,
+    master: Arc<dyn Storage>,
+) -> MemcacheStorage {
+    if shared {
+        MemcacheStorage::new(b.clone().shared().build().unwrap(), master)
+    } else {
+        MemcacheStorage::new(Pool::new(b.clone(), 2).unwrap(), master)
+    }
+}
+
+fn content(s: &dyn Storage, name: &str) -> Option<Vec<u8>> {
+    match s.get_content(&s.info("c", Some(name)).unwrap()) {
+        Ok(v) => Some(v.to_vec()),
+        Err(StorageError::NotFound(_)) => None,
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+fn put(s: &dyn Storage, name: &str, value: &str) {
+    s.put_content(&s.info("c", Some(name)).unwrap(), value.into())
+        .unwrap();
+}
+
+/// Round trips over copies: a read fills one copy and is then served from the cache; a
+/// write deletes the entry on every copy (both hold one here); a remove too.
+fn copies_round_trips(p: Protocol, shared: bool) {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let b = copies_builder(&ms, p, Duration::from_secs(1));
+    let dir = TempDir::new("mcstore-copies");
+    let s = copies_storage(&b, shared, Arc::new(FsStorage::open(&dir.path).unwrap()));
+    s.create_container("c").unwrap();
+    let names: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    for n in &names {
+        put(&s, n, &format!("{n}-v1"));
+        let want = format!("{n}-v1").into_bytes();
+        assert_eq!(content(&s, n).as_ref(), Some(&want)); // a miss: filled
+        assert_eq!(content(&s, n).as_ref(), Some(&want)); // a hit
+                                                          // The entry where a reader put it, and nowhere else but the copies.
+        let (key, copies) = content_copies(&b, n);
+        let holders: Vec<usize> = (0..3)
+            .filter(|&i| entry_on(&ms[i], &key).is_some())
+            .collect();
+        assert_eq!(holders.len(), 1, "{n}: filled on one server");
+        assert!(copies.contains(&holders[0]), "{n}: filled off its copies");
+        // Both copies hold the entry (a reader of each filled it): a write deletes both.
+        for &i in &copies {
+            plant(&ms[i], &key, &format!("{n}-v1"));
+        }
+        put(&s, n, &format!("{n}-v2"));
+        for &i in &copies {
+            assert_eq!(entry_on(&ms[i], &key), None, "{n}: not deleted on copy {i}");
+        }
+        assert_eq!(content(&s, n), Some(format!("{n}-v2").into_bytes()));
+        for &i in &copies {
+            plant(&ms[i], &key, &format!("{n}-v2"));
+        }
+        s.remove_content(&s.info("c", Some(n)).unwrap()).unwrap();
+        for &i in &copies {
+            assert_eq!(
+                entry_on(&ms[i], &key),
+                None,
+                "{n}: removed, still on copy {i}"
+            );
+        }
+        assert_eq!(content(&s, n), None);
+    }
+    let c = s.counters();
+    assert_eq!(c.hits, names.len() as u64, "{c:?}");
+    assert_eq!((c.cache_errors, c.bypassed), (0, 0), "{c:?}");
+    assert_eq!(s.pending_invalidations(), 0);
+}
+
+#[test]
+fn copies_round_trips_pool_text() {
+    copies_round_trips(Protocol::Text, false);
+}
+
+#[test]
+fn copies_round_trips_pool_meta() {
+    copies_round_trips(Protocol::Meta, false);
+}
+
+#[test]
+fn copies_round_trips_shared_text() {
+    copies_round_trips(Protocol::Text, true);
+}
+
+#[test]
+fn copies_round_trips_shared_meta() {
+    copies_round_trips(Protocol::Meta, true);
+}
+
+/// One copy frozen (SIGSTOP): a read fails over to the other copy; once the copy is marked
+/// down, reads of the keys it shares keep being served from their other copies; a write
+/// made meanwhile never lets the frozen copy serve the old content after SIGCONT (its
+/// delete was not sent there: only the replay removes it, and until then the key is read
+/// from the master).
+fn a_frozen_copy(p: Protocol, shared: bool) {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let retry = Duration::from_secs(3);
+    let b = copies_builder(&ms, p, retry);
+    let dir = TempDir::new("mcstore-copies");
+    let s = copies_storage(&b, shared, Arc::new(FsStorage::open(&dir.path).unwrap()));
+    s.create_container("c").unwrap();
+    // `f` is written during the freeze; its own server (first copy) is the one frozen.
+    let (fkey, [a, other]) = content_copies(&b, "f");
+    // Resources that share `a` and are not written during the freeze.
+    let shares: Vec<String> = (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|n| content_copies(&b, n).1.contains(&a))
+        .take(8)
+        .collect();
+    put(&s, "f", "v1");
+    for n in &shares {
+        put(&s, n, &format!("{n}-1"));
+        assert_eq!(content(&s, n), Some(format!("{n}-1").into_bytes()));
+    }
+    // `f` cached on both copies.
+    plant(&ms[a], &fkey, "v1");
+    plant(&ms[other], &fkey, "v1");
+    ms[a].freeze();
+    // The read tries `a` first, times out, and is served by the other copy; the failure
+    // marks `a` down.
+    let before = s.counters();
+    assert_eq!(content(&s, "f"), Some(b"v1".to_vec()));
+    let marked = Instant::now();
+    let after = s.counters();
+    assert_eq!(
+        after.hits,
+        before.hits + 1,
+        "failed over to the other copy: {after:?}"
+    );
+    assert_eq!(after.master_reads, before.master_reads, "{after:?}");
+    assert!(after.cache_errors > before.cache_errors, "{after:?}");
+    // The write's delete is not sent to `a` (marked down): remembered.
+    put(&s, "f", "v2");
+    assert!(s.pending_invalidations() >= 1);
+    assert_eq!(
+        entry_on(&ms[other], &fkey),
+        None,
+        "deleted on the copy that is up"
+    );
+    assert_eq!(content(&s, "f"), Some(b"v2".to_vec()));
+    // Reads of the other keys: from their copy that is up (a first read may fill it).
+    for n in &shares {
+        assert_eq!(content(&s, n), Some(format!("{n}-1").into_bytes()));
+    }
+    let warm = s.counters();
+    let rounds = 5u64;
+    for _ in 0..rounds {
+        for n in &shares {
+            assert_eq!(content(&s, n), Some(format!("{n}-1").into_bytes()));
+        }
+    }
+    let done = s.counters();
+    let reads = rounds * shares.len() as u64;
+    println!(
+        "frozen copy ({p:?}, shared client: {shared}): {reads} reads, hits +{}, master reads +{}",
+        done.hits - warm.hits,
+        done.master_reads - warm.master_reads
+    );
+    // Served by the cache (generous: a read slowed past the I/O timeout may go to the master).
+    assert!(
+        done.hits - warm.hits >= reads * 9 / 10,
+        "{warm:?} -> {done:?}"
+    );
+    assert!(
+        done.master_reads - warm.master_reads <= reads / 10,
+        "{warm:?} -> {done:?}"
+    );
+    ms[a].resume();
+    // Still marked down: nothing has deleted the old entry on `a` (else this test would
+    // prove nothing).
+    let old_there = entry_on(&ms[a], &fkey);
+    if marked.elapsed() < retry {
+        assert_eq!(
+            old_there,
+            Some(b"v1".to_vec()),
+            "the frozen copy holds the old entry"
+        );
+    }
+    // Until the replay has deleted it there (after `a`'s retry time), and after, every read
+    // sees v2.
+    support::wait_for("the replay to delete f on every copy", || {
+        assert_eq!(
+            content(&s, "f"),
+            Some(b"v2".to_vec()),
+            "stale after SIGCONT"
+        );
+        // (A read after the replay may fill `a` with v2.)
+        s.pending_invalidations() == 0 && entry_on(&ms[a], &fkey) != Some(b"v1".to_vec())
+    });
+    let hits = s.counters().hits;
+    for _ in 0..3 {
+        assert_eq!(
+            content(&s, "f"),
+            Some(b"v2".to_vec()),
+            "stale after the replay"
+        );
+    }
+    assert!(s.counters().hits > hits, "the cache serves f again");
+}
+
+#[test]
+fn a_frozen_copy_pool_text() {
+    a_frozen_copy(Protocol::Text, false);
+}
+
+#[test]
+fn a_frozen_copy_pool_meta() {
+    a_frozen_copy(Protocol::Meta, false);
+}
+
+#[test]
+fn a_frozen_copy_shared_text() {
+    a_frozen_copy(Protocol::Text, true);
+}
+
+#[test]
+fn a_frozen_copy_shared_meta() {
+    a_frozen_copy(Protocol::Meta, true);
+}

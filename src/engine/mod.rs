@@ -63,6 +63,48 @@ impl Route {
     }
 }
 
+/// The servers the storage reads or invalidates a key on (see `storage::memcache`): with one
+/// copy per key, where the key goes now (its own server, or a stand-in while that one is
+/// ejected); with copies, the key's copies (ejections never move them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyServers {
+    Route(Route),
+    /// In read order for a read (copies waiting for a repair of the key left out), in
+    /// placement order, all of them, for an invalidation.
+    Copies(Servers),
+}
+
+impl KeyServers {
+    /// The servers to use, in order (allocation-free).
+    #[inline]
+    pub(crate) fn servers(&self) -> Servers {
+        match self {
+            KeyServers::Route(r) => Servers::from_slice(&[r.server as u32]),
+            KeyServers::Copies(s) => *s,
+        }
+    }
+
+    /// The key's own server while its calls go to a stand-in (one copy, that server
+    /// ejected): it may still hold an old entry nobody invalidates.
+    #[inline]
+    pub(crate) fn moved_from(&self) -> Option<usize> {
+        match self {
+            KeyServers::Route(r) if !r.is_home() => Some(r.home),
+            _ => None,
+        }
+    }
+
+    /// Whether `server` is where the key's entry lives: its own server, routed to now, or
+    /// one of its copies.
+    #[inline]
+    pub(crate) fn holds(&self, server: usize) -> bool {
+        match self {
+            KeyServers::Route(r) => r.is_home() && r.server == server,
+            KeyServers::Copies(s) => s.iter().any(|i| i == server),
+        }
+    }
+}
+
 /// What a call works with: the connections and their health, the key distribution, and the
 /// settings the client was built with. Calls that borrow [`Scratch`] (a namespaced key, a
 /// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
@@ -288,6 +330,26 @@ impl Core {
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
         let home = self.ring.pick_home(hashed).ok_or(Error::NoServers)?;
         Ok(Route { server, home })
+    }
+
+    /// The servers the storage uses for `key` ([`KeyServers`]): without copies its route
+    /// ([`route_key_peek`](Self::route_key_peek)); with copies, for a read its
+    /// [`read_order`](Self::read_order), for an invalidation every copy. Takes no probe:
+    /// the storage pins its calls.
+    pub(crate) fn storage_servers(
+        &mut self,
+        scratch: &mut Scratch,
+        key: &[u8],
+        read: bool,
+    ) -> Result<KeyServers> {
+        if !self.fleet.replicated() {
+            return self.route_key_peek(scratch, key).map(KeyServers::Route);
+        }
+        if read {
+            return self.read_order(scratch, key).map(KeyServers::Copies);
+        }
+        let copies = self.copies_of(scratch, key)?;
+        Ok(KeyServers::Copies(Servers::from_slice(copies.as_slice())))
     }
 
     /// Where `key` goes now (an error if that server is ejected), for a caller that asks

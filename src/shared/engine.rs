@@ -27,6 +27,8 @@
 //!   owner to lead).
 //! - `state -> router`: a lent engine client ([`Lent`](super::Lent)) holds `state` while the
 //!   storage works; if it routes with the shared client meanwhile, it takes `router`.
+//! - `admin -> router`: the storage's replays hold the lent admin client and ask the router
+//!   where each key's copies are.
 //!
 //! Why there is no cycle: nothing takes `state` while holding another of these locks. The
 //! I/O thread lets go of `queue` before it takes `state`; a direct call or a combiner takes
@@ -35,8 +37,8 @@
 //! [`Engine::release_slot`] lets go of the slot first, and [`Engine::wait`] and the futures
 //! drop the slot before [`Engine::abandon`]. `round` and the slot locks are leaves: nothing
 //! is taken under them ([`Engine::wait`] reads `round` and lets go before it looks at the
-//! slot). `router` and `admin` are leaves too: under them only a `Client`'s own code runs,
-//! which takes none of these locks.
+//! slot). `router` is a leaf, and `admin` one but for `router`: under them only a `Client`'s
+//! own code runs, which takes none of these locks.
 //!
 //! Not locks, but run under them: a task's waker is woken under `queue` when a slot frees
 //! ([`Engine::free`]) and under `state` when a reply completes its slot (after the slot's

@@ -7,7 +7,7 @@ use super::engine::{lock, Engine, Op, State};
 use super::{spec, SharedClient};
 use crate::client::{Client, ItemInfo};
 use crate::command::as_item;
-use crate::engine::Route;
+use crate::engine::{KeyServers, Route};
 use crate::error::Result;
 use crate::proto::wire::Capability;
 
@@ -60,6 +60,13 @@ impl SharedClient {
     /// Where `key` goes now, and its own server (see `Client::route_of_key`).
     pub(crate) fn route_of_key(&self, key: &[u8]) -> Result<Route> {
         lock(&self.inner.router).route_of_key(key)
+    }
+
+    /// The servers the storage reads (`read`) or invalidates `key` on, from the router,
+    /// which has the fleet's policy (the engines and the admin client serve one server
+    /// each): see `Client::storage_servers`.
+    pub(crate) fn storage_servers(&self, key: &[u8], read: bool) -> Result<KeyServers> {
+        lock(&self.inner.router).storage_servers(key, read)
     }
 
     /// Server `server`'s engine client, for calls that must share its connection: the

@@ -27,13 +27,15 @@
 //!
 //! **Assumptions**, and what happens where one can fail:
 //! 1. *One set of cache keys per master*: every storage of a master uses the same key
-//!    generator, server list and distribution. A client namespace would break it, and is
+//!    generator, server list, distribution and copies per key (`replicas` and placement:
+//!    a storage with fewer copies would leave the others' extra copies undeleted). A client namespace would break it, and is
 //!    refused ([`StorageError::Config`]); a different generator or server list is not
 //!    detected (document it in your deployment).
-//! 2. *Entries live only at their key's home server*: a key whose home server is ejected is
-//!    read from the master, never filled on a stand-in; a server whose instance changed
-//!    (restarted) is taken as empty, and one a write could not reach is distrusted until a
-//!    flush of it succeeds.
+//! 2. *Entries live only at their key's home server* (with `replicas(n)`, at its copies,
+//!    which ejections never move): a key whose home server is ejected is read from the
+//!    master, never filled on a stand-in; a server whose instance changed (restarted) is
+//!    taken as empty, and one a write could not reach is distrusted until a flush of it
+//!    succeeds.
 //! 3. *memcached's delete and CAS are atomic per key*: a CAS unique (or meta lease) taken
 //!    before a delete fails after it.
 //! 4. *The master is linearizable per resource*: a read that starts after a write committed
@@ -54,11 +56,12 @@
 //! read (an unreadable log distrusts the entry).
 //!
 //! **Paths** (each for every master unless named):
-//! - *The delete succeeded.* It came after the master write. An entry filled from an older
+//! - *The delete succeeded* (with copies: on every copy; each fill is guarded by a marker
+//!   on the copy it fills). It came after the master write. An entry filled from an older
 //!   master read needed a CAS taken before the delete (F), which failed (3). A fill after
 //!   the delete read the master after the write (4). So a read after the return finds no
 //!   entry older than the write.
-//! - *The delete failed* (a frozen or dead server, a key moved off its home). The failure
+//! - *The delete failed* (a frozen or dead server, on any copy; a key moved off its home). The failure
 //!   record is durable before the write returns, and readers distrust the key (R) until a
 //!   replayed delete succeeds and clears it:
 //!   - `FsStorage`: a record is a file in `~invalidations/`, synced before the return; every

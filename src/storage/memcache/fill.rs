@@ -54,33 +54,56 @@ impl Shared {
         let mut waiting_until = None;
         let mut instance = None;
         let lookup = loop {
-            let Some(mut c) = self.checkout(Some(&key)) else {
+            let Some((mut held, servers)) = self.key_servers(&key, true) else {
                 return self.master_get(m, info, part);
             };
-            let route = match c.route_of_key(key.as_bytes()) {
-                Ok(r) => r,
+            let servers = match servers {
+                Ok(s) => s,
                 Err(e) => {
                     self.cache_failed(&e);
                     return self.master_get(m, info, part);
                 }
             };
-            // Not read from the cache: a key whose invalidation is pending, and a key routed
-            // away from its own server (ejected, with `remove_failed_servers`): an entry
-            // filled on the stand-in could outlive a write made through a client that routes
-            // the key home, so stand-ins never hold one.
-            if !route.is_home() || self.distrusted(&key, &c.servers()[route.server]) {
+            // Not read from the cache (see `readable`): a key whose invalidation is pending,
+            // and a key routed away from its own server (ejected, with
+            // `remove_failed_servers`): an entry filled on the stand-in could outlive a write
+            // made through a client that routes the key home, so stand-ins never hold one.
+            let labels = match (&self.settings.cache, &held) {
+                (CacheClients::Shared(s), _) => s.servers(),
+                (_, Some(c)) => c.servers(),
+                (CacheClients::Pool(_), None) => {
+                    unreachable!("a pool's servers come with a client")
+                }
+            };
+            let Some(order) = self.readable(&key, labels, servers) else {
                 bump(&self.counters.bypassed, "mcstore_storage_bypassed_total");
                 return self.master_get(m, info, part);
+            };
+            // The copies in order (one server without copies): a cache error on one tries
+            // the next before the master.
+            let mut looked = None;
+            for server in order.iter() {
+                let Some(c) = self.client_on(&mut held, server) else {
+                    return self.master_get(m, info, part);
+                };
+                // The lookup's calls all go to that server, whatever another client of the
+                // pool ejects meanwhile; which process it is decides where the fill may go
+                // (`fill`).
+                let r = c.pinned(server, |c| {
+                    instance = Some(c.instance(server)?);
+                    self.lookup(c, &key)
+                });
+                match r {
+                    Ok(lookup) => {
+                        looked = Some(lookup);
+                        break;
+                    }
+                    Err(e) => self.cache_failed(&e),
+                }
             }
-            // The lookup's calls all go to that server, whatever another client of the pool
-            // ejects meanwhile; which process it is decides where the fill may go (`fill`).
-            let lookup = c.pinned(route.server, |c| {
-                instance = Some(c.instance(route.server)?);
-                self.lookup(c, &key)
-            });
-            match lookup {
-                Ok(Lookup::Wait) => {
-                    drop(c);
+            drop(held);
+            match looked {
+                Some(Lookup::Wait) => {
                     if waiting_until.is_none() && self.is_stuck(&key) {
                         break Lookup::Master; // its filler is known not to fill: no wait
                     }
@@ -97,11 +120,9 @@ impl Shared {
                     }
                     std::thread::sleep(FILL_POLL);
                 }
-                Ok(lookup) => break lookup,
-                Err(e) => {
-                    self.cache_failed(&e);
-                    return self.master_get(m, info, part);
-                }
+                Some(lookup) => break lookup,
+                // Every server failed (each error counted).
+                None => return self.master_get(m, info, part),
             }
         };
         match lookup {
@@ -116,44 +137,57 @@ impl Shared {
             Lookup::Miss(filler) => {
                 bump(&self.counters.misses, "mcstore_storage_misses_total");
                 let value = self.master_get(m, info, part);
-                let Some(cas) = filler else {
+                let (Some(cas), Some(instance)) = (filler, instance) else {
                     return value;
                 };
-                // Our marker or lease: fill it, or drop it if the master has nothing, so
-                // nobody waits for it. A client is checked out again for this.
-                let Some(mut c) = self.checkout(Some(&key)) else {
+                // Our marker or lease, on the server the lookup used: fill it, or drop it if
+                // the master has nothing, so nobody waits for it. A client is checked out
+                // again for this.
+                let server = instance.server();
+                let mut held = None;
+                let Some(c) = self.client_on(&mut held, server) else {
                     return value;
                 };
-                match (&value, instance) {
-                    (Ok(v), Some(instance)) => self.fill(&mut c, &key, cas, instance, v),
-                    _ => {
-                        if let Err(e) = c.delete(key.as_bytes()) {
-                            self.cache_failed(&e);
-                        }
-                    }
+                match &value {
+                    Ok(v) => self.fill(c, &key, cas, instance, v),
+                    Err(_) => self.drop_entry(c, &key, server),
                 }
                 value
             }
         }
     }
 
-    /// The warm read of a shared client: a plain get on the key's own server, batched with
-    /// concurrent callers' (text and binary; with leases every read is a lease lookup, and a
-    /// plain get could not tell a stale item). `Some` for a value, `None` when the full
-    /// lookup must run (a miss, a marker, an error is left to it too).
+    /// Deletes `key` on `server` (pinned: a marker lives on the server its lookup used, and
+    /// a delete through the fleet layer would go to every copy).
+    fn drop_entry(&self, c: &mut Client, key: &str, server: usize) {
+        if let Err(e) = c.pinned(server, |c| c.delete(key.as_bytes())) {
+            self.cache_failed(&e);
+        }
+    }
+
+    /// The warm read of a shared client: a plain get on the key's server (its copies in
+    /// read order), batched with concurrent callers' (text and binary; with leases every
+    /// read is a lease lookup, and a plain get could not tell a stale item). `Some` for a
+    /// value, `None` when the full lookup must run (a miss, a marker, an error on every
+    /// copy is left to it too).
     fn shared_hit(&self, s: &SharedClient, key: &str) -> Option<Bytes> {
         if s.has_leases() {
             return None;
         }
-        let route = s.route_of_key(key.as_bytes()).ok()?;
-        if !route.is_home() || self.distrusted(key, &s.servers()[route.server]) {
-            return None;
-        }
+        let servers = s.storage_servers(key.as_bytes(), true).ok()?;
+        let order = self.readable(key, s.servers(), servers)?;
         let mut buf = Vec::new();
-        match s.get_on(route.server, key.as_bytes(), &mut buf) {
-            Ok(Some(info)) if info.flags == FLAG_VALUE => Some(Bytes::from(buf)),
-            _ => None,
+        for (k, server) in order.iter().enumerate() {
+            match s.get_on(server, key.as_bytes(), &mut buf) {
+                Ok(Some(info)) if info.flags == FLAG_VALUE => return Some(Bytes::from(buf)),
+                Ok(_) => return None,
+                // Counted when the next copy is tried; the last server's error is left to
+                // the full lookup, which meets it again.
+                Err(e) if k + 1 < order.len() => self.cache_failed(&e),
+                Err(_) => {}
+            }
         }
+        None
     }
 
     /// Looks `key` up; on a miss, tries to become its filler.
@@ -246,19 +280,16 @@ impl Shared {
                     self.cas_on(c, key, cas, instance, b"", master),
                     Some(Ok(CasResult::Stored))
                 ) {
-                    let _ = c.delete(key.as_bytes());
+                    let _ = c.pinned(instance.server(), |c| c.delete(key.as_bytes()));
                 }
             }
-            None => {
-                if let Err(e) = c.delete(key.as_bytes()) {
-                    self.cache_failed(&e);
-                }
-            }
+            None => self.drop_entry(c, key, instance.server()),
         }
     }
 
-    /// `cas` on `key`'s server if it is still the `instance` that gave the unique; `None`
-    /// (nothing sent) if it may not be.
+    /// `cas` on the server that gave the unique if it is still that `instance` and still
+    /// holds the key's entry (the key routes to it, or it is one of the key's copies);
+    /// `None` (nothing sent) if it may not be.
     fn cas_on(
         &self,
         c: &mut Client,
@@ -269,8 +300,8 @@ impl Shared {
         opts: SetOptions,
     ) -> Option<crate::Result<CasResult>> {
         let server = instance.server();
-        match c.route_of_key(key.as_bytes()) {
-            Ok(r) if r.is_home() && r.server == server => {}
+        match self.key_servers_with(c, key.as_bytes(), false) {
+            Ok(s) if s.holds(server) => {}
             _ => return None,
         }
         c.pinned(server, |c| match c.instance(server) {

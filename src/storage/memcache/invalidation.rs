@@ -12,7 +12,9 @@ use crate::storage::{InvalidationLog, LogEntry, MasterWrite, Part, ResourceInfo,
 
 use super::counters::bump;
 use super::pending::{Pending, Replay};
-use super::Shared;
+use super::{CacheClients, Shared};
+use crate::engine::KeyServers;
+use crate::fleet::plan::Servers;
 
 /// Failed invalidations remembered key by key; past this, the server that failed (or, when it
 /// is not known, the whole cache) is distrusted until it is flushed.
@@ -127,19 +129,20 @@ impl Shared {
         r
     }
 
-    /// Deletes the cache entries of a resource after a master write; failures are remembered.
-    /// Returns whether every entry was deleted on its own server.
+    /// Deletes the cache entries of a resource after a master write, on every server that
+    /// may hold them (its own server; with copies, every copy); failures are remembered.
+    /// Returns whether every entry was deleted everywhere it matters.
     fn invalidate(&self, keys: &[String]) -> bool {
         self.replay_inline();
         let mut all = true;
         for k in keys {
-            let Some(mut c) = self.checkout(Some(k)) else {
+            let Some((mut held, servers)) = self.key_servers(k, false) else {
                 self.remember(k.clone(), None);
                 all = false;
                 continue;
             };
-            let route = match c.route_of_key(k.as_bytes()) {
-                Ok(r) => r,
+            let servers = match servers {
+                Ok(s) => s,
                 Err(e) => {
                     self.cache_failed(&e);
                     self.remember(k.clone(), e.server());
@@ -150,19 +153,32 @@ impl Shared {
             // The key's own server is out of the ring (its keys moved meanwhile): it may
             // still hold the old entry, so it is distrusted, and flushed before it serves
             // reads again. Not done where it matters to clients still routing the key home:
-            // a record stays in the log for one of them to replay.
-            if !route.is_home() {
-                let home = c.servers()[route.home].to_string();
+            // a record stays in the log for one of them to replay. (Copies never move.)
+            if let Some(home) = servers.moved_from() {
+                let home = match (&self.settings.cache, &held) {
+                    (CacheClients::Shared(s), _) => s.servers()[home].clone(),
+                    (_, Some(c)) => c.servers()[home].clone(),
+                    (CacheClients::Pool(_), None) => unreachable!("a pool routes with a client"),
+                };
                 self.lock_pending().distrust_server(home);
                 all = false;
             }
             // Deleted, on every protocol: an item marked stale over meta (`md I`) would still
-            // be served to text and binary readers of the same cache. Pinned: the delete goes
-            // where the route above says, even if a server is ejected or rejoins meanwhile.
-            if let Err(e) = c.pinned(route.server, |c| c.delete(k.as_bytes())) {
-                self.cache_failed(&e);
-                self.remember(k.clone(), e.server());
-                all = false;
+            // be served to text and binary readers of the same cache. Pinned: each delete
+            // goes where the route above says, even if a server is ejected or rejoins
+            // meanwhile. A copy whose delete fails is remembered; the key is then read from
+            // the master until a replay has deleted it on every copy.
+            for server in servers.servers().iter() {
+                let Some(c) = self.client_on(&mut held, server) else {
+                    self.remember(k.clone(), None);
+                    all = false;
+                    continue;
+                };
+                if let Err(e) = c.pinned(server, |c| c.delete(k.as_bytes())) {
+                    self.cache_failed(&e);
+                    self.remember(k.clone(), e.server());
+                    all = false;
+                }
             }
         }
         all
@@ -176,8 +192,52 @@ impl Shared {
         crate::observe::pending(p.len());
     }
 
-    /// True if `key` must not be read from the cache (an invalidation is pending, here or in
-    /// the master's log).
+    /// Which of `servers` (`labels`: the servers' names) may serve `key` from the cache, in
+    /// order; `None` if none may, and the read goes to the master. With one copy per key: its
+    /// server, unless the key is routed away from it (a stand-in never holds an entry) or
+    /// [`distrusted`](Self::distrusted) there. With copies: none while the key's
+    /// invalidation is pending (here or in the master's log: some copy may still hold the old
+    /// entry, and a read could find it there); otherwise every copy but those the storage
+    /// distrusts as a whole (overflowed, or waiting for a flush).
+    pub(super) fn readable(
+        &self,
+        key: &str,
+        labels: &[String],
+        servers: KeyServers,
+    ) -> Option<Servers> {
+        let copies = match servers {
+            KeyServers::Route(r) => {
+                return (r.is_home() && !self.distrusted(key, &labels[r.server]))
+                    .then(|| servers.servers());
+            }
+            KeyServers::Copies(copies) => copies,
+        };
+        let mut trusted = Servers::from_slice(&[]);
+        {
+            let p = self.lock_pending();
+            for i in copies.iter() {
+                if !p.distrusts(key, || Some(labels[i].clone())) {
+                    trusted.push(i as u32);
+                }
+            }
+        }
+        if trusted.len() == 0 || self.logged(key) {
+            return None;
+        }
+        Some(trusted)
+    }
+
+    /// True if the master's log has `key`'s invalidation pending (or cannot tell).
+    fn logged(&self, key: &str) -> bool {
+        match self.settings.master.invalidation_log() {
+            // A log that cannot be read cannot vouch for the entry.
+            Some(log) => log.contains(key).unwrap_or(true),
+            None => false,
+        }
+    }
+
+    /// True if `key` must not be read from the cache on `server` (an invalidation is
+    /// pending, here or in the master's log, or the server is distrusted).
     pub(super) fn distrusted(&self, key: &str, server: &str) -> bool {
         if self
             .lock_pending()
@@ -185,11 +245,7 @@ impl Shared {
         {
             return true;
         }
-        match self.settings.master.invalidation_log() {
-            // A log that cannot be read cannot vouch for the entry.
-            Some(log) => log.contains(key).unwrap_or(true),
-            None => false,
-        }
+        self.logged(key)
     }
 
     pub(super) fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -236,7 +292,7 @@ impl Shared {
         if replay.is_none() && entries.is_empty() {
             return;
         }
-        let Some(mut c) = self.checkout(None) else {
+        let Some(mut c) = self.checkout_admin() else {
             return;
         };
         let c = &mut *c;
@@ -264,13 +320,13 @@ impl Shared {
             Replay::Keys(mut keys) => {
                 // A key that no longer routes to the server that failed (it was ejected and
                 // its keys moved) cannot be deleted there by key: that server is flushed
-                // before it is trusted again instead.
+                // before it is trusted again instead. (A key's copies never move.)
                 keys.retain(|(key, gen, failed)| {
                     let Some(failed) = failed else {
                         return true;
                     };
-                    match c.route_of_key(key.as_bytes()) {
-                        Ok(r) if &c.servers()[r.server] != failed => {
+                    match self.key_servers_with(c, key.as_bytes(), false) {
+                        Ok(s) if !s.servers().iter().any(|i| &c.servers()[i] == failed) => {
                             let mut p = self.lock_pending();
                             p.distrust_server(failed.clone());
                             p.replayed(key, *gen);
@@ -307,16 +363,24 @@ impl Shared {
         }
     }
 
-    /// One replay batch: `keys` deleted on their own servers, one pipelined delete per
-    /// server, each pinned to the server its keys were routed to (a concurrent ejection
-    /// cannot send it elsewhere). Per key, whether it was deleted on its own server: a key
-    /// routed away from it is left for a process (or a later replay) that routes it home.
+    /// One replay batch: `keys` deleted on their own servers (with copies, on every copy),
+    /// one pipelined delete per server, each pinned to the server its keys were routed to (a
+    /// concurrent ejection cannot send it elsewhere). Per key, whether it was deleted on
+    /// every server it matters on: a key routed away from its own server is left for a
+    /// process (or a later replay) that routes it home; a key with a copy that failed stays.
     fn replay_deletes(&self, c: &mut Client, keys: &[&[u8]]) -> Vec<bool> {
-        let mut deleted = vec![false; keys.len()];
+        // Per key, the servers still to confirm its delete (0 once deleted everywhere);
+        // `u32::MAX`: not deleted at all (routed away, or not routable).
+        let mut left = vec![u32::MAX; keys.len()];
         let mut by_server: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (j, key) in keys.iter().enumerate() {
-            match c.route_of_key(key) {
-                Ok(r) if r.is_home() => by_server.entry(r.server).or_default().push(j),
+            match self.key_servers_with(c, key, false) {
+                Ok(s) if s.moved_from().is_none() && s.servers().len() > 0 => {
+                    left[j] = s.servers().len() as u32;
+                    for server in s.servers().iter() {
+                        by_server.entry(server).or_default().push(j);
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => self.cache_failed(&e),
             }
@@ -329,16 +393,20 @@ impl Shared {
                         &self.counters.replay_batches,
                         "mcstore_storage_replay_batches_total",
                     );
-                    let n = u64::try_from(js.len()).unwrap_or(u64::MAX);
-                    crate::observe::storage("mcstore_storage_replayed_total", n);
-                    crate::observe::replayed(n);
-                    self.counters.replayed.fetch_add(n, Ordering::Relaxed);
                     for j in js {
-                        deleted[j] = true;
+                        left[j] -= 1;
                     }
                 }
                 Err(e) => self.cache_failed(&e),
             }
+        }
+        let deleted: Vec<bool> = left.iter().map(|&n| n == 0).collect();
+        let n = deleted.iter().filter(|&&d| d).count();
+        if n > 0 {
+            let n = u64::try_from(n).unwrap_or(u64::MAX);
+            crate::observe::storage("mcstore_storage_replayed_total", n);
+            crate::observe::replayed(n);
+            self.counters.replayed.fetch_add(n, Ordering::Relaxed);
         }
         deleted
     }

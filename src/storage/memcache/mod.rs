@@ -31,6 +31,18 @@
 //!   the bound, the failed server is bypassed until a flush of the server that failed
 //!   succeeds (only that server is flushed). So a server that was frozen during a write
 //!   cannot serve the old content afterwards.
+//! - **Copies** (cache clients built with [`replicas(n)`](crate::ClientBuilder::replicas),
+//!   `n > 1`): a read tries the key's copies in the client's read order (copies that are up
+//!   first, slow ones later, those the fleet's repair bookkeeping blocks left out), skipping
+//!   a copy the storage distrusts (overflowed, or to be flushed); a cache error on one copy
+//!   tries the next before the master. The fill protocol (marker or lease, CAS guarded by
+//!   the server's instance) runs on the copy the lookup used, pinned there: a fill lands only
+//!   on a server that is still one of the key's copies. A write deletes the key on every
+//!   copy (each delete pinned to its copy); a copy whose delete fails is remembered as above,
+//!   and the key is read from the master until a replay has deleted it on every copy (one
+//!   pipelined delete per server). So no copy serves what a write replaced, whichever copy a
+//!   later read lands on. With one copy (the default) the storage routes each key to its
+//!   own server, as without copies.
 //! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
 //!   ejected (its keys moved) makes that server distrusted until a flush of it succeeds, so it
 //!   never serves an old entry when it rejoins.
@@ -44,7 +56,8 @@
 //!
 //! `fill` reads through the cache (leases, filling markers, CAS-guarded fills); `invalidation`
 //! writes through it (intents, deletes, replays), over `pending`, this process's record of the
-//! deletes that failed; `clients` is what calls go through. `keys` (cache keys, entry flags)
+//! deletes that failed; `clients` is what calls go through, and where a key's servers are
+//! asked for (one route, or the copies: `KeyServers`, the one place the two differ). `keys` (cache keys, entry flags)
 //! and `counters` are shared with [`MemcacheOnlyStorage`] (`only`), so that both storages read
 //! one cache the same way.
 

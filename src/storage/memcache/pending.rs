@@ -46,6 +46,12 @@ impl Pending {
             }
             self.overflow.insert(server, gen);
         } else {
+            // A key that failed on two servers (two copies, or its own server and a
+            // stand-in) names none: no one server's flush covers it, only its replay does.
+            let server = match self.keys.get(&key) {
+                Some((_, had)) if *had != server => None,
+                _ => server,
+            };
             self.keys.insert(key, (gen, server));
         }
     }
@@ -133,6 +139,22 @@ mod tests {
             p.replayed(&k, gen);
         }
         assert!(p.is_empty());
+    }
+
+    /// A key whose invalidation failed on two copies stays distrusted when one of them
+    /// overflows (that server's flush does not clean the other copy).
+    #[test]
+    fn a_key_failed_on_two_copies_survives_one_overflow() {
+        let mut p = Pending::default();
+        p.record("k".into(), Some("a"), 3);
+        p.record("k".into(), Some("b"), 3);
+        p.record("b1".into(), Some("b"), 3);
+        p.record("b2".into(), Some("b"), 3);
+        p.record("b3".into(), Some("b"), 3); // past the bound: b overflows
+        assert!(p.distrusts("k", || Some("a".into())), "k failed on a too");
+        let Replay::Flush(_) = p.take(10) else {
+            panic!("overflowed")
+        };
     }
 
     /// The same for an overflow: a failure during the flush keeps the server distrusted.
