@@ -346,7 +346,7 @@ impl Core {
             return self.route_key_peek(scratch, key).map(KeyServers::Route);
         }
         if read {
-            return self.read_order(scratch, key).map(KeyServers::Copies);
+            return self.read_order(scratch, key, true).map(KeyServers::Copies);
         }
         let copies = self.copies_of(scratch, key)?;
         Ok(KeyServers::Copies(Servers::from_slice(copies.as_slice())))
