@@ -2557,3 +2557,133 @@ fn a_frozen_copy_shared_text() {
 fn a_frozen_copy_shared_meta() {
     a_frozen_copy(Protocol::Meta, true);
 }
+
+// ---------------------------------------------------------------------------------------
+// Review (zones-attack): the storage over zones
+// ---------------------------------------------------------------------------------------
+
+/// Zone `a` is `ms[0]`, zone `b` is `ms[1]` (a key's copies: server 0 and server 1); reads
+/// prefer `prefer`.
+fn zones_builder(ms: &[Memcached], p: Protocol, prefer: &str) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .protocol(p)
+        .zone("a", [ms[0].addr()])
+        .zone("b", [ms[1].addr()])
+        .prefer_zone(prefer)
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_secs(3))
+}
+
+fn zone_key(name: &str) -> String {
+    format!("{}:c", KeyGenerator::default().key("c", Some(name)))
+}
+
+/// Reads prefer the local zone (filled there, served from there); a put while one zone's
+/// server is frozen (the local one, then the other one) never lets it serve the old content
+/// after SIGCONT, before or after the replay.
+fn zones_frozen(p: Protocol, shared: bool) {
+    let ms: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
+    let b = zones_builder(&ms, p, "b");
+    for (round, frozen) in [1usize, 0].into_iter().enumerate() {
+        // A fresh storage (and clients) per round: none marked down by the round before.
+        let dir = TempDir::new("mcstore-zones");
+        let s = copies_storage(&b, shared, Arc::new(FsStorage::open(&dir.path).unwrap()));
+        s.create_container("c").unwrap();
+        let name = format!("f{round}");
+        let key = zone_key(&name);
+        put(&s, &name, "v1");
+        assert_eq!(content(&s, &name), Some(b"v1".to_vec()));
+        assert_eq!(entry_on(&ms[1], &key), Some(b"v1".to_vec()), "round {round}: filled in the local zone");
+        assert_eq!(entry_on(&ms[0], &key), None, "round {round}: not filled in the other zone");
+        let hits = s.counters().hits;
+        assert_eq!(content(&s, &name), Some(b"v1".to_vec()));
+        assert_eq!(s.counters().hits, hits + 1, "served from the local zone");
+        // Both zones hold v1.
+        plant(&ms[0], &key, "v1");
+        ms[frozen].freeze();
+        if frozen == 1 {
+            // The local zone's server times out: the read fails over to zone a (and marks
+            // it down, so the write's delete is not queued on its socket).
+            assert_eq!(content(&s, &name), Some(b"v1".to_vec()));
+        }
+        put(&s, &name, "v2");
+        let other = 1 - frozen;
+        assert_eq!(entry_on(&ms[other], &key), None, "deleted in the zone that is up");
+        assert_eq!(content(&s, &name), Some(b"v2".to_vec()));
+        ms[frozen].resume();
+        support::wait_for("the replay to delete the key in the frozen zone", || {
+            assert_eq!(
+                content(&s, &name),
+                Some(b"v2".to_vec()),
+                "round {round}: stale after SIGCONT of zone {frozen}"
+            );
+            s.pending_invalidations() == 0 && entry_on(&ms[frozen], &key) != Some(b"v1".to_vec())
+        });
+        for _ in 0..3 {
+            assert_eq!(content(&s, &name), Some(b"v2".to_vec()), "stale after the replay");
+        }
+        // The other zone alone (the local one killed would be a restart: freeze instead):
+        // whichever zone a read lands on serves v2.
+        ms[1].freeze();
+        assert_eq!(content(&s, &name), Some(b"v2".to_vec()), "via zone a");
+        ms[1].resume();
+    }
+}
+
+#[test]
+fn zones_frozen_pool_text() {
+    zones_frozen(Protocol::Text, false);
+}
+
+#[test]
+fn zones_frozen_pool_meta() {
+    zones_frozen(Protocol::Meta, false);
+}
+
+#[test]
+fn zones_frozen_shared_text() {
+    zones_frozen(Protocol::Text, true);
+}
+
+#[test]
+fn zones_frozen_shared_meta() {
+    zones_frozen(Protocol::Meta, true);
+}
+
+/// A write-only zone serves the storage nothing: an entry planted there (a warming zone's
+/// leftovers) is never read, even when the readable zone is down; writes still delete it.
+fn zones_write_only(shared: bool) {
+    let ms: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
+    let b = zones_builder(&ms, Protocol::Text, "b").write_only_zone("b");
+    let dir = TempDir::new("mcstore-zones-wo");
+    let s = copies_storage(&b, shared, Arc::new(FsStorage::open(&dir.path).unwrap()));
+    s.create_container("c").unwrap();
+    let key = zone_key("w");
+    put(&s, "w", "v1");
+    plant(&ms[1], &key, "junk");
+    assert_eq!(content(&s, "w"), Some(b"v1".to_vec()));
+    assert_eq!(entry_on(&ms[0], &key), Some(b"v1".to_vec()), "filled in the readable zone");
+    ms[0].freeze();
+    for _ in 0..3 {
+        assert_eq!(content(&s, "w"), Some(b"v1".to_vec()), "read the write-only zone");
+    }
+    ms[0].resume();
+    put(&s, "w", "v2");
+    assert_eq!(entry_on(&ms[1], &key), None, "a write deletes in the write-only zone too");
+    support::wait_for("pending invalidations replayed", || {
+        assert_eq!(content(&s, "w"), Some(b"v2".to_vec()));
+        s.pending_invalidations() == 0
+    });
+}
+
+#[test]
+fn zones_write_only_pool() {
+    zones_write_only(false);
+}
+
+#[test]
+fn zones_write_only_shared() {
+    zones_write_only(true);
+}
