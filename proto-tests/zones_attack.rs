@@ -28,8 +28,7 @@ fn zoned(ms: &[Memcached], names: &[&str], p: Protocol) -> ClientBuilder {
 }
 
 fn val(r: mcstore::Result<Option<Item>>) -> Option<String> {
-    r.unwrap()
-        .map(|i| String::from_utf8(i.value).unwrap())
+    r.unwrap().map(|i| String::from_utf8(i.value).unwrap())
 }
 
 /// A write-only zone serves no read: `meta_get` (and `meta_debug`) included, even when the
@@ -54,7 +53,10 @@ fn meta_get_write_only(shared: bool) {
         c.set(key, b"good", O).unwrap();
         // Zone b warming: it holds something else (a warming zone's content is not to be
         // trusted; that is why it is write-only).
-        ms[1].client().set(key, b"junk-from-write-only-zone", O).unwrap();
+        ms[1]
+            .client()
+            .set(key, b"junk-from-write-only-zone", O)
+            .unwrap();
         // The readable zone goes away.
         ms[0].kill();
         let who = if shared { "SharedClient" } else { "Client" };
@@ -74,7 +76,11 @@ fn meta_get_write_only(shared: bool) {
             "{who}: meta_get read the write-only zone b: {:?}",
             String::from_utf8_lossy(&buf)
         );
-        let d = if shared { s.meta_debug(key) } else { c.meta_debug(key) };
+        let d = if shared {
+            s.meta_debug(key)
+        } else {
+            c.meta_debug(key)
+        };
         assert!(
             !matches!(d, Ok(Some(_))),
             "{who}: meta_debug read the write-only zone b: {d:?}"
@@ -169,7 +175,11 @@ fn miss_failover_and_hedges_skip_write_only_zones() {
         ms[0].client().delete(key).unwrap();
         ms[1].client().delete(key).unwrap();
         assert_eq!(val(c.get(key)), None, "Client: read the write-only copy");
-        assert_eq!(val(s.get(key)), None, "SharedClient: read the write-only copy");
+        assert_eq!(
+            val(s.get(key)),
+            None,
+            "SharedClient: read the write-only copy"
+        );
         assert_eq!(
             val(rt.block_on(s.get_async(key))),
             None,
@@ -185,7 +195,11 @@ fn miss_failover_and_hedges_skip_write_only_zones() {
         let key = format!("wo-miss:{k}");
         let key = key.as_bytes();
         assert_eq!(val(c.get(key)).as_deref(), Some("v"), "Client after toggle");
-        assert_eq!(val(s.get(key)).as_deref(), Some("v"), "SharedClient after toggle");
+        assert_eq!(
+            val(s.get(key)).as_deref(),
+            Some("v"),
+            "SharedClient after toggle"
+        );
     }
 }
 
@@ -217,7 +231,10 @@ fn a_miss_failover_while_a_hedge_is_out_keeps_the_buffers_straight() {
         s.set(k.as_bytes(), b"x", O).unwrap();
         ms[0].client().set(k.as_bytes(), b"A-short", O).unwrap();
         ms[1].client().delete(k.as_bytes()).unwrap();
-        ms[2].client().set(k.as_bytes(), long_c.as_bytes(), O).unwrap();
+        ms[2]
+            .client()
+            .set(k.as_bytes(), long_c.as_bytes(), O)
+            .unwrap();
     }
     // Warm the spare buffer with a big value from another key on this thread.
     s.set(b"big", "S".repeat(100_000).as_bytes(), O).unwrap();
@@ -233,7 +250,12 @@ fn a_miss_failover_while_a_hedge_is_out_keeps_the_buffers_straight() {
         };
         let info = r.unwrap();
         assert!(info.is_some(), "{k}: a miss; the third copy holds it");
-        assert_eq!(buf.len(), long_c.len(), "{k}: {}", String::from_utf8_lossy(&buf[..buf.len().min(40)]));
+        assert_eq!(
+            buf.len(),
+            long_c.len(),
+            "{k}: {}",
+            String::from_utf8_lossy(&buf[..buf.len().min(40)])
+        );
         assert!(buf == long_c.as_bytes(), "{k}: wrong bytes");
     }
     let after = s.fleet_counters();
@@ -243,13 +265,15 @@ fn a_miss_failover_while_a_hedge_is_out_keeps_the_buffers_straight() {
     );
     ms[0].resume();
     // The frozen copy's replies arrive late: every later reply is its own caller's.
-    support::wait_for("zone a answers through the client", || {
-        matches!(s.get(keys[0].as_bytes()), Ok(Some(i)) if i.value == b"A-short")
-    });
+    support::wait_for(
+        "zone a answers through the client",
+        || matches!(s.get(keys[0].as_bytes()), Ok(Some(i)) if i.value == b"A-short"),
+    );
     for round in 0..50 {
         for (i, m) in ms.iter().enumerate() {
             let k = format!("after:{round}:{i}");
-            s.set(k.as_bytes(), format!("v{round}").as_bytes(), O).unwrap();
+            s.set(k.as_bytes(), format!("v{round}").as_bytes(), O)
+                .unwrap();
             let _ = m;
         }
         for i in 0..3 {

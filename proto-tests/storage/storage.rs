@@ -2595,8 +2595,16 @@ fn zones_frozen(p: Protocol, shared: bool) {
         let key = zone_key(&name);
         put(&s, &name, "v1");
         assert_eq!(content(&s, &name), Some(b"v1".to_vec()));
-        assert_eq!(entry_on(&ms[1], &key), Some(b"v1".to_vec()), "round {round}: filled in the local zone");
-        assert_eq!(entry_on(&ms[0], &key), None, "round {round}: not filled in the other zone");
+        assert_eq!(
+            entry_on(&ms[1], &key),
+            Some(b"v1".to_vec()),
+            "round {round}: filled in the local zone"
+        );
+        assert_eq!(
+            entry_on(&ms[0], &key),
+            None,
+            "round {round}: not filled in the other zone"
+        );
         let hits = s.counters().hits;
         assert_eq!(content(&s, &name), Some(b"v1".to_vec()));
         assert_eq!(s.counters().hits, hits + 1, "served from the local zone");
@@ -2610,7 +2618,11 @@ fn zones_frozen(p: Protocol, shared: bool) {
         }
         put(&s, &name, "v2");
         let other = 1 - frozen;
-        assert_eq!(entry_on(&ms[other], &key), None, "deleted in the zone that is up");
+        assert_eq!(
+            entry_on(&ms[other], &key),
+            None,
+            "deleted in the zone that is up"
+        );
         assert_eq!(content(&s, &name), Some(b"v2".to_vec()));
         ms[frozen].resume();
         support::wait_for("the replay to delete the key in the frozen zone", || {
@@ -2622,7 +2634,11 @@ fn zones_frozen(p: Protocol, shared: bool) {
             s.pending_invalidations() == 0 && entry_on(&ms[frozen], &key) != Some(b"v1".to_vec())
         });
         for _ in 0..3 {
-            assert_eq!(content(&s, &name), Some(b"v2".to_vec()), "stale after the replay");
+            assert_eq!(
+                content(&s, &name),
+                Some(b"v2".to_vec()),
+                "stale after the replay"
+            );
         }
         // The other zone alone (the local one killed would be a restart: freeze instead):
         // whichever zone a read lands on serves v2.
@@ -2664,14 +2680,26 @@ fn zones_write_only(shared: bool) {
     put(&s, "w", "v1");
     plant(&ms[1], &key, "junk");
     assert_eq!(content(&s, "w"), Some(b"v1".to_vec()));
-    assert_eq!(entry_on(&ms[0], &key), Some(b"v1".to_vec()), "filled in the readable zone");
+    assert_eq!(
+        entry_on(&ms[0], &key),
+        Some(b"v1".to_vec()),
+        "filled in the readable zone"
+    );
     ms[0].freeze();
     for _ in 0..3 {
-        assert_eq!(content(&s, "w"), Some(b"v1".to_vec()), "read the write-only zone");
+        assert_eq!(
+            content(&s, "w"),
+            Some(b"v1".to_vec()),
+            "read the write-only zone"
+        );
     }
     ms[0].resume();
     put(&s, "w", "v2");
-    assert_eq!(entry_on(&ms[1], &key), None, "a write deletes in the write-only zone too");
+    assert_eq!(
+        entry_on(&ms[1], &key),
+        None,
+        "a write deletes in the write-only zone too"
+    );
     support::wait_for("pending invalidations replayed", || {
         assert_eq!(content(&s, "w"), Some(b"v2".to_vec()));
         s.pending_invalidations() == 0

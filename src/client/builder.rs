@@ -238,11 +238,14 @@ impl ClientBuilder {
     /// - A read (`get`, `gat`) asks the [preferred zone](Self::prefer_zone) first and another
     ///   zone when that copy fails, is down or (with [`hedge`](Self::hedge)) slow. `gets`,
     ///   `gats`, `cas`, `incr`, `decr` and meta calls use the zones in the order they were
-    ///   added (write-only ones last), the same for every client, so a `gets`' unique is
+    ///   added, the same for every client whatever is write-only, so a `gets`' unique is
     ///   the one `cas` checks and a counter lives where every client looks for it.
-    /// - A [write-only](Self::write_only_zone) zone gets every write and serves no read,
-    ///   while it warms up; [`Client::set_zone_write_only`](crate::Client::set_zone_write_only)
-    ///   changes that at run time.
+    /// - A [write-only](Self::write_only_zone) zone gets every write and serves no read
+    ///   (meta reads included), while it warms up;
+    ///   [`Client::set_zone_write_only`](crate::Client::set_zone_write_only) changes that at
+    ///   run time. Add a zone that warms up last: while the first zone is write-only, `cas`
+    ///   and counters still run there (a `gets` unique from another zone then fails safely
+    ///   with `Exists`, and reads of a counter miss).
     ///
     /// At most 4 copies in all (zones times replicas).
     pub fn zone<I, S>(mut self, name: impl Into<String>, servers: I) -> Self

@@ -10,8 +10,8 @@ use super::Client;
 use crate::command::{Op, Reply};
 use crate::error::{Error, Result};
 use crate::fleet::plan::{
-    changed, fails_over, first_wave, prefers_zone, settle, write_kind, Action, Part, Standing,
-    WriteKind,
+    changed, fails_over, first_wave, prefers_zone, settle, write_kind, Action, Part, Servers,
+    Standing, WriteKind,
 };
 use crate::fleet::repair::Work;
 use crate::fleet::{FleetCounters, ZoneInfo};
@@ -321,10 +321,14 @@ impl Client {
     ) -> Result<T> {
         let copies = self.core.copies_of(&mut self.scratch, key)?;
         let copies = copies.as_slice();
+        // A read never asks a write-only zone's copy.
+        let asked = match write {
+            true => Servers::from_slice(copies),
+            false => self.core.readable(copies, false),
+        };
         let mut last = None;
         let mut answered = None;
-        for &i in copies {
-            let i = i as usize;
+        for i in asked.iter() {
             if self.core.standing_to_call(i, key) != Standing::Up {
                 continue;
             }
@@ -346,7 +350,10 @@ impl Client {
             }
         }
         let Some((first, r)) = answered else {
-            return Err(last.unwrap_or_else(|| self.core.down_error(copies[0] as usize)));
+            return Err(last.unwrap_or_else(|| match asked.get(0) {
+                Some(i) => self.core.down_error(i),
+                None => Error::NoServers,
+            }));
         };
         if changed(&r) {
             let mut out = Vec::new();

@@ -38,6 +38,9 @@ use crate::ring::MAX_REPLICAS;
 const SLOW_FACTOR: u32 = 4;
 /// ... and at least this long.
 const SLOW_MIN: Duration = Duration::from_millis(2);
+/// The most calls of one multi-key call with copies under way at once: enough to fill
+/// each server's batches, few enough that every wake-up polls them all cheaply.
+const WINDOW: usize = 128;
 /// The repair thread's pause when every repair left is on a server that is down.
 const REPAIR_PAUSE: Duration = Duration::from_millis(20);
 
@@ -716,6 +719,55 @@ impl SharedClient {
         }
     }
 
+    /// `n` keyed calls with copies (a multi-key call), at most [`WINDOW`] under way at
+    /// once: their requests share each server's batches, so the keys cost a few rounds
+    /// instead of one each. Each result goes to `done(index, result, value)` as it comes.
+    pub(super) async fn copies_many<'a, 'k: 'a>(
+        &'a self,
+        n: usize,
+        call: impl Fn(usize) -> CallSpec<'k>,
+        mut done: impl FnMut(usize, Result<Reply>, &[u8]),
+    ) {
+        type Call<'a> = Pin<Box<dyn Future<Output = (usize, Result<Reply>, Vec<u8>)> + Send + 'a>>;
+        let start = |j: usize| -> Call<'a> {
+            let spec: CallSpec<'a> = call(j);
+            Box::pin(async move {
+                let mut out = Vec::new();
+                let r = self.exec_copies_async(spec, &mut out).await;
+                (j, r, out)
+            })
+        };
+        let mut running: Vec<Call<'a>> = Vec::with_capacity(WINDOW.min(n));
+        let mut next = 0;
+        std::future::poll_fn(|cx| {
+            while running.len() < WINDOW && next < n {
+                running.push(start(next));
+                next += 1;
+            }
+            let mut k = 0;
+            while k < running.len() {
+                match running[k].as_mut().poll(cx) {
+                    Poll::Ready((j, r, out)) => {
+                        done(j, r, &out);
+                        // The next call takes its place (and is polled in this pass).
+                        if next < n {
+                            running[k] = start(next);
+                            next += 1;
+                        } else {
+                            drop(running.swap_remove(k));
+                        }
+                    }
+                    Poll::Pending => k += 1,
+                }
+            }
+            match running.is_empty() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// A meta call with copies, as [`Client`](crate::Client)'s: on the first copy up (not
     /// waiting for a repair of the key), its engine's client lent; when `changed` says the
     /// result changed the item, the other copies are deleted.
@@ -727,9 +779,15 @@ impl SharedClient {
         changed: impl FnOnce(&T) -> bool,
     ) -> Result<T> {
         let (copies, st) = self.copies(key, false)?;
+        // A read never asks a write-only zone's copy.
+        let asked = match (&self.fleet().zones, write) {
+            (Some(z), false) => z.readable(copies.as_slice(), false),
+            _ => copies,
+        };
         let mut last = None;
         let mut answered = None;
-        for (i, s) in copies.iter().zip(st) {
+        for i in asked.iter() {
+            let s = st[copies.position(i)];
             let usable = match s {
                 Standing::Up | Standing::Slow => true,
                 // Taken only for the copy about to be asked.
@@ -765,7 +823,10 @@ impl SharedClient {
             }
         }
         let Some((first, r)) = answered else {
-            return Err(last.unwrap_or_else(|| self.down(copies.get(0).unwrap_or(0))));
+            return Err(last.unwrap_or_else(|| match asked.get(0) {
+                Some(i) => self.down(i),
+                None => Error::NoServers,
+            }));
         };
         if changed(&r) {
             let mut buf = Vec::new();

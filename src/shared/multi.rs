@@ -214,12 +214,10 @@ impl SharedClient {
         mut fold: F,
     ) -> Result<F::Output> {
         if self.replicated() {
-            // Each key as its single-key call: the fleet's rules apply per key.
-            let mut value = Vec::new();
-            for j in 0..n {
-                let r = self.exec(call(j), &mut value);
-                fold.on(j, r, &value);
-            }
+            // Each key as its single-key call (the fleet's rules apply per key), many at
+            // once.
+            let many = self.copies_many(n, call, |j, r, value| fold.on(j, r, value));
+            super::copies::block_on(std::pin::pin!(many), self.inner.timeout);
             return fold.end();
         }
         self.each_queued(n, call, |j, r, value| fold.on(j, r, value));
@@ -233,11 +231,8 @@ impl SharedClient {
         mut fold: F,
     ) -> Result<F::Output> {
         if self.replicated() {
-            let mut value = Vec::new();
-            for j in 0..n {
-                let r = self.exec_async(call(j), &mut value).await;
-                fold.on(j, r, &value);
-            }
+            self.copies_many(n, call, |j, r, value| fold.on(j, r, value))
+                .await;
             return fold.end();
         }
         self.each_async(n, call, |j, r, value| fold.on(j, r, value))
