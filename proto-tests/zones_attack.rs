@@ -210,7 +210,7 @@ fn miss_failover_and_hedges_skip_write_only_zones() {
 /// and dropped) get their own values.
 #[test]
 fn a_miss_failover_while_a_hedge_is_out_keeps_the_buffers_straight() {
-    let ms = vec![Memcached::start(), Memcached::start(), Memcached::start()];
+    let ms = [Memcached::start(), Memcached::start(), Memcached::start()];
     let b = support::client_builder()
         .zone("a", [addr(&ms[0])])
         .zone("b", [addr(&ms[1])])
