@@ -1550,8 +1550,8 @@ fn pipeline_writes_a_frozen_copy_missed_are_never_served() {
     );
 }
 
-/// Multi-key calls with copies keep every copy at the latest value or nothing (each key runs
-/// as its single-key call): a `set_multi` over an older `set`, then a `delete_multi`, leave no
+/// Multi-key calls with copies keep every copy at the latest value or nothing (one batch
+/// per server, each key settled as its single-key call): a `set_multi` over an older `set`, then a `delete_multi`, leave no
 /// copy with an older value, on `Client` and `SharedClient`.
 fn multi_key_calls_reach_every_copy(p: Protocol) {
     let ms = three();
@@ -1610,4 +1610,91 @@ fn multi_key_calls_reach_every_copy(p: Protocol) {
             }
         }
     }
+}
+
+/// Multi-key calls beside a frozen copy, on every front: a multi-get finds every key (the
+/// keys of the frozen server asked of their other copy in a further round), a multi-set
+/// stores every key on the copies up and reports the frozen copy's failure, and once the
+/// copy is back no read returns the value it missed.
+#[test]
+fn multi_key_calls_beside_a_frozen_copy() {
+    let ms = three();
+    let b = replicated(&ms, Protocol::Text)
+        .io_timeout(Duration::from_millis(400))
+        .connect_timeout(Duration::from_millis(400))
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_millis(300));
+    let ring = b.clone().build().unwrap().continuum().clone();
+    let keys: Vec<String> = (0..60).map(|i| format!("fm-{i}")).collect();
+    let on_b: Vec<&String> = keys
+        .iter()
+        .filter(|k| copies(&ring, k).contains(&B))
+        .collect();
+    assert!(!on_b.is_empty());
+    let c = Mutex::new(b.clone().build().unwrap());
+    let s = b.shared().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let items = |v: &str| -> Vec<(String, String)> {
+        keys.iter().map(|k| (k.clone(), v.to_string())).collect()
+    };
+    let set_multi = |front: usize, items: &[(String, String)]| match front {
+        0 => c.lock().unwrap().set_multi(items, O),
+        1 => s.set_multi(items, O),
+        _ => rt.block_on(s.set_multi_async(items, O)),
+    };
+    let get_all = |front: usize| -> (mcstore::Result<()>, Vec<(String, String)>) {
+        let mut got = Vec::new();
+        let found = |k: &[u8], item: mcstore::client::ItemRef<'_>| {
+            got.push((
+                String::from_utf8(k.to_vec()).unwrap(),
+                String::from_utf8(item.value.to_vec()).unwrap(),
+            ))
+        };
+        let r = match front {
+            0 => c.lock().unwrap().get_multi(&keys, found),
+            1 => s.get_multi(&keys, found),
+            _ => rt.block_on(s.get_multi_async(&keys, found)),
+        };
+        (r, got)
+    };
+    for (front, tag) in ["Client", "SharedClient", "SharedClient async"]
+        .iter()
+        .enumerate()
+    {
+        let v1 = format!("v1-{front}");
+        let v2 = format!("v2-{front}");
+        // Every copy up again in this client's view (an earlier front's freeze ejected B
+        // for a while): the write probes it.
+        support::wait_for("a multi-set on every copy", || {
+            set_multi(front, &items(&v1)).is_ok_and(|n| n == keys.len())
+        });
+        ms[B].freeze();
+        let (r, got) = get_all(front);
+        r.unwrap_or_else(|e| panic!("{tag}: get_multi beside a frozen copy: {e}"));
+        assert_eq!(got.len(), keys.len(), "{tag}: every key found");
+        assert!(got.iter().all(|(_, v)| *v == v1), "{tag}");
+        // The copies up store it; the frozen one fails the keys it holds.
+        let r = set_multi(front, &items(&v2));
+        assert!(r.is_err(), "{tag}: a copy missed the write: {r:?}");
+        ms[B].resume();
+        support::wait_for("B answers", || ms[B].answers());
+        // B holds v1 for its keys until they are repaired: never read from it meanwhile.
+        for round in 0..5 {
+            let (r, got) = get_all(front);
+            r.unwrap_or_else(|e| panic!("{tag} round {round}: {e}"));
+            let old: Vec<_> = got.iter().filter(|(_, v)| *v != v2).collect();
+            assert!(
+                old.is_empty(),
+                "{tag} round {round}: read a value B missed: {old:?}"
+            );
+            assert_eq!(got.len(), keys.len(), "{tag} round {round}");
+        }
+    }
+    let c = c.into_inner().unwrap();
+    assert!(c.fleet_counters().repairs_recorded > 0);
+    assert!(s.fleet_counters().repairs_recorded > 0);
+    assert!(c.fleet_counters().failovers > 0 && s.fleet_counters().failovers > 0);
 }

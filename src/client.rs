@@ -65,6 +65,7 @@
 //! healthy servers' results and reports the failed servers in its error.
 
 mod builder;
+mod copy_batch;
 mod meta_api;
 mod multi;
 mod pool;

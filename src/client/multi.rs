@@ -2,10 +2,9 @@
 //! by the engine ([`crate::engine::batch`]), results handed to the caller as they arrive.
 
 use super::{store_opts, Client, ItemRef, SetOptions, StoreMode};
-use crate::command::{Op, Reply};
+use crate::command::Reply;
 use crate::engine::batch::{delete_unmet, store_unmet, ItemKeys};
 use crate::error::Result;
-use crate::proto::wire::Capability;
 use crate::proto::wire::{Cmd, Kind};
 
 impl Client {
@@ -44,23 +43,7 @@ impl Client {
         mut found: impl FnMut(&[u8], ItemRef<'_>),
     ) -> Result<()> {
         if self.core.replicated() {
-            let op = Op::Get { cas: with_cas };
-            let mut value = Vec::new();
-            return self.each_key(keys.iter().map(AsRef::as_ref), |c, j| {
-                let key = keys[j].as_ref();
-                if let Reply::Hit(info) = c.perform(op, key, &[], &mut value)? {
-                    let (flags, cas) = (info.flags, info.cas);
-                    found(
-                        key,
-                        ItemRef {
-                            value: &value,
-                            flags,
-                            cas,
-                        },
-                    );
-                }
-                Ok(())
-            });
+            return self.retrieve_copies(with_cas, keys, found);
         }
         let (core, scratch) = self.engine();
         core.get_batch(scratch, with_cas, keys, |j, mut item| {
@@ -87,15 +70,14 @@ impl Client {
             return Ok(0);
         }
         if self.core.replicated() {
-            let op = Op::Store(store_opts(StoreMode::Set, opts));
-            let mut n = 0;
-            self.each_key(items.iter().map(|(k, _)| k.as_ref()), |c, j| {
-                let (k, v) = (items[j].0.as_ref(), items[j].1.as_ref());
-                let r = c.perform(op, k, v, &mut Vec::new())?;
-                n += usize::from(r == Reply::Store(crate::proto::SetOutcome::Stored));
-                Ok(())
-            })?;
-            return Ok(n);
+            let store = store_opts(StoreMode::Set, opts);
+            return self.write_copies_multi(
+                Kind::Store,
+                &ItemKeys(items),
+                |j| Some(items[j].1.as_ref()),
+                |j, k| Cmd::Store(k, store, items[j].1.as_ref().len()),
+                |r| *r == Reply::Store(crate::proto::SetOutcome::Stored),
+            );
         }
         if let Some(n) = self.tls_chunk(items.len(), |j| {
             items[j].0.as_ref().len() + items[j].1.as_ref().len()
@@ -115,29 +97,6 @@ impl Client {
             |j, k| Cmd::Store(k, store, len(j)),
             store_unmet,
         )
-    }
-
-    /// A multi-key call with copies: each key as its single-key call (the fleet's rules
-    /// apply per key), every key validated first; a failed key does not stop the others,
-    /// and the first error is returned at the end.
-    fn each_key<'k>(
-        &mut self,
-        keys: impl Iterator<Item = &'k [u8]>,
-        mut call: impl FnMut(&mut Client, usize) -> Result<()>,
-    ) -> Result<()> {
-        let binary_keys = self.core.protocol().supports(Capability::BinaryKeys);
-        let mut n = 0;
-        for k in keys {
-            crate::engine::check_key(self.core.namespace(), k, binary_keys)?;
-            n += 1;
-        }
-        let mut first_error = None;
-        for j in 0..n {
-            if let Err(e) = call(self, j) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
     }
 
     /// Over TLS, the length of the first chunk of a multi-store or multi-delete whose request
@@ -173,13 +132,13 @@ impl Client {
             return Ok(0);
         }
         if self.core.replicated() {
-            let mut n = 0;
-            self.each_key(keys.iter().map(AsRef::as_ref), |c, j| {
-                let r = c.perform(Op::Delete, keys[j].as_ref(), &[], &mut Vec::new())?;
-                n += usize::from(r == Reply::Existed(true));
-                Ok(())
-            })?;
-            return Ok(n);
+            return self.write_copies_multi(
+                Kind::Delete,
+                keys,
+                |_| None,
+                |_, k| Cmd::delete(k),
+                |r| *r == Reply::Existed(true),
+            );
         }
         if let Some(n) = self.tls_chunk(keys.len(), |j| keys[j].as_ref().len()) {
             return self.in_chunks(keys, n, |c, part| c.delete_multi(part));

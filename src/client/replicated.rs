@@ -96,7 +96,7 @@ impl Client {
 
     /// Tries a few pending repairs on servers that are up (a copy that missed a write is
     /// skipped for that key until then).
-    fn repair_some(&mut self) {
+    pub(super) fn repair_some(&mut self) {
         let fleet = self.core.fleet_shared();
         if !fleet.repairs.any() {
             return;

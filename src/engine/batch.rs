@@ -232,6 +232,7 @@ impl Core {
         kb: &mut Vec<u8>,
         n: usize,
         key_at: impl Fn(usize) -> &'k [u8],
+        placed: Option<&[u32]>,
     ) -> Result<()> {
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
         self.health.maybe_rejoin(&mut self.ring);
@@ -251,15 +252,22 @@ impl Core {
                 wire_key(&self.namespace, user, binary_keys, kb)?;
                 plan.plain = false; // a binary key over meta: base64 on the wire
             }
-            let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
-                kb.clear();
-                kb.extend_from_slice(&self.namespace);
-                kb.extend_from_slice(user);
-                kb
-            } else {
-                user
+            let server = match placed {
+                // The caller placed each item (a key's copies).
+                Some(p) => p.get(j).map(|&i| i as usize),
+                None => {
+                    let hashed: &[u8] = if self.hash_with_namespace && !self.namespace.is_empty() {
+                        kb.clear();
+                        kb.extend_from_slice(&self.namespace);
+                        kb.extend_from_slice(user);
+                        kb
+                    } else {
+                        user
+                    };
+                    self.pinned.or_else(|| self.ring.pick(hashed))
+                }
             };
-            match self.pinned.or_else(|| self.ring.pick(hashed)) {
+            match server {
                 Some(i) => {
                     plan.shares[i].keys += 1;
                     plan.server_of.push(i as u32);
@@ -438,12 +446,16 @@ impl Core {
             if share.keys == 0 {
                 continue;
             }
-            match share.error.take() {
-                Some(e @ Error::ServerDown { .. }) => failed.push((self.labels[i].clone(), e)),
+            // The error stays in the share: a caller that placed items looks it up
+            // (`batch_error`).
+            match &share.error {
+                Some(e @ Error::ServerDown { .. }) => {
+                    failed.push((self.labels[i].clone(), e.clone()))
+                }
                 Some(e) => {
                     self.health.counters_mut(i).requests += 1;
-                    self.health.record_error(i, &e, &mut self.ring);
-                    failed.push((self.labels[i].clone(), e));
+                    self.health.record_error(i, e, &mut self.ring);
+                    failed.push((self.labels[i].clone(), e.clone()));
                 }
                 None => {
                     share.strays.settle(&mut self.driver, &mut self.health, i);
@@ -474,13 +486,27 @@ impl Core {
         scratch: &mut Scratch,
         with_cas: bool,
         keys: &(impl Keys + ?Sized),
+        on_hit: impl FnMut(usize, ItemRef<'_>),
+    ) -> Result<()> {
+        self.get_batch_on(scratch, with_cas, keys, None, on_hit)
+    }
+
+    /// [`get_batch`](Self::get_batch), with item `j` sent to server `placed[j]` when
+    /// `placed` is given (a key's copies); a server that failed is then named by
+    /// [`batch_error`](Self::batch_error).
+    pub(crate) fn get_batch_on(
+        &mut self,
+        scratch: &mut Scratch,
+        with_cas: bool,
+        keys: &(impl Keys + ?Sized),
+        placed: Option<&[u32]>,
         mut on_hit: impl FnMut(usize, ItemRef<'_>),
     ) -> Result<()> {
         if keys.len() == 0 {
             return Ok(());
         }
         let core = self;
-        core.plan_keys(scratch, keys, Kind::Get)?;
+        core.plan_keys(scratch, keys, Kind::Get, placed)?;
         let opts = GetOpts {
             cas: with_cas,
             ..GetOpts::default()
@@ -511,13 +537,29 @@ impl Core {
         keys: &(impl Keys + ?Sized),
         value: impl Fn(usize) -> Option<&'v [u8]>,
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<()> {
+        self.write_batch_on(scratch, kind, keys, None, value, cmd, on_item)
+    }
+
+    /// [`write_batch`](Self::write_batch), with item `j` sent to server `placed[j]` when
+    /// `placed` is given (as [`get_batch_on`](Self::get_batch_on)).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_batch_on<'v>(
+        &mut self,
+        scratch: &mut Scratch,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        placed: Option<&[u32]>,
+        value: impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
         mut on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
         if keys.len() == 0 {
             return Ok(());
         }
         let core = self;
-        core.plan_keys(scratch, keys, kind)?;
+        core.plan_keys(scratch, keys, kind, placed)?;
         let ns = Arc::clone(&core.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             let j = plan.answered(i, &outcome, &ns, keys)?;
@@ -540,7 +582,7 @@ impl Core {
         unmet: fn(&Outcome<'_>) -> Option<bool>,
     ) -> Result<usize> {
         let core = self;
-        core.plan_keys(scratch, keys, kind)?;
+        core.plan_keys(scratch, keys, kind, None)?;
         let ns = Arc::clone(&core.namespace);
         let on_reply = |plan: &mut Plan, i: usize, outcome: Outcome<'_>| {
             plan.answer(i, outcome, &ns, keys, &unmet)
@@ -558,12 +600,22 @@ impl Core {
         scratch: &mut Scratch,
         keys: &(impl Keys + ?Sized),
         kind: Kind,
+        placed: Option<&[u32]>,
     ) -> Result<()> {
-        self.plan(&mut scratch.plan, &mut scratch.keybuf, keys.len(), |j| {
-            keys.key(j)
-        })?;
+        self.plan(
+            &mut scratch.plan,
+            &mut scratch.keybuf,
+            keys.len(),
+            |j| keys.key(j),
+            placed,
+        )?;
         scratch.plan.kind = kind;
         Ok(())
+    }
+
+    /// After a batch, the error of server `i` if it failed (its items were not done).
+    pub(crate) fn batch_error<'s>(&self, scratch: &'s Scratch, i: usize) -> Option<&'s Error> {
+        scratch.plan.shares.get(i).and_then(|s| s.error.as_ref())
     }
 
     /// The chunking policy of a multi-key store or delete on these connections (`None`:
@@ -710,6 +762,21 @@ impl<K: AsRef<[u8]>> Keys for [K] {
     }
     fn key(&self, j: usize) -> &[u8] {
         self[j].as_ref()
+    }
+}
+
+/// Some keys of a list, by index (a key's copies each an item of a batch).
+pub(crate) struct Picked<'a, K: ?Sized> {
+    pub(crate) keys: &'a K,
+    pub(crate) index: &'a [u32],
+}
+
+impl<K: Keys + ?Sized> Keys for Picked<'_, K> {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        self.keys.key(self.index[j] as usize)
     }
 }
 
