@@ -13,7 +13,7 @@
 //! [`ClientBuilder::replicas`]: crate::ClientBuilder::replicas
 
 use super::{Client, ItemRef};
-use crate::command::Reply;
+use crate::command::{Op, Reply};
 use crate::engine::batch::{Keys, Picked};
 use crate::error::{Error, Result};
 use crate::fleet::plan::{
@@ -21,6 +21,7 @@ use crate::fleet::plan::{
 };
 use crate::proto::wire::{Capability, Cmd, Kind, Outcome};
 use crate::proto::{Key, SetOutcome};
+use crate::ring::MAX_REPLICAS;
 
 impl Client {
     /// Validates every key before anything is sent (and before any probe is taken).
@@ -150,35 +151,20 @@ impl Client {
         // Each key's parts (its copies, in placement order), and the batch items.
         let mut parts: Vec<Part> = Vec::with_capacity(n * 2);
         let mut ranges = Vec::with_capacity(n);
-        let (mut commands, mut deletes) = (Wave::default(), Wave::default());
+        let mut waves = Waves::default();
         for k in 0..n {
-            let key = keys.key(k);
-            let copies = self.core.copies_of(&mut self.scratch, key)?;
             let start = parts.len();
-            for &i in copies.as_slice() {
-                let action = first_wave(
-                    WriteKind::Everywhere,
-                    self.core.standing_to_call(i as usize, key),
-                );
-                let wave = match (action, kind) {
-                    (Action::Skip, _) | (Action::Leave, _) => {
-                        let down = self.core.down_error(i as usize);
-                        parts.push(Part::new(i as usize, Action::Skip, Err(down)));
-                        continue;
-                    }
-                    // A delete is a delete, whether it repairs the copy or not.
-                    (Action::Command, _) | (Action::Delete, Kind::Delete) => &mut commands,
-                    (Action::Delete, _) => &mut deletes,
-                };
-                wave.push(k, i, parts.len());
-                parts.push(Part::new(i as usize, action, Ok(done(kind))));
-            }
+            self.stage(
+                WriteKind::Everywhere,
+                kind,
+                k,
+                keys.key(k),
+                &mut parts,
+                &mut waves,
+            )?;
             ranges.push(start..parts.len());
         }
-        self.run_wave(kind, keys, &commands, &value, &cmd, &mut parts);
-        if !deletes.index.is_empty() {
-            self.run_wave(Kind::Delete, keys, &deletes, &|_| None, &delete, &mut parts);
-        }
+        self.run_waves(kind, keys, &waves, &value, &cmd, &mut parts);
         let fleet = self.core.fleet_shared();
         let policy = self.core.fleet().write;
         let (mut count, mut first_error) = (0, None);
@@ -206,6 +192,110 @@ impl Client {
             }
         }
         first_error.map_or(Ok(count), Err)
+    }
+
+    /// A write to every copy of one key at once (`set`, `add`, `replace`, `append`,
+    /// `prepend`, `delete`): one batch over its copies (a second, of deletes, for copies
+    /// waiting for a repair of a stored key), then settled as the fleet's plan says.
+    pub(super) fn write_at_once(
+        &mut self,
+        kind: WriteKind,
+        op: Op,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Reply> {
+        let (batch, store) = match op {
+            Op::Store(o) => (Kind::Store, Some(o)),
+            _ => (Kind::Delete, None),
+        };
+        let mut parts: Vec<Part> = Vec::with_capacity(MAX_REPLICAS);
+        let mut waves = Waves::default();
+        self.stage(kind, batch, 0, key, &mut parts, &mut waves)?;
+        let keys = [key];
+        let cmd = cmd_of(|_, k| match store {
+            Some(o) => Cmd::Store(k, o, value.len()),
+            None => Cmd::delete(k),
+        });
+        self.run_waves(
+            batch,
+            &keys[..],
+            &waves,
+            &|_| store.map(|_| value),
+            &cmd,
+            &mut parts,
+        );
+        let fleet = self.core.fleet_shared();
+        let mut reconcile = Servers::from_slice(&[]);
+        let r = settle(
+            kind,
+            self.core.fleet().write,
+            &parts,
+            |i| fleet.repairs.record(i, key),
+            |i| reconcile.push(i as u32),
+        );
+        for p in &parts {
+            if p.action == Action::Delete && p.result.is_ok() {
+                fleet.repairs.clear(p.server, key);
+            }
+        }
+        let mut out = Vec::new();
+        for i in reconcile.iter() {
+            self.delete_copy(i, key, &mut out);
+        }
+        r
+    }
+
+    /// Plans key `k`'s part on each of its copies (placement order) for a write of `kind`
+    /// sent as batches of `batch`: its parts, and the items of the waves.
+    fn stage(
+        &mut self,
+        kind: WriteKind,
+        batch: Kind,
+        k: usize,
+        key: &[u8],
+        parts: &mut Vec<Part>,
+        waves: &mut Waves,
+    ) -> Result<()> {
+        let copies = self.core.copies_of(&mut self.scratch, key)?;
+        for &i in copies.as_slice() {
+            let action = first_wave(kind, self.core.standing_to_call(i as usize, key));
+            let wave = match (action, batch) {
+                (Action::Skip, _) | (Action::Leave, _) => {
+                    let down = self.core.down_error(i as usize);
+                    parts.push(Part::new(i as usize, Action::Skip, Err(down)));
+                    continue;
+                }
+                // A delete is a delete, whether it repairs the copy or not.
+                (Action::Command, _) | (Action::Delete, Kind::Delete) => &mut waves.commands,
+                (Action::Delete, _) => &mut waves.deletes,
+            };
+            wave.push(k, i, parts.len());
+            parts.push(Part::new(i as usize, action, Ok(done(batch))));
+        }
+        Ok(())
+    }
+
+    /// Runs the commands' batch, then the deletes' if any.
+    fn run_waves<'v>(
+        &mut self,
+        kind: Kind,
+        keys: &(impl Keys + ?Sized),
+        waves: &Waves,
+        value: &impl Fn(usize) -> Option<&'v [u8]>,
+        cmd: &impl Fn(usize, Key<'_>) -> Cmd<'_>,
+        parts: &mut [Part],
+    ) {
+        self.run_wave(kind, keys, &waves.commands, value, cmd, parts);
+        if !waves.deletes.index.is_empty() {
+            self.run_wave(
+                Kind::Delete,
+                keys,
+                &waves.deletes,
+                &|_| None,
+                &delete,
+                parts,
+            );
+        }
     }
 
     /// Runs one batch of `kind` over `wave`'s items and writes each item's result into its
@@ -249,6 +339,14 @@ impl Client {
     }
 }
 
+/// A write's batches: its commands, and deletes for copies waiting for a repair of a key
+/// that is stored.
+#[derive(Default)]
+struct Waves {
+    commands: Wave,
+    deletes: Wave,
+}
+
 /// The items of one batch over copies: key index, server, and the part it answers.
 #[derive(Default)]
 struct Wave {
@@ -263,6 +361,11 @@ impl Wave {
         self.placed.push(server);
         self.part.push(part);
     }
+}
+
+/// Gives a closure the signature a batch's commands have (for any key's lifetime).
+fn cmd_of<F: Fn(usize, Key<'_>) -> Cmd<'_>>(f: F) -> F {
+    f
 }
 
 /// A delete of the key (a copy waiting for a repair of it, in a multi-set).

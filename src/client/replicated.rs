@@ -190,6 +190,10 @@ impl Client {
             }
             return self.write_first(op, key, value, out, copies, &standing);
         }
+        // Stores and deletes: every copy in one round trip.
+        if matches!(op, Op::Store(_) | Op::Delete) {
+            return self.write_at_once(kind, op, key, value);
+        }
         // Every copy is asked: each copy being probed is probed by this write.
         for (k, &i) in copies.iter().enumerate() {
             standing[k] = self.core.standing_to_call(i as usize, key);
@@ -285,7 +289,7 @@ impl Client {
 
     /// Deletes `key` on copy `i`; remembered for repair if that fails, no longer waiting for
     /// one if it succeeds.
-    fn delete_copy(&mut self, i: usize, key: &[u8], out: &mut Vec<u8>) {
+    pub(super) fn delete_copy(&mut self, i: usize, key: &[u8], out: &mut Vec<u8>) {
         let ok = self.on_copy(i, Op::Delete, key, &[], out).is_ok();
         self.core.fleet_shared().repairs.deleted(i, key, ok);
     }

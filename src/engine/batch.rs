@@ -283,7 +283,12 @@ impl Core {
         let mut failed = false;
         for i in 0..plan.shares.len() {
             if plan.shares[i].keys > 0 {
-                if let Err(e) = self.check_up(i).and_then(|()| self.start(i).map(drop)) {
+                // Items placed by the caller were routed by it: it took the probes.
+                let up = match placed {
+                    Some(_) => self.check_routed_up(i),
+                    None => self.check_up(i),
+                };
+                if let Err(e) = up.and_then(|()| self.start(i).map(drop)) {
                     plan.shares[i].error = Some(e);
                     failed = true;
                 } else if self.driver.owes_sync(i) {

@@ -579,6 +579,17 @@ impl Core {
         })
     }
 
+    /// Whether server `i` may be asked by a call its caller routed there (a probe of a
+    /// half-open server is the caller's, taken when it routed).
+    pub(crate) fn check_routed_up(&self, i: usize) -> Result<()> {
+        self.health
+            .check_routed(i)
+            .map_err(|retry_in| Error::ServerDown {
+                server: self.labels[i].clone(),
+                retry_in,
+            })
+    }
+
     /// `Err(Unsupported)` unless this client's protocol can express `cap`.
     pub(crate) fn require(&self, cap: Capability, operation: &'static str) -> Result<()> {
         if self.protocol.supports(cap) {
