@@ -190,7 +190,10 @@ impl ClientBuilder {
     /// - Reads keep placement order unless a copy is down, stuck or much slower; a key only
     ///   one copy holds (after `cas`, `incr`, `decr`, or a repair that deleted it on a
     ///   copy) reads as a miss when the read goes to another copy.
-    /// - Multi-key calls run each key as its single-key call.
+    /// - A write reaches every copy in one round trip; multi-key calls send their keys'
+    ///   copies in one batch per server (a multi-get asks each key's first copy, then the
+    ///   keys whose copy failed, or missed with
+    ///   [`read_miss_failover`](Self::read_miss_failover), of their next one).
     ///
     /// Meta calls (`meta_get`, `meta_set`, `invalidate`, `meta_debug`, leases) go to the
     /// first copy up (leases and CAS uniques live on one server); `meta_set` and `invalidate`

@@ -41,8 +41,9 @@ pub enum WritePolicy {
     /// in about their usual time, and answers as soon as every copy left has had a request
     /// on the wire far longer than usual (4x its median latency, 2 ms at least); a copy given
     /// up on, or that fails, is remembered and repaired as with [`All`](Self::All) (deleted
-    /// there: it loses the key rather than keep an old value). A [`Client`](crate::Client),
-    /// one call at a time, writes the copies in turn.
+    /// there: it loses the key rather than keep an old value). A [`Client`](crate::Client)
+    /// sends every copy its part at once and reads every reply (within its I/O timeout);
+    /// the call succeeds if one copy confirmed.
     Any,
 }
 
