@@ -284,6 +284,9 @@ impl ServerStats {
 pub struct Client {
     core: Core,
     scratch: Scratch,
+    /// A write with copies' parts and batches, kept between calls (nothing allocated
+    /// once warm).
+    copy_scratch: copy_batch::CopyScratch,
 }
 
 impl std::fmt::Debug for Client {

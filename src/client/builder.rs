@@ -488,6 +488,7 @@ impl ClientBuilder {
                 fleet,
             }),
             scratch: Scratch::new(),
+            copy_scratch: Default::default(),
         })
     }
 }

@@ -21,7 +21,6 @@ use crate::fleet::plan::{
 };
 use crate::proto::wire::{Capability, Cmd, Kind, Outcome};
 use crate::proto::{Key, SetOutcome};
-use crate::ring::MAX_REPLICAS;
 
 impl Client {
     /// Validates every key before anything is sent (and before any probe is taken).
@@ -208,9 +207,26 @@ impl Client {
             Op::Store(o) => (Kind::Store, Some(o)),
             _ => (Kind::Delete, None),
         };
-        let mut parts: Vec<Part> = Vec::with_capacity(MAX_REPLICAS);
-        let mut waves = Waves::default();
-        self.stage(kind, batch, 0, key, &mut parts, &mut waves)?;
+        // Taken for the call, given back after: a warm write allocates nothing.
+        let mut cs = std::mem::take(&mut self.copy_scratch);
+        cs.parts.clear();
+        cs.waves.clear();
+        let r = self.write_staged(kind, batch, store, key, value, &mut cs);
+        self.copy_scratch = cs;
+        r
+    }
+
+    fn write_staged(
+        &mut self,
+        kind: WriteKind,
+        batch: Kind,
+        store: Option<crate::proto::wire::StoreOpts>,
+        key: &[u8],
+        value: &[u8],
+        cs: &mut CopyScratch,
+    ) -> Result<Reply> {
+        let CopyScratch { parts, waves } = cs;
+        self.stage(kind, batch, 0, key, parts, waves)?;
         let keys = [key];
         let cmd = cmd_of(|_, k| match store {
             Some(o) => Cmd::Store(k, o, value.len()),
@@ -219,21 +235,21 @@ impl Client {
         self.run_waves(
             batch,
             &keys[..],
-            &waves,
+            waves,
             &|_| store.map(|_| value),
             &cmd,
-            &mut parts,
+            parts,
         );
         let fleet = self.core.fleet_shared();
         let mut reconcile = Servers::from_slice(&[]);
         let r = settle(
             kind,
             self.core.fleet().write,
-            &parts,
+            parts,
             |i| fleet.repairs.record(i, key),
             |i| reconcile.push(i as u32),
         );
-        for p in &parts {
+        for p in parts.iter() {
             if p.action == Action::Delete && p.result.is_ok() {
                 fleet.repairs.clear(p.server, key);
             }
@@ -339,12 +355,29 @@ impl Client {
     }
 }
 
+/// What a [`Client`]'s write with copies works in, kept between calls.
+#[derive(Default)]
+pub(super) struct CopyScratch {
+    parts: Vec<Part>,
+    waves: Waves,
+}
+
 /// A write's batches: its commands, and deletes for copies waiting for a repair of a key
 /// that is stored.
 #[derive(Default)]
 struct Waves {
     commands: Wave,
     deletes: Wave,
+}
+
+impl Waves {
+    fn clear(&mut self) {
+        for w in [&mut self.commands, &mut self.deletes] {
+            w.index.clear();
+            w.placed.clear();
+            w.part.clear();
+        }
+    }
 }
 
 /// The items of one batch over copies: key index, server, and the part it answers.
