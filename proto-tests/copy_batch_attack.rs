@@ -42,7 +42,10 @@ fn directs(ms: &[Memcached]) -> Vec<Client> {
     ms.iter().map(|m| m.client_with(Protocol::Meta)).collect()
 }
 
-fn get_all(c: &mut Client, keys: &[&[u8]]) -> (mcstore::Result<()>, Vec<(Vec<u8>, Vec<u8>)>) {
+/// Key and value pairs a multi-get found.
+type Found = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn get_all(c: &mut Client, keys: &[&[u8]]) -> (mcstore::Result<()>, Found) {
     let mut got = Vec::new();
     let r = c.get_multi(keys, |k, it| got.push((k.to_vec(), it.value.to_vec())));
     (r, got)
@@ -94,18 +97,33 @@ fn duplicate_keys_in_multi_calls_with_copies() {
         got_sorted.sort();
         let mut want_sorted = want.clone();
         want_sorted.sort();
-        assert_eq!(got_sorted, want_sorted, "{p:?}: duplicate keys each found once");
+        assert_eq!(
+            got_sorted, want_sorted,
+            "{p:?}: duplicate keys each found once"
+        );
         // With read_miss_failover, duplicate missing keys too.
         let mut cm = both(&addrs, p).read_miss_failover(true).build().unwrap();
-        let (r, got) = get_all(&mut cm, &[missing.as_bytes(), missing.as_bytes(), e.as_bytes()]);
+        let (r, got) = get_all(
+            &mut cm,
+            &[missing.as_bytes(), missing.as_bytes(), e.as_bytes()],
+        );
         r.unwrap();
         assert_eq!(got, vec![(e.clone().into_bytes(), b"x".to_vec())], "{p:?}");
 
-        let n = c.delete_multi(&[d.as_bytes(), d.as_bytes(), missing.as_bytes()]).unwrap();
+        let n = c
+            .delete_multi(&[d.as_bytes(), d.as_bytes(), missing.as_bytes()])
+            .unwrap();
         assert_eq!(n, 1, "{p:?}: a duplicate key deleted once");
         for i in 0..2 {
-            assert_eq!(held(&mut direct, i, d.as_bytes()), None, "{p:?}: server {i}");
-            assert!(held(&mut direct, i, e.as_bytes()).is_some(), "{p:?}: server {i}");
+            assert_eq!(
+                held(&mut direct, i, d.as_bytes()),
+                None,
+                "{p:?}: server {i}"
+            );
+            assert!(
+                held(&mut direct, i, e.as_bytes()).is_some(),
+                "{p:?}: server {i}"
+            );
         }
     }
 }
@@ -148,15 +166,21 @@ fn an_invalid_key_in_the_middle_sends_nothing() {
         ];
         assert!(c.set_multi(&items, O).is_err(), "{p:?}");
         for i in 0..2 {
-            assert_eq!(held(&mut direct, i, ok1.as_bytes()), None, "{p:?}: nothing sent");
-            assert_eq!(held(&mut direct, i, ok2.as_bytes()), None, "{p:?}: nothing sent");
+            assert_eq!(
+                held(&mut direct, i, ok1.as_bytes()),
+                None,
+                "{p:?}: nothing sent"
+            );
+            assert_eq!(
+                held(&mut direct, i, ok2.as_bytes()),
+                None,
+                "{p:?}: nothing sent"
+            );
         }
         for d in direct.iter_mut() {
             d.set(ok1.as_bytes(), b"keep", O).unwrap();
         }
-        assert!(c
-            .delete_multi(&[ok1.as_bytes(), bad.as_bytes()])
-            .is_err());
+        assert!(c.delete_multi(&[ok1.as_bytes(), bad.as_bytes()]).is_err());
         for i in 0..2 {
             assert_eq!(
                 held(&mut direct, i, ok1.as_bytes()).as_deref(),
@@ -195,19 +219,45 @@ fn conditional_writes_per_copy_every_protocol() {
         let a1 = k("add1");
         let (f, s) = order(&mut c, &a1);
         direct[f].set(a1.as_bytes(), b"d", O).unwrap();
-        assert!(!c.add(a1.as_bytes(), b"a", O).unwrap(), "{p:?}: add, first has it");
-        assert_eq!(held(&mut direct, f, a1.as_bytes()).as_deref(), Some(&b"d"[..]), "{p:?}");
-        assert_eq!(held(&mut direct, s, a1.as_bytes()), None, "{p:?}: second reconciled");
+        assert!(
+            !c.add(a1.as_bytes(), b"a", O).unwrap(),
+            "{p:?}: add, first has it"
+        );
+        assert_eq!(
+            held(&mut direct, f, a1.as_bytes()).as_deref(),
+            Some(&b"d"[..]),
+            "{p:?}"
+        );
+        assert_eq!(
+            held(&mut direct, s, a1.as_bytes()),
+            None,
+            "{p:?}: second reconciled"
+        );
         // add: second has it -> stored (first decides); the second deleted.
         let a2 = k("add2");
         let (f, s) = order(&mut c, &a2);
         direct[s].set(a2.as_bytes(), b"d", O).unwrap();
-        assert!(c.add(a2.as_bytes(), b"a", O).unwrap(), "{p:?}: add, second has it");
-        assert_eq!(held(&mut direct, f, a2.as_bytes()).as_deref(), Some(&b"a"[..]), "{p:?}");
-        assert_eq!(held(&mut direct, s, a2.as_bytes()), None, "{p:?}: second reconciled");
+        assert!(
+            c.add(a2.as_bytes(), b"a", O).unwrap(),
+            "{p:?}: add, second has it"
+        );
+        assert_eq!(
+            held(&mut direct, f, a2.as_bytes()).as_deref(),
+            Some(&b"a"[..]),
+            "{p:?}"
+        );
+        assert_eq!(
+            held(&mut direct, s, a2.as_bytes()),
+            None,
+            "{p:?}: second reconciled"
+        );
         // add on an existing key on both: refused, both kept.
         assert!(!c.add(a2.as_bytes(), b"z", O).unwrap(), "{p:?}");
-        assert_eq!(held(&mut direct, f, a2.as_bytes()).as_deref(), Some(&b"a"[..]), "{p:?}");
+        assert_eq!(
+            held(&mut direct, f, a2.as_bytes()).as_deref(),
+            Some(&b"a"[..]),
+            "{p:?}"
+        );
         // replace/append/prepend on a key only the second copy has: refused, second deleted.
         for (n, mode) in [
             ("rep", mcstore::StoreMode::Replace),
@@ -222,7 +272,11 @@ fn conditional_writes_per_copy_every_protocol() {
                 "{p:?} {n}: first lacks it"
             );
             assert_eq!(held(&mut direct, f, key.as_bytes()), None, "{p:?} {n}");
-            assert_eq!(held(&mut direct, s, key.as_bytes()), None, "{p:?} {n}: reconciled");
+            assert_eq!(
+                held(&mut direct, s, key.as_bytes()),
+                None,
+                "{p:?} {n}: reconciled"
+            );
             // first has it only: stored there, the second stays empty.
             direct[f].set(key.as_bytes(), b"d", O).unwrap();
             assert!(c.store(mode, key.as_bytes(), b"r", O).unwrap(), "{p:?} {n}");
@@ -230,7 +284,10 @@ fn conditional_writes_per_copy_every_protocol() {
             assert_eq!(held(&mut direct, s, key.as_bytes()), None, "{p:?} {n}");
             // both missing: refused everywhere, nothing created.
             let key2 = k(&format!("{n}-none"));
-            assert!(!c.store(mode, key2.as_bytes(), b"r", O).unwrap(), "{p:?} {n}");
+            assert!(
+                !c.store(mode, key2.as_bytes(), b"r", O).unwrap(),
+                "{p:?} {n}"
+            );
             assert_eq!(held(&mut direct, 0, key2.as_bytes()), None, "{p:?} {n}");
             assert_eq!(held(&mut direct, 1, key2.as_bytes()), None, "{p:?} {n}");
         }
@@ -238,7 +295,10 @@ fn conditional_writes_per_copy_every_protocol() {
         let dk = k("del");
         let (_, s) = order(&mut c, &dk);
         direct[s].set(dk.as_bytes(), b"d", O).unwrap();
-        assert!(c.delete(dk.as_bytes()).unwrap(), "{p:?}: delete found it on a copy");
+        assert!(
+            c.delete(dk.as_bytes()).unwrap(),
+            "{p:?}: delete found it on a copy"
+        );
         assert_eq!(held(&mut direct, s, dk.as_bytes()), None, "{p:?}");
         assert!(!c.delete(dk.as_bytes()).unwrap(), "{p:?}: gone");
         // delete_multi counts a key found on one copy.
@@ -267,7 +327,9 @@ fn namespaced_and_binary_keys_over_copies() {
                     .unwrap()
             })
             .collect();
-        let mut keys: Vec<Vec<u8>> = (0..20).map(|i| format!("nk-{p:?}-{i}").into_bytes()).collect();
+        let mut keys: Vec<Vec<u8>> = (0..20)
+            .map(|i| format!("nk-{p:?}-{i}").into_bytes())
+            .collect();
         if p == Protocol::Meta {
             keys.push(vec![0, 1, 2, b' ', 0xff, b'\r', b'\n']);
             keys.push(format!("sp ace {p:?}").into_bytes());
@@ -279,7 +341,11 @@ fn namespaced_and_binary_keys_over_copies() {
         assert_eq!(c.set_multi(&items, O).unwrap(), items.len(), "{p:?}");
         for (k, v) in &items {
             for i in 0..2 {
-                assert_eq!(held(&mut direct, i, k).as_ref(), Some(v), "{p:?}: server {i} {k:?}");
+                assert_eq!(
+                    held(&mut direct, i, k).as_ref(),
+                    Some(v),
+                    "{p:?}: server {i} {k:?}"
+                );
             }
         }
         let mut got = HashMap::new();
@@ -342,7 +408,12 @@ fn frozen_copy(policy: WritePolicy, p: Protocol) {
         let _ = r;
         for (k, v) in &got {
             let j = keys.iter().position(|x| x.as_bytes() == &k[..]).unwrap();
-            assert!(j % 2 == 1, "{p:?} {policy:?} round {round}: deleted key {} served {:?}", keys[j], String::from_utf8_lossy(v));
+            assert!(
+                j % 2 == 1,
+                "{p:?} {policy:?} round {round}: deleted key {} served {:?}",
+                keys[j],
+                String::from_utf8_lossy(v)
+            );
             let want: &[u8] = if j == 1 { b"v3" } else { b"v2" };
             assert_eq!(&v[..], want, "{p:?} {policy:?} round {round}: {}", keys[j]);
         }
@@ -367,7 +438,10 @@ fn frozen_copy(policy: WritePolicy, p: Protocol) {
     for (j, k) in keys.iter().enumerate() {
         for i in 0..2 {
             if let Some(v) = held(&mut direct, i, k.as_bytes()) {
-                assert!(j % 2 == 1, "{p:?} {policy:?}: server {i} still holds deleted {k}");
+                assert!(
+                    j % 2 == 1,
+                    "{p:?} {policy:?}: server {i} still holds deleted {k}"
+                );
                 let want: &[u8] = if j == 1 { b"v3" } else { b"v2" };
                 assert_eq!(&v[..], want, "{p:?} {policy:?}: server {i} {k}");
             }
@@ -424,7 +498,9 @@ fn hostile_get(mode: u8) {
             1 => {
                 for k in keys.iter().rev() {
                     let v = format!("H-{k}");
-                    out.extend_from_slice(format!("VALUE {k} 0 {}\r\n{v}\r\nEND", v.len()).as_bytes());
+                    out.extend_from_slice(
+                        format!("VALUE {k} 0 {}\r\n{v}\r\nEND", v.len()).as_bytes(),
+                    );
                     out.truncate(out.len() - 3);
                     out.extend_from_slice(b"\r\n");
                 }
@@ -459,7 +535,9 @@ fn hostile_get(mode: u8) {
     assert!(keys.len() >= 4);
     let mut honest = m.client();
     for k in &keys {
-        honest.set(k.as_bytes(), format!("M-{k}").as_bytes(), O).unwrap();
+        honest
+            .set(k.as_bytes(), format!("M-{k}").as_bytes(), O)
+            .unwrap();
     }
     let kb: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
     let (r, got) = get_all(&mut c, &kb);
@@ -474,8 +552,16 @@ fn hostile_get(mode: u8) {
     let mut seen: Vec<&Vec<u8>> = got.iter().map(|(k, _)| k).collect();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen.len(), got.len(), "mode {mode}: a key found twice: {got:?}");
-    assert_eq!(got.len(), keys.len(), "mode {mode}: every key found ({r:?})");
+    assert_eq!(
+        seen.len(),
+        got.len(),
+        "mode {mode}: a key found twice: {got:?}"
+    );
+    assert_eq!(
+        got.len(),
+        keys.len(),
+        "mode {mode}: every key found ({r:?})"
+    );
 }
 
 #[test]
@@ -525,8 +611,9 @@ fn hostile_copy_errors_mid_store_batch() {
             .io_timeout(Duration::from_millis(500))
             .build()
             .unwrap();
-        let items: Vec<(String, String)> =
-            (0..6).map(|i| (format!("he-{policy:?}-{i}"), format!("val-{i}"))).collect();
+        let items: Vec<(String, String)> = (0..6)
+            .map(|i| (format!("he-{policy:?}-{i}"), format!("val-{i}")))
+            .collect();
         let r = c.set_multi(&items, O);
         match policy {
             WritePolicy::All => assert!(r.is_err(), "All: a copy refused key 3: {r:?}"),

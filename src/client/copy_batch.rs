@@ -57,10 +57,13 @@ impl Client {
         let mut missed = vec![false; n];
         let mut todo: Vec<u32> = (0..n as u32).collect();
         let (mut index, mut placed, mut hit) = (Vec::new(), Vec::new(), Vec::new());
+        // Per key: asked in this round.
+        let mut asked = vec![false; n];
         let mut first_error = None;
         while !todo.is_empty() {
             index.clear();
             placed.clear();
+            asked.fill(false);
             for &k in &todo {
                 let k = k as usize;
                 let key = keys.key(k);
@@ -72,6 +75,7 @@ impl Client {
                         Standing::Up | Standing::Slow => {
                             index.push(k as u32);
                             placed.push(i as u32);
+                            asked[k] = true;
                             break;
                         }
                         _ => last[k] = Some(self.core.down_error(i)),
@@ -82,7 +86,7 @@ impl Client {
             // a repair of the key), else the last failure.
             for &k in &todo {
                 let k = k as usize;
-                if !index.contains(&(k as u32)) && !missed[k] {
+                if !asked[k] && !missed[k] {
                     if let Some(e) = last[k].take() {
                         first_error.get_or_insert(e);
                     }
