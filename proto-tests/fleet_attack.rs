@@ -8,35 +8,13 @@ use mcstore_test_support as support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcstore::ring::{Continuum, Distribution, ReplicaPlacement};
 use mcstore::storage::{MemcacheStorage, MemoryStorage, Storage};
-use mcstore::{Client, ClientBuilder, Hedge, Protocol, SetOptions, WritePolicy};
+use mcstore::{Client, Hedge, Protocol, SetOptions, WritePolicy};
 use support::Memcached;
 
 const O: SetOptions = SetOptions { flags: 0, ttl: 0 };
 
-fn builder(ms: &[Memcached]) -> ClientBuilder {
-    support::client_builder()
-        .protocol(Protocol::Text)
-        .servers(ms.iter().map(Memcached::addr).collect::<Vec<_>>())
-        .distribution(Distribution::Ketama)
-        .replicas(2)
-        .server_failure_limit(1)
-        .retry_timeout(Duration::from_millis(300))
-        .io_timeout(Duration::from_millis(300))
-        .connect_timeout(Duration::from_millis(300))
-}
-
-/// A key whose copies are [a, b] in placement order.
-fn key_on(ring: &Continuum, a: usize, b: usize, tag: &str) -> String {
-    (0..100_000)
-        .map(|n| format!("{tag}-{n}"))
-        .find(|k| {
-            let r = ring.replicas(k.as_bytes(), 2, ReplicaPlacement::Natural);
-            r.as_slice() == [a as u32, b as u32]
-        })
-        .expect("a key")
-}
+use support::{fast_failing_copies as builder, key_on};
 
 fn held(m: &Memcached, key: &str) -> Option<String> {
     m.client()

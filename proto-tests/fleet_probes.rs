@@ -6,33 +6,12 @@ use mcstore_test_support as support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcstore::ring::{Continuum, Distribution, ReplicaPlacement};
-use mcstore::{ClientBuilder, MetaSetOptions, Pool, Protocol, SetOptions};
+use mcstore::{MetaSetOptions, Pool, Protocol, SetOptions};
 use support::Memcached;
 
 const O: SetOptions = SetOptions { flags: 0, ttl: 0 };
 
-fn builder(ms: &[Memcached]) -> ClientBuilder {
-    support::client_builder()
-        .protocol(Protocol::Text)
-        .servers(ms.iter().map(Memcached::addr).collect::<Vec<_>>())
-        .distribution(Distribution::Ketama)
-        .replicas(2)
-        .server_failure_limit(1)
-        .retry_timeout(Duration::from_millis(300))
-        .io_timeout(Duration::from_millis(300))
-        .connect_timeout(Duration::from_millis(300))
-}
-
-fn key_on(ring: &Continuum, a: usize, b: usize, tag: &str) -> String {
-    (0..100_000)
-        .map(|n| format!("{tag}-{n}"))
-        .find(|k| {
-            let r = ring.replicas(k.as_bytes(), 2, ReplicaPlacement::Natural);
-            r.as_slice() == [a as u32, b as u32]
-        })
-        .expect("a key")
-}
+use support::{fast_failing_copies as builder, key_on};
 
 /// For 2.5 s, sets a fresh key every 20 ms: how many failed, the last failure's time, the
 /// first error (every server is healthy: none should fail).

@@ -57,36 +57,31 @@ impl Client {
         let mut missed = vec![false; n];
         let mut todo: Vec<u32> = (0..n as u32).collect();
         let (mut index, mut placed, mut hit) = (Vec::new(), Vec::new(), Vec::new());
-        // Per key: asked in this round.
-        let mut asked = vec![false; n];
         let mut first_error = None;
         while !todo.is_empty() {
             index.clear();
             placed.clear();
-            asked.fill(false);
             for &k in &todo {
                 let k = k as usize;
                 let key = keys.key(k);
                 // The next copy that may be asked: a copy being probed only by a call that
                 // takes its probe, one marked down not at all.
+                let mut asked = false;
                 while let Some(i) = orders[k].get(next[k]) {
                     next[k] += 1;
                     match self.core.standing_to_call(i, key) {
                         Standing::Up | Standing::Slow => {
                             index.push(k as u32);
                             placed.push(i as u32);
-                            asked[k] = true;
+                            asked = true;
                             break;
                         }
                         _ => last[k] = Some(self.core.down_error(i)),
                     }
                 }
-            }
-            // Keys with no copy left: a miss if one missed (or every copy was waiting for
-            // a repair of the key), else the last failure.
-            for &k in &todo {
-                let k = k as usize;
-                if !asked[k] && !missed[k] {
+                // No copy left: a miss if one missed (or every copy was waiting for a
+                // repair of the key), else the last failure.
+                if !asked && !missed[k] {
                     if let Some(e) = last[k].take() {
                         first_error.get_or_insert(e);
                     }

@@ -374,6 +374,31 @@ pub fn client_builder() -> ClientBuilder {
     b
 }
 
+/// Two copies of each key over `ms` (ketama, text) that fail fast: a server is marked down
+/// after one failure for 300 ms, with 300 ms timeouts (the fleet fault tests).
+pub fn fast_failing_copies(ms: &[Memcached]) -> ClientBuilder {
+    client_builder()
+        .protocol(mcstore::Protocol::Text)
+        .servers(ms.iter().map(Memcached::addr).collect::<Vec<_>>())
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .replicas(2)
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_millis(300))
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+}
+
+/// A key (`tag-N`) whose two copies are servers `a` then `b`, in placement order.
+pub fn key_on(ring: &mcstore::ring::Continuum, a: usize, b: usize, tag: &str) -> String {
+    (0..100_000)
+        .map(|n| format!("{tag}-{n}"))
+        .find(|k| {
+            let r = ring.replicas(k.as_bytes(), 2, mcstore::ring::ReplicaPlacement::Natural);
+            r.as_slice() == [a as u32, b as u32]
+        })
+        .expect("a key")
+}
+
 /// Builds a C helper that links the system libmemcached (`cc -O2 SRC -lmemcached`) into
 /// `dir/name`: the compatibility tests ask the real libmemcached where it puts keys. Panics
 /// with what to install if it cannot.
