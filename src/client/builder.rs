@@ -224,8 +224,10 @@ impl ClientBuilder {
     /// Hedged reads with [`replicas`](Self::replicas): a read not answered after `hedge`'s
     /// delay is sent to the next copy too, and the first answer wins (the late one is read
     /// and dropped, the connection's framing intact). Hedges are limited by a budget (5% of
-    /// reads by default). [`SharedClient`](crate::SharedClient) hedges; a plain
-    /// [`Client`] makes one call at a time and only fails over.
+    /// reads by default). A [`SharedClient`](crate::SharedClient)'s I/O thread reads
+    /// the late reply; a [`Client`]'s next call on that connection reads it first, before
+    /// its own (a copy that leaves a second read unanswered is disconnected and counts as
+    /// timed out).
     pub fn hedge(mut self, hedge: Hedge) -> Self {
         self.fleet.hedge = Some(hedge);
         self

@@ -224,7 +224,7 @@ impl Client {
         value: &[u8],
         cs: &mut CopyScratch,
     ) -> Result<Reply> {
-        let CopyScratch { parts, waves } = cs;
+        let CopyScratch { parts, waves, .. } = cs;
         self.stage(kind, batch, 0, key, parts, waves)?;
         let keys = [key];
         let cmd = cmd_of(|_, k| match store {
@@ -359,6 +359,8 @@ impl Client {
 pub(super) struct CopyScratch {
     parts: Vec<Part>,
     waves: Waves,
+    /// A hedged read's second buffer (the hedge's value).
+    pub(super) spare: Vec<u8>,
 }
 
 /// A write's batches: its commands, and deletes for copies waiting for a repair of a key

@@ -7,15 +7,19 @@
 use std::time::Instant;
 
 use super::Client;
+use crate::client::ItemInfo;
 use crate::command::{Op, Reply};
+use crate::engine::hedge::RaceRead;
+use crate::engine::Core;
 use crate::error::{Error, Result};
 use crate::fleet::plan::{
     changed, fails_over, first_wave, prefers_zone, settle, write_kind, Action, Part, Servers,
     Standing, WriteKind,
 };
 use crate::fleet::repair::Work;
+use crate::fleet::Hedge;
 use crate::fleet::{FleetCounters, ZoneInfo};
-use crate::proto::wire::{Cmd, Outcome};
+use crate::proto::wire::{Cmd, GetOpts, Outcome};
 use crate::proto::ParseError;
 use crate::ring::MAX_REPLICAS;
 
@@ -131,10 +135,29 @@ impl Client {
         let order = self
             .core
             .read_order(&mut self.scratch, key, prefers_zone(&op))?;
-        let mut last = None;
-        let mut missed = false;
+        if let (Some(h), Some(opts)) = (self.core.fleet().hedge, read_opts(op)) {
+            if order.len() > 1 {
+                return self.read_hedged(h, opts, op, key, order, out);
+            }
+        }
+        self.read_from(op, key, order, 0, None, false, out)
+    }
+
+    /// Reads from the copies in `order` from the `from`th on, one at a time, failing over
+    /// (after `last`, an earlier copy's error, or a miss if `missed`).
+    #[allow(clippy::too_many_arguments)]
+    fn read_from(
+        &mut self,
+        op: Op,
+        key: &[u8],
+        order: Servers,
+        from: usize,
+        mut last: Option<Error>,
+        mut missed: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
         let miss_failover = self.core.fleet().miss_failover;
-        for k in 0..order.len() {
+        for k in from..order.len() {
             let i = order.get(k).expect("in range");
             // A copy being probed (half-open) is asked only by the call that takes its
             // probe; the others fail over (or fail) at once.
@@ -170,6 +193,106 @@ impl Client {
             true => Ok(Reply::Miss),
             false => last.map_or(Ok(Reply::Miss), Err),
         }
+    }
+
+    /// A read with hedging: the first copy that may be asked gets it; if it has not
+    /// answered after the hedge delay, the next copy gets it too (within the budget, or at
+    /// once if the first copy left its previous read unanswered: it looks stuck), and the
+    /// first answer wins (see [`crate::engine::hedge`]). What is left of the order is then
+    /// tried one copy at a time, as without hedging.
+    fn read_hedged(
+        &mut self,
+        h: Hedge,
+        opts: GetOpts,
+        op: Op,
+        key: &[u8],
+        order: Servers,
+        out: &mut Vec<u8>,
+    ) -> Result<Reply> {
+        let mut last = None;
+        let mut k = 0;
+        while let Some(i) = order.get(k) {
+            match self.core.standing_to_call(i, key) {
+                Standing::Up | Standing::Slow => break,
+                _ => {
+                    last.get_or_insert_with(|| self.core.down_error(i));
+                    k += 1;
+                }
+            }
+        }
+        let Some(first) = order.get(k) else {
+            return last.map_or(Ok(Reply::Miss), Err);
+        };
+        let fleet = self.core.fleet_shared();
+        fleet.earn(&h);
+        let delay = fleet.hedge_delay(&h, first);
+        let stuck = self.core.owes_late(first);
+        let mut next = k + 1;
+        let mut hedge_to = |core: &mut Core| -> Option<usize> {
+            // The next copy that is up (a copy being probed is left to its probe).
+            let i = loop {
+                let i = order.get(next)?;
+                next += 1;
+                if matches!(core.standing(i, key), Standing::Up | Standing::Slow) {
+                    break i;
+                }
+            };
+            let fleet = core.fleet_shared();
+            if stuck {
+                fleet.spend_free(first);
+            } else if !fleet.spend(first) {
+                return None;
+            }
+            Some(i)
+        };
+        let mut spare = std::mem::take(&mut self.copy_scratch.spare);
+        let raced = self.core.race_get(
+            key,
+            self.scratch.keybuf(),
+            RaceRead { opts, first, delay },
+            &mut hedge_to,
+            [&mut *out, &mut spare],
+        );
+        let after = next;
+        let raced = match raced {
+            Ok(r) => r,
+            Err(e) => {
+                self.copy_scratch.spare = spare;
+                return Err(e);
+            }
+        };
+        let fleet = self.core.fleet_shared();
+        for (i, d) in raced.waited.iter().flatten() {
+            fleet.latency[*i].record(*d);
+        }
+        if let Some((i, found, second)) = raced.won {
+            if second {
+                out.clear();
+                out.extend_from_slice(&spare);
+            }
+            self.copy_scratch.spare = spare;
+            let reply = found.map_or(Reply::Miss, |(flags, cas)| {
+                Reply::Hit(ItemInfo { flags, cas })
+            });
+            if second {
+                fleet.hedge_won(i);
+            } else if last.is_some() {
+                fleet.failover(i);
+            }
+            let miss_failover = self.core.fleet().miss_failover;
+            if reply == Reply::Miss && miss_failover && after < order.len() {
+                return self.read_from(op, key, order, after, last, true, out);
+            }
+            return Ok(reply);
+        }
+        self.copy_scratch.spare = spare;
+        for (_, e) in raced.failed.into_iter().flatten() {
+            if !fails_over(&e) {
+                return Err(e);
+            }
+            last = Some(e);
+        }
+        self.read_from(op, key, order, after, last, false, out)
     }
 
     fn write_copies(
@@ -366,5 +489,14 @@ impl Client {
             }
         }
         Ok(r)
+    }
+}
+
+/// A read's options, if `op` is a read (get, gets, gat, gats).
+fn read_opts(op: Op) -> Option<GetOpts> {
+    match op {
+        Op::Get { cas } => Some(crate::command::get_opts(cas, None)),
+        Op::Gat { ttl, cas } => Some(crate::command::get_opts(cas, Some(ttl))),
+        _ => None,
     }
 }

@@ -291,12 +291,15 @@ impl Core {
                 if let Err(e) = up.and_then(|()| self.start(i).map(drop)) {
                     plan.shares[i].error = Some(e);
                     failed = true;
-                } else if self.driver.owes_sync(i) {
+                } else if Strays::any(&self.driver, i) {
                     // Quiet commands went out before without a sync: one goes first, and
-                    // what they answered is read up to its reply (see `Strays`).
+                    // what they answered is read up to its reply; a late reply is read
+                    // before (see `Strays`).
                     plan.shares[i].strays = Strays::on(&mut self.driver, i);
-                    self.protocol
-                        .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
+                    if plan.shares[i].strays.owed {
+                        self.protocol
+                            .encode(self.driver.wbuf(i), &Cmd::Sync, 0, false);
+                    }
                 }
             }
         }

@@ -80,18 +80,23 @@ where
 }
 
 /// The replies of quiet commands that went out earlier without a sync (a fire-and-forget
-/// pipeline, `store_noreply`): the next call to read replies on that connection sends a sync
-/// before its own request and reads them, up to the sync's reply, with this.
+/// pipeline, `store_noreply`), and the late reply of a read dropped by a hedge: the next call
+/// to read replies on that connection reads the late reply first, then (after a sync it sends
+/// before its own request) the quiet commands' replies, up to the sync's reply, with this.
 #[derive(Default)]
 pub(crate) struct Strays {
     /// The connection owed a sync, and one went ahead of this call's request.
     pub(crate) owed: bool,
-    /// The sync's reply has not been read yet.
+    /// A late reply or the sync's reply has not been read yet.
     pub(crate) pending: bool,
     /// Sync replies still to read, the last being this call's own (earlier ones: syncs of
     /// fire-and-forget pipelines that nobody read).
     pub(crate) ends: u32,
-    /// Replies read before it (unmet conditions, error lines).
+    /// A read's reply that nobody waits for (its kind and opaque), first on the wire.
+    pub(crate) late: Option<(Kind, u32)>,
+    /// A late reply was taken by this call (read or not).
+    took_late: bool,
+    /// Replies read before it (unmet conditions, error lines, a late reply).
     pub(crate) count: u64,
     /// One of them was an error line after which the server may close, or the stream be out
     /// of step: the connection is replaced once this call is done.
@@ -99,22 +104,33 @@ pub(crate) struct Strays {
 }
 
 impl Strays {
-    /// For a call on server `i`: owing if its connection owes a sync (the caller sends one
-    /// ahead of its request), with every unread sync before it to skip too.
+    /// For a call on server `i`: its connection's late reply, if any, to read first; owing
+    /// if the connection owes a sync (the caller sends one ahead of its request), with every
+    /// unread sync before it to skip too.
     #[inline]
     pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
         let owed = driver.owes_sync(i);
+        let late = driver.take_late(i);
         Strays {
             owed,
-            pending: owed,
+            pending: owed || late.is_some(),
             ends: if owed {
                 1 + driver.take_unread_syncs(i)
             } else {
                 0
             },
+            late,
+            took_late: late.is_some(),
             count: 0,
             doubt: false,
         }
+    }
+
+    /// Whether anything must be read before the call's own replies (a batch then uses
+    /// [`Strays::on`]).
+    #[inline]
+    pub(crate) fn any(driver: &Driver, i: usize) -> bool {
+        driver.owes_sync(i) || driver.has_late(i)
     }
 
     /// Owing one sync (the stream fuzz body's batches).
@@ -128,10 +144,14 @@ impl Strays {
         }
     }
 
-    /// A sync went ahead of the request: the syncs (this one and earlier unread ones) that
-    /// are still to be read go to the connection's account, for its next reader.
+    /// The call leaves without reading all of them: a late reply not read goes back to the
+    /// connection (it is still first on the wire), and syncs still to be read go to its
+    /// account, for its next reader.
     pub(crate) fn abandon(&mut self, driver: &mut Driver, i: usize) {
-        if self.pending {
+        if let Some(late) = self.late {
+            driver.restore_late(i, late);
+        }
+        if self.pending && self.ends > 0 {
             driver.add_unread_syncs(i, self.ends);
         }
         *self = Strays::default();
@@ -141,8 +161,10 @@ impl Strays {
     /// replies are counted (a connection in doubt is replaced).
     #[inline]
     pub(crate) fn settle(&self, driver: &mut Driver, health: &mut Health, i: usize) {
-        if self.owed {
-            driver.set_owes_sync(i, false);
+        if self.owed || self.took_late {
+            if self.owed {
+                driver.set_owes_sync(i, false);
+            }
             health.counters_mut(i).late_replies += self.count;
             if self.doubt {
                 driver.disconnect(i);
@@ -150,15 +172,31 @@ impl Strays {
         }
     }
 
-    /// Reads one unit at the start of `buf`: a stray reply, or the sync's reply, which ends
-    /// them. They belong to no caller of this exchange: each is counted, and the call's own
-    /// reply, after the sync's, is matched as usual (never failed for someone else's error).
+    /// Reads one unit at the start of `buf`: the late reply's, a stray reply, or the sync's
+    /// reply, which ends them. They belong to no caller of this exchange: each is counted,
+    /// and the call's own reply, after them, is matched as usual (never failed for someone
+    /// else's error).
     #[cold]
     pub(crate) fn read<W: Wire>(
         &mut self,
         buf: &[u8],
         limits: &Limits,
     ) -> Result<Status<(usize, bool)>, ParseError> {
+        if let Some((kind, opaque)) = self.late {
+            let (n, unit) = match W::decode(buf, &Expect::single(kind, opaque), limits)? {
+                Status::Complete(c) => c,
+                Status::Partial => return Ok(Status::Partial),
+            };
+            if unit.last {
+                self.late = None;
+                self.count += 1;
+                self.pending = self.ends > 0;
+                if let Outcome::Error { closes, .. } = unit.outcome {
+                    self.doubt |= closes;
+                }
+            }
+            return Ok(Status::Complete((n, false)));
+        }
         let (n, unit) = match W::decode(buf, &Expect::batch(Kind::Quiet), limits)? {
             Status::Complete(c) => c,
             Status::Partial => return Ok(Status::Partial),

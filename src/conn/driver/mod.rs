@@ -33,6 +33,7 @@ use super::exchange::{reusable, Exchange, Failure};
 use super::tls::{self, TlsConfig};
 use super::ServerAddr;
 use crate::error::{Error, Result};
+use crate::proto::wire::Kind;
 use crate::proto::{ParseError, Status};
 
 mod connect;
@@ -103,6 +104,10 @@ struct Conn {
     /// fire-and-forget pipeline started on a connection that owed one): the next reader
     /// skips this many sync replies more than its own.
     unread_syncs: u32,
+    /// A reply nobody waits for any more is on its way, ahead of anything else: the
+    /// losing read of a hedge (its kind and opaque). The next call on this connection reads
+    /// it first and drops it (see `Strays`).
+    late: Option<(Kind, u32)>,
 }
 
 /// A deadline for one operation, with the time it started (for error reports).
@@ -140,6 +145,8 @@ pub(crate) struct Batch<'v> {
     ex: Exchange<'v>,
     /// Set when this server failed; its connection has been closed.
     pub(crate) error: Option<Error>,
+    /// Its operation (when it started, its deadline).
+    op: Op,
 }
 
 impl<'v> Batch<'v> {
@@ -150,6 +157,7 @@ impl<'v> Batch<'v> {
             value,
             ex: Exchange::new(0, value, op.deadline),
             error: None,
+            op: *op,
         }
     }
 }
@@ -207,6 +215,7 @@ impl Driver {
                 busy: false,
                 owes_sync: false,
                 unread_syncs: 0,
+                late: None,
             })
             .collect();
         Ok(Driver {
@@ -226,8 +235,8 @@ impl Driver {
         // Failures closed their connection already; here, an exchange abandoned midway, or
         // bytes nobody asked for (unless they are the replies of quiet commands, which the
         // next exchange reads up to its sync).
-        if conn.stream.is_some() && (conn.busy || !(conn.owes_sync || reusable(&conn.rbuf, Ok(()))))
-        {
+        let owed = conn.owes_sync || conn.late.is_some();
+        if conn.stream.is_some() && (conn.busy || !(owed || reusable(&conn.rbuf, Ok(())))) {
             self.disconnect(i);
         }
         if self.conns[i].stream.is_none() {
@@ -267,6 +276,7 @@ impl Driver {
         conn.busy = false;
         conn.owes_sync = false;
         conn.unread_syncs = 0;
+        conn.late = None;
     }
 
     /// Whether server `i`'s connection carries quiet commands whose replies were not read
@@ -300,6 +310,27 @@ impl Driver {
         if conn.stream.is_some() {
             conn.unread_syncs += n;
             conn.owes_sync = true;
+        }
+    }
+
+    /// The reply nobody waits for that server `i`'s connection carries ahead of anything
+    /// else (see [`abandon`](Self::abandon)), taken: the caller now reads it first.
+    pub(crate) fn take_late(&mut self, i: usize) -> Option<(Kind, u32)> {
+        self.conns[i].late.take()
+    }
+
+    /// Whether server `i`'s connection carries such a reply: its last read was dropped
+    /// unanswered.
+    pub(crate) fn has_late(&self, i: usize) -> bool {
+        self.conns[i].late.is_some()
+    }
+
+    /// Gives back a late reply taken with [`take_late`](Self::take_late) that the taker
+    /// did not read (it is still the first on the wire).
+    pub(crate) fn restore_late(&mut self, i: usize, late: (Kind, u32)) {
+        let conn = &mut self.conns[i];
+        if conn.stream.is_some() {
+            conn.late = Some(late);
         }
     }
 
@@ -452,6 +483,133 @@ impl Driver {
                     return;
                 }
             }
+        }
+    }
+
+    /// Starts batch `b` of a race (see [`race`](Self::race)): its request is its
+    /// server's write buffer, to be done by its operation's deadline.
+    pub(crate) fn race_start(&mut self, b: &mut Batch<'_>) {
+        b.ex = Exchange::new(self.conns[b.server].wbuf.len(), b.value, b.op.deadline);
+        if self.conns[b.server].stream.is_none() {
+            b.error = Some(self.io_error(b.server, io::ErrorKind::NotConnected.into()));
+            return;
+        }
+        if self.conns[b.server].blocking.is_some() {
+            if let Err(e) = self.set_nonblocking(b.server) {
+                b.error = Some(e);
+            }
+        }
+    }
+
+    /// Drives the started batches of a race (a read sent to several servers, the first
+    /// answer wins) from one `poll`, until one is done (its index), or `soft` has passed,
+    /// or none is left running (`None` both; failures are in [`Batch::error`], each batch's
+    /// own deadline failing it). Batches still running stay so: drive them again, or
+    /// [`abandon`](Self::abandon) them.
+    pub(crate) fn race<F>(
+        &mut self,
+        batches: &mut [Batch<'_>],
+        soft: Instant,
+        mut on_reply: F,
+    ) -> Option<usize>
+    where
+        F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        let running = |b: &Batch<'_>| !b.ex.is_done() && b.error.is_none();
+        for b in batches.iter() {
+            let conn = &mut self.conns[b.server];
+            conn.busy = running(b);
+        }
+        // Not reached when `on_reply` panics: the connections stay marked busy, and the next
+        // `begin` replaces them.
+        let won = self.race_inner(batches, soft, &mut on_reply);
+        for b in batches.iter() {
+            self.conns[b.server].busy = false;
+        }
+        won
+    }
+
+    fn race_inner<F>(
+        &mut self,
+        batches: &mut [Batch<'_>],
+        soft: Instant,
+        on_reply: &mut F,
+    ) -> Option<usize>
+    where
+        F: FnMut(usize, &[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        loop {
+            let mut pending = 0;
+            let mut progressed = false;
+            for (k, b) in batches.iter_mut().enumerate() {
+                if b.ex.is_done() || b.error.is_some() {
+                    continue;
+                }
+                let op = b.op;
+                match self.step(b, &op, Until::Done, true, on_reply) {
+                    Ok(_) if b.ex.is_done() => return Some(k),
+                    Ok(p) => progressed |= p,
+                    Err(e) => b.error = Some(e),
+                }
+                if b.error.is_none() {
+                    pending += 1;
+                }
+            }
+            if pending == 0 {
+                return None;
+            }
+            if progressed {
+                continue;
+            }
+            let wake = batches
+                .iter()
+                .filter(|b| b.error.is_none() && !b.ex.is_done())
+                .filter_map(|b| b.ex.poll_timeout())
+                .fold(soft, Instant::min);
+            match self.poll_until(wake) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let now = Instant::now();
+                    for b in batches.iter_mut() {
+                        if b.error.is_none() && !b.ex.is_done() {
+                            if let Err(f) = b.ex.handle_timeout(now) {
+                                let op = b.op;
+                                b.error = Some(self.failed(b.server, f, &op));
+                            }
+                        }
+                    }
+                    if now >= soft {
+                        return None;
+                    }
+                }
+                Err(e) => {
+                    for b in batches.iter_mut() {
+                        if !b.ex.is_done() && b.error.is_none() {
+                            b.error = Some(
+                                self.io_error(b.server, io::Error::new(e.kind(), e.to_string())),
+                            );
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Leaves race batch `b`, still running, to its connection: its reply (`late`: the
+    /// read's kind and opaque) will be read and dropped by the next call there. A request
+    /// not fully written, a reply that cannot be described, or a connection that already
+    /// carries one is closed instead: a connection owes at most one late reply.
+    pub(crate) fn abandon(&mut self, b: &Batch<'_>, late: Option<(Kind, u32)>) {
+        let conn = &mut self.conns[b.server];
+        if b.error.is_some() || b.ex.is_done() {
+            return;
+        }
+        match late {
+            Some(l) if b.ex.is_written() && conn.late.is_none() && conn.stream.is_some() => {
+                conn.late = Some(l);
+            }
+            _ => self.disconnect(b.server),
         }
     }
 
