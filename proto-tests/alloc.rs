@@ -341,6 +341,30 @@ fn main() {
                 .unwrap();
         }),
     );
+    // Every read raced on both copies (a hedge at once, budget unlimited): the second
+    // copy's buffer and the late replies left on connections cost nothing once warm.
+    let mut racing = mcstore::Client::builder()
+        .servers(three.iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .replicas(2)
+        .hedge(mcstore::Hedge::after(std::time::Duration::from_nanos(1)).budget(1.0))
+        .build()
+        .unwrap();
+    for k in &keys {
+        assert!(racing.get_into(k.as_bytes(), &mut buf).unwrap().is_some());
+    }
+    run(
+        "get_into (replicas 2, every read hedged)",
+        count(|| {
+            next = (next + 1) % keys.len();
+            assert!(racing
+                .get_into(keys[next].as_bytes(), &mut buf)
+                .unwrap()
+                .is_some());
+        }),
+    );
+    let fc = racing.fleet_counters();
+    assert!(fc.hedges_sent > 0, "no read was hedged: {fc:?}");
     let hedged = mcstore::Client::builder()
         .servers(three.iter().map(Memcached::addr))
         .distribution(mcstore::ring::Distribution::Ketama)

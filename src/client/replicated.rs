@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::Client;
 use crate::client::ItemInfo;
 use crate::command::{Op, Reply};
+use crate::engine::fan_out::FanCmd;
 use crate::engine::hedge::RaceRead;
 use crate::engine::Core;
 use crate::error::{Error, Result};
@@ -196,8 +197,9 @@ impl Client {
     }
 
     /// A read with hedging: the first copy that may be asked gets it; if it has not
-    /// answered after the hedge delay, the next copy gets it too (within the budget, or at
-    /// once if the first copy left its previous read unanswered: it looks stuck), and the
+    /// answered after the hedge delay, the next copy gets it too (within the budget, or
+    /// outside it if the first copy has not even answered its previous read: it looks
+    /// stuck), and the
     /// first answer wins (see [`crate::engine::hedge`]). What is left of the order is then
     /// tried one copy at a time, as without hedging.
     fn read_hedged(
@@ -226,9 +228,8 @@ impl Client {
         let fleet = self.core.fleet_shared();
         fleet.earn(&h);
         let delay = fleet.hedge_delay(&h, first);
-        let stuck = self.core.owes_late(first);
         let mut next = k + 1;
-        let mut hedge_to = |core: &mut Core| -> Option<usize> {
+        let mut hedge_to = |core: &mut Core, stuck: bool| -> Option<usize> {
             // The next copy that is up (a copy being probed is left to its probe).
             let i = loop {
                 let i = order.get(next)?;
@@ -246,6 +247,10 @@ impl Client {
             Some(i)
         };
         let mut spare = std::mem::take(&mut self.copy_scratch.spare);
+        // As large as the caller's buffer at once: grown on the first hedged read, not
+        // on whichever later one a hedge first answers.
+        spare.clear();
+        spare.reserve(out.capacity());
         let raced = self.core.race_get(
             key,
             self.scratch.keybuf(),
@@ -322,9 +327,36 @@ impl Client {
             standing[k] = self.core.standing_to_call(i as usize, key);
         }
         let mut parts: [Part; MAX_REPLICAS] = std::array::from_fn(|_| Part::none());
+        // A touch: each copy gets its command (or a delete, if it waits for a repair of
+        // the key), all in one round trip.
+        let mut cmds = [(0, FanCmd::Delete); MAX_REPLICAS];
+        let mut asked = [0; MAX_REPLICAS];
+        let mut m = 0;
         for (k, &i) in copies.iter().enumerate() {
             let action = first_wave(kind, standing[k]);
-            parts[k] = self.act(i as usize, action, op, key, value, out);
+            let cmd = match (action, op) {
+                (Action::Command, Op::Touch(ttl)) => FanCmd::Touch(ttl),
+                (Action::Delete, _) => FanCmd::Delete,
+                (Action::Command, _) => {
+                    parts[k] = self.act(i as usize, action, op, key, value, out);
+                    continue;
+                }
+                _ => {
+                    parts[k] = Part::new(i as usize, action, Err(self.core.down_error(i as usize)));
+                    continue;
+                }
+            };
+            parts[k] = Part::new(i as usize, action, Ok(Reply::Miss));
+            cmds[m] = (i as usize, cmd);
+            asked[m] = k;
+            m += 1;
+        }
+        if m > 0 {
+            let answers = self.core.fan_out(key, self.scratch.keybuf(), &cmds[..m])?;
+            for (j, answer) in answers.into_iter().take(m).enumerate() {
+                let r = answer.expect("every server asked answers");
+                parts[asked[j]].result = r.map(Reply::Existed);
+            }
         }
         let parts = &parts[..copies.len()];
         let fleet = self.core.fleet_shared();

@@ -3,14 +3,15 @@
 //! copy too, and the first answer wins. The losing read is not cancelled (memcached cannot):
 //! its reply is left to its connection, which reads and drops it before its next call's
 //! own (see [`Strays`]), so the framing stays intact and no caller ever gets it. A
-//! connection owes at most one such reply; a copy that leaves a second read unanswered is
-//! disconnected and counted as timed out, which feeds its breaker.
+//! connection owes at most [`LATE_MAX`](crate::conn::driver::LATE_MAX) such replies, for at most the I/O timeout: a copy
+//! that leaves more reads unanswered, or one for longer, is disconnected and counted as
+//! timed out, which feeds its breaker.
 
 use std::time::{Duration, Instant};
 
 use super::reply::{SingleReader, Strays};
 use super::{wire_key, Core};
-use crate::conn::driver::{Batch, Op};
+use crate::conn::driver::{Batch, Late, Op};
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, GetOpts, Outcome, Wire};
 use crate::proto::{Key, ParseError};
@@ -64,7 +65,7 @@ impl Core {
         user_key: &[u8],
         kb: &mut Vec<u8>,
         read: RaceRead,
-        hedge_to: &mut dyn FnMut(&mut Core) -> Option<usize>,
+        hedge_to: &mut dyn FnMut(&mut Core, bool) -> Option<usize>,
         outs: [&mut Vec<u8>; 2],
     ) -> Result<Raced> {
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
@@ -96,7 +97,7 @@ impl Core {
         &mut self,
         key: Key<'_>,
         read: RaceRead,
-        hedge_to: &mut dyn FnMut(&mut Core) -> Option<usize>,
+        hedge_to: &mut dyn FnMut(&mut Core, bool) -> Option<usize>,
         outs: [&mut Vec<u8>; 2],
     ) -> Raced {
         let RaceRead { opts, first, delay } = read;
@@ -207,7 +208,10 @@ impl Core {
             }
             // The soft time passed, or a copy failed with the other still running.
             if n == 1 && raced.failed[0].is_none() {
-                if let Some(b) = hedge_to(self) {
+                // The first copy has not even answered its previous read (left late on
+                // its connection): it looks stuck.
+                let stuck = legs[0].as_ref().is_some_and(|l| l.strays.late.is_some());
+                if let Some(b) = hedge_to(self, stuck) {
                     raced.hedged = Some(b);
                     match self.start_leg::<W>(b, &cmd) {
                         Ok((op1, leg1)) => {
@@ -227,28 +231,36 @@ impl Core {
             }
             soft = Instant::now() + LATER;
         }
-        // The loser (still running) leaves its reply to its connection.
+        // The loser (still running) leaves its reply to its connection, after those it
+        // already owed.
+        let io_timeout = self.driver.io_timeout();
         for k in 0..n {
             let Some(leg) = legs[k].take() else { continue };
             let i = leg.server;
             raced.waited[k] = Some((i, leg.started.elapsed()));
-            if leg.strays.pending {
-                // Its connection still owed an earlier reply (or a sync's): two reads
-                // unanswered, or strays unread. Closed; a copy that let a read go
-                // unanswered twice counts as timed out.
-                if leg.strays.late.is_some() {
-                    let e = Error::Timeout {
-                        server: labels[i].clone(),
-                        during: During::Read,
-                        elapsed: leg.started.elapsed(),
-                    };
-                    self.health.record_error(i, &e, &mut self.ring);
+            let late = match (leg.strays.pending, leg.strays.late) {
+                (false, _) => {
+                    leg.strays.settle(&mut self.driver, &mut self.health, i);
+                    Some(Late::new(kind, leg.opaque, leg.started))
                 }
-                self.driver.abandon(&batches[k], None);
-            } else {
-                leg.strays.settle(&mut self.driver, &mut self.health, i);
-                self.driver.abandon(&batches[k], Some((kind, leg.opaque)));
-            }
+                // Replies of quiet commands unread too: not described here, closed.
+                (true, _) if leg.strays.owed => None,
+                (true, Some(mut late)) => {
+                    let kept = late.push(kind, leg.opaque) && late.since.elapsed() < io_timeout;
+                    if !kept {
+                        // Reads left unanswered for an I/O timeout, or too many of them.
+                        let e = Error::Timeout {
+                            server: labels[i].clone(),
+                            during: During::Read,
+                            elapsed: late.since.elapsed(),
+                        };
+                        self.health.record_error(i, &e, &mut self.ring);
+                    }
+                    kept.then_some(late)
+                }
+                (true, None) => None,
+            };
+            self.driver.abandon(&batches[k], late);
         }
         raced
     }

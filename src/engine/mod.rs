@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 pub(crate) mod batch;
+pub(crate) mod fan_out;
 pub(crate) mod health;
 pub(crate) mod hedge;
 pub(crate) mod pipeline;
@@ -493,12 +494,6 @@ impl Core {
     pub(crate) fn pin(&mut self, server: Option<usize>) -> Option<usize> {
         self.spread_now = self.fleet.replicated() && server.is_none();
         std::mem::replace(&mut self.pinned, server)
-    }
-
-    /// Whether server `i`'s connection owes the reply of a read that was dropped unanswered
-    /// (the losing read of a hedge, still on its way).
-    pub(crate) fn owes_late(&self, i: usize) -> bool {
-        self.driver.has_late(i)
     }
 
     /// Brings ejected servers whose retry time has come back into the continuum.

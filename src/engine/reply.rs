@@ -2,7 +2,7 @@
 //! commands read and set aside before a call's own.
 
 use super::health::Health;
-use crate::conn::driver::Driver;
+use crate::conn::driver::{Driver, Late};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::proto::wire::{Expect, Kind, Outcome, Refusal, Wire};
 use crate::proto::{Limits, ParseError, Status};
@@ -92,8 +92,8 @@ pub(crate) struct Strays {
     /// Sync replies still to read, the last being this call's own (earlier ones: syncs of
     /// fire-and-forget pipelines that nobody read).
     pub(crate) ends: u32,
-    /// A read's reply that nobody waits for (its kind and opaque), first on the wire.
-    pub(crate) late: Option<(Kind, u32)>,
+    /// Reads' replies that nobody waits for (losing hedges), first on the wire.
+    pub(crate) late: Option<Late>,
     /// A late reply was taken by this call (read or not).
     took_late: bool,
     /// Replies read before it (unmet conditions, error lines, a late reply).
@@ -182,17 +182,22 @@ impl Strays {
         buf: &[u8],
         limits: &Limits,
     ) -> Result<Status<(usize, bool)>, ParseError> {
-        if let Some((kind, opaque)) = self.late {
-            let (n, unit) = match W::decode(buf, &Expect::single(kind, opaque), limits)? {
+        if let Some(late) = &mut self.late {
+            let opaque = late.next().expect("a late reply left");
+            let expect = Expect::single(late.kind, opaque);
+            let (n, unit) = match W::decode(buf, &expect, limits)? {
                 Status::Complete(c) => c,
                 Status::Partial => return Ok(Status::Partial),
             };
             if unit.last {
-                self.late = None;
+                late.advance();
                 self.count += 1;
-                self.pending = self.ends > 0;
                 if let Outcome::Error { closes, .. } = unit.outcome {
                     self.doubt |= closes;
+                }
+                if late.next().is_none() {
+                    self.late = None;
+                    self.pending = self.ends > 0;
                 }
             }
             return Ok(Status::Complete((n, false)));
@@ -249,4 +254,135 @@ pub(crate) fn refused(server: &str, refusal: Refusal, message: &[u8]) -> Error {
         Refusal::Server => ServerErrorKind::Server,
     };
     Error::Server { kind, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::binary;
+    use crate::proto::wire::{Binary, Meta, Text};
+
+    /// What a get's reply unit is, read by `strays` first and then as the call's own.
+    fn units<W: Wire>(strays: &mut Strays, stream: &[u8], own: u32) -> Vec<Vec<u8>> {
+        let limits = Limits::default();
+        let mut mine = Vec::new();
+        let mut at = 0;
+        loop {
+            if strays.pending {
+                match strays.read::<W>(&stream[at..], &limits).unwrap() {
+                    Status::Complete((n, last)) => {
+                        assert!(!last, "a stray never ends the call");
+                        at += n;
+                    }
+                    Status::Partial => panic!("a complete stream"),
+                }
+                continue;
+            }
+            let expect = Expect::single(Kind::Get, own);
+            let (n, unit) = match W::decode(&stream[at..], &expect, &limits).unwrap() {
+                Status::Complete(c) => c,
+                Status::Partial => panic!("a complete stream"),
+            };
+            at += n;
+            if let Outcome::Hit(h) = unit.outcome {
+                mine.push(h.data.to_vec());
+            }
+            if unit.last {
+                assert_eq!(at, stream.len(), "bytes left after the call's reply");
+                return mine;
+            }
+        }
+    }
+
+    fn late(opaque: u32) -> Strays {
+        Strays {
+            pending: true,
+            late: Some(Late::new(Kind::Get, opaque, std::time::Instant::now())),
+            took_late: true,
+            ..Strays::default()
+        }
+    }
+
+    fn binary_hit(opaque: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        binary::Packet {
+            opcode: binary::Opcode::GET,
+            status: binary::STATUS_OK,
+            opaque,
+            cas: 7,
+            extras: &0u32.to_be_bytes(),
+            key: b"",
+            value,
+        }
+        .encode(&mut out);
+        out
+    }
+
+    /// A hedge's losing read left its reply on the connection: the next call reads it
+    /// first and drops it (counted), then gets its own value, never the late one.
+    #[test]
+    fn a_late_reply_is_read_before_the_call_s_own() {
+        let text = b"VALUE a 0 4\r\nlate\r\nEND\r\nVALUE b 0 4\r\nmine\r\nEND\r\n";
+        let mut s = late(1);
+        assert_eq!(units::<Text>(&mut s, text, 2), vec![b"mine".to_vec()]);
+        assert_eq!((s.count, s.late.is_none(), s.pending), (1, true, false));
+
+        // The late read missed; the call's own hit.
+        let text = b"END\r\nVALUE b 0 4\r\nmine\r\nEND\r\n";
+        let mut s = late(1);
+        assert_eq!(units::<Text>(&mut s, text, 2), vec![b"mine".to_vec()]);
+
+        let meta = b"VA 4 f0 O1\r\nlate\r\nVA 4 f0 O2\r\nmine\r\n";
+        let mut s = late(1);
+        assert_eq!(units::<Meta>(&mut s, meta, 2), vec![b"mine".to_vec()]);
+
+        let binary = [binary_hit(1, b"late"), binary_hit(2, b"mine")].concat();
+        let mut s = late(1);
+        assert_eq!(units::<Binary>(&mut s, &binary, 2), vec![b"mine".to_vec()]);
+
+        // Several, in order.
+        let mut s = late(1);
+        s.late.as_mut().unwrap().push(Kind::Get, 3);
+        let binary = [
+            binary_hit(1, b"l1"),
+            binary_hit(3, b"l3"),
+            binary_hit(2, b"mine"),
+        ]
+        .concat();
+        assert_eq!(units::<Binary>(&mut s, &binary, 2), vec![b"mine".to_vec()]);
+        assert_eq!(s.count, 2);
+        let mut s = late(1);
+        s.late.as_mut().unwrap().push(Kind::Get, 3);
+        let text = b"END\r\nVALUE a 0 2\r\nl3\r\nEND\r\nVALUE b 0 4\r\nmine\r\nEND\r\n";
+        assert_eq!(units::<Text>(&mut s, text, 2), vec![b"mine".to_vec()]);
+    }
+
+    /// Binary and meta late replies are matched by their opaque: another request's reply
+    /// in its place is a framing error (the connection is then closed), never taken as the
+    /// late one.
+    #[test]
+    fn a_late_reply_with_another_opaque_is_refused() {
+        let binary = [binary_hit(9, b"what"), binary_hit(2, b"mine")].concat();
+        let mut s = late(1);
+        assert!(s.read::<Binary>(&binary, &Limits::default()).is_err());
+        let mut s = late(1);
+        let meta = b"VA 4 f0 O9\r\nwhat\r\n";
+        assert!(s.read::<Meta>(meta, &Limits::default()).is_err());
+    }
+
+    /// A late reply, then the replies of quiet commands up to a sync: all read in wire
+    /// order before the call's own.
+    #[test]
+    fn a_late_reply_then_owed_syncs() {
+        // Text: the late get's reply, a noreply store's error line, the sync (`version`).
+        let text = b"VALUE a 0 4\r\nlate\r\nEND\r\nSERVER_ERROR out of memory\r\nVERSION 1.6\r\nVALUE b 0 4\r\nmine\r\nEND\r\n";
+        let mut s = Strays {
+            owed: true,
+            ends: 1,
+            ..late(1)
+        };
+        assert_eq!(units::<Text>(&mut s, text, 2), vec![b"mine".to_vec()]);
+        assert_eq!(s.count, 2);
+        assert!(s.doubt, "a SERVER_ERROR leaves the connection in doubt");
+    }
 }

@@ -104,10 +104,62 @@ struct Conn {
     /// fire-and-forget pipeline started on a connection that owed one): the next reader
     /// skips this many sync replies more than its own.
     unread_syncs: u32,
-    /// A reply nobody waits for any more is on its way, ahead of anything else: the
-    /// losing read of a hedge (its kind and opaque). The next call on this connection reads
-    /// it first and drops it (see `Strays`).
-    late: Option<(Kind, u32)>,
+    /// Replies nobody waits for any more are on their way, ahead of anything else: the
+    /// losing reads of hedges. The next call on this connection reads them first and drops
+    /// them (see `Strays`).
+    late: Option<Late>,
+}
+
+/// Late replies a connection may owe at once; a copy that leaves more reads unanswered is
+/// disconnected (see `engine::hedge`).
+pub(crate) const LATE_MAX: usize = 4;
+
+/// Replies nobody waits for, first on a connection's wire, in order: the losing reads of
+/// hedges (one kind of command; each reply matched by its opaque where the protocol has
+/// one, by position in text).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Late {
+    pub(crate) kind: Kind,
+    opaques: [u32; LATE_MAX],
+    n: u8,
+    read: u8,
+    /// When the oldest of them was sent.
+    pub(crate) since: Instant,
+}
+
+impl Late {
+    /// One late reply, to a request of `kind` with `opaque` sent at `since`.
+    pub(crate) fn new(kind: Kind, opaque: u32, since: Instant) -> Late {
+        let mut opaques = [0; LATE_MAX];
+        opaques[0] = opaque;
+        Late {
+            kind,
+            opaques,
+            n: 1,
+            read: 0,
+            since,
+        }
+    }
+
+    /// One more, after the others; `false` if there is no room (or another kind).
+    pub(crate) fn push(&mut self, kind: Kind, opaque: u32) -> bool {
+        if kind != self.kind || usize::from(self.n) == LATE_MAX {
+            return false;
+        }
+        self.opaques[usize::from(self.n)] = opaque;
+        self.n += 1;
+        true
+    }
+
+    /// The opaque of the next reply to read, if one is left.
+    pub(crate) fn next(&self) -> Option<u32> {
+        (self.read < self.n).then(|| self.opaques[usize::from(self.read)])
+    }
+
+    /// The next reply was read.
+    pub(crate) fn advance(&mut self) {
+        self.read += 1;
+    }
 }
 
 /// A deadline for one operation, with the time it started (for error reports).
@@ -246,6 +298,11 @@ impl Driver {
         Ok(Op::new(self.cfg.io_timeout))
     }
 
+    /// The I/O timeout of an operation.
+    pub(crate) fn io_timeout(&self) -> Duration {
+        self.cfg.io_timeout
+    }
+
     /// A fresh I/O deadline, for an operation spanning several servers.
     pub(crate) fn new_op(&self) -> Op {
         Op::new(self.cfg.io_timeout)
@@ -313,21 +370,20 @@ impl Driver {
         }
     }
 
-    /// The reply nobody waits for that server `i`'s connection carries ahead of anything
-    /// else (see [`abandon`](Self::abandon)), taken: the caller now reads it first.
-    pub(crate) fn take_late(&mut self, i: usize) -> Option<(Kind, u32)> {
+    /// The replies nobody waits for that server `i`'s connection carries ahead of anything
+    /// else (see [`abandon`](Self::abandon)), taken: the caller now reads them first.
+    pub(crate) fn take_late(&mut self, i: usize) -> Option<Late> {
         self.conns[i].late.take()
     }
 
-    /// Whether server `i`'s connection carries such a reply: its last read was dropped
-    /// unanswered.
+    /// Whether server `i`'s connection carries such replies.
     pub(crate) fn has_late(&self, i: usize) -> bool {
         self.conns[i].late.is_some()
     }
 
-    /// Gives back a late reply taken with [`take_late`](Self::take_late) that the taker
-    /// did not read (it is still the first on the wire).
-    pub(crate) fn restore_late(&mut self, i: usize, late: (Kind, u32)) {
+    /// Gives back late replies taken with [`take_late`](Self::take_late) that the taker
+    /// did not read (they are still first on the wire).
+    pub(crate) fn restore_late(&mut self, i: usize, late: Late) {
         let conn = &mut self.conns[i];
         if conn.stream.is_some() {
             conn.late = Some(late);
@@ -596,11 +652,12 @@ impl Driver {
         }
     }
 
-    /// Leaves race batch `b`, still running, to its connection: its reply (`late`: the
-    /// read's kind and opaque) will be read and dropped by the next call there. A request
-    /// not fully written, a reply that cannot be described, or a connection that already
-    /// carries one is closed instead: a connection owes at most one late reply.
-    pub(crate) fn abandon(&mut self, b: &Batch<'_>, late: Option<(Kind, u32)>) {
+    /// Leaves race batch `b`, still running, to its connection: its reply, and any late
+    /// ones before it (`late`: all the replies its connection now owes, in order), will be
+    /// read and dropped by the next call there. A request not fully written, replies that
+    /// cannot be described (`None`), or a connection that carries late replies already (the
+    /// caller took them, and gives them back in `late`) is closed instead.
+    pub(crate) fn abandon(&mut self, b: &Batch<'_>, late: Option<Late>) {
         let conn = &mut self.conns[b.server];
         if b.error.is_some() || b.ex.is_done() {
             return;
