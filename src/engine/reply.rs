@@ -109,6 +109,15 @@ impl Strays {
     /// unread sync before it to skip too.
     #[inline]
     pub(crate) fn on(driver: &mut Driver, i: usize) -> Strays {
+        if !Strays::any(driver, i) {
+            return Strays::default();
+        }
+        Strays::taken(driver, i)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn taken(driver: &mut Driver, i: usize) -> Strays {
         let owed = driver.owes_sync(i);
         let late = driver.take_late(i);
         Strays {
@@ -130,7 +139,7 @@ impl Strays {
     /// [`Strays::on`]).
     #[inline]
     pub(crate) fn any(driver: &Driver, i: usize) -> bool {
-        driver.owes_sync(i) || driver.has_late(i)
+        driver.owes_any(i)
     }
 
     /// Owing one sync (the stream fuzz body's batches).

@@ -376,9 +376,12 @@ impl Driver {
         self.conns[i].late.take()
     }
 
-    /// Whether server `i`'s connection carries such replies.
-    pub(crate) fn has_late(&self, i: usize) -> bool {
-        self.conns[i].late.is_some()
+    /// Whether server `i`'s connection owes a sync or late replies: its next reader reads
+    /// them first (see `Strays`).
+    #[inline]
+    pub(crate) fn owes_any(&self, i: usize) -> bool {
+        let conn = &self.conns[i];
+        conn.owes_sync || conn.late.is_some()
     }
 
     /// Gives back late replies taken with [`take_late`](Self::take_late) that the taker
