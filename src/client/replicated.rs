@@ -299,7 +299,8 @@ impl Client {
             }
             last = Some(e);
         }
-        self.read_from(op, key, order, after, last, false, out)
+        // A copy that missed (the other failed) makes this a miss, unless a later copy hits.
+        self.read_from(op, key, order, after, last, raced.missed, out)
     }
 
     fn write_copies(
