@@ -48,7 +48,7 @@ fn v(key: &str, generation: u32) -> String {
 }
 
 fn counters(c: &Client, i: usize) -> mcstore::ServerCounters {
-    c.server_counters()[i].1.clone()
+    c.server_counters()[i].1
 }
 
 /// SIGCONT to a frozen memcached from a helper thread (the test then waits for it to
@@ -315,10 +315,8 @@ fn every_call_after_four_late_replies(p: Protocol) {
         (
             "set_multi",
             Box::new(|c, m| {
-                let items: Vec<(String, String)> = ba
-                    .iter()
-                    .map(|k| (k.clone(), val(k, 2, big(k))))
-                    .collect();
+                let items: Vec<(String, String)> =
+                    ba.iter().map(|k| (k.clone(), val(k, 2, big(k)))).collect();
                 assert_eq!(c.set_multi(&items, O).unwrap(), items.len());
                 m.extend(items);
             }),
@@ -507,7 +505,11 @@ fn every_call_after_four_late_replies(p: Protocol) {
                 .get(k.as_bytes())
                 .unwrap()
                 .map(|i| String::from_utf8(i.value).unwrap());
-            assert_eq!(on_b.as_ref(), Some(&model[k]), "{p:?} after {what}: {k} on B");
+            assert_eq!(
+                on_b.as_ref(),
+                Some(&model[k]),
+                "{p:?} after {what}: {k} on B"
+            );
         }
     }
 }
@@ -525,4 +527,291 @@ fn every_call_after_four_late_replies_binary() {
 #[test]
 fn every_call_after_four_late_replies_meta() {
     every_call_after_four_late_replies(Protocol::Meta);
+}
+
+// ---------------------------------------------------------------------------------------
+// Every read hedged, a mixed workload, one copy jittery
+// ---------------------------------------------------------------------------------------
+
+/// Every read is hedged at once (no delay, a budget as large as the reads), so nearly every
+/// read leaves a late reply on one connection, read by whatever call comes next there;
+/// meanwhile B is stopped for 3 ms every 25 ms. A seeded mix of every call checks each read
+/// against a model: never another key's value, never a stale one, and no call fails.
+fn every_read_hedged_under_a_mixed_workload(p: Protocol, seed: u64) {
+    let ms = three();
+    let io = Duration::from_secs(5);
+    let mut c = hedged(&ms, p, Hedge::after(Duration::ZERO).budget(1.0), io)
+        .build()
+        .unwrap();
+    let keys: Vec<String> = (0..24).map(|n| format!("mix{n}")).collect();
+    // What each key holds: `None` absent; `Some((value, exact))`, where `exact` is false
+    // after a call that leaves the key on its first copy only (cas, incr): a read may then
+    // miss on the other copy.
+    let mut model: HashMap<String, Option<(String, bool)>> =
+        keys.iter().map(|k| (k.clone(), None)).collect();
+    let mut rng = support::Rng(seed);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jitter = {
+        let (stop, pid) = (stop.clone(), ms[B].pid() as i32);
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: kill(2) on a child process we started; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                thread::sleep(Duration::from_millis(3));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                thread::sleep(Duration::from_millis(22));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        })
+    };
+    let check = |k: &str, got: Option<String>, m: &HashMap<String, Option<(String, bool)>>| match (
+        &m[k], got,
+    ) {
+        (None, None) => {}
+        (Some((_, false)), None) => {}
+        (Some((want, _)), Some(g)) => assert_eq!(&g, want, "{p:?} seed {seed}: {k}"),
+        (want, got) => panic!("{p:?} seed {seed}: {k}: want {want:?}, got {got:?}"),
+    };
+    let mut generation = 0u32;
+    let mut buf = Vec::new();
+    let mut value_of = |k: &str, rng: &mut support::Rng| {
+        generation += 1;
+        let mut s = v(k, generation);
+        if rng.below(4) == 0 {
+            s.push_str(&"#".repeat(5000));
+        }
+        s
+    };
+    let ops = 4000;
+    for step in 0..ops {
+        let k = keys[rng.below(keys.len() as u64) as usize].clone();
+        let kb = k.as_bytes();
+        let what = rng.below(20);
+        let ctx = format!("{p:?} seed {seed} step {step} op {what} key {k}");
+        match what {
+            0..=3 => {
+                let got = c
+                    .get(kb)
+                    .expect(&ctx)
+                    .map(|i| String::from_utf8(i.value).unwrap());
+                check(&k, got, &model);
+            }
+            4 => {
+                let got = c
+                    .gets(kb)
+                    .expect(&ctx)
+                    .map(|i| String::from_utf8(i.value).unwrap());
+                check(&k, got, &model);
+            }
+            5 => {
+                let got = c
+                    .gat(kb, 0)
+                    .expect(&ctx)
+                    .map(|i| String::from_utf8(i.value).unwrap());
+                check(&k, got, &model);
+            }
+            6 => {
+                let got = c.get_into(kb, &mut buf).expect(&ctx);
+                let got = got.map(|_| String::from_utf8(buf.clone()).unwrap());
+                check(&k, got, &model);
+            }
+            7..=9 => {
+                let s = value_of(&k, &mut rng);
+                c.set(kb, s.as_bytes(), O).expect(&ctx);
+                model.insert(k.clone(), Some((s, true)));
+            }
+            10 => {
+                let existed = c.delete(kb).expect(&ctx);
+                if model[&k].as_ref().is_some_and(|(_, exact)| *exact) {
+                    assert!(existed, "{ctx}");
+                }
+                model.insert(k.clone(), None);
+            }
+            11 => {
+                let existed = c.touch(kb, 0).expect(&ctx);
+                if model[&k].as_ref().is_some_and(|(_, exact)| *exact) {
+                    assert!(existed, "{ctx}");
+                }
+            }
+            12 => {
+                let some: Vec<&String> = (0..5)
+                    .map(|_| &keys[rng.below(keys.len() as u64) as usize])
+                    .collect();
+                let mut got = HashMap::new();
+                c.get_multi(&some, |k, it| {
+                    got.insert(
+                        String::from_utf8(k.to_vec()).unwrap(),
+                        String::from_utf8(it.value.to_vec()).unwrap(),
+                    );
+                })
+                .expect(&ctx);
+                for k in &some {
+                    check(k, got.get(*k).cloned(), &model);
+                }
+            }
+            13 => {
+                let items: Vec<(String, String)> = (0..4)
+                    .map(|_| {
+                        let k = keys[rng.below(keys.len() as u64) as usize].clone();
+                        let s = value_of(&k, &mut rng);
+                        (k, s)
+                    })
+                    .collect();
+                c.set_multi(&items, O).expect(&ctx);
+                // Duplicates: the last one is stored last.
+                for (k, s) in items {
+                    model.insert(k, Some((s, true)));
+                }
+            }
+            14 => {
+                let mut pl = c.pipeline();
+                let s = value_of(&k, &mut rng);
+                pl.set(kb, s.as_bytes(), O).expect(&ctx);
+                if rng.below(2) == 0 {
+                    assert_eq!(pl.finish().expect(&ctx).errors, 0, "{ctx}");
+                } else {
+                    pl.send().expect(&ctx);
+                }
+                model.insert(k.clone(), Some((s, true)));
+            }
+            15 => {
+                let s = value_of(&k, &mut rng);
+                c.store_noreply(StoreMode::Set, kb, s.as_bytes(), O)
+                    .expect(&ctx);
+                model.insert(k.clone(), Some((s, true)));
+            }
+            16 => {
+                if let Some(it) = c.gets(kb).expect(&ctx) {
+                    let got = String::from_utf8(it.value.clone()).unwrap();
+                    check(&k, Some(got), &model);
+                    let s = value_of(&k, &mut rng);
+                    // A CAS from the copy that answered (the hedge, maybe), sent to the
+                    // first copy: stored, or refused safely.
+                    match c.cas(kb, s.as_bytes(), it.cas.unwrap(), O).expect(&ctx) {
+                        CasResult::Stored => {
+                            model.insert(k.clone(), Some((s, false)));
+                        }
+                        CasResult::Exists | CasResult::NotFound => {}
+                    }
+                }
+            }
+            17 => {
+                assert_eq!(c.version().expect(&ctx).len(), 3, "{ctx}");
+            }
+            18 => {
+                let mut got = HashMap::new();
+                c.gets_multi(&keys[..6], |k, it| {
+                    got.insert(
+                        String::from_utf8(k.to_vec()).unwrap(),
+                        String::from_utf8(it.value.to_vec()).unwrap(),
+                    );
+                })
+                .expect(&ctx);
+                for k in &keys[..6] {
+                    check(k, got.get(k).cloned(), &model);
+                }
+            }
+            _ => {
+                let n = c.delete_multi(&[&k]).expect(&ctx);
+                if model[&k].as_ref().is_some_and(|(_, exact)| *exact) {
+                    assert_eq!(n, 1, "{ctx}");
+                }
+                model.insert(k.clone(), None);
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    jitter.join().unwrap();
+    ms[B].resume();
+    let fc = c.fleet_counters();
+    let late: u64 = c
+        .server_counters()
+        .iter()
+        .map(|(_, s)| s.late_replies)
+        .sum();
+    let errors: u64 = c.server_counters().iter().map(|(_, s)| s.errors).sum();
+    println!("{p:?} seed {seed}: {fc:?}; late replies {late}; errors {errors}");
+    assert!(fc.hedges_sent > 50, "{p:?}: few hedges: {fc:?}");
+    assert!(late > 50, "{p:?}: few late replies read: {late}");
+    assert_eq!(errors, 0, "{p:?}: {:?}", c.server_counters());
+}
+
+#[test]
+fn every_read_hedged_under_a_mixed_workload_text() {
+    every_read_hedged_under_a_mixed_workload(Protocol::Text, 0x9e37_79b9);
+}
+
+#[test]
+fn every_read_hedged_under_a_mixed_workload_binary() {
+    every_read_hedged_under_a_mixed_workload(Protocol::Binary, 0x1234_5678);
+}
+
+#[test]
+fn every_read_hedged_under_a_mixed_workload_meta() {
+    every_read_hedged_under_a_mixed_workload(Protocol::Meta, 0xdead_beef);
+}
+
+// ---------------------------------------------------------------------------------------
+// Touch with copies: every copy in one round trip
+// ---------------------------------------------------------------------------------------
+
+/// B frozen: a touch of a key on B and A waits for B's timeout once (not once per copy),
+/// succeeds under `WritePolicy::Any` (A touched it) and fails under `All`; either way B is
+/// remembered for repair and marked down, so reads go to A at once; once B is back, the
+/// repair (a delete there) runs and B answers in step.
+fn touch_with_a_frozen_copy(p: Protocol, policy: WritePolicy) {
+    let ms = three();
+    let io = Duration::from_millis(500);
+    let mut c = hedged(&ms, p, Hedge::after(Duration::from_millis(10)), io)
+        .write_policy(policy)
+        .server_failure_limit(1)
+        .retry_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let ring = c.continuum().clone();
+    let k = support::key_on(&ring, B, A, "touch");
+    let other = support::key_on(&ring, A, C, "touch-ac");
+    c.set(k.as_bytes(), v(&k, 1).as_bytes(), O).unwrap();
+    c.set(other.as_bytes(), v(&other, 1).as_bytes(), O).unwrap();
+    ms[B].freeze();
+    let t = Instant::now();
+    let r = c.touch(k.as_bytes(), 0);
+    let took = t.elapsed();
+    assert!(took < io * 2, "{p:?} {policy:?}: touch took {took:?}");
+    match policy {
+        WritePolicy::Any => assert!(r.unwrap(), "{p:?}: A holds {k}"),
+        _ => assert!(r.is_err(), "{p:?} {policy:?}: {r:?}"),
+    }
+    assert_eq!(c.fleet_counters().repairs_recorded, 1, "{p:?} {policy:?}");
+    assert_eq!(counters(&c, B).timeouts, 1, "{p:?} {policy:?}");
+    let t = Instant::now();
+    assert_eq!(value(&mut c, &k).unwrap(), Some(v(&k, 1)));
+    assert!(t.elapsed() < io, "{p:?} {policy:?}: read waited for B");
+    ms[B].resume();
+    support::wait_for("the repair of B", || {
+        let _ = c.get(other.as_bytes());
+        c.fleet_counters().repairs_done >= 1
+    });
+    // The repair deleted B's copy; a touch now reaches both copies, which agree.
+    assert!(ms[B].client_with(p).get(k.as_bytes()).unwrap().is_none());
+    c.set(k.as_bytes(), v(&k, 2).as_bytes(), O).unwrap();
+    assert!(c.touch(k.as_bytes(), 0).unwrap());
+    assert_eq!(value(&mut c, &k).unwrap(), Some(v(&k, 2)));
+    let on_b = ms[B]
+        .client_with(p)
+        .get(k.as_bytes())
+        .unwrap()
+        .map(|i| i.value);
+    assert_eq!(on_b, Some(v(&k, 2).into_bytes()), "{p:?} {policy:?}");
+}
+
+#[test]
+fn touch_with_a_frozen_copy_every_protocol_and_policy() {
+    for p in PROTOCOLS {
+        for policy in [WritePolicy::Any, WritePolicy::All] {
+            touch_with_a_frozen_copy(p, policy);
+        }
+    }
 }
