@@ -233,17 +233,19 @@ impl Client {
             // The next copy that is up (a copy being probed is left to its probe).
             let i = loop {
                 let i = order.get(next)?;
-                next += 1;
                 if matches!(core.standing(i, key), Standing::Up | Standing::Slow) {
                     break i;
                 }
+                next += 1;
             };
             let fleet = core.fleet_shared();
             if stuck {
                 fleet.spend_free(first);
             } else if !fleet.spend(first) {
+                // Not asked: it is still there to fail over to if the first copy fails.
                 return None;
             }
+            next += 1;
             Some(i)
         };
         let mut spare = std::mem::take(&mut self.copy_scratch.spare);
@@ -297,7 +299,8 @@ impl Client {
             }
             last = Some(e);
         }
-        self.read_from(op, key, order, after, last, false, out)
+        // A copy that missed (the other failed) makes this a miss, unless a later copy hits.
+        self.read_from(op, key, order, after, last, raced.missed, out)
     }
 
     fn write_copies(

@@ -33,6 +33,9 @@ pub(crate) struct Raced {
     /// How long each copy asked had been waited for (a lower bound for one that did not
     /// answer): for the latency tracker.
     pub(crate) waited: [Option<(usize, Duration)>; 2],
+    /// A copy missed while the other was still out, which was then waited for (with
+    /// `miss_failover`: a miss does not win over a copy that may hold the key).
+    pub(crate) missed: bool,
 }
 
 /// A raced read: what it reads, the copy asked first (whose probe, if it is half-open, the
@@ -138,6 +141,7 @@ impl Core {
                 out1,
             ),
         );
+        let miss_failover = self.fleet().miss_failover;
         let mut n = 1;
         let mut soft = Instant::now() + delay;
         loop {
@@ -195,7 +199,13 @@ impl Core {
                 self.health.record(i, &r, &mut self.ring);
                 self.health.observe.call(i, kind, false, observed);
                 self.health.observe.bytes(i, self.driver.bytes(i));
+                // With miss_failover, a miss waits for the other copy if it is still out.
+                let other_out = legs[1 - k].is_some();
                 match r {
+                    Ok(None) if miss_failover && other_out => {
+                        self.health.count_lookup(i, false);
+                        raced.missed = true;
+                    }
                     Ok(found) => {
                         self.health.count_lookup(i, found.is_some());
                         raced.won = Some((i, found, k == 1));
