@@ -233,7 +233,10 @@ impl Client {
             // The next copy that is up (a copy being probed is left to its probe).
             let i = loop {
                 let i = order.get(next)?;
-                if matches!(core.standing(i, key), Standing::Up | Standing::Slow) {
+                // Not a copy whose connection carries unconfirmed quiet writes (see
+                // `engine::hedge`): it would be left its read's reply behind them.
+                let up = matches!(core.standing(i, key), Standing::Up | Standing::Slow);
+                if up && !core.owes_sync(i) {
                     break i;
                 }
                 next += 1;

@@ -3,9 +3,11 @@
 //! copy too, and the first answer wins. The losing read is not cancelled (memcached cannot):
 //! its reply is left to its connection, which reads and drops it before its next call's
 //! own (see [`Strays`]), so the framing stays intact and no caller ever gets it. A
-//! connection owes at most [`LATE_MAX`](crate::conn::driver::LATE_MAX) such replies, for at most the I/O timeout: a copy
-//! that leaves more reads unanswered, or one for longer, is disconnected and counted as
-//! timed out, which feeds its breaker.
+//! connection owes at most [`LATE_MAX`](crate::conn::driver::LATE_MAX) such replies, for at
+//! most the I/O timeout: a copy that leaves more reads unanswered is disconnected, and one
+//! that leaves a read unanswered for longer is disconnected and counted as timed out, which
+//! feeds its breaker. A connection carrying unconfirmed quiet writes is never part of a
+//! race (see `race_get_w`).
 
 use std::time::{Duration, Instant};
 
@@ -217,7 +219,13 @@ impl Core {
                 break;
             }
             // The soft time passed, or a copy failed with the other still running.
-            if n == 1 && raced.failed[0].is_none() {
+            // A first copy whose connection carries unconfirmed quiet writes (a noreply
+            // pipeline) is not hedged: were it to lose, it could not be left its replies in
+            // order, and closing a connection with unread input resets it, which can drop
+            // writes the server has not read yet (a paused server would then keep an old
+            // value). It is waited for alone, as without hedging.
+            let owed = legs[0].as_ref().is_some_and(|l| l.strays.owed);
+            if n == 1 && raced.failed[0].is_none() && !owed {
                 // The first copy has not even answered its previous read (left late on
                 // its connection): it looks stuck.
                 let stuck = legs[0].as_ref().is_some_and(|l| l.strays.late.is_some());
@@ -253,12 +261,15 @@ impl Core {
                     leg.strays.settle(&mut self.driver, &mut self.health, i);
                     Some(Late::new(kind, leg.opaque, leg.started))
                 }
-                // Replies of quiet commands unread too: not described here, closed.
+                // Replies of quiet commands unread too (never, see above): closed.
                 (true, _) if leg.strays.owed => None,
                 (true, Some(mut late)) => {
-                    let kept = late.push(kind, leg.opaque) && late.since.elapsed() < io_timeout;
-                    if !kept {
-                        // Reads left unanswered for an I/O timeout, or too many of them.
+                    let timed_out = late.since.elapsed() >= io_timeout;
+                    let kept = !timed_out && late.push(kind, leg.opaque);
+                    if timed_out {
+                        // A read left unanswered for an I/O timeout: a timeout, as it
+                        // would have been without the hedge. (Too many reads left merely
+                        // close the connection: a paused copy is not a failed one.)
                         let e = Error::Timeout {
                             server: labels[i].clone(),
                             during: During::Read,

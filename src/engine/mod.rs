@@ -496,6 +496,11 @@ impl Core {
         std::mem::replace(&mut self.pinned, server)
     }
 
+    /// Whether server `i`'s connection carries quiet writes not yet confirmed by a sync.
+    pub(crate) fn owes_sync(&self, i: usize) -> bool {
+        self.driver.owes_sync(i)
+    }
+
     /// Brings ejected servers whose retry time has come back into the continuum.
     pub(crate) fn maybe_rejoin(&mut self) {
         self.health.maybe_rejoin(&mut self.ring);

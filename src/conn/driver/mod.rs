@@ -112,7 +112,7 @@ struct Conn {
 
 /// Late replies a connection may owe at once; a copy that leaves more reads unanswered is
 /// disconnected (see `engine::hedge`).
-pub(crate) const LATE_MAX: usize = 4;
+pub(crate) const LATE_MAX: usize = 8;
 
 /// Replies nobody waits for, first on a connection's wire, in order: the losing reads of
 /// hedges (one kind of command; each reply matched by its opaque where the protocol has
