@@ -228,6 +228,70 @@ fn killed_server_keys_move_when_remove_failed_servers_is_on(p: Protocol) {
     assert_eq!(n, dead_keys.len());
 }
 
+/// With `remove_failed_servers`, at most a third of the servers (at least one) leave the
+/// continuum at once: of 4 servers, 2 killed one after the other, the first one's keys move
+/// and the second one's fail fast (they stay where they live); with
+/// `max_removed_servers(2)` both move.
+fn removals_are_capped(p: Protocol) {
+    for cap in [None, Some(2)] {
+        let mut servers: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+        let mut b = builder(&servers, p)
+            .distribution(Distribution::Ketama)
+            .server_failure_limit(1)
+            .retry_timeout(Duration::from_secs(60))
+            .remove_failed_servers(true);
+        if let Some(n) = cap {
+            b = b.max_removed_servers(n);
+        }
+        let mut c = b.build().unwrap();
+        let keys = keys(300);
+        let (first, second) = (servers[0].addr(), servers[1].addr());
+        let (first_keys, _) = split(&mut c, &first, &keys);
+        let (second_keys, _) = split(&mut c, &second, &keys);
+        servers[0].kill();
+        assert!(c
+            .set(first_keys[0].as_bytes(), b"x", SetOptions::default())
+            .is_err());
+        servers[1].kill();
+        assert!(c
+            .set(second_keys[0].as_bytes(), b"x", SetOptions::default())
+            .is_err());
+        // The first server's keys moved; to the second server (down, and still on the
+        // continuum without the cap raised), they fail fast there.
+        for k in &first_keys {
+            match c.server_for_key(k.as_bytes()) {
+                Ok(now) => {
+                    assert_ne!(now, first, "{cap:?}: {k} moved");
+                    c.set(k.as_bytes(), b"moved", SetOptions::default())
+                        .unwrap();
+                }
+                Err(Error::ServerDown { server, .. }) => {
+                    assert_eq!((server.as_str(), cap), (second.as_str(), None), "{k}");
+                }
+                Err(e) => panic!("{k}: {e}"),
+            }
+        }
+        // The second server's keys stay (failing fast) under the cap, move above it.
+        for k in &second_keys {
+            match (cap, c.server_for_key(k.as_bytes())) {
+                (None, Err(Error::ServerDown { server, .. })) => {
+                    assert_eq!(server, second, "{k} stays");
+                    assert!(matches!(
+                        c.set(k.as_bytes(), b"x", SetOptions::default()),
+                        Err(Error::ServerDown { .. })
+                    ));
+                }
+                (Some(_), Ok(now)) => {
+                    assert!(now != second && now != first, "{k} moved to {now}");
+                    c.set(k.as_bytes(), b"moved", SetOptions::default())
+                        .unwrap();
+                }
+                (cap, other) => panic!("{cap:?}: {k}: {other:?}"),
+            }
+        }
+    }
+}
+
 fn frozen_server_delays_only_its_own_keys_by_one_timeout(p: Protocol) {
     let servers = three();
     let mut c = builder(&servers, p)
@@ -395,6 +459,7 @@ support::for_each_protocol!(
     multi_get_over_three_servers_and_counters,
     killed_server_fails_fast_after_ejection_others_unaffected,
     killed_server_keys_move_when_remove_failed_servers_is_on,
+    removals_are_capped,
     frozen_server_delays_only_its_own_keys_by_one_timeout,
     restarted_server_rejoins_after_the_retry_timeout,
     a_pools_clients_share_ejections_and_rejoins,

@@ -48,6 +48,7 @@ pub struct ClientBuilder {
     failure_limit: u32,
     retry_timeout: Duration,
     remove_failed: bool,
+    max_removed: Option<usize>,
     pub(crate) namespace: Vec<u8>,
     hash_with_namespace: bool,
     protocol: Protocol,
@@ -78,6 +79,7 @@ impl Default for ClientBuilder {
             failure_limit: 5,
             retry_timeout: Duration::from_secs(2),
             remove_failed: false,
+            max_removed: None,
             namespace: Vec::new(),
             hash_with_namespace: false,
             protocol: Protocol::Text,
@@ -165,6 +167,17 @@ impl ClientBuilder {
         /// (default off: they fail fast). Only consistent distributions move keys; under modula
         /// they always fail fast, as in libmemcached.
         remove_failed_servers(on: bool) => remove_failed;
+    }
+
+    /// With [`remove_failed_servers`](Self::remove_failed_servers): at most `n` servers are
+    /// off the continuum at once (default: a third of the servers, at least one). Beyond
+    /// that, an ejected server's keys fail fast instead of moving, so a burst of failures
+    /// (or of false alarms) cannot send most keys at once to servers that do not hold them,
+    /// and the database behind them a wave of misses (Slack's outage of 2022-02-22).
+    /// Servers out longest are the ones removed.
+    pub fn max_removed_servers(mut self, n: usize) -> Self {
+        self.max_removed = Some(n);
+        self
     }
 
     /// Keeps every key on `n` servers (default 1, at most 4 and at most the server count):
@@ -474,6 +487,7 @@ impl ClientBuilder {
             failure_limit: self.failure_limit,
             retry_timeout: self.retry_timeout,
             remove_failed: self.remove_failed,
+            max_removed: self.max_removed,
         };
         Ok(Client {
             core: Core::new(CoreSettings {

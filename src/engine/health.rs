@@ -49,6 +49,16 @@ pub(crate) struct FailurePolicy {
     pub(crate) failure_limit: u32,
     pub(crate) retry_timeout: Duration,
     pub(crate) remove_failed: bool,
+    /// With `remove_failed`: at most this many servers are off the continuum at once
+    /// (`None`: a third of them, at least one).
+    pub(crate) max_removed: Option<usize>,
+}
+
+impl FailurePolicy {
+    /// How many of `n` servers may be off the continuum at once.
+    pub(crate) fn removable(&self, n: usize) -> usize {
+        self.max_removed.unwrap_or((n / 3).max(1))
+    }
 }
 
 /// Ejections shared by every client built for one pool: consecutive failures, and who is
@@ -228,8 +238,20 @@ impl Health {
         drop(ejected);
         self.next_retry = ejected_min(&self.up);
         if self.policy.remove_failed && ring.distribution() != Distribution::Modula {
-            for (i, u) in self.up.iter().enumerate() {
-                ring.set_live(i, !matches!(u, Gate::Down(_)));
+            // At most `removable` servers leave the continuum, those out longest (the
+            // earliest retry time, then the server order: every client of a pool picks the
+            // same). The others stay on it, their keys failing fast: a burst of failures
+            // does not move most keys at once, to servers that do not hold them.
+            let mut down: Vec<(Instant, usize)> = (self.up.iter().enumerate())
+                .filter_map(|(i, u)| match u {
+                    Gate::Down(until) => Some((*until, i)),
+                    _ => None,
+                })
+                .collect();
+            down.sort_unstable();
+            down.truncate(self.policy.removable(self.up.len()));
+            for i in 0..self.up.len() {
+                ring.set_live(i, !down.iter().any(|&(_, d)| d == i));
             }
         }
     }
