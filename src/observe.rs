@@ -424,3 +424,23 @@ pub(crate) fn fleet(name: &'static str, server: &str) {
     #[cfg(feature = "metrics")]
     counter!(name, "server" => server.to_string()).increment(1);
 }
+
+/// A discovery source's list changed (`servers` in it now).
+#[cold]
+pub(crate) fn discovery_changed(source: &str, servers: usize) {
+    let _ = (source, servers);
+    #[cfg(feature = "tracing")]
+    tracing::info!(target: "mcstore", source, servers, "server list changed");
+    #[cfg(feature = "metrics")]
+    counter!("mcstore_discovery_changes_total", "source" => source.to_string()).increment(1);
+}
+
+/// A discovery source failed; the last good list stays.
+#[cold]
+pub(crate) fn discovery_failed(source: &str, error: &crate::Error) {
+    let _ = (source, error);
+    #[cfg(feature = "tracing")]
+    tracing::warn!(target: "mcstore", source, error = %error, "server discovery failed; keeping the last list");
+    #[cfg(feature = "metrics")]
+    counter!("mcstore_discovery_failures_total", "source" => source.to_string()).increment(1);
+}

@@ -13,6 +13,7 @@
 //!
 //! [`ClientBuilder::replicas`]: crate::ClientBuilder::replicas
 
+pub(crate) mod discovery;
 pub(crate) mod latency;
 pub(crate) mod plan;
 pub(crate) mod repair;

@@ -126,6 +126,29 @@ pub fn text_reply(data: &[u8]) {
     wire_units::<crate::proto::wire::Text>(data);
 }
 
+/// Arbitrary bytes as a discovery endpoint's reply ([`parse_cluster`]): no panic; a
+/// complete reply takes no more than the input, every node it lists has a port and an
+/// address, and each prefix of it is `Partial`.
+///
+/// [`parse_cluster`]: crate::proto::cluster::parse_cluster
+pub fn cluster_reply(data: &[u8]) {
+    use crate::proto::cluster::{parse_cluster, ClusterReply};
+    let limits = Limits { max_value: 4096 };
+    if let Ok(Status::Complete((n, reply))) = parse_cluster(data, &limits) {
+        assert!(n <= data.len());
+        if let ClusterReply::Config(c) = reply {
+            for node in c.nodes() {
+                assert!(node.port > 0 && !node.host.is_empty());
+                assert!(node.address().ends_with(&format!(":{}", node.port)));
+            }
+            for cut in [0, n / 2, n.saturating_sub(1)] {
+                let r = parse_cluster(&data[..cut], &limits);
+                assert!(matches!(r, Ok(Status::Partial)), "prefix {cut}: {r:?}");
+            }
+        }
+    }
+}
+
 /// Structured round trip from raw bytes: derive a reply from the input, encode it the way the
 /// server would, parse it back, compare; and encode requests for any valid key and check each
 /// is exactly one line (no injection).

@@ -150,6 +150,7 @@ mod replay {
         server_spec,
         binary_reply,
         conn_stream,
-        meta_reply
+        meta_reply,
+        cluster_reply
     );
 }

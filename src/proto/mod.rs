@@ -10,6 +10,7 @@
 //! The same parse functions are what the fuzz targets call.
 
 pub mod binary;
+pub mod cluster;
 pub mod meta;
 pub mod text;
 pub(crate) mod wire;
