@@ -33,6 +33,15 @@ pub(crate) struct Global {
         allow_hyphen_values = true
     )]
     pub(crate) servers: Option<String>,
+    /// Read the servers from FILE instead (separated by commas, spaces or lines; `#` starts
+    /// a comment).
+    #[arg(long, value_name = "FILE", global = true, conflicts_with_all = ["servers", "discover"])]
+    pub(crate) servers_file: Option<std::path::PathBuf>,
+    /// Discover the servers instead: dns:NAME:PORT (every address of NAME, e.g. a Kubernetes
+    /// headless service) or config:HOST:PORT (an ElastiCache or Memorystore configuration
+    /// endpoint, asked `config get cluster`).
+    #[arg(long, value_name = "SOURCE", global = true, conflicts_with = "servers")]
+    pub(crate) discover: Option<String>,
     /// Wire protocol.
     #[arg(long, value_enum, default_value = "text", global = true)]
     pub(crate) protocol: Protocol,

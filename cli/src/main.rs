@@ -96,7 +96,29 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
 }
 
 fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
-    builder_for(g, server_list(servers_of(g, default_servers))?)
+    builder_for(g, servers(g, default_servers)?)
+}
+
+/// The servers: from `--servers-file`, `--discover`, or `--servers` (or `default`).
+fn servers(g: &Global, default: &str) -> Res<Vec<String>> {
+    let source = match (&g.servers_file, &g.discover) {
+        (Some(path), _) => mcstore::ServerSource::File(path.clone()),
+        (None, Some(spec)) if spec.starts_with("dns:") || spec.starts_with("config:") => {
+            spec.parse()?
+        }
+        (None, Some(spec)) => {
+            return Err(
+                format!("--discover {spec:?}: want dns:NAME:PORT or config:HOST:PORT").into(),
+            )
+        }
+        (None, None) => return server_list(servers_of(g, default)),
+    };
+    let timeout = Duration::from_millis(g.timeout_ms);
+    let list = mcstore::Discovery::new(source)
+        .timeout(timeout)
+        .poll()?
+        .expect("a first poll that succeeds gives its list");
+    Ok(list.to_vec())
 }
 
 /// A client builder for `servers`, with every other global option.
@@ -153,7 +175,7 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
 /// Every server: those of `--servers`, or of every `--zone`.
 fn every_server(g: &Global) -> Res<Vec<String>> {
     if g.zone.is_empty() {
-        return server_list(servers_of(g, "127.0.0.1:11211"));
+        return servers(g, "127.0.0.1:11211");
     }
     let mut all = Vec::new();
     for z in &g.zone {
@@ -339,7 +361,7 @@ fn run(cli: Cli) -> Res<()> {
             })?
         }
         Cmd::Capable => {
-            let servers = server_list(servers_of(g, "127.0.0.1:11211"))?;
+            let servers = servers(g, "127.0.0.1:11211")?;
             if servers.len() != 1 {
                 return Err("capable checks one server: give exactly one with --servers".into());
             }

@@ -1011,3 +1011,68 @@ fn slap_timeout_bounds_calls_to_a_frozen_server() {
         assert!((150_000.0..800_000.0).contains(&max), "{mode}: {result}");
     }
 }
+
+/// `mcstore` with `args` and no `--servers`, `stdin` on its standard input.
+fn mcstore_bare(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+        .args(args)
+        .env_remove("MEMCACHED_SERVERS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    match child.stdin.take().unwrap().write_all(stdin) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.unwrap(),
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `--servers-file` and `--discover` give the server list instead of `--servers`; a source
+/// that is not one is named in a one-line error.
+#[test]
+fn servers_from_a_file_or_discovered() {
+    let mc = Memcached::start();
+    let dir = TempDir::new("cli-servers-file");
+    let file = dir.path.join("servers");
+    std::fs::write(&file, format!("# the fleet\n{}\n", mc.addr())).unwrap();
+    let f = file.to_str().unwrap();
+    ok(&mcstore_bare(
+        &["--servers-file", f, "set", "k", "from-file"],
+        b"",
+    ));
+    assert_eq!(
+        ok(&mcstore_bare(&["--servers-file", f, "get", "k"], b"")),
+        "from-file"
+    );
+    let port = mc.addr().rsplit_once(':').unwrap().1.to_string();
+    // localhost from /etc/hosts: its IPv4 address is a server (an IPv6 one, if listed, is
+    // another, with nothing behind it: only the list is checked, with `ring`).
+    let dns = format!("dns:localhost:{port}");
+    let keys: String = (0..200).map(|n| format!("key:{n}\n")).collect();
+    let ring = ok(&mcstore_bare(
+        &["--discover", &dns, "ring"],
+        keys.as_bytes(),
+    ));
+    assert!(ring.contains(&format!("127.0.0.1:{port}")), "{ring}");
+    fails_with(
+        &mcstore_bare(
+            &["--discover", &format!("config:{}", mc.addr()), "get", "k"],
+            b"",
+        ),
+        "not a discovery endpoint",
+    );
+    fails_with(
+        &mcstore_bare(&["--discover", "nope", "get", "k"], b""),
+        "dns:NAME:PORT",
+    );
+    let missing = dir.path.join("missing");
+    fails_with(
+        &mcstore_bare(
+            &["--servers-file", missing.to_str().unwrap(), "get", "k"],
+            b"",
+        ),
+        "missing",
+    );
+}
