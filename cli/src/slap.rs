@@ -114,7 +114,25 @@ fn key_index(c: usize, n: usize, keys: usize) -> usize {
 struct Tally {
     hist: Histogram<u64>,
     errors: usize,
+    /// Gets that found nothing (a restarted or new server is empty; a moved key misses).
+    misses: usize,
     calls: usize,
+}
+
+/// Why a call did not do what it should: a get that found nothing (counted apart: a cache
+/// may miss), or a failure (an error, or a wrong value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missed {
+    Miss,
+    Failed,
+}
+
+/// A call's outcome.
+type Outcome = Result<(), Missed>;
+
+/// Any error is a failed call.
+fn failed<T>(_: T) -> Missed {
+    Missed::Failed
 }
 
 /// Set by SIGINT: every caller stops at its next call.
@@ -338,7 +356,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
             run_threads(spec.callers, &ctx, pace, move |_| {
                 let pool = pool.clone();
                 move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
-                    let mut c = pool.get().map_err(drop)?;
+                    let mut c = pool.get().map_err(failed)?;
                     call_client(&mut c, key, set, value, buf)
                 }
             })
@@ -392,10 +410,11 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     let interrupted = STOP.load(Ordering::SeqCst);
 
     let mut all = histogram();
-    let (mut errors, mut done) = (0, 0);
+    let (mut errors, mut misses, mut done) = (0, 0, 0);
     for t in &tallies {
         all.add(&t.hist).expect("same bounds");
         errors += t.errors;
+        misses += t.misses;
         done += t.calls;
     }
     let fleet = fleet_of.and_then(|f| f()).unwrap_or_default();
@@ -404,7 +423,10 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     if interrupted {
         println!("interrupted (SIGINT): the calls made so far");
     }
-    println!("callers {}, {done} ops, {errors} errors", spec.callers);
+    println!(
+        "callers {}, {done} ops, {errors} errors, {misses} misses",
+        spec.callers
+    );
     if let Some(r) = spec.rate {
         println!(
             "rate: {r:.0}/s asked, {:.0}/s made; a call delayed by an earlier one counts from its intended start",
@@ -443,12 +465,13 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     let per_op = done.max(1) as f64;
     // Scripts read this line: fields are only ever added (at the end), never renamed or
     // removed. `failed` counts the calls that returned an error (or a wrong value), the same
-    // count as `errors` today; `p999_us` is p99.9.
+    // count as `errors` today; `misses` the gets that found nothing (not failures: a
+    // restarted server is empty, a moved key misses); `p999_us` is p99.9.
     println!(
         "RESULT client={client} proto={proto} workload={w} callers={} ops={done} wall_s={wall_s:.6} \
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
          rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors} \
-         failovers={} hedges={} hedges_won={} hedges_refused={}",
+         failovers={} hedges={} hedges_won={} hedges_refused={} misses={misses}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,
@@ -493,9 +516,9 @@ fn call_shared(
     set: bool,
     value: &[u8],
     buf: &mut Vec<u8>,
-) -> Result<(), ()> {
+) -> Outcome {
     if set {
-        c.set(key, value, SetOptions::default()).map_err(drop)
+        c.set(key, value, SetOptions::default()).map_err(failed)
     } else {
         check_hit(c.get_into(key, buf), buf, value)
     }
@@ -507,23 +530,20 @@ fn call_client(
     set: bool,
     value: &[u8],
     buf: &mut Vec<u8>,
-) -> Result<(), ()> {
+) -> Outcome {
     if set {
-        c.set(key, value, SetOptions::default()).map_err(drop)
+        c.set(key, value, SetOptions::default()).map_err(failed)
     } else {
         check_hit(c.get_into(key, buf), buf, value)
     }
 }
 
-/// A get must find the preloaded value (or one a set wrote: the same bytes).
-fn check_hit(
-    r: mcstore::Result<Option<mcstore::ItemInfo>>,
-    buf: &[u8],
-    value: &[u8],
-) -> Result<(), ()> {
+/// A get must find the preloaded value (or one a set wrote: the same bytes), or miss.
+fn check_hit(r: mcstore::Result<Option<mcstore::ItemInfo>>, buf: &[u8], value: &[u8]) -> Outcome {
     match r {
         Ok(Some(_)) if buf == value => Ok(()),
-        _ => Err(()),
+        Ok(None) => Err(Missed::Miss),
+        _ => Err(Missed::Failed),
     }
 }
 
@@ -531,19 +551,24 @@ fn tally() -> Tally {
     Tally {
         hist: histogram(),
         errors: 0,
+        misses: 0,
         calls: 0,
     }
 }
 
 impl Tally {
     /// Records call `n`, timed from `t0`: its latency, its failure, the shared progress.
-    fn note(&mut self, ctx: &Ctx, n: usize, t0: Instant, r: Result<(), ()>) {
+    fn note(&mut self, ctx: &Ctx, n: usize, t0: Instant, r: Outcome) {
         let ns = t0.elapsed().as_nanos() as u64;
         self.hist.saturating_record(ns.max(1));
         self.calls += 1;
-        if r.is_err() {
-            self.errors += 1;
-            ctx.failures.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => {}
+            Err(Missed::Miss) => self.misses += 1,
+            Err(Missed::Failed) => {
+                self.errors += 1;
+                ctx.failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if n % 64 == 63 {
             ctx.progress.fetch_add(64, Ordering::Relaxed);
@@ -561,7 +586,7 @@ fn run_threads<F, C>(
 ) -> (Vec<Tally>, Duration, f64)
 where
     F: Fn(usize) -> C,
-    C: FnMut(&[u8], bool, &[u8], &mut Vec<u8>) -> Result<(), ()> + Send,
+    C: FnMut(&[u8], bool, &[u8], &mut Vec<u8>) -> Outcome + Send,
 {
     let barrier = Barrier::new(callers + 1);
     let released = std::sync::OnceLock::new();
@@ -668,7 +693,7 @@ fn run_async(
                             client
                                 .set_async(key, value, SetOptions::default())
                                 .await
-                                .map_err(drop)
+                                .map_err(failed)
                         } else {
                             let r = client.get_into_async(key, &mut buf).await;
                             check_hit(r, &buf, value)

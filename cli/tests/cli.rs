@@ -442,7 +442,9 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 "failovers",
                 "hedges",
                 "hedges_won",
-                "hedges_refused"
+                "hedges_refused",
+                // #28: gets that found nothing, apart from failed calls.
+                "misses"
             ],
             "{last}"
         );
