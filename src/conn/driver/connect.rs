@@ -80,6 +80,19 @@ impl Driver {
             io: Plain::Tcp(s), ..
         }) = &self.conns[i].stream
         {
+            // Connected to itself: nothing listens on the server's port, which lies in the
+            // ephemeral range, and the kernel gave this socket that very port (a TCP
+            // simultaneous open). It would read its own requests as replies, and hold the
+            // port the server needs to listen on again: refused, and closed at once.
+            if s.local_addr()
+                .is_ok_and(|l| s.peer_addr().is_ok_and(|p| p == l))
+            {
+                let e = io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "connected to itself: no server listens on that port",
+                );
+                return Err(self.io_error(i, e));
+            }
             // Requests are small and latency-bound: never let Nagle hold one back.
             if let Err(e) = s.set_nodelay(true) {
                 return Err(self.io_error(i, e));
@@ -94,6 +107,7 @@ impl Driver {
         conn.busy = false;
         conn.owes_sync = false;
         conn.unread_syncs = 0;
+        conn.late = None;
         Ok(())
     }
 
