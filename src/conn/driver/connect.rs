@@ -84,9 +84,7 @@ impl Driver {
             // ephemeral range, and the kernel gave this socket that very port (a TCP
             // simultaneous open). It would read its own requests as replies, and hold the
             // port the server needs to listen on again: refused, and closed at once.
-            if s.local_addr()
-                .is_ok_and(|l| s.peer_addr().is_ok_and(|p| p == l))
-            {
+            if connected_to_itself(s) {
                 let e = io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     "connected to itself: no server listens on that port",
@@ -155,5 +153,52 @@ impl Driver {
             }
             self.wait_connecting(i, op)?;
         }
+    }
+}
+
+/// Whether `s` is connected to itself (its local and peer addresses are the same).
+fn connected_to_itself(s: &mio::net::TcpStream) -> bool {
+    s.local_addr()
+        .is_ok_and(|l| s.peer_addr().is_ok_and(|p| p == l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connected_to_itself;
+    use std::os::fd::FromRawFd;
+
+    /// A socket bound to a port and connected to that same port connects to itself (a
+    /// TCP simultaneous open), as a client's can when the kernel picks the server's port:
+    /// recognised. An ordinary connection is not.
+    #[test]
+    fn a_self_connection_is_recognised() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // SAFETY: a plain socket(2) call; the descriptor is owned by the TcpStream below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let sa = std::ptr::addr_of!(addr).cast::<libc::sockaddr>();
+        // SAFETY: `sa` points to a valid sockaddr_in of `len` bytes for both calls.
+        let (b, c) = unsafe { (libc::bind(fd, sa, len), libc::connect(fd, sa, len)) };
+        // SAFETY: `fd` is an open socket nobody else owns.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        assert_eq!((b, c), (0, 0), "{}", std::io::Error::last_os_error());
+        assert!(connected_to_itself(&mio::net::TcpStream::from_std(std)));
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(!connected_to_itself(&mio::net::TcpStream::from_std(other)));
     }
 }
