@@ -233,10 +233,11 @@ impl Client {
             // The next copy that is up (a copy being probed is left to its probe).
             let i = loop {
                 let i = order.get(next)?;
-                // Not a copy whose connection carries unconfirmed quiet writes (see
-                // `engine::hedge`): it would be left its read's reply behind them.
+                // Not a copy whose connection carries unconfirmed quiet writes, or as many
+                // late replies as it may (see `engine::hedge`): it could not be left this
+                // read's reply.
                 let up = matches!(core.standing(i, key), Standing::Up | Standing::Slow);
-                if up && !core.owes_sync(i) {
+                if up && core.may_race(i) {
                     break i;
                 }
                 next += 1;

@@ -10,15 +10,27 @@ pub(crate) struct ReadBuf {
     start: usize,
     end: usize,
     max: usize,
+    /// The size it takes when its connection opens (or on a first read): nothing is
+    /// allocated before, since a client knows every server of its fleet and may talk to few
+    /// of them (a shared client's per-server engines each talk to one).
+    initial: usize,
 }
 
 impl ReadBuf {
     pub(crate) fn new(initial: usize, max: usize) -> ReadBuf {
         ReadBuf {
-            buf: vec![0; initial.min(max)],
+            buf: Vec::new(),
             start: 0,
             end: 0,
             max,
+            initial: initial.min(max),
+        }
+    }
+
+    /// Allocates the buffer if it is not yet (a connection opens: it will read).
+    pub(crate) fn ready(&mut self) {
+        if self.buf.is_empty() && self.initial > 0 {
+            self.buf.resize(self.initial, 0);
         }
     }
 
@@ -51,6 +63,7 @@ impl ReadBuf {
     /// exceed `max`: the parser let through something larger than it should have, so the caller
     /// treats the connection as broken rather than grow without bound.
     pub(crate) fn spare(&mut self) -> Option<&mut [u8]> {
+        self.ready();
         if self.end == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);

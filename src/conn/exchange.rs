@@ -79,6 +79,11 @@ impl<'v> Exchange<'v> {
         self.written == self.total
     }
 
+    /// True while nothing of the request has been written.
+    pub(crate) fn is_unsent(&self) -> bool {
+        self.written == 0
+    }
+
     /// True once the last reply has been read.
     pub(crate) fn is_done(&self) -> bool {
         self.done

@@ -3,11 +3,11 @@
 //! copy too, and the first answer wins. The losing read is not cancelled (memcached cannot):
 //! its reply is left to its connection, which reads and drops it before its next call's
 //! own (see [`Strays`]), so the framing stays intact and no caller ever gets it. A
-//! connection owes at most [`LATE_MAX`](crate::conn::driver::LATE_MAX) such replies, for at
-//! most the I/O timeout: a copy that leaves more reads unanswered is disconnected, and one
-//! that leaves a read unanswered for longer is disconnected and counted as timed out, which
-//! feeds its breaker. A connection carrying unconfirmed quiet writes is never part of a
-//! race (see `race_get_w`).
+//! connection owes at most [`LATE_MAX`](crate::conn::driver::LATE_MAX) such replies: a hedge
+//! is not sent to one that owes that many, a first copy left one more is closed, and a read
+//! left unanswered for an I/O timeout closes the connection and counts as a timeout, which
+//! feeds the copy's breaker. A connection carrying unconfirmed quiet writes is never part of a
+//! race either (see `race_get_w`).
 
 use std::time::{Duration, Instant};
 
@@ -253,8 +253,16 @@ impl Core {
         // already owed.
         let io_timeout = self.driver.io_timeout();
         for k in 0..n {
-            let Some(leg) = legs[k].take() else { continue };
+            let Some(mut leg) = legs[k].take() else {
+                continue;
+            };
             let i = leg.server;
+            if batches[k].is_unsent() {
+                // The hedge never went out: the connection keeps what it owed.
+                leg.strays.abandon(&mut self.driver, i);
+                self.driver.abandon(&batches[k], None);
+                continue;
+            }
             raced.waited[k] = Some((i, leg.started.elapsed()));
             let late = match (leg.strays.pending, leg.strays.late) {
                 (false, _) => {

@@ -496,9 +496,11 @@ impl Core {
         std::mem::replace(&mut self.pinned, server)
     }
 
-    /// Whether server `i`'s connection carries quiet writes not yet confirmed by a sync.
-    pub(crate) fn owes_sync(&self, i: usize) -> bool {
-        self.driver.owes_sync(i)
+    /// Whether server `i`'s connection may take part in a hedged read, which it may lose:
+    /// it carries no quiet writes unconfirmed by a sync, and has room for one more late
+    /// reply (see [`hedge`]).
+    pub(crate) fn may_race(&self, i: usize) -> bool {
+        !self.driver.owes_sync(i) && self.driver.late_has_room(i)
     }
 
     /// Brings ejected servers whose retry time has come back into the continuum.

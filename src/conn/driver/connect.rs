@@ -100,6 +100,10 @@ impl Driver {
         self.handshake(i, op)?;
         let conn = &mut self.conns[i];
         conn.rbuf.clear();
+        conn.rbuf.ready();
+        if conn.wbuf.capacity() == 0 {
+            conn.wbuf.reserve(super::INITIAL_WRITE_BUF);
+        }
         conn.connects += 1;
         conn.fresh = true;
         conn.busy = false;

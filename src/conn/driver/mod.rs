@@ -143,7 +143,17 @@ impl Late {
 
     /// One more, after the others; `false` if there is no room (or another kind).
     pub(crate) fn push(&mut self, kind: Kind, opaque: u32) -> bool {
-        if kind != self.kind || usize::from(self.n) == LATE_MAX {
+        if kind != self.kind {
+            return false;
+        }
+        if usize::from(self.n) == LATE_MAX && self.read > 0 {
+            // Those read make room.
+            let (read, n) = (usize::from(self.read), usize::from(self.n));
+            self.opaques.copy_within(read..n, 0);
+            self.n -= self.read;
+            self.read = 0;
+        }
+        if usize::from(self.n) == LATE_MAX {
             return false;
         }
         self.opaques[usize::from(self.n)] = opaque;
@@ -159,6 +169,11 @@ impl Late {
     /// The next reply was read.
     pub(crate) fn advance(&mut self) {
         self.read += 1;
+    }
+
+    /// Whether there is room for one more.
+    pub(crate) fn has_room(&self) -> bool {
+        usize::from(self.n - self.read) < LATE_MAX
     }
 }
 
@@ -202,6 +217,11 @@ pub(crate) struct Batch<'v> {
 }
 
 impl<'v> Batch<'v> {
+    /// True while nothing of its request has been written (and it has not failed).
+    pub(crate) fn is_unsent(&self) -> bool {
+        self.error.is_none() && self.ex.is_unsent()
+    }
+
     /// Server `server`'s part of operation `op`.
     pub(crate) fn new(server: usize, value: Option<(&'v [u8], &'v [u8])>, op: &Op) -> Batch<'v> {
         Batch {
@@ -254,7 +274,8 @@ impl Driver {
                 addr: addr.clone(),
                 stream: None,
                 rbuf: ReadBuf::new(INITIAL_READ_BUF, cfg.max_unit),
-                wbuf: Vec::with_capacity(INITIAL_WRITE_BUF),
+                // Allocated on the first connection (see `ReadBuf`'s `initial`).
+                wbuf: Vec::new(),
                 readable: false,
                 writable: false,
                 closed: false,
@@ -382,6 +403,11 @@ impl Driver {
     pub(crate) fn owes_any(&self, i: usize) -> bool {
         let conn = &self.conns[i];
         conn.owes_sync || conn.late.is_some()
+    }
+
+    /// Whether server `i`'s connection can be left one more late reply (see `Late`).
+    pub(crate) fn late_has_room(&self, i: usize) -> bool {
+        self.conns[i].late.is_none_or(|l| l.has_room())
     }
 
     /// Gives back late replies taken with [`take_late`](Self::take_late) that the taker
@@ -659,10 +685,16 @@ impl Driver {
     /// ones before it (`late`: all the replies its connection now owes, in order), will be
     /// read and dropped by the next call there. A request not fully written, replies that
     /// cannot be described (`None`), or a connection that carries late replies already (the
-    /// caller took them, and gives them back in `late`) is closed instead.
+    /// caller took them, and gives them back in `late`) is closed instead. A request not
+    /// sent at all leaves the connection as it was (the caller gives back what it took).
     pub(crate) fn abandon(&mut self, b: &Batch<'_>, late: Option<Late>) {
         let conn = &mut self.conns[b.server];
         if b.error.is_some() || b.ex.is_done() {
+            return;
+        }
+        if b.ex.is_unsent() {
+            // Never sent (the race ended first): the connection owes only what it owed.
+            conn.wbuf.clear();
             return;
         }
         match late {
@@ -1029,5 +1061,39 @@ impl Driver {
     /// How many connections to server `i` have been opened.
     pub(crate) fn connects(&self, i: usize) -> u64 {
         self.conns[i].connects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kind, Late, LATE_MAX};
+    use std::time::Instant;
+
+    /// Late replies are read in the order they were left; those read make room for more,
+    /// and no more than `LATE_MAX` are ever owed at once.
+    #[test]
+    fn late_replies_keep_their_order_and_bound() {
+        let mut l = Late::new(Kind::Get, 0, Instant::now());
+        for o in 1..LATE_MAX as u32 {
+            assert!(l.push(Kind::Get, o));
+        }
+        assert!(!l.has_room() && !l.push(Kind::Get, 99));
+        assert!(!l.push(Kind::Store, 99), "one kind of command only");
+        for o in 0..3 {
+            assert_eq!(l.next(), Some(o));
+            l.advance();
+        }
+        assert!(l.has_room());
+        for o in 100..103 {
+            assert!(l.push(Kind::Get, o));
+        }
+        assert!(!l.push(Kind::Get, 103));
+        let rest: Vec<u32> = std::iter::from_fn(|| {
+            let o = l.next()?;
+            l.advance();
+            Some(o)
+        })
+        .collect();
+        assert_eq!(rest, [3, 4, 5, 6, 7, 100, 101, 102]);
     }
 }
