@@ -8,21 +8,7 @@ use std::process::{Command, Output, Stdio};
 use support::{Memcached, TempDir};
 
 fn mcstore(servers: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
-        .args(["--servers", servers])
-        .args(args)
-        .env_remove("MEMCACHED_SERVERS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A command that does not read stdin may exit before we write: a broken pipe is fine.
-    match child.stdin.take().unwrap().write_all(stdin) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        r => r.unwrap(),
-    }
-    child.wait_with_output().unwrap()
+    mcstore_bare(&[&["--servers", servers], args].concat(), stdin)
 }
 
 fn ok(o: &Output) -> String {
