@@ -30,8 +30,6 @@ pub(crate) struct Raced {
     pub(crate) won: Option<(usize, Found, bool)>,
     /// The copies that failed, with their errors (each counted in its health).
     pub(crate) failed: [Option<(usize, Error)>; 2],
-    /// The server the hedge went to, if one did.
-    pub(crate) hedged: Option<usize>,
     /// How long each copy asked had been waited for (a lower bound for one that did not
     /// answer): for the latency tracker.
     pub(crate) waited: [Option<(usize, Duration)>; 2],
@@ -230,7 +228,6 @@ impl Core {
                 // its connection): it looks stuck.
                 let stuck = legs[0].as_ref().is_some_and(|l| l.strays.late.is_some());
                 if let Some(b) = hedge_to(self, stuck) {
-                    raced.hedged = Some(b);
                     match self.start_leg::<W>(b, &cmd) {
                         Ok((op1, leg1)) => {
                             readers.1.expect = Expect::single(kind, leg1.opaque);
