@@ -409,6 +409,15 @@ impl Client {
         self.core.keyed(key, self.scratch.keybuf(), f)
     }
 
+    /// [`keyed`](Self::keyed) for a command that changes the key (see `Core::keyed_write`).
+    fn keyed_write<T>(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.core.keyed_write(key, self.scratch.keybuf(), f)
+    }
+
     /// Reads one item, handing its value to `sink` (the shared client's single calls too).
     pub(crate) fn retrieve(
         &mut self,
@@ -444,7 +453,7 @@ impl Client {
         opts: StoreOpts,
     ) -> Result<(SetOutcome, Option<u64>)> {
         self.core.check_value(value)?;
-        self.keyed(key, |c, i, key| {
+        self.keyed_write(key, |c, i, key| {
             let cmd = Cmd::Store(key, opts, value.len());
             c.call(i, &cmd, Some(value), |o, _| match o {
                 // Without a CAS, "exists" and "not found" cannot answer a store.
@@ -461,14 +470,14 @@ impl Client {
 
     /// Runs a command whose reply says "done" or "not found": `Ok(false)` for the latter.
     fn keyed_bool(&mut self, key: &[u8], cmd: impl FnOnce(Key<'_>) -> Cmd<'_>) -> Result<bool> {
-        self.keyed(key, |c, i, key| {
+        self.keyed_write(key, |c, i, key| {
             c.call(i, &cmd(key), None, |o, _| existed(o))
         })
     }
 
     /// Runs `incr` (or `decr`): the new value, `None` if the key does not exist.
     pub(crate) fn arith(&mut self, decr: bool, key: &[u8], delta: u64) -> Result<Option<u64>> {
-        self.keyed(key, |c, i, key| {
+        self.keyed_write(key, |c, i, key| {
             let cmd = Cmd::Arith { key, decr, delta };
             c.call(i, &cmd, None, |o, _| arith_value(o))
         })
@@ -735,6 +744,13 @@ impl Client {
     /// The namespace (key prefix), shared.
     pub(crate) fn namespace_arc(&self) -> &std::sync::Arc<[u8]> {
         self.core.namespace()
+    }
+
+    /// The server list this client follows: [`ServerList::set`](crate::ServerList::set)
+    /// changes its servers while it serves (and those of every client following the same
+    /// list, such as a pool's).
+    pub fn server_list(&self) -> &crate::ServerList {
+        self.core.server_list()
     }
 
     /// The record of ejections this client shares with others (a pool's clients, a shared

@@ -118,6 +118,14 @@ pub enum Error {
         /// Time left before it is tried again.
         retry_in: Duration,
     },
+    /// The call was routed to a server that a live server list has since removed (see
+    /// [`ServerList`](crate::ServerList)); nothing was sent. Routing the call again sends
+    /// it to the key's server in the new list.
+    #[error("server {server} was removed from the server list")]
+    ServerRemoved {
+        /// The server as configured.
+        server: String,
+    },
     /// A multi-server call failed on several servers (listed); what the others returned was
     /// delivered.
     #[error("{} servers failed; first: {}", failed.len(), failed.first().map(|(s, e)| format!("{s}: {e}")).unwrap_or_default())]
@@ -178,6 +186,8 @@ pub enum ErrorKind {
     NoServers,
     /// [`Error::ServerDown`].
     ServerDown,
+    /// [`Error::ServerRemoved`].
+    ServerRemoved,
     /// [`Error::Partial`].
     Partial,
     /// [`Error::Config`].
@@ -198,7 +208,8 @@ impl Error {
             | Error::Timeout { server, .. }
             | Error::Parse { server, .. }
             | Error::Auth { server, .. }
-            | Error::ServerDown { server, .. } => Some(server),
+            | Error::ServerDown { server, .. }
+            | Error::ServerRemoved { server } => Some(server),
             #[cfg(feature = "tls")]
             Error::Tls { server, .. } => Some(server),
             _ => None,
@@ -217,6 +228,7 @@ impl Error {
             Error::Auth { .. } => ErrorKind::Auth,
             Error::NoServers => ErrorKind::NoServers,
             Error::ServerDown { .. } => ErrorKind::ServerDown,
+            Error::ServerRemoved { .. } => ErrorKind::ServerRemoved,
             Error::Partial { .. } => ErrorKind::Partial,
             Error::Config(_) => ErrorKind::Config,
             #[cfg(feature = "tls")]
@@ -236,6 +248,7 @@ impl Error {
                 | Error::Parse { .. }
                 | Error::NoServers
                 | Error::ServerDown { .. }
+                | Error::ServerRemoved { .. }
                 | Error::Partial { .. }
         ) || self.kind() == ErrorKind::Tls
     }

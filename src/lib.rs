@@ -116,7 +116,8 @@ pub use conn::tls::{TlsConfig, TlsConfigBuilder};
 #[cfg(feature = "tls")]
 pub use error::TlsFailure;
 pub use error::{During, Error, ErrorKind, Result, ServerErrorKind};
-pub use fleet::discovery::{Discovery, ServerSource};
+pub use fleet::discovery::{Discovery, Following, ServerSource};
+pub use fleet::live::{ListChange, ServerList};
 pub use fleet::{FleetCounters, Hedge, WritePolicy, ZoneInfo};
 pub use proto::{Key, KeyError};
 pub use proto::{Protocol, SetOutcome, StoreMode};

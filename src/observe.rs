@@ -135,6 +135,20 @@ impl Observer {
         }
     }
 
+    /// Adds the servers of `labels` past the ones it has (a live list added them).
+    pub(crate) fn grow(&mut self, labels: &[String]) {
+        let _ = labels;
+        #[cfg(feature = "metrics")]
+        for l in labels.iter().skip(self.metrics.len()) {
+            self.metrics.push(server_metrics(l));
+        }
+        #[cfg(feature = "tracing")]
+        self.labels
+            .extend(labels.iter().skip(self.labels.len()).cloned());
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        self.seen.resize(labels.len(), 0);
+    }
+
     #[inline(always)]
     pub(crate) fn start(&self) -> Started {
         Started(
@@ -443,4 +457,14 @@ pub(crate) fn discovery_failed(source: &str, error: &crate::Error) {
     tracing::warn!(target: "mcstore", source, error = %error, "server discovery failed; keeping the last list");
     #[cfg(feature = "metrics")]
     counter!("mcstore_discovery_failures_total", "source" => source.to_string()).increment(1);
+}
+
+/// A live server list took a new generation (`added` and `removed` servers).
+#[cold]
+pub(crate) fn list_changed(generation: u64, added: &[String], removed: &[String]) {
+    let _ = (generation, added, removed);
+    #[cfg(feature = "tracing")]
+    tracing::info!(target: "mcstore", generation, added = ?added, removed = ?removed, "server list swapped");
+    #[cfg(feature = "metrics")]
+    counter!("mcstore_list_changes_total").increment(1);
 }

@@ -57,9 +57,14 @@ pub(crate) struct Global {
         hide_env_values = true
     )]
     pub(crate) password: Option<String>,
-    /// Key distribution: modula, ketama or ketama_weighted.
-    #[arg(long, default_value = "modula", value_parser = parse_distribution, global = true)]
-    pub(crate) distribution: Distribution,
+    /// Key distribution: modula, ketama or ketama_weighted [default: modula; ketama with
+    /// --servers-file or --discover, whose lists may change].
+    #[arg(long, value_parser = parse_distribution, global = true)]
+    pub(crate) distribution: Option<Distribution>,
+    /// How often `slap` reads --servers-file or asks --discover again, following the list
+    /// while it runs (other commands read it once), in milliseconds.
+    #[arg(long, default_value_t = 1000, global = true)]
+    pub(crate) discover_every_ms: u64,
     /// Key hash (one_at_a_time, md5, crc, fnv1_64, fnv1a_64, fnv1_32, fnv1a_32, hsieh,
     /// murmur, jenkins, murmur3); default: libmemcached's choice for the distribution.
     #[arg(long, value_parser = parse_hash, global = true)]
@@ -137,6 +142,20 @@ pub(crate) fn parse_hedge(s: &str) -> Result<mcstore::Hedge, String> {
 }
 
 impl Global {
+    /// Whether the servers come from a source that may change (a file, discovery).
+    pub(crate) fn follows(&self) -> bool {
+        self.servers_file.is_some() || self.discover.is_some()
+    }
+
+    /// The key distribution: as given, else modula (libmemcached's default), or ketama for
+    /// a list that may change (a modula list cannot: nearly every key would move).
+    pub(crate) fn distribution(&self) -> Distribution {
+        self.distribution.unwrap_or(if self.follows() {
+            Distribution::Ketama
+        } else {
+            Distribution::Modula
+        })
+    }
     /// The TLS settings asked for, if any (files are read here: a bad one is named).
     pub(crate) fn tls(&self) -> Res<Option<mcstore::TlsConfig>> {
         let on = self.tls || self.tls_ca.is_some() || self.tls_cert.is_some();
@@ -362,9 +381,10 @@ pub(crate) enum Cmd {
         /// The tokio runtime for --mode async.
         #[arg(long, value_enum, default_value = "current")]
         runtime: slap::Runtime,
-        /// The client: one shared client, or a pool of one client per caller (to compare).
-        #[arg(long, value_enum, default_value = "shared")]
-        client: slap::Which,
+        /// The client: one shared client, or a pool of one client per caller (to compare)
+        /// [default: shared; pool with --servers-file or --discover, whose list it follows].
+        #[arg(long, value_enum)]
+        client: Option<slap::Which>,
         /// Who does the I/O for blocking callers (the designs, to compare).
         #[arg(long, value_enum, default_value = "adaptive")]
         io_mode: slap::IoModeArg,

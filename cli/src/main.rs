@@ -99,8 +99,8 @@ fn builder(g: &Global, default_servers: &str) -> Res<ClientBuilder> {
     builder_for(g, servers(g, default_servers)?)
 }
 
-/// The servers: from `--servers-file`, `--discover`, or `--servers` (or `default`).
-fn servers(g: &Global, default: &str) -> Res<Vec<String>> {
+/// The source of `--servers-file` or `--discover`, if one was given.
+fn discovery(g: &Global) -> Res<Option<mcstore::Discovery>> {
     let source = match (&g.servers_file, &g.discover) {
         (Some(path), _) => mcstore::ServerSource::File(path.clone()),
         (None, Some(spec)) if spec.starts_with("dns:") || spec.starts_with("config:") => {
@@ -111,11 +111,18 @@ fn servers(g: &Global, default: &str) -> Res<Vec<String>> {
                 format!("--discover {spec:?}: want dns:NAME:PORT or config:HOST:PORT").into(),
             )
         }
-        (None, None) => return server_list(servers_of(g, default)),
+        (None, None) => return Ok(None),
     };
     let timeout = Duration::from_millis(g.timeout_ms);
-    let list = mcstore::Discovery::new(source)
-        .timeout(timeout)
+    Ok(Some(mcstore::Discovery::new(source).timeout(timeout)))
+}
+
+/// The servers: from `--servers-file`, `--discover`, or `--servers` (or `default`).
+fn servers(g: &Global, default: &str) -> Res<Vec<String>> {
+    let Some(mut d) = discovery(g)? else {
+        return server_list(servers_of(g, default));
+    };
+    let list = d
         .poll()?
         .expect("a first poll that succeeds gives its list");
     Ok(list.to_vec())
@@ -129,7 +136,7 @@ fn builder_for(g: &Global, servers: Vec<String>) -> Res<ClientBuilder> {
             Protocol::Binary => mcstore::Protocol::Binary,
             Protocol::Meta => mcstore::Protocol::Meta,
         })
-        .distribution(g.distribution)
+        .distribution(g.distribution())
         .io_timeout(Duration::from_millis(g.timeout_ms))
         .connect_timeout(Duration::from_millis(g.timeout_ms))
         .max_value_size(64 << 20);
@@ -508,7 +515,11 @@ fn run(cli: Cli) -> Res<()> {
                 value_bytes,
                 mode,
                 runtime,
-                client,
+                client: client.unwrap_or(if g.follows() {
+                    slap::Which::Pool
+                } else {
+                    slap::Which::Shared
+                }),
                 io_mode,
             };
             let proto = match g.protocol {
@@ -516,7 +527,8 @@ fn run(cli: Cli) -> Res<()> {
                 Protocol::Binary => "binary",
                 Protocol::Meta => "meta",
             };
-            if slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto)? {
+            let follow = discovery(g)?.map(|d| (d, Duration::from_millis(g.discover_every_ms)));
+            if slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto, follow)? {
                 out.flush()?;
                 return Err(Interrupted.into());
             }
@@ -551,7 +563,7 @@ fn run(cli: Cli) -> Res<()> {
             let dist = if c.servers().len() == 1 {
                 "single"
             } else {
-                g.distribution.name()
+                g.distribution().name()
             };
             let spec = bench::Spec {
                 workload,

@@ -197,7 +197,13 @@ fn is_set(w: Workload, n: usize) -> bool {
 }
 
 /// Runs the load; `Ok(true)` when SIGINT ended it early (after the summary was printed).
-pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool, String> {
+/// `follow`: a discovery source (and its interval) the clients' list follows during the run.
+pub fn run(
+    builder: ClientBuilder,
+    spec: &SlapSpec,
+    proto: &str,
+    mut follow: Option<(mcstore::Discovery, Duration)>,
+) -> Result<bool, String> {
     let workload = match spec.workload.as_str() {
         "get" => Workload::Get,
         "set" => Workload::Set,
@@ -210,6 +216,23 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     if spec.client != Which::Shared && spec.mode == Mode::Async {
         return Err("--client pool and plain run threads only (no async calls)".into());
     }
+    if follow.is_some() && spec.client == Which::Shared {
+        return Err(
+            "a shared client does not follow a changing list yet: with --servers-file \
+             or --discover, slap runs --client pool (the default then) or plain"
+                .into(),
+        );
+    }
+    // The list followed during the run, and its generation at the end.
+    let mut following = None;
+    let mut list_of: Option<mcstore::ServerList> = None;
+    let mut follow_list = |list: &mcstore::ServerList| -> Result<(), String> {
+        if let Some((d, every)) = follow.take() {
+            following = Some(d.follow(list.clone(), every).map_err(|e| e.to_string())?);
+        }
+        list_of = Some(list.clone());
+        Ok(())
+    };
     if spec.client == Which::Plain && spec.callers != 1 {
         return Err("--client plain is one Client for one caller (--callers 1)".into());
     }
@@ -351,6 +374,7 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     let (tallies, wall, cpu) = match (spec.client, spec.mode) {
         (Which::Pool, _) => {
             let pool = Pool::new(builder, spec.callers).map_err(err)?;
+            follow_list(pool.server_list())?;
             let p = pool.clone();
             fleet_of = Some(Box::new(move || p.get().ok().map(|c| c.fleet_counters())));
             run_threads(spec.callers, &ctx, pace, move |_| {
@@ -362,7 +386,9 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
             })
         }
         (Which::Plain, _) => {
-            let client = std::sync::Mutex::new(Some(builder.build().map_err(err)?));
+            let client = builder.build().map_err(err)?;
+            follow_list(client.server_list())?;
+            let client = std::sync::Mutex::new(Some(client));
             run_threads(1, &ctx, pace, move |_| {
                 let mut c = client.lock().unwrap().take().expect("one caller");
                 move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
@@ -463,6 +489,8 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
     };
     let wall_s = wall.as_secs_f64();
     let per_op = done.max(1) as f64;
+    drop(following);
+    let list_changes = list_of.map_or(0, |l| l.generation());
     // Scripts read this line: fields are only ever added (at the end), never renamed or
     // removed. `failed` counts the calls that returned an error (or a wrong value), the same
     // count as `errors` today; `misses` the gets that found nothing (not failures: a
@@ -471,7 +499,8 @@ pub fn run(builder: ClientBuilder, spec: &SlapSpec, proto: &str) -> Result<bool,
         "RESULT client={client} proto={proto} workload={w} callers={} ops={done} wall_s={wall_s:.6} \
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
          rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors} \
-         failovers={} hedges={} hedges_won={} hedges_refused={} misses={misses}",
+         failovers={} hedges={} hedges_won={} hedges_refused={} misses={misses} \
+         list_changes={list_changes}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,

@@ -430,7 +430,8 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 "hedges_won",
                 "hedges_refused",
                 // #28: gets that found nothing, apart from failed calls.
-                "misses"
+                "misses",
+                "list_changes"
             ],
             "{last}"
         );
@@ -1063,4 +1064,77 @@ fn servers_from_a_file_or_discovered() {
         ),
         "missing",
     );
+}
+
+/// #28: `slap --servers-file F` follows F while a writer rewrites it (servers added and
+/// removed, each rewrite atomic: a new file renamed over the old one), and its RESULT line
+/// says `failed=0`, with the list changes it followed (`list_changes=`).
+#[test]
+fn slap_follows_a_servers_file_that_changes() {
+    use std::io::{BufRead, BufReader};
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let addrs: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let dir = TempDir::new("cli-slap-follows");
+    let file = dir.path.join("servers");
+    let write = |servers: &[String]| {
+        let tmp = dir.path.join("servers.new");
+        std::fs::write(&tmp, servers.join("\n")).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(&addrs[..3]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcstore"))
+        .args([
+            "--servers-file",
+            file.to_str().unwrap(),
+            "--discover-every-ms",
+            "50",
+        ])
+        .args([
+            "slap",
+            "--callers",
+            "16",
+            "-k",
+            "500",
+            "-t",
+            "3s",
+            "--workload",
+            "mix",
+        ])
+        .args(["--verify", "--report-every", "100ms"])
+        .env_remove("MEMCACHED_SERVERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once calls are under way, the fourth server comes and goes, and the first goes and
+    // comes back, every 150 ms.
+    let mut reports = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while reports.read_line(&mut line).unwrap() > 0 && !line.contains("] calls ") {
+        line.clear();
+    }
+    let lists = [&addrs[..], &addrs[1..], &addrs[..3]];
+    for k in 0..12 {
+        write(lists[k % lists.len()]);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    let result = out
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .expect("a RESULT line");
+    let field = |name: &str| -> u64 {
+        result
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {result}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(result.starts_with("RESULT client=mcstore-pool"), "{result}");
+    assert_eq!(field("failed"), 0, "{result}");
+    assert!(field("list_changes") >= 6, "{result}");
+    assert!(field("ops") > 1000, "{result}");
 }

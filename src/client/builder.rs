@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Client, Protocol};
-use crate::addr::{ServerAddr, ServerSpec};
+use crate::addr::ServerSpec;
 use crate::conn::driver::{Driver, DriverConfig};
 use crate::engine::health::{FailurePolicy, Health, SharedHealth};
 use crate::engine::{Core, CoreSettings, Scratch};
 use crate::error::{Error, Result};
+use crate::fleet::live::{ring_server, Churn, ListSettings, ServerList};
 use crate::fleet::zones::Zones;
 use crate::fleet::{FleetPolicy, Hedge, WritePolicy};
 use crate::proto::text::MAX_LINE;
@@ -56,8 +57,10 @@ pub struct ClientBuilder {
     ascii_auth: Option<(String, String)>,
     #[cfg(feature = "tls")]
     tls: Option<crate::TlsConfig>,
-    /// Set by a pool: its clients share who is ejected.
-    shared_health: Option<Arc<SharedHealth>>,
+    /// The list to follow (a pool's clients follow the first one's): they share it, and
+    /// who is ejected.
+    list: Option<ServerList>,
+    churn: Churn,
     fleet: FleetPolicy,
     /// Zones: a name and its servers (a range of `servers`).
     zones: Vec<(String, std::ops::Range<usize>)>,
@@ -87,7 +90,8 @@ impl Default for ClientBuilder {
             ascii_auth: None,
             #[cfg(feature = "tls")]
             tls: None,
-            shared_health: None,
+            list: None,
+            churn: Churn::default(),
             fleet: FleetPolicy::default(),
             zones: Vec::new(),
             prefer_zone: None,
@@ -353,17 +357,37 @@ impl ClientBuilder {
         self
     }
 
-    /// Clients built from here on share `health` (a pool's clients).
-    pub(crate) fn share_health(mut self, health: Arc<SharedHealth>) -> Self {
-        self.shared_health = Some(health);
+    /// Clients built from here on follow `list` (another client's
+    /// [`server_list`](crate::Client::server_list)) instead of the servers given here: they
+    /// route with its servers, share who is ejected, and take its changes. The other
+    /// settings should match the ones the list's first client was built with (its
+    /// distribution, hash and TLS settings are the list's).
+    pub fn follow(mut self, list: &ServerList) -> Self {
+        self.list = Some(list.clone());
         self
     }
 
-    /// Clients built from here on share `client`'s view of which servers are ejected (the
-    /// shared client's engines and router).
+    /// Clients built from here on follow `client`'s list and share its view of which
+    /// servers are ejected (the shared client's engines and router).
     pub(crate) fn sharing_health_of(self, client: &Client) -> Self {
-        let health = client.shared_health().clone();
-        self.share_health(health)
+        let list = client.server_list().clone();
+        self.follow(&list)
+    }
+
+    /// How long a server removed from a live list stays in it, its keys unmoved: one that
+    /// comes back within the window moves no key (a flapping discovery source, a restart).
+    /// Default: none. See [`ServerList`].
+    pub fn list_damping(mut self, window: Duration) -> Self {
+        self.churn.damping = window;
+        self
+    }
+
+    /// The shortest time between two changes of a live list: one that comes sooner is
+    /// held, and applied by a later [`ServerList::set`] or [`ServerList::refresh`].
+    /// Default: none.
+    pub fn list_min_interval(mut self, interval: Duration) -> Self {
+        self.churn.min_interval = interval;
+        self
     }
 
     /// The I/O timeout it was given (the shared client's per-call deadline).
@@ -389,7 +413,7 @@ impl ClientBuilder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if specs.is_empty() {
+        if specs.is_empty() && self.list.is_none() {
             return Err(Error::NoServers);
         }
         if self.connect_timeout.is_zero() || self.io_timeout.is_zero() {
@@ -425,43 +449,16 @@ impl ClientBuilder {
             }
         }
         let max_value = self.max_value_size.min(isize::MAX as usize / 2);
-        let addrs: Vec<ServerAddr> = specs.iter().map(|s| s.addr.clone()).collect();
-        let driver = Driver::new(
-            &addrs,
-            DriverConfig {
-                connect_timeout: self.connect_timeout,
-                io_timeout: self.io_timeout,
-                max_unit: max_value + MAX_LINE + 4,
-            },
-            #[cfg(feature = "tls")]
-            self.tls,
-        )?;
-        let ring_servers: Vec<RingServer> = specs
-            .iter()
-            .map(|s| match &s.addr {
-                ServerAddr::Tcp { host, port } => RingServer {
-                    host: host.clone(),
-                    port: *port,
-                    weight: s.weight,
-                },
-                ServerAddr::Unix(path) => RingServer {
-                    host: path.display().to_string(),
-                    port: 0,
-                    weight: s.weight,
-                },
-            })
-            .collect();
         let hash = self.hash.unwrap_or(match self.distribution {
             Distribution::KetamaWeighted => HashFn::Md5,
             _ => HashFn::OneAtATime,
         });
-        let ring = Continuum::new(self.distribution, hash, &ring_servers);
-        let labels: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let mut fleet = self.fleet;
         let zones = if self.zones.is_empty() || self.single_copy {
             None
         } else {
             fleet.zoned = true;
+            let ring_servers: Vec<RingServer> = specs.iter().map(ring_server).collect();
             Some(zones(
                 &self.zones,
                 self.prefer_zone.as_deref(),
@@ -479,20 +476,50 @@ impl ClientBuilder {
             ));
         }
         fleet.spread = fleet.replicas > 1 || fleet.zoned;
-        let shared_health = match self.shared_health {
-            Some(h) if h.servers() == addrs.len() => h,
-            _ => SharedHealth::new(&labels, zones),
+        let list = match self.list {
+            Some(list) => list,
+            None => {
+                let labels: Vec<String> = specs.iter().map(|s| s.addr.to_string()).collect();
+                let zoned = zones.is_some();
+                ServerList::new(ListSettings {
+                    health: SharedHealth::new(&labels, zones),
+                    specs,
+                    dist: self.distribution,
+                    hash,
+                    #[cfg(feature = "tls")]
+                    tls: self.tls.clone(),
+                    churn: self.churn,
+                    zoned,
+                })
+            }
         };
+        let topology = list.topology();
+        let labels: Vec<String> = topology.labels.to_vec();
+        let driver = Driver::new(
+            &topology.addrs,
+            DriverConfig {
+                connect_timeout: self.connect_timeout,
+                io_timeout: self.io_timeout,
+                max_unit: max_value + MAX_LINE + 4,
+            },
+            #[cfg(feature = "tls")]
+            self.tls,
+        )?;
         let policy = FailurePolicy {
             failure_limit: self.failure_limit,
             retry_timeout: self.retry_timeout,
             remove_failed: self.remove_failed,
             max_removed: self.max_removed,
         };
+        let mut health = Health::new(Arc::clone(list.health()), policy, &labels);
+        health.adopt(topology.generation, &labels);
+        let ring = topology.ring.clone();
+        drop(topology);
         Ok(Client {
             core: Core::new(CoreSettings {
-                health: Health::new(shared_health, policy, &labels),
+                health,
                 labels,
+                list,
                 driver,
                 max_value,
                 ring,

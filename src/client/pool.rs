@@ -37,6 +37,8 @@ pub struct Pool {
 
 struct Inner {
     builder: Option<ClientBuilder>,
+    /// The list every client follows.
+    list: crate::ServerList,
     idle: Mutex<Vec<Client>>,
     freed: Condvar,
     size: usize,
@@ -55,6 +57,13 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// The server list every client of the pool follows:
+    /// [`ServerList::set`](crate::ServerList::set) changes the pool's servers while it
+    /// serves. Clients checked out take the new list on their next call.
+    pub fn server_list(&self) -> &crate::ServerList {
+        &self.inner.list
+    }
+
     /// A pool of `size` clients built from `builder` (none connects until used). Checkouts
     /// wait up to 5 s for a free client.
     ///
@@ -74,13 +83,14 @@ impl Pool {
         let size = size.max(1);
         // The first client's health is every client's: one view of who is ejected.
         let first = builder.clone().build()?;
-        let builder = builder.share_health(first.shared_health().clone());
+        let builder = builder.follow(first.server_list());
         let mut clients = vec![first];
         for _ in 1..size {
             clients.push(builder.clone().build()?);
         }
         Ok(Pool {
             inner: Arc::new(Inner {
+                list: clients[0].server_list().clone(),
                 builder: Some(builder),
                 idle: Mutex::new(clients),
                 freed: Condvar::new(),
@@ -146,6 +156,7 @@ impl From<Client> for Pool {
     fn from(client: Client) -> Pool {
         Pool {
             inner: Arc::new(Inner {
+                list: client.server_list().clone(),
                 builder: None,
                 idle: Mutex::new(vec![client]),
                 freed: Condvar::new(),

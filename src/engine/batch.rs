@@ -235,7 +235,7 @@ impl Core {
         placed: Option<&[u32]>,
     ) -> Result<()> {
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
         plan.server_of.clear();
         plan.server_of.reserve(n);
         plan.shares.clear();
@@ -599,7 +599,25 @@ impl Core {
             core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
         });
         let done = scratch.plan.shares.iter().map(|s| s.keys - s.unmet).sum();
-        result.map(|()| done)
+        // Keys a list change moved are deleted where they were too (see `keyed_write`).
+        let handed = if core.handover.is_empty() {
+            Ok(())
+        } else {
+            core.hand_over_all(scratch, keys)
+        };
+        result.and(handed).map(|()| done)
+    }
+
+    /// [`hand_over`](Core::hand_over) for each of `keys`; the first error once all are done.
+    #[cold]
+    fn hand_over_all(&mut self, scratch: &mut Scratch, keys: &(impl Keys + ?Sized)) -> Result<()> {
+        let mut first_error = None;
+        for j in 0..keys.len() {
+            if let Err(e) = self.hand_over(keys.key(j), &mut scratch.keybuf) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Groups `keys` by server in `scratch`'s plan, for a batch of `kind`.

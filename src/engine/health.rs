@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::slots::Slots;
 use crate::error::{Error, Result};
 use crate::observe::Observer;
 use crate::ring::{Continuum, Distribution};
@@ -66,11 +67,16 @@ impl FailurePolicy {
 pub(crate) struct SharedHealth {
     /// Moves on every ejection and rejoin: clients refresh their copy when it does.
     epoch: AtomicU64,
-    failures: Box<[AtomicU32]>,
+    /// The generation of the server list (see [`ServerList`](crate::ServerList)): clients
+    /// take the new list when it moves (it moves with `epoch`, so the common case still
+    /// loads one atomic).
+    pub(crate) list_generation: AtomicU64,
+    failures: Slots<AtomicU32>,
+    /// Per server index; grown (under the lock) when a live list adds servers.
     ejected_until: Mutex<Vec<Option<Instant>>>,
     /// Per server, after its retry time: [`PROBE_OPEN`] (the next call may probe it),
     /// the time a call took the probe ([`SharedHealth::ticks`]), or [`NO_PROBE`].
-    probe: Box<[AtomicU64]>,
+    probe: Slots<AtomicU64>,
     /// The clock of `probe`.
     born: Instant,
     /// A probe older than this is given to the next call (its caller never reported).
@@ -95,17 +101,48 @@ impl SharedHealth {
         let n = labels.len();
         Arc::new(SharedHealth {
             epoch: AtomicU64::new(0),
-            failures: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            list_generation: AtomicU64::new(0),
+            failures: Slots::new(),
             ejected_until: Mutex::new(vec![None; n]),
-            probe: (0..n).map(|_| AtomicU64::new(NO_PROBE)).collect(),
+            probe: Slots::new(),
             born: Instant::now(),
             probe_stale: Duration::from_secs(2),
             fleet: crate::fleet::FleetShared::new(labels, zones),
         })
     }
 
+    /// Server indexes so far (with a live list, every server it ever named).
     pub(crate) fn servers(&self) -> usize {
-        self.failures.len()
+        self.lock().len()
+    }
+
+    /// Makes room for the servers of `labels` (by index: a live list named new ones).
+    pub(crate) fn grow(&self, labels: &[String]) {
+        {
+            let mut ejected = self.lock();
+            if ejected.len() < labels.len() {
+                ejected.resize(labels.len(), None);
+            }
+        }
+        self.fleet.grow(labels);
+    }
+
+    /// Forgets server `i`'s failures and ejection: it was (re)added to the list, and starts
+    /// as a new server does.
+    pub(crate) fn reset(&self, i: usize) {
+        let mut ejected = self.lock();
+        if let Some(e) = ejected.get_mut(i) {
+            *e = None;
+        }
+        self.failures[i].store(0, Ordering::Relaxed);
+        self.probe[i].store(NO_PROBE, Ordering::Release);
+    }
+
+    /// Moves the list generation to `generation`, so every client takes the new list on
+    /// its next call.
+    pub(crate) fn list_changed(&self, generation: u64) {
+        self.list_generation.store(generation, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Nanoseconds since this record was made (never [`NO_PROBE`] or [`PROBE_OPEN`]).
@@ -153,6 +190,8 @@ pub(crate) struct Health {
     shared: Arc<SharedHealth>,
     policy: FailurePolicy,
     counters: Vec<ServerCounters>,
+    /// The list generation this client's server indexes are from.
+    list_seen: u64,
     /// This client's copy of who is ejected or probed, as of shared epoch `seen`.
     up: Vec<Gate>,
     /// The earliest of those times.
@@ -173,6 +212,7 @@ impl Health {
             policy,
             counters: vec![ServerCounters::default(); n],
             up: vec![Gate::Up; n],
+            list_seen: 0,
             next_retry: None,
             seen: u64::MAX, // refreshed on first use: the shared state may be older
         }
@@ -185,17 +225,37 @@ impl Health {
     /// Lets ejected servers whose retry time has come back in, and brings this client's
     /// continuum up to date with the shared state. A server that rejoins is on probation:
     /// one more failure ejects it again; one success clears it.
+    ///
+    /// `true` if the server list changed: the caller takes the new one
+    /// ([`adopt`](Self::adopt)) and calls this again.
     #[inline]
-    pub(crate) fn maybe_rejoin(&mut self, ring: &mut Continuum) {
+    #[must_use]
+    pub(crate) fn maybe_rejoin(&mut self, ring: &mut Continuum) -> bool {
         // The common case, every server up and nothing changed: one load, one compare.
         if self.next_retry.is_some() || self.shared.epoch.load(Ordering::Acquire) != self.seen {
-            self.rejoin_and_refresh(ring);
+            return self.rejoin_and_refresh(ring);
         }
+        false
+    }
+
+    /// Takes list generation `generation`, with `labels` per server index (as many as
+    /// before or more): the new servers start up, with zeroed counters; the ejections are
+    /// copied again on the next [`maybe_rejoin`](Self::maybe_rejoin).
+    pub(crate) fn adopt(&mut self, generation: u64, labels: &[String]) {
+        let n = labels.len();
+        if n > self.up.len() {
+            self.counters.resize(n, ServerCounters::default());
+            self.up.resize(n, Gate::Up);
+            self.observe.grow(labels);
+        }
+        self.list_seen = generation;
+        self.seen = u64::MAX;
     }
 
     #[cold]
     #[inline(never)]
-    fn rejoin_and_refresh(&mut self, ring: &mut Continuum) {
+    fn rejoin_and_refresh(&mut self, ring: &mut Continuum) -> bool {
+        let moved = self.shared.list_generation.load(Ordering::Acquire) != self.list_seen;
         if self.next_retry.is_some_and(|at| Instant::now() >= at) {
             let sh = &*self.shared;
             let mut ejected = sh.lock();
@@ -217,6 +277,11 @@ impl Health {
             }
         }
         self.refresh(ring);
+        if moved {
+            // Until the new list is taken, every call looks again.
+            self.seen = u64::MAX;
+        }
+        moved
     }
 
     /// Copies the shared ejections into this client if they changed since it last looked.
@@ -228,7 +293,8 @@ impl Health {
         let ejected = self.shared.lock();
         // Read again under the lock: the copy is then at least this recent.
         self.seen = self.shared.epoch.load(Ordering::Acquire);
-        for (i, e) in ejected.iter().enumerate() {
+        // The shared record may already have room for servers of a newer list.
+        for (i, e) in ejected.iter().enumerate().take(self.up.len()) {
             self.up[i] = match e {
                 Some(until) => Gate::Down(*until),
                 None if self.shared.probe[i].load(Ordering::Acquire) != NO_PROBE => Gate::Probe,
@@ -249,7 +315,8 @@ impl Health {
                 })
                 .collect();
             down.sort_unstable();
-            down.truncate(self.policy.removable(self.up.len()));
+            down.retain(|&(_, i)| ring.is_member(i));
+            down.truncate(self.policy.removable(ring.members().len()));
             for i in 0..self.up.len() {
                 ring.set_live(i, !down.iter().any(|&(_, d)| d == i));
             }

@@ -23,15 +23,18 @@ pub(crate) mod hedge;
 pub(crate) mod pipeline;
 pub(crate) mod reply;
 mod session;
+pub(crate) mod slots;
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result};
+use crate::fleet::live::ServerList;
 use crate::fleet::plan::{Servers, Standing};
 use crate::fleet::{FleetPolicy, FleetShared};
 use crate::observe::CallOp;
 use crate::proto::meta::{self, MAX_BINARY_KEY_LEN};
 use crate::proto::wire::{with_wire, Capability, Cmd, Expect, Outcome, Wire};
 use crate::proto::{Key, KeyError, Limits, ParseError, Protocol, Status, MAX_KEY_LEN};
+use crate::ring::handover::Handover;
 use crate::ring::Continuum;
 use health::{Health, ServerCounters, SharedHealth};
 use reply::{SingleReader, Strays};
@@ -137,6 +140,13 @@ pub(crate) struct Core {
     opaque: u32,
     /// Copies per key and how they are used.
     fleet: FleetPolicy,
+    /// The list this core follows: its servers change when the list does.
+    list: ServerList,
+    /// A pipeline is under way: the list is taken after it.
+    list_held: bool,
+    /// Where keys moved by list changes may have older entries (empty until one moved a
+    /// key): a write deletes its key there too.
+    handover: Arc<Handover>,
 }
 
 /// Per-call working space, reused by the next call so that a warm call allocates nothing.
@@ -177,6 +187,7 @@ pub(crate) struct CoreSettings {
     pub(crate) sasl: Option<(String, String)>,
     pub(crate) ascii_auth: Option<(String, String)>,
     pub(crate) fleet: FleetPolicy,
+    pub(crate) list: ServerList,
 }
 
 /// Opaques stay below 2^31.
@@ -251,7 +262,88 @@ impl Core {
             spread_now: s.fleet.replicated(),
             opaque: 0,
             fleet: s.fleet,
+            list: s.list,
+            list_held: false,
+            handover: Arc::default(),
         }
+    }
+
+    /// The server list this core follows.
+    pub(crate) fn server_list(&self) -> &ServerList {
+        &self.list
+    }
+
+    /// Brings the core up to date: ejected servers whose retry time came back in, and the
+    /// list's new generation if it moved (one atomic load when nothing changed).
+    #[inline]
+    fn sync(&mut self) {
+        while self.health.maybe_rejoin(&mut self.ring) && !self.list_held {
+            self.adopt_list();
+        }
+    }
+
+    /// Holds the list this core has until [`release_list`](Self::release_list): for a call
+    /// that routes several times with connections left mid-exchange (a pipeline).
+    pub(crate) fn hold_list(&mut self) {
+        self.sync();
+        self.list_held = true;
+    }
+
+    pub(crate) fn release_list(&mut self) {
+        self.list_held = false;
+    }
+
+    /// Takes the list's current generation: new servers get their state (unconnected), the
+    /// connections of servers that left are closed (no call of this core is under way:
+    /// this runs as a call starts), kept ones stay open.
+    #[cold]
+    #[inline(never)]
+    fn adopt_list(&mut self) {
+        let topology = self.list.topology();
+        let n = topology.labels.len();
+        // The list checked every new server's TLS name before it was swapped in.
+        if let Err(_e) = self.driver.grow(&topology.addrs) {
+            debug_assert!(false, "a new server's TLS name was refused: {_e}");
+        }
+        for i in 0..self.labels.len() {
+            if self.ring.is_member(i) && !topology.ring.is_member(i) {
+                self.driver.disconnect(i);
+            }
+        }
+        self.labels = Arc::clone(&topology.labels);
+        self.authenticated.resize(n, 0);
+        self.instances.resize(n, None);
+        self.ring = topology.ring.clone();
+        self.handover = Arc::clone(&topology.handover);
+        self.health.adopt(topology.generation, &topology.labels);
+    }
+
+    /// The servers other than `now` that may hold an older entry for the key hashed as
+    /// `hashed`: they owned it before a list change and are still in the list.
+    #[inline]
+    pub(crate) fn previous_owners(&self, hashed: &[u8], now: usize) -> crate::ring::Replicas {
+        let mut r = crate::ring::Replicas::EMPTY;
+        if self.handover.is_empty() {
+            return r;
+        }
+        let h = self.ring.key_hash().hash(hashed);
+        for &s in self.handover.owners(h) {
+            if s as usize != now && r.as_slice().len() < crate::ring::MAX_REPLICAS {
+                r.push(s);
+            }
+        }
+        r
+    }
+
+    /// `Err(ServerRemoved)` if server `i` is no longer in the list.
+    #[inline]
+    fn check_member(&self, i: usize) -> Result<()> {
+        if self.ring.is_member(i) {
+            return Ok(());
+        }
+        Err(Error::ServerRemoved {
+            server: self.labels[i].clone(),
+        })
     }
 
     // The door: what the fronts read and ask of a core (its fields stay private here).
@@ -297,7 +389,7 @@ impl Core {
 
     /// Each server's counters, in configuration order.
     pub(crate) fn server_counters(&self) -> Vec<(String, ServerCounters)> {
-        (0..self.labels.len())
+        (self.ring.members().iter().map(|&i| i as usize))
             .map(|i| {
                 let mut c = self.health.counters(i);
                 c.reconnects = self.driver.connects(i).saturating_sub(1);
@@ -359,7 +451,7 @@ impl Core {
     /// for a call to take.
     pub(crate) fn server_now(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
         let i = self
             .pinned
             .or_else(|| self.ring.pick(hashed))
@@ -412,7 +504,7 @@ impl Core {
         key: &[u8],
         keybuf: &mut Vec<u8>,
     ) -> Result<crate::ring::Replicas> {
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
         let hashed = self.hashed(key, keybuf)?;
         let (n, placement) = (self.fleet.replicas, self.fleet.placement);
         let r = match &self.health.shared().fleet.zones {
@@ -433,7 +525,7 @@ impl Core {
     ///
     /// [`take_probe`]: Self::take_probe
     pub(crate) fn standing(&mut self, i: usize, key: &[u8]) -> Standing {
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
         if self.fleet_shared().repairs.blocks(i, key) {
             Standing::Blocked
         } else if self.health.retry_in(i) > std::time::Duration::ZERO {
@@ -503,9 +595,10 @@ impl Core {
         !self.driver.owes_sync(i) && self.driver.late_has_room(i)
     }
 
-    /// Brings ejected servers whose retry time has come back into the continuum.
+    /// Brings ejected servers whose retry time has come back into the continuum, and the
+    /// server list up to date.
     pub(crate) fn maybe_rejoin(&mut self) {
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
     }
 
     /// Counts a lookup's hit or miss on server `i`.
@@ -548,10 +641,13 @@ impl Core {
     /// The server for a key: `Err` if there is none or it is ejected.
     #[inline]
     pub(crate) fn route(&mut self, hashed: &[u8]) -> Result<usize> {
-        self.health.maybe_rejoin(&mut self.ring);
+        self.sync();
         // A pinned call was routed by its caller, who took the probe if there is one.
         let checked = match self.pinned {
-            Some(i) => Some((i, self.health.check_routed(i))),
+            Some(i) => {
+                self.check_member(i)?;
+                Some((i, self.health.check_routed(i)))
+            }
             None => self.ring.pick(hashed).map(|i| (i, self.health.check(i))),
         };
         match checked {
@@ -577,6 +673,7 @@ impl Core {
 
     #[inline]
     pub(crate) fn check_up(&self, i: usize) -> Result<()> {
+        self.check_member(i)?;
         // A client pinned to `i` was routed there by its caller, who took the probe.
         let up = match self.pinned {
             Some(p) if p == i => self.health.check_routed(i),
@@ -591,6 +688,7 @@ impl Core {
     /// Whether server `i` may be asked by a call its caller routed there (a probe of a
     /// half-open server is the caller's, taken when it routed).
     pub(crate) fn check_routed_up(&self, i: usize) -> Result<()> {
+        self.check_member(i)?;
         self.health
             .check_routed(i)
             .map_err(|retry_in| Error::ServerDown {
@@ -608,6 +706,70 @@ impl Core {
             operation,
             protocol: self.protocol,
         })
+    }
+
+    /// [`keyed`](Self::keyed) for a command that changes the key: after a list change
+    /// moved the key, it is also deleted where it was (see [`previous_owners`]). The
+    /// write's own error comes first, then a failed delete's (the old entry may remain).
+    ///
+    /// [`previous_owners`]: Self::previous_owners
+    #[inline(always)]
+    pub(crate) fn keyed_write<T>(
+        &mut self,
+        user: &[u8],
+        kb: &mut Vec<u8>,
+        f: impl FnOnce(&mut Core, usize, Key<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let r = self.keyed(user, kb, f);
+        if self.handover.is_empty() {
+            return r;
+        }
+        let handed = self.hand_over(user, kb);
+        let v = r?;
+        handed.map(|()| v)
+    }
+
+    /// [`previous_owners`](Self::previous_owners) of user key `user` (its wire form built
+    /// in `kb`).
+    pub(crate) fn previous_owners_of(
+        &self,
+        user: &[u8],
+        kb: &mut Vec<u8>,
+        now: usize,
+    ) -> Result<crate::ring::Replicas> {
+        if self.handover.is_empty() {
+            return Ok(crate::ring::Replicas::EMPTY);
+        }
+        let hashed = self.hashed(user, kb)?;
+        Ok(self.previous_owners(hashed, now))
+    }
+
+    /// Deletes `user` on its previous owners, one round trip each.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn hand_over(&mut self, user: &[u8], kb: &mut Vec<u8>) -> Result<()> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
+        let hashed = if self.hash_with_namespace { raw } else { user };
+        let now = self.ring.pick(hashed).ok_or(Error::NoServers)?;
+        let mut first_error = None;
+        for j in self
+            .previous_owners(hashed, now)
+            .as_slice()
+            .iter()
+            .map(|&j| j as usize)
+        {
+            let r = self
+                .check_up(j)
+                .and_then(|()| self.call(j, &Cmd::delete(wire), None, |o, _| reply::existed(o)));
+            if !matches!(r, Err(Error::ServerDown { .. })) {
+                self.health.record(j, &r, &mut self.ring);
+            }
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     #[inline(always)]
@@ -797,9 +959,10 @@ impl Core {
         cmd: &Cmd<'_>,
         mut on: impl FnMut(Outcome<'_>) -> Result<Option<T>, ParseError>,
     ) -> Vec<(usize, Result<T>)> {
-        self.health.maybe_rejoin(&mut self.ring);
-        (0..self.labels.len())
-            .map(|i| (i, self.on_server(i, cmd, &mut on)))
+        self.sync();
+        let members = self.ring.members().to_vec();
+        (members.into_iter())
+            .map(|i| (i as usize, self.on_server(i as usize, cmd, &mut on)))
             .collect()
     }
 

@@ -87,6 +87,8 @@ impl<'c> Pipeline<'c> {
     /// A pipeline on `core`'s connections ([`Client::pipeline`](crate::Client::pipeline)),
     /// namespaced keys built in `keybuf`.
     pub(crate) fn new(core: &'c mut Core, keybuf: &'c mut Vec<u8>) -> Pipeline<'c> {
+        // Its connections stay mid-exchange between calls: a new list waits for its end.
+        core.hold_list();
         let n = core.labels.len();
         Pipeline {
             client: core,
@@ -110,6 +112,7 @@ impl Drop for Pipeline<'_> {
         for (i, strays) in self.strays.iter_mut().enumerate() {
             strays.abandon(&mut self.client.driver, i);
         }
+        self.client.release_list();
     }
 }
 
@@ -182,7 +185,14 @@ impl Pipeline<'_> {
     ) -> Result<()> {
         if !self.client.replicated() {
             let i = self.queue(key, inline, None, cmd)?;
-            return self.flush_after(i, large);
+            self.flush_after(i, large)?;
+            // A key a list change moved is deleted where it was, in the same pipeline.
+            let before = self.client.previous_owners_of(key, self.keybuf, i)?;
+            for &j in before.as_slice() {
+                let j = self.queue(key, None, Some(j as usize), Cmd::delete)?;
+                self.maybe_flush(j)?;
+            }
+            return Ok(());
         }
         self.send_copies(key, inline, large, first_only, cmd)
     }

@@ -16,6 +16,8 @@ impl Core {
     /// authenticates first when credentials are configured.
     #[inline]
     pub(super) fn start(&mut self, i: usize) -> Result<Op> {
+        // A call routed before the list changed never reaches a server that left it.
+        self.check_member(i)?;
         let op = self.driver.begin(i)?;
         self.health.observe.connections(i, self.driver.connects(i));
         let anonymous = self.sasl.is_none() && self.ascii_auth.is_none();

@@ -13,10 +13,11 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Result};
+use crate::fleet::live::ServerList;
 use crate::proto::cluster::{parse_cluster, ClusterReply, CONFIG_GET_CLUSTER};
 use crate::proto::{Limits, Status};
 
@@ -109,6 +110,31 @@ pub struct Discovery {
     changes: u64,
 }
 
+/// A [`Discovery`] following its source for a [`ServerList`] (see
+/// [`Discovery::follow`]); stops on drop.
+#[derive(Debug)]
+pub struct Following {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Discovery>>,
+}
+
+impl Following {
+    /// Stops following and returns the discovery, with its counters.
+    pub fn stop(mut self) -> Option<Discovery> {
+        self.stop.take();
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Discovery {
     /// Asks `source`, with timeouts of 1 s per network step.
     pub fn new(source: ServerSource) -> Discovery {
@@ -163,6 +189,46 @@ impl Discovery {
             Ok(None) => Ok(None),
             Err(e) => Err(self.failed(e)),
         }
+    }
+
+    /// Follows the source on a thread of its own (`mcstore-discovery`): every `every`, a
+    /// [`poll`](Self::poll), and a new list given to `list` ([`ServerList::set`]); between
+    /// changes, a change `list` held back (damping, rate limit) is applied when its time
+    /// comes ([`ServerList::refresh`]). A failed poll, or a list `list` refuses, keeps the
+    /// clients on the list they have (counted in [`failures`](Self::failures), logged).
+    /// Stops when the returned [`Following`] is stopped or dropped.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn follow(mut self, list: ServerList, every: Duration) -> Result<Following> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("mcstore-discovery".into())
+            .spawn(move || {
+                loop {
+                    match self.poll() {
+                        Ok(Some(servers)) => {
+                            if let Err(e) = list.set(servers.iter()) {
+                                self.failed(e);
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = list.refresh();
+                        }
+                        // Counted and logged by `poll`; the clients keep their list.
+                        Err(_) => {}
+                    }
+                    match stopped.recv_timeout(every) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return self,
+                    }
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot start the discovery thread: {e}")))?;
+        Ok(Following {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// The last good list, if any.

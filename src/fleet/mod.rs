@@ -15,6 +15,7 @@
 
 pub(crate) mod discovery;
 pub(crate) mod latency;
+pub(crate) mod live;
 pub(crate) mod plan;
 pub(crate) mod repair;
 pub(crate) mod zones;
@@ -23,6 +24,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::engine::slots::Slots;
 use crate::observe;
 use crate::ring::ReplicaPlacement;
 use latency::Latency;
@@ -194,9 +196,9 @@ pub struct ZoneInfo {
 
 /// The fleet state shared by the clients of one pool or shared client.
 pub(crate) struct FleetShared {
-    /// The servers as configured (metric labels).
-    labels: Box<[String]>,
-    pub(crate) latency: Box<[Latency]>,
+    /// The servers by index (metric labels); a live list adds to them.
+    labels: arc_swap::ArcSwap<Vec<String>>,
+    pub(crate) latency: Slots<Latency>,
     pub(crate) repairs: Repairs,
     /// The zones, if the servers are in zones.
     pub(crate) zones: Option<Zones>,
@@ -212,8 +214,8 @@ impl FleetShared {
     pub(crate) fn new(labels: &[String], zones: Option<Zones>) -> FleetShared {
         let servers = labels.len();
         FleetShared {
-            labels: labels.into(),
-            latency: (0..servers).map(|_| Latency::default()).collect(),
+            labels: arc_swap::ArcSwap::from_pointee(labels.to_vec()),
+            latency: Slots::new(),
             repairs: Repairs::new(servers),
             zones,
             budget: AtomicI64::new(BUDGET_BURST * TOKEN),
@@ -222,6 +224,12 @@ impl FleetShared {
             hedges_won: AtomicU64::new(0),
             hedges_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Makes room for the servers of `labels` (a live list added servers).
+    pub(crate) fn grow(&self, labels: &[String]) {
+        self.repairs.grow(labels.len());
+        self.labels.store(std::sync::Arc::new(labels.to_vec()));
     }
 
     /// A read earns its share of a hedge.
@@ -244,10 +252,10 @@ impl FleetShared {
             .is_ok();
         if ok {
             self.hedges_sent.fetch_add(1, Ordering::Relaxed);
-            observe::fleet("mcstore_hedges_total", &self.labels[slow]);
+            observe::fleet("mcstore_hedges_total", &self.labels.load()[slow]);
         } else {
             self.hedges_refused.fetch_add(1, Ordering::Relaxed);
-            observe::fleet("mcstore_hedges_refused_total", &self.labels[slow]);
+            observe::fleet("mcstore_hedges_refused_total", &self.labels.load()[slow]);
         }
         ok
     }
@@ -255,19 +263,19 @@ impl FleetShared {
     /// A hedge sent outside the budget: server `slow`, asked first, looks stuck.
     pub(crate) fn spend_free(&self, slow: usize) {
         self.hedges_sent.fetch_add(1, Ordering::Relaxed);
-        observe::fleet("mcstore_hedges_total", &self.labels[slow]);
+        observe::fleet("mcstore_hedges_total", &self.labels.load()[slow]);
     }
 
     /// A hedge answered first, from server `on`.
     pub(crate) fn hedge_won(&self, on: usize) {
         self.hedges_won.fetch_add(1, Ordering::Relaxed);
-        observe::fleet("mcstore_hedges_won_total", &self.labels[on]);
+        observe::fleet("mcstore_hedges_won_total", &self.labels.load()[on]);
     }
 
     /// A read answered by server `on` after another copy failed.
     pub(crate) fn failover(&self, on: usize) {
         self.failovers.fetch_add(1, Ordering::Relaxed);
-        observe::fleet("mcstore_failovers_total", &self.labels[on]);
+        observe::fleet("mcstore_failovers_total", &self.labels.load()[on]);
     }
 
     /// How long a read on server `i` waits before it is hedged.
@@ -303,7 +311,7 @@ impl FleetShared {
             .iter()
             .map(|z| ZoneInfo {
                 name: z.name.clone(),
-                servers: self.labels[z.servers.clone()].to_vec(),
+                servers: self.labels.load()[z.servers.clone()].to_vec(),
                 write_only: z.is_write_only(),
             })
             .collect()

@@ -47,6 +47,15 @@ impl Repairs {
         }
     }
 
+    /// Makes room for servers up to index `n - 1` (a live list added servers).
+    pub(crate) fn grow(&self, n: usize) {
+        let mut st = self.lock();
+        if st.keys.len() < n {
+            st.keys.resize(n, HashSet::new());
+            st.flush.resize(n, false);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

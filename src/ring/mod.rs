@@ -5,6 +5,7 @@
 //! [`Continuum::pick`] is a hash and a binary search and allocates nothing. Reference:
 //! `../shared/reference/ketama-and-hashing.md`.
 
+pub(crate) mod handover;
 mod hash;
 mod ketama;
 
@@ -81,8 +82,14 @@ pub struct RingServer {
 pub struct Continuum {
     dist: Distribution,
     key_hash: HashFn,
+    /// Per server index: with a live list ([`ServerList`](crate::ServerList)), every server
+    /// the list ever named, each keeping its index; those it no longer names are not members.
     servers: Vec<RingServer>,
     live: Vec<bool>,
+    /// The members' indexes in list order: modula and list placement count in it.
+    order: Vec<u32>,
+    /// Per server index: its place in `order`, or [`NOT_MEMBER`].
+    place: Vec<u32>,
     /// Sorted (point, server index); empty for modula.
     points: Vec<(u32, u32)>,
     /// The same with every server live: where keys go back when ejected servers rejoin.
@@ -92,17 +99,47 @@ pub struct Continuum {
 impl Continuum {
     /// A continuum over all `servers` (all live).
     pub fn new(dist: Distribution, key_hash: HashFn, servers: &[RingServer]) -> Continuum {
+        let order: Vec<u32> = (0..servers.len() as u32).collect();
+        Continuum::with_members(dist, key_hash, servers.to_vec(), order)
+    }
+
+    /// A continuum over the servers at the indexes `order` names (in that order, all
+    /// live); the other indexes are not members and never picked. Keys map exactly as
+    /// [`new`](Self::new) over the members alone maps them, to the members' own indexes.
+    pub(crate) fn with_members(
+        dist: Distribution,
+        key_hash: HashFn,
+        servers: Vec<RingServer>,
+        order: Vec<u32>,
+    ) -> Continuum {
+        let mut place = vec![NOT_MEMBER; servers.len()];
+        for (k, &i) in order.iter().enumerate() {
+            place[i as usize] = k as u32;
+        }
         let mut c = Continuum {
             dist,
             key_hash,
-            servers: servers.to_vec(),
             live: vec![true; servers.len()],
+            servers,
+            order,
+            place,
             points: Vec::new(),
             home_points: Arc::from(Vec::new()),
         };
         c.rebuild();
         c.home_points = Arc::from(c.points.clone());
         c
+    }
+
+    /// The members' indexes, in list order.
+    pub(crate) fn members(&self) -> &[u32] {
+        &self.order
+    }
+
+    /// Whether index `i` is a member (a server of the list now).
+    #[inline]
+    pub(crate) fn is_member(&self, i: usize) -> bool {
+        self.place.get(i).is_some_and(|&p| p != NOT_MEMBER)
     }
 
     /// The key hash in use.
@@ -115,7 +152,8 @@ impl Continuum {
         self.dist
     }
 
-    /// The servers, in configuration order (indexes returned by [`pick`](Self::pick)).
+    /// The servers by index (indexes returned by [`pick`](Self::pick)): in configuration
+    /// order, with a live list followed by the servers it added since.
     pub fn servers(&self) -> &[RingServer] {
         &self.servers
     }
@@ -125,7 +163,10 @@ impl Continuum {
         match self.dist {
             Distribution::Modula => false,
             Distribution::KetamaWeighted => true,
-            Distribution::Ketama => self.servers.iter().any(|s| s.weight > 1),
+            Distribution::Ketama => self
+                .order
+                .iter()
+                .any(|&i| self.servers[i as usize].weight > 1),
         }
     }
 
@@ -147,18 +188,25 @@ impl Continuum {
     fn rebuild(&mut self) {
         self.points = match self.dist {
             Distribution::Modula => Vec::new(),
-            _ => ketama::build(&self.servers, &self.live, self.is_weighted(), self.key_hash),
+            _ => {
+                let on: Vec<bool> = (self.live.iter().zip(&self.place))
+                    .map(|(&l, &p)| l && p != NOT_MEMBER)
+                    .collect();
+                ketama::build(&self.servers, &on, self.is_weighted(), self.key_hash)
+            }
         };
     }
 
     /// The server index for `key`, `None` when no server is live. Allocates nothing.
     pub fn pick(&self, key: &[u8]) -> Option<usize> {
-        match self.servers.len() {
+        match self.order.len() {
             0 => None,
             // libmemcached does not hash at all with one server.
-            1 => Some(0),
+            1 => Some(self.order[0] as usize),
             n => match self.dist {
-                Distribution::Modula => Some((self.key_hash.hash(key) % n as u32) as usize),
+                Distribution::Modula => {
+                    Some(self.order[(self.key_hash.hash(key) % n as u32) as usize] as usize)
+                }
                 _ => self.pick_hash(self.key_hash.hash(key)),
             },
         }
@@ -168,9 +216,9 @@ impl Continuum {
     /// servers that are out of the continuum rejoin. The same as [`pick`](Self::pick) while
     /// all are live.
     pub fn pick_home(&self, key: &[u8]) -> Option<usize> {
-        match (self.servers.len(), self.dist) {
+        match (self.order.len(), self.dist) {
             (0, _) => None,
-            (1, _) => Some(0),
+            (1, _) => Some(self.order[0] as usize),
             (_, Distribution::Modula) => self.pick(key),
             _ => Some(on_points(&self.home_points, self.key_hash.hash(key))),
         }
@@ -180,8 +228,8 @@ impl Continuum {
     pub fn pick_hash(&self, h: u32) -> Option<usize> {
         if self.points.is_empty() {
             return match self.dist {
-                Distribution::Modula if !self.servers.is_empty() => {
-                    Some((h % self.servers.len() as u32) as usize)
+                Distribution::Modula if !self.order.is_empty() => {
+                    Some(self.order[(h % self.order.len() as u32) as usize] as usize)
                 }
                 _ => None,
             };
@@ -189,6 +237,9 @@ impl Continuum {
         Some(on_points(&self.points, h))
     }
 }
+
+/// `Continuum::place` of an index that is not a member.
+const NOT_MEMBER: u32 = u32::MAX;
 
 /// The most copies of a key a client keeps ([`ClientBuilder::replicas`](crate::ClientBuilder::replicas)).
 pub const MAX_REPLICAS: usize = 4;
@@ -242,7 +293,7 @@ impl Continuum {
     /// the servers that are down. Empty without servers.
     pub fn replicas(&self, key: &[u8], n: usize, placement: ReplicaPlacement) -> Replicas {
         let mut r = Replicas::EMPTY;
-        let count = self.servers.len();
+        let count = self.order.len();
         let n = n.clamp(1, MAX_REPLICAS).min(count);
         let Some(home) = self.pick_home(key) else {
             return r;
@@ -251,8 +302,9 @@ impl Continuum {
         let by_list =
             placement == ReplicaPlacement::List || self.dist == Distribution::Modula || count == 1;
         if by_list {
+            let at = self.place[home] as usize;
             for k in 1..n {
-                r.push(((home + k) % count) as u32);
+                r.push(self.order[(at + k) % count]);
             }
             return r;
         }
@@ -448,6 +500,42 @@ mod tests {
             prop_assert!(w > expect * 0.4 && w < expect * 1.8, "weighted moved {w:.3}, expected about {expect:.3}");
             let m = moved_fraction(Distribution::Modula, n, remove);
             prop_assert!(m > 0.5, "modula moved only {m:.3}");
+        }
+    }
+
+    /// A live list's continuum (servers at lasting indexes, some no longer members, in a
+    /// new order) maps every key to the same server as a fresh continuum over the members.
+    #[test]
+    fn members_map_as_a_fresh_list() {
+        let slot = |i: u32, w: u32| RingServer {
+            host: format!("10.0.2.{i}"),
+            port: 11211,
+            weight: w,
+        };
+        let slots: Vec<RingServer> = (0..8).map(|i| slot(i, 1 + i % 3)).collect();
+        let order = [5u32, 1, 7, 2, 6];
+        let fresh: Vec<RingServer> = order.iter().map(|&i| slots[i as usize].clone()).collect();
+        for dist in [
+            Distribution::Modula,
+            Distribution::Ketama,
+            Distribution::KetamaWeighted,
+        ] {
+            let live =
+                Continuum::with_members(dist, HashFn::OneAtATime, slots.clone(), order.to_vec());
+            let plain = Continuum::new(dist, HashFn::OneAtATime, &fresh);
+            for k in 0..2000 {
+                let key = format!("key:{k}");
+                let want = order[plain.pick(key.as_bytes()).unwrap()] as usize;
+                assert_eq!(live.pick(key.as_bytes()), Some(want), "{dist:?} {key}");
+                assert_eq!(live.pick_home(key.as_bytes()), Some(want));
+                for placement in [ReplicaPlacement::Natural, ReplicaPlacement::List] {
+                    let a = live.replicas(key.as_bytes(), 3, placement);
+                    let b = plain.replicas(key.as_bytes(), 3, placement);
+                    let b: Vec<u32> = b.as_slice().iter().map(|&i| order[i as usize]).collect();
+                    assert_eq!(a.as_slice(), b, "{dist:?} {placement:?} {key}");
+                }
+            }
+            assert!(!live.is_member(0) && live.is_member(5) && !live.is_member(99));
         }
     }
 }

@@ -87,6 +87,10 @@ impl SharedClientBuilder {
     pub fn build(self) -> Result<SharedClient> {
         let timeout = self.builder.configured_io_timeout();
         let router = self.builder.clone().build()?;
+        // One engine per server, made here: a list that grows would need new ones.
+        router
+            .server_list()
+            .freeze("a SharedClient does not follow list changes yet");
         let fleet = *router.core_ref().fleet();
         // Engines serve one server each: the copies are the shared client's business.
         let builder = self.builder.sharing_health_of(&router).one_copy();

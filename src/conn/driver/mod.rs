@@ -110,6 +110,33 @@ struct Conn {
     late: Option<Late>,
 }
 
+impl Conn {
+    /// A server's state before its first connection.
+    fn new(addr: &ServerAddr, cfg: &DriverConfig) -> Conn {
+        Conn {
+            label: addr.to_string(),
+            addr: addr.clone(),
+            stream: None,
+            rbuf: ReadBuf::new(INITIAL_READ_BUF, cfg.max_unit),
+            // Allocated on the first connection (see `ReadBuf`'s `initial`).
+            wbuf: Vec::new(),
+            readable: false,
+            writable: false,
+            closed: false,
+            connects: 0,
+            resumed: 0,
+            fresh: true,
+            #[cfg(feature = "metrics")]
+            bytes: (0, 0),
+            blocking: None,
+            busy: false,
+            owes_sync: false,
+            unread_syncs: 0,
+            late: None,
+        }
+    }
+}
+
 /// Late replies a connection may owe at once; a copy that leaves more reads unanswered is
 /// disconnected (see `engine::hedge`).
 pub(crate) const LATE_MAX: usize = 8;
@@ -267,30 +294,7 @@ impl Driver {
             server: "(poll)".into(),
             source: source.into(),
         })?;
-        let conns = servers
-            .iter()
-            .map(|addr| Conn {
-                label: addr.to_string(),
-                addr: addr.clone(),
-                stream: None,
-                rbuf: ReadBuf::new(INITIAL_READ_BUF, cfg.max_unit),
-                // Allocated on the first connection (see `ReadBuf`'s `initial`).
-                wbuf: Vec::new(),
-                readable: false,
-                writable: false,
-                closed: false,
-                connects: 0,
-                resumed: 0,
-                fresh: true,
-                #[cfg(feature = "metrics")]
-                bytes: (0, 0),
-                blocking: None,
-                busy: false,
-                owes_sync: false,
-                unread_syncs: 0,
-                late: None,
-            })
-            .collect();
+        let conns = servers.iter().map(|addr| Conn::new(addr, &cfg)).collect();
         Ok(Driver {
             poll,
             events: Events::with_capacity(64),
@@ -299,6 +303,24 @@ impl Driver {
             #[cfg(feature = "tls")]
             tls,
         })
+    }
+
+    /// Takes the servers of a live list: `servers` extends the ones it has (an index keeps
+    /// its server for the list's life). Nothing connects yet.
+    ///
+    /// # Errors
+    /// A new server's TLS name is invalid (the list checked it before it was swapped in).
+    pub(crate) fn grow(&mut self, servers: &[ServerAddr]) -> Result<()> {
+        #[cfg(feature = "tls")]
+        if let Some((t, names)) = &mut self.tls {
+            for addr in servers.iter().skip(names.len()) {
+                names.push(t.server_name(addr)?);
+            }
+        }
+        for addr in servers.iter().skip(self.conns.len()) {
+            self.conns.push(Conn::new(addr, &self.cfg));
+        }
+        Ok(())
     }
 
     /// Starts an operation on server `i`: connects if needed and returns the I/O deadline.

@@ -18,6 +18,17 @@ pub enum CacheClients {
     Shared(SharedClient),
 }
 
+impl CacheClients {
+    /// Refuses changes of the clients' server list from now on, for `why`.
+    pub(super) fn freeze_list(&self, why: &'static str) {
+        match self {
+            CacheClients::Pool(p) => p.server_list().freeze(why),
+            // The shared client froze its list when it was built.
+            CacheClients::Shared(_) => {}
+        }
+    }
+}
+
 impl From<Pool> for CacheClients {
     fn from(p: Pool) -> CacheClients {
         CacheClients::Pool(p)

@@ -1,0 +1,440 @@
+//! Live server lists (#28): a `ServerList` changed while clients serve, against real
+//! memcached. Servers are added and removed under 64 callers; every reply must be its own
+//! caller's and its own key's, and every read the last value written or a miss.
+
+use mcstore_test_support as support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mcstore::ring::Distribution;
+use mcstore::{Client, ClientBuilder, Error, ErrorKind, Pool, SetOptions};
+use support::Memcached;
+
+fn builder(servers: &[&Memcached]) -> ClientBuilder {
+    support::client_builder()
+        .servers(servers.iter().map(|m| m.addr()))
+        .distribution(Distribution::Ketama)
+}
+
+/// Which of `servers` each of `keys` goes to now.
+fn placement(c: &mut Client, keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .map(|k| c.server_for_key(k.as_bytes()).unwrap().to_string())
+        .collect()
+}
+
+/// The connections memcached has open (its own listener included).
+fn connections(m: &Memcached) -> u64 {
+    let mut c = m.client();
+    let stats = c.stats(None).unwrap();
+    stats[0].get("curr_connections").unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_new_list_moves_only_its_keys_and_keeps_connections() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let mut c = builder(&[&ms[0], &ms[1], &ms[2]]).build().unwrap();
+    let keys: Vec<String> = (0..300).map(|i| format!("live:{i}")).collect();
+    for k in &keys {
+        c.set(k.as_bytes(), k.as_bytes(), SetOptions::default())
+            .unwrap();
+    }
+    let before = placement(&mut c, &keys);
+    let open: Vec<u64> = ms[..3].iter().map(connections).collect();
+
+    let list = c.server_list().clone();
+    let change = list.set(ms.iter().map(|m| m.addr())).unwrap();
+    assert_eq!(change.added, [ms[3].addr()]);
+    assert!(change.removed.is_empty() && change.applied());
+    assert_eq!(change.generation, 1);
+    assert_eq!(
+        list.servers(),
+        ms.iter().map(|m| m.addr()).collect::<Vec<_>>()
+    );
+
+    // Keys that stay on their server still hit; those that moved go to the new server only.
+    let after = placement(&mut c, &keys);
+    let mut moved = 0;
+    for ((k, a), b) in keys.iter().zip(&before).zip(&after) {
+        let got = c.get(k.as_bytes()).unwrap().map(|i| i.value);
+        if a == b {
+            assert_eq!(got.as_deref(), Some(k.as_bytes()), "{k} stayed on {a}");
+        } else {
+            assert_eq!(
+                b,
+                &ms[3].addr(),
+                "{k} moved from {a} to {b}, not the new server"
+            );
+            assert_eq!(got, None, "{k} on the new, empty server");
+            moved += 1;
+        }
+    }
+    // Ketama: about a quarter moves to the fourth server.
+    assert!((30..=130).contains(&moved), "{moved} of 300 keys moved");
+    // The connections to the kept servers stayed open: none was made again.
+    let now: Vec<u64> = ms[..3].iter().map(connections).collect();
+    assert_eq!(open, now, "connections to kept servers were replaced");
+    for (label, counters) in c.server_counters() {
+        assert_eq!(counters.reconnects, 0, "{label} reconnected");
+    }
+
+    // Back to the first three: every key is where it was.
+    let change = list.set(ms[..3].iter().map(|m| m.addr())).unwrap();
+    assert_eq!(change.removed, [ms[3].addr()]);
+    assert_eq!(placement(&mut c, &keys), before);
+    // The removed server is not asked any more, and says so clearly.
+    let e = c.flush_server(&ms[3].addr(), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ServerRemoved, "{e}");
+    assert_eq!(c.server_counters().len(), 3);
+}
+
+#[test]
+fn a_bad_list_is_refused_and_the_old_one_kept() {
+    let ms: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
+    let mut c = builder(&[&ms[0], &ms[1]]).build().unwrap();
+    let list = c.server_list().clone();
+    let none: [&str; 0] = [];
+    assert!(matches!(list.set(none), Err(Error::NoServers)));
+    let bad = list.set(["127.0.0.1:99999"]).unwrap_err();
+    assert_eq!(bad.kind(), ErrorKind::Config, "{bad}");
+    let twice = list.set([ms[0].addr(), ms[0].addr()]).unwrap_err();
+    assert!(twice.to_string().contains("twice"), "{twice}");
+    assert_eq!(list.generation(), 0);
+    assert_eq!(list.servers(), [ms[0].addr(), ms[1].addr()]);
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    assert_eq!(c.get(b"k").unwrap().map(|i| i.value), Some(b"v".to_vec()));
+    // The same list again changes nothing.
+    let same = list.set([ms[0].addr(), ms[1].addr()]).unwrap();
+    assert!(!same.applied() && same.generation == 0);
+    // A weight is a change: the continuum is rebuilt.
+    let w = list
+        .set([format!("{}:3", ms[0].addr()), ms[1].addr()])
+        .unwrap();
+    assert_eq!(w.reweighted, [ms[0].addr()]);
+    assert_eq!(
+        list.servers(),
+        [format!("{}:3", ms[0].addr()), ms[1].addr()]
+    );
+}
+
+#[test]
+fn flapping_within_the_damping_window_moves_no_key() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let all: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let mut c = builder(&[&ms[0], &ms[1], &ms[2], &ms[3]])
+        .list_damping(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let keys: Vec<String> = (0..200).map(|i| format!("flap:{i}")).collect();
+    let before = placement(&mut c, &keys);
+    let list = c.server_list().clone();
+    // The fourth server disappears from discovery, then comes back: nothing moves.
+    let gone = list.set(&all[..3]).unwrap();
+    assert!(!gone.applied() && gone.pending, "{gone:?}");
+    assert_eq!(placement(&mut c, &keys), before);
+    let back = list.set(&all).unwrap();
+    assert!(!back.applied() && !back.pending, "{back:?}");
+    assert_eq!(list.generation(), 0);
+    assert_eq!(placement(&mut c, &keys), before);
+
+    // Without damping, the same flap moves its keys twice.
+    let mut d = builder(&[&ms[0], &ms[1], &ms[2], &ms[3]]).build().unwrap();
+    let dl = d.server_list().clone();
+    assert!(dl.set(&all[..3]).unwrap().applied());
+    assert_ne!(placement(&mut d, &keys), before);
+    assert!(dl.set(&all).unwrap().applied());
+    assert_eq!(dl.generation(), 2);
+}
+
+#[test]
+fn changes_are_rate_limited_and_applied_later() {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let all: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let c = builder(&[&ms[0], &ms[1]])
+        .list_min_interval(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let list = c.server_list().clone();
+    assert!(list.set(&all).unwrap().applied());
+    // A second change within the interval is held...
+    let held = list.set(&all[..2]).unwrap();
+    assert!(!held.applied() && held.pending);
+    assert_eq!(list.servers(), all);
+    // ...and applied by a refresh once the interval has passed.
+    support::wait_for("the held change", || {
+        list.refresh().unwrap().applied() || list.generation() == 2
+    });
+    assert_eq!(list.servers(), &all[..2]);
+}
+
+#[test]
+fn a_pool_follows_one_list() {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let pool = Pool::new(builder(&[&ms[0], &ms[1]]), 4).unwrap();
+    let list = pool.server_list().clone();
+    list.set(ms.iter().map(|m| m.addr())).unwrap();
+    // Every client of the pool, idle or not, routes with the new list.
+    let mut held: Vec<_> = (0..4).map(|_| pool.get().unwrap()).collect();
+    for c in &mut held {
+        for i in 0..50 {
+            let k = format!("pool:{i}");
+            c.set(k.as_bytes(), b"v", SetOptions::default()).unwrap();
+        }
+        assert_eq!(c.server_counters().len(), 3);
+    }
+    // A storage over the pool freezes the list (its guarantee does not cover moves yet).
+    drop(held);
+}
+
+/// A key that moves to a new server and back never reads what a write made meanwhile
+/// replaced: every kind of write deletes it where it was (single calls, batches, pipelines,
+/// noreply).
+#[test]
+fn a_key_moved_away_and_back_never_reads_an_older_write() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let three: Vec<String> = ms[..3].iter().map(|m| m.addr()).collect();
+    let four: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let mut c = builder(&[&ms[0], &ms[1], &ms[2]]).build().unwrap();
+    let list = c.server_list().clone();
+    // Keys that the fourth server takes: found with a look at the new continuum.
+    let all: Vec<String> = (0..400).map(|i| format!("moves:{i}")).collect();
+    for k in &all {
+        c.set(k.as_bytes(), b"old", SetOptions::default()).unwrap();
+        c.set(format!("{k}:n").as_bytes(), b"5", SetOptions::default())
+            .unwrap();
+    }
+    list.set(&four).unwrap();
+    let moved: Vec<&String> = all
+        .iter()
+        .filter(|k| c.server_for_key(k.as_bytes()).unwrap() == ms[3].addr())
+        .collect();
+    assert!(moved.len() >= 40, "{} keys moved", moved.len());
+    let ways = 6;
+    for (n, k) in moved.iter().enumerate() {
+        let key = k.as_bytes();
+        match n % ways {
+            0 => c.set(key, b"new", SetOptions::default()).unwrap(),
+            1 => {
+                c.set_multi(&[(key, &b"new"[..])], SetOptions::default())
+                    .unwrap();
+            }
+            2 => c
+                .store_noreply(mcstore::StoreMode::Set, key, b"new", SetOptions::default())
+                .unwrap(),
+            3 => {
+                c.delete(key).unwrap();
+            }
+            4 => {
+                c.delete_multi(&[key]).unwrap();
+            }
+            _ => {
+                // The counter beside it: incr on the new server (a miss there) still
+                // deletes the old one.
+                let _ = c.incr(format!("{k}:n").as_bytes(), 1).unwrap();
+                c.delete(key).unwrap();
+            }
+        }
+    }
+    // The noreply writes are confirmed by the next call on their connections.
+    c.version().unwrap();
+    list.set(&three).unwrap();
+    for (n, k) in moved.iter().enumerate() {
+        let got = c.get(k.as_bytes()).unwrap().map(|i| i.value);
+        assert_ne!(
+            got.as_deref(),
+            Some(&b"old"[..]),
+            "{k} (way {}) read an older write",
+            n % ways
+        );
+        if n % ways == 5 {
+            let counter = c.get(format!("{k}:n").as_bytes()).unwrap().map(|i| i.value);
+            assert_ne!(
+                counter.as_deref(),
+                Some(&b"5"[..]),
+                "{k}:n read an older write"
+            );
+        }
+    }
+    // Keys that never moved were not touched.
+    let stayed = all.iter().find(|k| !moved.contains(k)).unwrap();
+    assert_eq!(
+        c.get(stayed.as_bytes()).unwrap().map(|i| i.value),
+        Some(b"old".to_vec())
+    );
+}
+
+/// A value names its caller, key and write: `t{caller}:{key}:{seq}`.
+fn value(t: usize, j: usize, seq: u64) -> String {
+    format!("t{t}:{j}:{seq}")
+}
+
+#[derive(Default)]
+struct Tally {
+    ops: AtomicU64,
+    failed: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    foreign: AtomicU64,
+}
+
+/// 64 callers on a pool, each with its own keys, while servers are added and removed every
+/// 100 ms. `abrupt`: a removed server is killed at once (restarted empty before it comes
+/// back); otherwise it keeps running (a graceful removal) and is flushed before it comes
+/// back. Returns the tally and the number of removals.
+fn churn(abrupt: bool) -> (Tally, u64) {
+    let secs: u64 = std::env::var("MCSTORE_CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let base: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let mut spares: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
+    let base_addrs: Vec<String> = base.iter().map(|m| m.addr()).collect();
+    // The connections of a spare nobody uses (the one asking included).
+    let idle: Vec<u64> = spares.iter().map(connections).collect();
+    let pool = Pool::new(
+        builder(&base.iter().collect::<Vec<_>>()).io_timeout(Duration::from_secs(2)),
+        64,
+    )
+    .unwrap();
+    let list = pool.server_list().clone();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..64)
+        .map(|t| {
+            let (pool, tally, stop) = (pool.clone(), tally.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut c = pool.get().unwrap();
+                let mut last: Vec<Option<u64>> = vec![None; 16];
+                let mut seq = 0u64;
+                let mut rng = support::Rng(t as u64 * 7919 + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    let j = rng.below(16) as usize;
+                    let key = format!("churn:{t}:{j}");
+                    tally.ops.fetch_add(1, Ordering::Relaxed);
+                    if rng.below(2) == 0 {
+                        seq += 1;
+                        let v = value(t, j, seq);
+                        match c.set(key.as_bytes(), v.as_bytes(), SetOptions::default()) {
+                            Ok(()) => last[j] = Some(seq),
+                            Err(e) => {
+                                tally.failed.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("set {key}: {e}");
+                                // It may or may not have landed.
+                                last[j] = None;
+                            }
+                        }
+                        continue;
+                    }
+                    match c.get(key.as_bytes()) {
+                        Ok(None) => {
+                            tally.misses.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Some(v)) => {
+                            let v = String::from_utf8(v.value).unwrap();
+                            let (owner, got) = v.rsplit_once(':').unwrap();
+                            if owner != format!("t{t}:{j}") {
+                                tally.foreign.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("{key} read {v}");
+                            } else if last[j].is_some_and(|s| got.parse::<u64>().unwrap() != s) {
+                                tally.stale.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("{key} read {v}, last written {:?}", last[j]);
+                            }
+                        }
+                        Err(e) => {
+                            tally.failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("get {key}: {e}");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut removals = 0;
+    let mut k = 0;
+    while Instant::now() < deadline {
+        let s = k % spares.len();
+        k += 1;
+        // Add a spare (empty: restarted or flushed since it was last in the list)...
+        let mut with = base_addrs.clone();
+        with.push(spares[s].addr());
+        assert!(list.set(&with).unwrap().applied());
+        thread::sleep(Duration::from_millis(100));
+        // ...and remove it again.
+        assert!(list.set(&base_addrs).unwrap().applied());
+        removals += 1;
+        if abrupt {
+            spares[s].restart();
+        } else {
+            // A graceful removal: the clients close their connections to the server as
+            // they take the new list, after the call they are making; once they all have,
+            // nothing more lands on it, and it is emptied before it comes back.
+            support::wait_for("the clients to leave the removed server", || {
+                connections(&spares[s]) <= idle[s]
+            });
+            spares[s].client().flush_all(None).unwrap();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.join().unwrap();
+    }
+    let tally = Arc::try_unwrap(tally).unwrap_or_else(|_| panic!("callers still hold the tally"));
+    eprintln!(
+        "CHURN abrupt={abrupt} ops={} failed={} misses={} stale={} foreign={} removals={removals} generation={}",
+        tally.ops.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+        tally.misses.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+        tally.foreign.load(Ordering::Relaxed),
+        list.generation(),
+    );
+    (tally, removals)
+}
+
+#[test]
+fn servers_added_and_removed_every_100ms_under_64_callers() {
+    let (t, removals) = churn(false);
+    assert!(removals >= 5, "only {removals} removals");
+    assert!(t.ops.load(Ordering::Relaxed) > 1000);
+    assert_eq!(
+        t.foreign.load(Ordering::Relaxed),
+        0,
+        "a reply reached the wrong caller"
+    );
+    assert_eq!(
+        t.failed.load(Ordering::Relaxed),
+        0,
+        "graceful removals failed calls"
+    );
+    assert_eq!(
+        t.stale.load(Ordering::Relaxed),
+        0,
+        "a read returned an older write"
+    );
+}
+
+#[test]
+fn abrupt_removals_fail_only_the_calls_in_flight() {
+    let (t, removals) = churn(true);
+    assert_eq!(
+        t.foreign.load(Ordering::Relaxed),
+        0,
+        "a reply reached the wrong caller"
+    );
+    assert_eq!(
+        t.stale.load(Ordering::Relaxed),
+        0,
+        "a read returned an older write"
+    );
+    // A call in flight to a killed server fails; at most one per caller per kill.
+    let failed = t.failed.load(Ordering::Relaxed);
+    assert!(
+        failed <= 64 * removals,
+        "{failed} failed calls over {removals} kills"
+    );
+}

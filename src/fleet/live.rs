@@ -1,0 +1,440 @@
+//! A server list that changes while clients use it (#28).
+//!
+//! Every client follows a [`ServerList`]: one built with fixed servers follows its own list,
+//! which nothing changes. A [`set`](ServerList::set) builds the new continuum on the
+//! caller's thread (never a client's), stores it with `arc-swap` (read-copy-update) and moves
+//! the list's generation, which every client sees on its next call in the same atomic load
+//! that already tells it of ejections: the healthy path pays nothing.
+//!
+//! A server keeps its index (its *slot*) for the list's life, even after it leaves: an index
+//! a call holds across a change never names another server, connections to kept servers
+//! stay open, and per-server state (ejections, latency, repairs) stays where it is.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::addr::{ServerAddr, ServerSpec};
+use crate::engine::health::SharedHealth;
+use crate::engine::slots::MAX_SLOTS;
+use crate::error::{Error, Result};
+use crate::ring::handover::Handover;
+use crate::ring::{Continuum, Distribution, HashFn, RingServer};
+
+/// One generation of a list: what a client routes with.
+pub(crate) struct Topology {
+    pub(crate) generation: u64,
+    /// Per slot: every server the list ever named.
+    pub(crate) addrs: Vec<ServerAddr>,
+    pub(crate) labels: Arc<[String]>,
+    /// Over the slots; the list's servers are its members, in list order.
+    pub(crate) ring: Continuum,
+    /// Where keys moved by earlier changes may still have entries: a write deletes them.
+    pub(crate) handover: Arc<Handover>,
+}
+
+/// How a list takes changes: damping and a rate limit ([`ClientBuilder::list_damping`],
+/// [`ClientBuilder::list_min_interval`]).
+///
+/// [`ClientBuilder::list_damping`]: crate::ClientBuilder::list_damping
+/// [`ClientBuilder::list_min_interval`]: crate::ClientBuilder::list_min_interval
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Churn {
+    pub(crate) damping: Duration,
+    pub(crate) min_interval: Duration,
+}
+
+/// What a [`ServerList::set`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListChange {
+    /// The list's generation after the call (0 for the list a client was built with).
+    pub generation: u64,
+    /// Servers added to the list, as configured.
+    pub added: Vec<String>,
+    /// Servers removed from the list.
+    pub removed: Vec<String>,
+    /// Servers whose weight changed.
+    pub reweighted: Vec<String>,
+    /// A change is held back, by the damping window (a removal) or the rate limit: a later
+    /// [`set`](ServerList::set) or [`refresh`](ServerList::refresh) applies it once its
+    /// time has come.
+    pub pending: bool,
+}
+
+impl ListChange {
+    /// Whether the call swapped in a new list.
+    pub fn applied(&self) -> bool {
+        !(self.added.is_empty() && self.removed.is_empty() && self.reweighted.is_empty())
+    }
+}
+
+/// The server list of a [`Client`](crate::Client), and of every client that follows it: the
+/// clients of a [`Pool`](crate::Pool) follow one list. `Clone` is cheap (shared).
+///
+/// [`set`](Self::set) replaces the list while the clients serve:
+/// - the new continuum is built by the caller of `set` and swapped in atomically: callers of
+///   the clients never wait for it, and take it on their next call;
+/// - connections to servers that stay are kept; a client closes its connection to a removed
+///   server when it takes the new list, after the call it was making (a client makes one
+///   call at a time), so no call in flight is cut;
+/// - a call routed before the change and sent after it, to a removed server, fails with
+///   [`Error::ServerRemoved`]; none goes to another server than the one it was routed to;
+/// - weights may change; a server named twice is refused.
+///
+/// Churn control (set on the builder): with [`list_damping`], a removed server stays in the
+/// list for that long, so one that comes back within the window moves no key; with
+/// [`list_min_interval`], changes are applied at most that often. A held change is applied
+/// by a later `set` or [`refresh`](Self::refresh) (a [`Discovery`](crate::Discovery)
+/// loop calls one every poll).
+///
+/// Not yet followed: zones ([`zone`](crate::ClientBuilder::zone)), a
+/// [`SharedClient`](crate::SharedClient), and a
+/// [`MemcacheStorage`](crate::storage::MemcacheStorage) (its never-stale guarantee does not
+/// cover keys that move yet): `set` refuses those lists with [`Error::Config`].
+///
+/// [`list_damping`]: crate::ClientBuilder::list_damping
+/// [`list_min_interval`]: crate::ClientBuilder::list_min_interval
+///
+/// ```no_run
+/// use mcstore::Client;
+/// # fn main() -> mcstore::Result<()> {
+/// let mut client = Client::builder().servers(["127.0.0.1:11211", "127.0.0.1:11212"]).build()?;
+/// let list = client.server_list().clone();
+/// // From any thread, while `client` serves:
+/// let change = list.set(["127.0.0.1:11211", "127.0.0.1:11213"])?;
+/// assert_eq!(change.removed, ["127.0.0.1:11212"]);
+/// client.get(b"k")?; // routed with the new list
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServerList {
+    inner: Arc<ListInner>,
+}
+
+struct ListInner {
+    current: ArcSwap<Topology>,
+    health: Arc<SharedHealth>,
+    dist: Distribution,
+    hash: HashFn,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::TlsConfig>,
+    churn: Churn,
+    state: Mutex<State>,
+}
+
+/// The list's bookkeeping, changed only by `set` (under its lock).
+struct State {
+    /// Per slot: the server (with its weight in the current list).
+    slots: Vec<ServerSpec>,
+    /// The list as last given.
+    wanted: Vec<ServerSpec>,
+    /// Servers dropped from `wanted` and kept in the list until then (damping).
+    leaving: Vec<(ServerAddr, Instant)>,
+    /// The members now, in list order, as slots.
+    members: Vec<usize>,
+    last_change: Option<Instant>,
+    /// Why the list may not change (zones, or a front that does not follow changes).
+    frozen: Option<&'static str>,
+}
+
+impl std::fmt::Debug for ServerList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerList")
+            .field("generation", &self.generation())
+            .field("servers", &self.servers())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The continuum's view of a server: the host exactly as configured, 0 as the port of a
+/// Unix socket (its path is the host).
+pub(crate) fn ring_server(spec: &ServerSpec) -> RingServer {
+    match &spec.addr {
+        ServerAddr::Tcp { host, port } => RingServer {
+            host: host.clone(),
+            port: *port,
+            weight: spec.weight,
+        },
+        ServerAddr::Unix(path) => RingServer {
+            host: path.display().to_string(),
+            port: 0,
+            weight: spec.weight,
+        },
+    }
+}
+
+/// What a [`ServerList`] is built from (the builder's settings, checked).
+pub(crate) struct ListSettings {
+    pub(crate) specs: Vec<ServerSpec>,
+    pub(crate) dist: Distribution,
+    pub(crate) hash: HashFn,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::TlsConfig>,
+    pub(crate) churn: Churn,
+    pub(crate) health: Arc<SharedHealth>,
+    pub(crate) zoned: bool,
+}
+
+impl ServerList {
+    /// The list of a new client (generation 0): its servers in order, slots 0..n.
+    pub(crate) fn new(s: ListSettings) -> ServerList {
+        let n = s.specs.len();
+        let ring = Continuum::new(
+            s.dist,
+            s.hash,
+            &s.specs.iter().map(ring_server).collect::<Vec<_>>(),
+        );
+        let topology = Topology {
+            generation: 0,
+            addrs: s.specs.iter().map(|x| x.addr.clone()).collect(),
+            labels: s.specs.iter().map(|x| x.addr.to_string()).collect(),
+            ring,
+            handover: Arc::default(),
+        };
+        ServerList {
+            inner: Arc::new(ListInner {
+                current: ArcSwap::from_pointee(topology),
+                health: s.health,
+                dist: s.dist,
+                hash: s.hash,
+                #[cfg(feature = "tls")]
+                tls: s.tls,
+                churn: s.churn,
+                state: Mutex::new(State {
+                    slots: s.specs.clone(),
+                    wanted: s.specs,
+                    leaving: Vec::new(),
+                    members: (0..n).collect(),
+                    last_change: None,
+                    frozen: s
+                        .zoned
+                        .then_some("a client with zones does not follow list changes yet"),
+                }),
+            }),
+        }
+    }
+
+    /// The current generation (lock-free).
+    pub(crate) fn topology(&self) -> arc_swap::Guard<Arc<Topology>> {
+        self.inner.current.load()
+    }
+
+    /// The health every client of this list shares.
+    pub(crate) fn health(&self) -> &Arc<SharedHealth> {
+        &self.inner.health
+    }
+
+    /// Refuses changes from now on, for `why` (a front that does not follow them).
+    pub(crate) fn freeze(&self, why: &'static str) {
+        self.lock().frozen.get_or_insert(why);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The servers in the list now, in list order, as configured (`host:port`, with
+    /// `:weight` when the weight is not 1).
+    pub fn servers(&self) -> Vec<String> {
+        let st = self.lock();
+        (st.members.iter())
+            .map(|&i| match st.slots[i].weight {
+                0 | 1 => st.slots[i].addr.to_string(),
+                w => format!("{}:{w}", st.slots[i].addr),
+            })
+            .collect()
+    }
+
+    /// The list's generation: 0 as built, one more for every change applied.
+    pub fn generation(&self) -> u64 {
+        self.inner.current.load().generation
+    }
+
+    /// Replaces the list with `servers` (each as in
+    /// [`ClientBuilder::server`](crate::ClientBuilder::server)), subject to the damping and
+    /// rate limit the clients were built with. Returns what changed. The same list again
+    /// changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::NoServers`] for an empty list (a list never empties: the clients keep the
+    /// one they have); [`Error::Config`] for an invalid or repeated server, a TLS name that
+    /// cannot be verified, a list over 65,536 distinct servers in its life, or a list whose
+    /// clients do not follow changes (see above). The list is unchanged then.
+    pub fn set<I, S>(&self, servers: I) -> Result<ListChange>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let specs = servers
+            .into_iter()
+            .map(|s| s.as_ref().parse::<ServerSpec>())
+            .collect::<Result<Vec<_>>>()?;
+        self.set_specs(specs)
+    }
+
+    /// [`set`](Self::set) with typed servers.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub fn set_specs(&self, specs: Vec<ServerSpec>) -> Result<ListChange> {
+        if specs.is_empty() {
+            return Err(Error::NoServers);
+        }
+        for (k, s) in specs.iter().enumerate() {
+            if specs[..k].iter().any(|t| t.addr == s.addr) {
+                return Err(Error::Config(format!(
+                    "server {} is named twice in a new list",
+                    s.addr
+                )));
+            }
+            #[cfg(feature = "tls")]
+            if let Some(t) = &self.inner.tls {
+                t.server_name(&s.addr)?;
+            }
+        }
+        if self.inner.dist == Distribution::Modula {
+            return Err(Error::Config(
+                "a modula list cannot change: nearly every key would move (build the clients \
+                 with a consistent distribution, Distribution::Ketama)"
+                    .into(),
+            ));
+        }
+        let mut st = self.lock();
+        if let Some(why) = st.frozen {
+            return Err(Error::Config(format!(
+                "this server list cannot change: {why}"
+            )));
+        }
+        st.wanted = specs;
+        self.apply(&mut st, Instant::now())
+    }
+
+    /// Applies a change held back by the damping window or the rate limit, if its time has
+    /// come (what [`set`](Self::set) with the list last given does).
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub fn refresh(&self) -> Result<ListChange> {
+        let mut st = self.lock();
+        if st.frozen.is_some() {
+            return Ok(ListChange {
+                generation: self.generation(),
+                ..ListChange::default()
+            });
+        }
+        self.apply(&mut st, Instant::now())
+    }
+
+    /// Works out the list to serve now from the wanted one, and swaps it in if it changed.
+    fn apply(&self, st: &mut State, now: Instant) -> Result<ListChange> {
+        let churn = self.inner.churn;
+        // Damping: a member the wanted list dropped stays until its window ends; one that
+        // came back is simply kept.
+        let wanted_has = |st: &State, a: &ServerAddr| st.wanted.iter().any(|w| &w.addr == a);
+        for &i in &st.members.clone() {
+            let addr = st.slots[i].addr.clone();
+            if !wanted_has(st, &addr) && !st.leaving.iter().any(|(a, _)| *a == addr) {
+                st.leaving.push((addr, now + churn.damping));
+            }
+        }
+        let leaving = std::mem::take(&mut st.leaving);
+        st.leaving = (leaving.into_iter())
+            .filter(|(a, until)| !wanted_has(st, a) && *until > now)
+            .collect();
+        let mut next: Vec<ServerSpec> = st.wanted.clone();
+        for &i in &st.members {
+            let s = &st.slots[i];
+            if st.leaving.iter().any(|(a, _)| *a == s.addr) {
+                next.push(s.clone());
+            }
+        }
+        let mut change = ListChange {
+            generation: self.generation(),
+            pending: !st.leaving.is_empty(),
+            ..ListChange::default()
+        };
+        let same = next.len() == st.members.len()
+            && next.iter().zip(&st.members).all(|(n, &i)| {
+                let s = &st.slots[i];
+                s.addr == n.addr && s.weight.max(1) == n.weight.max(1)
+            });
+        if same {
+            return Ok(change);
+        }
+        if let Some(at) = st.last_change {
+            if now < at + churn.min_interval {
+                change.pending = true;
+                return Ok(change);
+            }
+        }
+        // Slots: a server keeps the one it had; a new one takes the next.
+        let mut members = Vec::with_capacity(next.len());
+        let mut slots = st.slots.clone();
+        for n in &next {
+            let i = match slots.iter().position(|s| s.addr == n.addr) {
+                Some(i) => {
+                    if !st.members.contains(&i) {
+                        change.added.push(n.addr.to_string());
+                    } else if slots[i].weight.max(1) != n.weight.max(1) {
+                        change.reweighted.push(n.addr.to_string());
+                    }
+                    slots[i].weight = n.weight;
+                    i
+                }
+                None => {
+                    if slots.len() >= MAX_SLOTS {
+                        return Err(Error::Config(format!(
+                            "a server list names at most {MAX_SLOTS} distinct servers in its \
+                             life: build a new client"
+                        )));
+                    }
+                    change.added.push(n.addr.to_string());
+                    slots.push(n.clone());
+                    slots.len() - 1
+                }
+            };
+            members.push(i);
+        }
+        for &i in &st.members {
+            if !members.contains(&i) {
+                change.removed.push(slots[i].addr.to_string());
+            }
+        }
+        let ring = Continuum::with_members(
+            self.inner.dist,
+            self.inner.hash,
+            slots.iter().map(ring_server).collect(),
+            members.iter().map(|&i| i as u32).collect(),
+        );
+        let generation = change.generation + 1;
+        let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
+        let old = self.inner.current.load();
+        let handover = Arc::new(old.handover.after(&old.ring, &ring));
+        drop(old);
+        let topology = Topology {
+            generation,
+            addrs: slots.iter().map(|s| s.addr.clone()).collect(),
+            labels: labels.clone().into(),
+            ring,
+            handover,
+        };
+        // Room for the new servers' shared state first, then the list, then the signal: a
+        // client that sees the list finds the state of every server in it.
+        self.inner.health.grow(&labels);
+        for &i in &members {
+            if !st.members.contains(&i) {
+                self.inner.health.reset(i);
+            }
+        }
+        self.inner.current.store(Arc::new(topology));
+        self.inner.health.list_changed(generation);
+        st.slots = slots;
+        st.members = members;
+        st.last_change = Some(now);
+        change.generation = generation;
+        crate::observe::list_changed(generation, &change.added, &change.removed);
+        Ok(change)
+    }
+}
