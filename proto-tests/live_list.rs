@@ -185,8 +185,40 @@ fn a_pool_follows_one_list() {
         }
         assert_eq!(c.server_counters().len(), 3);
     }
-    // A storage over the pool freezes the list (its guarantee does not cover moves yet).
     drop(held);
+}
+
+/// The fronts that do not follow a changing list yet refuse a change with a clear error and
+/// keep serving with the list they have: a storage over a pool, a client with copies, a
+/// modula list.
+#[test]
+fn fronts_that_do_not_follow_changes_refuse_them() {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let three: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let refused = |list: &mcstore::ServerList, what: &str| {
+        let e = list.set(&three).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{what}: {e}");
+        assert!(e.to_string().contains("does not follow"), "{what}: {e}");
+        assert_eq!(list.generation(), 0, "{what}");
+    };
+    let pool = Pool::new(builder(&[&ms[0], &ms[1]]), 2).unwrap();
+    let list = pool.server_list().clone();
+    let storage = mcstore::storage::MemcacheStorage::new(
+        pool,
+        Arc::new(mcstore::storage::MemoryStorage::new()),
+    );
+    refused(&list, "a MemcacheStorage's pool");
+    drop(storage);
+    let mut c = builder(&[&ms[0], &ms[1]]).replicas(2).build().unwrap();
+    refused(&c.server_list().clone(), "a client with copies");
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    // A modula list cannot change: nearly every key would move.
+    let m = support::client_builder()
+        .servers(&three[..2])
+        .build()
+        .unwrap();
+    let e = m.server_list().set(&three).unwrap_err();
+    assert!(e.to_string().contains("modula"), "{e}");
 }
 
 /// A key that moves to a new server and back never reads what a write made meanwhile

@@ -490,6 +490,7 @@ impl ClientBuilder {
                     tls: self.tls.clone(),
                     churn: self.churn,
                     zoned,
+                    replicated: fleet.replicas > 1,
                 })
             }
         };

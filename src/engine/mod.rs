@@ -318,21 +318,20 @@ impl Core {
         self.health.adopt(topology.generation, &topology.labels);
     }
 
-    /// The servers other than `now` that may hold an older entry for the key hashed as
-    /// `hashed`: they owned it before a list change and are still in the list.
+    /// Where older entries of user key `user` may be, if a list change moved it: the map of
+    /// previous owners and the key's hash (its wire form built in `kb`). `None` until a
+    /// change moved a key (one length test).
     #[inline]
-    pub(crate) fn previous_owners(&self, hashed: &[u8], now: usize) -> crate::ring::Replicas {
-        let mut r = crate::ring::Replicas::EMPTY;
+    pub(crate) fn previous_owners(
+        &self,
+        user: &[u8],
+        kb: &mut Vec<u8>,
+    ) -> Result<Option<(Arc<Handover>, u32)>> {
         if self.handover.is_empty() {
-            return r;
+            return Ok(None);
         }
-        let h = self.ring.key_hash().hash(hashed);
-        for &s in self.handover.owners(h) {
-            if s as usize != now && r.as_slice().len() < crate::ring::MAX_REPLICAS {
-                r.push(s);
-            }
-        }
-        r
+        let h = self.ring.key_hash().hash(self.hashed(user, kb)?);
+        Ok(Some((Arc::clone(&self.handover), h)))
     }
 
     /// `Err(ServerRemoved)` if server `i` is no longer in the list.
@@ -729,36 +728,22 @@ impl Core {
         handed.map(|()| v)
     }
 
-    /// [`previous_owners`](Self::previous_owners) of user key `user` (its wire form built
-    /// in `kb`).
-    pub(crate) fn previous_owners_of(
-        &self,
-        user: &[u8],
-        kb: &mut Vec<u8>,
-        now: usize,
-    ) -> Result<crate::ring::Replicas> {
-        if self.handover.is_empty() {
-            return Ok(crate::ring::Replicas::EMPTY);
-        }
-        let hashed = self.hashed(user, kb)?;
-        Ok(self.previous_owners(hashed, now))
-    }
-
     /// Deletes `user` on its previous owners, one round trip each.
     #[cold]
     #[inline(never)]
     pub(crate) fn hand_over(&mut self, user: &[u8], kb: &mut Vec<u8>) -> Result<()> {
+        let Some((handover, h)) = self.previous_owners(user, kb)? else {
+            return Ok(());
+        };
         let binary_keys = self.protocol.supports(Capability::BinaryKeys);
         let (wire, raw) = wire_key(&self.namespace, user, binary_keys, kb)?;
         let hashed = if self.hash_with_namespace { raw } else { user };
         let now = self.ring.pick(hashed).ok_or(Error::NoServers)?;
         let mut first_error = None;
-        for j in self
-            .previous_owners(hashed, now)
-            .as_slice()
-            .iter()
-            .map(|&j| j as usize)
-        {
+        for j in handover.owners(h).iter().map(|&j| j as usize) {
+            if j == now {
+                continue;
+            }
             let r = self
                 .check_up(j)
                 .and_then(|()| self.call(j, &Cmd::delete(wire), None, |o, _| reply::existed(o)));

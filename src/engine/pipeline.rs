@@ -187,10 +187,13 @@ impl Pipeline<'_> {
             let i = self.queue(key, inline, None, cmd)?;
             self.flush_after(i, large)?;
             // A key a list change moved is deleted where it was, in the same pipeline.
-            let before = self.client.previous_owners_of(key, self.keybuf, i)?;
-            for &j in before.as_slice() {
-                let j = self.queue(key, None, Some(j as usize), Cmd::delete)?;
-                self.maybe_flush(j)?;
+            if let Some((handover, h)) = self.client.previous_owners(key, self.keybuf)? {
+                for j in handover.owners(h).iter().map(|&j| j as usize) {
+                    if j != i {
+                        let j = self.queue(key, None, Some(j), Cmd::delete)?;
+                        self.maybe_flush(j)?;
+                    }
+                }
             }
             return Ok(());
         }

@@ -89,7 +89,8 @@ impl ListChange {
 /// by a later `set` or [`refresh`](Self::refresh) (a [`Discovery`](crate::Discovery)
 /// loop calls one every poll).
 ///
-/// Not yet followed: zones ([`zone`](crate::ClientBuilder::zone)), a
+/// Not yet followed: zones ([`zone`](crate::ClientBuilder::zone)), copies
+/// ([`replicas`](crate::ClientBuilder::replicas) above 1), a
 /// [`SharedClient`](crate::SharedClient), and a
 /// [`MemcacheStorage`](crate::storage::MemcacheStorage) (its never-stale guarantee does not
 /// cover keys that move yet): `set` refuses those lists with [`Error::Config`].
@@ -175,6 +176,8 @@ pub(crate) struct ListSettings {
     pub(crate) churn: Churn,
     pub(crate) health: Arc<SharedHealth>,
     pub(crate) zoned: bool,
+    /// Keys have copies.
+    pub(crate) replicated: bool,
 }
 
 impl ServerList {
@@ -208,9 +211,16 @@ impl ServerList {
                     leaving: Vec::new(),
                     members: (0..n).collect(),
                     last_change: None,
-                    frozen: s
-                        .zoned
-                        .then_some("a client with zones does not follow list changes yet"),
+                    frozen: if s.zoned {
+                        Some("a client with zones does not follow list changes yet")
+                    } else if s.replicated {
+                        Some(
+                            "a client with copies (replicas > 1) does not follow list changes \
+                             yet",
+                        )
+                    } else {
+                        None
+                    },
                 }),
             }),
         }
