@@ -317,6 +317,18 @@ struct Tally {
 /// back); otherwise it keeps running (a graceful removal) and is flushed before it comes
 /// back. Returns the tally and the number of removals.
 fn churn(abrupt: bool) -> (Tally, u64) {
+    churn_with(abrupt, false)
+}
+
+/// A client of the churn test: a pool's (each caller checks one out for the run) or one
+/// shared client for every caller.
+#[derive(Clone)]
+enum Front {
+    Pool(Pool),
+    Shared(mcstore::SharedClient),
+}
+
+fn churn_with(abrupt: bool, shared: bool) -> (Tally, u64) {
     let secs: u64 = std::env::var("MCSTORE_CHURN_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -326,19 +338,48 @@ fn churn(abrupt: bool) -> (Tally, u64) {
     let base_addrs: Vec<String> = base.iter().map(|m| m.addr()).collect();
     // The connections of a spare nobody uses (the one asking included).
     let idle: Vec<u64> = spares.iter().map(connections).collect();
-    let pool = Pool::new(
-        builder(&base.iter().collect::<Vec<_>>()).io_timeout(Duration::from_secs(2)),
-        64,
-    )
-    .unwrap();
-    let list = pool.server_list().clone();
+    let b = builder(&base.iter().collect::<Vec<_>>()).io_timeout(Duration::from_secs(2));
+    let (front, list) = if shared {
+        let c = b.shared().build().unwrap();
+        let list = c.server_list();
+        (Front::Shared(c), list)
+    } else {
+        let pool = Pool::new(b, 64).unwrap();
+        let list = pool.server_list().clone();
+        (Front::Pool(pool), list)
+    };
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let callers: Vec<_> = (0..64)
         .map(|t| {
-            let (pool, tally, stop) = (pool.clone(), tally.clone(), stop.clone());
+            let (front, tally, stop) = (front.clone(), tally.clone(), stop.clone());
             thread::spawn(move || {
-                let mut c = pool.get().unwrap();
+                let mut pooled = match &front {
+                    Front::Pool(p) => Some(p.get().unwrap()),
+                    Front::Shared(_) => None,
+                };
+                // Half the callers of a shared client make async calls (waited for here):
+                // they are served by the I/O threads, and routed again there too.
+                let asynchronous = t % 2 == 1;
+                let set = |c: &mut Option<mcstore::PooledClient<'_>>, k: &[u8], v: &[u8]| {
+                    let opts = SetOptions::default();
+                    match (c, &front) {
+                        (Some(c), _) => c.set(k, v, opts),
+                        (None, Front::Shared(s)) if asynchronous => {
+                            futures_executor::block_on(s.set_async(k, v, opts))
+                        }
+                        (None, Front::Shared(s)) => s.set(k, v, opts),
+                        _ => unreachable!(),
+                    }
+                };
+                let get = |c: &mut Option<mcstore::PooledClient<'_>>, k: &[u8]| match (c, &front) {
+                    (Some(c), _) => c.get(k),
+                    (None, Front::Shared(s)) if asynchronous => {
+                        futures_executor::block_on(s.get_async(k))
+                    }
+                    (None, Front::Shared(s)) => s.get(k),
+                    _ => unreachable!(),
+                };
                 let mut last: Vec<Option<u64>> = vec![None; 16];
                 let mut seq = 0u64;
                 let mut rng = support::Rng(t as u64 * 7919 + 1);
@@ -349,7 +390,7 @@ fn churn(abrupt: bool) -> (Tally, u64) {
                     if rng.below(2) == 0 {
                         seq += 1;
                         let v = value(t, j, seq);
-                        match c.set(key.as_bytes(), v.as_bytes(), SetOptions::default()) {
+                        match set(&mut pooled, key.as_bytes(), v.as_bytes()) {
                             Ok(()) => last[j] = Some(seq),
                             Err(e) => {
                                 tally.failed.fetch_add(1, Ordering::Relaxed);
@@ -360,7 +401,7 @@ fn churn(abrupt: bool) -> (Tally, u64) {
                         }
                         continue;
                     }
-                    match c.get(key.as_bytes()) {
+                    match get(&mut pooled, key.as_bytes()) {
                         Ok(None) => {
                             tally.misses.fetch_add(1, Ordering::Relaxed);
                         }
@@ -417,7 +458,7 @@ fn churn(abrupt: bool) -> (Tally, u64) {
     }
     let tally = Arc::try_unwrap(tally).unwrap_or_else(|_| panic!("callers still hold the tally"));
     eprintln!(
-        "CHURN abrupt={abrupt} ops={} failed={} misses={} stale={} foreign={} removals={removals} generation={}",
+        "CHURN abrupt={abrupt} shared={shared} ops={} failed={} misses={} stale={} foreign={} removals={removals} generation={}",
         tally.ops.load(Ordering::Relaxed),
         tally.failed.load(Ordering::Relaxed),
         tally.misses.load(Ordering::Relaxed),
@@ -431,6 +472,28 @@ fn churn(abrupt: bool) -> (Tally, u64) {
 #[test]
 fn servers_added_and_removed_every_100ms_under_64_callers() {
     let (t, removals) = churn(false);
+    assert!(removals >= 5, "only {removals} removals");
+    assert!(t.ops.load(Ordering::Relaxed) > 1000);
+    assert_eq!(
+        t.foreign.load(Ordering::Relaxed),
+        0,
+        "a reply reached the wrong caller"
+    );
+    assert_eq!(
+        t.failed.load(Ordering::Relaxed),
+        0,
+        "graceful removals failed calls"
+    );
+    assert_eq!(
+        t.stale.load(Ordering::Relaxed),
+        0,
+        "a read returned an older write"
+    );
+}
+
+#[test]
+fn a_shared_client_follows_servers_added_and_removed_every_100ms() {
+    let (t, removals) = churn_with(false, true);
     assert!(removals >= 5, "only {removals} removals");
     assert!(t.ops.load(Ordering::Relaxed) > 1000);
     assert_eq!(

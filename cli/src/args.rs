@@ -381,10 +381,9 @@ pub(crate) enum Cmd {
         /// The tokio runtime for --mode async.
         #[arg(long, value_enum, default_value = "current")]
         runtime: slap::Runtime,
-        /// The client: one shared client, or a pool of one client per caller (to compare)
-        /// [default: shared; pool with --servers-file or --discover, whose list it follows].
-        #[arg(long, value_enum)]
-        client: Option<slap::Which>,
+        /// The client: one shared client, or a pool of one client per caller (to compare).
+        #[arg(long, value_enum, default_value = "shared")]
+        client: slap::Which,
         /// Who does the I/O for blocking callers (the designs, to compare).
         #[arg(long, value_enum, default_value = "adaptive")]
         io_mode: slap::IoModeArg,

@@ -515,11 +515,7 @@ fn run(cli: Cli) -> Res<()> {
                 value_bytes,
                 mode,
                 runtime,
-                client: client.unwrap_or(if g.follows() {
-                    slap::Which::Pool
-                } else {
-                    slap::Which::Shared
-                }),
+                client,
                 io_mode,
             };
             let proto = match g.protocol {

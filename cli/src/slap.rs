@@ -216,13 +216,6 @@ pub fn run(
     if spec.client != Which::Shared && spec.mode == Mode::Async {
         return Err("--client pool and plain run threads only (no async calls)".into());
     }
-    if follow.is_some() && spec.client == Which::Shared {
-        return Err(
-            "a shared client does not follow a changing list yet: with --servers-file \
-             or --discover, slap runs --client pool (the default then) or plain"
-                .into(),
-        );
-    }
     // The list followed during the run, and its generation at the end.
     let mut following = None;
     let mut list_of: Option<mcstore::ServerList> = None;
@@ -406,6 +399,7 @@ pub fn run(
                 })
                 .build()
                 .map_err(err)?;
+            follow_list(&client.server_list())?;
             let c = client.clone();
             fleet_of = Some(Box::new(move || Some(c.fleet_counters())));
             // Warm-up: connections open, buffers grown.

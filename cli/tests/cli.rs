@@ -1133,7 +1133,7 @@ fn slap_follows_a_servers_file_that_changes() {
             .parse()
             .unwrap()
     };
-    assert!(result.starts_with("RESULT client=mcstore-pool"), "{result}");
+    assert!(result.starts_with("RESULT client=mcstore "), "{result}");
     assert_eq!(field("failed"), 0, "{result}");
     assert!(field("list_changes") >= 6, "{result}");
     assert!(field("ops") > 1000, "{result}");

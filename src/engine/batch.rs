@@ -573,9 +573,15 @@ impl Core {
             let j = plan.answered(i, &outcome, &ns, keys)?;
             on_item(j, outcome)
         };
-        with_wire!(core.protocol, W => {
+        let result = with_wire!(core.protocol, W => {
             core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
-        })
+        });
+        // Keys a list change moved are deleted where they were too (one copy per key: with
+        // copies, `placed`, lists do not change).
+        if placed.is_none() && !core.handover.is_empty() {
+            return result.and(core.hand_over_all(scratch, keys));
+        }
+        result
     }
 
     /// Plans and runs a batch of stores or deletes and counts the items done: every

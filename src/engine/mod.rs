@@ -27,7 +27,7 @@ pub(crate) mod slots;
 
 use crate::conn::driver::{Driver, Op, Until, COPY_VALUE_MAX};
 use crate::error::{Error, Result};
-use crate::fleet::live::ServerList;
+use crate::fleet::live::{ServerList, Topology};
 use crate::fleet::plan::{Servers, Standing};
 use crate::fleet::{FleetPolicy, FleetShared};
 use crate::observe::CallOp;
@@ -299,7 +299,13 @@ impl Core {
     #[cold]
     #[inline(never)]
     fn adopt_list(&mut self) {
-        let topology = self.list.topology();
+        let topology = Arc::clone(&self.list.topology());
+        self.adopt(&topology);
+    }
+
+    /// Takes list generation `topology` (see [`adopt_list`](Self::adopt_list)); also for a
+    /// client made for a list about to be published.
+    pub(crate) fn adopt(&mut self, topology: &Topology) {
         let n = topology.labels.len();
         // The list checked every new server's TLS name before it was swapped in.
         if let Err(_e) = self.driver.grow(&topology.addrs) {

@@ -89,9 +89,12 @@ impl ListChange {
 /// by a later `set` or [`refresh`](Self::refresh) (a [`Discovery`](crate::Discovery)
 /// loop calls one every poll).
 ///
+/// A [`SharedClient`](crate::SharedClient) follows its list too: `set` makes the engine of
+/// a new server before the list is published, and closes the connection of a removed
+/// server's engine after.
+///
 /// Not yet followed: zones ([`zone`](crate::ClientBuilder::zone)), copies
-/// ([`replicas`](crate::ClientBuilder::replicas) above 1), a
-/// [`SharedClient`](crate::SharedClient), and a
+/// ([`replicas`](crate::ClientBuilder::replicas) above 1), and a
 /// [`MemcacheStorage`](crate::storage::MemcacheStorage) (its never-stale guarantee does not
 /// cover keys that move yet): `set` refuses those lists with [`Error::Config`].
 ///
@@ -114,8 +117,20 @@ pub struct ServerList {
     inner: Arc<ListInner>,
 }
 
+/// A front with state per server beyond its clients' (a shared client's engines), told of
+/// each new list: [`prepare`](Self::prepare) before it is published (a new server's state
+/// must exist before a call can route to it), [`published`](Self::published) after.
+pub(crate) trait ListFollower: Send + Sync {
+    /// Makes what the servers of `next` need; an error keeps the list as it was.
+    fn prepare(&self, next: &Topology) -> Result<()>;
+    /// `next` is the list now.
+    fn published(&self, next: &Topology);
+}
+
 struct ListInner {
     current: ArcSwap<Topology>,
+    /// Told of each change (those dropped are forgotten).
+    followers: Mutex<Vec<std::sync::Weak<dyn ListFollower>>>,
     health: Arc<SharedHealth>,
     dist: Distribution,
     hash: HashFn,
@@ -199,6 +214,7 @@ impl ServerList {
         ServerList {
             inner: Arc::new(ListInner {
                 current: ArcSwap::from_pointee(topology),
+                followers: Mutex::new(Vec::new()),
                 health: s.health,
                 dist: s.dist,
                 hash: s.hash,
@@ -234,6 +250,26 @@ impl ServerList {
     /// The health every client of this list shares.
     pub(crate) fn health(&self) -> &Arc<SharedHealth> {
         &self.inner.health
+    }
+
+    /// Tells `follower` of every change from now on (until it is dropped).
+    pub(crate) fn add_follower(&self, follower: std::sync::Weak<dyn ListFollower>) {
+        let mut f = self
+            .inner
+            .followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.retain(|w| w.strong_count() > 0);
+        f.push(follower);
+    }
+
+    fn followers(&self) -> Vec<Arc<dyn ListFollower>> {
+        let f = self
+            .inner
+            .followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.iter().filter_map(std::sync::Weak::upgrade).collect()
     }
 
     /// Refuses changes from now on, for `why` (a front that does not follow them).
@@ -432,14 +468,22 @@ impl ServerList {
         };
         // Room for the new servers' shared state first, then the list, then the signal: a
         // client that sees the list finds the state of every server in it.
+        let followers = self.followers();
+        for f in &followers {
+            f.prepare(&topology)?;
+        }
         self.inner.health.grow(&labels);
         for &i in &members {
             if !st.members.contains(&i) {
                 self.inner.health.reset(i);
             }
         }
-        self.inner.current.store(Arc::new(topology));
+        let topology = Arc::new(topology);
+        self.inner.current.store(Arc::clone(&topology));
         self.inner.health.list_changed(generation);
+        for f in &followers {
+            f.published(&topology);
+        }
         st.slots = slots;
         st.members = members;
         st.last_change = Some(now);

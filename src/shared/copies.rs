@@ -670,7 +670,7 @@ impl SharedClient {
                     (a, Some(r)) => Part::new(i, a, r),
                     (Action::Skip, None) => Part::new(i, Action::Skip, Err(self.down(i))),
                     // Not waited for (`first_ok`): unknown, so remembered for repair.
-                    (a, None) => Part::new(i, a, Err(not_waited(&self.inner.labels[i]))),
+                    (a, None) => Part::new(i, a, Err(not_waited(&self.inner.labels.load()[i]))),
                 };
             }
         }
@@ -904,7 +904,7 @@ fn repair_loop(weak: &Weak<Inner>) {
                 }
                 // Pinned: the look-up above took the server's probe, if it is half-open.
                 Work::Flush(i) => {
-                    let label = client.inner.labels[*i].clone();
+                    let label = client.inner.labels.load()[*i].clone();
                     let mut admin = lock(&client.inner.admin);
                     admin.pinned(*i, |c| c.flush_server(&label, None)).is_ok()
                 }

@@ -27,7 +27,7 @@ impl SharedClient {
     /// call does, so only a queued one needs [`check_key`](Self::check_key)).
     pub(super) fn route_unchecked(&self, key: &[u8]) -> Result<(&Arc<Engine>, bool)> {
         let inner = &*self.inner;
-        if inner.single {
+        if inner.single.load(std::sync::atomic::Ordering::Acquire) {
             return Ok((&inner.engines[0], false));
         }
         let server = lock(&inner.router).route_call(key)?.server;
@@ -64,7 +64,15 @@ impl SharedClient {
         }
         self.check(&call)?;
         let (eng, checked) = self.route_unchecked(call.key)?;
-        self.exec_on(eng, call, checked, out)
+        match self.exec_on(eng, call, checked, out) {
+            // Routed to a server that a new list removed before the call reached it: nothing
+            // was sent. Once more, routed with the new list.
+            Err(Error::ServerRemoved { .. }) => {
+                let (eng, checked) = self.route_unchecked(call.key)?;
+                self.exec_on(eng, call, checked, out)
+            }
+            r => r,
+        }
     }
 
     /// [`exec`](Self::exec) on a given server's engine; `checked`: the key was validated.

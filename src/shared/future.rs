@@ -28,6 +28,7 @@ impl SharedClient {
             target: None,
             start: None,
             state: CallState::Start,
+            rerouted: false,
         }
     }
 
@@ -132,6 +133,9 @@ pub(super) struct AsyncCall<'a> {
     target: Option<usize>,
     start: Option<Instant>,
     state: CallState,
+    /// Routed again once already (its first server left the list before the call
+    /// reached it).
+    rerouted: bool,
 }
 
 impl<'a> AsyncCall<'a> {
@@ -209,6 +213,15 @@ impl Future for AsyncCall<'_> {
                     if let Some(r) = eng.take_done(&mut d, out) {
                         drop(d);
                         eng.release_slot(slot);
+                        // Its server left the list before the call reached it (nothing was
+                        // sent): once more, routed with the new list.
+                        if matches!(r, Err(Error::ServerRemoved { .. }))
+                            && this.target.is_none()
+                            && !std::mem::replace(&mut this.rerouted, true)
+                        {
+                            this.state = CallState::Start;
+                            continue;
+                        }
                         this.state = CallState::Finished;
                         return Poll::Ready(r);
                     }

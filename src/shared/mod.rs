@@ -11,15 +11,17 @@
 //! awaited); `future` the async calls; `multi` the multi-key calls, blocking and async;
 //! `lend` the storage's lending door.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, MetaGetOptions, MetaItemInfo, MetaSetOptions,
     MetaSetResult, ServerCounters, ServerStats, SetOptions,
 };
+use crate::engine::slots::Slots;
 use crate::error::Result;
+use crate::fleet::live::{ListFollower, Topology};
 use crate::proto::wire::Capability;
 use crate::proto::{Protocol, StoreMode};
 
@@ -87,35 +89,26 @@ impl SharedClientBuilder {
     pub fn build(self) -> Result<SharedClient> {
         let timeout = self.builder.configured_io_timeout();
         let router = self.builder.clone().build()?;
-        // One engine per server, made here: a list that grows would need new ones.
-        router
-            .server_list()
-            .freeze("a SharedClient does not follow list changes yet");
         let fleet = *router.core_ref().fleet();
         // Engines serve one server each: the copies are the shared client's business.
         let builder = self.builder.sharing_health_of(&router).one_copy();
-        let n = router.label_list().len();
-        let mut engines = Vec::with_capacity(n);
-        for server in 0..n {
-            let client = builder.clone().build()?;
-            engines.push(Arc::new(Engine::new(
-                server,
-                client,
-                self.max_in_flight,
-                timeout,
-            )));
+        let labels = Arc::clone(router.label_list());
+        let engines = Engines::new(builder.clone(), self.max_in_flight, timeout);
+        for server in 0..labels.len() {
+            engines.make(server, None)?;
         }
         let admin = builder.build()?;
         let protocol = router.protocol();
+        let list = router.server_list().clone();
         let inner = Inner {
             timeout,
             max_value: router.max_value(),
             namespace: Arc::clone(router.namespace_arc()),
             binary_keys: protocol.supports(Capability::BinaryKeys),
             protocol,
-            labels: Arc::clone(router.label_list()),
+            single: AtomicBool::new(labels.len() == 1),
+            labels: arc_swap::ArcSwap::from_pointee(labels),
             driving: self.driving,
-            single: n == 1,
             replicated: fleet.replicated(),
             hedge: fleet.hedge,
             miss_failover: fleet.miss_failover,
@@ -125,11 +118,104 @@ impl SharedClientBuilder {
             repairing: AtomicBool::new(false),
             router: Mutex::new(router),
             admin: Mutex::new(admin),
-            engines: engines.into_boxed_slice(),
+            engines,
         };
-        Ok(SharedClient {
-            inner: Arc::new(inner),
-        })
+        let inner = Arc::new(inner);
+        // A new server's engine is made before a call can route to it.
+        let follower: std::sync::Weak<dyn ListFollower> = Arc::downgrade(&inner) as _;
+        list.add_follower(follower);
+        Ok(SharedClient { inner })
+    }
+}
+
+/// The engines by server index, one for every server the list ever named: made before a
+/// list naming a new server is published, so a call never routes to a server without one.
+/// Chunks never move, so a call holds `&Engine` without a lock.
+struct Engines {
+    slots: Slots<OnceLock<Arc<Engine>>>,
+    /// Engines made so far (indexes `0..made`).
+    made: std::sync::atomic::AtomicUsize,
+    /// How engines are made: a client following the shared client's list, pinned by the
+    /// engine to its server.
+    builder: Mutex<ClientBuilder>,
+    max_in_flight: usize,
+    timeout: Duration,
+}
+
+impl Engines {
+    fn new(builder: ClientBuilder, max_in_flight: usize, timeout: Duration) -> Engines {
+        Engines {
+            slots: Slots::new(),
+            made: std::sync::atomic::AtomicUsize::new(0),
+            builder: Mutex::new(builder),
+            max_in_flight,
+            timeout,
+        }
+    }
+
+    /// Makes server `server`'s engine if it has none; its client takes `next` (a list
+    /// about to be published) when given.
+    fn make(&self, server: usize, next: Option<&Topology>) -> Result<()> {
+        let slot = &self.slots[server];
+        if slot.get().is_some() {
+            return Ok(());
+        }
+        let mut client = lock(&self.builder).clone().build()?;
+        if let Some(t) = next {
+            client.engine().0.adopt(t);
+        }
+        let engine = Arc::new(Engine::new(
+            server,
+            client,
+            self.max_in_flight,
+            self.timeout,
+        ));
+        if slot.set(engine).is_ok() {
+            self.made
+                .fetch_max(server + 1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Every engine made so far.
+    fn iter(&self) -> impl Iterator<Item = &Arc<Engine>> {
+        let made = self.made.load(std::sync::atomic::Ordering::Acquire);
+        (0..made).filter_map(|i| self.slots[i].get())
+    }
+}
+
+impl std::ops::Index<usize> for Engines {
+    type Output = Arc<Engine>;
+
+    /// Server `i`'s engine: a call routes only to servers of a published list, whose
+    /// engines were all made before it was published.
+    #[inline]
+    fn index(&self, i: usize) -> &Arc<Engine> {
+        self.slots[i]
+            .get()
+            .expect("every server of a published list has an engine")
+    }
+}
+
+impl ListFollower for Inner {
+    fn prepare(&self, next: &Topology) -> Result<()> {
+        for server in 0..next.labels.len() {
+            self.engines.make(server, Some(next))?;
+        }
+        // Keys may move from now on: no call may skip routing.
+        self.single.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn published(&self, next: &Topology) {
+        self.labels.store(Arc::new(Arc::clone(&next.labels)));
+        // Engines of servers that left close their connection now (an idle engine would
+        // keep it until its next call, which never comes).
+        for e in self.engines.iter() {
+            if !next.ring.is_member(e.server) {
+                lock(&e.state).client.engine().0.maybe_rejoin();
+            }
+        }
     }
 }
 
@@ -212,7 +298,7 @@ pub struct SharedClient {
 impl std::fmt::Debug for SharedClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedClient")
-            .field("servers", &self.inner.labels)
+            .field("servers", &self.servers())
             .field("protocol", &self.inner.protocol)
             .field("driving", &self.inner.driving)
             .finish_non_exhaustive()
@@ -225,10 +311,12 @@ struct Inner {
     namespace: Arc<[u8]>,
     binary_keys: bool,
     protocol: Protocol,
-    labels: Arc<[String]>,
+    /// The servers by index (with a live list, every server it ever named).
+    labels: arc_swap::ArcSwap<Arc<[String]>>,
     driving: IoMode,
-    /// One server: every key goes to engine 0 (its own client still checks its health).
-    single: bool,
+    /// One server, never changed: every key goes to engine 0 (its own client still checks
+    /// its health).
+    single: AtomicBool,
     /// Keys have copies: keyed calls go through `copies`.
     replicated: bool,
     hedge: Option<crate::fleet::Hedge>,
@@ -246,13 +334,20 @@ struct Inner {
     router: Mutex<Client>,
     /// Server-wide commands (flush, stats, version) on their own connections.
     admin: Mutex<Client>,
-    engines: Box<[Arc<Engine>]>,
+    engines: Engines,
 }
 
 impl SharedClient {
-    /// The servers, as configured, in configuration order.
-    pub fn servers(&self) -> &[String] {
-        &self.inner.labels
+    /// The servers by index, as configured: in configuration order, with a live list
+    /// followed by every server it added since (see [`server_list`](Self::server_list)).
+    pub fn servers(&self) -> Arc<[String]> {
+        Arc::clone(&self.inner.labels.load())
+    }
+
+    /// The server list this client follows: [`ServerList::set`](crate::ServerList::set)
+    /// changes its servers while it serves (engines for new servers are made by `set`).
+    pub fn server_list(&self) -> crate::ServerList {
+        lock(&self.inner.router).server_list().clone()
     }
 
     /// The wire protocol this client speaks.
@@ -458,12 +553,15 @@ impl SharedClient {
 
     /// Each server's counters (of the calls made through the shared connections).
     pub fn server_counters(&self) -> Vec<(String, ServerCounters)> {
-        self.inner
-            .engines
-            .iter()
-            .map(|e| {
+        let list = self.server_list();
+        let members = list.topology();
+        (self.inner.engines.iter())
+            .filter(|e| members.ring.is_member(e.server))
+            .filter_map(|e| {
                 let st = lock(&e.state);
-                st.client.server_counters().swap_remove(e.server)
+                let mut all = st.client.server_counters();
+                let at = all.iter().position(|(l, _)| *l == e.label)?;
+                Some(all.swap_remove(at))
             })
             .collect()
     }

@@ -23,8 +23,7 @@ impl CacheClients {
     pub(super) fn freeze_list(&self, why: &'static str) {
         match self {
             CacheClients::Pool(p) => p.server_list().freeze(why),
-            // The shared client froze its list when it was built.
-            CacheClients::Shared(_) => {}
+            CacheClients::Shared(s) => s.server_list().freeze(why),
         }
     }
 }

@@ -68,8 +68,12 @@ impl Shared {
             // and a key routed away from its own server (ejected, with
             // `remove_failed_servers`): an entry filled on the stand-in could outlive a write
             // made through a client that routes the key home, so stand-ins never hold one.
-            let labels = match (&self.settings.cache, &held) {
-                (CacheClients::Shared(s), _) => s.servers(),
+            let shared_labels;
+            let labels: &[String] = match (&self.settings.cache, &held) {
+                (CacheClients::Shared(s), _) => {
+                    shared_labels = s.servers();
+                    &shared_labels
+                }
                 (_, Some(c)) => c.servers(),
                 (CacheClients::Pool(_), None) => {
                     unreachable!("a pool's servers come with a client")
@@ -175,7 +179,7 @@ impl Shared {
             return None;
         }
         let servers = s.storage_servers(key.as_bytes(), true).ok()?;
-        let order = self.readable(key, s.servers(), servers)?;
+        let order = self.readable(key, &s.servers(), servers)?;
         let mut buf = Vec::new();
         for (k, server) in order.iter().enumerate() {
             match s.get_on(server, key.as_bytes(), &mut buf) {
