@@ -667,3 +667,89 @@ fn home_server_for_key_follows_the_list() {
     let home = c.home_server_for_key(k.as_bytes()).unwrap().to_string();
     assert_ne!(home, all[1], "home of {k} is a removed server");
 }
+
+/// Keys of `c` whose server is `server` now.
+fn keys_on(c: &mut Client, keys: &[String], server: &str) -> Vec<String> {
+    keys.iter()
+        .filter(|k| c.server_for_key(k.as_bytes()).unwrap() == server)
+        .cloned()
+        .collect()
+}
+
+/// BUG: a client built after the list changed (here with `follow`) starts with no previous
+/// owners (`Core::new` sets an empty handover and the client never adopts the generation
+/// it was built on): its writes of a moved key delete nothing where the key was, and the
+/// key read after moving back is an older write.
+#[test]
+fn a_client_built_after_a_change_deletes_where_keys_were() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let all = addrs(&ms);
+    let mut first = builder(&[&ms[0], &ms[1], &ms[2]]).build().unwrap();
+    let list = first.server_list().clone();
+    let keys: Vec<String> = (0..300).map(|i| format!("late:{i}")).collect();
+    for k in &keys {
+        first.set(k.as_bytes(), b"old", SetOptions::default()).unwrap();
+    }
+    list.set(&all).unwrap();
+    let moved = keys_on(&mut first, &keys, &all[3]);
+    assert!(moved.len() > 20, "{} moved", moved.len());
+    // Built now, on generation 1.
+    let mut late = builder(&[]).follow(&list).build().unwrap();
+    for k in &moved {
+        late.set(k.as_bytes(), b"new", SetOptions::default()).unwrap();
+    }
+    list.set(&all[..3]).unwrap();
+    let stale: Vec<&String> = moved
+        .iter()
+        .filter(|k| get_str(&mut late, k).as_deref() == Some("old"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} of {} moved keys read an older write after moving back (written by a client \
+         built after the change), e.g. {}",
+        stale.len(),
+        moved.len(),
+        stale[0]
+    );
+}
+
+/// BUG: the same through a pool: a client the pool builds to replace a discarded one, after
+/// a change, deletes nothing where keys were.
+#[test]
+fn a_pool_client_rebuilt_after_a_change_deletes_where_keys_were() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let all = addrs(&ms);
+    let pool = Pool::new(builder(&[&ms[0], &ms[1], &ms[2]]), 1).unwrap();
+    let list = pool.server_list().clone();
+    let keys: Vec<String> = (0..300).map(|i| format!("pooled:{i}")).collect();
+    let moved = {
+        let mut c = pool.get().unwrap();
+        for k in &keys {
+            c.set(k.as_bytes(), b"old", SetOptions::default()).unwrap();
+        }
+        list.set(&all).unwrap();
+        keys_on(&mut c, &keys, &all[3])
+    };
+    assert!(moved.len() > 20, "{} moved", moved.len());
+    // A caller that saw an error drops its client: the pool builds a new one.
+    pool.get().unwrap().discard();
+    {
+        let mut c = pool.get().unwrap();
+        for k in &moved {
+            c.set(k.as_bytes(), b"new", SetOptions::default()).unwrap();
+        }
+    }
+    list.set(&all[..3]).unwrap();
+    let mut c = pool.get().unwrap();
+    let stale: Vec<&String> = moved
+        .iter()
+        .filter(|k| get_str(&mut c, k).as_deref() == Some("old"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} of {} moved keys read an older write after moving back, e.g. {}",
+        stale.len(),
+        moved.len(),
+        stale[0]
+    );
+}
