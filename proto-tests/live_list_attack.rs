@@ -355,7 +355,11 @@ fn shared_clients_and_zones_refuse_changes_and_keep_serving() {
     let router = builder(&[&ms[0], &ms[1]]).build().unwrap();
     // A pool following the list the shared client was built over...
     let pool = Pool::new(builder(&[]).follow(router.server_list()), 2).unwrap();
-    let s2 = builder(&[]).follow(pool.server_list()).shared().build().unwrap();
+    let s2 = builder(&[])
+        .follow(pool.server_list())
+        .shared()
+        .build()
+        .unwrap();
     let e = pool.server_list().set(&all).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     shared.set(b"k", b"v", SetOptions::default()).unwrap();
@@ -424,13 +428,23 @@ fn every_kind_of_call_under_reweights_and_reorders() {
                     match rng.below(6) {
                         0 => {
                             seq += 1;
-                            let r = c.set(key(j).as_bytes(), val(j, seq).as_bytes(), SetOptions::default());
+                            let r = c.set(
+                                key(j).as_bytes(),
+                                val(j, seq).as_bytes(),
+                                SetOptions::default(),
+                            );
                             last[j] = r.is_ok().then_some(seq);
                         }
                         1 => {
                             seq += 1;
                             let items = [(key(j), val(j, seq)), (key(j2), val(j2, seq))];
-                            let r = c.set_multi(&items.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect::<Vec<_>>(), SetOptions::default());
+                            let r = c.set_multi(
+                                &items
+                                    .iter()
+                                    .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                                    .collect::<Vec<_>>(),
+                                SetOptions::default(),
+                            );
                             let ok = r.is_ok_and(|n| n == 2);
                             last[j] = ok.then_some(seq);
                             last[j2] = ok.then_some(seq);
@@ -439,17 +453,33 @@ fn every_kind_of_call_under_reweights_and_reorders() {
                             seq += 1;
                             let r = {
                                 let mut p = c.pipeline();
-                                p.store(StoreMode::Set, key(j).as_bytes(), val(j, seq).as_bytes(), SetOptions::default())
-                                    .and_then(|p| p.set(key(j2).as_bytes(), val(j2, seq).as_bytes(), SetOptions::default()))
-                                    .map(|_| ())
-                                    .and_then(|()| p.finish().map(|_| ()))
+                                p.store(
+                                    StoreMode::Set,
+                                    key(j).as_bytes(),
+                                    val(j, seq).as_bytes(),
+                                    SetOptions::default(),
+                                )
+                                .and_then(|p| {
+                                    p.set(
+                                        key(j2).as_bytes(),
+                                        val(j2, seq).as_bytes(),
+                                        SetOptions::default(),
+                                    )
+                                })
+                                .map(|_| ())
+                                .and_then(|()| p.finish().map(|_| ()))
                             };
                             last[j] = r.is_ok().then_some(seq);
                             last[j2] = r.is_ok().then_some(seq);
                         }
                         3 => {
                             seq += 1;
-                            let r = c.store_noreply(StoreMode::Set, key(j).as_bytes(), val(j, seq).as_bytes(), SetOptions::default());
+                            let r = c.store_noreply(
+                                StoreMode::Set,
+                                key(j).as_bytes(),
+                                val(j, seq).as_bytes(),
+                                SetOptions::default(),
+                            );
                             last[j] = r.is_ok().then_some(seq);
                             // Confirmed by the next call on the connection.
                             if c.get(key(j).as_bytes()).is_err() {
@@ -459,11 +489,22 @@ fn every_kind_of_call_under_reweights_and_reorders() {
                         4 => {
                             let ks = [key(j), key(j2)];
                             let mut got: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-                            if c.get_multi(&ks, |k, item| got.push((k.to_vec(), item.value.to_vec()))).is_ok() {
+                            if c.get_multi(&ks, |k, item| {
+                                got.push((k.to_vec(), item.value.to_vec()))
+                            })
+                            .is_ok()
+                            {
                                 for (k, v) in got {
-                                    let jj = if k == ks[0].as_bytes() { j } else if k == ks[1].as_bytes() { j2 } else {
+                                    let jj = if k == ks[0].as_bytes() {
+                                        j
+                                    } else if k == ks[1].as_bytes() {
+                                        j2
+                                    } else {
                                         bad.fetch_add(1, Ordering::Relaxed);
-                                        eprintln!("get_multi returned foreign key {}", String::from_utf8_lossy(&k));
+                                        eprintln!(
+                                            "get_multi returned foreign key {}",
+                                            String::from_utf8_lossy(&k)
+                                        );
                                         continue;
                                     };
                                     check(jj, Some(&v), &last);
@@ -498,15 +539,23 @@ fn every_kind_of_call_under_reweights_and_reorders() {
         // ...add the spare (empty), then remove it and empty it once nobody is connected.
         list.set([w(2), spare.addr(), w(0), w(1)]).unwrap();
         thread::sleep(Duration::from_millis(30));
-        list.set([b[0].clone(), b[1].clone(), b[2].clone()]).unwrap();
-        support::wait_for("the clients to leave the spare", || connections(&spare) <= idle);
+        list.set([b[0].clone(), b[1].clone(), b[2].clone()])
+            .unwrap();
+        support::wait_for("the clients to leave the spare", || {
+            connections(&spare) <= idle
+        });
         spare.client().flush_all(None).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     for c in callers {
         c.join().unwrap();
     }
-    eprintln!("ops={} bad={} generation={}", ops.load(Ordering::Relaxed), bad.load(Ordering::Relaxed), list.generation());
+    eprintln!(
+        "ops={} bad={} generation={}",
+        ops.load(Ordering::Relaxed),
+        bad.load(Ordering::Relaxed),
+        list.generation()
+    );
     assert!(ops.load(Ordering::Relaxed) > 500);
     assert_eq!(bad.load(Ordering::Relaxed), 0, "foreign or older replies");
 }
@@ -534,8 +583,16 @@ fn random_histories_never_read_an_older_write() {
     let ms: Vec<Memcached> = (0..5).map(|_| Memcached::start()).collect();
     let all = addrs(&ms);
     let configs: [(Distribution, mcstore::ring::HashFn, bool); 3] = [
-        (Distribution::Ketama, mcstore::ring::HashFn::OneAtATime, false),
-        (Distribution::KetamaWeighted, mcstore::ring::HashFn::Md5, true),
+        (
+            Distribution::Ketama,
+            mcstore::ring::HashFn::OneAtATime,
+            false,
+        ),
+        (
+            Distribution::KetamaWeighted,
+            mcstore::ring::HashFn::Md5,
+            true,
+        ),
         (Distribution::Ketama, mcstore::ring::HashFn::Crc, false),
     ];
     for (round, (dist, hash, ns)) in configs.into_iter().enumerate() {
@@ -688,7 +745,9 @@ fn a_client_built_after_a_change_deletes_where_keys_were() {
     let list = first.server_list().clone();
     let keys: Vec<String> = (0..300).map(|i| format!("late:{i}")).collect();
     for k in &keys {
-        first.set(k.as_bytes(), b"old", SetOptions::default()).unwrap();
+        first
+            .set(k.as_bytes(), b"old", SetOptions::default())
+            .unwrap();
     }
     list.set(&all).unwrap();
     let moved = keys_on(&mut first, &keys, &all[3]);
@@ -696,7 +755,8 @@ fn a_client_built_after_a_change_deletes_where_keys_were() {
     // Built now, on generation 1.
     let mut late = builder(&[]).follow(&list).build().unwrap();
     for k in &moved {
-        late.set(k.as_bytes(), b"new", SetOptions::default()).unwrap();
+        late.set(k.as_bytes(), b"new", SetOptions::default())
+            .unwrap();
     }
     list.set(&all[..3]).unwrap();
     let stale: Vec<&String> = moved
