@@ -309,9 +309,10 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// The servers, as configured, in configuration order.
+    /// The servers of its list now, as configured, in list order (see
+    /// [`server_list`](Self::server_list)).
     pub fn servers(&self) -> &[String] {
-        self.core.labels()
+        self.core.member_labels()
     }
 
     /// The wire protocol this client speaks.
@@ -559,8 +560,8 @@ impl Client {
     /// [`Error::Config`] for a server this client does not have; otherwise that server's
     /// error, as for [`flush_all`](Self::flush_all).
     pub fn flush_server(&mut self, server: &str, delay: Option<u32>) -> Result<()> {
-        let i = self.core.server_index(server)?;
         self.core.maybe_rejoin();
+        let i = self.core.server_index(server)?;
         self.core
             .on_server(i, &Cmd::FlushAll(delay), &mut |o| match o {
                 Outcome::Ok => Ok(Some(())),
@@ -580,6 +581,7 @@ impl Client {
     /// a server error when the crawler is busy or disabled.
     pub fn dump_keys(&mut self, server: &str, mut each: impl FnMut(&[u8], &str)) -> Result<()> {
         self.core.require(Capability::MetaDump, "dump_keys")?;
+        self.core.maybe_rejoin();
         let i = self.core.server_index(server)?;
         let mut key = Vec::new();
         self.core.on_server(i, &Cmd::MetaDump, &mut |o| match o {
@@ -736,7 +738,12 @@ impl Client {
         (&mut self.core, &mut self.scratch)
     }
 
-    /// The server labels, shared (configuration order).
+    /// The labels of the list's servers now, shared (list order).
+    pub(crate) fn servers_arc(&self) -> &std::sync::Arc<[String]> {
+        self.core.member_labels()
+    }
+
+    /// The server labels by index (every server the list ever named), shared.
     pub(crate) fn label_list(&self) -> &std::sync::Arc<[String]> {
         self.core.labels()
     }

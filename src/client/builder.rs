@@ -477,7 +477,20 @@ impl ClientBuilder {
         }
         fleet.spread = fleet.replicas > 1 || fleet.zoned;
         let list = match self.list {
-            Some(list) => list,
+            Some(list) => {
+                // Copies and zones do not follow changes yet: a list they follow stays.
+                if fleet.replicas > 1 || fleet.zoned {
+                    if list.generation() > 0 {
+                        return Err(Error::Config(
+                            "a client with copies or zones cannot follow a list that has \
+                             changed"
+                                .into(),
+                        ));
+                    }
+                    list.freeze("a client with copies or zones follows this list");
+                }
+                list
+            }
             None => {
                 let labels: Vec<String> = specs.iter().map(|s| s.addr.to_string()).collect();
                 let zoned = zones.is_some();
@@ -515,12 +528,13 @@ impl ClientBuilder {
         let mut health = Health::new(Arc::clone(list.health()), policy, &labels);
         health.adopt(topology.generation, &labels);
         let ring = topology.ring.clone();
-        drop(topology);
+        let topology = Arc::clone(&topology);
         Ok(Client {
             core: Core::new(CoreSettings {
                 health,
                 labels,
                 list,
+                topology,
                 driver,
                 max_value,
                 ring,

@@ -111,11 +111,6 @@ impl SharedHealth {
         })
     }
 
-    /// Server indexes so far (with a live list, every server it ever named).
-    pub(crate) fn servers(&self) -> usize {
-        self.lock().len()
-    }
-
     /// Makes room for the servers of `labels` (by index: a live list named new ones).
     pub(crate) fn grow(&self, labels: &[String]) {
         {
@@ -205,7 +200,9 @@ impl Health {
         policy: FailurePolicy,
         labels: &[String],
     ) -> Health {
-        let n = shared.servers();
+        // As many servers as this client's list has (the shared record may already have
+        // room for a newer one's).
+        let n = labels.len();
         Health {
             observe: Observer::new(labels),
             shared,
@@ -238,6 +235,11 @@ impl Health {
         false
     }
 
+    /// The list generation this client's indexes are from.
+    pub(crate) fn list_seen(&self) -> u64 {
+        self.list_seen
+    }
+
     /// Takes list generation `generation`, with `labels` per server index (as many as
     /// before or more): the new servers start up, with zeroed counters; the ejections are
     /// copied again on the next [`maybe_rejoin`](Self::maybe_rejoin).
@@ -255,7 +257,8 @@ impl Health {
     #[cold]
     #[inline(never)]
     fn rejoin_and_refresh(&mut self, ring: &mut Continuum) -> bool {
-        let moved = self.shared.list_generation.load(Ordering::Acquire) != self.list_seen;
+        // Newer only: a client may have taken a list whose generation is not signalled yet.
+        let moved = self.shared.list_generation.load(Ordering::Acquire) > self.list_seen;
         if self.next_retry.is_some_and(|at| Instant::now() >= at) {
             let sh = &*self.shared;
             let mut ejected = sh.lock();

@@ -147,6 +147,8 @@ pub(crate) struct Core {
     /// Where keys moved by list changes may have older entries (empty until one moved a
     /// key): a write deletes its key there too.
     handover: Arc<Handover>,
+    /// The labels of the list's servers now, in list order.
+    member_labels: Arc<[String]>,
 }
 
 /// Per-call working space, reused by the next call so that a warm call allocates nothing.
@@ -188,6 +190,8 @@ pub(crate) struct CoreSettings {
     pub(crate) ascii_auth: Option<(String, String)>,
     pub(crate) fleet: FleetPolicy,
     pub(crate) list: ServerList,
+    /// The list's generation the core starts with.
+    pub(crate) topology: Arc<Topology>,
 }
 
 /// Opaques stay below 2^31.
@@ -264,7 +268,8 @@ impl Core {
             fleet: s.fleet,
             list: s.list,
             list_held: false,
-            handover: Arc::default(),
+            handover: Arc::clone(&s.topology.handover),
+            member_labels: Arc::clone(&s.topology.member_labels),
         }
     }
 
@@ -311,12 +316,17 @@ impl Core {
         if let Err(_e) = self.driver.grow(&topology.addrs) {
             debug_assert!(false, "a new server's TLS name was refused: {_e}");
         }
+        // Connections to servers that left, or that left and came back in generations this
+        // core skipped (a server comes back empty, maybe restarted: a new connection).
+        let seen = self.health.list_seen();
         for i in 0..self.labels.len() {
-            if self.ring.is_member(i) && !topology.ring.is_member(i) {
+            let left = !topology.ring.is_member(i) || topology.joined[i] > seen;
+            if left && self.driver.is_connected(i) {
                 self.driver.disconnect(i);
             }
         }
         self.labels = Arc::clone(&topology.labels);
+        self.member_labels = Arc::clone(&topology.member_labels);
         self.authenticated.resize(n, 0);
         self.instances.resize(n, None);
         self.ring = topology.ring.clone();
@@ -353,10 +363,15 @@ impl Core {
 
     // The door: what the fronts read and ask of a core (its fields stay private here).
 
-    /// The server labels, shared (configuration order).
+    /// The server labels by index (every server the list ever named), shared.
     #[inline]
     pub(crate) fn labels(&self) -> &Arc<[String]> {
         &self.labels
+    }
+
+    /// The labels of the list's servers now, in list order.
+    pub(crate) fn member_labels(&self) -> &Arc<[String]> {
+        &self.member_labels
     }
 
     /// The wire protocol.
@@ -472,6 +487,7 @@ impl Core {
 
     /// `key`'s own server, with every server up.
     pub(crate) fn home_of_key(&mut self, scratch: &mut Scratch, key: &[u8]) -> Result<usize> {
+        self.sync();
         let hashed = self.hashed(key, &mut scratch.keybuf)?;
         self.ring.pick_home(hashed).ok_or(Error::NoServers)
     }

@@ -32,6 +32,11 @@ pub(crate) struct Topology {
     pub(crate) ring: Continuum,
     /// Where keys moved by earlier changes may still have entries: a write deletes them.
     pub(crate) handover: Arc<Handover>,
+    /// Per slot: the generation in which the server last joined the list (0: from the
+    /// start). A client that skipped it reconnects: the server may have been restarted.
+    pub(crate) joined: Arc<[u64]>,
+    /// The labels of the members, in list order.
+    pub(crate) member_labels: Arc<[String]>,
 }
 
 /// How a list takes changes: damping and a rate limit ([`ClientBuilder::list_damping`],
@@ -210,6 +215,8 @@ impl ServerList {
             labels: s.specs.iter().map(|x| x.addr.to_string()).collect(),
             ring,
             handover: Arc::default(),
+            joined: vec![0; n].into(),
+            member_labels: s.specs.iter().map(|x| x.addr.to_string()).collect(),
         };
         ServerList {
             inner: Arc::new(ListInner {
@@ -401,10 +408,12 @@ impl ServerList {
             pending: !st.leaving.is_empty(),
             ..ListChange::default()
         };
+        // The same servers with the same weights, in any order, are the same list: a
+        // consistent continuum does not depend on the order.
         let same = next.len() == st.members.len()
-            && next.iter().zip(&st.members).all(|(n, &i)| {
-                let s = &st.slots[i];
-                s.addr == n.addr && s.weight.max(1) == n.weight.max(1)
+            && next.iter().all(|n| {
+                (st.members.iter().map(|&i| &st.slots[i]))
+                    .any(|s| s.addr == n.addr && s.weight.max(1) == n.weight.max(1))
             });
         if same {
             return Ok(change);
@@ -458,13 +467,22 @@ impl ServerList {
         let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
         let old = self.inner.current.load();
         let handover = Arc::new(old.handover.after(&old.ring, &ring));
+        let mut joined = old.joined.to_vec();
+        joined.resize(slots.len(), 0);
+        for &i in &members {
+            if !st.members.contains(&i) {
+                joined[i] = generation;
+            }
+        }
         drop(old);
         let topology = Topology {
             generation,
             addrs: slots.iter().map(|s| s.addr.clone()).collect(),
             labels: labels.clone().into(),
+            member_labels: members.iter().map(|&i| labels[i].clone()).collect(),
             ring,
             handover,
+            joined: joined.into(),
         };
         // Room for the new servers' shared state first, then the list, then the signal: a
         // client that sees the list finds the state of every server in it.

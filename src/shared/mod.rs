@@ -107,6 +107,7 @@ impl SharedClientBuilder {
             binary_keys: protocol.supports(Capability::BinaryKeys),
             protocol,
             single: AtomicBool::new(labels.len() == 1),
+            members: arc_swap::ArcSwap::from_pointee(Arc::clone(router.servers_arc())),
             labels: arc_swap::ArcSwap::from_pointee(labels),
             driving: self.driving,
             replicated: fleet.replicated(),
@@ -209,6 +210,8 @@ impl ListFollower for Inner {
 
     fn published(&self, next: &Topology) {
         self.labels.store(Arc::new(Arc::clone(&next.labels)));
+        self.members
+            .store(Arc::new(Arc::clone(&next.member_labels)));
         // Engines of servers that left close their connection now (an idle engine would
         // keep it until its next call, which never comes).
         for e in self.engines.iter() {
@@ -313,6 +316,8 @@ struct Inner {
     protocol: Protocol,
     /// The servers by index (with a live list, every server it ever named).
     labels: arc_swap::ArcSwap<Arc<[String]>>,
+    /// The list's servers now, in list order.
+    members: arc_swap::ArcSwap<Arc<[String]>>,
     driving: IoMode,
     /// One server, never changed: every key goes to engine 0 (its own client still checks
     /// its health).
@@ -338,9 +343,14 @@ struct Inner {
 }
 
 impl SharedClient {
-    /// The servers by index, as configured: in configuration order, with a live list
-    /// followed by every server it added since (see [`server_list`](Self::server_list)).
+    /// The servers of its list now, as configured, in list order (see
+    /// [`server_list`](Self::server_list)).
     pub fn servers(&self) -> Arc<[String]> {
+        Arc::clone(&self.inner.members.load())
+    }
+
+    /// The servers by index (every server the list ever named), as configured.
+    pub(crate) fn labels(&self) -> Arc<[String]> {
         Arc::clone(&self.inner.labels.load())
     }
 

@@ -71,10 +71,10 @@ impl Shared {
             let shared_labels;
             let labels: &[String] = match (&self.settings.cache, &held) {
                 (CacheClients::Shared(s), _) => {
-                    shared_labels = s.servers();
+                    shared_labels = s.labels();
                     &shared_labels
                 }
-                (_, Some(c)) => c.servers(),
+                (_, Some(c)) => c.label_list(),
                 (CacheClients::Pool(_), None) => {
                     unreachable!("a pool's servers come with a client")
                 }
@@ -179,7 +179,7 @@ impl Shared {
             return None;
         }
         let servers = s.storage_servers(key.as_bytes(), true).ok()?;
-        let order = self.readable(key, &s.servers(), servers)?;
+        let order = self.readable(key, &s.labels(), servers)?;
         let mut buf = Vec::new();
         for (k, server) in order.iter().enumerate() {
             match s.get_on(server, key.as_bytes(), &mut buf) {

@@ -156,8 +156,8 @@ impl Shared {
             // a record stays in the log for one of them to replay. (Copies never move.)
             if let Some(home) = servers.moved_from() {
                 let home = match (&self.settings.cache, &held) {
-                    (CacheClients::Shared(s), _) => s.servers()[home].clone(),
-                    (_, Some(c)) => c.servers()[home].clone(),
+                    (CacheClients::Shared(s), _) => s.labels()[home].clone(),
+                    (_, Some(c)) => c.label_list()[home].clone(),
                     (CacheClients::Pool(_), None) => unreachable!("a pool routes with a client"),
                 };
                 self.lock_pending().distrust_server(home);
@@ -326,7 +326,7 @@ impl Shared {
                         return true;
                     };
                     match self.key_servers_with(c, key.as_bytes(), false) {
-                        Ok(s) if !s.servers().iter().any(|i| &c.servers()[i] == failed) => {
+                        Ok(s) if !s.servers().iter().any(|i| &c.label_list()[i] == failed) => {
                             let mut p = self.lock_pending();
                             p.distrust_server(failed.clone());
                             p.replayed(key, *gen);
