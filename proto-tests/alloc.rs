@@ -309,6 +309,33 @@ fn main() {
         "delete_multi (64 missing keys, 3 servers, ketama, namespace)",
         count(|| assert_eq!(multi.delete_multi(&hundred).unwrap(), 0)),
     );
+    // After a live list change (#28): a write of a key that moved also deletes it where it
+    // was (one more round trip), and nothing is allocated for it either.
+    let mut moved = mcstore::Client::builder()
+        .servers(three[..2].iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .build()
+        .unwrap();
+    let change = moved
+        .server_list()
+        .set(three.iter().map(Memcached::addr))
+        .unwrap();
+    assert!(change.applied());
+    for k in &keys {
+        moved
+            .set(k.as_bytes(), &value, SetOptions::default())
+            .unwrap();
+        moved.get_into(k.as_bytes(), &mut buf).unwrap();
+    }
+    run(
+        "set after a list change (some keys moved: deleted where they were)",
+        count(|| {
+            next = (next + 1) % keys.len();
+            moved
+                .set(keys[next].as_bytes(), &value, SetOptions::default())
+                .unwrap();
+        }),
+    );
 
     // Copies (#27): a read from one copy (with its fleet bookkeeping) and a write to both.
     let mut copies = mcstore::Client::builder()
