@@ -547,7 +547,12 @@ impl Core {
         cmd: impl Fn(usize, Key<'_>) -> Cmd<'_>,
         on_item: impl FnMut(usize, Outcome<'_>) -> Result<(), ParseError>,
     ) -> Result<()> {
-        self.write_batch_on(scratch, kind, keys, None, value, cmd, on_item)
+        let result = self.write_batch_on(scratch, kind, keys, None, value, cmd, on_item);
+        // Keys a list change moved are deleted where they were too.
+        if self.handover.is_empty() {
+            return result;
+        }
+        result.and(self.hand_over_all(scratch, keys))
     }
 
     /// [`write_batch`](Self::write_batch), with item `j` sent to server `placed[j]` when
@@ -573,15 +578,9 @@ impl Core {
             let j = plan.answered(i, &outcome, &ns, keys)?;
             on_item(j, outcome)
         };
-        let result = with_wire!(core.protocol, W => {
+        with_wire!(core.protocol, W => {
             core.batch::<W>(scratch, keys, value, cmd, no_hits, on_reply)
-        });
-        // Keys a list change moved are deleted where they were too (one copy per key: with
-        // copies, `placed`, lists do not change).
-        if placed.is_none() && !core.handover.is_empty() {
-            return result.and(core.hand_over_all(scratch, keys));
-        }
-        result
+        })
     }
 
     /// Plans and runs a batch of stores or deletes and counts the items done: every
@@ -614,16 +613,51 @@ impl Core {
         result.and(handed).map(|()| done)
     }
 
-    /// [`hand_over`](Core::hand_over) for each of `keys`; the first error once all are done.
+    /// [`hand_over`](Core::hand_over) for each of `keys`, in one pipelined batch of
+    /// deletes (each to the key's previous owners): a batch's moved keys cost one more round
+    /// trip in all, not one each.
     #[cold]
-    fn hand_over_all(&mut self, scratch: &mut Scratch, keys: &(impl Keys + ?Sized)) -> Result<()> {
-        let mut first_error = None;
+    pub(crate) fn hand_over_all(
+        &mut self,
+        scratch: &mut Scratch,
+        keys: &(impl Keys + ?Sized),
+    ) -> Result<()> {
+        // Working space kept in the scratch: nothing allocated once warm.
+        let (mut index, mut placed) = std::mem::take(&mut scratch.handover);
+        index.clear();
+        placed.clear();
         for j in 0..keys.len() {
-            if let Err(e) = self.hand_over(keys.key(j), &mut scratch.keybuf) {
-                first_error.get_or_insert(e);
+            let Some((handover, h)) = self.previous_owners(keys.key(j), &mut scratch.keybuf)?
+            else {
+                break; // no key moved (the map is the same for every key)
+            };
+            let now = self.ring.pick_hash(h).map(|i| i as u32);
+            for &o in handover.owners(h) {
+                if Some(o) != now {
+                    index.push(j as u32);
+                    placed.push(o);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        let r = if index.is_empty() {
+            Ok(())
+        } else {
+            let picked = Picked {
+                keys,
+                index: &index,
+            };
+            self.write_batch_on(
+                scratch,
+                Kind::Delete,
+                &picked,
+                Some(&placed),
+                |_| None,
+                |_, k| Cmd::delete(k),
+                |_, _| Ok(()),
+            )
+        };
+        scratch.handover = (index, placed);
+        r
     }
 
     /// Groups `keys` by server in `scratch`'s plan, for a batch of `kind`.

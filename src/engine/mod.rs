@@ -159,6 +159,8 @@ pub(crate) struct Scratch {
     /// The last multi-key call's plan and batch list.
     plan: batch::Plan,
     batches: Vec<crate::conn::driver::Batch<'static>>,
+    /// A batch's keys that a list change moved, and the previous owner each goes to.
+    handover: (Vec<u32>, Vec<u32>),
 }
 
 impl Scratch {
