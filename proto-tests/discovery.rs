@@ -187,10 +187,99 @@ fn a_servers_file_is_followed() {
 /// DNS: every address of a name, sorted (here `localhost`, from /etc/hosts).
 #[test]
 fn dns_lists_every_address() {
+    let _hosts = HOSTS.lock().unwrap_or_else(|p| p.into_inner());
     let mut d = Discovery::new("dns:localhost:11211".parse().unwrap());
     let list = d.poll().unwrap().unwrap();
     assert!(list.contains(&"127.0.0.1:11211".to_string()), "{list:?}");
     assert_eq!(sorted(&list), list.to_vec());
     // (A name that does not resolve is not tried: it would ask a DNS server off this
     // host.)
+}
+
+/// Held by the tests that read or write /etc/hosts: a rewrite is not atomic.
+static HOSTS: Mutex<()> = Mutex::new(());
+
+/// `/etc/hosts` with lines of its own added, put back as it was on drop.
+struct HostsFile {
+    original: String,
+}
+
+impl HostsFile {
+    const PATH: &'static str = "/etc/hosts";
+
+    fn new() -> HostsFile {
+        HostsFile {
+            original: std::fs::read_to_string(Self::PATH).unwrap(),
+        }
+    }
+
+    /// The original file plus `lines`, written in place (a container's /etc/hosts may be a
+    /// mount: it cannot be replaced).
+    fn set(&self, lines: &[String]) {
+        let mut text = self.original.clone();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(Self::PATH, text).unwrap();
+    }
+}
+
+impl Drop for HostsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.original);
+    }
+}
+
+/// DNS whose addresses change (#28): a name in /etc/hosts (the system resolver reads it
+/// first; the name is under `.test`, reserved, and always found there, so no DNS server is
+/// asked), followed by `Discovery::follow` into a client's list. Needs root to edit
+/// /etc/hosts (CI runs as root); restores it on the way out.
+#[test]
+fn dns_addresses_that_change_are_followed() {
+    if !support::launcher::running_as_root() {
+        eprintln!("dns_addresses_that_change_are_followed: needs root to edit /etc/hosts");
+        return;
+    }
+    let _hosts = HOSTS.lock().unwrap_or_else(|p| p.into_inner());
+    let name = format!("mcstore-dns-{}.test", std::process::id());
+    let hosts = HostsFile::new();
+    let line = |ip: &str| format!("{ip} {name}");
+    hosts.set(&[line("127.0.0.2"), line("127.0.0.3")]);
+    let mut c = Client::builder()
+        .server("127.0.0.1:11311")
+        .distribution(mcstore::ring::Distribution::Ketama)
+        .build()
+        .unwrap();
+    let list = c.server_list().clone();
+    let source: ServerSource = format!("dns:{name}:11311").parse().unwrap();
+    let following = Discovery::new(source)
+        .follow(list.clone(), Duration::from_millis(20))
+        .unwrap();
+    let want =
+        |ips: &[&str]| -> Vec<String> { ips.iter().map(|ip| format!("{ip}:11311")).collect() };
+    support::wait_for("the name's two addresses", || {
+        sorted(&list.servers()) == want(&["127.0.0.2", "127.0.0.3"])
+    });
+    // One address replaced by another: the list follows; the client takes it on its next
+    // call (nothing connects: no server listens there).
+    hosts.set(&[line("127.0.0.2"), line("127.0.0.4")]);
+    support::wait_for("the new address", || {
+        sorted(&list.servers()) == want(&["127.0.0.2", "127.0.0.4"])
+    });
+    c.server_for_key(b"k").unwrap();
+    assert_eq!(sorted(c.servers()), want(&["127.0.0.2", "127.0.0.4"]));
+    // A third address joins.
+    hosts.set(&[line("127.0.0.2"), line("127.0.0.4"), line("127.0.0.5")]);
+    support::wait_for("the third address", || list.servers().len() == 3);
+    let d = following.stop().unwrap();
+    assert!(d.changes() >= 3, "{} changes", d.changes());
+    assert_eq!(d.failures(), 0);
+    drop(hosts);
+    assert!(!std::fs::read_to_string("/etc/hosts")
+        .unwrap()
+        .contains(&name));
 }
