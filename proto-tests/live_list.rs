@@ -188,6 +188,38 @@ fn a_pool_follows_one_list() {
     drop(held);
 }
 
+/// A removed server's connections close without waiting for another call: a pool's idle
+/// clients and a shared client's engines take the new list when it is published (so "its
+/// clients have left it" is something an operator can wait for before emptying it).
+#[test]
+fn idle_clients_close_their_connections_to_a_removed_server() {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let idle = connections(&ms[2]);
+    let pool = Pool::new(builder(&[&ms[0], &ms[1], &ms[2]]), 4).unwrap();
+    let shared = builder(&[&ms[0], &ms[1], &ms[2]]).shared().build().unwrap();
+    // Every client of the pool, and the shared client, talks to every server once.
+    let mut held: Vec<_> = (0..4).map(|_| pool.get().unwrap()).collect();
+    for c in &mut held {
+        c.version().unwrap();
+    }
+    drop(held);
+    for i in 0..200 {
+        shared
+            .set(format!("idle:{i}").as_bytes(), b"v", SetOptions::default())
+            .unwrap();
+    }
+    shared.stats(None).unwrap(); // the admin client's connections too
+    let all = connections(&ms[2]);
+    assert!(all >= idle + 6, "not every client connected: {all}");
+    let two = [ms[0].addr(), ms[1].addr()];
+    pool.server_list().set(&two).unwrap();
+    shared.server_list().set(&two).unwrap();
+    // Nobody calls: the connections close all the same.
+    support::wait_for("the idle clients to leave the removed server", || {
+        connections(&ms[2]) <= idle
+    });
+}
+
 /// The fronts that do not follow a changing list yet refuse a change with a clear error and
 /// keep serving with the list they have: a storage over a pool, a client with copies, a
 /// modula list.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{Client, ClientBuilder};
 use crate::error::{Error, Result};
+use crate::fleet::live::{ListFollower, Topology};
 
 /// A pool of [`Client`]s for many threads. `Clone` is cheap (shared).
 ///
@@ -57,6 +58,15 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// A pool told of its list's changes: an idle client takes a new list at once, so its
+    /// connections to servers that left close now, not at its next checkout.
+    fn following(inner: Inner) -> Pool {
+        let inner = Arc::new(inner);
+        let follower: std::sync::Weak<dyn ListFollower> = Arc::downgrade(&inner) as _;
+        inner.list.add_follower(follower);
+        Pool { inner }
+    }
+
     /// The server list every client of the pool follows:
     /// [`ServerList::set`](crate::ServerList::set) changes the pool's servers while it
     /// serves. Clients checked out take the new list on their next call.
@@ -88,16 +98,14 @@ impl Pool {
         for _ in 1..size {
             clients.push(builder.clone().build()?);
         }
-        Ok(Pool {
-            inner: Arc::new(Inner {
-                list: clients[0].server_list().clone(),
-                builder: Some(builder),
-                idle: Mutex::new(clients),
-                freed: Condvar::new(),
-                size,
-                checkout_timeout,
-            }),
-        })
+        Ok(Pool::following(Inner {
+            list: clients[0].server_list().clone(),
+            builder: Some(builder),
+            idle: Mutex::new(clients),
+            freed: Condvar::new(),
+            size,
+            checkout_timeout,
+        }))
     }
 
     /// The namespace (key prefix) its clients were built with.
@@ -151,19 +159,30 @@ impl Pool {
     }
 }
 
+impl ListFollower for Inner {
+    fn prepare(&self, _next: &Topology) -> Result<()> {
+        Ok(())
+    }
+
+    fn published(&self, _next: &Topology) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for c in idle.iter_mut() {
+            c.engine().0.maybe_rejoin();
+        }
+    }
+}
+
 impl From<Client> for Pool {
     /// A pool of one client (calls from several threads take turns).
     fn from(client: Client) -> Pool {
-        Pool {
-            inner: Arc::new(Inner {
-                list: client.server_list().clone(),
-                builder: None,
-                idle: Mutex::new(vec![client]),
-                freed: Condvar::new(),
-                size: 1,
-                checkout_timeout: Duration::from_secs(5),
-            }),
-        }
+        Pool::following(Inner {
+            list: client.server_list().clone(),
+            builder: None,
+            idle: Mutex::new(vec![client]),
+            freed: Condvar::new(),
+            size: 1,
+            checkout_timeout: Duration::from_secs(5),
+        })
     }
 }
 

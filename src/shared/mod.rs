@@ -219,6 +219,7 @@ impl ListFollower for Inner {
                 lock(&e.state).client.engine().0.maybe_rejoin();
             }
         }
+        lock(&self.admin).engine().0.maybe_rejoin();
     }
 }
 
