@@ -83,7 +83,8 @@ impl ListChange {
 ///   the clients never wait for it, and take it on their next call;
 /// - connections to servers that stay are kept; a client closes its connection to a removed
 ///   server when it takes the new list, after the call it was making (a client makes one
-///   call at a time), so no call in flight is cut;
+///   call at a time), so no call in flight is cut; a pool's idle clients and a shared
+///   client's engines take it as soon as it is published;
 /// - a call routed before the change and sent after it, to a removed server, fails with
 ///   [`Error::ServerRemoved`]; none goes to another server than the one it was routed to;
 /// - weights may change; a server named twice is refused.
