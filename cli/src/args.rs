@@ -57,8 +57,8 @@ pub(crate) struct Global {
         hide_env_values = true
     )]
     pub(crate) password: Option<String>,
-    /// Key distribution: modula, ketama or ketama_weighted [default: modula; ketama with
-    /// --servers-file or --discover, whose lists may change].
+    /// Key distribution: modula, ketama or ketama_weighted [default: modula; ketama for
+    /// `slap` with --servers-file or --discover, which follows a list that may change].
     #[arg(long, value_parser = parse_distribution, global = true)]
     pub(crate) distribution: Option<Distribution>,
     /// How often `slap` reads --servers-file or asks --discover again, following the list
@@ -142,19 +142,10 @@ pub(crate) fn parse_hedge(s: &str) -> Result<mcstore::Hedge, String> {
 }
 
 impl Global {
-    /// Whether the servers come from a source that may change (a file, discovery).
-    pub(crate) fn follows(&self) -> bool {
-        self.servers_file.is_some() || self.discover.is_some()
-    }
-
-    /// The key distribution: as given, else modula (libmemcached's default), or ketama for
-    /// a list that may change (a modula list cannot: nearly every key would move).
+    /// The key distribution: as given, else modula (libmemcached's default; `slap`
+    /// following a list that may change takes ketama: a modula list cannot change).
     pub(crate) fn distribution(&self) -> Distribution {
-        self.distribution.unwrap_or(if self.follows() {
-            Distribution::Ketama
-        } else {
-            Distribution::Modula
-        })
+        self.distribution.unwrap_or(Distribution::Modula)
     }
     /// The TLS settings asked for, if any (files are read here: a bad one is named).
     pub(crate) fn tls(&self) -> Res<Option<mcstore::TlsConfig>> {

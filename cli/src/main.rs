@@ -23,6 +23,7 @@ use demo::demo;
 use store::store_op;
 
 use clap::Parser;
+use mcstore::ring::Distribution;
 use mcstore::{Client, ClientBuilder, SetOptions, StoreMode};
 
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -524,7 +525,12 @@ fn run(cli: Cli) -> Res<()> {
                 Protocol::Meta => "meta",
             };
             let follow = discovery(g)?.map(|d| (d, Duration::from_millis(g.discover_every_ms)));
-            if slap::run(builder(g, "127.0.0.1:11211")?, &spec, proto, follow)? {
+            let mut b = builder(g, "127.0.0.1:11211")?;
+            if follow.is_some() && g.distribution.is_none() {
+                // It follows the list, which may change: a modula list cannot.
+                b = b.distribution(Distribution::Ketama);
+            }
+            if slap::run(b, &spec, proto, follow)? {
                 out.flush()?;
                 return Err(Interrupted.into());
             }
