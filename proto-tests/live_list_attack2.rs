@@ -997,3 +997,87 @@ fn without_a_hand_over_a_removed_server_is_left_at_once() {
         connections(&ms[0]) <= idle
     });
 }
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A list whose second server changes address at every change (a pod restarted under a
+/// new IP, as Kubernetes discovery sees it) while a shared client follows it: the shared
+/// client makes an engine (a client, 1024 request slots) for every server the list ever
+/// named and never drops one, and `published` locks and updates every removed server's
+/// engine at every change. Memory grows with every address ever seen, and each change
+/// costs more than the last.
+#[test]
+fn a_shared_client_following_a_list_of_ever_new_servers_stays_bounded() {
+    let m = Memcached::start();
+    let shared = builder(&[&m]).shared().build().unwrap();
+    shared.set(b"k", b"v", SetOptions::default()).unwrap();
+    let list = shared.server_list();
+    let base = m.addr();
+    let set = |n: u32| {
+        let fake = format!("127.0.0.2:{}", 1024 + n);
+        let start = Instant::now();
+        list.set([base.as_str(), fake.as_str()]).unwrap();
+        start.elapsed()
+    };
+    let first: Duration = (0..50).map(set).sum();
+    let rss_before = rss_kib();
+    let n = 400;
+    for i in 50..n {
+        set(i);
+    }
+    let last: Duration = (n..n + 50).map(set).sum();
+    let rss_after = rss_kib();
+    // Still serving.
+    list.set([base.as_str()]).unwrap();
+    assert_eq!(shared.get(b"k").unwrap().unwrap().value, b"v");
+    let grown_mib = (rss_after.saturating_sub(rss_before)) / 1024;
+    eprintln!(
+        "50 changes took {first:?} at first, {last:?} after {n} servers; memory grew \
+         {grown_mib} MiB"
+    );
+    assert!(
+        grown_mib < 64 && last < first * 5,
+        "after {n} distinct servers named over the list's life, the shared client had grown \
+         by {grown_mib} MiB and 50 changes took {last:?} (at first: {first:?})"
+    );
+}
+
+/// The control: the same changes with a plain client following the list.
+#[test]
+fn a_plain_client_following_a_list_of_ever_new_servers_stays_bounded() {
+    let m = Memcached::start();
+    let mut c = builder(&[&m]).build().unwrap();
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    let list = c.server_list().clone();
+    let base = m.addr();
+    let set = |n: u32| {
+        let fake = format!("127.0.0.2:{}", 1024 + n);
+        let start = Instant::now();
+        list.set([base.as_str(), fake.as_str()]).unwrap();
+        start.elapsed()
+    };
+    let first: Duration = (0..50).map(set).sum();
+    let rss_before = rss_kib();
+    let n = 400;
+    for i in 50..n {
+        set(i);
+    }
+    let last: Duration = (n..n + 50).map(set).sum();
+    let rss_after = rss_kib();
+    list.set([base.as_str()]).unwrap();
+    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v");
+    let grown_mib = (rss_after.saturating_sub(rss_before)) / 1024;
+    eprintln!(
+        "plain: 50 changes took {first:?} at first, {last:?} after {n} servers; memory grew \
+         {grown_mib} MiB"
+    );
+    assert!(grown_mib < 64 && last < first * 5);
+}
