@@ -387,6 +387,9 @@ impl Client {
         let before = self.core.pin(Some(server));
         let r = f(self);
         self.core.pin(before);
+        // A list published meanwhile is taken now (one atomic load otherwise): a shared
+        // client's engine leaves a removed server after its round, not at its next one.
+        self.core.maybe_rejoin();
         r
     }
 
@@ -736,6 +739,14 @@ impl Client {
     /// (multi-key batches, a shared client's rounds).
     pub(crate) fn engine(&mut self) -> (&mut Core, &mut Scratch) {
         (&mut self.core, &mut self.scratch)
+    }
+
+    /// Takes the list now if it is connected to one of `removed` (servers a change just
+    /// took out of its list): an idle client leaves them at once.
+    pub(crate) fn leave_removed(&mut self, removed: &[usize]) {
+        if removed.iter().any(|&i| self.core.is_connected(i)) {
+            self.core.maybe_rejoin();
+        }
     }
 
     /// The labels of the list's servers now, shared (list order).

@@ -525,6 +525,14 @@ fn run(cli: Cli) -> Res<()> {
                 Protocol::Meta => "meta",
             };
             let follow = discovery(g)?.map(|d| (d, Duration::from_millis(g.discover_every_ms)));
+            if follow.is_some() && (g.replicas > 1 || !g.zone.is_empty()) {
+                return Err(
+                    "slap follows --servers-file or --discover with one copy per key and \
+                     no zones only: a client with copies or zones does not follow list \
+                     changes yet"
+                        .into(),
+                );
+            }
             let mut b = builder(g, "127.0.0.1:11211")?;
             if follow.is_some() && g.distribution.is_none() {
                 // It follows the list, which may change: a modula list cannot.

@@ -164,10 +164,10 @@ impl ListFollower for Inner {
         Ok(())
     }
 
-    fn published(&self, _next: &Topology) {
+    fn published(&self, _next: &Topology, removed: &[usize]) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         for c in idle.iter_mut() {
-            c.engine().0.maybe_rejoin();
+            c.leave_removed(removed);
         }
     }
 }

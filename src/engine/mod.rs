@@ -275,6 +275,11 @@ impl Core {
         }
     }
 
+    /// Whether it has a connection open to server `i`.
+    pub(crate) fn is_connected(&self, i: usize) -> bool {
+        i < self.labels.len() && self.driver.is_connected(i)
+    }
+
     /// The server list this core follows.
     pub(crate) fn server_list(&self) -> &ServerList {
         &self.list

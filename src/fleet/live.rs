@@ -129,8 +129,8 @@ pub struct ServerList {
 pub(crate) trait ListFollower: Send + Sync {
     /// Makes what the servers of `next` need; an error keeps the list as it was.
     fn prepare(&self, next: &Topology) -> Result<()>;
-    /// `next` is the list now.
-    fn published(&self, next: &Topology);
+    /// `next` is the list now; `removed` the servers this change took out of it.
+    fn published(&self, next: &Topology, removed: &[usize]);
 }
 
 struct ListInner {
@@ -262,13 +262,22 @@ impl ServerList {
 
     /// Tells `follower` of every change from now on (until it is dropped).
     pub(crate) fn add_follower(&self, follower: std::sync::Weak<dyn ListFollower>) {
-        let mut f = self
-            .inner
-            .followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _ = self.add_follower_with(follower, |_| Ok(()));
+    }
+
+    /// [`add_follower`](Self::add_follower), after `catch_up` with the list as it is: no
+    /// change runs in between, so the follower misses none.
+    pub(crate) fn add_follower_with(
+        &self,
+        follower: std::sync::Weak<dyn ListFollower>,
+        catch_up: impl FnOnce(&Topology) -> Result<()>,
+    ) -> Result<()> {
+        let _no_change = self.lock();
+        catch_up(&self.topology())?;
+        let mut f = (self.inner.followers.lock()).unwrap_or_else(|p| p.into_inner());
         f.retain(|w| w.strong_count() > 0);
         f.push(follower);
+        Ok(())
     }
 
     fn followers(&self) -> Vec<Arc<dyn ListFollower>> {
@@ -500,8 +509,11 @@ impl ServerList {
         let topology = Arc::new(topology);
         self.inner.current.store(Arc::clone(&topology));
         self.inner.health.list_changed(generation);
+        let removed: Vec<usize> = (st.members.iter().copied())
+            .filter(|i| !members.contains(i))
+            .collect();
         for f in &followers {
-            f.published(&topology);
+            f.published(&topology, &removed);
         }
         st.slots = slots;
         st.members = members;

@@ -262,6 +262,18 @@ impl Engine {
         }
     }
 
+    /// A caller waiting for a free slot gives up (`w` was its waker): its wake may have
+    /// been spent on it, so it is passed on.
+    pub(super) fn forget_space_waker(&self, w: &Waker) {
+        let mut q = lock(&self.queue);
+        q.space_wakers.retain(|x| !x.will_wake(w));
+        if !q.free.is_empty() {
+            if let Some(next) = q.space_wakers.pop() {
+                next.wake();
+            }
+        }
+    }
+
     /// Gives a slot back.
     pub(super) fn free(&self, q: &mut Queue, slot: u32) {
         q.free.push(slot);

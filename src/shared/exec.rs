@@ -263,7 +263,12 @@ impl SharedClient {
                 // Claimed before `on` runs: if it panics, the guard gives back the rest.
                 queued[j - first] = (NONE, NONE);
                 let eng = &self.inner.engines[server as usize];
-                let r = self.await_slot(eng, slot, start, deadline, &mut value);
+                let r = match self.await_slot(eng, slot, start, deadline, &mut value) {
+                    // Its server left the list before the call reached it (nothing was
+                    // sent): once more, routed with the new list.
+                    Err(Error::ServerRemoved { .. }) => self.exec(call(j), &mut value),
+                    r => r,
+                };
                 on(j, r, &value);
             }
         }

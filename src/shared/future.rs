@@ -112,8 +112,9 @@ impl Future for Joined<'_> {
 
 enum CallState {
     Start,
-    /// Waiting for a free slot (this waker is in the queue's list).
-    NoSlot(Waker),
+    /// Waiting for a free slot of server `.1`'s engine (this waker is in its queue's list;
+    /// the key may route elsewhere by the next poll, after a list change).
+    NoSlot(Waker, usize),
     Queued {
         server: usize,
         slot: u32,
@@ -166,7 +167,7 @@ impl Future for AsyncCall<'_> {
         loop {
             match &this.state {
                 CallState::Finished => return Poll::Ready(Err(unexpected())),
-                CallState::Start | CallState::NoSlot(_) => {
+                CallState::Start | CallState::NoSlot(..) => {
                     let eng = match this.engine() {
                         Ok(e) => e,
                         Err(e) => {
@@ -175,8 +176,16 @@ impl Future for AsyncCall<'_> {
                         }
                     };
                     let mut q = lock(&eng.queue);
-                    if let CallState::NoSlot(w) = &this.state {
-                        q.space_wakers.retain(|x| !x.will_wake(w));
+                    if let CallState::NoSlot(w, server) = &this.state {
+                        if *server == eng.server {
+                            q.space_wakers.retain(|x| !x.will_wake(w));
+                        } else {
+                            // The key moved: leave the other engine's queue (passing on a
+                            // wake that was spent on this call).
+                            drop(q);
+                            inner.engines[*server].forget_space_waker(w);
+                            q = lock(&eng.queue);
+                        }
                     }
                     let waiter = Waiter::Task(cx.waker().clone());
                     match eng.push(&mut q, &this.call, deadline, waiter) {
@@ -196,7 +205,7 @@ impl Future for AsyncCall<'_> {
                             q.space_wakers.push(cx.waker().clone());
                             // Make sure the queue is being served: its frees wake us.
                             eng.kick_io(&mut q);
-                            this.state = CallState::NoSlot(cx.waker().clone());
+                            this.state = CallState::NoSlot(cx.waker().clone(), eng.server);
                             return Poll::Pending;
                         }
                     }
@@ -258,17 +267,8 @@ impl Drop for AsyncCall<'_> {
                     eng.release_slot(slot);
                 }
             }
-            CallState::NoSlot(w) => {
-                // Our wake may have been spent on us: pass it on.
-                if let Ok(eng) = self.engine() {
-                    let mut q = lock(&eng.queue);
-                    q.space_wakers.retain(|x| !x.will_wake(&w));
-                    if !q.free.is_empty() {
-                        if let Some(next) = q.space_wakers.pop() {
-                            next.wake();
-                        }
-                    }
-                }
+            CallState::NoSlot(w, server) => {
+                self.client.inner.engines[server].forget_space_waker(&w);
             }
             CallState::Start | CallState::Finished => {}
         }

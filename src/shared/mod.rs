@@ -20,7 +20,7 @@ use crate::client::{
     MetaSetResult, ServerCounters, ServerStats, SetOptions,
 };
 use crate::engine::slots::Slots;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fleet::live::{ListFollower, Topology};
 use crate::proto::wire::Capability;
 use crate::proto::{Protocol, StoreMode};
@@ -122,9 +122,16 @@ impl SharedClientBuilder {
             engines,
         };
         let inner = Arc::new(inner);
-        // A new server's engine is made before a call can route to it.
+        // A new server's engine is made before a call can route to it; a change made since
+        // the router was built is caught up with (no change runs meanwhile).
         let follower: std::sync::Weak<dyn ListFollower> = Arc::downgrade(&inner) as _;
-        list.add_follower(follower);
+        list.add_follower_with(follower, |now| {
+            if now.generation > 0 {
+                inner.prepare(now)?;
+                inner.published(now, &[]);
+            }
+            Ok(())
+        })?;
         Ok(SharedClient { inner })
     }
 }
@@ -208,18 +215,21 @@ impl ListFollower for Inner {
         Ok(())
     }
 
-    fn published(&self, next: &Topology) {
+    fn published(&self, next: &Topology, removed: &[usize]) {
         self.labels.store(Arc::new(Arc::clone(&next.labels)));
         self.members
             .store(Arc::new(Arc::clone(&next.member_labels)));
-        // Engines of servers that left close their connection now (an idle engine would
-        // keep it until its next call, which never comes).
+        // Idle engines connected to a server that left close that connection now (an idle
+        // engine would keep it until its next call, which may never come). One in a round
+        // is not waited for: it takes the list after its round.
         for e in self.engines.iter() {
-            if !next.ring.is_member(e.server) {
-                lock(&e.state).client.engine().0.maybe_rejoin();
+            if let Some(mut st) = e.try_state() {
+                st.client.leave_removed(removed);
             }
         }
-        lock(&self.admin).engine().0.maybe_rejoin();
+        if let Ok(mut admin) = self.admin.try_lock() {
+            admin.leave_removed(removed);
+        }
     }
 }
 
@@ -479,8 +489,16 @@ impl SharedClient {
             return self.on_first_copy(key, false, f, |_| false);
         }
         let server = self.route_of_key(key)?.server;
-        let mut c = self.lend_for(server);
-        c.pinned(server, &mut f)
+        let r = self.lend_for(server).pinned(server, &mut f);
+        match r {
+            // Its server left the list before the call reached it (nothing was sent): once
+            // more, routed with the new list.
+            Err(Error::ServerRemoved { .. }) => {
+                let server = self.route_of_key(key)?.server;
+                self.lend_for(server).pinned(server, &mut f)
+            }
+            r => r,
+        }
     }
 
     /// Meta get with leases and item metadata (meta protocol). Errors as
@@ -569,7 +587,8 @@ impl SharedClient {
         (self.inner.engines.iter())
             .filter(|e| members.ring.is_member(e.server))
             .filter_map(|e| {
-                let st = lock(&e.state);
+                let mut st = lock(&e.state);
+                st.client.engine().0.maybe_rejoin();
                 let mut all = st.client.server_counters();
                 let at = all.iter().position(|(l, _)| *l == e.label)?;
                 Some(all.swap_remove(at))
