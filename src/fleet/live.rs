@@ -87,7 +87,13 @@ impl ListChange {
 ///   client's engines take it as soon as it is published;
 /// - a call routed before the change and sent after it, to a removed server, fails with
 ///   [`Error::ServerRemoved`]; none goes to another server than the one it was routed to;
-/// - weights may change; a server named twice is refused.
+/// - weights may change; a server named twice is refused;
+/// - after a change, a write of a key that moved also deletes it where it was (see
+///   `ring::handover`), so a key moved away and back never reads an older write. This
+///   holds within the clients of one list: **a server that comes back to the list must come
+///   back empty** (restarted, or flushed once the clients have closed their connections to
+///   it, which they do when the list without it is published), since the writes made while
+///   it was out did not delete there.
 ///
 /// Churn control (set on the builder): with [`list_damping`], a removed server stays in the
 /// list for that long, so one that comes back within the window moves no key; with
