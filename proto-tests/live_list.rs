@@ -209,8 +209,10 @@ fn idle_clients_close_their_connections_to_a_removed_server() {
             .unwrap();
     }
     shared.stats(None).unwrap(); // the admin client's connections too
-    let all = connections(&ms[2]);
-    assert!(all >= idle + 6, "not every client connected: {all}");
+                                 // memcached counts a connection once it accepted it, which a busy host may delay.
+    support::wait_for("every client to connect", || {
+        connections(&ms[2]) >= idle + 6
+    });
     let two = [ms[0].addr(), ms[1].addr()];
     pool.server_list().set(&two).unwrap();
     shared.server_list().set(&two).unwrap();
