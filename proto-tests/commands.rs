@@ -548,14 +548,24 @@ fn dump_keys_lists_every_key() {
             c.set(k, b"v", SetOptions::default()).unwrap();
         }
         let server = c.servers()[0].clone();
-        let mut got = Vec::new();
-        c.dump_keys(&server, |k, meta| {
-            assert!(meta.contains("exp=") && meta.contains("size="), "{meta}");
-            got.push(k.to_vec());
-        })
-        .unwrap();
-        got.sort();
         want.sort();
+        // `lru_crawler metadump all` walks the LRUs, and memcached says LRU reordering can
+        // make it miss items (protocol.txt, "lru_crawler metadump"; seen once here over TLS
+        // on a busy host): each dump must be well formed, and one of a few must be whole.
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.clear();
+            c.dump_keys(&server, |k, meta| {
+                assert!(meta.contains("exp=") && meta.contains("size="), "{meta}");
+                got.push(k.to_vec());
+            })
+            .unwrap();
+            got.sort();
+            assert!(got.iter().all(|k| want.contains(k)), "a key never set");
+            if got == want {
+                break;
+            }
+        }
         assert_eq!(got, want, "{protocol:?}");
         // The connection goes on serving ordinary calls.
         assert_eq!(c.get(b"k:1").unwrap().unwrap().value, b"v");
