@@ -95,11 +95,47 @@ fn churn_spare(
 /// the caller.)
 #[test]
 fn blocking_multi_key_calls_are_routed_again_when_a_server_leaves() {
+    routed_again_under_churn(
+        "blocking multi-key",
+        mcstore::Protocol::Text,
+        4,
+        5,
+        |c, t| {
+            let keys: Vec<String> = (0..200).map(|i| format!("multi:{t}:{i}")).collect();
+            let items: Vec<(String, String)> =
+                keys.iter().map(|k| (k.clone(), format!("v{k}"))).collect();
+            move |n| match n % 3 {
+                0 => c.set_multi(&items, SetOptions::default()).map(drop),
+                1 => c.get_multi(&keys, |k, item| {
+                    let k = std::str::from_utf8(k).unwrap();
+                    assert_eq!(item.value, format!("v{k}").as_bytes(), "{k}");
+                }),
+                _ => c.delete_multi(&keys).map(drop),
+            }
+        },
+    );
+}
+
+/// `callers` threads each make `call(n)` (built by `make(client, thread)`) on one shared
+/// client, for `secs` seconds, while its list's fourth server comes and goes every few ms
+/// (gracefully): no call may fail with `ServerRemoved` (a call routed to a server that left
+/// is routed again). At this rate of change, with the removed server polled for its
+/// connections each time, a connect may also be refused now and then: those are printed,
+/// not counted (routing is what this checks).
+fn routed_again_under_churn<F>(
+    what: &str,
+    protocol: mcstore::Protocol,
+    callers: usize,
+    secs: u64,
+    make: fn(mcstore::SharedClient, usize) -> F,
+) where
+    F: FnMut(u64) -> mcstore::Result<()> + Send + 'static,
+{
     let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
-    let all = addrs(&ms);
-    let base = all[..3].to_vec();
+    let base = addrs(&ms)[..3].to_vec();
     let idle = connections(&ms[3]);
     let shared = builder(&[&ms[0], &ms[1], &ms[2]])
+        .protocol(protocol)
         .io_timeout(Duration::from_secs(2))
         .shared()
         .build()
@@ -108,30 +144,16 @@ fn blocking_multi_key_calls_are_routed_again_when_a_server_leaves() {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let calls = Arc::new(AtomicU64::new(0));
-    let callers: Vec<_> = (0..4)
+    let callers: Vec<_> = (0..callers)
         .map(|t| {
-            let (c, stop, errors, calls) =
-                (shared.clone(), stop.clone(), errors.clone(), calls.clone());
+            let mut call = make(shared.clone(), t);
+            let (stop, errors, calls) = (stop.clone(), errors.clone(), calls.clone());
             thread::spawn(move || {
-                let keys: Vec<String> = (0..200).map(|i| format!("multi:{t}:{i}")).collect();
-                let items: Vec<(String, String)> =
-                    keys.iter().map(|k| (k.clone(), format!("v{k}"))).collect();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let r = match n % 3 {
-                        0 => c.set_multi(&items, SetOptions::default()).map(drop),
-                        1 => c.get_multi(&keys, |k, item| {
-                            let k = std::str::from_utf8(k).unwrap();
-                            assert_eq!(item.value, format!("v{k}").as_bytes(), "{k}");
-                        }),
-                        _ => c.delete_multi(&keys).map(drop),
-                    };
+                    let r = call(n);
                     n += 1;
                     calls.fetch_add(1, Ordering::Relaxed);
-                    // Routing is what this checks: a call routed to a server that left is
-                    // routed again. (At this rate of change, one every few ms with the
-                    // removed server polled for its connections each time, a connect may
-                    // also be refused now and then: counted apart, in the message.)
                     match r {
                         Err(e) if e.kind() == mcstore::ErrorKind::ServerRemoved => {
                             errors.lock().unwrap().push(format!("{:?}: {e}", e.kind()))
@@ -145,11 +167,9 @@ fn blocking_multi_key_calls_are_routed_again_when_a_server_leaves() {
         .collect();
     let churner = {
         let stop = stop.clone();
-        let base = base.clone();
-        let list = list.clone();
         thread::spawn(move || churn_spare(list, base, &ms[3], idle, &stop))
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline && errors.lock().unwrap().len() < 20 {
         thread::sleep(Duration::from_millis(20));
     }
@@ -161,7 +181,7 @@ fn blocking_multi_key_calls_are_routed_again_when_a_server_leaves() {
     let errors = errors.lock().unwrap();
     assert!(
         errors.is_empty(),
-        "{} of {} blocking multi-key calls failed over {removals} graceful removals, e.g. {}",
+        "{} of {} {what} calls failed over {removals} graceful removals, e.g. {}",
         errors.len(),
         calls.load(Ordering::Relaxed),
         errors.join(" | ")
@@ -721,80 +741,24 @@ fn shared_clients_dropped_while_their_list_changes_from_several_threads() {
 /// `on_key_server` routed once, and they failed with `ServerRemoved`.)
 #[test]
 fn meta_calls_are_routed_again_when_a_server_leaves() {
-    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
-    let all = addrs(&ms);
-    let base = all[..3].to_vec();
-    let idle = connections(&ms[3]);
-    let shared = builder(&[&ms[0], &ms[1], &ms[2]])
-        .protocol(mcstore::Protocol::Meta)
-        .io_timeout(Duration::from_secs(2))
-        .shared()
-        .build()
-        .unwrap();
-    let list = shared.server_list();
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let calls = Arc::new(AtomicU64::new(0));
-    let callers: Vec<_> = (0..6)
-        .map(|t| {
-            let (c, stop, errors, calls) =
-                (shared.clone(), stop.clone(), errors.clone(), calls.clone());
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let k = format!("meta:{t}:{}", n % 64);
-                    // Plain gets and sets too: they keep the engines' rounds busy, so a
-                    // meta call waits for its engine (after its route) now and then.
-                    let r = match n % 4 {
-                        0 => c
-                            .meta_set(k.as_bytes(), b"v", mcstore::MetaSetOptions::default())
-                            .map(drop),
-                        1 => c
-                            .meta_get(k.as_bytes(), mcstore::MetaGetOptions::default(), &mut buf)
-                            .map(drop),
-                        2 => c.invalidate(k.as_bytes(), None).map(drop),
-                        _ => c.get(k.as_bytes()).map(drop),
-                    };
-                    n += 1;
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    // Routing is what this checks: a call routed to a server that left is
-                    // routed again. (At this rate of change, one every few ms with the
-                    // removed server polled for its connections each time, a connect may
-                    // also be refused now and then: counted apart, in the message.)
-                    match r {
-                        Err(e) if e.kind() == mcstore::ErrorKind::ServerRemoved => {
-                            errors.lock().unwrap().push(format!("{:?}: {e}", e.kind()))
-                        }
-                        Err(e) => eprintln!("(not a routing error) {e}"),
-                        Ok(()) => {}
-                    }
-                }
-            })
-        })
-        .collect();
-    let churner = {
-        let stop = stop.clone();
-        let list = list.clone();
-        thread::spawn(move || churn_spare(list, base, &ms[3], idle, &stop))
-    };
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while Instant::now() < deadline && errors.lock().unwrap().len() < 20 {
-        thread::sleep(Duration::from_millis(20));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for c in callers {
-        c.join().unwrap();
-    }
-    let removals = churner.join().unwrap();
-    let errors = errors.lock().unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} of {} meta calls failed over {removals} graceful removals, e.g. {}",
-        errors.len(),
-        calls.load(Ordering::Relaxed),
-        errors[0]
-    );
+    routed_again_under_churn("meta", mcstore::Protocol::Meta, 6, 6, |c, t| {
+        let mut buf = Vec::new();
+        move |n| {
+            let k = format!("meta:{t}:{}", n % 64);
+            // Plain gets too: they keep the engines' rounds busy, so a meta call waits for
+            // its engine (after its route) now and then.
+            match n % 4 {
+                0 => c
+                    .meta_set(k.as_bytes(), b"v", mcstore::MetaSetOptions::default())
+                    .map(drop),
+                1 => c
+                    .meta_get(k.as_bytes(), mcstore::MetaGetOptions::default(), &mut buf)
+                    .map(drop),
+                2 => c.invalidate(k.as_bytes(), None).map(drop),
+                _ => c.get(k.as_bytes()).map(drop),
+            }
+        }
+    });
 }
 
 /// A control for the slot-waiter tests: with no list change, a future dropped while waiting
