@@ -63,15 +63,16 @@ impl SharedClient {
             return self.exec_copies(call, out);
         }
         self.check(&call)?;
-        let (eng, checked) = self.route_unchecked(call.key)?;
-        match self.exec_on(eng, call, checked, out) {
-            // Routed to a server that a new list removed before the call reached it: nothing
-            // was sent. Once more, routed with the new list.
-            Err(Error::ServerRemoved { .. }) => {
-                let (eng, checked) = self.route_unchecked(call.key)?;
-                self.exec_on(eng, call, checked, out)
+        let mut tries = 0;
+        loop {
+            let (eng, checked) = self.route_unchecked(call.key)?;
+            match self.exec_on(eng, call, checked, out) {
+                // Routed to a server that a new list removed before the call reached it:
+                // nothing was sent. Routed again with the new list (a few times: lists
+                // changing every few ms can remove the next server too).
+                Err(Error::ServerRemoved { .. }) if tries < super::REROUTES => tries += 1,
+                r => return r,
             }
-            r => r,
         }
     }
 
@@ -265,7 +266,7 @@ impl SharedClient {
                 let eng = &self.inner.engines[server as usize];
                 let r = match self.await_slot(eng, slot, start, deadline, &mut value) {
                     // Its server left the list before the call reached it (nothing was
-                    // sent): once more, routed with the new list.
+                    // sent): routed again with the new list (`exec` does).
                     Err(Error::ServerRemoved { .. }) => self.exec(call(j), &mut value),
                     r => r,
                 };

@@ -28,7 +28,7 @@ impl SharedClient {
             target: None,
             start: None,
             state: CallState::Start,
-            rerouted: false,
+            reroutes: 0,
         }
     }
 
@@ -134,9 +134,9 @@ pub(super) struct AsyncCall<'a> {
     target: Option<usize>,
     start: Option<Instant>,
     state: CallState,
-    /// Routed again once already (its first server left the list before the call
-    /// reached it).
-    rerouted: bool,
+    /// Times routed again (a server it was routed to left the list before the call
+    /// reached it); at most `REROUTES`.
+    reroutes: u32,
 }
 
 impl<'a> AsyncCall<'a> {
@@ -223,11 +223,12 @@ impl Future for AsyncCall<'_> {
                         drop(d);
                         eng.release_slot(slot);
                         // Its server left the list before the call reached it (nothing was
-                        // sent): once more, routed with the new list.
+                        // sent): routed again with the new list (see `REROUTES`).
                         if matches!(r, Err(Error::ServerRemoved { .. }))
                             && this.target.is_none()
-                            && !std::mem::replace(&mut this.rerouted, true)
+                            && this.reroutes < super::REROUTES
                         {
+                            this.reroutes += 1;
                             this.state = CallState::Start;
                             continue;
                         }
