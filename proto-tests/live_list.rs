@@ -556,3 +556,187 @@ fn abrupt_removals_fail_only_the_calls_in_flight() {
         "{failed} failed calls over {removals} kills"
     );
 }
+
+/// A `MemcacheStorage` over a list that changes (`follow_list`): its resources, read
+/// through it, must always be the last version written.
+mod storage {
+    use super::*;
+    use mcstore::storage::{MemcacheStorage, MemoryStorage, ResourceInfo, Storage};
+
+    pub(super) struct Resources {
+        pub(super) infos: Vec<ResourceInfo>,
+    }
+
+    impl Resources {
+        pub(super) fn new(s: &MemcacheStorage) -> Resources {
+            s.create_container("c").unwrap();
+            let infos = (0..60)
+                .map(|i| s.info("c", Some(&format!("r{i}"))).unwrap())
+                .collect();
+            Resources { infos }
+        }
+
+        pub(super) fn put(&self, s: &MemcacheStorage, v: u32) {
+            for info in &self.infos {
+                s.put_content(info, format!("v{v}").as_str().into())
+                    .unwrap();
+            }
+        }
+
+        /// Reads every resource (twice: a miss fills, then a hit) and checks it is `v`.
+        pub(super) fn check(&self, s: &MemcacheStorage, v: u32, when: &str) {
+            for _ in 0..2 {
+                for info in &self.infos {
+                    let got = s.get_content(info).unwrap();
+                    assert_eq!(
+                        std::str::from_utf8(&got).unwrap(),
+                        format!("v{v}"),
+                        "{when}: {:?}",
+                        info.resource
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn storage(
+        servers: &[&Memcached],
+        master: &Arc<MemoryStorage>,
+        skew: Duration,
+    ) -> (MemcacheStorage, mcstore::ServerList) {
+        let pool = Pool::new(builder(servers), 2).unwrap();
+        let list = pool.server_list().clone();
+        let s = MemcacheStorage::builder(pool, master.clone() as Arc<dyn Storage>)
+            .follow_list(skew)
+            .build();
+        (s, list)
+    }
+
+    /// Applies `servers` once the list takes a change again (changes are `2 * skew` apart).
+    pub(super) fn change(list: &mcstore::ServerList, servers: &[&Memcached]) {
+        let addrs: Vec<String> = servers.iter().map(|m| m.addr()).collect();
+        let before = list.generation();
+        support::wait_for("the list to take the change", || {
+            list.set(&addrs).unwrap();
+            list.generation() > before
+        });
+    }
+}
+
+/// One process: a key that moves to a new server and back, and a server that leaves, misses
+/// writes, and comes back with the entries it had, never serve an entry a write superseded.
+#[test]
+fn a_storage_following_its_list_never_serves_a_superseded_entry() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
+    let skew = Duration::from_millis(200);
+    let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let (s, list) = storage::storage(&[a, b, c], &master, skew);
+    let r = storage::Resources::new(&s);
+    r.put(&s, 1);
+    r.check(&s, 1, "three servers");
+    // Moved to a new server, written there, moved back: the servers they came back to had v1.
+    storage::change(&list, &[a, b, c, d]);
+    r.check(&s, 1, "just after d joined");
+    r.put(&s, 2);
+    r.check(&s, 2, "written with d");
+    let after = Instant::now();
+    support::wait_for("the change's windows", || after.elapsed() > 2 * skew);
+    r.check(&s, 2, "after the windows, with d");
+    storage::change(&list, &[a, b, c]);
+    r.check(&s, 2, "just after d left");
+    support::wait_for("the change's windows", || after.elapsed() > 4 * skew);
+    r.check(&s, 2, "after d left");
+    // A server that leaves, misses writes (its windows over), and comes back with its items.
+    r.put(&s, 3);
+    r.check(&s, 3, "before a left");
+    storage::change(&list, &[b, c]);
+    let left = Instant::now();
+    support::wait_for("the change's windows", || left.elapsed() > 2 * skew);
+    r.put(&s, 4);
+    r.check(&s, 4, "without a");
+    storage::change(&list, &[b, c, a]);
+    r.check(&s, 4, "just after a came back");
+    let back = Instant::now();
+    support::wait_for("the change's windows", || back.elapsed() > 2 * skew);
+    r.check(&s, 4, "after a came back");
+    assert_eq!(s.pending_invalidations(), 0, "a's flush is done");
+}
+
+/// Two processes (two storages with their own lists over one master and one cache) that
+/// take a change at different moments, less than the skew apart: the one that has not
+/// taken it writes and reads by the old list meanwhile; neither reads a superseded entry.
+#[test]
+fn storages_that_take_a_change_at_different_moments_never_read_a_superseded_entry() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
+    let skew = Duration::from_secs(2);
+    let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let (p1, list1) = storage::storage(&[a, b, c], &master, skew);
+    let (p2, list2) = storage::storage(&[a, b, c], &master, skew);
+    let r = storage::Resources::new(&p1);
+    r.put(&p1, 1);
+    r.check(&p1, 1, "p1 before");
+    r.check(&p2, 1, "p2 before");
+    // d joins p1's list first (and is flushed: p1 trusts it); p1 reads (and fills), p2
+    // writes with the old list, p1 reads again.
+    storage::change(&list1, &[a, b, c, d]);
+    support::wait_for("d's flush", || p1.pending_invalidations() == 0);
+    r.check(&p1, 1, "p1 with d");
+    r.put(&p2, 2);
+    r.check(&p1, 2, "p1 with d, p2 without");
+    r.check(&p2, 2, "p2 without d");
+    // p2 takes the change; p1 writes, p2 reads (still where the old list put the keys).
+    storage::change(&list2, &[a, b, c, d]);
+    let both = Instant::now();
+    r.put(&p1, 3);
+    r.check(&p2, 3, "p2 just after taking d");
+    r.check(&p1, 3, "p1");
+    // After both windows: reads on d.
+    support::wait_for("both windows", || both.elapsed() > 2 * skew);
+    r.check(&p1, 3, "p1 after the windows");
+    r.put(&p2, 4);
+    r.check(&p1, 4, "p1 after p2 wrote");
+    r.put(&p1, 5);
+    r.check(&p2, 5, "p2 after p1 wrote");
+    // d leaves p2's list first, then p1's.
+    storage::change(&list2, &[a, b, c]);
+    r.check(&p2, 5, "p2 without d");
+    r.put(&p1, 6);
+    r.check(&p2, 6, "p2 without d, p1 with it");
+    r.put(&p2, 7);
+    r.check(&p1, 7, "p1 with d, p2 without");
+    storage::change(&list1, &[a, b, c]);
+    r.check(&p1, 7, "p1 without d");
+    r.put(&p2, 8);
+    r.check(&p1, 8, "p1 after d left");
+    r.check(&p2, 8, "p2 after d left");
+}
+
+/// A process started after a change (it never saw the list before) writes keys that the
+/// change moved; when the change is undone, the keys go back to servers that held them
+/// before: its writes deleted them there too (each write deletes on the key's next server).
+#[test]
+fn a_storage_started_after_a_change_invalidates_where_its_keys_go_back() {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
+    let skew = Duration::from_millis(200);
+    let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let (p1, list1) = storage::storage(&[a, b, c], &master, skew);
+    let r = storage::Resources::new(&p1);
+    r.put(&p1, 1);
+    r.check(&p1, 1, "p1 on three");
+    storage::change(&list1, &[a, b, c, d]);
+    let joined = Instant::now();
+    support::wait_for("the windows", || joined.elapsed() > 2 * skew);
+    support::wait_for("d's flush", || p1.pending_invalidations() == 0);
+    // Started now: it knows nothing of the list before.
+    let (p3, list3) = storage::storage(&[a, b, c, d], &master, skew);
+    r.put(&p3, 2);
+    storage::change(&list1, &[a, b, c]);
+    storage::change(&list3, &[a, b, c]);
+    let left = Instant::now();
+    support::wait_for("the windows", || left.elapsed() > 2 * skew);
+    r.check(&p3, 2, "p3 after d left");
+    r.check(&p1, 2, "p1 after d left");
+}

@@ -19,13 +19,23 @@
 //! a frozen master's last timeouts and the second of fast failures after them) in a file
 //! the children read around each call; a call that overlapped one may be refused.
 //!
-//! A 6 s run is part of the suite; `cargo test --release --test chaos -- --nocapture` prints
+//! With a server list that changes (#28): `chaos_membership` gives the children five
+//! memcached servers and a servers file that names two to four of them. Each child's
+//! storage follows the file (`follow_list`, re-read every 50 ms by writers and every 250 ms
+//! by readers, so processes take each change at different moments), and the parent rewrites
+//! it while the other faults run: it removes a server (which keeps running, with its items),
+//! adds one (often one that left earlier, with the items it had), or both at once. Keys
+//! move away and back, and servers come back with entries a write superseded: reads must
+//! still never be stale. Its line ends with `list_changes=N`.
+//!
+//! A 6 s run is part of the suite (12 s for `chaos_membership`); `cargo test --release --test chaos -- --nocapture` prints
 //! the lines.
 //!
 //! `CHAOS_SECONDS` sets the run's length (default 6; `CHAOS_SECONDS=300` for the long run);
 //! `CHAOS_FAULTS` limits the faults to some of `0` (freeze a memcached), `1` (restart one),
 //! `2` (kill a writer), `3` (freeze PostgreSQL), `4` (cut the listeners), `5` (slow link),
-//! `6` (journal unusable), comma-separated (those that do not apply to a master are
+//! `6` (journal unusable), `7` (change the server list; `chaos_membership` only),
+//! comma-separated (those that do not apply to a master are
 //! skipped); `CHAOS_TRACE=1` prints every fault and every put that returned (stale reads
 //! are always printed).
 
@@ -38,12 +48,17 @@ use std::thread;
 use std::time::Duration;
 
 use mcstore::storage::{FsStorage, MemcacheStorage, Storage};
-use mcstore::{Client, Pool};
+use mcstore::{Client, Discovery, Following, Pool, ServerSource};
 use support::{Memcached, Rng, TempDir};
 
-/// Resources per writer, and writers.
+/// Resources per writer (more with a changing list, so that keys move), and writers.
 const PER_WRITER: usize = 3;
+const PER_WRITER_MEMBERSHIP: usize = 12;
 const WRITERS: usize = 2;
+
+/// How far apart the children may take a change of the servers file (the storage's
+/// `follow_list`): their polls (250 ms at most) and a loaded machine's delays, with margin.
+const SKEW: Duration = Duration::from_millis(1000);
 const READERS: usize = 2;
 
 fn seconds() -> u64 {
@@ -108,7 +123,18 @@ fn overlapped(before: u64, after: u64) -> bool {
     before != after || before % 2 == 1
 }
 
-fn storage(master: &str, servers: &str, replicas: usize) -> MemcacheStorage {
+/// A child's storage: over `servers`, or over the servers in `file`, following it (re-read
+/// every `every`; the returned handle stops that when dropped).
+fn storage(
+    master: &str,
+    servers: &str,
+    replicas: usize,
+    file: Option<(&Path, Duration)>,
+) -> (MemcacheStorage, Option<Following>) {
+    let servers = match file {
+        Some((f, _)) => std::fs::read_to_string(f).unwrap().trim().to_string(),
+        None => servers.to_string(),
+    };
     let builder = Client::builder()
         .servers(servers.split(','))
         .distribution(mcstore::ring::Distribution::Ketama)
@@ -119,7 +145,17 @@ fn storage(master: &str, servers: &str, replicas: usize) -> MemcacheStorage {
         .connect_timeout(Duration::from_millis(100))
         .replicas(replicas);
     let pool = Pool::new(builder, 2).unwrap();
-    MemcacheStorage::new(pool, master_storage(master))
+    let list = pool.server_list().clone();
+    let Some((file, every)) = file else {
+        return (MemcacheStorage::new(pool, master_storage(master)), None);
+    };
+    let s = MemcacheStorage::builder(pool, master_storage(master))
+        .follow_list(SKEW)
+        .build();
+    let following = Discovery::new(ServerSource::File(file.to_path_buf()))
+        .follow(list, every)
+        .unwrap();
+    (s, Some(following))
 }
 
 fn resource(i: usize) -> String {
@@ -146,25 +182,38 @@ fn version(content: &[u8]) -> u64 {
 #[test]
 #[ignore = "run by chaos as a child process"]
 fn chaos_child() {
-    let (Ok(role), Ok(master), Ok(state), Ok(servers), Ok(until), Ok(replicas)) = (
+    let (Ok(role), Ok(master), Ok(state), Ok(servers), Ok(until), Ok(replicas), Ok(per)) = (
         std::env::var("CHAOS_ROLE"),
         std::env::var("CHAOS_MASTER"),
         std::env::var("CHAOS_STATE"),
         std::env::var("CHAOS_SERVERS"),
         std::env::var("CHAOS_UNTIL_MS"),
         std::env::var("CHAOS_REPLICAS"),
+        std::env::var("CHAOS_PER_WRITER"),
     ) else {
         return;
+    };
+    let per_writer: usize = per.parse().unwrap();
+    let file = std::env::var_os("CHAOS_SERVERS_FILE").map(PathBuf::from);
+    // Writers take a change sooner than readers.
+    let every = match role.starts_with("writer") {
+        true => Duration::from_millis(50),
+        false => Duration::from_millis(250),
     };
     let state = PathBuf::from(state);
     let until = Duration::from_millis(until.parse().unwrap());
     let epoch = std::time::UNIX_EPOCH;
-    let s = storage(&master, &servers, replicas.parse().unwrap());
+    let (s, _following) = storage(
+        &master,
+        &servers,
+        replicas.parse().unwrap(),
+        file.as_deref().map(|f| (f, every)),
+    );
     let trace = std::env::var_os("CHAOS_TRACE").is_some();
     let (mut ops, mut stale, mut failed, mut refused) = (0u64, 0u64, 0u64, 0u64);
     if let Some(w) = role.strip_prefix("writer") {
         let w: usize = w.parse().unwrap();
-        let mine: Vec<usize> = (w * PER_WRITER..(w + 1) * PER_WRITER).collect();
+        let mine: Vec<usize> = (w * per_writer..(w + 1) * per_writer).collect();
         // Continue from what the master has (a killed writer's last put may have landed).
         let fs = master_storage(&master);
         let mut next: Vec<u64> = mine
@@ -213,7 +262,7 @@ fn chaos_child() {
             }
         }
     } else {
-        let n = WRITERS * PER_WRITER;
+        let n = WRITERS * per_writer;
         while epoch.elapsed().unwrap() < until {
             for i in 0..n {
                 let min = published(&state, i);
@@ -252,27 +301,34 @@ struct Run<'a> {
     servers: &'a str,
     until_ms: u128,
     replicas: usize,
+    per_writer: usize,
+    /// The servers file the children follow, with a changing list.
+    servers_file: Option<&'a Path>,
 }
 
 fn spawn(role: &str, master: &str, run: &Run<'_>) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "chaos_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CHAOS_ROLE", role)
-        .env("CHAOS_MASTER", master)
-        .env("CHAOS_STATE", run.state)
-        .env("CHAOS_SERVERS", run.servers)
-        .env("CHAOS_UNTIL_MS", run.until_ms.to_string())
-        .env("CHAOS_REPLICAS", run.replicas.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    if let Some(f) = run.servers_file {
+        cmd.env("CHAOS_SERVERS_FILE", f);
+    }
+    cmd.args([
+        "--exact",
+        "chaos_child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("CHAOS_ROLE", role)
+    .env("CHAOS_MASTER", master)
+    .env("CHAOS_STATE", run.state)
+    .env("CHAOS_SERVERS", run.servers)
+    .env("CHAOS_UNTIL_MS", run.until_ms.to_string())
+    .env("CHAOS_REPLICAS", run.replicas.to_string())
+    .env("CHAOS_PER_WRITER", run.per_writer.to_string())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap()
 }
 
 /// `(ops, stale, failed, refused)` from a child's last line; `None` if it was killed.
@@ -306,7 +362,15 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn chaos() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000, 1);
+    run(&Master::Fs(master.path.clone()), 10_000, 1, false);
+}
+
+/// The same with a server list that changes (#28; see the module docs).
+#[test]
+fn chaos_membership() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let master = TempDir::new("mcstore-chaos-master");
+    run(&Master::Fs(master.path.clone()), 10_000, 1, true);
 }
 
 /// The same with two copies of each key (#27).
@@ -314,7 +378,7 @@ fn chaos() {
 fn chaos_replicas() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000, 2);
+    run(&Master::Fs(master.path.clone()), 10_000, 2, false);
 }
 
 /// The same with a PostgreSQL master (#17): the outbox replaces the journal folder.
@@ -331,6 +395,7 @@ fn chaos_postgres() {
         },
         1_000,
         1,
+        false,
     );
 }
 
@@ -379,7 +444,7 @@ impl Master<'_> {
     /// The fault kinds that apply (see the module docs).
     fn kinds(&self) -> &'static [u64] {
         match self {
-            Master::Fs(_) => &[0, 1, 2, 6],
+            Master::Fs(_) => &[0, 1, 2, 6, 7],
             #[cfg(feature = "postgres")]
             Master::Pg { .. } => &[0, 1, 2, 3, 4, 5],
             #[cfg(not(feature = "postgres"))]
@@ -407,26 +472,70 @@ fn exchange(a: &Path, b: &Path) {
     assert_eq!(r, 0, "renameat2: {}", std::io::Error::last_os_error());
 }
 
-/// Runs the processes and faults against `master`, with `replicas` copies of each key; at
-/// least `min_reads` reads must happen.
-fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
+/// Rewrites the servers file with `members` (indexes into `servers`), atomically.
+fn write_list(file: &Path, servers: &[Memcached], members: &[usize]) {
+    let list: Vec<String> = members.iter().map(|&i| servers[i].addr()).collect();
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, list.join(",")).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+/// A membership change: a member removed, a server added (mostly one that left, with the
+/// items it had), or both at once; two to four members. `left`: servers that were members.
+fn change_members(members: &mut Vec<usize>, left: &mut Vec<usize>, all: usize, rng: &mut Rng) {
+    let remove = members.len() > 2 && (members.len() == 4 || rng.below(2) == 0);
+    let both = rng.below(4) == 0;
+    let out: Vec<usize> = (0..all).filter(|i| !members.contains(i)).collect();
+    if !remove || both {
+        let back: Vec<usize> = out.iter().copied().filter(|i| left.contains(i)).collect();
+        let pick = match back.is_empty() || rng.below(4) == 0 {
+            true => out[rng.below(out.len() as u64) as usize],
+            false => back[rng.below(back.len() as u64) as usize],
+        };
+        members.push(pick);
+    }
+    if remove || both {
+        let gone = members.remove(rng.below(members.len() as u64 - 1) as usize);
+        left.push(gone);
+    }
+}
+
+/// Runs the processes and faults against `master`, with `replicas` copies of each key (and
+/// with `membership`, a list that changes: see the module docs); at least `min_reads` reads
+/// must happen.
+fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool) {
     let state = TempDir::new("mcstore-chaos-state");
-    let mut servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let count = if membership { 5 } else { 3 };
+    let mut servers: Vec<Memcached> = (0..count).map(|_| Memcached::start()).collect();
     let list = servers
         .iter()
         .map(Memcached::addr)
         .collect::<Vec<_>>()
         .join(",");
+    let mut members: Vec<usize> = vec![0, 1, 2];
+    let mut left: Vec<usize> = Vec::new();
+    let servers_file = state.path.join("servers");
+    let (file, per_writer) = match membership {
+        true => {
+            write_list(&servers_file, &servers, &members);
+            (Some(servers_file.as_path()), PER_WRITER_MEMBERSHIP)
+        }
+        false => (None, PER_WRITER),
+    };
     let url = master.url(false);
     {
-        let s = storage(&url, &list, replicas);
+        let (s, _following) = storage(&url, &list, replicas, file.map(|f| (f, SKEW)));
         s.create_container("c").unwrap();
-        for i in 0..WRITERS * PER_WRITER {
+        for i in 0..WRITERS * per_writer {
             let info = s.info("c", Some(&resource(i))).unwrap();
             s.put_content(&info, "v0".into()).unwrap();
         }
     }
-    let run = Duration::from_secs(seconds());
+    let run = Duration::from_secs(match membership {
+        // Changes are 2 * SKEW apart at least: a few in the run.
+        true => seconds().max(12),
+        false => seconds(),
+    });
     let epoch = std::time::UNIX_EPOCH;
     let until = (epoch.elapsed().unwrap() + run).as_millis();
     let children = Run {
@@ -434,6 +543,8 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
         servers: &list,
         until_ms: until,
         replicas,
+        per_writer,
+        servers_file: file,
     };
     let writer = |w: usize| spawn(&format!("writer{w}"), &url, &children);
     let mut writers: Vec<Child> = (0..WRITERS).map(writer).collect();
@@ -446,22 +557,42 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
     let mut failed = 0u64;
     let mut refused = 0u64;
     let mut windows = 0u64;
+    let mut list_changes = 0u64;
+    let mut last_change = std::time::Instant::now();
     // Faults until the children's deadline, paced (not synchronised) by short pauses.
     let kinds: Vec<u64> = std::env::var("CHAOS_FAULTS")
         .map(|k| k.split(',').map(|x| x.parse().unwrap()).collect())
         .unwrap_or(master.kinds().to_vec());
     let kinds: Vec<u64> = kinds
         .into_iter()
-        .filter(|k| master.kinds().contains(k))
+        .filter(|k| master.kinds().contains(k) && (*k != 7 || membership))
         .collect();
+    // The list changes when its time has come, between the other faults.
+    let changes_list = kinds.contains(&7);
+    let kinds: Vec<u64> = kinds.into_iter().filter(|&k| k != 7).collect();
     assert!(
-        !kinds.is_empty(),
+        !kinds.is_empty() || changes_list,
         "no fault applies to the {} master",
         master.name()
     );
     while (epoch.elapsed().unwrap().as_millis()) + 400 < until {
         thread::sleep(Duration::from_millis(50 + rng.below(150)));
         let s = rng.below(servers.len() as u64) as usize;
+        // Paced: the children's lists hold a change back for 2 * SKEW after the last one
+        // (and each takes it at its own moment).
+        if changes_list && last_change.elapsed() > 2 * SKEW + Duration::from_millis(300) {
+            change_members(&mut members, &mut left, servers.len(), &mut rng);
+            write_list(file.unwrap(), &servers, &members);
+            last_change = std::time::Instant::now();
+            list_changes += 1;
+            faults += 1;
+            if std::env::var_os("CHAOS_TRACE").is_some() {
+                eprintln!("LIST {members:?}");
+            }
+        }
+        if kinds.is_empty() {
+            continue;
+        }
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         if std::env::var_os("CHAOS_TRACE").is_some() {
             let at = epoch.elapsed().unwrap().as_millis();
@@ -538,7 +669,7 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
     }
     // Killed writers cannot report: the writes are the versions the resources reached
     // (each put that returned published its version).
-    let writes: u64 = (0..WRITERS * PER_WRITER)
+    let writes: u64 = (0..WRITERS * per_writer)
         .map(|i| published(&state.path, i))
         .sum();
     let (mut reads, mut stale) = (0u64, 0u64);
@@ -550,14 +681,18 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
         refused += x;
     }
     println!(
-        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused} replicas={replicas}",
-        master.name()
+        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused} replicas={replicas}{}",
+        master.name(),
+        match membership {
+            true => format!(" list_changes={list_changes}"),
+            false => String::new(),
+        }
     );
     assert_eq!((stale, failed), (0, 0), "stale or failed calls");
     // No lost write: the master holds every version a put returned for (or the next, when a
     // killed writer's last put landed).
     let m = master_storage(&url);
-    for i in 0..WRITERS * PER_WRITER {
+    for i in 0..WRITERS * per_writer {
         let info = m.info("c", Some(&resource(i))).unwrap();
         let have = version(&m.get_content(&info).unwrap());
         let want = published(&state.path, i);
@@ -568,4 +703,5 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize) {
     }
     m.shutdown().unwrap();
     assert!(faults > 0 && reads > min_reads, "too little happened");
+    assert!(!membership || list_changes >= 2, "too few list changes");
 }

@@ -74,6 +74,15 @@ impl Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyServers {
     Route(Route),
+    /// An invalidation by a storage that follows a changing list: the key's route, and
+    /// where else older entries of it may be (`also`: its next server; just after a change,
+    /// its server before). `reader`: the server reads use instead of the route just after a
+    /// change (see `Core::storage_spread`).
+    Spread {
+        route: Route,
+        also: Servers,
+        reader: Option<u32>,
+    },
     /// In read order for a read (copies waiting for a repair of the key left out), in
     /// placement order, all of them, for an invalidation.
     Copies(Servers),
@@ -85,6 +94,13 @@ impl KeyServers {
     pub(crate) fn servers(&self) -> Servers {
         match self {
             KeyServers::Route(r) => Servers::from_slice(&[r.server as u32]),
+            KeyServers::Spread { route, also, .. } => {
+                let mut s = Servers::from_slice(&[route.server as u32]);
+                for i in also.iter() {
+                    s.push(i as u32);
+                }
+                s
+            }
             KeyServers::Copies(s) => *s,
         }
     }
@@ -94,7 +110,9 @@ impl KeyServers {
     #[inline]
     pub(crate) fn moved_from(&self) -> Option<usize> {
         match self {
-            KeyServers::Route(r) if !r.is_home() => Some(r.home),
+            KeyServers::Route(r) | KeyServers::Spread { route: r, .. } if !r.is_home() => {
+                Some(r.home)
+            }
             _ => None,
         }
     }
@@ -105,6 +123,10 @@ impl KeyServers {
     pub(crate) fn holds(&self, server: usize) -> bool {
         match self {
             KeyServers::Route(r) => r.is_home() && r.server == server,
+            KeyServers::Spread { route, reader, .. } => match reader {
+                Some(b) => *b as usize == server,
+                None => route.is_home() && route.server == server,
+            },
             KeyServers::Copies(s) => s.iter().any(|i| i == server),
         }
     }
@@ -149,6 +171,9 @@ pub(crate) struct Core {
     handover: Arc<Handover>,
     /// The labels of the list's servers now, in list order.
     member_labels: Arc<[String]>,
+    /// With a storage following the list: the list before the last change, while its
+    /// windows last (see [`Prior`](crate::fleet::live::Prior)).
+    prior: Option<Arc<crate::fleet::live::Prior>>,
 }
 
 /// Per-call working space, reused by the next call so that a warm call allocates nothing.
@@ -272,6 +297,7 @@ impl Core {
             list_held: false,
             handover: Arc::clone(&s.topology.handover),
             member_labels: Arc::clone(&s.topology.member_labels),
+            prior: s.topology.prior.clone(),
         }
     }
 
@@ -338,6 +364,7 @@ impl Core {
         self.instances.resize(n, None);
         self.ring = topology.ring.clone();
         self.handover = Arc::clone(&topology.handover);
+        self.prior = topology.prior.clone();
         self.health.adopt(topology.generation, &topology.labels);
     }
 
@@ -357,15 +384,26 @@ impl Core {
         Ok(Some((Arc::clone(&self.handover), h)))
     }
 
-    /// `Err(ServerRemoved)` if server `i` is no longer in the list.
+    /// `Err(ServerRemoved)` if server `i` is no longer in the list (a server a storage's
+    /// invalidations still reach after a change, [`Prior::lingering`], is still served).
+    ///
+    /// [`Prior::lingering`]: crate::fleet::live::Prior::lingering
     #[inline]
     fn check_member(&self, i: usize) -> Result<()> {
-        if self.ring.is_member(i) {
+        if self.ring.is_member(i) || self.lingers(i) {
             return Ok(());
         }
         Err(Error::ServerRemoved {
             server: self.labels[i].clone(),
         })
+    }
+
+    /// Whether server `i` left the list in a change whose storage windows are still open.
+    #[cold]
+    fn lingers(&self, i: usize) -> bool {
+        self.prior
+            .as_ref()
+            .is_some_and(|p| p.ring.is_member(i) && p.lingering())
     }
 
     // The door: what the fronts read and ask of a core (its fields stay private here).
@@ -464,13 +502,70 @@ impl Core {
         read: bool,
     ) -> Result<KeyServers> {
         if !self.fleet.replicated() {
-            return self.route_key_peek(scratch, key).map(KeyServers::Route);
+            let route = self.route_key_peek(scratch, key)?;
+            if self.list.storage_skew().is_none() {
+                return Ok(KeyServers::Route(route));
+            }
+            return self.storage_spread(scratch, key, route, read);
         }
         if read {
             return self.read_order(scratch, key, true).map(KeyServers::Copies);
         }
         let copies = self.copies_of(scratch, key)?;
         Ok(KeyServers::Copies(Servers::from_slice(copies.as_slice())))
+    }
+
+    /// [`storage_servers`](Self::storage_servers) for a storage that follows a changing list
+    /// (see `storage::memcache`). Reads: the key's route, but just after a change (within
+    /// the skew) the server that owned it before if it is still in the list (not a stand-in
+    /// if that one is ejected: the read goes to the master). Invalidations: the route, the
+    /// key's next server (where it goes if its own leaves), and while the change's windows
+    /// last, the server that owned it before (even if it left).
+    fn storage_spread(
+        &mut self,
+        scratch: &mut Scratch,
+        key: &[u8],
+        route: Route,
+        read: bool,
+    ) -> Result<KeyServers> {
+        let hashed = self.hashed(key, &mut scratch.keybuf)?;
+        let h = self.ring.key_hash().hash(hashed);
+        let before = (self.prior.as_ref())
+            .filter(|p| if read { p.reading() } else { p.lingering() })
+            .and_then(|p| p.ring.pick_home(hashed))
+            .filter(|&b| b != route.home);
+        let reader = match before {
+            Some(b) if self.ring.is_member(b) => Some(b),
+            _ => None,
+        };
+        if read {
+            return Ok(KeyServers::Route(match reader {
+                Some(b) if self.health.check_routed(b).is_ok() => Route { server: b, home: b },
+                // Not read from its stand-in: the read goes to the master.
+                Some(b) => Route {
+                    server: route.server,
+                    home: b,
+                },
+                None => route,
+            }));
+        }
+        let mut also = Servers::from_slice(&[]);
+        for s in [self.ring.next_home_hash(h), before].into_iter().flatten() {
+            if s != route.server && !also.iter().any(|x| x == s) {
+                also.push(s as u32);
+            }
+        }
+        let reader = self
+            .prior
+            .as_ref()
+            .filter(|p| p.reading())
+            .and(reader)
+            .map(|b| b as u32);
+        Ok(KeyServers::Spread {
+            route,
+            also,
+            reader,
+        })
     }
 
     /// Where `key` goes now (an error if that server is ejected), for a caller that asks

@@ -37,6 +37,34 @@ pub(crate) struct Topology {
     pub(crate) joined: Arc<[u64]>,
     /// The labels of the members, in list order.
     pub(crate) member_labels: Arc<[String]>,
+    /// With a storage following the list ([`ServerList::follow_for_storage`]): the list
+    /// before this one, for the windows in which processes may still disagree on it.
+    pub(crate) prior: Option<Arc<Prior>>,
+}
+
+/// The list before a change, kept while processes sharing a cache may still serve it: each
+/// adopts a change at its own moment, at most `skew` apart (see `storage::memcache`).
+#[derive(Debug)]
+pub(crate) struct Prior {
+    pub(crate) ring: Continuum,
+    /// When the change was published in this process.
+    pub(crate) at: Instant,
+    pub(crate) skew: Duration,
+}
+
+impl Prior {
+    /// Within `skew` of the change: a storage still reads keys where the list before put
+    /// them (a process that has not taken the change fills and invalidates them there).
+    pub(crate) fn reading(&self) -> bool {
+        self.at.elapsed() < self.skew
+    }
+
+    /// Within twice `skew`: a storage's invalidations still reach the servers of the list
+    /// before (a process that took the change up to `skew` later still reads there for
+    /// `skew`), removed ones too.
+    pub(crate) fn lingering(&self) -> bool {
+        self.at.elapsed() < 2 * self.skew
+    }
 }
 
 /// How a list takes changes: damping and a rate limit ([`ClientBuilder::list_damping`],
@@ -149,6 +177,9 @@ struct ListInner {
     #[cfg(feature = "tls")]
     tls: Option<crate::TlsConfig>,
     churn: Churn,
+    /// How far apart the processes sharing a storage's cache may take a change, in
+    /// nanoseconds (0: no storage follows the list).
+    skew_nanos: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -224,6 +255,7 @@ impl ServerList {
             handover: Arc::default(),
             joined: vec![0; n].into(),
             member_labels: s.specs.iter().map(|x| x.addr.to_string()).collect(),
+            prior: None,
         };
         ServerList {
             inner: Arc::new(ListInner {
@@ -235,6 +267,7 @@ impl ServerList {
                 #[cfg(feature = "tls")]
                 tls: s.tls,
                 churn: s.churn,
+                skew_nanos: std::sync::atomic::AtomicU64::new(0),
                 state: Mutex::new(State {
                     slots: s.specs.clone(),
                     wanted: s.specs,
@@ -298,6 +331,28 @@ impl ServerList {
     /// Refuses changes from now on, for `why` (a front that does not follow them).
     pub(crate) fn freeze(&self, why: &'static str) {
         self.lock().frozen.get_or_insert(why);
+    }
+
+    /// A storage follows the list (see `storage::memcache`): processes sharing its cache
+    /// take a change at most `skew` apart. From the next change on, each list keeps the one
+    /// before it for `2 * skew` ([`Prior`]), and changes are at least `2 * skew` apart.
+    pub(crate) fn follow_for_storage(&self, skew: Duration) {
+        let nanos = u64::try_from(skew.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.inner
+            .skew_nanos
+            .fetch_max(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`follow_for_storage`](Self::follow_for_storage)'s skew, if a storage follows.
+    pub(crate) fn storage_skew(&self) -> Option<Duration> {
+        match self
+            .inner
+            .skew_nanos
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -398,7 +453,12 @@ impl ServerList {
 
     /// Works out the list to serve now from the wanted one, and swaps it in if it changed.
     fn apply(&self, st: &mut State, now: Instant) -> Result<ListChange> {
-        let churn = self.inner.churn;
+        let mut churn = self.inner.churn;
+        let skew = self.storage_skew();
+        if let Some(skew) = skew {
+            // One prior list at a time: the windows of a change end before the next one.
+            churn.min_interval = churn.min_interval.max(2 * skew);
+        }
         // Damping: a member the wanted list dropped stays until its window ends; one that
         // came back is simply kept.
         let wanted_has = |st: &State, a: &ServerAddr| st.wanted.iter().any(|w| &w.addr == a);
@@ -490,12 +550,20 @@ impl ServerList {
                 joined[i] = generation;
             }
         }
+        let old_ring = skew.map(|_| old.ring.clone());
         drop(old);
         let topology = Topology {
             generation,
             addrs: slots.iter().map(|s| s.addr.clone()).collect(),
             labels: labels.clone().into(),
             member_labels: members.iter().map(|&i| labels[i].clone()).collect(),
+            prior: old_ring.zip(skew).map(|(ring, skew)| {
+                Arc::new(Prior {
+                    ring,
+                    at: Instant::now(),
+                    skew,
+                })
+            }),
             ring,
             handover,
             joined: joined.into(),

@@ -86,6 +86,40 @@ impl Handover {
     }
 }
 
+/// The servers that take keys in the change from `old` to `new` that were not next in line
+/// for them in `old` (consistent distributions, both over the same server indexes): new
+/// servers, and servers that take a range its owner and its next server both lost (several
+/// servers left at once, or weights changed). A storage that deletes each written key on
+/// its own server and the next one ([`Continuum::next_home_hash`]) knows every other server
+/// may hold older entries of those keys (from an earlier list, or from before it left).
+pub(crate) fn takers(old: &Continuum, new: &Continuum) -> Vec<u32> {
+    let (op, np) = (&old.home_points, &new.home_points);
+    if np.is_empty() {
+        return Vec::new();
+    }
+    let mut takers: Vec<u32> = Vec::new();
+    if op.is_empty() {
+        takers.extend(new.members());
+        return takers;
+    }
+    // Between two edges of either map, a hash's owner and next server are the same.
+    let mut edges: Vec<u32> = op.iter().chain(np.iter()).map(|p| p.0).collect();
+    edges.sort_unstable();
+    edges.dedup();
+    for &e in &edges {
+        let now = on_points(np, e) as u32;
+        let was = on_points(op, e) as u32;
+        if now == was || takers.contains(&now) {
+            continue;
+        }
+        if old.next_home_hash(e) != Some(now as usize) {
+            takers.push(now);
+        }
+    }
+    takers.sort_unstable();
+    takers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +183,42 @@ mod tests {
                 got.sort_unstable();
                 assert_eq!(got, want, "generation {g}, {key}");
             }
+        }
+    }
+
+    /// One server joining or leaving gives its keys only to servers next in line for them
+    /// (none is a taker but the new server); several leaving at once, or a new weight, may.
+    #[test]
+    fn takers_are_the_servers_not_next_in_line() {
+        let r = |o: &[u32]| ring(o, 6);
+        assert_eq!(takers(&r(&[0, 1, 2]), &r(&[0, 1, 2, 3])), [3]);
+        assert!(takers(&r(&[0, 1, 2, 3]), &r(&[0, 1, 2])).is_empty());
+        assert!(takers(&r(&[0, 1, 2, 3]), &r(&[0, 2, 3])).is_empty());
+        assert_eq!(takers(&r(&[0, 1, 2]), &r(&[1, 2, 4, 5])), [4, 5]);
+        // Two leaving at once: some range's owner and next server both go.
+        assert!(!takers(&r(&[0, 1, 2, 3, 4, 5]), &r(&[0, 1, 2, 3])).is_empty());
+        // Brute force: a taker is exactly a server that owns some key now whose owner
+        // before was another server and whose next server before was not it.
+        let history: [&[u32]; 5] = [&[0, 1, 2], &[0, 1, 2, 3, 4], &[0, 3], &[3, 5, 1], &[1]];
+        for g in 1..history.len() {
+            let (old, new) = (r(history[g - 1]), r(history[g]));
+            let mut want: Vec<u32> = Vec::new();
+            for k in 0..20_000 {
+                let h = HashFn::OneAtATime.hash(format!("k{k}").as_bytes());
+                let now = new.pick_hash(h).unwrap();
+                if old.pick_hash(h).unwrap() != now && old.next_home_hash(h) != Some(now) {
+                    want.push(now as u32);
+                }
+            }
+            want.sort_unstable();
+            want.dedup();
+            let got = takers(&old, &new);
+            // Every taker found by sampling is found; a taker whose range no sample hit is
+            // still a taker (the edges are exact).
+            assert!(
+                want.iter().all(|w| got.contains(w)),
+                "{g}: {got:?} {want:?}"
+            );
         }
     }
 

@@ -321,6 +321,24 @@ impl Continuum {
     }
 }
 
+impl Continuum {
+    /// The next distinct server after hash `h`'s own on the continuum with every server
+    /// live: where `h` goes if its own server leaves the list. `None` with one server or
+    /// with modula.
+    pub(crate) fn next_home_hash(&self, h: u32) -> Option<usize> {
+        let points = &self.home_points;
+        if points.is_empty() || self.order.len() < 2 {
+            return None;
+        }
+        let start = points.partition_point(|p| p.0 < h);
+        let own = points[start % points.len()].1;
+        (1..points.len())
+            .map(|k| points[(start + k) % points.len()].1)
+            .find(|&s| s != own)
+            .map(|s| s as usize)
+    }
+}
+
 /// The server of the first point >= `h` of a non-empty continuum, wrapping around.
 fn on_points(points: &[(u32, u32)], h: u32) -> usize {
     let i = points.partition_point(|p| p.0 < h);

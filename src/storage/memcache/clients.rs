@@ -19,11 +19,11 @@ pub enum CacheClients {
 }
 
 impl CacheClients {
-    /// Refuses changes of the clients' server list from now on, for `why`.
-    pub(super) fn freeze_list(&self, why: &'static str) {
+    /// The server list the clients follow.
+    pub(super) fn server_list(&self) -> crate::ServerList {
         match self {
-            CacheClients::Pool(p) => p.server_list().freeze(why),
-            CacheClients::Shared(s) => s.server_list().freeze(why),
+            CacheClients::Pool(p) => p.server_list().clone(),
+            CacheClients::Shared(s) => s.server_list(),
         }
     }
 }

@@ -206,7 +206,8 @@ impl Shared {
         servers: KeyServers,
     ) -> Option<Servers> {
         let copies = match servers {
-            KeyServers::Route(r) => {
+            // (A read is given a `Route`; `Spread` is an invalidation's.)
+            KeyServers::Route(r) | KeyServers::Spread { route: r, .. } => {
                 return (r.is_home() && !self.distrusted(key, &labels[r.server]))
                     .then(|| servers.servers());
             }
@@ -310,7 +311,10 @@ impl Shared {
                         None => c.flush_all(None),
                     };
                     match r {
-                        Ok(()) => self.lock_pending().flushed(&server, gen),
+                        // A server that left the list is distrusted again if it comes back.
+                        Ok(()) | Err(crate::Error::ServerRemoved { .. }) => {
+                            self.lock_pending().flushed(&server, gen)
+                        }
                         Err(e) => self.cache_failed(&e),
                     }
                 }
@@ -320,7 +324,10 @@ impl Shared {
             Replay::Keys(mut keys) => {
                 // A key that no longer routes to the server that failed (it was ejected and
                 // its keys moved) cannot be deleted there by key: that server is flushed
-                // before it is trusted again instead. (A key's copies never move.)
+                // before it is trusted again instead. (A key's copies never move.) A server
+                // that left the list and is no longer reached (a change's windows are over)
+                // is read by no one now, and distrusted if it comes back: nothing to do.
+                let members = c.servers().to_vec();
                 keys.retain(|(key, gen, failed)| {
                     let Some(failed) = failed else {
                         return true;
@@ -328,7 +335,9 @@ impl Shared {
                     match self.key_servers_with(c, key.as_bytes(), false) {
                         Ok(s) if !s.servers().iter().any(|i| &c.label_list()[i] == failed) => {
                             let mut p = self.lock_pending();
-                            p.distrust_server(failed.clone());
+                            if members.contains(failed) {
+                                p.distrust_server(failed.clone());
+                            }
                             p.replayed(key, *gen);
                             false
                         }

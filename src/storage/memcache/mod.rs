@@ -78,6 +78,7 @@ use bytes::Bytes;
 
 use super::error::Result;
 use super::{validate_name, Content, MasterWrite, Part, ResourceInfo, ResourceIter, Storage};
+use crate::fleet::live::{ListFollower, Topology};
 use counters::{bump, fmt_settings};
 use invalidation::Replayer;
 use keys::{cache_key, resource_infos};
@@ -105,6 +106,9 @@ struct Settings {
     max_item_size: usize,
     fill_wait: Duration,
     filler_ttl: u32,
+    /// Follows changes of the cache's server list, processes taking them at most this far
+    /// apart (`None`: the list may not change).
+    follow_list: Option<Duration>,
 }
 
 /// Options for a [`MemcacheStorage`].
@@ -148,8 +152,38 @@ impl MemcacheStorageBuilder {
         filler_ttl(secs: u32) => settings.filler_ttl;
     }
 
+    /// Follows changes of the cache clients' [`ServerList`](crate::ServerList) (without
+    /// this, the list refuses changes once the storage is built), for processes sharing the
+    /// master and the cache that take each change at most `skew` apart (every process's
+    /// storage of one cache must be built with it, and the same `skew`). See "Live server
+    /// lists" in the module documentation for what it costs; in short:
+    /// - each write deletes its entry on two servers (the key's own and its next one);
+    /// - for `skew` after a change, a moved key is still read where it was;
+    /// - for `2 * skew`, writes also delete it there;
+    /// - changes are at least `2 * skew` apart (later ones wait: see
+    ///   [`ListChange::pending`](crate::ListChange::pending));
+    /// - a server that joins is flushed before it serves.
+    ///
+    /// `skew` must cover the spread of the discovery that feeds the processes (a servers
+    /// file re-read every second: a second, plus margin). Clients with copies or zones keep
+    /// refusing changes.
+    pub fn follow_list(mut self, skew: Duration) -> Self {
+        self.settings.follow_list = Some(skew.max(Duration::from_millis(1)));
+        self
+    }
+
     /// Builds the storage.
     pub fn build(self) -> MemcacheStorage {
+        let list = self.settings.cache.server_list();
+        let follow = self.settings.follow_list;
+        if follow.is_none() {
+            // A key that moves to another server and back could find an entry there that
+            // a write superseded: only a storage built to follow changes allows them.
+            list.freeze(
+                "a MemcacheStorage built without follow_list does not follow list changes \
+                 (a key that moves could find an entry a write superseded)",
+            );
+        }
         let mut shared = Arc::new(Shared {
             settings: self.settings,
             counters: Counters::default(),
@@ -163,9 +197,52 @@ impl MemcacheStorageBuilder {
                 .expect("not shared yet")
                 .inline_replay = true;
         }
+        let watch = follow.map(|skew| {
+            list.follow_for_storage(skew);
+            let watch = Arc::new(ListWatch {
+                shared: Arc::downgrade(&shared),
+            });
+            let follower: std::sync::Weak<dyn ListFollower> = Arc::downgrade(&watch) as _;
+            list.add_follower(follower);
+            watch
+        });
         MemcacheStorage {
             shared,
             _replayer: replayer,
+            _watch: watch,
+        }
+    }
+}
+
+/// What a storage that follows its cache's list does at each change: a server that takes
+/// keys it was not next in line for (a new server, one coming back, one taking the keys of
+/// two that left) may hold older entries of them, so it is distrusted before the list is
+/// published, until a flush of it succeeds; a server that left needs no flush any more.
+struct ListWatch {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl ListFollower for ListWatch {
+    fn prepare(&self, next: &Topology) -> crate::Result<()> {
+        let (Some(shared), Some(prior)) = (self.shared.upgrade(), &next.prior) else {
+            return Ok(());
+        };
+        let takers = crate::ring::handover::takers(&prior.ring, &next.ring);
+        let mut p = shared.lock_pending();
+        for i in takers {
+            p.distrust_server(next.labels[i as usize].clone());
+        }
+        crate::observe::pending(p.len());
+        Ok(())
+    }
+
+    fn published(&self, next: &Topology, removed: &[usize]) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut p = shared.lock_pending();
+        for &i in removed {
+            p.forget_server(&next.labels[i]);
         }
     }
 }
@@ -191,6 +268,9 @@ pub struct MemcacheStorage {
     shared: Arc<Shared>,
     /// Replays failed invalidations in the background; stopped on drop.
     _replayer: Option<Replayer>,
+    /// Told of the cache's list changes, with [`MemcacheStorageBuilder::follow_list`]
+    /// (the list holds it weakly: dropped with the storage).
+    _watch: Option<Arc<ListWatch>>,
 }
 
 /// The live counts behind [`StorageCounters`], one per field.
@@ -241,12 +321,6 @@ impl MemcacheStorage {
         master: Arc<dyn Storage>,
     ) -> MemcacheStorageBuilder {
         let cache = cache.into();
-        // A key that moves to another server and back could find an entry there that a
-        // write superseded: not covered yet (#28), so the list stays as it is.
-        cache.freeze_list(
-            "a MemcacheStorage does not follow list changes yet (a key that moves could \
-             find an entry a write superseded)",
-        );
         MemcacheStorageBuilder {
             settings: Settings {
                 cache,
@@ -256,6 +330,7 @@ impl MemcacheStorage {
                 max_item_size: 1024 * 1024 - 1024,
                 fill_wait: Duration::from_millis(200),
                 filler_ttl: FILLING_TTL,
+                follow_list: None,
             },
         }
     }

@@ -98,6 +98,12 @@ impl Pending {
         self.overflow.insert(Some(server), self.next_gen);
     }
 
+    /// `server` left the list: it is not flushed (a server that comes back to the list is
+    /// distrusted again until flushed), and no replay waits for its flush.
+    pub(super) fn forget_server(&mut self, server: &str) {
+        self.overflow.retain(|s, _| s.as_deref() != Some(server));
+    }
+
     /// A flush of `server` (`None`: all) taken at generation `gen` succeeded.
     pub(super) fn flushed(&mut self, server: &Option<String>, gen: u64) {
         if self.overflow.get(server) == Some(&gen) {
