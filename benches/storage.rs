@@ -264,6 +264,42 @@ fn many_readers(cache: mcstore::storage::CacheClients, reads: usize) -> (f64, f6
     (n / elapsed.as_secs_f64(), used * 1e6 / n)
 }
 
+/// Writes and warm hits of 100 resources through a storage over three servers (an in-memory
+/// master: the cache's share of a write shows), built to follow list changes or not (#28):
+/// `(puts, hits)` latencies.
+fn follow_cost(ms: &[Memcached], follow: bool, n: usize) -> (Lat, Lat) {
+    let b = Client::builder()
+        .servers(ms.iter().map(Memcached::addr))
+        .distribution(mcstore::ring::Distribution::Ketama);
+    let master: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let builder = MemcacheStorage::builder(Pool::new(b, 8).unwrap(), master);
+    let s = match follow {
+        true => builder.follow_list(Duration::from_secs(1)).build(),
+        false => builder.build(),
+    };
+    s.create_container("c").unwrap();
+    let infos: Vec<ResourceInfo> = (0..100)
+        .map(|i| s.info("c", Some(&format!("r{i}"))).unwrap())
+        .collect();
+    let mut puts = Vec::with_capacity(n);
+    for k in 0..n {
+        let t = Instant::now();
+        s.put_content(&infos[k % infos.len()], "warm".into())
+            .unwrap();
+        puts.push(t.elapsed());
+    }
+    for info in &infos {
+        warm_up(&s, info);
+    }
+    let mut gets = Vec::with_capacity(n);
+    for k in 0..n {
+        let t = Instant::now();
+        s.get_content(&infos[k % infos.len()]).unwrap();
+        gets.push(t.elapsed());
+    }
+    (lat(puts), lat(gets))
+}
+
 fn row(name: &str, l: &Lat, vs: Option<&Lat>) {
     let ratio = vs.map_or(String::new(), |b| format!("{:.2}x", l.p99 / b.p99));
     println!(
@@ -306,6 +342,14 @@ fn main() {
                 _ => b.shared().build().unwrap().into(),
             };
             runs.push(many_readers(cache, reads));
+        }
+    }
+    let three: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let n = if quick { 500 } else { HITS };
+    let mut follows: [Vec<(Lat, Lat)>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (k, runs) in follows.iter_mut().enumerate() {
+            runs.push(follow_cost(&three, k == 1, n));
         }
     }
     drains.sort();
@@ -358,4 +402,29 @@ fn main() {
         let (rate, cpu) = med(runs);
         println!("| {name} | {rate:.0} | {cpu:.2} | {:.2}x |", rate / base);
     }
+    println!();
+    println!(
+        "A storage that follows list changes (follow_list, #28) against one that does not: \
+         three servers, 100 resources, an in-memory master (us, median of {rounds} runs of {n})"
+    );
+    println!();
+    println!("| calls | p50 | p99 | p99.9 | max | p99 vs not following |");
+    println!("|---|---|---|---|---|---|");
+    let puts: Vec<[Lat; 2]> = (0..2)
+        .map(|k| {
+            let r = &follows[k];
+            let p: Vec<Lat> = r.iter().map(|x| x.0).collect();
+            let g: Vec<Lat> = r.iter().map(|x| x.1).collect();
+            [median(&p), median(&g)]
+        })
+        .collect();
+    row("puts, not following", &puts[0][0], None);
+    row("puts, follow_list", &puts[1][0], Some(&puts[0][0]));
+    row("warm hits, not following", &puts[0][1], None);
+    row("warm hits, follow_list", &puts[1][1], Some(&puts[0][1]));
+    println!(
+        "p50 ratio: puts {:.2}x, warm hits {:.2}x",
+        puts[1][0].p50 / puts[0][0].p50,
+        puts[1][1].p50 / puts[0][1].p50
+    );
 }

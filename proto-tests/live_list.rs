@@ -599,17 +599,37 @@ mod storage {
         }
     }
 
+    /// A storage over a pool, or over a shared client (`shared`).
+    pub(super) fn storage_with(
+        servers: &[&Memcached],
+        master: &Arc<MemoryStorage>,
+        skew: Duration,
+        shared: bool,
+    ) -> (MemcacheStorage, mcstore::ServerList) {
+        let (cache, list): (mcstore::storage::CacheClients, _) = match shared {
+            true => {
+                let c = builder(servers).shared().build().unwrap();
+                let list = c.server_list();
+                (c.into(), list)
+            }
+            false => {
+                let pool = Pool::new(builder(servers), 2).unwrap();
+                let list = pool.server_list().clone();
+                (pool.into(), list)
+            }
+        };
+        let s = MemcacheStorage::builder(cache, master.clone() as Arc<dyn Storage>)
+            .follow_list(skew)
+            .build();
+        (s, list)
+    }
+
     pub(super) fn storage(
         servers: &[&Memcached],
         master: &Arc<MemoryStorage>,
         skew: Duration,
     ) -> (MemcacheStorage, mcstore::ServerList) {
-        let pool = Pool::new(builder(servers), 2).unwrap();
-        let list = pool.server_list().clone();
-        let s = MemcacheStorage::builder(pool, master.clone() as Arc<dyn Storage>)
-            .follow_list(skew)
-            .build();
-        (s, list)
+        storage_with(servers, master, skew, false)
     }
 
     /// Applies `servers` once the list takes a change again (changes are `2 * skew` apart).
@@ -666,6 +686,7 @@ fn a_storage_following_its_list_never_serves_a_superseded_entry() {
 /// Two processes (two storages with their own lists over one master and one cache) that
 /// take a change at different moments, less than the skew apart: the one that has not
 /// taken it writes and reads by the old list meanwhile; neither reads a superseded entry.
+/// One is over a pool, the other over a shared client.
 #[test]
 fn storages_that_take_a_change_at_different_moments_never_read_a_superseded_entry() {
     let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
@@ -673,7 +694,7 @@ fn storages_that_take_a_change_at_different_moments_never_read_a_superseded_entr
     let skew = Duration::from_secs(2);
     let master = Arc::new(mcstore::storage::MemoryStorage::new());
     let (p1, list1) = storage::storage(&[a, b, c], &master, skew);
-    let (p2, list2) = storage::storage(&[a, b, c], &master, skew);
+    let (p2, list2) = storage::storage_with(&[a, b, c], &master, skew, true);
     let r = storage::Resources::new(&p1);
     r.put(&p1, 1);
     r.check(&p1, 1, "p1 before");

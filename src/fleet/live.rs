@@ -121,7 +121,12 @@ impl ListChange {
 ///   holds within the clients of one list: **a server that comes back to the list must come
 ///   back empty** (restarted, or flushed once the clients have closed their connections to
 ///   it, which they do when the list without it is published), since the writes made while
-///   it was out did not delete there.
+///   it was out did not delete there. A [`MemcacheStorage`] built with
+///   [`follow_list`] needs none of this: it flushes such servers itself, and keeps
+///   processes that take a change at different moments consistent.
+///
+/// [`MemcacheStorage`]: crate::storage::MemcacheStorage
+/// [`follow_list`]: crate::storage::MemcacheStorageBuilder::follow_list
 ///
 /// Churn control (set on the builder): with [`list_damping`], a removed server stays in the
 /// list for that long, so one that comes back within the window moves no key; with

@@ -46,6 +46,35 @@
 //! - **Topology changes**: with `remove_failed_servers`, a key written while its server was
 //!   ejected (its keys moved) makes that server distrusted until a flush of it succeeds, so it
 //!   never serves an old entry when it rejoins.
+//! - **Live server lists** ([`MemcacheStorageBuilder::follow_list`]`(skew)`; without it the
+//!   list refuses changes): the processes sharing the master and the cache take each change
+//!   of the list at their own moment, at most `skew` apart. Four rules keep every read fresh:
+//!   1. *Reads stay where the key was for `skew`*: a process that has not taken the change
+//!      reads, fills and invalidates the key on its old server; a process that has reads it
+//!      there too (if that server is still in the list) until every process has the change.
+//!      Then every process invalidates on the new server, so reads can move there.
+//!   2. *Invalidations reach the old server for `2 * skew`*, even a removed one (it lingers):
+//!      a process that took the change up to `skew` later still reads there for `skew`.
+//!   3. *Every invalidation also deletes the key on its next server* on the continuum: when a
+//!      server leaves, its keys go to exactly those servers, which every process kept clean,
+//!      also processes started after the key had moved (they know no history).
+//!   4. *A server that takes keys it was not next in line for is flushed first*: a new server,
+//!      one coming back with the items it had, one taking the keys of two servers that left at
+//!      once, a weight change. It is distrusted (its keys are read from the master) from
+//!      before the list is published until a flush of it succeeds; every process flushes it
+//!      (a later flush costs only misses).
+//!
+//!   With a process's own earlier lists, writes also delete moved keys on their previous
+//!   owners (`ring::handover`). Changes are at least `2 * skew` apart, so the windows of one
+//!   change close before the next. The bound `skew` is an assumption the deployment keeps (a
+//!   file or DNS polled every second: a second plus margin); a process that takes a change
+//!   later than that may read an entry that a process that took it earlier superseded, until
+//!   the entry's TTL. Known limit: rule 3 covers one change since a process started; a
+//!   process started between two changes that passed the same keys on (server A joins, B
+//!   joins and takes A's keys, the process starts, B leaves, A leaves) did not delete them
+//!   on the server they end on, which the processes that saw A join did (their previous
+//!   owners): if only it wrote a key in between, that server may serve the key's entry from
+//!   before A joined, until the entry's TTL. What it costs is measured in BENCHMARKS.md.
 //! - Content larger than the cache's item size is marked *too large* in the cache and served
 //!   from the master, without error.
 //! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
