@@ -651,7 +651,9 @@ fn a_storage_following_its_list_never_serves_a_superseded_entry() {
     let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
     let skew = Duration::from_millis(200);
     let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let built = Instant::now();
     let (s, list) = storage::storage(&[a, b, c], &master, skew);
+    support::wait_for("the storage's start", || built.elapsed() > skew);
     let r = storage::Resources::new(&s);
     r.put(&s, 1);
     r.check(&s, 1, "three servers");
@@ -693,16 +695,19 @@ fn storages_that_take_a_change_at_different_moments_never_read_a_superseded_entr
     let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
     let skew = Duration::from_secs(2);
     let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let built = Instant::now();
     let (p1, list1) = storage::storage(&[a, b, c], &master, skew);
     let (p2, list2) = storage::storage_with(&[a, b, c], &master, skew, true);
+    // Past their start (for `skew`, a new storage reads only the master).
+    support::wait_for("the storages' start", || built.elapsed() > skew);
     let r = storage::Resources::new(&p1);
     r.put(&p1, 1);
     r.check(&p1, 1, "p1 before");
     r.check(&p2, 1, "p2 before");
-    // d joins p1's list first (and is flushed: p1 trusts it); p1 reads (and fills), p2
-    // writes with the old list, p1 reads again.
+    // d joins p1's list first; p1 reads (d is flushed only once p2 has the change too:
+    // meanwhile it reads where the keys were, or the master), p2 writes with the old list,
+    // p1 reads again.
     storage::change(&list1, &[a, b, c, d]);
-    support::wait_for("d's flush", || p1.pending_invalidations() == 0);
     r.check(&p1, 1, "p1 with d");
     r.put(&p2, 2);
     r.check(&p1, 2, "p1 with d, p2 without");
@@ -743,7 +748,9 @@ fn a_storage_started_after_a_change_invalidates_where_its_keys_go_back() {
     let (a, b, c, d) = (&ms[0], &ms[1], &ms[2], &ms[3]);
     let skew = Duration::from_millis(200);
     let master = Arc::new(mcstore::storage::MemoryStorage::new());
+    let built = Instant::now();
     let (p1, list1) = storage::storage(&[a, b, c], &master, skew);
+    support::wait_for("the storage's start", || built.elapsed() > skew);
     let r = storage::Resources::new(&p1);
     r.put(&p1, 1);
     r.check(&p1, 1, "p1 on three");

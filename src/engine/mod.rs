@@ -502,10 +502,19 @@ impl Core {
         read: bool,
     ) -> Result<KeyServers> {
         if !self.fleet.replicated() {
-            let route = self.route_key_peek(scratch, key)?;
+            let route = self.route_key_peek(scratch, key);
             if self.list.storage_skew().is_none() {
-                return Ok(KeyServers::Route(route));
+                return route.map(KeyServers::Route);
             }
+            let route = match route {
+                // The key's server is down: an invalidation still deletes where else the key
+                // may be (its delete there fails, and is remembered).
+                Err(Error::ServerDown { .. }) if !read => {
+                    let home = self.home_of_key(scratch, key)?;
+                    Route { server: home, home }
+                }
+                r => r?,
+            };
             return self.storage_spread(scratch, key, route, read);
         }
         if read {

@@ -205,6 +205,9 @@ impl Shared {
         labels: &[String],
         servers: KeyServers,
     ) -> Option<Servers> {
+        if self.starting() {
+            return None;
+        }
         let copies = match servers {
             // (A read is given a `Route`; `Spread` is an invalidation's.)
             KeyServers::Route(r) | KeyServers::Spread { route: r, .. } => {

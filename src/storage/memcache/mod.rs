@@ -219,6 +219,7 @@ impl MemcacheStorageBuilder {
             pending: Mutex::new(Pending::default()),
             stuck: Mutex::new(HashMap::new()),
             inline_replay: false,
+            built: Instant::now(),
         });
         let replayer = Replayer::start(&shared).ok();
         if replayer.is_none() {
@@ -257,9 +258,12 @@ impl ListFollower for ListWatch {
             return Ok(());
         };
         let takers = crate::ring::handover::takers(&prior.ring, &next.ring);
+        // Flushed once every process has the change (a flush before that could be
+        // followed by a fill that a process still on the old list never invalidates there).
+        let after = prior.at + prior.skew;
         let mut p = shared.lock_pending();
         for i in takers {
-            p.distrust_server(next.labels[i as usize].clone());
+            p.distrust_server_until(next.labels[i as usize].clone(), after);
         }
         crate::observe::pending(p.len());
         Ok(())
@@ -326,6 +330,9 @@ struct Shared {
     stuck: Mutex<HashMap<String, Instant>>,
     /// No replay thread could be started: callers replay (at most every `REPLAY_EVERY`).
     inline_replay: bool,
+    /// When the storage was built: following a list, it reads nothing from the cache for
+    /// the skew after (see [`starting`](Shared::starting)).
+    built: Instant,
 }
 
 impl std::fmt::Debug for MemcacheStorage {
@@ -388,6 +395,16 @@ impl MemcacheStorage {
 }
 
 impl Shared {
+    /// Following a list, within the skew after the storage was built: it may have started
+    /// in the middle of a change that other processes have not taken yet, and it does not
+    /// know the list before. Reads go to the master (no fill) until every process has the
+    /// list it started with.
+    fn starting(&self) -> bool {
+        self.settings
+            .follow_list
+            .is_some_and(|skew| self.built.elapsed() < skew)
+    }
+
     fn cache_failed(&self, _e: &dyn std::error::Error) {
         bump(
             &self.counters.cache_errors,

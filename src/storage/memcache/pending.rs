@@ -15,6 +15,9 @@ pub(super) struct Pending {
     keys: HashMap<String, (u64, Option<String>)>,
     /// Overflowed servers (`None`: all) and the generation of their latest failure since.
     overflow: HashMap<Option<String>, u64>,
+    /// Distrusted servers whose flush must not start before the given time (a server that
+    /// took keys in a list change: see `storage::memcache`, "Live server lists").
+    flush_after: HashMap<String, Instant>,
     next_gen: u64,
     /// When a caller last replayed (without a replay thread).
     pub(super) last_replay: Option<Instant>,
@@ -69,10 +72,22 @@ impl Pending {
         !self.overflow.is_empty() && server().is_none_or(|s| self.overflow.contains_key(&Some(s)))
     }
 
-    /// The next replay: the overflowed servers' flushes, or up to `batch` keys.
+    /// The next replay: the overflowed servers' flushes (those whose time has come), or up
+    /// to `batch` keys.
     pub(super) fn take(&self, batch: usize) -> Replay {
-        if !self.overflow.is_empty() {
-            return Replay::Flush(self.overflow.iter().map(|(s, g)| (s.clone(), *g)).collect());
+        let now = Instant::now();
+        let due = |s: &Option<String>| {
+            s.as_ref()
+                .and_then(|s| self.flush_after.get(s))
+                .is_none_or(|t| *t <= now)
+        };
+        if self.overflow.keys().any(due) {
+            return Replay::Flush(
+                (self.overflow.iter())
+                    .filter(|(s, _)| due(s))
+                    .map(|(s, g)| (s.clone(), *g))
+                    .collect(),
+            );
         }
         Replay::Keys(
             self.keys
@@ -98,16 +113,28 @@ impl Pending {
         self.overflow.insert(Some(server), self.next_gen);
     }
 
+    /// [`distrust_server`](Self::distrust_server), flushed no sooner than `after` (and
+    /// not before a flush already waiting for a later time).
+    pub(super) fn distrust_server_until(&mut self, server: String, after: Instant) {
+        let t = self.flush_after.entry(server.clone()).or_insert(after);
+        *t = (*t).max(after);
+        self.distrust_server(server);
+    }
+
     /// `server` left the list: it is not flushed (a server that comes back to the list is
     /// distrusted again until flushed), and no replay waits for its flush.
     pub(super) fn forget_server(&mut self, server: &str) {
         self.overflow.retain(|s, _| s.as_deref() != Some(server));
+        self.flush_after.remove(server);
     }
 
     /// A flush of `server` (`None`: all) taken at generation `gen` succeeded.
     pub(super) fn flushed(&mut self, server: &Option<String>, gen: u64) {
         if self.overflow.get(server) == Some(&gen) {
             self.overflow.remove(server);
+            if let Some(s) = server {
+                self.flush_after.remove(s);
+            }
         }
     }
 
