@@ -5,10 +5,9 @@
 //!
 //! Each test was a finding, fixed since: a server taking a removed server's keys was
 //! flushed (and trusted) before every process had the change; a process started mid-change
-//! filled a new server at once; an invalidation whose key's server was down deleted nowhere.
-//! Two more findings are a known limit (storage module docs, "Live server lists"): a
-//! process started between two changes, or during a removal, does not know the list before
-//! it started (their tests are on the `attack1` branch of #28's session, commit 393e737).
+//! filled a new server at once; an invalidation whose key's server was down deleted nowhere;
+//! a process started between two changes, or during a removal, did not know the lists
+//! before it started (the lists are now recorded in the master).
 
 use mcstore_test_support as support;
 
@@ -251,6 +250,83 @@ fn owner_and_next_removed_at_once() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Finding 2: "every write deletes on the key's next server" keeps the next server clean
+// only while it stays the next one. When the next server leaves, the server after it
+// becomes the key's next server without being flushed (one removal makes no taker), and it
+// may hold an entry of the key from when it owned it. A process started after that
+// ownership (no handover history) never deleted there; when the owner then leaves, the key
+// returns to that server, which serves the superseded value.
+// ---------------------------------------------------------------------------------------
+
+fn next_server_changes(kind: Kind) {
+    let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let (b, x, a, c) = (&ms[0], &ms[1], &ms[2], &ms[3]);
+    let skew = Duration::from_millis(150);
+    let master = Arc::new(MemoryStorage::new());
+    let built = Instant::now();
+    let (p0, list0) = process(kind, &[b, x], &master, skew);
+    settle(built, skew);
+    // Keys on b; with a and c joined, owned by a with c next (b third).
+    let infos = resources(&p0, "c", 20, |i| {
+        owner(&[b, x], i) == b.addr()
+            && owner(&[b, x, a, c], i) == a.addr()
+            && owner(&[b, x, c], i) == c.addr()
+    });
+    put(&p0, &infos, "v1");
+    check(&p0, &infos, "v1", "p0 on b and x"); // b holds v1
+                                               // a and c join (both takers: flushed). The windows pass.
+    change(&list0, &[b, x, a, c]);
+    let joined = Instant::now();
+    support::wait_for("the windows", || joined.elapsed() > 2 * skew);
+    support::wait_for("the takers' flush", || p0.pending_invalidations() == 0);
+    // A process started now writes v2: it deletes on a (owner) and c (next), not on b.
+    let (p3, list3) = process(kind, &[b, x, a, c], &master, skew);
+    settle(Instant::now(), skew);
+    put(&p3, &infos, "v2");
+    check(&p3, &infos, "v2", "p3 after its write");
+    // c leaves (one removal: no taker; b becomes the next server), then a leaves (b owns
+    // the keys again: it was next in line, so it is not flushed).
+    change(&list0, &[b, x, a]);
+    change(&list3, &[b, x, a]);
+    let left = Instant::now();
+    support::wait_for("the windows", || left.elapsed() > 2 * skew);
+    check(&p3, &infos, "v2", "p3 after c left");
+    change(&list0, &[b, x]);
+    change(&list3, &[b, x]);
+    let bad3 = stale(&p3, &infos, "v2");
+    let bad0 = stale(&p0, &infos, "v2");
+    let back = Instant::now();
+    support::wait_for("the windows", || back.elapsed() > 2 * skew);
+    let later = stale(&p3, &infos, "v2");
+    println!(
+        "{kind:?} next server changes: after a left: p3 {} of {} reads superseded {:?}; \
+         p0 {}; p3 after the windows {}",
+        bad3.len(),
+        2 * infos.len(),
+        &bad3[..bad3.len().min(4)],
+        bad0.len(),
+        later.len()
+    );
+    assert!(
+        bad3.is_empty() && bad0.is_empty() && later.is_empty(),
+        "b served v1, superseded by p3's write: p3 {}, p0 {}, p3 later {} reads",
+        bad3.len(),
+        bad0.len(),
+        later.len()
+    );
+}
+
+#[test]
+fn next_server_changes_pool() {
+    next_server_changes(Kind::Pool);
+}
+
+#[test]
+fn next_server_changes_shared() {
+    next_server_changes(Kind::Shared);
+}
+
+// ---------------------------------------------------------------------------------------
 // Finding 3: a process that starts during a change's window (its discovery already shows
 // the new list, another process's does not yet: within the skew) has no prior list. It
 // reads and fills a new server at once (no read window, no distrust), and its writes do
@@ -290,6 +366,46 @@ fn a_process_started_during_an_addition_fills_what_the_lagging_process_does_not_
     assert!(
         bad.is_empty(),
         "p3 served values p2's write superseded ({} of {} reads)",
+        bad.len(),
+        2 * infos.len()
+    );
+}
+
+/// p2 (old list, still reading a) and p3 (started on the new list without a): p3's write
+/// does not delete on a.
+#[test]
+fn a_process_started_after_a_removal_does_not_delete_where_the_lagging_process_reads() {
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let (a, b, c) = (&ms[0], &ms[1], &ms[2]);
+    let skew = Duration::from_secs(3);
+    let master = Arc::new(MemoryStorage::new());
+    let built = Instant::now();
+    let (p2, list2) = process(Kind::Pool, &[a, b, c], &master, skew);
+    settle(built, skew);
+    let infos = resources(&p2, "c", 20, |i| owner(&[a, b, c], i) == a.addr());
+    put(&p2, &infos, "v1");
+    check(&p2, &infos, "v1", "p2 before"); // a holds v1
+                                           // Some process took the change (and records it in the master's history of lists).
+    let (_p1, list1) = process(Kind::Pool, &[a, b, c], &master, skew);
+    let t1 = Instant::now();
+    change(&list1, &[b, c]);
+    let (p3, _list3) = process(Kind::Pool, &[b, c], &master, skew);
+    put(&p3, &infos, "v2"); // deletes on b and c
+    let in_skew = t1.elapsed() < skew;
+    let bad = stale(&p2, &infos, "v2");
+    println!(
+        "started after a removal: p2 (old list) after p3's write ({}ms, within skew: \
+         {in_skew}): {} of {} reads superseded: {:?}",
+        t1.elapsed().as_millis(),
+        bad.len(),
+        2 * infos.len(),
+        &bad[..bad.len().min(4)]
+    );
+    change(&list2, &[b, c]);
+    assert!(in_skew, "the test ran too slowly for its skew");
+    assert!(
+        bad.is_empty(),
+        "p2 served values p3's write superseded ({} of {} reads)",
         bad.len(),
         2 * infos.len()
     );

@@ -360,6 +360,123 @@ impl ServerList {
         }
     }
 
+    /// Seeds what a storage following this list needs to know of the lists the cache had
+    /// before this one was built (`history`: oldest first, each with how long ago it was
+    /// first taken), for a storage that starts after changes other processes saw:
+    /// - the previous-owners map (see `ring::handover`), so that writes delete moved keys
+    ///   where those lists put them;
+    /// - if the last change is recent (within twice the storage's skew), the list before it
+    ///   ([`Prior`]), so that invalidations still reach its servers, removed ones too (they
+    ///   get slots, not membership), while other processes may still read there.
+    ///
+    /// Only while the list has no history of its own (it did not change since it was
+    /// built), with a consistent distribution. An error (a new server's state could not be
+    /// made) leaves the list as it was.
+    pub(crate) fn seed_history(&self, history: &[(Duration, Vec<ServerSpec>)]) -> Result<()> {
+        let mut st = self.lock();
+        let old = self.inner.current.load_full();
+        if history.is_empty()
+            || !old.handover.is_empty()
+            || old.prior.is_some()
+            || self.inner.dist == Distribution::Modula
+        {
+            return Ok(());
+        }
+        let now: Vec<ServerSpec> = st.members.iter().map(|&i| st.slots[i].clone()).collect();
+        let same = |l: &[ServerSpec]| {
+            l.len() == now.len()
+                && l.iter().all(|x| {
+                    (now.iter()).any(|n| n.addr == x.addr && n.weight.max(1) == x.weight.max(1))
+                })
+        };
+        // The last change: when the current list was first taken (recorded), and the list
+        // before it (now, if the current list is not recorded yet).
+        let (changed_ago, before) = match history.split_last() {
+            Some(((ago, last), rest)) if same(last) => (*ago, rest.last().map(|r| &r.1)),
+            _ => (Duration::ZERO, history.last().map(|r| &r.1)),
+        };
+        let prior = self.storage_skew().and_then(|skew| {
+            let before = before.filter(|_| changed_ago < 2 * skew)?;
+            Some((before, skew))
+        });
+        // Slots: the list's, then the prior list's other servers (reached by invalidations);
+        // every other server named only for the map's continuums.
+        let mut slots = st.slots.clone();
+        for s in prior.iter().flat_map(|(l, _)| l.iter()) {
+            if !slots.iter().any(|x| x.addr == s.addr) {
+                slots.push(s.clone());
+            }
+        }
+        let mut specs = slots.clone();
+        for s in history.iter().flat_map(|(_, l)| l) {
+            if !specs.iter().any(|x| x.addr == s.addr) {
+                specs.push(s.clone());
+            }
+        }
+        let ring_of = |specs: &[ServerSpec], list: &[ServerSpec]| {
+            let servers = (specs.iter())
+                .map(|s| {
+                    let weight =
+                        (list.iter().find(|x| x.addr == s.addr)).map_or(s.weight, |x| x.weight);
+                    ring_server(&ServerSpec {
+                        weight,
+                        ..s.clone()
+                    })
+                })
+                .collect();
+            let order = (list.iter())
+                .filter_map(|x| specs.iter().position(|s| s.addr == x.addr))
+                .map(|i| i as u32)
+                .collect();
+            Continuum::with_members(self.inner.dist, self.inner.hash, servers, order)
+        };
+        let mut rings: Vec<Continuum> = history.iter().map(|(_, l)| ring_of(&specs, l)).collect();
+        rings.push(ring_of(&specs, &now));
+        let mut handover = Handover::default();
+        for w in rings.windows(2) {
+            handover = handover.after(&w[0], &w[1]);
+        }
+        if handover.is_empty() && prior.is_none() {
+            return Ok(());
+        }
+        // The same members, with what was learnt: a new generation, so every client takes it.
+        let generation = old.generation + 1;
+        let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
+        let mut joined = old.joined.to_vec();
+        joined.resize(slots.len(), 0);
+        let topology = Topology {
+            generation,
+            addrs: slots.iter().map(|s| s.addr.clone()).collect(),
+            labels: labels.clone().into(),
+            ring: ring_of(&slots, &now),
+            handover: Arc::new(handover),
+            joined: joined.into(),
+            member_labels: Arc::clone(&old.member_labels),
+            prior: prior.map(|(before, skew)| {
+                Arc::new(Prior {
+                    ring: ring_of(&slots, before),
+                    at: Instant::now()
+                        .checked_sub(changed_ago)
+                        .unwrap_or_else(Instant::now),
+                    skew,
+                })
+            }),
+        };
+        let followers = self.followers();
+        for f in &followers {
+            f.prepare(&topology)?;
+        }
+        self.inner.health.grow(&labels);
+        let topology = Arc::new(topology);
+        self.inner.current.store(Arc::clone(&topology));
+        self.inner.health.list_changed(generation);
+        for f in &followers {
+            f.published(&topology, &[]);
+        }
+        st.slots = slots;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -277,6 +277,9 @@ impl Shared {
     /// of the master's log (every process's). A client is checked out only if something is
     /// pending.
     fn replay(&self) {
+        if let Some(skew) = self.settings.follow_list {
+            self.record_lists(skew);
+        }
         let replay = {
             let p = self.lock_pending();
             (!p.is_empty()).then(|| p.take(REPLAY_BATCH))

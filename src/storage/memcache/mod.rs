@@ -59,22 +59,28 @@
 //!      server leaves, its keys go to exactly those servers, which every process kept clean,
 //!      also processes started after the key had moved (they know no history).
 //!   4. *A server that takes keys it was not next in line for is flushed first*: a new server,
-//!      one coming back with the items it had, one taking the keys of two servers that left at
-//!      once, a weight change. It is distrusted (its keys are read from the master) from
-//!      before the list is published until a flush of it succeeds; every process flushes it
-//!      (a later flush costs only misses).
+//!      one coming back with the items it had, one taking the keys of a server replaced in
+//!      the same change or of two that left at once, a weight change. It is distrusted (its
+//!      keys are read from the master) from before the list is published until a flush of it
+//!      succeeds, and that flush waits `skew` after the change: until then a process on the
+//!      old list may write without deleting there. Every process flushes it (a later flush
+//!      costs only misses).
+//!   5. *A storage reads only the master for `skew` after it is built*: it may start in the
+//!      middle of a change that other processes have not taken yet.
+//!   6. *The lists are recorded in the master* (collection `mcstore-server-lists`, one small
+//!      resource per list a storage takes, pruned past the entries' TTL): a storage started
+//!      after changes learns where its keys were before (its writes delete them there too,
+//!      as `ring::handover` does for a process's own changes) and, within `2 * skew` of the
+//!      last change, the list before it (its invalidations reach that list's servers, removed
+//!      ones too).
 //!
-//!   With a process's own earlier lists, writes also delete moved keys on their previous
-//!   owners (`ring::handover`). Changes are at least `2 * skew` apart, so the windows of one
-//!   change close before the next. The bound `skew` is an assumption the deployment keeps (a
-//!   file or DNS polled every second: a second plus margin); a process that takes a change
-//!   later than that may read an entry that a process that took it earlier superseded, until
-//!   the entry's TTL. Known limit: rule 3 covers one change since a process started; a
-//!   process started between two changes that passed the same keys on (server A joins, B
-//!   joins and takes A's keys, the process starts, B leaves, A leaves) did not delete them
-//!   on the server they end on, which the processes that saw A join did (their previous
-//!   owners): if only it wrote a key in between, that server may serve the key's entry from
-//!   before A joined, until the entry's TTL. What it costs is measured in BENCHMARKS.md.
+//!   Changes are at least `2 * skew` apart, so the windows of one change close before the
+//!   next. The bound `skew` is an assumption the deployment keeps (a file or DNS polled
+//!   every second: a second plus margin; hosts' clocks within a fraction of it, for rule 6):
+//!   a process that takes a change later than that may read an entry that a process that
+//!   took it earlier superseded, until the entry's TTL. A master that cannot record the
+//!   lists is counted as a cache error; the storage then knows only its own changes. What
+//!   it costs is measured in BENCHMARKS.md.
 //! - Content larger than the cache's item size is marked *too large* in the cache and served
 //!   from the master, without error.
 //! - `ls`, `ils`, `persist`, `create_container` and `exists` go to the master.
@@ -93,6 +99,7 @@
 mod clients;
 mod counters;
 mod fill;
+mod history;
 mod invalidation;
 mod keys;
 mod only;
@@ -191,7 +198,10 @@ impl MemcacheStorageBuilder {
     /// - for `2 * skew`, writes also delete it there;
     /// - changes are at least `2 * skew` apart (later ones wait: see
     ///   [`ListChange::pending`](crate::ListChange::pending));
-    /// - a server that joins is flushed before it serves.
+    /// - a server that joins is flushed before it serves (`skew` after the change);
+    /// - the storage reads only the master for `skew` after it is built;
+    /// - the lists it takes are recorded in the master (collection `mcstore-server-lists`),
+    ///   for storages started later.
     ///
     /// `skew` must cover the spread of the discovery that feeds the processes (a servers
     /// file re-read every second: a second, plus margin). Clients with copies or zones keep
@@ -220,6 +230,7 @@ impl MemcacheStorageBuilder {
             stuck: Mutex::new(HashMap::new()),
             inline_replay: false,
             built: Instant::now(),
+            to_record: Mutex::new(Vec::new()),
         });
         let replayer = Replayer::start(&shared).ok();
         if replayer.is_none() {
@@ -229,6 +240,7 @@ impl MemcacheStorageBuilder {
         }
         let watch = follow.map(|skew| {
             list.follow_for_storage(skew);
+            shared.learn_history(&list, skew);
             let watch = Arc::new(ListWatch {
                 shared: Arc::downgrade(&shared),
             });
@@ -277,6 +289,16 @@ impl ListFollower for ListWatch {
         for &i in removed {
             p.forget_server(&next.labels[i]);
         }
+        drop(p);
+        // As configured (with weights), for the master's history.
+        let servers = (next.ring.members().iter().map(|&i| i as usize))
+            .map(|i| match next.ring.servers()[i].weight {
+                0 | 1 => next.labels[i].clone(),
+                w => format!("{}:{w}", next.labels[i]),
+            })
+            .collect();
+        let mut r = shared.to_record.lock().unwrap_or_else(|p| p.into_inner());
+        r.push((history::now_ms(), servers));
     }
 }
 
@@ -333,6 +355,9 @@ struct Shared {
     /// When the storage was built: following a list, it reads nothing from the cache for
     /// the skew after (see [`starting`](Shared::starting)).
     built: Instant,
+    /// Lists taken, to record in the master's history (by the replay thread: `set` must
+    /// not wait for the master), with the time they were taken.
+    to_record: Mutex<Vec<(u64, Vec<String>)>>,
 }
 
 impl std::fmt::Debug for MemcacheStorage {
@@ -395,6 +420,47 @@ impl MemcacheStorage {
 }
 
 impl Shared {
+    /// For a storage that follows `list`: seeds its previous owners from the lists the
+    /// master recorded (other processes' changes before this one started), and records the
+    /// list it starts with. A master that cannot is counted as a cache error: the storage
+    /// then knows only its own changes.
+    fn learn_history(&self, list: &crate::ServerList, skew: Duration) {
+        let master = &*self.settings.master;
+        let now = history::now_ms();
+        let horizon = history::horizon(self.settings.ttl, skew);
+        let since = now.saturating_sub(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
+        match history::load(master, since) {
+            Ok(lists) => {
+                let history: Vec<(Duration, Vec<crate::ServerSpec>)> = (lists.iter())
+                    .filter_map(|(at, l)| {
+                        let specs = l.iter().map(|s| s.parse().ok()).collect::<Option<_>>()?;
+                        Some((Duration::from_millis(now.saturating_sub(*at)), specs))
+                    })
+                    .collect();
+                if let Err(e) = list.seed_history(&history) {
+                    self.cache_failed(&e);
+                }
+            }
+            Err(e) => self.cache_failed(&e),
+        }
+        if let Err(e) = history::record(master, &list.servers(), now, since) {
+            self.cache_failed(&e);
+        }
+    }
+
+    /// Records the lists taken since the last call in the master's history.
+    fn record_lists(&self, skew: Duration) {
+        let lists = std::mem::take(&mut *self.to_record.lock().unwrap_or_else(|p| p.into_inner()));
+        let horizon = u64::try_from(history::horizon(self.settings.ttl, skew).as_millis())
+            .unwrap_or(u64::MAX);
+        for (at, servers) in lists {
+            let since = at.saturating_sub(horizon);
+            if let Err(e) = history::record(&*self.settings.master, &servers, at, since) {
+                self.cache_failed(&e);
+            }
+        }
+    }
+
     /// Following a list, within the skew after the storage was built: it may have started
     /// in the middle of a change that other processes have not taken yet, and it does not
     /// know the list before. Reads go to the master (no fill) until every process has the
