@@ -369,19 +369,22 @@ impl ServerList {
     ///   ([`Prior`]), so that invalidations still reach its servers, removed ones too (they
     ///   get slots, not membership), while other processes may still read there.
     ///
-    /// Only while the list has no history of its own (it did not change since it was
-    /// built), with a consistent distribution. An error (a new server's state could not be
+    /// Seeding needs a list with no history of its own (it did not change since it was
+    /// built) and a consistent distribution. The last change also starts the rate limit
+    /// (changes `2 * skew` apart), as if this list had taken it. Returns the servers (as
+    /// labels, members now) that took keys in each change of the history and how long ago:
+    /// the flushes that may still be owed. An error (a new server's state could not be
     /// made) leaves the list as it was.
-    pub(crate) fn seed_history(&self, history: &[(Duration, Vec<ServerSpec>)]) -> Result<()> {
+    pub(crate) fn seed_history(
+        &self,
+        history: &[(Duration, Vec<ServerSpec>)],
+    ) -> Result<Vec<(Duration, String)>> {
         let mut st = self.lock();
         let old = self.inner.current.load_full();
-        if history.is_empty()
-            || !old.handover.is_empty()
-            || old.prior.is_some()
-            || self.inner.dist == Distribution::Modula
-        {
-            return Ok(());
+        if history.is_empty() || self.inner.dist == Distribution::Modula {
+            return Ok(Vec::new());
         }
+        let seeding = old.handover.is_empty() && old.prior.is_none();
         let now: Vec<ServerSpec> = st.members.iter().map(|&i| st.slots[i].clone()).collect();
         let same = |l: &[ServerSpec]| {
             l.len() == now.len()
@@ -395,7 +398,14 @@ impl ServerList {
             Some(((ago, last), rest)) if same(last) => (*ago, rest.last().map(|r| &r.1)),
             _ => (Duration::ZERO, history.last().map(|r| &r.1)),
         };
-        let prior = self.storage_skew().and_then(|skew| {
+        if st.last_change.is_none() {
+            st.last_change = Some(
+                Instant::now()
+                    .checked_sub(changed_ago)
+                    .unwrap_or_else(Instant::now),
+            );
+        }
+        let prior = self.storage_skew().filter(|_| seeding).and_then(|skew| {
             let before = before.filter(|_| changed_ago < 2 * skew)?;
             Some((before, skew))
         });
@@ -430,14 +440,23 @@ impl ServerList {
                 .collect();
             Continuum::with_members(self.inner.dist, self.inner.hash, servers, order)
         };
-        let mut rings: Vec<Continuum> = history.iter().map(|(_, l)| ring_of(&specs, l)).collect();
-        rings.push(ring_of(&specs, &now));
+        let mut rings: Vec<(Duration, Continuum)> = (history.iter())
+            .map(|(ago, l)| (*ago, ring_of(&specs, l)))
+            .collect();
+        rings.push((Duration::ZERO, ring_of(&specs, &now)));
         let mut handover = Handover::default();
+        let mut takers: Vec<(Duration, String)> = Vec::new();
         for w in rings.windows(2) {
-            handover = handover.after(&w[0], &w[1]);
+            handover = handover.after(&w[0].1, &w[1].1);
+            for i in crate::ring::handover::takers(&w[0].1, &w[1].1) {
+                let i = i as usize;
+                if i < st.slots.len() && st.members.contains(&i) {
+                    takers.push((w[1].0, st.slots[i].addr.to_string()));
+                }
+            }
         }
-        if handover.is_empty() && prior.is_none() {
-            return Ok(());
+        if !seeding || (handover.is_empty() && prior.is_none()) {
+            return Ok(takers);
         }
         // The same members, with what was learnt: a new generation, so every client takes it.
         let generation = old.generation + 1;
@@ -474,7 +493,7 @@ impl ServerList {
             f.published(&topology, &[]);
         }
         st.slots = slots;
-        Ok(())
+        Ok(takers)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

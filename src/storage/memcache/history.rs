@@ -6,8 +6,11 @@
 //! Each storage records the list it starts with and each list it takes, as one resource of
 //! the collection [`COLLECTION`] in the master (through the `Storage` API: every master
 //! keeps it), named `{wall-clock ms, 13 digits}-{hash of the list}`, with the servers one
-//! per line. Records older than what the cache can still hold (its TTL, and the change
-//! windows) are removed by the storages that record.
+//! per line (`WEIGHT ADDRESS`, see [`line`]). A server that took keys in a change is flushed
+//! by every storage that takes the change; each flush is recorded too ([`FLUSHES`]), so that
+//! a storage started later knows which flushes are still owed (its taker's storage may have
+//! stopped first). Records older than what the cache can still hold (its TTL, and the
+//! change windows) are removed by the storages that record.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +18,9 @@ use crate::storage::{Result, Storage, StorageError};
 
 /// The master's collection of recorded lists.
 pub(super) const COLLECTION: &str = "mcstore-server-lists";
+
+/// The master's collection of recorded flushes of servers that took keys.
+pub(super) const FLUSHES: &str = "mcstore-server-flushes";
 
 /// How far back the lists matter when the cache's entries never expire (TTL 0).
 const NO_TTL_HORIZON: Duration = Duration::from_secs(24 * 3600);
@@ -48,19 +54,67 @@ fn list_hash(servers: &[String]) -> u64 {
     h
 }
 
-/// Records `servers` (as configured: `host:port[:weight]`) as the list at `at_ms`, and
-/// removes the records older than `since_ms`.
+/// A server as recorded: its weight, a space, its address as the clients name it (parsed
+/// back exactly by [`parse_line`], Unix sockets too).
+pub(super) fn line(addr: &str, weight: u32) -> String {
+    format!("{} {addr}", weight.max(1))
+}
+
+/// A recorded server; `None` if the line is not one.
+pub(super) fn parse_line(line: &str) -> Option<crate::ServerSpec> {
+    let (weight, addr) = line.split_once(' ')?;
+    let spec: crate::ServerSpec = addr.parse().ok()?;
+    let weight: u32 = weight.parse().ok()?;
+    (spec.addr.to_string() == addr).then(|| spec.weight(weight))
+}
+
+/// Records `servers` ([`line`]s) as the list at `at_ms`, and removes the records older
+/// than `since_ms`.
 pub(super) fn record(
     master: &dyn Storage,
     servers: &[String],
     at_ms: u64,
     since_ms: u64,
 ) -> Result<()> {
-    master.create_container(COLLECTION)?;
-    let name = format!("{at_ms:013}-{:016x}", list_hash(servers));
-    let info = master.info(COLLECTION, Some(&name))?;
-    master.put_content(&info, servers.join("\n").as_str().into())?;
-    for (old, info) in master.ls(COLLECTION, None)? {
+    put_record(
+        master,
+        COLLECTION,
+        &format!("{at_ms:013}-{:016x}", list_hash(servers)),
+        &servers.join("\n"),
+        since_ms,
+    )
+}
+
+/// Records that a flush of server `addr` succeeded at `at_ms` (and prunes as [`record`]).
+pub(super) fn record_flush(
+    master: &dyn Storage,
+    addr: &str,
+    at_ms: u64,
+    since_ms: u64,
+) -> Result<()> {
+    let name = format!("{at_ms:013}-{:016x}", list_hash(&[addr.to_string()]));
+    put_record(master, FLUSHES, &name, addr, since_ms)
+}
+
+/// The flushes recorded at or after `since_ms`: time and server.
+pub(super) fn load_flushes(master: &dyn Storage, since_ms: u64) -> Result<Vec<(u64, String)>> {
+    Ok(load_records(master, FLUSHES, since_ms)?
+        .into_iter()
+        .map(|(at, content)| (at, content.trim().to_string()))
+        .collect())
+}
+
+fn put_record(
+    master: &dyn Storage,
+    collection: &str,
+    name: &str,
+    content: &str,
+    since_ms: u64,
+) -> Result<()> {
+    master.create_container(collection)?;
+    let info = master.info(collection, Some(name))?;
+    master.put_content(&info, content.into())?;
+    for (old, info) in master.ls(collection, None)? {
         if parse_at(&old).is_some_and(|at| at < since_ms) {
             match master.remove_content(&info) {
                 Ok(()) | Err(StorageError::NotFound(_)) => {}
@@ -79,32 +133,17 @@ fn parse_at(name: &str) -> Option<u64> {
 /// The lists recorded at or after `since_ms`, oldest first, each once in a row (records of
 /// one list by several storages collapse into the first), with the time of that record.
 pub(super) fn load(master: &dyn Storage, since_ms: u64) -> Result<Vec<(u64, Vec<String>)>> {
-    let names = match master.ls(COLLECTION, None) {
-        Ok(n) => n,
-        Err(StorageError::NotFound(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut records: Vec<(u64, Vec<String>)> = Vec::new();
-    for (name, info) in names {
-        let Some(at) = parse_at(&name).filter(|&at| at >= since_ms) else {
-            continue;
-        };
-        let content = match master.get_content(&info) {
-            Ok(c) => c,
-            // Pruned by another storage meanwhile.
-            Err(StorageError::NotFound(_)) => continue,
-            Err(e) => return Err(e),
-        };
-        let servers: Vec<String> = String::from_utf8_lossy(&content)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect();
-        if !servers.is_empty() {
-            records.push((at, servers));
-        }
-    }
+    let mut records: Vec<(u64, Vec<String>)> = load_records(master, COLLECTION, since_ms)?
+        .into_iter()
+        .map(|(at, content)| {
+            let servers = (content.lines().map(str::trim))
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            (at, servers)
+        })
+        .filter(|(_, s): &(u64, Vec<String>)| !s.is_empty())
+        .collect();
     records.sort_by_key(|r| r.0);
     let mut lists: Vec<(u64, Vec<String>)> = Vec::new();
     for (at, servers) in records {
@@ -113,6 +152,32 @@ pub(super) fn load(master: &dyn Storage, since_ms: u64) -> Result<Vec<(u64, Vec<
         }
     }
     Ok(lists)
+}
+
+/// The records of `collection` at or after `since_ms`: time and content.
+fn load_records(
+    master: &dyn Storage,
+    collection: &str,
+    since_ms: u64,
+) -> Result<Vec<(u64, String)>> {
+    let names = match master.ls(collection, None) {
+        Ok(n) => n,
+        Err(StorageError::NotFound(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut records = Vec::new();
+    for (name, info) in names {
+        let Some(at) = parse_at(&name).filter(|&at| at >= since_ms) else {
+            continue;
+        };
+        match master.get_content(&info) {
+            Ok(c) => records.push((at, String::from_utf8_lossy(&c).into_owned())),
+            // Pruned by another storage meanwhile.
+            Err(StorageError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
@@ -147,5 +212,25 @@ mod tests {
         record(&m, &b, 4_000, 2_500).unwrap();
         assert_eq!(m.ls(COLLECTION, None).unwrap().len(), 2);
         assert_eq!(load(&m, 0), [a, b]);
+        // Flushes.
+        record_flush(&m, "unix:/tmp/a b:2", 5_000, 0).unwrap();
+        assert_eq!(
+            load_flushes(&m, 0).unwrap(),
+            [(5_000, "unix:/tmp/a b:2".to_string())]
+        );
+    }
+
+    #[test]
+    fn servers_are_read_back_exactly() {
+        for (addr, w) in [
+            ("10.0.0.1:11211", 1),
+            ("[::1]:11211", 3),
+            ("unix:/tmp/m c.sock:2", 2),
+        ] {
+            let spec = parse_line(&line(addr, w)).unwrap();
+            assert_eq!((spec.addr.to_string().as_str(), spec.weight), (addr, w));
+        }
+        assert!(parse_line("10.0.0.1:11211").is_none());
+        assert!(parse_line("x 10.0.0.1:11211").is_none());
     }
 }

@@ -318,7 +318,13 @@ impl Shared {
                     };
                     match r {
                         // A server that left the list is distrusted again if it comes back.
-                        Ok(()) | Err(crate::Error::ServerRemoved { .. }) => {
+                        Ok(()) => {
+                            self.lock_pending().flushed(&server, gen);
+                            if let Some(s) = &server {
+                                self.record_flush(s);
+                            }
+                        }
+                        Err(crate::Error::ServerRemoved { .. }) => {
                             self.lock_pending().flushed(&server, gen)
                         }
                         Err(e) => self.cache_failed(&e),

@@ -129,6 +129,10 @@ pub use only::MemcacheOnlyStorage;
 /// failed (see [`MemcacheStorageBuilder::ttl`]).
 pub const DEFAULT_TTL: u32 = 3600;
 
+/// Lists waiting to be recorded in the master's history, at most (a master that refuses
+/// them for long loses the oldest).
+const MAX_TO_RECORD: usize = 64;
+
 /// How long a filling marker (or a meta lease placeholder) lives if its reader dies before
 /// filling (default of [`MemcacheStorageBuilder::filler_ttl`]).
 const FILLING_TTL: u32 = 5;
@@ -290,16 +294,16 @@ impl ListFollower for ListWatch {
             p.forget_server(&next.labels[i]);
         }
         drop(p);
-        // As configured (with weights), for the master's history.
-        let servers = (next.ring.members().iter().map(|&i| i as usize))
-            .map(|i| match next.ring.servers()[i].weight {
-                0 | 1 => next.labels[i].clone(),
-                w => format!("{}:{w}", next.labels[i]),
-            })
-            .collect();
         let mut r = shared.to_record.lock().unwrap_or_else(|p| p.into_inner());
-        r.push((history::now_ms(), servers));
+        r.push((history::now_ms(), recorded_servers(next)));
     }
+}
+
+/// The servers of `t` as the master's history records them (with their weights).
+fn recorded_servers(t: &Topology) -> Vec<String> {
+    (t.ring.members().iter().map(|&i| i as usize))
+        .map(|i| history::line(&t.labels[i], t.ring.servers()[i].weight))
+        .collect()
 }
 
 /// A cache-through proxy storage (see the module documentation for the rules it keeps).
@@ -429,35 +433,117 @@ impl Shared {
         let now = history::now_ms();
         let horizon = history::horizon(self.settings.ttl, skew);
         let since = now.saturating_sub(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
-        match history::load(master, since) {
-            Ok(lists) => {
-                let history: Vec<(Duration, Vec<crate::ServerSpec>)> = (lists.iter())
-                    .filter_map(|(at, l)| {
-                        let specs = l.iter().map(|s| s.parse().ok()).collect::<Option<_>>()?;
-                        Some((Duration::from_millis(now.saturating_sub(*at)), specs))
-                    })
-                    .collect();
-                if let Err(e) = list.seed_history(&history) {
-                    self.cache_failed(&e);
-                }
-            }
+        let takers = match self.load_history(master, since, now) {
+            Ok(history) => list.seed_history(&history),
+            Err(e) => Err(e),
+        };
+        match takers {
+            Ok(takers) => self.owe_flushes(master, takers, since, now, skew),
             Err(e) => self.cache_failed(&e),
         }
-        if let Err(e) = history::record(master, &list.servers(), now, since) {
+        if let Err(e) = history::record(master, &recorded_servers(&list.topology()), now, since) {
             self.cache_failed(&e);
         }
     }
 
-    /// Records the lists taken since the last call in the master's history.
+    /// The master's history of lists since `since` (ms), each with how long before `now`
+    /// it was first taken. A record that does not read back as servers makes the whole
+    /// history unknown (an error): a list missing from the middle would mislead.
+    fn load_history(
+        &self,
+        master: &dyn Storage,
+        since: u64,
+        now: u64,
+    ) -> std::result::Result<Vec<(Duration, Vec<crate::ServerSpec>)>, crate::Error> {
+        let lists = history::load(master, since)
+            .map_err(|e| crate::Error::Config(format!("the master's list history: {e}")))?;
+        (lists.iter())
+            .map(|(at, l)| {
+                let specs = (l.iter().map(|s| history::parse_line(s)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        crate::Error::Config(format!(
+                            "a record of the master's list history does not read back: {l:?}"
+                        ))
+                    })?;
+                Ok((Duration::from_millis(now.saturating_sub(*at)), specs))
+            })
+            .collect()
+    }
+
+    /// Distrusts the servers that took keys in a recent change (`takers`: server and how
+    /// long ago) unless the master records a flush of them once every process had that
+    /// change (`skew` after it): the storage that owed it may have stopped first.
+    fn owe_flushes(
+        &self,
+        master: &dyn Storage,
+        takers: Vec<(Duration, String)>,
+        since: u64,
+        now: u64,
+        skew: Duration,
+    ) {
+        if takers.is_empty() {
+            return;
+        }
+        let flushes = match history::load_flushes(master, since) {
+            Ok(f) => f,
+            Err(e) => {
+                self.cache_failed(&e);
+                Vec::new()
+            }
+        };
+        let skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+        let mut p = self.lock_pending();
+        for (ago, server) in takers {
+            let changed = now.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX));
+            let flushed = (flushes.iter())
+                .any(|(at, s)| *s == server && *at >= changed.saturating_add(skew_ms));
+            if !flushed {
+                let after = (Instant::now() + skew)
+                    .checked_sub(ago)
+                    .unwrap_or_else(Instant::now);
+                p.distrust_server_until(server, after);
+            }
+        }
+    }
+
+    /// Records the lists taken since the last call in the master's history (those the
+    /// master refuses are tried again at the next call).
     fn record_lists(&self, skew: Duration) {
         let lists = std::mem::take(&mut *self.to_record.lock().unwrap_or_else(|p| p.into_inner()));
-        let horizon = u64::try_from(history::horizon(self.settings.ttl, skew).as_millis())
-            .unwrap_or(u64::MAX);
+        let mut left = Vec::new();
         for (at, servers) in lists {
-            let since = at.saturating_sub(horizon);
+            let since = at.saturating_sub(self.horizon_ms(skew));
             if let Err(e) = history::record(&*self.settings.master, &servers, at, since) {
                 self.cache_failed(&e);
+                left.push((at, servers));
             }
+        }
+        if !left.is_empty() {
+            let mut r = self.to_record.lock().unwrap_or_else(|p| p.into_inner());
+            left.append(&mut r);
+            // Bounded: the oldest go first (past the horizon they matter no more).
+            let excess = left.len().saturating_sub(MAX_TO_RECORD);
+            left.drain(..excess);
+            *r = left;
+        }
+    }
+
+    /// How far back the history matters, in ms.
+    fn horizon_ms(&self, skew: Duration) -> u64 {
+        u64::try_from(history::horizon(self.settings.ttl, skew).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A flush of `server`, a server that took keys, succeeded: recorded in the master for
+    /// storages started later.
+    pub(super) fn record_flush(&self, server: &str) {
+        let Some(skew) = self.settings.follow_list else {
+            return;
+        };
+        let now = history::now_ms();
+        let since = now.saturating_sub(self.horizon_ms(skew));
+        if let Err(e) = history::record_flush(&*self.settings.master, server, now, since) {
+            self.cache_failed(&e);
         }
     }
 
