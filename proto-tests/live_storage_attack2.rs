@@ -157,7 +157,7 @@ fn returning_server_restart(rebuild_in_process: bool) {
     let infos = resources(&p1, "c", 20, |i| owner(&[&a, &n], i) == n.addr());
     put(&p1, &infos, "v1");
     check(&p1, &infos, "v1", "p1 on [a, n]"); // n holds v1
-    // n leaves; once the windows are over (no invalidation reaches n), v2 is written.
+                                              // n leaves; once the windows are over (no invalidation reaches n), v2 is written.
     change(&list, &[&a]);
     let left = Instant::now();
     support::wait_for("the windows", || left.elapsed() > 2 * skew);
@@ -260,7 +260,7 @@ fn started_after_a_change_takes_the_next_one_at_once(kind: Kind) {
     settle(p3_built, skew);
     support::wait_for("m's flush in p3", || p3.pending_invalidations() == 0);
     check(&p3, &infos, "v1", "p3 on l2 after m's flush"); // fills m with v1
-    // p1, which holds change 2 back until 2*skew after change 1, writes by l1.
+                                                          // p1, which holds change 2 back until 2*skew after change 1, writes by l1.
     let p1_on_l1 = list1.generation();
     put(&p1, &infos, "v2");
     let at = t1.elapsed();
@@ -342,7 +342,7 @@ fn a_weighted_unix_socket_in_the_history_is_read_back_as_another_server() {
     let infos = resources(&p2, "c", 20, |i| owner_in(l0(), i) == a.addr());
     put(&p2, &infos, "v1");
     check(&p2, &infos, "v1", "p2 before"); // a holds v1
-    // Some process takes the change (a removed) and records it; p3 starts on it.
+                                           // Some process takes the change (a removed) and records it; p3 starts on it.
     let before = list1.generation();
     support::wait_for("p1's change", || {
         list1.set_specs(l1()).unwrap();

@@ -68,11 +68,13 @@
 //!   5. *A storage reads only the master for `skew` after it is built*: it may start in the
 //!      middle of a change that other processes have not taken yet.
 //!   6. *The lists are recorded in the master* (collection `mcstore-server-lists`, one small
-//!      resource per list a storage takes, pruned past the entries' TTL): a storage started
-//!      after changes learns where its keys were before (its writes delete them there too,
-//!      as `ring::handover` does for a process's own changes) and, within `2 * skew` of the
-//!      last change, the list before it (its invalidations reach that list's servers, removed
-//!      ones too).
+//!      resource per list a storage takes, pruned past the entries' TTL), *and the flushes
+//!      of rule 4* (`mcstore-server-flushes`): a storage started after changes learns where
+//!      its keys were before (its writes delete them there too, as `ring::handover` does for
+//!      a process's own changes); within `2 * skew` of the last change, the list before it
+//!      (its invalidations reach that list's servers, removed ones too); the flushes still
+//!      owed (a storage that stopped before its flush); and when the last change was (its
+//!      next change waits `2 * skew` after it, as the others' do).
 //!
 //!   Changes are at least `2 * skew` apart, so the windows of one change close before the
 //!   next. The bound `skew` is an assumption the deployment keeps (a file or DNS polled
