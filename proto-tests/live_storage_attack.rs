@@ -15,125 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcstore::ring::Distribution;
-use mcstore::storage::{MemcacheStorage, MemoryStorage, ResourceInfo, Storage};
-use mcstore::{Client, ClientBuilder, Pool, ServerList};
+use mcstore::storage::{MemcacheStorage, MemoryStorage, Storage};
+use mcstore::Pool;
 use support::Memcached;
 
-fn builder(servers: &[&Memcached]) -> ClientBuilder {
-    support::client_builder()
-        .servers(servers.iter().map(|m| m.addr()))
-        .distribution(Distribution::Ketama)
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Pool,
-    Shared,
-}
-
-/// One "process": a storage following its own list.
-fn process(
-    kind: Kind,
-    servers: &[&Memcached],
-    master: &Arc<MemoryStorage>,
-    skew: Duration,
-) -> (MemcacheStorage, ServerList) {
-    let m = master.clone() as Arc<dyn Storage>;
-    match kind {
-        Kind::Pool => {
-            let pool = Pool::new(builder(servers), 2).unwrap();
-            let list = pool.server_list().clone();
-            let s = MemcacheStorage::builder(pool, m).follow_list(skew).build();
-            (s, list)
-        }
-        Kind::Shared => {
-            let c = builder(servers).shared().build().unwrap();
-            let list = c.server_list();
-            let s = MemcacheStorage::builder(c, m).follow_list(skew).build();
-            (s, list)
-        }
-    }
-}
-
-/// Waits until storages built at `built` are past their start (for `skew` after it is
-/// built, a storage that follows a list reads only the master: it may have started in the
-/// middle of a change), so that a scenario exercises their cache.
-fn settle(built: Instant, skew: Duration) {
-    support::wait_for("the storages' start", || built.elapsed() > skew);
-}
-
-/// Applies `servers` once the list takes a change again (changes are `2 * skew` apart).
-fn change(list: &ServerList, servers: &[&Memcached]) {
-    let addrs: Vec<String> = servers.iter().map(|m| m.addr()).collect();
-    let before = list.generation();
-    support::wait_for("the list to take the change", || {
-        list.set(&addrs).unwrap();
-        list.generation() > before
-    });
-}
-
-/// Where the ketama list `servers` puts the cache key of `info`'s content.
-fn owner(servers: &[&Memcached], info: &ResourceInfo) -> String {
-    let mut c: Client = builder(servers).build().unwrap();
-    let key = format!("{}:c", info.key);
-    c.server_for_key(key.as_bytes()).unwrap().to_string()
-}
-
-/// `n` resources of collection `coll` (created through `s`) whose content keys pass `pick`.
-fn resources(
-    s: &MemcacheStorage,
-    coll: &str,
-    n: usize,
-    mut pick: impl FnMut(&ResourceInfo) -> bool,
-) -> Vec<ResourceInfo> {
-    s.create_container(coll).unwrap();
-    let found: Vec<ResourceInfo> = (0..20_000)
-        .map(|i| s.info(coll, Some(&format!("r{i}"))).unwrap())
-        .filter(|info| pick(info))
-        .take(n)
-        .collect();
-    assert_eq!(found.len(), n, "not enough resources with that placement");
-    found
-}
-
-fn put(s: &MemcacheStorage, infos: &[ResourceInfo], v: &str) {
-    for info in infos {
-        s.put_content(info, v.into()).unwrap();
-    }
-}
-
-/// Reads every resource (twice: a miss fills, then a hit); the values that are not `want`.
-fn stale(s: &MemcacheStorage, infos: &[ResourceInfo], want: &str) -> Vec<String> {
-    let mut bad = Vec::new();
-    for round in 0..2 {
-        for info in infos {
-            let got = s.get_content(info).unwrap();
-            let got = String::from_utf8_lossy(&got).to_string();
-            if got != want {
-                bad.push(format!(
-                    "{:?}#{round}={got}",
-                    info.resource.as_deref().unwrap()
-                ));
-            }
-        }
-    }
-    bad
-}
-
-fn check(s: &MemcacheStorage, infos: &[ResourceInfo], want: &str, when: &str) {
-    let bad = stale(s, infos, want);
-    println!(
-        "{when}: {} of {} reads not {want:?}: {:?}",
-        bad.len(),
-        2 * infos.len(),
-        &bad[..bad.len().min(6)]
-    );
-    assert!(
-        bad.is_empty(),
-        "{when}: served {} superseded values",
-        bad.len()
-    );
-}
+#[path = "common/live_storage.rs"]
+mod common;
+use common::*;
 
 // ---------------------------------------------------------------------------------------
 // Finding 1: a server that takes keys whose previous owner left the list (a replaced
@@ -178,12 +66,11 @@ fn replaced_server(kind: Kind) {
         &bad[..bad.len().min(4)]
     );
     change(&list2, &[n, b, c]);
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p1 served values p2's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p1 served values p2's write superseded",
     );
     // Once n is flushed, both read it (and fill it) with what the master has.
     support::wait_for("n's flush", || {
@@ -240,12 +127,11 @@ fn owner_and_next_removed_at_once() {
         &bad[..bad.len().min(4)]
     );
     change(&list2, &rest);
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p1 served values p2's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p1 served values p2's write superseded",
     );
 }
 
@@ -362,12 +248,11 @@ fn a_process_started_during_an_addition_fills_what_the_lagging_process_does_not_
         &bad[..bad.len().min(4)]
     );
     change(&list2, &[a, b, c, n]);
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p3 served values p2's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p3 served values p2's write superseded",
     );
 }
 
@@ -402,12 +287,11 @@ fn a_process_started_after_a_removal_does_not_delete_where_the_lagging_process_r
         &bad[..bad.len().min(4)]
     );
     change(&list2, &[b, c]);
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p2 served values p3's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p2 served values p3's write superseded",
     );
 }
 
@@ -476,11 +360,10 @@ fn an_invalidation_with_its_owner_down_skips_the_previous_owner() {
         p1.pending_invalidations()
     );
     let _ = list2;
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p2 served values p1's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p2 served values p1's write superseded",
     );
 }

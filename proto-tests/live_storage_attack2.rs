@@ -12,124 +12,12 @@ use std::time::{Duration, Instant};
 
 use mcstore::ring::Distribution;
 use mcstore::storage::{MemcacheStorage, MemoryStorage, ResourceInfo, Storage};
-use mcstore::{Client, ClientBuilder, Pool, ServerList, ServerSpec};
+use mcstore::{Client, Pool, ServerSpec};
 use support::Memcached;
 
-fn builder(servers: &[&Memcached]) -> ClientBuilder {
-    support::client_builder()
-        .servers(servers.iter().map(|m| m.addr()))
-        .distribution(Distribution::Ketama)
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Pool,
-    Shared,
-}
-
-/// One "process": a storage following its own list.
-fn process(
-    kind: Kind,
-    servers: &[&Memcached],
-    master: &Arc<MemoryStorage>,
-    skew: Duration,
-) -> (MemcacheStorage, ServerList) {
-    let m = master.clone() as Arc<dyn Storage>;
-    match kind {
-        Kind::Pool => {
-            let pool = Pool::new(builder(servers), 2).unwrap();
-            let list = pool.server_list().clone();
-            let s = MemcacheStorage::builder(pool, m).follow_list(skew).build();
-            (s, list)
-        }
-        Kind::Shared => {
-            let c = builder(servers).shared().build().unwrap();
-            let list = c.server_list();
-            let s = MemcacheStorage::builder(c, m).follow_list(skew).build();
-            (s, list)
-        }
-    }
-}
-
-fn settle(built: Instant, skew: Duration) {
-    support::wait_for("the storages' start", || built.elapsed() > skew);
-}
-
-fn addrs(servers: &[&Memcached]) -> Vec<String> {
-    servers.iter().map(|m| m.addr()).collect()
-}
-
-/// Applies `servers` once the list takes a change again (changes are `2 * skew` apart).
-fn change(list: &ServerList, servers: &[&Memcached]) {
-    let addrs = addrs(servers);
-    let before = list.generation();
-    support::wait_for("the list to take the change", || {
-        list.set(&addrs).unwrap();
-        list.generation() > before
-    });
-}
-
-/// Where the ketama list `servers` puts the cache key of `info`'s content.
-fn owner(servers: &[&Memcached], info: &ResourceInfo) -> String {
-    let mut c: Client = builder(servers).build().unwrap();
-    let key = format!("{}:c", info.key);
-    c.server_for_key(key.as_bytes()).unwrap().to_string()
-}
-
-fn resources(
-    s: &MemcacheStorage,
-    coll: &str,
-    n: usize,
-    mut pick: impl FnMut(&ResourceInfo) -> bool,
-) -> Vec<ResourceInfo> {
-    s.create_container(coll).unwrap();
-    let found: Vec<ResourceInfo> = (0..20_000)
-        .map(|i| s.info(coll, Some(&format!("r{i}"))).unwrap())
-        .filter(|info| pick(info))
-        .take(n)
-        .collect();
-    assert_eq!(found.len(), n, "not enough resources with that placement");
-    found
-}
-
-fn put(s: &MemcacheStorage, infos: &[ResourceInfo], v: &str) {
-    for info in infos {
-        s.put_content(info, v.into()).unwrap();
-    }
-}
-
-/// Reads every resource (twice: a miss fills, then a hit); the values that are not `want`.
-fn stale(s: &MemcacheStorage, infos: &[ResourceInfo], want: &str) -> Vec<String> {
-    let mut bad = Vec::new();
-    for round in 0..2 {
-        for info in infos {
-            let got = s.get_content(info).unwrap();
-            let got = String::from_utf8_lossy(&got).to_string();
-            if got != want {
-                bad.push(format!(
-                    "{:?}#{round}={got}",
-                    info.resource.as_deref().unwrap()
-                ));
-            }
-        }
-    }
-    bad
-}
-
-fn check(s: &MemcacheStorage, infos: &[ResourceInfo], want: &str, when: &str) {
-    let bad = stale(s, infos, want);
-    println!(
-        "{when}: {} of {} reads not {want:?}: {:?}",
-        bad.len(),
-        2 * infos.len(),
-        &bad[..bad.len().min(6)]
-    );
-    assert!(
-        bad.is_empty(),
-        "{when}: served {} superseded values",
-        bad.len()
-    );
-}
+#[path = "common/live_storage.rs"]
+mod common;
+use common::*;
 
 // ---------------------------------------------------------------------------------------
 // Finding A: the flush of a taker is owed only in the memory of the storages that took the
@@ -370,11 +258,10 @@ fn a_weighted_unix_socket_in_the_history_is_read_back_as_another_server() {
         &bad[..bad.len().min(4)],
         p3.counters().cache_errors
     );
-    assert!(in_skew, "the test ran too slowly for its skew");
-    assert!(
-        bad.is_empty(),
-        "p2 served values p3's write superseded ({} of {} reads)",
-        bad.len(),
-        2 * infos.len()
+    expect_fresh(
+        in_skew,
+        &bad,
+        2 * infos.len(),
+        "p2 served values p3's write superseded",
     );
 }
