@@ -157,6 +157,12 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_err(format!("fsync {}", dir.display()), e))
 }
 
+/// Attempts at an invalidation record whose folder a replay keeps removing. Each costs a few
+/// syscalls; replays remove a folder only once it is empty, so a writer loses only a few
+/// rounds in a row, but a loaded machine (CI) once made a writer lose 100 against the race
+/// test's remover looping every 20 us.
+const MAX_RECORD_ATTEMPTS: u32 = 10_000;
+
 impl FsStorage {
     /// Opens (creating if needed) a storage rooted at `root`. A new root is made durable
     /// (its parent folder is fsynced). Temporary files left by a process that died during a
@@ -448,7 +454,7 @@ impl FsStorage {
                     if matches!(
                         e.kind(),
                         io::ErrorKind::NotFound | io::ErrorKind::AlreadyExists
-                    ) && attempts < 100 =>
+                    ) && attempts < MAX_RECORD_ATTEMPTS =>
                 {
                     attempts += 1
                 }
