@@ -287,6 +287,8 @@ pub struct Client {
     /// A write with copies' parts and batches, kept between calls (nothing allocated
     /// once warm).
     copy_scratch: copy_batch::CopyScratch,
+    /// The servers' smallest `item_size_max`, asked once by the first chunked store.
+    pub(crate) item_size: Option<usize>,
 }
 
 impl std::fmt::Debug for Client {

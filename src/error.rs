@@ -162,6 +162,11 @@ pub enum Error {
         /// The protocol the client speaks.
         protocol: Protocol,
     },
+    /// A value could not be encoded or decoded: its flags name a format or compression this
+    /// build does not have, its bytes do not decode, or it would expand past the configured
+    /// limit. Nothing partial is returned (see [`crate::codec`]).
+    #[error("value codec: {0}")]
+    Codec(String),
 }
 
 /// What kind of failure an [`Error`] is, to match on without its details.
@@ -198,6 +203,8 @@ pub enum ErrorKind {
     Unsupported,
     /// [`Error::PoolTimeout`].
     PoolTimeout,
+    /// [`Error::Codec`].
+    Codec,
 }
 
 impl Error {
@@ -235,6 +242,7 @@ impl Error {
             Error::Tls { .. } => ErrorKind::Tls,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::PoolTimeout(_) => ErrorKind::PoolTimeout,
+            Error::Codec(_) => ErrorKind::Codec,
         }
     }
 

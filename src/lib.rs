@@ -86,6 +86,7 @@ macro_rules! setters {
 
 mod addr;
 pub mod client;
+pub mod codec;
 mod command;
 mod conn;
 mod engine;

@@ -547,6 +547,7 @@ impl ClientBuilder {
             }),
             scratch: Scratch::new(),
             copy_scratch: Default::default(),
+            item_size: None,
         })
     }
 }

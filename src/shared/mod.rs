@@ -33,6 +33,7 @@ mod lend;
 mod multi;
 mod offload;
 mod round;
+pub(crate) use round::key_hash;
 mod timer;
 
 use crate::command::{run_with, CallSpec, Command, Op, Reply};
@@ -108,6 +109,7 @@ impl SharedClientBuilder {
         let inner = Inner {
             timeout,
             max_value: router.max_value(),
+            item_size: OnceLock::new(),
             namespace: Arc::clone(router.namespace_arc()),
             binary_keys: protocol.supports(Capability::BinaryKeys),
             protocol,
@@ -327,6 +329,8 @@ impl std::fmt::Debug for SharedClient {
 struct Inner {
     timeout: Duration,
     max_value: usize,
+    /// The servers' smallest `item_size_max`, asked once by the first chunked store.
+    item_size: OnceLock<usize>,
     namespace: Arc<[u8]>,
     binary_keys: bool,
     protocol: Protocol,
@@ -359,6 +363,16 @@ struct Inner {
 }
 
 impl SharedClient {
+    /// The largest value a call may store (the builder's `max_value_size`).
+    pub(crate) fn max_value_size(&self) -> usize {
+        self.inner.max_value
+    }
+
+    /// Where the servers' item size is kept once asked.
+    pub(crate) fn item_size_cell(&self) -> &OnceLock<usize> {
+        &self.inner.item_size
+    }
+
     /// The servers of its list now, as configured, in list order (see
     /// [`server_list`](Self::server_list)).
     pub fn servers(&self) -> Arc<[String]> {

@@ -167,7 +167,7 @@ impl Keys for ArenaKeys<'_> {
 pub(super) const NONE: u32 = u32::MAX;
 
 /// FNV-1a: distinct keys of a batch are found by hash, then compared.
-pub(super) fn key_hash(key: &[u8]) -> u64 {
+pub(crate) fn key_hash(key: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         h ^= u64::from(b);

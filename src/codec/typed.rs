@@ -1,0 +1,366 @@
+//! The typed and chunked calls of [`Client`] and [`SharedClient`]: thin loops over their byte
+//! calls, written once for both through [`Front`].
+
+use super::chunked::{item_capacity, Assembler, ChunkIndex};
+use super::{flags, merge_flags, Codec};
+use crate::client::{Client, ItemInfo, ItemRef, SetOptions};
+use crate::error::{Error, Result};
+use crate::shared::SharedClient;
+
+/// Item size assumed when no server answers `stats settings` (memcached's default).
+const DEFAULT_ITEM_SIZE_MAX: usize = 1024 * 1024;
+
+/// The byte calls the typed and chunked calls are made of.
+pub(crate) trait Front {
+    fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>>;
+    fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()>;
+    fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()>;
+    fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize>;
+    fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize>;
+    /// The largest value an item may hold on every server, less room for its key and header.
+    fn capacity(&mut self) -> usize;
+}
+
+impl Front for Client {
+    fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        self.get_into(key, buf)
+    }
+    fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        self.set(key, value, opts)
+    }
+    fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()> {
+        self.get_multi(keys, |_, item| found(item))
+    }
+    fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize> {
+        self.set_multi(items, opts)
+    }
+    fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
+        self.delete_multi(keys)
+    }
+    fn capacity(&mut self) -> usize {
+        let max_value = self.max_value();
+        let size = match self.item_size {
+            Some(s) => s,
+            None => {
+                let s = item_size_max(self.stats(Some("settings")));
+                self.item_size = Some(s);
+                s
+            }
+        };
+        item_capacity(size).min(max_value)
+    }
+}
+
+impl Front for &SharedClient {
+    fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        self.get_into(key, buf)
+    }
+    fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        self.set(key, value, opts)
+    }
+    fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()> {
+        self.get_multi(keys, |_, item| found(item))
+    }
+    fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize> {
+        self.set_multi(items, opts)
+    }
+    fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
+        self.delete_multi(keys)
+    }
+    fn capacity(&mut self) -> usize {
+        let size = *self
+            .item_size_cell()
+            .get_or_init(|| item_size_max(self.stats(Some("settings"))));
+        item_capacity(size).min(self.max_value_size())
+    }
+}
+
+/// The smallest `item_size_max` the servers report (memcached's default if none does).
+fn item_size_max(stats: Result<Vec<crate::client::ServerStats>>) -> usize {
+    stats
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.get("item_size_max")?.parse::<usize>().ok())
+        .min()
+        .unwrap_or(DEFAULT_ITEM_SIZE_MAX)
+}
+
+/// Encodes `value` for a typed store: its bytes and its flags (the codec's and `opts`').
+pub(crate) fn encode<T, C: Codec<T> + ?Sized>(
+    codec: &C,
+    value: &T,
+    opts: SetOptions,
+) -> Result<(Vec<u8>, SetOptions)> {
+    let mut bytes = Vec::new();
+    let f = codec.encode(value, &mut bytes)?;
+    Ok((bytes, opts.flags(merge_flags(f, opts.flags)?)))
+}
+
+/// Decodes what a typed read found.
+pub(crate) fn decode<T, C: Codec<T> + ?Sized>(
+    codec: &C,
+    found: Option<ItemInfo>,
+    bytes: &[u8],
+) -> Result<Option<T>> {
+    found.map(|i| codec.decode(bytes, i.flags)).transpose()
+}
+
+/// A chunked read (see [`super::chunked`]).
+pub(crate) fn get_chunked(
+    f: &mut impl Front,
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Option<ItemInfo>> {
+    out.clear();
+    let Some(info) = f.get_value(key, out)? else {
+        return Ok(None);
+    };
+    if info.flags & flags::CHUNKED == 0 {
+        return Ok(Some(info));
+    }
+    let index = ChunkIndex::parse(out)?;
+    out.clear();
+    let keys = index.chunk_keys(key);
+    let mut asm = Assembler::new(index, out);
+    let mut bad = None;
+    let r = f.get_many(&keys, &mut |item| {
+        if bad.is_none() {
+            bad = asm.place(item.value).err();
+        }
+    });
+    if let Some(e) = bad {
+        asm.abandon();
+        return Err(e);
+    }
+    if let Err(e) = r {
+        asm.abandon();
+        return Err(e);
+    }
+    // A chunk missing (evicted, expired): the value is gone, a miss.
+    Ok(asm.finish()?.then_some(ItemInfo {
+        flags: index.flags,
+        cas: None,
+    }))
+}
+
+/// A chunked store: chunks first, the index last, then the previous value's chunks deleted.
+pub(crate) fn set_chunked(
+    f: &mut impl Front,
+    key: &[u8],
+    value: &[u8],
+    opts: SetOptions,
+) -> Result<()> {
+    if opts.flags & flags::CHUNKED != 0 {
+        return Err(Error::Codec(format!(
+            "flags {:#x} use the chunked bit {:#x}",
+            opts.flags,
+            flags::CHUNKED
+        )));
+    }
+    let capacity = f.capacity();
+    let old = previous_chunks(f, key);
+    if value.len() <= capacity {
+        f.set_value(key, value, opts)?;
+    } else {
+        let index = ChunkIndex::plan(value, capacity, opts.flags);
+        let items: Vec<(Vec<u8>, Vec<u8>)> = index
+            .chunk_keys(key)
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k, index.chunk(value, i as u32)))
+            .collect();
+        // Chunks outlive their index by a second, so that an index never finds its chunks
+        // expired before itself (a relative TTL; an absolute one is left as it is).
+        let chunk_ttl = match opts.ttl {
+            t @ 1..=2_591_999 => t + 1,
+            t => t,
+        };
+        let stored = f.set_many(&items, SetOptions::default().ttl(chunk_ttl))?;
+        if stored != items.len() {
+            return Err(Error::Codec(format!(
+                "only {stored} of {} chunks were stored; the index was not written",
+                items.len()
+            )));
+        }
+        f.set_value(
+            key,
+            &index.encode(),
+            opts.flags(opts.flags | flags::CHUNKED),
+        )?;
+    }
+    if let Some(keys) = old {
+        // Best effort: chunks left behind expire or are evicted.
+        let _ = f.delete_many(&keys);
+    }
+    Ok(())
+}
+
+/// The chunk keys of what `key` holds now, if it is a chunked value.
+fn previous_chunks(f: &mut impl Front, key: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut buf = Vec::new();
+    match f.get_value(key, &mut buf) {
+        Ok(Some(i)) if i.flags & flags::CHUNKED != 0 => {
+            ChunkIndex::parse(&buf).ok().map(|ix| ix.chunk_keys(key))
+        }
+        _ => None,
+    }
+}
+
+/// Deletes a value and, if chunked, its chunks; whether it existed.
+pub(crate) fn delete_chunked(f: &mut impl Front, key: &[u8]) -> Result<bool> {
+    let old = previous_chunks(f, key);
+    let existed = f.delete_many(&[key.to_vec()])? == 1;
+    if let Some(keys) = old {
+        let _ = f.delete_many(&keys);
+    }
+    Ok(existed)
+}
+
+/// Typed and chunked calls (module [`crate::codec`]).
+impl Client {
+    /// Gets a value and decodes it with `codec`. `None` on a miss.
+    ///
+    /// ```no_run
+    /// # fn main() -> mcstore::Result<()> {
+    /// use mcstore::codec::{Compressed, Compression, Compressor, Text};
+    /// let mut client = mcstore::Client::builder().server("127.0.0.1:11211").build()?;
+    /// client.set_as(&Text, b"greeting", &"hello".to_string(), Default::default())?;
+    /// assert_eq!(client.get_as(&Text, b"greeting")?.as_deref(), Some("hello"));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get`](Self::get); [`Error::Codec`] if the value is not `codec`'s.
+    pub fn get_as<T, C: Codec<T> + ?Sized>(&mut self, codec: &C, key: &[u8]) -> Result<Option<T>> {
+        let mut buf = Vec::new();
+        let found = self.get_into(key, &mut buf)?;
+        decode(codec, found, &buf)
+    }
+
+    /// Encodes `value` with `codec` and stores it. `opts.flags` may use the high 16 bits
+    /// (the codec owns the low 16: [`flags::CODEC_MASK`]).
+    ///
+    /// # Errors
+    /// As [`set`](Self::set); [`Error::Codec`] if the value does not encode or the flags
+    /// overlap the codec's.
+    pub fn set_as<T, C: Codec<T> + ?Sized>(
+        &mut self,
+        codec: &C,
+        key: &[u8],
+        value: &T,
+        opts: SetOptions,
+    ) -> Result<()> {
+        let (bytes, opts) = encode(codec, value, opts)?;
+        self.set(key, &bytes, opts)
+    }
+
+    /// Gets a value stored by [`set_chunked`](Self::set_chunked), chunked or not, into
+    /// `out`. A chunked value is read with one more request (a multi-get of its chunks);
+    /// one of its chunks missing is a miss.
+    ///
+    /// # Errors
+    /// As [`get_multi`](Self::get_multi); [`Error::Codec`] if the chunks do not match their
+    /// index (see [`crate::codec::chunked`]).
+    pub fn get_chunked(&mut self, key: &[u8], out: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        get_chunked(self, key, out)
+    }
+
+    /// Stores a value of any size: as it is if it fits the servers' item size
+    /// (`stats settings`, asked once), else as chunks and an index written last, so that
+    /// readers see the old value or the new one, never a mix. A chunked value the key held
+    /// before has its chunks deleted.
+    ///
+    /// # Errors
+    /// As [`set_multi`](Self::set_multi); [`Error::Codec`] if a chunk was not stored (the
+    /// index is then not written) or `opts.flags` has [`flags::CHUNKED`].
+    pub fn set_chunked(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        set_chunked(self, key, value, opts)
+    }
+
+    /// Deletes a value and, if it is chunked, its chunks. Errors as [`delete`](Self::delete).
+    pub fn delete_chunked(&mut self, key: &[u8]) -> Result<bool> {
+        delete_chunked(self, key)
+    }
+}
+
+/// Typed and chunked calls (module [`crate::codec`]), blocking and async.
+impl SharedClient {
+    /// [`Client::get_as`], on `&self`.
+    ///
+    /// # Errors
+    /// As [`Client::get_as`].
+    pub fn get_as<T, C: Codec<T> + ?Sized>(&self, codec: &C, key: &[u8]) -> Result<Option<T>> {
+        let mut buf = Vec::new();
+        let found = self.get_into(key, &mut buf)?;
+        decode(codec, found, &buf)
+    }
+
+    /// [`Client::set_as`], on `&self`.
+    ///
+    /// # Errors
+    /// As [`Client::set_as`].
+    pub fn set_as<T, C: Codec<T> + ?Sized>(
+        &self,
+        codec: &C,
+        key: &[u8],
+        value: &T,
+        opts: SetOptions,
+    ) -> Result<()> {
+        let (bytes, opts) = encode(codec, value, opts)?;
+        self.set(key, &bytes, opts)
+    }
+
+    /// [`get_as`](Self::get_as), as a future.
+    ///
+    /// # Errors
+    /// As [`Client::get_as`].
+    pub async fn get_as_async<T, C: Codec<T> + ?Sized>(
+        &self,
+        codec: &C,
+        key: &[u8],
+    ) -> Result<Option<T>> {
+        let mut buf = Vec::new();
+        let found = self.get_into_async(key, &mut buf).await?;
+        decode(codec, found, &buf)
+    }
+
+    /// [`set_as`](Self::set_as), as a future.
+    ///
+    /// # Errors
+    /// As [`Client::set_as`].
+    pub async fn set_as_async<T, C: Codec<T> + ?Sized>(
+        &self,
+        codec: &C,
+        key: &[u8],
+        value: &T,
+        opts: SetOptions,
+    ) -> Result<()> {
+        let (bytes, opts) = encode(codec, value, opts)?;
+        self.set_async(key, &bytes, opts).await
+    }
+
+    /// [`Client::get_chunked`], on `&self`.
+    ///
+    /// # Errors
+    /// As [`Client::get_chunked`].
+    pub fn get_chunked(&self, key: &[u8], out: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        get_chunked(&mut &*self, key, out)
+    }
+
+    /// [`Client::set_chunked`], on `&self`.
+    ///
+    /// # Errors
+    /// As [`Client::set_chunked`].
+    pub fn set_chunked(&self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+        set_chunked(&mut &*self, key, value, opts)
+    }
+
+    /// [`Client::delete_chunked`], on `&self`.
+    ///
+    /// # Errors
+    /// As [`Client::delete`].
+    pub fn delete_chunked(&self, key: &[u8]) -> Result<bool> {
+        delete_chunked(&mut &*self, key)
+    }
+}
