@@ -24,6 +24,8 @@
 //! | `postgres` | `storage::PgStorage` | `tokio-postgres`, `tokio` (a small runtime per connection) |
 //! | `metrics` | counters and histograms through the `metrics` facade | `metrics` |
 //! | `tracing` | a span per call, events for connects, ejections, replays | `tracing` |
+//! | `serde` | typed values: [`codec::Postcard`], [`codec::Json`] | `serde`, `postcard`, `serde_json` |
+//! | `lz4`, `zstd`, `zlib` (all three: `compression`) | compressed values ([`codec::Compressor`]) | `lz4_flex`; `zstd` (builds C); `flate2` (pure Rust) |
 //!
 //! No feature is on by default: the library alone is pure code (no runtime, no C compiler, no
 //! database). The `mcstore` command-line tool is its own crate, `mcstore-cli` (`cli/`).
@@ -36,6 +38,8 @@
 //! - [`storage`]: the storage layer, built on the clients: the [`storage::Storage`] trait,
 //!   the masters, and [`storage::MemcacheStorage`] (fills with leases or markers, a durable
 //!   invalidation log, the never-stale argument in its docs).
+//! - [`codec`]: typed values, compression and values over the item limit, a layer above the
+//!   byte calls (which never run a codec).
 //! - [`client`]: [`Client`] (one caller, `&mut self`, blocking), its value types
 //!   ([`Item`], [`SetOptions`], [`CasResult`] ...), [`ClientBuilder`] and [`Pool`].
 //! - `shared` (internal; its types are re-exported): [`SharedClient`], one engine per server
