@@ -130,6 +130,7 @@ fn storage(
     servers: &str,
     replicas: usize,
     file: Option<(&Path, Duration)>,
+    chunked: bool,
 ) -> (MemcacheStorage, Option<Following>) {
     let servers = match file {
         Some((f, _)) => std::fs::read_to_string(f).unwrap().trim().to_string(),
@@ -147,7 +148,17 @@ fn storage(
     let pool = Pool::new(builder, 2).unwrap();
     let list = pool.server_list().clone();
     let Some((file, every)) = file else {
-        return (MemcacheStorage::new(pool, master_storage(master)), None);
+        let mut b = MemcacheStorage::builder(pool, master_storage(master));
+        if chunked {
+            // Content (4 KB, hardly compressible) over 1,000 bytes: cached as 4-5 chunks.
+            b = b.max_item_size(1000).chunked_values(1 << 20);
+            #[cfg(feature = "lz4")]
+            {
+                use mcstore::codec::{Compression, Compressor};
+                b = b.compression(Compressor::new(Compression::Lz4));
+            }
+        }
+        return (b.build(), None);
     };
     let s = MemcacheStorage::builder(pool, master_storage(master))
         .follow_list(SKEW)
@@ -171,11 +182,45 @@ fn published(state: &Path, i: usize) -> u64 {
 }
 
 fn version(content: &[u8]) -> u64 {
-    std::str::from_utf8(content)
-        .ok()
-        .and_then(|s| s.strip_prefix('v'))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected content {content:?}"))
+    let parsed = std::str::from_utf8(content).ok().and_then(|s| {
+        let s = s.strip_prefix('v')?;
+        // Chunked runs pad the version (`v12;` and filler that is checked too).
+        match s.split_once(';') {
+            Some((v, pad)) => {
+                let v = v.parse().ok()?;
+                (pad.as_bytes() == padding(v).as_slice()).then_some(v)
+            }
+            None => s.parse().ok(),
+        }
+    });
+    parsed.unwrap_or_else(|| {
+        panic!(
+            "unexpected content {:?}",
+            content.escape_ascii().to_string()
+        )
+    })
+}
+
+/// Version `v`'s content: `v12`, or in a chunked run `v12;` and 4 KB of filler that
+/// depends on the version (so that a mix of two versions' chunks is caught).
+fn content(v: u64, chunked: bool) -> String {
+    match chunked {
+        false => format!("v{v}"),
+        true => format!("v{v};{}", String::from_utf8(padding(v)).unwrap()),
+    }
+}
+
+/// Pseudo-random letters from `v` (lz4 cannot shrink them below the chunk size).
+fn padding(v: u64) -> Vec<u8> {
+    let mut x = v.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..4000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
 }
 
 /// A writer or reader process (run by `chaos` through the environment).
@@ -203,11 +248,13 @@ fn chaos_child() {
     let state = PathBuf::from(state);
     let until = Duration::from_millis(until.parse().unwrap());
     let epoch = std::time::UNIX_EPOCH;
+    let chunked = std::env::var_os("CHAOS_CHUNKED").is_some();
     let (s, _following) = storage(
         &master,
         &servers,
         replicas.parse().unwrap(),
         file.as_deref().map(|f| (f, every)),
+        chunked,
     );
     let trace = std::env::var_os("CHAOS_TRACE").is_some();
     let (mut ops, mut stale, mut failed, mut refused) = (0u64, 0u64, 0u64, 0u64);
@@ -236,7 +283,7 @@ fn chaos_child() {
                 let v = next[k];
                 let started = epoch.elapsed().unwrap().as_millis();
                 let before = master_faults(&state);
-                let r = s.put_content(&info, format!("v{v}").as_str().into());
+                let r = s.put_content(&info, content(v, chunked).as_str().into());
                 let after = master_faults(&state);
                 match r {
                     Ok(()) => {
@@ -251,6 +298,26 @@ fn chaos_child() {
                         std::fs::write(&tmp, v.to_string()).unwrap();
                         std::fs::rename(&tmp, state.join(resource(i))).unwrap();
                         ops += 1;
+                        // In a chunked run writers read back too, so that a writer killed
+                        // may die in a fill, between its chunks and its index.
+                        if chunked {
+                            match s.get_content(&info) {
+                                Ok(c) if version(&c) < v => {
+                                    stale += 1;
+                                    eprintln!(
+                                        "STALE read-back {} v{} after v{v}",
+                                        resource(i),
+                                        version(&c)
+                                    );
+                                }
+                                Ok(_) => {}
+                                Err(_) if overlapped(before, master_faults(&state)) => refused += 1,
+                                Err(e) => {
+                                    eprintln!("FAILED read-back {}: {e}", resource(i));
+                                    failed += 1;
+                                }
+                            }
+                        }
                     }
                     Err(_) if overlapped(before, after) => refused += 1,
                     Err(e) => {
@@ -292,7 +359,11 @@ fn chaos_child() {
             }
         }
     }
-    println!("RESULT ops={ops} stale={stale} failed={failed} refused={refused}");
+    let c = s.counters();
+    println!(
+        "RESULT ops={ops} stale={stale} failed={failed} refused={refused} chunked_hits={} chunked_fills={}",
+        c.chunked_hits, c.chunked_fills
+    );
 }
 
 /// What the children of one run share.
@@ -304,12 +375,17 @@ struct Run<'a> {
     per_writer: usize,
     /// The servers file the children follow, with a changing list.
     servers_file: Option<&'a Path>,
+    /// Content over the item size, compressed and cached as chunks.
+    chunked: bool,
 }
 
 fn spawn(role: &str, master: &str, run: &Run<'_>) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     if let Some(f) = run.servers_file {
         cmd.env("CHAOS_SERVERS_FILE", f);
+    }
+    if run.chunked {
+        cmd.env("CHAOS_CHUNKED", "1");
     }
     cmd.args([
         "--exact",
@@ -331,8 +407,16 @@ fn spawn(role: &str, master: &str, run: &Run<'_>) -> Child {
     .unwrap()
 }
 
+/// A child's `(ops, stale, failed, refused)`.
+type Counts = (u64, u64, u64, u64);
+
 /// `(ops, stale, failed, refused)` from a child's last line; `None` if it was killed.
-fn result(child: Child) -> Option<(u64, u64, u64, u64)> {
+fn result(child: Child) -> Option<Counts> {
+    result_with_chunks(child).map(|(r, _)| r)
+}
+
+/// [`result`] and the child's `(chunked_hits, chunked_fills)`.
+fn result_with_chunks(child: Child) -> Option<(Counts, (u64, u64))> {
     let out = child.wait_with_output().unwrap();
     // The harness prints the test's name on the same line first.
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -347,10 +431,13 @@ fn result(child: Child) -> Option<(u64, u64, u64, u64)> {
             .unwrap()
     };
     Some((
-        field("ops"),
-        field("stale"),
-        field("failed"),
-        field("refused"),
+        (
+            field("ops"),
+            field("stale"),
+            field("failed"),
+            field("refused"),
+        ),
+        (field("chunked_hits"), field("chunked_fills")),
     ))
 }
 
@@ -362,7 +449,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn chaos() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000, 1, false);
+    run(&Master::Fs(master.path.clone()), 10_000, 1, false, false);
 }
 
 /// The same with a server list that changes (#28; see the module docs).
@@ -370,7 +457,18 @@ fn chaos() {
 fn chaos_membership() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000, 1, true);
+    run(&Master::Fs(master.path.clone()), 10_000, 1, true, false);
+}
+
+/// The same with content over the item size, compressed (lz4) and cached as chunks (#30):
+/// writers read back what they wrote, so that the writers killed die in fills too, between
+/// a fill's chunks and its index.
+#[cfg(feature = "lz4")]
+#[test]
+fn chaos_chunked() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let master = TempDir::new("mcstore-chaos-master");
+    run(&Master::Fs(master.path.clone()), 2_000, 1, false, true);
 }
 
 /// The same with two copies of each key (#27).
@@ -378,7 +476,7 @@ fn chaos_membership() {
 fn chaos_replicas() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let master = TempDir::new("mcstore-chaos-master");
-    run(&Master::Fs(master.path.clone()), 10_000, 2, false);
+    run(&Master::Fs(master.path.clone()), 10_000, 2, false, false);
 }
 
 /// The same with a PostgreSQL master (#17): the outbox replaces the journal folder.
@@ -395,6 +493,7 @@ fn chaos_postgres() {
         },
         1_000,
         1,
+        false,
         false,
     );
 }
@@ -503,7 +602,7 @@ fn change_members(members: &mut Vec<usize>, left: &mut Vec<usize>, all: usize, r
 /// Runs the processes and faults against `master`, with `replicas` copies of each key (and
 /// with `membership`, a list that changes: see the module docs); at least `min_reads` reads
 /// must happen.
-fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool) {
+fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool, chunked: bool) {
     let state = TempDir::new("mcstore-chaos-state");
     let count = if membership { 5 } else { 3 };
     let mut servers: Vec<Memcached> = (0..count).map(|_| Memcached::start()).collect();
@@ -524,11 +623,12 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool) {
     };
     let url = master.url(false);
     {
-        let (s, _following) = storage(&url, &list, replicas, file.map(|f| (f, SKEW)));
+        let (s, _following) = storage(&url, &list, replicas, file.map(|f| (f, SKEW)), chunked);
         s.create_container("c").unwrap();
         for i in 0..WRITERS * per_writer {
             let info = s.info("c", Some(&resource(i))).unwrap();
-            s.put_content(&info, "v0".into()).unwrap();
+            s.put_content(&info, content(0, chunked).as_str().into())
+                .unwrap();
         }
     }
     let run = Duration::from_secs(match membership {
@@ -545,6 +645,7 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool) {
         replicas,
         per_writer,
         servers_file: file,
+        chunked,
     };
     let writer = |w: usize| spawn(&format!("writer{w}"), &url, &children);
     let mut writers: Vec<Child> = (0..WRITERS).map(writer).collect();
@@ -673,20 +774,32 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool) {
         .map(|i| published(&state.path, i))
         .sum();
     let (mut reads, mut stale) = (0u64, 0u64);
+    let (mut chunked_hits, mut chunked_fills) = (0u64, 0u64);
     for r in readers {
-        let (ops, s, f, x) = result(r).expect("a reader finishes its run");
+        let ((ops, s, f, x), (h, fills)) =
+            result_with_chunks(r).expect("a reader finishes its run");
+        chunked_hits += h;
+        chunked_fills += fills;
         reads += ops;
         stale += s;
         failed += f;
         refused += x;
     }
     println!(
-        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused} replicas={replicas}{}",
+        "CHAOS master={} processes={spawned} reads={reads} writes={writes} faults={faults} stale={stale} failed={failed} refused={refused} replicas={replicas}{}{}",
         master.name(),
         match membership {
             true => format!(" list_changes={list_changes}"),
             false => String::new(),
+        },
+        match chunked {
+            true => format!(" chunked=lz4 chunked_hits={chunked_hits} chunked_fills={chunked_fills}"),
+            false => String::new(),
         }
+    );
+    assert!(
+        !chunked || chunked_hits > 0,
+        "no read was served from chunks"
     );
     assert_eq!((stale, failed), (0, 0), "stale or failed calls");
     // No lost write: the master holds every version a put returned for (or the next, when a

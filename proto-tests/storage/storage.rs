@@ -135,6 +135,43 @@ fn subjects() -> Vec<Subject> {
             _keep: vec![Box::new(mc2)],
         },
     ];
+    // Compressed and chunked entries: content over 1,000 bytes (most of the concurrent
+    // run's) is cached as chunks, on both fronts and with leases.
+    #[cfg(all(feature = "lz4", feature = "zstd"))]
+    for (name, p, shared, algo) in [
+        (
+            "memcache over fs, lz4, chunks over 1000 bytes",
+            Protocol::Text,
+            false,
+            mcstore::codec::Compression::Lz4,
+        ),
+        (
+            "memcache over fs, shared client, meta leases, zstd, chunks over 1000 bytes",
+            Protocol::Meta,
+            true,
+            mcstore::codec::Compression::Zstd { level: 1 },
+        ),
+    ] {
+        let dir = TempDir::new("mcstore-master-chunked");
+        let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
+        let mc = Memcached::start();
+        let cache: mcstore::storage::CacheClients = if shared {
+            shared_with(&mc, p).into()
+        } else {
+            pool_with(&mc, p).into()
+        };
+        let storage = MemcacheStorage::builder(cache, master)
+            .max_item_size(1000)
+            .chunked_values(8 << 20)
+            .compression(mcstore::codec::Compressor::new(algo).min_size(200))
+            .build();
+        subjects.push(Subject {
+            name,
+            storage: Arc::new(storage),
+            large_ok: true,
+            _keep: vec![Box::new(dir), Box::new(mc)],
+        });
+    }
     #[cfg(feature = "postgres")]
     {
         let pg = support::postgres::Postgres::start();
@@ -2714,4 +2751,106 @@ fn zones_write_only_pool() {
 #[test]
 fn zones_write_only_shared() {
     zones_write_only(true);
+}
+
+/// #30: content compressed and cached as chunks (4 MiB over a 1 MiB item size), the
+/// counters that show it, damaged chunks served by the master (never a wrong value), and
+/// entries read by a storage with other settings.
+#[cfg(all(feature = "lz4", feature = "zstd"))]
+#[test]
+fn compressed_and_chunked_entries() {
+    use mcstore::codec::{Compression, Compressor};
+    for (p, shared) in [
+        (Protocol::Text, false),
+        (Protocol::Binary, true),
+        (Protocol::Meta, false),
+        (Protocol::Meta, true),
+    ] {
+        let mc = Memcached::with_args(&["-I", "1m"]);
+        let dir = TempDir::new("mcstore-master-values");
+        let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
+        let cache = |p| -> mcstore::storage::CacheClients {
+            match shared {
+                true => shared_with(&mc, p).into(),
+                false => pool_with(&mc, p).into(),
+            }
+        };
+        let s = MemcacheStorage::builder(cache(p), master.clone())
+            .compression(Compressor::new(Compression::Lz4))
+            .chunked_values(16 << 20)
+            .build();
+        s.create_container("docs").unwrap();
+        // A compressible document, and 4 MiB that lz4 cannot shrink below the item size.
+        let doc = "<entry><title>t</title><content>lorem ipsum</content></entry>\n".repeat(300);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 | (p as u64 + 1);
+        let big: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let d = s.info("docs", Some("doc.xml")).unwrap();
+        let b = s.info("docs", Some("big.bin")).unwrap();
+        s.put_content(&d, doc.as_str().into()).unwrap();
+        s.put_content(&b, (&big).into()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(&s.get_content(&d).unwrap()[..], doc.as_bytes());
+            assert!(s.get_content(&b).unwrap()[..] == big[..]);
+        }
+        let c = s.counters();
+        println!(
+            "{p:?} shared={shared}: {c:?} hit ratio {:.2}",
+            c.hit_ratio()
+        );
+        assert!(
+            c.compressed_fills >= 1 && c.bytes_saved > doc.len() as u64 / 2,
+            "{c:?}"
+        );
+        assert!(c.chunked_fills >= 1 && c.chunked_hits >= 2, "{c:?}");
+        assert!(c.hit_ratio() > 0.5);
+        // A new version replaces it: never the old one.
+        let big2: Vec<u8> = big.iter().map(|v| v ^ 0xff).collect();
+        s.put_content(&b, (&big2).into()).unwrap();
+        assert!(s.get_content(&b).unwrap()[..] == big2[..]);
+        assert!(s.get_content(&b).unwrap()[..] == big2[..]);
+        // A chunk gone or damaged: the master serves, then the entry is filled again.
+        let mut raw = mc.client();
+        let mut chunk_keys = Vec::new();
+        raw.dump_keys(&mc.addr(), |k, _| {
+            if k.starts_with(b"mcstore-chunk:") {
+                chunk_keys.push(k.to_vec());
+            }
+        })
+        .unwrap();
+        assert!(chunk_keys.len() >= 5, "{} chunks", chunk_keys.len());
+        for k in &chunk_keys {
+            if let Some(item) = raw.get(k).unwrap() {
+                let mut v = item.value;
+                let n = v.len();
+                v[n / 2] ^= 1;
+                raw.set(k, &v, SetOptions::default()).unwrap();
+            }
+        }
+        let errors = s.counters().cache_errors;
+        let reads = s.counters().master_reads;
+        assert!(s.get_content(&b).unwrap()[..] == big2[..]);
+        assert_eq!(
+            s.counters().cache_errors,
+            errors + 1,
+            "the damage is counted"
+        );
+        assert_eq!(s.counters().master_reads, reads + 1);
+        assert!(s.get_content(&b).unwrap()[..] == big2[..]);
+        assert!(s.get_content(&b).unwrap()[..] == big2[..]);
+        assert!(s.counters().chunked_fills >= 3);
+        // A storage without compression or chunks reads the compressed entry (the flags
+        // name the algorithm), and serves chunked content from its chunks too.
+        drop(s);
+        let plain = MemcacheStorage::new(cache(p), master.clone());
+        assert_eq!(&plain.get_content(&d).unwrap()[..], doc.as_bytes());
+        assert!(plain.get_content(&b).unwrap()[..] == big2[..]);
+        assert_eq!(plain.counters().master_reads, 0, "{:?}", plain.counters());
+    }
 }

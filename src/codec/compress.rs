@@ -472,6 +472,7 @@ mod tests {
     use crate::codec::{Raw, Text};
 
     fn algos() -> Vec<Compression> {
+        #[allow(unused_mut)]
         let mut v = vec![Compression::None];
         #[cfg(feature = "lz4")]
         v.push(Compression::Lz4);

@@ -59,6 +59,7 @@ pub use compress::ZstdDictionary;
 pub use compress::{Compressed, Compression, Compressor};
 #[cfg(feature = "serde")]
 pub use serde_codecs::{Json, Postcard};
+pub(crate) use typed::Front;
 
 use crate::error::{Error, Result};
 

@@ -28,6 +28,26 @@ pub struct StorageCounters {
     pub replayed: u64,
     /// Pipelined delete batches replays sent (each of at most 1,000 keys).
     pub replay_batches: u64,
+    /// Fills that stored compressed content (a subset of `fills`).
+    pub compressed_fills: u64,
+    /// Bytes compression kept out of the cache, over all compressed fills.
+    pub bytes_saved: u64,
+    /// Fills that stored content as chunks (a subset of `fills`).
+    pub chunked_fills: u64,
+    /// Hits served from chunks (a subset of `hits`).
+    pub chunked_hits: u64,
+}
+
+impl StorageCounters {
+    /// Hits over reads that looked in the cache (`hits / (hits + misses)`), 0 before any.
+    pub fn hit_ratio(&self) -> f64 {
+        let looked = self.hits + self.misses;
+        if looked == 0 {
+            0.0
+        } else {
+            self.hits as f64 / looked as f64
+        }
+    }
 }
 
 /// Counts one event, in the storage's counters and as metric `name`.

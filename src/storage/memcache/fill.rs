@@ -11,7 +11,8 @@ use crate::engine::ServerInstance;
 use crate::storage::{Part, ResourceInfo, Result, Storage};
 
 use super::counters::bump;
-use super::keys::{FLAG_FILLING, FLAG_TOO_LARGE, FLAG_VALUE};
+use super::entry::{Entry, Found};
+use super::keys::{FLAG_FILLING, FLAG_TOO_LARGE};
 use super::{CacheClients, Shared};
 
 /// Keys remembered as stuck (a filler that never filled) before the oldest are dropped.
@@ -23,6 +24,9 @@ const FILL_POLL: Duration = Duration::from_millis(2);
 /// The result of looking a key up in the cache.
 enum Lookup {
     Hit(Bytes),
+    /// The index of chunked content (and its compression bits): its chunks are read with
+    /// no client held.
+    Chunked(crate::codec::chunked::ChunkIndex, u32),
     /// Not cached; if we own the fill, the CAS unique of our filling marker.
     Miss(Option<u64>),
     /// Do not fill (too large, or another reader did not finish in time).
@@ -134,6 +138,16 @@ impl Shared {
                 bump(&self.counters.hits, "mcstore_storage_hits_total");
                 Ok(v)
             }
+            Lookup::Chunked(index, bits) => match self.read_chunks(&key, index, bits) {
+                Some(v) => {
+                    bump(&self.counters.hits, "mcstore_storage_hits_total");
+                    Ok(v)
+                }
+                None => {
+                    bump(&self.counters.misses, "mcstore_storage_misses_total");
+                    self.master_get(m, info, part)
+                }
+            },
             Lookup::Master | Lookup::Wait => {
                 bump(&self.counters.misses, "mcstore_storage_misses_total");
                 self.master_get(m, info, part)
@@ -145,16 +159,25 @@ impl Shared {
                     return value;
                 };
                 // Our marker or lease, on the server the lookup used: fill it, or drop it if
-                // the master has nothing, so nobody waits for it. A client is checked out
-                // again for this.
+                // the master has nothing, so nobody waits for it. The entry (and any chunks)
+                // is made first, with no client held; a client is checked out again for the
+                // fill.
                 let server = instance.server();
+                let entry = value.as_ref().ok().map(|v| self.encode_entry(&key, v));
                 let mut held = None;
-                let Some(c) = self.client_on(&mut held, server) else {
-                    return value;
+                let stored = match self.client_on(&mut held, server) {
+                    None => false,
+                    Some(c) => match &entry {
+                        Some(entry) => self.fill(c, &key, cas, instance, entry),
+                        None => {
+                            self.drop_entry(c, &key, server);
+                            false
+                        }
+                    },
                 };
-                match &value {
-                    Ok(v) => self.fill(c, &key, cas, instance, v),
-                    Err(_) => self.drop_entry(c, &key, server),
+                drop(held);
+                if let (false, Some(entry)) = (stored, &entry) {
+                    self.delete_chunks(&entry.chunks);
                 }
                 value
             }
@@ -183,8 +206,14 @@ impl Shared {
         let mut buf = Vec::new();
         for (k, server) in order.iter().enumerate() {
             match s.get_on(server, key.as_bytes(), &mut buf) {
-                Ok(Some(info)) if info.flags == FLAG_VALUE => return Some(Bytes::from(buf)),
-                Ok(_) => return None,
+                Ok(Some(info)) => {
+                    return match self.decode_entry(info.flags, buf) {
+                        Found::Content(v) => Some(v),
+                        Found::Chunked(index, bits) => self.read_chunks(key, index, bits),
+                        Found::Other(_) => None,
+                    }
+                }
+                Ok(None) => return None,
                 // Counted when the next copy is tried; the last server's error is left to
                 // the full lookup, which meets it again.
                 Err(e) if k + 1 < order.len() => self.cache_failed(&e),
@@ -237,20 +266,24 @@ impl Shared {
             None => Lookup::Miss(None),
             Some(i) if i.lease == Lease::Won => Lookup::Miss(Some(i.cas)),
             Some(i) if i.lease == Lease::AlreadyWon || i.stale => Lookup::Wait,
-            Some(i) if i.flags == FLAG_VALUE => Lookup::Hit(Bytes::from(value)),
-            Some(_) => Lookup::Master,
+            Some(i) => match self.decode_entry(i.flags, value) {
+                Found::Content(v) => Lookup::Hit(v),
+                Found::Chunked(index, bits) => Lookup::Chunked(index, bits),
+                Found::Other(_) => Lookup::Master,
+            },
         })
     }
 
     fn found(&self, flags: u32, value: Vec<u8>) -> Result<Lookup> {
-        match flags {
-            FLAG_VALUE => Ok(Lookup::Hit(Bytes::from(value))),
-            FLAG_TOO_LARGE => Ok(Lookup::Master),
+        Ok(match self.decode_entry(flags, value) {
+            Found::Content(v) => Lookup::Hit(v),
+            Found::Chunked(index, bits) => Lookup::Chunked(index, bits),
             // Another reader is filling.
-            FLAG_FILLING => Ok(Lookup::Wait),
-            // Not written by us: treat as absent, and do not overwrite it.
-            _ => Ok(Lookup::Master),
-        }
+            Found::Other(FLAG_FILLING) => Lookup::Wait,
+            // "Read the master", or not written by us (treat as absent, do not overwrite it),
+            // or content that does not decode (counted).
+            Found::Other(_) => Lookup::Master,
+        })
     }
 
     /// Stores `value` in place of our filling marker, unless a writer got there first.
@@ -260,16 +293,25 @@ impl Shared {
     /// another reader's newer marker, which would store our older value over it for good.
     /// On another instance the key is deleted instead (whatever it holds is at worst a
     /// marker: its filler's `cas` then fails, and the next reader fills).
-    fn fill(&self, c: &mut Client, key: &str, cas: u64, instance: ServerInstance, value: &[u8]) {
-        let (data, flags): (&[u8], u32) = if value.len() <= self.settings.max_item_size {
-            (value, FLAG_VALUE)
-        } else {
-            (b"", FLAG_TOO_LARGE)
-        };
-        let opts = SetOptions::default().flags(flags).ttl(self.settings.ttl);
-        match self.cas_on(c, key, cas, instance, data, opts) {
-            Some(Ok(CasResult::Stored)) if flags == FLAG_VALUE => {
-                bump(&self.counters.fills, "mcstore_storage_fills_total")
+    ///
+    /// Whether the entry was stored (if not, its chunks are the caller's to delete, once it
+    /// holds no client).
+    fn fill(
+        &self,
+        c: &mut Client,
+        key: &str,
+        cas: u64,
+        instance: ServerInstance,
+        entry: &Entry,
+    ) -> bool {
+        let opts = SetOptions::default()
+            .flags(entry.flags)
+            .ttl(self.settings.ttl);
+        match self.cas_on(c, key, cas, instance, &entry.data, opts) {
+            Some(Ok(CasResult::Stored)) if entry.flags == FLAG_TOO_LARGE => return true,
+            Some(Ok(CasResult::Stored)) => {
+                self.count_fill(entry);
+                return true;
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
@@ -289,6 +331,7 @@ impl Shared {
             }
             None => self.drop_entry(c, key, instance.server()),
         }
+        false
     }
 
     /// `cas` on the server that gave the unique if it is still that `instance` and still

@@ -23,6 +23,9 @@ pub(super) const FLAG_VALUE: u32 = 0x4d43_0000;
 pub(super) const FLAG_FILLING: u32 = 0x4d43_0001;
 /// A "read the master" marker: content too large, or refused by the server.
 pub(super) const FLAG_TOO_LARGE: u32 = 0x4d43_0002;
+/// The index of content stored as chunks (see `entry`). Content and index entries carry
+/// their compression's bits ([`crate::codec::flags`]) besides their kind.
+pub(super) const FLAG_CHUNKED: u32 = 0x4d43_0003;
 
 /// Makes the cache key of a resource (or collection) from its names. The storage appends
 /// `:c` for content and `:m` for metadata, so the result must leave room for 2 bytes.

@@ -100,6 +100,7 @@
 
 mod clients;
 mod counters;
+mod entry;
 mod fill;
 mod history;
 mod invalidation;
@@ -148,6 +149,10 @@ struct Settings {
     max_item_size: usize,
     fill_wait: Duration,
     filler_ttl: u32,
+    /// Compresses content (`None`: stored as it is; compressed entries are still read).
+    compressor: Option<crate::codec::Compressor>,
+    /// Content over `max_item_size` up to this many bytes is cached as chunks (0: never).
+    chunked_max: usize,
     /// Follows changes of the cache's server list, processes taking them at most this far
     /// apart (`None`: the list may not change).
     follow_list: Option<Duration>,
@@ -192,6 +197,26 @@ impl MemcacheStorageBuilder {
         /// 5 s): the longest a key can stay unfillable. Meanwhile only the first reader waits
         /// ([`fill_wait`](Self::fill_wait)) for it; the others go to the master at once.
         filler_ttl(secs: u32) => settings.filler_ttl;
+
+        /// Caches content over [`max_item_size`](Self::max_item_size), up to `max_bytes`, as
+        /// chunks under keys of their own and an index that is the entry (default 0: such
+        /// content is always read from the master). The index is filled and invalidated as
+        /// any entry is, and its chunks are written first under keys no other write uses, so
+        /// a reader gets current content or a miss, never a mix (see `set_chunked` in
+        /// [`crate::codec::chunked`]). A chunked hit costs one more request (a multi-get of
+        /// the chunks); orphan chunks (a fill that lost its race, a process that died)
+        /// expire with the TTL.
+        chunked_values(max_bytes: usize) => settings.chunked_max;
+    }
+
+    /// Compresses cached content with `compressor` (at or above its
+    /// [`min_size`](crate::codec::Compressor::min_size)); compressed entries carry the
+    /// algorithm in their flags, so storages with other settings (or none) still read them.
+    /// [`StorageCounters::compressed_fills`] and [`StorageCounters::bytes_saved`] show what
+    /// it saved.
+    pub fn compression(mut self, compressor: crate::codec::Compressor) -> Self {
+        self.settings.compressor = Some(compressor);
+        self
     }
 
     /// Follows changes of the cache clients' [`ServerList`](crate::ServerList) (without
@@ -346,6 +371,10 @@ struct Counters {
     bypassed: AtomicU64,
     replayed: AtomicU64,
     replay_batches: AtomicU64,
+    compressed_fills: AtomicU64,
+    bytes_saved: AtomicU64,
+    chunked_fills: AtomicU64,
+    chunked_hits: AtomicU64,
 }
 
 /// What the storage's callers and its replay thread share.
@@ -397,6 +426,8 @@ impl MemcacheStorage {
                 max_item_size: 1024 * 1024 - 1024,
                 fill_wait: Duration::from_millis(200),
                 filler_ttl: FILLING_TTL,
+                compressor: None,
+                chunked_max: 0,
                 follow_list: None,
             },
         }
@@ -416,6 +447,10 @@ impl MemcacheStorage {
             bypassed: l(&c.bypassed),
             replayed: l(&c.replayed),
             replay_batches: l(&c.replay_batches),
+            compressed_fills: l(&c.compressed_fills),
+            bytes_saved: l(&c.bytes_saved),
+            chunked_fills: l(&c.chunked_fills),
+            chunked_hits: l(&c.chunked_hits),
         }
     }
 
