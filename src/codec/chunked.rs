@@ -16,7 +16,7 @@
 //! (its orphan chunks expire), and a chunk of another generation is never fetched. A chunk
 //! missing (evicted, expired, its server down) makes the whole value a miss; a chunk that
 //! does not match its index, or a value whose CRC does not match, is
-//! [`Error::Codec`](crate::Error::Codec).
+//! [`Error::Codec`].
 
 use std::hash::{BuildHasher, Hasher};
 

@@ -44,7 +44,7 @@
 //! A value whose flags say compressed but whose bytes do not decompress, a value that would
 //! expand past [`Compressor::max_decoded`] (64 MiB by default), a format this build does not
 //! have, or bytes that do not decode to the type asked for: each is
-//! [`Error::Codec`](crate::Error::Codec), never a panic or a partial value. A compressed value
+//! [`Error::Codec`], never a panic or a partial value. A compressed value
 //! read through a codec that does not decompress is refused too, never handed back as if it
 //! were the value. The decoders are fuzzed (`fuzz/fuzz_targets/codec_decode.rs`).
 
