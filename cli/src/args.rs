@@ -202,6 +202,14 @@ pub(crate) enum Cmd {
         /// every value then followed by the separator.
         #[arg(long, short = 'F')]
         flags: bool,
+        /// Read values stored with `set --chunked` (over the item size: an index and its
+        /// chunks); a value stored plainly is read as it is.
+        #[arg(long)]
+        chunked: bool,
+        /// Print values as stored: no decompression (by default a value whose flags say
+        /// compressed, by mcstore or a Python client's zlib, is decompressed).
+        #[arg(long)]
+        raw: bool,
     },
     /// Print each key's CAS unique and value: `<cas> <value>` (exit 1 if any is missing).
     Gets {
@@ -310,6 +318,13 @@ pub(crate) enum Cmd {
         /// A PostgreSQL master instead of the folder: postgres://user@host:port/db.
         #[arg(long, value_name = "URL")]
         master: Option<String>,
+        /// Compress cached content (at least 1 KiB) with this algorithm.
+        #[arg(long, value_enum)]
+        compress: Option<Compress>,
+        /// Cache content over the item size as chunks (up to this many MiB) instead of
+        /// reading it from the master every time.
+        #[arg(long, value_name = "MIB")]
+        chunked: Option<usize>,
         #[command(subcommand)]
         op: StoreOp,
     },
@@ -399,6 +414,37 @@ pub(crate) struct StoreArgs {
     pub(crate) ttl: u32,
     #[arg(long, default_value_t = 0)]
     pub(crate) flags: u32,
+    /// Compress the value (set, add, replace); its flags say how, and `get` decompresses it.
+    #[arg(long, value_enum)]
+    pub(crate) compress: Option<Compress>,
+    /// Store a value of any size (set only): over the servers' item size, as chunks and an
+    /// index written last (read it with `get --chunked`).
+    #[arg(long)]
+    pub(crate) chunked: bool,
+}
+
+/// The algorithms `--compress` offers.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Compress {
+    /// lz4: the fastest.
+    Lz4,
+    /// zstd, level 3: smaller.
+    Zstd,
+    /// zlib, level 6: what Python's memcached clients read (flag 8).
+    Zlib,
+}
+
+impl Compress {
+    /// The compressor for it: every value compressed (no minimum size) if that makes it smaller.
+    pub(crate) fn compressor(self) -> mcstore::codec::Compressor {
+        use mcstore::codec::{Compression, Compressor};
+        let algo = match self {
+            Compress::Lz4 => Compression::Lz4,
+            Compress::Zstd => Compression::Zstd { level: 3 },
+            Compress::Zlib => Compression::Zlib { level: 6 },
+        };
+        Compressor::new(algo).min_size(0)
+    }
 }
 
 #[derive(Subcommand)]

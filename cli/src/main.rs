@@ -298,12 +298,14 @@ fn run(cli: Cli) -> Res<()> {
             keys,
             separator,
             flags,
+            chunked,
+            raw,
         } => {
             let mut c = client(g)?;
             let several = keys.len() > 1 || flags;
             each_key(
                 &keys,
-                |k| c.get(k),
+                |k| read_value(&mut c, k, chunked, raw),
                 |_, item| {
                     if flags {
                         writeln!(out, "{}", item.flags)?;
@@ -487,7 +489,19 @@ fn run(cli: Cli) -> Res<()> {
             };
             writeln!(out, "{moved}")?;
         }
-        Cmd::Store { root, master, op } => store_op(g, &root, master.as_deref(), op, &mut out)?,
+        Cmd::Store {
+            root,
+            master,
+            compress,
+            chunked,
+            op,
+        } => {
+            let values = store::Values {
+                compress,
+                chunked_mib: chunked,
+            };
+            store_op(g, &root, master.as_deref(), &values, op, &mut out)?
+        }
         Cmd::Demo { resources, master } => demo(g, resources, &master)?,
         Cmd::Slap {
             workload,
@@ -659,12 +673,66 @@ fn per_server(
     Ok(())
 }
 
+/// A value as `get` prints it: read whole (chunks put together with `chunked`) and, unless
+/// `raw`, decompressed as its flags say.
+fn read_value(
+    c: &mut Client,
+    key: &[u8],
+    chunked: bool,
+    raw: bool,
+) -> mcstore::Result<Option<mcstore::Item>> {
+    let item = if chunked {
+        let mut value = Vec::new();
+        c.get_chunked(key, &mut value)?.map(|i| mcstore::Item {
+            value,
+            flags: i.flags,
+            cas: None,
+        })
+    } else {
+        c.get(key)?
+    };
+    let Some(mut item) = item else {
+        return Ok(None);
+    };
+    if !raw && item.flags & mcstore::codec::flags::CHUNKED != 0 {
+        return Err(mcstore::Error::Codec(
+            "the item is a chunked value's index: read it with get --chunked (or --raw)".into(),
+        ));
+    }
+    let mut plain = Vec::new();
+    if !raw
+        && mcstore::codec::Compressor::default().decompress(&item.value, item.flags, &mut plain)?
+    {
+        item.value = plain;
+    }
+    Ok(Some(item))
+}
+
 fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
-    let value = match a.value {
+    let mut value = match a.value {
         Some(v) if v != "-" => v.into_bytes(),
         _ => read_stdin()?,
     };
-    let opts = SetOptions::default().ttl(a.ttl).flags(a.flags);
+    let mut flags = a.flags;
+    if let Some(algo) = a.compress {
+        if matches!(mode, StoreMode::Append | StoreMode::Prepend) {
+            return Err("--compress applies to set, add and replace (appending to compressed bytes would corrupt them)".into());
+        }
+        if flags & mcstore::codec::flags::ANY_COMPRESSION != 0 {
+            return Err(format!("--flags {flags:#x} use the compression bits").into());
+        }
+        let mut packed = Vec::new();
+        flags |= algo.compressor().compress(&value, &mut packed)?;
+        value = packed;
+    }
+    let opts = SetOptions::default().ttl(a.ttl).flags(flags);
+    if a.chunked {
+        if mode != StoreMode::Set {
+            return Err("--chunked applies to set".into());
+        }
+        client(g)?.set_chunked(a.key.as_bytes(), &value, opts)?;
+        return Ok(());
+    }
     if !client(g)?.store(mode, a.key.as_bytes(), &value, opts)? {
         let why = match mode {
             StoreMode::Add => " (add stores only if the key is absent, and it exists)",

@@ -6,12 +6,19 @@ use std::time::Duration;
 
 use mcstore::storage::{Content, FsStorage, MemcacheStorage, Storage};
 
-use crate::args::{Global, StoreOp};
+use crate::args::{Compress, Global, StoreOp};
 use crate::{builder, Quiet, Res};
 
 /// Whether `--master` names a PostgreSQL database.
 pub(crate) fn is_pg_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// How `store` caches values: `--compress`, `--chunked`.
+#[derive(Default)]
+pub(crate) struct Values {
+    pub(crate) compress: Option<Compress>,
+    pub(crate) chunked_mib: Option<usize>,
 }
 
 /// The storage behind `store`: the cache (short timeouts: a dead cache must not slow the CLI
@@ -20,6 +27,7 @@ pub(crate) fn open_store(
     g: &Global,
     root: &std::path::Path,
     master: Option<&str>,
+    values: &Values,
 ) -> Res<MemcacheStorage> {
     let master: Arc<dyn Storage> = match master {
         None => Arc::new(FsStorage::open(root)?),
@@ -29,13 +37,21 @@ pub(crate) fn open_store(
     let b = builder(g, "127.0.0.1:11211")?
         .io_timeout(Duration::from_millis(g.timeout_ms.min(200)))
         .connect_timeout(Duration::from_millis(g.timeout_ms.min(200)));
-    Ok(MemcacheStorage::new(b.build()?, master))
+    let mut s = MemcacheStorage::builder(b.build()?, master);
+    if let Some(algo) = values.compress {
+        s = s.compression(algo.compressor().min_size(1024));
+    }
+    if let Some(mib) = values.chunked_mib {
+        s = s.chunked_values(mib.saturating_mul(1 << 20));
+    }
+    Ok(s.build())
 }
 
 pub(crate) fn store_op(
     g: &Global,
     root: &std::path::Path,
     master: Option<&str>,
+    values: &Values,
     op: StoreOp,
     out: &mut impl Write,
 ) -> Res<()> {
@@ -47,7 +63,7 @@ pub(crate) fn store_op(
         )
         .into());
     }
-    let s = open_store(g, root, master)?;
+    let s = open_store(g, root, master, values)?;
     match op {
         StoreOp::Put {
             collection,

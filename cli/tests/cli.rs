@@ -1138,3 +1138,80 @@ fn slap_follows_a_servers_file_that_changes() {
     assert!(field("list_changes") >= 6, "{result}");
     assert!(field("ops") > 1000, "{result}");
 }
+
+/// #30: `set --compress` (decompressed by a plain `get` from its flags), `set --chunked` /
+/// `get --chunked` over the item size, and `store --compress --chunked`.
+#[test]
+fn compressed_and_chunked_values() {
+    let mc = Memcached::with_args(&["-I", "1m"]);
+    let s = &mc.addr();
+    let doc = "<entry><title>cli</title></entry>\n".repeat(500);
+    for algo in ["lz4", "zstd", "zlib"] {
+        ok(&mcstore(
+            s,
+            &["set", "doc", "--compress", algo],
+            doc.as_bytes(),
+        ));
+        assert_eq!(ok(&mcstore(s, &["get", "doc"], b"")), doc, "{algo}");
+        let raw = mcstore(s, &["get", "doc", "--raw"], b"").stdout;
+        assert!(
+            raw.len() < doc.len() / 4,
+            "{algo}: {} bytes stored",
+            raw.len()
+        );
+        let flags = ok(&mcstore(s, &["get", "doc", "-F"], b""));
+        assert_ne!(flags.lines().next(), Some("0"), "{algo}");
+    }
+    fails_with(
+        &mcstore(s, &["append", "doc", "x", "--compress", "lz4"], b""),
+        "--compress applies to set",
+    );
+    // 3 MiB over a 1 MiB item size: chunks.
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+        .collect();
+    fails_with(&mcstore(s, &["set", "big"], &big), "");
+    ok(&mcstore(s, &["set", "big", "--chunked"], &big));
+    assert!(mcstore(s, &["get", "big", "--chunked"], b"").stdout == big);
+    // A plain get names what the item is rather than printing the index.
+    let o = mcstore(s, &["get", "big"], b"");
+    assert!(!o.status.success());
+    // Compressed and chunked together.
+    ok(&mcstore(
+        s,
+        &["set", "both", "--chunked", "--compress", "zstd"],
+        &big,
+    ));
+    assert!(mcstore(s, &["get", "both", "--chunked"], b"").stdout == big);
+    // The storage: compressed and chunked entries, read back through the cache.
+    let outer = TempDir::new("mcstore-cli-values");
+    let root = outer.path.join("data");
+    let root = root.to_str().unwrap();
+    let store = |args: &[&str], stdin: &[u8]| {
+        let mut all = vec![
+            "store",
+            "--root",
+            root,
+            "--compress",
+            "lz4",
+            "--chunked",
+            "16",
+        ];
+        all.extend_from_slice(args);
+        mcstore(s, &all, stdin)
+    };
+    ok(&store(&["put", "docs", "big.bin"], &big));
+    ok(&store(&["put", "docs", "doc.xml"], doc.as_bytes()));
+    for _ in 0..2 {
+        assert!(store(&["get", "docs", "big.bin"], b"").stdout == big);
+        assert_eq!(ok(&store(&["get", "docs", "doc.xml"], b"")), doc);
+    }
+    let mut keys = String::new();
+    let mut c = mc.client();
+    c.dump_keys(s, |k, _| {
+        keys.push_str(&String::from_utf8_lossy(k));
+        keys.push('\n');
+    })
+    .unwrap();
+    assert!(keys.contains("mcstore-chunk:"), "{keys}");
+}
