@@ -6,6 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+#[cfg(all(feature = "serde", feature = "lz4", feature = "zstd", feature = "zlib"))]
+mod codec;
+#[cfg(all(feature = "serde", feature = "lz4", feature = "zstd", feature = "zlib"))]
+pub use codec::{codec_decode, codec_seeds};
+
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
 use crate::engine::batch::for_fuzzing::OneServer;
 use crate::engine::pipeline::for_fuzzing::read_quiet;

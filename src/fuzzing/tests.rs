@@ -153,4 +153,23 @@ mod replay {
         meta_reply,
         cluster_reply
     );
+
+    #[cfg(all(feature = "serde", feature = "lz4", feature = "zstd", feature = "zlib"))]
+    replays!(codec_decode);
+
+    /// The codec body's seeds (each kind of value it tells apart) pass it; with
+    /// `CODEC_DECODE_SEEDS=dir` they are written there (the fuzz corpus's seeds).
+    #[cfg(all(feature = "serde", feature = "lz4", feature = "zstd", feature = "zlib"))]
+    #[test]
+    fn codec_seeds_pass_the_body() {
+        let seeds = super::super::codec_seeds();
+        assert!(seeds.len() >= 10);
+        let dir = std::env::var_os("CODEC_DECODE_SEEDS");
+        for (i, s) in seeds.iter().enumerate() {
+            super::super::codec_decode(s);
+            if let Some(d) = &dir {
+                std::fs::write(Path::new(d).join(format!("seed-{i}")), s).unwrap();
+            }
+        }
+    }
 }
