@@ -1,0 +1,354 @@
+//! Attacks on the values layer (codecs, compression, chunked values) and on the storage's
+//! compressed and chunked entries, against real memcached.
+//!
+//! A few tests need a bounded address space (a hostile index must not make a reader allocate
+//! what it claims): they run this binary again as a child under `ulimit -v`, in the test
+//! `child_process_entry` (which does nothing unless `VALUES_ATTACK_CHILD` is set).
+
+use mcstore_test_support as support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mcstore::codec::chunked::{ChunkIndex, CHUNK_HEADER};
+use mcstore::codec::{flags, Compressed, Compression, Compressor, Json, Raw};
+use mcstore::storage::{CacheClients, FsStorage, MemcacheStorage, MemcacheStorageBuilder, Storage};
+use mcstore::{Client, ErrorKind, Pool, Protocol, SetOptions, SharedClient};
+use support::{Memcached, TempDir};
+
+const CHILD: &str = "VALUES_ATTACK_CHILD";
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn builder(addrs: &[String], p: Protocol) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .protocol(p)
+        .servers(addrs.to_vec())
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+}
+
+fn client(m: &Memcached, p: Protocol) -> Client {
+    builder(&[m.addr()], p).build().unwrap()
+}
+
+/// A value that says which version it is, and whose every byte can be checked.
+fn versioned(version: u64, len: usize) -> Vec<u8> {
+    let mut v = version.to_le_bytes().to_vec();
+    let mut x = version.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(x as u8);
+    }
+    v
+}
+
+/// The version of a value made by [`versioned`]; panics if it is a mix of versions.
+fn version_of(v: &[u8], len: usize) -> u64 {
+    assert!(v.len() >= 8, "a value of {} bytes", v.len());
+    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
+    assert!(
+        v == versioned(version, len).as_slice(),
+        "a damaged or mixed value (claims version {version}, {} bytes)",
+        v.len()
+    );
+    version
+}
+
+fn storage_builder(cache: impl Into<CacheClients>, root: &Path) -> MemcacheStorageBuilder {
+    let master: Arc<dyn Storage> = Arc::new(FsStorage::open(root).unwrap());
+    MemcacheStorage::builder(cache.into(), master)
+}
+
+fn cache_builder(mc: &Memcached, p: Protocol) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .server(mc.addr())
+        .protocol(p)
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .max_value_size(4 << 20)
+}
+
+fn pool_with(mc: &Memcached, p: Protocol) -> Pool {
+    Pool::new(cache_builder(mc, p), 8).unwrap()
+}
+
+fn shared_with(mc: &Memcached, p: Protocol) -> SharedClient {
+    cache_builder(mc, p).shared().build().unwrap()
+}
+
+/// Runs this binary's test `test` as a child with at most `limit_kb` KiB of address space;
+/// its exit status (None: killed after 30 s or by a signal), how long it ran, its output.
+fn run_child(
+    test: &str,
+    mode: &str,
+    env: &[(&str, String)],
+    limit_kb: u64,
+) -> (Option<i32>, Duration, String) {
+    let dir = TempDir::new("values-attack-child");
+    let out_path = dir.path.join("out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let err = out.try_clone().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -v {limit_kb} && exec \"$0\" \"$@\""))
+        .arg(&exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, mode)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let took = start.elapsed();
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let tail: String = text
+        .lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    (status, took, tail)
+}
+
+const CHILD_TEST: &str = "child_process_entry";
+/// The children's address space: plenty for a 3 MiB chunked read, not for what a hostile
+/// index claims (1 GiB).
+const CHILD_LIMIT_KB: u64 = 900 * 1024;
+
+/// The child side of [`run_child`]: nothing in a normal run.
+#[test]
+fn child_process_entry() {
+    let Ok(mode) = std::env::var(CHILD) else {
+        return;
+    };
+    let addr = std::env::var("VA_ADDR").unwrap();
+    let start = Instant::now();
+    match mode.as_str() {
+        "client" => {
+            let key = std::env::var("VA_KEY").unwrap();
+            let mut c = builder(&[addr], Protocol::Text)
+                .max_value_size(4 << 20)
+                .build()
+                .unwrap();
+            let mut out = Vec::new();
+            let r = c.get_chunked(key.as_bytes(), &mut out);
+            println!("get_chunked: {:?} after {:?}", r.as_ref().map(|o| o.is_some()), start.elapsed());
+            if let Ok(Some(_)) = r {
+                if let Ok(len) = std::env::var("VA_LEN") {
+                    version_of(&out, len.parse().unwrap());
+                } else {
+                    panic!("a hostile index gave a value of {} bytes", out.len());
+                }
+            }
+        }
+        "storage" => {
+            let root = std::env::var("VA_ROOT").unwrap();
+            let len: usize = std::env::var("VA_LEN").unwrap().parse().unwrap();
+            let mc_client = builder(&[addr], Protocol::Text).max_value_size(4 << 20);
+            let s = storage_builder(Pool::new(mc_client, 2).unwrap(), Path::new(&root))
+                .max_item_size(100 * 1024)
+                .chunked_values(64 << 20)
+                .build();
+            let info = s.info("docs", Some("big.bin")).unwrap();
+            let v = s.get_content(&info).unwrap();
+            version_of(&v, len);
+            println!("storage read ok after {:?}: {:?}", start.elapsed(), s.counters());
+        }
+        m => panic!("unknown child mode {m}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile chunk indexes: memory and time bounded by what arrives, not by what is claimed
+// ---------------------------------------------------------------------------------------
+
+/// A chunked value's index may claim up to 1 GiB (`MAX_CHUNKED_LEN`) in chunks of 1 byte:
+/// 2^30 chunks. `ChunkIndex::parse` accepts it, and `get_chunked` then builds 2^30 chunk keys
+/// (`ChunkIndex::chunk_keys`: tens of GiB) and a 1 GiB `have` table (`Assembler::new`)
+/// before asking the server anything. The module says "Memory grows with the chunks that
+/// arrive, never with what an index claims". A 40-byte item anyone can write must be a
+/// quick error or a miss.
+#[test]
+fn hostile_index_of_a_billion_one_byte_chunks_is_refused_cheaply() {
+    let m = Memcached::start();
+    let mut c = client(&m, Protocol::Text);
+    // Control: a real 3 MiB chunked value reads fine in the child's address space.
+    let len = 3 << 20;
+    c.set_chunked(b"legit", &versioned(7, len), SetOptions::default())
+        .unwrap();
+    let (status, took, out) = run_child(
+        CHILD_TEST,
+        "client",
+        &[
+            ("VA_ADDR", m.addr()),
+            ("VA_KEY", "legit".into()),
+            ("VA_LEN", len.to_string()),
+        ],
+        CHILD_LIMIT_KB,
+    );
+    assert_eq!(status, Some(0), "control read failed after {took:?}:\n{out}");
+
+    let hostile = ChunkIndex {
+        generation: 0x1234,
+        total: 1 << 30,
+        chunk_size: 1,
+        count: 1 << 30,
+        crc: 0,
+        flags: 0,
+    };
+    assert!(ChunkIndex::parse(&hostile.encode()).is_ok(), "the premise");
+    c.set(
+        b"hostile",
+        &hostile.encode(),
+        SetOptions::default().flags(flags::CHUNKED),
+    )
+    .unwrap();
+    let (status, took, out) = run_child(
+        CHILD_TEST,
+        "client",
+        &[("VA_ADDR", m.addr()), ("VA_KEY", "hostile".into())],
+        CHILD_LIMIT_KB,
+    );
+    assert!(
+        status == Some(0) && took < Duration::from_secs(10),
+        "get_chunked of a 40-byte hostile index (1 GiB in 2^30 chunks of 1 byte): exit \
+         {status:?} after {took:?} (a memory limit of {CHILD_LIMIT_KB} KiB):\n{out}"
+    );
+}
+
+/// An index claiming 1 GiB in ~1 MiB chunks, and only its last chunk (1 KiB, with the
+/// right generation, number and count) written: `Assembler::place` resizes the output to
+/// the chunk's offset, 1 GiB, zero-filled, for 1 KiB that arrived. Then the value is a miss
+/// anyway. One cheap item makes every reader allocate and zero 1 GiB.
+#[test]
+fn hostile_index_with_only_its_last_chunk_does_not_allocate_the_claim() {
+    let m = Memcached::start();
+    let mut c = client(&m, Protocol::Text);
+    let chunk_size = (1u32 << 20) - 1;
+    let total = 1u64 << 30;
+    let count = total.div_ceil(u64::from(chunk_size)) as u32;
+    let hostile = ChunkIndex {
+        generation: 0xfeed,
+        total,
+        chunk_size,
+        count,
+        crc: 0,
+        flags: 0,
+    };
+    assert!(ChunkIndex::parse(&hostile.encode()).is_ok(), "the premise");
+    let last = count - 1;
+    let last_len = (total - u64::from(last) * u64::from(chunk_size)) as usize;
+    let mut chunk = Vec::new();
+    chunk.extend_from_slice(&hostile.generation.to_le_bytes());
+    chunk.extend_from_slice(&last.to_le_bytes());
+    chunk.extend_from_slice(&count.to_le_bytes());
+    chunk.resize(CHUNK_HEADER + last_len, 0xab);
+    let mut k = Vec::new();
+    hostile.chunk_key(b"hostile2", last, &mut k);
+    c.set(&k, &chunk, SetOptions::default()).unwrap();
+    c.set(
+        b"hostile2",
+        &hostile.encode(),
+        SetOptions::default().flags(flags::CHUNKED),
+    )
+    .unwrap();
+    let (status, took, out) = run_child(
+        CHILD_TEST,
+        "client",
+        &[("VA_ADDR", m.addr()), ("VA_KEY", "hostile2".into())],
+        CHILD_LIMIT_KB,
+    );
+    assert!(
+        status == Some(0) && took < Duration::from_secs(10),
+        "get_chunked of an index claiming 1 GiB with only its last {last_len}-byte chunk \
+         present: exit {status:?} after {took:?} (memory limit {CHILD_LIMIT_KB} KiB):\n{out}"
+    );
+}
+
+/// The same hostile index placed under a storage's chunked entry: the storage's read
+/// (`read_chunks`, same `chunk_keys` and `Assembler`) must fall back to the master, not
+/// die. Anyone who can write to the cache can otherwise crash every reader of the key.
+#[test]
+fn hostile_index_in_a_storage_entry_falls_back_to_the_master() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-hostile-storage");
+    let len = 300 * 1024;
+    {
+        let s = storage_builder(pool_with(&m, Protocol::Text), &dir.path)
+            .max_item_size(100 * 1024)
+            .chunked_values(64 << 20)
+            .build();
+        s.create_container("docs").unwrap();
+        let info = s.info("docs", Some("big.bin")).unwrap();
+        s.put_content(&info, (&versioned(3, len)).into()).unwrap();
+        version_of(&s.get_content(&info).unwrap(), len);
+        version_of(&s.get_content(&info).unwrap(), len);
+        assert!(s.counters().chunked_hits >= 1, "{:?}", s.counters());
+    }
+    // Find the index (an entry whose kind is the storage's chunked kind) and replace it.
+    let mut raw = client(&m, Protocol::Meta);
+    let mut keys = Vec::new();
+    raw.dump_keys(&m.addr(), |k, _| keys.push(k.to_vec())).unwrap();
+    let mut replaced = 0;
+    for k in keys {
+        if let Some(item) = raw.get(&k).unwrap() {
+            if item.flags & !flags::ANY_COMPRESSION == 0x4d43_0003 {
+                let hostile = ChunkIndex {
+                    generation: 0x77,
+                    total: 1 << 30,
+                    chunk_size: 1,
+                    count: 1 << 30,
+                    crc: 0,
+                    flags: 0,
+                };
+                raw.set(&k, &hostile.encode(), SetOptions::default().flags(item.flags).ttl(600))
+                    .unwrap();
+                replaced += 1;
+            }
+        }
+    }
+    assert_eq!(replaced, 1, "the storage's chunked entry");
+    let (status, took, out) = run_child(
+        CHILD_TEST,
+        "storage",
+        &[
+            ("VA_ADDR", m.addr()),
+            ("VA_ROOT", dir.path.display().to_string()),
+            ("VA_LEN", len.to_string()),
+        ],
+        CHILD_LIMIT_KB,
+    );
+    assert!(
+        status == Some(0) && took < Duration::from_secs(10),
+        "a storage read over a hostile index: exit {status:?} after {took:?} (memory limit \
+         {CHILD_LIMIT_KB} KiB):\n{out}"
+    );
+}
