@@ -352,3 +352,127 @@ fn hostile_index_in_a_storage_entry_falls_back_to_the_master() {
          {CHILD_LIMIT_KB} KiB):\n{out}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// TTLs, item sizes, limits
+// ---------------------------------------------------------------------------------------
+
+/// A storage whose entries live 30 days (`ttl(2_592_000)`, the longest relative TTL
+/// memcached takes) writes its chunks with TTL + 1 (entry.rs, `encode_entry`:
+/// `t.saturating_add(1)`) = 2,592,001, which memcached reads as a Unix timestamp in 1970:
+/// every chunk expires as it is stored. The index is filled, every read finds its chunks
+/// gone, deletes it and reads the master: chunked caching never hits. (`set_chunked` on the
+/// client avoids this: it adds the second only below 2,592,000.)
+#[test]
+fn storage_with_a_thirty_day_ttl_gets_chunked_hits() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-ttl");
+    let s = storage_builder(pool_with(&m, Protocol::Text), &dir.path)
+        .ttl(30 * 24 * 3600)
+        .max_item_size(4096)
+        .chunked_values(16 << 20)
+        .build();
+    s.create_container("docs").unwrap();
+    let info = s.info("docs", Some("big.bin")).unwrap();
+    let len = 40_000;
+    s.put_content(&info, (&versioned(1, len)).into()).unwrap();
+    for _ in 0..4 {
+        version_of(&s.get_content(&info).unwrap(), len);
+    }
+    let c = s.counters();
+    assert!(
+        c.chunked_fills >= 1 && c.chunked_hits >= 2 && c.master_reads <= 2,
+        "ttl 30 days: chunked content is never a hit: {c:?}"
+    );
+}
+
+/// Control for the above: a TTL of one day caches chunked content.
+#[test]
+fn storage_with_a_one_day_ttl_gets_chunked_hits() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-ttl1");
+    let s = storage_builder(pool_with(&m, Protocol::Meta), &dir.path)
+        .ttl(24 * 3600)
+        .max_item_size(4096)
+        .chunked_values(16 << 20)
+        .build();
+    s.create_container("docs").unwrap();
+    let info = s.info("docs", Some("big.bin")).unwrap();
+    let len = 40_000;
+    s.put_content(&info, (&versioned(1, len)).into()).unwrap();
+    for _ in 0..4 {
+        version_of(&s.get_content(&info).unwrap(), len);
+    }
+    let c = s.counters();
+    assert!(
+        c.chunked_fills >= 1 && c.chunked_hits >= 2 && c.master_reads <= 2,
+        "{c:?}"
+    );
+}
+
+/// `set_chunked` with a client whose `max_value_size` is below a chunk's header (16 bytes):
+/// `Front::capacity` is `item_capacity(size).min(max_value)`, and `ChunkIndex::plan`
+/// computes `capacity - CHUNK_HEADER` (an overflow panic) or divides by a chunk size of 0.
+/// Must be an error, not a panic.
+#[test]
+fn set_chunked_with_a_tiny_max_value_size_is_an_error_not_a_panic() {
+    let m = Memcached::start();
+    for max in [16usize, 10] {
+        let mut c = builder(&[m.addr()], Protocol::Text)
+            .max_value_size(max)
+            .build()
+            .unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.set_chunked(b"tiny", &[7u8; 100], SetOptions::default())
+        }));
+        match r {
+            Ok(Ok(())) => {
+                let mut out = Vec::new();
+                assert!(c.get_chunked(b"tiny", &mut out).unwrap().is_some());
+                assert_eq!(out, [7u8; 100]);
+            }
+            Ok(Err(e)) => println!("max_value_size {max}: {e}"),
+            Err(p) => panic!(
+                "set_chunked panicked with max_value_size({max}): {:?}",
+                p.downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or(p.downcast_ref::<&str>().copied())
+            ),
+        }
+    }
+}
+
+/// The servers' item size is asked once (`stats settings`) and kept, also when no server
+/// answered: a server frozen at the first chunked store makes the client keep memcached's
+/// default (1 MiB) for good (typed.rs, `Front::capacity` for `Client` and `&SharedClient`:
+/// `item_size_max` falls back to `DEFAULT_ITEM_SIZE_MAX` and the result is cached). Against
+/// a server started with `-I 512k`, every value between ~511 KiB and ~1 MiB is then sent
+/// whole and refused, forever.
+#[test]
+fn item_size_is_not_learned_from_a_server_that_did_not_answer() {
+    let m = Memcached::with_args(&["-I", "512k"]);
+    let value = versioned(5, 800 * 1024);
+    // Control: a client that asks while the server answers stores it as chunks.
+    let mut ok = builder(&[m.addr()], Protocol::Text).build().unwrap();
+    ok.set_chunked(b"control", &value, SetOptions::default())
+        .unwrap();
+    let mut out = Vec::new();
+    assert!(ok.get_chunked(b"control", &mut out).unwrap().is_some());
+    version_of(&out, value.len());
+
+    let mut c = builder(&[m.addr()], Protocol::Text).build().unwrap();
+    let s = builder(&[m.addr()], Protocol::Text).shared().build().unwrap();
+    m.freeze();
+    assert!(c.set_chunked(b"k1", b"small", SetOptions::default()).is_err());
+    assert!(s.set_chunked(b"k2", b"small", SetOptions::default()).is_err());
+    m.resume();
+    support::wait_for("the server answers again", || {
+        c.get(b"control").is_ok() && s.get(b"control").is_ok()
+    });
+    let rc = c.set_chunked(b"k1", &value, SetOptions::default());
+    let rs = s.set_chunked(b"k2", &value, SetOptions::default());
+    assert!(
+        rc.is_ok() && rs.is_ok(),
+        "after the server came back (-I 512k): Client {rc:?}, SharedClient {rs:?}"
+    );
+}
