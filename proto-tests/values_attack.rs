@@ -476,3 +476,258 @@ fn item_size_is_not_learned_from_a_server_that_did_not_answer() {
         "after the server came back (-I 512k): Client {rc:?}, SharedClient {rs:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Chunked values under concurrent writers, deletes, frozen and restarted servers
+// ---------------------------------------------------------------------------------------
+
+/// A value's length by its version: some small (stored plainly), most chunked.
+fn len_of(version: u64) -> usize {
+    if version % 5 == 0 {
+        200
+    } else {
+        50_000 + (version % 3) as usize * 7_000
+    }
+}
+
+fn check_versioned(v: &[u8]) -> u64 {
+    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
+    assert_eq!(v.len(), len_of(version), "version {version}: wrong length");
+    version_of(v, v.len())
+}
+
+/// `set_chunked` says "readers see the old value or the new one, never a mix". A key that
+/// always holds a value (only ever overwritten, never deleted) must never read as a miss:
+/// but the writer deletes the previous value's chunks right after writing the new index,
+/// so a reader that got the old index a moment before finds its chunks gone and gets
+/// `Ok(None)` (typed.rs, `set_chunked`: `delete_many(&keys)` of the old chunks; and
+/// `get_chunked`: a chunk missing is a miss). Neither old nor new.
+#[test]
+fn get_chunked_never_misses_a_key_that_is_only_overwritten() {
+    let m = Memcached::start();
+    for shared in [false, true] {
+        let key = format!("always-{shared}");
+        let mut w = builder(&[m.addr()], Protocol::Meta)
+            .max_value_size(16 * 1024)
+            .build()
+            .unwrap();
+        w.set_chunked(key.as_bytes(), &versioned(1, len_of(1)), SetOptions::default())
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            let key = key.clone();
+            thread::spawn(move || {
+                let mut v = 2u64;
+                while !stop.load(Ordering::Relaxed) {
+                    w.set_chunked(key.as_bytes(), &versioned(v, len_of(v)), SetOptions::default())
+                        .unwrap();
+                    v += 1;
+                }
+                v
+            })
+        };
+        let (mut reads, mut misses) = (0u64, 0u64);
+        let sc = builder(&[m.addr()], Protocol::Meta)
+            .max_value_size(16 * 1024)
+            .shared()
+            .build()
+            .unwrap();
+        let mut c = builder(&[m.addr()], Protocol::Meta)
+            .max_value_size(16 * 1024)
+            .build()
+            .unwrap();
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut out = Vec::new();
+        while Instant::now() < until {
+            let r = if shared {
+                sc.get_chunked(key.as_bytes(), &mut out)
+            } else {
+                c.get_chunked(key.as_bytes(), &mut out)
+            };
+            reads += 1;
+            match r.unwrap() {
+                Some(_) => {
+                    check_versioned(&out);
+                }
+                None => misses += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        println!("shared={shared}: {reads} reads, {misses} misses, {written} writes");
+        assert_eq!(
+            misses, 0,
+            "shared={shared}: {misses} of {reads} reads of a key that always held a value \
+             were misses ({written} overwrites)"
+        );
+    }
+}
+
+/// Writers on both fronts, a deleter and readers on one key, over the three protocols:
+/// every value read is whole and one that was written (never a mix of two writes, never
+/// the wrong length).
+#[test]
+fn concurrent_set_get_delete_chunked_never_yield_a_wrong_value() {
+    let m = Memcached::start();
+    let protocols = [Protocol::Text, Protocol::Binary, Protocol::Meta];
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let hits = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    let addr = m.addr();
+    let sc = Arc::new(
+        builder(&[addr.clone()], Protocol::Meta)
+            .max_value_size(16 * 1024)
+            .shared()
+            .build()
+            .unwrap(),
+    );
+    for (t, p) in protocols.into_iter().enumerate() {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        threads.push(thread::spawn(move || {
+            let mut c = builder(&[addr], p).max_value_size(16 * 1024).build().unwrap();
+            let mut v = (t as u64 + 1) << 32;
+            while !stop.load(Ordering::Relaxed) {
+                c.set_chunked(b"contested", &versioned(v, len_of(v)), SetOptions::default())
+                    .unwrap();
+                v += 1;
+            }
+        }));
+    }
+    {
+        let (stop, sc) = (stop.clone(), sc.clone());
+        threads.push(thread::spawn(move || {
+            let mut v = 9u64 << 32;
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if n % 4 == 0 {
+                    sc.delete_chunked(b"contested").unwrap();
+                } else {
+                    sc.set_chunked(b"contested", &versioned(v, len_of(v)), SetOptions::default())
+                        .unwrap();
+                    v += 1;
+                }
+            }
+        }));
+    }
+    for (t, p) in protocols.into_iter().enumerate() {
+        let (stop, addr, sc) = (stop.clone(), addr.clone(), sc.clone());
+        let (reads, hits) = (reads.clone(), hits.clone());
+        threads.push(thread::spawn(move || {
+            let mut c = builder(&[addr], p).max_value_size(16 * 1024).build().unwrap();
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = if t == 0 {
+                    sc.get_chunked(b"contested", &mut out)
+                } else {
+                    c.get_chunked(b"contested", &mut out)
+                };
+                reads.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok(Some(_)) => {
+                        check_versioned(&out);
+                        hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(None) => {}
+                    Err(e) => panic!("{p:?}: {e}"),
+                }
+            }
+        }));
+    }
+    thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (r, h) = (reads.load(Ordering::Relaxed), hits.load(Ordering::Relaxed));
+    println!("{r} reads, {h} whole values");
+    assert!(h > 20, "{h} of {r}");
+}
+
+/// Chunks spread over three servers; one is frozen (SIGSTOP) and resumed, another
+/// restarted, while a writer and readers on both fronts go on: every call returns within
+/// its deadline (never hangs), every value read is whole, and once the servers are back a
+/// write is read back.
+#[test]
+fn chunked_values_over_a_frozen_and_a_restarted_server_are_bounded_and_whole() {
+    let mut ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
+    let addrs: Vec<String> = ms.iter().map(Memcached::addr).collect();
+    let mk = || builder(&addrs, Protocol::Text).max_value_size(16 * 1024);
+    let sc = Arc::new(mk().shared().build().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let mut threads = Vec::new();
+    {
+        let (stop, slowest, mut c) = (stop.clone(), slowest.clone(), mk().build().unwrap());
+        threads.push(thread::spawn(move || {
+            let mut v = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let _ = c.set_chunked(b"spread", &versioned(v, len_of(v)), SetOptions::default());
+                slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+                v += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+        }));
+    }
+    for t in 0..2 {
+        let (stop, slowest, counts, sc) = (stop.clone(), slowest.clone(), counts.clone(), sc.clone());
+        let mut c = mk().build().unwrap();
+        threads.push(thread::spawn(move || {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = if t == 0 {
+                    sc.get_chunked(b"spread", &mut out)
+                } else {
+                    c.get_chunked(b"spread", &mut out)
+                };
+                slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(Some(_)) => {
+                        check_versioned(&out);
+                        counts[0].fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(None) => {
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        counts[2].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    thread::sleep(Duration::from_millis(300));
+    ms[1].freeze();
+    thread::sleep(Duration::from_millis(1200));
+    ms[1].resume();
+    thread::sleep(Duration::from_millis(300));
+    ms[2].restart();
+    thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let slow = slowest.load(Ordering::Relaxed);
+    println!(
+        "hits {} misses {} errors {}; slowest call {slow} ms",
+        counts[0].load(Ordering::Relaxed),
+        counts[1].load(Ordering::Relaxed),
+        counts[2].load(Ordering::Relaxed)
+    );
+    assert!(slow < 3000, "a call took {slow} ms with 300 ms deadlines");
+    let mut c = mk().build().unwrap();
+    let last = versioned(1 << 40, len_of(1 << 40));
+    support::wait_for("a write over the recovered servers", || {
+        c.set_chunked(b"spread", &last, SetOptions::default()).is_ok()
+    });
+    let mut out = Vec::new();
+    assert!(c.get_chunked(b"spread", &mut out).unwrap().is_some());
+    assert_eq!(check_versioned(&out), 1 << 40);
+    assert!(sc.get_chunked(b"spread", &mut out).unwrap().is_some());
+    assert_eq!(check_versioned(&out), 1 << 40);
+}
