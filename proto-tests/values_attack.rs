@@ -731,3 +731,103 @@ fn chunked_values_over_a_frozen_and_a_restarted_server_are_bounded_and_whole() {
     assert!(sc.get_chunked(b"spread", &mut out).unwrap().is_some());
     assert_eq!(check_versioned(&out), 1 << 40);
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile compressed values in the cache
+// ---------------------------------------------------------------------------------------
+
+fn packed(algo: Compression, value: &[u8]) -> (Vec<u8>, u32) {
+    let c = Compressor::new(algo).min_size(0).max_decoded(usize::MAX);
+    let mut out = Vec::new();
+    let f = c.compress(value, &mut out).unwrap();
+    assert_ne!(f, 0);
+    (out, f)
+}
+
+/// Values whose flags say compressed and whose bytes lie, stored in memcached by someone
+/// else: every read through `Compressed<Raw>` on each protocol and front (blocking and
+/// async) is an `Error::Codec`, quickly, or (two zstd frames) the whole of what was
+/// compressed; never a panic, never a part.
+#[test]
+fn hostile_compressed_values_are_codec_errors_on_every_front() {
+    let m = Memcached::start();
+    let zeros = vec![0u8; 80 << 20];
+    let doc = b"<entry><title>x</title></entry>".repeat(200);
+    let (lz4, lz4f) = packed(Compression::Lz4, &doc);
+    let (zstd_a, zf) = packed(Compression::Zstd { level: 3 }, &doc);
+    let (zstd_b, _) = packed(Compression::Zstd { level: 3 }, &b"tail!".repeat(300));
+    let (zstd_bomb, _) = packed(Compression::Zstd { level: 1 }, &zeros);
+    let (zlib_bomb, zlf) = packed(Compression::Zlib { level: 9 }, &zeros);
+    let (zlib, _) = packed(Compression::Zlib { level: 6 }, &doc);
+    drop(zeros);
+    let mut cases: Vec<(&str, Vec<u8>, u32)> = Vec::new();
+    let mut lie = lz4.clone();
+    lie[..4].copy_from_slice(&(60u32 << 20).to_le_bytes());
+    cases.push(("lz4 claims 60 MiB", lie, lz4f));
+    let mut short = lz4.clone();
+    short[..4].copy_from_slice(&((doc.len() - 1) as u32).to_le_bytes());
+    cases.push(("lz4 claims a byte less", short, lz4f));
+    cases.push(("lz4 claims 4 GiB", [&[0xff; 4][..], &lz4[4..]].concat(), lz4f));
+    cases.push(("lz4 shorter than its length", vec![1, 0], lz4f));
+    cases.push(("zstd frame of 80 MiB", zstd_bomb, zf));
+    cases.push(("zstd frame and garbage", [&zstd_a[..], b"garbage!garbage!"].concat(), zf));
+    cases.push(("zstd truncated", zstd_a[..zstd_a.len() - 3].to_vec(), zf));
+    cases.push(("zstd with the dictionary flag", zstd_a.clone(), flags::ZSTD_DICT));
+    cases.push(("zlib bomb of 80 MiB", zlib_bomb, zlf));
+    cases.push(("zlib and trailing bytes", [&zlib[..], b"xx"].concat(), zlf));
+    cases.push(("zlib and zstd bits", zlib.clone(), zlf | flags::ZSTD));
+    cases.push(("unknown compression 0x7000", doc.clone(), 0x7000));
+    cases.push(("lz4 bytes flagged zstd", lz4.clone(), zf));
+    let two_frames = [&zstd_a[..], &zstd_b[..]].concat();
+    let both: Vec<u8> = [&doc[..], &b"tail!".repeat(300)[..]].concat();
+
+    let codec = Compressed::new(Raw, Compressor::new(Compression::None));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
+        let mut c = builder(&[m.addr()], p).max_value_size(4 << 20).build().unwrap();
+        let sc = builder(&[m.addr()], p).max_value_size(4 << 20).shared().build().unwrap();
+        for (name, bytes, f) in &cases {
+            c.set(b"hostile", bytes, SetOptions::default().flags(*f)).unwrap();
+            let t = Instant::now();
+            let r1 = c.get_as(&codec, b"hostile");
+            let r2 = sc.get_as(&codec, b"hostile");
+            let r3 = rt.block_on(sc.get_as_async(&codec, b"hostile"));
+            let took = t.elapsed();
+            for (front, r) in [("client", r1), ("shared", r2), ("async", r3)] {
+                match r {
+                    Err(e) => assert_eq!(e.kind(), ErrorKind::Codec, "{p:?} {front} {name}: {e}"),
+                    Ok(v) => panic!(
+                        "{p:?} {front} {name}: decoded to {:?}",
+                        v.map(|v| v.len())
+                    ),
+                }
+            }
+            assert!(took < Duration::from_secs(3), "{p:?} {name}: {took:?}");
+        }
+        c.set(b"two", &two_frames, SetOptions::default().flags(zf)).unwrap();
+        match c.get_as(&codec, b"two") {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Codec),
+            Ok(v) => assert_eq!(v.unwrap(), both, "two zstd frames: not a part of them"),
+        }
+        // A CHUNKED flag on bytes that are no index.
+        c.set(b"fake-index", b"MCCHUNK1 but not really", SetOptions::default().flags(flags::CHUNKED))
+            .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            c.get_chunked(b"fake-index", &mut out).unwrap_err().kind(),
+            ErrorKind::Codec
+        );
+        assert_eq!(
+            sc.get_chunked(b"fake-index", &mut out).unwrap_err().kind(),
+            ErrorKind::Codec
+        );
+        // Through Json: a compressed JSON value whose inner flags are wrong.
+        let json = Compressed::new(Json, Compressor::new(Compression::None));
+        c.set(b"json", &zlib, SetOptions::default().flags(zlf | flags::POSTCARD)).unwrap();
+        let r: mcstore::Result<Option<serde_json::Value>> = c.get_as(&json, b"json");
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::Codec);
+    }
+}
