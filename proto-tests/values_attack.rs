@@ -831,3 +831,169 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
         assert_eq!(r.unwrap_err().kind(), ErrorKind::Codec);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The storage: chunked and compressed entries
+// ---------------------------------------------------------------------------------------
+
+/// Never stale with chunks: a writer puts new versions of content over the item size while
+/// readers read through two storages sharing the cache and master with different settings
+/// (one compresses with lz4 and chunks at 4 KiB, the other chunks at 6 KiB and does not
+/// compress): a read that starts after a put returned sees that version or a newer one.
+#[test]
+fn chunked_storage_reads_are_never_older_than_a_returned_put() {
+    for (p, shared) in [(Protocol::Text, false), (Protocol::Meta, true), (Protocol::Binary, true)] {
+        let m = Memcached::start();
+        let dir = TempDir::new("values-attack-stale");
+        let cache = || -> CacheClients {
+            match shared {
+                true => shared_with(&m, p).into(),
+                false => pool_with(&m, p).into(),
+            }
+        };
+        let a = Arc::new(
+            storage_builder(cache(), &dir.path)
+                .max_item_size(4096)
+                .chunked_values(16 << 20)
+                .compression(Compressor::new(Compression::Lz4).min_size(100))
+                .build(),
+        );
+        let b = Arc::new(
+            storage_builder(cache(), &dir.path)
+                .max_item_size(6000)
+                .chunked_values(16 << 20)
+                .build(),
+        );
+        a.create_container("docs").unwrap();
+        let info = a.info("docs", Some("x.bin")).unwrap();
+        // Half compressible (lz4 shrinks it, still over 4 KiB), half not.
+        let content = |v: u64| -> Vec<u8> {
+            let mut c = versioned(v, 12_000);
+            c.extend(std::iter::repeat_n((v % 251) as u8, 12_000));
+            c
+        };
+        let check = |bytes: &[u8]| -> u64 {
+            let v = version_of(&bytes[..12_000], 12_000);
+            assert!(bytes[12_000..].iter().all(|&x| x == (v % 251) as u8));
+            assert_eq!(bytes.len(), 24_000);
+            v
+        };
+        a.put_content(&info, (&content(1)).into()).unwrap();
+        let committed = Arc::new(AtomicU64::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for r in 0..3 {
+            let s: Arc<dyn Storage> = if r % 2 == 0 { a.clone() } else { b.clone() };
+            let (committed, stop, info) = (committed.clone(), stop.clone(), info.clone());
+            readers.push(thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let before = committed.load(Ordering::SeqCst);
+                    let got = s.get_content(&info).unwrap();
+                    let v = check(&got);
+                    assert!(
+                        v >= before,
+                        "{p:?} shared={shared} reader {r}: read version {v} after the put of \
+                         {before} returned"
+                    );
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut v = 1;
+        while Instant::now() < until {
+            v += 1;
+            let w: &dyn Storage = if v % 3 == 0 { &*b } else { &*a };
+            w.put_content(&info, (&content(v)).into()).unwrap();
+            committed.store(v, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(3));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reads: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
+        let (ca, cb) = (a.counters(), b.counters());
+        println!("{p:?} shared={shared}: {v} puts, {reads} reads; a {ca:?}; b {cb:?}");
+        assert!(ca.chunked_hits + cb.chunked_hits > 0);
+    }
+}
+
+/// `compression` says "compressed entries carry the algorithm in their flags, so storages
+/// with other settings (or none) still read them". A storage without the writer's zstd
+/// dictionary cannot: every read of the entry counts a cache error and goes to the master,
+/// and since the entry is "not this storage's" it is never replaced (fill.rs `found` /
+/// `lookup_lease`: `Found::Other(_) => Lookup::Master`), so until the TTL that storage never
+/// gets a hit on the key.
+#[test]
+fn storage_without_the_dictionary_still_gets_hits() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-dict");
+    let samples: Vec<Vec<u8>> = (0..300)
+        .map(|i| format!("{{\"id\":{i},\"name\":\"user{i}\",\"tags\":[\"a\",\"b\"],\"bio\":\"lorem ipsum {i}\"}}").into_bytes())
+        .collect();
+    let dict = Arc::new(mcstore::codec::ZstdDictionary::train(&samples, 4096).unwrap());
+    let a = storage_builder(pool_with(&m, Protocol::Text), &dir.path)
+        .compression(Compressor::new(Compression::ZstdDict { level: 3, dict }).min_size(100))
+        .build();
+    let b = storage_builder(pool_with(&m, Protocol::Text), &dir.path)
+        .compression(Compressor::new(Compression::Zstd { level: 3 }).min_size(100))
+        .build();
+    a.create_container("docs").unwrap();
+    let info = a.info("docs", Some("user.json")).unwrap();
+    let doc: Vec<u8> = samples[..40].concat();
+    a.put_content(&info, (&doc).into()).unwrap();
+    assert_eq!(&a.get_content(&info).unwrap()[..], &doc[..]);
+    assert!(a.counters().compressed_fills >= 1, "{:?}", a.counters());
+    for _ in 0..5 {
+        assert_eq!(&b.get_content(&info).unwrap()[..], &doc[..]);
+    }
+    let c = b.counters();
+    assert!(
+        c.hits >= 3 && c.cache_errors == 0,
+        "a storage without the dictionary on an entry a storage with it filled: {c:?}"
+    );
+}
+
+/// A storage whose compressor's `max_decoded` is below content it caches: it fills entries
+/// (compressed; chunked when still over the item size) that it can never read back. Each
+/// read then counts a cache error and reads the master, and for a chunked entry first
+/// fetches every chunk, for ever: `encode_entry` (entry.rs) compresses without checking
+/// that the content is within `max_decoded`, and `read_chunks` does not forget an index
+/// whose content does not decompress.
+#[test]
+fn storage_does_not_fill_entries_it_cannot_read_back() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-maxdec");
+    let s = storage_builder(pool_with(&m, Protocol::Meta), &dir.path)
+        .max_item_size(4096)
+        .chunked_values(16 << 20)
+        .compression(Compressor::new(Compression::Lz4).min_size(100).max_decoded(64 * 1024))
+        .build();
+    s.create_container("docs").unwrap();
+    let small = s.info("docs", Some("small.xml")).unwrap();
+    let big = s.info("docs", Some("big.xml")).unwrap();
+    // 100 KB that lz4 packs under 4 KiB (a plain compressed entry), and 400 KB that it packs
+    // to more than 4 KiB (a compressed, chunked entry).
+    let doc = b"<entry><title>t</title></entry>\n".repeat(3200);
+    let mut x = 1u64;
+    let noisy: Vec<u8> = (0..400_000)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 2 == 0 { b'a' } else { b'a' + (x % 16) as u8 }
+        })
+        .collect();
+    s.put_content(&small, (&doc).into()).unwrap();
+    s.put_content(&big, (&noisy).into()).unwrap();
+    for _ in 0..4 {
+        assert_eq!(&s.get_content(&small).unwrap()[..], &doc[..]);
+        assert_eq!(&s.get_content(&big).unwrap()[..], &noisy[..]);
+    }
+    let c = s.counters();
+    println!("{c:?}");
+    assert!(
+        c.cache_errors == 0 && c.master_reads <= 4,
+        "content over max_decoded: filled, never read back: {c:?}"
+    );
+}
