@@ -997,3 +997,47 @@ fn storage_does_not_fill_entries_it_cannot_read_back() {
         "content over max_decoded: filled, never read back: {c:?}"
     );
 }
+
+/// A storage over a pool of ONE client, chunked content, several threads: the chunk calls
+/// check a client out of the pool (`unpinned`), so a path that held the pool's client
+/// meanwhile would wait on itself. Every read completes, whole, with hits and no cache
+/// errors.
+#[test]
+fn chunked_storage_over_a_pool_of_one_client_does_not_wait_on_itself() {
+    let m = Memcached::start();
+    let dir = TempDir::new("values-attack-pool1");
+    let s = Arc::new(
+        storage_builder(Pool::new(cache_builder(&m, Protocol::Text), 1).unwrap(), &dir.path)
+            .max_item_size(4096)
+            .chunked_values(16 << 20)
+            .compression(Compressor::new(Compression::Zstd { level: 1 }).min_size(100))
+            .build(),
+    );
+    s.create_container("docs").unwrap();
+    let infos: Vec<_> = (0..4)
+        .map(|i| s.info("docs", Some(&format!("d{i}.bin"))).unwrap())
+        .collect();
+    for (i, info) in infos.iter().enumerate() {
+        s.put_content(info, (&versioned(i as u64, 30_000)).into()).unwrap();
+    }
+    let start = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (s, infos) = (s.clone(), infos.clone());
+            thread::spawn(move || {
+                for n in 0..40 {
+                    let i = (t + n) % infos.len();
+                    let v = s.get_content(&infos[i]).unwrap();
+                    assert_eq!(version_of(&v, 30_000), i as u64);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let c = s.counters();
+    println!("{:?} in {:?}", c, start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(c.chunked_hits > 100 && c.cache_errors == 0, "{c:?}");
+}
