@@ -160,7 +160,11 @@ fn child_process_entry() {
                 .unwrap();
             let mut out = Vec::new();
             let r = c.get_chunked(key.as_bytes(), &mut out);
-            println!("get_chunked: {:?} after {:?}", r.as_ref().map(|o| o.is_some()), start.elapsed());
+            println!(
+                "get_chunked: {:?} after {:?}",
+                r.as_ref().map(|o| o.is_some()),
+                start.elapsed()
+            );
             if let Ok(Some(_)) = r {
                 if let Ok(len) = std::env::var("VA_LEN") {
                     version_of(&out, len.parse().unwrap());
@@ -180,7 +184,11 @@ fn child_process_entry() {
             let info = s.info("docs", Some("big.bin")).unwrap();
             let v = s.get_content(&info).unwrap();
             version_of(&v, len);
-            println!("storage read ok after {:?}: {:?}", start.elapsed(), s.counters());
+            println!(
+                "storage read ok after {:?}: {:?}",
+                start.elapsed(),
+                s.counters()
+            );
         }
         m => panic!("unknown child mode {m}"),
     }
@@ -214,7 +222,11 @@ fn hostile_index_of_a_billion_one_byte_chunks_is_refused_cheaply() {
         ],
         CHILD_LIMIT_KB,
     );
-    assert_eq!(status, Some(0), "control read failed after {took:?}:\n{out}");
+    assert_eq!(
+        status,
+        Some(0),
+        "control read failed after {took:?}:\n{out}"
+    );
 
     let hostile = ChunkIndex {
         generation: 0x1234,
@@ -316,7 +328,8 @@ fn hostile_index_in_a_storage_entry_falls_back_to_the_master() {
     // Find the index (an entry whose kind is the storage's chunked kind) and replace it.
     let mut raw = client(&m, Protocol::Meta);
     let mut keys = Vec::new();
-    raw.dump_keys(&m.addr(), |k, _| keys.push(k.to_vec())).unwrap();
+    raw.dump_keys(&m.addr(), |k, _| keys.push(k.to_vec()))
+        .unwrap();
     let mut replaced = 0;
     for k in keys {
         if let Some(item) = raw.get(&k).unwrap() {
@@ -329,8 +342,12 @@ fn hostile_index_in_a_storage_entry_falls_back_to_the_master() {
                     crc: 0,
                     flags: 0,
                 };
-                raw.set(&k, &hostile.encode(), SetOptions::default().flags(item.flags).ttl(600))
-                    .unwrap();
+                raw.set(
+                    &k,
+                    &hostile.encode(),
+                    SetOptions::default().flags(item.flags).ttl(600),
+                )
+                .unwrap();
                 replaced += 1;
             }
         }
@@ -461,10 +478,17 @@ fn item_size_is_not_learned_from_a_server_that_did_not_answer() {
     version_of(&out, value.len());
 
     let mut c = builder(&[m.addr()], Protocol::Text).build().unwrap();
-    let s = builder(&[m.addr()], Protocol::Text).shared().build().unwrap();
+    let s = builder(&[m.addr()], Protocol::Text)
+        .shared()
+        .build()
+        .unwrap();
     m.freeze();
-    assert!(c.set_chunked(b"k1", b"small", SetOptions::default()).is_err());
-    assert!(s.set_chunked(b"k2", b"small", SetOptions::default()).is_err());
+    assert!(c
+        .set_chunked(b"k1", b"small", SetOptions::default())
+        .is_err());
+    assert!(s
+        .set_chunked(b"k2", b"small", SetOptions::default())
+        .is_err());
     m.resume();
     support::wait_for("the server answers again", || {
         c.get(b"control").is_ok() && s.get(b"control").is_ok()
@@ -511,8 +535,12 @@ fn get_chunked_never_misses_a_key_that_is_only_overwritten() {
             .max_value_size(16 * 1024)
             .build()
             .unwrap();
-        w.set_chunked(key.as_bytes(), &versioned(1, len_of(1)), SetOptions::default())
-            .unwrap();
+        w.set_chunked(
+            key.as_bytes(),
+            &versioned(1, len_of(1)),
+            SetOptions::default(),
+        )
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
             let stop = stop.clone();
@@ -520,8 +548,12 @@ fn get_chunked_never_misses_a_key_that_is_only_overwritten() {
             thread::spawn(move || {
                 let mut v = 2u64;
                 while !stop.load(Ordering::Relaxed) {
-                    w.set_chunked(key.as_bytes(), &versioned(v, len_of(v)), SetOptions::default())
-                        .unwrap();
+                    w.set_chunked(
+                        key.as_bytes(),
+                        &versioned(v, len_of(v)),
+                        SetOptions::default(),
+                    )
+                    .unwrap();
                     v += 1;
                 }
                 v
@@ -586,11 +618,18 @@ fn concurrent_set_get_delete_chunked_never_yield_a_wrong_value() {
     for (t, p) in protocols.into_iter().enumerate() {
         let (stop, addr) = (stop.clone(), addr.clone());
         threads.push(thread::spawn(move || {
-            let mut c = builder(&[addr], p).max_value_size(16 * 1024).build().unwrap();
+            let mut c = builder(&[addr], p)
+                .max_value_size(16 * 1024)
+                .build()
+                .unwrap();
             let mut v = (t as u64 + 1) << 32;
             while !stop.load(Ordering::Relaxed) {
-                c.set_chunked(b"contested", &versioned(v, len_of(v)), SetOptions::default())
-                    .unwrap();
+                c.set_chunked(
+                    b"contested",
+                    &versioned(v, len_of(v)),
+                    SetOptions::default(),
+                )
+                .unwrap();
                 v += 1;
             }
         }));
@@ -605,8 +644,12 @@ fn concurrent_set_get_delete_chunked_never_yield_a_wrong_value() {
                 if n % 4 == 0 {
                     sc.delete_chunked(b"contested").unwrap();
                 } else {
-                    sc.set_chunked(b"contested", &versioned(v, len_of(v)), SetOptions::default())
-                        .unwrap();
+                    sc.set_chunked(
+                        b"contested",
+                        &versioned(v, len_of(v)),
+                        SetOptions::default(),
+                    )
+                    .unwrap();
                     v += 1;
                 }
             }
@@ -616,7 +659,10 @@ fn concurrent_set_get_delete_chunked_never_yield_a_wrong_value() {
         let (stop, addr, sc) = (stop.clone(), addr.clone(), sc.clone());
         let (reads, hits) = (reads.clone(), hits.clone());
         threads.push(thread::spawn(move || {
-            let mut c = builder(&[addr], p).max_value_size(16 * 1024).build().unwrap();
+            let mut c = builder(&[addr], p)
+                .max_value_size(16 * 1024)
+                .build()
+                .unwrap();
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let r = if t == 0 {
@@ -658,7 +704,11 @@ fn chunked_values_over_a_frozen_and_a_restarted_server_are_bounded_and_whole() {
     let sc = Arc::new(mk().shared().build().unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let slowest = Arc::new(AtomicU64::new(0));
-    let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let counts = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
     let mut threads = Vec::new();
     {
         let (stop, slowest, mut c) = (stop.clone(), slowest.clone(), mk().build().unwrap());
@@ -674,7 +724,8 @@ fn chunked_values_over_a_frozen_and_a_restarted_server_are_bounded_and_whole() {
         }));
     }
     for t in 0..2 {
-        let (stop, slowest, counts, sc) = (stop.clone(), slowest.clone(), counts.clone(), sc.clone());
+        let (stop, slowest, counts, sc) =
+            (stop.clone(), slowest.clone(), counts.clone(), sc.clone());
         let mut c = mk().build().unwrap();
         threads.push(thread::spawn(move || {
             let mut out = Vec::new();
@@ -723,7 +774,8 @@ fn chunked_values_over_a_frozen_and_a_restarted_server_are_bounded_and_whole() {
     let mut c = mk().build().unwrap();
     let last = versioned(1 << 40, len_of(1 << 40));
     support::wait_for("a write over the recovered servers", || {
-        c.set_chunked(b"spread", &last, SetOptions::default()).is_ok()
+        c.set_chunked(b"spread", &last, SetOptions::default())
+            .is_ok()
     });
     let mut out = Vec::new();
     assert!(c.get_chunked(b"spread", &mut out).unwrap().is_some());
@@ -767,12 +819,24 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
     let mut short = lz4.clone();
     short[..4].copy_from_slice(&((doc.len() - 1) as u32).to_le_bytes());
     cases.push(("lz4 claims a byte less", short, lz4f));
-    cases.push(("lz4 claims 4 GiB", [&[0xff; 4][..], &lz4[4..]].concat(), lz4f));
+    cases.push((
+        "lz4 claims 4 GiB",
+        [&[0xff; 4][..], &lz4[4..]].concat(),
+        lz4f,
+    ));
     cases.push(("lz4 shorter than its length", vec![1, 0], lz4f));
     cases.push(("zstd frame of 80 MiB", zstd_bomb, zf));
-    cases.push(("zstd frame and garbage", [&zstd_a[..], b"garbage!garbage!"].concat(), zf));
+    cases.push((
+        "zstd frame and garbage",
+        [&zstd_a[..], b"garbage!garbage!"].concat(),
+        zf,
+    ));
     cases.push(("zstd truncated", zstd_a[..zstd_a.len() - 3].to_vec(), zf));
-    cases.push(("zstd with the dictionary flag", zstd_a.clone(), flags::ZSTD_DICT));
+    cases.push((
+        "zstd with the dictionary flag",
+        zstd_a.clone(),
+        flags::ZSTD_DICT,
+    ));
     cases.push(("zlib bomb of 80 MiB", zlib_bomb, zlf));
     cases.push(("zlib and trailing bytes", [&zlib[..], b"xx"].concat(), zlf));
     cases.push(("zlib and zstd bits", zlib.clone(), zlf | flags::ZSTD));
@@ -787,10 +851,18 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
         .build()
         .unwrap();
     for p in [Protocol::Text, Protocol::Binary, Protocol::Meta] {
-        let mut c = builder(&[m.addr()], p).max_value_size(4 << 20).build().unwrap();
-        let sc = builder(&[m.addr()], p).max_value_size(4 << 20).shared().build().unwrap();
+        let mut c = builder(&[m.addr()], p)
+            .max_value_size(4 << 20)
+            .build()
+            .unwrap();
+        let sc = builder(&[m.addr()], p)
+            .max_value_size(4 << 20)
+            .shared()
+            .build()
+            .unwrap();
         for (name, bytes, f) in &cases {
-            c.set(b"hostile", bytes, SetOptions::default().flags(*f)).unwrap();
+            c.set(b"hostile", bytes, SetOptions::default().flags(*f))
+                .unwrap();
             let t = Instant::now();
             let r1 = c.get_as(&codec, b"hostile");
             let r2 = sc.get_as(&codec, b"hostile");
@@ -799,22 +871,24 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
             for (front, r) in [("client", r1), ("shared", r2), ("async", r3)] {
                 match r {
                     Err(e) => assert_eq!(e.kind(), ErrorKind::Codec, "{p:?} {front} {name}: {e}"),
-                    Ok(v) => panic!(
-                        "{p:?} {front} {name}: decoded to {:?}",
-                        v.map(|v| v.len())
-                    ),
+                    Ok(v) => panic!("{p:?} {front} {name}: decoded to {:?}", v.map(|v| v.len())),
                 }
             }
             assert!(took < Duration::from_secs(3), "{p:?} {name}: {took:?}");
         }
-        c.set(b"two", &two_frames, SetOptions::default().flags(zf)).unwrap();
+        c.set(b"two", &two_frames, SetOptions::default().flags(zf))
+            .unwrap();
         match c.get_as(&codec, b"two") {
             Err(e) => assert_eq!(e.kind(), ErrorKind::Codec),
             Ok(v) => assert_eq!(v.unwrap(), both, "two zstd frames: not a part of them"),
         }
         // A CHUNKED flag on bytes that are no index.
-        c.set(b"fake-index", b"MCCHUNK1 but not really", SetOptions::default().flags(flags::CHUNKED))
-            .unwrap();
+        c.set(
+            b"fake-index",
+            b"MCCHUNK1 but not really",
+            SetOptions::default().flags(flags::CHUNKED),
+        )
+        .unwrap();
         let mut out = Vec::new();
         assert_eq!(
             c.get_chunked(b"fake-index", &mut out).unwrap_err().kind(),
@@ -826,7 +900,12 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
         );
         // Through Json: a compressed JSON value whose inner flags are wrong.
         let json = Compressed::new(Json, Compressor::new(Compression::None));
-        c.set(b"json", &zlib, SetOptions::default().flags(zlf | flags::POSTCARD)).unwrap();
+        c.set(
+            b"json",
+            &zlib,
+            SetOptions::default().flags(zlf | flags::POSTCARD),
+        )
+        .unwrap();
         let r: mcstore::Result<Option<serde_json::Value>> = c.get_as(&json, b"json");
         assert_eq!(r.unwrap_err().kind(), ErrorKind::Codec);
     }
@@ -842,7 +921,11 @@ fn hostile_compressed_values_are_codec_errors_on_every_front() {
 /// compress): a read that starts after a put returned sees that version or a newer one.
 #[test]
 fn chunked_storage_reads_are_never_older_than_a_returned_put() {
-    for (p, shared) in [(Protocol::Text, false), (Protocol::Meta, true), (Protocol::Binary, true)] {
+    for (p, shared) in [
+        (Protocol::Text, false),
+        (Protocol::Meta, true),
+        (Protocol::Binary, true),
+    ] {
         let m = Memcached::start();
         let dir = TempDir::new("values-attack-stale");
         let cache = || -> CacheClients {
@@ -967,7 +1050,11 @@ fn storage_does_not_fill_entries_it_cannot_read_back() {
     let s = storage_builder(pool_with(&m, Protocol::Meta), &dir.path)
         .max_item_size(4096)
         .chunked_values(16 << 20)
-        .compression(Compressor::new(Compression::Lz4).min_size(100).max_decoded(64 * 1024))
+        .compression(
+            Compressor::new(Compression::Lz4)
+                .min_size(100)
+                .max_decoded(64 * 1024),
+        )
         .build();
     s.create_container("docs").unwrap();
     let small = s.info("docs", Some("small.xml")).unwrap();
@@ -981,7 +1068,11 @@ fn storage_does_not_fill_entries_it_cannot_read_back() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if i % 2 == 0 { b'a' } else { b'a' + (x % 16) as u8 }
+            if i % 2 == 0 {
+                b'a'
+            } else {
+                b'a' + (x % 16) as u8
+            }
         })
         .collect();
     s.put_content(&small, (&doc).into()).unwrap();
@@ -1007,18 +1098,22 @@ fn chunked_storage_over_a_pool_of_one_client_does_not_wait_on_itself() {
     let m = Memcached::start();
     let dir = TempDir::new("values-attack-pool1");
     let s = Arc::new(
-        storage_builder(Pool::new(cache_builder(&m, Protocol::Text), 1).unwrap(), &dir.path)
-            .max_item_size(4096)
-            .chunked_values(16 << 20)
-            .compression(Compressor::new(Compression::Zstd { level: 1 }).min_size(100))
-            .build(),
+        storage_builder(
+            Pool::new(cache_builder(&m, Protocol::Text), 1).unwrap(),
+            &dir.path,
+        )
+        .max_item_size(4096)
+        .chunked_values(16 << 20)
+        .compression(Compressor::new(Compression::Zstd { level: 1 }).min_size(100))
+        .build(),
     );
     s.create_container("docs").unwrap();
     let infos: Vec<_> = (0..4)
         .map(|i| s.info("docs", Some(&format!("d{i}.bin"))).unwrap())
         .collect();
     for (i, info) in infos.iter().enumerate() {
-        s.put_content(info, (&versioned(i as u64, 30_000)).into()).unwrap();
+        s.put_content(info, (&versioned(i as u64, 30_000)).into())
+            .unwrap();
     }
     let start = Instant::now();
     let threads: Vec<_> = (0..4)
@@ -1052,9 +1147,13 @@ fn chunked_storage_over_a_pool_of_one_client_does_not_wait_on_itself() {
 fn failed_set_chunked_does_not_leave_chunks_that_never_expire() {
     let ms: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
     let addrs: Vec<String> = ms.iter().map(Memcached::addr).collect();
-    let mut c = builder(&addrs, Protocol::Text).max_value_size(16 * 1024).build().unwrap();
+    let mut c = builder(&addrs, Protocol::Text)
+        .max_value_size(16 * 1024)
+        .build()
+        .unwrap();
     let value = versioned(1, 200_000);
-    c.set_chunked(b"leaky", &value, SetOptions::default()).unwrap();
+    c.set_chunked(b"leaky", &value, SetOptions::default())
+        .unwrap();
     let chunk_keys = |mc: &Memcached| -> Vec<(Vec<u8>, String)> {
         let mut raw = mc.client();
         let mut keys = Vec::new();
@@ -1073,9 +1172,15 @@ fn failed_set_chunked_does_not_leave_chunks_that_never_expire() {
     // Let the resumed server process what was queued.
     thread::sleep(Duration::from_millis(300));
     let mut out = Vec::new();
-    support::wait_for("the servers answer", || c.get_chunked(b"leaky", &mut out).is_ok());
+    support::wait_for("the servers answer", || {
+        c.get_chunked(b"leaky", &mut out).is_ok()
+    });
     assert!(c.get_chunked(b"leaky", &mut out).unwrap().is_some());
-    assert_eq!(version_of(&out, 200_000), 1, "the failed write's index was not written");
+    assert_eq!(
+        version_of(&out, 200_000),
+        1,
+        "the failed write's index was not written"
+    );
     // The index's generation; every chunk key of another generation is an orphan. (A
     // metadump can miss items: dump a few times, then check each orphan with a get.)
     let mut raw = builder(&addrs, Protocol::Text).build().unwrap();
