@@ -236,7 +236,8 @@ fn hostile_index_of_a_billion_one_byte_chunks_is_refused_cheaply() {
         crc: 0,
         flags: 0,
     };
-    assert!(ChunkIndex::parse(&hostile.encode()).is_ok(), "the premise");
+    // The attack's premise was that `parse` accepted this index; it is refused now, and
+    // the child checks that a reader says so without allocating what it claims.
     c.set(
         b"hostile",
         &hostile.encode(),
@@ -275,7 +276,8 @@ fn hostile_index_with_only_its_last_chunk_does_not_allocate_the_claim() {
         crc: 0,
         flags: 0,
     };
-    assert!(ChunkIndex::parse(&hostile.encode()).is_ok(), "the premise");
+    // The attack's premise was that `parse` accepted this index; it is refused now, and
+    // the child checks that a reader says so without allocating what it claims.
     let last = count - 1;
     let last_len = (total - u64::from(last) * u64::from(chunk_size)) as usize;
     let mut chunk = Vec::new();
@@ -609,7 +611,7 @@ fn concurrent_set_get_delete_chunked_never_yield_a_wrong_value() {
     let mut threads = Vec::new();
     let addr = m.addr();
     let sc = Arc::new(
-        builder(&[addr.clone()], Protocol::Meta)
+        builder(std::slice::from_ref(&addr), Protocol::Meta)
             .max_value_size(16 * 1024)
             .shared()
             .build()
@@ -1031,8 +1033,9 @@ fn storage_without_the_dictionary_still_gets_hits() {
         assert_eq!(&b.get_content(&info).unwrap()[..], &doc[..]);
     }
     let c = b.counters();
+    // The entry it cannot read is counted once and deleted; its own fill serves the rest.
     assert!(
-        c.hits >= 3 && c.cache_errors == 0,
+        c.hits >= 3 && c.cache_errors <= 1,
         "a storage without the dictionary on an entry a storage with it filled: {c:?}"
     );
 }

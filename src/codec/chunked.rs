@@ -31,6 +31,22 @@ pub const CHUNK_HEADER: usize = 16;
 pub const ITEM_OVERHEAD: usize = 1024;
 /// An index claiming more than this is refused (the largest value a chunked read assembles).
 pub const MAX_CHUNKED_LEN: u64 = 1 << 30;
+/// An index claiming more chunks than this is refused: what a reader sets up per chunk (a
+/// key, a slot) stays a few MiB, whatever an index claims.
+pub const MAX_CHUNKS: u32 = 65_536;
+/// Chunks outlive the index that names them by this much: a reader that got an index just
+/// before a new value replaced it still finds the chunks it names (they are set to expire
+/// then, not deleted).
+pub const REPLACED_CHUNKS_LINGER: u32 = 10;
+
+/// The TTL of a value's chunks for the value's `ttl`: a second longer (a relative TTL only:
+/// above 30 days memcached reads it as a Unix time, which is left as it is).
+pub fn chunk_ttl(ttl: u32) -> u32 {
+    match ttl {
+        t @ 1..=2_591_999 => t + 1,
+        t => t,
+    }
+}
 
 /// The index of a chunked value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,17 +91,32 @@ pub fn item_capacity(item_size_max: usize) -> usize {
 impl ChunkIndex {
     /// Plans chunks of `value` for a server whose items hold at most `capacity` bytes of
     /// value ([`item_capacity`]), with a new random generation.
-    pub fn plan(value: &[u8], capacity: usize, flags: u32) -> Self {
-        let chunk_size = (capacity - CHUNK_HEADER).min(u32::MAX as usize) as u32;
-        let count = value.len().div_ceil(chunk_size as usize) as u32;
-        ChunkIndex {
+    ///
+    /// # Errors
+    /// [`Error::Codec`] if `value` is over [`MAX_CHUNKED_LEN`], or would need more than
+    /// [`MAX_CHUNKS`] chunks of that capacity (readers refuse such an index).
+    pub fn plan(value: &[u8], capacity: usize, flags: u32) -> Result<Self> {
+        let chunk_size = capacity.saturating_sub(CHUNK_HEADER).min(u32::MAX as usize);
+        let count = match chunk_size {
+            0 => usize::MAX,
+            size => value.len().div_ceil(size),
+        };
+        if value.len() as u64 > MAX_CHUNKED_LEN || count > MAX_CHUNKS as usize {
+            return Err(Error::Codec(format!(
+                "a value of {} bytes does not fit {MAX_CHUNKS} chunks of {chunk_size} bytes \
+                 (at most {MAX_CHUNKED_LEN} bytes; the item size or max_value_size is too small)",
+                value.len()
+            )));
+        }
+        let (chunk_size, count) = (chunk_size as u32, count as u32);
+        Ok(ChunkIndex {
             generation: random_generation(),
             total: value.len() as u64,
             chunk_size,
             count,
             crc: crc32fast::hash(value),
             flags,
-        }
+        })
     }
 
     /// The index's bytes.
@@ -123,6 +154,9 @@ impl ChunkIndex {
         };
         if ix.total > MAX_CHUNKED_LEN {
             return Err(bad("claims more than 1 GiB"));
+        }
+        if ix.count > MAX_CHUNKS {
+            return Err(bad("claims more than 65,536 chunks"));
         }
         if ix.chunk_size == 0 || u64::from(ix.count) != ix.total.div_ceil(u64::from(ix.chunk_size))
         {
@@ -173,26 +207,30 @@ impl ChunkIndex {
 }
 
 /// Puts a chunked value back together from its chunks, in any order, into a caller's buffer.
+///
+/// Chunks that arrive in order are appended; one that arrives early waits in a slot of its
+/// own. Memory grows with the chunks that arrive, never with what an index claims.
 #[derive(Debug)]
 pub struct Assembler<'o> {
     index: ChunkIndex,
     out: &'o mut Vec<u8>,
     start: usize,
-    have: Vec<bool>,
-    placed: u32,
+    /// Chunks appended so far (`0..next`).
+    next: u32,
+    /// Chunks that came before their turn: slot `k` holds chunk `next + k`.
+    early: std::collections::VecDeque<Option<Vec<u8>>>,
 }
 
 impl<'o> Assembler<'o> {
-    /// Assembles `index`'s value at the end of `out`. Memory grows with the chunks that
-    /// arrive, never with what an index claims.
+    /// Assembles `index`'s value at the end of `out`.
     pub fn new(index: ChunkIndex, out: &'o mut Vec<u8>) -> Self {
         let start = out.len();
         Assembler {
             index,
             out,
             start,
-            have: vec![false; index.count as usize],
-            placed: 0,
+            next: 0,
+            early: std::collections::VecDeque::new(),
         }
     }
 
@@ -224,15 +262,29 @@ impl<'o> Assembler<'o> {
                 ix.part_len(i)
             )));
         }
-        if std::mem::replace(&mut self.have[i as usize], true) {
+        let slot = (i - self.next.min(i)) as usize;
+        let duplicate = i < self.next || self.early.get(slot).is_some_and(Option::is_some);
+        if duplicate {
             return Err(bad(format!("chunk {i} arrived twice")));
         }
-        let at = self.start + i as usize * ix.chunk_size as usize;
-        if self.out.len() < at + part.len() {
-            self.out.resize(at + part.len(), 0);
+        if i > self.next {
+            // Slots for the chunks between: one per chunk that actually arrived early at most
+            // (a slot is 24 bytes), bounded by MAX_CHUNKS.
+            if self.early.len() <= slot {
+                self.early.resize(slot + 1, None);
+            }
+            self.early[slot] = Some(part.to_vec());
+            return Ok(());
         }
-        self.out[at..at + part.len()].copy_from_slice(part);
-        self.placed += 1;
+        self.out.extend_from_slice(part);
+        self.next += 1;
+        // Chunks that were waiting for this one.
+        self.early.pop_front();
+        while let Some(Some(_)) = self.early.front() {
+            let waiting = self.early.pop_front().flatten().expect("checked");
+            self.out.extend_from_slice(&waiting);
+            self.next += 1;
+        }
         Ok(())
     }
 
@@ -242,7 +294,7 @@ impl<'o> Assembler<'o> {
     /// # Errors
     /// [`Error::Codec`] if the CRC does not match (`out` as it was).
     pub fn finish(self) -> Result<bool> {
-        if self.placed != self.index.count {
+        if self.next != self.index.count {
             self.out.truncate(self.start);
             return Ok(false);
         }
@@ -272,7 +324,7 @@ mod tests {
     #[test]
     fn chunks_reassemble_in_any_order_and_the_index_round_trips() {
         let v = value(10_000);
-        let ix = ChunkIndex::plan(&v, 1016 + CHUNK_HEADER, 0x0001_0000);
+        let ix = ChunkIndex::plan(&v, 1016 + CHUNK_HEADER, 0x0001_0000).unwrap();
         assert_eq!(ix.count, 10);
         assert_eq!(ChunkIndex::parse(&ix.encode()).unwrap(), ix);
         let mut out = b"pre".to_vec();
@@ -285,14 +337,17 @@ mod tests {
         let keys = ix.chunk_keys(b"k");
         assert_eq!(keys.len(), 10);
         assert!(keys.iter().all(|k| k.len() < 64 && !k.contains(&b' ')));
-        assert_ne!(keys, ChunkIndex::plan(&v, 1032, 0).chunk_keys(b"k"));
+        assert_ne!(
+            keys,
+            ChunkIndex::plan(&v, 1032, 0).unwrap().chunk_keys(b"k")
+        );
     }
 
     #[test]
     fn missing_foreign_short_and_corrupt_chunks_never_yield_a_value() {
         let v = value(5000);
-        let ix = ChunkIndex::plan(&v, 1000, 0);
-        let other = ChunkIndex::plan(&v, 1000, 0);
+        let ix = ChunkIndex::plan(&v, 1000, 0).unwrap();
+        let other = ChunkIndex::plan(&v, 1000, 0).unwrap();
         // Missing.
         let mut out = Vec::new();
         let mut a = Assembler::new(ix, &mut out);
@@ -325,7 +380,7 @@ mod tests {
 
     #[test]
     fn hostile_indexes_are_refused() {
-        let ix = ChunkIndex::plan(&value(3000), 1000, 0);
+        let ix = ChunkIndex::plan(&value(3000), 1000, 0).unwrap();
         let good = ix.encode();
         assert!(ChunkIndex::parse(&good[..39]).is_err());
         let mut b = good;

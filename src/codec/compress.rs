@@ -178,6 +178,11 @@ impl Compressor {
         max_decoded(bytes: usize) => max_decoded;
     }
 
+    /// The largest value it decompresses ([`max_decoded`](Self::max_decoded)).
+    pub fn max_decoded_len(&self) -> usize {
+        self.max_decoded
+    }
+
     /// The algorithm values are written with.
     pub fn algorithm(&self) -> &Compression {
         &self.algo

@@ -1,7 +1,7 @@
 //! The typed and chunked calls of [`Client`] and [`SharedClient`]: thin loops over their byte
 //! calls, written once for both through [`Front`].
 
-use super::chunked::{item_capacity, Assembler, ChunkIndex};
+use super::chunked::{chunk_ttl, item_capacity, Assembler, ChunkIndex, REPLACED_CHUNKS_LINGER};
 use super::{flags, merge_flags, Codec};
 use crate::client::{Client, ItemInfo, ItemRef, SetOptions};
 use crate::error::{Error, Result};
@@ -17,6 +17,7 @@ pub(crate) trait Front {
     fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()>;
     fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize>;
     fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize>;
+    fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool>;
     /// The largest value an item may hold on every server, less room for its key and header.
     fn capacity(&mut self) -> usize;
 }
@@ -37,14 +38,19 @@ impl Front for Client {
     fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
         self.delete_multi(keys)
     }
+    fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
+        self.touch(key, ttl)
+    }
     fn capacity(&mut self) -> usize {
         let max_value = self.max_value();
         let size = match self.item_size {
             Some(s) => s,
             None => {
-                let s = item_size_max(self.stats(Some("settings")));
-                self.item_size = Some(s);
-                s
+                let asked = item_size_max(self.stats(Some("settings")));
+                // Kept only once a server answered: a default taken while every server was
+                // down would stay wrong for good.
+                self.item_size = asked;
+                asked.unwrap_or(DEFAULT_ITEM_SIZE_MAX)
             }
         };
         item_capacity(size).min(max_value)
@@ -67,23 +73,31 @@ impl Front for &SharedClient {
     fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
         self.delete_multi(keys)
     }
+    fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
+        self.touch(key, ttl)
+    }
     fn capacity(&mut self) -> usize {
-        let size = *self
-            .item_size_cell()
-            .get_or_init(|| item_size_max(self.stats(Some("settings"))));
+        let cell = self.item_size_cell();
+        let size = match cell.get() {
+            Some(&s) => s,
+            None => match item_size_max(self.stats(Some("settings"))) {
+                // Kept only once a server answered (see `Client`'s).
+                Some(s) => *cell.get_or_init(|| s),
+                None => DEFAULT_ITEM_SIZE_MAX,
+            },
+        };
         item_capacity(size).min(self.max_value_size())
     }
 }
 
-/// The smallest `item_size_max` the servers report (memcached's default if none does).
-fn item_size_max(stats: Result<Vec<crate::client::ServerStats>>) -> usize {
+/// The smallest `item_size_max` the servers report (`None` if none does).
+fn item_size_max(stats: Result<Vec<crate::client::ServerStats>>) -> Option<usize> {
     stats
         .ok()
         .into_iter()
         .flatten()
         .filter_map(|s| s.get("item_size_max")?.parse::<usize>().ok())
         .min()
-        .unwrap_or(DEFAULT_ITEM_SIZE_MAX)
 }
 
 /// Encodes `value` for a typed store: its bytes and its flags (the codec's and `opts`').
@@ -163,35 +177,44 @@ pub(crate) fn set_chunked(
     if value.len() <= capacity {
         f.set_value(key, value, opts)?;
     } else {
-        let index = ChunkIndex::plan(value, capacity, opts.flags);
-        let items: Vec<(Vec<u8>, Vec<u8>)> = index
-            .chunk_keys(key)
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| (k, index.chunk(value, i as u32)))
+        let index = ChunkIndex::plan(value, capacity, opts.flags)?;
+        let keys = index.chunk_keys(key);
+        let items: Vec<(Vec<u8>, Vec<u8>)> = (keys.iter().enumerate())
+            .map(|(i, k)| (k.clone(), index.chunk(value, i as u32)))
             .collect();
         // Chunks outlive their index by a second, so that an index never finds its chunks
-        // expired before itself (a relative TTL; an absolute one is left as it is).
-        let chunk_ttl = match opts.ttl {
-            t @ 1..=2_591_999 => t + 1,
-            t => t,
-        };
-        let stored = f.set_many(&items, SetOptions::default().ttl(chunk_ttl))?;
-        if stored != items.len() {
-            return Err(Error::Codec(format!(
-                "only {stored} of {} chunks were stored; the index was not written",
+        // expired before itself.
+        let chunk_opts = SetOptions::default().ttl(chunk_ttl(opts.ttl));
+        let written = match f.set_many(&items, chunk_opts) {
+            Ok(n) if n == items.len() => Ok(()),
+            Ok(n) => Err(Error::Codec(format!(
+                "only {n} of {} chunks were stored; the index was not written",
                 items.len()
-            )));
+            ))),
+            Err(e) => Err(e),
         }
-        f.set_value(
-            key,
-            &index.encode(),
-            opts.flags(opts.flags | flags::CHUNKED),
-        )?;
+        .and_then(|()| {
+            f.set_value(
+                key,
+                &index.encode(),
+                opts.flags(opts.flags | flags::CHUNKED),
+            )
+        });
+        if let Err(e) = written {
+            // Best effort: no index names these chunks (and with TTL 0 they would not expire).
+            let _ = f.delete_many(&keys);
+            return Err(e);
+        }
     }
     if let Some(keys) = old {
+        // The previous value's chunks expire shortly rather than at once: a reader that got
+        // its index just before this write still finds them (the old value, not a miss).
         // Best effort: chunks left behind expire or are evicted.
-        let _ = f.delete_many(&keys);
+        for k in keys {
+            if f.touch_one(&k, REPLACED_CHUNKS_LINGER).is_err() {
+                break;
+            }
+        }
     }
     Ok(())
 }

@@ -122,7 +122,7 @@ pub fn codec_decode(data: &[u8]) {
     // A value planned into chunks, shuffled by the input, comes back whole.
     if !body.is_empty() {
         let capacity = 16 + 1 + body[0] as usize % 64;
-        let ix = ChunkIndex::plan(body, capacity, 0);
+        let ix = ChunkIndex::plan(body, capacity, 0).expect("a fuzz input fits");
         let mut out = Vec::new();
         let mut asm = Assembler::new(ix, &mut out);
         let mut order: Vec<u32> = (0..ix.count).collect();
@@ -164,7 +164,7 @@ pub fn codec_seeds() -> Vec<Vec<u8>> {
     let m: BTreeMap<String, f64> = [("a".to_string(), 1.5)].into_iter().collect();
     let f = Json.encode(&m, &mut j).expect("encodes");
     seeds.push(with(f, &j));
-    let ix = ChunkIndex::plan(&doc, 16 + 100, 0);
+    let ix = ChunkIndex::plan(&doc, 16 + 100, 0).expect("fits");
     let mut chunked = with(flags::CHUNKED, &ix.encode());
     for i in 0..ix.count {
         chunked.extend_from_slice(&ix.chunk(&doc, i));

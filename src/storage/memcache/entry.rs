@@ -14,7 +14,7 @@
 use bytes::Bytes;
 
 use crate::client::SetOptions;
-use crate::codec::chunked::{Assembler, ChunkIndex, CHUNK_HEADER};
+use crate::codec::chunked::{chunk_ttl, Assembler, ChunkIndex, CHUNK_HEADER};
 use crate::codec::flags::ANY_COMPRESSION;
 use crate::codec::Front;
 
@@ -38,8 +38,12 @@ pub(super) enum Found {
     Content(Bytes),
     /// The index of chunked content, and the compression bits of the content.
     Chunked(ChunkIndex, u32),
-    /// Not this storage's content: a marker, or an entry it cannot read.
+    /// Not this storage's content: a marker, or an entry not written by a storage.
     Other(u32),
+    /// A storage's entry this storage cannot read (compressed with a dictionary it does not
+    /// have, damaged): counted as a cache error; the lookup deletes it, so that the next
+    /// reader fills it again instead of every read going to the master until its TTL.
+    Undecodable,
 }
 
 /// The kind of an entry, without its compression bits.
@@ -55,7 +59,8 @@ impl Shared {
         let s = &self.settings;
         let mut data = Vec::new();
         let bits = match &s.compressor {
-            Some(c) => match c.compress(value, &mut data) {
+            // Never an entry this storage could not read back.
+            Some(c) if value.len() <= c.max_decoded_len() => match c.compress(value, &mut data) {
                 Ok(bits) => bits,
                 Err(_) => {
                     data.clear();
@@ -63,7 +68,7 @@ impl Shared {
                     0
                 }
             },
-            None => {
+            _ => {
                 data.extend_from_slice(value);
                 0
             }
@@ -86,16 +91,15 @@ impl Shared {
         if value.len() > s.chunked_max || s.max_item_size <= CHUNK_HEADER {
             return too_large();
         }
-        let index = ChunkIndex::plan(&data, s.max_item_size, bits);
+        let Ok(index) = ChunkIndex::plan(&data, s.max_item_size, bits) else {
+            return too_large();
+        };
         let keys = index.chunk_keys(key.as_bytes());
         let items: Vec<(Vec<u8>, Vec<u8>)> = (keys.iter().enumerate())
             .map(|(i, k)| (k.clone(), index.chunk(&data, i as u32)))
             .collect();
         // The chunks outlive the index by a second: an index never finds them expired first.
-        let opts = SetOptions::default().ttl(match s.ttl {
-            0 => 0,
-            t => t.saturating_add(1),
-        });
+        let opts = SetOptions::default().ttl(chunk_ttl(s.ttl));
         let stored = self.unpinned(|c| c.set_many(&items, opts));
         match stored {
             Ok(n) if n == items.len() => Entry {
@@ -159,13 +163,13 @@ impl Shared {
             FLAG_VALUE if bits == 0 => Found::Content(Bytes::from(value)),
             FLAG_VALUE => match self.decompress(&value, bits) {
                 Some(v) => Found::Content(Bytes::from(v)),
-                None => Found::Other(flags),
+                None => Found::Undecodable,
             },
             FLAG_CHUNKED => match ChunkIndex::parse(&value) {
                 Ok(ix) => Found::Chunked(ix, bits),
                 Err(e) => {
                     self.cache_failed(&e);
-                    Found::Other(flags)
+                    Found::Undecodable
                 }
             },
             _ => Found::Other(flags),
@@ -226,7 +230,13 @@ impl Shared {
         let content = if bits == 0 {
             out
         } else {
-            self.decompress(&out, bits)?
+            match self.decompress(&out, bits) {
+                Some(c) => c,
+                None => {
+                    self.forget_index(key);
+                    return None;
+                }
+            }
         };
         bump(
             &self.counters.chunked_hits,

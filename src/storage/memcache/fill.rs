@@ -33,6 +33,8 @@ enum Lookup {
     Master,
     /// Another reader is filling it: look again shortly (without holding a client).
     Wait,
+    /// An entry this storage cannot read: deleted by the lookup, then the master serves.
+    Undecodable,
 }
 
 impl Shared {
@@ -97,9 +99,16 @@ impl Shared {
                 // The lookup's calls all go to that server, whatever another client of the
                 // pool ejects meanwhile; which process it is decides where the fill may go
                 // (`fill`).
-                let r = c.pinned(server, |c| {
+                let r = c.pinned(server, |c| -> Result<Lookup> {
                     instance = Some(c.instance(server)?);
-                    self.lookup(c, &key)
+                    match self.lookup(c, &key)? {
+                        Lookup::Undecodable => {
+                            // Deleted where it was found (always safe: the next reader fills).
+                            c.delete(key.as_bytes())?;
+                            Ok(Lookup::Master)
+                        }
+                        lookup => Ok(lookup),
+                    }
                 });
                 match r {
                     Ok(lookup) => {
@@ -148,7 +157,7 @@ impl Shared {
                     self.master_get(m, info, part)
                 }
             },
-            Lookup::Master | Lookup::Wait => {
+            Lookup::Master | Lookup::Wait | Lookup::Undecodable => {
                 bump(&self.counters.misses, "mcstore_storage_misses_total");
                 self.master_get(m, info, part)
             }
@@ -210,7 +219,7 @@ impl Shared {
                     return match self.decode_entry(info.flags, buf) {
                         Found::Content(v) => Some(v),
                         Found::Chunked(index, bits) => self.read_chunks(key, index, bits),
-                        Found::Other(_) => None,
+                        Found::Other(_) | Found::Undecodable => None,
                     }
                 }
                 Ok(None) => return None,
@@ -269,6 +278,7 @@ impl Shared {
             Some(i) => match self.decode_entry(i.flags, value) {
                 Found::Content(v) => Lookup::Hit(v),
                 Found::Chunked(index, bits) => Lookup::Chunked(index, bits),
+                Found::Undecodable => Lookup::Undecodable,
                 Found::Other(_) => Lookup::Master,
             },
         })
@@ -278,6 +288,7 @@ impl Shared {
         Ok(match self.decode_entry(flags, value) {
             Found::Content(v) => Lookup::Hit(v),
             Found::Chunked(index, bits) => Lookup::Chunked(index, bits),
+            Found::Undecodable => Lookup::Undecodable,
             // Another reader is filling.
             Found::Other(FLAG_FILLING) => Lookup::Wait,
             // "Read the master", or not written by us (treat as absent, do not overwrite it),

@@ -210,8 +210,12 @@ impl MemcacheStorageBuilder {
     }
 
     /// Compresses cached content with `compressor` (at or above its
-    /// [`min_size`](crate::codec::Compressor::min_size)); compressed entries carry the
-    /// algorithm in their flags, so storages with other settings (or none) still read them.
+    /// [`min_size`](crate::codec::Compressor::min_size), and up to its
+    /// [`max_decoded`](crate::codec::Compressor::max_decoded): never an entry it could not
+    /// read back); compressed entries carry the algorithm in their flags, so storages with
+    /// other settings (or none) still read them, except zstd with a dictionary, which needs
+    /// the same dictionary: a storage without it deletes such an entry when it meets it (a
+    /// cache error) and fills its own.
     /// [`StorageCounters::compressed_fills`] and [`StorageCounters::bytes_saved`] show what
     /// it saved.
     pub fn compression(mut self, compressor: crate::codec::Compressor) -> Self {
