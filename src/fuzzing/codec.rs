@@ -9,6 +9,9 @@ use crate::codec::{
     flags, Codec, Compressed, Compression, Compressor, Json, Postcard, Raw, Text, ZstdDictionary,
 };
 
+/// A serde type with strings, numbers, options and nested sequences.
+type Records = Vec<(String, u64, Option<Vec<u8>>)>;
+
 /// Decompressed values over this are refused in the fuzz run (small: a bomb is cheap to find).
 const LIMIT: usize = 1 << 20;
 
@@ -93,7 +96,7 @@ pub fn codec_decode(data: &[u8]) {
     if f & flags::ANY_COMPRESSION != 0 {
         assert!(Raw.decode(body, f).is_err() && Text.decode(body, f).is_err());
     }
-    let _: Option<Vec<(String, u64, Option<Vec<u8>>)>> = Postcard.decode(body, f).ok();
+    let _: Option<Records> = Postcard.decode(body, f).ok();
     let _: Option<BTreeMap<String, f64>> = Json.decode(body, f).ok();
     let _: Option<(u8, String, Vec<i32>)> = Postcard.decode(body, flags::POSTCARD).ok();
     // Chunks: the first 40 bytes as an index, the rest as chunks of varying lengths.
