@@ -2854,3 +2854,41 @@ fn compressed_and_chunked_entries() {
         assert_eq!(plain.counters().master_reads, 0, "{:?}", plain.counters());
     }
 }
+
+/// #30: the largest entry follows the servers' item size (`stats settings`): 1.5 MiB of
+/// content is one entry on memcached `-I 2m`, chunks on `-I 1m`, and the master's without
+/// chunks.
+#[test]
+fn the_entry_size_follows_the_servers_item_size() {
+    let content = vec![b'x'; 1536 << 10];
+    for (item_size, chunked, one_entry) in [
+        ("2m", false, true),
+        ("1m", true, false),
+        ("1m", false, false),
+    ] {
+        let mc = Memcached::with_args(&["-I", item_size]);
+        let dir = TempDir::new("mcstore-master-item-size");
+        let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
+        let mut b = MemcacheStorage::builder(pool_with(&mc, Protocol::Meta), master);
+        if chunked {
+            b = b.chunked_values(8 << 20);
+        }
+        let s = b.build();
+        s.create_container("c").unwrap();
+        let info = s.info("c", Some("big")).unwrap();
+        s.put_content(&info, (&content).into()).unwrap();
+        for _ in 0..3 {
+            assert!(s.get_content(&info).unwrap()[..] == content[..]);
+        }
+        let c = s.counters();
+        let what = format!("-I {item_size}, chunked {chunked}: {c:?}");
+        match (one_entry, chunked) {
+            (true, _) => assert!(
+                c.fills == 1 && c.chunked_fills == 0 && c.hits == 2,
+                "{what}"
+            ),
+            (false, true) => assert!(c.chunked_fills == 1 && c.chunked_hits == 2, "{what}"),
+            (false, false) => assert!(c.hits == 0 && c.master_reads == 3, "{what}"),
+        }
+    }
+}

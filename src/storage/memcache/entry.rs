@@ -80,7 +80,8 @@ impl Shared {
             chunks: Vec::new(),
             saved: 0,
         };
-        if data.len() <= s.max_item_size {
+        let item = self.item_capacity();
+        if data.len() <= item {
             return Entry {
                 data,
                 flags: FLAG_VALUE | bits,
@@ -88,10 +89,10 @@ impl Shared {
                 saved,
             };
         }
-        if value.len() > s.chunked_max || s.max_item_size <= CHUNK_HEADER {
+        if value.len() > s.chunked_max || item <= CHUNK_HEADER {
             return too_large();
         }
-        let Ok(index) = ChunkIndex::plan(&data, s.max_item_size, bits) else {
+        let Ok(index) = ChunkIndex::plan(&data, item, bits) else {
             return too_large();
         };
         let keys = index.chunk_keys(key.as_bytes());
@@ -115,6 +116,17 @@ impl Shared {
                 self.delete_chunks(&keys);
                 too_large()
             }
+        }
+    }
+
+    /// The largest entry cached in one item: the builder's `max_item_size`, or the servers'
+    /// item size as a chunked `set` takes it (each client asks once a server answers).
+    fn item_capacity(&self) -> usize {
+        match self.settings.max_item_size {
+            Some(n) => n,
+            None => self
+                .unpinned(|c| Ok(c.capacity()))
+                .unwrap_or(crate::codec::chunked::item_capacity(1024 * 1024)),
         }
     }
 

@@ -146,7 +146,8 @@ struct Settings {
     master: Arc<dyn Storage>,
     keys: KeyGenerator,
     ttl: u32,
-    max_item_size: usize,
+    /// `None`: the servers' item size (`stats settings`), as a chunked `set` takes it.
+    max_item_size: Option<usize>,
     fill_wait: Duration,
     filler_ttl: u32,
     /// Compresses content (`None`: stored as it is; compressed entries are still read).
@@ -185,10 +186,6 @@ impl MemcacheStorageBuilder {
         /// no expiry, and no such bound.
         ttl(ttl: u32) => settings.ttl;
 
-        /// Largest content cached (default 1 MiB less 1 KiB of item overhead, for memcached's
-        /// default `-I 1m`); larger content is served from the master.
-        max_item_size(bytes: usize) => settings.max_item_size;
-
         /// How long a reader waits for another reader's fill before reading the master itself
         /// (default 200 ms).
         fill_wait(wait: Duration) => settings.fill_wait;
@@ -207,6 +204,15 @@ impl MemcacheStorageBuilder {
         /// the chunks); orphan chunks (a fill that lost its race, a process that died)
         /// expire with the TTL.
         chunked_values(max_bytes: usize) => settings.chunked_max;
+    }
+
+    /// Largest entry cached in one item (default: the servers' item size, from `stats
+    /// settings` as a chunked `set` asks it, less 1 KiB of item overhead, and at most the
+    /// cache clients' `max_value_size`); larger content is cached as chunks with
+    /// [`chunked_values`](Self::chunked_values), or else served from the master.
+    pub fn max_item_size(mut self, bytes: usize) -> Self {
+        self.settings.max_item_size = Some(bytes);
+        self
     }
 
     /// Compresses cached content with `compressor` (at or above its
@@ -427,7 +433,7 @@ impl MemcacheStorage {
                 master,
                 keys: KeyGenerator::default(),
                 ttl: DEFAULT_TTL,
-                max_item_size: 1024 * 1024 - 1024,
+                max_item_size: None,
                 fill_wait: Duration::from_millis(200),
                 filler_ttl: FILLING_TTL,
                 compressor: None,
