@@ -202,7 +202,9 @@ impl MemcacheStorageBuilder {
         /// a reader gets current content or a miss, never a mix (see `set_chunked` in
         /// [`crate::codec::chunked`]). A chunked hit costs one more request (a multi-get of
         /// the chunks); orphan chunks (a fill that lost its race, a process that died)
-        /// expire with the TTL.
+        /// expire with the TTL. Storages sharing a cache should agree on it: one without
+        /// chunks marks large content "read the master" for the TTL, and the others then
+        /// read it from the master too.
         chunked_values(max_bytes: usize) => settings.chunked_max;
     }
 
