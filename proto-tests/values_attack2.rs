@@ -1,0 +1,160 @@
+//! Attack round 2 on typed, compressed and chunked values: concurrent chunked writers, the
+//! storage's never-stale promise with chunked and compressed entries over a PostgreSQL
+//! master with copies and a restarted server, and values shared with python-memcached and
+//! pylibmc.
+
+use mcstore_test_support as support;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mcstore::codec::chunked::ChunkIndex;
+use mcstore::codec::{flags, Compressed, Compression, Compressor, Raw, Text};
+use mcstore::storage::{CacheClients, MemcacheStorage, Storage};
+use mcstore::{Client, Pool, Protocol, SetOptions};
+use support::Memcached;
+
+fn builder(addrs: &[String], p: Protocol) -> mcstore::ClientBuilder {
+    support::client_builder()
+        .protocol(p)
+        .servers(addrs.to_vec())
+        .io_timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_millis(300))
+        .max_value_size(8 << 20)
+}
+
+/// A value that says which version it is, and whose every byte can be checked.
+fn versioned(version: u64, len: usize) -> Vec<u8> {
+    let mut v = version.to_le_bytes().to_vec();
+    let mut x = version.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(x as u8);
+    }
+    v
+}
+
+fn version_of(v: &[u8], len: usize) -> u64 {
+    assert!(v.len() >= 8, "a value of {} bytes", v.len());
+    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
+    assert!(
+        v == versioned(version, len).as_slice(),
+        "a damaged or mixed value (claims version {version}, {} bytes)",
+        v.len()
+    );
+    version
+}
+
+/// Chunk keys on `m` that never expire (`exp=-1`), with their metadata.
+fn immortal_chunks(m: &Memcached) -> Vec<String> {
+    let mut left = Vec::new();
+    m.client()
+        .dump_keys(&m.addr(), |k, meta| {
+            if k.starts_with(b"mcstore-chunk:") && meta.contains("exp=-1") {
+                left.push(format!("{} {meta}", String::from_utf8_lossy(k)));
+            }
+        })
+        .unwrap();
+    left
+}
+
+/// Two writers `set_chunked` the same key with TTL 0 at once. Each reads the previous index
+/// before writing (`previous_chunks`, src/codec/typed.rs) and expires only the chunks *it*
+/// saw: when both read the same old index, the chunks of the write that lost (overwritten by
+/// the other's index) are named by no index and, with TTL 0, never expire. After the race
+/// only the current index's chunks should be immortal (replaced ones linger 10 s).
+#[test]
+fn concurrent_set_chunked_writers_leave_no_immortal_chunks() {
+    let m = Memcached::with_args(&["-I", "1m"]);
+    let len = 1_500_000; // two chunks of ~1 MiB
+    let orphans_of = |c: &mut Client| -> Vec<String> {
+        let index = c.get(b"hot").unwrap().unwrap();
+        assert_ne!(index.flags & flags::CHUNKED, 0);
+        let ix = ChunkIndex::parse(&index.value).unwrap();
+        let current = format!(":{:016x}:", ix.generation);
+        let mut out = Vec::new();
+        c.get_chunked(b"hot", &mut out).unwrap().unwrap();
+        version_of(&out, len);
+        immortal_chunks(&m)
+            .into_iter()
+            .filter(|k| !k.contains(&current))
+            .collect()
+    };
+    // One writer at a time: replaced chunks are set to expire, none stays.
+    let mut c = m.client();
+    for i in 0..3 {
+        c.set_chunked(b"hot", &versioned(1000 + i, len), SetOptions::default())
+            .unwrap();
+    }
+    assert_eq!(orphans_of(&mut c), Vec::<String>::new());
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let addr = m.addr();
+            thread::spawn(move || {
+                let mut c = builder(&[addr], Protocol::Text).build().unwrap();
+                for i in 0..15u64 {
+                    c.set_chunked(b"hot", &versioned(w * 100 + i, len), SetOptions::default())
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in writers {
+        t.join().unwrap();
+    }
+    let orphans = orphans_of(&mut c);
+    assert!(
+        orphans.is_empty(),
+        "{} chunks of overwritten values never expire (no index names them): {:?}",
+        orphans.len(),
+        &orphans[..orphans.len().min(4)]
+    );
+}
+
+/// `delete_chunked` racing `set_chunked` on one key (TTL 0): a delete that read the index
+/// before the set wrote its own deletes the old chunks and the *new* index, and the new
+/// chunks stay for ever. Afterwards nothing may be immortal but the chunks of the index the
+/// key holds (if any).
+#[test]
+fn delete_chunked_racing_set_chunked_leaves_no_immortal_chunks() {
+    let m = Memcached::with_args(&["-I", "1m"]);
+    let len = 1_500_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleter = {
+        let (addr, stop) = (m.addr(), stop.clone());
+        thread::spawn(move || {
+            let mut c = builder(&[addr], Protocol::Text).build().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                c.delete_chunked(b"k").unwrap();
+            }
+        })
+    };
+    let mut c = builder(&[m.addr()], Protocol::Text).build().unwrap();
+    for i in 0..20 {
+        c.set_chunked(b"k", &versioned(i, len), SetOptions::default())
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    deleter.join().unwrap();
+    let current = match c.get(b"k").unwrap() {
+        Some(i) if i.flags & flags::CHUNKED != 0 => {
+            format!(":{:016x}:", ChunkIndex::parse(&i.value).unwrap().generation)
+        }
+        _ => "no index".to_string(),
+    };
+    let orphans: Vec<String> = immortal_chunks(&m)
+        .into_iter()
+        .filter(|k| !k.contains(&current))
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "{} chunks no index names never expire: {:?}",
+        orphans.len(),
+        &orphans[..orphans.len().min(4)]
+    );
+}
