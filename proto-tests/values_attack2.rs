@@ -274,3 +274,110 @@ fn chunked_compressed_reads_over_postgres_with_copies_and_a_restart_are_never_st
     );
     assert!(check(&a.get_content(&info).unwrap()) >= committed.load(Ordering::SeqCst));
 }
+
+/// The Python side for python-memcached (`memcache`) and pylibmc: reads what Rust wrote,
+/// printing type, length and a digest, then writes str, bytes (both compressed) and an int.
+const PY: &str = r#"
+import hashlib, sys
+which, addr = sys.argv[1], sys.argv[2]
+if which == "memcache":
+    import memcache
+    c = memcache.Client([addr])
+    def put(k, v): c.set(k, v, min_compress_len=100)
+else:
+    import pylibmc
+    c = pylibmc.Client([addr], binary=False)
+    def put(k, v): c.set(k, v, min_compress_len=100)
+for key in ["rs:text", "rs:bytes", "rs:small"]:
+    v = c.get(key)
+    raw = v.encode() if isinstance(v, str) else v
+    print(key, type(v).__name__, len(raw), hashlib.sha256(raw).hexdigest())
+doc = ("<entry>" + "é" * 40 + "</entry>\n") * 100
+put("py:text", doc)
+put("py:bytes", doc.encode() * 2)
+c.set("py:int", 42)
+print("wrote", hashlib.sha256(doc.encode()).hexdigest())
+"#;
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Values cross between mcstore and python-memcached / pylibmc both ways, as the codec docs
+/// say (zlib bit 3, text bit 4, ints bit 1 or 2): Python reads mcstore's compressed text and
+/// bytes as `str` and `bytes`; mcstore reads Python's compressed `str`, `bytes` and `int`.
+#[test]
+fn values_cross_between_mcstore_and_python_memcached_and_pylibmc() {
+    let m = Memcached::start();
+    let zlib = Compressor::new(Compression::Zlib { level: 6 }).min_size(100);
+    let text = Compressed::new(Text, zlib.clone());
+    let bytes = Compressed::new(Raw, zlib);
+    for which in ["memcache", "pylibmc"] {
+        let probe = Command::new("python3")
+            .args(["-c", &format!("import {which}")])
+            .status();
+        if !matches!(probe, Ok(s) if s.success()) {
+            eprintln!("{which} not installed (pip install python-memcached pylibmc): skipped");
+            continue;
+        }
+        let mut c: Client = builder(&[m.addr()], Protocol::Text).build().unwrap();
+        c.flush_all(None).unwrap();
+        let doc_text = "ünïcode text, ".repeat(300);
+        let doc_bytes = b"<feed>mcstore</feed>\n".repeat(300);
+        let o = SetOptions::default();
+        c.set_as(&text, b"rs:text", &doc_text, o).unwrap();
+        c.set_as(&bytes, b"rs:bytes", &doc_bytes, o).unwrap();
+        c.set_as(&text, b"rs:small", &"short".to_string(), o)
+            .unwrap();
+        let out = Command::new("python3")
+            .args(["-c", PY, which, &m.addr()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{which}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "rs:text str {} {}",
+                doc_text.len(),
+                sha256_hex(doc_text.as_bytes())
+            ),
+            "{which}"
+        );
+        assert_eq!(
+            lines[1],
+            format!(
+                "rs:bytes bytes {} {}",
+                doc_bytes.len(),
+                sha256_hex(&doc_bytes)
+            ),
+            "{which}"
+        );
+        assert_eq!(lines[2], format!("rs:small str 5 {}", sha256_hex(b"short")));
+        let py_doc = c.get_as(&text, b"py:text").unwrap().unwrap();
+        assert_eq!(lines[3], format!("wrote {}", sha256_hex(py_doc.as_bytes())));
+        let raw = c.get(b"py:text").unwrap().unwrap();
+        assert_eq!(raw.flags, flags::TEXT | flags::ZLIB, "{which}");
+        let py_bytes = c.get_as(&bytes, b"py:bytes").unwrap().unwrap();
+        assert_eq!(py_bytes, [py_doc.as_bytes(), py_doc.as_bytes()].concat());
+        assert_eq!(
+            c.get_as(&Text, b"py:int").unwrap().unwrap(),
+            "42",
+            "{which}"
+        );
+        assert_eq!(
+            c.get_as(&text, b"py:int").unwrap().unwrap(),
+            "42",
+            "{which}"
+        );
+    }
+}
