@@ -1215,3 +1215,135 @@ fn compressed_and_chunked_values() {
     .unwrap();
     assert!(keys.contains("mcstore-chunk:"), "{keys}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Attack round 2 on compressed and chunked values in the CLI.
+// ---------------------------------------------------------------------------------------
+
+/// `set --compress` accepts a value that `get` then refuses: 65 MiB of zeros pack to a few
+/// KiB with zstd and are stored (exit 0), but every `get` fails with "claims ... bytes, over
+/// the limit of 67108864 (max_decoded)" (`read_value` in cli/src/main.rs decompresses with
+/// `Compressor::default()`, whose `max_decoded` is 64 MiB, while `store` compresses with no
+/// limit). A value the CLI stores it should read back, or `set` should refuse it.
+#[test]
+fn attack2_set_compress_stores_only_what_get_reads_back() {
+    let mc = Memcached::start();
+    let s = &mc.addr();
+    let zeros = vec![0u8; (64 << 20) + 4096];
+    let set = mcstore(s, &["set", "zeros", "--compress", "zstd"], &zeros);
+    if !set.status.success() {
+        fails_with(&set, "max_decoded");
+        return;
+    }
+    let got = mcstore(s, &["get", "zeros"], b"");
+    assert!(
+        got.status.success() && got.stdout.len() == zeros.len(),
+        "set --compress zstd stored {} bytes (exit 0), get cannot read them back: {}",
+        zeros.len(),
+        String::from_utf8_lossy(&got.stderr)
+    );
+}
+
+/// A plain `set --flags N` (no `--compress`) whose N touches the codec bits stores a value
+/// `get` cannot print any more: flags 4096 (the lz4 bit) gives "a compressed value claims
+/// 1819043176 bytes", flags 8 "zlib: corrupt deflate stream", flags 32768 "a chunked value's
+/// index". Before the change `get` printed any value whatever its flags, as memccat does
+/// (`get_flags_matches_memccat`). Either `set` refuses such flags without `--compress` (one
+/// line naming the flags), or `get` prints the value (and `-F` its flags).
+#[test]
+fn attack2_plain_set_with_codec_flag_bits_reads_back() {
+    let mc = Memcached::start();
+    let s = &mc.addr();
+    for f in ["4096", "8192", "8", "32768"] {
+        let set = mcstore(s, &["set", "k", "hello", "--flags", f], b"");
+        if !set.status.success() {
+            fails_with(&set, "flags");
+            continue;
+        }
+        let got = mcstore(s, &["get", "k"], b"");
+        assert!(
+            got.status.success() && got.stdout == b"hello",
+            "set k hello --flags {f} (exit 0), then get k: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+    }
+}
+
+/// `delete` of a value stored with `set --chunked` removes only its index: its chunks (TTL 0,
+/// never expiring) stay until evicted, and nothing names them any more. The library has
+/// `delete_chunked`; the CLI's `delete` does not use it (and has no `--chunked`).
+#[test]
+fn attack2_delete_of_a_chunked_value_leaves_no_chunks_behind() {
+    let mc = Memcached::with_args(&["-I", "1m"]);
+    let s = &mc.addr();
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    ok(&mcstore(s, &["set", "big", "--chunked"], &big));
+    assert!(mcstore(s, &["get", "big", "--chunked"], b"").stdout == big);
+    let del = mcstore(s, &["delete", "big"], b"");
+    if !del.status.success() {
+        // A delete that refuses an index (pointing at a --chunked form) is fine too.
+        fails_with(&del, "chunked");
+        ok(&mcstore(s, &["delete", "big", "--chunked"], b""));
+    }
+    let mut left = Vec::new();
+    mc.client()
+        .dump_keys(s, |k, meta| {
+            left.push(format!("{} {meta}", String::from_utf8_lossy(k)));
+        })
+        .unwrap();
+    let immortal: Vec<&String> = left
+        .iter()
+        .filter(|l| l.starts_with("mcstore-chunk:") && l.contains("exp=-1"))
+        .collect();
+    assert!(
+        immortal.is_empty(),
+        "after `delete big`, {} chunks that never expire: {immortal:?}",
+        immortal.len()
+    );
+}
+
+/// A chunked value with one chunk gone is a miss for `get --chunked`: exit 1, one line, and
+/// nothing half-written to stdout; `get --chunked --raw` likewise.
+#[test]
+fn attack2_get_chunked_with_a_chunk_missing_is_a_clean_miss() {
+    let mc = Memcached::with_args(&["-I", "1m"]);
+    let s = &mc.addr();
+    // Noise that lz4 cannot pack under the item size.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    ok(&mcstore(
+        s,
+        &["set", "big", "--chunked", "--compress", "lz4"],
+        &big,
+    ));
+    let mut chunks = Vec::new();
+    let mut c = mc.client();
+    c.dump_keys(s, |k, _| {
+        if k.starts_with(b"mcstore-chunk:") {
+            chunks.push(k.to_vec());
+        }
+    })
+    .unwrap();
+    assert!(!chunks.is_empty());
+    chunks.sort();
+    assert!(c.delete(chunks.last().unwrap()).unwrap());
+    for args in [
+        &["get", "big", "--chunked"][..],
+        &["get", "big", "--chunked", "--raw"],
+    ] {
+        let o = mcstore(s, args, b"");
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?}: {} bytes printed",
+            o.stdout.len()
+        );
+        fails_with(&o, "big");
+    }
+}
