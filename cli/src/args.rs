@@ -270,7 +270,8 @@ pub(crate) enum Cmd {
     Set(StoreArgs),
     /// Store a value only if the key is absent.
     Add(StoreArgs),
-    /// Delete keys (exit 1 if any did not exist).
+    /// Delete keys, and the chunks of a value stored with `set --chunked` (exit 1 if any did
+    /// not exist).
     Delete {
         #[arg(required = true)]
         keys: Vec<String>,

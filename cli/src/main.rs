@@ -434,7 +434,12 @@ fn run(cli: Cli) -> Res<()> {
         }
         Cmd::Delete { keys } => {
             let mut c = client(g)?;
-            each_key(&keys, |k| Ok(c.delete(k)?.then_some(())), |_, ()| Ok(()))?
+            // A chunked value's chunks go with it (one get more per key).
+            each_key(
+                &keys,
+                |k| Ok(c.delete_chunked(k)?.then_some(())),
+                |_, ()| Ok(()),
+            )?
         }
         Cmd::Incr { key, delta } => arith(g, &key, delta, false, &mut out)?,
         Cmd::Decr { key, delta } => arith(g, &key, delta, true, &mut out)?,
@@ -673,6 +678,12 @@ fn per_server(
     Ok(())
 }
 
+/// Every bit of the codec layout (`mcstore::codec`'s flag table).
+const CODEC_LAYOUT: u32 = {
+    use mcstore::codec::flags::*;
+    PICKLE | INT | LONG | ZLIB | TEXT | FORMAT_MASK | COMPRESSION_MASK | CHUNKED
+};
+
 /// A value as `get` prints it: read whole (chunks put together with `chunked`) and, unless
 /// `raw`, decompressed as its flags say.
 fn read_value(
@@ -694,6 +705,13 @@ fn read_value(
     let Some(mut item) = item else {
         return Ok(None);
     };
+    // Only flags made of the codec layout's bits are read as saying how a value is stored:
+    // other tools set flags freely (memccp --flag=42 sets bit 3 among others), and such a
+    // value is printed as stored, as memccat prints it.
+    let codec = item.flags & mcstore::codec::flags::CODEC_MASK;
+    if codec & !CODEC_LAYOUT != 0 {
+        return Ok(Some(item));
+    }
     if !raw && item.flags & mcstore::codec::flags::CHUNKED != 0 {
         return Err(mcstore::Error::Codec(
             "the item is a chunked value's index: read it with get --chunked (or --raw)".into(),
@@ -714,12 +732,27 @@ fn store(g: &Global, mode: StoreMode, a: StoreArgs) -> Res<()> {
         _ => read_stdin()?,
     };
     let mut flags = a.flags;
+    // `get` reads these bits (decompresses, refuses an index): a value stored with them by
+    // hand would not read back.
+    let codec_bits = mcstore::codec::flags::ANY_COMPRESSION | mcstore::codec::flags::CHUNKED;
+    if flags & codec_bits != 0 {
+        return Err(format!(
+            "--flags {flags:#x} use bits {codec_bits:#x}, which say how a value is compressed or \
+             chunked (use --compress or --chunked)"
+        )
+        .into());
+    }
     if let Some(algo) = a.compress {
         if matches!(mode, StoreMode::Append | StoreMode::Prepend) {
             return Err("--compress applies to set, add and replace (appending to compressed bytes would corrupt them)".into());
         }
-        if flags & mcstore::codec::flags::ANY_COMPRESSION != 0 {
-            return Err(format!("--flags {flags:#x} use the compression bits").into());
+        let limit = algo.compressor().max_decoded_len();
+        if value.len() > limit {
+            return Err(format!(
+                "a value of {} bytes is not compressed: readers expand at most {limit} (max_decoded)",
+                value.len()
+            )
+            .into());
         }
         let mut packed = Vec::new();
         flags |= algo.compressor().compress(&value, &mut packed)?;

@@ -13,10 +13,16 @@
 //! A reader gets the index, then every chunk in one multi-get. Because the index is written
 //! after its chunks and names their generation, a reader sees the old value or the new one,
 //! never a mix: a writer that dies between chunks and index leaves the old index in place
-//! (its orphan chunks expire), and a chunk of another generation is never fetched. A chunk
-//! missing (evicted, expired, its server down) makes the whole value a miss; a chunk that
-//! does not match its index, or a value whose CRC does not match, is
-//! [`Error::Codec`].
+//! (its orphan chunks expire with their TTL, or with none, are evicted in time: nothing
+//! reads them), and a chunk of another generation is never fetched. A chunk missing
+//! (evicted, expired, its server down) makes the whole value a miss; a chunk that does not
+//! match its index, or a value whose CRC does not match, is [`Error::Codec`].
+//!
+//! The index goes in by CAS (`add` on an absent key), so each replaced index is known to
+//! exactly one writer, which lets its chunks go: they expire 10 s later
+//! ([`REPLACED_CHUNKS_LINGER`]), so that a reader holding the old index still reads the old
+//! value rather than a miss. A chunked delete replaces the index by CAS with a one-second
+//! tombstone (read as a miss) and deletes the chunks it named.
 
 use std::hash::{BuildHasher, Hasher};
 

@@ -188,15 +188,16 @@ impl Compressor {
         &self.algo
     }
 
-    /// Appends `value` to `out`, compressed if it is at least [`min_size`](Self::min_size)
-    /// and compression makes it smaller; returns the compression flag bits (0 if stored as
-    /// it is).
+    /// Appends `value` to `out`, compressed if it is at least [`min_size`](Self::min_size),
+    /// at most [`max_decoded`](Self::max_decoded) (never a value this compressor could not
+    /// read back) and compression makes it smaller; returns the compression flag bits (0 if
+    /// stored as it is).
     ///
     /// # Errors
     /// [`Error::Codec`] if the compressor fails (it does not on valid input).
     pub fn compress(&self, value: &[u8], out: &mut Vec<u8>) -> Result<u32> {
         let start = out.len();
-        if value.len() < self.min_size {
+        if value.len() < self.min_size || value.len() > self.max_decoded {
             out.extend_from_slice(value);
             return Ok(0);
         }

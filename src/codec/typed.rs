@@ -3,7 +3,7 @@
 
 use super::chunked::{chunk_ttl, item_capacity, Assembler, ChunkIndex, REPLACED_CHUNKS_LINGER};
 use super::{flags, merge_flags, Codec};
-use crate::client::{Client, ItemInfo, ItemRef, SetOptions};
+use crate::client::{CasResult, Client, ItemInfo, ItemRef, SetOptions};
 use crate::error::{Error, Result};
 use crate::shared::SharedClient;
 
@@ -13,6 +13,10 @@ const DEFAULT_ITEM_SIZE_MAX: usize = 1024 * 1024;
 /// The byte calls the typed and chunked calls are made of.
 pub(crate) trait Front {
     fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>>;
+    fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>>;
+    /// Stores only if the item's CAS unique is still `cas`; whether it stored.
+    fn cas_value(&mut self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<bool>;
+    fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool>;
     fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()>;
     fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()>;
     fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize>;
@@ -25,6 +29,15 @@ pub(crate) trait Front {
 impl Front for Client {
     fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
         self.get_into(key, buf)
+    }
+    fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        self.gets_into(key, buf)
+    }
+    fn cas_value(&mut self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<bool> {
+        Ok(self.cas(key, value, cas, opts)? == CasResult::Stored)
+    }
+    fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
+        self.add(key, value, opts)
     }
     fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
         self.set(key, value, opts)
@@ -60,6 +73,15 @@ impl Front for Client {
 impl Front for &SharedClient {
     fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
         self.get_into(key, buf)
+    }
+    fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+        self.gets_into(key, buf)
+    }
+    fn cas_value(&mut self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<bool> {
+        Ok(self.cas(key, value, cas, opts)? == CasResult::Stored)
+    }
+    fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
+        self.add(key, value, opts)
     }
     fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
         self.set(key, value, opts)
@@ -133,6 +155,9 @@ pub(crate) fn get_chunked(
     if info.flags & flags::CHUNKED == 0 {
         return Ok(Some(info));
     }
+    if out.is_empty() {
+        return Ok(None); // a deleted value's tombstone
+    }
     let index = ChunkIndex::parse(out)?;
     out.clear();
     let keys = index.chunk_keys(key);
@@ -158,7 +183,7 @@ pub(crate) fn get_chunked(
     }))
 }
 
-/// A chunked store: chunks first, the index last, then the previous value's chunks deleted.
+/// A chunked store: chunks first, then the index swapped in (see [`swap_in`]).
 pub(crate) fn set_chunked(
     f: &mut impl Front,
     key: &[u8],
@@ -173,71 +198,114 @@ pub(crate) fn set_chunked(
         )));
     }
     let capacity = f.capacity();
-    let old = previous_chunks(f, key);
     if value.len() <= capacity {
-        f.set_value(key, value, opts)?;
-    } else {
-        let index = ChunkIndex::plan(value, capacity, opts.flags)?;
-        let keys = index.chunk_keys(key);
-        let items: Vec<(Vec<u8>, Vec<u8>)> = (keys.iter().enumerate())
-            .map(|(i, k)| (k.clone(), index.chunk(value, i as u32)))
-            .collect();
-        // Chunks outlive their index by a second, so that an index never finds its chunks
-        // expired before itself.
-        let chunk_opts = SetOptions::default().ttl(chunk_ttl(opts.ttl));
-        let written = match f.set_many(&items, chunk_opts) {
-            Ok(n) if n == items.len() => Ok(()),
-            Ok(n) => Err(Error::Codec(format!(
-                "only {n} of {} chunks were stored; the index was not written",
-                items.len()
-            ))),
-            Err(e) => Err(e),
-        }
-        .and_then(|()| {
-            f.set_value(
-                key,
-                &index.encode(),
-                opts.flags(opts.flags | flags::CHUNKED),
-            )
-        });
-        if let Err(e) = written {
-            // Best effort: no index names these chunks (and with TTL 0 they would not expire).
-            let _ = f.delete_many(&keys);
-            return Err(e);
-        }
+        return swap_in(f, key, value, opts);
     }
-    if let Some(keys) = old {
-        // The previous value's chunks expire shortly rather than at once: a reader that got
-        // its index just before this write still finds them (the old value, not a miss).
-        // Best effort: chunks left behind expire or are evicted.
-        for k in keys {
-            if f.touch_one(&k, REPLACED_CHUNKS_LINGER).is_err() {
-                break;
-            }
-        }
+    let index = ChunkIndex::plan(value, capacity, opts.flags)?;
+    let keys = index.chunk_keys(key);
+    let items: Vec<(Vec<u8>, Vec<u8>)> = (keys.iter().enumerate())
+        .map(|(i, k)| (k.clone(), index.chunk(value, i as u32)))
+        .collect();
+    // Chunks outlive their index by a second, so that an index never finds its chunks
+    // expired before itself.
+    let chunk_opts = SetOptions::default().ttl(chunk_ttl(opts.ttl));
+    let written = match f.set_many(&items, chunk_opts) {
+        Ok(n) if n == items.len() => Ok(()),
+        Ok(n) => Err(Error::Codec(format!(
+            "only {n} of {} chunks were stored; the index was not written",
+            items.len()
+        ))),
+        Err(e) => Err(e),
+    }
+    .and_then(|()| {
+        swap_in(
+            f,
+            key,
+            &index.encode(),
+            opts.flags(opts.flags | flags::CHUNKED),
+        )
+    });
+    if let Err(e) = written {
+        // Best effort: no index names these chunks (and with TTL 0 they would not expire).
+        let _ = f.delete_many(&keys);
+        return Err(e);
     }
     Ok(())
 }
 
-/// The chunk keys of what `key` holds now, if it is a chunked value.
-fn previous_chunks(f: &mut impl Front, key: &[u8]) -> Option<Vec<Vec<u8>>> {
+/// Races a store of `key` may lose to other writers before it stores unconditionally.
+const SWAP_ATTEMPTS: usize = 16;
+
+/// What `key` holds now: its CAS unique and, if it is a chunked value's index, its chunks'
+/// keys. `None` if it holds nothing.
+fn current(f: &mut impl Front, key: &[u8]) -> Result<Option<(u64, Vec<Vec<u8>>)>> {
     let mut buf = Vec::new();
-    match f.get_value(key, &mut buf) {
-        Ok(Some(i)) if i.flags & flags::CHUNKED != 0 => {
-            ChunkIndex::parse(&buf).ok().map(|ix| ix.chunk_keys(key))
+    Ok(f.gets_value(key, &mut buf)?.map(|i| {
+        let chunks = match i.flags & flags::CHUNKED {
+            0 => Vec::new(),
+            _ => ChunkIndex::parse(&buf).map_or_else(|_| Vec::new(), |ix| ix.chunk_keys(key)),
+        };
+        (i.cas.unwrap_or(0), chunks)
+    }))
+}
+
+/// Stores `value` under `key` in place of what it holds, by CAS (or `add` where it holds
+/// nothing), so that the chunks of exactly the value it replaced are let go, however many
+/// writers race: each replaced index is known to the one writer whose CAS replaced it. After
+/// [`SWAP_ATTEMPTS`] lost races it stores unconditionally (the chunks of what that replaced
+/// are then left to expire or be evicted).
+fn swap_in(f: &mut impl Front, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+    for _ in 0..SWAP_ATTEMPTS {
+        let now = current(f, key)?;
+        let stored = match &now {
+            Some((cas, _)) => f.cas_value(key, value, *cas, opts)?,
+            None => f.add_value(key, value, opts)?,
+        };
+        if stored {
+            if let Some((_, replaced)) = now {
+                linger(f, &replaced);
+            }
+            return Ok(());
         }
-        _ => None,
+    }
+    f.set_value(key, value, opts)
+}
+
+/// The chunks of a replaced value expire shortly rather than at once: a reader that got its
+/// index just before the write still finds them (the old value, not a miss). Best effort:
+/// chunks left behind expire with their TTL or are evicted.
+fn linger(f: &mut impl Front, chunks: &[Vec<u8>]) {
+    for k in chunks {
+        if f.touch_one(k, REPLACED_CHUNKS_LINGER).is_err() {
+            break;
+        }
     }
 }
 
+/// A deleted chunked value's index is replaced by this (flags [`flags::CHUNKED`], no bytes)
+/// for a second: replacing it by CAS, rather than deleting it, tells exactly which chunks
+/// to delete, whatever writer races; readers take it for a miss.
+const TOMBSTONE_TTL: u32 = 1;
+
 /// Deletes a value and, if chunked, its chunks; whether it existed.
 pub(crate) fn delete_chunked(f: &mut impl Front, key: &[u8]) -> Result<bool> {
-    let old = previous_chunks(f, key);
-    let existed = f.delete_many(&[key.to_vec()])? == 1;
-    if let Some(keys) = old {
-        let _ = f.delete_many(&keys);
+    for _ in 0..SWAP_ATTEMPTS {
+        let Some((cas, chunks)) = current(f, key)? else {
+            return Ok(false);
+        };
+        if chunks.is_empty() {
+            // Not chunked (or a tombstone): a plain delete.
+            return Ok(f.delete_many(&[key.to_vec()])? == 1);
+        }
+        let tombstone = SetOptions::default()
+            .flags(flags::CHUNKED)
+            .ttl(TOMBSTONE_TTL);
+        if f.cas_value(key, &[], cas, tombstone)? {
+            let _ = f.delete_many(&chunks);
+            return Ok(true);
+        }
     }
-    Ok(existed)
+    Ok(f.delete_many(&[key.to_vec()])? == 1)
 }
 
 /// Typed and chunked calls (module [`crate::codec`]).
@@ -291,8 +359,9 @@ impl Client {
 
     /// Stores a value of any size: as it is if it fits the servers' item size
     /// (`stats settings`, asked once), else as chunks and an index written last, so that
-    /// readers see the old value or the new one, never a mix. A chunked value the key held
-    /// before has its chunks deleted.
+    /// readers see the old value or the new one, never a mix. The index goes in by CAS, so
+    /// the chunks of exactly the value it replaced are let go (they expire 10 s later: a
+    /// reader holding the old index still reads the old value), however many writers race.
     ///
     /// # Errors
     /// As [`set_multi`](Self::set_multi); [`Error::Codec`] if a chunk was not stored (the
@@ -301,7 +370,10 @@ impl Client {
         set_chunked(self, key, value, opts)
     }
 
-    /// Deletes a value and, if it is chunked, its chunks. Errors as [`delete`](Self::delete).
+    /// Deletes a value and, if it is chunked, its chunks: its index is replaced by CAS with a
+    /// tombstone that lives a second (which [`get_chunked`](Self::get_chunked) reads as a
+    /// miss), so that a racing `set_chunked` never loses its chunks. Errors as
+    /// [`delete`](Self::delete).
     pub fn delete_chunked(&mut self, key: &[u8]) -> Result<bool> {
         delete_chunked(self, key)
     }
