@@ -5,6 +5,10 @@
 //! what it claims): they run this binary again as a child under `ulimit -v`, in the test
 //! `child_process_entry` (which does nothing unless `VALUES_ATTACK_CHILD` is set).
 
+#[path = "common/values.rs"]
+mod values;
+use values::{version_of, versioned};
+
 use mcstore_test_support as support;
 
 use std::path::Path;
@@ -36,31 +40,6 @@ fn builder(addrs: &[String], p: Protocol) -> mcstore::ClientBuilder {
 
 fn client(m: &Memcached, p: Protocol) -> Client {
     builder(&[m.addr()], p).build().unwrap()
-}
-
-/// A value that says which version it is, and whose every byte can be checked.
-fn versioned(version: u64, len: usize) -> Vec<u8> {
-    let mut v = version.to_le_bytes().to_vec();
-    let mut x = version.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.push(x as u8);
-    }
-    v
-}
-
-/// The version of a value made by [`versioned`]; panics if it is a mix of versions.
-fn version_of(v: &[u8], len: usize) -> u64 {
-    assert!(v.len() >= 8, "a value of {} bytes", v.len());
-    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
-    assert!(
-        v == versioned(version, len).as_slice(),
-        "a damaged or mixed value (claims version {version}, {} bytes)",
-        v.len()
-    );
-    version
 }
 
 fn storage_builder(cache: impl Into<CacheClients>, root: &Path) -> MemcacheStorageBuilder {

@@ -3,6 +3,10 @@
 //! master with copies and a restarted server, and values shared with python-memcached and
 //! pylibmc.
 
+#[path = "common/values.rs"]
+mod values;
+use values::{version_of, versioned};
+
 use mcstore_test_support as support;
 
 use std::process::Command;
@@ -24,30 +28,6 @@ fn builder(addrs: &[String], p: Protocol) -> mcstore::ClientBuilder {
         .io_timeout(Duration::from_millis(300))
         .connect_timeout(Duration::from_millis(300))
         .max_value_size(8 << 20)
-}
-
-/// A value that says which version it is, and whose every byte can be checked.
-fn versioned(version: u64, len: usize) -> Vec<u8> {
-    let mut v = version.to_le_bytes().to_vec();
-    let mut x = version.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.push(x as u8);
-    }
-    v
-}
-
-fn version_of(v: &[u8], len: usize) -> u64 {
-    assert!(v.len() >= 8, "a value of {} bytes", v.len());
-    let version = u64::from_le_bytes(v[..8].try_into().unwrap());
-    assert!(
-        v == versioned(version, len).as_slice(),
-        "a damaged or mixed value (claims version {version}, {} bytes)",
-        v.len()
-    );
-    version
 }
 
 /// Chunk keys on `m` that never expire (`exp=-1`), with their metadata.

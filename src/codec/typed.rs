@@ -26,34 +26,47 @@ pub(crate) trait Front {
     fn capacity(&mut self) -> usize;
 }
 
+/// [`Front`]'s byte calls, which both fronts spell the same.
+macro_rules! front_calls {
+    () => {
+        fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+            self.get_into(key, buf)
+        }
+        fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
+            self.gets_into(key, buf)
+        }
+        fn cas_value(
+            &mut self,
+            key: &[u8],
+            value: &[u8],
+            cas: u64,
+            opts: SetOptions,
+        ) -> Result<bool> {
+            Ok(self.cas(key, value, cas, opts)? == CasResult::Stored)
+        }
+        fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
+            self.add(key, value, opts)
+        }
+        fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
+            self.set(key, value, opts)
+        }
+        fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()> {
+            self.get_multi(keys, |_, item| found(item))
+        }
+        fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize> {
+            self.set_multi(items, opts)
+        }
+        fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
+            self.delete_multi(keys)
+        }
+        fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
+            self.touch(key, ttl)
+        }
+    };
+}
+
 impl Front for Client {
-    fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        self.get_into(key, buf)
-    }
-    fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        self.gets_into(key, buf)
-    }
-    fn cas_value(&mut self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<bool> {
-        Ok(self.cas(key, value, cas, opts)? == CasResult::Stored)
-    }
-    fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.add(key, value, opts)
-    }
-    fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
-        self.set(key, value, opts)
-    }
-    fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()> {
-        self.get_multi(keys, |_, item| found(item))
-    }
-    fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize> {
-        self.set_multi(items, opts)
-    }
-    fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
-        self.delete_multi(keys)
-    }
-    fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
-        self.touch(key, ttl)
-    }
+    front_calls!();
     fn capacity(&mut self) -> usize {
         let max_value = self.max_value();
         let size = match self.item_size {
@@ -71,33 +84,7 @@ impl Front for Client {
 }
 
 impl Front for &SharedClient {
-    fn get_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        self.get_into(key, buf)
-    }
-    fn gets_value(&mut self, key: &[u8], buf: &mut Vec<u8>) -> Result<Option<ItemInfo>> {
-        self.gets_into(key, buf)
-    }
-    fn cas_value(&mut self, key: &[u8], value: &[u8], cas: u64, opts: SetOptions) -> Result<bool> {
-        Ok(self.cas(key, value, cas, opts)? == CasResult::Stored)
-    }
-    fn add_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<bool> {
-        self.add(key, value, opts)
-    }
-    fn set_value(&mut self, key: &[u8], value: &[u8], opts: SetOptions) -> Result<()> {
-        self.set(key, value, opts)
-    }
-    fn get_many(&mut self, keys: &[Vec<u8>], found: &mut dyn FnMut(ItemRef<'_>)) -> Result<()> {
-        self.get_multi(keys, |_, item| found(item))
-    }
-    fn set_many(&mut self, items: &[(Vec<u8>, Vec<u8>)], opts: SetOptions) -> Result<usize> {
-        self.set_multi(items, opts)
-    }
-    fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<usize> {
-        self.delete_multi(keys)
-    }
-    fn touch_one(&mut self, key: &[u8], ttl: u32) -> Result<bool> {
-        self.touch(key, ttl)
-    }
+    front_calls!();
     fn capacity(&mut self) -> usize {
         let cell = self.item_size_cell();
         let size = match cell.get() {
