@@ -327,6 +327,20 @@ impl Compressor {
         if len > self.max_decoded {
             return Err(self.too_large(len as u64));
         }
+        if out.is_empty() {
+            // Into a new buffer, which the decoder fills without zeroing it first.
+            return match lz4_flex::block::decompress(block, len) {
+                Ok(v) if v.len() == len => {
+                    *out = v;
+                    Ok(())
+                }
+                Ok(v) => Err(Error::Codec(format!(
+                    "lz4 value decompressed to {} bytes, not the {len} it claims",
+                    v.len()
+                ))),
+                Err(e) => Err(Error::Codec(format!("lz4: {e}"))),
+            };
+        }
         let start = out.len();
         out.resize(start + len, 0);
         match lz4_flex::block::decompress_into(block, &mut out[start..]) {
@@ -375,9 +389,15 @@ impl Compressor {
             None => zstd::bulk::Decompressor::new(),
         })?;
         let start = out.len();
-        out.resize(start + len, 0);
         // Into exactly the stated size: a frame (or frames) that would write more fails.
-        let r = d.decompress_to_buffer(bytes, &mut out[start..]);
+        let r = if start == 0 {
+            // Into the buffer's spare capacity, without zeroing it first.
+            out.reserve_exact(len);
+            d.decompress_to_buffer(bytes, out)
+        } else {
+            out.resize(start + len, 0);
+            d.decompress_to_buffer(bytes, &mut out[start..])
+        };
         give(pool, d);
         match r {
             Ok(n) if n == len => Ok(()),
