@@ -40,6 +40,9 @@ pub const MAX_CHUNKED_LEN: u64 = 1 << 30;
 /// An index claiming more chunks than this is refused: what a reader sets up per chunk (a
 /// key, a slot) stays a few MiB, whatever an index claims.
 pub const MAX_CHUNKS: u32 = 65_536;
+/// An assembler reserves room for the whole value once its first chunk matched, up to this.
+const PREALLOCATE_AT_MOST: u64 = 64 << 20;
+
 /// Chunks outlive the index that names them by this much: a reader that got an index just
 /// before a new value replaced it still finds the chunks it names (they are set to expire
 /// then, not deleted).
@@ -281,6 +284,13 @@ impl<'o> Assembler<'o> {
             }
             self.early[slot] = Some(part.to_vec());
             return Ok(());
+        }
+        if self.next == 0 {
+            // The first chunk matched: room for the value at once (growing by doubling would
+            // copy it twice more), up to a bound, so that a claim alone never allocates.
+            let total = self.index.total.min(PREALLOCATE_AT_MOST) as usize;
+            self.out
+                .reserve(total.saturating_sub(self.out.len() - self.start));
         }
         self.out.extend_from_slice(part);
         self.next += 1;
