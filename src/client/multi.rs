@@ -84,6 +84,19 @@ impl Client {
         }) {
             return self.in_chunks(items, n, |c, part| c.set_multi(part, opts));
         }
+        if let [(k, v)] = items {
+            if self
+                .core
+                .multi_key_policy()
+                .is_some_and(|p| p.item_bytes(k.as_ref().len(), v.as_ref().len()) > p.max_bytes)
+            {
+                // Over TLS, a value longer than a record goes as a command of its own that
+                // replies: memcached stalls on a quiet store whose last record also holds the
+                // closing no-op (it waits on the socket for bytes it already decrypted).
+                self.set(k.as_ref(), v.as_ref(), opts)?;
+                return Ok(1);
+            }
+        }
         let store = store_opts(StoreMode::Set, opts);
         let value = |j: usize| Some(items[j].1.as_ref());
         let len = |j: usize| items[j].1.as_ref().len();

@@ -345,6 +345,27 @@ impl Work {
 }
 
 impl Work {
+    /// The batch's one request, as a call of its own (see `write_batches`).
+    fn alone(&mut self, engine: &impl Slots, c: &mut impl Transport) {
+        let r = self.batch[0];
+        let Work {
+            reqs, arena, value, ..
+        } = self;
+        let req = &reqs[r];
+        let result = c.single(
+            req.op,
+            &arena[req.key.clone()],
+            &arena[req.value.clone()],
+            value,
+        );
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        let slot = std::mem::replace(&mut self.reqs[r].slot, NONE);
+        engine.complete(slot, result, None, &mut self.freed);
+        engine.wake_round();
+    }
+
     /// The queued stores (or deletes), in batches of at most `policy.max_bytes` request bytes.
     fn write_batches(
         &mut self,
@@ -376,6 +397,13 @@ impl Work {
                 r += 1;
             }
             if self.batch.is_empty() {
+                continue;
+            }
+            if self.batch.len() == 1 && bytes > policy.max_bytes {
+                // An item over the batch cap travels alone, as a command that replies: over
+                // TLS, memcached stalls on a quiet store whose last record also holds the
+                // closing no-op (it waits on the socket for bytes it already decrypted).
+                self.alone(engine, c);
                 continue;
             }
             self.answers.clear();
