@@ -26,13 +26,6 @@ fn placement(c: &mut Client, keys: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The connections memcached has open (its own listener included).
-fn connections(m: &Memcached) -> u64 {
-    let mut c = m.client();
-    let stats = c.stats(None).unwrap();
-    stats[0].get("curr_connections").unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_new_list_moves_only_its_keys_and_keeps_connections() {
     let ms: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
@@ -43,7 +36,7 @@ fn a_new_list_moves_only_its_keys_and_keeps_connections() {
             .unwrap();
     }
     let before = placement(&mut c, &keys);
-    let open: Vec<u64> = ms[..3].iter().map(connections).collect();
+    let open: Vec<u64> = ms[..3].iter().map(Memcached::clients).collect();
 
     let list = c.server_list().clone();
     let change = list.set(ms.iter().map(|m| m.addr())).unwrap();
@@ -75,7 +68,7 @@ fn a_new_list_moves_only_its_keys_and_keeps_connections() {
     // Ketama: about a quarter moves to the fourth server.
     assert!((30..=130).contains(&moved), "{moved} of 300 keys moved");
     // The connections to the kept servers stayed open: none was made again.
-    let now: Vec<u64> = ms[..3].iter().map(connections).collect();
+    let now: Vec<u64> = ms[..3].iter().map(Memcached::clients).collect();
     assert_eq!(open, now, "connections to kept servers were replaced");
     for (label, counters) in c.server_counters() {
         assert_eq!(counters.reconnects, 0, "{label} reconnected");
@@ -194,7 +187,6 @@ fn a_pool_follows_one_list() {
 #[test]
 fn idle_clients_close_their_connections_to_a_removed_server() {
     let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
-    let idle = connections(&ms[2]);
     let pool = Pool::new(builder(&[&ms[0], &ms[1], &ms[2]]), 4).unwrap();
     let shared = builder(&[&ms[0], &ms[1], &ms[2]]).shared().build().unwrap();
     // Every client of the pool, and the shared client, talks to every server once.
@@ -210,15 +202,13 @@ fn idle_clients_close_their_connections_to_a_removed_server() {
     }
     shared.stats(None).unwrap(); // the admin client's connections too
                                  // memcached counts a connection once it accepted it, which a busy host may delay.
-    support::wait_for("every client to connect", || {
-        connections(&ms[2]) >= idle + 6
-    });
+    support::wait_for("every client to connect", || ms[2].clients() >= 6);
     let two = [ms[0].addr(), ms[1].addr()];
     pool.server_list().set(&two).unwrap();
     shared.server_list().set(&two).unwrap();
     // Nobody calls: the connections close all the same.
     support::wait_for("the idle clients to leave the removed server", || {
-        connections(&ms[2]) <= idle
+        ms[2].clients() == 0
     });
 }
 
@@ -370,8 +360,6 @@ fn churn_with(abrupt: bool, shared: bool) -> (Tally, u64) {
     let base: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
     let mut spares: Vec<Memcached> = (0..2).map(|_| Memcached::start()).collect();
     let base_addrs: Vec<String> = base.iter().map(|m| m.addr()).collect();
-    // The connections of a spare nobody uses (the one asking included).
-    let idle: Vec<u64> = spares.iter().map(connections).collect();
     let b = builder(&base.iter().collect::<Vec<_>>()).io_timeout(Duration::from_secs(2));
     let (front, list) = if shared {
         let c = b.shared().build().unwrap();
@@ -480,7 +468,7 @@ fn churn_with(abrupt: bool, shared: bool) -> (Tally, u64) {
             // they take the new list, after the call they are making; once they all have,
             // nothing more lands on it, and it is emptied before it comes back.
             support::wait_for("the clients to leave the removed server", || {
-                connections(&spares[s]) <= idle[s]
+                spares[s].clients() == 0
             });
             spares[s].client().flush_all(None).unwrap();
         }

@@ -63,14 +63,13 @@ impl SharedClient {
             return self.exec_copies(call, out);
         }
         self.check(&call)?;
-        let mut tries = 0;
+        let mut reroute = super::Reroute::default();
         loop {
             let (eng, checked) = self.route_unchecked(call.key)?;
             match self.exec_on(eng, call, checked, out) {
                 // Routed to a server that a new list removed before the call reached it:
-                // nothing was sent. Routed again with the new list (a few times: lists
-                // changing every few ms can remove the next server too).
-                Err(Error::ServerRemoved { .. }) if tries < super::REROUTES => tries += 1,
+                // nothing was sent. Routed again with the new list (see `Reroute`).
+                Err(Error::ServerRemoved { .. }) if reroute.again(self.inner.timeout) => {}
                 r => return r,
             }
         }

@@ -28,7 +28,7 @@ impl SharedClient {
             target: None,
             start: None,
             state: CallState::Start,
-            reroutes: 0,
+            reroute: super::Reroute::default(),
         }
     }
 
@@ -134,9 +134,9 @@ pub(super) struct AsyncCall<'a> {
     target: Option<usize>,
     start: Option<Instant>,
     state: CallState,
-    /// Times routed again (a server it was routed to left the list before the call
-    /// reached it); at most `REROUTES`.
-    reroutes: u32,
+    /// Routed again while a server it was routed to left the list before the call reached
+    /// it (see `Reroute`).
+    reroute: super::Reroute,
 }
 
 impl<'a> AsyncCall<'a> {
@@ -223,12 +223,11 @@ impl Future for AsyncCall<'_> {
                         drop(d);
                         eng.release_slot(slot);
                         // Its server left the list before the call reached it (nothing was
-                        // sent): routed again with the new list (see `REROUTES`).
+                        // sent): routed again with the new list (see `Reroute`).
                         if matches!(r, Err(Error::ServerRemoved { .. }))
                             && this.target.is_none()
-                            && this.reroutes < super::REROUTES
+                            && this.reroute.again(inner.timeout)
                         {
-                            this.reroutes += 1;
                             this.state = CallState::Start;
                             continue;
                         }

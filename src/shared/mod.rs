@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::{
     CasResult, Client, ClientBuilder, Item, ItemInfo, MetaGetOptions, MetaItemInfo, MetaSetOptions,
@@ -43,10 +43,30 @@ pub(crate) use lend::Lent;
 /// Request slots per server unless set with [`SharedClientBuilder::max_in_flight`].
 const DEFAULT_IN_FLIGHT: usize = 1024;
 
-/// How many times a call is routed again when the server it was routed to left the list
-/// before the call reached it (nothing was sent). More than once: with a list changing
-/// every few ms, the next server can leave too (seen once in 777 calls over 189 removals).
-const REROUTES: u32 = 8;
+/// Whether a call whose server left the list before the call reached it (nothing was sent)
+/// is routed again with the new list: while the list keeps changing, until the call's
+/// deadline (its timeout after the first reroute). Not a count: with a list changing every
+/// few ms on a loaded machine, a call that waits for its engine can find the next server
+/// gone too, several times (seen: 8 in a row, 7 calls in 227,434 over 688 removals).
+#[derive(Default)]
+pub(crate) struct Reroute {
+    deadline: Option<Instant>,
+    tries: u32,
+}
+
+impl Reroute {
+    /// `true` if the call is routed again; `timeout` is the shared client's.
+    pub(crate) fn again(&mut self, timeout: Duration) -> bool {
+        let now = Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + timeout);
+        self.tries += 1;
+        if self.tries > 8 {
+            // Let the thread changing the list (and the engines) run.
+            std::thread::yield_now();
+        }
+        now < deadline
+    }
+}
 
 /// Who does a [`SharedClient`]'s I/O for blocking callers (async calls always go through the
 /// server's I/O thread). Measured against each other in BENCHMARKS.md ("Many callers").
@@ -507,13 +527,13 @@ impl SharedClient {
         if self.replicated() {
             return self.on_first_copy(key, false, f, |_| false);
         }
-        let mut tries = 0;
+        let mut reroute = Reroute::default();
         loop {
             let server = self.route_of_key(key)?.server;
             match self.lend_for(server).pinned(server, &mut f) {
                 // Its server left the list before the call reached it (nothing was sent):
-                // routed again with the new list (see `REROUTES`).
-                Err(Error::ServerRemoved { .. }) if tries < REROUTES => tries += 1,
+                // routed again with the new list (see `Reroute`).
+                Err(Error::ServerRemoved { .. }) if reroute.again(self.inner.timeout) => {}
                 r => return r,
             }
         }

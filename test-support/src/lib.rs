@@ -168,6 +168,21 @@ impl Memcached {
         self.client_with(mcstore::Protocol::Text)
     }
 
+    /// The client connections memcached has open now, other than the one asking: 0 for a
+    /// server nobody uses. Not `curr_connections` minus a baseline read at start: a busy
+    /// host may still count a connection that closed (the start's readiness probe), which
+    /// made such baselines one too high (a wait for "every client connected" then never
+    /// ended, and a wait for "every client left" ended one connection early).
+    pub fn clients(&self) -> u64 {
+        let mut c = self.client();
+        let conns = c.stats(Some("conns")).expect("stats conns");
+        let open = (conns[0].stats.iter())
+            .filter(|(k, v)| k.ends_with(":state") && *v != "conn_listening")
+            .count() as u64;
+        // The asker's own connection is one of them.
+        open.saturating_sub(1)
+    }
+
     /// Same, speaking protocol `p`.
     pub fn client_with(&self, p: mcstore::Protocol) -> Client {
         // memcached serves TLS on TCP only: its Unix sockets stay plain text under -Z.
