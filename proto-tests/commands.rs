@@ -581,3 +581,33 @@ fn dump_keys_lists_every_key() {
         Err(mcstore::Error::Unsupported { .. })
     ));
 }
+
+/// Dumps of one server from several clients at once: memcached's crawler runs one at a
+/// time and answers `BUSY` to the others, which `dump_keys` asks again (until its I/O
+/// timeout) instead of failing. (Was a CI failure: `BUSY currently processing crawler
+/// request` on a server just started, whose crawler ran a crawl of its own.)
+#[test]
+fn dump_keys_waits_for_a_busy_crawler() {
+    let mc = Memcached::start();
+    let mut c = mc.client();
+    let mut p = c.pipeline();
+    for i in 0..20_000 {
+        p.set(format!("k:{i}").as_bytes(), b"v", SetOptions::default())
+            .unwrap();
+    }
+    assert_eq!(p.finish().unwrap().errors, 0);
+    let server = c.servers()[0].clone();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let server = server.clone();
+            let mut c = mc.client();
+            s.spawn(move || {
+                for _ in 0..3 {
+                    let mut n = 0;
+                    c.dump_keys(&server, |_, _| n += 1).unwrap();
+                    assert!(n > 0);
+                }
+            });
+        }
+    });
+}

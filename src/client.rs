@@ -583,11 +583,29 @@ impl Client {
     /// # Errors
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) over the binary protocol
     /// (the crawler speaks text); [`Error::Config`] for a server this client does not have;
-    /// a server error when the crawler is busy or disabled.
+    /// a server error when the crawler is disabled, or still busy after the I/O timeout (a
+    /// `BUSY` crawler, running a crawl of its own or another client's dump, is asked again
+    /// until then).
     pub fn dump_keys(&mut self, server: &str, mut each: impl FnMut(&[u8], &str)) -> Result<()> {
         self.core.require(Capability::MetaDump, "dump_keys")?;
         self.core.maybe_rejoin();
         let i = self.core.server_index(server)?;
+        let until = std::time::Instant::now() + self.core.io_timeout();
+        loop {
+            match self.dump_once(i, &mut each) {
+                // The crawler answers BUSY before any key: nothing was handed out yet.
+                Err(Error::Server { message, .. })
+                    if message.starts_with("BUSY") && std::time::Instant::now() < until =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One `lru_crawler metadump all` on server `i` (see [`dump_keys`](Self::dump_keys)).
+    fn dump_once(&mut self, i: usize, each: &mut impl FnMut(&[u8], &str)) -> Result<()> {
         let mut key = Vec::new();
         self.core.on_server(i, &Cmd::MetaDump, &mut |o| match o {
             Outcome::Stat(b"key", line) => {

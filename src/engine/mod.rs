@@ -301,6 +301,11 @@ impl Core {
         }
     }
 
+    /// How long one exchange may wait for a server.
+    pub(crate) fn io_timeout(&self) -> std::time::Duration {
+        self.driver.io_timeout()
+    }
+
     /// Whether it has a connection open to server `i`.
     pub(crate) fn is_connected(&self, i: usize) -> bool {
         i < self.labels.len() && self.driver.is_connected(i)
