@@ -789,3 +789,72 @@ fn meta_and_every_server_calls_have_async_twins() {
         assert!(c.get(b"other").unwrap().is_none(), "flushed everywhere");
     });
 }
+
+/// Touches, incrs and decrs, which rounds batch, from many threads on three protocols: each
+/// counter is one caller's, so every value it gets back is exactly the one it expects; a
+/// touch of a missing key is `false`; the incr of a value that is not a number fails that
+/// call alone, never a neighbour's in the same batch.
+#[test]
+fn touches_and_counters_in_batches_reach_their_own_callers() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&[&mc], p);
+        mc.client().flush_all(None).unwrap();
+        let callers = 16;
+        for t in 0..callers {
+            c.set(format!("up:{t}").as_bytes(), b"0", SetOptions::default())
+                .unwrap();
+            c.set(
+                format!("down:{t}").as_bytes(),
+                b"1000000",
+                SetOptions::default(),
+            )
+            .unwrap();
+            c.set(format!("here:{t}").as_bytes(), b"v", SetOptions::default())
+                .unwrap();
+            c.set(
+                format!("word:{t}").as_bytes(),
+                b"abc",
+                SetOptions::default(),
+            )
+            .unwrap();
+        }
+        std::thread::scope(|s| {
+            for t in 0..callers {
+                let c = c.clone();
+                s.spawn(move || {
+                    let (up, down) = (format!("up:{t}"), format!("down:{t}"));
+                    let (here, gone) = (format!("here:{t}"), format!("gone:{t}"));
+                    let word = format!("word:{t}");
+                    let delta = t as u64 + 1;
+                    let (mut ups, mut downs) = (0, 1_000_000);
+                    for n in 0..400 {
+                        match n % 5 {
+                            0 => {
+                                ups += delta;
+                                let v = c.incr(up.as_bytes(), delta).unwrap();
+                                assert_eq!(v, Some(ups), "{p:?} caller {t}");
+                            }
+                            1 => {
+                                downs -= 1;
+                                let v = c.decr(down.as_bytes(), 1).unwrap();
+                                assert_eq!(v, Some(downs), "{p:?} caller {t}");
+                            }
+                            2 => assert!(c.touch(here.as_bytes(), 3600).unwrap(), "{p:?}"),
+                            3 => assert!(!c.touch(gone.as_bytes(), 3600).unwrap(), "{p:?}"),
+                            _ => {
+                                let e = c.incr(word.as_bytes(), 1).unwrap_err();
+                                assert_eq!(e.kind(), ErrorKind::Server, "{p:?}: {e}");
+                                assert!(
+                                    e.to_string().to_lowercase().contains("non-numeric"),
+                                    "{p:?}: {e}"
+                                );
+                                assert_eq!(c.incr(gone.as_bytes(), 1).unwrap(), None, "{p:?}");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+}

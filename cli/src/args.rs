@@ -354,7 +354,8 @@ pub(crate) enum Cmd {
     /// Concurrent load on one shared client (as memaslap): a latency table, then one RESULT
     /// line.
     Slap {
-        /// get, set or mix (nine gets to one set).
+        /// get, set, mix (nine gets to one set) or mixall (get, set, delete, touch and incr
+        /// in turn; incr on a counter per key, `ctr:<i>`)
         #[arg(short = 'w', long, default_value = "get")]
         workload: String,
         /// Concurrent callers.

@@ -86,6 +86,19 @@ enum Workload {
     Get,
     Set,
     Mix,
+    /// get, set, delete, touch and incr in equal parts (the mixed-batch benchmark).
+    MixAll,
+}
+
+/// One call of a workload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Get,
+    Set,
+    Delete,
+    Touch,
+    /// An incr of the key's counter (`ctr:<i>`, preloaded with 0).
+    Incr,
 }
 
 /// (user, system) CPU seconds of this process so far.
@@ -187,14 +200,20 @@ impl Pace {
     }
 }
 
-/// The call a caller makes for its `n`-th operation: a set every tenth call in `mix`.
-fn is_set(w: Workload, n: usize) -> bool {
+/// The call a caller makes for its `n`-th operation: a set every tenth call in `mix`; in
+/// `mixall` get, set, delete, touch, incr in turn (as `benches/slap_c.c -w mixall`).
+fn call_of(w: Workload, n: usize) -> Call {
     match w {
-        Workload::Get => false,
-        Workload::Set => true,
-        Workload::Mix => n % 10 == 9,
+        Workload::Get => Call::Get,
+        Workload::Set => Call::Set,
+        Workload::Mix if n % 10 == 9 => Call::Set,
+        Workload::Mix => Call::Get,
+        Workload::MixAll => [Call::Get, Call::Set, Call::Delete, Call::Touch, Call::Incr][n % 5],
     }
 }
+
+/// The TTL a `mixall` touch sets (long: the run never sees it expire).
+const TOUCH_TTL: u32 = 3600;
 
 /// Runs the load; `Ok(true)` when SIGINT ended it early (after the summary was printed).
 /// `follow`: a discovery source (and its interval) the clients' list follows during the run.
@@ -208,7 +227,12 @@ pub fn run(
         "get" => Workload::Get,
         "set" => Workload::Set,
         "mix" => Workload::Mix,
-        w => return Err(format!("unknown workload {w:?}; one of get, set, mix")),
+        "mixall" => Workload::MixAll,
+        w => {
+            return Err(format!(
+                "unknown workload {w:?}; one of get, set, mix, mixall"
+            ))
+        }
     };
     if spec.callers == 0 || spec.keys == 0 {
         return Err("--callers and -k must be at least 1".into());
@@ -273,6 +297,24 @@ pub fn run(
         for (j, k) in chunk.iter().enumerate() {
             p.set(k, value_of(c * 1000 + j), SetOptions::default())
                 .map_err(err)?;
+        }
+        let r = p.finish().map_err(err)?;
+        if r.errors > 0 {
+            return Err(format!("preload: {:?}", r.first_error));
+        }
+    }
+    // The counters `mixall` increments.
+    let counters: Arc<Vec<Vec<u8>>> = Arc::new(if workload == Workload::MixAll {
+        (0..spec.keys)
+            .map(|i| format!("ctr:{i}").into_bytes())
+            .collect()
+    } else {
+        Vec::new()
+    });
+    for chunk in counters.chunks(1000) {
+        let mut p = loader.pipeline();
+        for k in chunk {
+            p.set(k, b"0", SetOptions::default()).map_err(err)?;
         }
         let r = p.finish().map_err(err)?;
         if r.errors > 0 {
@@ -356,6 +398,7 @@ pub fn run(
     };
     let ctx = Ctx {
         keys,
+        counters,
         values: Arc::clone(&values),
         verify: spec.verify,
         workload,
@@ -372,9 +415,9 @@ pub fn run(
             fleet_of = Some(Box::new(move || p.get().ok().map(|c| c.fleet_counters())));
             run_threads(spec.callers, &ctx, pace, move |_| {
                 let pool = pool.clone();
-                move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
+                move |key: Target<'_>, call: Call, value: &[u8], buf: &mut Vec<u8>| {
                     let mut c = pool.get().map_err(failed)?;
-                    call_client(&mut c, key, set, value, buf)
+                    call_client(&mut c, key, call, value, buf)
                 }
             })
         }
@@ -384,8 +427,8 @@ pub fn run(
             let client = std::sync::Mutex::new(Some(client));
             run_threads(1, &ctx, pace, move |_| {
                 let mut c = client.lock().unwrap().take().expect("one caller");
-                move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
-                    call_client(&mut c, key, set, value, buf)
+                move |key: Target<'_>, call: Call, value: &[u8], buf: &mut Vec<u8>| {
+                    call_client(&mut c, key, call, value, buf)
                 }
             })
         }
@@ -410,8 +453,8 @@ pub fn run(
             match mode {
                 Mode::Threads => run_threads(spec.callers, &ctx, pace, move |_| {
                     let client = client.clone();
-                    move |key: &[u8], set: bool, value: &[u8], buf: &mut Vec<u8>| {
-                        call_shared(&client, key, set, value, buf)
+                    move |key: Target<'_>, call: Call, value: &[u8], buf: &mut Vec<u8>| {
+                        call_shared(&client, key, call, value, buf)
                     }
                 }),
                 Mode::Async => run_async(spec, &ctx, pace, client)?,
@@ -480,6 +523,7 @@ pub fn run(
         Workload::Get => "get_concurrent",
         Workload::Set => "set_concurrent",
         Workload::Mix => "mix_concurrent",
+        Workload::MixAll => "mixall_concurrent",
     };
     let wall_s = wall.as_secs_f64();
     let per_op = done.max(1) as f64;
@@ -518,6 +562,8 @@ pub fn run(
 /// What every caller shares.
 struct Ctx {
     keys: Arc<Vec<Vec<u8>>>,
+    /// `mixall`'s counters, one per key (empty otherwise).
+    counters: Arc<Vec<Vec<u8>>>,
     /// One value for every key, or one per key (`verify`).
     values: Arc<Vec<Vec<u8>>>,
     verify: bool,
@@ -531,33 +577,57 @@ impl Ctx {
     fn value(&self, i: usize) -> &[u8] {
         &self.values[if self.verify { i } else { 0 }]
     }
+
+    /// Key `i` and its counter (`mixall`).
+    fn target(&self, i: usize) -> Target<'_> {
+        Target {
+            key: &self.keys[i],
+            counter: self.counters.get(i).map_or(&[], |c| &c[..]),
+        }
+    }
+}
+
+/// What a call works on: the key, and its counter for an incr.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    key: &'a [u8],
+    counter: &'a [u8],
+}
+
+/// A counter or a key found missing is not a failure: `mixall` deletes keys as it goes.
+fn found<T>(r: mcstore::Result<T>) -> Outcome {
+    r.map(drop).map_err(failed)
 }
 
 fn call_shared(
     c: &SharedClient,
-    key: &[u8],
-    set: bool,
+    t: Target<'_>,
+    call: Call,
     value: &[u8],
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    if set {
-        c.set(key, value, SetOptions::default()).map_err(failed)
-    } else {
-        check_hit(c.get_into(key, buf), buf, value)
+    match call {
+        Call::Get => check_hit(c.get_into(t.key, buf), buf, value),
+        Call::Set => c.set(t.key, value, SetOptions::default()).map_err(failed),
+        Call::Delete => found(c.delete(t.key)),
+        Call::Touch => found(c.touch(t.key, TOUCH_TTL)),
+        Call::Incr => found(c.incr(t.counter, 1)),
     }
 }
 
 fn call_client(
     c: &mut mcstore::Client,
-    key: &[u8],
-    set: bool,
+    t: Target<'_>,
+    call: Call,
     value: &[u8],
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    if set {
-        c.set(key, value, SetOptions::default()).map_err(failed)
-    } else {
-        check_hit(c.get_into(key, buf), buf, value)
+    match call {
+        Call::Get => check_hit(c.get_into(t.key, buf), buf, value),
+        Call::Set => c.set(t.key, value, SetOptions::default()).map_err(failed),
+        Call::Delete => found(c.delete(t.key)),
+        Call::Touch => found(c.touch(t.key, TOUCH_TTL)),
+        Call::Incr => found(c.incr(t.counter, 1)),
     }
 }
 
@@ -609,7 +679,7 @@ fn run_threads<F, C>(
 ) -> (Vec<Tally>, Duration, f64)
 where
     F: Fn(usize) -> C,
-    C: FnMut(&[u8], bool, &[u8], &mut Vec<u8>) -> Outcome + Send,
+    C: FnMut(Target<'_>, Call, &[u8], &mut Vec<u8>) -> Outcome + Send,
 {
     let barrier = Barrier::new(callers + 1);
     let released = std::sync::OnceLock::new();
@@ -639,8 +709,8 @@ where
                         };
                         let i = key_index(c, n, ctx.keys.len());
                         let r = call(
-                            &ctx.keys[i],
-                            is_set(ctx.workload, n),
+                            ctx.target(i),
+                            call_of(ctx.workload, n),
                             ctx.value(i),
                             &mut buf,
                         );
@@ -688,6 +758,7 @@ fn run_async(
                 let client = client.clone();
                 let ctx = Ctx {
                     keys: Arc::clone(&ctx.keys),
+                    counters: Arc::clone(&ctx.counters),
                     values: Arc::clone(&ctx.values),
                     verify: ctx.verify,
                     workload: ctx.workload,
@@ -711,15 +782,19 @@ fn run_async(
                             None => Instant::now(),
                         };
                         let i = key_index(c, n, ctx.keys.len());
-                        let (key, value) = (&ctx.keys[i], ctx.value(i));
-                        let r = if is_set(ctx.workload, n) {
-                            client
-                                .set_async(key, value, SetOptions::default())
+                        let (k, value) = (ctx.target(i), ctx.value(i));
+                        let r = match call_of(ctx.workload, n) {
+                            Call::Get => {
+                                let r = client.get_into_async(k.key, &mut buf).await;
+                                check_hit(r, &buf, value)
+                            }
+                            Call::Set => client
+                                .set_async(k.key, value, SetOptions::default())
                                 .await
-                                .map_err(failed)
-                        } else {
-                            let r = client.get_into_async(key, &mut buf).await;
-                            check_hit(r, &buf, value)
+                                .map_err(failed),
+                            Call::Delete => found(client.delete_async(k.key).await),
+                            Call::Touch => found(client.touch_async(k.key, TOUCH_TTL).await),
+                            Call::Incr => found(client.incr_async(k.counter, 1).await),
                         };
                         t.note(&ctx, n, t0, r);
                         n += 1;

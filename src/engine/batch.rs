@@ -12,7 +12,7 @@ use crate::conn::driver::{Batch, Until};
 use crate::error::{Error, Result};
 use crate::observe::CallOp;
 use crate::proto::wire::{
-    with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Wire,
+    with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Refusal, Wire,
 };
 use crate::proto::{short_eq, Key, Limits, ParseError, SetOutcome, Status, MAX_KEY_LEN};
 
@@ -122,7 +122,12 @@ impl Plan {
         keys: &(impl Keys + ?Sized),
     ) -> Result<usize, ParseError> {
         let opaque = match *outcome {
-            Outcome::Store(_, _, op) | Outcome::Deleted(op) | Outcome::NotFound(op) => op,
+            Outcome::Store(_, _, op)
+            | Outcome::Deleted(op)
+            | Outcome::NotFound(op)
+            | Outcome::Touched(op)
+            | Outcome::Number(_, op)
+            | Outcome::Error { opaque: op, .. } => op,
             _ => None,
         };
         if let Some(o) = opaque {
@@ -776,6 +781,21 @@ where
         let share = &mut plan.shares[i];
         match unit.outcome {
             Outcome::End => share.ends_seen += 1,
+            Outcome::Error {
+                refusal, closes, ..
+            } if share.every_item_replies
+                && self.expect.kind.answers_each()
+                && (!closes || matches!(refusal, Refusal::Client | Refusal::UnknownCommand)) =>
+            {
+                // A touch's or incr's error (`CLIENT_ERROR cannot increment ...`, binary's
+                // non-numeric status): one reply unit, and these commands carry no data
+                // block that could be read as commands after it, so the stream stays in
+                // step. Every item of such a batch answers, in request order: it answers its
+                // item (by opaque, else the next one), and only that one fails. (Elsewhere a
+                // meta or text error line, which names no request, closes the connection.)
+                share.replies += 1;
+                (self.on_other)(plan, i, unit.outcome)?;
+            }
             Outcome::Error {
                 refusal,
                 message,

@@ -10,7 +10,7 @@ use crate::proto::{Limits, ParseError, Status};
 /// A delete's or touch's reply: whether the item existed.
 pub(crate) fn existed(o: Outcome<'_>) -> Result<Option<bool>, ParseError> {
     match o {
-        Outcome::Deleted(_) | Outcome::Touched => Ok(Some(true)),
+        Outcome::Deleted(_) | Outcome::Touched(_) => Ok(Some(true)),
         Outcome::NotFound(_) | Outcome::Miss => Ok(Some(false)),
         _ => Err(ParseError::Unexpected),
     }
@@ -19,7 +19,7 @@ pub(crate) fn existed(o: Outcome<'_>) -> Result<Option<bool>, ParseError> {
 /// An incr's or decr's reply: the new value, `None` if the item does not exist.
 pub(crate) fn arith_value(o: Outcome<'_>) -> Result<Option<Option<u64>>, ParseError> {
     match o {
-        Outcome::Number(n) => Ok(Some(Some(n))),
+        Outcome::Number(n, _) => Ok(Some(Some(n))),
         Outcome::NotFound(_) => Ok(Some(None)),
         _ => Err(ParseError::Unexpected),
     }

@@ -14,6 +14,7 @@ use super::engine::{Engine, Op, Reply, Req};
 use crate::client::{Client, ItemInfo, ItemRef};
 use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
 use crate::engine::batch::Keys;
+use crate::engine::reply::refused;
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{Cmd, Kind, Outcome};
 use crate::proto::{Key, ParseError, SetOutcome};
@@ -119,6 +120,8 @@ impl<'w> Writes<'w> {
         let req = &self.reqs[self.batch[j]];
         match req.op {
             Op::Store(o) => Cmd::Store(key, o, req.value.len()),
+            Op::Touch(ttl) => Cmd::Touch(key, ttl),
+            Op::Arith { decr, delta } => Cmd::Arith { key, decr, delta },
             _ => Cmd::Delete(key),
         }
     }
@@ -233,16 +236,18 @@ impl Work {
                 return;
             }
         }
-        // Stores, then deletes, batched; the rest one by one.
+        // Stores, deletes, touches, then incrs and decrs, batched; the rest (get-and-touch)
+        // one by one.
         let policy = c.policy();
-        self.write_batches(engine, c, Kind::Store, policy);
-        self.write_batches(engine, c, Kind::Delete, policy);
+        for kind in [Kind::Store, Kind::Delete, Kind::Touch, Kind::Arith] {
+            self.write_batches(engine, c, kind, policy);
+        }
         for r in 0..self.reqs.len() {
             let req = &self.reqs[r];
             if self.poison.is_some() {
                 return;
             }
-            if req.slot == NONE || matches!(req.op, Op::Get { .. } | Op::Store(_) | Op::Delete) {
+            if req.slot == NONE || batched(&req.op) {
                 continue;
             }
             let (slot, op) = (req.slot, req.op);
@@ -344,6 +349,11 @@ impl Work {
     }
 }
 
+/// Whether a round sends `op` in a batch (else on its own).
+fn batched(op: &Op) -> bool {
+    !matches!(op, Op::Gat { .. })
+}
+
 impl Work {
     /// The batch's one request, as a call of its own (see `write_batches`).
     fn alone(&mut self, engine: &impl Slots, c: &mut impl Transport) {
@@ -366,7 +376,8 @@ impl Work {
         engine.wake_round();
     }
 
-    /// The queued stores (or deletes), in batches of at most `policy.max_bytes` request bytes.
+    /// The queued requests of `kind` (stores, deletes, touches, incrs and decrs), in batches
+    /// of at most `policy.max_bytes` request bytes.
     fn write_batches(
         &mut self,
         engine: &impl Slots,
@@ -376,6 +387,8 @@ impl Work {
     ) {
         let wanted = |op: &Op| match kind {
             Kind::Store => matches!(op, Op::Store(_)),
+            Kind::Touch => matches!(op, Op::Touch(_)),
+            Kind::Arith => matches!(op, Op::Arith { .. }),
             _ => matches!(op, Op::Delete),
         };
         let mut r = 0;
@@ -423,6 +436,7 @@ impl Work {
                 batch,
             };
             let req_of = |j: usize| &reqs[batch[j]];
+            let label = engine.label();
             let result = c.write(kind, &writes, &mut |j, outcome| {
                 let reply = match (req_of(j).op, outcome) {
                     // Without a CAS, "exists" and "not found" cannot answer a store.
@@ -433,7 +447,20 @@ impl Work {
                         Reply::Store(s)
                     }
                     (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
-                    (Op::Delete, Outcome::NotFound(_)) => Reply::Existed(false),
+                    (Op::Delete | Op::Touch(_), Outcome::NotFound(_)) => Reply::Existed(false),
+                    (Op::Touch(_), Outcome::Touched(_)) => Reply::Existed(true),
+                    (Op::Arith { .. }, Outcome::Number(n, _)) => Reply::Number(Some(n)),
+                    (Op::Arith { .. }, Outcome::NotFound(_)) => Reply::Number(None),
+                    // Its own error line (text touches and incrs: see `BatchReader`).
+                    (
+                        Op::Touch(_) | Op::Arith { .. },
+                        Outcome::Error {
+                            refusal, message, ..
+                        },
+                    ) => {
+                        answers[j] = Some(Err(refused(label, refusal, message)));
+                        return Ok(());
+                    }
                     _ => return Err(ParseError::Unexpected),
                 };
                 answers[j] = Some(Ok(reply));
@@ -444,10 +471,16 @@ impl Work {
                 let r = match (answer.take(), &result) {
                     (Some(a), _) => a,
                     // Quiet protocols answer only what did not succeed.
-                    (None, Ok(())) => Ok(match req.op {
-                        Op::Store(_) => Reply::Store(SetOutcome::Stored),
-                        _ => Reply::Existed(true),
-                    }),
+                    (None, Ok(())) => match req.op {
+                        Op::Store(_) => Ok(Reply::Store(SetOutcome::Stored)),
+                        Op::Delete => Ok(Reply::Existed(true)),
+                        // Every touch and incr answers: a batch that ended without this
+                        // one's answer is refused by the reader before this; never a guess.
+                        _ => Err(Error::Parse {
+                            server: engine.label().to_string(),
+                            error: ParseError::Unexpected,
+                        }),
+                    },
                     (None, Err(e)) => Err(e.clone()),
                 };
                 engine.complete(req.slot, r, None, freed);

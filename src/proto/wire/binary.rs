@@ -89,9 +89,9 @@ impl Wire for Binary {
         }
     }
 
-    fn end_batch(out: &mut Vec<u8>, _kind: Kind, _n: usize) -> BatchShape {
+    fn end_batch(out: &mut Vec<u8>, kind: Kind, _n: usize) -> BatchShape {
         Self::encode(out, &Cmd::Sync, SYNC_OPAQUE, false);
-        BatchShape::SYNCED
+        BatchShape::synced(kind)
     }
 
     #[inline(always)]
@@ -235,9 +235,9 @@ fn ok<'a>(n: usize, p: &Packet<'a>) -> Decoded<'a> {
         }
         Opcode::DELETE | Opcode::DELETEQ => Outcome::Deleted(Some(p.opaque)),
         Opcode::INCREMENT | Opcode::INCREMENTQ | Opcode::DECREMENT | Opcode::DECREMENTQ => {
-            Outcome::Number(p.counter().ok_or(ParseError::Unexpected)?)
+            Outcome::Number(p.counter().ok_or(ParseError::Unexpected)?, Some(p.opaque))
         }
-        Opcode::TOUCH => Outcome::Touched,
+        Opcode::TOUCH => Outcome::Touched(Some(p.opaque)),
         Opcode::FLUSH | Opcode::FLUSHQ | Opcode::SASL_AUTH => Outcome::Ok,
         Opcode::VERSION => Outcome::Version(p.value),
         // Stat: one packet per statistic, closed by an empty packet (section 4.9).

@@ -110,12 +110,12 @@ impl Wire for Meta {
 
     #[inline(always)]
     fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, _pos: usize) {
-        encode(out, cmd, Some(index), true)
+        encode(out, cmd, Some(index), !cmd.kind().answers_each())
     }
 
-    fn end_batch(out: &mut Vec<u8>, _kind: Kind, _n: usize) -> BatchShape {
+    fn end_batch(out: &mut Vec<u8>, kind: Kind, _n: usize) -> BatchShape {
         m::encode_noop(out);
-        BatchShape::SYNCED
+        BatchShape::synced(kind)
     }
 
     #[inline(always)]
@@ -150,7 +150,7 @@ impl Wire for Meta {
                 let outcome = match kind {
                     Kind::Store => Outcome::Store(SetOutcome::Stored, f.cas, f.opaque),
                     Kind::Delete => Outcome::Deleted(f.opaque),
-                    _ => Outcome::Touched,
+                    _ => Outcome::Touched(f.opaque),
                 };
                 return unit(n, outcome, true);
             }
@@ -211,7 +211,7 @@ impl Wire for Meta {
         }
         let outcome = match (r.code, r.data) {
             (Code::Value, Some(d)) if kind == Kind::Arith => {
-                Outcome::Number(parse_u64(d).ok_or(ParseError::Unexpected)?)
+                Outcome::Number(parse_u64(d).ok_or(ParseError::Unexpected)?, opaque)
             }
             (Code::Value, Some(data)) => Outcome::Hit(Hit {
                 key: None,
@@ -230,8 +230,11 @@ impl Wire for Meta {
             (Code::Done, _) => match kind {
                 Kind::Store => Outcome::Store(SetOutcome::Stored, f.cas, opaque),
                 Kind::Delete => Outcome::Deleted(opaque),
-                _ => Outcome::Touched,
+                _ => Outcome::Touched(opaque),
             },
+            // A touch's miss (`mg k T`) names its item, as a delete's does: a batch of
+            // touches matches it by opaque.
+            (Code::Miss, _) if kind == Kind::Touch => Outcome::NotFound(opaque),
             (Code::Miss, _) => Outcome::Miss,
             (Code::NotFound, _) if kind == Kind::Store => {
                 Outcome::Store(SetOutcome::NotFound, None, opaque)

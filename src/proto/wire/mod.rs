@@ -160,6 +160,16 @@ impl Expect {
     }
 }
 
+impl Kind {
+    /// In a batch, every item of this kind answers, on every protocol: a touch (binary has
+    /// no quiet touch, and a quiet meta touch answers its hits and hides its misses) and an
+    /// incr or decr (a quiet one hides the new value).
+    #[inline(always)]
+    pub(crate) fn answers_each(self) -> bool {
+        matches!(self, Kind::Touch | Kind::Arith)
+    }
+}
+
 /// Command kinds, as [`Expect`] names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -256,10 +266,12 @@ pub(crate) enum Outcome<'a> {
     End,
     Store(SetOutcome, Option<u64>, Option<u32>),
     Deleted(Option<u32>),
-    Touched,
+    /// A touch found the item (and its opaque: binary, meta).
+    Touched(Option<u32>),
     /// A missing item, for commands other than retrievals (and its opaque, in batches).
     NotFound(Option<u32>),
-    Number(u64),
+    /// An incr's or decr's new value (and its opaque: binary, meta).
+    Number(u64, Option<u32>),
     Ok,
     Version(&'a [u8]),
     Stat(&'a [u8], &'a [u8]),
@@ -294,11 +306,15 @@ pub(crate) struct BatchShape {
 pub(crate) type Decoded<'a> = Result<Status<(usize, Unit<'a>)>, ParseError>;
 
 impl BatchShape {
-    /// Closed by the reply to [`Cmd::Sync`]; only misses and failures answer before it.
-    pub(crate) const SYNCED: BatchShape = BatchShape {
-        ends: 1,
-        every_item_replies: false,
-    };
+    /// A batch of `kind` closed by the reply to [`Cmd::Sync`] (binary, meta): every item
+    /// answers before it if the kind does ([`Kind::answers_each`]), else only misses and
+    /// failures.
+    pub(crate) fn synced(kind: Kind) -> BatchShape {
+        BatchShape {
+            ends: 1,
+            every_item_replies: kind.answers_each(),
+        }
+    }
 }
 
 /// What [`Wire::batch_hit`] read: `None` when the next unit is not a hit in the common shape.
@@ -323,11 +339,12 @@ pub(crate) trait Wire {
     /// Appends `cmd` (quiet: no reply on success where the protocol can say so) to `out`.
     /// A store's value follows, sent by the caller with [`Wire::TRAILER`] after it.
     fn encode(out: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32, quiet: bool);
-    /// Appends `cmd` as item `index` of a batch, the `pos`-th for this server.
+    /// Appends `cmd` as item `index` of a batch, the `pos`-th for this server: quiet, but
+    /// for the kinds whose every item answers ([`Kind::answers_each`]).
     #[inline(always)]
     fn encode_item(out: &mut Vec<u8>, cmd: &Cmd<'_>, index: u32, pos: usize) {
         let _ = pos;
-        Self::encode(out, cmd, index, true);
+        Self::encode(out, cmd, index, !cmd.kind().answers_each());
     }
     /// Closes a batch of `n` items of `kind` for one server.
     fn end_batch(out: &mut Vec<u8>, kind: Kind, n: usize) -> BatchShape;

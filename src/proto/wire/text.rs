@@ -174,9 +174,9 @@ pub(super) fn from_response<'a>(n: usize, r: Response<'a>, kind: Kind) -> Decode
         }
         Response::NotFound => Outcome::NotFound(None),
         Response::Deleted => Outcome::Deleted(None),
-        Response::Touched => Outcome::Touched,
+        Response::Touched => Outcome::Touched(None),
         Response::Ok => Outcome::Ok,
-        Response::Number(v) => Outcome::Number(v),
+        Response::Number(v) => Outcome::Number(v, None),
         Response::Version(v) => Outcome::Version(v),
     };
     unit(n, outcome, true)

@@ -488,3 +488,157 @@ fn a_missing_reply_fails_the_unanswered_slots_and_the_rest_of_the_round() {
         }
     }
 }
+
+const TOUCH: Op = Op::Touch(60);
+
+/// Touches (one of a missing key) and incrs and decrs (one of a missing key, one of a value
+/// that is not a number), as concurrent callers queue them.
+fn counters() -> Vec<(Op, &'static str, &'static str)> {
+    let arith = |decr, delta| Op::Arith { decr, delta };
+    vec![
+        (TOUCH, "alpha", ""),
+        (arith(false, 5), "ctr", ""),
+        (TOUCH, "gone", ""),
+        (arith(true, 1), "word", ""),
+        (arith(false, 1), "none", ""),
+    ]
+}
+
+/// One batch of touches and one of incrs and decrs, whatever the split: each slot gets its
+/// own answer, and the error of the incr of a word fails that call alone.
+fn check_counters(protocol: Protocol, requests: [&[u8]; 2], replies: [&[u8]; 2]) {
+    let longest = replies.iter().map(|r| r.len()).max().unwrap_or(0);
+    for split in 0..=longest {
+        let (got, server) = round(protocol, &counters(), &replies, split);
+        let sent: Vec<&[u8]> = server.sent.iter().map(Vec::as_slice).collect();
+        assert_eq!(sent, requests, "{protocol:?}: the batches' requests");
+        let got: Vec<_> = (got.into_iter())
+            .map(|g| g.expect("every slot completed").0)
+            .collect();
+        let ok = |slot: usize| got[slot].as_ref().ok().copied();
+        let at = |slot| format!("{protocol:?} split {split}: slot {slot}");
+        assert_eq!(ok(0), Some(Reply::Existed(true)), "{}", at(0));
+        assert_eq!(ok(1), Some(Reply::Number(Some(7))), "{}", at(1));
+        assert_eq!(ok(2), Some(Reply::Existed(false)), "{}", at(2));
+        let e = got[3].as_ref().expect_err("a word is not a number");
+        assert_eq!(e.kind(), crate::ErrorKind::Server, "{}: {e}", at(3));
+        let text = e.to_string().to_lowercase();
+        assert!(text.contains("non-numeric"), "{}: {e}", at(3));
+        assert_eq!(ok(4), Some(Reply::Number(None)), "{}", at(4));
+    }
+}
+
+#[test]
+fn text_touches_and_incrs_are_batched() {
+    check_counters(
+        Protocol::Text,
+        [
+            b"touch alpha 60\r\ntouch gone 60\r\n",
+            b"incr ctr 5\r\ndecr word 1\r\nincr none 1\r\n",
+        ],
+        [
+            b"TOUCHED\r\nNOT_FOUND\r\n",
+            b"7\r\nCLIENT_ERROR cannot increment or decrement non-numeric value\r\nNOT_FOUND\r\n",
+        ],
+    );
+}
+
+#[test]
+fn binary_touches_and_incrs_are_batched() {
+    let (incr, decr, touch) = (0x05, 0x06, 0x1c);
+    let noop = packet(0x80, NOOP, 0, SYNC, 0, &[], b"", b"");
+    let ttl = 60u32.to_be_bytes();
+    let arith = |delta: u64| {
+        let mut e = delta.to_be_bytes().to_vec();
+        e.extend_from_slice(&[0; 8]);
+        e.extend_from_slice(&u32::MAX.to_be_bytes());
+        e
+    };
+    let touches = [
+        request(touch, 0, &ttl, "alpha", ""),
+        request(touch, 1, &ttl, "gone", ""),
+        noop.clone(),
+    ]
+    .concat();
+    let incrs = [
+        request(incr, 0, &arith(5), "ctr", ""),
+        request(decr, 1, &arith(1), "word", ""),
+        request(incr, 2, &arith(1), "none", ""),
+        noop,
+    ]
+    .concat();
+    let touched = [
+        response(touch, 0, 0, 9, &[], "", ""),
+        response(touch, 0x0001, 1, 0, &[], "", "Not found"),
+        bin_noop(),
+    ]
+    .concat();
+    let counted = [
+        packet(0x81, incr, 0, 0, 9, &[], b"", &7u64.to_be_bytes()),
+        response(
+            decr,
+            0x0006,
+            1,
+            0,
+            &[],
+            "",
+            "Non-numeric server-side value for incr or decr",
+        ),
+        response(incr, 0x0001, 2, 0, &[], "", "Not found"),
+        bin_noop(),
+    ]
+    .concat();
+    check_counters(Protocol::Binary, [&touches, &incrs], [&touched, &counted]);
+}
+
+#[test]
+fn meta_touches_and_incrs_are_batched() {
+    // The word's error line names no request: every item of the batch answers in order, so
+    // it answers the second.
+    check_counters(
+        Protocol::Meta,
+        [
+            b"mg alpha T60 O0\r\nmg gone T60 O1\r\nmn\r\n",
+            b"ma ctr D5 v O0\r\nma word MD v O1\r\nma none v O2\r\nmn\r\n",
+        ],
+        [
+            b"HD O0\r\nEN O1\r\nMN\r\n",
+            b"VA 1 O0\r\n7\r\nCLIENT_ERROR cannot increment or decrement non-numeric value\r\nNF O2\r\nMN\r\n",
+        ],
+    );
+}
+
+/// A touch batch answered out of order, or closed before every touch answered: the items
+/// not answered in step fail (a framing error, or the connection's end), none gets another's
+/// answer.
+#[test]
+fn a_touch_batch_out_of_step_fails_its_unanswered_items() {
+    let calls = [(TOUCH, "alpha", ""), (TOUCH, "gone", "")];
+    let cases: [(&[u8], crate::ErrorKind); 3] = [
+        // The second item's answer first, then the first's: the first's is refused.
+        (b"EN O1\r\nHD O0\r\nMN\r\n", crate::ErrorKind::Parse),
+        // The batch's end before the second item's answer.
+        (b"HD O0\r\nMN\r\n", crate::ErrorKind::Io),
+        // An answer for an item not in the batch.
+        (b"HD O0\r\nHD O7\r\nMN\r\n", crate::ErrorKind::Parse),
+    ];
+    for (reply, kind) in cases {
+        for split in 0..=reply.len() {
+            let (got, _) = round(Protocol::Meta, &calls, &[reply], split);
+            let got: Vec<_> = (got.into_iter())
+                .map(|g| g.expect("every slot completed").0)
+                .collect();
+            let what = String::from_utf8_lossy(reply);
+            // "alpha" is answered by O0 or fails; "gone" never takes alpha's answer.
+            match &got[0] {
+                Ok(r) => assert_eq!(*r, Reply::Existed(true), "{what} split {split}"),
+                Err(e) => assert_eq!(e.kind(), kind, "{what} split {split}: {e}"),
+            }
+            match &got[1] {
+                Ok(r) => assert_eq!(*r, Reply::Existed(false), "{what} split {split}"),
+                Err(e) => assert_eq!(e.kind(), kind, "{what} split {split}: {e}"),
+            }
+            assert!(got.iter().any(Result::is_err), "{what} split {split}");
+        }
+    }
+}
