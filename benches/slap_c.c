@@ -11,13 +11,20 @@
  *                    batch's round trip. One server only.
  *
  * usage: slap_c -m libmemcached|floor -s host:port[,host:port...] [--callers N] [-n OPS]
- *               [-t SECONDS] [-k KEYS] [-v BYTES] [--distribution modula|ketama] [--binary]
+ *               [-w get|mixall] [-t SECONDS] [-k KEYS] [-v BYTES] [--distribution modula|ketama] [--binary]
  *               [--replicas N] [--timeout-ms MS] [--failure-limit N] [--retry-timeout S]
  *               [--remove-failed 0|1]
  * Built by scripts/bench-compare and scripts/faults: cc -O2 -pthread benches/slap_c.c -lmemcached
  *
  * -n OPS: calls in total (default 500000); -t SECONDS: run this long instead (with -n too: stop at
  * whichever comes first).
+ *
+ * -w mixall (workload mixall_concurrent, as `mcstore slap -w mixall`): get, set, delete, touch
+ * (TTL 3600) and incr (by 1, of counter ctr:<i>, preloaded with 0) in equal parts, call n of a
+ * caller being the (n mod 5)-th of those. A get or delete that finds no item is not a failure
+ * (keys are deleted as the run goes), nor a touch of a missing key. The floor sends, per round
+ * trip, one text command per caller (caller c's of batch n is the ((n + c) mod 5)-th kind, so
+ * each batch mixes them all), closed by `mn`, and reads up to `MN`: error lines are failures.
  *
  * How libmemcached is configured (every behaviour set before the servers are added, as
  * proto-tests/compat/ring_helper.c does, so the continuum and the keys use the same hash):
@@ -156,6 +163,7 @@ static int nservers;
 static int ketama, binary;
 static long replicas, timeout_ms, failure_limit = 2, retry_timeout = 1, remove_failed = 1;
 static long callers = 64, ops = 500000, keyspace = 10000, bytes = 100;
+static int mixall; /* -w mixall */
 static double duration; /* seconds; 0: run -n calls */
 static pthread_barrier_t barrier;
 static double start_at;
@@ -215,16 +223,39 @@ static void *caller(void *arg) {
   }
   pthread_barrier_wait(&barrier);
   double deadline = duration > 0 ? start_at + duration : 0;
+  char *value = malloc((size_t)bytes); memset(value, 'v', (size_t)bytes);
+  char ctr[32];
   for (; n < n_ops; n++) {
-    int kl = snprintf(key, sizeof key, "key:%ld", key_index(c, n));
+    long i = key_index(c, n);
+    int kl = snprintf(key, sizeof key, "key:%ld", i);
     double t0 = now();
     if (deadline && t0 >= deadline) break;
+    if (mixall && n % 5) {
+      uint64_t counter;
+      switch (n % 5) {
+      case 1: rc = memcached_set(m, key, (size_t)kl, value, (size_t)bytes, 0, 0); break;
+      case 2: rc = memcached_delete(m, key, (size_t)kl, 0); break;
+      case 3: rc = memcached_touch(m, key, (size_t)kl, 3600); break;
+      default: {
+        int cl = snprintf(ctr, sizeof ctr, "ctr:%ld", i);
+        rc = memcached_increment(m, ctr, (size_t)cl, 1, &counter);
+      }
+      }
+      hist_add(&h, now() - t0, 1);
+      if (rc != MEMCACHED_SUCCESS && rc != MEMCACHED_NOTFOUND && rc != MEMCACHED_DELETED) {
+        errors++; rcs[rc < MEMCACHED_MAXIMUM_RETURN ? rc : MEMCACHED_FAILURE]++;
+      }
+      continue;
+    }
     char *v = memcached_get(m, key, (size_t)kl, &len, &flags, &rc);
     hist_add(&h, now() - t0, 1);
-    if (!v) { errors++; rcs[rc < MEMCACHED_MAXIMUM_RETURN ? rc : MEMCACHED_FAILURE]++; }
+    if (!v) {
+      if (!(mixall && rc == MEMCACHED_NOTFOUND)) { errors++; rcs[rc < MEMCACHED_MAXIMUM_RETURN ? rc : MEMCACHED_FAILURE]++; }
+    }
     else if (len != (size_t)bytes) { errors++; rcs[MEMCACHED_MAXIMUM_RETURN]++; }
     free(v);
   }
+  free(value);
   memcached_free(m);
   pthread_mutex_lock(&lock);
   errors_total += errors; done_total += n;
@@ -248,15 +279,37 @@ static void send_all(const char *p, size_t n) {
   }
 }
 
-static size_t recv_until_end(void) {
-  size_t len = 0;
+/* Reads until the reply ends with `end` (END for a multi-get, MN for a mixed batch). */
+static size_t recv_until(const char *end) {
+  size_t len = 0, el = strlen(end);
   for (;;) {
     ssize_t r = recv(fd, rbuf + len, rcap - len, 0);
     if (r <= 0) { perror("recv"); exit(1); }
     len += (size_t)r;
-    if (len >= 5 && memcmp(rbuf + len - 5, "END\r\n", 5) == 0) return len;
+    if (len >= el && memcmp(rbuf + len - el, end, el) == 0) return len;
     if (len == rcap) { rcap *= 2; rbuf = realloc(rbuf, rcap); }
   }
+}
+
+/* The floor for -w mixall: per round trip one text command per caller, every kind in each
+ * batch, closed by `mn`; error lines count as failures. */
+static size_t mixall_batch(char *req, long batch, long n) {
+  size_t w = 0;
+  for (long c = 0; c < batch; c++) {
+    long i = key_index(c, n);
+    switch ((n + c) % 5) {
+    case 0: w += (size_t)sprintf(req + w, "get key:%ld\r\n", i); break;
+    case 1:
+      w += (size_t)sprintf(req + w, "set key:%ld 0 0 %ld\r\n", i, bytes);
+      memset(req + w, 'v', (size_t)bytes); w += (size_t)bytes;
+      w += (size_t)sprintf(req + w, "\r\n");
+      break;
+    case 2: w += (size_t)sprintf(req + w, "delete key:%ld\r\n", i); break;
+    case 3: w += (size_t)sprintf(req + w, "touch key:%ld 3600\r\n", i); break;
+    default: w += (size_t)sprintf(req + w, "incr ctr:%ld 1\r\n", i); break;
+    }
+  }
+  return w + (size_t)sprintf(req + w, "mn\r\n");
 }
 
 static void floor_run(void) {
@@ -266,17 +319,28 @@ static void floor_run(void) {
   int one = 1; setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) { perror("connect"); exit(1); }
   rbuf = malloc(rcap);
-  char *req = malloc((size_t)callers * 24 + 16);
+  char *req = malloc((size_t)callers * (64 + (size_t)bytes) + 16);
   long done = 0, n = 0;
   double deadline = duration > 0 ? now() + duration : 0;
   while (done < ops && !(deadline && now() >= deadline)) {
     long batch = ops - done < callers ? ops - done : callers;
-    size_t w = (size_t)sprintf(req, "get");
+    size_t w;
+    if (mixall) {
+      w = mixall_batch(req, batch, n);
+      double t0 = now();
+      send_all(req, w);
+      size_t got = recv_until("MN\r\n");
+      hist_add(&all, now() - t0, (uint64_t)batch);
+      for (char *p = rbuf; (p = memmem(p, (size_t)(rbuf + got - p), "ERROR", 5)); p += 5) errors_total++;
+      done += batch; n++;
+      continue;
+    }
+    w = (size_t)sprintf(req, "get");
     for (long c = 0; c < batch; c++) w += (size_t)sprintf(req + w, " key:%ld", key_index(c, n));
     w += (size_t)sprintf(req + w, "\r\n");
     double t0 = now();
     send_all(req, w);
-    size_t got = recv_until_end();
+    size_t got = recv_until("END\r\n");
     double t = now() - t0;
     /* Each hit is "VALUE key:N 0 BYTES\r\n" + value + "\r\n": count the VALUE lines. */
     long hits = 0;
@@ -304,7 +368,7 @@ static int parse_servers(const char *list) {
 }
 
 static int usage(const char *why) {
-  fprintf(stderr, "%s\nusage: slap_c -m libmemcached|floor -s host:port[,host:port...] [--callers N] [-n OPS] "
+  fprintf(stderr, "%s\nusage: slap_c -m libmemcached|floor -s host:port[,host:port...] [--callers N] [-n OPS] [-w get|mixall] "
                   "[-t SECONDS] [-k KEYS] [-v BYTES] [--distribution modula|ketama] [--binary] [--replicas N] "
                   "[--timeout-ms MS] [--failure-limit N] [--retry-timeout S] [--remove-failed 0|1]\n", why);
   return 2;
@@ -323,6 +387,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--callers")) callers = atol(v);
     else if (!strcmp(a, "-n")) { ops = atol(v); ops_given = 1; }
     else if (!strcmp(a, "-t")) duration = atof(v);
+    else if (!strcmp(a, "-w")) {
+      if (!strcmp(v, "mixall")) mixall = 1;
+      else if (strcmp(v, "get")) return usage("-w is get or mixall");
+    }
     else if (!strcmp(a, "-k")) keyspace = atol(v);
     else if (!strcmp(a, "-v")) bytes = atol(v);
     else if (!strcmp(a, "--distribution")) dist = v;
@@ -359,6 +427,13 @@ int main(int argc, char **argv) {
       fprintf(stderr, "preload failed: %s\n", memcached_strerror(m, rc)); return 1;
     }
   }
+  for (long i = 0; mixall && i < keyspace; i++) {
+    int kl = snprintf(key, sizeof key, "ctr:%ld", i);
+    memcached_return_t rc = memcached_set(m, key, (size_t)kl, "0", 1, 0, 0);
+    if (rc != MEMCACHED_SUCCESS) {
+      fprintf(stderr, "preload failed: %s\n", memcached_strerror(m, rc)); return 1;
+    }
+  }
   memcached_free(m);
 
   double c0, t0, wall;
@@ -385,10 +460,11 @@ int main(int argc, char **argv) {
   double used = cpu() - c0;
   long done = done_total > 0 ? done_total : 1;
   /* Fields are only ever added (at the end), never renamed or removed: scripts read them. */
-  printf("RESULT client=%s proto=%s workload=get_concurrent callers=%ld ops=%ld wall_s=%.6f "
+  printf("RESULT client=%s proto=%s workload=%s callers=%ld ops=%ld wall_s=%.6f "
          "ops_per_s=%.1f cpu_us_per_op=%.4f p50_us=%.1f p99_us=%.1f errors=%ld p999_us=%.1f "
          "max_us=%.1f failed=%ld\n",
-         client, binary ? "binary" : "text", callers, done_total, wall, done_total / wall,
+         client, binary ? "binary" : "text", mixall ? "mixall_concurrent" : "get_concurrent",
+         callers, done_total, wall, done_total / wall,
          used * 1e6 / done, hist_us(&all, 0.5), hist_us(&all, 0.99), errors_total,
          hist_us(&all, 0.999), all.max / 1e3, errors_total);
   fflush(stdout);
