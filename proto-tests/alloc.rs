@@ -53,6 +53,11 @@ static GLOBAL: Counting = Counting;
 const CALLS: usize = 1000;
 
 /// Runs `f` CALLS times after a warm-up, returning the allocations counted while armed.
+/// This process's threads.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
+}
+
 fn count(mut f: impl FnMut()) -> usize {
     for _ in 0..50 {
         f();
@@ -380,8 +385,13 @@ fn main() {
     for k in &keys {
         assert!(racing.get_into(k.as_bytes(), &mut buf).unwrap().is_some());
     }
-    run(
-        "get_into (replicas 2, every read hedged)",
+    // (name, allocations, calls)
+    let mut amortized: Vec<(String, usize, usize)> = Vec::new();
+    // Amortized: how many late replies wait on one connection depends on timing, and the
+    // queue holding them grows when a rare burst sets a new high (seen once in CI-like runs:
+    // 1 allocation in 1,000 calls), up to its bound (`late_has_room`).
+    amortized.push((
+        "get_into (replicas 2, every read hedged)".into(),
         count(|| {
             next = (next + 1) % keys.len();
             assert!(racing
@@ -389,7 +399,8 @@ fn main() {
                 .unwrap()
                 .is_some());
         }),
-    );
+        CALLS,
+    ));
     let fc = racing.fleet_counters();
     assert!(fc.hedges_sent > 0, "no read was hedged: {fc:?}");
     let hedged = mcstore::Client::builder()
@@ -413,8 +424,6 @@ fn main() {
     for _ in 0..5 {
         count(&mut warm);
     }
-    // (name, allocations, calls)
-    let mut amortized: Vec<(String, usize, usize)> = Vec::new();
     amortized.push((
         "shared get_into (replicas 2, hedge p95, lone caller)".into(),
         count(|| {
@@ -478,11 +487,18 @@ fn main() {
 
     // The shared client: a lone caller (its call made directly), then concurrent callers
     // (queued, coalesced, parked and woken), blocking and async, every protocol.
+    let threads_before = threads();
     for (p, label) in [
         (mcstore::Protocol::Text, ""),
         (mcstore::Protocol::Binary, "binary "),
         (mcstore::Protocol::Meta, "meta "),
     ] {
+        // The counter counts every thread's allocations: the threads of the previous
+        // protocol's client (dropped) have ended first. (Was a CI failure: 1 allocation in
+        // 1,000 meta calls, on a loaded host, while the binary client's I/O thread exited.)
+        support::wait_for("the previous shared client's threads to end", || {
+            threads() <= threads_before
+        });
         let sc = mcstore::Client::builder()
             .server(mc.addr())
             .protocol(p)
