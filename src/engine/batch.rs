@@ -454,6 +454,12 @@ impl Core {
                 share.error = Some(e);
             }
         }
+        self.settle_plan(plan, started)
+    }
+
+    /// After a planned batch's exchange: records each server's health and counters, and
+    /// combines the errors (the one failed server's, or [`Error::Partial`]).
+    fn settle_plan(&mut self, plan: &mut Plan, started: crate::observe::Started) -> Result<()> {
         let mut failed = Vec::new();
         for (i, share) in plan.shares.iter_mut().enumerate() {
             if share.keys == 0 {
@@ -486,6 +492,279 @@ impl Core {
             }
         }
         combine(failed)
+    }
+}
+
+/// One batch of a chain (see [`Core::chain`]): its kind and keys.
+pub(crate) struct Part<'p> {
+    pub(crate) kind: Kind,
+    pub(crate) keys: &'p dyn Keys,
+    /// Set by the chain: `Ok` once every item was answered (or, quiet, succeeded).
+    pub(crate) result: Result<()>,
+}
+
+/// A chain's items and where their replies go, by part `k` and item `j`.
+pub(crate) struct ChainItems<'c> {
+    /// Item `j` of part `k`'s value (stores).
+    pub(crate) value: &'c dyn Fn(usize, usize) -> Option<&'c [u8]>,
+    /// Item `j` of part `k`'s command, with its wire key.
+    pub(crate) cmd: &'c dyn Fn(usize, usize, Key<'_>) -> Cmd<'_>,
+    /// A hit (gets): `(k, j, item)`.
+    pub(crate) on_hit: &'c mut dyn FnMut(usize, usize, ItemRef<'_>),
+    /// Another reply that answers item `j` of part `k` (stores, deletes, touches, incrs).
+    pub(crate) on_item: &'c mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
+}
+
+/// A chain: several batches for the one server a core is pinned to, written at once and
+/// read in order: one round trip for them all (a shared client's round).
+impl Core {
+    /// Runs `parts` as one exchange with the server this core is pinned to: every part's
+    /// items and closing marker in one write, then each part's replies, in order. Each
+    /// part's result is set as its own batch's would be; a part the exchange did not reach
+    /// the end of (the connection failed, or an error reply left the stream in doubt) fails
+    /// with that error, and its items nobody answered are not taken for successes.
+    pub(crate) fn chain(
+        &mut self,
+        scratch: &mut Scratch,
+        parts: &mut [Part<'_>],
+        items: &mut ChainItems<'_>,
+    ) {
+        with_wire!(self.protocol, W => self.chain_on::<W>(scratch, parts, items));
+        // Keys a list change moved are deleted where they were too (as `write_batch`).
+        if !self.handover.is_empty() {
+            for p in parts.iter_mut().filter(|p| p.kind != Kind::Get) {
+                let handed = self.hand_over_all(scratch, p.keys);
+                if p.result.is_ok() {
+                    p.result = handed;
+                }
+            }
+        }
+    }
+
+    fn chain_on<W: Wire>(
+        &mut self,
+        scratch: &mut Scratch,
+        parts: &mut [Part<'_>],
+        items: &mut ChainItems<'_>,
+    ) {
+        let Some(i) = self.pinned else {
+            for p in parts.iter_mut() {
+                p.result = Err(Error::NoServers);
+            }
+            return;
+        };
+        if scratch.chain.len() < parts.len() {
+            scratch.chain.resize_with(parts.len(), Plan::default);
+        }
+        let Scratch {
+            chain,
+            keybuf,
+            batches,
+            ..
+        } = scratch;
+        // Planned before anything is encoded: planning the first part with items connects
+        // the server (which clears its write buffer) and puts a sync ahead if one is owed;
+        // the others follow it. An empty part is done at once.
+        let Some(lead) = parts.iter().position(|p| p.keys.len() > 0) else {
+            for p in parts.iter_mut() {
+                p.result = Ok(());
+            }
+            return;
+        };
+        for k in std::iter::once(lead).chain((0..parts.len()).filter(|&k| k != lead)) {
+            let part = &mut parts[k];
+            let keys = part.keys;
+            part.result = if keys.len() == 0 {
+                let plan = &mut chain[k];
+                plan.server_of.clear();
+                plan.shares.clear();
+                plan.shares.resize_with(self.labels.len(), Share::default);
+                Ok(())
+            } else if k == lead {
+                self.plan(&mut chain[k], keybuf, keys.len(), |j| keys.key(j), None)
+            } else {
+                // After the lead: every part before it is empty.
+                let (before, rest) = chain.split_at_mut(k);
+                self.plan_after(&before[lead], i, &mut rest[0], keybuf, keys.len(), |j| {
+                    keys.key(j)
+                })
+            };
+            let plan = &mut chain[k];
+            plan.kind = part.kind;
+            if let (true, Err(e)) = (k == lead, &part.result) {
+                // Nothing goes out: every part fails as its lead did.
+                let e = e.clone();
+                for p in parts.iter_mut() {
+                    p.result = Err(e.clone());
+                }
+                return;
+            }
+            if part.result.is_err() {
+                // Nothing of this part goes out: it answers nothing.
+                plan.shares.iter_mut().for_each(|s| s.keys = 0);
+            }
+        }
+        let mut live = 0;
+        for (k, part) in parts.iter_mut().enumerate() {
+            let plan = &mut chain[k];
+            let share = &plan.shares[i];
+            if share.keys == 0 || share.error.is_some() {
+                continue;
+            }
+            let (value, cmd) = (items.value, items.cmd);
+            for j in 0..part.keys.len() {
+                self.encode_item::<W>(plan, keybuf, j, part.keys.key(j), value(k, j), |key| {
+                    cmd(k, j, key)
+                });
+            }
+            let shape = W::end_batch(self.driver.wbuf(i), part.kind, plan.shares[i].keys);
+            let share = &mut plan.shares[i];
+            share.ends = shape.ends;
+            share.every_item_replies = shape.every_item_replies;
+            live += 1;
+        }
+        if live == 0 {
+            return self.settle_chain(chain, parts, i, None);
+        }
+        let started = self.health.observe.start();
+        let op = self.driver.new_op();
+        batches.push(Batch::new(i, None, &op));
+        let ns = Arc::clone(&self.namespace);
+        let labels = Arc::clone(&self.labels);
+        let limits = self.limits;
+        let n_parts = parts.len();
+        let next_live = move |chain: &[Plan], from: usize| {
+            (from..n_parts)
+                .find(|&k| chain[k].shares[i].keys > 0 && chain[k].shares[i].error.is_none())
+        };
+        let mut cur = next_live(chain, 0);
+        let mut doubt = false;
+        self.driver
+            .exchange_many(batches, &op, Until::Done, |_, buf| {
+                let Some(k) = cur else {
+                    return Err(ParseError::Unexpected);
+                };
+                let part = &parts[k];
+                let keys = part.keys;
+                let get = part.kind == Kind::Get;
+                let (on_hit, on_item) = (&mut *items.on_hit, &mut *items.on_item);
+                let mut reader = BatchReader {
+                    keys,
+                    ns: &ns,
+                    labels: &labels,
+                    limits,
+                    expect: Expect::batch(part.kind),
+                    closed: Vec::new(),
+                    on_hit: |j: usize, item: ItemRef<'_>| {
+                        if !get {
+                            return no_hits(j, item);
+                        }
+                        on_hit(k, j, item);
+                        Ok(())
+                    },
+                    on_other: |plan: &mut Plan, s: usize, o: Outcome<'_>| {
+                        let j = plan.answered(s, &o, &ns, keys)?;
+                        on_item(k, j, o)
+                    },
+                };
+                let r = reader.read::<W>(&mut chain[k], i, buf)?;
+                let Status::Complete((n, done)) = r else {
+                    return Ok(r);
+                };
+                if !reader.closed.is_empty() {
+                    // An error reply left the rest of the stream in doubt.
+                    doubt = true;
+                    return Ok(Status::Complete((n, true)));
+                }
+                if done {
+                    cur = next_live(chain, k + 1);
+                }
+                Ok(Status::Complete((n, cur.is_none())))
+            });
+        let failure = batches.pop().and_then(|b| b.error);
+        batches.clear();
+        if doubt {
+            self.driver.disconnect(i);
+        }
+        // The part the exchange did not finish fails with its error (or the error reply's),
+        // and so do the parts after it, unread; the server's health counts it once.
+        let mut stop = parts.len();
+        if let Some(k) = cur {
+            let e = failure
+                .or_else(|| chain[k].shares[i].error.clone())
+                .unwrap_or_else(|| self.parse_error(i));
+            chain[k].shares[i].error = Some(e);
+            stop = k + 1;
+        }
+        self.settle_chain(&mut chain[..stop], &mut parts[..stop], i, Some(started));
+        if let Some(k) = cur {
+            let e = chain[k].shares[i].error.clone();
+            for part in &mut parts[stop..] {
+                if part.result.is_ok() {
+                    part.result = Err(e.clone().expect("set above"));
+                }
+            }
+        }
+    }
+
+    /// A reply that answers nothing asked, from server `i`.
+    fn parse_error(&self, i: usize) -> Error {
+        Error::Parse {
+            server: self.labels[i].clone(),
+            error: ParseError::Unexpected,
+        }
+    }
+
+    /// Each part's result, health and counters, and the hand-over of the writes' moved keys.
+    fn settle_chain(
+        &mut self,
+        chain: &mut [Plan],
+        parts: &mut [Part<'_>],
+        i: usize,
+        started: Option<crate::observe::Started>,
+    ) {
+        for (plan, part) in chain.iter_mut().zip(parts.iter_mut()) {
+            if part.result.is_err() {
+                continue;
+            }
+            if plan.shares[i].keys == 0 && plan.shares[i].error.is_none() {
+                continue;
+            }
+            let started = started.unwrap_or_else(|| self.health.observe.start());
+            part.result = self.settle_plan(plan, started);
+        }
+    }
+
+    /// Plans a chain's later part: the same server as `lead` (connected and started by it),
+    /// keys validated as [`plan`](Self::plan) does, opaques of its own.
+    fn plan_after<'k>(
+        &mut self,
+        lead: &Plan,
+        i: usize,
+        plan: &mut Plan,
+        kb: &mut Vec<u8>,
+        n: usize,
+        key_at: impl Fn(usize) -> &'k [u8],
+    ) -> Result<()> {
+        let binary_keys = self.protocol.supports(Capability::BinaryKeys);
+        plan.server_of.clear();
+        plan.shares.clear();
+        plan.shares.resize_with(self.labels.len(), Share::default);
+        plan.plain = self.namespace.is_empty();
+        for j in 0..n {
+            let user = key_at(j);
+            if Key::new(user).is_err() || self.namespace.len() + user.len() > MAX_KEY_LEN {
+                wire_key(&self.namespace, user, binary_keys, kb)?;
+                plan.plain = false;
+            }
+        }
+        let error = lead.shares[i].error.clone();
+        let server = if error.is_some() { NO_SERVER } else { i as u32 };
+        plan.server_of.resize(n, server);
+        plan.shares[i].keys = n;
+        plan.shares[i].error = error;
+        plan.base = self.reserve_opaques(n);
+        Ok(())
     }
 }
 

@@ -183,6 +183,8 @@ pub(crate) struct Scratch {
     keybuf: Vec<u8>,
     /// The last multi-key call's plan and batch list.
     plan: batch::Plan,
+    /// The plans of a chain's parts (see `Core::chain`).
+    chain: Vec<batch::Plan>,
     batches: Vec<crate::conn::driver::Batch<'static>>,
     /// A batch's keys that a list change moved, and the previous owner each goes to.
     handover: (Vec<u32>, Vec<u32>),

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use super::engine::{Engine, Op, Reply, Req};
 use crate::client::{Client, ItemInfo, ItemRef};
 use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
-use crate::engine::batch::Keys;
+use crate::engine::batch::{ChainItems, Keys, Part};
 use crate::engine::reply::refused;
 use crate::error::{During, Error, Result};
-use crate::proto::wire::{Cmd, Kind, Outcome};
+use crate::proto::wire::{Cmd, GetOpts, Kind, Outcome};
 use crate::proto::{Key, ParseError, SetOutcome};
 
 #[cfg(test)]
@@ -68,8 +68,11 @@ pub(super) trait Transport {
     /// `on_item`; an item no reply answered succeeded once this returns `Ok`.
     fn write(&mut self, kind: Kind, w: &Writes<'_>, on_item: OnItem<'_>) -> Result<()>;
     /// One call on its own (a hit's value into `out`): the commands a round does not batch
-    /// (get-and-touch, incr/decr, touch).
+    /// (get-and-touch), and an item over the batch cap.
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply>;
+    /// A round's batches of several kinds as one exchange (see `Core::chain`), each part's
+    /// result set; `false` if this transport runs them one after the other instead.
+    fn chain(&mut self, parts: &mut [Part<'_>], items: &mut ChainItems<'_>) -> bool;
 }
 
 /// The engine's transport: its client, pinned to the engine's server.
@@ -95,6 +98,16 @@ impl Transport for Client {
     }
     fn single(&mut self, op: Op, key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<Reply> {
         self.perform(op, key, value, out)
+    }
+    fn chain(&mut self, parts: &mut [Part<'_>], items: &mut ChainItems<'_>) -> bool {
+        // Over TLS a round's batches stay one per write: memcached stalls on quiet commands
+        // whose last record also holds what follows them (see `Work::alone`).
+        if self.is_tls() {
+            return false;
+        }
+        let (core, scratch) = self.engine();
+        core.chain(scratch, parts, items);
+        true
     }
 }
 
@@ -150,6 +163,73 @@ pub(super) struct Work {
     /// A transport failure in this round (see `serve`).
     pub(super) poison: Option<Error>,
     pub(super) freed: Vec<u32>,
+    /// A chained round's write batches, one per kind of [`WRITE_KINDS`], and the answers
+    /// read for each one's items.
+    pub(super) writes: [WriteBatch; 4],
+    pub(super) written: [Vec<Option<Result<Reply>>>; 4],
+}
+
+/// The kinds of write a round batches, in the order it sends them.
+const WRITE_KINDS: [Kind; 4] = [Kind::Store, Kind::Delete, Kind::Touch, Kind::Arith];
+
+/// One kind's write batch of a chained round: its requests (indices into `reqs`) and their
+/// keys.
+#[derive(Default)]
+pub(super) struct WriteBatch {
+    batch: Vec<usize>,
+    keys: Vec<Range<usize>>,
+}
+
+/// Whether a write batch of `kind` carries `op`.
+fn wanted(kind: Kind, op: &Op) -> bool {
+    match kind {
+        Kind::Store => matches!(op, Op::Store(_)),
+        Kind::Touch => matches!(op, Op::Touch(_)),
+        Kind::Arith => matches!(op, Op::Arith { .. }),
+        _ => matches!(op, Op::Delete),
+    }
+}
+
+/// The answer `outcome` gives to a write batch's request `op`: `Err` if it cannot answer
+/// such a request (a framing error).
+fn answer_of(label: &str, op: Op, outcome: Outcome<'_>) -> Result<Result<Reply>, ParseError> {
+    Ok(Ok(match (op, outcome) {
+        // Without a CAS, "exists" and "not found" cannot answer a store.
+        (Op::Store(o), Outcome::Store(s, ..))
+            if o.cas.is_some() || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
+        {
+            Reply::Store(s)
+        }
+        (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
+        (Op::Delete | Op::Touch(_), Outcome::NotFound(_)) => Reply::Existed(false),
+        (Op::Touch(_), Outcome::Touched(_)) => Reply::Existed(true),
+        (Op::Arith { .. }, Outcome::Number(n, _)) => Reply::Number(Some(n)),
+        (Op::Arith { .. }, Outcome::NotFound(_)) => Reply::Number(None),
+        // Its own error line (text touches and incrs: see `BatchReader`).
+        (
+            Op::Touch(_) | Op::Arith { .. },
+            Outcome::Error {
+                refusal, message, ..
+            },
+        ) => return Ok(Err(refused(label, refusal, message))),
+        _ => return Err(ParseError::Unexpected),
+    }))
+}
+
+/// The result of write request `op` that no reply answered, its batch having ended with
+/// `result`: quiet protocols answer only what did not succeed.
+fn unanswered(label: &str, op: Op, result: &Result<()>) -> Result<Reply> {
+    match (result, op) {
+        (Err(e), _) => Err(e.clone()),
+        (Ok(()), Op::Store(_)) => Ok(Reply::Store(SetOutcome::Stored)),
+        (Ok(()), Op::Delete) => Ok(Reply::Existed(true)),
+        // Every touch and incr answers: a batch that ended without this one's answer is
+        // refused by the reader before this; never a guess.
+        (Ok(()), _) => Err(Error::Parse {
+            server: label.to_string(),
+            error: ParseError::Unexpected,
+        }),
+    }
 }
 
 /// The keys of a batch, as ranges into the round's arena.
@@ -217,30 +297,8 @@ impl Work {
                 req.slot = NONE;
             }
         }
-        // Gets, coalesced, in batches of distinct keys.
-        let mut r = 0;
-        while r < self.reqs.len() {
-            self.batch.clear();
-            let mut with_cas = false;
-            while r < self.reqs.len() && self.batch.len() < MAX_ROUND_KEYS {
-                if let (Op::Get { cas }, true) = (self.reqs[r].op, self.reqs[r].slot != NONE) {
-                    with_cas |= cas;
-                    self.batch.push(r);
-                }
-                r += 1;
-            }
-            if !self.batch.is_empty() {
-                self.get_batch(engine, c, with_cas);
-            }
-            if self.poison.is_some() {
-                return;
-            }
-        }
-        // Stores, deletes, touches, then incrs and decrs, batched; the rest (get-and-touch)
-        // one by one.
-        let policy = c.policy();
-        for kind in [Kind::Store, Kind::Delete, Kind::Touch, Kind::Arith] {
-            self.write_batches(engine, c, kind, policy);
+        if !self.chained(engine, c) {
+            self.one_kind_at_a_time(engine, c);
         }
         for r in 0..self.reqs.len() {
             let req = &self.reqs[r];
@@ -263,8 +321,63 @@ impl Work {
         }
     }
 
+    /// The round's gets, stores, deletes, touches and incrs, a batch at a time (one round
+    /// trip each).
+    fn one_kind_at_a_time(&mut self, engine: &impl Slots, c: &mut impl Transport) {
+        // Gets, coalesced, in batches of distinct keys.
+        let mut r = 0;
+        while r < self.reqs.len() {
+            self.batch.clear();
+            let mut with_cas = false;
+            while r < self.reqs.len() && self.batch.len() < MAX_ROUND_KEYS {
+                if let (Op::Get { cas }, true) = (self.reqs[r].op, self.reqs[r].slot != NONE) {
+                    with_cas |= cas;
+                    self.batch.push(r);
+                }
+                r += 1;
+            }
+            if !self.batch.is_empty() {
+                self.get_batch(engine, c, with_cas);
+            }
+            if self.poison.is_some() {
+                return;
+            }
+        }
+        // Stores, deletes, touches, then incrs and decrs, batched; the rest (get-and-touch)
+        // one by one.
+        let policy = c.policy();
+        for kind in WRITE_KINDS {
+            self.write_batches(engine, c, kind, policy);
+        }
+    }
+
     /// One multi-get for the requests in `batch`: each distinct key once.
     fn get_batch(&mut self, engine: &impl Slots, c: &mut impl Transport, with_cas: bool) {
+        self.distinct_keys();
+        let Work {
+            reqs,
+            arena,
+            batch,
+            keys,
+            first,
+            next,
+            freed,
+            hits,
+            ..
+        } = self;
+        let list = ArenaKeys { arena, keys };
+        hits.clear();
+        hits.resize(keys.len(), false);
+        let result = c.get(with_cas, &list, &mut |u, item| {
+            hits[u] = true;
+            hit_each(engine, reqs, batch, first, next, freed, u, item);
+        });
+        self.gets_done(engine, result);
+    }
+
+    /// The distinct keys of the gets in `batch` (into `keys`), each request chained behind
+    /// the first of its key (`first`, `next`).
+    fn distinct_keys(&mut self) {
         self.keys.clear();
         self.first.clear();
         self.next.clear();
@@ -293,39 +406,23 @@ impl Work {
                 }
             }
         }
+    }
+
+    /// After a multi-get ended with `result`: every distinct key without a hit is a miss
+    /// (or the error), and the batch's requests are done.
+    fn gets_done(&mut self, engine: &impl Slots, result: Result<()>) {
         let Work {
             reqs,
-            arena,
             batch,
             keys,
             first,
             next,
             freed,
-            hits: hit,
+            hits,
             ..
         } = self;
-        let list = ArenaKeys { arena, keys };
-        hit.clear();
-        hit.resize(keys.len(), false);
-        let result = c.get(with_cas, &list, &mut |u, item| {
-            hit[u] = true;
-            let mut b = first[u];
-            while b != NONE {
-                let req = &reqs[batch[b as usize]];
-                let cas = match req.op {
-                    Op::Get { cas: true } => item.cas,
-                    _ => None,
-                };
-                let info = ItemInfo {
-                    flags: item.flags,
-                    cas,
-                };
-                engine.complete(req.slot, Ok(Reply::Hit(info)), Some(item.value), freed);
-                b = next[b as usize];
-            }
-        });
         for u in 0..keys.len() {
-            if hit[u] {
+            if hits[u] {
                 continue;
             }
             let mut b = first[u];
@@ -346,6 +443,204 @@ impl Work {
         if let Err(e) = &result {
             self.failed(e);
         }
+    }
+
+    /// The round's gets and writes as one exchange (`Transport::chain`) when each kind fits
+    /// one batch and there are two kinds or more; `false` leaves them to
+    /// [`one_kind_at_a_time`](Self::one_kind_at_a_time) (also when the transport does not
+    /// chain), which is the same round trip for a round of one kind.
+    fn chained(&mut self, engine: &impl Slots, c: &mut impl Transport) -> bool {
+        let policy = c.policy();
+        self.batch.clear();
+        let mut with_cas = false;
+        for (r, req) in self.reqs.iter().enumerate() {
+            if let (Op::Get { cas }, true) = (req.op, req.slot != NONE) {
+                with_cas |= cas;
+                self.batch.push(r);
+            }
+        }
+        if self.batch.len() > MAX_ROUND_KEYS {
+            return false;
+        }
+        let mut kinds = usize::from(!self.batch.is_empty());
+        for (w, kind) in self.writes.iter_mut().zip(WRITE_KINDS) {
+            w.batch.clear();
+            w.keys.clear();
+            let mut bytes = 0;
+            for (r, req) in self.reqs.iter().enumerate() {
+                if req.slot != NONE && wanted(kind, &req.op) {
+                    bytes += policy.item_bytes(req.key.len(), req.value.len());
+                    w.batch.push(r);
+                    w.keys.push(req.key.clone());
+                }
+            }
+            // One batch per kind, under the cap (else one at a time: see `write_batches`).
+            if bytes > policy.max_bytes {
+                return false;
+            }
+            kinds += usize::from(!w.batch.is_empty());
+        }
+        if kinds < 2 {
+            return false;
+        }
+        self.distinct_keys();
+        let Work {
+            reqs,
+            arena,
+            batch,
+            keys,
+            first,
+            next,
+            freed,
+            hits,
+            writes,
+            written,
+            ..
+        } = self;
+        hits.clear();
+        hits.resize(keys.len(), false);
+        for (answers, w) in written.iter_mut().zip(writes.iter()) {
+            answers.clear();
+            answers.resize_with(w.batch.len(), || None);
+        }
+        let label = engine.label();
+        let get_keys = ArenaKeys { arena, keys };
+        let [k0, k1, k2, k3] = [0, 1, 2, 3].map(|n| ArenaKeys {
+            arena,
+            keys: &writes[n].keys,
+        });
+        let no_error = || Ok(());
+        let mut parts = [
+            Part {
+                kind: Kind::Get,
+                keys: &get_keys,
+                result: no_error(),
+            },
+            Part {
+                kind: WRITE_KINDS[0],
+                keys: &k0,
+                result: no_error(),
+            },
+            Part {
+                kind: WRITE_KINDS[1],
+                keys: &k1,
+                result: no_error(),
+            },
+            Part {
+                kind: WRITE_KINDS[2],
+                keys: &k2,
+                result: no_error(),
+            },
+            Part {
+                kind: WRITE_KINDS[3],
+                keys: &k3,
+                result: no_error(),
+            },
+        ];
+        let opts = GetOpts {
+            cas: with_cas,
+            ..GetOpts::default()
+        };
+        // Part k > 0 is write batch k - 1; its item j is request `writes[k - 1].batch[j]`.
+        let req_of = |k: usize, j: usize| &reqs[writes[k - 1].batch[j]];
+        let value = |k: usize, j: usize| {
+            let req = (k > 0).then(|| req_of(k, j))?;
+            matches!(req.op, Op::Store(_)).then(|| &arena[req.value.clone()])
+        };
+        let cmd = commands(|k, j, key| {
+            if k == 0 {
+                return Cmd::Get(key, opts);
+            }
+            let req = req_of(k, j);
+            match req.op {
+                Op::Store(o) => Cmd::Store(key, o, req.value.len()),
+                Op::Touch(ttl) => Cmd::Touch(key, ttl),
+                Op::Arith { decr, delta } => Cmd::Arith { key, decr, delta },
+                _ => Cmd::Delete(key),
+            }
+        });
+        let (batch, first, next) = (&*batch, &*first, &*next);
+        let mut on_hit = |_: usize, u: usize, item: ItemRef<'_>| {
+            hits[u] = true;
+            hit_each(engine, reqs, batch, first, next, freed, u, item);
+        };
+        let mut on_item = |k: usize, j: usize, o: Outcome<'_>| {
+            if k == 0 {
+                return Err(ParseError::Unexpected);
+            }
+            written[k - 1][j] = Some(answer_of(label, req_of(k, j).op, o)?);
+            Ok(())
+        };
+        let mut items = ChainItems {
+            value: &value,
+            cmd: &cmd,
+            on_hit: &mut on_hit,
+            on_item: &mut on_item,
+        };
+        if !c.chain(&mut parts, &mut items) {
+            return false;
+        }
+        let results = parts.map(|p| p.result);
+        let [gets, writes_done @ ..] = results;
+        self.gets_done(engine, gets);
+        for (n, result) in writes_done.into_iter().enumerate() {
+            let Work {
+                reqs,
+                writes,
+                written,
+                freed,
+                ..
+            } = self;
+            for (j, answer) in written[n].iter_mut().enumerate() {
+                let req = &reqs[writes[n].batch[j]];
+                let r = answer
+                    .take()
+                    .unwrap_or_else(|| unanswered(label, req.op, &result));
+                engine.complete(req.slot, r, None, freed);
+            }
+            for &r in writes[n].batch.iter() {
+                reqs[r].slot = NONE;
+            }
+            engine.wake_round();
+            if let Err(e) = &result {
+                self.failed(e);
+            }
+        }
+        true
+    }
+}
+
+/// `f`, typed as a chain's command builder (a closure's own inference would tie the
+/// command's lifetime to one key's).
+fn commands<F: Fn(usize, usize, Key<'_>) -> Cmd<'_>>(f: F) -> F {
+    f
+}
+
+/// Delivers a hit of distinct key `u` to every request chained on it.
+#[allow(clippy::too_many_arguments)]
+fn hit_each(
+    engine: &impl Slots,
+    reqs: &[Req],
+    batch: &[usize],
+    first: &[u32],
+    next: &[u32],
+    freed: &mut Vec<u32>,
+    u: usize,
+    item: ItemRef<'_>,
+) {
+    let mut b = first[u];
+    while b != NONE {
+        let req = &reqs[batch[b as usize]];
+        let cas = match req.op {
+            Op::Get { cas: true } => item.cas,
+            _ => None,
+        };
+        let info = ItemInfo {
+            flags: item.flags,
+            cas,
+        };
+        engine.complete(req.slot, Ok(Reply::Hit(info)), Some(item.value), freed);
+        b = next[b as usize];
     }
 }
 
@@ -385,12 +680,6 @@ impl Work {
         kind: Kind,
         policy: BatchPolicy,
     ) {
-        let wanted = |op: &Op| match kind {
-            Kind::Store => matches!(op, Op::Store(_)),
-            Kind::Touch => matches!(op, Op::Touch(_)),
-            Kind::Arith => matches!(op, Op::Arith { .. }),
-            _ => matches!(op, Op::Delete),
-        };
         let mut r = 0;
         while r < self.reqs.len() && self.poison.is_none() {
             self.batch.clear();
@@ -398,7 +687,7 @@ impl Work {
             let mut bytes = 0;
             while r < self.reqs.len() {
                 let req = &self.reqs[r];
-                if req.slot != NONE && wanted(&req.op) {
+                if req.slot != NONE && wanted(kind, &req.op) {
                     let len = policy.item_bytes(req.key.len(), req.value.len());
                     if policy.is_full(self.batch.len(), bytes, len) {
                         break;
@@ -438,51 +727,14 @@ impl Work {
             let req_of = |j: usize| &reqs[batch[j]];
             let label = engine.label();
             let result = c.write(kind, &writes, &mut |j, outcome| {
-                let reply = match (req_of(j).op, outcome) {
-                    // Without a CAS, "exists" and "not found" cannot answer a store.
-                    (Op::Store(o), Outcome::Store(s, ..))
-                        if o.cas.is_some()
-                            || matches!(s, SetOutcome::Stored | SetOutcome::NotStored) =>
-                    {
-                        Reply::Store(s)
-                    }
-                    (Op::Delete, Outcome::Deleted(_)) => Reply::Existed(true),
-                    (Op::Delete | Op::Touch(_), Outcome::NotFound(_)) => Reply::Existed(false),
-                    (Op::Touch(_), Outcome::Touched(_)) => Reply::Existed(true),
-                    (Op::Arith { .. }, Outcome::Number(n, _)) => Reply::Number(Some(n)),
-                    (Op::Arith { .. }, Outcome::NotFound(_)) => Reply::Number(None),
-                    // Its own error line (text touches and incrs: see `BatchReader`).
-                    (
-                        Op::Touch(_) | Op::Arith { .. },
-                        Outcome::Error {
-                            refusal, message, ..
-                        },
-                    ) => {
-                        answers[j] = Some(Err(refused(label, refusal, message)));
-                        return Ok(());
-                    }
-                    _ => return Err(ParseError::Unexpected),
-                };
-                answers[j] = Some(Ok(reply));
+                answers[j] = Some(answer_of(label, req_of(j).op, outcome)?);
                 Ok(())
             });
             for (j, answer) in answers.iter_mut().enumerate() {
                 let req = &reqs[batch[j]];
-                let r = match (answer.take(), &result) {
-                    (Some(a), _) => a,
-                    // Quiet protocols answer only what did not succeed.
-                    (None, Ok(())) => match req.op {
-                        Op::Store(_) => Ok(Reply::Store(SetOutcome::Stored)),
-                        Op::Delete => Ok(Reply::Existed(true)),
-                        // Every touch and incr answers: a batch that ended without this
-                        // one's answer is refused by the reader before this; never a guess.
-                        _ => Err(Error::Parse {
-                            server: engine.label().to_string(),
-                            error: ParseError::Unexpected,
-                        }),
-                    },
-                    (None, Err(e)) => Err(e.clone()),
-                };
+                let r = answer
+                    .take()
+                    .unwrap_or_else(|| unanswered(label, req.op, &result));
                 engine.complete(req.slot, r, None, freed);
             }
             for &r in batch.iter() {

@@ -11,6 +11,7 @@ use crate::client::ItemRef;
 use crate::conn::batch::BatchPolicy;
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
 use crate::engine::batch::for_fuzzing::OneServer;
+use crate::engine::batch::{ChainItems, Part};
 use crate::error::{Error, Result};
 use crate::proto::wire::{with_wire, Cmd, GetOpts, Kind, Outcome, StoreOpts};
 use crate::proto::{ParseError, Protocol, SetOutcome, Status, StoreMode};
@@ -115,6 +116,11 @@ impl Transport for MemoryServer {
 
     fn single(&mut self, op: Op, _: &[u8], _: &[u8], _: &mut Vec<u8>) -> Result<Reply> {
         panic!("these rounds batch everything: {op:?} was sent alone")
+    }
+
+    /// One batch per exchange here (the chained rounds are tested against memcached).
+    fn chain(&mut self, _: &mut [Part<'_>], _: &mut ChainItems<'_>) -> bool {
+        false
     }
 }
 
