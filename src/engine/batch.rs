@@ -170,6 +170,11 @@ impl Plan {
                 if j < share.cursor || !mine(j) {
                     return Err(ParseError::Unexpected);
                 }
+                // When every item answers, none may be skipped: the server answers in
+                // request order, so a reply past the next item is out of step.
+                if share.every_item_replies && (share.cursor..j).any(mine) {
+                    return Err(ParseError::Unexpected);
+                }
                 if let Some(key) = key {
                     if !short_eq(user(key)?, keys.key(j)) {
                         return Err(ParseError::Unexpected);
@@ -1249,7 +1254,6 @@ pub(crate) mod for_fuzzing {
         /// Reads one reply unit as a shared client's batch does ([`Client::batch_get`],
         /// [`Client::batch_write`]): a hit goes to `on_hit(index, item)`, and another
         /// outcome that answers an item to `on_item(index, outcome)`.
-        #[cfg(test)]
         pub(crate) fn read_answers<W: Wire>(
             &mut self,
             keys: &(impl Keys + ?Sized),

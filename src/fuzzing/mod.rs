@@ -373,7 +373,11 @@ impl StreamCmd {
             4 => (false, Kind::Touch),
             5 => (true, Kind::Get),
             6 => (true, Kind::Store),
-            _ => (true, Kind::Delete),
+            // Batches whose every item answers, as a shared client's round sends them.
+            _ => (
+                true,
+                [Kind::Delete, Kind::Touch, Kind::Arith][usize::from(b >> 3) % 3],
+            ),
         };
         StreamCmd {
             batch,
@@ -633,7 +637,11 @@ fn drive(
 }
 
 fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
-    let Request { head, value, batch } = request::<W>(input);
+    let Request {
+        head,
+        value,
+        mut batch,
+    } = request::<W>(input);
     let keys = input.keys();
     if input.pipeline {
         let (mut errors, mut unmet, mut units) = (0, 0, 0);
@@ -655,6 +663,40 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
             Ok(()) if errors + unmet >= units => panic!("a pipeline ended without its sync"),
             Ok(()) if errors > 0 => StreamEnd::Refused,
             Ok(()) => StreamEnd::Done,
+        };
+    }
+    if let Some(mut batch) = batch.take_if(|_| input.cmd.kind.answers_each()) {
+        // Every item answers once, in request order, with an outcome of its kind (or an
+        // error of its own): as a round hands them to its callers.
+        let mut answered = 0;
+        let mut no_hit =
+            |_: usize, _: crate::client::ItemRef<'_>| panic!("a hit answered a touch or an incr");
+        let kind = input.cmd.kind;
+        let mut on_item = |j: usize, o: Outcome<'_>| {
+            assert_eq!(j, answered, "an item answered out of order or twice");
+            answered += 1;
+            match (kind, o) {
+                (Kind::Touch, Outcome::Touched(_) | Outcome::NotFound(_))
+                | (Kind::Arith, Outcome::Number(..) | Outcome::NotFound(_))
+                | (_, Outcome::Error { .. }) => Ok(()),
+                _ => Err(crate::proto::ParseError::Unexpected),
+            }
+        };
+        let r = drive(input, &head, value, &mut |buf| {
+            batch.read_answers::<W>(&keys[..], buf, &mut no_hit, &mut on_item)
+        });
+        return match r {
+            Err(_) => StreamEnd::Failed,
+            Ok(()) if batch.refused() => StreamEnd::Refused,
+            Ok(()) if batch.closed() => panic!("a connection closed without an error reply"),
+            Ok(()) => {
+                assert!(
+                    batch.finished(),
+                    "a batch ended before its reply was complete"
+                );
+                assert_eq!(answered, keys.len(), "a batch ended with items unanswered");
+                StreamEnd::Done
+            }
         };
     }
     if let Some(mut batch) = batch {
