@@ -1,0 +1,447 @@
+//! Attacks on the shared client's chained rounds (`Core::chain`): gets, stores, deletes,
+//! touches and incrs of many callers in one exchange. Every caller checks that every result
+//! is its own: its own values, its own counters, its own outcomes.
+
+use mcstore_test_support as support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mcstore::{ErrorKind, Protocol, SetOptions, SharedClient};
+use support::Memcached;
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Text, Protocol::Binary, Protocol::Meta];
+
+fn shared(m: &Memcached, p: Protocol, timeout: Duration) -> SharedClient {
+    support::client_builder()
+        .protocol(p)
+        .server(m.addr())
+        .io_timeout(timeout)
+        .connect_timeout(timeout)
+        .retry_timeout(Duration::from_millis(200))
+        .server_failure_limit(1_000_000)
+        .shared()
+        .build()
+        .unwrap()
+}
+
+/// One caller's exact-result workload: every op's outcome is known in advance.
+fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
+    let o = SetOptions::default;
+    let (val, ctr, del, here, gone, word, add) = (
+        format!("v:{t}"),
+        format!("c:{t}"),
+        format!("d:{t}"),
+        format!("h:{t}"),
+        format!("g:{t}"),
+        format!("w:{t}"),
+        format!("a:{t}"),
+    );
+    let base = t as u64 * 1_000_000;
+    c.set(ctr.as_bytes(), base.to_string().as_bytes(), o()).unwrap();
+    c.set(here.as_bytes(), b"here", o()).unwrap();
+    c.set(word.as_bytes(), b"abc", o()).unwrap();
+    let _ = c.delete(gone.as_bytes());
+    let mut counter = base;
+    let mut buf = Vec::new();
+    for n in 0..rounds {
+        let value = format!("value-{t}-{n}-{}", "x".repeat(n % 50));
+        match n % 9 {
+            0 => {
+                c.set(val.as_bytes(), value.as_bytes(), o()).unwrap();
+                let got = c.get_into(val.as_bytes(), &mut buf).unwrap();
+                assert!(got.is_some(), "{p:?} {t}: own set not visible");
+                assert_eq!(
+                    String::from_utf8_lossy(&buf),
+                    value,
+                    "{p:?} caller {t} got another value"
+                );
+            }
+            1 => {
+                counter += (t as u64 % 7) + 1;
+                let v = c.incr(ctr.as_bytes(), (t as u64 % 7) + 1).unwrap();
+                assert_eq!(v, Some(counter), "{p:?} caller {t} counter");
+            }
+            2 => {
+                counter -= 1;
+                let v = c.decr(ctr.as_bytes(), 1).unwrap();
+                assert_eq!(v, Some(counter), "{p:?} caller {t} decr");
+            }
+            3 => {
+                c.set(del.as_bytes(), b"x", o()).unwrap();
+                assert!(c.delete(del.as_bytes()).unwrap(), "{p:?} {t} delete existing");
+                assert!(!c.delete(del.as_bytes()).unwrap(), "{p:?} {t} delete missing");
+                assert!(c.get(del.as_bytes()).unwrap().is_none(), "{p:?} {t} deleted key hit");
+            }
+            4 => {
+                assert!(c.touch(here.as_bytes(), 3600).unwrap(), "{p:?} {t} touch here");
+                assert!(!c.touch(gone.as_bytes(), 3600).unwrap(), "{p:?} {t} touch gone");
+            }
+            5 => {
+                let e = c.incr(word.as_bytes(), 1).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Server, "{p:?} {t}: {e}");
+                assert_eq!(c.incr(gone.as_bytes(), 1).unwrap(), None, "{p:?} {t}");
+            }
+            6 => {
+                let _ = c.delete(add.as_bytes()).unwrap();
+                assert!(c.add(add.as_bytes(), value.as_bytes(), o()).unwrap(), "{p:?} {t} add new");
+                assert!(!c.add(add.as_bytes(), b"no", o()).unwrap(), "{p:?} {t} add existing");
+                let item = c.get(add.as_bytes()).unwrap().expect("added");
+                assert_eq!(item.value, value.as_bytes(), "{p:?} {t} add value");
+            }
+            7 => {
+                let item = c.gets(val.as_bytes()).unwrap();
+                if let Some(item) = item {
+                    let r = c
+                        .cas(val.as_bytes(), value.as_bytes(), item.cas.unwrap(), o())
+                        .unwrap();
+                    assert_eq!(r, mcstore::CasResult::Stored, "{p:?} {t} own cas");
+                    let got = c.get(val.as_bytes()).unwrap().expect("cas'd");
+                    assert_eq!(got.value, value.as_bytes(), "{p:?} {t} cas value");
+                }
+            }
+            _ => {
+                assert!(c.get(gone.as_bytes()).unwrap().is_none(), "{p:?} {t} gone hit");
+                let item = c.get(word.as_bytes()).unwrap().expect("word");
+                assert_eq!(item.value, b"abc", "{p:?} {t} word");
+            }
+        }
+    }
+    // The counter is exactly what this caller made it.
+    let item = c.get(ctr.as_bytes()).unwrap().expect("counter");
+    assert_eq!(item.value, counter.to_string().as_bytes(), "{p:?} {t} final counter");
+}
+
+#[test]
+fn mixed_chained_rounds_every_caller_gets_exact_results() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_secs(5));
+        std::thread::scope(|s| {
+            for t in 0..24usize {
+                let c = c.clone();
+                s.spawn(move || exact_caller(&c, p, t, 300));
+            }
+        });
+    }
+}
+
+#[test]
+fn mixed_chained_rounds_async_every_caller_gets_exact_results() {
+    let mc = Memcached::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_secs(5));
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for t in 0..48usize {
+                let c = c.clone();
+                tasks.push(tokio::spawn(async move {
+                    let o = SetOptions::default;
+                    let (k, ctr, h, g) = (
+                        format!("av:{t}"),
+                        format!("ac:{t}"),
+                        format!("ah:{t}"),
+                        format!("ag:{t}"),
+                    );
+                    let base = t as u64 * 1_000_000;
+                    c.set_async(ctr.as_bytes(), base.to_string().as_bytes(), o())
+                        .await
+                        .unwrap();
+                    c.set_async(h.as_bytes(), b"h", o()).await.unwrap();
+                    let _ = c.delete_async(g.as_bytes()).await;
+                    let mut counter = base;
+                    for n in 0..200usize {
+                        let v = format!("{t}-{n}");
+                        // Several kinds in flight at once from one task.
+                        let (a, b, d, e, f) = tokio::join!(
+                            c.set_async(k.as_bytes(), v.as_bytes(), o()),
+                            c.incr_async(ctr.as_bytes(), 1),
+                            c.touch_async(h.as_bytes(), 3600),
+                            c.delete_async(g.as_bytes()),
+                            c.get_async(h.as_bytes()),
+                        );
+                        a.unwrap();
+                        counter += 1;
+                        assert_eq!(b.unwrap(), Some(counter), "{p:?} {t} counter");
+                        assert!(d.unwrap(), "{p:?} {t} touch");
+                        assert!(!e.unwrap(), "{p:?} {t} delete of a missing key");
+                        assert_eq!(f.unwrap().expect("h").value, b"h", "{p:?} {t}");
+                        let got = c.get_async(k.as_bytes()).await.unwrap().expect("own");
+                        assert_eq!(got.value, v.as_bytes(), "{p:?} {t} own value");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+    }
+}
+
+/// Under SIGSTOP/SIGCONT cycles: a call that returns `Ok` must have run (a set reported done
+/// is read back unless a later set of the same caller failed, its outcome unknown), and any
+/// value or counter a caller gets is its own.
+#[test]
+fn frozen_server_mid_chain_never_reports_unexecuted_or_foreign_results() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_millis(400));
+        let stop = AtomicBool::new(false);
+        let oks = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..12usize {
+                let (c, stop, oks) = (c.clone(), &stop, &oks);
+                s.spawn(move || {
+                    let key = format!("f:{t}");
+                    let ctr = format!("fc:{t}");
+                    let base = t as u64 * 1_000_000;
+                    // Values that may be stored: the last confirmed and any since whose set failed.
+                    let mut possible: Vec<String> = Vec::new();
+                    let mut counter: Option<u64> = None;
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let v = format!("{t}-{n}");
+                        match c.set(key.as_bytes(), v.as_bytes(), SetOptions::default()) {
+                            Ok(()) => possible = vec![v.clone()],
+                            Err(_) => possible.push(v.clone()),
+                        }
+                        match c.get(key.as_bytes()) {
+                            Ok(Some(item)) => {
+                                let got = String::from_utf8_lossy(&item.value).into_owned();
+                                assert!(
+                                    possible.contains(&got),
+                                    "{p:?} {t}: got {got}, possible {possible:?}"
+                                );
+                                possible = vec![got];
+                                oks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(None) => panic!("{p:?} {t}: own key missing (possible {possible:?})"),
+                            Err(_) => {}
+                        }
+                        if counter.is_none() {
+                            if c
+                                .set(ctr.as_bytes(), base.to_string().as_bytes(), SetOptions::default())
+                                .is_ok()
+                            {
+                                counter = Some(base);
+                            }
+                            continue;
+                        }
+                        match c.incr(ctr.as_bytes(), 1) {
+                            Ok(Some(x)) => {
+                                let want = counter.unwrap() + 1;
+                                assert!(
+                                    x >= want && x < base + 1_000_000,
+                                    "{p:?} {t}: counter {x}, expected {want}"
+                                );
+                                // x > want only if an earlier incr failed but ran.
+                                counter = Some(x);
+                            }
+                            Ok(None) => panic!("{p:?} {t}: own counter missing"),
+                            Err(_) => {
+                                // Ran or not: resynchronise from the server.
+                                counter = None;
+                            }
+                        }
+                        let _ = c.touch(key.as_bytes(), 3600).map(|b| {
+                            // A touch of an existing key: the key exists (we set it).
+                            assert!(b || possible.is_empty(), "{p:?} {t}: touch false");
+                        });
+                    }
+                });
+            }
+            for _ in 0..3 {
+                support::wait_for("calls between freezes", || oks.load(Ordering::Relaxed) > 200);
+                mc.freeze();
+                std::thread::sleep(Duration::from_millis(700));
+                mc.resume();
+                oks.store(0, Ordering::Relaxed);
+            }
+            support::wait_for("calls after", || oks.load(Ordering::Relaxed) > 200);
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+}
+
+/// A text server that answers every command, good keys correctly (a get with the key as
+/// the value, an incr of `n:<t>:<x>` with `t * 100000 + x`), others with a malformed,
+/// foreign or truncated reply.
+fn hostile_mixed() -> support::Hostile {
+    use std::io::Write;
+    support::Hostile::start(|line, s| {
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        let verb = words.next().unwrap_or("");
+        if verb.starts_with("DATA") {
+            return; // a store's data block
+        }
+        let mut out = Vec::new();
+        let close = |s: &mut support::HostileConn, out: &[u8]| {
+            let _ = s.write_all(out);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        };
+        match verb {
+            "get" | "gets" => {
+                for key in words {
+                    if key.starts_with("wrong") {
+                        out.extend_from_slice(b"VALUE good:0:0 0 8\r\ngood:0:0\r\n");
+                    } else if key.starts_with("trunc") {
+                        out.extend_from_slice(format!("VALUE {key} 0 100\r\nhalf").as_bytes());
+                        return close(s, &out);
+                    } else if key.starts_with("dupend") {
+                        out.extend_from_slice(b"END\r\n");
+                    } else {
+                        out.extend_from_slice(
+                            format!("VALUE {key} 0 {}\r\n{key}\r\n", key.len()).as_bytes(),
+                        );
+                    }
+                }
+                out.extend_from_slice(b"END\r\n");
+            }
+            "set" | "add" | "delete" | "touch" | "incr" | "decr" => {
+                let key = words.next().unwrap_or("");
+                let ok: &[u8] = match verb {
+                    "set" | "add" => b"STORED\r\n",
+                    "delete" => b"DELETED\r\n",
+                    "touch" => b"TOUCHED\r\n",
+                    _ => b"",
+                };
+                if key.starts_with("wrong") {
+                    out.extend_from_slice(b"VALUE good:0:0 0 8\r\ngood:0:0\r\nEND\r\n");
+                } else if key.starts_with("trunc") {
+                    return close(s, &ok[..ok.len().min(3)]);
+                } else if key.starts_with("err") {
+                    out.extend_from_slice(
+                        b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+                    );
+                } else if key.starts_with("srv") {
+                    out.extend_from_slice(b"SERVER_ERROR out of memory\r\n");
+                } else if ok.is_empty() {
+                    // good:<t>:<x>
+                    let mut parts = key.split(':').skip(1);
+                    let t: u64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let x: u64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                    out.extend_from_slice(format!("{}\r\n", t * 100_000 + x).as_bytes());
+                } else {
+                    out.extend_from_slice(ok);
+                }
+            }
+            _ => out.extend_from_slice(b"ERROR\r\n"),
+        }
+        let _ = s.write_all(&out);
+    })
+}
+
+#[test]
+fn a_hostile_text_server_in_mixed_rounds_never_hands_a_caller_another_result() {
+    let h = hostile_mixed();
+    let c = support::client_builder()
+        .protocol(Protocol::Text)
+        .server(h.addr())
+        .io_timeout(Duration::from_secs(2))
+        .server_failure_limit(1_000_000)
+        .retry_timeout(Duration::from_millis(50))
+        .shared()
+        .build()
+        .unwrap();
+    let good_ok = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..16usize {
+            let (c, good_ok) = (c.clone(), &good_ok);
+            s.spawn(move || {
+                let mut buf = Vec::new();
+                for n in 0..150usize {
+                    let bad = n % 7 == t % 7;
+                    let prefix = if bad {
+                        ["wrong", "trunc", "err", "srv", "dupend"][(n / 7) % 5]
+                    } else {
+                        "good"
+                    };
+                    let key = format!("{prefix}:{t}:{n}");
+                    let data = format!("DATA{t}:{n}");
+                    let k = key.as_bytes();
+                    let allowed = |e: &mcstore::Error| {
+                        assert!(
+                            matches!(
+                                e.kind(),
+                                ErrorKind::Parse
+                                    | ErrorKind::Io
+                                    | ErrorKind::Timeout
+                                    | ErrorKind::Server
+                            ),
+                            "{key}: {e:?}"
+                        )
+                    };
+                    match n % 5 {
+                        0 => match c.get_into(k, &mut buf) {
+                            Ok(found) => {
+                                if prefix == "dupend" {
+                                    // An early END: this key and those after it miss.
+                                    continue;
+                                }
+                                // A miss is possible (a neighbour's early END); a hit is
+                                // this key's own value.
+                                if found.is_some() {
+                                    // (The server answers gets of err/srv/dupend keys well.)
+                                    assert!(
+                                        !matches!(prefix, "wrong" | "trunc"),
+                                        "{key}: a malformed reply was taken"
+                                    );
+                                    assert_eq!(buf, k, "{key} got another caller's value");
+                                    good_ok.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => allowed(&e),
+                        },
+                        1 => match c.incr(k, 1) {
+                            Ok(v) => {
+                                assert!(!bad || prefix == "dupend", "{key}: bad incr took {v:?}");
+                                assert_eq!(
+                                    v,
+                                    Some(t as u64 * 100_000 + n as u64),
+                                    "{key}: another caller's counter"
+                                );
+                                good_ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                allowed(&e);
+                                if prefix == "err" {
+                                    // Its own error: a Server error, never a neighbour's.
+                                }
+                            }
+                        },
+                        2 => match c.set(k, data.as_bytes(), SetOptions::default()) {
+                            Ok(()) => assert!(!bad || prefix == "dupend", "{key}: bad set ok"),
+                            Err(e) => allowed(&e),
+                        },
+                        3 => match c.touch(k, 10) {
+                            Ok(b) => {
+                                assert!(!bad || prefix == "dupend", "{key}: bad touch ok {b}");
+                                assert!(b, "{key}");
+                            }
+                            Err(e) => allowed(&e),
+                        },
+                        _ => match c.delete(k) {
+                            Ok(b) => {
+                                assert!(!bad || prefix == "dupend", "{key}: bad delete ok {b}");
+                                assert!(b, "{key}");
+                            }
+                            Err(e) => allowed(&e),
+                        },
+                    }
+                }
+            });
+        }
+    });
+    eprintln!("hostile mixed: {} good calls served", good_ok.load(Ordering::Relaxed));
+    assert!(good_ok.load(Ordering::Relaxed) > 0);
+    let mut buf = Vec::new();
+    assert!(c.get_into(b"good:after", &mut buf).unwrap().is_some());
+    assert_eq!(buf, b"good:after");
+}
