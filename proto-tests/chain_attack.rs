@@ -445,3 +445,96 @@ fn a_hostile_text_server_in_mixed_rounds_never_hands_a_caller_another_result() {
     assert!(c.get_into(b"good:after", &mut buf).unwrap().is_some());
     assert_eq!(buf, b"good:after");
 }
+
+/// A round of several kinds whose server refuses the connection: the failed connect is one
+/// failure of the server (as a round one kind at a time counts it: its first batch fails and
+/// poisons the rest), not one per part. With a failure limit of 3, one failed exchange and
+/// one refused round must not eject the server.
+#[test]
+fn a_refused_connect_in_a_chained_round_counts_once_toward_ejection() {
+    let h = support::Hostile::start(|_line, s| {
+        std::thread::sleep(Duration::from_millis(800));
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    let c = support::client_builder()
+        .protocol(Protocol::Meta)
+        .server(h.addr())
+        .io_timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(1))
+        .server_failure_limit(3)
+        .retry_timeout(Duration::from_secs(60))
+        .shared()
+        .build()
+        .unwrap();
+    let errors = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        // Holds the engine: its call fails after 800 ms (the server closes).
+        let c0 = c.clone();
+        let first = s.spawn(move || c0.get(b"first").map(|_| ()));
+        std::thread::sleep(Duration::from_millis(200));
+        // No more connections: the next round's connect is refused.
+        drop(h);
+        let mut callers = Vec::new();
+        for kind in 0..5usize {
+            let (c, errors) = (c.clone(), &errors);
+            callers.push(s.spawn(move || {
+                let k = format!("k{kind}");
+                let k = k.as_bytes();
+                let r = match kind {
+                    0 => c.get(k).map(drop),
+                    1 => c.set(k, b"v", SetOptions::default()),
+                    2 => c.delete(k).map(drop),
+                    3 => c.touch(k, 10).map(drop),
+                    _ => c.incr(k, 1).map(drop),
+                };
+                errors.lock().unwrap().push(r.map_err(|e| e.kind()));
+            }));
+        }
+        eprintln!("first: {:?}", first.join().unwrap().map_err(|e| e.kind()));
+        for t in callers {
+            t.join().unwrap();
+        }
+    });
+    eprintln!("callers: {:?}", errors.lock().unwrap());
+    let counters = c.server_counters();
+    eprintln!("counters: {counters:?}");
+    let (_, sc) = &counters[0];
+    assert!(
+        sc.errors <= 2,
+        "one failed exchange and one refused round counted as {} failures",
+        sc.errors
+    );
+    assert_eq!(sc.ejections, 0, "ejected after two failures with a limit of 3");
+}
+
+/// Large values in every part of the round: one write of up to a megabyte (four write
+/// parts, each under the round cap) while the gets' replies stream back. Every caller reads
+/// its own value back.
+#[test]
+fn large_values_in_chained_rounds_reach_their_own_callers() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            for t in 0..12usize {
+                let c = c.clone();
+                s.spawn(move || {
+                    let key = format!("big:{t}");
+                    let ctr = format!("bigc:{t}");
+                    c.set(ctr.as_bytes(), b"0", SetOptions::default()).unwrap();
+                    let mut count = 0;
+                    for n in 0..40usize {
+                        let len = 20_000 + (t * 997 + n * 131) % 40_000;
+                        let value: Vec<u8> = (0..len).map(|x| b'a' + ((x + t + n) % 26) as u8).collect();
+                        c.set(key.as_bytes(), &value, SetOptions::default()).unwrap();
+                        let got = c.get(key.as_bytes()).unwrap().expect("own big value");
+                        assert!(got.value == value, "{p:?} {t} {n}: another value ({} bytes)", got.value.len());
+                        count += 1;
+                        assert_eq!(c.incr(ctr.as_bytes(), 1).unwrap(), Some(count), "{p:?} {t}");
+                        assert!(c.touch(key.as_bytes(), 600).unwrap(), "{p:?} {t}");
+                    }
+                });
+            }
+        });
+    }
+}
