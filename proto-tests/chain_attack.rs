@@ -538,3 +538,199 @@ fn large_values_in_chained_rounds_reach_their_own_callers() {
         });
     }
 }
+
+struct PollAtMost<F> {
+    inner: Option<std::pin::Pin<Box<F>>>,
+    polls: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for PollAtMost<F> {
+    type Output = Option<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<F::Output>> {
+        if self.inner.is_none() || self.polls == 0 {
+            self.inner = None; // dropped here, mid-flight
+            return std::task::Poll::Ready(None);
+        }
+        self.polls -= 1;
+        let f = self.inner.as_mut().expect("checked");
+        match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+/// Mixed calls dropped at pseudo-random points (before queueing, queued, on the wire) in
+/// chained rounds; every call that completes gets a result of its own: its counter only
+/// grows and stays in its range, its key holds one of its values, its missing key stays
+/// missing, its non-numeric incr fails.
+#[test]
+fn mixed_futures_dropped_mid_chain_leave_every_result_its_own() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_secs(5));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dropped = rt.block_on(async {
+            let tasks: Vec<_> = (0..32usize)
+                .map(|t| {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let o = SetOptions::default;
+                        let (k, ctr, gone, word) = (
+                            format!("dk:{t}"),
+                            format!("dc:{t}"),
+                            format!("dg:{t}"),
+                            format!("dw:{t}"),
+                        );
+                        let base = t as u64 * 1_000_000;
+                        c.set_async(k.as_bytes(), format!("own-{t}-0").as_bytes(), o())
+                            .await
+                            .unwrap();
+                        c.set_async(ctr.as_bytes(), base.to_string().as_bytes(), o())
+                            .await
+                            .unwrap();
+                        c.set_async(word.as_bytes(), b"abc", o()).await.unwrap();
+                        let _ = c.delete_async(gone.as_bytes()).await;
+                        let (mut last, mut dropped) = (base, 0usize);
+                        for n in 0..300usize {
+                            let polls = [0, 1, 2, 3, 5, 8, 20, 100, 1000][(t * 31 + n * 17) % 9];
+                            let v = format!("own-{t}-{n}");
+                            macro_rules! poll_at_most {
+                                ($f:expr) => {
+                                    PollAtMost {
+                                        inner: Some(Box::pin($f)),
+                                        polls,
+                                    }
+                                    .await
+                                };
+                            }
+                            match n % 6 {
+                                0 => {
+                                    if let Some(r) =
+                                        poll_at_most!(c.set_async(k.as_bytes(), v.as_bytes(), o()))
+                                    {
+                                        r.unwrap();
+                                    } else {
+                                        dropped += 1;
+                                    }
+                                }
+                                1 => match poll_at_most!(c.incr_async(ctr.as_bytes(), 1)) {
+                                    Some(r) => {
+                                        let x = r.unwrap().expect("own counter");
+                                        assert!(
+                                            x > last && x < base + 1_000_000,
+                                            "{p:?} {t}: counter {x} after {last}"
+                                        );
+                                        last = x;
+                                    }
+                                    None => dropped += 1,
+                                },
+                                2 => match poll_at_most!(c.get_async(k.as_bytes())) {
+                                    Some(r) => {
+                                        let item = r.unwrap().expect("own key");
+                                        let s = String::from_utf8_lossy(&item.value).into_owned();
+                                        assert!(
+                                            s.starts_with(&format!("own-{t}-")),
+                                            "{p:?} {t}: got {s}"
+                                        );
+                                    }
+                                    None => dropped += 1,
+                                },
+                                3 => match poll_at_most!(c.touch_async(k.as_bytes(), 600)) {
+                                    Some(r) => assert!(r.unwrap(), "{p:?} {t}: touch"),
+                                    None => dropped += 1,
+                                },
+                                4 => match poll_at_most!(c.delete_async(gone.as_bytes())) {
+                                    Some(r) => assert!(!r.unwrap(), "{p:?} {t}: delete gone"),
+                                    None => dropped += 1,
+                                },
+                                _ => match poll_at_most!(c.incr_async(word.as_bytes(), 1)) {
+                                    Some(r) => {
+                                        let e = r.unwrap_err();
+                                        assert_eq!(e.kind(), ErrorKind::Server, "{p:?} {t}: {e}");
+                                    }
+                                    None => dropped += 1,
+                                },
+                            }
+                        }
+                        dropped
+                    })
+                })
+                .collect();
+            let mut dropped = 0;
+            for t in tasks {
+                dropped += t.await.unwrap();
+            }
+            dropped
+        });
+        eprintln!("{p:?}: {dropped} calls dropped");
+        assert!(dropped > 500, "{p:?}: only {dropped} dropped");
+    }
+}
+
+/// A server killed and restarted under mixed chained rounds: whatever a call returns is its
+/// own (values of its own, counters in its own range); the client serves again after.
+#[test]
+fn a_restarted_server_under_mixed_rounds_hands_out_nothing_foreign() {
+    let mut mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = shared(&mc, p, Duration::from_millis(500));
+        let stop = AtomicBool::new(false);
+        let oks = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..12usize {
+                let (c, stop, oks) = (c.clone(), &stop, &oks);
+                s.spawn(move || {
+                    let (k, ctr) = (format!("r:{t}"), format!("rc:{t}"));
+                    let base = t as u64 * 1_000_000;
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let v = format!("own-{t}-{n}");
+                        let _ = c.set(k.as_bytes(), v.as_bytes(), SetOptions::default());
+                        if let Ok(Some(item)) = c.get(k.as_bytes()) {
+                            let s = String::from_utf8_lossy(&item.value).into_owned();
+                            assert!(s.starts_with(&format!("own-{t}-")), "{p:?} {t}: {s}");
+                            oks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        match c.incr(ctr.as_bytes(), 1) {
+                            Ok(Some(x)) => assert!(
+                                x > base && x < base + 1_000_000,
+                                "{p:?} {t}: counter {x}"
+                            ),
+                            Ok(None) => {
+                                let _ = c.add(
+                                    ctr.as_bytes(),
+                                    base.to_string().as_bytes(),
+                                    SetOptions::default(),
+                                );
+                            }
+                            Err(_) => {}
+                        }
+                        let _ = c.touch(k.as_bytes(), 600);
+                        let _ = c.delete(format!("rg:{t}").as_bytes()).map(|b| {
+                            assert!(!b, "{p:?} {t}: a key never set was deleted")
+                        });
+                    }
+                });
+            }
+            for _ in 0..2 {
+                support::wait_for("calls", || oks.load(Ordering::Relaxed) > 300);
+                mc.restart();
+                oks.store(0, Ordering::Relaxed);
+            }
+            support::wait_for("calls after the restarts", || {
+                oks.load(Ordering::Relaxed) > 300
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+}
