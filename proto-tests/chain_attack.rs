@@ -734,3 +734,102 @@ fn a_restarted_server_under_mixed_rounds_hands_out_nothing_foreign() {
         });
     }
 }
+
+/// A server out of memory that never evicts (`-m 2 -M`): sets of 30 KB values fail with
+/// `SERVER_ERROR out of memory` once it is full, in chained rounds beside other callers' small
+/// sets, incrs and deletes. Nothing is evicted, so every set reported done must be there at
+/// the end with its value; every other result is the caller's own.
+#[test]
+fn sets_refused_for_memory_in_chained_rounds_are_never_reported_stored() {
+    let mc = Memcached::with_args(&["-m", "2", "-M"]);
+    for p in PROTOCOLS {
+        mc.client().flush_all(None).unwrap();
+        let c = shared(&mc, p, Duration::from_secs(5));
+        let stored = std::sync::Mutex::new(Vec::new());
+        let (big_failed, good) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for t in 0..12usize {
+                let (c, stored, big_failed, good) = (c.clone(), &stored, &big_failed, &good);
+                s.spawn(move || {
+                    let o = SetOptions::default;
+                    let (k, ctr) = (format!("tl:{t}"), format!("tlc:{t}"));
+                    let base = t as u64 * 1_000_000;
+                    let mut possible: Vec<String> = Vec::new();
+                    let mut counter: Option<u64> = None;
+                    for n in 0..150usize {
+                        if t < 4 && n % 2 == 0 {
+                            let key = format!("big:{p:?}:{t}:{n}");
+                            let big = vec![b'a' + (n % 26) as u8; 30_000 + t];
+                            match c.set(key.as_bytes(), &big, o()) {
+                                Ok(()) => stored.lock().unwrap().push((key, big)),
+                                Err(_) => {
+                                    big_failed.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            continue;
+                        }
+                        let v = format!("own-{t}-{n}");
+                        match c.set(k.as_bytes(), v.as_bytes(), o()) {
+                            Ok(()) => possible = vec![v.clone()],
+                            Err(_) => possible.push(v.clone()),
+                        }
+                        match c.get(k.as_bytes()) {
+                            Ok(Some(item)) => {
+                                let got = String::from_utf8_lossy(&item.value).into_owned();
+                                assert!(
+                                    possible.contains(&got),
+                                    "{p:?} {t}: {got} not in {possible:?}"
+                                );
+                                possible = vec![got];
+                                good.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(None) => assert!(
+                                possible.len() > 1 || possible.is_empty(),
+                                "{p:?} {t}: a set reported done is not there"
+                            ),
+                            Err(_) => {}
+                        }
+                        match counter {
+                            None => {
+                                if c.set(ctr.as_bytes(), base.to_string().as_bytes(), o()).is_ok() {
+                                    counter = Some(base);
+                                }
+                            }
+                            Some(want) => match c.incr(ctr.as_bytes(), 1) {
+                                Ok(Some(x)) => {
+                                    assert!(
+                                        x > want && x < base + 1_000_000,
+                                        "{p:?} {t}: {x} after {want}"
+                                    );
+                                    counter = Some(x);
+                                }
+                                Ok(None) => panic!("{p:?} {t}: own counter missing"),
+                                Err(_) => counter = None,
+                            },
+                        }
+                        if let Ok(b) = c.delete(format!("tlg:{t}").as_bytes()) {
+                            assert!(!b, "{p:?} {t}: deleted a key never set");
+                        }
+                    }
+                });
+            }
+        });
+        let stored = stored.into_inner().unwrap();
+        eprintln!(
+            "{p:?}: {} big sets stored, {} failed, {} good reads",
+            stored.len(),
+            big_failed.load(Ordering::Relaxed),
+            good.load(Ordering::Relaxed)
+        );
+        assert!(big_failed.load(Ordering::Relaxed) > 0, "{p:?}: memory never ran out");
+        let mut plain = mc.client();
+        for (key, value) in &stored {
+            let item = plain.get(key.as_bytes()).unwrap();
+            assert!(
+                item.as_ref().is_some_and(|i| &i.value == value),
+                "{p:?}: {key} was reported stored but is {}",
+                item.map_or("missing".to_string(), |i| format!("{} bytes", i.value.len()))
+            );
+        }
+    }
+}
