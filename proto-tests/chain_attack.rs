@@ -38,7 +38,8 @@ fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
         format!("a:{t}"),
     );
     let base = t as u64 * 1_000_000;
-    c.set(ctr.as_bytes(), base.to_string().as_bytes(), o()).unwrap();
+    c.set(ctr.as_bytes(), base.to_string().as_bytes(), o())
+        .unwrap();
     c.set(here.as_bytes(), b"here", o()).unwrap();
     c.set(word.as_bytes(), b"abc", o()).unwrap();
     let _ = c.delete(gone.as_bytes());
@@ -69,13 +70,28 @@ fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
             }
             3 => {
                 c.set(del.as_bytes(), b"x", o()).unwrap();
-                assert!(c.delete(del.as_bytes()).unwrap(), "{p:?} {t} delete existing");
-                assert!(!c.delete(del.as_bytes()).unwrap(), "{p:?} {t} delete missing");
-                assert!(c.get(del.as_bytes()).unwrap().is_none(), "{p:?} {t} deleted key hit");
+                assert!(
+                    c.delete(del.as_bytes()).unwrap(),
+                    "{p:?} {t} delete existing"
+                );
+                assert!(
+                    !c.delete(del.as_bytes()).unwrap(),
+                    "{p:?} {t} delete missing"
+                );
+                assert!(
+                    c.get(del.as_bytes()).unwrap().is_none(),
+                    "{p:?} {t} deleted key hit"
+                );
             }
             4 => {
-                assert!(c.touch(here.as_bytes(), 3600).unwrap(), "{p:?} {t} touch here");
-                assert!(!c.touch(gone.as_bytes(), 3600).unwrap(), "{p:?} {t} touch gone");
+                assert!(
+                    c.touch(here.as_bytes(), 3600).unwrap(),
+                    "{p:?} {t} touch here"
+                );
+                assert!(
+                    !c.touch(gone.as_bytes(), 3600).unwrap(),
+                    "{p:?} {t} touch gone"
+                );
             }
             5 => {
                 let e = c.incr(word.as_bytes(), 1).unwrap_err();
@@ -84,8 +100,14 @@ fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
             }
             6 => {
                 let _ = c.delete(add.as_bytes()).unwrap();
-                assert!(c.add(add.as_bytes(), value.as_bytes(), o()).unwrap(), "{p:?} {t} add new");
-                assert!(!c.add(add.as_bytes(), b"no", o()).unwrap(), "{p:?} {t} add existing");
+                assert!(
+                    c.add(add.as_bytes(), value.as_bytes(), o()).unwrap(),
+                    "{p:?} {t} add new"
+                );
+                assert!(
+                    !c.add(add.as_bytes(), b"no", o()).unwrap(),
+                    "{p:?} {t} add existing"
+                );
                 let item = c.get(add.as_bytes()).unwrap().expect("added");
                 assert_eq!(item.value, value.as_bytes(), "{p:?} {t} add value");
             }
@@ -101,7 +123,10 @@ fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
                 }
             }
             _ => {
-                assert!(c.get(gone.as_bytes()).unwrap().is_none(), "{p:?} {t} gone hit");
+                assert!(
+                    c.get(gone.as_bytes()).unwrap().is_none(),
+                    "{p:?} {t} gone hit"
+                );
                 let item = c.get(word.as_bytes()).unwrap().expect("word");
                 assert_eq!(item.value, b"abc", "{p:?} {t} word");
             }
@@ -109,7 +134,11 @@ fn exact_caller(c: &SharedClient, p: Protocol, t: usize, rounds: usize) {
     }
     // The counter is exactly what this caller made it.
     let item = c.get(ctr.as_bytes()).unwrap().expect("counter");
-    assert_eq!(item.value, counter.to_string().as_bytes(), "{p:?} {t} final counter");
+    assert_eq!(
+        item.value,
+        counter.to_string().as_bytes(),
+        "{p:?} {t} final counter"
+    );
 }
 
 #[test]
@@ -221,13 +250,18 @@ fn frozen_server_mid_chain_never_reports_unexecuted_or_foreign_results() {
                                 possible = vec![got];
                                 oks.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(None) => panic!("{p:?} {t}: own key missing (possible {possible:?})"),
+                            Ok(None) => {
+                                panic!("{p:?} {t}: own key missing (possible {possible:?})")
+                            }
                             Err(_) => {}
                         }
                         if counter.is_none() {
-                            if c
-                                .set(ctr.as_bytes(), base.to_string().as_bytes(), SetOptions::default())
-                                .is_ok()
+                            if c.set(
+                                ctr.as_bytes(),
+                                base.to_string().as_bytes(),
+                                SetOptions::default(),
+                            )
+                            .is_ok()
                             {
                                 counter = Some(base);
                             }
@@ -257,7 +291,9 @@ fn frozen_server_mid_chain_never_reports_unexecuted_or_foreign_results() {
                 });
             }
             for _ in 0..3 {
-                support::wait_for("calls between freezes", || oks.load(Ordering::Relaxed) > 200);
+                support::wait_for("calls between freezes", || {
+                    oks.load(Ordering::Relaxed) > 200
+                });
                 mc.freeze();
                 std::thread::sleep(Duration::from_millis(700));
                 mc.resume();
@@ -340,9 +376,93 @@ fn hostile_mixed() -> support::Hostile {
 
 #[test]
 fn a_hostile_text_server_in_mixed_rounds_never_hands_a_caller_another_result() {
-    let h = hostile_mixed();
+    hostile_mixed_rounds(hostile_mixed(), Protocol::Text);
+}
+
+#[test]
+fn a_hostile_meta_server_in_mixed_rounds_never_hands_a_caller_another_result() {
+    hostile_mixed_rounds(hostile_meta(), Protocol::Meta);
+}
+
+/// The meta twin of [`hostile_mixed`]: good keys answered correctly (by their opaque), the
+/// others with an error line, a truncated reply or a closed connection.
+fn hostile_meta() -> support::Hostile {
+    use std::io::Write;
+    support::Hostile::start(|line, s| {
+        let line = String::from_utf8_lossy(line);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let verb = words.first().copied().unwrap_or("");
+        if verb.starts_with("DATA") {
+            return;
+        }
+        if verb == "mn" {
+            let _ = s.write_all(b"MN\r\n");
+            return;
+        }
+        let key = words.get(1).copied().unwrap_or("");
+        let flags = &words[2.min(words.len())..];
+        let quiet = flags.contains(&"q");
+        let op = flags
+            .iter()
+            .find(|f| f.starts_with('O'))
+            .map(|f| format!(" {f}"))
+            .unwrap_or_default();
+        let has = |c: char| flags.iter().any(|f| f.starts_with(c));
+        let close = |s: &mut support::HostileConn, out: &[u8]| {
+            let _ = s.write_all(out);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        };
+        let mut out = Vec::new();
+        if key.starts_with("trunc") {
+            return close(s, format!("VA 100{op}\r\nhal").as_bytes());
+        } else if key.starts_with("err") {
+            out.extend_from_slice(
+                b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+            );
+        } else if key.starts_with("srv") {
+            out.extend_from_slice(b"SERVER_ERROR out of memory\r\n");
+        } else if key.starts_with("wrong") {
+            // Another kind's reply: a hit for a write, a stored for a read.
+            if verb == "mg" && !has('T') {
+                out.extend_from_slice(format!("HD{op}\r\n").as_bytes());
+            } else {
+                out.extend_from_slice(format!("VA 8{op}\r\ngood:0:0\r\n").as_bytes());
+            }
+        } else {
+            match verb {
+                "mg" if has('T') => out.extend_from_slice(format!("HD{op}\r\n").as_bytes()),
+                "mg" => {
+                    let f = if has('f') { " f0" } else { "" };
+                    out.extend_from_slice(
+                        format!("VA {}{f}{op}\r\n{key}\r\n", key.len()).as_bytes(),
+                    )
+                }
+                "ms" | "md" => {
+                    if !quiet {
+                        out.extend_from_slice(format!("HD{op}\r\n").as_bytes());
+                    }
+                }
+                "ma" => {
+                    let mut parts = key.split(':').skip(1);
+                    let t: u64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let x: u64 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let v = (t * 100_000 + x).to_string();
+                    if has('v') {
+                        out.extend_from_slice(format!("VA {}{op}\r\n{v}\r\n", v.len()).as_bytes());
+                    } else {
+                        out.extend_from_slice(format!("HD{op}\r\n").as_bytes());
+                    }
+                }
+                _ => out.extend_from_slice(b"ERROR\r\n"),
+            }
+        }
+        let _ = s.write_all(&out);
+    })
+}
+
+fn hostile_mixed_rounds(h: support::Hostile, p: Protocol) {
     let c = support::client_builder()
-        .protocol(Protocol::Text)
+        .protocol(p)
         .server(h.addr())
         .io_timeout(Duration::from_secs(2))
         .server_failure_limit(1_000_000)
@@ -439,7 +559,10 @@ fn a_hostile_text_server_in_mixed_rounds_never_hands_a_caller_another_result() {
             });
         }
     });
-    eprintln!("hostile mixed: {} good calls served", good_ok.load(Ordering::Relaxed));
+    eprintln!(
+        "hostile mixed {p:?}: {} good calls served",
+        good_ok.load(Ordering::Relaxed)
+    );
     assert!(good_ok.load(Ordering::Relaxed) > 0);
     let mut buf = Vec::new();
     assert!(c.get_into(b"good:after", &mut buf).unwrap().is_some());
@@ -504,7 +627,10 @@ fn a_refused_connect_in_a_chained_round_counts_once_toward_ejection() {
         "one failed exchange and one refused round counted as {} failures",
         sc.errors
     );
-    assert_eq!(sc.ejections, 0, "ejected after two failures with a limit of 3");
+    assert_eq!(
+        sc.ejections, 0,
+        "ejected after two failures with a limit of 3"
+    );
 }
 
 /// Large values in every part of the round: one write of up to a megabyte (four write
@@ -525,10 +651,16 @@ fn large_values_in_chained_rounds_reach_their_own_callers() {
                     let mut count = 0;
                     for n in 0..40usize {
                         let len = 20_000 + (t * 997 + n * 131) % 40_000;
-                        let value: Vec<u8> = (0..len).map(|x| b'a' + ((x + t + n) % 26) as u8).collect();
-                        c.set(key.as_bytes(), &value, SetOptions::default()).unwrap();
+                        let value: Vec<u8> =
+                            (0..len).map(|x| b'a' + ((x + t + n) % 26) as u8).collect();
+                        c.set(key.as_bytes(), &value, SetOptions::default())
+                            .unwrap();
                         let got = c.get(key.as_bytes()).unwrap().expect("own big value");
-                        assert!(got.value == value, "{p:?} {t} {n}: another value ({} bytes)", got.value.len());
+                        assert!(
+                            got.value == value,
+                            "{p:?} {t} {n}: another value ({} bytes)",
+                            got.value.len()
+                        );
                         count += 1;
                         assert_eq!(c.incr(ctr.as_bytes(), 1).unwrap(), Some(count), "{p:?} {t}");
                         assert!(c.touch(key.as_bytes(), 600).unwrap(), "{p:?} {t}");
@@ -702,10 +834,9 @@ fn a_restarted_server_under_mixed_rounds_hands_out_nothing_foreign() {
                             oks.fetch_add(1, Ordering::Relaxed);
                         }
                         match c.incr(ctr.as_bytes(), 1) {
-                            Ok(Some(x)) => assert!(
-                                x > base && x < base + 1_000_000,
-                                "{p:?} {t}: counter {x}"
-                            ),
+                            Ok(Some(x)) => {
+                                assert!(x > base && x < base + 1_000_000, "{p:?} {t}: counter {x}")
+                            }
                             Ok(None) => {
                                 let _ = c.add(
                                     ctr.as_bytes(),
@@ -716,9 +847,9 @@ fn a_restarted_server_under_mixed_rounds_hands_out_nothing_foreign() {
                             Err(_) => {}
                         }
                         let _ = c.touch(k.as_bytes(), 600);
-                        let _ = c.delete(format!("rg:{t}").as_bytes()).map(|b| {
-                            assert!(!b, "{p:?} {t}: a key never set was deleted")
-                        });
+                        let _ = c
+                            .delete(format!("rg:{t}").as_bytes())
+                            .map(|b| assert!(!b, "{p:?} {t}: a key never set was deleted"));
                     }
                 });
             }
@@ -791,7 +922,9 @@ fn sets_refused_for_memory_in_chained_rounds_are_never_reported_stored() {
                         }
                         match counter {
                             None => {
-                                if c.set(ctr.as_bytes(), base.to_string().as_bytes(), o()).is_ok() {
+                                if c.set(ctr.as_bytes(), base.to_string().as_bytes(), o())
+                                    .is_ok()
+                                {
                                     counter = Some(base);
                                 }
                             }
@@ -821,14 +954,20 @@ fn sets_refused_for_memory_in_chained_rounds_are_never_reported_stored() {
             big_failed.load(Ordering::Relaxed),
             good.load(Ordering::Relaxed)
         );
-        assert!(big_failed.load(Ordering::Relaxed) > 0, "{p:?}: memory never ran out");
+        assert!(
+            big_failed.load(Ordering::Relaxed) > 0,
+            "{p:?}: memory never ran out"
+        );
         let mut plain = mc.client();
         for (key, value) in &stored {
             let item = plain.get(key.as_bytes()).unwrap();
             assert!(
                 item.as_ref().is_some_and(|i| &i.value == value),
                 "{p:?}: {key} was reported stored but is {}",
-                item.map_or("missing".to_string(), |i| format!("{} bytes", i.value.len()))
+                item.map_or("missing".to_string(), |i| format!(
+                    "{} bytes",
+                    i.value.len()
+                ))
             );
         }
     }
