@@ -728,6 +728,9 @@ impl Core {
         i: usize,
         started: Option<crate::observe::Started>,
     ) {
+        // One failure of the server counts once in its health, however many parts it
+        // failed (the parts after the lead share its planning error: a refused connect).
+        let mut counted = false;
         for (plan, part) in chain.iter_mut().zip(parts.iter_mut()) {
             if part.result.is_err() {
                 continue;
@@ -735,8 +738,13 @@ impl Core {
             if plan.shares[i].keys == 0 && plan.shares[i].error.is_none() {
                 continue;
             }
+            if let (true, Some(e)) = (counted, &plan.shares[i].error) {
+                part.result = Err(e.clone());
+                continue;
+            }
             let started = started.unwrap_or_else(|| self.health.observe.start());
             part.result = self.settle_plan(plan, started);
+            counted |= plan.shares[i].error.is_some();
         }
     }
 
