@@ -599,6 +599,22 @@ fn found<T>(r: mcstore::Result<T>) -> Outcome {
     r.map(drop).map_err(failed)
 }
 
+/// Call `call` of a workload on `c`: a `Client` or a `SharedClient` (the same methods, on
+/// `&mut self` and `&self`).
+macro_rules! one_call {
+    ($c:expr, $t:expr, $call:expr, $value:expr, $buf:expr) => {
+        match $call {
+            Call::Get => check_hit($c.get_into($t.key, $buf), $buf, $value),
+            Call::Set => $c
+                .set($t.key, $value, SetOptions::default())
+                .map_err(failed),
+            Call::Delete => found($c.delete($t.key)),
+            Call::Touch => found($c.touch($t.key, TOUCH_TTL)),
+            Call::Incr => found($c.incr($t.counter, 1)),
+        }
+    };
+}
+
 fn call_shared(
     c: &SharedClient,
     t: Target<'_>,
@@ -606,13 +622,7 @@ fn call_shared(
     value: &[u8],
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    match call {
-        Call::Get => check_hit(c.get_into(t.key, buf), buf, value),
-        Call::Set => c.set(t.key, value, SetOptions::default()).map_err(failed),
-        Call::Delete => found(c.delete(t.key)),
-        Call::Touch => found(c.touch(t.key, TOUCH_TTL)),
-        Call::Incr => found(c.incr(t.counter, 1)),
-    }
+    one_call!(c, t, call, value, buf)
 }
 
 fn call_client(
@@ -622,13 +632,7 @@ fn call_client(
     value: &[u8],
     buf: &mut Vec<u8>,
 ) -> Outcome {
-    match call {
-        Call::Get => check_hit(c.get_into(t.key, buf), buf, value),
-        Call::Set => c.set(t.key, value, SetOptions::default()).map_err(failed),
-        Call::Delete => found(c.delete(t.key)),
-        Call::Touch => found(c.touch(t.key, TOUCH_TTL)),
-        Call::Incr => found(c.incr(t.counter, 1)),
-    }
+    one_call!(c, t, call, value, buf)
 }
 
 /// A get must find the preloaded value (or one a set wrote: the same bytes), or miss.
