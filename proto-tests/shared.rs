@@ -12,11 +12,17 @@ use support::Memcached;
 const PROTOCOLS: [Protocol; 3] = [Protocol::Text, Protocol::Binary, Protocol::Meta];
 
 fn shared(servers: &[&Memcached], p: Protocol) -> SharedClient {
+    shared_over(servers, p, 1)
+}
+
+/// With `conns` connections per server (`connections_per_server`: rounds in flight on each).
+fn shared_over(servers: &[&Memcached], p: Protocol, conns: usize) -> SharedClient {
     support::client_builder()
         .protocol(p)
         .servers(servers.iter().map(|m| m.addr()))
         .io_timeout(Duration::from_secs(2))
         .shared()
+        .connections_per_server(conns)
         .build()
         .unwrap()
 }
@@ -89,9 +95,21 @@ fn prepare(c: &SharedClient, callers: usize, shared_keys: usize) {
 
 #[test]
 fn sixty_four_threads_each_get_their_own_replies() {
+    threads_each_get_their_own_replies(1);
+}
+
+/// Rounds in flight on three connections at once: the same checks.
+#[test]
+fn sixty_four_threads_over_three_connections_each_get_their_own_replies() {
+    threads_each_get_their_own_replies(3);
+}
+
+fn threads_each_get_their_own_replies(conns: usize) {
     let mc = Memcached::start();
     for p in PROTOCOLS {
-        let c = shared(&[&mc], p);
+        // The previous protocol's client closed its connections (its threads end on drop).
+        support::wait_for("no client connected", || mc.clients() == 0);
+        let c = shared_over(&[&mc], p, conns);
         prepare(&c, 64, 20);
         let done = AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -101,6 +119,16 @@ fn sixty_four_threads_each_get_their_own_replies() {
             }
         });
         assert_eq!(done.load(Ordering::Relaxed), 64 * 2000, "{p:?}");
+        // Each call counted once, whichever connection served it: every get of a shared
+        // key and every get right after a set hit (16 x 2 + ... of each caller's 2,000).
+        let hits: u64 = c.server_counters().iter().map(|(_, s)| s.hits).sum();
+        assert!(hits >= 64 * 2000 * 3 / 5, "{p:?}: {hits} hits counted");
+        let used = mc.clients();
+        assert!(
+            used <= conns as u64 && (conns == 1 || used >= 2),
+            "{p:?}: {used} connections used of {conns}"
+        );
+        drop(c);
     }
 }
 
@@ -159,9 +187,18 @@ async fn mixed_calls_async(
 
 #[test]
 fn sixty_four_tokio_tasks_each_get_their_own_replies() {
+    tasks_each_get_their_own_replies(1);
+}
+
+#[test]
+fn sixty_four_tokio_tasks_over_three_connections_each_get_their_own_replies() {
+    tasks_each_get_their_own_replies(3);
+}
+
+fn tasks_each_get_their_own_replies(conns: usize) {
     let mc = Memcached::start();
     for p in PROTOCOLS {
-        let c = shared(&[&mc], p);
+        let c = shared_over(&[&mc], p, conns);
         prepare(&c, 64, 20);
         for rt in [
             tokio::runtime::Builder::new_current_thread()
@@ -247,9 +284,18 @@ impl<F: std::future::Future> std::future::Future for PollAtMost<F> {
 
 #[test]
 fn futures_dropped_mid_flight_leave_every_later_call_correct() {
+    futures_dropped_mid_flight(1);
+}
+
+#[test]
+fn futures_dropped_mid_flight_over_three_connections_leave_every_later_call_correct() {
+    futures_dropped_mid_flight(3);
+}
+
+fn futures_dropped_mid_flight(conns: usize) {
     let mc = Memcached::start();
     for p in PROTOCOLS {
-        let c = shared(&[&mc], p);
+        let c = shared_over(&[&mc], p, conns);
         prepare(&c, 0, 50);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -349,10 +395,21 @@ struct Seen {
 
 #[test]
 fn a_frozen_server_fails_only_its_keys_within_their_deadline() {
+    frozen_server_fails_only_its_keys(1);
+}
+
+#[test]
+fn a_frozen_server_over_three_connections_fails_only_its_keys_within_their_deadline() {
+    frozen_server_fails_only_its_keys(3);
+}
+
+fn frozen_server_fails_only_its_keys(conns: usize) {
     let servers: Vec<Memcached> = (0..3).map(|_| Memcached::start()).collect();
     for p in PROTOCOLS {
         let b = fault_builder(&servers).protocol(p);
-        let c = b.clone().shared().build().unwrap();
+        let c = (b.clone().shared().connections_per_server(conns))
+            .build()
+            .unwrap();
         let mut plain = b.build().unwrap();
         let keys: Vec<String> = (0..300).map(|i| format!("{p:?}:key:{i}")).collect();
         for k in &keys {
@@ -426,8 +483,18 @@ fn a_frozen_server_fails_only_its_keys_within_their_deadline() {
 
 #[test]
 fn a_server_restarted_under_load_is_reconnected() {
+    restarted_under_load(1);
+}
+
+#[test]
+fn a_server_restarted_under_load_over_three_connections_is_reconnected() {
+    restarted_under_load(3);
+}
+
+fn restarted_under_load(conns: usize) {
     let mut servers = vec![Memcached::start()];
-    let c = fault_builder(&servers).shared().build().unwrap();
+    let b = fault_builder(&servers).shared();
+    let c = b.connections_per_server(conns).build().unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let ok = AtomicUsize::new(0);
     let restarted = std::sync::atomic::AtomicBool::new(false);

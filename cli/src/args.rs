@@ -395,6 +395,9 @@ pub(crate) enum Cmd {
         /// Who does the I/O for blocking callers (the designs, to compare).
         #[arg(long, value_enum, default_value = "adaptive")]
         io_mode: slap::IoModeArg,
+        /// Connections per server of the shared client (rounds in flight per server).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        conns: usize,
     },
     /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
     Demo {

@@ -522,6 +522,7 @@ fn run(cli: Cli) -> Res<()> {
             runtime,
             client,
             io_mode,
+            conns,
         } => {
             let spec = slap::SlapSpec {
                 workload,
@@ -537,6 +538,7 @@ fn run(cli: Cli) -> Res<()> {
                 runtime,
                 client,
                 io_mode,
+                conns,
             };
             let proto = match g.protocol {
                 Protocol::Text => "text",

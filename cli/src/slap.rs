@@ -39,6 +39,8 @@ pub struct SlapSpec {
     pub runtime: Runtime,
     pub client: Which,
     pub io_mode: IoModeArg,
+    /// Connections per server (shared client).
+    pub conns: usize,
 }
 
 /// How callers run.
@@ -440,6 +442,7 @@ pub fn run(
                     IoModeArg::Combining => mcstore::IoMode::Combining,
                     IoModeArg::IoThread => mcstore::IoMode::IoThread,
                 })
+                .connections_per_server(spec.conns)
                 .build()
                 .map_err(err)?;
             follow_list(&client.server_list())?;
@@ -538,7 +541,7 @@ pub fn run(
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
          rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors} \
          failovers={} hedges={} hedges_won={} hedges_refused={} misses={misses} \
-         list_changes={list_changes}",
+         list_changes={list_changes} conns={}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,
@@ -552,6 +555,7 @@ pub fn run(
         fleet.hedges_sent,
         fleet.hedges_won,
         fleet.hedges_refused,
+        spec.conns,
     );
     if errors > 0 {
         return Err(format!("{errors} calls failed"));

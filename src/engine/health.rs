@@ -44,6 +44,21 @@ pub struct ServerCounters {
     pub tls_resumptions: u64,
 }
 
+impl ServerCounters {
+    /// Adds `other`'s counts (another connection's to the same server).
+    pub(crate) fn add(&mut self, other: &ServerCounters) {
+        self.requests += other.requests;
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.ejections += other.ejections;
+        self.reconnects += other.reconnects;
+        self.late_replies += other.late_replies;
+        self.tls_resumptions += other.tls_resumptions;
+    }
+}
+
 /// What to do about failing servers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FailurePolicy {

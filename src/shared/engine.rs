@@ -1,9 +1,10 @@
-//! A server's engine: its connection (a pinned [`Client`]), the queue of requests, the
-//! request slots, and how callers wait for them.
+//! A server's engine: its connections (each a pinned [`Client`], a lane), the queue of
+//! requests, the request slots, and how callers wait for them.
 //!
 //! # Lock order
 //!
-//! The locks: per server `state` (the engine's client and a round's working space),
+//! The locks: per server and connection `state` (a lane: the engine's client on one
+//! connection and a round's working space; see [`Engine::lanes`]),
 //! `queue`, `round` (the generation threads wait on with `round_done`) and one `data` mutex
 //! per slot; per shared client `router` and `admin` (in `Inner`). The condvars pair with
 //! them: `io` and `space` with `queue`, `round_done` with `round`.
@@ -30,7 +31,8 @@
 //! - `admin -> router`: the storage's replays hold the lent admin client and ask the router
 //!   where each key's copies are.
 //!
-//! Why there is no cycle: nothing takes `state` while holding another of these locks. The
+//! Why there is no cycle: nothing takes `state` while holding another of these locks (nor
+//! another lane's `state`: whoever visits every lane holds one at a time). The
 //! I/O thread lets go of `queue` before it takes `state`; a direct call or a combiner takes
 //! `state` with `try_lock` only, holding nothing else, and calls [`Engine::hand_off`] (which
 //! takes `queue`) after letting go of `state`. Nothing takes `queue` while holding a slot:
@@ -57,13 +59,18 @@ pub(super) use crate::command::{CallSpec, Op, Reply};
 use crate::error::{Error, Result};
 use crate::proto::ParseError;
 
-/// One server's connection and what is queued for it.
+/// One server's connections and what is queued for them.
 pub(super) struct Engine {
     pub(super) server: usize,
     pub(super) label: String,
     pub(super) timeout: Duration,
-    /// Held by whoever combines: the connection and the working space of a round.
-    pub(super) state: Mutex<State>,
+    /// The lanes, one per connection to the server
+    /// ([`SharedClientBuilder::connections_per_server`](super::SharedClientBuilder)), each
+    /// held by whoever combines on it: its client (connection) and a round's working space.
+    /// They share the queue: a lane whose round is on the wire leaves what queues meanwhile
+    /// to the next lane, so up to one round per lane is in flight. Lane 0 is the one
+    /// lending and the counters start from.
+    pub(super) lanes: Box<[Mutex<State>]>,
     pub(super) queue: Mutex<Queue>,
     /// Wakes the I/O thread (with `queue`).
     pub(super) io: Condvar,
@@ -83,9 +90,10 @@ pub(super) struct Engine {
     /// Wakes blocking callers waiting for a free slot (with `queue`).
     pub(super) space: Condvar,
     pub(super) slots: Box<[Slot]>,
-    /// When the round on the wire started ([`since_epoch`] nanoseconds; 0: none): a read
-    /// with copies treats a server whose round has run far longer than usual as slow.
-    pub(super) busy_since: AtomicU64,
+    /// Per lane, when its round on the wire started ([`since_epoch`] nanoseconds; 0:
+    /// none): a read with copies treats a server whose round has run far longer than usual
+    /// as slow.
+    pub(super) busy_since: Box<[AtomicU64]>,
 }
 
 /// Nanoseconds since the first call of this process: a clock an atomic can hold.
@@ -114,9 +122,10 @@ pub(super) struct Queue {
     pub(super) space_wakers: Vec<Waker>,
     /// Blocking callers waiting on `space`.
     pub(super) space_waiting: usize,
-    /// The I/O thread exists, and is waiting on `io`.
-    pub(super) io_running: bool,
-    pub(super) io_idle: bool,
+    /// I/O threads started (one per lane at most, lanes `0..io_threads`), and how many of
+    /// them wait on `io`.
+    pub(super) io_threads: usize,
+    pub(super) io_idle: usize,
     pub(super) shutdown: bool,
 }
 
@@ -160,8 +169,15 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Engine {
-    pub(super) fn new(server: usize, client: Client, slots: usize, timeout: Duration) -> Engine {
-        let label = client.label_list()[server].clone();
+    /// An engine on `clients`, one per lane (at least one).
+    pub(super) fn new(
+        server: usize,
+        clients: Vec<Client>,
+        slots: usize,
+        timeout: Duration,
+    ) -> Engine {
+        let label = clients[0].label_list()[server].clone();
+        let busy_since = clients.iter().map(|_| AtomicU64::new(0)).collect();
         let queue = Queue {
             free: (0..slots as u32).rev().collect(),
             ..Queue::default()
@@ -170,10 +186,15 @@ impl Engine {
             server,
             label,
             timeout,
-            state: Mutex::new(State {
-                client,
-                work: Work::default(),
-            }),
+            lanes: (clients.into_iter().enumerate())
+                .map(|(lane, client)| {
+                    Mutex::new(State {
+                        client,
+                        work: Work::default(),
+                        lane,
+                    })
+                })
+                .collect(),
             queue: Mutex::new(queue),
             io: Condvar::new(),
             queued: AtomicUsize::new(0),
@@ -193,24 +214,32 @@ impl Engine {
                     }),
                 })
                 .collect(),
-            busy_since: AtomicU64::new(0),
+            busy_since,
         }
     }
 
-    /// How long the round on the wire has run, if one is.
+    /// How long the oldest round on the wire has run, if one is.
     pub(super) fn busy_for(&self, now: Instant) -> Option<Duration> {
-        match self.busy_since.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(Duration::from_nanos(since_epoch(now).saturating_sub(at))),
-        }
+        let at = (self.busy_since.iter())
+            .map(|b| b.load(Ordering::Relaxed))
+            .filter(|&at| at != 0)
+            .min()?;
+        Some(Duration::from_nanos(since_epoch(now).saturating_sub(at)))
     }
 
+    /// A free lane, if one is (the lowest).
     pub(super) fn try_state(&self) -> Option<MutexGuard<'_, State>> {
-        match self.state.try_lock() {
+        self.lanes.iter().find_map(|l| match l.try_lock() {
             Ok(g) => Some(g),
             Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(TryLockError::WouldBlock) => None,
-        }
+        })
+    }
+
+    /// Whether an I/O thread is serving rounds (not asleep on `io`).
+    fn set_io_busy(&self, q: &Queue) {
+        self.io_busy
+            .store(q.io_threads > q.io_idle, Ordering::Relaxed);
     }
 
     /// Queues a request in a free slot for an owner waiting as `waiter`, or `None` if no
@@ -246,19 +275,22 @@ impl Engine {
         Some(slot)
     }
 
-    /// Makes sure the I/O thread exists and looks at the queue.
+    /// Makes sure an I/O thread looks at the queue: an idle one, else a new lane's (while
+    /// every lane started is busy and one is left), else the busy ones take it after their
+    /// rounds.
     pub(super) fn kick_io(self: &Arc<Self>, q: &mut Queue) {
-        if !q.io_running {
-            q.io_running = true;
+        if q.io_idle > 0 {
+            self.io.notify_one();
+        } else if q.io_threads < self.lanes.len() {
+            let lane = q.io_threads;
+            q.io_threads += 1;
             let engine = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("mcstore-io-{}", self.server))
-                .spawn(move || engine.io_thread());
+                .spawn(move || engine.io_thread(lane));
             if spawned.is_err() {
-                q.io_running = false;
+                q.io_threads -= 1;
             }
-        } else if q.io_idle {
-            self.io.notify_one();
         }
     }
 
@@ -329,8 +361,8 @@ impl Engine {
         }
         let q = lock(&self.queue);
         let Some(head) = q.reqs.first() else { return };
-        if q.io_running {
-            if q.io_idle {
+        if q.io_threads > 0 {
+            if q.io_idle > 0 {
                 self.io.notify_one();
             }
             return;
@@ -400,7 +432,8 @@ impl Engine {
     /// Runs one round: takes everything queued and serves it. Returns false if nothing was
     /// queued.
     pub(super) fn round(&self, st: &mut State) -> bool {
-        let State { client, work } = st;
+        let State { client, work, lane } = st;
+        let busy = &self.busy_since[*lane];
         {
             let mut q = lock(&self.queue);
             if q.reqs.is_empty() {
@@ -412,12 +445,11 @@ impl Engine {
         }
         work.freed.clear();
         let server = self.server;
-        self.busy_since
-            .store(since_epoch(Instant::now()), Ordering::Relaxed);
+        busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             client.pinned(server, |c| work.serve(self, c))
         }));
-        self.busy_since.store(0, Ordering::Relaxed);
+        busy.store(0, Ordering::Relaxed);
         if let Err(panic) = served {
             // A panic mid-round (a waker's, say): the round's requests are dropped, never
             // served again. Some were completed and their slots may be someone else's now;
@@ -439,8 +471,8 @@ impl Engine {
         true
     }
 
-    /// The I/O thread: serves the queue whenever something is in it.
-    pub(super) fn io_thread(self: Arc<Self>) {
+    /// Lane `lane`'s I/O thread: serves the queue whenever something is in it.
+    pub(super) fn io_thread(self: Arc<Self>, lane: usize) {
         loop {
             {
                 let mut q = lock(&self.queue);
@@ -456,14 +488,14 @@ impl Engine {
                     if q.shutdown {
                         return;
                     }
-                    q.io_idle = true;
-                    self.io_busy.store(false, Ordering::Relaxed);
+                    q.io_idle += 1;
+                    self.set_io_busy(&q);
                     q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q.io_idle -= 1;
                 }
-                q.io_idle = false;
-                self.io_busy.store(true, Ordering::Relaxed);
+                self.set_io_busy(&q);
             }
-            let mut st = lock(&self.state);
+            let mut st = lock(&self.lanes[lane]);
             // A panic in a round (reported by the panic hook) must not end the thread that
             // serves this server's queue: every later call would time out.
             let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -474,10 +506,12 @@ impl Engine {
     }
 }
 
-/// What the combiner holds.
+/// What the combiner holds: a lane.
 pub(super) struct State {
     pub(super) client: Client,
     pub(super) work: Work,
+    /// Its index in [`Engine::lanes`].
+    pub(super) lane: usize,
 }
 
 /// How a wait on a slot ended.

@@ -73,7 +73,7 @@ impl SharedClient {
     /// connection batched calls use, held exclusively until the lent client is dropped.
     pub(crate) fn lend_for(&self, server: usize) -> Lent<'_> {
         let engine = &self.inner.engines[server];
-        Lent(LentClient::Engine(Some(lock(&engine.state)), engine))
+        Lent(LentClient::Engine(Some(lock(&engine.lanes[0])), engine))
     }
 
     /// The client for server-wide and multi-server maintenance (replays, flushes).

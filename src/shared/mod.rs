@@ -92,6 +92,7 @@ pub struct SharedClientBuilder {
     builder: ClientBuilder,
     max_in_flight: usize,
     driving: IoMode,
+    connections: usize,
 }
 
 impl SharedClientBuilder {
@@ -99,6 +100,21 @@ impl SharedClientBuilder {
     /// the wire for one server; more callers wait for a slot up to their deadline.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.clamp(1, u32::MAX as usize / 2);
+        self
+    }
+
+    /// Connections to each server (default 1, at most 16). With more than one, a round
+    /// is written on a free connection while the rounds on the others wait for their
+    /// replies: up to `n` rounds in flight per server, for hosts where one connection's
+    /// round trip is the limit. Each connection is opened when the load first needs it.
+    ///
+    /// Calls are then ordered only by their returns: a call that returned is seen by the
+    /// calls made after it, but a call abandoned on the wire (timed out, or a future
+    /// dropped) may still run after later calls made on another connection. (With one
+    /// connection it runs before them, unless its connection was replaced.) A failed
+    /// round counts towards the server's ejection on each connection it failed on.
+    pub fn connections_per_server(mut self, n: usize) -> Self {
+        self.connections = n.clamp(1, 16);
         self
     }
 
@@ -119,7 +135,12 @@ impl SharedClientBuilder {
         // Engines serve one server each: the copies are the shared client's business.
         let builder = self.builder.sharing_health_of(&router).one_copy();
         let labels = Arc::clone(router.label_list());
-        let engines = Engines::new(builder.clone(), self.max_in_flight, timeout);
+        let engines = Engines::new(
+            builder.clone(),
+            self.max_in_flight,
+            timeout,
+            self.connections,
+        );
         for server in 0..labels.len() {
             engines.make(server, None)?;
         }
@@ -175,16 +196,24 @@ struct Engines {
     builder: Mutex<ClientBuilder>,
     max_in_flight: usize,
     timeout: Duration,
+    /// Lanes (connections) per engine.
+    lanes: usize,
 }
 
 impl Engines {
-    fn new(builder: ClientBuilder, max_in_flight: usize, timeout: Duration) -> Engines {
+    fn new(
+        builder: ClientBuilder,
+        max_in_flight: usize,
+        timeout: Duration,
+        lanes: usize,
+    ) -> Engines {
         Engines {
             slots: Slots::new(),
             made: std::sync::atomic::AtomicUsize::new(0),
             builder: Mutex::new(builder),
             max_in_flight,
             timeout,
+            lanes,
         }
     }
 
@@ -195,13 +224,17 @@ impl Engines {
         if slot.get().is_some() {
             return Ok(());
         }
-        let mut client = lock(&self.builder).clone().build()?;
-        if let Some(t) = next {
-            client.engine().0.adopt(t);
+        let mut clients = Vec::with_capacity(self.lanes);
+        for _ in 0..self.lanes {
+            let mut client = lock(&self.builder).clone().build()?;
+            if let Some(t) = next {
+                client.engine().0.adopt(t);
+            }
+            clients.push(client);
         }
         let engine = Arc::new(Engine::new(
             server,
-            client,
+            clients,
             self.max_in_flight,
             self.timeout,
         ));
@@ -249,8 +282,8 @@ impl ListFollower for Inner {
         // Idle engines connected to a server that left close that connection now (an idle
         // engine would keep it until its next call, which may never come). One in a round
         // is not waited for: it takes the list after its round.
-        for e in self.engines.iter() {
-            if let Some(mut st) = e.try_state() {
+        for lane in self.engines.iter().flat_map(|e| e.lanes.iter()) {
+            if let Ok(mut st) = lane.try_lock() {
                 st.client.leave_removed(removed);
             }
         }
@@ -267,6 +300,7 @@ impl ClientBuilder {
             builder: self,
             max_in_flight: DEFAULT_IN_FLIGHT,
             driving: IoMode::Adaptive,
+            connections: 1,
         }
     }
 }
@@ -625,11 +659,20 @@ impl SharedClient {
         (self.inner.engines.iter())
             .filter(|e| members.ring.is_member(e.server))
             .filter_map(|e| {
-                let mut st = lock(&e.state);
-                st.client.engine().0.maybe_rejoin();
-                let mut all = st.client.server_counters();
-                let at = all.iter().position(|(l, _)| *l == e.label)?;
-                Some(all.swap_remove(at))
+                // Each lane counts its own connection's calls.
+                let mut sum: Option<(String, ServerCounters)> = None;
+                for lane in e.lanes.iter() {
+                    let mut st = lock(lane);
+                    st.client.engine().0.maybe_rejoin();
+                    let mut all = st.client.server_counters();
+                    let at = all.iter().position(|(l, _)| *l == e.label)?;
+                    let (label, c) = all.swap_remove(at);
+                    match &mut sum {
+                        Some((_, s)) => s.add(&c),
+                        None => sum = Some((label, c)),
+                    }
+                }
+                sum
             })
             .collect()
     }
