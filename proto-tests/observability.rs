@@ -71,6 +71,7 @@ fn metrics_and_traces_against_real_servers() {
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(capture.clone()))
         .unwrap();
     metrics_count_calls_hits_misses_errors_ejections_and_fills(&snapshots);
+    shared_client_metrics_count_rounds_and_queued_requests(&snapshots);
     traces_have_a_span_per_call_and_events_and_no_keys(&capture);
 }
 
@@ -289,6 +290,45 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
         event.record(&mut Fields(&mut line));
         self.0.lock().unwrap().push(line);
     }
+}
+
+/// A shared client's queue and rounds: every request queued counted once (its wait before its
+/// round), each round's size, and nothing left in flight once every call returned.
+fn shared_client_metrics_count_rounds_and_queued_requests(snapshots: &Snapshotter) {
+    let m = Memcached::start();
+    let label = m.addr();
+    let c = support::client_builder()
+        .server(&label)
+        .shared()
+        .io_mode(mcstore::IoMode::IoThread) // every call queued: the counts are exact
+        .connections_per_server(2)
+        .build()
+        .unwrap();
+    c.set(b"k", b"v", SetOptions::default()).unwrap();
+    let (threads, each) = (16, 200);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let c = c.clone();
+            s.spawn(move || {
+                for _ in 0..each {
+                    assert_eq!(c.get(b"k").unwrap().unwrap().value, b"v");
+                }
+            });
+        }
+    });
+    let all = snapshot(snapshots);
+    let server = [("server", label.as_str())];
+    let calls = 1 + threads * each;
+    assert_eq!(
+        value(&all, "mcstore_shared_queued_seconds", &server),
+        calls as u64,
+        "every queued request's wait, once"
+    );
+    let rounds = value(&all, "mcstore_shared_batch_size", &server);
+    assert!((1..=calls as u64).contains(&rounds), "{rounds} rounds");
+    assert_eq!(value(&all, "mcstore_shared_rounds_in_flight", &server), 0);
+    assert_eq!(value(&all, "mcstore_shared_in_flight", &server), 0);
+    println!("shared client: {calls} calls in {rounds} rounds");
 }
 
 fn traces_have_a_span_per_call_and_events_and_no_keys(capture: &Capture) {

@@ -27,6 +27,10 @@
 //! | `mcstore_repairs_recorded_total`, `mcstore_repairs_done_total` | counter | (none) |
 //! | `mcstore_storage_*_total` | counter | (none): `MemcacheStorage`'s [`StorageCounters`](crate::storage::StorageCounters) |
 //! | `mcstore_storage_pending_invalidations` | gauge | (none) |
+//! | `mcstore_shared_in_flight` | gauge | server: a shared client's requests queued or on the wire |
+//! | `mcstore_shared_rounds_in_flight` | gauge | server: its rounds on the wire (one per connection at most) |
+//! | `mcstore_shared_batch_size` | histogram | server: requests per round |
+//! | `mcstore_shared_queued_seconds` | histogram | server: from a call's start to its round's write |
 //!
 //! `op` is the command: `get`, `store`, `delete`, `arith`, `touch`, `debug`, `admin` (flush,
 //! verbosity, SASL), `version`, `stats`, `noreply` (a pipelined or noreply command: counted, no
@@ -403,6 +407,71 @@ fn server_metrics(label: &str) -> ServerMetrics {
         bytes_read: one("mcstore_bytes_read_total"),
         bytes_written: one("mcstore_bytes_written_total"),
         bytes_seen: (0, 0),
+    }
+}
+
+/// A shared client's engine's handles for one server: its queue and rounds (nothing without
+/// the `metrics` feature).
+pub(crate) struct EngineMetrics {
+    #[cfg(feature = "metrics")]
+    in_flight: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    rounds: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    batch: Histogram,
+    #[cfg(feature = "metrics")]
+    queued: Histogram,
+}
+
+impl EngineMetrics {
+    pub(crate) fn new(label: &str) -> EngineMetrics {
+        let _ = label;
+        #[cfg(feature = "metrics")]
+        let s = SharedString::from(std::sync::Arc::<str>::from(label));
+        EngineMetrics {
+            #[cfg(feature = "metrics")]
+            in_flight: gauge!("mcstore_shared_in_flight", "server" => s.clone()),
+            #[cfg(feature = "metrics")]
+            rounds: gauge!("mcstore_shared_rounds_in_flight", "server" => s.clone()),
+            #[cfg(feature = "metrics")]
+            batch: histogram!("mcstore_shared_batch_size", "server" => s.clone()),
+            #[cfg(feature = "metrics")]
+            queued: histogram!("mcstore_shared_queued_seconds", "server" => s),
+        }
+    }
+
+    /// Requests queued or on the wire now.
+    #[inline(always)]
+    pub(crate) fn in_flight(&self, n: usize) {
+        let _ = n;
+        #[cfg(feature = "metrics")]
+        self.in_flight.set(n as f64);
+    }
+
+    /// A round of `requests` goes on the wire (`delta` 1) or came back (-1).
+    #[inline(always)]
+    pub(crate) fn round(&self, delta: i8, requests: usize) {
+        let _ = (delta, requests);
+        #[cfg(feature = "metrics")]
+        {
+            if delta > 0 {
+                self.rounds.increment(1.0);
+                self.batch.record(requests as f64);
+            } else {
+                self.rounds.decrement(1.0);
+            }
+        }
+    }
+
+    /// Whether [`queued`](Self::queued) records anything (it needs a clock read).
+    pub(crate) const ON: bool = cfg!(feature = "metrics");
+
+    /// A request waited `waited` from its call's start until its round was written.
+    #[inline(always)]
+    pub(crate) fn queued(&self, waited: std::time::Duration) {
+        let _ = waited;
+        #[cfg(feature = "metrics")]
+        self.queued.record(waited.as_secs_f64());
     }
 }
 

@@ -57,6 +57,7 @@ use super::round::Work;
 use crate::client::Client;
 pub(super) use crate::command::{CallSpec, Op, Reply};
 use crate::error::{Error, Result};
+use crate::observe::EngineMetrics;
 use crate::proto::ParseError;
 
 /// One server's connections and what is queued for them.
@@ -94,6 +95,8 @@ pub(super) struct Engine {
     /// none): a read with copies treats a server whose round has run far longer than usual
     /// as slow.
     pub(super) busy_since: Box<[AtomicU64]>,
+    /// Its queue's and rounds' metrics (feature `metrics`).
+    metrics: EngineMetrics,
 }
 
 /// Nanoseconds since the first call of this process: a clock an atomic can hold.
@@ -177,6 +180,7 @@ impl Engine {
         timeout: Duration,
     ) -> Engine {
         let label = clients[0].label_list()[server].clone();
+        let metrics = EngineMetrics::new(&label);
         let busy_since = clients.iter().map(|_| AtomicU64::new(0)).collect();
         let queue = Queue {
             free: (0..slots as u32).rev().collect(),
@@ -215,6 +219,7 @@ impl Engine {
                 })
                 .collect(),
             busy_since,
+            metrics,
         }
     }
 
@@ -252,6 +257,7 @@ impl Engine {
         waiter: Waiter,
     ) -> Option<u32> {
         let slot = q.free.pop()?;
+        self.metrics.in_flight(self.slots.len() - q.free.len());
         {
             let mut d = lock(&self.slots[slot as usize].data);
             d.phase = Phase::Pending;
@@ -309,6 +315,7 @@ impl Engine {
     /// Gives a slot back.
     pub(super) fn free(&self, q: &mut Queue, slot: u32) {
         q.free.push(slot);
+        self.metrics.in_flight(self.slots.len() - q.free.len());
         if let Some(w) = q.space_wakers.pop() {
             w.wake();
         } else if q.space_waiting > 0 {
@@ -444,12 +451,22 @@ impl Engine {
             std::mem::swap(&mut q.arena, &mut work.arena);
         }
         work.freed.clear();
+        self.metrics.round(1, work.reqs.len());
+        if EngineMetrics::ON {
+            // A request's deadline is its call's start plus the timeout.
+            let now = Instant::now();
+            for r in &work.reqs {
+                let start = r.deadline.checked_sub(self.timeout).unwrap_or(now);
+                self.metrics.queued(now.saturating_duration_since(start));
+            }
+        }
         let server = self.server;
         busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             client.pinned(server, |c| work.serve(self, c))
         }));
         busy.store(0, Ordering::Relaxed);
+        self.metrics.round(-1, 0);
         if let Err(panic) = served {
             // A panic mid-round (a waker's, say): the round's requests are dropped, never
             // served again. Some were completed and their slots may be someone else's now;
