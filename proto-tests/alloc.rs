@@ -536,6 +536,38 @@ fn main() {
         );
     }
 
+    // Two connections per server: rounds on both at once (the second lane's thread and
+    // connection start in the warm-up).
+    support::wait_for("the previous shared client's threads to end", || {
+        threads() <= threads_before
+    });
+    let two = mcstore::Client::builder()
+        .server(mc.addr())
+        .shared()
+        .connections_per_server(2)
+        .build()
+        .unwrap();
+    two.set(b"hit", &value, SetOptions::default()).unwrap();
+    let n = shared_threads(&two, 8, |c, t, buf| {
+        if t % 4 == 3 {
+            c.set(b"k", b"v", SetOptions::default()).unwrap();
+        } else {
+            assert!(c.get_into(b"hit", buf).unwrap().is_some());
+        }
+    });
+    run_owned(
+        &mut results,
+        "shared get_into/set (2 connections, 8 threads, per call)",
+        n / 8,
+    );
+    let n = shared_async::<16>(&two, b"hit");
+    run_owned(
+        &mut results,
+        "shared get_into_async (2 connections, 16 futures, per call)",
+        n / 16,
+    );
+    drop(two);
+
     // TLS: the same operations over a TLS session (reported and bounded below).
     #[cfg(feature = "tls")]
     let tls_results = {
