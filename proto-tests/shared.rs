@@ -574,12 +574,23 @@ fn hostile_server() -> support::Hostile {
 
 #[test]
 fn a_hostile_server_under_concurrency_never_hands_a_caller_another_value() {
+    hostile_under_concurrency(1);
+}
+
+/// The same with rounds on three connections at once.
+#[test]
+fn a_hostile_server_over_three_connections_never_hands_a_caller_another_value() {
+    hostile_under_concurrency(3);
+}
+
+fn hostile_under_concurrency(conns: usize) {
     let h = hostile_server();
     let c = support::client_builder()
         .server(h.addr())
         .io_timeout(Duration::from_secs(2))
         .server_failure_limit(1_000_000)
         .shared()
+        .connections_per_server(conns)
         .build()
         .unwrap();
     let (good_ok, bad_failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
