@@ -431,7 +431,9 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 "hedges_refused",
                 // #28: gets that found nothing, apart from failed calls.
                 "misses",
-                "list_changes"
+                "list_changes",
+                // #29: connections per server (--conns).
+                "conns"
             ],
             "{last}"
         );
