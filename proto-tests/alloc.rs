@@ -238,6 +238,28 @@ fn shared_async<const N: usize>(c: &mcstore::SharedClient, key: &[u8]) -> usize 
     ALLOCS.load(Ordering::SeqCst)
 }
 
+/// A shared client's calls from 8 threads (gets and sets) and from 16 futures, per call.
+fn shared_concurrent(sc: &mcstore::SharedClient, label: &str, results: &mut Vec<(String, usize)>) {
+    let n = shared_threads(sc, 8, |c, t, buf| {
+        if t % 4 == 3 {
+            c.set(b"k", b"v", SetOptions::default()).unwrap();
+        } else {
+            assert!(c.get_into(b"hit", buf).unwrap().is_some());
+        }
+    });
+    run_owned(
+        results,
+        &format!("shared {label}get_into/set (8 threads, per call)"),
+        n / 8,
+    );
+    let n = shared_async::<16>(sc, b"hit");
+    run_owned(
+        results,
+        &format!("shared {label}get_into_async (16 futures, per call)"),
+        n / 16,
+    );
+}
+
 fn run_owned(results: &mut Vec<(String, usize)>, name: &str, n: usize) {
     results.push((name.to_string(), n));
 }
@@ -516,24 +538,7 @@ fn main() {
             &format!("shared {label}set (lone caller)"),
             count(|| sc.set(b"k", &value, SetOptions::default()).unwrap()),
         );
-        let n = shared_threads(&sc, 8, |c, t, buf| {
-            if t % 4 == 3 {
-                c.set(b"k", b"v", SetOptions::default()).unwrap();
-            } else {
-                assert!(c.get_into(b"hit", buf).unwrap().is_some());
-            }
-        });
-        run_owned(
-            &mut results,
-            &format!("shared {label}get_into/set (8 threads, per call)"),
-            n / 8,
-        );
-        let n = shared_async::<16>(&sc, b"hit");
-        run_owned(
-            &mut results,
-            &format!("shared {label}get_into_async (16 futures, per call)"),
-            n / 16,
-        );
+        shared_concurrent(&sc, label, &mut results);
     }
 
     // Two connections per server: rounds on both at once (the second lane's thread and
@@ -548,24 +553,7 @@ fn main() {
         .build()
         .unwrap();
     two.set(b"hit", &value, SetOptions::default()).unwrap();
-    let n = shared_threads(&two, 8, |c, t, buf| {
-        if t % 4 == 3 {
-            c.set(b"k", b"v", SetOptions::default()).unwrap();
-        } else {
-            assert!(c.get_into(b"hit", buf).unwrap().is_some());
-        }
-    });
-    run_owned(
-        &mut results,
-        "shared get_into/set (2 connections, 8 threads, per call)",
-        n / 8,
-    );
-    let n = shared_async::<16>(&two, b"hit");
-    run_owned(
-        &mut results,
-        "shared get_into_async (2 connections, 16 futures, per call)",
-        n / 16,
-    );
+    shared_concurrent(&two, "2-connection ", &mut results);
     drop(two);
 
     // TLS: the same operations over a TLS session (reported and bounded below).
