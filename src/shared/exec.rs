@@ -118,6 +118,20 @@ impl SharedClient {
         start: Instant,
         deadline: Instant,
     ) -> Result<u32> {
+        self.submit(eng, call, start, deadline, true)
+            .map(|slot| slot.expect("waited for a slot"))
+    }
+
+    /// Queues `call` on `eng`; with no free slot, waits for one up to `deadline` if `wait`,
+    /// else returns `None` at once.
+    fn submit(
+        &self,
+        eng: &Arc<Engine>,
+        call: &CallSpec<'_>,
+        start: Instant,
+        deadline: Instant,
+        wait: bool,
+    ) -> Result<Option<u32>> {
         let mut q = lock(&eng.queue);
         loop {
             let waiter = match self.inner.driving {
@@ -128,7 +142,10 @@ impl SharedClient {
                 if self.inner.driving != IoMode::Combining {
                     eng.kick_io(&mut q);
                 }
-                return Ok(slot);
+                return Ok(Some(slot));
+            }
+            if !wait {
+                return Ok(None);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -238,13 +255,34 @@ impl SharedClient {
             let start = Instant::now();
             let deadline = start + self.inner.timeout;
             let end = (first + CHUNK).min(n);
+            // The calls before `claimed` were handed to `on`.
+            let mut claimed = first;
             for j in first..end {
                 let c = call(j);
                 let r = self
                     .check(&c)
                     .and_then(|()| self.route(c.key))
                     .and_then(|eng| {
-                        let slot = self.submit_blocking(eng, &c, start, deadline)?;
+                        let slot = match self.submit(eng, &c, start, deadline, false)? {
+                            Some(slot) => slot,
+                            None => {
+                                // No slot free: the ones this call holds, unclaimed, may be the
+                                // very ones it would wait for (more keys on a server than it
+                                // has slots). Claimed first, so that it waits holding none.
+                                self.claim(
+                                    queued,
+                                    first,
+                                    claimed..j,
+                                    start,
+                                    deadline,
+                                    &call,
+                                    &mut on,
+                                    &mut value,
+                                );
+                                claimed = j;
+                                self.submit_blocking(eng, &c, start, deadline)?
+                            }
+                        };
                         Ok((eng.server as u32, slot))
                     });
                 queued[j - first] = match r {
@@ -255,22 +293,50 @@ impl SharedClient {
                     }
                 };
             }
-            for j in first..end {
-                let (server, slot) = queued[j - first];
-                if slot == NONE {
-                    continue;
-                }
-                // Claimed before `on` runs: if it panics, the guard gives back the rest.
-                queued[j - first] = (NONE, NONE);
-                let eng = &self.inner.engines[server as usize];
-                let r = match self.await_slot(eng, slot, start, deadline, &mut value) {
-                    // Its server left the list before the call reached it (nothing was
-                    // sent): routed again with the new list (`exec` does).
-                    Err(Error::ServerRemoved { .. }) => self.exec(call(j), &mut value),
-                    r => r,
-                };
-                on(j, r, &value);
+            self.claim(
+                queued,
+                first,
+                claimed..end,
+                start,
+                deadline,
+                &call,
+                &mut on,
+                &mut value,
+            );
+        }
+    }
+}
+
+impl SharedClient {
+    /// Awaits the queued calls `range` of the chunk starting at `first` and hands each
+    /// result to `on` (see [`each_queued`](Self::each_queued)).
+    #[allow(clippy::too_many_arguments)]
+    fn claim<'k>(
+        &self,
+        queued: &mut [(u32, u32); CHUNK],
+        first: usize,
+        range: std::ops::Range<usize>,
+        start: Instant,
+        deadline: Instant,
+        call: &impl Fn(usize) -> CallSpec<'k>,
+        on: &mut impl FnMut(usize, Result<Reply>, &[u8]),
+        value: &mut Vec<u8>,
+    ) {
+        for j in range {
+            let (server, slot) = queued[j - first];
+            if slot == NONE {
+                continue;
             }
+            // Claimed before `on` runs: if it panics, the guard gives back the rest.
+            queued[j - first] = (NONE, NONE);
+            let eng = &self.inner.engines[server as usize];
+            let r = match self.await_slot(eng, slot, start, deadline, value) {
+                // Its server left the list before the call reached it (nothing was
+                // sent): routed again with the new list (`exec` does).
+                Err(Error::ServerRemoved { .. }) => self.exec(call(j), value),
+                r => r,
+            };
+            on(j, r, value);
         }
     }
 }
