@@ -392,6 +392,23 @@ fn multi_key_call_with_more_keys_than_slots_completes() {
             .unwrap_or_else(|e| panic!("{p:?} {conns} {mode:?}: {e}"));
             assert_eq!(hits, 5, "{p:?}");
             assert_eq!(c.delete_multi(&keys).unwrap(), 5, "{p:?}");
+            // The same as futures.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let stored = c.set_multi_async(&items, SetOptions::default()).await;
+                assert_eq!(stored.unwrap(), 5, "{p:?}");
+                let mut hits = 0;
+                c.get_multi_async(&keys, |k, item| {
+                    assert_eq!(k, item.value, "{p:?}: another key's value");
+                    hits += 1;
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{p:?} {conns} {mode:?}: {e}"));
+                assert_eq!(hits, 5, "{p:?}");
+            });
             assert!(
                 start.elapsed() < Duration::from_secs(1),
                 "{:?}",
