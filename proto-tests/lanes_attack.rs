@@ -417,3 +417,53 @@ fn multi_key_call_with_more_keys_than_slots_completes() {
         }
     }
 }
+
+/// A cache-through storage on a shared client with three connections per server: the
+/// storage's lent connection (lane 0) and the batched calls on the other lanes at once.
+/// Each writer reads back its own latest write; readers of others' names see only values
+/// that were written.
+#[test]
+fn memcache_storage_over_lanes_reads_its_own_writes() {
+    use mcstore::storage::{FsStorage, MemcacheStorage, Storage, StorageError};
+    use std::sync::Arc;
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let dir = support::TempDir::new("mcstore-lanes");
+        let master: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir.path).unwrap());
+        let shared = support::client_builder()
+            .server(mc.addr())
+            .protocol(p)
+            .io_timeout(Duration::from_secs(2))
+            .shared()
+            .connections_per_server(3)
+            .build()
+            .unwrap();
+        let s = MemcacheStorage::new(shared, master);
+        s.create_container("c").unwrap();
+        let content = |name: &str| match s.get_content(&s.info("c", Some(name)).unwrap()) {
+            Ok(v) => Some(String::from_utf8(v.to_vec()).unwrap()),
+            Err(StorageError::NotFound(_)) => None,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        std::thread::scope(|sc| {
+            for t in 0..6 {
+                let (s, content) = (&s, &content);
+                sc.spawn(move || {
+                    for i in 0..40 {
+                        let name = format!("n{t}-{}", i % 4);
+                        let value = format!("{name}:{i}");
+                        s.put_content(&s.info("c", Some(&name)).unwrap(), value.as_str().into())
+                            .unwrap();
+                        assert_eq!(content(&name).as_deref(), Some(&*value), "{p:?}");
+                        assert_eq!(content(&name).as_deref(), Some(&*value), "{p:?}");
+                        // Another writer's name: absent, or one of its values.
+                        let other = format!("n{}-{}", (t + 1) % 6, i % 4);
+                        if let Some(v) = content(&other) {
+                            assert!(v.starts_with(&format!("{other}:")), "{p:?}: {v}");
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
