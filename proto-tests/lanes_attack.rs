@@ -467,3 +467,58 @@ fn memcache_storage_over_lanes_reads_its_own_writes() {
         });
     }
 }
+
+/// Meta calls take lane 0 (lent): under a steady load of futures on every lane, each still
+/// returns within its deadline, and its reply is its own.
+#[test]
+fn lent_lane_under_load_is_bounded_by_its_deadline() {
+    let mc = Memcached::start();
+    for conns in [1, 4] {
+        let c = support::client_builder()
+            .protocol(Protocol::Meta)
+            .server(mc.addr())
+            .io_timeout(Duration::from_millis(500))
+            .shared()
+            .connections_per_server(conns)
+            .io_mode(IoMode::IoThread)
+            .build()
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                let (c, stop) = (&c, &stop);
+                s.spawn(move || {
+                    let mut buf = Vec::new();
+                    let key = format!("load:{t}");
+                    c.set(key.as_bytes(), key.as_bytes(), SetOptions::default())
+                        .unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        // Timeouts are the lender's to avoid; a timed-out get here is fine.
+                        if let Ok(Some(_)) = c.get_into(key.as_bytes(), &mut buf) {
+                            assert_eq!(buf, key.as_bytes());
+                        }
+                    }
+                });
+            }
+            let _stop = StopOnDrop(&stop);
+            for i in 0..60 {
+                let key = format!("meta:{i}");
+                c.set(key.as_bytes(), key.as_bytes(), SetOptions::default())
+                    .ok();
+                let start = Instant::now();
+                let r = c.meta_debug(key.as_bytes());
+                let took = start.elapsed();
+                assert!(
+                    took < Duration::from_millis(1500),
+                    "{conns}: meta call took {took:?}"
+                );
+                if let Ok(Some(d)) = r {
+                    assert!(
+                        d.contains(&format!("key={key}")) || !d.contains("key="),
+                        "{d}"
+                    );
+                }
+            }
+        });
+    }
+}
