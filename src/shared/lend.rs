@@ -13,7 +13,8 @@ use crate::proto::wire::Capability;
 
 /// A client lent for calls that must follow each other on one connection (the storage's
 /// fill protocol: a CAS unique is only good on the connection's server process); see
-/// [`SharedClient::lend_for`]. Batched calls for that server wait meanwhile, then resume.
+/// [`SharedClient::lend_for`]. Batched calls for that server wait meanwhile (on the other
+/// lanes, if it has more than one), then resume.
 pub(crate) struct Lent<'a>(LentClient<'a>);
 
 enum LentClient<'a> {
@@ -69,11 +70,13 @@ impl SharedClient {
         lock(&self.inner.router).storage_servers(key, read)
     }
 
-    /// Server `server`'s engine client, for calls that must share its connection: the
-    /// connection batched calls use, held exclusively until the lent client is dropped.
+    /// Server `server`'s engine client, for calls that must share its connection: a
+    /// connection batched calls use (a free lane's, else lane 0's once its round ends), held
+    /// exclusively until the lent client is dropped.
     pub(crate) fn lend_for(&self, server: usize) -> Lent<'_> {
         let engine = &self.inner.engines[server];
-        Lent(LentClient::Engine(Some(lock(&engine.lanes[0])), engine))
+        let lane = engine.try_state().unwrap_or_else(|| lock(&engine.lanes[0]));
+        Lent(LentClient::Engine(Some(lane), engine))
     }
 
     /// The client for server-wide and multi-server maintenance (replays, flushes).
