@@ -594,7 +594,7 @@ fn main() {
     }
     for (name, n) in &results[1..] {
         if *n != 0 {
-            println!("FAILED: {name} allocated");
+            println!("FAILED: {name} allocated ({n})");
             failed += 1;
         }
     }

@@ -74,7 +74,7 @@ mod replicated;
 pub use crate::engine::health::ServerCounters;
 pub use crate::engine::pipeline::{Pipeline, PipelineReport};
 pub use crate::proto::{Key, KeyError, Protocol, SetOutcome, StoreMode};
-pub use crate::shared::{IoMode, SharedClient, SharedClientBuilder};
+pub use crate::shared::{IoMode, SharedClient, SharedClientBuilder, DEFAULT_PIPELINE_DEPTH};
 pub use builder::ClientBuilder;
 pub use meta_api::{Lease, MetaGetOptions, MetaItemInfo, MetaSetOptions, MetaSetResult};
 pub use pool::{Pool, PooledClient};

@@ -114,6 +114,7 @@ pub use client::{
     CasResult, Client, ClientBuilder, IoMode, Item, ItemInfo, ItemRef, Lease, MetaGetOptions,
     MetaItemInfo, MetaSetOptions, MetaSetResult, Pipeline, PipelineReport, Pool, PooledClient,
     ServerCounters, ServerStats, SetOptions, SharedClient, SharedClientBuilder,
+    DEFAULT_PIPELINE_DEPTH,
 };
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]

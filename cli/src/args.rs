@@ -398,6 +398,10 @@ pub(crate) enum Cmd {
         /// Connections per server of the shared client (rounds in flight per server).
         #[arg(long, default_value_t = 1, value_name = "N")]
         conns: usize,
+        /// Rounds in flight at once on one connection of the shared client (1: one round
+        /// at a time).
+        #[arg(long, default_value_t = mcstore::DEFAULT_PIPELINE_DEPTH, value_name = "N")]
+        depth: usize,
     },
     /// Demonstration: a local memcached in front of a file storage, cold and warm reads.
     Demo {

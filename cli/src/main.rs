@@ -523,6 +523,7 @@ fn run(cli: Cli) -> Res<()> {
             client,
             io_mode,
             conns,
+            depth,
         } => {
             let spec = slap::SlapSpec {
                 workload,
@@ -539,6 +540,7 @@ fn run(cli: Cli) -> Res<()> {
                 client,
                 io_mode,
                 conns,
+                depth,
             };
             let proto = match g.protocol {
                 Protocol::Text => "text",

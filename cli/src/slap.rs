@@ -41,6 +41,8 @@ pub struct SlapSpec {
     pub io_mode: IoModeArg,
     /// Connections per server (shared client).
     pub conns: usize,
+    /// Rounds in flight per connection (shared client).
+    pub depth: usize,
 }
 
 /// How callers run.
@@ -443,6 +445,7 @@ pub fn run(
                     IoModeArg::IoThread => mcstore::IoMode::IoThread,
                 })
                 .connections_per_server(spec.conns)
+                .pipeline_depth(spec.depth)
                 .build()
                 .map_err(err)?;
             follow_list(&client.server_list())?;
@@ -541,7 +544,7 @@ pub fn run(
          ops_per_s={:.1} cpu_us_per_op={:.4} p50_us={:.1} p99_us={:.1} errors={errors} \
          rate={:.0} verify={} interrupted={} p999_us={:.1} max_us={max_us:.1} failed={errors} \
          failovers={} hedges={} hedges_won={} hedges_refused={} misses={misses} \
-         list_changes={list_changes} conns={}",
+         list_changes={list_changes} conns={} depth={}",
         spec.callers,
         done as f64 / wall_s,
         cpu * 1e6 / per_op,
@@ -556,6 +559,7 @@ pub fn run(
         fleet.hedges_won,
         fleet.hedges_refused,
         spec.conns,
+        spec.depth,
     );
     if errors > 0 {
         return Err(format!("{errors} calls failed"));

@@ -432,8 +432,9 @@ fn slap_prints_a_latency_table_and_one_result_line() {
                 // #28: gets that found nothing, apart from failed calls.
                 "misses",
                 "list_changes",
-                // #29: connections per server (--conns).
-                "conns"
+                // #29: connections per server (--conns), rounds in flight on each (--depth).
+                "conns",
+                "depth"
             ],
             "{last}"
         );

@@ -8,9 +8,9 @@ use super::reply::{refused, Strays};
 use super::{combine, wire_key, Core, Scratch};
 use crate::client::ItemRef;
 use crate::conn::batch::BatchPolicy;
-use crate::conn::driver::{Batch, Until};
+use crate::conn::driver::{Batch, Op, Until};
 use crate::error::{Error, Result};
-use crate::observe::CallOp;
+use crate::observe::{CallOp, Started};
 use crate::proto::wire::{
     with_wire, BatchHit, Capability, Cmd, Expect, GetOpts, Kind, Outcome, Refusal, Wire,
 };
@@ -54,7 +54,7 @@ impl Share {
 }
 
 /// A multi-key call being planned: each key's server and each server's share.
-pub(super) struct Plan {
+pub(crate) struct Plan {
     server_of: Vec<u32>,
     shares: Vec<Share>,
     /// The command of every item (a retrieval counts each healthy server's hits and misses).
@@ -500,6 +500,24 @@ impl Core {
     }
 }
 
+/// A chain written by [`Core::chain_send`] whose replies are not read yet.
+pub(crate) struct Sent {
+    op: Op,
+    /// The connection it went out on ([`Driver::connects`](crate::conn::driver::Driver)).
+    conn: u64,
+    started: Started,
+    /// Where a read interrupted by the driver's waker stopped: the part being read, if any
+    /// (`None` before the first read).
+    resume: Option<Option<usize>>,
+}
+
+impl Sent {
+    /// The connection it went out on: later chains go behind it only there.
+    pub(crate) fn conn(&self) -> u64 {
+        self.conn
+    }
+}
+
 /// One batch of a chain (see [`Core::chain`]): its kind and keys.
 pub(crate) struct Part<'p> {
     pub(crate) kind: Kind,
@@ -534,8 +552,172 @@ impl Core {
         parts: &mut [Part<'_>],
         items: &mut ChainItems<'_>,
     ) {
-        with_wire!(self.protocol, W => self.chain_on::<W>(scratch, parts, items));
-        // Keys a list change moved are deleted where they were too (as `write_batch`).
+        let Some(i) = self.pinned_for(parts) else {
+            return;
+        };
+        let mut plans = std::mem::take(&mut scratch.chain);
+        let live = with_wire!(self.protocol, W => self.chain_encode::<W>(
+            i, &mut plans, &mut scratch.keybuf, parts, items.value, items.cmd, false
+        ));
+        if live {
+            let started = self.health.observe.start();
+            let op = self.driver.new_op();
+            let (on_hit, on_item) = (&mut *items.on_hit, &mut *items.on_item);
+            with_wire!(self.protocol, W => self.chain_read::<W>(
+                i, &mut plans, &mut scratch.batches, parts, on_hit, on_item, &op, started,
+                &mut None, None
+            ));
+        }
+        scratch.chain = plans;
+        self.hand_over_chain(scratch, parts);
+    }
+
+    /// Pipelined rounds, first half: plans `parts` (into `plans`) and writes them to the
+    /// server this core is pinned to, reading nothing; [`chain_recv`](Self::chain_recv)
+    /// reads their replies later, after those of the chains sent before. `behind` is the
+    /// connection the chains sent before are unread on ([`Sent::conn`]; the caller checked
+    /// [`may_pipeline`](Self::may_pipeline)): this one goes on it as is, never replaced or
+    /// reconnected. `None` when nothing is left to read: every part's result is set.
+    pub(crate) fn chain_send<'v>(
+        &mut self,
+        scratch: &mut Scratch,
+        plans: &mut Vec<Plan>,
+        parts: &mut [Part<'_>],
+        value: &dyn Fn(usize, usize) -> Option<&'v [u8]>,
+        cmd: &dyn Fn(usize, usize, Key<'_>) -> Cmd<'_>,
+        behind: Option<u64>,
+    ) -> Option<Sent> {
+        let i = self.pinned_for(parts)?;
+        let live = with_wire!(self.protocol, W => self.chain_encode::<W>(
+            i, plans, &mut scratch.keybuf, parts, value, cmd, behind.is_some()
+        ));
+        if live {
+            let started = self.health.observe.start();
+            let op = self.driver.new_op();
+            match self.driver.send_all(i, &op) {
+                Ok(()) => {
+                    let conn = self.driver.connects(i);
+                    return Some(Sent {
+                        op,
+                        conn,
+                        started,
+                        resume: None,
+                    });
+                }
+                Err(e) => {
+                    let n = parts.len();
+                    for plan in plans[..n].iter_mut() {
+                        if plan.shares[i].keys > 0 && plan.shares[i].error.is_none() {
+                            plan.shares[i].error = Some(e.clone());
+                        }
+                    }
+                    self.settle_chain(&mut plans[..n], parts, i, Some(started));
+                }
+            }
+        }
+        self.hand_over_chain(scratch, parts);
+        None
+    }
+
+    /// Pipelined rounds, second half: reads the replies of a chain [`chain_send`]
+    /// (Self::chain_send) wrote, as [`chain`](Self::chain) reads its own, on the poll path:
+    /// false if the driver's waker interrupted it first (nothing settled; call again with
+    /// the same `sent`). `last`: no other round is unread behind it. If the connection it
+    /// went out on is gone (an earlier round's failure closed it), its parts fail unread:
+    /// that failure was counted in the server's health already.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn chain_recv(
+        &mut self,
+        scratch: &mut Scratch,
+        plans: &mut [Plan],
+        sent: &mut Sent,
+        last: bool,
+        parts: &mut [Part<'_>],
+        on_hit: &mut dyn FnMut(usize, usize, ItemRef<'_>),
+        on_item: &mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> bool {
+        let Some(i) = self.pinned_for(parts) else {
+            return true;
+        };
+        if self.driver.connection_id(i) == Some(sent.conn) {
+            let (op, started) = (sent.op, sent.started);
+            let done = with_wire!(self.protocol, W => self.chain_read::<W>(
+                i, plans, &mut scratch.batches, parts, on_hit, on_item, &op, started,
+                &mut sent.resume, Some(last)
+            ));
+            if !done {
+                return false;
+            }
+            if !last && self.driver.connection_id(i) != Some(sent.conn) {
+                // This round's failure closed the connection: the rounds behind it fail
+                // with the same error when it was the transport's (a frozen server's
+                // timeout stays a timeout); after an error reply, with their own.
+                use crate::error::ErrorKind as K;
+                let e = (parts.iter())
+                    .find_map(|p| p.result.clone().err())
+                    .filter(|e| matches!(e.kind(), K::Timeout | K::Io));
+                self.pipeline_lost = e.map(|e| (sent.conn, e));
+            }
+        } else {
+            let e = match &self.pipeline_lost {
+                Some((conn, e)) if *conn == sent.conn => e.clone(),
+                _ => Error::Io {
+                    server: self.labels[i].clone(),
+                    source: Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the connection failed before this pipelined round's replies were read",
+                    )),
+                },
+            };
+            for (plan, part) in plans.iter().zip(parts.iter_mut()) {
+                if plan.shares[i].keys > 0 && part.result.is_ok() {
+                    part.result = Err(e.clone());
+                }
+            }
+        }
+        self.hand_over_chain(scratch, parts);
+        true
+    }
+
+    /// This driver's waker (see [`Driver::waker`](crate::conn::driver::Driver)): it
+    /// interrupts a pipelined read so that another round can be written.
+    pub(crate) fn waker(&mut self) -> Result<Arc<mio::Waker>> {
+        self.driver.waker()
+    }
+
+    /// Whether a chain may be sent behind the chains unread on connection `conn` (see
+    /// [`chain_send`](Self::chain_send)): it is still open, and nothing else (a list change's
+    /// hand-over, a server leaving the list, replies owed to earlier calls, TLS) asks for
+    /// one exchange at a time.
+    pub(crate) fn may_pipeline(&self, conn: u64) -> bool {
+        let Some(i) = self.pinned else {
+            return false;
+        };
+        self.driver.connection_id(i) == Some(conn)
+            && self.handover.is_empty()
+            && self.check_member(i).is_ok()
+            && !self.driver.owes_any(i)
+            && !self.driver.is_tls()
+    }
+
+    /// Closes server `i`'s connection: rounds written on it will never be read (a panic
+    /// mid-pipeline).
+    pub(crate) fn drop_connection(&mut self, i: usize) {
+        self.driver.disconnect(i);
+    }
+
+    /// The server this core is pinned to; without one, every part fails.
+    fn pinned_for(&self, parts: &mut [Part<'_>]) -> Option<usize> {
+        if self.pinned.is_none() {
+            for p in parts.iter_mut() {
+                p.result = Err(Error::NoServers);
+            }
+        }
+        self.pinned
+    }
+
+    /// Keys a list change moved are deleted where they were too (as `write_batch`).
+    fn hand_over_chain(&mut self, scratch: &mut Scratch, parts: &mut [Part<'_>]) {
         if !self.handover.is_empty() {
             for p in parts.iter_mut().filter(|p| p.kind != Kind::Get) {
                 let handed = self.hand_over_all(scratch, p.keys);
@@ -546,27 +728,24 @@ impl Core {
         }
     }
 
-    fn chain_on<W: Wire>(
+    /// Plans every part on server `i` (into `plans`) and encodes the ones with items into
+    /// its write buffer. False when nothing is to go out: every part's result is set then.
+    /// `behind`: chains are unread on the connection, which is left as it is (see
+    /// [`chain_send`](Self::chain_send)).
+    #[allow(clippy::too_many_arguments)]
+    fn chain_encode<'v, W: Wire>(
         &mut self,
-        scratch: &mut Scratch,
+        i: usize,
+        chain: &mut Vec<Plan>,
+        keybuf: &mut Vec<u8>,
         parts: &mut [Part<'_>],
-        items: &mut ChainItems<'_>,
-    ) {
-        let Some(i) = self.pinned else {
-            for p in parts.iter_mut() {
-                p.result = Err(Error::NoServers);
-            }
-            return;
-        };
-        if scratch.chain.len() < parts.len() {
-            scratch.chain.resize_with(parts.len(), Plan::default);
+        value: &dyn Fn(usize, usize) -> Option<&'v [u8]>,
+        cmd: &dyn Fn(usize, usize, Key<'_>) -> Cmd<'_>,
+        behind: bool,
+    ) -> bool {
+        if chain.len() < parts.len() {
+            chain.resize_with(parts.len(), Plan::default);
         }
-        let Scratch {
-            chain,
-            keybuf,
-            batches,
-            ..
-        } = scratch;
         // Planned before anything is encoded: planning the first part with items connects
         // the server (which clears its write buffer) and puts a sync ahead if one is owed;
         // the others follow it. An empty part is done at once.
@@ -574,8 +753,12 @@ impl Core {
             for p in parts.iter_mut() {
                 p.result = Ok(());
             }
-            return;
+            return false;
         };
+        if behind {
+            // What the write buffer holds went out already (the chains before this one).
+            self.driver.wbuf(i).clear();
+        }
         for k in std::iter::once(lead).chain((0..parts.len()).filter(|&k| k != lead)) {
             let part = &mut parts[k];
             let keys = part.keys;
@@ -585,24 +768,27 @@ impl Core {
                 plan.shares.clear();
                 plan.shares.resize_with(self.labels.len(), Share::default);
                 Ok(())
-            } else if k == lead {
+            } else if k == lead && !behind {
                 self.plan(&mut chain[k], keybuf, keys.len(), |j| keys.key(j), None)
             } else {
-                // After the lead: every part before it is empty.
-                let (before, rest) = chain.split_at_mut(k);
-                self.plan_after(&before[lead], i, &mut rest[0], keybuf, keys.len(), |j| {
-                    keys.key(j)
-                })
+                // After the lead (every part before it is empty), or behind other chains:
+                // the connection is up already.
+                let error = if behind {
+                    None
+                } else {
+                    chain[lead].shares[i].error.clone()
+                };
+                self.plan_after(error, i, &mut chain[k], keybuf, keys.len(), |j| keys.key(j))
             };
             let plan = &mut chain[k];
             plan.kind = part.kind;
-            if let (true, Err(e)) = (k == lead, &part.result) {
+            if let (true, false, Err(e)) = (k == lead, behind, &part.result) {
                 // Nothing goes out: every part fails as its lead did.
                 let e = e.clone();
                 for p in parts.iter_mut() {
                     p.result = Err(e.clone());
                 }
-                return;
+                return false;
             }
             if part.result.is_err() {
                 // Nothing of this part goes out: it answers nothing.
@@ -616,7 +802,6 @@ impl Core {
             if share.keys == 0 || share.error.is_some() {
                 continue;
             }
-            let (value, cmd) = (items.value, items.cmd);
             for j in 0..part.keys.len() {
                 self.encode_item::<W>(plan, keybuf, j, part.keys.key(j), value(k, j), |key| {
                     cmd(k, j, key)
@@ -629,11 +814,32 @@ impl Core {
             live += 1;
         }
         if live == 0 {
-            return self.settle_chain(chain, parts, i, None);
+            self.settle_chain(&mut chain[..parts.len()], parts, i, None);
+            return false;
         }
-        let started = self.health.observe.start();
-        let op = self.driver.new_op();
-        batches.push(Batch::new(i, None, &op));
+        true
+    }
+
+    /// Runs the exchange of a chain encoded on server `i` (written with it, unless the write
+    /// buffer is empty: sent before) and settles each part. `pipelined` (a round sent by
+    /// [`chain_send`](Self::chain_send)): read on the poll path, which the driver's waker
+    /// interrupts; `Some(last)`, where `last` says no other round is unread behind it.
+    /// `resume` is where an interrupted read stopped (the part being read, if any; `None`
+    /// at first); false if interrupted before the last reply (nothing settled: call again).
+    #[allow(clippy::too_many_arguments)]
+    fn chain_read<W: Wire>(
+        &mut self,
+        i: usize,
+        chain: &mut [Plan],
+        batches: &mut Vec<Batch<'static>>,
+        parts: &mut [Part<'_>],
+        on_hit: &mut dyn FnMut(usize, usize, ItemRef<'_>),
+        on_item: &mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
+        op: &Op,
+        started: Started,
+        resume: &mut Option<Option<usize>>,
+        pipelined: Option<bool>,
+    ) -> bool {
         let ns = Arc::clone(&self.namespace);
         let labels = Arc::clone(&self.labels);
         let limits = self.limits;
@@ -642,54 +848,80 @@ impl Core {
             (from..n_parts)
                 .find(|&k| chain[k].shares[i].keys > 0 && chain[k].shares[i].error.is_none())
         };
-        let mut cur = next_live(chain, 0);
+        // Resumed in the very part it stopped in, even one that failed (an error reply
+        // with an opaque fails its part, whose replies go on up to its end marker).
+        let mut cur = match *resume {
+            Some(k) => k,
+            None => next_live(chain, 0),
+        };
         let mut doubt = false;
-        self.driver
-            .exchange_many(batches, &op, Until::Done, |_, buf| {
-                let Some(k) = cur else {
-                    return Err(ParseError::Unexpected);
-                };
-                let part = &parts[k];
-                let keys = part.keys;
-                let get = part.kind == Kind::Get;
-                let (on_hit, on_item) = (&mut *items.on_hit, &mut *items.on_item);
-                let mut reader = BatchReader {
-                    keys,
-                    ns: &ns,
-                    labels: &labels,
-                    limits,
-                    expect: Expect::batch(part.kind),
-                    closed: Vec::new(),
-                    on_hit: |j: usize, item: ItemRef<'_>| {
-                        if !get {
-                            return no_hits(j, item);
-                        }
-                        on_hit(k, j, item);
-                        Ok(())
-                    },
-                    on_other: |plan: &mut Plan, s: usize, o: Outcome<'_>| {
-                        let j = plan.answered(s, &o, &ns, keys)?;
-                        on_item(k, j, o)
-                    },
-                };
-                let r = reader.read::<W>(&mut chain[k], i, buf)?;
-                let Status::Complete((n, done)) = r else {
-                    return Ok(r);
-                };
-                if !reader.closed.is_empty() {
-                    // An error reply left the rest of the stream in doubt.
-                    doubt = true;
-                    return Ok(Status::Complete((n, true)));
+        let mut on_reply = |buf: &[u8]| {
+            let Some(k) = cur else {
+                return Err(ParseError::Unexpected);
+            };
+            let part = &parts[k];
+            let keys = part.keys;
+            let get = part.kind == Kind::Get;
+            let (on_hit, on_item) = (&mut *on_hit, &mut *on_item);
+            let mut reader = BatchReader {
+                keys,
+                ns: &ns,
+                labels: &labels,
+                limits,
+                expect: Expect::batch(part.kind),
+                closed: Vec::new(),
+                on_hit: |j: usize, item: ItemRef<'_>| {
+                    if !get {
+                        return no_hits(j, item);
+                    }
+                    on_hit(k, j, item);
+                    Ok(())
+                },
+                on_other: |plan: &mut Plan, s: usize, o: Outcome<'_>| {
+                    let j = plan.answered(s, &o, &ns, keys)?;
+                    on_item(k, j, o)
+                },
+            };
+            let r = reader.read::<W>(&mut chain[k], i, buf)?;
+            let Status::Complete((n, done)) = r else {
+                return Ok(r);
+            };
+            if !reader.closed.is_empty() {
+                // An error reply left the rest of the stream in doubt.
+                doubt = true;
+                return Ok(Status::Complete((n, true)));
+            }
+            if done {
+                cur = next_live(chain, k + 1);
+            }
+            Ok(Status::Complete((n, cur.is_none())))
+        };
+        let failure = match pipelined {
+            Some(last) => match self.driver.read_until_woken(i, op, last, &mut on_reply) {
+                Ok(true) => None,
+                Ok(false) => {
+                    // Interrupted: the reader's place is kept in the plans and `resume`.
+                    *resume = Some(cur);
+                    return false;
                 }
-                if done {
-                    cur = next_live(chain, k + 1);
-                }
-                Ok(Status::Complete((n, cur.is_none())))
-            });
-        let failure = batches.pop().and_then(|b| b.error);
-        batches.clear();
+                Err(e) => Some(e),
+            },
+            None => {
+                batches.push(Batch::new(i, None, op));
+                self.driver
+                    .exchange_many(batches, op, Until::Done, |_, buf| on_reply(buf));
+                let failure = batches.pop().and_then(|b| b.error);
+                batches.clear();
+                failure
+            }
+        };
         if doubt {
-            self.driver.disconnect(i);
+            match pipelined {
+                // Rounds written behind this one are still to run on the server: they
+                // fail here, and must not run after the calls made next.
+                Some(false) => self.driver.drain_close(i, op.deadline()),
+                _ => self.driver.disconnect(i),
+            }
         }
         // The part the exchange did not finish fails with its error (or the error reply's),
         // and so do the parts after it, unread; the server's health counts it once.
@@ -710,6 +942,7 @@ impl Core {
                 }
             }
         }
+        true
     }
 
     /// A reply that answers nothing asked, from server `i`.
@@ -748,11 +981,12 @@ impl Core {
         }
     }
 
-    /// Plans a chain's later part: the same server as `lead` (connected and started by it),
-    /// keys validated as [`plan`](Self::plan) does, opaques of its own.
+    /// Plans a chain's later part: the same server as the lead (connected and started by it;
+    /// `error` if it failed), keys validated as [`plan`](Self::plan) does, opaques of its
+    /// own.
     fn plan_after<'k>(
         &mut self,
-        lead: &Plan,
+        error: Option<Error>,
         i: usize,
         plan: &mut Plan,
         kb: &mut Vec<u8>,
@@ -771,7 +1005,6 @@ impl Core {
                 plan.plain = false;
             }
         }
-        let error = lead.shares[i].error.clone();
         let server = if error.is_some() { NO_SERVER } else { i as u32 };
         plan.server_of.resize(n, server);
         plan.shares[i].keys = n;

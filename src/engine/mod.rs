@@ -137,6 +137,9 @@ impl KeyServers {
 /// multi-key plan) hand the core to their callbacks, so nothing is taken out and put back.
 pub(crate) struct Core {
     driver: Driver,
+    /// The error that closed a connection with pipelined rounds still unread on it (the
+    /// connection's number, see `Core::chain_recv`): those rounds fail with it too.
+    pipeline_lost: Option<(u64, Error)>,
     limits: Limits,
     ring: Continuum,
     /// Shared, so a multi-key call can hold them while it runs without copying the strings.
@@ -297,6 +300,7 @@ impl Core {
             fleet: s.fleet,
             list: s.list,
             list_held: false,
+            pipeline_lost: None,
             handover: Arc::clone(&s.topology.handover),
             member_labels: Arc::clone(&s.topology.member_labels),
             prior: s.topology.prior.clone(),

@@ -56,9 +56,11 @@ use std::time::{Duration, Instant};
 use super::round::Work;
 use crate::client::Client;
 pub(super) use crate::command::{CallSpec, Op, Reply};
+use crate::engine::batch::Sent;
 use crate::error::{Error, Result};
 use crate::observe::EngineMetrics;
 use crate::proto::ParseError;
+use std::collections::VecDeque;
 
 /// One server's connections and what is queued for them.
 pub(super) struct Engine {
@@ -95,9 +97,19 @@ pub(super) struct Engine {
     /// none): a read with copies treats a server whose round has run far longer than usual
     /// as slow.
     pub(super) busy_since: Box<[AtomicU64]>,
+    /// Per lane, its I/O thread is reading pipelined replies with room for another round:
+    /// a request queued meanwhile wakes it with the lane's waker (see `pipeline`).
+    reading: Box<[AtomicBool]>,
+    /// Per lane, what interrupts its pipelined reads (none without pipelining, or if it
+    /// could not be made: rounds then wait for the read in progress).
+    wakers: Box<[Option<Arc<mio::Waker>>]>,
     /// Its queue's and rounds' metrics (feature `metrics`).
     metrics: EngineMetrics,
 }
+
+/// A pipelined connection with nothing in flight splits a queue of at least this many
+/// requests into two rounds (see `Engine::take`).
+const SPLIT_MIN: usize = 4;
 
 /// Nanoseconds since the first call of this process: a clock an atomic can hold.
 pub(super) fn since_epoch(at: Instant) -> u64 {
@@ -178,10 +190,16 @@ impl Engine {
         clients: Vec<Client>,
         slots: usize,
         timeout: Duration,
+        depth: usize,
     ) -> Engine {
         let label = clients[0].label_list()[server].clone();
         let metrics = EngineMetrics::new(&label);
         let busy_since = clients.iter().map(|_| AtomicU64::new(0)).collect();
+        let reading = clients.iter().map(|_| AtomicBool::new(false)).collect();
+        let mut clients = clients;
+        let wakers = (clients.iter_mut())
+            .map(|c| (depth > 1).then(|| c.engine().0.waker().ok()).flatten())
+            .collect();
         let queue = Queue {
             free: (0..slots as u32).rev().collect(),
             ..Queue::default()
@@ -194,7 +212,8 @@ impl Engine {
                 .map(|(lane, client)| {
                     Mutex::new(State {
                         client,
-                        work: Work::default(),
+                        works: (0..depth).map(|_| Work::default()).collect(),
+                        pending: VecDeque::with_capacity(depth),
                         lane,
                     })
                 })
@@ -219,6 +238,8 @@ impl Engine {
                 })
                 .collect(),
             busy_since,
+            reading,
+            wakers,
             metrics,
         }
     }
@@ -287,6 +308,14 @@ impl Engine {
     pub(super) fn kick_io(self: &Arc<Self>, q: &mut Queue) {
         if q.io_idle > 0 {
             self.io.notify_one();
+        } else if let Some(lane) = (self.reading.iter())
+            .position(|r| r.load(Ordering::SeqCst) && r.swap(false, Ordering::SeqCst))
+        {
+            // A lane reading pipelined replies with room for another round: interrupted
+            // to write this one (one wake per read).
+            if let Some(w) = &self.wakers[lane] {
+                let _ = w.wake();
+            }
         } else if q.io_threads < self.lanes.len() {
             let lane = q.io_threads;
             q.io_threads += 1;
@@ -437,18 +466,90 @@ impl Engine {
     }
 
     /// Runs one round: takes everything queued and serves it. Returns false if nothing was
-    /// queued.
-    pub(super) fn round(&self, st: &mut State) -> bool {
-        let State { client, work, lane } = st;
+    /// queued. `pipelined` (the I/O thread, with a pipeline depth over 1): rounds then
+    /// follow each other on the connection without waiting for the replies of those
+    /// before them, until the queue is empty and every reply read (see
+    /// [`pipeline`](Self::pipeline)).
+    pub(super) fn round(&self, st: &mut State, pipelined: bool) -> bool {
+        let State {
+            client,
+            works,
+            pending,
+            lane,
+        } = st;
         let busy = &self.busy_since[*lane];
+        let pipelined = pipelined && works.len() > 1;
+        // A round that connects is not split: a refused connect would count twice.
+        let split = pipelined && client.engine().0.is_connected(self.server);
+        if !self.take(&mut works[0], split) {
+            return false;
+        }
+        let server = self.server;
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            client.pinned(server, |c| {
+                if pipelined {
+                    self.pipeline(c, works, pending, *lane);
+                } else {
+                    busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
+                    works[0].serve(self, c);
+                    busy.store(0, Ordering::Relaxed);
+                    self.finish(&mut works[0]);
+                }
+            })
+        }));
+        if let Err(panic) = served {
+            // A panic mid-round (a waker's, say): the rounds' requests are dropped, never
+            // served again. Some were completed and their slots may be someone else's now;
+            // the rest time out at their deadline. The connection is closed: rounds may be
+            // unread on it.
+            busy.store(0, Ordering::Relaxed);
+            pending.clear();
+            for w in works.iter_mut() {
+                w.reqs.clear();
+                w.arena.clear();
+            }
+            client.engine().0.drop_connection(server);
+            std::panic::resume_unwind(panic);
+        }
+        true
+    }
+
+    /// Takes everything queued into `work`; false if nothing was. `split`: nothing is in
+    /// flight on a pipelined connection, and a large queue goes out as two rounds, the
+    /// first half now (the rest is taken next, written behind it): the server works on the
+    /// second while the first's callers run and queue their next calls, where one round
+    /// would leave them all waiting for the same replies.
+    fn take(&self, work: &mut Work, split: bool) -> bool {
         {
-            let mut q = lock(&self.queue);
+            let mut guard = lock(&self.queue);
+            let q = &mut *guard;
             if q.reqs.is_empty() {
                 return false;
             }
-            std::mem::swap(&mut q.reqs, &mut work.reqs);
-            self.queued.fetch_sub(work.reqs.len(), Ordering::SeqCst);
-            std::mem::swap(&mut q.arena, &mut work.arena);
+            let n = match q.reqs.len() {
+                n if split && n >= SPLIT_MIN => n.div_ceil(2),
+                n => n,
+            };
+            if n < q.reqs.len() {
+                work.reqs.clear();
+                work.arena.clear();
+                for r in q.reqs.drain(..n) {
+                    let k = work.arena.len();
+                    work.arena.extend_from_slice(&q.arena[r.key]);
+                    let v = work.arena.len();
+                    work.arena.extend_from_slice(&q.arena[r.value]);
+                    work.reqs.push(Req {
+                        key: k..v,
+                        value: v..work.arena.len(),
+                        ..r
+                    });
+                }
+                self.queued.fetch_sub(n, Ordering::SeqCst);
+            } else {
+                std::mem::swap(&mut q.reqs, &mut work.reqs);
+                self.queued.fetch_sub(work.reqs.len(), Ordering::SeqCst);
+                std::mem::swap(&mut q.arena, &mut work.arena);
+            }
         }
         work.freed.clear();
         self.metrics.round(1, work.reqs.len());
@@ -460,22 +561,13 @@ impl Engine {
                 self.metrics.queued(now.saturating_duration_since(start));
             }
         }
-        let server = self.server;
-        busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            client.pinned(server, |c| work.serve(self, c))
-        }));
-        busy.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// After every request of `work`'s round completed: wakes their owners, frees the slots
+    /// of those gone, and empties it.
+    fn finish(&self, work: &mut Work) {
         self.metrics.round(-1, 0);
-        if let Err(panic) = served {
-            // A panic mid-round (a waker's, say): the round's requests are dropped, never
-            // served again. Some were completed and their slots may be someone else's now;
-            // the rest time out at their deadline. (The connection was replaced: it was
-            // marked busy.)
-            work.reqs.clear();
-            work.arena.clear();
-            std::panic::resume_unwind(panic);
-        }
         self.wake_round();
         work.reqs.clear();
         work.arena.clear();
@@ -485,7 +577,94 @@ impl Engine {
                 self.free(&mut q, s);
             }
         }
-        true
+    }
+
+    /// Pipelined rounds on one connection: the round in `works[0]` is written, then, while
+    /// fewer than `works.len()` rounds are unread, each round that queued meanwhile is
+    /// written behind it before the oldest round's replies are read. The replies come back
+    /// in order: each round's chain reads its own (matched by opaque, or in order on text),
+    /// starting where the round before it ended, and any doubt about framing closes the
+    /// connection, failing every round unread on it. A round that cannot be one chain
+    /// (a get-and-touch, a batch over its cap, TLS, a list change's hand-over) waits for
+    /// the rounds before it and is served on its own.
+    fn pipeline(
+        &self,
+        c: &mut Client,
+        works: &mut [Work],
+        pending: &mut VecDeque<(usize, Sent, u64)>,
+        lane: usize,
+    ) {
+        let depth = works.len();
+        let busy = &self.busy_since[lane];
+        let policy = super::round::Transport::policy(c);
+        let mut next = Some(0);
+        loop {
+            if let Some(w) = next.take() {
+                works[w].expire(self);
+                let behind = pending.back().map(|(_, sent, _)| sent.conn());
+                let ok = works[w].pipelinable(policy)
+                    && behind.is_none_or(|conn| c.engine().0.may_pipeline(conn));
+                if ok {
+                    match works[w].send(self, c, behind) {
+                        Some(sent) => {
+                            let at = since_epoch(Instant::now());
+                            if pending.is_empty() {
+                                busy.store(at, Ordering::Relaxed);
+                            }
+                            pending.push_back((w, sent, at));
+                        }
+                        None => self.finish(&mut works[w]),
+                    }
+                } else {
+                    while let Some((p, mut sent, _)) = pending.pop_front() {
+                        while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
+                        self.finish(&mut works[p]);
+                    }
+                    busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
+                    works[w].serve(self, c);
+                    busy.store(0, Ordering::Relaxed);
+                    self.finish(&mut works[w]);
+                }
+            }
+            let room = pending.len() < depth;
+            if room {
+                // The lowest work no round unread holds: the others stay cold (and warm up
+                // only when rounds go that deep), so a steady load allocates nothing.
+                let w = (0..depth)
+                    .find(|&w| pending.iter().all(|(p, ..)| *p != w))
+                    .expect("fewer rounds unread than works");
+                if self.take(&mut works[w], pending.is_empty()) {
+                    next = Some(w);
+                    continue;
+                }
+            }
+            let last = pending.len() == 1;
+            let Some((p, sent, _)) = pending.front_mut() else {
+                return;
+            };
+            let p = *p;
+            // While there is room for another round, a call queued during the read wakes it
+            // (`kick_io`), and that round is written before the read goes on. Set before the
+            // queue is looked at again (`take` above looked before): a call queued after
+            // that look sees the flag.
+            let reading = &self.reading[lane];
+            if room {
+                reading.store(true, Ordering::SeqCst);
+                if self.queued.load(Ordering::SeqCst) > 0 {
+                    reading.store(false, Ordering::SeqCst);
+                    continue;
+                }
+            }
+            let done = works[p].recv(self, c, sent, last);
+            reading.store(false, Ordering::SeqCst);
+            if !done {
+                continue;
+            }
+            pending.pop_front();
+            self.finish(&mut works[p]);
+            let oldest = pending.front().map_or(0, |(_, _, at)| *at);
+            busy.store(oldest, Ordering::Relaxed);
+        }
     }
 
     /// Lane `lane`'s I/O thread: serves the queue whenever something is in it.
@@ -516,7 +695,7 @@ impl Engine {
             // A panic in a round (reported by the panic hook) must not end the thread that
             // serves this server's queue: every later call would time out.
             let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                while self.round(&mut st) {}
+                while self.round(&mut st, true) {}
             }));
             drop(rounds);
         }
@@ -526,7 +705,13 @@ impl Engine {
 /// What the combiner holds: a lane.
 pub(super) struct State {
     pub(super) client: Client,
-    pub(super) work: Work,
+    /// A round's working space for each round that may be in flight at once on the lane's
+    /// connection ([`SharedClientBuilder::pipeline_depth`](super::SharedClientBuilder)); a
+    /// round served one at a time uses the first.
+    pub(super) works: Box<[Work]>,
+    /// The pipelined rounds written and unread, oldest first: the work holding each, what
+    /// reads it, and when it was written ([`since_epoch`]).
+    pub(super) pending: VecDeque<(usize, Sent, u64)>,
     /// Its index in [`Engine::lanes`].
     pub(super) lane: usize,
 }

@@ -184,7 +184,7 @@ impl SharedClient {
         loop {
             if combine {
                 if let Some(mut st) = eng.try_state() {
-                    eng.round(&mut st);
+                    eng.round(&mut st, false);
                     drop(st);
                     eng.hand_off();
                 }

@@ -43,6 +43,9 @@ pub(crate) use lend::Lent;
 /// Request slots per server unless set with [`SharedClientBuilder::max_in_flight`].
 const DEFAULT_IN_FLIGHT: usize = 1024;
 
+/// Rounds in flight per connection unless set with [`SharedClientBuilder::pipeline_depth`].
+pub const DEFAULT_PIPELINE_DEPTH: usize = 4;
+
 /// Whether a call whose server left the list before the call reached it (nothing was sent)
 /// is routed again with the new list: while the list keeps changing, until the call's
 /// deadline (its timeout after the first reroute). Not a count: with a list changing every
@@ -93,6 +96,7 @@ pub struct SharedClientBuilder {
     max_in_flight: usize,
     driving: IoMode,
     connections: usize,
+    depth: usize,
 }
 
 impl SharedClientBuilder {
@@ -118,6 +122,22 @@ impl SharedClientBuilder {
         self
     }
 
+    /// Rounds in flight at once on one connection (default [`DEFAULT_PIPELINE_DEPTH`], at
+    /// most 16). The server's I/O thread writes each round that queued while the replies
+    /// of the rounds before it are still on their way, up to this many unread; it reads
+    /// them in order, each round's replies matched to its own requests (by opaque on binary
+    /// and meta, in order on text). Any doubt about the framing closes the connection and
+    /// fails every round unread on it: no call ever gets another call's reply. 1 waits for
+    /// each round's replies before writing the next.
+    ///
+    /// Rounds a caller serves itself ([`IoMode::Combining`], and a lone caller of
+    /// [`IoMode::Adaptive`]) and rounds over TLS go one at a time. So does a round with a
+    /// get-and-touch or a batch over its size cap, after the rounds before it.
+    pub fn pipeline_depth(mut self, depth: usize) -> Self {
+        self.depth = depth.clamp(1, 16);
+        self
+    }
+
     /// Who does the I/O for blocking callers (default [`IoMode::Adaptive`]).
     pub fn io_mode(mut self, mode: IoMode) -> Self {
         self.driving = mode;
@@ -140,6 +160,7 @@ impl SharedClientBuilder {
             self.max_in_flight,
             timeout,
             self.connections,
+            self.depth,
         );
         for server in 0..labels.len() {
             engines.make(server, None)?;
@@ -198,6 +219,8 @@ struct Engines {
     timeout: Duration,
     /// Lanes (connections) per engine.
     lanes: usize,
+    /// Rounds in flight per connection.
+    depth: usize,
 }
 
 impl Engines {
@@ -206,6 +229,7 @@ impl Engines {
         max_in_flight: usize,
         timeout: Duration,
         lanes: usize,
+        depth: usize,
     ) -> Engines {
         Engines {
             slots: Slots::new(),
@@ -214,6 +238,7 @@ impl Engines {
             max_in_flight,
             timeout,
             lanes,
+            depth,
         }
     }
 
@@ -237,6 +262,7 @@ impl Engines {
             clients,
             self.max_in_flight,
             self.timeout,
+            self.depth,
         ));
         if slot.set(engine).is_ok() {
             self.made
@@ -301,6 +327,7 @@ impl ClientBuilder {
             max_in_flight: DEFAULT_IN_FLIGHT,
             driving: IoMode::Adaptive,
             connections: 1,
+            depth: DEFAULT_PIPELINE_DEPTH,
         }
     }
 }

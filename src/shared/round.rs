@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::engine::{Engine, Op, Reply, Req};
 use crate::client::{Client, ItemInfo, ItemRef};
 use crate::conn::batch::{BatchPolicy, MAX_ROUND_KEYS};
-use crate::engine::batch::{ChainItems, Keys, Part};
+use crate::engine::batch::{ChainItems, Keys, Part, Plan, Sent};
 use crate::engine::reply::refused;
 use crate::error::{During, Error, Result};
 use crate::proto::wire::{Cmd, GetOpts, Kind, Outcome};
@@ -167,6 +167,10 @@ pub(super) struct Work {
     /// read for each one's items.
     pub(super) writes: [WriteBatch; 4],
     pub(super) written: [Vec<Option<Result<Reply>>>; 4],
+    /// The chain's gets ask for CAS uniques.
+    with_cas: bool,
+    /// A chain's plans, one per part: kept while a pipelined round's replies are unread.
+    plans: Vec<Plan>,
 }
 
 /// The kinds of write a round batches, in the order it sends them.
@@ -284,19 +288,8 @@ impl Work {
     }
 
     fn serve_all(&mut self, engine: &impl Slots, c: &mut impl Transport) {
-        let now = Instant::now();
         // Requests whose owner's deadline passed while queued are failed, not sent.
-        for req in self.reqs.iter_mut() {
-            if req.deadline <= now {
-                let e = Error::Timeout {
-                    server: engine.label().to_string(),
-                    during: During::Write,
-                    elapsed: engine.timeout() + (now - req.deadline),
-                };
-                engine.complete(req.slot, Err(e), None, &mut self.freed);
-                req.slot = NONE;
-            }
-        }
+        self.expire(engine);
         if !self.chained(engine, c) {
             self.one_kind_at_a_time(engine, c);
         }
@@ -450,7 +443,20 @@ impl Work {
     /// [`one_kind_at_a_time`](Self::one_kind_at_a_time) (also when the transport does not
     /// chain), which is the same round trip for a round of one kind.
     fn chained(&mut self, engine: &impl Slots, c: &mut impl Transport) -> bool {
-        let policy = c.policy();
+        if !self.classify(c.policy(), 2) {
+            return false;
+        }
+        let (ran, results) = self.with_chain(engine, |_, parts, items| c.chain(parts, items));
+        if ran {
+            self.chain_done(engine, results);
+        }
+        ran
+    }
+
+    /// Sorts the round's requests into a chain's parts (gets, then each kind of write):
+    /// true if they fit one chain of at least `min_kinds` kinds. Pipelined rounds
+    /// ([`send`](Self::send)) also need every request batched (no get-and-touch).
+    pub(super) fn classify(&mut self, policy: BatchPolicy, min_kinds: usize) -> bool {
         self.batch.clear();
         let mut with_cas = false;
         for (r, req) in self.reqs.iter().enumerate() {
@@ -480,10 +486,28 @@ impl Work {
             }
             kinds += usize::from(!w.batch.is_empty());
         }
-        if kinds < 2 {
+        if kinds < min_kinds {
             return false;
         }
+        self.with_cas = with_cas;
         self.distinct_keys();
+        self.hits.clear();
+        self.hits.resize(self.keys.len(), false);
+        for (answers, w) in self.written.iter_mut().zip(self.writes.iter()) {
+            answers.clear();
+            answers.resize_with(w.batch.len(), || None);
+        }
+        true
+    }
+
+    /// Runs `f` on the chain [`classify`](Self::classify) sorted the round into: its plans,
+    /// its parts (gets, then [`WRITE_KINDS`]) and where their items come from and their
+    /// replies go. Returns `f`'s result and each part's.
+    fn with_chain<R>(
+        &mut self,
+        engine: &impl Slots,
+        f: impl FnOnce(&mut Vec<Plan>, &mut [Part<'_>], &mut ChainItems<'_>) -> R,
+    ) -> (R, [Result<()>; 5]) {
         let Work {
             reqs,
             arena,
@@ -495,50 +519,30 @@ impl Work {
             hits,
             writes,
             written,
+            plans,
+            with_cas,
             ..
         } = self;
-        hits.clear();
-        hits.resize(keys.len(), false);
-        for (answers, w) in written.iter_mut().zip(writes.iter()) {
-            answers.clear();
-            answers.resize_with(w.batch.len(), || None);
-        }
         let label = engine.label();
         let get_keys = ArenaKeys { arena, keys };
         let [k0, k1, k2, k3] = [0, 1, 2, 3].map(|n| ArenaKeys {
             arena,
             keys: &writes[n].keys,
         });
-        let no_error = || Ok(());
+        let part = |kind: Kind, keys| Part {
+            kind,
+            keys,
+            result: Ok(()),
+        };
         let mut parts = [
-            Part {
-                kind: Kind::Get,
-                keys: &get_keys,
-                result: no_error(),
-            },
-            Part {
-                kind: WRITE_KINDS[0],
-                keys: &k0,
-                result: no_error(),
-            },
-            Part {
-                kind: WRITE_KINDS[1],
-                keys: &k1,
-                result: no_error(),
-            },
-            Part {
-                kind: WRITE_KINDS[2],
-                keys: &k2,
-                result: no_error(),
-            },
-            Part {
-                kind: WRITE_KINDS[3],
-                keys: &k3,
-                result: no_error(),
-            },
+            part(Kind::Get, &get_keys),
+            part(WRITE_KINDS[0], &k0),
+            part(WRITE_KINDS[1], &k1),
+            part(WRITE_KINDS[2], &k2),
+            part(WRITE_KINDS[3], &k3),
         ];
         let opts = GetOpts {
-            cas: with_cas,
+            cas: *with_cas,
             ..GetOpts::default()
         };
         // Part k > 0 is write batch k - 1; its item j is request `writes[k - 1].batch[j]`.
@@ -577,10 +581,13 @@ impl Work {
             on_hit: &mut on_hit,
             on_item: &mut on_item,
         };
-        if !c.chain(&mut parts, &mut items) {
-            return false;
-        }
-        let results = parts.map(|p| p.result);
+        let r = f(plans, &mut parts, &mut items);
+        (r, parts.map(|p| p.result))
+    }
+
+    /// Completes every request of a chain whose parts ended with `results`.
+    fn chain_done(&mut self, engine: &impl Slots, results: [Result<()>; 5]) {
+        let label = engine.label();
         let [gets, writes_done @ ..] = results;
         self.gets_done(engine, gets);
         for (n, result) in writes_done.into_iter().enumerate() {
@@ -606,7 +613,73 @@ impl Work {
                 self.failed(e);
             }
         }
-        true
+    }
+
+    /// Whether the round can be pipelined: one chain of every request (after the expired
+    /// ones failed, see [`expire`](Self::expire)), none sent on its own.
+    pub(super) fn pipelinable(&mut self, policy: BatchPolicy) -> bool {
+        let alone = self.reqs.iter().any(|r| r.slot != NONE && !batched(&r.op));
+        !alone && self.classify(policy, 1)
+    }
+
+    /// Pipelined rounds: writes this round (sorted by [`pipelinable`](Self::pipelinable))
+    /// as one chain behind the chains unread on connection `behind`, if any. `None` once
+    /// the round is over (it failed to go out): its requests are completed then; otherwise
+    /// [`recv`](Self::recv) reads its replies.
+    pub(super) fn send(
+        &mut self,
+        engine: &impl Slots,
+        c: &mut Client,
+        behind: Option<u64>,
+    ) -> Option<Sent> {
+        self.poison = None;
+        let (sent, results) = self.with_chain(engine, |plans, parts, items| {
+            let (core, scratch) = c.engine();
+            core.chain_send(scratch, plans, parts, items.value, items.cmd, behind)
+        });
+        if sent.is_none() {
+            self.chain_done(engine, results);
+        }
+        sent
+    }
+
+    /// Pipelined rounds: reads the replies of the chain [`send`](Self::send) wrote, and
+    /// completes every request. False if the driver's waker interrupted the read first
+    /// (the requests answered so far are completed; call again). `last`: no other round is
+    /// unread behind it.
+    pub(super) fn recv(
+        &mut self,
+        engine: &impl Slots,
+        c: &mut Client,
+        sent: &mut Sent,
+        last: bool,
+    ) -> bool {
+        let (done, results) = self.with_chain(engine, |plans, parts, items| {
+            let (core, scratch) = c.engine();
+            let (on_hit, on_item) = (&mut *items.on_hit, &mut *items.on_item);
+            core.chain_recv(scratch, plans, sent, last, parts, on_hit, on_item)
+        });
+        if done {
+            self.chain_done(engine, results);
+        }
+        done
+    }
+
+    /// Fails the requests whose owner's deadline passed while they were queued: they are
+    /// not sent.
+    pub(super) fn expire(&mut self, engine: &impl Slots) {
+        let now = Instant::now();
+        for req in self.reqs.iter_mut() {
+            if req.slot != NONE && req.deadline <= now {
+                let e = Error::Timeout {
+                    server: engine.label().to_string(),
+                    during: During::Write,
+                    elapsed: engine.timeout() + (now - req.deadline),
+                };
+                engine.complete(req.slot, Err(e), None, &mut self.freed);
+                req.slot = NONE;
+            }
+        }
     }
 }
 

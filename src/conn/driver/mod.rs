@@ -204,6 +204,9 @@ impl Late {
     }
 }
 
+/// The token of the driver's waker (no server has it).
+const WAKE: usize = usize::MAX;
+
 /// A deadline for one operation, with the time it started (for error reports).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Op {
@@ -212,6 +215,11 @@ pub(crate) struct Op {
 }
 
 impl Op {
+    /// When it fails if not done.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     fn new(timeout: Duration) -> Op {
         let start = Instant::now();
         Op {
@@ -267,6 +275,10 @@ pub(crate) struct Driver {
     events: Events,
     conns: Vec<Conn>,
     cfg: DriverConfig,
+    /// Wakes a [`read_until_woken`](Self::read_until_woken) from another thread (made on
+    /// first use), and whether it fired since that last looked.
+    waker: Option<std::sync::Arc<mio::Waker>>,
+    woken: bool,
     /// TLS settings and the name to verify per server, when TLS is on.
     #[cfg(feature = "tls")]
     tls: Option<(TlsConfig, Vec<rustls::pki_types::ServerName<'static>>)>,
@@ -300,9 +312,87 @@ impl Driver {
             events: Events::with_capacity(64),
             conns,
             cfg,
+            waker: None,
+            woken: false,
             #[cfg(feature = "tls")]
             tls,
         })
+    }
+
+    /// What wakes this driver's [`read_until_woken`](Self::read_until_woken) from another
+    /// thread.
+    ///
+    /// # Errors
+    /// The waker could not be made (out of file descriptors).
+    pub(crate) fn waker(&mut self) -> Result<std::sync::Arc<mio::Waker>> {
+        if let Some(w) = &self.waker {
+            return Ok(std::sync::Arc::clone(w));
+        }
+        let w = mio::Waker::new(self.poll.registry(), mio::Token(WAKE)).map_err(|source| {
+            Error::Io {
+                server: "(poll)".into(),
+                source: source.into(),
+            }
+        })?;
+        let w = std::sync::Arc::new(w);
+        self.waker = Some(std::sync::Arc::clone(&w));
+        Ok(w)
+    }
+
+    /// Reads the replies of a request written before (by [`send_all`](Self::send_all),
+    /// perhaps with others written after it) with `on_reply` until its last: `Ok(true)`.
+    /// `Ok(false)` when this driver's [`waker`](Self::waker) fired first, with the replies
+    /// not all in: another call resumes where this one stopped (what was parsed is gone
+    /// from the read buffer, the rest stays). Bounded by `op`'s deadline; a failure closes
+    /// the connection. `last`: no other request is unread on the connection once this one
+    /// is done.
+    pub(crate) fn read_until_woken<F>(
+        &mut self,
+        i: usize,
+        op: &Op,
+        last: bool,
+        on_reply: &mut F,
+    ) -> Result<bool>
+    where
+        F: FnMut(&[u8]) -> Result<Status<(usize, bool)>, ParseError>,
+    {
+        if self.conns[i].stream.is_none() {
+            return Err(self.io_error(i, io::ErrorKind::NotConnected.into()));
+        }
+        // The poll path: a blocking read could not be woken.
+        if self.conns[i].blocking.is_some() {
+            self.set_nonblocking(i)?;
+        }
+        let mut ex = Exchange::new(0, None, op.deadline);
+        loop {
+            let conn = &mut self.conns[i];
+            match ex.handle_input(&mut conn.rbuf, on_reply) {
+                Ok(_) if ex.is_done() => {
+                    self.conns[i].busy = !last;
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                Err(f) => {
+                    if !last && matches!(f, Failure::Parse(_) | Failure::OutOfStep) {
+                        self.drain_close(i, op.deadline);
+                    }
+                    return Err(self.failed(i, f, op));
+                }
+            }
+            // Checked on every pass: a server that trickles bytes must not outlast it.
+            ex.handle_timeout(Instant::now())
+                .map_err(|f| self.failed(i, f, op))?;
+            if self.conns[i].readable && self.read_some(i, &ex, op)? {
+                continue;
+            }
+            if std::mem::take(&mut self.woken) {
+                return Ok(false);
+            }
+            match self.poll_until(op.deadline) {
+                Ok(_) => {}
+                Err(e) => return Err(self.io_error(i, e)),
+            }
+        }
     }
 
     /// Takes the servers of a live list: `servers` extends the ones it has (an index keeps
@@ -591,6 +681,76 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Writes server `i`'s write buffer in full and reads nothing: a pipelined round, whose
+    /// replies are read (by [`exchange`](Self::exchange) with an empty write buffer) after
+    /// those of the rounds written before it. Bounded by `op`'s deadline; a failure closes
+    /// the connection. The connection stays marked busy until an exchange reads on it: if
+    /// nobody does (a panic), the next [`begin`](Self::begin) replaces it.
+    pub(crate) fn send_all(&mut self, i: usize, op: &Op) -> Result<()> {
+        if self.conns[i].stream.is_none() {
+            return Err(self.io_error(i, io::ErrorKind::NotConnected.into()));
+        }
+        self.conns[i].busy = true;
+        let mut ex = Exchange::new(self.conns[i].wbuf.len(), None, op.deadline);
+        while !ex.is_written() {
+            let conn = &self.conns[i];
+            // A blocking socket's write waits (up to its write timeout) by itself.
+            if conn.blocking.is_some() || conn.writable {
+                let n = self.write_some(i, &ex)?;
+                ex.handle_written(n);
+                if n > 0 {
+                    continue;
+                }
+            }
+            ex.handle_timeout(Instant::now())
+                .map_err(|f| self.failed(i, f, op))?;
+            if self.conns[i].blocking.is_none() {
+                if let Err(e) = self.poll_until(op.deadline) {
+                    return Err(self.io_error(i, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes server `i`'s connection once the server has dealt with everything written on
+    /// it: our side of the stream is shut down and whatever arrives is read and dropped
+    /// until the server closes too (or `deadline`). Requests written behind a reply that
+    /// left the stream in doubt then cannot run after later requests made on the next
+    /// connection (memcached serves two connections in no particular order).
+    pub(crate) fn drain_close(&mut self, i: usize, deadline: Instant) {
+        let Some(stream) = self.conns[i].stream.as_ref() else {
+            return;
+        };
+        let drained = stream.sock().shutdown(std::net::Shutdown::Write).is_ok()
+            && (self.conns[i].blocking.is_none() || self.set_nonblocking(i).is_ok());
+        if !drained {
+            self.disconnect(i);
+            return;
+        }
+        let mut scratch = [0u8; 4096];
+        while let Some(stream) = self.conns[i].stream.as_mut() {
+            match stream.read(&mut scratch) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !matches!(self.poll_until(deadline), Ok(true)) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        self.disconnect(i);
+    }
+
+    /// How many connections to server `i` were opened so far: a round written on one is read
+    /// only on the same one.
+    pub(crate) fn connection_id(&self, i: usize) -> Option<u64> {
+        self.is_connected(i).then(|| self.connects(i))
     }
 
     /// Starts batch `b` of a race (see [`race`](Self::race)): its request is its
@@ -964,6 +1124,9 @@ impl Driver {
             Err(e) => return Err(e),
         }
         for ev in self.events.iter() {
+            if ev.token().0 == WAKE {
+                self.woken = true;
+            }
             if let Some(c) = self.conns.get_mut(ev.token().0) {
                 if ev.is_read_closed() || ev.is_error() {
                     c.closed = true;
