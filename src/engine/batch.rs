@@ -842,66 +842,15 @@ impl Core {
     ) -> bool {
         let ns = Arc::clone(&self.namespace);
         let labels = Arc::clone(&self.labels);
-        let limits = self.limits;
-        let n_parts = parts.len();
-        let next_live = move |chain: &[Plan], from: usize| {
-            (from..n_parts)
-                .find(|&k| chain[k].shares[i].keys > 0 && chain[k].shares[i].error.is_none())
-        };
-        // Resumed in the very part it stopped in, even one that failed (an error reply
-        // with an opaque fails its part, whose replies go on up to its end marker).
-        let mut cur = match *resume {
-            Some(k) => k,
-            None => next_live(chain, 0),
-        };
-        let mut doubt = false;
-        let mut on_reply = |buf: &[u8]| {
-            let Some(k) = cur else {
-                return Err(ParseError::Unexpected);
-            };
-            let part = &parts[k];
-            let keys = part.keys;
-            let get = part.kind == Kind::Get;
-            let (on_hit, on_item) = (&mut *on_hit, &mut *on_item);
-            let mut reader = BatchReader {
-                keys,
-                ns: &ns,
-                labels: &labels,
-                limits,
-                expect: Expect::batch(part.kind),
-                closed: Vec::new(),
-                on_hit: |j: usize, item: ItemRef<'_>| {
-                    if !get {
-                        return no_hits(j, item);
-                    }
-                    on_hit(k, j, item);
-                    Ok(())
-                },
-                on_other: |plan: &mut Plan, s: usize, o: Outcome<'_>| {
-                    let j = plan.answered(s, &o, &ns, keys)?;
-                    on_item(k, j, o)
-                },
-            };
-            let r = reader.read::<W>(&mut chain[k], i, buf)?;
-            let Status::Complete((n, done)) = r else {
-                return Ok(r);
-            };
-            if !reader.closed.is_empty() {
-                // An error reply left the rest of the stream in doubt.
-                doubt = true;
-                return Ok(Status::Complete((n, true)));
-            }
-            if done {
-                cur = next_live(chain, k + 1);
-            }
-            Ok(Status::Complete((n, cur.is_none())))
-        };
+        let mut reader =
+            ChainReader::new(i, &ns, &labels, self.limits, chain, parts.len(), *resume);
+        let mut on_reply = |buf: &[u8]| reader.read::<W>(chain, parts, buf, on_hit, on_item);
         let failure = match pipelined {
             Some(last) => match self.driver.read_until_woken(i, op, last, &mut on_reply) {
                 Ok(true) => None,
                 Ok(false) => {
                     // Interrupted: the reader's place is kept in the plans and `resume`.
-                    *resume = Some(cur);
+                    *resume = Some(reader.cur);
                     return false;
                 }
                 Err(e) => Some(e),
@@ -915,6 +864,7 @@ impl Core {
                 failure
             }
         };
+        let (cur, doubt) = (reader.cur, reader.doubt);
         if doubt {
             match pipelined {
                 // Rounds written behind this one are still to run on the server: they
@@ -1244,6 +1194,102 @@ pub(crate) fn delete_unmet(o: &Outcome<'_>) -> Option<bool> {
     }
 }
 
+/// Reads a chain's replies from server `i`, part after part, sans I/O: the part being read
+/// is kept between calls, so a read interrupted anywhere (see `Driver::read_until_woken`)
+/// resumes where it stopped, even in a part an error reply already failed (its replies go
+/// on up to its end marker).
+pub(crate) struct ChainReader<'a> {
+    i: usize,
+    ns: &'a [u8],
+    labels: &'a [String],
+    limits: Limits,
+    /// The part being read; `None` once the last part's reply is complete.
+    pub(crate) cur: Option<usize>,
+    /// An error reply that names no request left the rest of the stream in doubt.
+    pub(crate) doubt: bool,
+}
+
+impl<'a> ChainReader<'a> {
+    /// A reader of the parts planned in `chain` (`parts` of them), from the first with
+    /// items on server `i`, or from where an interrupted read stopped (`resume`).
+    pub(crate) fn new(
+        i: usize,
+        ns: &'a [u8],
+        labels: &'a [String],
+        limits: Limits,
+        chain: &[Plan],
+        parts: usize,
+        resume: Option<Option<usize>>,
+    ) -> ChainReader<'a> {
+        let cur = resume.unwrap_or_else(|| next_live(chain, i, parts, 0));
+        ChainReader {
+            i,
+            ns,
+            labels,
+            limits,
+            cur,
+            doubt: false,
+        }
+    }
+
+    /// Reads one reply unit from the start of `buf` for the part being read: a hit goes to
+    /// `on_hit(part, item, ..)`, another reply that answers an item to `on_item(part, item,
+    /// ..)`. `Complete((consumed, last))`, `last` once every part's reply is complete (or an
+    /// error reply left the stream in doubt); an error is a reply that answers nothing asked.
+    pub(crate) fn read<W: Wire>(
+        &mut self,
+        chain: &mut [Plan],
+        parts: &[Part<'_>],
+        buf: &[u8],
+        on_hit: &mut dyn FnMut(usize, usize, ItemRef<'_>),
+        on_item: &mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
+    ) -> Result<Status<(usize, bool)>, ParseError> {
+        let Some(k) = self.cur else {
+            return Err(ParseError::Unexpected);
+        };
+        let part = &parts[k];
+        let keys = part.keys;
+        let get = part.kind == Kind::Get;
+        let ns = self.ns;
+        let mut reader = BatchReader {
+            keys,
+            ns,
+            labels: self.labels,
+            limits: self.limits,
+            expect: Expect::batch(part.kind),
+            closed: Vec::new(),
+            on_hit: |j: usize, item: ItemRef<'_>| {
+                if !get {
+                    return no_hits(j, item);
+                }
+                on_hit(k, j, item);
+                Ok(())
+            },
+            on_other: |plan: &mut Plan, s: usize, o: Outcome<'_>| {
+                let j = plan.answered(s, &o, ns, keys)?;
+                on_item(k, j, o)
+            },
+        };
+        let r = reader.read::<W>(&mut chain[k], self.i, buf)?;
+        let Status::Complete((n, done)) = r else {
+            return Ok(r);
+        };
+        if !reader.closed.is_empty() {
+            self.doubt = true;
+            return Ok(Status::Complete((n, true)));
+        }
+        if done {
+            self.cur = next_live(chain, self.i, parts.len(), k + 1);
+        }
+        Ok(Status::Complete((n, self.cur.is_none())))
+    }
+}
+
+/// The first part from `from` on with items on server `i` that has not failed.
+fn next_live(chain: &[Plan], i: usize, parts: usize, from: usize) -> Option<usize> {
+    (from..parts).find(|&k| chain[k].shares[i].keys > 0 && chain[k].shares[i].error.is_none())
+}
+
 /// Reads the replies to a planned batch one unit at a time, sans I/O: which item each
 /// answers, when a server's reply is complete, which servers failed and must be closed. The
 /// driver's loops hand it whatever has arrived; the stream fuzz target drives it in memory.
@@ -1550,6 +1596,106 @@ pub(crate) mod for_fuzzing {
         /// An error reply left the rest of the server's reply in doubt: the client closes it.
         pub(crate) fn closed(&self) -> bool {
             self.closed
+        }
+    }
+
+    /// A chain of one-server batches planned without a client (a pipelined round, see
+    /// [`Core::chain_send`]), for the tests and the stream fuzz body: each part's item `j`
+    /// goes with opaque `base + j`, and the replies are read with the client's own
+    /// [`ChainReader`], which keeps its place between calls as an interrupted read does.
+    pub(crate) struct OneChain {
+        plans: Vec<Plan>,
+        labels: [String; 1],
+        resume: Option<Option<usize>>,
+        doubt: bool,
+    }
+
+    impl OneChain {
+        /// Parts of `(kind, items, base)`.
+        pub(crate) fn new(parts: &[(Kind, usize, u32)]) -> OneChain {
+            let plans = (parts.iter())
+                .map(|&(kind, keys, base)| Plan {
+                    server_of: vec![0; keys],
+                    shares: vec![Share {
+                        keys,
+                        ..Share::default()
+                    }],
+                    kind,
+                    plain: true,
+                    base,
+                })
+                .collect();
+            OneChain {
+                plans,
+                labels: ["fuzz".to_string()],
+                resume: None,
+                doubt: false,
+            }
+        }
+
+        /// Encodes every part with items as the client does: item `j` of part `k` is
+        /// `cmd(k, j, key)` followed by `value(k, j)`; each part closed.
+        pub(crate) fn encode<'v, W: Wire>(
+            &mut self,
+            out: &mut Vec<u8>,
+            parts: &[Part<'_>],
+            value: &dyn Fn(usize, usize) -> Option<&'v [u8]>,
+            cmd: &dyn Fn(usize, usize, Key<'_>) -> Cmd<'_>,
+        ) {
+            for (k, part) in parts.iter().enumerate() {
+                let plan = &mut self.plans[k];
+                if part.keys.len() == 0 {
+                    continue;
+                }
+                for j in 0..part.keys.len() {
+                    let key = Key::new(part.keys.key(j)).expect("chain keys are valid");
+                    let opaque = plan.base.wrapping_add(j as u32);
+                    W::encode_item(out, &cmd(k, j, key), opaque, plan.shares[0].encoded);
+                    if let Some(v) = value(k, j) {
+                        out.extend_from_slice(v);
+                        out.extend_from_slice(W::TRAILER);
+                    }
+                    plan.shares[0].encoded += 1;
+                }
+                let shape = W::end_batch(out, part.kind, part.keys.len());
+                plan.shares[0].ends = shape.ends;
+                plan.shares[0].every_item_replies = shape.every_item_replies;
+            }
+        }
+
+        /// Reads one reply unit as a pipelined round does (see [`ChainReader::read`]),
+        /// going on from where the last call stopped.
+        pub(crate) fn read<W: Wire>(
+            &mut self,
+            parts: &[Part<'_>],
+            buf: &[u8],
+            on_hit: &mut dyn FnMut(usize, usize, ItemRef<'_>),
+            on_item: &mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
+        ) -> Result<Status<(usize, bool)>, ParseError> {
+            let limits = Limits { max_value: 1 << 16 };
+            let mut reader = ChainReader::new(
+                0,
+                &[],
+                &self.labels,
+                limits,
+                &self.plans,
+                parts.len(),
+                self.resume,
+            );
+            let r = reader.read::<W>(&mut self.plans, parts, buf, on_hit, on_item);
+            self.resume = Some(reader.cur);
+            self.doubt |= reader.doubt;
+            r
+        }
+
+        /// Part `k` failed: an error reply answered one of its items.
+        pub(crate) fn failed(&self, k: usize) -> bool {
+            self.plans[k].shares[0].error.is_some()
+        }
+
+        /// An error reply left the stream in doubt: the client closes the connection.
+        pub(crate) fn doubt(&self) -> bool {
+            self.doubt
         }
     }
 }

@@ -648,3 +648,277 @@ fn a_touch_batch_out_of_step_fails_its_unanswered_items() {
         }
     }
 }
+
+/// Pipelined rounds in memory: two rounds' chains written back to back, their replies read
+/// from one stream by the client's chain reader, interrupted at every byte (a fresh
+/// exchange resumes each read, as after the driver's waker) and at every round boundary.
+mod pipelined {
+    use super::*;
+    use crate::engine::batch::for_fuzzing::OneChain;
+    use crate::engine::batch::Keys;
+    use crate::proto::Key;
+
+    struct Ks(Vec<Vec<u8>>);
+
+    impl Keys for Ks {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn key(&self, j: usize) -> &[u8] {
+            &self.0[j]
+        }
+    }
+
+    fn ks(keys: &[&str]) -> Ks {
+        Ks(keys.iter().map(|k| k.as_bytes().to_vec()).collect())
+    }
+
+    /// What a chain's replies delivered: `(part, item, outcome)`, a hit as `Hit(value)`.
+    type Seen = Vec<(usize, usize, String)>;
+
+    /// A round: its parts' kinds and keys, stores' values, and each part's opaque base.
+    struct RoundSpec {
+        parts: Vec<(Kind, Ks)>,
+        values: Vec<&'static str>,
+        base: u32,
+    }
+
+    impl RoundSpec {
+        fn chain<W: crate::proto::wire::Wire>(&self) -> (OneChain, Vec<u8>) {
+            let shape: Vec<_> = (self.parts.iter())
+                .map(|(kind, keys)| (*kind, keys.len(), self.base))
+                .collect();
+            let mut chain = OneChain::new(&shape);
+            let parts = self.parts();
+            let value = |k: usize, j: usize| {
+                (self.parts[k].0 == Kind::Store).then(|| self.values[j].as_bytes())
+            };
+            let cmd = super::super::commands(|k, j, key: Key<'_>| match self.parts[k].0 {
+                Kind::Get => Cmd::Get(key, GetOpts::default()),
+                Kind::Store => Cmd::Store(key, StoreOpts::default(), self.values[j].len()),
+                _ => Cmd::Delete(key),
+            });
+            let mut out = Vec::new();
+            chain.encode::<W>(&mut out, &parts, &value, &cmd);
+            (chain, out)
+        }
+
+        fn parts(&self) -> Vec<Part<'_>> {
+            (self.parts.iter())
+                .map(|(kind, keys)| Part {
+                    kind: *kind,
+                    keys,
+                    result: Ok(()),
+                })
+                .collect()
+        }
+    }
+
+    /// Round A: three gets, three stores, two deletes; round B: a get and a delete.
+    fn rounds() -> [RoundSpec; 2] {
+        [
+            RoundSpec {
+                parts: vec![
+                    (Kind::Get, ks(&["alpha", "beta", "gamma"])),
+                    (Kind::Store, ks(&["alpha", "delta", "eps"])),
+                    (Kind::Delete, ks(&["gamma", "zeta"])),
+                ],
+                values: vec!["new", "d", "e"],
+                base: 0,
+            },
+            RoundSpec {
+                parts: vec![(Kind::Get, ks(&["omega"])), (Kind::Delete, ks(&["theta"]))],
+                values: vec![],
+                base: 100,
+            },
+        ]
+    }
+
+    /// Reads `stream` as the replies of `specs`' rounds in turn, the bytes arriving in two
+    /// reads split at `split`. Per round what it delivered; `Err` at the first framing error.
+    fn read_rounds<W: crate::proto::wire::Wire>(
+        specs: &[RoundSpec],
+        stream: &[u8],
+        split: usize,
+    ) -> Result<Vec<(Seen, OneChain)>, ParseError> {
+        let mut chains: Vec<(Seen, OneChain)> = (specs.iter())
+            .map(|s| (Seen::new(), s.chain::<W>().0))
+            .collect();
+        let mut rbuf = ReadBuf::new(8, 1 << 20);
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut cur = 0;
+        let at = split.min(stream.len());
+        for chunk in [&stream[..at], &stream[at..]] {
+            rbuf.push(chunk);
+            while cur < specs.len() {
+                let parts = specs[cur].parts();
+                let (seen, chain) = &mut chains[cur];
+                let seen = std::cell::RefCell::new(seen);
+                let mut on_hit = |k: usize, j: usize, item: ItemRef<'_>| {
+                    let v = String::from_utf8_lossy(item.value);
+                    seen.borrow_mut().push((k, j, format!("Hit({v})")));
+                };
+                let mut on_item = |k: usize, j: usize, o: Outcome<'_>| {
+                    seen.borrow_mut().push((k, j, format!("{o:?}")));
+                    Ok(())
+                };
+                // A fresh exchange each time: the read resumes where the last one stopped.
+                let mut ex = Exchange::new(0, None, far);
+                let r = ex.handle_input(&mut rbuf, &mut |buf| {
+                    chain.read::<W>(&parts, buf, &mut on_hit, &mut on_item)
+                });
+                match r {
+                    Ok(_) if ex.is_done() => cur += 1,
+                    Ok(_) => break,
+                    Err(Failure::Parse(e)) => return Err(e),
+                    Err(f) => panic!("{f:?}"),
+                }
+            }
+        }
+        assert_eq!(cur, specs.len(), "split {split}: every round read");
+        assert!(rbuf.is_empty(), "split {split}: bytes left over");
+        Ok(chains)
+    }
+
+    /// Every split of both rounds' replies: each item gets exactly its own answer.
+    fn check<W: crate::proto::wire::Wire>(replies: [&[u8]; 2], want: [&[(usize, usize, &str)]; 2]) {
+        let specs = rounds();
+        let stream = replies.concat();
+        for split in 0..=stream.len() {
+            let got = read_rounds::<W>(&specs, &stream, split)
+                .unwrap_or_else(|e| panic!("split {split}: {e:?}"));
+            for (r, ((seen, chain), want)) in got.iter().zip(want).enumerate() {
+                let want: Seen = (want.iter())
+                    .map(|&(k, j, o)| (k, j, o.to_string()))
+                    .collect();
+                assert_eq!(seen, &want, "split {split}: round {r}");
+                assert!(!chain.doubt(), "split {split}: round {r} in doubt");
+            }
+        }
+        // The rounds' replies swapped: round A's reader meets round B's first reply, which
+        // answers none of A's items.
+        let swapped = [replies[1], replies[0]].concat();
+        assert!(
+            read_rounds::<W>(&specs, &swapped, swapped.len()).is_err(),
+            "round B's replies were taken for round A's"
+        );
+    }
+
+    #[test]
+    fn meta_rounds_back_to_back_split_everywhere() {
+        check::<crate::proto::wire::Meta>(
+            [
+                b"VA 2 f5 O0 kalpha\r\nA1\r\nVA 1 f0 O2 kgamma\r\nG\r\nMN\r\nNS O1\r\nMN\r\nNF O1\r\nMN\r\n",
+                b"VA 1 f0 O100 komega\r\nO\r\nMN\r\nNF O100\r\nMN\r\n",
+            ],
+            [
+                &[
+                    (0, 0, "Hit(A1)"),
+                    (0, 2, "Hit(G)"),
+                    (1, 1, "Store(NotStored, None, Some(1))"),
+                    (2, 1, "NotFound(Some(1))"),
+                ],
+                &[(0, 0, "Hit(O)"), (1, 0, "NotFound(Some(100))")],
+            ],
+        );
+    }
+
+    #[test]
+    fn text_rounds_back_to_back_split_everywhere() {
+        check::<crate::proto::wire::Text>(
+            [
+                b"VALUE alpha 5 2\r\nA1\r\nVALUE gamma 0 1\r\nG\r\nEND\r\n\
+                  STORED\r\nNOT_STORED\r\nSTORED\r\nDELETED\r\nNOT_FOUND\r\n",
+                b"VALUE omega 0 1\r\nO\r\nEND\r\nNOT_FOUND\r\n",
+            ],
+            [
+                &[
+                    (0, 0, "Hit(A1)"),
+                    (0, 2, "Hit(G)"),
+                    (1, 0, "Store(Stored, None, None)"),
+                    (1, 1, "Store(NotStored, None, None)"),
+                    (1, 2, "Store(Stored, None, None)"),
+                    (2, 0, "Deleted(None)"),
+                    (2, 1, "NotFound(None)"),
+                ],
+                &[(0, 0, "Hit(O)"), (1, 0, "NotFound(None)")],
+            ],
+        );
+    }
+
+    #[test]
+    fn binary_rounds_back_to_back_split_everywhere() {
+        let (addq, deleteq) = (0x12, 0x14);
+        let a = [
+            bin_hit(0, 77, 5, "alpha", "A1"),
+            bin_hit(2, 78, 0, "gamma", "G"),
+            bin_noop(),
+            response(addq, 0x0002, 1, 0, &[], "", "Data exists for key."),
+            bin_noop(),
+            response(deleteq, 0x0001, 1, 0, &[], "", "Not found"),
+            bin_noop(),
+        ]
+        .concat();
+        let b = [
+            bin_hit(100, 1, 0, "omega", "O"),
+            bin_noop(),
+            response(deleteq, 0x0001, 100, 0, &[], "", "Not found"),
+            bin_noop(),
+        ]
+        .concat();
+        check::<crate::proto::wire::Binary>(
+            [&a, &b],
+            [
+                &[
+                    (0, 0, "Hit(A1)"),
+                    (0, 2, "Hit(G)"),
+                    (1, 1, "Store(NotStored, None, Some(1))"),
+                    (2, 1, "NotFound(Some(1))"),
+                ],
+                &[(0, 0, "Hit(O)"), (1, 0, "NotFound(Some(100))")],
+            ],
+        );
+    }
+
+    /// An error reply that names its item (binary out of memory for a quiet set) fails its
+    /// part, whose replies go on to its no-op: a read interrupted anywhere in that part
+    /// resumes in it, never taking its end for the next part's (which would report the
+    /// next part's items done before their replies came).
+    #[test]
+    fn a_read_interrupted_in_a_failed_part_resumes_in_it() {
+        let (addq, deleteq) = (0x12, 0x14);
+        let a = [
+            bin_hit(0, 77, 5, "alpha", "A1"),
+            bin_noop(),
+            response(addq, 0x0082, 1, 0, &[], "", "Out of memory"),
+            bin_noop(),
+            response(deleteq, 0x0001, 1, 0, &[], "", "Not found"),
+            bin_noop(),
+        ]
+        .concat();
+        let b = [
+            bin_noop(),
+            response(deleteq, 0x0001, 100, 0, &[], "", "Not found"),
+            bin_noop(),
+        ]
+        .concat();
+        let specs = rounds();
+        let stream = [a, b].concat();
+        for split in 0..=stream.len() {
+            let got = read_rounds::<crate::proto::wire::Binary>(&specs, &stream, split)
+                .unwrap_or_else(|e| panic!("split {split}: {e:?}"));
+            let (seen, chain) = &got[0];
+            assert!(chain.failed(1), "split {split}: the stores' part failed");
+            assert!(!chain.failed(2), "split {split}: the deletes' part did not");
+            assert_eq!(
+                seen,
+                &vec![
+                    (0, 0, "Hit(A1)".to_string()),
+                    (2, 1, "NotFound(Some(1))".to_string())
+                ],
+                "split {split}"
+            );
+            assert_eq!(got[1].0, vec![(1, 0, "NotFound(Some(100))".to_string())]);
+        }
+    }
+}
