@@ -1688,6 +1688,17 @@ pub(crate) mod for_fuzzing {
             r
         }
 
+        /// Part `k`'s reply is complete: every end marker and (if every item answers)
+        /// every reply.
+        pub(crate) fn finished(&self, k: usize) -> bool {
+            self.plans[k].shares[0].finished()
+        }
+
+        /// How many parts it has.
+        pub(crate) fn parts(&self) -> usize {
+            self.plans.len()
+        }
+
         /// Part `k` failed: an error reply answered one of its items.
         pub(crate) fn failed(&self, k: usize) -> bool {
             self.plans[k].shares[0].error.is_some()

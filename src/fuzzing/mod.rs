@@ -12,7 +12,7 @@ mod codec;
 pub use codec::{codec_decode, codec_seeds};
 
 use crate::conn::exchange_for_fuzzing::{Exchange, Failure, ReadBuf};
-use crate::engine::batch::for_fuzzing::OneServer;
+use crate::engine::batch::for_fuzzing::{OneChain, OneServer};
 use crate::engine::pipeline::for_fuzzing::read_quiet;
 use crate::engine::reply::{arith_value, existed, SingleReader, Strays};
 use crate::proto::text::{self, parse_reply, Response};
@@ -417,6 +417,10 @@ struct StreamInput<'d> {
     /// A pipeline: the request's items go as quiet commands, closed by a sync whose reply
     /// ends it (`data[0] / 3 % 4 == 3`).
     pipeline: bool,
+    /// Pipelined rounds: two chains (a shared client's rounds) written back to back, their
+    /// replies read from one stream (`data[0] / 12` odd, not a pipeline): see
+    /// [`stream_rounds`].
+    rounds: bool,
     /// The connection owed a sync: two quiet commands that fail (a delete of a missing key,
     /// an add of an existing one) went first, then a sync ahead of the request, and the
     /// replies up to the sync's are strays (bit 7 of `data[1]`).
@@ -445,6 +449,7 @@ impl<'d> StreamInput<'d> {
         Some(StreamInput {
             protocol: data[0] % 3,
             pipeline,
+            rounds: data[0] / 12 % 2 == 1 && !pipeline,
             owed: data[1] & 0x80 != 0 && !pipeline,
             cmd,
             write_size: usize::from(data[2]) * 4 + 1,
@@ -525,6 +530,16 @@ fn quiet<W: Wire>(head: &mut Vec<u8>, cmd: &Cmd<'_>, opaque: u32) {
 fn request<W: Wire>(input: &StreamInput<'_>) -> Request {
     let mut head = Vec::new();
     let keys = input.keys();
+    if input.rounds {
+        for round in stream_rounds(input) {
+            drop(round.encode::<W>(&mut head));
+        }
+        return Request {
+            head,
+            value: None,
+            batch: None,
+        };
+    }
     if input.pipeline {
         for (j, k) in keys.iter().enumerate() {
             let key = Key::new(k).expect("valid");
@@ -642,6 +657,9 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
         value,
         mut batch,
     } = request::<W>(input);
+    if input.rounds {
+        return rounds_on::<W>(input, &head);
+    }
     let keys = input.keys();
     if input.pipeline {
         let (mut errors, mut unmet, mut units) = (0, 0, 0);
@@ -778,6 +796,177 @@ fn stream_on<W: Wire>(input: &StreamInput<'_>) -> StreamEnd {
                 return StreamEnd::Refused;
             }
             assert!(reader.out.is_some(), "a complete reply without a result");
+            StreamEnd::Done
+        }
+    }
+}
+
+/// One pipelined round of a [`conn_stream`] input: parts of a kind each, their keys, and the
+/// first opaque (each part's item `j` has `base + j`).
+struct StreamRound {
+    parts: Vec<(Kind, Vec<Vec<u8>>)>,
+    base: u32,
+}
+
+/// The two rounds of a `rounds` input: round A a get, a store and a part of the input's
+/// kind (a delete, touch or incr) over its keys; round B a get and a delete of other keys.
+fn stream_rounds(input: &StreamInput<'_>) -> [StreamRound; 2] {
+    let keys = input.keys();
+    let last = match input.cmd.kind {
+        Kind::Touch | Kind::Arith => input.cmd.kind,
+        _ => Kind::Delete,
+    };
+    let other: Vec<Vec<u8>> = (0..keys.len().div_ceil(2))
+        .map(|j| format!("b{j}").into_bytes())
+        .collect();
+    [
+        StreamRound {
+            parts: vec![
+                (Kind::Get, keys.clone()),
+                (Kind::Store, keys.clone()),
+                (last, keys),
+            ],
+            base: 0,
+        },
+        StreamRound {
+            parts: vec![(Kind::Get, other.clone()), (Kind::Delete, other)],
+            base: 1000,
+        },
+    ]
+}
+
+struct RoundKeys<'k>(&'k [Vec<u8>]);
+
+impl crate::engine::batch::Keys for RoundKeys<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn key(&self, j: usize) -> &[u8] {
+        &self.0[j]
+    }
+}
+
+impl StreamRound {
+    fn chain(&self) -> OneChain {
+        let shape: Vec<_> = (self.parts.iter())
+            .map(|(kind, keys)| (*kind, keys.len(), self.base))
+            .collect();
+        OneChain::new(&shape)
+    }
+
+    fn keys(&self) -> Vec<RoundKeys<'_>> {
+        self.parts.iter().map(|(_, k)| RoundKeys(k)).collect()
+    }
+
+    fn with_parts<R>(&self, f: impl FnOnce(&[crate::engine::batch::Part<'_>]) -> R) -> R {
+        let keys = self.keys();
+        let parts: Vec<_> = (self.parts.iter().zip(&keys))
+            .map(|((kind, _), keys)| crate::engine::batch::Part {
+                kind: *kind,
+                keys,
+                result: Ok(()),
+            })
+            .collect();
+        f(&parts)
+    }
+
+    /// Encodes the round as a shared client's chain, whose reader it returns.
+    fn encode<W: Wire>(&self, out: &mut Vec<u8>) -> OneChain {
+        let mut chain = self.chain();
+        let value = |k: usize, _: usize| (self.parts[k].0 == Kind::Store).then_some(STREAM_VALUE);
+        let cmd = chain_commands(|k, _, key| match self.parts[k].0 {
+            Kind::Get => Cmd::Get(key, GetOpts::default()),
+            Kind::Store => Cmd::Store(key, StoreOpts::default(), STREAM_VALUE.len()),
+            Kind::Touch => Cmd::Touch(key, 60),
+            Kind::Arith => Cmd::Arith {
+                key,
+                decr: false,
+                delta: 1,
+            },
+            _ => Cmd::delete(key),
+        });
+        self.with_parts(|parts| chain.encode::<W>(out, parts, &value, &cmd));
+        chain
+    }
+}
+
+/// `f`, typed as a chain's command builder.
+fn chain_commands<F: Fn(usize, usize, Key<'_>) -> Cmd<'_>>(f: F) -> F {
+    f
+}
+
+/// Pipelined rounds: round A's replies, then round B's, from one stream, each reply unit read
+/// by the client's chain reader resuming where it stopped. Checks: every hit and answer goes
+/// to an item of its own round's part of that kind, in request order and at most once; round
+/// B reads nothing before round A's reply is complete; a round that ends without a doubt has
+/// every part complete.
+fn rounds_on<W: Wire>(input: &StreamInput<'_>, head: &[u8]) -> StreamEnd {
+    let rounds = stream_rounds(input);
+    let mut chains = rounds.each_ref().map(|r| r.encode::<W>(&mut Vec::new()));
+    // Per round and part, the last item answered.
+    let mut last: [Vec<Option<usize>>; 2] = [vec![None; 3], vec![None; 2]];
+    let mut cur = 0;
+    let r = drive(input, head, None, &mut |buf| {
+        let round = &rounds[cur];
+        let (chain, last) = (&mut chains[cur], &mut last[cur]);
+        let every = W::end_batch(&mut Vec::new(), Kind::Store, 1).every_item_replies;
+        let mut seen = |k: usize, j: usize, hit: bool| {
+            let (kind, keys) = &round.parts[k];
+            assert_eq!(
+                hit,
+                *kind == Kind::Get,
+                "a hit for a write, or an answer for a get"
+            );
+            assert!(j < keys.len(), "an item never asked for");
+            let order_known = hit || kind.answers_each() || every;
+            if order_known {
+                assert!(
+                    last[k].is_none_or(|l| j > l),
+                    "answered out of order or twice"
+                );
+            }
+            last[k] = Some(j);
+        };
+        let seen = std::cell::RefCell::new(&mut seen);
+        let mut on_hit = |k: usize, j: usize, _: crate::client::ItemRef<'_>| {
+            (seen.borrow_mut())(k, j, true);
+        };
+        let mut on_item = |k: usize, j: usize, _: Outcome<'_>| {
+            // As the shared client's rounds: nothing but a hit answers a get.
+            if round.parts[k].0 == Kind::Get {
+                return Err(crate::proto::ParseError::Unexpected);
+            }
+            (seen.borrow_mut())(k, j, false);
+            Ok(())
+        };
+        let r = round.with_parts(|parts| chain.read::<W>(parts, buf, &mut on_hit, &mut on_item))?;
+        match r {
+            Status::Complete((n, true)) if cur == 0 && !chain.doubt() => {
+                cur = 1;
+                Ok(Status::Complete((n, false)))
+            }
+            r => Ok(r),
+        }
+    });
+    match r {
+        Err(_) => StreamEnd::Failed,
+        Ok(()) if chains.iter().any(OneChain::doubt) => StreamEnd::Refused,
+        Ok(()) => {
+            assert_eq!(cur, 1, "round B's reply ended round A's");
+            for (round, chain) in rounds.iter().zip(&chains) {
+                for k in 0..round.parts.len() {
+                    assert!(
+                        chain.finished(k) || chain.failed(k),
+                        "a round ended before its reply was complete"
+                    );
+                }
+            }
+            if chains
+                .iter()
+                .any(|c| (0..3).any(|k| k < c.parts() && c.failed(k)))
+            {
+                return StreamEnd::Refused;
+            }
             StreamEnd::Done
         }
     }

@@ -41,8 +41,14 @@ mod stream_against_memcached {
             .unwrap();
         let mut checked = 0;
         // Plain requests; after quiet commands that fail (owing a sync: bit 7); pipelines
-        // (protocol + 9).
-        for (mode, flip, shift) in [("", 0u8, 0u8), ("_owed", 0x80, 0), ("_pipeline", 0, 9)] {
+        // (protocol + 9); two pipelined rounds (protocol + 12).
+        let modes = [
+            ("", 0u8, 0u8),
+            ("_owed", 0x80, 0),
+            ("_pipeline", 0, 9),
+            ("_rounds", 0, 12),
+        ];
+        for (mode, flip, shift) in modes {
             for protocol in 0..3u8 {
                 for cmd in 0..8u8 {
                     for prime in [b"41".as_slice(), b""] {
@@ -106,7 +112,7 @@ mod stream_against_memcached {
                 }
             }
         }
-        assert_eq!(checked, 3 * 48);
+        assert_eq!(checked, 4 * 48);
     }
 }
 
