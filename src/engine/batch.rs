@@ -661,13 +661,11 @@ impl Core {
         } else {
             let e = match &self.pipeline_lost {
                 Some((conn, e)) if *conn == sent.conn => e.clone(),
-                _ => Error::Io {
-                    server: self.labels[i].clone(),
-                    source: Arc::new(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the connection failed before this pipelined round's replies were read",
-                    )),
-                },
+                _ => self.unread_error(
+                    i,
+                    "a pipelined round before this one failed, or an error reply in it left \
+                     the stream in doubt",
+                ),
             };
             for (plan, part) in plans.iter().zip(parts.iter_mut()) {
                 if plan.shares[i].keys > 0 && part.result.is_ok() {
@@ -885,14 +883,35 @@ impl Core {
         }
         self.settle_chain(&mut chain[..stop], &mut parts[..stop], i, Some(started));
         if let Some(k) = cur {
-            let e = chain[k].shares[i].error.clone();
+            // The parts after it were not read: after an error reply that left the stream in
+            // doubt, they fail as unread (the reply was another item's), else with the
+            // connection's failure.
+            let e = match doubt {
+                true => self.unread_error(
+                    i,
+                    "an error reply before this call's left the stream in doubt",
+                ),
+                false => chain[k].shares[i].error.clone().expect("set above"),
+            };
             for part in &mut parts[stop..] {
                 if part.result.is_ok() {
-                    part.result = Err(e.clone().expect("set above"));
+                    part.result = Err(e.clone());
                 }
             }
         }
         true
+    }
+
+    /// The error of calls written on server `i`'s connection and never read, because it was
+    /// closed first (`why`): they may or may not have run.
+    fn unread_error(&self, i: usize, why: &str) -> Error {
+        Error::Io {
+            server: self.labels[i].clone(),
+            source: Arc::new(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!("connection closed before this call's reply was read ({why}); it may or may not have run"),
+            )),
+        }
     }
 
     /// A reply that answers nothing asked, from server `i`.
@@ -1672,7 +1691,8 @@ pub(crate) mod for_fuzzing {
             on_hit: &mut dyn FnMut(usize, usize, ItemRef<'_>),
             on_item: &mut dyn FnMut(usize, usize, Outcome<'_>) -> Result<(), ParseError>,
         ) -> Result<Status<(usize, bool)>, ParseError> {
-            let limits = Limits { max_value: 1 << 16 };
+            // As `OneServer`'s and the stream fuzz body's read buffer.
+            let limits = Limits { max_value: 256 };
             let mut reader = ChainReader::new(
                 0,
                 &[],

@@ -1,6 +1,16 @@
 //! A server's engine: its connections (each a pinned [`Client`], a lane), the queue of
 //! requests, the request slots, and how callers wait for them.
 //!
+//! # Pipelined rounds
+//!
+//! A lane's I/O thread serves the queue in rounds ([`Engine::pipeline`]): it writes a round
+//! and, while fewer than the pipeline depth are unread, writes each round that queued
+//! meanwhile behind it before reading. It reads the replies in order, each round's by its
+//! own chain reader; a caller that queues while it reads with room for another round wakes
+//! it through the lane's `mio` waker (`reading`, [`Engine::kick_io`]). The lane's `state`
+//! stays held until every round written is read: nobody else touches a connection with
+//! replies in flight.
+//!
 //! # Lock order
 //!
 //! The locks: per server and connection `state` (a lane: the engine's client on one
@@ -100,6 +110,10 @@ pub(super) struct Engine {
     /// Per lane, its I/O thread is reading pipelined replies with room for another round:
     /// a request queued meanwhile wakes it with the lane's waker (see `pipeline`).
     reading: Box<[AtomicBool]>,
+    /// Callers waiting for lane 0 to be lent ([`SharedClient::lend_for`](super::SharedClient)):
+    /// its I/O thread then stops writing rounds and lets go of the lane once the rounds it
+    /// wrote are read, so a busy pipeline cannot keep the lane from them.
+    pub(super) lenders: AtomicUsize,
     /// Per lane, what interrupts its pipelined reads (none without pipelining, or if it
     /// could not be made: rounds then wait for the read in progress).
     wakers: Box<[Option<Arc<mio::Waker>>]>,
@@ -240,6 +254,7 @@ impl Engine {
             busy_since,
             reading,
             wakers,
+            lenders: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -627,7 +642,8 @@ impl Engine {
                 }
             }
             let room = pending.len() < depth;
-            if room {
+            let lending = lane == 0 && self.lenders.load(Ordering::SeqCst) > 0;
+            if room && !lending {
                 // The lowest work no round unread holds: the others stay cold (and warm up
                 // only when rounds go that deep), so a steady load allocates nothing.
                 let w = (0..depth)
@@ -695,9 +711,19 @@ impl Engine {
             // A panic in a round (reported by the panic hook) must not end the thread that
             // serves this server's queue: every later call would time out.
             let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                while self.round(&mut st, true) {}
+                while self.round(&mut st, true) {
+                    if lane == 0 && self.lenders.load(Ordering::SeqCst) > 0 {
+                        break;
+                    }
+                }
             }));
             drop(rounds);
+            drop(st);
+            // A lender waits for this lane: let it take the lane before it is locked again
+            // (a mutex is not fair).
+            while lane == 0 && self.lenders.load(Ordering::SeqCst) > 0 {
+                std::thread::yield_now();
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The storage's lending door: an engine's client held exclusively for calls that must
 //! follow each other on one connection.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
 use super::engine::{lock, Engine, Op, State};
@@ -75,7 +76,13 @@ impl SharedClient {
     /// exclusively until the lent client is dropped.
     pub(crate) fn lend_for(&self, server: usize) -> Lent<'_> {
         let engine = &self.inner.engines[server];
-        let lane = engine.try_state().unwrap_or_else(|| lock(&engine.lanes[0]));
+        let lane = engine.try_state().unwrap_or_else(|| {
+            // Counted while waiting: lane 0's I/O thread lets go of it for us.
+            engine.lenders.fetch_add(1, Ordering::SeqCst);
+            let lane = lock(&engine.lanes[0]);
+            engine.lenders.fetch_sub(1, Ordering::SeqCst);
+            lane
+        });
         Lent(LentClient::Engine(Some(lane), engine))
     }
 
