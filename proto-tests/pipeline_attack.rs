@@ -119,7 +119,11 @@ fn exact_thread(c: &SharedClient, tag: &str, t: usize, rounds: usize) {
         }
     }
     let item = c.get(ctr.as_bytes()).unwrap().expect("counter");
-    assert_eq!(item.value, counter.to_string().as_bytes(), "{tag} {t} final");
+    assert_eq!(
+        item.value,
+        counter.to_string().as_bytes(),
+        "{tag} {t} final"
+    );
 }
 
 /// One task's exact workload: several kinds in flight at once from one task.
@@ -127,7 +131,8 @@ async fn exact_task(c: SharedClient, tag: String, t: usize, rounds: usize) {
     let o = SetOptions::default;
     let k = |name: &str| format!("{tag}:a{name}:{t}");
     let (val, ctr, here, gone) = (k("v"), k("c"), k("h"), k("g"));
-    let base = t as u64 * 1_000_000;
+    // Not 0: a decr that runs before its incr would stop at 0.
+    let base = (t as u64 + 1) * 1_000_000;
     c.set_async(ctr.as_bytes(), base.to_string().as_bytes(), o())
         .await
         .unwrap();
@@ -315,7 +320,7 @@ impl Proxy {
                 let kind = kinds[rng.below(kinds.len() as u64) as usize];
                 let at = 20 + rng.below(300) as usize;
                 let close_after = 1 + rng.below(40_000) as usize;
-                let on = on2.load(Ordering::SeqCst);
+                let on = on2.clone();
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -337,7 +342,14 @@ impl Proxy {
                 });
                 let mangled = mangled2.clone();
                 std::thread::spawn(move || {
-                    replies(p, server, client, on.then_some((kind, at, close_after)), &mangled)
+                    replies(
+                        p,
+                        server,
+                        client,
+                        Some((kind, at, close_after)),
+                        &on,
+                        &mangled,
+                    )
                 });
             }
         });
@@ -371,12 +383,15 @@ fn replies(
     mut server: TcpStream,
     mut client: TcpStream,
     mangle: Option<(Mangle, usize, usize)>,
+    on: &AtomicBool,
     mangled: &AtomicUsize,
 ) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let (mut frames, mut bytes) = (0usize, 0usize);
-    let mut done = mangle.is_none();
+    // Mangled again every few hundred frames: a connection whose mangling went unnoticed
+    // (a reply set aside as a late one) is mangled again.
+    let mut next = mangle.map_or(usize::MAX, |(_, at, _)| at);
     // A held-back frame, and whether it goes out after the next end marker (else after
     // the next frame).
     let mut held: Option<(Vec<u8>, bool)> = None;
@@ -401,31 +416,31 @@ fn replies(
         while let Some(f) = frame(p, &buf) {
             let bytes_of: Vec<u8> = buf.drain(..f.len).collect();
             frames += 1;
-            if let Some((kind, at, close_after)) = mangle.filter(|_| !done) {
+            // Mangled only while on (connections made before it went off too).
+            if let Some((kind, _, close_after)) = mangle.filter(|_| on.load(Ordering::SeqCst)) {
                 match kind {
-                    Mangle::Close => {
-                        if bytes + bytes_of.len() >= close_after {
-                            let cut = close_after - bytes;
-                            out.extend_from_slice(&bytes_of[..cut]);
-                            let _ = client.write_all(&out);
-                            note(kind, &f, frames);
-                            return finish(&server, &client);
-                        }
+                    Mangle::Close if bytes + bytes_of.len() >= close_after => {
+                        let cut = close_after - bytes;
+                        out.extend_from_slice(&bytes_of[..cut]);
+                        let _ = client.write_all(&out);
+                        note(kind, &f, frames);
+                        return finish(&server, &client);
                     }
-                    _ if frames < at => {}
+                    Mangle::Close => {}
+                    _ if frames < next => {}
                     Mangle::DropEnd if f.end => {
-                        done = true;
+                        next = frames + 200;
                         note(kind, &f, frames);
                         continue;
                     }
                     // Text has no opaques: only what a reader can tell (a value twice).
                     Mangle::Duplicate if p != Protocol::Text || f.hit => {
-                        done = true;
+                        next = frames + 200;
                         note(kind, &f, frames);
                         out.extend_from_slice(&bytes_of);
                     }
                     Mangle::Swap | Mangle::Delay if !f.end && held.is_none() => {
-                        done = true;
+                        next = frames + 200;
                         note(kind, &f, frames);
                         held = Some((bytes_of, kind == Mangle::Delay));
                         continue;
@@ -463,10 +478,27 @@ struct Seen {
     lax: AtomicBool,
     oks: AtomicUsize,
     errors: AtomicUsize,
+    /// The distinct kinds of the errors seen.
+    kinds: Mutex<Vec<ErrorKind>>,
     slowest: Mutex<Duration>,
 }
 
 impl Seen {
+    fn result(&self, e: Option<&mcstore::Error>) {
+        match e {
+            None => {
+                self.oks.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let mut k = self.kinds.lock().unwrap();
+                if !k.contains(&e.kind()) {
+                    k.push(e.kind());
+                }
+            }
+        }
+    }
+
     fn took(&self, d: Duration) {
         let mut s = self.slowest.lock().unwrap();
         if d > *s {
@@ -500,20 +532,14 @@ fn checked_caller(
         seen.took(took);
         assert!(took < bound, "{tag} {t}: {what} took {took:?}");
     };
-    let count = |ok: bool| {
-        if ok {
-            seen.oks.fetch_add(1, Ordering::Relaxed);
-        } else {
-            seen.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    };
+    let count = |e: Option<&mcstore::Error>| seen.result(e);
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let v = format!("own-{t}-{n}");
         let start = Instant::now();
         let r = c.set(key.as_bytes(), v.as_bytes(), o());
         timed("set", start);
-        count(r.is_ok());
+        count(r.as_ref().err());
         match r {
             Ok(()) => possible = vec![v.clone()],
             Err(_) => possible.push(v.clone()),
@@ -521,7 +547,7 @@ fn checked_caller(
         let start = Instant::now();
         let r = c.get(key.as_bytes());
         timed("get", start);
-        count(r.is_ok());
+        count(r.as_ref().err());
         match r {
             Ok(Some(item)) => {
                 let got = String::from_utf8_lossy(&item.value).into_owned();
@@ -542,7 +568,7 @@ fn checked_caller(
             None => {
                 let r = c.set(ctr.as_bytes(), base.to_string().as_bytes(), o());
                 timed("set counter", start);
-                count(r.is_ok());
+                count(r.as_ref().err());
                 if r.is_ok() {
                     counter = Some(base);
                 }
@@ -550,7 +576,7 @@ fn checked_caller(
             Some(want) => {
                 let r = c.incr(ctr.as_bytes(), 1);
                 timed("incr", start);
-                count(r.is_ok());
+                count(r.as_ref().err());
                 match r {
                     Ok(Some(x)) => {
                         assert!(
@@ -568,7 +594,7 @@ fn checked_caller(
         let start = Instant::now();
         let r = c.delete(gone.as_bytes());
         timed("delete", start);
-        count(r.is_ok());
+        count(r.as_ref().err());
         if let Ok(b) = r {
             assert!(
                 !b || seen.lax.load(Ordering::Relaxed),
@@ -583,7 +609,7 @@ fn checked_caller(
         } else {
             let r = c.get(word.as_bytes());
             timed("get word", start);
-            count(r.is_ok());
+            count(r.as_ref().err());
             match r {
                 Ok(Some(item)) => {
                     assert_eq!(item.value, b"abc", "{tag} {t}: another value for its word")
@@ -632,13 +658,10 @@ async fn checked_task(
         let took = start.elapsed();
         seen.took(took);
         assert!(took < bound, "{tag} {t}: a join took {took:?}");
-        for ok in [a.is_ok(), b.is_ok(), d.is_ok(), e.is_ok()] {
-            if ok {
-                seen.oks.fetch_add(1, Ordering::Relaxed);
-            } else {
-                seen.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        seen.result(a.as_ref().err());
+        seen.result(b.as_ref().err());
+        seen.result(d.as_ref().err());
+        seen.result(e.as_ref().err());
         match b {
             Ok(Some(x)) => {
                 let want = counter.unwrap();
@@ -654,7 +677,10 @@ async fn checked_task(
         }
         if let Ok(Some(item)) = d {
             let got = String::from_utf8_lossy(&item.value).into_owned();
-            assert!(got.starts_with(&format!("own-{t}-")), "{tag} {t}: got {got}");
+            assert!(
+                got.starts_with(&format!("own-{t}-")),
+                "{tag} {t}: got {got}"
+            );
         }
         if let Ok(b) = e {
             assert!(
@@ -700,7 +726,7 @@ fn under_load(
             s.spawn(move || checked_caller(c, tag, t, stop, seen, bound));
         }
         let _stop = StopOnDrop(&stop);
-        driver(&**seen);
+        driver(seen);
     });
     rt.block_on(async {
         for h in hs {
@@ -803,14 +829,26 @@ fn connections_closed_mid_pipeline_fail_in_time_and_reconnect() {
         let tag = format!("close:{p:?}");
         let seen = Arc::new(Seen::default());
         under_load(&c, &tag, 6, 24, Duration::from_secs(2), &seen, |seen| {
-            support::wait_for("connections closed", || {
-                proxy.mangled.load(Ordering::SeqCst) >= 15
-            });
+            let start = Instant::now();
+            while proxy.mangled.load(Ordering::SeqCst) < 15 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "{p:?}: {} connections closed, {} ok, {} failed, slowest {:?}",
+                    proxy.mangled.load(Ordering::SeqCst),
+                    seen.oks.load(Ordering::Relaxed),
+                    seen.errors.load(Ordering::Relaxed),
+                    seen.slowest.lock().unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
             more_oks(seen, 200);
             proxy.on.store(false, Ordering::SeqCst);
             more_oks(seen, 200);
         });
-        assert!(seen.errors.load(Ordering::Relaxed) > 0, "{p:?}: no failures");
+        assert!(
+            seen.errors.load(Ordering::Relaxed) > 0,
+            "{p:?}: no failures"
+        );
         all_good_after(&c, &tag, 200);
     }
 }
@@ -883,6 +921,13 @@ fn frozen_server_under_deep_pipelines_bounds_calls_and_stays_exact() {
             }
             more_oks(seen, 300);
         });
+        // A frozen server's calls time out; the rounds behind fail with the same error.
+        let kinds = seen.kinds.lock().unwrap().clone();
+        assert_eq!(
+            kinds,
+            [ErrorKind::Timeout],
+            "{p:?}: error kinds under freezes"
+        );
         all_good_after(&c, &tag, 200);
     }
 }
@@ -1043,14 +1088,21 @@ fn futures_dropped_in_deep_pipelines_leak_nothing() {
         let start = Instant::now();
         for n in 0..100 {
             let k = format!("fd:{p:?}:seq");
-            c.set(k.as_bytes(), n.to_string().as_bytes(), SetOptions::default())
-                .unwrap();
+            c.set(
+                k.as_bytes(),
+                n.to_string().as_bytes(),
+                SetOptions::default(),
+            )
+            .unwrap();
             assert_eq!(
                 c.get(k.as_bytes()).unwrap().expect("own").value,
                 n.to_string().as_bytes()
             );
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "{p:?}: slow calls");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{p:?}: slow calls"
+        );
     }
 }
 
@@ -1091,7 +1143,10 @@ fn sets_refused_for_memory_in_pipelined_rounds_are_never_reported_stored() {
                     for n in 0..30usize {
                         let key = format!("bigt:{p:?}:{t}:{n}");
                         let big = vec![b'a' + ((t + n) % 26) as u8; 30_000 + t];
-                        match c.set_async(key.as_bytes(), &big, SetOptions::default()).await {
+                        match c
+                            .set_async(key.as_bytes(), &big, SetOptions::default())
+                            .await
+                        {
                             Ok(()) => stored.push((key, big)),
                             Err(e) => {
                                 // Binary refusals name their request; text and meta error
@@ -1249,7 +1304,10 @@ fn big_replies_with_big_rounds_behind_them_do_not_stall() {
                 let (c, big, timeouts) = (c.clone(), big.clone(), timeouts.clone());
                 hs.push(tokio::spawn(async move {
                     for n in 0..4usize {
-                        match c.get_async(format!("huge:{}", (t + n) % 32).as_bytes()).await {
+                        match c
+                            .get_async(format!("huge:{}", (t + n) % 32).as_bytes())
+                            .await
+                        {
                             Ok(item) => assert!(item.expect("huge").value == big, "{p:?} {t}"),
                             Err(e) => {
                                 assert_eq!(e.kind(), ErrorKind::Timeout, "{p:?} {t}: {e}");
@@ -1296,7 +1354,9 @@ fn a_refused_set_fails_only_its_own_call_in_pipelined_rounds() {
     let mc = Memcached::with_args(&["-m", "2", "-M"]);
     {
         let mut plain = mc.client();
-        plain.set(b"small-here", b"here", SetOptions::default()).unwrap();
+        plain
+            .set(b"small-here", b"here", SetOptions::default())
+            .unwrap();
         // Fill the memory with big values until a set is refused.
         let big = vec![b'f'; 30_000];
         let mut n = 0;
@@ -1405,4 +1465,103 @@ fn a_refused_set_fails_only_its_own_call_in_pipelined_rounds() {
         }
     }
     assert!(bad.is_empty(), "calls failed on a healthy server: {bad:#?}");
+}
+
+/// Sixteen request slots, depth 16, 64 tasks (and their futures dropped at their deadline
+/// by a short `tokio::time::timeout`) while the server is frozen, resumed, and killed
+/// mid-pipeline: no slot leaks, so afterwards every one of 2,000 calls succeeds promptly.
+#[test]
+fn frozen_and_killed_pipelines_leak_no_request_slot() {
+    let mut mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = support::client_builder()
+            .protocol(p)
+            .server(mc.addr())
+            .io_timeout(Duration::from_millis(300))
+            .connect_timeout(Duration::from_millis(300))
+            .retry_timeout(Duration::from_millis(20))
+            .server_failure_limit(1_000_000)
+            .shared()
+            .pipeline_depth(16)
+            .max_in_flight(16)
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let oks = Arc::new(AtomicUsize::new(0));
+        let hs: Vec<_> = (0..64usize)
+            .map(|t| {
+                let (c, stop, oks) = (c.clone(), stop.clone(), oks.clone());
+                rt.spawn(async move {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let k = format!("slot:{p:?}:{t}");
+                        let v = format!("own-{t}-{n}");
+                        // Some futures are dropped before their call ends.
+                        let limit = Duration::from_millis(if t % 3 == 0 { 50 } else { 1000 });
+                        let set = c.set_async(k.as_bytes(), v.as_bytes(), SetOptions::default());
+                        let _ = tokio::time::timeout(limit, set).await;
+                        if let Ok(Ok(Some(item))) =
+                            tokio::time::timeout(limit, c.get_async(k.as_bytes())).await
+                        {
+                            let got = String::from_utf8_lossy(&item.value).into_owned();
+                            assert!(got.starts_with(&format!("own-{t}-")), "{p:?} {t}: {got}");
+                            oks.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        {
+            let _stop = StopOnDrop(&stop);
+            let more = |n: usize| {
+                let from = oks.load(Ordering::Relaxed);
+                support::wait_for("calls", || oks.load(Ordering::Relaxed) >= from + n);
+            };
+            more(300);
+            mc.freeze();
+            std::thread::sleep(Duration::from_millis(700));
+            mc.resume();
+            more(300);
+            mc.kill();
+            std::thread::sleep(Duration::from_millis(300));
+            mc.restart();
+            more(300);
+        }
+        rt.block_on(async {
+            for h in hs {
+                h.await.unwrap();
+            }
+        });
+        // Every slot is free again: 2,000 calls from 32 tasks all succeed.
+        let start = Instant::now();
+        rt.block_on(async {
+            let hs: Vec<_> = (0..32usize)
+                .map(|t| {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        for n in 0..(2000 / 32 / 2) {
+                            let k = format!("slot-after:{p:?}:{t}");
+                            let v = format!("{t}-{n}");
+                            c.set_async(k.as_bytes(), v.as_bytes(), SetOptions::default())
+                                .await
+                                .unwrap_or_else(|e| panic!("{p:?} {t} {n}: {e}"));
+                            let got = c.get_async(k.as_bytes()).await;
+                            let got = got.unwrap_or_else(|e| panic!("{p:?} {t} {n}: {e}"));
+                            assert_eq!(got.expect("own").value, v.as_bytes(), "{p:?} {t}");
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.await.unwrap();
+            }
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "{p:?}: slow");
+    }
 }
