@@ -1347,10 +1347,13 @@ fn big_replies_with_big_rounds_behind_them_do_not_stall() {
 
 /// One caller's 30 KB sets refused for memory (`-m 2 -M`, full) while other callers make
 /// small calls that cannot fail on a healthy server (deletes of missing keys, gets of a key
-/// that is there), all pipelined through the I/O thread: the refusal is the refused call's
-/// alone. The others' calls neither fail nor report I/O errors from a healthy server.
+/// that is there), all pipelined through the I/O thread. Binary names the refused item (an
+/// opaque): the refusal is the refused call's alone, and nothing else fails. Text and meta
+/// send an error line that names no request: the connection is closed, and the calls read
+/// after it in its round and in the rounds behind fail as unread ("may or may not have
+/// run"); never with the other call's refusal, never with a wrong value.
 #[test]
-fn a_refused_set_fails_only_its_own_call_in_pipelined_rounds() {
+fn a_refused_set_fails_only_its_own_call_or_unread_ones_in_pipelined_rounds() {
     let mc = Memcached::with_args(&["-m", "2", "-M"]);
     {
         let mut plain = mc.client();
@@ -1455,13 +1458,19 @@ fn a_refused_set_fails_only_its_own_call_in_pipelined_rounds() {
             }
         }
         eprintln!("{p:?} depth {depth}: {kinds:?}");
-        if !others_failed.is_empty() {
+        let foreign: Vec<&String> = (others_failed.iter())
+            .filter(|f| p == Protocol::Binary || !f.contains("may or may not have run"))
+            .collect();
+        if !foreign.is_empty() {
             bad.push(format!(
                 "{p:?} depth {depth}: {} of 2560 calls of other callers failed beside {refused} \
-                 refused sets, e.g. {:?}",
-                others_failed.len(),
-                others_failed.first()
+                 refused sets, not as unread calls, e.g. {:?}",
+                foreign.len(),
+                foreign.first()
             ));
+        }
+        if others_failed.len() == 2560 {
+            bad.push(format!("{p:?} depth {depth}: every other call failed"));
         }
     }
     assert!(bad.is_empty(), "calls failed on a healthy server: {bad:#?}");
