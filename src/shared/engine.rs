@@ -641,9 +641,11 @@ impl Engine {
                     self.finish(&mut works[w]);
                 }
             }
-            let room = pending.len() < depth;
+            // While a lender waits for lane 0, no round is added: the rounds written are
+            // read, and the lane is let go.
             let lending = lane == 0 && self.lenders.load(Ordering::SeqCst) > 0;
-            if room && !lending {
+            let room = pending.len() < depth && !lending;
+            if room {
                 // The lowest work no round unread holds: the others stay cold (and warm up
                 // only when rounds go that deep), so a steady load allocates nothing.
                 let w = (0..depth)
