@@ -125,6 +125,15 @@ pub(super) struct Engine {
 /// requests into two rounds (see `Engine::take`).
 const SPLIT_MIN: usize = 4;
 
+/// ... and of at most this many: past it, rounds are large enough to keep the server busy, and
+/// each round costs its waiters a wake (threads waiting on `round_done` are all woken).
+const SPLIT_MAX: usize = 32;
+
+/// Another round is written behind those unread (and a read interrupted for it) only while
+/// fewer requests than this are in flight on the connection: past it, the server is busy
+/// anyway, and more rounds would only add wakes and syscalls.
+pub(super) const INTERRUPT_MAX: usize = 64;
+
 /// Nanoseconds since the first call of this process: a clock an atomic can hold.
 pub(super) fn since_epoch(at: Instant) -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -266,6 +275,16 @@ impl Engine {
             .filter(|&at| at != 0)
             .min()?;
         Some(Duration::from_nanos(since_epoch(now).saturating_sub(at)))
+    }
+
+    /// Request slots in use (queued or on the wire).
+    pub(super) fn in_use(&self, q: &Queue) -> usize {
+        self.slots.len() - q.free.len()
+    }
+
+    /// Whether its rounds are pipelined (a depth over 1).
+    pub(super) fn pipelined(&self) -> bool {
+        !self.wakers.is_empty() && self.wakers[0].is_some()
     }
 
     /// A free lane, if one is (the lowest).
@@ -542,7 +561,7 @@ impl Engine {
                 return false;
             }
             let n = match q.reqs.len() {
-                n if split && n >= SPLIT_MIN => n.div_ceil(2),
+                n if split && (SPLIT_MIN..=SPLIT_MAX).contains(&n) => n.div_ceil(2),
                 n => n,
             };
             if n < q.reqs.len() {
@@ -644,7 +663,8 @@ impl Engine {
             // While a lender waits for lane 0, no round is added: the rounds written are
             // read, and the lane is let go.
             let lending = lane == 0 && self.lenders.load(Ordering::SeqCst) > 0;
-            let room = pending.len() < depth && !lending;
+            let in_flight: usize = pending.iter().map(|(p, ..)| works[*p].reqs.len()).sum();
+            let room = pending.len() < depth && in_flight < INTERRUPT_MAX && !lending;
             if room {
                 // The lowest work no round unread holds: the others stay cold (and warm up
                 // only when rounds go that deep), so a steady load allocates nothing.

@@ -136,6 +136,13 @@ impl SharedClient {
         loop {
             let waiter = match self.inner.driving {
                 IoMode::Combining => Waiter::Thread(std::thread::current()),
+                // Pipelined rounds are smaller and more: a wake for all the threads waiting
+                // on `round_done` per round would wake most for nothing. Unless very many
+                // calls are in flight (then rounds are large again, and one wake for all is
+                // cheaper than one each).
+                _ if eng.pipelined() && eng.in_use(&q) <= super::engine::INTERRUPT_MAX => {
+                    Waiter::Thread(std::thread::current())
+                }
                 _ => Waiter::Round,
             };
             if let Some(slot) = eng.push(&mut q, call, deadline, waiter) {
