@@ -11,6 +11,17 @@
 //! stays held until every round written is read: nobody else touches a connection with
 //! replies in flight.
 //!
+//! Why no call gets another call's reply: a round's chain reader takes exactly its own reply
+//! units (each part up to its end marker, each item matched by its opaque range, or in order
+//! and by key on text), so the next round's reader starts at the first byte of that round's
+//! replies; a unit that answers nothing in the part being read is a framing error, after
+//! which the connection is closed and every round unread on it fails (never re-synchronised).
+//! A round is read only on the connection it was written on (`Sent::conn`): after a
+//! reconnect, the rounds written on the old one fail unread. What a failed call may have done
+//! stays bounded in time: a connection closed with rounds unread is first drained to the
+//! server's EOF (`Driver::drain_close`, up to the round's deadline), so such a call never runs
+//! after the calls made next.
+//!
 //! # Lock order
 //!
 //! The locks: per server and connection `state` (a lane: the engine's client on one
