@@ -17,10 +17,11 @@
 //! replies; a unit that answers nothing in the part being read is a framing error, after
 //! which the connection is closed and every round unread on it fails (never re-synchronised).
 //! A round is read only on the connection it was written on (`Sent::conn`): after a
-//! reconnect, the rounds written on the old one fail unread. What a failed call may have done
-//! stays bounded in time: a connection closed with rounds unread is first drained to the
-//! server's EOF (`Driver::drain_close`, up to the round's deadline), so such a call never runs
-//! after the calls made next.
+//! reconnect, the rounds written on the old one fail unread. A connection closed for a doubt
+//! with rounds unread is first drained to the server's EOF (`Driver::drain_close`, up to the
+//! round's deadline), so those calls, failed as "may or may not have run", do not run after
+//! the calls made next. Rounds behind a timeout are not drained (the server is not
+//! answering): like any call that timed out, they may still run when it resumes.
 //!
 //! # Lock order
 //!
