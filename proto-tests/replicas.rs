@@ -1491,9 +1491,15 @@ fn idle_shared_client_repairs_a_copy_that_missed_deletes() {
     ms[B].resume();
     // No call from here on: the repair thread alone (B's retry time is 2 s away at most).
     let resumed = Instant::now();
+    // B's copies can be gone before the repairs are: deletes written to B before it froze
+    // run when it resumes. The repair thread still works through every repair it recorded.
     support::wait_for(
-        "the repair thread to delete B's copies, no call made",
-        || roles.del.iter().all(|k| view.value(B, k).is_none()),
+        "the repair thread to delete B's copies and finish its repairs, no call made",
+        || {
+            let fc = c.fleet_counters();
+            roles.del.iter().all(|k| view.value(B, k).is_none())
+                && fc.repairs_done == fc.repairs_recorded
+        },
     );
     let after = c.fleet_counters();
     println!(
