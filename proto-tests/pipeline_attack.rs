@@ -1574,3 +1574,210 @@ fn frozen_and_killed_pipelines_leak_no_request_slot() {
         assert!(start.elapsed() < Duration::from_secs(10), "{p:?}: slow");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. Direct calls: a lone async caller writes its request from its future's `poll`, and
+//    leaves the lane with the reply unread for the I/O thread to read.
+// ---------------------------------------------------------------------------------------
+
+/// Polls `f` once (a direct call writes its request on its first poll), then drops it.
+async fn poll_once_and_drop<F: std::future::Future>(f: F) {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        let _ = f.as_mut().poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// A lone async caller's calls go direct, while blocking callers that find a direct call's
+/// reply unread on the lane read it first (for its owner) and then make their own: every
+/// result is exactly its caller's, on every protocol and with two connections.
+#[test]
+fn direct_calls_and_blocking_callers_on_one_lane_get_exact_results() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        for lanes in [1, 2] {
+            let tag = format!("direct:{p:?}:{lanes}");
+            let c = build(
+                &mc.addr(),
+                p,
+                4,
+                IoMode::Adaptive,
+                Duration::from_secs(5),
+                lanes,
+            );
+            let ct = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            // Alone first: after a warm-up (the I/O thread starts, then watches the
+            // connection), a lone task's calls go direct.
+            ct.block_on(exact_task(c.clone(), tag.clone(), 0, 60));
+            let alone = c.direct_calls();
+            assert!(alone > 100, "{tag}: {alone} direct calls of a lone task");
+            // Then beside blocking callers (made directly on the lane when it is free).
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (c, tag) = (&c, &tag);
+                    s.spawn(move || exact_thread(c, tag, t, 120));
+                }
+                let (c2, tag2) = (c.clone(), tag.clone());
+                s.spawn(move || ct.block_on(exact_task(c2, tag2, 1, 120)));
+            });
+            // Lone again: direct again.
+            let before = c.direct_calls();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut buf = Vec::new();
+                for n in 0..200 {
+                    let (k, v) = (format!("{tag}:lone:{n}"), format!("v{n}"));
+                    c.set_async(k.as_bytes(), v.as_bytes(), SetOptions::default())
+                        .await
+                        .unwrap();
+                    assert!(c
+                        .get_into_async(k.as_bytes(), &mut buf)
+                        .await
+                        .unwrap()
+                        .is_some());
+                    assert_eq!(buf, v.as_bytes(), "{tag}: another value");
+                }
+            });
+            let after = c.direct_calls();
+            assert!(
+                after >= before + 300,
+                "{tag}: {before} -> {after} direct calls"
+            );
+        }
+    }
+}
+
+/// A frozen server: a direct call fails with a timeout by its deadline (the I/O thread,
+/// waiting on the socket, wakes for it), and once the server resumes calls are exact again.
+/// Then the server is killed and restarted under a lone caller.
+#[test]
+fn direct_calls_to_a_frozen_or_killed_server_are_bounded_and_recover() {
+    for p in PROTOCOLS {
+        let mut mc = Memcached::start();
+        let timeout = Duration::from_millis(300);
+        let c = build(&mc.addr(), p, 4, IoMode::Adaptive, timeout, 1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let o = SetOptions::default;
+            for n in 0..50 {
+                let k = format!("fz:{p:?}:{n}");
+                c.set_async(k.as_bytes(), b"v", o()).await.unwrap();
+            }
+            assert!(c.direct_calls() > 20, "{p:?}: no direct call");
+            mc.freeze();
+            let before = c.direct_calls();
+            for n in 0..3 {
+                let started = Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    c.get_async(format!("fz:{p:?}:{n}").as_bytes()),
+                )
+                .await
+                .expect("a call to a frozen server must end by its deadline");
+                let e = r.expect_err("a frozen server answered");
+                assert_eq!(e.kind(), ErrorKind::Timeout, "{p:?}: {e}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{p:?}: unbounded"
+                );
+            }
+            assert!(
+                c.direct_calls() > before,
+                "{p:?}: the frozen calls were not direct"
+            );
+            mc.resume();
+            all_good_after_async(&c, &format!("fz:{p:?}:after")).await;
+            mc.kill();
+            for n in 0..5 {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    c.get_async(format!("fz:{p:?}:{n}").as_bytes()),
+                )
+                .await
+                .expect("a call to a killed server must end in time");
+                assert!(r.is_err(), "{p:?}: a killed server answered");
+            }
+            mc.restart();
+        });
+        // After the restart, the same client serves exactly again (lone and direct).
+        let before = c.direct_calls();
+        rt.block_on(all_good_after_async(&c, &format!("fz:{p:?}:restarted")));
+        assert!(
+            c.direct_calls() > before,
+            "{p:?}: no direct call after the restart"
+        );
+    }
+}
+
+/// 200 calls whose futures are dropped right after their first poll (their request is
+/// written, the reply unread), each followed by a call of its own that must read its own
+/// reply (not the dropped call's); then every call is exact and no request slot leaked (with
+/// four slots, a leak would soon time out every call).
+#[test]
+fn direct_calls_dropped_after_their_first_poll_leak_nothing() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        let c = support::client_builder()
+            .protocol(p)
+            .server(mc.addr())
+            .io_timeout(Duration::from_secs(5))
+            .shared()
+            .max_in_flight(4)
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            all_good_after_async(&c, &format!("dd:{p:?}:warm")).await;
+            let before = c.direct_calls();
+            for n in 0..200 {
+                let k = format!("dd:{p:?}:{n}");
+                if n % 2 == 0 {
+                    poll_once_and_drop(c.set_async(
+                        k.as_bytes(),
+                        b"dropped",
+                        SetOptions::default(),
+                    ))
+                    .await;
+                } else {
+                    poll_once_and_drop(c.get_async(k.as_bytes())).await;
+                }
+                // A call of its own behind it: queued (the dropped call's reply is unread
+                // on the lane), so the lane is free again for the next dropped call.
+                let warm = format!("dd:{p:?}:warm:{n}");
+                let got = c.get_async(warm.as_bytes()).await.unwrap();
+                let want = format!("dd:{p:?}:warm-value-{n}");
+                assert_eq!(got.expect("a warm key").value, want.as_bytes(), "{p:?}");
+            }
+            assert!(
+                c.direct_calls() >= before + 100,
+                "{p:?}: dropped calls not direct"
+            );
+            all_good_after_async(&c, &format!("dd:{p:?}:after")).await;
+        });
+    }
+}
+
+/// 500 exact set-and-get pairs from one task, each value its own.
+async fn all_good_after_async(c: &SharedClient, tag: &str) {
+    let mut buf = Vec::new();
+    for n in 0..500 {
+        let (k, v) = (format!("{tag}:{n}"), format!("{tag}-value-{n}"));
+        c.set_async(k.as_bytes(), v.as_bytes(), SetOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: set {n}: {e}"));
+        let got = c.get_into_async(k.as_bytes(), &mut buf).await;
+        assert!(got.unwrap().is_some(), "{tag}: {k} missing");
+        assert_eq!(buf, v.as_bytes(), "{tag}: another value");
+    }
+}

@@ -698,6 +698,28 @@ impl Core {
             && !self.driver.is_tls()
     }
 
+    /// The connection a round could be sent on directly by a caller (see the shared
+    /// client's `Engine::direct`): its id and socket, if it is open and
+    /// [`may_pipeline`](Self::may_pipeline) holds for it (nothing asks for one exchange at a
+    /// time). Needs a pinned server.
+    pub(crate) fn direct_conn(&self) -> Option<(u64, std::os::fd::RawFd)> {
+        let i = self.pinned?;
+        let conn = self.driver.connection_id(i)?;
+        let fd = self.driver.socket_fd(i)?;
+        self.may_pipeline(conn).then_some((conn, fd))
+    }
+
+    /// Server `i`'s connection: its id and socket, if open and plain (see
+    /// [`Driver::socket_fd`](crate::conn::driver::Driver::socket_fd)).
+    pub(crate) fn socket_of(&self, i: usize) -> Option<(u64, std::os::fd::RawFd)> {
+        Some((self.driver.connection_id(i)?, self.driver.socket_fd(i)?))
+    }
+
+    /// Another poll saw server `i`'s socket readable (see [`Driver::assume_readable`](crate::conn::driver::Driver::assume_readable)).
+    pub(crate) fn assume_readable(&mut self, i: usize) {
+        self.driver.assume_readable(i);
+    }
+
     /// Closes server `i`'s connection: rounds written on it will never be read (a panic
     /// mid-pipeline).
     pub(crate) fn drop_connection(&mut self, i: usize) {

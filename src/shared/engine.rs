@@ -70,7 +70,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::Waker;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -129,6 +129,11 @@ pub(super) struct Engine {
     /// Per lane, what interrupts its pipelined reads (none without pipelining, or if it
     /// could not be made: rounds then wait for the read in progress).
     wakers: Box<[Option<Arc<mio::Waker>>]>,
+    /// Per lane, what its I/O thread waits on when idle (set when the thread starts, if its
+    /// poll could be made; else it waits on `io`): see [`Idle`].
+    idle: Box<[OnceLock<Idle>]>,
+    /// Direct rounds written so far (see [`direct`](Self::direct)).
+    pub(super) directs: AtomicU64,
     /// Its queue's and rounds' metrics (feature `metrics`).
     metrics: EngineMetrics,
 }
@@ -145,6 +150,41 @@ const SPLIT_MAX: usize = 32;
 /// fewer requests than this are in flight on the connection: past it, the server is busy
 /// anyway, and more rounds would only add wakes and syscalls.
 pub(super) const INTERRUPT_MAX: usize = 64;
+
+/// An idle I/O thread's wait, shared with the callers. The thread waits in a poll of its
+/// own on two things: `waker` (a call queued) and its lane's socket, readable. The socket is
+/// there for [direct rounds](Engine::direct): a lone async caller that finds the lane free
+/// writes its request from `poll` itself and leaves the lane, round unread; the reply
+/// wakes this thread, which reads it. A call crosses threads once (the reply's wake)
+/// instead of twice, and nobody wakes the I/O thread to write.
+pub(super) struct Idle {
+    waker: mio::Waker,
+    /// The connection whose socket the thread's poll watches (0: none): a direct round is
+    /// written only on it, so that its reply wakes the thread.
+    watched: AtomicU64,
+    /// The thread is waiting (or about to) in its poll: a queued call wakes it with
+    /// `waker`. Written under `queue`.
+    polling: AtomicBool,
+    /// Async callers would write direct rounds: the thread's poll watches the socket (set
+    /// by them, cleared by a blocking call made directly).
+    want: AtomicBool,
+}
+
+/// The largest request (key and value) a [direct round](Engine::direct) writes: far below
+/// what a socket takes without waiting, even with a frozen server's buffers filling.
+const DIRECT_MAX: usize = 4096;
+
+/// The idle poll's tokens.
+const IDLE_WAKE: mio::Token = mio::Token(0);
+const IDLE_SOCKET: mio::Token = mio::Token(1);
+
+/// What an I/O thread owns of its idle wait (see [`Idle`]).
+struct IdlePoll {
+    poll: mio::Poll,
+    events: mio::Events,
+    /// The socket registered in `poll`, if any.
+    registered: Option<std::os::fd::RawFd>,
+}
 
 /// Nanoseconds since the first call of this process: a clock an atomic can hold.
 pub(super) fn since_epoch(at: Instant) -> u64 {
@@ -213,6 +253,56 @@ pub(super) struct Slot {
     pub(super) data: Mutex<SlotData>,
 }
 
+thread_local! {
+    /// The task wakes an I/O thread holds back while it holds its lane: a task woken on
+    /// the same core may run at once, and would find the lane taken (a direct round then
+    /// queues instead, and contends for the locks the thread still holds). Released before
+    /// the thread blocks on a read and once it lets go of the lane.
+    static HELD_WAKES: std::cell::RefCell<Option<Vec<Waker>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Wakes a task, now or (on an I/O thread) once its lane is let go.
+fn wake_task(w: Waker) {
+    let now = HELD_WAKES.with(|h| match &mut *h.borrow_mut() {
+        Some(held) => {
+            held.push(w);
+            None
+        }
+        None => Some(w),
+    });
+    if let Some(w) = now {
+        // A task's waker is the caller's code: if it panics, the panic (already reported
+        // by the hook) stays here, and the round goes on serving everyone else.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+    }
+}
+
+/// Wakes the tasks held back (see `HELD_WAKES`), keeping the list's room.
+fn release_wakes() {
+    let mut held = HELD_WAKES.with(|h| h.borrow_mut().as_mut().map(std::mem::take));
+    let Some(list) = held.as_mut() else { return };
+    for w in list.drain(..) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+    }
+    HELD_WAKES.with(|h| {
+        if let Some(slot) = &mut *h.borrow_mut() {
+            if slot.capacity() < list.capacity() {
+                std::mem::swap(slot, list);
+            }
+        }
+    });
+}
+
+/// A lane, if free.
+fn try_lane(l: &Mutex<State>) -> Option<MutexGuard<'_, State>> {
+    match l.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
 /// Locks, ignoring poisoning: every critical section here leaves its data consistent.
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -231,6 +321,7 @@ impl Engine {
         let metrics = EngineMetrics::new(&label);
         let busy_since = clients.iter().map(|_| AtomicU64::new(0)).collect();
         let reading = clients.iter().map(|_| AtomicBool::new(false)).collect();
+        let lanes = clients.len();
         let mut clients = clients;
         let wakers = (clients.iter_mut())
             .map(|c| (depth > 1).then(|| c.engine().0.waker().ok()).flatten())
@@ -275,6 +366,8 @@ impl Engine {
             busy_since,
             reading,
             wakers,
+            idle: (0..lanes).map(|_| OnceLock::new()).collect(),
+            directs: AtomicU64::new(0),
             lenders: AtomicUsize::new(0),
             metrics,
         }
@@ -299,13 +392,41 @@ impl Engine {
         !self.wakers.is_empty() && self.wakers[0].is_some()
     }
 
-    /// A free lane, if one is (the lowest).
+    /// A free lane, if one is (the lowest), with nothing unread on its connection (a
+    /// direct round left there is read first: see [`settle`](Self::settle)).
     pub(super) fn try_state(&self) -> Option<MutexGuard<'_, State>> {
-        self.lanes.iter().find_map(|l| match l.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        })
+        let mut st = self.lanes.iter().find_map(try_lane)?;
+        self.settle(&mut st);
+        Some(st)
+    }
+
+    /// Lane `lane`, waited for, with nothing unread on its connection.
+    pub(super) fn lock_lane(&self, lane: usize) -> MutexGuard<'_, State> {
+        let mut st = lock(&self.lanes[lane]);
+        self.settle(&mut st);
+        st
+    }
+
+    /// Reads the rounds written and unread on a lane's connection (a [direct
+    /// round](Self::direct)'s, left for the I/O thread), completing their requests: whoever
+    /// takes a lane must not find replies owed to others on its connection.
+    pub(super) fn settle(&self, st: &mut State) {
+        if st.pending.is_empty() {
+            return;
+        }
+        let State {
+            client,
+            works,
+            pending,
+            lane,
+        } = st;
+        client.pinned(self.server, |c| {
+            while let Some((p, mut sent, _)) = pending.pop_front() {
+                while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
+                self.finish(&mut works[p]);
+            }
+        });
+        self.busy_since[*lane].store(0, Ordering::Relaxed);
     }
 
     /// Whether an I/O thread is serving rounds (not asleep on `io`).
@@ -353,7 +474,7 @@ impl Engine {
     /// rounds.
     pub(super) fn kick_io(self: &Arc<Self>, q: &mut Queue) {
         if q.io_idle > 0 {
-            self.io.notify_one();
+            self.wake_idle(q);
         } else if let Some(lane) = (self.reading.iter())
             .position(|r| r.load(Ordering::SeqCst) && r.swap(false, Ordering::SeqCst))
         {
@@ -373,6 +494,31 @@ impl Engine {
                 q.io_threads -= 1;
             }
         }
+    }
+
+    /// Wakes one idle I/O thread (`q.io_idle` > 0): one in its idle poll, else one waiting
+    /// on `io`.
+    fn wake_idle(&self, q: &Queue) {
+        let _ = q;
+        let polling =
+            (self.idle.iter().filter_map(OnceLock::get)).find(|i| i.polling.load(Ordering::SeqCst));
+        match polling {
+            Some(idle) => {
+                idle.polling.store(false, Ordering::SeqCst);
+                let _ = idle.waker.wake();
+            }
+            None => self.io.notify_one(),
+        }
+    }
+
+    /// Tells every I/O thread to end (the client is gone); `q` is the queue, locked.
+    pub(super) fn shut_down(&self, mut q: MutexGuard<'_, Queue>) {
+        q.shutdown = true;
+        drop(q);
+        for idle in self.idle.iter().filter_map(OnceLock::get) {
+            let _ = idle.waker.wake();
+        }
+        self.io.notify_all();
     }
 
     /// A caller waiting for a free slot gives up (`w` was its waker): its wake may have
@@ -445,7 +591,7 @@ impl Engine {
         let Some(head) = q.reqs.first() else { return };
         if q.io_threads > 0 {
             if q.io_idle > 0 {
-                self.io.notify_one();
+                self.wake_idle(&q);
             }
             return;
         }
@@ -504,9 +650,7 @@ impl Engine {
             Waiter::Round => self.round_waiting.store(true, Ordering::SeqCst),
             // A task's waker is the caller's code: if it panics, the panic (already reported
             // by the hook) stays here, and the round goes on serving everyone else.
-            Waiter::Task(w) => {
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
-            }
+            Waiter::Task(w) => wake_task(w),
             Waiter::None => {}
         }
     }
@@ -525,18 +669,36 @@ impl Engine {
         } = st;
         let busy = &self.busy_since[*lane];
         let pipelined = pipelined && works.len() > 1;
-        // A round that connects is not split: a refused connect would count twice.
-        let split = pipelined && client.engine().0.is_connected(self.server);
-        if !self.take(&mut works[0], split) {
+        let server = self.server;
+        if !pending.is_empty() && !pipelined {
+            // A direct round is unread: read before this round goes out on its own.
+            client.pinned(server, |c| {
+                while let Some((p, mut sent, _)) = pending.pop_front() {
+                    release_wakes();
+                    while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
+                    self.finish(&mut works[p]);
+                }
+            });
+            busy.store(0, Ordering::Relaxed);
+        }
+        // The lowest work no unread round holds (the first, but behind a direct round).
+        let w = (0..works.len())
+            .find(|&w| pending.iter().all(|(p, ..)| *p != w))
+            .expect("a work is free: rounds are read before the pipeline is deep");
+        // A round that connects is not split: a refused connect would count twice. Nor one
+        // behind a direct round: something is in flight.
+        let split = pipelined && pending.is_empty() && client.engine().0.is_connected(server);
+        let took = self.take(&mut works[w], split);
+        if !took && pending.is_empty() {
             return false;
         }
-        let server = self.server;
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             client.pinned(server, |c| {
                 if pipelined {
-                    self.pipeline(c, works, pending, *lane);
+                    self.pipeline(c, works, pending, *lane, took.then_some(w));
                 } else {
                     busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
+                    release_wakes();
                     works[0].serve(self, c);
                     busy.store(0, Ordering::Relaxed);
                     self.finish(&mut works[0]);
@@ -632,18 +794,20 @@ impl Engine {
     /// starting where the round before it ended, and any doubt about framing closes the
     /// connection, failing every round unread on it. A round that cannot be one chain
     /// (a get-and-touch, a batch over its cap, TLS, a list change's hand-over) waits for
-    /// the rounds before it and is served on its own.
+    /// the rounds before it and is served on its own. `first`: the work holding the round
+    /// taken (none if only a direct round, already in `pending`, is to be read).
     fn pipeline(
         &self,
         c: &mut Client,
         works: &mut [Work],
         pending: &mut VecDeque<(usize, Sent, u64)>,
         lane: usize,
+        first: Option<usize>,
     ) {
         let depth = works.len();
         let busy = &self.busy_since[lane];
         let policy = super::round::Transport::policy(c);
-        let mut next = Some(0);
+        let mut next = first;
         loop {
             if let Some(w) = next.take() {
                 works[w].expire(self);
@@ -663,10 +827,12 @@ impl Engine {
                     }
                 } else {
                     while let Some((p, mut sent, _)) = pending.pop_front() {
+                        release_wakes();
                         while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
                         self.finish(&mut works[p]);
                     }
                     busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
+                    release_wakes();
                     works[w].serve(self, c);
                     busy.store(0, Ordering::Relaxed);
                     self.finish(&mut works[w]);
@@ -705,6 +871,7 @@ impl Engine {
                     continue;
                 }
             }
+            release_wakes();
             let done = works[p].recv(self, c, sent, last);
             reading.store(false, Ordering::SeqCst);
             if !done {
@@ -717,12 +884,191 @@ impl Engine {
         }
     }
 
+    /// Keeps the idle poll watching the lane's connection while async callers want direct
+    /// rounds (`want`), and not otherwise: each reply read by another (a blocking direct
+    /// call's) would wake the thread for nothing. Under the lane: `watched` changes only
+    /// with it held, and a direct round is written only where it is watched.
+    fn watch(&self, own: &mut IdlePoll, idle: &Idle, st: &mut State) {
+        use mio::unix::SourceFd;
+        let want = idle.want.load(Ordering::Relaxed);
+        let conn = (st.client.engine().0)
+            .socket_of(self.server)
+            .filter(|_| want && st.pending.is_empty());
+        let now = conn.map_or(0, |(id, _)| id);
+        if now == idle.watched.load(Ordering::Relaxed) {
+            return;
+        }
+        idle.watched.store(0, Ordering::SeqCst);
+        if let Some(fd) = own.registered.take() {
+            // Fails if the socket was closed since (which unregistered it).
+            let _ = own.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        if let Some((id, fd)) = conn {
+            let registry = own.poll.registry();
+            let interest = mio::Interest::READABLE;
+            if registry
+                .register(&mut SourceFd(&fd), IDLE_SOCKET, interest)
+                .is_ok()
+            {
+                own.registered = Some(fd);
+                idle.watched.store(id, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A direct round: a lone async caller, finding nothing queued and a lane free whose I/O
+    /// thread watches its connection (see [`Idle`]), writes its request itself (from its
+    /// future's `poll`) as a round of one, and leaves it unread in the lane's `pending`:
+    /// the reply wakes the I/O thread, which reads it and completes the slot (waking
+    /// `waker`). Whoever takes the lane before that reads it first ([`settle`](Self::settle),
+    /// [`round`](Self::round)). The slot, or `None` if the call must be queued instead.
+    pub(super) fn direct(
+        &self,
+        call: &CallSpec<'_>,
+        deadline: Instant,
+        waker: &Waker,
+    ) -> Option<u32> {
+        // Small requests only: a write that fills the socket would wait in `poll`.
+        let small = call.key.len() + call.value.len() <= DIRECT_MAX;
+        if !small || self.queued.load(Ordering::SeqCst) != 0 || !super::round::batched(&call.op) {
+            return None;
+        }
+        for (lane, m) in self.lanes.iter().enumerate() {
+            let Some(idle) = self.idle[lane].get() else {
+                continue;
+            };
+            if !idle.want.load(Ordering::Relaxed) {
+                // Asks the thread to watch the connection (after the round this call
+                // queues): the next calls may go direct.
+                idle.want.store(true, Ordering::Relaxed);
+                continue;
+            }
+            let watched = idle.watched.load(Ordering::SeqCst);
+            if watched == 0 || (lane == 0 && self.lenders.load(Ordering::SeqCst) > 0) {
+                continue;
+            }
+            let Some(mut st) = try_lane(m) else { continue };
+            if !st.pending.is_empty() {
+                continue;
+            }
+            let State {
+                client,
+                works,
+                pending,
+                lane,
+            } = &mut *st;
+            let sent = client.pinned(self.server, |c| {
+                if c.engine().0.direct_conn().map(|(id, _)| id) != Some(watched) {
+                    return None;
+                }
+                let work = &mut works[0];
+                let slot = {
+                    let mut q = lock(&self.queue);
+                    let slot = q.free.pop()?;
+                    self.metrics.in_flight(self.slots.len() - q.free.len());
+                    slot
+                };
+                {
+                    let mut d = lock(&self.slots[slot as usize].data);
+                    d.phase = Phase::Pending;
+                    d.lead = false;
+                    d.result = None;
+                    d.waiter = Waiter::Task(waker.clone());
+                }
+                work.reqs.clear();
+                work.arena.clear();
+                work.arena.extend_from_slice(call.key);
+                work.arena.extend_from_slice(call.value);
+                work.reqs.push(Req {
+                    op: call.op,
+                    key: 0..call.key.len(),
+                    value: call.key.len()..work.arena.len(),
+                    slot,
+                    deadline,
+                });
+                work.freed.clear();
+                self.metrics.round(1, 1);
+                let policy = super::round::Transport::policy(c);
+                if !work.pipelinable(policy) {
+                    // Not one chain after all (checked above, but the policy decides):
+                    // served by the I/O thread, as a queued call is.
+                    let mut q = lock(&self.queue);
+                    self.metrics.round(-1, 0);
+                    let k = q.arena.len();
+                    q.arena.extend_from_slice(call.key);
+                    let v = q.arena.len();
+                    q.arena.extend_from_slice(call.value);
+                    let req = work.reqs.pop().expect("one request");
+                    let end = q.arena.len();
+                    q.reqs.push(Req {
+                        key: k..v,
+                        value: v..end,
+                        ..req
+                    });
+                    self.queued.fetch_add(1, Ordering::SeqCst);
+                    work.arena.clear();
+                    if q.io_idle > 0 {
+                        self.wake_idle(&q);
+                    }
+                    return Some((slot, None));
+                }
+                match work.send(self, c, None) {
+                    Some(sent) => Some((slot, Some(sent))),
+                    None => {
+                        // It failed to go out: its slot is complete already.
+                        self.finish(work);
+                        Some((slot, None))
+                    }
+                }
+            });
+            let (slot, sent) = sent?;
+            self.directs.fetch_add(1, Ordering::Relaxed);
+            if let Some(sent) = sent {
+                let at = since_epoch(Instant::now());
+                self.busy_since[*lane].store(at, Ordering::Relaxed);
+                pending.push_back((0, sent, at));
+            }
+            return Some(slot);
+        }
+        None
+    }
+
+    /// A blocking call was made directly on a lane: idle I/O threads stop watching their
+    /// connections (each reply of such calls would wake them for nothing).
+    pub(super) fn unwant_direct(&self) {
+        for idle in self.idle.iter().filter_map(OnceLock::get) {
+            if idle.want.load(Ordering::Relaxed) {
+                idle.want.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Lane `lane`'s I/O thread: serves the queue whenever something is in it.
     pub(super) fn io_thread(self: Arc<Self>, lane: usize) {
+        // Its idle wait: a poll of its own (or, if none can be made, `io`).
+        HELD_WAKES.with(|h| *h.borrow_mut() = Some(Vec::new()));
+        let mut own = mio::Poll::new().ok().and_then(|poll| {
+            let waker = mio::Waker::new(poll.registry(), IDLE_WAKE).ok()?;
+            let idle = Idle {
+                waker,
+                watched: AtomicU64::new(0),
+                polling: AtomicBool::new(false),
+                want: AtomicBool::new(false),
+            };
+            self.idle[lane].set(idle).ok()?;
+            Some(IdlePoll {
+                poll,
+                events: mio::Events::with_capacity(4),
+                registered: None,
+            })
+        });
+        // Woken by the idle poll's socket: a direct round's reply, read last time round.
+        let mut for_socket = false;
         loop {
             {
                 let mut q = lock(&self.queue);
-                if q.reqs.is_empty() && !q.shutdown {
+                // Not after a direct round: its caller writes its next one itself.
+                if q.reqs.is_empty() && !q.shutdown && !for_socket {
                     // The callers just woken may be about to queue their next calls (on a
                     // busy core they run only when this thread lets go): give them the CPU
                     // once before sleeping, which would cost a wait and a wake.
@@ -730,18 +1076,43 @@ impl Engine {
                     std::thread::yield_now();
                     q = lock(&self.queue);
                 }
+                for_socket = false;
                 while q.reqs.is_empty() {
                     if q.shutdown {
                         return;
                     }
                     q.io_idle += 1;
                     self.set_io_busy(&q);
-                    q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
+                    let (Some(own), Some(idle)) = (&mut own, self.idle[lane].get()) else {
+                        q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
+                        q.io_idle -= 1;
+                        continue;
+                    };
+                    idle.polling.store(true, Ordering::SeqCst);
+                    drop(q);
+                    // Watching a socket, wake at least once per timeout: a direct round
+                    // written since must fail by its deadline if no reply comes.
+                    let watching = own.registered.is_some();
+                    let timeout = watching.then_some(self.timeout);
+                    let polled = own.poll.poll(&mut own.events, timeout);
+                    q = lock(&self.queue);
+                    idle.polling.store(false, Ordering::SeqCst);
                     q.io_idle -= 1;
+                    let socket = (own.events.iter()).any(|e| e.token() == IDLE_SOCKET);
+                    if watching && (socket || own.events.is_empty() || polled.is_err()) {
+                        // A reply (or a timeout) for a direct round: read on the lane.
+                        for_socket = socket;
+                        break;
+                    }
                 }
                 self.set_io_busy(&q);
             }
             let mut st = lock(&self.lanes[lane]);
+            if own.as_ref().is_some_and(|o| o.registered.is_some()) {
+                // The idle poll may have seen the socket readable: the driver tries a read
+                // before asking its own poll.
+                st.client.engine().0.assume_readable(self.server);
+            }
             // A panic in a round (reported by the panic hook) must not end the thread that
             // serves this server's queue: every later call would time out.
             let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -752,7 +1123,11 @@ impl Engine {
                 }
             }));
             drop(rounds);
+            if let (Some(own), Some(idle)) = (&mut own, self.idle[lane].get()) {
+                self.watch(own, idle, &mut st);
+            }
             drop(st);
+            release_wakes();
             // A lender waits for this lane: let it take the lane before it is locked again
             // (a mutex is not fair).
             while lane == 0 && self.lenders.load(Ordering::SeqCst) > 0 {

@@ -96,6 +96,7 @@ impl SharedClient {
                         .client
                         .pinned(server, |c| c.perform(call.op, call.key, call.value, out));
                     drop(st);
+                    eng.unwant_direct();
                     eng.hand_off();
                     return r;
                 }

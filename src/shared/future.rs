@@ -187,6 +187,20 @@ impl Future for AsyncCall<'_> {
                             q = lock(&eng.queue);
                         }
                     }
+                    if matches!(this.state, CallState::Start)
+                        && inner.driving == super::IoMode::Adaptive
+                    {
+                        drop(q);
+                        if let Some(slot) = eng.direct(&this.call, deadline, cx.waker()) {
+                            this.state = CallState::Queued {
+                                server: eng.server,
+                                slot,
+                                deadline,
+                            };
+                            continue;
+                        }
+                        q = lock(&eng.queue);
+                    }
                     let waiter = Waiter::Task(cx.waker().clone());
                     match eng.push(&mut q, &this.call, deadline, waiter) {
                         Some(slot) => {

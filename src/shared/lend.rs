@@ -79,7 +79,7 @@ impl SharedClient {
         let lane = engine.try_state().unwrap_or_else(|| {
             // Counted while waiting: lane 0's I/O thread lets go of it for us.
             engine.lenders.fetch_add(1, Ordering::SeqCst);
-            let lane = lock(&engine.lanes[0]);
+            let lane = engine.lock_lane(0);
             engine.lenders.fetch_sub(1, Ordering::SeqCst);
             lane
         });

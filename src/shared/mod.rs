@@ -71,8 +71,12 @@ impl Reroute {
     }
 }
 
-/// Who does a [`SharedClient`]'s I/O for blocking callers (async calls always go through the
-/// server's I/O thread). Measured against each other in BENCHMARKS.md ("Many callers").
+/// Who does a [`SharedClient`]'s I/O. Blocking callers as each variant says. Async calls
+/// never block their executor: they are read by the server's I/O thread; under `Adaptive`,
+/// a lone async caller that finds its server's connection idle writes its request from its
+/// future's `poll` itself (a *direct call*, [`SharedClient::direct_calls`]) and the I/O
+/// thread, waiting on the socket, reads the reply. Measured against each other in
+/// BENCHMARKS.md ("Many callers").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoMode {
     /// A caller that finds its server idle (nothing queued, nobody doing I/O) makes its call
@@ -138,7 +142,7 @@ impl SharedClientBuilder {
         self
     }
 
-    /// Who does the I/O for blocking callers (default [`IoMode::Adaptive`]).
+    /// Who does the I/O (default [`IoMode::Adaptive`]).
     pub fn io_mode(mut self, mode: IoMode) -> Self {
         self.driving = mode;
         self
@@ -310,7 +314,10 @@ impl ListFollower for Inner {
         // is not waited for: it takes the list after its round.
         for lane in self.engines.iter().flat_map(|e| e.lanes.iter()) {
             if let Ok(mut st) = lane.try_lock() {
-                st.client.leave_removed(removed);
+                // Not under a direct round's unread reply: its reader takes the list.
+                if st.pending.is_empty() {
+                    st.client.leave_removed(removed);
+                }
             }
         }
         if let Ok(mut admin) = self.admin.try_lock() {
@@ -487,10 +494,7 @@ impl Drop for Inner {
         self.timers.shutdown();
         // I/O threads hold their engine, not the client: tell them to end.
         for e in self.engines.iter() {
-            let mut q = lock(&e.queue);
-            q.shutdown = true;
-            drop(q);
-            e.io.notify_all();
+            e.shut_down(lock(&e.queue));
         }
     }
 }
@@ -677,6 +681,15 @@ impl SharedClient {
     /// Each server's statistics. Errors as [`Client::stats`].
     pub fn stats(&self, arg: Option<&str>) -> Result<Vec<ServerStats>> {
         self.admin(|c| c.stats(arg))
+    }
+
+    /// Async calls written from their own future's `poll` so far (a lone caller finding its
+    /// server's connection idle: no hand-over to the I/O thread; see
+    /// [`SharedClientBuilder::io_mode`]).
+    pub fn direct_calls(&self) -> u64 {
+        (self.inner.engines.iter())
+            .map(|e| e.directs.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Each server's counters (of the calls made through the shared connections).

@@ -718,7 +718,7 @@ fn hit_each(
 }
 
 /// Whether a round sends `op` in a batch (else on its own).
-fn batched(op: &Op) -> bool {
+pub(super) fn batched(op: &Op) -> bool {
     !matches!(op, Op::Gat { .. })
 }
 

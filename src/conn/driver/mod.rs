@@ -747,6 +747,27 @@ impl Driver {
         self.disconnect(i);
     }
 
+    /// Server `i`'s socket, for another poll to watch (an idle I/O thread's, see the shared
+    /// client's engine): `None` without a plain connection (under TLS, readiness of the
+    /// socket is not readiness of replies).
+    pub(crate) fn socket_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let stream = self.conns[i].stream.as_ref()?;
+        if !stream.exact_readiness() {
+            return None;
+        }
+        Some(match &stream.io {
+            Plain::Tcp(s) => s.as_raw_fd(),
+            Plain::Unix(s) => s.as_raw_fd(),
+        })
+    }
+
+    /// Another poll saw server `i`'s socket readable: the next read tries it at once,
+    /// without asking this driver's poll first (a read that finds nothing waits as usual).
+    pub(crate) fn assume_readable(&mut self, i: usize) {
+        self.conns[i].readable = true;
+    }
+
     /// How many connections to server `i` were opened so far: a round written on one is read
     /// only on the same one.
     pub(crate) fn connection_id(&self, i: usize) -> Option<u64> {
