@@ -1613,8 +1613,10 @@ fn direct_calls_and_blocking_callers_on_one_lane_get_exact_results() {
             // Alone first: after a warm-up (the I/O thread starts, then watches the
             // connection), a lone task's calls go direct.
             ct.block_on(exact_task(c.clone(), tag.clone(), 0, 60));
+            // Its joined calls are concurrent (queued, in rounds); the get after each join
+            // is a lone call.
             let alone = c.direct_calls();
-            assert!(alone > 100, "{tag}: {alone} direct calls of a lone task");
+            assert!(alone >= 40, "{tag}: {alone} direct calls of a lone task");
             // Then beside blocking callers (made directly on the lane when it is free).
             std::thread::scope(|s| {
                 for t in 0..2 {

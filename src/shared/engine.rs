@@ -23,6 +23,22 @@
 //! the calls made next. Rounds behind a timeout are not drained (the server is not
 //! answering): like any call that timed out, they may still run when it resumes.
 //!
+//! # Direct calls
+//!
+//! A lone async caller (no other call in flight, nothing queued) that finds a lane free,
+//! with nothing unread on it, writes its request from its future's `poll` as a round of
+//! one ([`Engine::direct`]) and lets go of the lane with the reply unread (`pending`). The
+//! lane's I/O thread, idle in a poll of its own that watches that connection's socket
+//! ([`Idle`]), wakes on the reply, reads it and completes the slot: one thread crossing per
+//! call instead of two. This bends the rule above (a lane let go with a reply in flight)
+//! in one way only: whoever takes a lane reads what is unread on it first
+//! ([`Engine::settle`], [`Engine::round`]), so the next exchange still starts on a clean
+//! stream. A direct call is written only on the connection the I/O thread watches
+//! (`Idle::watched`, changed only under the lane), and that thread wakes at least once per
+//! timeout, so a frozen server fails it by its deadline. While the thread holds its lane it
+//! holds task wakes back (`HELD_WAKES`): a task woken on the same core would run at once
+//! and find the lane taken.
+//!
 //! # Lock order
 //!
 //! The locks: per server and connection `state` (a lane: the engine's client on one
@@ -48,6 +64,8 @@
 //! - `queue -> slot`: [`Engine::push`] (a request queued in a free slot),
 //!   [`Engine::abandon`] (withdraw or mark abandoned), [`Engine::hand_off`] (ask the head's
 //!   owner to lead).
+//! - `state -> queue -> slot`: a direct call ([`Engine::direct`]) takes a free slot and
+//!   fills it while holding its lane (taken with `try_lock`, holding nothing else).
 //! - `state -> router`: a lent engine client ([`Lent`](super::Lent)) holds `state` while the
 //!   storage works; if it routes with the shared client meanwhile, it takes `router`.
 //! - `admin -> router`: the storage's replays hold the lent admin client and ask the router
@@ -738,6 +756,11 @@ impl Engine {
                 n if split && (SPLIT_MIN..=SPLIT_MAX).contains(&n) => n.div_ceil(2),
                 n => n,
             };
+            if q.reqs.len() > 1 {
+                // Concurrent callers: no lone caller wants direct calls (and a watched
+                // socket would wake the idle I/O thread for every round's replies).
+                self.unwant_direct();
+            }
             if n < q.reqs.len() {
                 work.reqs.clear();
                 work.arena.clear();
@@ -933,6 +956,12 @@ impl Engine {
         if !small || self.queued.load(Ordering::SeqCst) != 0 || !super::round::batched(&call.op) {
             return None;
         }
+        // A lone caller only: no other call in flight, or done and not yet taken (a round's
+        // other callers, about to make their next calls). Concurrent callers are better
+        // served in rounds: direct calls would split them into rounds of one.
+        if lock(&self.queue).free.len() != self.slots.len() {
+            return None;
+        }
         for (lane, m) in self.lanes.iter().enumerate() {
             let Some(idle) = self.idle[lane].get() else {
                 continue;
@@ -1083,23 +1112,26 @@ impl Engine {
                     }
                     q.io_idle += 1;
                     self.set_io_busy(&q);
-                    let (Some(own), Some(idle)) = (&mut own, self.idle[lane].get()) else {
+                    // Waits in its poll only while it watches a socket for direct calls;
+                    // otherwise on `io`, as cheap to wake.
+                    let idle = self.idle[lane].get();
+                    let (Some(own), Some(idle)) =
+                        (own.as_mut().filter(|o| o.registered.is_some()), idle)
+                    else {
                         q = self.io.wait(q).unwrap_or_else(|e| e.into_inner());
                         q.io_idle -= 1;
                         continue;
                     };
                     idle.polling.store(true, Ordering::SeqCst);
                     drop(q);
-                    // Watching a socket, wake at least once per timeout: a direct round
-                    // written since must fail by its deadline if no reply comes.
-                    let watching = own.registered.is_some();
-                    let timeout = watching.then_some(self.timeout);
-                    let polled = own.poll.poll(&mut own.events, timeout);
+                    // Wakes at least once per timeout: a direct round written since must
+                    // fail by its deadline if no reply comes.
+                    let polled = own.poll.poll(&mut own.events, Some(self.timeout));
                     q = lock(&self.queue);
                     idle.polling.store(false, Ordering::SeqCst);
                     q.io_idle -= 1;
                     let socket = (own.events.iter()).any(|e| e.token() == IDLE_SOCKET);
-                    if watching && (socket || own.events.is_empty() || polled.is_err()) {
+                    if socket || own.events.is_empty() || polled.is_err() {
                         // A reply (or a timeout) for a direct round: read on the lane.
                         for_socket = socket;
                         break;
