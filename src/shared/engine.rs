@@ -990,7 +990,10 @@ impl Engine {
                 if c.engine().0.direct_conn().map(|(id, _)| id) != Some(watched) {
                     return None;
                 }
-                let work = &mut works[0];
+                // The last work: queued rounds take the lowest free one, and must find the
+                // one they always use (warm) free while a direct round is unread.
+                let w = works.len() - 1;
+                let work = &mut works[w];
                 let slot = {
                     let mut q = lock(&self.queue);
                     let slot = q.free.pop()?;
@@ -1042,7 +1045,7 @@ impl Engine {
                     return Some((slot, None));
                 }
                 match work.send(self, c, None) {
-                    Some(sent) => Some((slot, Some(sent))),
+                    Some(sent) => Some((slot, Some((w, sent)))),
                     None => {
                         // It failed to go out: its slot is complete already.
                         self.finish(work);
@@ -1052,10 +1055,10 @@ impl Engine {
             });
             let (slot, sent) = sent?;
             self.directs.fetch_add(1, Ordering::Relaxed);
-            if let Some(sent) = sent {
+            if let Some((w, sent)) = sent {
                 let at = since_epoch(Instant::now());
                 self.busy_since[*lane].store(at, Ordering::Relaxed);
-                pending.push_back((0, sent, at));
+                pending.push_back((w, sent, at));
             }
             return Some(slot);
         }
@@ -1075,7 +1078,8 @@ impl Engine {
     /// Lane `lane`'s I/O thread: serves the queue whenever something is in it.
     pub(super) fn io_thread(self: Arc<Self>, lane: usize) {
         // Its idle wait: a poll of its own (or, if none can be made, `io`).
-        HELD_WAKES.with(|h| *h.borrow_mut() = Some(Vec::new()));
+        // Room for a large round's wakes at once: a steady load allocates nothing.
+        HELD_WAKES.with(|h| *h.borrow_mut() = Some(Vec::with_capacity(256)));
         let mut own = mio::Poll::new().ok().and_then(|poll| {
             let waker = mio::Waker::new(poll.registry(), IDLE_WAKE).ok()?;
             let idle = Idle {
