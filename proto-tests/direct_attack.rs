@@ -6,7 +6,7 @@
 
 use mcstore_test_support as support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,4 +127,369 @@ fn a_frozen_direct_call_ends_by_its_deadline_while_others_wait_for_a_slot() {
         "a direct call with a {timeout:?} timeout took {took:?}"
     );
     rt.block_on(exact_async(&c, "slotwait:after", 100));
+}
+
+// ---------------------------------------------------------------------------------------
+// A checked caller: each caller owns its keys and a model of them; every result must be
+// what its own calls made. Under faults a failed call makes its key unknown: then a read
+// must still be one of the caller's own values for that key (or a miss).
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(usize, Vec<u8>, u32),
+    Get(usize),
+    Add(usize, Vec<u8>),
+    Delete(usize),
+    Incr(u64),
+    Append(usize, Vec<u8>),
+    /// A `gets`, then a `cas` with the unique it returned.
+    GetsCas(usize, Vec<u8>),
+}
+
+#[derive(Debug)]
+enum Out {
+    Unit,
+    Item(Option<(Vec<u8>, u32)>),
+    Bool(bool),
+    Num(Option<u64>),
+    /// The `gets`' item, then the `cas`' result (if it was made).
+    GetsCas(Option<Vec<u8>>, Option<mcstore::CasResult>),
+}
+
+/// Key 0 is a counter (a number, or unknown); keys 1.. hold the caller's values.
+const KEYS: usize = 4;
+
+struct Model {
+    tag: String,
+    rng: support::Rng,
+    seq: u64,
+    /// Each key's value (`None`: absent), or unknown after a failed call.
+    vals: Vec<Result<Option<Vec<u8>>, ()>>,
+    counter: Result<u64, ()>,
+    /// Every value the caller ever wrote, per key (what an unknown key may hold).
+    history: Vec<std::collections::HashSet<Vec<u8>>>,
+    oks: u64,
+    errors: u64,
+}
+
+impl Model {
+    fn new(tag: &str, seed: u64) -> Model {
+        Model {
+            tag: tag.to_string(),
+            rng: support::Rng(seed | 1),
+            seq: 0,
+            // Unknown at first: the first op on each key sets it.
+            vals: vec![Err(()); KEYS],
+            counter: Err(()),
+            history: vec![Default::default(); KEYS],
+            oks: 0,
+            errors: 0,
+        }
+    }
+
+    fn key(&self, k: usize) -> String {
+        format!("{}:k{k}", self.tag)
+    }
+
+    fn fresh(&mut self, k: usize) -> Vec<u8> {
+        self.seq += 1;
+        let v = format!("{}:k{k}:v{}", self.tag, self.seq).into_bytes();
+        self.history[k].insert(v.clone());
+        v
+    }
+
+    /// The next op: a set on an unknown key (to know it again), else a random one.
+    fn next_op(&mut self) -> Op {
+        let k = 1 + self.rng.below(KEYS as u64 - 1) as usize;
+        if self.rng.below(8) == 0 {
+            return match self.counter {
+                Ok(_) => Op::Incr(1 + self.rng.below(5)),
+                Err(()) => Op::Set(0, b"0".to_vec(), 0),
+            };
+        }
+        if self.vals[k].is_err() {
+            let v = self.fresh(k);
+            return Op::Set(k, v, self.seq as u32);
+        }
+        match self.rng.below(7) {
+            0 => {
+                let v = self.fresh(k);
+                Op::Set(k, v, self.seq as u32)
+            }
+            1 | 2 => Op::Get(k),
+            3 => Op::Add(k, self.fresh(k)),
+            4 => Op::Delete(k),
+            5 => {
+                self.seq += 1;
+                Op::Append(k, format!("+{}", self.seq).into_bytes())
+            }
+            _ => Op::GetsCas(k, self.fresh(k)),
+        }
+    }
+
+    /// Checks `out` against the model and updates it; `Err` results make the key unknown.
+    fn check(&mut self, op: &Op, out: mcstore::Result<Out>) {
+        let tag = self.tag.clone();
+        let out = match out {
+            Ok(o) => o,
+            Err(_) => {
+                self.errors += 1;
+                match op {
+                    Op::Incr(_) => self.counter = Err(()),
+                    Op::Set(0, ..) => self.counter = Err(()),
+                    Op::Set(k, ..)
+                    | Op::Get(k)
+                    | Op::Add(k, _)
+                    | Op::Delete(k)
+                    | Op::Append(k, _)
+                    | Op::GetsCas(k, _) => self.vals[*k] = Err(()),
+                }
+                return;
+            }
+        };
+        self.oks += 1;
+        match (op, out) {
+            (Op::Set(0, ..), Out::Unit) => self.counter = Ok(0),
+            (Op::Set(k, v, _), Out::Unit) => self.vals[*k] = Ok(Some(v.clone())),
+            (Op::Get(k), Out::Item(got)) => {
+                match &self.vals[*k] {
+                    Ok(want) => assert_eq!(
+                        got.as_ref().map(|(v, _)| v),
+                        want.as_ref(),
+                        "{tag}: get of k{k}: another caller's reply?"
+                    ),
+                    Err(()) => {
+                        if let Some((v, _)) = &got {
+                            assert!(
+                                self.history[*k].iter().any(|h| v.starts_with(h)),
+                                "{tag}: get of unknown k{k} gave a value never written: {:?}",
+                                String::from_utf8_lossy(v)
+                            );
+                        }
+                    }
+                }
+                self.vals[*k] = Ok(got.map(|(v, _)| v));
+            }
+            (Op::Add(k, v), Out::Bool(stored)) => {
+                let want = matches!(self.vals[*k], Ok(None));
+                assert_eq!(stored, want, "{tag}: add of k{k}");
+                if stored {
+                    self.vals[*k] = Ok(Some(v.clone()));
+                }
+            }
+            (Op::Delete(k), Out::Bool(existed)) => {
+                let want = matches!(self.vals[*k], Ok(Some(_)));
+                assert_eq!(existed, want, "{tag}: delete of k{k}");
+                self.vals[*k] = Ok(None);
+            }
+            (Op::Incr(d), Out::Num(n)) => {
+                let want = self.counter.expect("incr only on a known counter") + d;
+                assert_eq!(n, Some(want), "{tag}: incr by {d}");
+                self.counter = Ok(want);
+            }
+            (Op::Append(k, v), Out::Bool(stored)) => {
+                let cur = self.vals[*k].clone().expect("append on a known key");
+                assert_eq!(stored, cur.is_some(), "{tag}: append to k{k}");
+                if let Some(mut c) = cur {
+                    c.extend_from_slice(v);
+                    self.vals[*k] = Ok(Some(c));
+                }
+            }
+            (Op::GetsCas(k, v), Out::GetsCas(got, cas)) => {
+                let cur = self.vals[*k].clone().expect("gets on a known key");
+                assert_eq!(got, cur, "{tag}: gets of k{k}");
+                match cas {
+                    None => assert!(got.is_none(), "{tag}: no cas after a hit"),
+                    Some(r) => {
+                        assert_eq!(r, mcstore::CasResult::Stored, "{tag}: cas of k{k}");
+                        self.vals[*k] = Ok(Some(v.clone()));
+                    }
+                }
+            }
+            (op, out) => panic!("{tag}: {op:?} gave {out:?}"),
+        }
+    }
+}
+
+async fn op_async(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
+    let o = SetOptions::default;
+    Ok(match op {
+        Op::Set(k, v, f) => {
+            let opts = SetOptions { flags: *f, ..o() };
+            c.set_async(m.key(*k).as_bytes(), v, opts).await?;
+            Out::Unit
+        }
+        Op::Get(k) => Out::Item(
+            c.get_async(m.key(*k).as_bytes())
+                .await?
+                .map(|i| (i.value, i.flags)),
+        ),
+        Op::Add(k, v) => Out::Bool(c.add_async(m.key(*k).as_bytes(), v, o()).await?),
+        Op::Delete(k) => Out::Bool(c.delete_async(m.key(*k).as_bytes()).await?),
+        Op::Incr(d) => Out::Num(c.incr_async(m.key(0).as_bytes(), *d).await?),
+        Op::Append(k, v) => Out::Bool(c.append_async(m.key(*k).as_bytes(), v).await?),
+        Op::GetsCas(k, v) => {
+            let key = m.key(*k);
+            match c.gets_async(key.as_bytes()).await? {
+                None => Out::GetsCas(None, None),
+                Some(i) => {
+                    let cas = i.cas.expect("gets gives a cas unique");
+                    let r = c.cas_async(key.as_bytes(), v, cas, o()).await?;
+                    Out::GetsCas(Some(i.value), Some(r))
+                }
+            }
+        }
+    })
+}
+
+fn op_blocking(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
+    let o = SetOptions::default;
+    Ok(match op {
+        Op::Set(k, v, f) => {
+            let opts = SetOptions { flags: *f, ..o() };
+            c.set(m.key(*k).as_bytes(), v, opts)?;
+            Out::Unit
+        }
+        Op::Get(k) => Out::Item(c.get(m.key(*k).as_bytes())?.map(|i| (i.value, i.flags))),
+        Op::Add(k, v) => Out::Bool(c.add(m.key(*k).as_bytes(), v, o())?),
+        Op::Delete(k) => Out::Bool(c.delete(m.key(*k).as_bytes())?),
+        Op::Incr(d) => Out::Num(c.incr(m.key(0).as_bytes(), *d)?),
+        Op::Append(k, v) => Out::Bool(c.append(m.key(*k).as_bytes(), v)?),
+        Op::GetsCas(k, v) => {
+            let key = m.key(*k);
+            match c.gets(key.as_bytes())? {
+                None => Out::GetsCas(None, None),
+                Some(i) => {
+                    let cas = i.cas.expect("gets gives a cas unique");
+                    let r = c.cas(key.as_bytes(), v, cas, o())?;
+                    Out::GetsCas(Some(i.value), Some(r))
+                }
+            }
+        }
+    })
+}
+
+/// One checked async step.
+async fn step_async(c: &SharedClient, m: &mut Model) {
+    let op = m.next_op();
+    let out = op_async(c, m, &op).await;
+    if let Err(e) = &out {
+        panic!("{}: {op:?} failed: {e}", m.tag);
+    }
+    m.check(&op, out);
+}
+
+/// One checked blocking step.
+fn step_blocking(c: &SharedClient, m: &mut Model) {
+    let op = m.next_op();
+    let out = op_blocking(c, m, &op);
+    if let Err(e) = &out {
+        panic!("{}: {op:?} failed: {e}", m.tag);
+    }
+    m.check(&op, out);
+}
+
+/// Runs futures concurrently (all polled on each wake) until every one is done.
+async fn join_all<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
+    let mut futs: Vec<_> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for f in futs.iter_mut() {
+            if let Some(fut) = f {
+                if fut.as_mut().poll(cx).is_ready() {
+                    *f = None;
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await
+}
+
+/// A small random pause (in microseconds, up to `max`), on the runtime's timer.
+async fn pause(rng: &mut support::Rng, max: u64) {
+    let us = rng.below(max + 1);
+    if us > 0 {
+        tokio::time::sleep(Duration::from_micros(us)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Lone tasks, bursts of tasks and blocking threads, all at once.
+// ---------------------------------------------------------------------------------------
+
+/// A lone task's calls (direct while nothing else is in flight), a task that alternates
+/// pauses with bursts of six concurrent calls (so the lone task's calls flip between direct
+/// and queued), and two blocking threads (made on the lane when it is free, reading a
+/// direct call's unread reply first): every protocol, one and two connections, pipeline
+/// depths 1 and 16. Every result must be its own caller's.
+#[test]
+fn lone_tasks_bursts_and_blocking_threads_get_only_their_own_results() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        for (lanes, depth) in [(1, 1), (1, 16), (2, 16), (2, 1)] {
+            let tag = format!("mix:{p:?}:{lanes}:{depth}");
+            let c = builder(&mc.addr(), p, Duration::from_secs(5))
+                .connections_per_server(lanes)
+                .pipeline_depth(depth)
+                .build()
+                .unwrap();
+            let rt = multi_rt(2);
+            rt.block_on(warm_until_direct(&c, &tag));
+            let before = c.direct_calls();
+            let steps = 400;
+            std::thread::scope(|s| {
+                for t in 0..2u64 {
+                    let (c, tag) = (&c, &tag);
+                    s.spawn(move || {
+                        let mut m = Model::new(&format!("{tag}:thread{t}"), 11 + t);
+                        let mut rng = support::Rng(99 + t);
+                        for _ in 0..steps / 2 {
+                            step_blocking(c, &mut m);
+                            let us = rng.below(400);
+                            if us > 200 {
+                                std::thread::sleep(Duration::from_micros(us));
+                            }
+                        }
+                    });
+                }
+                let lone = {
+                    let (c, tag) = (c.clone(), tag.clone());
+                    rt.spawn(async move {
+                        let mut m = Model::new(&format!("{tag}:lone"), 7);
+                        for _ in 0..steps {
+                            step_async(&c, &mut m).await;
+                        }
+                    })
+                };
+                let burst = {
+                    let (c, tag) = (c.clone(), tag.clone());
+                    rt.spawn(async move {
+                        let mut ms: Vec<Model> = (0..6)
+                            .map(|i| Model::new(&format!("{tag}:burst{i}"), 1000 + i))
+                            .collect();
+                        let mut rng = support::Rng(5);
+                        for _ in 0..steps / 6 {
+                            let c = &c;
+                            join_all(ms.iter_mut().map(|m| step_async(c, m)).collect()).await;
+                            pause(&mut rng, 2000).await;
+                        }
+                    })
+                };
+                rt.block_on(lone).unwrap();
+                rt.block_on(burst).unwrap();
+            });
+            let after = c.direct_calls();
+            eprintln!("{tag}: {} direct", after - before);
+            assert!(after > before, "{tag}: no direct call under the mix");
+            rt.block_on(exact_async(&c, &format!("{tag}:after"), 50));
+        }
+    }
 }
