@@ -229,11 +229,11 @@ impl Model {
     }
 
     /// Checks `out` against the model and updates it; `Err` results make the key unknown.
-    fn check(&mut self, op: &Op, out: mcstore::Result<Out>) {
+    fn check(&mut self, op: &Op, out: Option<Out>) {
         let tag = self.tag.clone();
         let out = match out {
-            Ok(o) => o,
-            Err(_) => {
+            Some(o) => o,
+            None => {
                 self.errors += 1;
                 match op {
                     Op::Incr(_) => self.counter = Err(()),
@@ -374,20 +374,20 @@ fn op_blocking(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
 async fn step_async(c: &SharedClient, m: &mut Model) {
     let op = m.next_op();
     let out = op_async(c, m, &op).await;
-    if let Err(e) = &out {
-        panic!("{}: {op:?} failed: {e}", m.tag);
+    match out {
+        Ok(out) => m.check(&op, Some(out)),
+        Err(e) => panic!("{}: {op:?} failed: {e}", m.tag),
     }
-    m.check(&op, out);
 }
 
 /// One checked blocking step.
 fn step_blocking(c: &SharedClient, m: &mut Model) {
     let op = m.next_op();
     let out = op_blocking(c, m, &op);
-    if let Err(e) = &out {
-        panic!("{}: {op:?} failed: {e}", m.tag);
+    match out {
+        Ok(out) => m.check(&op, Some(out)),
+        Err(e) => panic!("{}: {op:?} failed: {e}", m.tag),
     }
-    m.check(&op, out);
 }
 
 /// Runs futures concurrently (all polled on each wake) until every one is done.
@@ -489,6 +489,115 @@ fn lone_tasks_bursts_and_blocking_threads_get_only_their_own_results() {
             let after = c.direct_calls();
             eprintln!("{tag}: {} direct", after - before);
             assert!(after > before, "{tag}: no direct call under the mix");
+            rt.block_on(exact_async(&c, &format!("{tag}:after"), 50));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Futures dropped early: after their first poll, or at random tiny timeouts.
+// ---------------------------------------------------------------------------------------
+
+/// Polls `f` once (a direct call writes its request on its first poll), then drops it;
+/// its output if that one poll finished it.
+async fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).ready())).await
+}
+
+trait ReadyExt<T> {
+    fn ready(self) -> Option<T>;
+}
+
+impl<T> ReadyExt<T> for std::task::Poll<T> {
+    fn ready(self) -> Option<T> {
+        match self {
+            std::task::Poll::Ready(t) => Some(t),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
+/// One checked async step that may be cut short: dropped after its first poll, or given a
+/// random timeout of up to 300 µs, or run to the end (then it must succeed). A call cut
+/// short makes its key unknown; one that finished must be exact.
+async fn step_maybe_dropped(c: &SharedClient, m: &mut Model, rng: &mut support::Rng) {
+    let op = m.next_op();
+    let out = match rng.below(4) {
+        0 => poll_once(op_async(c, m, &op)).await,
+        1 => {
+            let d = Duration::from_micros(rng.below(300));
+            tokio::time::timeout(d, op_async(c, m, &op)).await.ok()
+        }
+        _ => Some(op_async(c, m, &op).await),
+    };
+    match out {
+        None => m.check(&op, None),
+        Some(Ok(out)) => m.check(&op, Some(out)),
+        Some(Err(e)) => panic!("{}: {op:?} failed: {e}", m.tag),
+    }
+}
+
+/// Three tasks on a two-worker runtime whose calls are often cut short (dropped after the
+/// first poll, with the request written and the reply unread, or at tiny timeouts), with
+/// pauses between them so that many are lone (direct), beside a blocking thread; one
+/// connection (a call dropped on the wire runs before the calls made after it), four
+/// request slots (a leaked slot would soon time out every call). Every finished call is
+/// exact, and afterwards every caller's calls are exact again.
+#[test]
+fn futures_cut_short_at_random_leave_every_other_result_exact_and_no_slot_leaked() {
+    let mc = Memcached::start();
+    for p in PROTOCOLS {
+        for depth in [1, 16] {
+            let tag = format!("cut:{p:?}:{depth}");
+            let c = builder(&mc.addr(), p, Duration::from_secs(5))
+                .pipeline_depth(depth)
+                .max_in_flight(4)
+                .build()
+                .unwrap();
+            let rt = multi_rt(2);
+            rt.block_on(warm_until_direct(&c, &tag));
+            let before = c.direct_calls();
+            let steps = 300;
+            std::thread::scope(|s| {
+                let (cb, tagb) = (&c, &tag);
+                s.spawn(move || {
+                    let mut m = Model::new(&format!("{tagb}:thread"), 3);
+                    let mut rng = support::Rng(31);
+                    for _ in 0..steps / 2 {
+                        step_blocking(cb, &mut m);
+                        let us = rng.below(600);
+                        if us > 300 {
+                            std::thread::sleep(Duration::from_micros(us));
+                        }
+                    }
+                });
+                let tasks: Vec<_> = (0..3u64)
+                    .map(|t| {
+                        let (c, tag) = (c.clone(), tag.clone());
+                        rt.spawn(async move {
+                            let mut m = Model::new(&format!("{tag}:task{t}"), 50 + t);
+                            let mut rng = support::Rng(77 + t);
+                            for _ in 0..steps {
+                                step_maybe_dropped(&c, &mut m, &mut rng).await;
+                                pause(&mut rng, 1500).await;
+                            }
+                            // Then only whole calls: exact again (unknown keys are set).
+                            for _ in 0..60 {
+                                step_async(&c, &mut m).await;
+                            }
+                            (m.oks, m.errors)
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    let (oks, cut) = rt.block_on(t).unwrap();
+                    assert!(oks > 100 && cut > 20, "{tag}: {oks} whole, {cut} cut short");
+                }
+            });
+            let after = c.direct_calls();
+            eprintln!("{tag}: {} direct", after - before);
+            assert!(after > before + 50, "{tag}: few direct calls");
             rt.block_on(exact_async(&c, &format!("{tag}:after"), 50));
         }
     }
