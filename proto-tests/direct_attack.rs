@@ -137,7 +137,7 @@ fn a_frozen_direct_call_ends_by_its_deadline_while_others_wait_for_a_slot() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Set(usize, Vec<u8>, u32),
+    Set(usize, Vec<u8>),
     Get(usize),
     Add(usize, Vec<u8>),
     Delete(usize),
@@ -171,6 +171,10 @@ struct Model {
     history: Vec<std::collections::HashSet<Vec<u8>>>,
     oks: u64,
     errors: u64,
+    /// Under faults: a call that failed may still run later (on a server that resumes,
+    /// after the calls made on the next connection), so only what a read may be is
+    /// checked: a value of this caller's for that key (or a miss), with its own flags.
+    loose: bool,
 }
 
 impl Model {
@@ -185,6 +189,7 @@ impl Model {
             history: vec![Default::default(); KEYS],
             oks: 0,
             errors: 0,
+            loose: false,
         }
     }
 
@@ -204,18 +209,18 @@ impl Model {
         let k = 1 + self.rng.below(KEYS as u64 - 1) as usize;
         if self.rng.below(8) == 0 {
             return match self.counter {
-                Ok(_) => Op::Incr(1 + self.rng.below(5)),
-                Err(()) => Op::Set(0, b"0".to_vec(), 0),
+                Err(()) if !self.loose => Op::Set(0, b"0".to_vec()),
+                _ => Op::Incr(1 + self.rng.below(5)),
             };
         }
-        if self.vals[k].is_err() {
+        if self.vals[k].is_err() && !self.loose {
             let v = self.fresh(k);
-            return Op::Set(k, v, self.seq as u32);
+            return Op::Set(k, v);
         }
         match self.rng.below(7) {
             0 => {
                 let v = self.fresh(k);
-                Op::Set(k, v, self.seq as u32)
+                Op::Set(k, v)
             }
             1 | 2 => Op::Get(k),
             3 => Op::Add(k, self.fresh(k)),
@@ -249,9 +254,15 @@ impl Model {
             }
         };
         self.oks += 1;
+        if let Out::Item(Some((v, f))) = &out {
+            assert_eq!(*f, flags_of(v), "{tag}: a value with another value's flags");
+        }
+        if self.loose {
+            return self.check_loose(op, out);
+        }
         match (op, out) {
             (Op::Set(0, ..), Out::Unit) => self.counter = Ok(0),
-            (Op::Set(k, v, _), Out::Unit) => self.vals[*k] = Ok(Some(v.clone())),
+            (Op::Set(k, v), Out::Unit) => self.vals[*k] = Ok(Some(v.clone())),
             (Op::Get(k), Out::Item(got)) => {
                 match &self.vals[*k] {
                     Ok(want) => assert_eq!(
@@ -310,14 +321,48 @@ impl Model {
             (op, out) => panic!("{tag}: {op:?} gave {out:?}"),
         }
     }
+
+    fn check_loose(&mut self, op: &Op, out: Out) {
+        let tag = &self.tag;
+        let own = |k: usize, v: &Option<Vec<u8>>| {
+            if let Some(v) = v {
+                assert!(
+                    self.history[k].iter().any(|h| v.starts_with(h)),
+                    "{tag}: k{k} holds a value never written for it: {:?}",
+                    String::from_utf8_lossy(v)
+                );
+            }
+        };
+        match (op, &out) {
+            (Op::Get(k), Out::Item(got)) => own(*k, &got.as_ref().map(|(v, _)| v.clone())),
+            (Op::GetsCas(k, _), Out::GetsCas(got, _)) => own(*k, got),
+            (Op::Set(..) | Op::Incr(_), _) => {}
+            (Op::Add(..) | Op::Delete(_) | Op::Append(..), Out::Bool(_)) => {}
+            (op, out) => panic!("{tag}: {op:?} gave {out:?}"),
+        }
+    }
+}
+
+/// The flags a value is stored with: its sequence number (`...:v{seq}`), so that a reply's
+/// flags and value can be checked to belong together.
+fn flags_of(v: &[u8]) -> u32 {
+    let s = std::str::from_utf8(v).unwrap_or("");
+    let Some(at) = s.rfind(":v") else { return 0 };
+    let digits: String = s[at + 2..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or(0)
 }
 
 async fn op_async(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
-    let o = SetOptions::default;
+    let o = |v: &[u8]| SetOptions {
+        flags: flags_of(v),
+        ..SetOptions::default()
+    };
     Ok(match op {
-        Op::Set(k, v, f) => {
-            let opts = SetOptions { flags: *f, ..o() };
-            c.set_async(m.key(*k).as_bytes(), v, opts).await?;
+        Op::Set(k, v) => {
+            c.set_async(m.key(*k).as_bytes(), v, o(v)).await?;
             Out::Unit
         }
         Op::Get(k) => Out::Item(
@@ -325,7 +370,7 @@ async fn op_async(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> 
                 .await?
                 .map(|i| (i.value, i.flags)),
         ),
-        Op::Add(k, v) => Out::Bool(c.add_async(m.key(*k).as_bytes(), v, o()).await?),
+        Op::Add(k, v) => Out::Bool(c.add_async(m.key(*k).as_bytes(), v, o(v)).await?),
         Op::Delete(k) => Out::Bool(c.delete_async(m.key(*k).as_bytes()).await?),
         Op::Incr(d) => Out::Num(c.incr_async(m.key(0).as_bytes(), *d).await?),
         Op::Append(k, v) => Out::Bool(c.append_async(m.key(*k).as_bytes(), v).await?),
@@ -335,7 +380,7 @@ async fn op_async(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> 
                 None => Out::GetsCas(None, None),
                 Some(i) => {
                     let cas = i.cas.expect("gets gives a cas unique");
-                    let r = c.cas_async(key.as_bytes(), v, cas, o()).await?;
+                    let r = c.cas_async(key.as_bytes(), v, cas, o(v)).await?;
                     Out::GetsCas(Some(i.value), Some(r))
                 }
             }
@@ -344,15 +389,17 @@ async fn op_async(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> 
 }
 
 fn op_blocking(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
-    let o = SetOptions::default;
+    let o = |v: &[u8]| SetOptions {
+        flags: flags_of(v),
+        ..SetOptions::default()
+    };
     Ok(match op {
-        Op::Set(k, v, f) => {
-            let opts = SetOptions { flags: *f, ..o() };
-            c.set(m.key(*k).as_bytes(), v, opts)?;
+        Op::Set(k, v) => {
+            c.set(m.key(*k).as_bytes(), v, o(v))?;
             Out::Unit
         }
         Op::Get(k) => Out::Item(c.get(m.key(*k).as_bytes())?.map(|i| (i.value, i.flags))),
-        Op::Add(k, v) => Out::Bool(c.add(m.key(*k).as_bytes(), v, o())?),
+        Op::Add(k, v) => Out::Bool(c.add(m.key(*k).as_bytes(), v, o(v))?),
         Op::Delete(k) => Out::Bool(c.delete(m.key(*k).as_bytes())?),
         Op::Incr(d) => Out::Num(c.incr(m.key(0).as_bytes(), *d)?),
         Op::Append(k, v) => Out::Bool(c.append(m.key(*k).as_bytes(), v)?),
@@ -362,7 +409,7 @@ fn op_blocking(c: &SharedClient, m: &Model, op: &Op) -> mcstore::Result<Out> {
                 None => Out::GetsCas(None, None),
                 Some(i) => {
                     let cas = i.cas.expect("gets gives a cas unique");
-                    let r = c.cas(key.as_bytes(), v, cas, o())?;
+                    let r = c.cas(key.as_bytes(), v, cas, o(v))?;
                     Out::GetsCas(Some(i.value), Some(r))
                 }
             }
@@ -601,4 +648,126 @@ fn futures_cut_short_at_random_leave_every_other_result_exact_and_no_slot_leaked
             rt.block_on(exact_async(&c, &format!("{tag}:after"), 50));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Faults: a server frozen and resumed at random (SIGSTOP / SIGCONT), killed and
+//    restarted, connections cut mid-reply.
+// ---------------------------------------------------------------------------------------
+
+/// The longest any one step may take (a gets-and-cas is two calls), far above the timeout.
+fn step_bound(timeout: Duration) -> Duration {
+    timeout * 4 + Duration::from_secs(4)
+}
+
+/// One loosely checked async step (errors allowed), bounded in time.
+async fn step_loose_async(c: &SharedClient, m: &mut Model, timeout: Duration) {
+    let op = m.next_op();
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), op_async(c, m, &op))
+        .await
+        .unwrap_or_else(|_| panic!("{}: {op:?} hung for a minute", m.tag));
+    let took = started.elapsed();
+    assert!(
+        took < step_bound(timeout),
+        "{}: {op:?} took {took:?} with a {timeout:?} timeout",
+        m.tag
+    );
+    m.check(&op, out.ok());
+}
+
+/// One loosely checked blocking step (errors allowed), bounded in time.
+fn step_loose_blocking(c: &SharedClient, m: &mut Model, timeout: Duration) {
+    let op = m.next_op();
+    let started = Instant::now();
+    let out = op_blocking(c, m, &op);
+    let took = started.elapsed();
+    assert!(
+        took < step_bound(timeout),
+        "{}: {op:?} took {took:?} with a {timeout:?} timeout",
+        m.tag
+    );
+    m.check(&op, out.ok());
+}
+
+/// Lone async callers and a blocking thread, loosely checked, while another thread freezes
+/// and resumes the server at random: every call ends in time and every read is its own
+/// caller's; once the server runs again, every caller is exact.
+fn jitter_under(p: Protocol, lanes: usize, depth: usize) {
+    let mc = Memcached::start();
+    let timeout = Duration::from_millis(250);
+    let tag = format!("jit:{p:?}:{lanes}:{depth}");
+    let c = builder(&mc.addr(), p, timeout)
+        .connections_per_server(lanes)
+        .pipeline_depth(depth)
+        .max_in_flight(4)
+        .build()
+        .unwrap();
+    let rt = multi_rt(2);
+    rt.block_on(warm_until_direct(&c, &tag));
+    let before = c.direct_calls();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_arc = Arc::clone(&stop);
+    std::thread::scope(|s| {
+        let (c, tag, stop) = (&c, &tag, &*stop);
+        let jitter = s.spawn(|| {
+            let mut rng = support::Rng(4242);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(2000) {
+                mc.freeze();
+                std::thread::sleep(Duration::from_millis(rng.below(500)));
+                mc.resume();
+                std::thread::sleep(Duration::from_millis(rng.below(60)));
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        s.spawn(move || {
+            let mut m = Model::new(&format!("{tag}:thread"), 17);
+            m.loose = true;
+            let mut rng = support::Rng(23);
+            while !stop.load(Ordering::SeqCst) {
+                step_loose_blocking(c, &mut m, timeout);
+                std::thread::sleep(Duration::from_micros(rng.below(3000)));
+            }
+        });
+        let tasks: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(&stop_arc));
+                rt.spawn(async move {
+                    let mut m = Model::new(&format!("{tag}:task{t}"), 61 + t);
+                    m.loose = true;
+                    let mut rng = support::Rng(91 + t);
+                    while !stop.load(Ordering::SeqCst) {
+                        step_loose_async(&c, &mut m, timeout).await;
+                        pause(&mut rng, 1000 + 2000 * t).await;
+                    }
+                    (m.oks, m.errors)
+                })
+            })
+            .collect();
+        jitter.join().unwrap();
+        for t in tasks {
+            let (oks, errors) = rt.block_on(t).unwrap();
+            eprintln!("{tag}: {oks} ok, {errors} failed");
+        }
+    });
+    let after = c.direct_calls();
+    eprintln!("{tag}: {} direct", after - before);
+    assert!(after > before, "{tag}: no direct call");
+    // Running again: exact, and no slot leaked (four slots).
+    rt.block_on(async {
+        exact_async(&c, &format!("{tag}:after"), 100).await;
+        let mut m = Model::new(&format!("{tag}:strict"), 5);
+        for _ in 0..200 {
+            step_async(&c, &mut m).await;
+        }
+    });
+}
+
+#[test]
+fn a_server_frozen_and_resumed_at_random_bounds_every_call_and_keeps_reads_own() {
+    for p in PROTOCOLS {
+        jitter_under(p, 1, 16);
+    }
+    jitter_under(Protocol::Meta, 2, 1);
 }
