@@ -941,3 +941,94 @@ fn connections_cut_mid_reply_and_a_restarted_server_under_direct_calls() {
         });
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. Unix sockets and TLS.
+// ---------------------------------------------------------------------------------------
+
+/// A lone checked task beside a blocking thread and bursts (as test 2, smaller).
+fn mixed_exact(c: &SharedClient, tag: &str) {
+    let rt = multi_rt(2);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut m = Model::new(&format!("{tag}:thread"), 41);
+            let mut rng = support::Rng(43);
+            for _ in 0..150 {
+                step_blocking(c, &mut m);
+                std::thread::sleep(Duration::from_micros(rng.below(600)));
+            }
+        });
+        let lone = {
+            let (c, tag) = (c.clone(), tag.to_string());
+            rt.spawn(async move {
+                let mut m = Model::new(&format!("{tag}:lone"), 47);
+                let mut rng = support::Rng(53);
+                for n in 0..300 {
+                    step_async(&c, &mut m).await;
+                    if n % 3 == 0 {
+                        pause(&mut rng, 500).await;
+                    }
+                }
+            })
+        };
+        let burst = {
+            let (c, tag) = (c.clone(), tag.to_string());
+            rt.spawn(async move {
+                let mut ms: Vec<Model> = (0..4)
+                    .map(|i| Model::new(&format!("{tag}:burst{i}"), 300 + i))
+                    .collect();
+                let mut rng = support::Rng(59);
+                for _ in 0..40 {
+                    let c = &c;
+                    join_all(ms.iter_mut().map(|m| step_async(c, m)).collect()).await;
+                    pause(&mut rng, 3000).await;
+                }
+            })
+        };
+        rt.block_on(lone).unwrap();
+        rt.block_on(burst).unwrap();
+    });
+}
+
+/// Over a Unix socket direct calls are made, and every result is its caller's.
+#[test]
+fn direct_calls_over_a_unix_socket_are_exact() {
+    let mc = Memcached::start_unix();
+    for p in PROTOCOLS {
+        let tag = format!("unix:{p:?}");
+        let c = builder(&mc.addr(), p, Duration::from_secs(5))
+            .max_in_flight(8)
+            .build()
+            .unwrap();
+        multi_rt(1).block_on(warm_until_direct(&c, &tag));
+        let before = c.direct_calls();
+        mixed_exact(&c, &tag);
+        assert!(c.direct_calls() > before, "{tag}: no direct call");
+    }
+}
+
+/// Over TLS a socket's readiness is not the replies' (records are buffered): no call goes
+/// direct, and every result is its caller's.
+#[cfg(feature = "tls")]
+#[test]
+fn over_tls_no_call_goes_direct_and_every_result_is_exact() {
+    let certs = support::tls::certs();
+    let args = support::tls::server_args(&certs.server);
+    let mc = Memcached::with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    for p in PROTOCOLS {
+        let tag = format!("tls:{p:?}");
+        let c = mcstore::Client::builder()
+            .protocol(p)
+            .server(mc.addr())
+            .io_timeout(Duration::from_secs(5))
+            .tls(support::tls::client_config(false))
+            .shared()
+            .io_mode(IoMode::Adaptive)
+            .max_in_flight(8)
+            .build()
+            .unwrap();
+        multi_rt(1).block_on(exact_async(&c, &format!("{tag}:alone"), 100));
+        mixed_exact(&c, &tag);
+        assert_eq!(c.direct_calls(), 0, "{tag}: direct calls over TLS");
+    }
+}
