@@ -27,6 +27,15 @@ fn builder(addr: &str, p: Protocol, timeout: Duration) -> mcstore::SharedClientB
         .io_mode(IoMode::Adaptive)
 }
 
+/// Sets its flag when dropped (also when the test's driver panics: the workers end).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 fn multi_rt(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -709,6 +718,7 @@ fn jitter_under(p: Protocol, lanes: usize, depth: usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop_arc = Arc::clone(&stop);
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(Arc::clone(&stop_arc));
         let (c, tag, stop) = (&c, &tag, &*stop);
         let jitter = s.spawn(|| {
             let mut rng = support::Rng(4242);
@@ -879,6 +889,7 @@ fn connections_cut_mid_reply_and_a_restarted_server_under_direct_calls() {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_arc = Arc::clone(&stop);
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(Arc::clone(&stop_arc));
             let (c, tag, stop) = (&c, &tag, &*stop);
             s.spawn(move || {
                 let mut m = Model::new(&format!("{tag}:thread"), 19);
@@ -1030,5 +1041,89 @@ fn over_tls_no_call_goes_direct_and_every_result_is_exact() {
         multi_rt(1).block_on(exact_async(&c, &format!("{tag}:alone"), 100));
         mixed_exact(&c, &tag);
         assert_eq!(c.direct_calls(), 0, "{tag}: direct calls over TLS");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Live server list changes under direct calls.
+// ---------------------------------------------------------------------------------------
+
+/// Two servers; the list flips between both, either one alone, and both again, while lone
+/// async callers (direct) and a blocking thread run: a server leaves while a direct call's
+/// reply is unread on its lane. Every call ends in time and every read is its caller's; once
+/// the list settles, everything is exact.
+#[test]
+fn servers_leaving_and_joining_under_direct_calls_keep_reads_own_and_bounded() {
+    let (a, b) = (Memcached::start(), Memcached::start());
+    let both = [a.addr(), b.addr()];
+    for p in PROTOCOLS {
+        let tag = format!("list:{p:?}");
+        let timeout = Duration::from_millis(500);
+        let c = support::client_builder()
+            .protocol(p)
+            .servers(both.to_vec())
+            .distribution(mcstore::ring::Distribution::Ketama)
+            .io_timeout(timeout)
+            .connect_timeout(timeout)
+            .shared()
+            .max_in_flight(4)
+            .build()
+            .unwrap();
+        let rt = multi_rt(2);
+        rt.block_on(warm_until_direct(&c, &tag));
+        let before = c.direct_calls();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_arc = Arc::clone(&stop);
+        std::thread::scope(|s| {
+            let _stop = StopOnDrop(Arc::clone(&stop_arc));
+            let (c, tag, stop) = (&c, &tag, &*stop);
+            s.spawn(move || {
+                let mut m = Model::new(&format!("{tag}:thread"), 83);
+                m.loose = true;
+                let mut rng = support::Rng(89);
+                while !stop.load(Ordering::SeqCst) {
+                    step_loose_blocking(c, &mut m, timeout);
+                    std::thread::sleep(Duration::from_micros(rng.below(3000)));
+                }
+            });
+            let tasks: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(&stop_arc));
+                    rt.spawn(async move {
+                        let mut m = Model::new(&format!("{tag}:task{t}"), 97 + t);
+                        m.loose = true;
+                        let mut rng = support::Rng(101 + t);
+                        while !stop.load(Ordering::SeqCst) {
+                            step_loose_async(&c, &mut m, timeout).await;
+                            pause(&mut rng, 300 + 1500 * t).await;
+                        }
+                        (m.oks, m.errors)
+                    })
+                })
+                .collect();
+            let lists: [&[String]; 4] = [&both[..1], &both[..], &both[1..], &both[..]];
+            let mut rng = support::Rng(103);
+            for n in 0..120 {
+                c.server_list().set(lists[n % 4].iter()).unwrap();
+                std::thread::sleep(Duration::from_micros(rng.below(20_000)));
+            }
+            stop.store(true, Ordering::SeqCst);
+            for t in tasks {
+                let (oks, errors) = rt.block_on(t).unwrap();
+                eprintln!("{tag}: {oks} ok, {errors} failed");
+                assert!(oks > 50, "{tag}: {oks} calls succeeded");
+            }
+        });
+        let after = c.direct_calls();
+        eprintln!("{tag}: {} direct", after - before);
+        assert!(after > before, "{tag}: no direct call");
+        c.server_list().set(both.iter()).unwrap();
+        rt.block_on(async {
+            exact_async(&c, &format!("{tag}:after"), 100).await;
+            let mut m = Model::new(&format!("{tag}:strict"), 5);
+            for _ in 0..200 {
+                step_async(&c, &mut m).await;
+            }
+        });
     }
 }
