@@ -1130,16 +1130,18 @@ impl Engine {
                     drop(q);
                     // Wakes at least once per timeout: a direct round written since must
                     // fail by its deadline if no reply comes.
-                    let polled = own.poll.poll(&mut own.events, Some(self.timeout));
+                    // An error (EINTR) is a wake like any other.
+                    let _ = own.poll.poll(&mut own.events, Some(self.timeout));
                     q = lock(&self.queue);
                     idle.polling.store(false, Ordering::SeqCst);
                     q.io_idle -= 1;
-                    let socket = (own.events.iter()).any(|e| e.token() == IDLE_SOCKET);
-                    if socket || own.events.is_empty() || polled.is_err() {
-                        // A reply (or a timeout) for a direct round: read on the lane.
-                        for_socket = socket;
-                        break;
-                    }
+                    // Whatever woke it (a reply, the timeout, or a kick with nothing
+                    // queued: a caller waiting for a slot), the lane is looked at: a
+                    // direct call's reply unread there is read, or fails by its deadline.
+                    // Polling again for a whole timeout after each kick would let kicks
+                    // keep it from ever failing a frozen server's direct call.
+                    for_socket = (own.events.iter()).any(|e| e.token() == IDLE_SOCKET);
+                    break;
                 }
                 self.set_io_busy(&q);
             }

@@ -701,8 +701,10 @@ impl SharedClient {
             .filter_map(|e| {
                 // Each lane counts its own connection's calls.
                 let mut sum: Option<(String, ServerCounters)> = None;
-                for lane in e.lanes.iter() {
-                    let mut st = lock(lane);
+                for lane in 0..e.lanes.len() {
+                    // A direct call's reply unread there is read first: `maybe_rejoin` may
+                    // replace the connection.
+                    let mut st = e.lock_lane(lane);
                     st.client.engine().0.maybe_rejoin();
                     let mut all = st.client.server_counters();
                     let at = all.iter().position(|(l, _)| *l == e.label)?;
