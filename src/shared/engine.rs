@@ -440,6 +440,8 @@ impl Engine {
         } = st;
         client.pinned(self.server, |c| {
             while let Some((p, mut sent, _)) = pending.pop_front() {
+                // Not across a read (an I/O thread's held wakes).
+                release_wakes();
                 while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
                 self.finish(&mut works[p]);
             }
@@ -679,6 +681,11 @@ impl Engine {
     /// before them, until the queue is empty and every reply read (see
     /// [`pipeline`](Self::pipeline)).
     pub(super) fn round(&self, st: &mut State, pipelined: bool) -> bool {
+        let pipelined = pipelined && st.works.len() > 1;
+        if !pipelined {
+            // A direct round unread is read before this round goes out on its own.
+            self.settle(st);
+        }
         let State {
             client,
             works,
@@ -686,19 +693,7 @@ impl Engine {
             lane,
         } = st;
         let busy = &self.busy_since[*lane];
-        let pipelined = pipelined && works.len() > 1;
         let server = self.server;
-        if !pending.is_empty() && !pipelined {
-            // A direct round is unread: read before this round goes out on its own.
-            client.pinned(server, |c| {
-                while let Some((p, mut sent, _)) = pending.pop_front() {
-                    release_wakes();
-                    while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
-                    self.finish(&mut works[p]);
-                }
-            });
-            busy.store(0, Ordering::Relaxed);
-        }
         // The lowest work no unread round holds (the first, but behind a direct round).
         let w = (0..works.len())
             .find(|&w| pending.iter().all(|(p, ..)| *p != w))
