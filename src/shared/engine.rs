@@ -438,14 +438,7 @@ impl Engine {
             pending,
             lane,
         } = st;
-        client.pinned(self.server, |c| {
-            while let Some((p, mut sent, _)) = pending.pop_front() {
-                // Not across a read (an I/O thread's held wakes).
-                release_wakes();
-                while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
-                self.finish(&mut works[p]);
-            }
-        });
+        client.pinned(self.server, |c| self.read_all(c, works, pending));
         self.busy_since[*lane].store(0, Ordering::Relaxed);
     }
 
@@ -675,6 +668,22 @@ impl Engine {
         }
     }
 
+    /// Reads every round written and unread on `c`'s connection, oldest first, completing
+    /// their requests.
+    fn read_all(
+        &self,
+        c: &mut Client,
+        works: &mut [Work],
+        pending: &mut VecDeque<(usize, Sent, u64)>,
+    ) {
+        while let Some((p, mut sent, _)) = pending.pop_front() {
+            // Not across a read (an I/O thread's held wakes).
+            release_wakes();
+            while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
+            self.finish(&mut works[p]);
+        }
+    }
+
     /// Runs one round: takes everything queued and serves it. Returns false if nothing was
     /// queued. `pipelined` (the I/O thread, with a pipeline depth over 1): rounds then
     /// follow each other on the connection without waiting for the replies of those
@@ -844,11 +853,7 @@ impl Engine {
                         None => self.finish(&mut works[w]),
                     }
                 } else {
-                    while let Some((p, mut sent, _)) = pending.pop_front() {
-                        release_wakes();
-                        while !works[p].recv(self, c, &mut sent, pending.is_empty()) {}
-                        self.finish(&mut works[p]);
-                    }
+                    self.read_all(c, works, pending);
                     busy.store(since_epoch(Instant::now()), Ordering::Relaxed);
                     release_wakes();
                     works[w].serve(self, c);
