@@ -65,7 +65,17 @@ async fn warm_until_direct(c: &SharedClient, tag: &str) {
     }
 }
 
-/// 300 exact set-and-get pairs from one task, each value its own.
+/// After a fault: every call exact again (set-and-gets, then a strict model's steps), and
+/// no slot leaked (the clients here have four).
+async fn exact_again(c: &SharedClient, tag: &str) {
+    exact_async(c, &format!("{tag}:after"), 100).await;
+    let mut m = Model::new(&format!("{tag}:strict"), 5);
+    for _ in 0..200 {
+        step_async(c, &mut m).await;
+    }
+}
+
+/// `n` exact set-and-get pairs from one task, each value its own.
 async fn exact_async(c: &SharedClient, tag: &str, n: usize) {
     let mut buf = Vec::new();
     for i in 0..n {
@@ -699,6 +709,47 @@ fn step_loose_blocking(c: &SharedClient, m: &mut Model, timeout: Duration) {
 /// Lone async callers and a blocking thread, loosely checked, while another thread freezes
 /// and resumes the server at random: every call ends in time and every read is its own
 /// caller's; once the server runs again, every caller is exact.
+/// Loose callers beside a fault, until `stop`: a blocking thread in scope `s` and two
+/// tasks on `rt`, each with its own model. `seeds`: the thread's model and pause seeds and
+/// its longest pause (us), the tasks' model and pause seeds, and their longest pause (us:
+/// base plus step per task). The tasks' handles give their (ok, failed) counts.
+fn loose_callers<'s, 'e: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    rt: &tokio::runtime::Runtime,
+    c: &'e SharedClient,
+    tag: &'e String,
+    stop_arc: &Arc<AtomicBool>,
+    timeout: Duration,
+    seeds: [u64; 7],
+) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+    let [thread_seed, thread_rng, sleep_us, task_seed, task_rng, pause_base, pause_step] = seeds;
+    let stop = Arc::clone(stop_arc);
+    s.spawn(move || {
+        let mut m = Model::new(&format!("{tag}:thread"), thread_seed);
+        m.loose = true;
+        let mut rng = support::Rng(thread_rng);
+        while !stop.load(Ordering::SeqCst) {
+            step_loose_blocking(c, &mut m, timeout);
+            std::thread::sleep(Duration::from_micros(rng.below(sleep_us)));
+        }
+    });
+    (0..2u64)
+        .map(|t| {
+            let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(stop_arc));
+            rt.spawn(async move {
+                let mut m = Model::new(&format!("{tag}:task{t}"), task_seed + t);
+                m.loose = true;
+                let mut rng = support::Rng(task_rng + t);
+                while !stop.load(Ordering::SeqCst) {
+                    step_loose_async(&c, &mut m, timeout).await;
+                    pause(&mut rng, pause_base + pause_step * t).await;
+                }
+                (m.oks, m.errors)
+            })
+        })
+        .collect()
+}
+
 fn jitter_under(p: Protocol, lanes: usize, depth: usize) {
     let mc = Memcached::start();
     let timeout = Duration::from_millis(250);
@@ -728,30 +779,15 @@ fn jitter_under(p: Protocol, lanes: usize, depth: usize) {
             }
             stop.store(true, Ordering::SeqCst);
         });
-        s.spawn(move || {
-            let mut m = Model::new(&format!("{tag}:thread"), 17);
-            m.loose = true;
-            let mut rng = support::Rng(23);
-            while !stop.load(Ordering::SeqCst) {
-                step_loose_blocking(c, &mut m, timeout);
-                std::thread::sleep(Duration::from_micros(rng.below(3000)));
-            }
-        });
-        let tasks: Vec<_> = (0..2u64)
-            .map(|t| {
-                let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(&stop_arc));
-                rt.spawn(async move {
-                    let mut m = Model::new(&format!("{tag}:task{t}"), 61 + t);
-                    m.loose = true;
-                    let mut rng = support::Rng(91 + t);
-                    while !stop.load(Ordering::SeqCst) {
-                        step_loose_async(&c, &mut m, timeout).await;
-                        pause(&mut rng, 1000 + 2000 * t).await;
-                    }
-                    (m.oks, m.errors)
-                })
-            })
-            .collect();
+        let tasks = loose_callers(
+            s,
+            &rt,
+            c,
+            tag,
+            &stop_arc,
+            timeout,
+            [17, 23, 3000, 61, 91, 1000, 2000],
+        );
         jitter.join().unwrap();
         for t in tasks {
             let (oks, errors) = rt.block_on(t).unwrap();
@@ -763,11 +799,7 @@ fn jitter_under(p: Protocol, lanes: usize, depth: usize) {
     assert!(after > before, "{tag}: no direct call");
     // Running again: exact, and no slot leaked (four slots).
     rt.block_on(async {
-        exact_async(&c, &format!("{tag}:after"), 100).await;
-        let mut m = Model::new(&format!("{tag}:strict"), 5);
-        for _ in 0..200 {
-            step_async(&c, &mut m).await;
-        }
+        exact_again(&c, &tag).await;
     });
 }
 
@@ -888,30 +920,15 @@ fn connections_cut_mid_reply_and_a_restarted_server_under_direct_calls() {
         std::thread::scope(|s| {
             let _stop = StopOnDrop(Arc::clone(&stop_arc));
             let (c, tag, stop) = (&c, &tag, &*stop);
-            s.spawn(move || {
-                let mut m = Model::new(&format!("{tag}:thread"), 19);
-                m.loose = true;
-                let mut rng = support::Rng(29);
-                while !stop.load(Ordering::SeqCst) {
-                    step_loose_blocking(c, &mut m, timeout);
-                    std::thread::sleep(Duration::from_micros(rng.below(2000)));
-                }
-            });
-            let tasks: Vec<_> = (0..2u64)
-                .map(|t| {
-                    let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(&stop_arc));
-                    rt.spawn(async move {
-                        let mut m = Model::new(&format!("{tag}:task{t}"), 71 + t);
-                        m.loose = true;
-                        let mut rng = support::Rng(13 + t);
-                        while !stop.load(Ordering::SeqCst) {
-                            step_loose_async(&c, &mut m, timeout).await;
-                            pause(&mut rng, 800 + 2000 * t).await;
-                        }
-                        (m.oks, m.errors)
-                    })
-                })
-                .collect();
+            let tasks = loose_callers(
+                s,
+                &rt,
+                c,
+                tag,
+                &stop_arc,
+                timeout,
+                [19, 29, 2000, 71, 13, 800, 2000],
+            );
             // Cuts for a while, then the server dies and comes back (behind the proxy).
             let start = Instant::now();
             support::wait_for("calls under cuts", || {
@@ -941,11 +958,7 @@ fn connections_cut_mid_reply_and_a_restarted_server_under_direct_calls() {
             // The connection the last cut left may fail one call more: then all exact.
             let _ = c.get_async(b"cutp:probe").await;
             let _ = c.get_async(b"cutp:probe").await;
-            exact_async(&c, &format!("{tag}:after"), 100).await;
-            let mut m = Model::new(&format!("{tag}:strict"), 5);
-            for _ in 0..200 {
-                step_async(&c, &mut m).await;
-            }
+            exact_again(&c, &tag).await;
         });
     }
 }
@@ -1074,30 +1087,15 @@ fn servers_leaving_and_joining_under_direct_calls_keep_reads_own_and_bounded() {
         std::thread::scope(|s| {
             let _stop = StopOnDrop(Arc::clone(&stop_arc));
             let (c, tag, stop) = (&c, &tag, &*stop);
-            s.spawn(move || {
-                let mut m = Model::new(&format!("{tag}:thread"), 83);
-                m.loose = true;
-                let mut rng = support::Rng(89);
-                while !stop.load(Ordering::SeqCst) {
-                    step_loose_blocking(c, &mut m, timeout);
-                    std::thread::sleep(Duration::from_micros(rng.below(3000)));
-                }
-            });
-            let tasks: Vec<_> = (0..2u64)
-                .map(|t| {
-                    let (c, tag, stop) = (c.clone(), tag.clone(), Arc::clone(&stop_arc));
-                    rt.spawn(async move {
-                        let mut m = Model::new(&format!("{tag}:task{t}"), 97 + t);
-                        m.loose = true;
-                        let mut rng = support::Rng(101 + t);
-                        while !stop.load(Ordering::SeqCst) {
-                            step_loose_async(&c, &mut m, timeout).await;
-                            pause(&mut rng, 300 + 1500 * t).await;
-                        }
-                        (m.oks, m.errors)
-                    })
-                })
-                .collect();
+            let tasks = loose_callers(
+                s,
+                &rt,
+                c,
+                tag,
+                &stop_arc,
+                timeout,
+                [83, 89, 3000, 97, 101, 300, 1500],
+            );
             let lists: [&[String]; 4] = [&both[..1], &both[..], &both[1..], &both[..]];
             let mut rng = support::Rng(103);
             for n in 0..120 {
@@ -1116,11 +1114,7 @@ fn servers_leaving_and_joining_under_direct_calls_keep_reads_own_and_bounded() {
         assert!(after > before, "{tag}: no direct call");
         c.server_list().set(both.iter()).unwrap();
         rt.block_on(async {
-            exact_async(&c, &format!("{tag}:after"), 100).await;
-            let mut m = Model::new(&format!("{tag}:strict"), 5);
-            for _ in 0..200 {
-                step_async(&c, &mut m).await;
-            }
+            exact_again(&c, &tag).await;
         });
     }
 }
