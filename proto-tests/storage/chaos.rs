@@ -36,8 +36,9 @@
 //! `2` (kill a writer), `3` (freeze PostgreSQL), `4` (cut the listeners), `5` (slow link),
 //! `6` (journal unusable), `7` (change the server list; `chaos_membership` only),
 //! comma-separated (those that do not apply to a master are
-//! skipped); `CHAOS_TRACE=1` prints every fault and every put that returned (stale reads
-//! are always printed).
+//! skipped); `CHAOS_TRACE=1` prints every fault, every put that returned, the moment each
+//! child takes a new list (`TAKE`), and with each stale read the reader's list and what every
+//! server holds for that resource (stale reads are always printed).
 
 use mcstore_test_support as support;
 
@@ -131,7 +132,7 @@ fn storage(
     replicas: usize,
     file: Option<(&Path, Duration)>,
     chunked: bool,
-) -> (MemcacheStorage, Option<Following>) {
+) -> (MemcacheStorage, Option<Following>, mcstore::ServerList) {
     let servers = match file {
         Some((f, _)) => std::fs::read_to_string(f).unwrap().trim().to_string(),
         None => servers.to_string(),
@@ -158,15 +159,15 @@ fn storage(
                 b = b.compression(Compressor::new(Compression::Lz4));
             }
         }
-        return (b.build(), None);
+        return (b.build(), None, list);
     };
     let s = MemcacheStorage::builder(pool, master_storage(master))
         .follow_list(SKEW)
         .build();
     let following = Discovery::new(ServerSource::File(file.to_path_buf()))
-        .follow(list, every)
+        .follow(list.clone(), every)
         .unwrap();
-    (s, Some(following))
+    (s, Some(following), list)
 }
 
 fn resource(i: usize) -> String {
@@ -249,7 +250,7 @@ fn chaos_child() {
     let until = Duration::from_millis(until.parse().unwrap());
     let epoch = std::time::UNIX_EPOCH;
     let chunked = std::env::var_os("CHAOS_CHUNKED").is_some();
-    let (s, _following) = storage(
+    let (s, _following, list) = storage(
         &master,
         &servers,
         replicas.parse().unwrap(),
@@ -257,6 +258,7 @@ fn chaos_child() {
         chunked,
     );
     let trace = std::env::var_os("CHAOS_TRACE").is_some();
+    let mut seen = 0u64;
     let (mut ops, mut stale, mut failed, mut refused) = (0u64, 0u64, 0u64, 0u64);
     if let Some(w) = role.strip_prefix("writer") {
         let w: usize = w.parse().unwrap();
@@ -281,6 +283,9 @@ fn chaos_child() {
             for (k, &i) in mine.iter().enumerate() {
                 let info = s.info("c", Some(&resource(i))).unwrap();
                 let v = next[k];
+                if trace {
+                    trace_list(&role, &list, &mut seen);
+                }
                 let started = epoch.elapsed().unwrap().as_millis();
                 let before = master_faults(&state);
                 let r = s.put_content(&info, content(v, chunked).as_str().into());
@@ -333,6 +338,9 @@ fn chaos_child() {
         while epoch.elapsed().unwrap() < until {
             for i in 0..n {
                 let min = published(&state, i);
+                if trace {
+                    trace_list(&role, &list, &mut seen);
+                }
                 let info = s.info("c", Some(&resource(i))).unwrap();
                 let before = master_faults(&state);
                 let r = s.get_content(&info);
@@ -347,6 +355,15 @@ fn chaos_child() {
                             resource(i),
                             version(&c)
                         );
+                        if trace {
+                            eprintln!(
+                                "  pid {} gen {} {:?}; entries: {}",
+                                std::process::id(),
+                                list.generation(),
+                                list.servers(),
+                                entries(&servers, i)
+                            );
+                        }
                     }
                     Ok(_) => {}
                     Err(_) if overlapped(before, after) => refused += 1,
@@ -364,6 +381,44 @@ fn chaos_child() {
         "RESULT ops={ops} stale={stale} failed={failed} refused={refused} chunked_hits={} chunked_fills={}",
         c.chunked_hits, c.chunked_fills
     );
+}
+
+/// With `CHAOS_TRACE`: the moment a child takes a new server list.
+fn trace_list(role: &str, list: &mcstore::ServerList, seen: &mut u64) {
+    let g = list.generation();
+    if g != *seen {
+        *seen = g;
+        eprintln!(
+            "TAKE {role} pid {} gen {g} at {} ms: {:?}",
+            std::process::id(),
+            std::time::UNIX_EPOCH.elapsed().unwrap().as_millis(),
+            list.servers()
+        );
+    }
+}
+
+/// With `CHAOS_TRACE`: what each server holds for resource `i`'s content entry.
+fn entries(servers: &str, i: usize) -> String {
+    let key = mcstore::storage::KeyGenerator::default().key("c", Some(&resource(i))) + ":c";
+    let held: Vec<String> = (servers.split(','))
+        .map(|addr| {
+            let c = Client::builder()
+                .servers([addr])
+                .io_timeout(Duration::from_millis(200))
+                .connect_timeout(Duration::from_millis(200))
+                .build();
+            match c.and_then(|mut c| c.get(key.as_bytes())) {
+                Ok(Some(item)) => format!(
+                    "{addr}={}/{:#x}",
+                    String::from_utf8_lossy(&item.value[..item.value.len().min(12)]),
+                    item.flags
+                ),
+                Ok(None) => format!("{addr}=-"),
+                Err(e) => format!("{addr}=({e})"),
+            }
+        })
+        .collect();
+    held.join(" ")
 }
 
 /// What the children of one run share.
@@ -623,7 +678,7 @@ fn run(master: &Master<'_>, min_reads: u64, replicas: usize, membership: bool, c
     };
     let url = master.url(false);
     {
-        let (s, _following) = storage(&url, &list, replicas, file.map(|f| (f, SKEW)), chunked);
+        let (s, _following, _) = storage(&url, &list, replicas, file.map(|f| (f, SKEW)), chunked);
         s.create_container("c").unwrap();
         for i in 0..WRITERS * per_writer {
             let info = s.info("c", Some(&resource(i))).unwrap();

@@ -272,8 +272,6 @@ impl Health {
     #[cold]
     #[inline(never)]
     fn rejoin_and_refresh(&mut self, ring: &mut Continuum) -> bool {
-        // Newer only: a client may have taken a list whose generation is not signalled yet.
-        let moved = self.shared.list_generation.load(Ordering::Acquire) > self.list_seen;
         if self.next_retry.is_some_and(|at| Instant::now() >= at) {
             let sh = &*self.shared;
             let mut ejected = sh.lock();
@@ -295,6 +293,13 @@ impl Health {
             }
         }
         self.refresh(ring);
+        // Read after the epoch `refresh` took: a list change stores its generation before
+        // it moves the epoch, so a client that has taken that epoch sees the generation
+        // too. Read before, a change landing between the two reads was lost: the epoch
+        // looked seen, and the client kept its old list until the next ejection or change
+        // (a storage then read keys where no writer invalidated them any more).
+        // Newer only: a client may have taken a list whose generation is not signalled yet.
+        let moved = self.shared.list_generation.load(Ordering::Acquire) > self.list_seen;
         if moved {
             // Until the new list is taken, every call looks again.
             self.seen = u64::MAX;
@@ -304,6 +309,10 @@ impl Health {
 
     /// Copies the shared ejections into this client if they changed since it last looked.
     fn refresh(&mut self, ring: &mut Continuum) {
+        #[cfg(test)]
+        if let Some(f) = BEFORE_REFRESH.with(|b| b.borrow_mut().take()) {
+            f();
+        }
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         if epoch == self.seen {
             return;
@@ -475,4 +484,48 @@ fn ejected_min(up: &[Gate]) -> Option<Instant> {
             _ => None,
         })
         .min()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run once at the start of the next `refresh` on this thread: a test's way to land a
+    /// list change between a client's reads of the shared state.
+    static BEFORE_REFRESH: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::HashFn;
+
+    /// A list change that lands while a client is looking at the shared state (after
+    /// another client's ejection moved the epoch) is taken: the client never records the
+    /// change's epoch as seen without its generation. Before, the generation was read
+    /// first, and a change landing before the epoch was read was lost until the next
+    /// ejection or change: the client kept routing with its old list (`chaos_membership`
+    /// read keys where no writer invalidated them any more).
+    #[test]
+    fn a_list_change_landing_while_a_client_looks_is_taken() {
+        let labels: Vec<String> = vec!["a".into(), "b".into()];
+        let shared = SharedHealth::new(&labels, None);
+        let policy = FailurePolicy {
+            failure_limit: 2,
+            retry_timeout: Duration::from_secs(1),
+            remove_failed: false,
+            max_removed: None,
+        };
+        let mut h = Health::new(shared.clone(), policy, &labels);
+        let mut ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &[]);
+        assert!(!h.maybe_rejoin(&mut ring), "no change yet");
+        assert!(!h.maybe_rejoin(&mut ring), "the epoch is seen");
+        // Another client's ejection moves the epoch; the list changes while this client
+        // looks.
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        let publisher = shared.clone();
+        BEFORE_REFRESH
+            .with(|b| *b.borrow_mut() = Some(Box::new(move || publisher.list_changed(1))));
+        let taken = (0..3).any(|_| h.maybe_rejoin(&mut ring));
+        assert!(taken, "list generation 1 was never taken");
+    }
 }
