@@ -293,18 +293,16 @@ impl Health {
             }
         }
         self.refresh(ring);
-        // Read after the epoch `refresh` took: a list change stores its generation before
-        // it moves the epoch, so a client that has taken that epoch sees the generation
-        // too. Read before, a change landing between the two reads was lost: the epoch
-        // looked seen, and the client kept its old list until the next ejection or change
-        // (a storage then read keys where no writer invalidated them any more).
-        // Newer only: a client may have taken a list whose generation is not signalled yet.
-        let moved = self.shared.list_generation.load(Ordering::Acquire) > self.list_seen;
-        if moved {
-            // Until the new list is taken, every call looks again.
-            self.seen = u64::MAX;
-        }
-        moved
+        // `refresh` leaves the epoch unseen exactly when the list moved.
+        self.seen == u64::MAX
+    }
+
+    /// Whether the list moved past the generation this client has. Read only after the
+    /// epoch this client records as seen: a list change stores its generation before it
+    /// moves the epoch, so a client that has taken that epoch sees the generation too.
+    /// Newer only: a client may have taken a list whose generation is not signalled yet.
+    fn list_moved(&self) -> bool {
+        self.shared.list_generation.load(Ordering::Acquire) > self.list_seen
     }
 
     /// Copies the shared ejections into this client if they changed since it last looked.
@@ -320,6 +318,15 @@ impl Health {
         let ejected = self.shared.lock();
         // Read again under the lock: the copy is then at least this recent.
         self.seen = self.shared.epoch.load(Ordering::Acquire);
+        // An epoch is recorded as seen only with the list generation it carries: a change
+        // that moved it is taken (`seen` stays unseen, so every call looks again until
+        // then). Without this, a change that landed while a client looked (or refreshed
+        // after a failed request) was lost until the next ejection or change: the client
+        // kept routing with its old list, and a storage read keys where no writer
+        // invalidated them any more.
+        if self.list_moved() {
+            self.seen = u64::MAX;
+        }
         // The shared record may already have room for servers of a newer list.
         for (i, e) in ejected.iter().enumerate().take(self.up.len()) {
             self.up[i] = match e {
@@ -499,14 +506,8 @@ mod tests {
     use super::*;
     use crate::ring::HashFn;
 
-    /// A list change that lands while a client is looking at the shared state (after
-    /// another client's ejection moved the epoch) is taken: the client never records the
-    /// change's epoch as seen without its generation. Before, the generation was read
-    /// first, and a change landing before the epoch was read was lost until the next
-    /// ejection or change: the client kept routing with its old list (`chaos_membership`
-    /// read keys where no writer invalidated them any more).
-    #[test]
-    fn a_list_change_landing_while_a_client_looks_is_taken() {
+    /// A client of two servers, its continuum, and the shared state it follows.
+    fn client() -> (Arc<SharedHealth>, Health, Continuum) {
         let labels: Vec<String> = vec!["a".into(), "b".into()];
         let shared = SharedHealth::new(&labels, None);
         let policy = FailurePolicy {
@@ -515,16 +516,50 @@ mod tests {
             remove_failed: false,
             max_removed: None,
         };
-        let mut h = Health::new(shared.clone(), policy, &labels);
-        let mut ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &[]);
-        assert!(!h.maybe_rejoin(&mut ring), "no change yet");
-        assert!(!h.maybe_rejoin(&mut ring), "the epoch is seen");
-        // Another client's ejection moves the epoch; the list changes while this client
-        // looks.
-        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        let h = Health::new(shared.clone(), policy, &labels);
+        let ring = Continuum::new(Distribution::Ketama, HashFn::OneAtATime, &[]);
+        (shared, h, ring)
+    }
+
+    /// Lands a list change (generation `g`) at the start of this thread's next refresh.
+    fn change_during_next_refresh(shared: &Arc<SharedHealth>, g: u64) {
         let publisher = shared.clone();
         BEFORE_REFRESH
-            .with(|b| *b.borrow_mut() = Some(Box::new(move || publisher.list_changed(1))));
+            .with(|b| *b.borrow_mut() = Some(Box::new(move || publisher.list_changed(g))));
+    }
+
+    /// A list change that lands while a client is looking at the shared state (after
+    /// another client's ejection moved the epoch) is taken: the client never records the
+    /// change's epoch as seen without its generation. Before, the generation was read
+    /// first, and a change landing before the epoch was read was lost until the next
+    /// ejection or change: the client kept routing with its old list (`chaos_membership`
+    /// read keys where no writer invalidated them any more).
+    #[test]
+    fn a_list_change_landing_while_a_client_looks_is_taken() {
+        let (shared, mut h, mut ring) = client();
+        assert!(!h.maybe_rejoin(&mut ring), "no change yet");
+        assert!(!h.maybe_rejoin(&mut ring), "the epoch is seen");
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        change_during_next_refresh(&shared, 1);
+        let taken = (0..3).any(|_| h.maybe_rejoin(&mut ring));
+        assert!(taken, "list generation 1 was never taken");
+    }
+
+    /// The same when the change lands while the client records a failed request (which
+    /// refreshes its copy of the shared state too): before, that refresh recorded the
+    /// change's epoch as seen and the change was lost (`chaos_membership` again, under
+    /// freezes).
+    #[test]
+    fn a_list_change_landing_while_a_client_records_a_failure_is_taken() {
+        let (shared, mut h, mut ring) = client();
+        assert!(!h.maybe_rejoin(&mut ring), "no change yet");
+        change_during_next_refresh(&shared, 1);
+        let timeout = Error::Timeout {
+            server: "b".into(),
+            during: crate::error::During::Read,
+            elapsed: Duration::from_millis(100),
+        };
+        h.record_error(1, &timeout, &mut ring);
         let taken = (0..3).any(|_| h.maybe_rejoin(&mut ring));
         assert!(taken, "list generation 1 was never taken");
     }
