@@ -199,6 +199,10 @@ struct State {
     /// The members now, in list order, as slots.
     members: Vec<usize>,
     last_change: Option<Instant>,
+    /// The last generation given to followers' `prepare`, published or not: a change whose
+    /// `prepare` failed never gives its number to another list (a follower may have made
+    /// state for it, such as a shared client's engines, which took that list).
+    prepared: u64,
     /// Why the list may not change (zones, or a front that does not follow changes).
     frozen: Option<&'static str>,
 }
@@ -279,6 +283,7 @@ impl ServerList {
                     leaving: Vec::new(),
                     members: (0..n).collect(),
                     last_change: None,
+                    prepared: 0,
                     frozen: if s.zoned {
                         Some("a client with zones does not follow list changes yet")
                     } else if s.replicated {
@@ -459,7 +464,7 @@ impl ServerList {
             return Ok(takers);
         }
         // The same members, with what was learnt: a new generation, so every client takes it.
-        let generation = old.generation + 1;
+        let generation = old.generation.max(st.prepared) + 1;
         let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
         let mut joined = old.joined.to_vec();
         joined.resize(slots.len(), 0);
@@ -481,19 +486,29 @@ impl ServerList {
                 })
             }),
         };
-        let followers = self.followers();
-        for f in &followers {
-            f.prepare(&topology)?;
-        }
+        self.prepare(&mut st, &topology, &slots)?;
         self.inner.health.grow(&labels);
         let topology = Arc::new(topology);
         self.inner.current.store(Arc::clone(&topology));
         self.inner.health.list_changed(generation);
-        for f in &followers {
+        for f in &self.followers() {
             f.published(&topology, &[]);
         }
-        st.slots = slots;
         Ok(takers)
+    }
+
+    /// Tells the followers of `next` (whose servers are `slots`) before it is published.
+    /// Its generation and its slots are taken whether or not every follower agrees: those
+    /// that did may hold state for it (a shared client's engine per slot, whose clients
+    /// took `next`), so a later list never reuses its number or gives its slots to other
+    /// servers (such an engine would serve them with its connection to the first).
+    fn prepare(&self, st: &mut State, next: &Topology, slots: &[ServerSpec]) -> Result<()> {
+        st.prepared = next.generation;
+        st.slots = slots.to_vec();
+        for f in &self.followers() {
+            f.prepare(next)?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -512,7 +527,8 @@ impl ServerList {
             .collect()
     }
 
-    /// The list's generation: 0 as built, one more for every change applied.
+    /// The list's generation: 0 as built, higher after every change applied (one more,
+    /// or two if a change in between failed as its servers' state was made).
     pub fn generation(&self) -> u64 {
         self.inner.current.load().generation
     }
@@ -680,7 +696,7 @@ impl ServerList {
             slots.iter().map(ring_server).collect(),
             members.iter().map(|&i| i as u32).collect(),
         );
-        let generation = change.generation + 1;
+        let generation = change.generation.max(st.prepared) + 1;
         let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
         let old = self.inner.current.load();
         let handover = Arc::new(old.handover.after(&old.ring, &ring));
@@ -711,10 +727,7 @@ impl ServerList {
         };
         // Room for the new servers' shared state first, then the list, then the signal: a
         // client that sees the list finds the state of every server in it.
-        let followers = self.followers();
-        for f in &followers {
-            f.prepare(&topology)?;
-        }
+        self.prepare(st, &topology, &slots)?;
         self.inner.health.grow(&labels);
         for &i in &members {
             if !st.members.contains(&i) {
@@ -727,14 +740,78 @@ impl ServerList {
         let removed: Vec<usize> = (st.members.iter().copied())
             .filter(|i| !members.contains(i))
             .collect();
-        for f in &followers {
+        for f in &self.followers() {
             f.published(&topology, &removed);
         }
-        st.slots = slots;
         st.members = members;
         st.last_change = Some(now);
         change.generation = generation;
         crate::observe::list_changed(generation, &change.added, &change.removed);
         Ok(change)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A follower that records what it was asked to prepare, and refuses it once when told.
+    #[derive(Default)]
+    struct Recorder {
+        refuse: AtomicBool,
+        prepared: Mutex<Vec<(u64, Vec<String>)>>,
+    }
+
+    impl ListFollower for Recorder {
+        fn prepare(&self, next: &Topology) -> Result<()> {
+            let mut p = self.prepared.lock().unwrap();
+            p.push((next.generation, next.labels.to_vec()));
+            match self.refuse.swap(false, Ordering::AcqRel) {
+                true => Err(Error::Config("refused by the test".into())),
+                false => Ok(()),
+            }
+        }
+        fn published(&self, _next: &Topology, _removed: &[usize]) {}
+    }
+
+    /// A change that a follower refuses (another follower may have made state for it: a
+    /// shared client's engine for its new server, whose clients took that list) gives
+    /// neither its generation nor its new server's slot to the next change. Before, the
+    /// next list reused both: engines that took the refused list saw no change to take,
+    /// and the refused server's engine served the next new server's slot.
+    #[test]
+    fn a_refused_change_gives_neither_its_generation_nor_its_slots_to_the_next() {
+        let client = crate::Client::builder()
+            .servers(["127.0.0.1:1"])
+            .distribution(Distribution::Ketama)
+            .build()
+            .unwrap();
+        let list = client.server_list().clone();
+        let recorder = Arc::new(Recorder::default());
+        let follower: std::sync::Weak<dyn ListFollower> = Arc::downgrade(&recorder) as _;
+        list.add_follower(follower);
+        recorder.refuse.store(true, Ordering::Release);
+        assert!(list.set(["127.0.0.1:1", "127.0.0.1:2"]).is_err());
+        assert_eq!(list.generation(), 0, "a refused change is not published");
+        list.set(["127.0.0.1:1", "127.0.0.1:3"]).unwrap();
+        let prepared = recorder.prepared.lock().unwrap().clone();
+        let (refused, labels) = &prepared[0];
+        let slot = labels.iter().position(|l| l == "127.0.0.1:2").unwrap();
+        let now = list.topology();
+        assert!(
+            now.generation > *refused,
+            "generation {} published after {refused} was prepared",
+            now.generation
+        );
+        assert_eq!(
+            now.labels[slot], "127.0.0.1:2",
+            "the refused server's slot was reused"
+        );
+        assert!(now
+            .ring
+            .is_member(now.labels.iter().position(|l| l == "127.0.0.1:3").unwrap()));
+        assert!(!now.ring.is_member(slot));
+        assert_eq!(list.servers(), ["127.0.0.1:1", "127.0.0.1:3"]);
     }
 }
