@@ -292,9 +292,7 @@ impl Health {
                 sh.epoch.fetch_add(1, Ordering::AcqRel);
             }
         }
-        self.refresh(ring);
-        // `refresh` leaves the epoch unseen exactly when the list moved.
-        self.seen == u64::MAX
+        self.refresh(ring)
     }
 
     /// Whether the list moved past the generation this client has. Read only after the
@@ -306,14 +304,16 @@ impl Health {
     }
 
     /// Copies the shared ejections into this client if they changed since it last looked.
-    fn refresh(&mut self, ring: &mut Continuum) {
+    /// `true` if the server list moved past this client's (it is to take the new one).
+    fn refresh(&mut self, ring: &mut Continuum) -> bool {
         #[cfg(test)]
         if let Some(f) = BEFORE_REFRESH.with(|b| b.borrow_mut().take()) {
             f();
         }
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         if epoch == self.seen {
-            return;
+            // Recorded with its generation (below): a newer list moves the epoch again.
+            return false;
         }
         let ejected = self.shared.lock();
         // Read again under the lock: the copy is then at least this recent.
@@ -324,7 +324,8 @@ impl Health {
         // after a failed request) was lost until the next ejection or change: the client
         // kept routing with its old list, and a storage read keys where no writer
         // invalidated them any more.
-        if self.list_moved() {
+        let moved = self.list_moved();
+        if moved {
             self.seen = u64::MAX;
         }
         // The shared record may already have room for servers of a newer list.
@@ -355,6 +356,7 @@ impl Health {
                 ring.set_live(i, !down.iter().any(|&(_, d)| d == i));
             }
         }
+        moved
     }
 
     /// `Err(retry_in)` if server `i` is ejected, or is being probed by another call. A
@@ -470,7 +472,8 @@ impl Health {
                         sh.epoch.fetch_add(1, Ordering::AcqRel);
                     }
                 }
-                self.refresh(ring);
+                // A list that moved is taken by the next call (`seen` is left unseen).
+                let _ = self.refresh(ring);
             }
             // The server answered: it is healthy, the request was not.
             Error::Server { .. } => {

@@ -199,9 +199,10 @@ struct State {
     /// The members now, in list order, as slots.
     members: Vec<usize>,
     last_change: Option<Instant>,
-    /// The last generation given to followers' `prepare`, published or not: a change whose
-    /// `prepare` failed never gives its number to another list (a follower may have made
-    /// state for it, such as a shared client's engines, which took that list).
+    /// The last generation given out (to followers' `prepare`), published or not: the next
+    /// is one more, so a change whose `prepare` failed never gives its number to another
+    /// list (a follower may have made state for it, such as a shared client's engines,
+    /// which took that list).
     prepared: u64,
     /// Why the list may not change (zones, or a front that does not follow changes).
     frozen: Option<&'static str>,
@@ -464,7 +465,7 @@ impl ServerList {
             return Ok(takers);
         }
         // The same members, with what was learnt: a new generation, so every client takes it.
-        let generation = old.generation.max(st.prepared) + 1;
+        let generation = st.prepared + 1;
         let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
         let mut joined = old.joined.to_vec();
         joined.resize(slots.len(), 0);
@@ -486,12 +487,12 @@ impl ServerList {
                 })
             }),
         };
-        self.prepare(&mut st, &topology, &slots)?;
+        let followers = self.prepare(&mut st, &topology, slots)?;
         self.inner.health.grow(&labels);
         let topology = Arc::new(topology);
         self.inner.current.store(Arc::clone(&topology));
         self.inner.health.list_changed(generation);
-        for f in &self.followers() {
+        for f in &followers {
             f.published(&topology, &[]);
         }
         Ok(takers)
@@ -502,13 +503,20 @@ impl ServerList {
     /// that did may hold state for it (a shared client's engine per slot, whose clients
     /// took `next`), so a later list never reuses its number or gives its slots to other
     /// servers (such an engine would serve them with its connection to the first).
-    fn prepare(&self, st: &mut State, next: &Topology, slots: &[ServerSpec]) -> Result<()> {
+    /// Returns the followers told, to tell them of the publication.
+    fn prepare(
+        &self,
+        st: &mut State,
+        next: &Topology,
+        slots: Vec<ServerSpec>,
+    ) -> Result<Vec<Arc<dyn ListFollower>>> {
         st.prepared = next.generation;
-        st.slots = slots.to_vec();
-        for f in &self.followers() {
+        st.slots = slots;
+        let followers = self.followers();
+        for f in &followers {
             f.prepare(next)?;
         }
-        Ok(())
+        Ok(followers)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -696,7 +704,7 @@ impl ServerList {
             slots.iter().map(ring_server).collect(),
             members.iter().map(|&i| i as u32).collect(),
         );
-        let generation = change.generation.max(st.prepared) + 1;
+        let generation = st.prepared + 1;
         let labels: Vec<String> = slots.iter().map(|s| s.addr.to_string()).collect();
         let old = self.inner.current.load();
         let handover = Arc::new(old.handover.after(&old.ring, &ring));
@@ -727,7 +735,7 @@ impl ServerList {
         };
         // Room for the new servers' shared state first, then the list, then the signal: a
         // client that sees the list finds the state of every server in it.
-        self.prepare(st, &topology, &slots)?;
+        let followers = self.prepare(st, &topology, slots)?;
         self.inner.health.grow(&labels);
         for &i in &members {
             if !st.members.contains(&i) {
@@ -740,7 +748,7 @@ impl ServerList {
         let removed: Vec<usize> = (st.members.iter().copied())
             .filter(|i| !members.contains(i))
             .collect();
-        for f in &self.followers() {
+        for f in &followers {
             f.published(&topology, &removed);
         }
         st.members = members;
